@@ -1,0 +1,169 @@
+"""The one exception hierarchy of casframe.
+
+Every error a user or a plugin author can meet derives from :class:`CasframeError`. Each class
+carries a machine-readable ``reason`` and a ``temporary`` flag (whether retrying the same call may
+succeed), so callers never parse messages. Backends translate their own library's errors into
+these at their boundary, once; nothing above the backend layer sees a botocore or grpc error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from casframe.digest import Digest
+
+__all__ = [
+    "BackendUnavailableError",
+    "BlobNotFoundError",
+    "CasframeError",
+    "ConfigError",
+    "CorruptBlobError",
+    "DigestMismatchError",
+    "DuplicateSchemeError",
+    "InvalidDigestError",
+    "InvalidNameError",
+    "MissingDependencyError",
+    "PermissionDeniedError",
+    "RefNotFoundError",
+    "UnknownSchemeError",
+    "UnsafeTreeError",
+    "UnsupportedFileTypeError",
+    "UnsupportedOperationError",
+]
+
+
+class CasframeError(Exception):
+    """Base of every error casframe raises on purpose."""
+
+    reason: str = "error"
+    temporary: bool = False
+
+
+class BlobNotFoundError(CasframeError, KeyError):
+    """One or more blobs are not in the store."""
+
+    reason = "blob-not-found"
+
+    def __init__(self, digests: Digest | Iterable[Digest], where: str = "") -> None:
+        from casframe.digest import Digest
+
+        self.digests: tuple[Digest, ...] = (
+            (digests,) if isinstance(digests, Digest) else tuple(sorted(digests))
+        )
+        shown = ", ".join(str(d) for d in self.digests[:3])
+        more = f" and {len(self.digests) - 3} more" if len(self.digests) > 3 else ""
+        place = f" in {where}" if where else ""
+        super().__init__(f"blob not found{place}: {shown}{more}")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class RefNotFoundError(CasframeError, KeyError):
+    """A ref name does not exist."""
+
+    reason = "ref-not-found"
+
+    def __init__(self, name: str, where: str = "") -> None:
+        self.name = name
+        place = f" in {where}" if where else ""
+        super().__init__(f"ref not found{place}: {name}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class CorruptBlobError(CasframeError):
+    """A stored blob does not match its digest (wrong size or wrong hash)."""
+
+    reason = "corrupt-blob"
+
+    def __init__(self, digest: Digest, detail: str) -> None:
+        self.digest = digest
+        super().__init__(f"corrupt blob {digest}: {detail}")
+
+
+class DigestMismatchError(CasframeError, ValueError):
+    """Content offered for a digest hashes to something else; nothing was stored."""
+
+    reason = "digest-mismatch"
+
+    def __init__(self, expected: Digest, actual: Digest) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"content does not match its digest: expected {expected}, got {actual}")
+
+
+class InvalidDigestError(CasframeError, ValueError):
+    """Text or a message that is not a valid digest."""
+
+    reason = "invalid-digest"
+
+
+class InvalidNameError(CasframeError, ValueError):
+    """An unsafe or malformed ref name or path component."""
+
+    reason = "invalid-name"
+
+
+class UnsafeTreeError(CasframeError):
+    """A Directory tree that would be unsafe to check out (bad or duplicate names)."""
+
+    reason = "unsafe-tree"
+
+
+class UnsupportedFileTypeError(CasframeError):
+    """A file that cannot be stored in a tree (socket, device, fifo)."""
+
+    reason = "unsupported-file-type"
+
+
+class UnsupportedOperationError(CasframeError):
+    """The backend does not offer the capability an operation needs."""
+
+    reason = "unsupported-operation"
+
+
+class MissingDependencyError(CasframeError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+    reason = "missing-dependency"
+
+    def __init__(self, what: str, module: str, extra: str | None) -> None:
+        self.module = module
+        self.extra = extra
+        hint = f"pip install 'casframe[{extra}]'" if extra else f"install the package providing {module}"
+        super().__init__(f"{what} needs the Python module {module!r}, which is not installed: {hint}")
+
+
+class UnknownSchemeError(CasframeError, ValueError):
+    """A store URL whose scheme no plugin registered."""
+
+    reason = "unknown-scheme"
+
+
+class DuplicateSchemeError(CasframeError):
+    """Two plugins registered the same URL scheme."""
+
+    reason = "duplicate-scheme"
+
+
+class ConfigError(CasframeError, ValueError):
+    """The configuration file or a store URL is malformed."""
+
+    reason = "config"
+
+
+class BackendUnavailableError(CasframeError):
+    """The backend could not be reached (network, server down, time-out)."""
+
+    reason = "unavailable"
+    temporary = True
+
+
+class PermissionDeniedError(CasframeError):
+    """The backend refused the operation (credentials, read-only server, access denied)."""
+
+    reason = "permission-denied"

@@ -1,0 +1,64 @@
+"""Validation of ref names and of names inside Directory trees.
+
+Every name that reaches a backend or the file system passes through here first, so a backend
+can map names to keys or paths without worrying about traversal.
+"""
+
+from __future__ import annotations
+
+from casframe.errors import InvalidNameError
+
+__all__ = ["MAX_REF_LENGTH", "split_tree_path", "validate_entry_name", "validate_ref_name"]
+
+# Longer names would not fit an S3 key with a prefix (1024 bytes) nor a file name on most
+# file systems once split into segments.
+MAX_REF_LENGTH = 512
+
+
+def _segment_problem(segment: str) -> str | None:
+    if segment == "":
+        return "empty path segment"
+    if segment in (".", ".."):
+        return f"segment {segment!r} is not allowed"
+    if "\x00" in segment:
+        return "NUL character"
+    if "/" in segment:
+        return "'/' is not allowed in a single name"
+    if "\\" in segment:
+        return "backslash is not allowed"
+    return None
+
+
+def validate_ref_name(name: str) -> str:
+    """Return ``name`` if it is a valid ref name, else raise :class:`InvalidNameError`.
+
+    Ref names are ``/``-separated segments (``project/main``); no segment may be empty, ``.``
+    or ``..``, and no name may start or end with ``/`` or contain NUL or backslash.
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidNameError("invalid ref name: empty")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_REF_LENGTH:
+        raise InvalidNameError(f"invalid ref name: longer than {MAX_REF_LENGTH} bytes")
+    if name.startswith("/"):
+        raise InvalidNameError(f"invalid ref name {name!r}: must not start with '/'")
+    for segment in name.split("/"):
+        problem = _segment_problem(segment)
+        if problem:
+            raise InvalidNameError(f"invalid ref name {name!r}: {problem}")
+    return name
+
+
+def validate_entry_name(name: str) -> str:
+    """Return ``name`` if it is a safe single path segment for a Directory entry."""
+    problem = _segment_problem(name) if isinstance(name, str) else "not a string"
+    if problem:
+        raise InvalidNameError(f"unsafe name {name!r} in tree: {problem}")
+    return name
+
+
+def split_tree_path(path: str) -> list[str]:
+    """Split a path inside a tree (``a/b/c``; leading/trailing ``/`` and ``.`` ignored)."""
+    segments = [s for s in path.split("/") if s not in ("", ".")]
+    for segment in segments:
+        validate_entry_name(segment)
+    return segments

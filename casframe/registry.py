@@ -1,0 +1,141 @@
+"""The scheme registry that ``casframe_register_backends`` fills, and store URL parsing.
+
+Factories may be given as ``"module:attribute"`` strings and are imported only when a store of
+that scheme is opened, so that an optional dependency (boto3 for ``s3://``) costs nothing at
+start-up and its absence produces an install hint instead of an ImportError.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
+
+from casframe.errors import (
+    ConfigError,
+    DuplicateSchemeError,
+    MissingDependencyError,
+    UnknownSchemeError,
+)
+
+if TYPE_CHECKING:
+    from casframe.store import Store
+
+__all__ = ["BackendRegistry", "Factory", "SchemeEntry", "StoreURL"]
+
+Factory = Callable[["StoreURL"], "Store"]
+
+
+@dataclass(frozen=True)
+class StoreURL:
+    """A parsed store URL: ``scheme://netloc/path?key=value`` plus options from configuration.
+
+    ``options`` merges the URL's query with options given in the config file (the query wins).
+    """
+
+    url: str
+    scheme: str
+    netloc: str
+    path: str
+    options: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, url: str, options: Mapping[str, Any] | None = None) -> StoreURL:
+        if "://" not in url:
+            raise ConfigError(f"not a store URL (expected SCHEME://...): {url!r}")
+        parts = urlsplit(url)
+        if not parts.scheme:
+            raise ConfigError(f"store URL has no scheme: {url!r}")
+        merged = {str(k): str(v) for k, v in (options or {}).items()}
+        merged.update(parse_qsl(parts.query, keep_blank_values=True))
+        return cls(
+            url=url,
+            scheme=parts.scheme.lower(),
+            netloc=parts.netloc,
+            path=parts.path,
+            options=merged,
+        )
+
+    def option(self, key: str, default: str | None = None) -> str | None:
+        return self.options.get(key, default)
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        value = self.options.get(key)
+        if value is None:
+            return default
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on", ""):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"option {key}={value!r} in {self.url} is not a boolean")
+
+
+@dataclass(frozen=True)
+class SchemeEntry:
+    scheme: str
+    factory: Factory | str
+    plugin: str
+    description: str = ""
+    extra: str | None = None
+
+    def load(self) -> Factory:
+        """Import a lazy factory, turning a missing optional dependency into an install hint."""
+        if not isinstance(self.factory, str):
+            return self.factory
+        module_name, _, attr = self.factory.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            missing = exc.name or module_name
+            raise MissingDependencyError(f"the {self.scheme}:// backend", missing, self.extra) from exc
+        factory: Factory = getattr(module, attr)
+        return factory
+
+
+class BackendRegistry:
+    """URL scheme → factory, filled by the ``casframe_register_backends`` hook."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, SchemeEntry] = {}
+        #: Name of the plugin whose hook is running; set by :mod:`casframe.plugins`.
+        self.current_plugin = "<direct>"
+
+    def add(
+        self,
+        scheme: str,
+        factory: Factory | str,
+        *,
+        description: str = "",
+        extra: str | None = None,
+    ) -> None:
+        """Register ``scheme`` (without ``://``). See ``casframe_register_backends``."""
+        scheme = scheme.lower().removesuffix("://")
+        if not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
+            raise ConfigError(f"invalid URL scheme {scheme!r} from plugin {self.current_plugin}")
+        if isinstance(factory, str) and ":" not in factory:
+            raise ConfigError(f"lazy factory must be 'module:attribute', got {factory!r}")
+        existing = self._entries.get(scheme)
+        if existing is not None:
+            raise DuplicateSchemeError(
+                f"scheme {scheme}:// is registered twice: by plugin {existing.plugin!r} "
+                f"and by plugin {self.current_plugin!r}"
+            )
+        self._entries[scheme] = SchemeEntry(scheme, factory, self.current_plugin, description, extra)
+
+    def get(self, scheme: str) -> SchemeEntry:
+        try:
+            return self._entries[scheme.lower()]
+        except KeyError:
+            known = ", ".join(f"{s}://" for s in sorted(self._entries)) or "none"
+            raise UnknownSchemeError(
+                f"unknown store scheme {scheme!r}; registered schemes: {known}"
+            ) from None
+
+    def entries(self) -> list[SchemeEntry]:
+        return [self._entries[s] for s in sorted(self._entries)]
+
+    def __contains__(self, scheme: object) -> bool:
+        return isinstance(scheme, str) and scheme.lower() in self._entries

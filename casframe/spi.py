@@ -1,0 +1,197 @@
+"""The backend contract: what a storage plugin implements.
+
+A backend is two objects: a :class:`BlobStore` (content-addressed bytes) and a :class:`RefStore`
+(names pointing at digests). Each has a handful of abstract primitives; the base classes derive
+batch helpers from them that a backend may override for speed. Optional capabilities (listing,
+deleting, touching, local paths) are declared in ``capabilities``; calling one that is not
+declared raises :class:`UnsupportedOperationError`.
+
+A backend stores and returns bytes and must never be trusted by the layers above: hashing,
+verification, name validation and completeness ordering all live in :mod:`casframe.store` and
+the algorithms beside it, never here.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from casframe.digest import Digest
+from casframe.errors import BlobNotFoundError, UnsupportedOperationError
+
+__all__ = [
+    "BlobInfo",
+    "BlobStore",
+    "BlobWriter",
+    "Capability",
+    "RefInfo",
+    "RefStore",
+]
+
+
+class Capability(enum.StrEnum):
+    """Optional abilities a backend declares in ``BlobStore.capabilities``."""
+
+    #: ``iter_blobs()`` lists every stored blob (needed by prune, gc, fsck, du).
+    LIST = "list"
+    #: ``delete_blobs()`` removes blobs (needed by prune and fsck --repair).
+    DELETE = "delete"
+    #: ``touch_blobs()`` refreshes blobs' access times (for LRU expiry).
+    TOUCH = "touch"
+    #: ``local_path()`` gives a file on this machine holding the blob (enables hardlink checkout).
+    LOCAL_PATH = "local-path"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """One stored blob as listed by ``iter_blobs``; ``mtime`` is seconds since the epoch."""
+
+    digest: Digest
+    mtime: float
+
+
+@dataclass(frozen=True, slots=True)
+class RefInfo:
+    """One ref as listed by ``RefStore.list_refs``; ``accessed`` is seconds since the epoch."""
+
+    name: str
+    digest: Digest
+    accessed: float
+
+
+class BlobWriter(ABC):
+    """An upload in progress. Content becomes visible only through :meth:`commit`.
+
+    The core hashes everything passed to :meth:`write` and calls :meth:`commit` only with the
+    digest the content really has; on any failure it calls :meth:`abort`. A writer must leave
+    nothing visible under any digest before ``commit`` returns, and nothing at all after ``abort``.
+    """
+
+    @abstractmethod
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append a chunk of content."""
+
+    @abstractmethod
+    def commit(self, digest: Digest) -> None:
+        """Make the written content visible under ``digest`` atomically.
+
+        An already stored blob with this digest is success, not an error.
+        """
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Discard everything written; must be safe to call more than once."""
+
+
+class BlobStore(ABC):
+    """Content-addressed blob storage: the primitives a backend implements."""
+
+    #: Optional abilities this backend offers; see :class:`Capability`.
+    capabilities: frozenset[Capability] = frozenset()
+    #: How many digests the core puts in one ``find_missing_blobs`` call.
+    max_batch_digests: int = 10_000
+    #: Largest total payload the core groups into one ``read_blobs``/``write_blobs`` call.
+    max_batch_bytes: int = 4 << 20
+    #: Threads the core may use at once against this backend (I/O-bound backends want more).
+    max_concurrency: int = 4
+
+    # -- primitives -------------------------------------------------------------------------
+
+    @abstractmethod
+    def find_missing_blobs(self, digests: Collection[Digest]) -> set[Digest]:
+        """Return the digests in ``digests`` that are not stored.
+
+        A blob stored with the same hash but another size counts as missing. The core never
+        passes the empty digest and never passes more than ``max_batch_digests`` at once.
+        """
+
+    @abstractmethod
+    def open_blob(self, digest: Digest, offset: int = 0) -> BinaryIO:
+        """Open a stored blob for streaming reads, positioned at ``offset``.
+
+        Raise :class:`BlobNotFoundError` when it is not stored. The stream need not verify
+        anything; the core does.
+        """
+
+    @abstractmethod
+    def begin_write(self, size_hint: int | None = None) -> BlobWriter:
+        """Start an upload whose digest the core will learn only at its end."""
+
+    # -- derived helpers (override for speed) -----------------------------------------------
+
+    def read_blobs(self, digests: Iterable[Digest]) -> Iterator[tuple[Digest, bytes]]:
+        """Yield ``(digest, content)`` for small blobs; raise on the first missing one."""
+        for digest in digests:
+            with self.open_blob(digest) as stream:
+                yield digest, stream.read()
+
+    def write_blobs(self, blobs: Iterable[tuple[Digest, bytes]]) -> None:
+        """Store small blobs whose content the core has already verified against the digest."""
+        for digest, data in blobs:
+            writer = self.begin_write(len(data))
+            try:
+                writer.write(data)
+                writer.commit(digest)
+            except BaseException:
+                writer.abort()
+                raise
+
+    # -- optional capabilities --------------------------------------------------------------
+
+    def iter_blobs(self) -> Iterator[BlobInfo]:
+        """List every stored blob (capability ``list``)."""
+        raise UnsupportedOperationError(f"{type(self).__name__} cannot list its blobs")
+
+    def delete_blobs(self, digests: Iterable[Digest]) -> None:
+        """Delete blobs; absent ones are ignored (capability ``delete``)."""
+        raise UnsupportedOperationError(f"{type(self).__name__} cannot delete blobs")
+
+    def touch_blobs(self, digests: Iterable[Digest]) -> None:
+        """Refresh blobs' modification times, so prune's grace period covers them (``touch``)."""
+        raise UnsupportedOperationError(f"{type(self).__name__} cannot touch blobs")
+
+    def local_path(self, digest: Digest) -> str:
+        """A path on this machine holding the blob, not to be modified (``local-path``).
+
+        Raise :class:`BlobNotFoundError` when the blob is not stored.
+        """
+        raise UnsupportedOperationError(f"{type(self).__name__} has no local files")
+
+    def close(self) -> None:
+        """Release connections and threads; the store is not used afterwards."""
+
+    def describe(self) -> str:
+        """A short human description (used in messages)."""
+        return type(self).__name__
+
+    def _not_found(self, digest: Digest) -> BlobNotFoundError:
+        return BlobNotFoundError(digest, self.describe())
+
+
+class RefStore(ABC):
+    """Named pointers to digests. Names reaching a backend are already validated."""
+
+    @abstractmethod
+    def get_ref(self, name: str, *, touch: bool = True) -> Digest:
+        """Return the digest ``name`` points at, refreshing its access time when ``touch``.
+
+        Raise :class:`casframe.errors.RefNotFoundError` when it does not exist.
+        """
+
+    @abstractmethod
+    def set_ref(self, name: str, digest: Digest) -> None:
+        """Point ``name`` at ``digest`` atomically (create or replace); sets its access time."""
+
+    @abstractmethod
+    def delete_ref(self, name: str) -> None:
+        """Remove ``name``; raise :class:`RefNotFoundError` when it does not exist."""
+
+    @abstractmethod
+    def list_refs(self, prefix: str = "") -> Iterator[RefInfo]:
+        """Yield every ref whose name starts with ``prefix``, in any order."""
+
+    def close(self) -> None:
+        """Release resources."""

@@ -1,0 +1,399 @@
+"""Store: the user API over one backend's BlobStore and RefStore.
+
+Everything that must hold whatever the backend is enforced here, once: the empty blob is always
+present, content is hashed while it streams in and committed only under the digest it really
+has, reads are verified, ref names are validated. Tree, transfer and maintenance algorithms
+live in their own modules and are exposed here as methods.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Collection, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, BinaryIO
+
+from casframe.digest import CHUNK_SIZE, EMPTY_DIGEST, Digest, Hasher
+from casframe.errors import (
+    BlobNotFoundError,
+    CorruptBlobError,
+    DigestMismatchError,
+    InvalidDigestError,
+    RefNotFoundError,
+)
+from casframe.names import validate_ref_name
+from casframe.spi import BlobStore, Capability, RefInfo, RefStore
+
+if TYPE_CHECKING:
+    from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
+    from casframe.progress import Progress
+    from casframe.transfer import TransferResult
+    from casframe.tree import TreeDiff, TreeEntry
+
+__all__ = ["Store", "VerifyingReader"]
+
+
+class VerifyingReader(io.RawIOBase):
+    """Passes a blob's bytes through, raising :class:`CorruptBlobError` when they end.
+
+    Reading from offset 0 checks size and hash; reading from an offset checks the size only.
+    Corruption is raised when the last byte is read (or when the stream ends early), so a
+    consumer that writes the data somewhere must not publish it before reaching the end.
+    """
+
+    def __init__(self, raw: BinaryIO, digest: Digest, offset: int = 0) -> None:
+        super().__init__()
+        self._raw = raw
+        self._digest = digest
+        self._hasher: Hasher | None = Hasher() if offset == 0 else None
+        self._position = offset
+        self._checked = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        remaining = self._digest.size - self._position
+        if remaining <= 0:
+            # One more read to prove the stored object is not longer than its digest says.
+            extra = self._raw.read(1)
+            if extra:
+                raise CorruptBlobError(self._digest, "stored object is longer than its size")
+            self._finish()
+            return 0
+        readinto = getattr(self._raw, "readinto", None)
+        if readinto is not None:
+            n = readinto(view[: min(len(view), remaining)])
+        else:
+            chunk = self._raw.read(min(len(view), remaining))
+            n = len(chunk)
+            view[:n] = chunk
+        if not n:
+            raise CorruptBlobError(
+                self._digest, f"stored object is truncated at {self._position} bytes"
+            )
+        if self._hasher is not None:
+            self._hasher.update(view[:n])
+        self._position += n
+        if self._position == self._digest.size:
+            self._finish()
+        return n
+
+    def _finish(self) -> None:
+        if self._checked:
+            return
+        self._checked = True
+        if self._hasher is not None:
+            actual = self._hasher.digest()
+            if actual != self._digest:
+                raise CorruptBlobError(self._digest, f"content hashes to {actual.hash}")
+
+    def close(self) -> None:
+        try:
+            self._raw.close()
+        finally:
+            super().close()
+
+
+class Store:
+    """A content-addressed store: blobs, Directory trees and refs over one backend."""
+
+    def __init__(self, blobs: BlobStore, refs: RefStore, *, url: str = "") -> None:
+        self.blobs = blobs
+        self.refs = refs
+        self.url = url or blobs.describe()
+
+    def __repr__(self) -> str:
+        return f"<Store {self.url}>"
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.blobs.close()
+        finally:
+            if self.refs is not self.blobs:  # type: ignore[comparison-overlap]
+                self.refs.close()
+
+    def has(self, capability: Capability) -> bool:
+        return capability in self.blobs.capabilities
+
+    # -- blobs ------------------------------------------------------------------------------
+
+    def find_missing(self, digests: Iterable[Digest]) -> set[Digest]:
+        """The subset of ``digests`` not stored here (the empty blob is never missing)."""
+        wanted = {d for d in digests if d.size != 0}
+        missing: set[Digest] = set()
+        batch = max(1, self.blobs.max_batch_digests)
+        pending = list(wanted)
+        for start in range(0, len(pending), batch):
+            missing |= self.blobs.find_missing_blobs(pending[start : start + batch])
+        return missing & wanted
+
+    def contains(self, digest: Digest) -> bool:
+        return not self.find_missing([digest])
+
+    def open_read(self, digest: Digest, offset: int = 0, *, verify: bool = True) -> BinaryIO:
+        """Stream a blob from ``offset``; with ``verify``, corruption raises at the end."""
+        if offset < 0 or offset > digest.size:
+            raise InvalidDigestError(f"offset {offset} is outside blob {digest}")
+        if digest.size == 0:
+            return io.BytesIO(b"")
+        raw = self.blobs.open_blob(digest, offset)
+        if not verify:
+            return raw
+        return io.BufferedReader(VerifyingReader(raw, digest, offset), CHUNK_SIZE)  # type: ignore[return-value]
+
+    def read_bytes(self, digest: Digest) -> bytes:
+        """Read a whole blob (verified). Meant for small blobs such as Directory messages."""
+        if digest.size == 0:
+            return b""
+        with self.blobs.open_blob(digest) as raw:
+            data = raw.read(digest.size + 1)
+        self._check(digest, data)
+        return data
+
+    def read_many(self, digests: Iterable[Digest]) -> Iterator[tuple[Digest, bytes]]:
+        """Read small blobs in backend batches, verifying each."""
+        wanted = []
+        for digest in digests:
+            if digest.size == 0:
+                yield digest, b""
+            else:
+                wanted.append(digest)
+        for digest, data in self.blobs.read_blobs(wanted):
+            self._check(digest, data)
+            yield digest, data
+
+    @staticmethod
+    def _check(digest: Digest, data: bytes) -> None:
+        if len(data) != digest.size:
+            raise CorruptBlobError(digest, f"stored object has {len(data)} bytes")
+        actual = Digest.of_bytes(data)
+        if actual != digest:
+            raise CorruptBlobError(digest, f"content hashes to {actual.hash}")
+
+    def put_bytes(self, data: bytes, expected: Digest | None = None) -> Digest:
+        """Store ``data``; with ``expected``, refuse content that does not match it."""
+        digest = Digest.of_bytes(data)
+        if expected is not None and digest != expected:
+            raise DigestMismatchError(expected, digest)
+        if digest.size:
+            self.blobs.write_blobs([(digest, bytes(data))])
+        return digest
+
+    def put_many(self, blobs: Collection[tuple[Digest, bytes]]) -> None:
+        """Store small blobs after checking each one's content against its digest."""
+        for digest, data in blobs:
+            actual = Digest.of_bytes(data)
+            if actual != digest:
+                raise DigestMismatchError(digest, actual)
+        self.blobs.write_blobs([(d, b) for d, b in blobs if d.size])
+
+    def put_stream(
+        self,
+        stream: BinaryIO,
+        expected: Digest | None = None,
+        *,
+        on_chunk: Callable[[int], None] | None = None,
+    ) -> Digest:
+        """Stream content in, hashing as it goes; commit only under the digest it really has."""
+        writer = self.blobs.begin_write(expected.size if expected else None)
+        hasher = Hasher()
+        buf = bytearray(CHUNK_SIZE)
+        view = memoryview(buf)
+        readinto = getattr(stream, "readinto", None)
+        try:
+            while True:
+                if readinto is not None:
+                    n = readinto(view)
+                    if not n:
+                        break
+                    chunk: bytes | memoryview = view[:n]
+                else:
+                    chunk = stream.read(CHUNK_SIZE)
+                    if not chunk:
+                        break
+                    n = len(chunk)
+                hasher.update(chunk)
+                writer.write(chunk)
+                if on_chunk is not None:
+                    on_chunk(n)
+                if expected is not None and hasher.size > expected.size:
+                    raise DigestMismatchError(expected, hasher.digest())
+            digest = hasher.digest()
+            if expected is not None and digest != expected:
+                raise DigestMismatchError(expected, digest)
+            if digest.size:
+                writer.commit(digest)
+            else:
+                writer.abort()
+        except BaseException:
+            writer.abort()
+            raise
+        return digest
+
+    def put_file(self, path: str | os.PathLike[str]) -> Digest:
+        with open(path, "rb", buffering=0) as f:
+            return self.put_stream(f)
+
+    def copy_blob_from(self, source: Store, digest: Digest) -> None:
+        """Copy one blob from ``source``, verifying it on the way in."""
+        if digest.size <= CHUNK_SIZE:
+            self.put_bytes(source.read_bytes(digest), digest)
+            return
+        with source.open_read(digest, verify=False) as stream:
+            try:
+                self.put_stream(stream, digest)
+            except DigestMismatchError as exc:
+                raise CorruptBlobError(digest, f"source {source.url} returned other content: "
+                                               f"{exc.actual}") from None
+
+    # -- Directory messages -----------------------------------------------------------------
+
+    def get_directory(self, digest: Digest) -> Directory:
+        from casframe.tree import parse_directory
+
+        return parse_directory(digest, self.read_bytes(digest))
+
+    def put_directory(self, directory: Directory) -> Digest:
+        """Store a Directory message. The caller guarantees its children are already stored."""
+        return self.put_bytes(directory.SerializeToString(deterministic=True))
+
+    # -- trees ------------------------------------------------------------------------------
+
+    def import_directory(
+        self, path: str | os.PathLike[str], *, progress: Progress | None = None
+    ) -> Digest:
+        """Store a directory on disk as a Directory tree; return the root digest."""
+        from casframe.tree import import_directory
+
+        return import_directory(self, path, progress=progress)
+
+    def checkout(
+        self,
+        tree: Digest | str,
+        dest: str | os.PathLike[str],
+        *,
+        link: bool | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        """Materialise a tree (digest or ref) at ``dest``, which must be absent or empty.
+
+        ``link=None`` hardlinks when the store has local files on the same file system and
+        copies otherwise; ``True`` insists on hardlinks; ``False`` always copies.
+        """
+        from casframe.tree import checkout
+
+        checkout(self, self.resolve(tree), dest, link=link, progress=progress)
+
+    def diff(self, a: Digest | str, b: Digest | str, subdir: str = "") -> TreeDiff:
+        from casframe.tree import diff_trees
+
+        return diff_trees(self, self.resolve(a), self.resolve(b), subdir=subdir)
+
+    def subdir(self, tree: Digest | str, path: str) -> Digest:
+        """The digest of the Directory at ``path`` inside ``tree``."""
+        from casframe.tree import lookup_subdir
+
+        return lookup_subdir(self, self.resolve(tree), path)
+
+    def walk(self, tree: Digest | str, path: str = "") -> Iterator[TreeEntry]:
+        """Every entry under ``path`` of ``tree``, depth first, parents before children."""
+        from casframe.tree import walk
+
+        return walk(self, self.resolve(tree), path)
+
+    def ls(self, tree: Digest | str, path: str = "") -> list[TreeEntry]:
+        """The entries directly inside ``path`` of ``tree``."""
+        from casframe.tree import list_directory
+
+        return list_directory(self, self.resolve(tree), path)
+
+    def open_file(self, tree: Digest | str, path: str) -> BinaryIO:
+        """Open the file at ``path`` inside ``tree`` (verified stream)."""
+        from casframe.tree import lookup_file
+
+        return self.open_read(lookup_file(self, self.resolve(tree), path).digest)
+
+    def tree_digests(self, tree: Digest | str) -> Iterator[Digest]:
+        """Every digest in a tree's closure (Directories and files), each once."""
+        from casframe.tree import closure
+
+        return closure(self, self.resolve(tree))
+
+    # -- refs -------------------------------------------------------------------------------
+
+    def resolve(self, tree: Digest | str) -> Digest:
+        """A digest as it is; a string as ``HASH/SIZE`` or, failing that, a ref name."""
+        if isinstance(tree, Digest):
+            return tree
+        if "/" in tree and tree.split("/", 1)[0].isalnum() and len(tree.split("/", 1)[0]) == 64:
+            try:
+                return Digest.parse(tree)
+            except InvalidDigestError:
+                pass
+        return self.get_ref(tree)
+
+    def get_ref(self, name: str, *, touch: bool = True) -> Digest:
+        return self.refs.get_ref(validate_ref_name(name), touch=touch)
+
+    def set_ref(self, name: str, digest: Digest, *, check_complete: bool = True) -> None:
+        """Point ``name`` at a tree. By default refuse a tree that is not fully stored."""
+        validate_ref_name(name)
+        if check_complete:
+            from casframe.tree import missing_in_tree
+
+            missing = missing_in_tree(self, digest)
+            if missing:
+                raise BlobNotFoundError(missing, f"{self.url} (tree {digest} is incomplete)")
+        self.refs.set_ref(name, digest)
+
+    def delete_ref(self, name: str) -> None:
+        self.refs.delete_ref(validate_ref_name(name))
+
+    def copy_ref(self, source: str, dest: str) -> Digest:
+        digest = self.get_ref(source)
+        self.refs.set_ref(validate_ref_name(dest), digest)
+        return digest
+
+    def list_refs(self, prefix: str = "") -> list[RefInfo]:
+        """Refs starting with ``prefix``, least recently used first."""
+        return sorted(self.refs.list_refs(prefix), key=lambda r: (r.accessed, r.name))
+
+    def has_ref(self, name: str) -> bool:
+        try:
+            self.get_ref(name, touch=False)
+        except RefNotFoundError:
+            return False
+        return True
+
+    # -- transfer ---------------------------------------------------------------------------
+
+    def push(
+        self, dest: Store, tree: Digest | str, *, ref: str | None = None,
+        progress: Progress | None = None,
+    ) -> TransferResult:
+        """Copy a tree's closure to ``dest``; set ``ref`` there (default: the ref pushed)."""
+        from casframe.transfer import transfer
+
+        return transfer(self, dest, tree, ref=ref, progress=progress)
+
+    def pull(
+        self, source: Store, tree: Digest | str, *, ref: str | None = None,
+        progress: Progress | None = None,
+    ) -> TransferResult:
+        """Copy a tree's closure from ``source`` into this store."""
+        from casframe.transfer import transfer
+
+        return transfer(source, self, tree, ref=ref, progress=progress)
+
+    def executor(self) -> ThreadPoolExecutor:
+        """A thread pool sized for this backend."""
+        return ThreadPoolExecutor(max_workers=max(1, self.blobs.max_concurrency))

@@ -1,0 +1,166 @@
+"""Copy the closure of a tree (by digest or ref) from any store to any other.
+
+Order is what makes an interrupted transfer harmless: the destination is asked what it lacks,
+files go first, then Directories children before parents, and the ref is set last. Rerunning
+copies only what is still missing. Every blob is verified as it arrives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
+from casframe.digest import CHUNK_SIZE, Digest
+from casframe.names import validate_ref_name
+from casframe.progress import NO_PROGRESS, Progress
+from casframe.tree import iter_tree
+
+if TYPE_CHECKING:
+    from casframe.store import Store
+
+__all__ = ["TransferResult", "copy_blobs", "transfer"]
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """What a transfer did. ``blobs_sent == 0`` means the destination already had everything."""
+
+    root: Digest
+    ref: str | None
+    blobs_total: int
+    blobs_sent: int
+    bytes_sent: int
+
+    @property
+    def already_present(self) -> bool:
+        return self.blobs_sent == 0
+
+
+def _postorder(root: Digest, directories: dict[Digest, Directory]) -> list[Digest]:
+    """Directories ordered so that each comes after every Directory it contains."""
+    order: list[Digest] = []
+    done: set[Digest] = set()
+    stack: list[tuple[Digest, bool]] = [(root, False)]
+    while stack:
+        digest, children_done = stack.pop()
+        if digest in done:
+            continue
+        if children_done:
+            done.add(digest)
+            order.append(digest)
+            continue
+        stack.append((digest, True))
+        for node in directories[digest].directories:
+            child = Digest(node.digest.hash, node.digest.size_bytes)
+            if child not in done:
+                stack.append((child, False))
+    return order
+
+
+def copy_blobs(
+    source: Store,
+    dest: Store,
+    digests: list[Digest],
+    *,
+    on_done: Callable[[int], None] | None = None,
+) -> None:
+    """Copy blobs concurrently: small ones in backend batches, large ones streamed."""
+    batch_limit = max(CHUNK_SIZE, min(source.blobs.max_batch_bytes, dest.blobs.max_batch_bytes))
+    batches: list[list[Digest]] = []
+    large: list[Digest] = []
+    current: list[Digest] = []
+    current_bytes = 0
+    for digest in sorted(digests, key=lambda d: d.size):
+        if digest.size > CHUNK_SIZE:
+            large.append(digest)
+            continue
+        if current and (current_bytes + digest.size > batch_limit or len(current) >= 1000):
+            batches.append(current)
+            current, current_bytes = [], 0
+        current.append(digest)
+        current_bytes += digest.size
+    if current:
+        batches.append(current)
+
+    def copy_batch(batch: list[Digest]) -> None:
+        dest.put_many(list(source.read_many(batch)))
+        if on_done:
+            on_done(sum(d.size for d in batch))
+
+    def copy_large(digest: Digest) -> None:
+        dest.copy_blob_from(source, digest)
+        if on_done:
+            on_done(digest.size)
+
+    workers = max(source.blobs.max_concurrency, dest.blobs.max_concurrency)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [pool.submit(copy_large, d) for d in large]
+        futures += [pool.submit(copy_batch, b) for b in batches]
+        for future in futures:
+            future.result()
+
+
+def transfer(
+    source: Store,
+    dest: Store,
+    tree: Digest | str,
+    *,
+    ref: str | None = None,
+    progress: Progress | None = None,
+) -> TransferResult:
+    """Copy ``tree``'s closure from ``source`` to ``dest`` and set ``ref`` there last.
+
+    ``tree`` is a digest, or a ref name in ``source`` (which is then also the default ``ref``).
+    """
+    progress = progress or NO_PROGRESS
+    if isinstance(tree, str):
+        root = source.resolve(tree)
+        if ref is None and not _looks_like_digest(tree):
+            ref = tree
+    else:
+        root = tree
+    if ref is not None:
+        validate_ref_name(ref)
+
+    directories: dict[Digest, Directory] = {}
+    blobs_of_dirs: dict[Digest, bytes] = {}
+    for digest, data, directory in iter_tree(source, root):
+        directories[digest] = directory
+        blobs_of_dirs[digest] = data
+    files: set[Digest] = set()
+    for directory in directories.values():
+        files.update(Digest(n.digest.hash, n.digest.size_bytes) for n in directory.files)
+    missing = dest.find_missing(files | directories.keys())
+
+    missing_files = [d for d in files if d in missing]
+    missing_dirs = [d for d in _postorder(root, directories) if d in missing]
+    total_bytes = sum(d.size for d in missing_files) + sum(d.size for d in missing_dirs)
+    progress.start("transfer", total_bytes, unit="B")
+    copy_blobs(source, dest, missing_files, on_done=progress.advance)
+    # Children before parents, one at a time, so a stored Directory is always complete.
+    for digest in missing_dirs:
+        data = blobs_of_dirs[digest]
+        dest.put_bytes(data, digest)
+        progress.advance(len(data))
+    if ref is not None:
+        dest.set_ref(ref, root, check_complete=False)
+    progress.finish()
+    return TransferResult(
+        root=root,
+        ref=ref,
+        blobs_total=len(files) + len(directories),
+        blobs_sent=len(missing_files) + len(missing_dirs),
+        bytes_sent=total_bytes,
+    )
+
+
+def _looks_like_digest(text: str) -> bool:
+    try:
+        Digest.parse(text)
+    except ValueError:
+        return False
+    return True

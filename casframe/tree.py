@@ -1,0 +1,617 @@
+"""The Directory tree engine: import, checkout, diff, lookup and walk over any Store.
+
+Trees use REAPI's ``Directory`` messages: files, subdirectories and symlinks sorted by name,
+each name a single safe path segment. Import stores every file before the Directory that names
+it, and every Directory before its parent, so a stored Directory always has its children.
+Checkout validates every Directory before touching the disk and only creates entries inside
+directories it created itself, so a hostile tree cannot write outside the destination.
+This module talks to storage only through :class:`casframe.store.Store`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from google.protobuf.message import DecodeError
+
+from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
+    Digest as DigestProto,
+)
+from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
+    Directory,
+    DirectoryNode,
+    FileNode,
+    SymlinkNode,
+)
+from casframe.digest import CHUNK_SIZE, Digest
+from casframe.errors import (
+    BlobNotFoundError,
+    CorruptBlobError,
+    InvalidNameError,
+    UnsafeTreeError,
+    UnsupportedFileTypeError,
+    UnsupportedOperationError,
+)
+from casframe.names import split_tree_path, validate_entry_name
+from casframe.progress import NO_PROGRESS, Progress
+from casframe.spi import Capability
+
+if TYPE_CHECKING:
+    from casframe.store import Store
+
+__all__ = [
+    "TreeDiff",
+    "TreeEntry",
+    "checkout",
+    "closure",
+    "diff_trees",
+    "import_directory",
+    "iter_tree",
+    "list_directory",
+    "lookup_file",
+    "lookup_subdir",
+    "missing_in_tree",
+    "parse_directory",
+    "walk",
+]
+
+# Files up to this size are read whole and written in batches; larger ones are streamed in
+# CHUNK_SIZE pieces so memory stays bounded whatever the file sizes.
+_SMALL_FILE = CHUNK_SIZE
+# Bytes of small files one worker holds at once (times the worker count: the memory budget).
+_BATCH_BYTES = 8 << 20
+_BATCH_FILES = 512
+
+EntryKind = Literal["file", "directory", "symlink"]
+
+
+@dataclass(frozen=True, slots=True)
+class TreeEntry:
+    """One entry of a tree. ``digest`` is set for files and directories, ``target`` for links."""
+
+    path: str
+    kind: EntryKind
+    digest: Digest | None = None
+    is_executable: bool = False
+    target: str = ""
+
+
+@dataclass
+class TreeDiff:
+    """Paths (relative to the compared directory) that differ between two trees."""
+
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    modified: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.modified)
+
+
+# -- parsing and validation -------------------------------------------------------------------
+
+
+def parse_directory(digest: Digest, data: bytes) -> Directory:
+    """Decode a Directory blob and check that it is safe to materialise."""
+    directory = Directory()
+    try:
+        directory.ParseFromString(data)
+    except DecodeError as exc:
+        raise CorruptBlobError(digest, f"not a Directory message: {exc}") from None
+    seen: set[str] = set()
+    for group in (directory.files, directory.directories, directory.symlinks):
+        for node in group:
+            try:
+                validate_entry_name(node.name)
+            except InvalidNameError as exc:
+                raise UnsafeTreeError(f"directory {digest}: {exc}") from None
+            if node.name in seen:
+                raise UnsafeTreeError(f"directory {digest}: duplicate name {node.name!r}")
+            seen.add(node.name)
+    return directory
+
+
+def is_canonical(directory: Directory) -> bool:
+    """Whether entries are sorted by name within each kind (REAPI's canonical form)."""
+    for group in (directory.files, directory.directories, directory.symlinks):
+        names = [node.name for node in group]
+        if names != sorted(names):
+            return False
+    return True
+
+
+def _d(proto: DigestProto) -> Digest:
+    return Digest(proto.hash, proto.size_bytes)
+
+
+def iter_tree(store: Store, root: Digest) -> Iterator[tuple[Digest, bytes, Directory]]:
+    """Every distinct Directory of a tree (digest, blob, message), breadth first, in batches."""
+    seen = {root}
+    level = [root]
+    while level:
+        next_level: list[Digest] = []
+        for digest, data in store.read_many(level):
+            directory = parse_directory(digest, data)
+            yield digest, data, directory
+            for node in directory.directories:
+                child = _d(node.digest)
+                if child not in seen:
+                    seen.add(child)
+                    next_level.append(child)
+        level = next_level
+
+
+def closure(store: Store, root: Digest) -> Iterator[Digest]:
+    """Every digest a tree needs (its Directories and files), each once, parents first."""
+    files: set[Digest] = set()
+    for digest, _, directory in iter_tree(store, root):
+        yield digest
+        for node in directory.files:
+            file_digest = _d(node.digest)
+            if file_digest not in files:
+                files.add(file_digest)
+                yield file_digest
+
+
+def missing_in_tree(store: Store, root: Digest) -> set[Digest]:
+    """Digests the tree needs that the store lacks (empty when the tree is complete)."""
+    missing: set[Digest] = set()
+    seen = {root}
+    level = [root]
+    while level:
+        absent = store.find_missing(level)
+        missing |= absent
+        files: set[Digest] = set()
+        next_level: list[Digest] = []
+        for digest, data in store.read_many([d for d in level if d not in absent]):
+            directory = parse_directory(digest, data)
+            files.update(_d(node.digest) for node in directory.files)
+            for node in directory.directories:
+                child = _d(node.digest)
+                if child not in seen:
+                    seen.add(child)
+                    next_level.append(child)
+        missing |= store.find_missing(files)
+        level = next_level
+    return missing
+
+
+# -- import -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _ScannedDir:
+    path: str
+    files: list[tuple[str, int, bool]] = field(default_factory=list)  # name, size, executable
+    symlinks: list[tuple[str, str]] = field(default_factory=list)
+    subdirs: list[str] = field(default_factory=list)
+
+
+def _check_name(name: str, path: str) -> None:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidNameError(f"cannot store {path!r}: its name is not valid UTF-8") from None
+
+
+def _scan(root: str) -> list[_ScannedDir]:
+    """List a directory tree, parents before children."""
+    scanned: list[_ScannedDir] = []
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        full = os.path.join(root, rel) if rel else root
+        entry_dir = _ScannedDir(rel)
+        scanned.append(entry_dir)
+        with os.scandir(full) as it:
+            for entry in it:
+                _check_name(entry.name, entry.path)
+                if entry.is_symlink():
+                    entry_dir.symlinks.append((entry.name, os.readlink(entry.path)))
+                elif entry.is_dir(follow_symlinks=False):
+                    entry_dir.subdirs.append(entry.name)
+                    stack.append(f"{rel}/{entry.name}" if rel else entry.name)
+                else:
+                    st = entry.stat(follow_symlinks=False)
+                    if not stat.S_ISREG(st.st_mode):
+                        kind = _special_kind(st.st_mode)
+                        raise UnsupportedFileTypeError(
+                            f"cannot store {entry.path}: it is a {kind}, "
+                            "only regular files, directories and symlinks can be stored"
+                        )
+                    entry_dir.files.append(
+                        (entry.name, st.st_size, bool(st.st_mode & stat.S_IXUSR))
+                    )
+    return scanned
+
+
+def _special_kind(mode: int) -> str:
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISCHR(mode):
+        return "character device"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    return "special file"
+
+
+def _read_small(path: str, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, size + 1)
+        if len(data) <= size:
+            return data
+        # The file grew since it was listed: read it to its end and store what was read.
+        parts = [data]
+        while chunk := os.read(fd, CHUNK_SIZE):
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+def _store_small_batch(store: Store, paths: list[str], progress: Progress) -> list[Digest]:
+    blobs = []
+    for path, size in paths:  # type: ignore[misc]
+        data = _read_small(path, size)
+        blobs.append((Digest.of_bytes(data), data))
+    missing = store.find_missing(d for d, _ in blobs)
+    if missing:
+        pending = []
+        for digest, data in blobs:
+            if digest in missing:
+                pending.append((digest, data))
+                missing.discard(digest)  # a duplicate inside the batch is written once
+        store.blobs.write_blobs(pending)
+    progress.advance(len(blobs))
+    return [d for d, _ in blobs]
+
+
+def _store_large(store: Store, path: str, progress: Progress) -> Digest:
+    with open(path, "rb", buffering=0) as f:
+        digest = store.put_stream(f)
+    progress.advance(1)
+    return digest
+
+
+def import_directory(
+    store: Store, path: str | os.PathLike[str], *, progress: Progress | None = None
+) -> Digest:
+    """Store the directory ``path`` (recursively) and return its root Directory digest."""
+    progress = progress or NO_PROGRESS
+    root = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(root):
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", root)
+    scanned = _scan(root)
+    total = sum(len(d.files) for d in scanned)
+    progress.start("import", total)
+
+    # Submit every file, small ones in batches bounded in count and bytes.
+    results: dict[tuple[int, int], Future[list[Digest]] | Future[Digest]] = {}
+    small_slots: list[tuple[int, int]] = []
+    with store.executor() as pool:
+        batch: list[tuple[str, int]] = []
+        batch_slots: list[tuple[int, int]] = []
+        batch_bytes = 0
+
+        def flush() -> None:
+            nonlocal batch, batch_slots, batch_bytes
+            if batch:
+                future = pool.submit(_store_small_batch, store, batch, progress)
+                for index, slot in enumerate(batch_slots):
+                    results[slot] = future
+                    small_slots.append(slot)
+                    slot_index[slot] = index
+            batch, batch_slots, batch_bytes = [], [], 0
+
+        slot_index: dict[tuple[int, int], int] = {}
+        for dir_index, scanned_dir in enumerate(scanned):
+            base = os.path.join(root, scanned_dir.path) if scanned_dir.path else root
+            for file_index, (name, size, _) in enumerate(scanned_dir.files):
+                file_path = os.path.join(base, name)
+                slot = (dir_index, file_index)
+                if size > _SMALL_FILE:
+                    results[slot] = pool.submit(_store_large, store, file_path, progress)
+                    continue
+                batch.append((file_path, size))
+                batch_slots.append(slot)
+                batch_bytes += size
+                if len(batch) >= _BATCH_FILES or batch_bytes >= _BATCH_BYTES:
+                    flush()
+        flush()
+
+        # Build Directory messages bottom-up (children were listed after their parents).
+        digests_of_dirs: dict[str, Digest] = {}
+        serialized: list[tuple[Digest, bytes]] = []
+        for dir_index in range(len(scanned) - 1, -1, -1):
+            scanned_dir = scanned[dir_index]
+            directory = Directory()
+            files = []
+            for file_index, (name, _, executable) in enumerate(scanned_dir.files):
+                slot = (dir_index, file_index)
+                outcome = results[slot].result()
+                digest = outcome[slot_index[slot]] if isinstance(outcome, list) else outcome
+                files.append((name, digest, executable))
+            files.sort()
+            directory.files.extend(
+                FileNode(
+                    name=name,
+                    digest=DigestProto(hash=digest.hash, size_bytes=digest.size),
+                    is_executable=executable,
+                )
+                for name, digest, executable in files
+            )
+            prefix = f"{scanned_dir.path}/" if scanned_dir.path else ""
+            directory.directories.extend(
+                DirectoryNode(name=name, digest=digests_of_dirs[prefix + name].to_proto())
+                for name in sorted(scanned_dir.subdirs)
+            )
+            directory.symlinks.extend(
+                SymlinkNode(name=name, target=target)
+                for name, target in sorted(scanned_dir.symlinks)
+            )
+            data = directory.SerializeToString(deterministic=True)
+            digest = Digest.of_bytes(data)
+            digests_of_dirs[scanned_dir.path] = digest
+            serialized.append((digest, data))
+
+    # All files are stored; store Directories children first so each one is complete.
+    missing = store.find_missing(d for d, _ in serialized)
+    pending = []
+    for digest, data in serialized:
+        if digest in missing:
+            pending.append((digest, data))
+            missing.discard(digest)
+    store.blobs.write_blobs(pending)
+    progress.finish()
+    return digests_of_dirs[""]
+
+
+# -- lookup, walk, list -----------------------------------------------------------------------
+
+
+def lookup_subdir(store: Store, root: Digest, path: str) -> Digest:
+    digest = root
+    walked: list[str] = []
+    for segment in split_tree_path(path):
+        directory = store.get_directory(digest)
+        for node in directory.directories:
+            if node.name == segment:
+                digest = _d(node.digest)
+                break
+        else:
+            where = "/".join([*walked, segment])
+            raise FileNotFoundError(errno.ENOENT, f"no directory {where!r} in tree {root}")
+        walked.append(segment)
+    return digest
+
+
+def lookup_file(store: Store, root: Digest, path: str) -> TreeEntry:
+    segments = split_tree_path(path)
+    if not segments:
+        raise IsADirectoryError(errno.EISDIR, f"{path!r} is the tree's root directory")
+    parent = lookup_subdir(store, root, "/".join(segments[:-1]))
+    for entry in list_directory(store, parent, ""):
+        if entry.path == segments[-1]:
+            if entry.kind == "file":
+                return TreeEntry(path, "file", entry.digest, entry.is_executable)
+            raise IsADirectoryError(errno.EISDIR, f"{path!r} in tree {root} is a {entry.kind}")
+    raise FileNotFoundError(errno.ENOENT, f"no file {path!r} in tree {root}")
+
+
+def _entries(directory: Directory, prefix: str) -> list[TreeEntry]:
+    entries = [
+        TreeEntry(prefix + n.name, "file", _d(n.digest), n.is_executable) for n in directory.files
+    ]
+    entries += [TreeEntry(prefix + n.name, "directory", _d(n.digest)) for n in directory.directories]
+    entries += [TreeEntry(prefix + n.name, "symlink", target=n.target) for n in directory.symlinks]
+    entries.sort(key=lambda e: e.path)
+    return entries
+
+
+def list_directory(store: Store, root: Digest, path: str) -> list[TreeEntry]:
+    digest = lookup_subdir(store, root, path)
+    return _entries(store.get_directory(digest), "")
+
+
+def walk(store: Store, root: Digest, path: str = "") -> Iterator[TreeEntry]:
+    start = lookup_subdir(store, root, path)
+    stack: list[tuple[str, Digest]] = [("", start)]
+    while stack:
+        prefix, digest = stack.pop()
+        entries = _entries(store.get_directory(digest), prefix)
+        for entry in entries:
+            yield entry
+        # Depth first, in name order: push subdirectories in reverse.
+        for entry in reversed(entries):
+            if entry.kind == "directory" and entry.digest is not None:
+                stack.append((entry.path + "/", entry.digest))
+
+
+# -- diff -------------------------------------------------------------------------------------
+
+
+def _leaves(store: Store, digest: Digest, prefix: str) -> list[str]:
+    paths = []
+    empty = True
+    for entry in walk(store, digest):
+        empty = False
+        if entry.kind != "directory":
+            paths.append(prefix + entry.path)
+        elif not store.get_directory(entry.digest).ListFields():  # type: ignore[arg-type]
+            paths.append(prefix + entry.path + "/")
+    if empty:
+        paths.append(prefix.rstrip("/") + "/")
+    return paths
+
+
+def diff_trees(store: Store, a: Digest, b: Digest, subdir: str = "") -> TreeDiff:
+    """Files and symlinks added, removed or modified from tree ``a`` to tree ``b``.
+
+    Paths are relative to ``subdir``. A directory added or removed as a whole is listed as
+    all its files (an empty one as ``name/``); an entry that changed kind is removed and added.
+    """
+    result = TreeDiff()
+    if subdir:
+        a = lookup_subdir(store, a, subdir)
+        b = lookup_subdir(store, b, subdir)
+    stack = [("", a, b)]
+    while stack:
+        prefix, left_digest, right_digest = stack.pop()
+        if left_digest == right_digest:
+            continue
+        left = {e.path: e for e in _entries(store.get_directory(left_digest), "")}
+        right = {e.path: e for e in _entries(store.get_directory(right_digest), "")}
+        for name in sorted(left.keys() | right.keys()):
+            old, new = left.get(name), right.get(name)
+            path = prefix + name
+            if old is not None and new is not None and old.kind == new.kind:
+                if old.kind == "directory":
+                    stack.append((path + "/", old.digest, new.digest))  # type: ignore[arg-type]
+                elif old != new:
+                    result.modified.append(path)
+                continue
+            if old is not None:
+                if old.kind == "directory":
+                    result.removed += _leaves(store, old.digest, path + "/")  # type: ignore[arg-type]
+                else:
+                    result.removed.append(path)
+            if new is not None:
+                if new.kind == "directory":
+                    result.added += _leaves(store, new.digest, path + "/")  # type: ignore[arg-type]
+                else:
+                    result.added.append(path)
+    result.added.sort()
+    result.removed.sort()
+    result.modified.sort()
+    return result
+
+
+# -- checkout ---------------------------------------------------------------------------------
+
+
+def _prepare_destination(dest: str) -> None:
+    try:
+        os.mkdir(dest)
+    except FileExistsError:
+        if os.path.islink(dest) or not os.path.isdir(dest):
+            raise FileExistsError(errno.EEXIST, "checkout destination exists", dest) from None
+        if os.listdir(dest):
+            raise FileExistsError(
+                errno.ENOTEMPTY, "checkout destination is not empty", dest
+            ) from None
+
+
+def checkout(
+    store: Store,
+    root: Digest,
+    dest: str | os.PathLike[str],
+    *,
+    link: bool | None = None,
+    progress: Progress | None = None,
+) -> None:
+    """Materialise tree ``root`` at ``dest`` (absent or empty).
+
+    Hardlinked files share the store's read-only objects; executable files are always copied,
+    because a hardlink shares its mode with the stored object.
+    """
+    progress = progress or NO_PROGRESS
+    dest = os.path.abspath(os.fspath(dest))
+    can_link = store.has(Capability.LOCAL_PATH)
+    if link and not can_link:
+        raise UnsupportedOperationError(
+            f"{store.url} has no local files to hardlink; check out with copies instead"
+        )
+    use_links = can_link if link is None else link
+
+    # Read and validate the whole tree before the first write.
+    directories = {digest: directory for digest, _, directory in iter_tree(store, root)}
+    plan_dirs: list[str] = []
+    plan_files: list[tuple[str, Digest, bool]] = []
+    plan_links: list[tuple[str, str]] = []
+    stack = [(dest, root)]
+    while stack:
+        path, digest = stack.pop()
+        directory = directories[digest]
+        plan_dirs.append(path)
+        for file_node in directory.files:
+            plan_files.append(
+                (os.path.join(path, file_node.name), _d(file_node.digest), file_node.is_executable)
+            )
+        for link_node in directory.symlinks:
+            plan_links.append((os.path.join(path, link_node.name), link_node.target))
+        for dir_node in directory.directories:
+            stack.append((os.path.join(path, dir_node.name), _d(dir_node.digest)))
+
+    progress.start("checkout", len(plan_files))
+    _prepare_destination(dest)
+    for path in plan_dirs[1:]:
+        os.mkdir(path)
+
+    to_copy: list[tuple[str, Digest, bool]] = plan_files
+    if use_links:
+        to_copy = []
+        objects = store.blobs
+        for index, (path, digest, executable) in enumerate(plan_files):
+            if executable or digest.size == 0:
+                to_copy.append((path, digest, executable))
+                continue
+            try:
+                os.link(objects.local_path(digest), path)
+            except FileNotFoundError:
+                raise BlobNotFoundError(digest, store.url) from None
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK) or link:
+                    raise
+                # Another file system (or too many links): copy this file and the rest.
+                to_copy += plan_files[index:]
+                break
+            progress.advance(1)
+
+    if to_copy:
+        _copy_files(store, to_copy, progress)
+    for path, target in plan_links:
+        os.symlink(target, path)
+    progress.finish()
+
+
+def _write_copy(store: Store, path: str, digest: Digest, executable: bool) -> None:
+    mode = 0o755 if executable else 0o644
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb", buffering=0, closefd=False) as out:
+            if digest.size <= _SMALL_FILE:
+                out.write(store.read_bytes(digest))
+            else:
+                with store.open_read(digest) as stream:
+                    buf = bytearray(CHUNK_SIZE)
+                    view = memoryview(buf)
+                    while n := stream.readinto(view):  # type: ignore[attr-defined]
+                        out.write(view[:n])
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+    if executable:
+        os.chmod(path, mode)  # the umask may have dropped execute bits
+
+
+def _copy_files(store: Store, files: list[tuple[str, Digest, bool]], progress: Progress) -> None:
+    def one(item: tuple[str, Digest, bool]) -> None:
+        _write_copy(store, *item)
+        progress.advance(1)
+
+    with store.executor() as pool:
+        futures = [pool.submit(one, item) for item in files]
+        for future in futures:
+            future.result()

@@ -1,0 +1,310 @@
+"""The ``file://PATH`` backend: casframe's embedded default.
+
+Layout (that of BuildStream 1.x's CAS cache, which therefore opens as it is)::
+
+    PATH/objects/ab/cdef…   blob with sha256 ``abcdef…``, read-only
+    PATH/refs/heads/NAME    a serialized REAPI Digest message; its mtime is the last access
+    PATH/tmp/               uploads in progress
+
+A blob is written to a new file in ``tmp/`` and renamed into ``objects/``, so no partial object
+is ever visible and several processes may write the same blob at once. Options (URL query):
+``fsync=true`` flushes each object to disk before it becomes visible (survives power loss, at a
+large cost in speed).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import threading
+from collections.abc import Collection, Iterable, Iterator
+from typing import BinaryIO
+
+from casframe import (
+    BlobInfo,
+    BlobStore,
+    BlobWriter,
+    Capability,
+    ConfigError,
+    CorruptBlobError,
+    Digest,
+    InvalidDigestError,
+    InvalidNameError,
+    RefInfo,
+    RefNotFoundError,
+    RefStore,
+    Store,
+    StoreURL,
+    hookimpl,
+)
+
+__all__ = ["LocalBlobStore", "LocalRefStore", "open_local_store"]
+
+_OBJECT_MODE = 0o444  # read-only, so a hardlinked checkout cannot edit the store by accident
+_HEX = frozenset("0123456789abcdef")
+_names = itertools.count()
+
+
+def _temp_name(tmpdir: str) -> str:
+    return os.path.join(tmpdir, f"{os.getpid()}.{threading.get_ident()}.{next(_names)}")
+
+
+class _LocalWriter(BlobWriter):
+    def __init__(self, store: LocalBlobStore) -> None:
+        self._store = store
+        self._path = _temp_name(store.tmpdir)
+        self._fd: int | None = os.open(
+            self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _OBJECT_MODE
+        )
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert self._fd is not None, "write after commit or abort"
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+
+    def commit(self, digest: Digest) -> None:
+        assert self._fd is not None, "commit after commit or abort"
+        if self._store.fsync:
+            os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        self._store.publish(self._path, digest)
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        try:
+            os.unlink(self._path)
+        except FileNotFoundError:
+            pass
+
+
+class LocalBlobStore(BlobStore):
+    capabilities = frozenset(
+        {Capability.LIST, Capability.DELETE, Capability.TOUCH, Capability.LOCAL_PATH}
+    )
+    max_concurrency = 2  # local disk and hashing: one thread per core
+
+    def __init__(self, root: str, *, fsync: bool = False) -> None:
+        self.root = root
+        self.objdir = os.path.join(root, "objects")
+        self.tmpdir = os.path.join(root, "tmp")
+        self.fsync = fsync
+        os.makedirs(self.objdir, exist_ok=True)
+        os.makedirs(self.tmpdir, exist_ok=True)
+
+    def describe(self) -> str:
+        return f"file://{self.root}"
+
+    def object_path(self, digest: Digest) -> str:
+        return f"{self.objdir}/{digest.hash[:2]}/{digest.hash[2:]}"
+
+    def publish(self, temp_path: str, digest: Digest) -> None:
+        """Move a finished temp file into place as ``digest``; an existing object wins."""
+        target = self.object_path(digest)
+        try:
+            if os.stat(target).st_size == digest.size:
+                # Already stored: keep the existing file (renaming over it frees an inode).
+                os.unlink(temp_path)
+                return
+        except FileNotFoundError:
+            pass
+        try:
+            os.rename(temp_path, target)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.rename(temp_path, target)
+
+    # -- primitives -------------------------------------------------------------------------
+
+    def find_missing_blobs(self, digests: Collection[Digest]) -> set[Digest]:
+        missing = set()
+        stat = os.stat
+        for digest in digests:
+            try:
+                if stat(f"{self.objdir}/{digest.hash[:2]}/{digest.hash[2:]}").st_size == digest.size:
+                    continue
+            except FileNotFoundError:
+                pass
+            missing.add(digest)
+        return missing
+
+    def open_blob(self, digest: Digest, offset: int = 0) -> BinaryIO:
+        try:
+            stream = open(self.object_path(digest), "rb")  # noqa: SIM115 - returned to caller
+        except FileNotFoundError:
+            raise self._not_found(digest) from None
+        size = os.fstat(stream.fileno()).st_size
+        if size != digest.size:
+            stream.close()
+            raise CorruptBlobError(digest, f"stored object has {size} bytes")
+        if offset:
+            stream.seek(offset)
+        return stream
+
+    def begin_write(self, size_hint: int | None = None) -> BlobWriter:
+        return _LocalWriter(self)
+
+    # -- fast paths ---------------------------------------------------------------------------
+
+    def write_blobs(self, blobs: Iterable[tuple[Digest, bytes]]) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        for digest, data in blobs:
+            temp = _temp_name(self.tmpdir)
+            fd = os.open(temp, flags, _OBJECT_MODE)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if self.fsync:
+                    os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                os.unlink(temp)
+                raise
+            os.close(fd)
+            self.publish(temp, digest)
+
+    # -- capabilities ------------------------------------------------------------------------
+
+    def local_path(self, digest: Digest) -> str:
+        return self.object_path(digest)
+
+    def iter_blobs(self) -> Iterator[BlobInfo]:
+        for fanout in sorted(os.listdir(self.objdir)):
+            if len(fanout) != 2 or not _HEX.issuperset(fanout):
+                continue
+            with os.scandir(os.path.join(self.objdir, fanout)) as entries:
+                for entry in entries:
+                    name = fanout + entry.name
+                    if len(name) != 64 or not _HEX.issuperset(entry.name):
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # deleted while listing
+                    yield BlobInfo(Digest(name, st.st_size), st.st_mtime)
+
+    def delete_blobs(self, digests: Iterable[Digest]) -> None:
+        for digest in digests:
+            try:
+                os.unlink(self.object_path(digest))
+            except FileNotFoundError:
+                pass
+
+    def touch_blobs(self, digests: Iterable[Digest]) -> None:
+        for digest in digests:
+            try:
+                os.utime(self.object_path(digest))
+            except FileNotFoundError:
+                pass
+
+
+class LocalRefStore(RefStore):
+    def __init__(self, root: str, *, fsync: bool = False) -> None:
+        self.root = root
+        self.refdir = os.path.join(root, "refs", "heads")
+        self.tmpdir = os.path.join(root, "tmp")
+        self.fsync = fsync
+        os.makedirs(self.refdir, exist_ok=True)
+        os.makedirs(self.tmpdir, exist_ok=True)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.refdir, *name.split("/"))
+
+    def get_ref(self, name: str, *, touch: bool = True) -> Digest:
+        path = self._path(name)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            if touch:
+                os.utime(path)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise RefNotFoundError(name, f"file://{self.root}") from None
+        try:
+            return Digest.from_serialized(data)
+        except InvalidDigestError as exc:
+            raise InvalidDigestError(f"ref {name} in file://{self.root} is damaged: {exc}") from None
+
+    def set_ref(self, name: str, digest: Digest) -> None:
+        path = self._path(name)
+        temp = _temp_name(self.tmpdir)
+        with open(temp, "wb") as f:
+            f.write(digest.serialize())
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        for _ in range(10):
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                os.rename(temp, path)
+                return
+            except FileNotFoundError:
+                continue  # a concurrent delete removed the parent folder; make it again
+            except (NotADirectoryError, FileExistsError, IsADirectoryError) as exc:
+                os.unlink(temp)
+                raise InvalidNameError(
+                    f"ref name {name!r} conflicts with an existing ref or ref folder"
+                ) from exc
+        os.unlink(temp)
+        raise OSError(errno.EAGAIN, f"could not set ref {name!r}: its folder kept disappearing")
+
+    def delete_ref(self, name: str) -> None:
+        path = self._path(name)
+        try:
+            os.unlink(path)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise RefNotFoundError(name, f"file://{self.root}") from None
+        # Remove folders the deletion emptied, up to refs/heads itself.
+        parent = os.path.dirname(path)
+        while parent != self.refdir:
+            try:
+                os.rmdir(parent)
+            except OSError:
+                break
+            parent = os.path.dirname(parent)
+
+    def list_refs(self, prefix: str = "") -> Iterator[RefInfo]:
+        for dirpath, _, filenames in os.walk(self.refdir):
+            rel = os.path.relpath(dirpath, self.refdir)
+            for filename in filenames:
+                name = filename if rel == "." else f"{rel}/{filename}".replace(os.sep, "/")
+                if not name.startswith(prefix):
+                    continue
+                path = os.path.join(dirpath, filename)
+                try:
+                    with open(path, "rb") as f:
+                        digest = Digest.from_serialized(f.read())
+                    accessed = os.stat(path).st_mtime
+                except (FileNotFoundError, InvalidDigestError):
+                    continue  # deleted meanwhile, or not a ref file
+                yield RefInfo(name, digest, accessed)
+
+
+def store_path(url: StoreURL) -> str:
+    raw = url.netloc + url.path
+    if not raw:
+        raise ConfigError(f"file:// URL needs a path: {url.url!r}")
+    return os.path.abspath(os.path.expanduser(raw))
+
+
+def open_local_store(url: StoreURL) -> Store:
+    """Factory for ``file://PATH``; creates the layout when missing."""
+    root = store_path(url)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ConfigError(f"{url.url}: {root} exists and is not a directory")
+    fsync = url.flag("fsync")
+    return Store(
+        LocalBlobStore(root, fsync=fsync), LocalRefStore(root, fsync=fsync), url=f"file://{root}"
+    )
+
+
+@hookimpl
+def casframe_register_backends(registry) -> None:  # type: ignore[no-untyped-def]
+    registry.add("file", open_local_store, description="local directory (BuildStream CAS layout)")
+
+
