@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
 from casframe.errors import InvalidDigestError
@@ -27,21 +26,43 @@ CHUNK_SIZE = 1 << 20
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 
 
-@dataclass(frozen=True, order=True, slots=True)
-class Digest:
-    """A sha256 content digest and the content's size in bytes."""
+class Digest(tuple[str, int]):
+    """A sha256 content digest and the content's size in bytes.
 
-    hash: str
-    size: int
+    Immutable, hashable and ordered by ``(hash, size)``. It is a tuple underneath because
+    millions are made during a large import and a tuple is the cheapest immutable value.
+    """
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.hash, str) or not _HASH_RE.fullmatch(self.hash):
-            raise InvalidDigestError(f"not a sha256 hex digest: {self.hash!r}")
-        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 0:
-            raise InvalidDigestError(f"not a valid blob size: {self.size!r}")
+    __slots__ = ()
+
+    def __new__(cls, hash: str, size: int) -> Digest:  # noqa: A002 - REAPI's field name
+        if not isinstance(hash, str) or not _HASH_RE.fullmatch(hash):
+            raise InvalidDigestError(f"not a sha256 hex digest: {hash!r}")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidDigestError(f"not a valid blob size: {size!r}")
+        return tuple.__new__(cls, (hash, size))
+
+    @classmethod
+    def _trusted(cls, hash: str, size: int) -> Digest:  # noqa: A002
+        """Build without validation, for values this module computed itself."""
+        return tuple.__new__(cls, (hash, size))
+
+    @property
+    def hash(self) -> str:  # type: ignore[override]  # tuple.__hash__ is unrelated
+        return self[0]
+
+    @property
+    def size(self) -> int:
+        return self[1]
+
+    def __getnewargs__(self) -> tuple[str, int]:  # type: ignore[override]
+        return (self[0], self[1])
+
+    def __repr__(self) -> str:
+        return f"Digest(hash={self[0]!r}, size={self[1]})"
 
     def __str__(self) -> str:
-        return f"{self.hash}/{self.size}"
+        return f"{self[0]}/{self[1]}"
 
     @classmethod
     def parse(cls, text: str) -> Digest:
@@ -53,7 +74,7 @@ class Digest:
 
     @classmethod
     def of_bytes(cls, data: bytes | bytearray | memoryview) -> Digest:
-        return cls(hashlib.sha256(data).hexdigest(), len(data))
+        return cls._trusted(hashlib.sha256(data).hexdigest(), len(data))
 
     @classmethod
     def of_stream(cls, stream: BinaryIO) -> Digest:
@@ -121,7 +142,7 @@ class Hasher:
         self.size += len(data)
 
     def digest(self) -> Digest:
-        return Digest(self._h.hexdigest(), self.size)
+        return Digest._trusted(self._h.hexdigest(), self.size)
 
 
 EMPTY_DIGEST = Digest(hashlib.sha256(b"").hexdigest(), 0)

@@ -90,6 +90,12 @@ class SchemeEntry:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             missing = exc.name or module_name
+            if module_name == missing or module_name.startswith(missing + "."):
+                # The plugin's own module is absent: a broken installation, not an extra.
+                raise ConfigError(
+                    f"plugin {self.plugin!r} registered {self.scheme}:// with factory "
+                    f"{self.factory!r}, but module {missing!r} cannot be found"
+                ) from exc
             raise MissingDependencyError(f"the {self.scheme}:// backend", missing, self.extra) from exc
         factory: Factory = getattr(module, attr)
         return factory

@@ -67,7 +67,8 @@ __all__ = [
 _SMALL_FILE = CHUNK_SIZE
 # Bytes of small files one worker holds at once (times the worker count: the memory budget).
 _BATCH_BYTES = 8 << 20
-_BATCH_FILES = 512
+# Files per worker task: large enough to amortise scheduling, small enough to spread the work.
+_BATCH_FILES = 256
 
 EntryKind = Literal["file", "directory", "symlink"]
 
@@ -188,10 +189,12 @@ def missing_in_tree(store: Store, root: Digest) -> set[Digest]:
 
 @dataclass(slots=True)
 class _ScannedDir:
-    path: str
-    files: list[tuple[str, int, bool]] = field(default_factory=list)  # name, size, executable
+    path: str  # relative to the import root, "" for the root itself
+    files: list[str] = field(default_factory=list)
     symlinks: list[tuple[str, str]] = field(default_factory=list)
     subdirs: list[str] = field(default_factory=list)
+    #: (digest, executable) of each file in ``files``, filled in by the workers.
+    results: list[tuple[Digest, bool]] = field(default_factory=list)
 
 
 def _check_name(name: str, path: str) -> None:
@@ -199,37 +202,6 @@ def _check_name(name: str, path: str) -> None:
         name.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidNameError(f"cannot store {path!r}: its name is not valid UTF-8") from None
-
-
-def _scan(root: str) -> list[_ScannedDir]:
-    """List a directory tree, parents before children."""
-    scanned: list[_ScannedDir] = []
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        full = os.path.join(root, rel) if rel else root
-        entry_dir = _ScannedDir(rel)
-        scanned.append(entry_dir)
-        with os.scandir(full) as it:
-            for entry in it:
-                _check_name(entry.name, entry.path)
-                if entry.is_symlink():
-                    entry_dir.symlinks.append((entry.name, os.readlink(entry.path)))
-                elif entry.is_dir(follow_symlinks=False):
-                    entry_dir.subdirs.append(entry.name)
-                    stack.append(f"{rel}/{entry.name}" if rel else entry.name)
-                else:
-                    st = entry.stat(follow_symlinks=False)
-                    if not stat.S_ISREG(st.st_mode):
-                        kind = _special_kind(st.st_mode)
-                        raise UnsupportedFileTypeError(
-                            f"cannot store {entry.path}: it is a {kind}, "
-                            "only regular files, directories and symlinks can be stored"
-                        )
-                    entry_dir.files.append(
-                        (entry.name, st.st_size, bool(st.st_mode & stat.S_IXUSR))
-                    )
-    return scanned
 
 
 def _special_kind(mode: int) -> str:
@@ -244,43 +216,65 @@ def _special_kind(mode: int) -> str:
     return "special file"
 
 
-def _read_small(path: str, size: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        data = os.read(fd, size + 1)
-        if len(data) <= size:
-            return data
-        # The file grew since it was listed: read it to its end and store what was read.
-        parts = [data]
-        while chunk := os.read(fd, CHUNK_SIZE):
-            parts.append(chunk)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
+def _unsupported(path: str, mode: int) -> UnsupportedFileTypeError:
+    return UnsupportedFileTypeError(
+        f"cannot store {path}: it is a {_special_kind(mode)}; "
+        "only regular files, directories and symlinks can be stored"
+    )
 
 
-def _store_small_batch(store: Store, paths: list[str], progress: Progress) -> list[Digest]:
-    blobs = []
-    for path, size in paths:  # type: ignore[misc]
-        data = _read_small(path, size)
-        blobs.append((Digest.of_bytes(data), data))
-    missing = store.find_missing(d for d, _ in blobs)
-    if missing:
-        pending = []
-        for digest, data in blobs:
-            if digest in missing:
-                pending.append((digest, data))
-                missing.discard(digest)  # a duplicate inside the batch is written once
-        store.blobs.write_blobs(pending)
-    progress.advance(len(blobs))
-    return [d for d, _ in blobs]
+def _import_files(store: Store, paths: list[str], progress: Progress) -> list[tuple[Digest, bool]]:
+    """Store files (one worker's share); return each one's digest and executable bit.
 
+    Small files are read whole and written in groups after one existence check per group;
+    large ones are streamed. The mode comes from ``fstat`` of the opened file, so what is
+    recorded is what was read even if the file is replaced meanwhile.
+    """
+    results: list[tuple[Digest, bool]] = []
+    pending: list[tuple[Digest, bytes]] = []
+    pending_bytes = 0
 
-def _store_large(store: Store, path: str, progress: Progress) -> Digest:
-    with open(path, "rb", buffering=0) as f:
-        digest = store.put_stream(f)
-    progress.advance(1)
-    return digest
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        missing = store.find_missing(d for d, _ in pending)
+        if missing:
+            writes = []
+            for digest, data in pending:
+                if digest in missing:
+                    writes.append((digest, data))
+                    missing.discard(digest)  # a duplicate inside the group is written once
+            store.blobs.write_blobs(writes)
+        pending, pending_bytes = [], 0
+
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _unsupported(path, st.st_mode)
+            if st.st_size > _SMALL_FILE:
+                with os.fdopen(fd, "rb", buffering=0, closefd=False) as stream:
+                    digest = store.put_stream(stream)
+            else:
+                data = os.read(fd, st.st_size + 1)
+                if len(data) > st.st_size:  # grew since fstat: store what is read to the end
+                    parts = [data]
+                    while chunk := os.read(fd, CHUNK_SIZE):
+                        parts.append(chunk)
+                    data = b"".join(parts)
+                digest = Digest.of_bytes(data)
+                if digest.size:
+                    pending.append((digest, data))
+                    pending_bytes += digest.size
+        finally:
+            os.close(fd)
+        results.append((digest, bool(st.st_mode & stat.S_IXUSR)))
+        if pending_bytes >= _BATCH_BYTES:
+            flush()
+    if pending:
+        flush()
+    progress.advance(len(paths))
+    return results
 
 
 def import_directory(
@@ -291,80 +285,74 @@ def import_directory(
     root = os.path.abspath(os.fspath(path))
     if not os.path.isdir(root):
         raise NotADirectoryError(errno.ENOTDIR, "not a directory", root)
-    scanned = _scan(root)
-    total = sum(len(d.files) for d in scanned)
-    progress.start("import", total)
+    progress.start("import", None)
 
-    # Submit every file, small ones in batches bounded in count and bytes.
-    results: dict[tuple[int, int], Future[list[Digest]] | Future[Digest]] = {}
-    small_slots: list[tuple[int, int]] = []
+    # Scan (file types come from readdir, no stat) while workers hash and store what was
+    # found so far, in groups bounded in count; each worker bounds its bytes in memory.
+    scanned: list[_ScannedDir] = []
+    jobs: list[tuple[Future[list[tuple[Digest, bool]]], list[tuple[int, int]]]] = []
+    batch: list[str] = []
+    slots: list[tuple[int, int]] = []
     with store.executor() as pool:
-        batch: list[tuple[str, int]] = []
-        batch_slots: list[tuple[int, int]] = []
-        batch_bytes = 0
+        stack = [""]
+        while stack:
+            rel = stack.pop()
+            full = os.path.join(root, rel) if rel else root
+            current = _ScannedDir(rel)
+            dir_index = len(scanned)
+            scanned.append(current)
+            with os.scandir(full) as entries:
+                for entry in entries:
+                    _check_name(entry.name, entry.path)
+                    if entry.is_symlink():
+                        current.symlinks.append((entry.name, os.readlink(entry.path)))
+                    elif entry.is_dir(follow_symlinks=False):
+                        current.subdirs.append(entry.name)
+                        stack.append(f"{rel}/{entry.name}" if rel else entry.name)
+                    elif entry.is_file(follow_symlinks=False):
+                        slots.append((dir_index, len(current.files)))
+                        current.files.append(entry.name)
+                        batch.append(entry.path)
+                        if len(batch) >= _BATCH_FILES:
+                            jobs.append((pool.submit(_import_files, store, batch, progress), slots))
+                            batch, slots = [], []
+                    else:
+                        raise _unsupported(entry.path, entry.stat(follow_symlinks=False).st_mode)
+        if batch:
+            jobs.append((pool.submit(_import_files, store, batch, progress), slots))
+        for scanned_dir in scanned:
+            scanned_dir.results = [None] * len(scanned_dir.files)  # type: ignore[list-item]
+        for future, job_slots in jobs:
+            for (dir_index, file_index), result in zip(job_slots, future.result(), strict=True):
+                scanned[dir_index].results[file_index] = result
 
-        def flush() -> None:
-            nonlocal batch, batch_slots, batch_bytes
-            if batch:
-                future = pool.submit(_store_small_batch, store, batch, progress)
-                for index, slot in enumerate(batch_slots):
-                    results[slot] = future
-                    small_slots.append(slot)
-                    slot_index[slot] = index
-            batch, batch_slots, batch_bytes = [], [], 0
-
-        slot_index: dict[tuple[int, int], int] = {}
-        for dir_index, scanned_dir in enumerate(scanned):
-            base = os.path.join(root, scanned_dir.path) if scanned_dir.path else root
-            for file_index, (name, size, _) in enumerate(scanned_dir.files):
-                file_path = os.path.join(base, name)
-                slot = (dir_index, file_index)
-                if size > _SMALL_FILE:
-                    results[slot] = pool.submit(_store_large, store, file_path, progress)
-                    continue
-                batch.append((file_path, size))
-                batch_slots.append(slot)
-                batch_bytes += size
-                if len(batch) >= _BATCH_FILES or batch_bytes >= _BATCH_BYTES:
-                    flush()
-        flush()
-
-        # Build Directory messages bottom-up (children were listed after their parents).
-        digests_of_dirs: dict[str, Digest] = {}
-        serialized: list[tuple[Digest, bytes]] = []
-        for dir_index in range(len(scanned) - 1, -1, -1):
-            scanned_dir = scanned[dir_index]
-            directory = Directory()
-            files = []
-            for file_index, (name, _, executable) in enumerate(scanned_dir.files):
-                slot = (dir_index, file_index)
-                outcome = results[slot].result()
-                digest = outcome[slot_index[slot]] if isinstance(outcome, list) else outcome
-                files.append((name, digest, executable))
-            files.sort()
-            directory.files.extend(
-                FileNode(
-                    name=name,
-                    digest=DigestProto(hash=digest.hash, size_bytes=digest.size),
-                    is_executable=executable,
-                )
-                for name, digest, executable in files
+    # Build Directory messages bottom-up: children were listed after their parents.
+    digests_of_dirs: dict[str, Digest] = {}
+    serialized: list[tuple[Digest, bytes]] = []
+    for scanned_dir in reversed(scanned):
+        directory = Directory()
+        directory.files.extend(
+            FileNode(
+                name=name,
+                digest=DigestProto(hash=digest.hash, size_bytes=digest.size),
+                is_executable=executable,
             )
-            prefix = f"{scanned_dir.path}/" if scanned_dir.path else ""
-            directory.directories.extend(
-                DirectoryNode(name=name, digest=digests_of_dirs[prefix + name].to_proto())
-                for name in sorted(scanned_dir.subdirs)
-            )
-            directory.symlinks.extend(
-                SymlinkNode(name=name, target=target)
-                for name, target in sorted(scanned_dir.symlinks)
-            )
-            data = directory.SerializeToString(deterministic=True)
-            digest = Digest.of_bytes(data)
-            digests_of_dirs[scanned_dir.path] = digest
-            serialized.append((digest, data))
+            for name, (digest, executable) in sorted(zip(scanned_dir.files, scanned_dir.results))
+        )
+        prefix = f"{scanned_dir.path}/" if scanned_dir.path else ""
+        directory.directories.extend(
+            DirectoryNode(name=name, digest=digests_of_dirs[prefix + name].to_proto())
+            for name in sorted(scanned_dir.subdirs)
+        )
+        directory.symlinks.extend(
+            SymlinkNode(name=name, target=target) for name, target in sorted(scanned_dir.symlinks)
+        )
+        data = directory.SerializeToString(deterministic=True)
+        digest = Digest.of_bytes(data)
+        digests_of_dirs[scanned_dir.path] = digest
+        serialized.append((digest, data))
 
-    # All files are stored; store Directories children first so each one is complete.
+    # Every file is stored; store Directories children first so each one is complete.
     missing = store.find_missing(d for d, _ in serialized)
     pending = []
     for digest, data in serialized:

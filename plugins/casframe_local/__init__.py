@@ -14,6 +14,7 @@ large cost in speed).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -44,43 +45,46 @@ __all__ = ["LocalBlobStore", "LocalRefStore", "open_local_store"]
 _OBJECT_MODE = 0o444  # read-only, so a hardlinked checkout cannot edit the store by accident
 _HEX = frozenset("0123456789abcdef")
 _names = itertools.count()
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 def _temp_name(tmpdir: str) -> str:
     return os.path.join(tmpdir, f"{os.getpid()}.{threading.get_ident()}.{next(_names)}")
 
 
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class _LocalWriter(BlobWriter):
     def __init__(self, store: LocalBlobStore) -> None:
         self._store = store
-        self._path = _temp_name(store.tmpdir)
-        self._fd: int | None = os.open(
-            self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _OBJECT_MODE
-        )
+        self._fd: int | None
+        self._fd, self._temp = store.open_temp()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self._fd is not None, "write after commit or abort"
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        _write_all(self._fd, data)
 
     def commit(self, digest: Digest) -> None:
         assert self._fd is not None, "commit after commit or abort"
-        if self._store.fsync:
-            os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
-        self._store.publish(self._path, digest)
+        fd, self._fd = self._fd, None
+        try:
+            self._store.publish(fd, self._temp, digest)
+        finally:
+            os.close(fd)
 
     def abort(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        try:
-            os.unlink(self._path)
-        except FileNotFoundError:
-            pass
+            if self._temp:
+                try:
+                    os.unlink(self._temp)
+                except FileNotFoundError:
+                    pass
 
 
 class LocalBlobStore(BlobStore):
@@ -96,6 +100,13 @@ class LocalBlobStore(BlobStore):
         self.fsync = fsync
         os.makedirs(self.objdir, exist_ok=True)
         os.makedirs(self.tmpdir, exist_ok=True)
+        self._tmpfd = os.open(self.tmpdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._anonymous = self._probe_anonymous_temp()
+
+    def close(self) -> None:
+        if self._tmpfd >= 0:
+            os.close(self._tmpfd)
+            self._tmpfd = -1
 
     def describe(self) -> str:
         return f"file://{self.root}"
@@ -103,21 +114,61 @@ class LocalBlobStore(BlobStore):
     def object_path(self, digest: Digest) -> str:
         return f"{self.objdir}/{digest.hash[:2]}/{digest.hash[2:]}"
 
-    def publish(self, temp_path: str, digest: Digest) -> None:
-        """Move a finished temp file into place as ``digest``; an existing object wins."""
+    # Uploads go to an unnamed file (O_TMPFILE) that is linked into objects/ once verified:
+    # nothing to clean up after a crash, and one link instead of create + rename. Where the
+    # file system lacks O_TMPFILE, a named file in tmp/ is renamed into place instead.
+
+    def _probe_anonymous_temp(self) -> bool:
+        flag = getattr(os, "O_TMPFILE", 0)
+        if not flag or not os.path.isdir("/proc/self/fd"):
+            return False
+        try:
+            fd = os.open(self.tmpdir, flag | os.O_WRONLY | os.O_CLOEXEC, _OBJECT_MODE)
+        except OSError:
+            return False
+        os.close(fd)
+        return True
+
+    def open_temp(self) -> tuple[int, str]:
+        """A new file for an upload: ``(fd, temp path or "" when it has no name)``."""
+        if self._anonymous:
+            return os.open(self.tmpdir, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, _OBJECT_MODE), ""
+        temp = _temp_name(self.tmpdir)
+        return os.open(temp, _CREATE, _OBJECT_MODE), temp
+
+    def publish(self, fd: int, temp: str, digest: Digest) -> None:
+        """Make a finished upload visible as ``digest``; an intact existing object wins."""
+        if self.fsync:
+            os.fsync(fd)
         target = self.object_path(digest)
-        try:
-            if os.stat(target).st_size == digest.size:
-                # Already stored: keep the existing file (renaming over it frees an inode).
-                os.unlink(temp_path)
+        for _ in range(3):
+            try:
+                if temp:
+                    if self._intact(target, digest):
+                        os.unlink(temp)  # renaming over it would free an inode for nothing
+                    else:
+                        os.rename(temp, target)
+                else:
+                    os.link(f"/proc/self/fd/{fd}", target, src_dir_fd=self._tmpfd)
                 return
-        except FileNotFoundError:
-            pass
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+            except FileExistsError:
+                if self._intact(target, digest):
+                    return
+                # A damaged object (wrong size) is in the way: replace it.
+                try:
+                    os.unlink(target)
+                except FileNotFoundError:
+                    pass
+        raise OSError(errno.EAGAIN, f"could not store object {digest} in {self.root}")
+
+    @staticmethod
+    def _intact(path: str, digest: Digest) -> bool:
         try:
-            os.rename(temp_path, target)
+            return os.stat(path).st_size == digest.size
         except FileNotFoundError:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            os.rename(temp_path, target)
+            return False
 
     # -- primitives -------------------------------------------------------------------------
 
@@ -152,22 +203,18 @@ class LocalBlobStore(BlobStore):
     # -- fast paths ---------------------------------------------------------------------------
 
     def write_blobs(self, blobs: Iterable[tuple[Digest, bytes]]) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         for digest, data in blobs:
-            temp = _temp_name(self.tmpdir)
-            fd = os.open(temp, flags, _OBJECT_MODE)
+            fd, temp = self.open_temp()
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                if self.fsync:
-                    os.fsync(fd)
+                _write_all(fd, data)
+                self.publish(fd, temp, digest)
             except BaseException:
-                os.close(fd)
-                os.unlink(temp)
+                if temp:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(temp)
                 raise
-            os.close(fd)
-            self.publish(temp, digest)
+            finally:
+                os.close(fd)
 
     # -- capabilities ------------------------------------------------------------------------
 

@@ -1,0 +1,13 @@
+"""The ``grpc://`` and ``grpcs://`` backends: any REAPI v2 server as a store."""
+
+from casframe import hookimpl
+
+
+@hookimpl
+def casframe_register_backends(registry) -> None:  # type: ignore[no-untyped-def]
+    for scheme in ("grpc", "grpcs"):
+        registry.add(
+            scheme,
+            "casframe_grpc.store:open_grpc_store",
+            description="a Remote Execution API v2 server (ByteStream, CAS, Remote Asset)",
+        )

@@ -1,0 +1,13 @@
+"""The ``s3://BUCKET/PREFIX`` backend (boto3), registered lazily so boto3 stays optional."""
+
+from casframe import hookimpl
+
+
+@hookimpl
+def casframe_register_backends(registry) -> None:  # type: ignore[no-untyped-def]
+    registry.add(
+        "s3",
+        "casframe_s3.store:open_s3_store",
+        description="S3 or any S3-compatible object store",
+        extra="s3",
+    )
