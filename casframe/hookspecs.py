@@ -50,7 +50,7 @@ def casframe_register_commands(cli: click.Group) -> None:
 
 
 @hookspec
-def casframe_server_interceptors(config: Any) -> list[Any]:
+def casframe_server_interceptors(config: Any) -> list[Any]:  # type: ignore[empty-body]
     """Return gRPC server interceptors to install in ``casframe serve``.
 
     :param config: the server's settings object.

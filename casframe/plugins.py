@@ -129,7 +129,7 @@ def backend_registry() -> BackendRegistry:
     registry = BackendRegistry()
     # Oldest registration first, so the built-ins come before third parties; each call is made
     # separately so the registry knows which plugin owns each scheme.
-    for impl in reversed(pm.hook.casframe_register_backends.get_hookimpls()):
+    for impl in pm.hook.casframe_register_backends.get_hookimpls():
         registry.current_plugin = impl.plugin_name
         impl.function(registry=registry)
     registry.current_plugin = "<direct>"

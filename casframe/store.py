@@ -320,7 +320,9 @@ class Store:
         """Open the file at ``path`` inside ``tree`` (verified stream)."""
         from casframe.tree import lookup_file
 
-        return self.open_read(lookup_file(self, self.resolve(tree), path).digest)
+        entry = lookup_file(self, self.resolve(tree), path)
+        assert entry.digest is not None
+        return self.open_read(entry.digest)
 
     def tree_digests(self, tree: Digest | str) -> Iterator[Digest]:
         """Every digest in a tree's closure (Directories and files), each once."""

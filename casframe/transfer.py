@@ -152,7 +152,7 @@ def transfer(
     return TransferResult(
         root=root,
         ref=ref,
-        blobs_total=len(files) + len(directories),
+        blobs_total=sum(1 for d in files | directories.keys() if d.size),
         blobs_sent=len(missing_files) + len(missing_dirs),
         bytes_sent=total_bytes,
     )

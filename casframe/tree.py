@@ -412,17 +412,17 @@ def list_directory(store: Store, root: Digest, path: str) -> list[TreeEntry]:
 
 
 def walk(store: Store, root: Digest, path: str = "") -> Iterator[TreeEntry]:
+    """Every entry under ``path``, depth first in name order: a directory, then its contents."""
     start = lookup_subdir(store, root, path)
-    stack: list[tuple[str, Digest]] = [("", start)]
+    stack: list[Iterator[TreeEntry]] = [iter(_entries(store.get_directory(start), ""))]
     while stack:
-        prefix, digest = stack.pop()
-        entries = _entries(store.get_directory(digest), prefix)
-        for entry in entries:
-            yield entry
-        # Depth first, in name order: push subdirectories in reverse.
-        for entry in reversed(entries):
-            if entry.kind == "directory" and entry.digest is not None:
-                stack.append((entry.path + "/", entry.digest))
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        yield entry
+        if entry.kind == "directory" and entry.digest is not None:
+            stack.append(iter(_entries(store.get_directory(entry.digest), entry.path + "/")))
 
 
 # -- diff -------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import os
 import threading
 from collections.abc import Collection, Iterable, Iterator
 from typing import BinaryIO
+from urllib.parse import unquote
 
 from casframe import (
     BlobInfo,
@@ -333,7 +334,7 @@ class LocalRefStore(RefStore):
 
 
 def store_path(url: StoreURL) -> str:
-    raw = url.netloc + url.path
+    raw = unquote(url.netloc + url.path)
     if not raw:
         raise ConfigError(f"file:// URL needs a path: {url.url!r}")
     return os.path.abspath(os.path.expanduser(raw))
