@@ -24,6 +24,8 @@ __all__ = ["CHUNK_SIZE", "EMPTY_DIGEST", "Digest", "Hasher"]
 CHUNK_SIZE = 1 << 20
 
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
+# REAPI's size_bytes is an int64: a larger size cannot be sent to any peer.
+_MAX_SIZE = (1 << 63) - 1
 
 
 class Digest(tuple[str, int]):
@@ -38,7 +40,7 @@ class Digest(tuple[str, int]):
     def __new__(cls, hash: str, size: int) -> Digest:  # noqa: A002 - REAPI's field name
         if not isinstance(hash, str) or not _HASH_RE.fullmatch(hash):
             raise InvalidDigestError(f"not a sha256 hex digest: {hash!r}")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= _MAX_SIZE:
             raise InvalidDigestError(f"not a valid blob size: {size!r}")
         return tuple.__new__(cls, (hash, size))
 
@@ -68,7 +70,7 @@ class Digest(tuple[str, int]):
     def parse(cls, text: str) -> Digest:
         """Parse ``HASH/SIZE`` (the form Bazel and BuildStream print)."""
         hash_, sep, size = text.strip().partition("/")
-        if not sep or not size.isdigit():
+        if not sep or not (size.isascii() and size.isdigit()):
             raise InvalidDigestError(f"expected HASH/SIZE, got {text!r}")
         return cls(hash_.lower(), int(size))
 

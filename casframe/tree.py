@@ -151,13 +151,15 @@ def iter_tree(store: Store, root: Digest) -> Iterator[tuple[Digest, bytes, Direc
 
 def closure(store: Store, root: Digest) -> Iterator[Digest]:
     """Every digest a tree needs (its Directories and files), each once, parents first."""
-    files: set[Digest] = set()
+    seen: set[Digest] = set()  # one set: the empty blob is both an empty file and Directory
     for digest, _, directory in iter_tree(store, root):
-        yield digest
+        if digest not in seen:
+            seen.add(digest)
+            yield digest
         for node in directory.files:
             file_digest = _d(node.digest)
-            if file_digest not in files:
-                files.add(file_digest)
+            if file_digest not in seen:
+                seen.add(file_digest)
                 yield file_digest
 
 

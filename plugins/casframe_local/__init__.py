@@ -192,7 +192,12 @@ class LocalBlobStore(BlobStore):
             raise self._not_found(digest) from None
         size = os.fstat(stream.fileno()).st_size
         if size != digest.size:
-            stream.close()
+            try:
+                # Identity is (hash, size): an intact object of another size is not this blob.
+                if Digest.of_stream(stream) == Digest(digest.hash, size):
+                    raise self._not_found(digest)
+            finally:
+                stream.close()
             raise CorruptBlobError(digest, f"stored object has {size} bytes")
         if offset:
             stream.seek(offset)
@@ -220,7 +225,14 @@ class LocalBlobStore(BlobStore):
     # -- capabilities ------------------------------------------------------------------------
 
     def local_path(self, digest: Digest) -> str:
-        return self.object_path(digest)
+        path = self.object_path(digest)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            raise self._not_found(digest) from None
+        if size != digest.size:
+            raise CorruptBlobError(digest, f"stored object has {size} bytes")
+        return path
 
     def iter_blobs(self) -> Iterator[BlobInfo]:
         for fanout in sorted(os.listdir(self.objdir)):

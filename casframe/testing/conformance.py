@@ -1,0 +1,971 @@
+"""The backend conformance suite: what every casframe store must do, as pytest classes.
+
+A backend's test module subclasses :class:`StoreConformance` and provides a ``store`` fixture
+returning a fresh, empty :class:`~casframe.Store`::
+
+    from casframe.testing.conformance import StoreConformance
+
+    class TestMyBackend(StoreConformance):
+        @pytest.fixture
+        def store(self, tmp_path):
+            return open_store(...)
+
+Class attributes adapt the suite to a backend without skipping whole classes:
+
+``missing_capabilities``
+    the :class:`~casframe.Capability` values the backend does not declare. The suite checks the
+    declaration is exact, and tests that need a missing capability check instead that using it
+    fails with :class:`~casframe.UnsupportedOperationError` and a message.
+``known_gaps``
+    ``{"test_name": "reason"}``: that single test must fail (a strict xfail), so the gap is
+    documented and the suite says so the day it is fixed. A key may name one parametrized case
+    (``"test_x[case]"``) or all of them (``"test_x"``).
+
+Override :meth:`ConformanceBase.corrupt_blob` when the default cannot damage a blob stored in
+your backend, and the ``second_store`` fixture to transfer to something other than a fresh
+``memory://`` store. The mixins (:class:`BlobConformance`, :class:`RefConformance`,
+:class:`TreeConformance`, :class:`TransferConformance`) can also be used one by one.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from casframe import (
+    EMPTY_DIGEST,
+    BlobNotFoundError,
+    Capability,
+    CorruptBlobError,
+    Digest,
+    DigestMismatchError,
+    InvalidDigestError,
+    InvalidNameError,
+    RefNotFoundError,
+    Store,
+    UnsafeTreeError,
+    UnsupportedFileTypeError,
+    UnsupportedOperationError,
+    open_store,
+)
+from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
+    Directory,
+    DirectoryNode,
+    FileNode,
+    SymlinkNode,
+)
+from casframe.digest import CHUNK_SIZE
+from casframe.testing import (
+    LARGE_FILE_SIZE,
+    TREE_EXECUTABLES,
+    TREE_FILES,
+    TREE_LARGE_FILE,
+    TREE_SYMLINKS,
+    InjectedFailure,
+    assert_tree_equal,
+    describe_tree,
+    failing_writes,
+    random_bytes,
+)
+from casframe.tree import missing_in_tree
+
+__all__ = [
+    "BlobConformance",
+    "ConformanceBase",
+    "RefConformance",
+    "StoreConformance",
+    "TransferConformance",
+    "TreeConformance",
+]
+
+MakeTree = Callable[..., Path]
+
+
+class _ReadOnlyStream:
+    """A stream with ``read`` but no ``readinto``, like many wrappers of sockets and pipes."""
+
+    def __init__(self, data: bytes) -> None:
+        self._inner = io.BytesIO(data)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._inner.read(size)
+
+
+class ConformanceBase:
+    """Fixtures and switches shared by every conformance mixin."""
+
+    #: Capabilities this backend does not declare (see the module docstring).
+    missing_capabilities: ClassVar[frozenset[Capability]] = frozenset()
+    #: ``{"test_name": "reason"}`` for single tests expected to fail (strict xfail).
+    known_gaps: ClassVar[Mapping[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = sorted(
+            name for name in cls.known_gaps
+            if not name.startswith("test_") or not callable(getattr(cls, name.split("[")[0], None))
+        )
+        if unknown:
+            raise TypeError(f"{cls.__name__}.known_gaps names no test of the suite: {unknown}")
+        wrong = [c for c in cls.missing_capabilities if not isinstance(c, Capability)]
+        if wrong:
+            raise TypeError(f"{cls.__name__}.missing_capabilities holds non-Capability {wrong}")
+
+    @pytest.fixture
+    def store(self) -> Store:
+        """The backend under test: override to return a fresh, empty store."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must define a `store` fixture returning a fresh, empty Store"
+        )
+
+    @pytest.fixture
+    def second_store(self) -> Iterator[Store]:
+        """Another store, the peer of transfer tests (default: a fresh ``memory://``)."""
+        other = open_store("memory://")
+        try:
+            yield other
+        finally:
+            other.close()
+
+    @pytest.fixture(autouse=True)
+    def _casframe_known_gap(self, request: pytest.FixtureRequest) -> None:
+        node = request.node
+        reason = self.known_gaps.get(node.name)
+        if reason is None:
+            reason = self.known_gaps.get(getattr(node, "originalname", node.name))
+        if reason is not None:
+            request.applymarker(pytest.mark.xfail(reason=f"known gap: {reason}", strict=True))
+
+    def lacks(self, capability: Capability) -> bool:
+        return capability in self.missing_capabilities
+
+    def corrupt_blob(self, store: Store, digest: Digest, data: bytes) -> None:
+        """Replace what ``store`` holds for ``digest`` with ``data``, behind its back.
+
+        The default writes over the local file (capability ``local-path``) or replaces the
+        bytes in a ``blobs`` dict (``memory://``). Override it for other backends; if yours
+        cannot do it, list the corruption tests in ``known_gaps``.
+        """
+        if Capability.LOCAL_PATH in store.blobs.capabilities:
+            path = store.blobs.local_path(digest)
+            os.chmod(path, 0o644)
+            with open(path, "wb") as f:
+                f.write(data)
+            return
+        table = getattr(store.blobs, "blobs", None)
+        if isinstance(table, dict) and digest in table:
+            old = table[digest]
+            table[digest] = (data, *old[1:]) if isinstance(old, tuple) else data
+            return
+        raise NotImplementedError(
+            f"cannot corrupt a blob of {store.url}: override corrupt_blob(store, digest, data) "
+            f"in {type(self).__name__} or list this test in known_gaps"
+        )
+
+
+# -- blobs --------------------------------------------------------------------------------------
+
+
+class BlobConformance(ConformanceBase):
+    """Blob identity, round trips, verification, corruption, concurrency, capabilities."""
+
+    def test_empty_blob_is_always_present(self, store: Store) -> None:
+        assert str(EMPTY_DIGEST) == (
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855/0"
+        )
+        assert store.find_missing([EMPTY_DIGEST]) == set()
+        assert store.contains(EMPTY_DIGEST)
+        assert store.read_bytes(EMPTY_DIGEST) == b""
+        with store.open_read(EMPTY_DIGEST) as stream:
+            assert stream.read() == b""
+        assert list(store.read_many([EMPTY_DIGEST])) == [(EMPTY_DIGEST, b"")]
+        assert store.put_bytes(b"") == EMPTY_DIGEST
+        assert store.put_stream(io.BytesIO(b"")) == EMPTY_DIGEST
+
+    @pytest.mark.parametrize("size", [1, 1000, CHUNK_SIZE, CHUNK_SIZE + 1])
+    def test_put_bytes_round_trip(self, store: Store, size: int) -> None:
+        data = random_bytes(size, seed=size)
+        digest = store.put_bytes(data)
+        assert digest == Digest.of_bytes(data)
+        assert store.find_missing([digest]) == set()
+        assert store.read_bytes(digest) == data
+        with store.open_read(digest) as stream:
+            assert stream.read() == data
+        # Storing what is already stored is success, and changes nothing.
+        assert store.put_bytes(data, digest) == digest
+        assert store.read_bytes(digest) == data
+
+    def test_large_blob_streams_in_and_out_with_offsets(self, store: Store) -> None:
+        data = random_bytes(LARGE_FILE_SIZE, seed=1)
+        chunks: list[int] = []
+        digest = store.put_stream(io.BytesIO(data), on_chunk=chunks.append)
+        assert digest == Digest.of_bytes(data)
+        assert sum(chunks) == len(data)
+        assert store.find_missing([digest]) == set()
+        with store.open_read(digest) as stream:
+            parts = []
+            while part := stream.read(100_000):
+                parts.append(part)
+        assert b"".join(parts) == data
+        for offset in (1, CHUNK_SIZE, CHUNK_SIZE + 7, len(data) - 1, len(data)):
+            with store.open_read(digest, offset) as stream:
+                assert stream.read() == data[offset:], f"read from offset {offset}"
+        for offset in (-1, len(data) + 1):
+            with pytest.raises(InvalidDigestError, match="outside"):
+                store.open_read(digest, offset)
+
+    def test_put_stream_from_a_stream_without_readinto(self, store: Store) -> None:
+        data = random_bytes(CHUNK_SIZE * 2 + 3, seed=2)
+        digest = store.put_stream(_ReadOnlyStream(data), Digest.of_bytes(data))  # type: ignore[arg-type]
+        assert store.read_bytes(digest) == data
+
+    def test_wrong_size_means_missing(self, store: Store) -> None:
+        data = b"identity is hash and size"
+        digest = store.put_bytes(data)
+        longer = Digest(digest.hash, digest.size + 1)
+        shorter = Digest(digest.hash, digest.size - 1)
+        assert store.find_missing([digest, longer, shorter]) == {longer, shorter}
+        assert not store.contains(longer)
+        # The empty digest's hash with another size is missing too.
+        odd_empty = Digest(EMPTY_DIGEST.hash, 5)
+        assert store.find_missing([odd_empty]) == {odd_empty}
+
+    def test_reading_a_known_hash_with_the_wrong_size_is_not_found(self, store: Store) -> None:
+        """A healthy blob asked for with another size is missing, not reported corrupt."""
+        digest = store.put_bytes(b"right size")
+        wrong = Digest(digest.hash, digest.size + 3)
+        with pytest.raises(BlobNotFoundError):
+            store.read_bytes(wrong)
+        with pytest.raises(BlobNotFoundError):
+            store.open_read(wrong).read()
+        assert store.read_bytes(digest) == b"right size"
+
+    def test_reading_a_missing_blob_raises_blob_not_found(self, store: Store) -> None:
+        absent = Digest.of_bytes(b"never stored")
+        with pytest.raises(BlobNotFoundError) as caught:
+            store.read_bytes(absent)
+        assert caught.value.digests == (absent,)
+        assert str(absent) in str(caught.value)
+        with pytest.raises(BlobNotFoundError):
+            store.open_read(absent).read()
+        with pytest.raises(BlobNotFoundError):
+            store.open_read(absent, 3).read()
+        with pytest.raises(BlobNotFoundError):
+            list(store.read_many([absent]))
+
+    def test_put_bytes_with_wrong_expected_digest_stores_nothing(self, store: Store) -> None:
+        data = b"what was sent"
+        claimed = Digest.of_bytes(b"what was promised")
+        with pytest.raises(DigestMismatchError) as caught:
+            store.put_bytes(data, claimed)
+        assert caught.value.expected == claimed
+        assert caught.value.actual == Digest.of_bytes(data)
+        assert store.find_missing([claimed, Digest.of_bytes(data)]) == {
+            claimed,
+            Digest.of_bytes(data),
+        }
+
+    @pytest.mark.parametrize("claim", ["other-content", "too-short", "too-long"])
+    def test_put_stream_with_wrong_expected_digest_stores_nothing(
+        self, store: Store, claim: str
+    ) -> None:
+        data = random_bytes(CHUNK_SIZE + 10, seed=3)
+        real = Digest.of_bytes(data)
+        claimed = {
+            "other-content": Digest.of_bytes(random_bytes(len(data), seed=4)),
+            "too-short": Digest.of_bytes(data[:-1]),  # the stream is longer than promised
+            "too-long": Digest(real.hash, real.size + 1),
+        }[claim]
+        with pytest.raises(DigestMismatchError):
+            store.put_stream(io.BytesIO(data), claimed)
+        assert store.find_missing([real, claimed]) == {real, claimed}
+
+    def test_put_many_refuses_the_batch_when_one_blob_does_not_match(self, store: Store) -> None:
+        good = b"good blob"
+        bad_claim = Digest.of_bytes(b"promised")
+        with pytest.raises(DigestMismatchError):
+            store.put_many([(Digest.of_bytes(good), good), (bad_claim, b"delivered")])
+        assert store.find_missing([Digest.of_bytes(good), bad_claim]) == {
+            Digest.of_bytes(good),
+            bad_claim,
+        }
+
+    @pytest.mark.parametrize("damage", ["flipped-byte", "truncated", "extended"])
+    @pytest.mark.parametrize("size", [100, 2 * CHUNK_SIZE + 5])
+    def test_corrupted_blob_is_detected_on_read(
+        self, store: Store, damage: str, size: int
+    ) -> None:
+        data = random_bytes(size, seed=size)
+        digest = store.put_bytes(data)
+        middle = size // 2
+        damaged = {
+            "flipped-byte": data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1 :],
+            "truncated": data[:-1],
+            "extended": data + b"!",
+        }[damage]
+        self.corrupt_blob(store, digest, damaged)
+        with pytest.raises(CorruptBlobError) as caught:
+            store.read_bytes(digest)
+        assert caught.value.digest == digest
+        assert str(digest) in str(caught.value)
+        with pytest.raises(CorruptBlobError):
+            with store.open_read(digest) as stream:
+                while stream.read(65536):
+                    pass
+        with pytest.raises(CorruptBlobError):
+            list(store.read_many([digest]))
+
+    def test_concurrent_writers_of_the_same_blob(self, store: Store) -> None:
+        data = random_bytes(2 << 20, seed=8)
+        expected = Digest.of_bytes(data)
+        writers = 8
+        start = threading.Barrier(writers)
+        results: list[object] = [None] * writers
+
+        def write(index: int) -> None:
+            start.wait()
+            try:
+                if index % 2:
+                    results[index] = store.put_stream(io.BytesIO(data), expected)
+                else:
+                    results[index] = store.put_bytes(data)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                results[index] = exc
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert results == [expected] * writers
+        assert store.read_bytes(expected) == data
+
+    def test_find_missing_of_thousands_of_digests(self, store: Store) -> None:
+        stored = [store.put_bytes(b"blob %d" % i) for i in range(100)]
+        absent = [Digest.of_bytes(b"absent %d" % i) for i in range(5000)]
+        wrong_size = [Digest(d.hash, d.size + 1) for d in stored[:50]]
+        missing = store.find_missing(stored + absent + wrong_size + [EMPTY_DIGEST])
+        assert missing == set(absent) | set(wrong_size)
+
+    def test_read_many_returns_every_blob_asked_for(self, store: Store) -> None:
+        blobs = {store.put_bytes(b"x" * i): b"x" * i for i in range(1, 40)}
+        got = dict(store.read_many([*blobs, EMPTY_DIGEST]))
+        assert got == {**blobs, EMPTY_DIGEST: b""}
+
+    # -- capabilities ---------------------------------------------------------------------
+
+    def test_declared_capabilities_match_missing_capabilities(self, store: Store) -> None:
+        declared = frozenset(store.blobs.capabilities)
+        assert declared == frozenset(Capability) - self.missing_capabilities, (
+            "set missing_capabilities to exactly what the backend does not declare"
+        )
+
+    def test_capability_list(self, store: Store) -> None:
+        a, b = store.put_bytes(b"listed a"), store.put_bytes(b"listed b")
+        if self.lacks(Capability.LIST):
+            with pytest.raises(UnsupportedOperationError, match=r"\w"):
+                list(store.blobs.iter_blobs())
+            return
+        before = time.time()
+        listed = {info.digest: info.mtime for info in store.blobs.iter_blobs()}
+        assert {a, b} <= listed.keys()
+        for digest in (a, b):
+            assert abs(listed[digest] - before) < 600, "mtime is seconds since the epoch"
+
+    def test_capability_delete(self, store: Store) -> None:
+        keep, drop = store.put_bytes(b"keep me"), store.put_bytes(b"drop me")
+        absent = Digest.of_bytes(b"was never here")
+        if self.lacks(Capability.DELETE):
+            with pytest.raises(UnsupportedOperationError, match=r"\w"):
+                store.blobs.delete_blobs([drop])
+            assert store.find_missing([keep, drop]) == set()
+            return
+        store.blobs.delete_blobs([drop, absent])
+        assert store.find_missing([keep, drop]) == {drop}
+        with pytest.raises(BlobNotFoundError):
+            store.read_bytes(drop)
+        # A deleted blob can be stored again.
+        assert store.put_bytes(b"drop me") == drop
+        assert store.read_bytes(drop) == b"drop me"
+
+    def test_capability_touch(self, store: Store) -> None:
+        digest = store.put_bytes(b"touch me")
+        absent = Digest.of_bytes(b"not here")
+        if self.lacks(Capability.TOUCH):
+            with pytest.raises(UnsupportedOperationError, match=r"\w"):
+                store.blobs.touch_blobs([digest])
+            return
+
+        def mtime() -> float | None:
+            if self.lacks(Capability.LIST):
+                return None
+            return next(i.mtime for i in store.blobs.iter_blobs() if i.digest == digest)
+
+        before = mtime()
+        time.sleep(0.02)
+        store.blobs.touch_blobs([digest, absent])  # absent ones are ignored
+        after = mtime()
+        if before is not None and after is not None:
+            assert after > before
+        assert store.read_bytes(digest) == b"touch me"
+        assert store.find_missing([absent]) == {absent}
+
+    def test_capability_local_path(self, store: Store) -> None:
+        digest = store.put_bytes(b"on disk")
+        absent = Digest.of_bytes(b"not on disk")
+        if self.lacks(Capability.LOCAL_PATH):
+            with pytest.raises(UnsupportedOperationError, match=r"\w"):
+                store.blobs.local_path(digest)
+            return
+        with open(store.blobs.local_path(digest), "rb") as f:
+            assert f.read() == b"on disk"
+        with pytest.raises(BlobNotFoundError):
+            store.blobs.local_path(absent)
+
+
+# -- refs ---------------------------------------------------------------------------------------
+
+
+def _small_tree(store: Store, label: str = "a") -> Digest:
+    """Store a one-file tree (file ``f`` holding ``label``) and return its root digest."""
+    content = f"content of {label}".encode()
+    file_digest = store.put_bytes(content)
+    root = Directory(files=[FileNode(name="f", digest=file_digest.to_proto())])
+    return store.put_directory(root)
+
+
+INVALID_REF_NAMES = ["", "/a", "a/", "a//b", "a/../b", ".", "..", "a/./b", "nul\x00byte", "/"]
+
+
+class RefConformance(ConformanceBase):
+    """Refs: names, set/get/delete/list, LRU order, copy, completeness check."""
+
+    def test_set_get_ref(self, store: Store) -> None:
+        tree = _small_tree(store)
+        store.set_ref("main", tree)
+        assert store.get_ref("main") == tree
+        assert store.has_ref("main")
+        assert store.resolve("main") == tree
+        assert store.resolve(str(tree)) == tree
+
+    def test_set_ref_replaces_the_target(self, store: Store) -> None:
+        first, second = _small_tree(store, "one"), _small_tree(store, "two")
+        store.set_ref("main", first)
+        store.set_ref("main", second)
+        assert store.get_ref("main") == second
+        assert [r.name for r in store.list_refs()] == ["main"]
+
+    def test_ref_names_may_contain_slashes(self, store: Store) -> None:
+        tree = _small_tree(store)
+        names = ["project/element/key", "project/element/other", "x/y/z/w/v"]
+        for name in names:
+            store.set_ref(name, tree)
+        for name in names:
+            assert store.get_ref(name) == tree
+        assert sorted(r.name for r in store.list_refs()) == sorted(names)
+        assert not store.has_ref("project")
+        assert not store.has_ref("project/element")
+
+    def test_list_refs_with_prefix(self, store: Store) -> None:
+        tree = _small_tree(store)
+        for name in ("proj/a", "proj/b/c", "project-x", "other/a"):
+            store.set_ref(name, tree)
+        assert sorted(r.name for r in store.list_refs("proj/")) == ["proj/a", "proj/b/c"]
+        assert sorted(r.name for r in store.list_refs("proj")) == [
+            "proj/a",
+            "proj/b/c",
+            "project-x",
+        ]
+        assert [r.name for r in store.list_refs("nothing")] == []
+        infos = store.list_refs("other/")
+        assert len(infos) == 1 and infos[0].digest == tree
+        assert abs(infos[0].accessed - time.time()) < 600, "seconds since the epoch"
+
+    @pytest.mark.parametrize("name", INVALID_REF_NAMES, ids=repr)
+    def test_invalid_ref_names_are_refused(self, store: Store, name: str) -> None:
+        tree = _small_tree(store)
+        store.set_ref("good", tree)
+        with pytest.raises(InvalidNameError, match="invalid ref name"):
+            store.set_ref(name, tree)
+        with pytest.raises(InvalidNameError):
+            store.get_ref(name)
+        with pytest.raises(InvalidNameError):
+            store.delete_ref(name)
+        with pytest.raises(InvalidNameError):
+            store.copy_ref("good", name)
+        assert [r.name for r in store.list_refs()] == ["good"]
+
+    def test_get_ref_refreshes_access_time_for_lru_order(self, store: Store) -> None:
+        tree = _small_tree(store)
+        for name in ("first", "second", "third"):
+            store.set_ref(name, tree)
+            time.sleep(0.02)
+        assert [r.name for r in store.list_refs()] == ["first", "second", "third"]
+        store.get_ref("first")
+        time.sleep(0.02)
+        store.get_ref("second", touch=False)  # looking without touching keeps the order
+        assert [r.name for r in store.list_refs()] == ["second", "third", "first"]
+        time.sleep(0.02)
+        store.resolve("second")  # resolving a ref to use it is an access
+        assert [r.name for r in store.list_refs()][-1] == "second"
+
+    def test_delete_ref(self, store: Store) -> None:
+        tree = _small_tree(store)
+        store.set_ref("a/b", tree)
+        store.set_ref("keep", tree)
+        store.delete_ref("a/b")
+        assert not store.has_ref("a/b")
+        assert [r.name for r in store.list_refs()] == ["keep"]
+        with pytest.raises(RefNotFoundError, match="a/b"):
+            store.get_ref("a/b")
+        with pytest.raises(RefNotFoundError, match="a/b"):
+            store.delete_ref("a/b")
+        # The tree itself stays: deleting a ref is not deleting content.
+        assert missing_in_tree(store, tree) == set()
+        # Once "a/b" is gone, "a" is a free name.
+        store.set_ref("a", tree)
+        assert store.get_ref("a") == tree
+
+    def test_missing_ref_raises_ref_not_found(self, store: Store) -> None:
+        with pytest.raises(RefNotFoundError, match="no/such/ref") as caught:
+            store.get_ref("no/such/ref")
+        assert caught.value.name == "no/such/ref"
+        with pytest.raises(RefNotFoundError):
+            store.resolve("no/such/ref")
+        assert not store.has_ref("no/such/ref")
+
+    def test_copy_ref(self, store: Store) -> None:
+        tree = _small_tree(store)
+        store.set_ref("release/1.0", tree)
+        assert store.copy_ref("release/1.0", "release/latest") == tree
+        assert store.get_ref("release/latest") == tree
+        assert store.get_ref("release/1.0") == tree
+        other = _small_tree(store, "b")
+        store.set_ref("release/1.0", other)
+        assert store.get_ref("release/latest") == tree, "a copy does not follow the original"
+        with pytest.raises(RefNotFoundError):
+            store.copy_ref("no/such", "anything")
+        assert not store.has_ref("anything")
+
+    def test_set_ref_refuses_a_tree_whose_blobs_are_missing(self, store: Store) -> None:
+        file_content, inner_content = b"file stored late", b"inner file stored late"
+        absent_file = Digest.of_bytes(file_content)
+        inner = Directory(
+            files=[FileNode(name="g", digest=Digest.of_bytes(inner_content).to_proto())]
+        )
+        inner_data = inner.SerializeToString(deterministic=True)
+        absent_dir = Digest.of_bytes(inner_data)
+        root = Directory(
+            files=[FileNode(name="f", digest=absent_file.to_proto())],
+            directories=[DirectoryNode(name="d", digest=absent_dir.to_proto())],
+        )
+        incomplete = store.put_directory(root)
+        with pytest.raises(BlobNotFoundError) as caught:
+            store.set_ref("broken", incomplete)
+        assert set(caught.value.digests) == {absent_file, absent_dir}
+        assert not store.has_ref("broken")
+        with pytest.raises(BlobNotFoundError):
+            store.set_ref("broken", Digest.of_bytes(b"no such root"))
+        assert not store.has_ref("broken")
+        # Children arriving one level at a time: each level's missing blobs are reported.
+        store.put_bytes(file_content)
+        store.put_bytes(inner_data)
+        with pytest.raises(BlobNotFoundError) as caught:
+            store.set_ref("broken", incomplete)
+        assert caught.value.digests == (Digest.of_bytes(inner_content),)
+        store.put_bytes(inner_content)
+        store.set_ref("complete", incomplete)
+        assert store.get_ref("complete") == incomplete
+
+    def test_set_ref_accepts_the_empty_tree(self, store: Store) -> None:
+        store.set_ref("empty", EMPTY_DIGEST)
+        assert store.get_ref("empty") == EMPTY_DIGEST
+
+
+# -- tree engine --------------------------------------------------------------------------------
+
+
+def _hostile_directory(store: Store, case: str) -> Digest:
+    """Store a Directory that must never be checked out, and return its digest."""
+    content = store.put_bytes(b"escaped!\n").to_proto()
+    inner = store.put_directory(
+        Directory(files=[FileNode(name="escaped.txt", digest=content)])
+    ).to_proto()
+
+    def file(name: str) -> FileNode:
+        return FileNode(name=name, digest=content)
+
+    def folder(name: str) -> DirectoryNode:
+        return DirectoryNode(name=name, digest=inner)
+
+    def link(name: str) -> SymlinkNode:
+        return SymlinkNode(name=name, target="/tmp")
+
+    directory = {
+        "file-dotdot": Directory(files=[file("..")]),
+        "file-dot": Directory(files=[file(".")]),
+        "file-slash": Directory(files=[file("a/b")]),
+        "file-absolute": Directory(files=[file("/casframe-escape")]),
+        "file-parent-path": Directory(files=[file("../escape")]),
+        "file-empty": Directory(files=[file("")]),
+        "file-nul": Directory(files=[file("x\x00")]),
+        "dir-dotdot": Directory(directories=[folder("..")]),
+        "dir-parent-path": Directory(directories=[folder("../../escape")]),
+        "dir-empty": Directory(directories=[folder("")]),
+        "link-dotdot": Directory(symlinks=[link("..")]),
+        "link-parent-path": Directory(symlinks=[link("../link")]),
+        "duplicate-files": Directory(files=[file("x"), file("x")]),
+        "duplicate-file-and-dir": Directory(files=[file("x")], directories=[folder("x")]),
+        "duplicate-dir-and-link": Directory(directories=[folder("x")], symlinks=[link("x")]),
+        "duplicate-file-and-link": Directory(files=[file("x")], symlinks=[link("x")]),
+    }
+    if case.startswith("nested-"):
+        bad = store.put_bytes(directory[case.removeprefix("nested-")].SerializeToString())
+        good = Directory(
+            files=[file("fine.txt")],
+            directories=[DirectoryNode(name="sub", digest=bad.to_proto())],
+        )
+        return store.put_directory(good)
+    return store.put_bytes(directory[case].SerializeToString())
+
+
+HOSTILE_CASES = [
+    "file-dotdot",
+    "file-dot",
+    "file-slash",
+    "file-absolute",
+    "file-parent-path",
+    "file-empty",
+    "file-nul",
+    "dir-dotdot",
+    "dir-parent-path",
+    "dir-empty",
+    "link-dotdot",
+    "link-parent-path",
+    "duplicate-files",
+    "duplicate-file-and-dir",
+    "duplicate-dir-and-link",
+    "duplicate-file-and-link",
+    "nested-dir-dotdot",
+    "nested-file-absolute",
+]
+
+
+def _walk_paths(store: Store, tree: Digest | str) -> dict[str, tuple[str, bool, str]]:
+    return {e.path: (e.kind, e.is_executable, e.target) for e in store.walk(tree)}
+
+
+class TreeConformance(ConformanceBase):
+    """The tree engine over the backend: import, checkout, diff, lookups, hostile trees."""
+
+    @pytest.mark.parametrize("link", [None, False, True], ids=["link-auto", "copy", "hardlink"])
+    def test_import_and_checkout_round_trip(
+        self, store: Store, make_tree: MakeTree, tmp_path: Path, link: bool | None
+    ) -> None:
+        source = make_tree("source")
+        root = store.import_directory(source)
+        dest = tmp_path / "checkout"
+        if link and self.lacks(Capability.LOCAL_PATH):
+            with pytest.raises(UnsupportedOperationError, match="hardlink"):
+                store.checkout(root, dest, link=True)
+            assert not dest.exists()
+            return
+        store.checkout(root, dest, link=link)
+        assert_tree_equal(source, dest)
+        # What was checked out imports back to the very same tree.
+        assert store.import_directory(dest) == root
+
+    def test_large_file_round_trip(
+        self, store: Store, make_tree: MakeTree, tmp_path: Path
+    ) -> None:
+        source = make_tree("source", large=True)
+        root = store.import_directory(source)
+        entry = {e.path: e for e in store.walk(root)}[TREE_LARGE_FILE]
+        assert entry.digest is not None and entry.digest.size == LARGE_FILE_SIZE
+        store.checkout(root, tmp_path / "checkout")
+        assert_tree_equal(source, tmp_path / "checkout")
+
+    def test_import_is_deterministic(
+        self, store: Store, make_tree: MakeTree, tmp_path: Path
+    ) -> None:
+        first = store.import_directory(make_tree("one"))
+        assert store.import_directory(tmp_path / "one") == first
+        assert store.import_directory(make_tree("two")) == first, "the path is not content"
+        assert missing_in_tree(store, first) == set()
+        store.set_ref("tree", first)
+
+    def test_import_stores_symlinks_as_they_are(self, store: Store, make_tree: MakeTree) -> None:
+        root = store.import_directory(make_tree())
+        entries = _walk_paths(store, root)
+        for path, target in TREE_SYMLINKS.items():
+            assert entries[path] == ("symlink", False, target)
+        for path in TREE_EXECUTABLES:
+            assert entries[path] == ("file", True, "")
+        assert entries["empty"] == ("directory", False, "")
+        assert store.subdir(root, "empty") == EMPTY_DIGEST
+
+    def test_diff(self, store: Store, make_tree: MakeTree) -> None:
+        source = make_tree("source")
+        before = store.import_directory(source)
+        (source / "README.txt").unlink()
+        (source / "NEW.txt").write_bytes(b"new\n")
+        (source / "src/pkg/module.py").write_bytes(b"def answer():\n    return 43\n")
+        (source / "src/pkg/data/blob.bin").chmod(0o755)  # only the executable bit changes
+        (source / "links/relative").unlink()
+        (source / "links/relative").symlink_to("../NEW.txt")
+        (source / "newdir/inner").mkdir(parents=True)
+        (source / "newdir/inner/x.txt").write_bytes(b"x\n")
+        (source / "new-empty").mkdir()
+        for path in sorted((source / "deep").rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+        (source / "deep").rmdir()
+        after = store.import_directory(source)
+
+        diff = store.diff(before, after)
+        assert diff.added == ["NEW.txt", "new-empty/", "newdir/inner/x.txt"]
+        assert diff.removed == ["README.txt", "deep/a/b/c/d/leaf.txt"]
+        assert diff.modified == ["links/relative", "src/pkg/data/blob.bin", "src/pkg/module.py"]
+        assert diff
+        reverse = store.diff(after, before)
+        assert (reverse.added, reverse.removed) == (diff.removed, diff.added)
+        assert not store.diff(after, after)
+
+        in_subdir = store.diff(before, after, subdir="src/pkg")
+        assert (in_subdir.added, in_subdir.removed) == ([], [])
+        assert in_subdir.modified == ["data/blob.bin", "module.py"]
+
+    def test_subdir_lookup(self, store: Store, make_tree: MakeTree) -> None:
+        source = make_tree()
+        root = store.import_directory(source)
+        pkg = store.subdir(root, "src/pkg")
+        assert pkg == store.import_directory(source / "src/pkg")
+        assert store.subdir(root, "/src/pkg/") == pkg
+        assert store.subdir(root, "") == root
+        with pytest.raises(FileNotFoundError, match="src/nope"):
+            store.subdir(root, "src/nope")
+        with pytest.raises(FileNotFoundError):
+            store.subdir(root, "README.txt")  # a file is not a directory
+        with pytest.raises(InvalidNameError):
+            store.subdir(root, "src/../etc")
+
+    def test_ls(self, store: Store, make_tree: MakeTree) -> None:
+        root = store.import_directory(make_tree())
+        listing = {e.path: e for e in store.ls(root, "src/pkg")}
+        assert sorted(listing) == ["__init__.py", "data", "empty-too", "module.py"]
+        assert listing["module.py"].kind == "file"
+        assert listing["module.py"].digest == Digest.of_bytes(TREE_FILES["src/pkg/module.py"])
+        assert listing["data"].kind == "directory"
+        assert listing["__init__.py"].digest == EMPTY_DIGEST
+        top = [e.path for e in store.ls(root)]
+        assert top == sorted(top)
+        assert {"README.txt", "bin", "links", "empty"} <= set(top)
+
+    def test_walk(self, store: Store, make_tree: MakeTree) -> None:
+        source = make_tree()
+        root = store.import_directory(source)
+        walked = list(store.walk(root))
+        paths = [e.path for e in walked]
+        on_disk = describe_tree(source)
+        assert sorted(paths) == sorted(on_disk)
+        kinds = {"file": "file", "directory": "dir", "symlink": "symlink"}
+        for entry in walked:
+            kind, detail, executable = on_disk[entry.path]
+            assert kinds[entry.kind] == kind, entry.path
+            if entry.kind == "file":
+                assert entry.digest is not None and entry.digest.hash == detail
+                assert entry.is_executable == executable, entry.path
+            if entry.kind == "symlink":
+                assert entry.target == detail
+        for index, path in enumerate(paths):  # parents come before their children
+            parent = path.rpartition("/")[0]
+            assert not parent or paths.index(parent) < index
+        assert [e.path for e in store.walk(root, "src")] == [
+            p.removeprefix("src/") for p in paths if p.startswith("src/")
+        ]
+
+    def test_open_file_by_path(self, store: Store, make_tree: MakeTree) -> None:
+        root = store.import_directory(make_tree(large=True))
+        with store.open_file(root, "src/pkg/module.py") as f:
+            assert f.read() == TREE_FILES["src/pkg/module.py"]
+        with store.open_file(root, "src/pkg/__init__.py") as f:
+            assert f.read() == b""
+        with store.open_file(root, TREE_LARGE_FILE) as f:
+            assert Digest.of_stream(f).size == LARGE_FILE_SIZE
+        with pytest.raises(FileNotFoundError, match="src/pkg/nope.py"):
+            store.open_file(root, "src/pkg/nope.py")
+        with pytest.raises(IsADirectoryError):
+            store.open_file(root, "src/pkg")
+        with pytest.raises(IsADirectoryError):
+            store.open_file(root, "links/relative")  # a symlink is not a file to open
+
+    def test_import_refuses_a_fifo_naming_it(
+        self, store: Store, make_tree: MakeTree
+    ) -> None:
+        source = make_tree()
+        fifo = source / "src" / "pipe"
+        os.mkfifo(fifo)
+        with pytest.raises(UnsupportedFileTypeError, match="fifo") as caught:
+            store.import_directory(source)
+        assert str(fifo) in str(caught.value)
+
+    @pytest.mark.parametrize("case", HOSTILE_CASES)
+    def test_checkout_refuses_a_hostile_tree(
+        self, store: Store, tmp_path: Path, case: str
+    ) -> None:
+        hostile = _hostile_directory(store, case)
+        work = tmp_path / "work"
+        dest = work / "a" / "dest"
+        dest.parent.mkdir(parents=True)
+        before = describe_tree(tmp_path)
+        with pytest.raises(UnsafeTreeError):
+            store.checkout(hostile, dest, link=False)
+        assert describe_tree(tmp_path) == before, "checkout wrote something"
+        assert not os.path.lexists("/casframe-escape")
+
+    def test_checkout_refuses_a_non_empty_destination(
+        self, store: Store, make_tree: MakeTree, tmp_path: Path
+    ) -> None:
+        root = store.import_directory(make_tree())
+        dest = tmp_path / "dest"
+        dest.mkdir()
+        (dest / "precious.txt").write_bytes(b"keep")
+        with pytest.raises(FileExistsError):
+            store.checkout(root, dest)
+        assert sorted(os.listdir(dest)) == ["precious.txt"]
+        assert (dest / "precious.txt").read_bytes() == b"keep"
+        not_a_dir = tmp_path / "file"
+        not_a_dir.write_bytes(b"")
+        with pytest.raises(FileExistsError):
+            store.checkout(root, not_a_dir)
+        empty = tmp_path / "empty-dest"
+        empty.mkdir()
+        store.checkout(root, empty)  # an existing empty directory is fine
+
+    def test_checkout_by_ref_name(
+        self, store: Store, make_tree: MakeTree, tmp_path: Path
+    ) -> None:
+        source = make_tree()
+        store.set_ref("project/build", store.import_directory(source))
+        store.checkout("project/build", tmp_path / "out")
+        assert_tree_equal(source, tmp_path / "out")
+
+
+# -- transfer -----------------------------------------------------------------------------------
+
+
+def _dirs(store: Store, tree: Digest) -> Iterator[tuple[Digest, bytes, Directory]]:
+    from casframe.tree import iter_tree
+
+    return iter_tree(store, tree)
+
+
+class TransferConformance(ConformanceBase):
+    """Copying trees between the backend and ``second_store``, in both directions."""
+
+    def test_push_a_ref(
+        self, store: Store, second_store: Store, make_tree: MakeTree, tmp_path: Path
+    ) -> None:
+        source = make_tree(large=True)
+        root = store.import_directory(source)
+        store.set_ref("project/main", root)
+        result = store.push(second_store, "project/main")
+        assert result.root == root and result.ref == "project/main"
+        assert result.blobs_sent > 0 and result.bytes_sent > LARGE_FILE_SIZE
+        assert second_store.get_ref("project/main") == root
+        second_store.checkout("project/main", tmp_path / "there")
+        assert_tree_equal(source, tmp_path / "there")
+
+        again = store.push(second_store, "project/main")
+        assert (again.blobs_sent, again.bytes_sent) == (0, 0)
+        assert again.already_present
+
+    def test_pull_a_ref(
+        self, store: Store, second_store: Store, make_tree: MakeTree, tmp_path: Path
+    ) -> None:
+        source = make_tree(large=True)
+        root = second_store.import_directory(source)
+        second_store.set_ref("project/main", root)
+        result = store.pull(second_store, "project/main", ref="mirror/main")
+        assert result.ref == "mirror/main"
+        assert store.get_ref("mirror/main") == root
+        assert not store.has_ref("project/main")
+        store.checkout("mirror/main", tmp_path / "here")
+        assert_tree_equal(source, tmp_path / "here")
+        assert store.pull(second_store, "project/main", ref="mirror/main").blobs_sent == 0
+
+    def test_push_by_digest_sets_only_the_ref_asked_for(
+        self, store: Store, second_store: Store, make_tree: MakeTree
+    ) -> None:
+        root = store.import_directory(make_tree())
+        result = store.push(second_store, root)
+        assert result.ref is None and second_store.list_refs() == []
+        assert missing_in_tree(second_store, root) == set()
+        store.push(second_store, str(root), ref="by/digest")
+        assert second_store.get_ref("by/digest") == root
+
+    @pytest.mark.parametrize("fail_during", ["files", "directories"])
+    @pytest.mark.parametrize("direction", ["push", "pull"])
+    def test_interrupted_transfer_leaves_no_ref_and_resumes(
+        self,
+        store: Store,
+        second_store: Store,
+        make_tree: MakeTree,
+        tmp_path: Path,
+        direction: str,
+        fail_during: str,
+    ) -> None:
+        source_store, dest_store = (
+            (store, second_store) if direction == "push" else (second_store, store)
+        )
+        source = make_tree()
+        root = source_store.import_directory(source)
+        source_store.set_ref("project/main", root)
+        needed = set(source_store.tree_digests(root)) - {EMPTY_DIGEST}
+        directories = {d for d, _, _ in _dirs(source_store, root)} - {EMPTY_DIGEST}
+        files = needed - directories
+        after = 3 if fail_during == "files" else len(files) + 1
+
+        with failing_writes(dest_store, after) as written:
+            with pytest.raises(InjectedFailure):
+                source_store.push(dest_store, "project/main")
+        assert written == [after]
+        assert not dest_store.has_ref("project/main"), "a ref to an incomplete tree"
+        assert dest_store.list_refs() == []
+        present = needed - dest_store.find_missing(needed)
+        assert len(present) == after
+        for digest in present & directories:
+            assert missing_in_tree(dest_store, digest) == set(), "a Directory before its children"
+
+        result = source_store.push(dest_store, "project/main")
+        assert result.blobs_sent == len(needed) - after, "rerun sends only what is missing"
+        assert dest_store.get_ref("project/main") == root
+        dest_store.checkout("project/main", tmp_path / "out")
+        assert_tree_equal(source, tmp_path / "out")
+
+    @pytest.mark.parametrize("size", [100, 2 * CHUNK_SIZE + 5])
+    def test_transfer_refuses_a_corrupt_source_blob(
+        self, store: Store, second_store: Store, tmp_path: Path, size: int
+    ) -> None:
+        data = random_bytes(size, seed=11)
+        file_digest = store.put_bytes(data)
+        root = store.put_directory(
+            Directory(files=[FileNode(name="f", digest=file_digest.to_proto())])
+        )
+        store.set_ref("project/main", root)
+        self.corrupt_blob(store, file_digest, data[:-1] + bytes([data[-1] ^ 0xFF]))
+        with pytest.raises(CorruptBlobError) as caught:
+            store.push(second_store, "project/main")
+        assert caught.value.digest == file_digest
+        assert not second_store.has_ref("project/main")
+        assert second_store.find_missing([file_digest, root]) == {file_digest, root}
+
+
+class StoreConformance(BlobConformance, RefConformance, TreeConformance, TransferConformance):
+    """Everything a casframe store must do. Subclass it once per backend."""

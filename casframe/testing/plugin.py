@@ -1,0 +1,67 @@
+"""casframe's pytest plugin: store fixtures and tree helpers for casframe and its plugins.
+
+Loaded automatically through the ``pytest11`` entry point wherever casframe is installed, so it
+must be cheap to import: casframe itself is imported inside the fixtures, when a test uses one.
+
+Fixtures:
+
+``memory_store``
+    a fresh, empty ``memory://`` store.
+``local_store``
+    a fresh ``file://`` store in the test's temporary directory.
+``make_tree``
+    ``make_tree(name=None, *, large=False) -> Path`` writes a realistic tree (see
+    :func:`casframe.testing.write_tree`) under the test's temporary directory.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from casframe.store import Store
+
+# The conformance suite is plain asserts; let pytest explain them when a backend fails one.
+pytest.register_assert_rewrite("casframe.testing.conformance")
+
+
+@pytest.fixture
+def memory_store() -> Iterator[Store]:
+    """A fresh, empty ``memory://`` store."""
+    from casframe import open_store
+
+    store = open_store("memory://")
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def local_store(tmp_path: Path) -> Iterator[Store]:
+    """A fresh ``file://`` store under the test's temporary directory (``tmp_path/store``)."""
+    from casframe import open_store
+
+    store = open_store(f"file://{tmp_path / 'store'}")
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def make_tree(tmp_path: Path) -> Callable[..., Path]:
+    """A factory writing a realistic directory tree under ``tmp_path``; returns its path."""
+    from casframe.testing import write_tree
+
+    numbers = itertools.count()
+
+    def factory(name: str | None = None, *, large: bool = False) -> Path:
+        return write_tree(tmp_path / (name or f"tree{next(numbers)}"), large=large)
+
+    return factory

@@ -1,0 +1,11 @@
+"""The ``file://`` backend against the shipped conformance suite, as a plugin author runs it."""
+
+import pytest
+
+from casframe.testing.conformance import StoreConformance
+
+
+class TestLocalStore(StoreConformance):
+    @pytest.fixture
+    def store(self, local_store):
+        return local_store

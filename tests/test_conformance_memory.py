@@ -1,0 +1,142 @@
+"""The ``memory://`` backend against the shipped conformance suite, as a plugin author runs it.
+
+Also here: a backend with nothing but the three primitives (every capability missing), and
+checks of the suite's own switches (``known_gaps``, ``missing_capabilities``).
+"""
+
+import io
+import threading
+
+import pytest
+from casframe_memory import MemoryRefStore
+
+from casframe import BlobStore, BlobWriter, Capability, Digest, Store
+from casframe.testing.conformance import StoreConformance
+
+pytest_plugins = ["pytester"]
+
+
+class TestMemoryStore(StoreConformance):
+    missing_capabilities = frozenset({Capability.LOCAL_PATH})
+
+    @pytest.fixture
+    def store(self, memory_store):
+        return memory_store
+
+
+# -- a backend that has nothing but the primitives ----------------------------------------------
+
+
+class _DictWriter(BlobWriter):
+    def __init__(self, store):
+        self._store = store
+        self._buffer = io.BytesIO()
+
+    def write(self, data):
+        self._buffer.write(data)
+
+    def commit(self, digest):
+        with self._store.lock:
+            self._store.blobs.setdefault(digest, self._buffer.getvalue())
+
+    def abort(self):
+        self._buffer = io.BytesIO()
+
+
+class PrimitivesOnlyBlobStore(BlobStore):
+    """The three abstract primitives and nothing else: every optional capability is missing."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.blobs: dict[Digest, bytes] = {}
+
+    def find_missing_blobs(self, digests):
+        with self.lock:
+            return {d for d in digests if d not in self.blobs}
+
+    def open_blob(self, digest, offset=0):
+        with self.lock:
+            data = self.blobs.get(digest)
+        if data is None:
+            raise self._not_found(digest)
+        stream = io.BytesIO(data)
+        stream.seek(offset)
+        return stream
+
+    def begin_write(self, size_hint=None):
+        return _DictWriter(self)
+
+
+class TestPrimitivesOnlyBackend(StoreConformance):
+    missing_capabilities = frozenset(Capability)
+
+    @pytest.fixture
+    def store(self):
+        return Store(PrimitivesOnlyBlobStore(), MemoryRefStore(), url="primitives-only://")
+
+
+SIZE_BLIND_SUITE = '''
+import pytest
+from casframe import Capability, Store
+from casframe.testing.conformance import BlobConformance
+from casframe_memory import MemoryBlobStore, MemoryRefStore
+
+
+class SizeBlindBlobStore(MemoryBlobStore):
+    """Broken on purpose: a known hash counts as present whatever the size asked for."""
+
+    def find_missing_blobs(self, digests):
+        hashes = {d.hash for d in self.blobs}
+        return {d for d in digests if d.hash not in hashes}
+
+
+class TestSizeBlind(BlobConformance):
+    missing_capabilities = frozenset({Capability.LOCAL_PATH})
+    known_gaps = %r
+
+    @pytest.fixture
+    def store(self):
+        return Store(SizeBlindBlobStore(), MemoryRefStore())
+'''
+
+
+def test_known_gap_turns_one_failing_test_into_an_expected_failure(pytester):
+    pytester.makepyfile(
+        test_gap=SIZE_BLIND_SUITE % {"test_wrong_size_means_missing": "ignores sizes"}
+    )
+    result = pytester.runpytest("-k", "wrong_size_means_missing or round_trip", "-rxX")
+    result.assert_outcomes(passed=4, xfailed=1)
+    result.stdout.fnmatch_lines(["*XFAIL*test_wrong_size_means_missing*known gap: ignores sizes*"])
+
+
+def test_known_gap_is_strict_when_the_test_passes(pytester):
+    pytester.makepyfile(
+        test_gap=SIZE_BLIND_SUITE % {"test_put_bytes_round_trip[1]": "claimed, not real"}
+    )
+    result = pytester.runpytest("-k", "round_trip")
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines(["*XPASS(strict)*known gap: claimed, not real*"])
+
+
+def test_a_failure_without_a_known_gap_fails(pytester):
+    pytester.makepyfile(test_gap=SIZE_BLIND_SUITE % {})
+    result = pytester.runpytest("-k", "wrong_size_means_missing")
+    result.assert_outcomes(failed=1)
+
+
+def test_known_gap_naming_no_test_is_an_error(pytester):
+    pytester.makepyfile(test_gap=SIZE_BLIND_SUITE % {"test_no_such_thing": "typo"})
+    result = pytester.runpytest()
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*known_gaps names no test of the suite*test_no_such_thing*"])
+
+
+def test_missing_capabilities_must_match_the_declaration(pytester):
+    pytester.makepyfile(
+        test_gap=(SIZE_BLIND_SUITE % {}).replace(
+            "frozenset({Capability.LOCAL_PATH})", "frozenset()"
+        )
+    )
+    result = pytester.runpytest("-k", "declared_capabilities or capability_local_path")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*set missing_capabilities to exactly what the backend*"])

@@ -1,0 +1,302 @@
+"""Plugin loading and the scheme registry, with throwaway plugins and fake distributions.
+
+Every test that changes plugins goes through the ``plugins`` fixture, which clears the
+environment switches and rebuilds the plugin manager before and after the test.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import casframe
+from casframe import (
+    ConfigError,
+    DuplicateSchemeError,
+    MissingDependencyError,
+    Store,
+    UnknownSchemeError,
+    hookimpl,
+    list_plugins,
+    open_store,
+    registered_plugin,
+)
+from casframe.plugins import reset_plugin_manager
+
+FAKE_MODULE = "casframe_fakeplug_module"
+FAKE_PLUGIN_BODY = """
+from casframe import hookimpl, open_store
+
+
+def open_fake(url):
+    store = open_store("memory://")
+    store.url = url.url
+    return store
+
+
+@hookimpl
+def casframe_register_backends(registry):
+    registry.add("fake", open_fake, description="a fake plugin for tests")
+"""
+
+
+@pytest.fixture
+def plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """Clean switches and a fresh plugin manager, rebuilt again after the test."""
+    monkeypatch.delenv("CASFRAME_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.delenv("CASFRAME_BLOCK_PLUGINS", raising=False)
+    reset_plugin_manager()
+    try:
+        yield monkeypatch
+    finally:
+        reset_plugin_manager()
+
+
+@pytest.fixture
+def fake_distribution(
+    plugins: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[Callable[..., None]]:
+    """Install a fake distribution ``fakeplug`` 1.2.3 whose entry point is in group casframe.
+
+    Done the way pluggy's own tests do it: a ``*.dist-info`` directory on ``sys.path``.
+    """
+    site = tmp_path / "site"
+
+    def install(body: str = FAKE_PLUGIN_BODY, name: str = "fakeplug") -> None:
+        info = site / "fakeplug-1.2.3.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(
+            "Metadata-Version: 2.1\nName: fakeplug\nVersion: 1.2.3\n"
+        )
+        (info / "entry_points.txt").write_text(f"[casframe]\n{name} = {FAKE_MODULE}\n")
+        (site / f"{FAKE_MODULE}.py").write_text(textwrap.dedent(body))
+        plugins.syspath_prepend(str(site))
+
+    try:
+        yield install
+    finally:
+        sys.modules.pop(FAKE_MODULE, None)
+
+
+def _plugin(name: str) -> casframe.plugins.PluginInfo:
+    by_name = {info.name: info for info in list_plugins()}
+    assert name in by_name, f"plugin {name!r} not listed: {sorted(by_name)}"
+    return by_name[name]
+
+
+# -- listing ------------------------------------------------------------------------------------
+
+
+def test_builtin_backends_are_plugins_of_the_casframe_distribution(plugins) -> None:
+    local, memory = _plugin("local"), _plugin("memory")
+    assert (local.distribution, local.version, local.schemes) == (
+        "casframe", casframe.__version__, ("file",),
+    )
+    assert (memory.distribution, memory.version, memory.schemes) == (
+        "casframe", casframe.__version__, ("memory",),
+    )
+    assert not local.blocked and not memory.blocked
+
+
+def test_third_party_entry_point_is_loaded_and_listed(fake_distribution) -> None:
+    fake_distribution()
+    fake = _plugin("fakeplug")
+    assert (fake.distribution, fake.version, fake.schemes, fake.blocked) == (
+        "fakeplug", "1.2.3", ("fake",), False,
+    )
+    store = open_store("fake://anything")
+    assert isinstance(store, Store) and store.url == "fake://anything"
+    assert store.put_bytes(b"x") in {d for d, _ in store.read_many([store.put_bytes(b"x")])}
+
+
+def test_plugins_are_not_loaded_at_import_time() -> None:
+    code = (
+        "import sys, casframe; "
+        "loaded = [m for m in ('casframe_local', 'casframe_memory') if m in sys.modules]; "
+        "assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_pytest_plugin_is_cheap_to_import() -> None:
+    code = (
+        "import sys, casframe.testing.plugin; "
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('google', 'grpc', 'boto3', 'botocore', 'moto', 'click', 'tqdm', "
+        "'casframe_local', 'casframe_memory') or m.startswith('casframe._protos')); "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- switches -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["1", "true", "yes"])
+def test_disable_autoload_keeps_only_casframes_own_plugins(
+    fake_distribution, plugins, value: str
+) -> None:
+    fake_distribution()
+    plugins.setenv("CASFRAME_DISABLE_PLUGIN_AUTOLOAD", value)
+    reset_plugin_manager()
+    names = {info.name for info in list_plugins()}
+    assert {"local", "memory"} <= names
+    assert "fakeplug" not in names
+    assert FAKE_MODULE not in sys.modules, "a disabled plugin is not even imported"
+    with pytest.raises(UnknownSchemeError):
+        open_store("fake://x")
+    assert isinstance(open_store("memory://"), Store)
+
+
+@pytest.mark.parametrize("value", ["", "0", "false", "no"])
+def test_autoload_stays_on_for_false_values(fake_distribution, plugins, value: str) -> None:
+    fake_distribution()
+    plugins.setenv("CASFRAME_DISABLE_PLUGIN_AUTOLOAD", value)
+    reset_plugin_manager()
+    assert _plugin("fakeplug").schemes == ("fake",)
+
+
+def test_block_plugins_by_name(fake_distribution, plugins) -> None:
+    fake_distribution()
+    plugins.setenv("CASFRAME_BLOCK_PLUGINS", "fakeplug")
+    reset_plugin_manager()
+    fake = _plugin("fakeplug")
+    assert fake.blocked and fake.schemes == ()
+    assert (fake.distribution, fake.version) == ("fakeplug", "1.2.3")
+    assert FAKE_MODULE not in sys.modules, "a blocked plugin is not even imported"
+    with pytest.raises(UnknownSchemeError):
+        open_store("fake://x")
+    assert not _plugin("memory").blocked
+
+
+def test_block_several_plugins_including_a_builtin(fake_distribution, plugins) -> None:
+    fake_distribution()
+    plugins.setenv("CASFRAME_BLOCK_PLUGINS", " memory , fakeplug ")
+    reset_plugin_manager()
+    assert _plugin("memory").blocked and _plugin("fakeplug").blocked
+    assert not _plugin("local").blocked
+    with pytest.raises(UnknownSchemeError, match="file://") as caught:
+        open_store("memory://")
+    assert "memory://" not in str(caught.value).partition("registered schemes:")[2]
+
+
+# -- the registry -------------------------------------------------------------------------------
+
+
+class _Throwaway:
+    """A plugin object registering whatever schemes a test asks for."""
+
+    def __init__(self, *registrations: tuple[str, object, str | None]) -> None:
+        self.registrations = registrations
+
+    @hookimpl
+    def casframe_register_backends(self, registry) -> None:  # type: ignore[no-untyped-def]
+        for scheme, factory, extra in self.registrations:
+            registry.add(scheme, factory, extra=extra)
+
+
+def test_duplicate_scheme_names_both_plugins(plugins) -> None:
+    with registered_plugin(_Throwaway(("memory", lambda url: None, None)), name="throwaway"):
+        with pytest.raises(DuplicateSchemeError) as caught:
+            open_store("memory://")
+        message = str(caught.value)
+        assert "memory://" in message
+        assert "'memory'" in message and "'throwaway'" in message
+        with pytest.raises(DuplicateSchemeError):
+            list_plugins()
+    assert isinstance(open_store("memory://"), Store), "unregistered after the block"
+
+
+def test_duplicate_scheme_names_the_builtin_as_the_first_owner(plugins) -> None:
+    """Built-ins register first, so the plugin arriving later is named as the duplicate."""
+    with registered_plugin(_Throwaway(("memory", lambda url: None, None)), name="throwaway"):
+        with pytest.raises(DuplicateSchemeError) as caught:
+            open_store("memory://")
+    message = str(caught.value)
+    assert message.index("'memory'") < message.index("'throwaway'"), message
+
+
+def test_duplicate_scheme_from_a_third_party_distribution(fake_distribution) -> None:
+    fake_distribution(FAKE_PLUGIN_BODY.replace('registry.add("fake"', 'registry.add("file"'))
+    with pytest.raises(DuplicateSchemeError) as caught:
+        open_store("memory://")
+    assert "'local'" in str(caught.value) and "'fakeplug'" in str(caught.value)
+
+
+def test_lazy_factory_whose_own_module_is_missing_names_plugin_and_module(plugins) -> None:
+    lazy = ("fakes3", "casframe_tests_no_such_module.backend:open_store", "s3")
+    with registered_plugin(_Throwaway(lazy), name="lazy"):
+        assert _plugin("lazy").schemes == ("fakes3",), "registering does not import"
+        with pytest.raises(ConfigError) as caught:
+            open_store("fakes3://bucket/prefix")
+    message = str(caught.value)
+    assert "'lazy'" in message and "fakes3://" in message
+    assert "casframe_tests_no_such_module" in message
+
+
+def test_lazy_factory_whose_dependency_is_missing_names_the_extra(
+    plugins, tmp_path: Path
+) -> None:
+    (tmp_path / "casframe_tests_lazy_backend.py").write_text(
+        "import casframe_tests_missing_sdk  # the optional dependency, not installed\n"
+    )
+    plugins.syspath_prepend(str(tmp_path))
+    lazy = ("fakes3", "casframe_tests_lazy_backend:open_store", "s3")
+    try:
+        with registered_plugin(_Throwaway(lazy), name="lazy"):
+            assert _plugin("lazy").schemes == ("fakes3",), "registering does not import"
+            assert "casframe_tests_lazy_backend" not in sys.modules
+            with pytest.raises(MissingDependencyError) as caught:
+                open_store("fakes3://bucket/prefix")
+    finally:
+        sys.modules.pop("casframe_tests_lazy_backend", None)
+    message = str(caught.value)
+    assert "pip install 'casframe[s3]'" in message
+    assert "casframe_tests_missing_sdk" in message
+    assert "fakes3://" in message
+    assert isinstance(caught.value, ImportError)
+    assert (caught.value.module, caught.value.extra) == ("casframe_tests_missing_sdk", "s3")
+
+
+def test_lazy_factory_is_imported_when_used(plugins) -> None:
+    lazy = ("lazymem", "casframe_memory:open_memory_store", None)
+    with registered_plugin(_Throwaway(lazy), name="lazy"):
+        store = open_store("lazymem://")
+    assert store.url == "lazymem://"
+    assert store.read_bytes(store.put_bytes(b"lazy")) == b"lazy"
+
+
+def test_lazy_factory_must_name_module_and_attribute(plugins) -> None:
+    with registered_plugin(_Throwaway(("bad", "no_colon_here", None)), name="bad"):
+        with pytest.raises(ConfigError, match="module:attribute"):
+            open_store("memory://")
+
+
+def test_unknown_scheme_lists_the_registered_ones(plugins) -> None:
+    with pytest.raises(UnknownSchemeError) as caught:
+        open_store("nosuch://bucket")
+    message = str(caught.value)
+    assert "'nosuch'" in message
+    assert "file://" in message and "memory://" in message
+
+
+@pytest.mark.parametrize("url", ["not a url", "/just/a/path", "://no-scheme"])
+def test_malformed_url_is_a_config_error(plugins, url: str) -> None:
+    with pytest.raises(ConfigError):
+        open_store(url)
+
+
+def test_registered_plugin_is_removed_afterwards(plugins) -> None:
+    extra = ("extra", "casframe_memory:open_memory_store", None)
+    with registered_plugin(_Throwaway(extra), name="extra") as name:
+        assert name == "extra"
+        assert _plugin("extra").distribution == "(registered in code)"
+        open_store("extra://")
+    assert "extra" not in {info.name for info in list_plugins()}
+    with pytest.raises(UnknownSchemeError):
+        open_store("extra://")
