@@ -717,9 +717,7 @@ def push_command(
 @click.command("pull")
 @click.argument("tree")
 @click.option("--from", "origin", required=True, metavar="URL|NAME", help="Store to copy from.")
-@click.option(
-    "--ref", "ref_name", metavar="NAME", help="Ref to set here (default: TREE if a ref)."
-)
+@click.option("--ref", "ref_name", metavar="NAME", help="Ref to set here (default: TREE if a ref).")
 @_json_option
 @_pass_app
 def pull_command(app: _App, tree: str, origin: str, ref_name: str | None, as_json: bool) -> None:

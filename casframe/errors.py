@@ -134,8 +134,14 @@ class MissingDependencyError(CasframeError, ImportError):
     def __init__(self, what: str, module: str, extra: str | None) -> None:
         self.module = module
         self.extra = extra
-        hint = f"pip install 'casframe[{extra}]'" if extra else f"install the package providing {module}"
-        super().__init__(f"{what} needs the Python module {module!r}, which is not installed: {hint}")
+        hint = (
+            f"pip install 'casframe[{extra}]'"
+            if extra
+            else f"install the package providing {module}"
+        )
+        super().__init__(
+            f"{what} needs the Python module {module!r}, which is not installed: {hint}"
+        )
 
 
 class UnknownSchemeError(CasframeError, ValueError):

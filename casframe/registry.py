@@ -96,7 +96,9 @@ class SchemeEntry:
                     f"plugin {self.plugin!r} registered {self.scheme}:// with factory "
                     f"{self.factory!r}, but module {missing!r} cannot be found"
                 ) from exc
-            raise MissingDependencyError(f"the {self.scheme}:// backend", missing, self.extra) from exc
+            raise MissingDependencyError(
+                f"the {self.scheme}:// backend", missing, self.extra
+            ) from exc
         factory: Factory = getattr(module, attr)
         return factory
 
@@ -129,7 +131,9 @@ class BackendRegistry:
                 f"scheme {scheme}:// is registered twice: by plugin {existing.plugin!r} "
                 f"and by plugin {self.current_plugin!r}"
             )
-        self._entries[scheme] = SchemeEntry(scheme, factory, self.current_plugin, description, extra)
+        self._entries[scheme] = SchemeEntry(
+            scheme, factory, self.current_plugin, description, extra
+        )
 
     def get(self, scheme: str) -> SchemeEntry:
         try:

@@ -93,7 +93,8 @@ class BlobStore(ABC):
     capabilities: frozenset[Capability] = frozenset()
     #: How many digests the core puts in one ``find_missing_blobs`` call.
     max_batch_digests: int = 10_000
-    #: Largest total payload the core groups into one ``read_blobs``/``write_blobs`` call.
+    #: A hint: the payload the core aims to group into one ``read_blobs``/``write_blobs``
+    #: call. Calls may carry more; a backend with a hard request limit splits them itself.
     max_batch_bytes: int = 4 << 20
     #: Threads the core may use at once against this backend (I/O-bound backends want more).
     max_concurrency: int = 4
@@ -139,6 +140,16 @@ class BlobStore(ABC):
                 writer.abort()
                 raise
 
+    def get_tree(self, root: Digest) -> Iterator[bytes]:
+        """Serialized Directory messages of the tree under ``root``, in any order (fast path).
+
+        For backends that can list a whole tree in one call (REAPI's GetTree). The core hashes
+        what it gets and uses only bytes whose digest the tree names; it falls back to reading
+        Directories level by level on :class:`~casframe.errors.CasframeError` or for any
+        Directory not supplied. The default supplies nothing.
+        """
+        return iter(())
+
     # -- optional capabilities --------------------------------------------------------------
 
     def iter_blobs(self) -> Iterator[BlobInfo]:
@@ -160,7 +171,7 @@ class BlobStore(ABC):
         """
         raise UnsupportedOperationError(f"{type(self).__name__} has no local files")
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, deliberately empty
         """Release connections and threads; the store is not used afterwards."""
 
     def describe(self) -> str:
@@ -193,5 +204,5 @@ class RefStore(ABC):
     def list_refs(self, prefix: str = "") -> Iterator[RefInfo]:
         """Yield every ref whose name starts with ``prefix``, in any order."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, deliberately empty
         """Release resources."""

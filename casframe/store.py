@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, BinaryIO
 
-from casframe.digest import CHUNK_SIZE, EMPTY_DIGEST, Digest, Hasher
+from casframe.digest import CHUNK_SIZE, Digest, Hasher
 from casframe.errors import (
     BlobNotFoundError,
     CorruptBlobError,
@@ -154,8 +154,13 @@ class Store:
         """Read a whole blob (verified). Meant for small blobs such as Directory messages."""
         if digest.size == 0:
             return b""
+        parts = []
+        remaining = digest.size + 1  # one byte more proves the object is not too long
         with self.blobs.open_blob(digest) as raw:
-            data = raw.read(digest.size + 1)
+            while remaining > 0 and (chunk := raw.read(remaining)):
+                parts.append(chunk)
+                remaining -= len(chunk)
+        data = b"".join(parts)
         self._check(digest, data)
         return data
 
@@ -252,8 +257,9 @@ class Store:
             try:
                 self.put_stream(stream, digest)
             except DigestMismatchError as exc:
-                raise CorruptBlobError(digest, f"source {source.url} returned other content: "
-                                               f"{exc.actual}") from None
+                raise CorruptBlobError(
+                    digest, f"source {source.url} returned other content: {exc.actual}"
+                ) from None
 
     # -- Directory messages -----------------------------------------------------------------
 
@@ -379,7 +385,11 @@ class Store:
     # -- transfer ---------------------------------------------------------------------------
 
     def push(
-        self, dest: Store, tree: Digest | str, *, ref: str | None = None,
+        self,
+        dest: Store,
+        tree: Digest | str,
+        *,
+        ref: str | None = None,
         progress: Progress | None = None,
     ) -> TransferResult:
         """Copy a tree's closure to ``dest``; set ``ref`` there (default: the ref pushed)."""
@@ -388,7 +398,11 @@ class Store:
         return transfer(self, dest, tree, ref=ref, progress=progress)
 
     def pull(
-        self, source: Store, tree: Digest | str, *, ref: str | None = None,
+        self,
+        source: Store,
+        tree: Digest | str,
+        *,
+        ref: str | None = None,
         progress: Progress | None = None,
     ) -> TransferResult:
         """Copy a tree's closure from ``source`` into this store."""

@@ -11,9 +11,9 @@ This module talks to storage only through :class:`casframe.store.Store`.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -33,6 +33,7 @@ from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 impor
 from casframe.digest import CHUNK_SIZE, Digest
 from casframe.errors import (
     BlobNotFoundError,
+    CasframeError,
     CorruptBlobError,
     InvalidNameError,
     UnsafeTreeError,
@@ -133,12 +134,20 @@ def _d(proto: DigestProto) -> Digest:
 
 
 def iter_tree(store: Store, root: Digest) -> Iterator[tuple[Digest, bytes, Directory]]:
-    """Every distinct Directory of a tree (digest, blob, message), breadth first, in batches."""
+    """Every distinct Directory of a tree (digest, blob, message), breadth first, in batches.
+
+    Directories the backend's ``get_tree`` fast path supplies up front (REAPI's GetTree: the
+    whole tree in a few streamed pages) are not read again; the rest are read level by level.
+    """
+    known = _prefetch_tree(store, root)
     seen = {root}
     level = [root]
     while level:
         next_level: list[Digest] = []
-        for digest, data in store.read_many(level):
+        found = [(d, known.pop(d)) for d in level if d in known]
+        supplied = {d for d, _ in found}
+        rest = [d for d in level if d not in supplied]
+        for digest, data in itertools.chain(found, store.read_many(rest)):
             directory = parse_directory(digest, data)
             yield digest, data, directory
             for node in directory.directories:
@@ -147,6 +156,20 @@ def iter_tree(store: Store, root: Digest) -> Iterator[tuple[Digest, bytes, Direc
                     seen.add(child)
                     next_level.append(child)
         level = next_level
+
+
+def _prefetch_tree(store: Store, root: Digest) -> dict[Digest, bytes]:
+    """Directory blobs of ``root``'s tree from the backend's fast path, keyed by their hash.
+
+    Keyed by what the bytes hash to, so they are verified by construction; bytes that hash to
+    no digest of the tree are simply never used. Any failure falls back to ordinary reads.
+    """
+    if root.size == 0:
+        return {}
+    try:
+        return {Digest.of_bytes(data): data for data in store.blobs.get_tree(root)}
+    except CasframeError:
+        return {}
 
 
 def closure(store: Store, root: Digest) -> Iterator[Digest]:
@@ -339,7 +362,9 @@ def import_directory(
                 digest=DigestProto(hash=digest.hash, size_bytes=digest.size),
                 is_executable=executable,
             )
-            for name, (digest, executable) in sorted(zip(scanned_dir.files, scanned_dir.results))
+            for name, (digest, executable) in sorted(
+                zip(scanned_dir.files, scanned_dir.results, strict=True)
+            )
         )
         prefix = f"{scanned_dir.path}/" if scanned_dir.path else ""
         directory.directories.extend(
@@ -402,7 +427,9 @@ def _entries(directory: Directory, prefix: str) -> list[TreeEntry]:
     entries = [
         TreeEntry(prefix + n.name, "file", _d(n.digest), n.is_executable) for n in directory.files
     ]
-    entries += [TreeEntry(prefix + n.name, "directory", _d(n.digest)) for n in directory.directories]
+    entries += [
+        TreeEntry(prefix + n.name, "directory", _d(n.digest)) for n in directory.directories
+    ]
     entries += [TreeEntry(prefix + n.name, "symlink", target=n.target) for n in directory.symlinks]
     entries.sort(key=lambda e: e.path)
     return entries

@@ -178,7 +178,10 @@ class LocalBlobStore(BlobStore):
         stat = os.stat
         for digest in digests:
             try:
-                if stat(f"{self.objdir}/{digest.hash[:2]}/{digest.hash[2:]}").st_size == digest.size:
+                if (
+                    stat(f"{self.objdir}/{digest.hash[:2]}/{digest.hash[2:]}").st_size
+                    == digest.size
+                ):
                     continue
             except FileNotFoundError:
                 pass
@@ -288,7 +291,9 @@ class LocalRefStore(RefStore):
         try:
             return Digest.from_serialized(data)
         except InvalidDigestError as exc:
-            raise InvalidDigestError(f"ref {name} in file://{self.root} is damaged: {exc}") from None
+            raise InvalidDigestError(
+                f"ref {name} in file://{self.root} is damaged: {exc}"
+            ) from None
 
     def set_ref(self, name: str, digest: Digest) -> None:
         path = self._path(name)
@@ -366,5 +371,3 @@ def open_local_store(url: StoreURL) -> Store:
 @hookimpl
 def casframe_register_backends(registry) -> None:  # type: ignore[no-untyped-def]
     registry.add("file", open_local_store, description="local directory (BuildStream CAS layout)")
-
-

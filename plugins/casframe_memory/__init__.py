@@ -13,8 +13,19 @@ import time
 from collections.abc import Collection, Iterable, Iterator
 from typing import BinaryIO
 
-from casframe import BlobInfo, BlobStore, BlobWriter, Capability, Digest, RefInfo, RefStore
-from casframe import RefNotFoundError, Store, StoreURL, hookimpl
+from casframe import (
+    BlobInfo,
+    BlobStore,
+    BlobWriter,
+    Capability,
+    Digest,
+    RefInfo,
+    RefNotFoundError,
+    RefStore,
+    Store,
+    StoreURL,
+    hookimpl,
+)
 
 __all__ = ["MemoryBlobStore", "MemoryRefStore", "open_memory_store"]
 
