@@ -21,6 +21,7 @@ import click
 
 from casframe.errors import CasframeError
 from casframe.progress import NO_PROGRESS, Progress
+from casframe.server import serve_command
 
 if TYPE_CHECKING:
     from casframe.config import Config
@@ -386,6 +387,7 @@ def make_cli() -> CasframeGroup:
         push_command,
         pull_command,
         plugins_command,
+        serve_command,
     ):
         cli.add_command(command)
     return cli

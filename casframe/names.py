@@ -8,11 +8,35 @@ from __future__ import annotations
 
 from casframe.errors import InvalidNameError
 
-__all__ = ["MAX_REF_LENGTH", "split_tree_path", "validate_entry_name", "validate_ref_name"]
+__all__ = [
+    "ACTION_RESULT_REF_PREFIX",
+    "BLOB_REF_PREFIX",
+    "MAX_REF_LENGTH",
+    "is_tree_ref",
+    "split_tree_path",
+    "validate_entry_name",
+    "validate_ref_name",
+]
 
 # Longer names would not fit an S3 key with a prefix (1024 bytes) nor a file name on most
 # file systems once split into segments.
 MAX_REF_LENGTH = 512
+
+#: Refs ``casframe serve`` keeps for the REAPI action cache, ``ac/{instance or _}/{hash}/{size}``:
+#: each points at a serialized ActionResult blob, not at a Directory.
+ACTION_RESULT_REF_PREFIX = "ac/"
+#: Refs ``casframe serve`` keeps for Remote Asset blobs, ``asset/blob/{key}``: each points at a
+#: plain blob, not at a Directory.
+BLOB_REF_PREFIX = "asset/blob/"
+
+
+def is_tree_ref(name: str) -> bool:
+    """Whether the ref points at a Directory tree (every ref but the server's blob refs).
+
+    Prune, fsck and transfer walk tree refs as trees; a blob ref keeps only its blob (and, for
+    an action result, the outputs it names), and must never be parsed as a Directory.
+    """
+    return not name.startswith((ACTION_RESULT_REF_PREFIX, BLOB_REF_PREFIX))
 
 
 def _segment_problem(segment: str) -> str | None:

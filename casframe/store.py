@@ -23,7 +23,7 @@ from casframe.errors import (
     RefNotFoundError,
 )
 from casframe.names import validate_ref_name
-from casframe.spi import BlobStore, Capability, RefInfo, RefStore
+from casframe.spi import BlobStore, BlobWriter, Capability, RefInfo, RefStore
 
 if TYPE_CHECKING:
     from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from casframe.transfer import TransferResult
     from casframe.tree import TreeDiff, TreeEntry
 
-__all__ = ["Store", "VerifyingReader"]
+__all__ = ["Store", "VerifiedUpload", "VerifyingReader"]
 
 
 class VerifyingReader(io.RawIOBase):
@@ -95,6 +95,44 @@ class VerifyingReader(io.RawIOBase):
             self._raw.close()
         finally:
             super().close()
+
+
+class VerifiedUpload:
+    """Content streaming into a backend writer, hashed on the way; visible only after
+    :meth:`commit`, and only under the digest it really has.
+
+    With ``expected``, content past the expected size or hashing to another digest raises
+    :class:`DigestMismatchError` (the caller then calls :meth:`abort`; nothing is stored).
+    """
+
+    def __init__(self, writer: BlobWriter, expected: Digest | None = None) -> None:
+        self._writer = writer
+        self._expected = expected
+        self._hasher = Hasher()
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        return self._hasher.size
+
+    def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        self._hasher.update(chunk)
+        if self._expected is not None and self._hasher.size > self._expected.size:
+            raise DigestMismatchError(self._expected, self._hasher.digest())
+        self._writer.write(chunk)
+
+    def commit(self) -> Digest:
+        digest = self._hasher.digest()
+        if self._expected is not None and digest != self._expected:
+            raise DigestMismatchError(self._expected, digest)
+        if digest.size:
+            self._writer.commit(digest)
+        else:
+            self._writer.abort()
+        return digest
+
+    def abort(self) -> None:
+        self._writer.abort()
 
 
 class Store:
@@ -201,6 +239,14 @@ class Store:
                 raise DigestMismatchError(digest, actual)
         self.blobs.write_blobs([(d, b) for d, b in blobs if d.size])
 
+    def open_upload(self, expected: Digest) -> VerifiedUpload:
+        """A push-style upload of ``expected``: ``write`` chunks, then ``commit`` or ``abort``.
+
+        The same rules as :meth:`put_stream`, for callers that receive content in pieces over
+        time (the gRPC server's resumable ByteStream uploads).
+        """
+        return VerifiedUpload(self.blobs.begin_write(expected.size), expected)
+
     def put_stream(
         self,
         stream: BinaryIO,
@@ -209,8 +255,8 @@ class Store:
         on_chunk: Callable[[int], None] | None = None,
     ) -> Digest:
         """Stream content in, hashing as it goes; commit only under the digest it really has."""
-        writer = self.blobs.begin_write(expected.size if expected else None)
-        hasher = Hasher()
+        upload = VerifiedUpload(self.blobs.begin_write(expected.size if expected else None),
+                                expected)
         buf = bytearray(CHUNK_SIZE)
         view = memoryview(buf)
         readinto = getattr(stream, "readinto", None)
@@ -226,23 +272,13 @@ class Store:
                     if not chunk:
                         break
                     n = len(chunk)
-                hasher.update(chunk)
-                writer.write(chunk)
+                upload.write(chunk)
                 if on_chunk is not None:
                     on_chunk(n)
-                if expected is not None and hasher.size > expected.size:
-                    raise DigestMismatchError(expected, hasher.digest())
-            digest = hasher.digest()
-            if expected is not None and digest != expected:
-                raise DigestMismatchError(expected, digest)
-            if digest.size:
-                writer.commit(digest)
-            else:
-                writer.abort()
+            return upload.commit()
         except BaseException:
-            writer.abort()
+            upload.abort()
             raise
-        return digest
 
     def put_file(self, path: str | os.PathLike[str]) -> Digest:
         with open(path, "rb", buffering=0) as f:

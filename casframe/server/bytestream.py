@@ -1,0 +1,312 @@
+"""The ByteStream service: streaming reads and resumable, verified uploads of large blobs.
+
+An upload goes straight into the backend's own writer (``BlobStore.begin_write``) while being
+hashed; it becomes visible only when the client finishes it and the content matches the digest
+in the resource name. An upload whose stream ends early (the client half-closes without
+``finish_write``, or the connection drops) stays open in the :class:`UploadSpool`, keyed by its
+resource name, so the client can ask ``QueryWriteStatus`` and continue at ``committed_size``.
+Idle uploads are aborted after ``upload_expiry`` seconds, and at most ``max_partial_uploads`` are
+kept. Nothing is written twice and no partial content is ever visible under a digest.
+
+Resumption works against the server that holds the partial upload: behind a load balancer
+without session affinity a client that reconnects elsewhere is told ``NOT_FOUND`` and starts
+again from zero, which every REAPI client handles.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import grpc
+
+from casframe._protos.google.bytestream import bytestream_pb2, bytestream_pb2_grpc
+from casframe.digest import Digest
+from casframe.server.errors import StatusError, rpc_method
+from casframe.server.names import Instances, parse_read_resource, parse_write_resource
+from casframe.server.settings import ServerSettings
+from casframe.store import Store
+
+__all__ = ["ByteStreamService", "UploadSpool"]
+
+log = logging.getLogger("casframe.server")
+
+
+class _Upload:
+    """One upload in progress, kept between Write calls so an interrupted one can resume.
+
+    The hashing and verification are :meth:`casframe.store.Store.open_upload`'s; this adds
+    what the spool needs. Only the Write call holding ``busy`` (or the spool, holding it)
+    touches an upload.
+    """
+
+    def __init__(self, store: Store, resource: str, digest: Digest) -> None:
+        self.resource = resource
+        self.digest = digest
+        self.busy = threading.Lock()
+        self.touched = time.monotonic()
+        self._upload = store.open_upload(digest)
+
+    @property
+    def committed(self) -> int:
+        """Bytes received so far: where the next chunk must start."""
+        return self._upload.size
+
+    def write(self, data: bytes) -> None:
+        self._upload.write(data)
+
+    def commit(self) -> None:
+        self._upload.commit()
+
+    def abort(self) -> None:
+        try:
+            self._upload.abort()
+        except Exception:  # noqa: BLE001 - an abort failing must not hide the original error
+            log.warning("aborting upload %s failed", self.resource, exc_info=True)
+
+
+class UploadSpool:
+    """Uploads in progress or interrupted, by resource name; bounded and expiring."""
+
+    def __init__(self, store: Store, *, max_uploads: int, expiry: float) -> None:
+        self._store = store
+        self._max = max_uploads
+        self._expiry = expiry
+        self._lock = threading.Lock()
+        self._uploads: OrderedDict[str, _Upload] = OrderedDict()  # least recently used first
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._uploads)
+
+    def committed(self, resource: str) -> int | None:
+        """Bytes received so far for ``resource``, or None when no upload is kept."""
+        self.expire()
+        with self._lock:
+            upload = self._uploads.get(resource)
+            return None if upload is None else upload.committed
+
+    def attach(self, resource: str, digest: Digest) -> _Upload:
+        """The upload for ``resource`` (created if new), reserved for the calling Write."""
+        self.expire()
+        while True:
+            with self._lock:
+                upload = self._uploads.get(resource)
+                if upload is not None:
+                    self._uploads.move_to_end(resource)
+                    if not upload.busy.acquire(blocking=False):
+                        raise StatusError(
+                            grpc.StatusCode.ABORTED,
+                            f"another Write to {resource!r} is in progress; "
+                            "retry once it has ended",
+                        )
+                    return upload
+                self._make_room()
+            # Outside the lock: a backend may take a round trip to start an upload.
+            fresh = _Upload(self._store, resource, digest)
+            fresh.busy.acquire()
+            with self._lock:
+                if resource not in self._uploads:
+                    self._uploads[resource] = fresh
+                    return fresh
+            fresh.abort()  # another Write started the same upload meanwhile: join that one
+
+    def detach(self, upload: _Upload) -> None:
+        """End the calling Write's hold; the upload stays for a later Write to continue."""
+        upload.touched = time.monotonic()
+        upload.busy.release()
+
+    def remove(self, upload: _Upload, *, abort: bool) -> None:
+        with self._lock:
+            if self._uploads.get(upload.resource) is upload:
+                del self._uploads[upload.resource]
+        if abort:
+            upload.abort()
+
+    def discard(self, resource: str) -> None:
+        """Abort the kept upload for ``resource``, if there is one and no Write holds it."""
+        with self._lock:
+            upload = self._uploads.get(resource)
+            if upload is None or not upload.busy.acquire(blocking=False):
+                return
+            del self._uploads[resource]
+        upload.abort()
+        upload.busy.release()
+
+    def expire(self) -> None:
+        """Abort uploads idle for longer than the expiry."""
+        deadline = time.monotonic() - self._expiry
+        expired = []
+        with self._lock:
+            for resource, upload in list(self._uploads.items()):
+                if upload.touched >= deadline:
+                    break  # ordered by use: the rest are younger
+                if upload.busy.acquire(blocking=False):
+                    del self._uploads[resource]
+                    expired.append(upload)
+        for upload in expired:
+            log.info("expiring interrupted upload %s at %d bytes", upload.resource,
+                     upload.committed)
+            upload.abort()
+            upload.busy.release()
+
+    def _make_room(self) -> None:
+        # Called with the lock held: evict the least recently used idle upload.
+        if len(self._uploads) < self._max:
+            return
+        for resource, upload in self._uploads.items():
+            if upload.busy.acquire(blocking=False):
+                del self._uploads[resource]
+                log.info("evicting interrupted upload %s at %d bytes (spool full)",
+                         resource, upload.committed)
+                upload.abort()
+                upload.busy.release()
+                return
+        raise StatusError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"too many uploads in progress (limit {self._max}); retry later",
+        )
+
+    def close(self) -> None:
+        """Abort every kept upload (server shutdown)."""
+        with self._lock:
+            uploads = list(self._uploads.values())
+            self._uploads.clear()
+        for upload in uploads:
+            upload.abort()
+
+
+class ByteStreamService(bytestream_pb2_grpc.ByteStreamServicer):
+    def __init__(self, store: Store, settings: ServerSettings, instances: Instances) -> None:
+        self.store = store
+        self.settings = settings
+        self.instances = instances
+        self.spool = UploadSpool(
+            store, max_uploads=settings.max_partial_uploads, expiry=settings.upload_expiry
+        )
+
+    @rpc_method
+    def Read(  # noqa: N802 - gRPC method name
+        self, request: bytestream_pb2.ReadRequest, context: grpc.ServicerContext
+    ) -> Iterator[bytestream_pb2.ReadResponse]:
+        name = parse_read_resource(request.resource_name)
+        self.instances.check(name.instance)
+        digest = name.digest
+        if request.read_offset < 0 or request.read_offset > digest.size:
+            raise StatusError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"read_offset {request.read_offset} is outside blob {digest} "
+                f"(0 to {digest.size})",
+            )
+        if request.read_limit < 0:
+            raise StatusError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"read_limit must not be negative, got {request.read_limit}",
+            )
+        remaining = digest.size - request.read_offset
+        if request.read_limit:
+            remaining = min(remaining, request.read_limit)
+        if digest.size and not remaining and not self.store.contains(digest):
+            raise StatusError(grpc.StatusCode.NOT_FOUND, f"blob not found: {digest}")
+        if not remaining:
+            return
+        chunk = self.settings.read_chunk_bytes
+        # Verified: a full read raises CorruptBlobError (DATA_LOSS) instead of sending the last
+        # chunk of a corrupt blob; a read from an offset checks the stored size.
+        with self.store.open_read(digest, request.read_offset, verify=True) as stream:
+            while remaining > 0:
+                data = stream.read(min(chunk, remaining))
+                remaining -= len(data)
+                yield bytestream_pb2.ReadResponse(data=data)
+
+    @rpc_method
+    def Write(  # noqa: N802 - gRPC method name
+        self, request_iterator: Iterator[bytestream_pb2.WriteRequest],
+        context: grpc.ServicerContext,
+    ) -> bytestream_pb2.WriteResponse:
+        first = next(request_iterator, None)
+        if first is None:
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "Write stream had no request")
+        resource = first.resource_name
+        name = parse_write_resource(resource)
+        self.instances.check(name.instance)
+        if self.settings.read_only:
+            raise StatusError(grpc.StatusCode.PERMISSION_DENIED, "this server is read-only")
+        digest = name.digest
+
+        if self.store.contains(digest):
+            # Already stored: tell the client at once, per the REAPI, and drop any partial copy.
+            self.spool.discard(resource)
+            return bytestream_pb2.WriteResponse(committed_size=digest.size)
+        single = first.finish_write and first.write_offset == 0
+        if single and self.spool.committed(resource) is None:
+            # The whole blob in one message: no need to keep anything for resumption.
+            self.store.put_bytes(first.data, digest)
+            return bytestream_pb2.WriteResponse(committed_size=digest.size)
+
+        upload = self.spool.attach(resource, digest)
+        try:
+            request: bytestream_pb2.WriteRequest | None = first
+            while request is not None:
+                if request.resource_name and request.resource_name != resource:
+                    raise StatusError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"resource name changed within one Write: {request.resource_name!r} "
+                        f"after {resource!r}",
+                    )
+                if request.write_offset != upload.committed:
+                    raise StatusError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"write_offset {request.write_offset} does not match the "
+                        f"{upload.committed} bytes committed for {resource!r} "
+                        "(ask QueryWriteStatus where to continue)",
+                    )
+                data = request.data  # each access copies the bytes out of the message
+                if data:
+                    upload.write(data)
+                if request.finish_write:
+                    upload.commit()
+                    self.spool.remove(upload, abort=False)
+                    return bytestream_pb2.WriteResponse(committed_size=upload.committed)
+                request = next(request_iterator, None)
+            # The client closed its side without finish_write: keep what arrived.
+            return bytestream_pb2.WriteResponse(committed_size=upload.committed)
+        except grpc.RpcError:
+            raise  # the client went away mid-stream: keep the upload for resumption
+        except StatusError:
+            # A protocol error keeps what was received for a correct retry; an empty upload
+            # is not worth a place in the spool.
+            if not upload.committed:
+                self.spool.remove(upload, abort=True)
+            raise
+        except BaseException:
+            # Wrong content, or the backend failed: nothing of this upload can be trusted.
+            self.spool.remove(upload, abort=True)
+            raise
+        finally:
+            self.spool.detach(upload)
+
+    @rpc_method
+    def QueryWriteStatus(  # noqa: N802 - gRPC method name
+        self, request: bytestream_pb2.QueryWriteStatusRequest, context: grpc.ServicerContext
+    ) -> bytestream_pb2.QueryWriteStatusResponse:
+        name = parse_write_resource(request.resource_name)
+        self.instances.check(name.instance)
+        if self.store.contains(name.digest):
+            return bytestream_pb2.QueryWriteStatusResponse(
+                committed_size=name.digest.size, complete=True
+            )
+        committed = self.spool.committed(request.resource_name)
+        if committed is None:
+            raise StatusError(
+                grpc.StatusCode.NOT_FOUND,
+                f"no upload in progress for {request.resource_name!r}: start at offset 0",
+            )
+        return bytestream_pb2.QueryWriteStatusResponse(committed_size=committed, complete=False)
+
+    def close(self) -> None:
+        self.spool.close()
+

@@ -1,0 +1,163 @@
+"""``casframe serve``: the click command that runs a server until SIGTERM or SIGINT.
+
+Cheap to import (click only): the CLI imports this module to list its commands, and the gRPC
+machinery is imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import sys
+import threading
+from typing import Any
+
+import click
+
+__all__ = ["SHUTDOWN_GRACE", "main", "serve_command"]
+
+# Seconds running calls get to finish after SIGTERM/SIGINT: long enough for a batch call or the
+# rest of a typical upload, short enough for a service manager's stop timeout (90 s systemd).
+SHUTDOWN_GRACE = 10.0
+
+_SIZE_RE = re.compile(r"(\d+)\s*([kmg]i?b?)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+class ByteSize(click.ParamType):
+    """A byte count: ``4194304``, ``4MiB``, ``4M``, ``512KiB``."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        match = _SIZE_RE.fullmatch(str(value).strip())
+        if not match:
+            self.fail(f"{value!r} is not a size (examples: 4194304, 4MiB, 512KiB)", param, ctx)
+        unit = (match.group(2) or "")[:1].lower()
+        return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+def _open_store(ctx: click.Context, url: str) -> tuple[Any, bool]:
+    """Open STORE_URL through the CLI's opener when there is one (configured names work then);
+    return the store and whether this command must close it."""
+    for attribute in ("open_store", "open"):
+        opener = getattr(ctx.obj, attribute, None)
+        if callable(opener):
+            return opener(url), False
+    from casframe.plugins import open_store
+
+    return open_store(url), True
+
+
+def _configure_logging(level: str | None, ctx: click.Context) -> None:
+    if level is None:
+        level = "debug" if getattr(ctx.obj, "verbose", False) else "info"
+    logger = logging.getLogger("casframe")
+    logger.setLevel(level.upper())
+    if not logging.getLogger().handlers and not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+
+
+@click.command("serve")
+@click.argument("store_url", metavar="STORE")
+@click.option("--listen", default="127.0.0.1:50051", show_default=True, metavar="HOST:PORT",
+              help="Address to listen on; port 0 picks a free port. Use [::]:PORT or "
+                   "0.0.0.0:PORT to accept remote clients.")
+@click.option("--instance", "instances", multiple=True, metavar="NAME",
+              help="An instance name to serve (repeatable). Default: the empty name only.")
+@click.option("--read-only", is_flag=True,
+              help="Refuse every write (uploads, action results, refs) with PERMISSION_DENIED.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False),
+              help="PEM certificate chain of the server; enables TLS (needs --tls-key).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False),
+              help="PEM private key of the server.")
+@click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False),
+              help="PEM CA certificates; clients must present a certificate they signed "
+                   "(mutual TLS).")
+@click.option("--max-message-size", type=ByteSize(), default=None, metavar="SIZE",
+              help="Largest gRPC message in either direction  [default: 4MiB]. Batch calls "
+                   "may carry this minus 1 MiB of blob bytes.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Threads serving calls; each running stream holds one  [default: 32].")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default=None, help="Server log level; debug logs every request  [default: info].")
+@click.pass_context
+def serve_command(
+    ctx: click.Context,
+    store_url: str,
+    listen: str,
+    instances: tuple[str, ...],
+    read_only: bool,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_client_ca: str | None,
+    max_message_size: int | None,
+    workers: int | None,
+    log_level: str | None,
+) -> None:
+    """Serve STORE (a URL or a configured store name) to REAPI clients over gRPC.
+
+    Offers Capabilities, ContentAddressableStorage, ByteStream, ActionCache, Remote Asset
+    Fetch/Push, BuildStream ReferenceStorage and the gRPC health service. Stops gracefully on
+    SIGTERM or SIGINT.
+    """
+    from casframe.server.app import Server
+    from casframe.server.settings import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_WORKERS
+
+    _configure_logging(log_level, ctx)
+    store, owned = _open_store(ctx, store_url)
+    try:
+        server = Server(
+            store,
+            listen=listen,
+            instance_names=instances or ("",),
+            read_only=read_only,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            max_message_bytes=max_message_size or DEFAULT_MAX_MESSAGE_BYTES,
+            max_workers=workers or DEFAULT_WORKERS,
+        )
+        stop_requested = threading.Event()
+
+        def request_stop(signum: int, frame: object) -> None:
+            stop_requested.set()
+
+        previous = {
+            sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        try:
+            server.start()
+            click.echo(f"casframe: serving {store.url} on {server.address}")
+            sys.stdout.flush()
+            while not stop_requested.wait(1.0):
+                pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            server.stop(SHUTDOWN_GRACE)
+    finally:
+        if owned:
+            store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``serve`` on its own (``python -m casframe.server STORE ...``)."""
+    from casframe.errors import CasframeError
+
+    try:
+        serve_command.main(args=argv, prog_name="casframe serve", standalone_mode=False)
+    except click.exceptions.Abort:
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (CasframeError, OSError) as exc:
+        click.echo(f"casframe serve: error: {exc}", err=True)
+        return 1
+    return 0

@@ -1,0 +1,258 @@
+"""Names the server reads from requests: instance names, ByteStream resource names, digest
+functions, and the ref names under which action results and Remote Asset entries are kept.
+
+Every check here answers a malformed or unsafe name with ``INVALID_ARGUMENT`` (or
+``UNIMPLEMENTED`` for a well-formed request the server does not offer) and a message that says
+what was expected. Nothing here touches the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import grpc
+
+from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casframe.digest import Digest
+from casframe.errors import InvalidDigestError, InvalidNameError
+from casframe.names import ACTION_RESULT_REF_PREFIX, validate_ref_name
+from casframe.server.errors import StatusError
+
+__all__ = [
+    "ACTION_RESULT_REF_PREFIX",
+    "ASSET_REF_PREFIX",
+    "REF_URI_PREFIX",
+    "Instances",
+    "ResourceName",
+    "action_ref_name",
+    "asset_ref_name",
+    "check_digest_function",
+    "parse_read_resource",
+    "parse_write_resource",
+    "validate_instance_name",
+    "writable_ref_name",
+]
+
+#: Refs holding Remote Asset associations for arbitrary URIs: ``asset/{blob|directory}/{key}``.
+ASSET_REF_PREFIX = "asset/"
+#: A Remote Asset URI naming a casframe ref directly: ``casframe:ref/NAME``.
+REF_URI_PREFIX = "casframe:ref/"
+
+# Segments REAPI reserves in resource names, so they cannot be part of an instance name.
+_RESERVED_SEGMENTS = frozenset(
+    {"blobs", "uploads", "actions", "actionResults", "operations", "capabilities",
+     "compressed-blobs"}
+)
+# Compressor names REAPI defines for ``compressed-blobs/{compressor}/…``; only identity is served.
+_KNOWN_COMPRESSORS = frozenset({"identity", "zstd", "deflate", "brotli"})
+# Longest decimal size accepted in a resource name (int64's 19 digits).
+_MAX_SIZE_DIGITS = 19
+
+
+def validate_instance_name(name: str) -> str:
+    """Check an instance name the server is configured to serve.
+
+    ``""`` is the default instance. Others are ``/``-separated segments, each a valid ref-name
+    segment and none of REAPI's reserved words; ``_`` alone is refused because it stands for the
+    default instance in action-cache ref names.
+    """
+    if name == "":
+        return name
+    if name == "_":
+        raise InvalidNameError("instance name '_' is reserved (it stands for the default '')")
+    try:
+        validate_ref_name(name)
+    except InvalidNameError as exc:
+        raise InvalidNameError(f"invalid instance name {name!r}: {exc}") from None
+    for segment in name.split("/"):
+        if segment in _RESERVED_SEGMENTS:
+            raise InvalidNameError(
+                f"invalid instance name {name!r}: {segment!r} is reserved by the REAPI"
+            )
+    return name
+
+
+class Instances:
+    """The set of instance names one server answers for."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = frozenset(validate_instance_name(n) for n in names)
+        if not self.names:
+            raise InvalidNameError("a server needs at least one instance name")
+
+    def check(self, name: str) -> str:
+        if name not in self.names:
+            served = ", ".join(repr(n) for n in sorted(self.names))
+            raise StatusError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown instance name {name!r}: this server serves {served}",
+            )
+        return name
+
+
+def check_digest_function(value: int) -> None:
+    """Refuse any digest function but SHA256 (unset means SHA256 for 64-hex digests)."""
+    if value not in (re_pb2.DigestFunction.UNKNOWN, re_pb2.DigestFunction.SHA256):
+        try:
+            name = re_pb2.DigestFunction.Value.Name(value)
+        except ValueError:
+            name = str(value)
+        raise StatusError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"digest function {name} is not supported: this server uses SHA256 only",
+        )
+
+
+@dataclass(frozen=True)
+class ResourceName:
+    """A parsed ByteStream resource name."""
+
+    instance: str
+    digest: Digest
+    upload_id: str | None = None
+
+
+def _bad(name: str, expected: str) -> StatusError:
+    return StatusError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"malformed resource name {name!r}: expected {expected}",
+    )
+
+
+def _digest(name: str, segments: list[str], expected: str) -> Digest:
+    if len(segments) < 2:
+        raise _bad(name, expected)
+    hash_, size = segments[0], segments[1]
+    if not size.isascii() or not size.isdigit() or len(size) > _MAX_SIZE_DIGITS:
+        raise _bad(name, expected)
+    try:
+        return Digest(hash_, int(size))
+    except InvalidDigestError as exc:
+        raise StatusError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"malformed resource name {name!r}: {exc}"
+        ) from None
+
+
+def _compressor(name: str, compressor: str) -> None:
+    if compressor == "identity":
+        return
+    if compressor in _KNOWN_COMPRESSORS:
+        raise StatusError(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"resource {name!r}: compressor {compressor!r} is not supported by this server "
+            "(GetCapabilities lists no compressors); use blobs/{hash}/{size}",
+        )
+    raise StatusError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"resource {name!r}: unknown compressor {compressor!r}",
+    )
+
+
+def _split(name: str, markers: frozenset[str], expected: str) -> tuple[str, list[str]]:
+    if not name or "\x00" in name:
+        raise _bad(name, expected)
+    segments = name.split("/")
+    for index, segment in enumerate(segments):
+        if segment in markers:
+            instance = "/".join(segments[:index])
+            if index and any(s in ("", ".", "..") for s in segments[:index]):
+                raise _bad(name, expected)
+            return instance, segments[index:]
+    raise _bad(name, expected)
+
+
+_READ_FORM = "'{instance}/blobs/{hash}/{size}'"
+_WRITE_FORM = "'{instance}/uploads/{uuid}/blobs/{hash}/{size}[/...]'"
+
+
+def parse_read_resource(name: str) -> ResourceName:
+    """Parse ``{instance}/blobs/{hash}/{size}`` (or ``compressed-blobs/identity/…``)."""
+    instance, rest = _split(name, frozenset({"blobs", "compressed-blobs"}), _READ_FORM)
+    if rest[0] == "compressed-blobs":
+        if len(rest) != 4:
+            raise _bad(name, _READ_FORM)
+        _compressor(name, rest[1])
+        rest = rest[1:]
+    if len(rest) != 3:
+        raise _bad(name, _READ_FORM)
+    return ResourceName(instance, _digest(name, rest[1:], _READ_FORM))
+
+
+def parse_write_resource(name: str) -> ResourceName:
+    """Parse ``{instance}/uploads/{uuid}/blobs/{hash}/{size}[/metadata…]``."""
+    instance, rest = _split(name, frozenset({"uploads"}), _WRITE_FORM)
+    if len(rest) < 5 or not rest[1] or rest[2] not in ("blobs", "compressed-blobs"):
+        raise _bad(name, _WRITE_FORM)
+    upload_id = rest[1]
+    rest = rest[2:]
+    if rest[0] == "compressed-blobs":
+        if len(rest) < 4:
+            raise _bad(name, _WRITE_FORM)
+        _compressor(name, rest[1])
+        rest = rest[1:]
+    # Anything after the size is optional metadata the REAPI lets clients append.
+    return ResourceName(instance, _digest(name, rest[1:3], _WRITE_FORM), upload_id)
+
+
+def action_ref_name(instance: str, action: Digest) -> str:
+    """The ref under which the ActionResult of ``action`` in ``instance`` is kept."""
+    return f"{ACTION_RESULT_REF_PREFIX}{instance or '_'}/{action.hash}/{action.size}"
+
+
+def asset_ref_name(
+    kind: str, instance: str, uri: str, qualifiers: Iterable[tuple[str, str]]
+) -> str:
+    """The ref a Remote Asset (``kind`` "blob" or "directory") URI and qualifiers map to.
+
+    ``casframe:ref/NAME`` is the ref ``NAME`` itself (directories only, no qualifiers), which is
+    how refs travel between casframe stores. Any other URI is keyed by the sha256 of a canonical
+    JSON of instance, URI and sorted qualifiers: ``asset/{kind}/{key}``.
+    """
+    pairs = sorted(qualifiers)
+    names = [n for n, _ in pairs]
+    if len(set(names)) != len(names):
+        raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "qualifier names must be unique")
+    if not uri:
+        raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "empty URI")
+    if uri.startswith(REF_URI_PREFIX):
+        if kind != "directory":
+            raise StatusError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{uri!r}: casframe:ref/ URIs name directory trees; "
+                "use FetchDirectory and PushDirectory",
+            )
+        if pairs:
+            from google.rpc import error_details_pb2
+
+            bad = error_details_pb2.BadRequest()
+            for qualifier_name in names:
+                bad.field_violations.add(
+                    field="qualifiers.name", description=f'"{qualifier_name}" not supported'
+                )
+            raise StatusError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{uri!r}: casframe:ref/ URIs take no qualifiers (got {', '.join(names)})",
+                [bad],
+            )
+        return validate_ref_name(uri[len(REF_URI_PREFIX) :])
+    canonical = json.dumps(
+        {"instance": instance, "uri": uri, "qualifiers": pairs},
+        sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+    )
+    key = hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{ASSET_REF_PREFIX}{kind}/{key}"
+
+
+def writable_ref_name(name: str) -> str:
+    """Validate a ref name a client asks to set; the server's own namespaces are refused."""
+    validate_ref_name(name)
+    for prefix in (ACTION_RESULT_REF_PREFIX, ASSET_REF_PREFIX):
+        if name.startswith(prefix):
+            raise InvalidNameError(
+                f"ref name {name!r} is reserved: refs under {prefix!r} belong to the server's "
+                "action cache and Remote Asset entries"
+            )
+    return name

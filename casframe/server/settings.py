@@ -1,0 +1,92 @@
+"""The settings of one casframe gRPC server, and the limits derived from them.
+
+A :class:`ServerSettings` is what plugins receive as ``config`` in the
+``casframe_server_interceptors`` hook, so its fields are part of the plugin API: add fields,
+never rename them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from casframe.digest import CHUNK_SIZE
+from casframe.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_LISTEN",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_WORKERS",
+    "PemSource",
+    "ServerSettings",
+]
+
+#: Where ``casframe serve`` listens unless told otherwise (the port Bazel users expect).
+DEFAULT_LISTEN = "127.0.0.1:50051"
+# gRPC's own default message limit: every client accepts replies this large without tuning.
+DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
+# Each streaming call (a ByteStream upload or download) holds a worker thread for its whole
+# length, so there are more workers than cores; 32 streams of 1 MiB chunks stay far below the
+# 150 MiB memory budget.
+DEFAULT_WORKERS = 32
+# Room kept in a batch message for per-blob framing (~90 bytes a blob: 1 MiB covers over
+# 11,000 blobs), since clients count only the blob bytes against max_batch_total_size_bytes.
+_BATCH_FRAMING_BYTES = 1 << 20
+# Smallest message limit accepted: a 1 MiB ByteStream chunk and its framing must fit.
+_MIN_MESSAGE_BYTES = CHUNK_SIZE + (64 << 10)
+
+#: A PEM certificate or key: a path to read, or the PEM bytes themselves.
+PemSource = str | os.PathLike[str] | bytes
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything that shapes one server; passed to plugins as ``config``.
+
+    ``store_url`` is informational (the store is opened by the caller). TLS fields hold paths
+    or PEM bytes; ``tls_client_ca`` switches on mutual TLS. ``upload_expiry`` (seconds) and
+    ``max_partial_uploads`` bound the interrupted ByteStream uploads kept for resumption.
+    """
+
+    store_url: str = ""
+    listen: str = "127.0.0.1:0"
+    instance_names: tuple[str, ...] = ("",)
+    read_only: bool = False
+    tls_cert: PemSource | None = None
+    tls_key: PemSource | None = None
+    tls_client_ca: PemSource | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_workers: int = DEFAULT_WORKERS
+    upload_expiry: float = 15 * 60.0
+    max_partial_uploads: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_message_bytes < _MIN_MESSAGE_BYTES:
+            raise ConfigError(
+                f"max message size {self.max_message_bytes} is too small: "
+                f"at least {_MIN_MESSAGE_BYTES} bytes"
+            )
+        if self.max_workers < 1:
+            raise ConfigError(f"workers must be at least 1, got {self.max_workers}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both a certificate (--tls-cert) and a key (--tls-key)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("mutual TLS (--tls-client-ca) needs --tls-cert and --tls-key")
+        if self.upload_expiry <= 0 or self.max_partial_uploads < 1:
+            raise ConfigError("upload_expiry and max_partial_uploads must be positive")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def max_batch_total_size_bytes(self) -> int:
+        """The blob bytes one batch call may carry (advertised in GetCapabilities)."""
+        return max(
+            self.max_message_bytes // 2, self.max_message_bytes - _BATCH_FRAMING_BYTES
+        )
+
+    @property
+    def read_chunk_bytes(self) -> int:
+        """Payload of one ByteStream ``ReadResponse``."""
+        return min(CHUNK_SIZE, self.max_message_bytes - (64 << 10))

@@ -1,0 +1,586 @@
+"""The ``grpc://`` and ``grpcs://`` stores: any REAPI v2 server as a casframe backend.
+
+Blobs travel through the ContentAddressableStorage batch calls when they are small and through
+ByteStream when they are large; refs through BuildStream's ReferenceStorage or the Remote Asset
+API, whichever the server offers. The server's capabilities are read once, on open, and its
+batch limit is respected.
+
+Like every backend, this one only moves bytes: it never hashes or verifies content (the core
+does, above it), and it never lets a grpc error escape (see :mod:`casframe_grpc._connection`).
+REAPI has no call to list or delete blobs or refs, so neither is offered.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import threading
+import uuid
+from collections.abc import Collection, Iterable, Iterator
+from typing import BinaryIO
+
+import grpc
+
+from casframe import (
+    BackendUnavailableError,
+    BlobNotFoundError,
+    BlobStore,
+    BlobWriter,
+    CasframeError,
+    Digest,
+    RefInfo,
+    RefStore,
+    Store,
+    StoreURL,
+    UnsupportedOperationError,
+)
+from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as asset
+from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as asset_grpc
+from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as reapi
+from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as reapi_grpc
+from casframe._protos.buildstream.v2 import buildstream_pb2 as bst
+from casframe._protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
+from casframe._protos.google.bytestream import bytestream_pb2 as bytestream
+from casframe._protos.google.bytestream import bytestream_pb2_grpc as bytestream_grpc
+from casframe.digest import CHUNK_SIZE
+
+from ._connection import Connection, GrpcOptions, translate_error, translate_status
+
+__all__ = ["GrpcBlobStore", "GrpcRefStore", "open_grpc_store", "ref_uri"]
+
+# REAPI's advice when a server advertises no batch limit (max_batch_total_size_bytes = 0):
+# grpc's default largest message, 4 MiB.
+_DEFAULT_BATCH_LIMIT = 4 << 20
+# Room kept in every batch request for the instance name and the message's own framing.
+_REQUEST_OVERHEAD = 1024
+# What one blob adds to a batch message besides its bytes: its Digest (64 hex characters and
+# a size), field tags and length prefixes, and a status in responses. Measured at 80-90 bytes.
+_ENTRY_OVERHEAD = 128
+# Entries per batch call, whatever their size: bounds the work one call asks of the server.
+_MAX_BATCH_ENTRIES = 1000
+# Digests per FindMissingBlobs call: ~80 bytes each, so 10,000 make ~800 KB, far below the
+# 4 MiB message that every server accepts.
+_FIND_MISSING_BATCH = 10_000
+# ByteStream chunk: the size REAPI clients conventionally use (Bazel, BuildStream); large
+# enough that per-message cost vanishes, small enough to stay far below message limits.
+_STREAM_CHUNK = CHUNK_SIZE
+# Spooled writers keep this much in memory before moving to a temporary file.
+_SPOOL_IN_MEMORY = CHUNK_SIZE
+# A stream's deadline grows with its size at this rate (bytes/s) on top of ``timeout``, so a
+# large transfer is not cut off by the per-call timeout while a stuck one still ends.
+_SLOWEST_STREAM_RATE = 1 << 20
+
+_REF_URI_PREFIX = "casframe:ref/"
+
+
+def ref_uri(name: str) -> str:
+    """The Remote Asset URI under which ref ``name`` is pushed and fetched."""
+    return _REF_URI_PREFIX + name
+
+
+class _ByteStreamReader(io.RawIOBase):
+    """A blob read through ByteStream.Read: messages are pulled one at a time, as consumed.
+
+    ``read(n)`` and ``readinto`` fill what they are given unless the stream ends, like a file.
+    """
+
+    def __init__(self, store: GrpcBlobStore, digest: Digest, responses: grpc.Call) -> None:
+        super().__init__()
+        self._store = store
+        self._digest = digest
+        self._responses = responses
+        self._pending = memoryview(b"")
+        self._ended = False
+
+    def readable(self) -> bool:
+        return True
+
+    def prefetch(self) -> None:
+        """Wait for the first message, so that a missing blob is reported on open."""
+        self._pull()
+
+    def _pull(self) -> bool:
+        """Fetch the next non-empty message into ``_pending``; False at the end."""
+        if self._ended:
+            return False
+        with self._store.conn.calling("ByteStream.Read", digest=self._digest):
+            for response in self._responses:
+                if response.data:
+                    self._pending = memoryview(response.data)
+                    return True
+        self._ended = True
+        return False
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < len(view):
+            if not self._pending and not self._pull():
+                break
+            n = min(len(self._pending), len(view) - filled)
+            view[filled : filled + n] = self._pending[:n]
+            self._pending = self._pending[n:]
+            filled += n
+        return filled
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return self.readall()
+        buffer = bytearray(size)
+        n = self.readinto(buffer)
+        del buffer[n:]
+        return bytes(buffer)
+
+    def readall(self) -> bytes:
+        parts = [bytes(self._pending)]
+        self._pending = memoryview(b"")
+        while self._pull():
+            parts.append(bytes(self._pending))
+        self._pending = memoryview(b"")
+        return b"".join(parts)
+
+    def close(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._responses.cancel()
+        super().close()
+
+
+class _SpoolingWriter(BlobWriter):
+    """Collects an upload (in memory up to 1 MiB, then in a temporary file) until commit.
+
+    The digest is known only at the end, and ByteStream resource names carry it, so nothing
+    can be sent before ``commit``.
+    """
+
+    def __init__(self, store: GrpcBlobStore) -> None:
+        self._store = store
+        self._spool: tempfile.SpooledTemporaryFile[bytes] | None = tempfile.SpooledTemporaryFile(
+            max_size=_SPOOL_IN_MEMORY
+        )
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert self._spool is not None, "write after commit or abort"
+        self._spool.write(data)
+
+    def commit(self, digest: Digest) -> None:
+        spool = self._spool
+        assert spool is not None, "commit after commit or abort"
+        try:
+            spool.seek(0)
+            self._store.upload(digest, spool)  # type: ignore[arg-type]
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+
+class GrpcBlobStore(BlobStore):
+    """Blobs on a REAPI server: CAS batch calls for small ones, ByteStream for large ones."""
+
+    capabilities = frozenset()  # REAPI offers no listing, deleting or touching of blobs
+
+    def __init__(self, conn: Connection, capabilities: reapi.ServerCapabilities | None) -> None:
+        self.conn = conn
+        self._cas = reapi_grpc.ContentAddressableStorageStub(conn.channel)
+        self._bytestream = bytestream_grpc.ByteStreamStub(conn.channel)
+        self._timeout = conn.options.timeout
+        cache = capabilities.cache_capabilities if capabilities is not None else None
+        server_limit = cache.max_batch_total_size_bytes if cache is not None else 0
+        #: Largest batch request or response, in bytes, counting messages' own framing.
+        self.batch_limit = (
+            min(server_limit or _DEFAULT_BATCH_LIMIT, conn.options.max_message_size)
+            - _REQUEST_OVERHEAD
+        )
+        #: Largest blob the server accepts (0: no limit advertised).
+        self.max_blob_size = cache.max_cas_blob_size_bytes if cache is not None else 0
+        # The core groups batches by payload only; leave room for a thousand entries' framing.
+        framing = _MAX_BATCH_ENTRIES * _ENTRY_OVERHEAD
+        self.max_batch_bytes = max(64 << 10, self.batch_limit - framing)
+        self.max_batch_digests = _FIND_MISSING_BATCH
+        self.max_concurrency = conn.options.max_concurrency
+
+    def describe(self) -> str:
+        return self.conn.where
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- batching -----------------------------------------------------------------------------
+
+    def fits_batch(self, size: int) -> bool:
+        """Whether a blob of ``size`` bytes can travel in a batch call on its own."""
+        return size + _ENTRY_OVERHEAD <= self.batch_limit
+
+    def _batches(self, digests: Iterable[Digest]) -> Iterator[list[Digest]]:
+        """Group digests whose blobs fit batch calls, each group under the batch limit."""
+        group: list[Digest] = []
+        total = 0
+        for digest in digests:
+            cost = digest.size + _ENTRY_OVERHEAD
+            if group and (total + cost > self.batch_limit or len(group) >= _MAX_BATCH_ENTRIES):
+                yield group
+                group, total = [], 0
+            group.append(digest)
+            total += cost
+        if group:
+            yield group
+
+    def _stream_timeout(self, size: int) -> float:
+        return self._timeout + size / _SLOWEST_STREAM_RATE
+
+    # -- primitives -----------------------------------------------------------------------------
+
+    def find_missing_blobs(self, digests: Collection[Digest]) -> set[Digest]:
+        wanted = list(dict.fromkeys(d for d in digests if d.size))
+        missing: set[Digest] = set()
+        pending = wanted
+        while pending:
+            # Some servers (BuildGrid) answer once per hash in a request, so that one size
+            # being present hides another being missing: a hash goes at most once per call.
+            hashes: set[str] = set()
+            now: list[Digest] = []
+            later: list[Digest] = []
+            for digest in pending:
+                (later if digest.hash in hashes else now).append(digest)
+                hashes.add(digest.hash)
+            for start in range(0, len(now), _FIND_MISSING_BATCH):
+                request = reapi.FindMissingBlobsRequest(
+                    instance_name=self.conn.instance,
+                    blob_digests=[d.to_proto() for d in now[start : start + _FIND_MISSING_BATCH]],
+                )
+                with self.conn.calling("FindMissingBlobs"):
+                    response = self._cas.FindMissingBlobs(request, timeout=self._timeout)
+                missing.update(Digest.from_proto(d) for d in response.missing_blob_digests)
+            pending = later
+        return missing.intersection(wanted)
+
+    def open_blob(self, digest: Digest, offset: int = 0) -> BinaryIO:
+        if digest.size == 0 or offset >= digest.size:
+            # Nothing to read, but a missing blob must still be reported as missing.
+            if digest.size and self.find_missing_blobs([digest]):
+                raise self._not_found(digest)
+            return io.BytesIO(b"")
+        if digest.size <= _STREAM_CHUNK and self.fits_batch(digest.size):
+            # One unary call costs less than setting up a stream for a single message.
+            data = self._read_batch([digest])[digest]
+            stream = io.BytesIO(data)
+            stream.seek(offset)
+            return stream
+        request = bytestream.ReadRequest(
+            resource_name=f"{self.conn.resource_prefix()}blobs/{digest.hash}/{digest.size}",
+            read_offset=offset,
+        )
+        responses = self._bytestream.Read(
+            request, timeout=self._stream_timeout(digest.size - offset)
+        )
+        reader = _ByteStreamReader(self, digest, responses)
+        try:
+            reader.prefetch()
+        except BaseException:
+            reader.close()
+            raise
+        return reader  # type: ignore[return-value]
+
+    def begin_write(self, size_hint: int | None = None) -> BlobWriter:
+        return _SpoolingWriter(self)
+
+    # -- batch fast paths ---------------------------------------------------------------------
+
+    def read_blobs(self, digests: Iterable[Digest]) -> Iterator[tuple[Digest, bytes]]:
+        small: list[Digest] = []
+        for digest in dict.fromkeys(digests):
+            if digest.size == 0:
+                yield digest, b""
+            elif self.fits_batch(digest.size):
+                small.append(digest)
+            else:
+                with self.open_blob(digest) as stream:
+                    yield digest, stream.read()
+        for group in self._batches(small):
+            yield from self._read_batch(group).items()
+
+    def _read_batch(self, group: list[Digest]) -> dict[Digest, bytes]:
+        request = reapi.BatchReadBlobsRequest(
+            instance_name=self.conn.instance, digests=[d.to_proto() for d in group]
+        )
+        with self.conn.calling("BatchReadBlobs"):
+            response = self._cas.BatchReadBlobs(request, timeout=self._timeout)
+        wanted = set(group)
+        found: dict[Digest, bytes] = {}
+        missing: list[Digest] = []
+        for entry in response.responses:
+            digest = Digest.from_proto(entry.digest)
+            if digest not in wanted:
+                raise CasframeError(f"{self.conn.where} answered BatchReadBlobs with {digest}, "
+                                    "which was not asked for")
+            if entry.status.code == grpc.StatusCode.NOT_FOUND.value[0]:
+                missing.append(digest)
+            elif entry.status.code:
+                raise translate_status(entry.status.code, entry.status.message,
+                                       self.conn.where, f"BatchReadBlobs of {digest}",
+                                       digest=digest)
+            else:
+                found[digest] = entry.data
+        missing += [d for d in group if d not in found and d not in missing]
+        if missing:
+            raise self._not_found_all(missing)
+        return found
+
+    def write_blobs(self, blobs: Iterable[tuple[Digest, bytes]]) -> None:
+        small: dict[Digest, bytes] = {}
+        for digest, data in blobs:
+            if digest.size == 0:
+                continue
+            self._check_size(digest)
+            if self.fits_batch(digest.size):
+                small[digest] = data
+            else:
+                self.upload(digest, io.BytesIO(data))
+        for group in self._batches(small):
+            self._update_batch([(digest, small[digest]) for digest in group])
+
+    def _update_batch(self, blobs: list[tuple[Digest, bytes]]) -> None:
+        request = reapi.BatchUpdateBlobsRequest(
+            instance_name=self.conn.instance,
+            requests=[
+                reapi.BatchUpdateBlobsRequest.Request(digest=d.to_proto(), data=data)
+                for d, data in blobs
+            ],
+        )
+        with self.conn.calling("BatchUpdateBlobs"):
+            response = self._cas.BatchUpdateBlobs(request, timeout=self._timeout)
+        stored = set()
+        for entry in response.responses:
+            digest = Digest.from_proto(entry.digest)
+            if entry.status.code:
+                raise translate_status(entry.status.code, entry.status.message,
+                                       self.conn.where, f"BatchUpdateBlobs of {digest}",
+                                       digest=digest)
+            stored.add(digest)
+        unanswered = [d for d, _ in blobs if d not in stored]
+        if unanswered:
+            raise CasframeError(f"{self.conn.where} did not confirm storing {len(unanswered)} "
+                                f"blob(s) of a BatchUpdateBlobs call, e.g. {unanswered[0]}")
+
+    def upload(self, digest: Digest, stream: BinaryIO) -> None:
+        """Store a blob whose content ``stream`` holds (verified by the core already)."""
+        self._check_size(digest)
+        if self.fits_batch(digest.size):
+            self._update_batch([(digest, stream.read())])
+            return
+        # Asking first costs one round trip and can save sending megabytes.
+        if not self.find_missing_blobs([digest]):
+            return
+        resource = (f"{self.conn.resource_prefix()}uploads/{uuid.uuid4()}"
+                    f"/blobs/{digest.hash}/{digest.size}")
+
+        def requests() -> Iterator[bytestream.WriteRequest]:
+            offset = 0
+            while offset < digest.size:
+                chunk = stream.read(_STREAM_CHUNK)
+                if not chunk:
+                    raise CasframeError(f"upload of {digest} ended after {offset} bytes")
+                yield bytestream.WriteRequest(
+                    resource_name=resource if offset == 0 else "",
+                    write_offset=offset,
+                    data=chunk,
+                    finish_write=offset + len(chunk) >= digest.size,
+                )
+                offset += len(chunk)
+
+        with self.conn.calling("ByteStream.Write", digest=digest):
+            response = self._bytestream.Write(
+                requests(), timeout=self._stream_timeout(digest.size)
+            )
+        # -1 is how some servers answer when they already had the blob (compressed uploads).
+        if response.committed_size not in (digest.size, -1):
+            raise CasframeError(
+                f"{self.conn.where} committed {response.committed_size} bytes of {digest}"
+            )
+
+    # -- GetTree -------------------------------------------------------------------------------
+
+    def get_tree(self, root: Digest) -> Iterator[bytes]:
+        """Every Directory of the tree under ``root`` (serialized), in a few streamed pages.
+
+        One call instead of one round of batch reads per level of the tree. The messages are
+        serialized again here (deterministically); a server that stored them in another
+        encoding yields bytes that hash to other digests, which a caller must treat as
+        unknown, never as the tree's. Raises :class:`BlobNotFoundError` when ``root`` is
+        missing.
+        """
+        token = ""
+        while True:
+            request = reapi.GetTreeRequest(
+                instance_name=self.conn.instance, root_digest=root.to_proto(), page_token=token
+            )
+            token = ""
+            with self.conn.calling("GetTree", digest=root):
+                # A server may send every page in one stream (each but the last naming the
+                # next) or end the stream after a page: then ask again from its token.
+                for page in self._cas.GetTree(request, timeout=self._stream_timeout(0)):
+                    for directory in page.directories:
+                        yield directory.SerializeToString(deterministic=True)
+                    token = page.next_page_token
+            if not token:
+                return
+
+    def _check_size(self, digest: Digest) -> None:
+        if self.max_blob_size and digest.size > self.max_blob_size:
+            raise UnsupportedOperationError(
+                f"{self.conn.where} accepts blobs of at most {self.max_blob_size} bytes; "
+                f"{digest} is larger"
+            )
+
+    def _not_found_all(self, digests: list[Digest]) -> BlobNotFoundError:
+        return BlobNotFoundError(digests, self.conn.where)
+
+
+class GrpcRefStore(RefStore):
+    """Refs on a REAPI server, over ReferenceStorage or Remote Asset.
+
+    Neither protocol can list or delete names, nor report when a name was last used: refs
+    here can be set and read, and expiring them is the server's business.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._wanted = conn.options.ref_protocol
+        self._protocol: str | None = None if self._wanted == "auto" else self._wanted
+        self._lock = threading.Lock()
+        self._references = bst_grpc.ReferenceStorageStub(conn.channel)
+        self._fetch = asset_grpc.FetchStub(conn.channel)
+        self._push = asset_grpc.PushStub(conn.channel)
+
+    def protocol(self) -> str:
+        """``reference-storage`` or ``asset``: probed on first use when ``ref_protocol=auto``."""
+        with self._lock:
+            if self._protocol is None:
+                try:
+                    self._references.Status(
+                        bst.StatusRequest(instance_name=self.conn.instance),
+                        timeout=self.conn.options.timeout,
+                    )
+                    self._protocol = "reference-storage"
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        raise translate_error(
+                            exc, self.conn.where, "ReferenceStorage.Status"
+                        ) from None
+                    self._protocol = "asset"
+            return self._protocol
+
+    def _unsupported(self, what: str, error: UnsupportedOperationError) -> CasframeError:
+        if self._wanted == "auto":
+            return UnsupportedOperationError(
+                f"{self.conn.where} cannot {what}: it offers neither BuildStream's "
+                f"ReferenceStorage nor the Remote Asset API ({error})"
+            )
+        return error
+
+    def get_ref(self, name: str, *, touch: bool = True) -> Digest:
+        # ``touch`` cannot be honoured: neither protocol has a way to look without using.
+        timeout = self.conn.options.timeout
+        try:
+            if self.protocol() == "reference-storage":
+                with self.conn.calling("ReferenceStorage.GetReference", ref=name):
+                    found = self._references.GetReference(
+                        bst.GetReferenceRequest(instance_name=self.conn.instance, key=name),
+                        timeout=timeout,
+                    )
+                return Digest.from_proto(found.digest)
+            with self.conn.calling("Fetch.FetchDirectory", ref=name):
+                fetched = self._fetch.FetchDirectory(
+                    asset.FetchDirectoryRequest(
+                        instance_name=self.conn.instance, uris=[ref_uri(name)]
+                    ),
+                    timeout=timeout,
+                )
+        except UnsupportedOperationError as exc:
+            raise self._unsupported("read refs", exc) from None
+        if fetched.status.code:
+            raise translate_status(fetched.status.code, fetched.status.message,
+                                   self.conn.where, "Fetch.FetchDirectory", ref=name)
+        return Digest.from_proto(fetched.root_directory_digest)
+
+    def set_ref(self, name: str, digest: Digest) -> None:
+        timeout = self.conn.options.timeout
+        try:
+            if self.protocol() == "reference-storage":
+                with self.conn.calling("ReferenceStorage.UpdateReference"):
+                    self._references.UpdateReference(
+                        bst.UpdateReferenceRequest(
+                            instance_name=self.conn.instance, keys=[name],
+                            digest=digest.to_proto(),
+                        ),
+                        timeout=timeout,
+                    )
+                return
+            with self.conn.calling("Push.PushDirectory"):
+                self._push.PushDirectory(
+                    asset.PushDirectoryRequest(
+                        instance_name=self.conn.instance,
+                        uris=[ref_uri(name)],
+                        root_directory_digest=digest.to_proto(),
+                    ),
+                    timeout=timeout,
+                )
+        except UnsupportedOperationError as exc:
+            raise self._unsupported("store refs", exc) from None
+
+    def delete_ref(self, name: str) -> None:
+        raise UnsupportedOperationError(
+            f"{self.conn.where} cannot delete refs: REAPI has no such call"
+        )
+
+    def list_refs(self, prefix: str = "") -> Iterator[RefInfo]:
+        raise UnsupportedOperationError(
+            f"{self.conn.where} cannot list refs: REAPI has no such call"
+        )
+
+
+def _read_capabilities(conn: Connection) -> reapi.ServerCapabilities | None:
+    """The server's capabilities (None when it has no Capabilities service); fail fast."""
+    stub = reapi_grpc.CapabilitiesStub(conn.channel)
+    try:
+        capabilities = stub.GetCapabilities(
+            reapi.GetCapabilitiesRequest(instance_name=conn.instance),
+            timeout=conn.options.timeout,
+        )
+    except grpc.RpcError as exc:
+        code = exc.code()
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return None  # an old or minimal server: assume REAPI's defaults
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise BackendUnavailableError(
+                f"cannot reach {conn.where}: {exc.details() or code.name}"
+            ) from None
+        raise translate_error(exc, conn.where, "GetCapabilities") from None
+    functions = capabilities.cache_capabilities.digest_functions
+    if functions and reapi.DigestFunction.SHA256 not in functions:
+        offered = ", ".join(reapi.DigestFunction.Value.Name(f) for f in functions)
+        raise UnsupportedOperationError(
+            f"{conn.where} does not store SHA256 digests (it offers {offered}); "
+            "casframe needs SHA256"
+        )
+    return capabilities
+
+
+def open_grpc_store(url: StoreURL) -> Store:
+    """Factory for ``grpc://HOST:PORT[/INSTANCE]`` and ``grpcs://...``.
+
+    Connects and reads the server's capabilities at once, so an unreachable server or one
+    without SHA256 is reported here rather than at the first transfer.
+    """
+    conn = Connection(GrpcOptions.from_url(url))
+    try:
+        capabilities = _read_capabilities(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return Store(GrpcBlobStore(conn, capabilities), GrpcRefStore(conn), url=url.url)
+
