@@ -121,6 +121,15 @@ class BlobStore(ABC):
     def begin_write(self, size_hint: int | None = None) -> BlobWriter:
         """Start an upload whose digest the core will learn only at its end."""
 
+    def begin_write_for(self, digest: Digest) -> BlobWriter:
+        """Start an upload whose content should have ``digest`` (known in advance).
+
+        A backend may use the digest to store the content under its final name while it
+        arrives; ``commit`` is still called only with the digest the content really has, and
+        ``abort`` otherwise. The default is :meth:`begin_write`.
+        """
+        return self.begin_write(digest.size)
+
     # -- derived helpers (override for speed) -----------------------------------------------
 
     def read_blobs(self, digests: Iterable[Digest]) -> Iterator[tuple[Digest, bytes]]:

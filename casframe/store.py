@@ -245,7 +245,7 @@ class Store:
         The same rules as :meth:`put_stream`, for callers that receive content in pieces over
         time (the gRPC server's resumable ByteStream uploads).
         """
-        return VerifiedUpload(self.blobs.begin_write(expected.size), expected)
+        return VerifiedUpload(self.blobs.begin_write_for(expected), expected)
 
     def put_stream(
         self,
@@ -255,8 +255,10 @@ class Store:
         on_chunk: Callable[[int], None] | None = None,
     ) -> Digest:
         """Stream content in, hashing as it goes; commit only under the digest it really has."""
-        upload = VerifiedUpload(self.blobs.begin_write(expected.size if expected else None),
-                                expected)
+        upload = VerifiedUpload(
+            self.blobs.begin_write_for(expected) if expected else self.blobs.begin_write(None),
+            expected,
+        )
         buf = bytearray(CHUNK_SIZE)
         view = memoryview(buf)
         readinto = getattr(stream, "readinto", None)

@@ -1,4 +1,4 @@
-"""Fixtures for peers outside Python that casframe's own tests need (Bazel).
+"""Fixtures for peers outside Python that casframe's own tests need (Bazel, the AWS CLI).
 
 Store fixtures come from the shipped pytest plugin (``casframe.testing.plugin``, loaded through
 its ``pytest11`` entry point), used exactly as a third-party backend's tests would use them.
@@ -11,20 +11,21 @@ import subprocess
 import pytest
 
 
-def _install_bazel() -> str:
-    found = shutil.which("bazel")
+def _install_debian_tool(tool: str, package: str) -> str:
+    """The path of ``tool``, installing Debian's ``package`` first when it is missing."""
+    found = shutil.which(tool)
     if found:
         return found
-    command = ["apt-get", "install", "-y", "-q", "bazel-bootstrap"]
+    command = ["apt-get", "install", "-y", "-q", package]
     if os.geteuid() != 0:
         command = ["sudo", "-n", *command]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     update = subprocess.run([*command[:-4], "update", "-q"], env=env, capture_output=True)
     result = subprocess.run(command, env=env, capture_output=True, text=True)
-    found = shutil.which("bazel")
+    found = shutil.which(tool)
     if result.returncode != 0 or not found:
         pytest.fail(
-            "could not install Debian's bazel-bootstrap for the Bazel tests:\n"
+            f"could not install Debian's {package} (for {tool}) for the tests:\n"
             f"{update.stderr!r}\n{result.stdout}\n{result.stderr}"
         )
     return found
@@ -32,4 +33,11 @@ def _install_bazel() -> str:
 
 @pytest.fixture(scope="session")
 def bazel() -> str:
-    return _install_bazel()
+    """Bazel, a real REAPI client (Debian's bazel-bootstrap)."""
+    return _install_debian_tool("bazel", "bazel-bootstrap")
+
+
+@pytest.fixture(scope="session")
+def aws_cli() -> str:
+    """The AWS CLI, to check that S3 tools and casframe read each other's layout."""
+    return _install_debian_tool("aws", "awscli")

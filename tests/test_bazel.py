@@ -51,14 +51,18 @@ def workspace(tmp_path: Path) -> Path:
     return ws
 
 
-@pytest.fixture
-def served_store(tmp_path: Path) -> Iterator[tuple[Store, str]]:
+@pytest.fixture(params=["file", "s3"])
+def served_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Store, str]]:
+    """``casframe serve`` over a file:// store, or over s3:// on moto's HTTP server."""
     from casframe.server import Server
 
-    store = open_store(f"file://{tmp_path}/cache")
+    if request.param == "s3":
+        store = request.getfixturevalue("s3_server_store")
+    else:
+        store = open_store(f"file://{tmp_path}/cache")
+        request.addfinalizer(store.close)
     with Server(store, listen="127.0.0.1:0") as server:
         yield store, f"grpc://127.0.0.1:{server.port}"
-    store.close()
 
 
 def _build(bazel: str, workspace: Path, output_root: Path, cache_url: str) -> str:

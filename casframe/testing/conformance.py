@@ -105,6 +105,8 @@ class ConformanceBase:
     missing_capabilities: ClassVar[frozenset[Capability]] = frozenset()
     #: ``{"test_name": "reason"}`` for single tests expected to fail (strict xfail).
     known_gaps: ClassVar[Mapping[str, str]] = {}
+    #: Seconds between distinguishable blob mtimes (S3's LastModified has one-second steps).
+    mtime_resolution: ClassVar[float] = 0.0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -409,7 +411,7 @@ class BlobConformance(ConformanceBase):
             return next(i.mtime for i in store.blobs.iter_blobs() if i.digest == digest)
 
         before = mtime()
-        time.sleep(0.02)
+        time.sleep(max(0.02, 1.05 * self.mtime_resolution))
         store.blobs.touch_blobs([digest, absent])  # absent ones are ignored
         after = mtime()
         if before is not None and after is not None:

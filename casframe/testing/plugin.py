@@ -12,6 +12,10 @@ Fixtures:
 ``make_tree``
     ``make_tree(name=None, *, large=False) -> Path`` writes a realistic tree (see
     :func:`casframe.testing.write_tree`) under the test's temporary directory.
+``s3_mock``, ``s3_store``, ``moto_server``, ``s3_server_bucket``, ``s3_server_store``,
+``fake_aws_credentials``
+    S3 against moto, in process or over HTTP on a free loopback port
+    (:mod:`casframe.testing.s3`; needs ``casframe[s3]`` and moto).
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ if TYPE_CHECKING:
 
 # The conformance suite is plain asserts; let pytest explain them when a backend fails one.
 pytest.register_assert_rewrite("casframe.testing.conformance")
+
+# S3 fixtures: s3_mock, s3_store, moto_server, s3_server_bucket, s3_server_store,
+# fake_aws_credentials. moto and boto3 are imported inside the fixtures, so this costs nothing.
+pytest_plugins = ["casframe.testing.s3"]
 
 
 @pytest.fixture

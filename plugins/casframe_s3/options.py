@@ -1,0 +1,196 @@
+"""The options of ``s3://BUCKET/PREFIX`` store URLs, parsed and checked before boto3 is touched.
+
+Options arrive in the URL query or from a named store's ``options`` table in the config file
+(the query wins); both reach here through :class:`casframe.StoreURL`. An unknown option or a bad
+value is a :class:`casframe.ConfigError` naming the option, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from urllib.parse import unquote
+
+from casframe import ConfigError, StoreURL
+
+__all__ = ["S3Options", "parse_size"]
+
+MiB = 1 << 20
+# S3's smallest multipart part (except the last one) and its largest single PUT.
+MIN_PART_SIZE = 5 * MiB
+MAX_SINGLE_PUT = 5 << 30
+
+_SIZE_RE = re.compile(r"\s*(\d+)\s*([kmgt]?)(i?b?)\s*", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_BOOLEANS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.\-_]{1,254}")  # S3 plus what S3-compatible servers allow
+
+
+def parse_size(text: str, option: str, url: str) -> int:
+    """``"8MiB"``, ``"8M"``, ``"8388608"`` → bytes (binary units, as boto3's own sizes)."""
+    match = _SIZE_RE.fullmatch(text)
+    if not match:
+        raise ConfigError(
+            f"option {option}={text!r} in {url} is not a size (e.g. 8MiB, 16M, 1048576)"
+        )
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """Everything an ``s3://`` URL can say, with the defaults that apply when it does not."""
+
+    bucket: str
+    #: Key prefix without leading or trailing ``/`` (``""`` for the bucket's root).
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    #: ``auto`` (boto3's choice), ``path`` (most S3-compatible servers) or ``virtual``.
+    addressing_style: str = "auto"
+    #: Concurrent requests of one store: checks, small uploads and downloads, multipart parts.
+    #: 10 is the AWS CLI's and boto3's default; each thread moving data holds a few MiB.
+    max_concurrency: int = 10
+    #: Blobs at least this large are uploaded in parts, concurrently (boto3's default).
+    multipart_threshold: int = 8 * MiB
+    multipart_chunksize: int = 8 * MiB
+    #: botocore's retry modes: ``standard`` (default) or ``adaptive`` (client-side rate
+    #: limiting on throttling); ``legacy`` is accepted for old deployments.
+    retry_mode: str = "standard"
+    max_attempts: int = 5
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    # ``when_required`` sends and checks checksums only where S3 demands them, so servers that
+    # predate the CRC32 checksum headers of 2025's SDKs keep working; ``when_supported`` asks
+    # for end-to-end checksums on every upload and download where the server offers them.
+    request_checksum_calculation: str = "when_required"
+    response_checksum_validation: str = "when_required"
+    # Signing each upload's body (SigV4) costs a second pass over it and a few MiB per thread;
+    # TLS protects content in transit and the core verifies every blob it reads.
+    payload_signing: bool = False
+
+    @property
+    def key_prefix(self) -> str:
+        """What every key of this store starts with: ``"PREFIX/"`` or ``""``."""
+        return f"{self.prefix}/" if self.prefix else ""
+
+    @property
+    def location(self) -> str:
+        """``s3://BUCKET/PREFIX`` as used in messages (without the options)."""
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    @property
+    def endpoint_description(self) -> str:
+        if self.endpoint_url:
+            return self.endpoint_url
+        return f"AWS S3 ({self.region})" if self.region else "AWS S3"
+
+    @classmethod
+    def from_url(cls, url: StoreURL) -> S3Options:
+        bucket = url.netloc
+        if not bucket:
+            raise ConfigError(f"s3:// URL needs a bucket (s3://BUCKET/PREFIX): {url.url!r}")
+        if "@" in bucket or ":" in bucket:
+            raise ConfigError(
+                f"s3:// URL {url.url!r}: put no credentials or port in the bucket name; "
+                "credentials come from boto3's chain and the server from endpoint_url="
+            )
+        if not _BUCKET_RE.fullmatch(bucket):
+            raise ConfigError(f"s3:// URL {url.url!r}: {bucket!r} is not a valid bucket name")
+        prefix = unquote(url.path).strip("/")
+        if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+            raise ConfigError(
+                f"s3:// URL {url.url!r}: the prefix {prefix!r} has an empty, '.' or '..' segment"
+            )
+
+        known = {f.name for f in fields(cls)} - {"bucket", "prefix"}
+        unknown = sorted(set(url.options) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {', '.join(unknown)} for {url.url}; "
+                f"s3:// stores accept: {', '.join(sorted(known))}"
+            )
+        values: dict[str, object] = {"bucket": bucket, "prefix": prefix}
+        raw = dict(url.options)
+
+        def text(name: str) -> str | None:
+            value = raw.get(name)
+            return value.strip() if value is not None and value.strip() else None
+
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = text(name)
+            if value is None:
+                return
+            if value.lower() not in allowed:
+                raise ConfigError(
+                    f"option {name}={value!r} in {url.url} must be one of: {', '.join(allowed)}"
+                )
+            values[name] = value.lower()
+
+        def number(name: str, kind: type[int] | type[float], minimum: float) -> None:
+            value = text(name)
+            if value is None:
+                return
+            try:
+                parsed = kind(value)
+            except ValueError:
+                parsed = None
+            if parsed is None or parsed < minimum:
+                raise ConfigError(
+                    f"option {name}={value!r} in {url.url} must be a number of at least {minimum}"
+                )
+            values[name] = parsed
+
+        def boolean(name: str) -> None:
+            value = text(name)
+            if value is None:
+                return
+            if value.lower() not in _BOOLEANS:
+                raise ConfigError(f"option {name}={value!r} in {url.url} is not a boolean")
+            values[name] = _BOOLEANS[value.lower()]
+
+        def size(name: str, minimum: int) -> None:
+            value = text(name)
+            if value is None:
+                return
+            parsed = parse_size(value, name, url.url)
+            if parsed < minimum:
+                raise ConfigError(
+                    f"option {name}={value!r} in {url.url} must be at least {minimum} bytes"
+                )
+            values[name] = parsed
+
+        for name in ("endpoint_url", "region", "profile"):
+            if text(name) is not None:
+                values[name] = text(name)
+        endpoint = values.get("endpoint_url")
+        if isinstance(endpoint, str) and not endpoint.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"option endpoint_url={endpoint!r} in {url.url} must start with http:// or https://"
+            )
+        choice("addressing_style", ("auto", "path", "virtual"))
+        choice("retry_mode", ("standard", "adaptive", "legacy"))
+        choice("request_checksum_calculation", ("when_required", "when_supported"))
+        choice("response_checksum_validation", ("when_required", "when_supported"))
+        boolean("payload_signing")
+        number("max_concurrency", int, 1)
+        number("max_attempts", int, 1)
+        number("connect_timeout", float, 0.001)
+        number("read_timeout", float, 0.001)
+        size("multipart_threshold", 1)
+        size("multipart_chunksize", MIN_PART_SIZE)
+        options = cls(**values)  # type: ignore[arg-type]
+        if options.multipart_threshold > MAX_SINGLE_PUT:
+            raise ConfigError(
+                f"option multipart_threshold in {url.url} exceeds 5 GiB, S3's largest single PUT"
+            )
+        return options

@@ -1,0 +1,1189 @@
+"""The ``s3://BUCKET/PREFIX`` backend: a casframe store in any S3-compatible bucket (boto3).
+
+Layout under PREFIX, that of ``file://`` so that a local store copied with any S3 sync tool opens
+as an S3 store and back::
+
+    PREFIX/objects/ab/cdef…   blob with sha256 ``abcdef…``
+    PREFIX/refs/heads/NAME    a serialized REAPI Digest message; user metadata ``accessed``
+                              holds the last access (seconds since the epoch)
+
+A blob becomes visible only as a whole: one PUT, or a multipart upload that is completed only
+after the core has checked the content against its digest. Nothing here verifies content on its
+way in or out (the core does; the one hash computed here tells a blob stored with another size
+from a damaged one), and nothing above this module ever sees a botocore error: they are
+translated into casframe's errors once, in :meth:`_Bucket.translate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, BinaryIO, NoReturn, TypeVar
+
+import boto3
+import botocore.exceptions
+import botocore.loaders
+import botocore.session
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore.config import Config
+
+from casframe import (
+    BackendUnavailableError,
+    BlobInfo,
+    BlobNotFoundError,
+    BlobStore,
+    BlobWriter,
+    Capability,
+    CasframeError,
+    ConfigError,
+    CorruptBlobError,
+    Digest,
+    InvalidDigestError,
+    PermissionDeniedError,
+    RefInfo,
+    RefNotFoundError,
+    RefStore,
+    Store,
+    StoreURL,
+    __version__,
+)
+from casframe.digest import CHUNK_SIZE
+from casframe_s3.options import MAX_SINGLE_PUT, S3Options
+
+__all__ = ["S3BlobStore", "S3RefStore", "open_s3_store"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Uploads are kept in memory up to this size, then spooled to a temporary file: unless it was
+# announced (begin_write_for), the digest, and so the key, is known only at commit, and S3
+# cannot rename. 1 MiB is the core's chunk size, so small blobs never touch the disk and many
+# concurrent writers stay far below 100 MiB.
+SPOOL_MEMORY_LIMIT = CHUNK_SIZE
+# find_missing lists fan-out folders instead of asking for each blob once this many digests are
+# asked about at once: listing one folder answers for all its digests in one request.
+LIST_MIN_DIGESTS = 1000
+# A LIST page (up to 1,000 keys, ~100 KB of XML) takes a few HEADs' time to produce and parse;
+# listing a folder is worth it while each page resolves at least this many digests.
+PAGE_COST_IN_HEADS = 4
+# S3's limits: parts of one multipart upload; keys in one DeleteObjects request.
+MAX_PARTS = 10_000
+MAX_DELETE_KEYS = 1000
+# Largest ref object read: a serialized Digest is ~70 bytes; anything huge is not a ref.
+MAX_REF_BYTES = 64 << 10
+# Error codes meaning "no such object" (HEAD answers carry no body, only the status).
+_NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
+_NO_BUCKET = frozenset({"NoSuchBucket"})
+_DENIED = frozenset(
+    {
+        "AccessDenied",
+        "403",
+        "Forbidden",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "AllAccessDisabled",
+        "AccountProblem",
+    }
+)
+_TEMPORARY = frozenset(
+    {
+        "SlowDown",
+        "ServiceUnavailable",
+        "InternalError",
+        "RequestTimeout",
+        "Throttling",
+        "ThrottlingException",
+        "500",
+        "502",
+        "503",
+        "504",
+    }
+)
+_CONNECTION_ERRORS = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectionError,  # ConnectTimeout, ConnectionClosed, proxy errors
+    botocore.exceptions.HTTPClientError,  # ReadTimeout and friends
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.IncompleteReadError,
+)
+
+
+def _error_code(exc: BaseException) -> str:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def _credentials_help(options: S3Options) -> str:
+    profile = f"profile {options.profile!r}" if options.profile else "AWS_PROFILE or profile="
+    return (
+        "boto3 looks for credentials in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+        f"{profile} in ~/.aws/credentials and ~/.aws/config, web identity and SSO settings, "
+        "and the container or instance role"
+    )
+
+
+class _Bucket:
+    """One bucket and prefix with its boto3 client, worker threads and transfer manager.
+
+    Shared by the store's BlobStore and RefStore; all S3 calls of both go through here.
+    """
+
+    def __init__(self, options: S3Options) -> None:
+        self.options = options
+        self.name = options.bucket
+        self.objects = f"{options.key_prefix}objects/"
+        self.refs = f"{options.key_prefix}refs/heads/"
+        try:
+            core = botocore.session.get_session()
+            core.register_component("data_loader", _shared_loader())
+            session = boto3.session.Session(
+                botocore_session=core, profile_name=options.profile, region_name=options.region
+            )
+        except botocore.exceptions.ProfileNotFound:
+            raise ConfigError(self._profile_missing()) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise ConfigError(f"cannot set up AWS access for {options.location}: {exc}") from None
+        # Threads that may use the client at once: our workers, the transfer manager's, and
+        # the core's own (which call open_blob and commit directly).
+        connections = 3 * options.max_concurrency + 4
+        config = Config(
+            # total_max_attempts counts the first try, as max_attempts does in ~/.aws/config.
+            retries={"mode": options.retry_mode, "total_max_attempts": options.max_attempts},
+            connect_timeout=options.connect_timeout,
+            read_timeout=options.read_timeout,
+            max_pool_connections=connections,
+            s3={
+                "addressing_style": options.addressing_style,
+                "payload_signing_enabled": options.payload_signing,
+            },
+            request_checksum_calculation=options.request_checksum_calculation,
+            response_checksum_validation=options.response_checksum_validation,
+            user_agent_extra=f"casframe/{__version__}",
+            tcp_keepalive=True,
+        )
+        try:
+            self.client: Any = session.client(
+                "s3", endpoint_url=options.endpoint_url, config=config
+            )
+        except botocore.exceptions.ProfileNotFound:
+            raise ConfigError(self._profile_missing()) from None
+        except (botocore.exceptions.BotoCoreError, ValueError) as exc:
+            raise ConfigError(f"cannot create an S3 client for {options.location}: {exc}") from None
+        # Servers that predate the CRC32 checksum headers still demand Content-MD5 on
+        # DeleteObjects; sending both satisfies old and new ones.
+        self.client.meta.events.register("before-sign.s3.DeleteObjects", _add_content_md5)
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._transfers: Any = None
+        self._closed = False
+        self.warned_read_only = False
+
+    def _profile_missing(self) -> str:
+        return (
+            f"AWS profile {self.options.profile!r} for {self.options.location} is not defined "
+            "in ~/.aws/config or ~/.aws/credentials "
+            "(or the files AWS_CONFIG_FILE and AWS_SHARED_CREDENTIALS_FILE name)"
+        )
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=self.options.max_concurrency, thread_name_prefix="casframe-s3"
+                )
+            return self._pool
+
+    @property
+    def transfers(self) -> Any:
+        """boto3's managed transfer (multipart, concurrent parts), made on first large upload."""
+        with self._lock:
+            if self._transfers is None:
+                config = TransferConfig(
+                    multipart_threshold=self.options.multipart_threshold,
+                    multipart_chunksize=self.options.multipart_chunksize,
+                    max_concurrency=self.options.max_concurrency,
+                    preferred_transfer_client="classic",
+                )
+                self._transfers = create_transfer_manager(self.client, config)
+            return self._transfers
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pool, self._pool = self._pool, None
+            transfers, self._transfers = self._transfers, None
+        if transfers is not None:
+            transfers.shutdown()
+        if pool is not None:
+            pool.shutdown(wait=True)
+        self.client.close()
+
+    def map(self, func: Callable[[Any], T], items: Iterable[Any]) -> list[T]:
+        """``func`` over ``items`` on the worker threads; the first failure is raised after all
+        submitted work has finished (so nothing runs on after the call returns)."""
+        futures = [self.pool.submit(func, item) for item in items]
+        return _gather(futures)
+
+    def object_key(self, digest: Digest) -> str:
+        return f"{self.objects}{digest.hash[:2]}/{digest.hash[2:]}"
+
+    # -- error translation (the one place botocore errors become casframe errors) ------------
+
+    def translate(self, exc: BaseException, action: str, key: str | None = None) -> CasframeError:
+        opts = self.options
+        where = f"{opts.location}" + (f" (key {key})" if key else "")
+        code = _error_code(exc)
+        if isinstance(
+            exc,
+            botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError,
+        ):
+            return PermissionDeniedError(
+                f"no AWS credentials to {action} in bucket {opts.bucket!r}: "
+                + _credentials_help(opts)
+            )
+        if isinstance(exc, botocore.exceptions.ProfileNotFound):
+            return ConfigError(self._profile_missing())
+        if isinstance(exc, _CONNECTION_ERRORS):
+            return BackendUnavailableError(
+                f"cannot {action} in {where}: S3 endpoint {opts.endpoint_description} "
+                f"is unreachable or timed out ({exc})"
+            )
+        if code in _NO_BUCKET:
+            return ConfigError(
+                f"bucket {opts.bucket!r} does not exist (endpoint {opts.endpoint_description})"
+            )
+        if code == "RequestTimeTooSkewed":
+            return PermissionDeniedError(
+                f"S3 endpoint {opts.endpoint_description} refused to {action} in {where}: "
+                "this machine's clock is too far off (more than 15 minutes)"
+            )
+        if code in _DENIED:
+            return PermissionDeniedError(
+                f"access denied to {action} in bucket {opts.bucket!r}"
+                + (f", key {key}" if key else "")
+                + f" (endpoint {opts.endpoint_description}, {code}): check the credentials "
+                "and the bucket policy"
+            )
+        if code in ("PermanentRedirect", "301", "AuthorizationHeaderMalformed"):
+            region = _bucket_region(exc)
+            hint = f"set region={region}" if region else "set region= to the bucket's region"
+            return ConfigError(
+                f"bucket {opts.bucket!r} is in another region than {opts.region or 'the default'}: "
+                f"{hint}"
+            )
+        if code in ("InvalidBucketName",):
+            return ConfigError(
+                f"{opts.bucket!r} is not a valid bucket name for {opts.endpoint_description}"
+            )
+        if code in _TEMPORARY:
+            return BackendUnavailableError(
+                f"cannot {action} in {where}: S3 endpoint {opts.endpoint_description} "
+                f"answered {code} after {opts.max_attempts} attempts"
+            )
+        if isinstance(exc, botocore.exceptions.ClientError):
+            message = exc.response.get("Error", {}).get("Message", "")
+            return CasframeError(f"cannot {action} in {where}: S3 answered {code}: {message}")
+        return CasframeError(f"cannot {action} in {where}: {exc}")
+
+    @contextlib.contextmanager
+    def errors(self, action: str, key: str | None = None) -> Iterator[None]:
+        try:
+            yield
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self.translate(exc, action, key) from exc
+
+    def fail(self, exc: BaseException, action: str, key: str | None = None) -> NoReturn:
+        raise self.translate(exc, action, key) from exc
+
+    # -- requests used in several places -------------------------------------------------------
+
+    def check_bucket(self) -> None:
+        """Fail fast, with one clear message, when the bucket is absent or out of reach."""
+        try:
+            self.client.head_bucket(Bucket=self.name)
+        except botocore.exceptions.ClientError as exc:
+            if _error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
+                raise ConfigError(
+                    f"bucket {self.name!r} does not exist "
+                    f"(endpoint {self.options.endpoint_description})"
+                ) from None
+            self.fail(exc, "open the store")
+        except botocore.exceptions.BotoCoreError as exc:
+            self.fail(exc, "open the store")
+
+    def head(self, key: str) -> dict[str, Any] | None:
+        """The object's metadata, or ``None`` when there is no such object."""
+        try:
+            response: dict[str, Any] = self.client.head_object(Bucket=self.name, Key=key)
+        except botocore.exceptions.ClientError as exc:
+            if _error_code(exc) in _NOT_FOUND:
+                return None
+            self.fail(exc, "look up an object", key)
+        except botocore.exceptions.BotoCoreError as exc:
+            self.fail(exc, "look up an object", key)
+        return response
+
+    def put(self, key: str, body: bytes, **extra: Any) -> None:
+        with self.errors("store an object", key):
+            self.client.put_object(Bucket=self.name, Key=key, Body=body, **extra)
+
+    def list_pages(self, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        """Pages of ListObjectsV2, translated errors; ``kwargs`` as for the API."""
+        token = None
+        while True:
+            request = dict(kwargs, Bucket=self.name)
+            if token:
+                request["ContinuationToken"] = token
+            with self.errors("list objects", kwargs.get("Prefix")):
+                page: dict[str, Any] = self.client.list_objects_v2(**request)
+            yield page
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+
+_loader_lock = threading.Lock()
+_loader: Any = None
+
+
+def _shared_loader() -> Any:
+    """One botocore model loader for the process: parsing the S3 model takes 0.1-0.5 s, and
+    every store opened (tests open hundreds) would parse it again. The models are read-only."""
+    global _loader
+    with _loader_lock:
+        if _loader is None:
+            _loader = botocore.loaders.create_loader()
+        return _loader
+
+
+def _bucket_region(exc: BaseException) -> str | None:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        region = headers.get("x-amz-bucket-region") or exc.response.get("Error", {}).get("Region")
+        return str(region) if region else None
+    return None
+
+
+def _add_content_md5(request: Any, **_: Any) -> None:
+    import base64
+    import hashlib
+
+    body = request.body
+    if isinstance(body, bytes | bytearray) and "Content-MD5" not in request.headers:
+        request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
+
+
+def _gather(futures: list[Future[T]]) -> list[T]:
+    """Wait for every future; return their results or raise the first failure."""
+    results: list[T] = []
+    first: BaseException | None = None
+    for future in futures:
+        try:
+            results.append(future.result())
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others ended
+            if first is None:
+                first = exc
+                for other in futures:
+                    other.cancel()
+    if first is not None:
+        raise first
+    return results
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+class _ObjectReader(io.RawIOBase):
+    """A GET response body as a raw stream: chunked reads, network errors translated."""
+
+    def __init__(self, body: Any, bucket: _Bucket, key: str) -> None:
+        super().__init__()
+        self._body = body
+        self._bucket = bucket
+        self._key = key
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        try:
+            data = self._body.read(min(len(view), CHUNK_SIZE))
+        except (botocore.exceptions.BotoCoreError, OSError) as exc:
+            raise BackendUnavailableError(
+                f"reading {self._key} from {self._bucket.options.location} "
+                f"({self._bucket.options.endpoint_description}) failed: {exc}"
+            ) from exc
+        n = len(data)
+        view[:n] = data
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            with contextlib.suppress(Exception):
+                self._body.close()
+        super().close()
+
+
+# -- writing --------------------------------------------------------------------------------
+
+
+class _S3Writer(BlobWriter):
+    """Collects an upload in memory, then in a temporary file, and stores it at commit."""
+
+    def __init__(self, store: S3BlobStore) -> None:
+        self._store = store
+        self._memory: bytearray | None = bytearray()
+        self._file: BinaryIO | None = None
+        self._path = ""
+        self._size = 0
+        self._done = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert not self._done, "write after commit or abort"
+        if self._memory is not None:
+            if len(self._memory) + len(data) <= SPOOL_MEMORY_LIMIT:
+                self._memory += data
+                self._size += len(data)
+                return
+            self._spill()
+        assert self._file is not None
+        self._file.write(data)
+        self._size += len(data)
+
+    def _spill(self) -> None:
+        # A named file, so that boto3's transfer manager reads each part from disk when it
+        # sends it (with a file object it would copy parts into memory).
+        fd, self._path = tempfile.mkstemp(prefix="casframe-s3-")
+        self._file = os.fdopen(fd, "wb")
+        assert self._memory is not None
+        self._file.write(self._memory)
+        self._memory = None
+
+    def commit(self, digest: Digest) -> None:
+        assert not self._done, "commit after commit or abort"
+        try:
+            if self._memory is not None:
+                self._store.put_small(digest, bytes(self._memory))
+            else:
+                assert self._file is not None
+                self._file.close()
+                self._store.put_file(digest, self._path, self._size)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        self._done = True
+        self._memory = None
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        if self._path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
+            self._path = ""
+
+
+class _Upload:
+    """An upload in progress in this process, which writers of the same blob wait for."""
+
+    __slots__ = ("done", "succeeded")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.succeeded = False
+
+
+class _FileRegion(io.RawIOBase):
+    """Bytes ``[start, start + length)`` of a file as a seekable stream: one part's body, read
+    from disk as it is sent (and again if botocore retries)."""
+
+    def __init__(self, path: str, start: int, length: int) -> None:
+        super().__init__()
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+        self._start = start
+        self._length = length
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+        self._position = max(0, min(self._length, base + offset))
+        return self._position
+
+    def __len__(self) -> int:
+        return self._length
+
+    def readinto(self, buffer: Any) -> int:  # type: ignore[override]
+        wanted = min(len(buffer), self._length - self._position)
+        if wanted <= 0:
+            return 0
+        view = memoryview(buffer).cast("B")[:wanted]
+        n = os.preadv(self._file.fileno(), [view], self._start + self._position)
+        self._position += n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+class _StreamingUpload(BlobWriter):
+    """An upload whose digest was announced: parts go out while the content still arrives.
+
+    With the key known from the start, each part is sent as soon as it is complete in the
+    spool file, instead of all of them after the last byte. The multipart upload is completed
+    only at commit, which the core calls only when the content matched the digest; until then
+    nothing is visible, and abort discards the parts. boto3's transfer manager cannot start
+    before its input is complete, so this drives the multipart API itself.
+    """
+
+    def __init__(self, store: S3BlobStore, expected: Digest) -> None:
+        self._store = store
+        self._bucket = store._bucket
+        self._expected = expected
+        self._key = self._bucket.object_key(expected)
+        # S3 allows 10,000 parts: grow them for blobs over ~80 GB (with 8 MiB parts).
+        options = self._bucket.options
+        self._part_size = max(options.multipart_chunksize, -(-expected.size // MAX_PARTS))
+        self._size = 0
+        self._sent = 0  # bytes handed to part uploads
+        self._parts: list[Future[dict[str, Any]]] = []
+        self._upload_id: str | None = None
+        self._done = False
+        existing = self._bucket.head(self._key)
+        self._present = existing is not None and existing.get("ContentLength") == expected.size
+        self._file: BinaryIO | None = None
+        self._path = ""
+        if not self._present:
+            fd, self._path = tempfile.mkstemp(prefix="casframe-s3-")
+            self._file = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert not self._done, "write after commit or abort"
+        self._size += len(data)
+        if self._file is None:
+            return  # already stored: the core still hashes what arrives, nothing to send
+        self._file.write(data)
+        if self._size - self._sent >= self._part_size:
+            self._file.flush()
+            while self._size - self._sent >= self._part_size:
+                self._send_part(self._part_size)
+
+    def _send_part(self, length: int) -> None:
+        if self._upload_id is None:
+            with self._bucket.errors("start a multipart upload", self._key):
+                response = self._bucket.client.create_multipart_upload(
+                    Bucket=self._bucket.name, Key=self._key
+                )
+            self._upload_id = response["UploadId"]
+        number = len(self._parts) + 1
+        future = self._bucket.pool.submit(self._upload_part, number, self._sent, length)
+        self._parts.append(future)
+        self._sent += length
+
+    def _upload_part(self, number: int, start: int, length: int) -> dict[str, Any]:
+        with _FileRegion(self._path, start, length) as body:
+            with self._bucket.errors("upload part of a blob", self._key):
+                response = self._bucket.client.upload_part(
+                    Bucket=self._bucket.name,
+                    Key=self._key,
+                    UploadId=self._upload_id,
+                    PartNumber=number,
+                    Body=body,
+                    ContentLength=length,
+                )
+        return {"ETag": response["ETag"], "PartNumber": number}
+
+    def commit(self, digest: Digest) -> None:
+        assert not self._done, "commit after commit or abort"
+        try:
+            if digest != self._expected:
+                # Not how the core uses it, but then the content decides where it goes.
+                self._abort_parts()
+                if self._file is not None:
+                    self._file.close()
+                    self._store.put_file(digest, self._path, self._size)
+                    return
+                raise AssertionError(
+                    f"commit of {digest} for an upload announced as {self._expected}"
+                )
+            if self._file is None:
+                return  # it was there before the upload began
+            self._file.close()
+            if self._upload_id is None:  # smaller than one part after all
+                self._store.put_file(digest, self._path, self._size)
+                return
+            if self._size > self._sent:
+                self._send_part(self._size - self._sent)
+            parts = _gather(self._parts)
+            with self._bucket.errors("complete a multipart upload", self._key):
+                self._bucket.client.complete_multipart_upload(
+                    Bucket=self._bucket.name,
+                    Key=self._key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+            self._upload_id = None
+        except BaseException:
+            self._abort_parts()
+            raise
+        finally:
+            self.abort()
+
+    def _abort_parts(self) -> None:
+        for future in self._parts:
+            future.cancel()
+        for future in self._parts:
+            with contextlib.suppress(BaseException):
+                future.result()
+        self._parts = []
+        upload_id, self._upload_id = self._upload_id, None
+        if upload_id is not None:
+            with contextlib.suppress(
+                botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError
+            ):
+                self._bucket.client.abort_multipart_upload(
+                    Bucket=self._bucket.name, Key=self._key, UploadId=upload_id
+                )
+
+    def abort(self) -> None:
+        self._done = True
+        self._abort_parts()
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        if self._path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
+            self._path = ""
+
+
+# -- the blob store -------------------------------------------------------------------------
+
+
+class S3BlobStore(BlobStore):
+    """Blobs as objects ``PREFIX/objects/ab/cdef…`` of one bucket."""
+
+    capabilities = frozenset({Capability.LIST, Capability.DELETE, Capability.TOUCH})
+    # find_missing lists fan-out folders for large sets: the larger the set, the better.
+    max_batch_digests = 100_000
+
+    def __init__(self, bucket: _Bucket) -> None:
+        self._bucket = bucket
+        self.max_concurrency = bucket.options.max_concurrency
+        self._inflight_lock = threading.Lock()
+        self._inflight: dict[str, _Upload] = {}
+        # Set once a listing showed more than one page of blobs; stores rarely shrink back.
+        self._holds_many = False
+
+    @property
+    def client(self) -> Any:
+        """The boto3 S3 client (for tests and tools that look behind the store's back)."""
+        return self._bucket.client
+
+    @property
+    def options(self) -> S3Options:
+        return self._bucket.options
+
+    def describe(self) -> str:
+        return self._bucket.options.location
+
+    def close(self) -> None:
+        self._bucket.close()
+
+    # -- find_missing ----------------------------------------------------------------------
+
+    def find_missing_blobs(self, digests: Collection[Digest]) -> set[Digest]:
+        wanted = set(digests)
+        if len(wanted) >= PAGE_COST_IN_HEADS and not self._holds_many:
+            stored = self._list_small_store()
+            if stored is not None:
+                return {d for d in wanted if stored.get(d.hash) != d.size}
+        if len(wanted) < LIST_MIN_DIGESTS:
+            return self._head_missing(wanted)
+        by_fanout: dict[str, list[Digest]] = defaultdict(list)
+        for digest in wanted:
+            by_fanout[digest.hash[:2]].append(digest)
+        to_head: list[Digest] = []
+        listed: list[list[Digest]] = []
+        for group in by_fanout.values():
+            if len(group) >= PAGE_COST_IN_HEADS:
+                listed.append(group)
+            else:
+                to_head.extend(group)
+        missing: set[Digest] = set()
+        for group_missing, leftover in self._bucket.map(self._list_missing, listed):
+            missing |= group_missing
+            to_head.extend(leftover)
+        return missing | self._head_missing(to_head)
+
+    def _list_small_store(self) -> dict[str, int] | None:
+        """``{hash: size}`` of every blob when one LIST page holds them all (a new or small
+        store: one request instead of one per digest), else ``None`` and never again."""
+        page = next(self._bucket.list_pages(Prefix=self._bucket.objects))
+        if page.get("IsTruncated"):
+            self._holds_many = True
+            return None
+        return {
+            i.digest.hash: i.digest.size
+            for i in _blob_infos(page.get("Contents", []), self._bucket.objects)
+        }
+
+    def _head_missing(self, digests: Iterable[Digest]) -> set[Digest]:
+        def absent(digest: Digest) -> bool:
+            head = self._bucket.head(self._bucket.object_key(digest))
+            return head is None or head.get("ContentLength") != digest.size
+
+        digests = list(digests)
+        return {
+            d for d, gone in zip(digests, self._bucket.map(absent, digests), strict=True) if gone
+        }
+
+    def _list_missing(self, group: list[Digest]) -> tuple[set[Digest], list[Digest]]:
+        """List one fan-out folder over the range of ``group``'s hashes.
+
+        Returns the digests known missing and those left to ask about one by one, when the
+        folder turned out so full that reading it would cost more requests than asking.
+        """
+        group.sort()
+        fanout = group[0].hash[:2]
+        folder = f"{self._bucket.objects}{fanout}/"
+        sizes: dict[str, set[int]] = defaultdict(set)
+        for digest in group:
+            sizes[digest.hash].add(digest.size)
+        found: dict[str, set[int]] = defaultdict(set)
+        first, last = _position(group[0].hash), _position(group[-1].hash)
+        start_key = f"{folder}{group[0].hash[2:]}"
+        pages = 0
+        leftover: list[Digest] = []
+        for page in self._bucket.list_pages(Prefix=folder, StartAfter=start_key[:-1]):
+            pages += 1
+            contents = page.get("Contents", [])
+            last_hash = ""
+            for item in contents:
+                name = fanout + item["Key"][len(folder) :]
+                last_hash = name
+                if name in sizes:
+                    found[name].add(int(item["Size"]))
+            if not page.get("IsTruncated") or not last_hash or last_hash >= group[-1].hash:
+                break
+            # Estimate the pages still to read from how much of the hash range one page covered.
+            done = max(_position(last_hash) - first, 1)
+            pages_left = pages * (last - _position(last_hash)) / done
+            unresolved = [d for d in group if d.hash > last_hash]
+            if pages_left * PAGE_COST_IN_HEADS > len(unresolved):
+                leftover = unresolved
+                break
+        skip = set(leftover)
+        missing = {d for d in group if d not in skip and d.size not in found.get(d.hash, ())}
+        return missing, leftover
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def open_blob(self, digest: Digest, offset: int = 0) -> BinaryIO:
+        key = self._bucket.object_key(digest)
+        if offset >= digest.size:
+            # Nothing left to read; S3 refuses an empty range, so only check the object.
+            head = self._bucket.head(key)
+            if head is None:
+                raise self._not_found(digest)
+            if head.get("ContentLength") != digest.size:
+                raise self._wrong_size(digest, int(head.get("ContentLength", -1)))
+            return io.BytesIO(b"")  # type: ignore[return-value]
+        request: dict[str, Any] = {"Bucket": self._bucket.name, "Key": key}
+        if offset:
+            request["Range"] = f"bytes={offset}-"
+        try:
+            response = self._bucket.client.get_object(**request)
+        except botocore.exceptions.ClientError as exc:
+            code = _error_code(exc)
+            if code in _NOT_FOUND:
+                raise self._not_found(digest) from None
+            if code == "InvalidRange":  # the stored object is shorter than the offset
+                size = exc.response.get("Error", {}).get("ActualObjectSize")
+                if not size:
+                    head = self._bucket.head(key)
+                    if head is None:
+                        raise self._not_found(digest) from None
+                    size = head.get("ContentLength", -1)
+                raise self._wrong_size(digest, int(size)) from None
+            self._bucket.fail(exc, "read a blob", key)
+        except botocore.exceptions.BotoCoreError as exc:
+            self._bucket.fail(exc, "read a blob", key)
+        total = _object_size(response)
+        if total != digest.size:
+            response["Body"].close()
+            raise self._wrong_size(digest, total)
+        return io.BufferedReader(_ObjectReader(response["Body"], self._bucket, key), CHUNK_SIZE)  # type: ignore[return-value]
+
+    def _wrong_size(self, digest: Digest, actual: int) -> CasframeError:
+        """Another size is stored under this hash: a healthy blob of that size (so the one asked
+        for is simply not stored) or a damaged copy of this one. Only its content can tell."""
+        if actual >= 0:
+            healthy = Digest(digest.hash, actual)
+            try:
+                with self.open_blob(healthy) as stream:
+                    if Digest.of_stream(stream) == healthy:
+                        return self._not_found(digest)
+            except (BlobNotFoundError, CorruptBlobError):
+                pass  # replaced meanwhile: report what was seen
+        return CorruptBlobError(digest, f"stored object has {actual} bytes")
+
+    def read_blobs(self, digests: Iterable[Digest]) -> Iterator[tuple[Digest, bytes]]:
+        def read(digest: Digest) -> bytes:
+            with self.open_blob(digest) as stream:
+                return stream.read()
+
+        digests = list(digests)
+        yield from zip(digests, self._bucket.map(read, digests), strict=True)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def begin_write(self, size_hint: int | None = None) -> BlobWriter:
+        return _S3Writer(self)
+
+    def begin_write_for(self, digest: Digest) -> BlobWriter:
+        """An upload whose digest is known in advance (transfers, ByteStream writes,
+        ``put_stream(expected=…)``): a blob that is large enough is sent in parts while it
+        arrives, and one already stored is not sent at all."""
+        if digest.size >= max(self._bucket.options.multipart_threshold, SPOOL_MEMORY_LIMIT + 1):
+            return _StreamingUpload(self, digest)
+        return _S3Writer(self)
+
+    def write_blobs(self, blobs: Iterable[tuple[Digest, bytes]]) -> None:
+        self._bucket.map(lambda item: self.put_small(*item), blobs)
+
+    def _once(self, key: str, upload: Callable[[], None]) -> None:
+        """Run ``upload`` unless this process is already uploading ``key``: then wait for that
+        upload and succeed with it (content-addressed, so it is the same content), or upload
+        again if it failed."""
+        while True:
+            with self._inflight_lock:
+                current = self._inflight.get(key)
+                if current is None:
+                    mine = _Upload()
+                    self._inflight[key] = mine
+                    break
+            current.done.wait()
+            if current.succeeded:
+                return
+        try:
+            upload()
+            mine.succeeded = True
+        finally:
+            with self._inflight_lock:
+                del self._inflight[key]
+            mine.done.set()
+
+    def put_small(self, digest: Digest, data: bytes) -> None:
+        key = self._bucket.object_key(digest)
+        self._once(key, lambda: self._bucket.put(key, data))
+
+    def put_file(self, digest: Digest, path: str, size: int) -> None:
+        """Upload a spooled blob: one PUT below the multipart threshold, else boto3's managed
+        multipart upload (parts read from disk as they are sent, completed only at the end)."""
+        key = self._bucket.object_key(digest)
+        self._once(key, lambda: self._upload_file(key, path, size))
+
+    def _upload_file(self, key: str, path: str, size: int) -> None:
+        if size >= self._bucket.options.multipart_threshold:
+            existing = self._bucket.head(key)
+            if existing is not None and existing.get("ContentLength") == size:
+                return  # already stored: one HEAD instead of uploading it again
+        future = self._bucket.transfers.upload(path, self._bucket.name, key)
+        try:
+            with self._bucket.errors("upload a blob", key):
+                future.result()
+        except BaseException:
+            # Interrupted (or failed): cancel, and the manager aborts the multipart upload.
+            future.cancel()
+            with contextlib.suppress(BaseException):
+                future.result()
+            raise
+
+    # -- capabilities ----------------------------------------------------------------------
+
+    def iter_blobs(self) -> Iterator[BlobInfo]:
+        """Every blob. One request answers a small store; a larger one is listed fan-out folder
+        by folder, a few folders ahead concurrently, so memory holds only those folders."""
+        objects = self._bucket.objects
+        first = next(self._bucket.list_pages(Prefix=objects))
+        contents = first.get("Contents", [])
+        yield from _blob_infos(contents, objects)
+        if not first.get("IsTruncated") or not contents:
+            return
+        last_key = contents[-1]["Key"]
+        current = last_key[len(objects) : len(objects) + 2]
+        folders = [(current, last_key)] if current in _FANOUTS else []
+        folders += [(fanout, "") for fanout in _FANOUTS if fanout > current]
+        folders.reverse()
+        ahead = max(1, min(4, self.max_concurrency))
+        pending: list[Future[list[BlobInfo]]] = []
+        try:
+            while pending or folders:
+                while folders and len(pending) < ahead:
+                    pending.append(self._bucket.pool.submit(self._list_fanout, *folders.pop()))
+                yield from pending.pop(0).result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def _list_fanout(self, fanout: str, start_after: str = "") -> list[BlobInfo]:
+        folder = f"{self._bucket.objects}{fanout}/"
+        extra = {"StartAfter": start_after} if start_after else {}
+        infos: list[BlobInfo] = []
+        for page in self._bucket.list_pages(Prefix=folder, **extra):
+            infos.extend(_blob_infos(page.get("Contents", []), self._bucket.objects))
+        return infos
+
+    def delete_blobs(self, digests: Iterable[Digest]) -> None:
+        keys = sorted({self._bucket.object_key(d) for d in digests})
+        batches = [keys[i : i + MAX_DELETE_KEYS] for i in range(0, len(keys), MAX_DELETE_KEYS)]
+
+        def delete(batch: list[str]) -> list[dict[str, Any]]:
+            with self._bucket.errors("delete blobs", batch[0]):
+                response = self._bucket.client.delete_objects(
+                    Bucket=self._bucket.name,
+                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                )
+            errors: list[dict[str, Any]] = response.get("Errors", [])
+            return [e for e in errors if e.get("Code") not in _NOT_FOUND]
+
+        failures = [error for errors in self._bucket.map(delete, batches) for error in errors]
+        if failures:
+            raise _delete_error(self._bucket, failures, len(keys))
+
+    def touch_blobs(self, digests: Iterable[Digest]) -> None:
+        """Refresh LastModified by copying each object onto itself (a server-side copy)."""
+        stamp = {"touched": f"{time.time():.6f}"}
+
+        def touch(digest: Digest) -> None:
+            key = self._bucket.object_key(digest)
+            source = {"Bucket": self._bucket.name, "Key": key}
+            try:
+                if digest.size <= MAX_SINGLE_PUT:
+                    self._bucket.client.copy_object(
+                        Bucket=self._bucket.name,
+                        Key=key,
+                        CopySource=source,
+                        MetadataDirective="REPLACE",
+                        Metadata=stamp,
+                    )
+                else:  # CopyObject stops at 5 GiB; the managed copy goes part by part
+                    self._bucket.client.copy(
+                        source,
+                        self._bucket.name,
+                        key,
+                        ExtraArgs={"MetadataDirective": "REPLACE", "Metadata": stamp},
+                    )
+            except botocore.exceptions.ClientError as exc:
+                if _error_code(exc) in _NOT_FOUND:
+                    return  # absent blobs are ignored
+                self._bucket.fail(exc, "touch a blob", key)
+            except botocore.exceptions.BotoCoreError as exc:
+                self._bucket.fail(exc, "touch a blob", key)
+
+        self._bucket.map(touch, set(digests))
+
+
+_FANOUTS = [f"{i:02x}" for i in range(256)]
+
+
+def _blob_infos(contents: list[dict[str, Any]], objects: str) -> Iterator[BlobInfo]:
+    """Listed keys ``objects/ab/cdef…`` as BlobInfo; other keys (strays synced in) are skipped."""
+    for item in contents:
+        relative = item["Key"][len(objects) :]
+        if len(relative) != 65 or relative[2] != "/":
+            continue
+        try:
+            digest = Digest(relative[:2] + relative[3:], int(item["Size"]))
+        except InvalidDigestError:
+            continue
+        yield BlobInfo(digest, item["LastModified"].timestamp())
+
+
+def _position(hash_hex: str) -> int:
+    """Where a hash lies in the hash space, for estimating how much of a range a page covered."""
+    return int(hash_hex[:15].ljust(15, "0"), 16)
+
+
+def _object_size(response: dict[str, Any]) -> int:
+    """The whole object's size from a GET response (ranged or not)."""
+    content_range = response.get("ContentRange")
+    if content_range and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1]
+        if total.isdigit():
+            return int(total)
+    return int(response.get("ContentLength", -1))
+
+
+def _delete_error(bucket: _Bucket, failures: list[dict[str, Any]], total: int) -> CasframeError:
+    codes = {str(f.get("Code", "")) for f in failures}
+    shown = "; ".join(
+        f"{f.get('Key')}: {f.get('Code')} {f.get('Message', '')}".strip() for f in failures[:5]
+    )
+    more = f" and {len(failures) - 5} more" if len(failures) > 5 else ""
+    message = (
+        f"could not delete {len(failures)} of {total} blobs from {bucket.options.location}: "
+        f"{shown}{more}"
+    )
+    if codes <= _DENIED:
+        return PermissionDeniedError(message)
+    if codes <= _TEMPORARY:
+        return BackendUnavailableError(message)
+    return CasframeError(message)
+
+
+# -- the ref store --------------------------------------------------------------------------
+
+
+class S3RefStore(RefStore):
+    """Refs as small objects ``PREFIX/refs/heads/NAME``; last access in their metadata.
+
+    The access time is kept in user metadata (``accessed``, client clock, microseconds) rather
+    than taken from LastModified, whose one-second resolution cannot order refs used within
+    the same second. Refs written by other tools fall back to LastModified.
+    """
+
+    def __init__(self, bucket: _Bucket) -> None:
+        self._bucket = bucket
+
+    def close(self) -> None:
+        self._bucket.close()
+
+    def _where(self) -> str:
+        return self._bucket.options.location
+
+    def _read(self, name: str) -> tuple[Digest, dict[str, Any]]:
+        key = self._bucket.refs + name
+        try:
+            response = self._bucket.client.get_object(Bucket=self._bucket.name, Key=key)
+            with contextlib.closing(response["Body"]) as body:
+                data = body.read(MAX_REF_BYTES)
+        except botocore.exceptions.ClientError as exc:
+            if _error_code(exc) in _NOT_FOUND:
+                raise RefNotFoundError(name, self._where()) from None
+            self._bucket.fail(exc, "read a ref", key)
+        except botocore.exceptions.BotoCoreError as exc:
+            self._bucket.fail(exc, "read a ref", key)
+        try:
+            return Digest.from_serialized(data), response
+        except InvalidDigestError as exc:
+            raise InvalidDigestError(f"ref {name} in {self._where()} is damaged: {exc}") from None
+
+    def get_ref(self, name: str, *, touch: bool = True) -> Digest:
+        digest, response = self._read(name)
+        if touch:
+            self._touch(name, response.get("ETag"))
+        return digest
+
+    def _touch(self, name: str, etag: str | None) -> None:
+        key = self._bucket.refs + name
+        request: dict[str, Any] = {
+            "Bucket": self._bucket.name,
+            "Key": key,
+            "CopySource": {"Bucket": self._bucket.name, "Key": key},
+            "MetadataDirective": "REPLACE",
+            "Metadata": {"accessed": f"{time.time():.6f}"},
+        }
+        if etag:
+            request["CopySourceIfMatch"] = etag  # never revive an older target over a new one
+        try:
+            self._bucket.client.copy_object(**request)
+        except botocore.exceptions.ClientError as exc:
+            code = _error_code(exc)
+            if code in _NOT_FOUND or code in ("PreconditionFailed", "412"):
+                return  # deleted or re-pointed meanwhile, which is an access of its own
+            if code in _DENIED:
+                # Read-only credentials may still read refs; only their LRU order suffers.
+                if not self._bucket.warned_read_only:
+                    self._bucket.warned_read_only = True
+                    log.warning(
+                        "cannot record ref access times in %s (%s): read-only access?",
+                        self._where(),
+                        code,
+                    )
+                return
+            self._bucket.fail(exc, "record a ref's access time", key)
+        except botocore.exceptions.BotoCoreError as exc:
+            self._bucket.fail(exc, "record a ref's access time", key)
+
+    def set_ref(self, name: str, digest: Digest) -> None:
+        self._bucket.put(
+            self._bucket.refs + name,
+            digest.serialize(),
+            Metadata={"accessed": f"{time.time():.6f}"},
+        )
+
+    def delete_ref(self, name: str) -> None:
+        key = self._bucket.refs + name
+        if self._bucket.head(key) is None:  # S3 deletes absent keys silently
+            raise RefNotFoundError(name, self._where())
+        with self._bucket.errors("delete a ref", key):
+            self._bucket.client.delete_object(Bucket=self._bucket.name, Key=key)
+
+    def list_refs(self, prefix: str = "") -> Iterator[RefInfo]:
+        names: list[tuple[str, float]] = []
+        for page in self._bucket.list_pages(Prefix=self._bucket.refs + prefix):
+            for item in page.get("Contents", []):
+                name = item["Key"][len(self._bucket.refs) :]
+                names.append((name, item["LastModified"].timestamp()))
+
+        def info(entry: tuple[str, float]) -> RefInfo | None:
+            name, modified = entry
+            try:
+                digest, response = self._read(name)
+            except (RefNotFoundError, InvalidDigestError):
+                return None  # deleted meanwhile, or not a ref
+            accessed = response.get("Metadata", {}).get("accessed")
+            try:
+                when = float(accessed) if accessed else modified
+            except ValueError:
+                when = modified
+            return RefInfo(name, digest, when)
+
+        for ref in self._bucket.map(info, names):
+            if ref is not None:
+                yield ref
+
+
+# -- factory --------------------------------------------------------------------------------
+
+
+def open_s3_store(url: StoreURL) -> Store:
+    """Factory for ``s3://BUCKET/PREFIX?options``; checks the bucket before returning."""
+    options = S3Options.from_url(url)
+    bucket = _Bucket(options)
+    try:
+        bucket.check_bucket()
+    except BaseException:
+        bucket.close()
+        raise
+    return Store(S3BlobStore(bucket), S3RefStore(bucket), url=options.location)

@@ -1,0 +1,626 @@
+"""The s3:// backend against moto, in-process and over HTTP.
+
+The conformance suite runs twice (in-process moto, moto's server); the tests after it cover
+what only S3 has: URL options, the layout shared with file://, interchange with sync tools,
+multipart uploads with bounded memory, and the errors a user meets (unknown bucket, unreachable
+endpoint, missing credentials, access denied, throttling, partial deletes).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from casframe import (
+    BackendUnavailableError,
+    Capability,
+    ConfigError,
+    Digest,
+    DigestMismatchError,
+    PermissionDeniedError,
+    Store,
+    open_store,
+)
+from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
+    Directory,
+    FileNode,
+)
+from casframe.testing import assert_tree_equal, random_bytes
+from casframe.testing.conformance import StoreConformance
+from casframe.testing.s3 import MotoServer, S3TestBucket
+
+MiB = 1 << 20
+
+
+def object_key(bucket: S3TestBucket, digest: Digest) -> str:
+    return f"{bucket.prefix}/objects/{digest.hash[:2]}/{digest.hash[2:]}"
+
+
+# -- conformance ------------------------------------------------------------------------------
+
+
+class _S3Conformance(StoreConformance):
+    missing_capabilities = frozenset({Capability.LOCAL_PATH})
+    mtime_resolution = 1.0  # LastModified has one-second steps
+
+    def corrupt_blob(self, store: Store, digest: Digest, data: bytes) -> None:
+        options = store.blobs.options  # type: ignore[attr-defined]
+        store.blobs.client.put_object(  # type: ignore[attr-defined]
+            Bucket=options.bucket,
+            Key=f"{options.key_prefix}objects/{digest.hash[:2]}/{digest.hash[2:]}",
+            Body=data,
+        )
+
+
+class TestS3InProcessConformance(_S3Conformance):
+    @pytest.fixture
+    def store(self, s3_store: Store) -> Store:
+        return s3_store
+
+
+class TestS3ServerConformance(_S3Conformance):
+    @pytest.fixture
+    def store(self, s3_server_store: Store) -> Store:
+        return s3_server_store
+
+
+# -- URL and options --------------------------------------------------------------------------
+
+
+def test_url_options_reach_boto3(s3_mock: S3TestBucket) -> None:
+    url = (
+        f"s3://{s3_mock.name}/deep/prefix/?region=us-east-1&addressing_style=path"
+        "&max_concurrency=7&multipart_threshold=16MiB&multipart_chunksize=6M&retry_mode=adaptive"
+        "&max_attempts=3&connect_timeout=2.5&request_checksum_calculation=when_supported"
+        "&payload_signing=yes"
+    )
+    with open_store(url) as store:
+        assert store.url == f"s3://{s3_mock.name}/deep/prefix"
+        assert store.blobs.max_concurrency == 7
+        options = store.blobs.options  # type: ignore[attr-defined]
+        assert (options.multipart_threshold, options.multipart_chunksize) == (16 * MiB, 6 * MiB)
+        config = store.blobs.client.meta.config  # type: ignore[attr-defined]
+        assert config.retries == {"mode": "adaptive", "total_max_attempts": 3}
+        assert config.s3["addressing_style"] == "path"
+        assert config.connect_timeout == 2.5
+        assert config.max_pool_connections >= 7
+        assert config.request_checksum_calculation == "when_supported"
+        assert config.response_checksum_validation == "when_required"
+        assert config.s3["payload_signing_enabled"] is True
+        digest = store.put_bytes(b"under a deep prefix")
+    assert f"deep/prefix/objects/{digest.hash[:2]}/{digest.hash[2:]}" in s3_mock.keys()
+
+
+def test_options_from_the_config_file_are_used(s3_mock: S3TestBucket) -> None:
+    with open_store(s3_mock.store_url, {"max_concurrency": 3, "retry_mode": "adaptive"}) as store:
+        assert store.blobs.max_concurrency == 3
+        # The URL's query wins over the config file.
+    with open_store(s3_mock.store_url + "?max_concurrency=5", {"max_concurrency": 3}) as store:
+        assert store.blobs.max_concurrency == 5
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("s3:///prefix", "needs a bucket"),
+        ("s3://bucket/a//b", "empty, '.' or '..' segment"),
+        ("s3://user:secret@bucket/p", "no credentials"),
+        (
+            "s3://bucket/p?endpoint=http://x",
+            r"unknown option\(s\) endpoint for .*accept: .*endpoint_url",
+        ),
+        ("s3://bucket/p?retry_mode=sometimes", "retry_mode='sometimes'.*one of: standard"),
+        ("s3://bucket/p?max_concurrency=0", "max_concurrency='0'"),
+        ("s3://bucket/p?multipart_chunksize=1MiB", "at least 5242880 bytes"),
+        ("s3://bucket/p?multipart_threshold=lots", "not a size"),
+        ("s3://bucket/p?endpoint_url=localhost:9000", "must start with http"),
+        ("s3://bucket/p?addressing_style=sideways", "addressing_style"),
+        ("s3://bucket/p?payload_signing=maybe", "payload_signing='maybe'.*not a boolean"),
+    ],
+)
+def test_bad_urls_are_config_errors(s3_mock: S3TestBucket, url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        open_store(url)
+
+
+def test_unknown_profile_is_a_config_error(s3_mock: S3TestBucket) -> None:
+    with pytest.raises(ConfigError, match="AWS profile 'nobody'.*not defined"):
+        open_store(f"{s3_mock.store_url}?profile=nobody")
+
+
+# -- layout and interchange with file:// --------------------------------------------------------
+
+
+def test_layout_is_that_of_file_stores(s3_mock: S3TestBucket, s3_store: Store) -> None:
+    big = s3_store.put_stream(io.BytesIO(random_bytes(2 * MiB + 1)))
+    tree = s3_store.put_directory(Directory(files=[FileNode(name="f", digest=big.to_proto())]))
+    s3_store.set_ref("project/main", tree)
+    assert s3_mock.keys() == sorted(
+        [object_key(s3_mock, tree), object_key(s3_mock, big), "store/refs/heads/project/main"]
+    )
+    assert object_key(s3_mock, big) == f"store/objects/{big.hash[:2]}/{big.hash[2:]}"
+    ref = s3_mock.client.get_object(Bucket=s3_mock.name, Key="store/refs/heads/project/main")
+    assert ref["Body"].read() == tree.serialize()
+
+
+def _upload_tree(client: Any, bucket: str, root: Path, prefix: str) -> None:
+    """What `aws s3 sync ROOT s3://BUCKET/PREFIX` does, with boto3."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            key = f"{prefix}/{path.relative_to(root).as_posix()}"
+            client.upload_file(str(path), bucket, key)
+
+
+def _download_tree(client: Any, bucket: str, prefix: str, root: Path) -> None:
+    """What `aws s3 sync s3://BUCKET/PREFIX ROOT` does, with boto3."""
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=f"{prefix}/"):
+        for item in page.get("Contents", []):
+            path = root / item["Key"][len(prefix) + 1 :]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, item["Key"], str(path))
+
+
+def test_a_synced_local_store_opens_as_s3_and_back(
+    s3_mock: S3TestBucket, make_tree: Any, tmp_path: Path
+) -> None:
+    source = make_tree("source", large=True)
+    with open_store(f"file://{tmp_path / 'local'}") as local:
+        local.set_ref("project/main", local.import_directory(source))
+    _upload_tree(s3_mock.client, s3_mock.name, tmp_path / "local", "synced")
+
+    with open_store(f"s3://{s3_mock.name}/synced") as s3:
+        s3.checkout("project/main", tmp_path / "from-s3")
+        assert_tree_equal(source, tmp_path / "from-s3")
+        assert [r.name for r in s3.list_refs()] == ["project/main"]
+        s3.set_ref("project/copy", s3.get_ref("project/main"))
+
+    _download_tree(s3_mock.client, s3_mock.name, "synced", tmp_path / "back")
+    with open_store(f"file://{tmp_path / 'back'}") as back:
+        back.checkout("project/copy", tmp_path / "from-back")
+        assert_tree_equal(source, tmp_path / "from-back")
+
+
+def test_aws_cli_sync_both_ways(
+    aws_cli: str, s3_server_bucket: S3TestBucket, make_tree: Any, tmp_path: Path
+) -> None:
+    source = make_tree("source")
+    with open_store(f"file://{tmp_path / 'local'}") as local:
+        local.set_ref("main", local.import_directory(source))
+    endpoint = ["--endpoint-url", str(s3_server_bucket.endpoint_url)]
+    target = f"s3://{s3_server_bucket.name}/synced"
+
+    def aws(*args: str) -> None:
+        subprocess.run(
+            [aws_cli, "s3", "sync", "--only-show-errors", *args, *endpoint], check=True, timeout=120
+        )
+
+    aws(str(tmp_path / "local"), target)
+    url = f"{target}?endpoint_url={s3_server_bucket.endpoint_url}"
+    with open_store(url) as s3:
+        s3.checkout("main", tmp_path / "from-s3")
+        s3.set_ref("copied", s3.get_ref("main"))
+    assert_tree_equal(source, tmp_path / "from-s3")
+    aws(target, str(tmp_path / "back"))
+    with open_store(f"file://{tmp_path / 'back'}") as back:
+        back.checkout("copied", tmp_path / "from-back")
+    assert_tree_equal(source, tmp_path / "from-back")
+
+
+def test_transfer_file_to_s3_to_file(s3_store: Store, make_tree: Any, tmp_path: Path) -> None:
+    source = make_tree("source", large=True)
+    with (
+        open_store(f"file://{tmp_path / 'one'}") as one,
+        open_store(f"file://{tmp_path / 'two'}") as two,
+    ):
+        root = one.import_directory(source)
+        one.set_ref("release/1", root)
+        pushed = one.push(s3_store, "release/1")
+        assert pushed.blobs_sent == pushed.blobs_total
+        assert s3_store.get_ref("release/1") == root
+        assert one.push(s3_store, "release/1").already_present
+        pulled = two.pull(s3_store, "release/1")
+        assert pulled.root == root
+        two.checkout("release/1", tmp_path / "checkout")
+    assert_tree_equal(source, tmp_path / "checkout")
+
+
+# -- large blobs ------------------------------------------------------------------------------
+
+_CHILD = textwrap.dedent(
+    """
+    import sys
+    from casframe import Digest, open_store
+
+    url, path = sys.argv[1], sys.argv[2]
+    with open_store(url) as store:
+        digest = store.put_file(path)
+        assert digest == Digest.of_file(path), digest
+        with store.open_read(digest) as stream:   # verified while it streams
+            read_back = Digest.of_stream(stream)
+        assert read_back == digest
+        with store.open_read(digest, digest.size - 10) as stream:
+            with open(path, "rb") as f:
+                f.seek(-10, 2)
+                assert stream.read() == f.read()
+    with open("/proc/self/status") as status:  # this program's own peak, not its parent's
+        peak_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    print(digest, peak_kib)
+    """
+)
+
+
+def test_large_blob_is_a_multipart_upload_with_bounded_memory(
+    s3_server_bucket: S3TestBucket, tmp_path: Path
+) -> None:
+    size = 40 * MiB + 123
+    path = tmp_path / "large.bin"
+    with open(path, "wb") as f:
+        for i in range(41):
+            f.write(random_bytes(min(MiB, size - i * MiB), seed=i))
+    url = f"{s3_server_bucket.store_url}&multipart_threshold=8MiB&multipart_chunksize=8MiB"
+    # ru_maxrss of a child counts its parent's memory up to exec (pytest and moto's server
+    # here), so the child reports its own high-water mark.
+    child = subprocess.run(
+        [sys.executable, "-c", _CHILD, url, str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert child.returncode == 0, child.stderr
+    text, peak_kib = child.stdout.split()
+    peak_mib = int(peak_kib) / 1024
+    assert peak_mib < 100, f"peak RSS {peak_mib:.0f} MiB"
+    digest = Digest.parse(text)
+    head = s3_server_bucket.client.head_object(
+        Bucket=s3_server_bucket.name, Key=object_key(s3_server_bucket, digest)
+    )
+    assert head["ContentLength"] == size
+    assert head["ETag"].strip('"').endswith("-6"), "uploaded in 6 parts of 8 MiB"
+    multipart = s3_server_bucket.client.list_multipart_uploads(Bucket=s3_server_bucket.name)
+    assert not multipart.get("Uploads"), "no unfinished multipart upload is left behind"
+
+
+@pytest.mark.parametrize("size", [100, 2 * MiB, 9 * MiB])
+def test_upload_with_a_wrong_digest_leaves_no_object(s3_mock: S3TestBucket, size: int) -> None:
+    with open_store(f"{s3_mock.store_url}?multipart_threshold=8MiB") as store:
+        data = random_bytes(size, seed=3)
+        claimed = Digest.of_bytes(data[:-1] + b"?")
+        with pytest.raises(DigestMismatchError):
+            store.put_stream(io.BytesIO(data), claimed)
+        assert s3_mock.keys() == []
+        uploads = s3_mock.client.list_multipart_uploads(Bucket=s3_mock.name)
+        assert not uploads.get("Uploads")
+
+
+def test_writers_of_the_same_blob_upload_it_once(s3_mock: S3TestBucket, s3_store: Store) -> None:
+    import threading
+
+    data = random_bytes(3 * MiB, seed=9)
+    puts = []
+    s3_store.blobs.client.meta.events.register(  # type: ignore[attr-defined]
+        "before-call.s3.PutObject", lambda **_: puts.append(1)
+    )
+    barrier = threading.Barrier(4)
+
+    def write() -> None:
+        barrier.wait()
+        s3_store.put_bytes(data)
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert s3_store.read_bytes(Digest.of_bytes(data)) == data
+    assert 1 <= len(puts) < 4
+
+
+# -- find_missing, listing, delete ------------------------------------------------------------
+
+
+@pytest.fixture
+def small_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LIST pages of 40 keys (instead of 1,000), so a few hundred blobs make a "large" store."""
+    import casframe_s3.store as s3_module
+
+    original = s3_module._Bucket.list_pages
+    monkeypatch.setattr(
+        s3_module._Bucket, "list_pages", lambda self, **kw: original(self, MaxKeys=40, **kw)
+    )
+
+
+def _count_calls(store: Store) -> dict[str, int]:
+    calls: dict[str, int] = {}
+
+    def count(event_name: str, **_: Any) -> None:
+        operation = event_name.rsplit(".", 1)[1]
+        calls[operation] = calls.get(operation, 0) + 1
+
+    store.blobs.client.meta.events.register("before-call.s3", count)  # type: ignore[attr-defined]
+    return calls
+
+
+def test_find_missing_in_a_small_store_is_one_listing(s3_store: Store) -> None:
+    stored = [s3_store.put_bytes(b"stored %d" % i) for i in range(60)]
+    absent = [Digest.of_bytes(b"absent %d" % i) for i in range(3000)]
+    wrong = [Digest(d.hash, d.size + 1) for d in stored[:20]]
+    calls = _count_calls(s3_store)
+    assert s3_store.find_missing(stored + absent + wrong) == set(absent) | set(wrong)
+    assert calls == {"ListObjectsV2": 1}
+
+
+def test_find_missing_of_thousands_lists_fanout_folders(s3_store: Store, small_pages: None) -> None:
+    stored = [Digest.of_bytes(b"s%d" % i) for i in range(200)]
+    s3_store.put_many([(d, b"s%d" % i) for i, d in enumerate(stored)])
+    absent = [Digest.of_bytes(b"absent %d" % i) for i in range(3000)]
+    wrong = [Digest(d.hash, d.size + 1) for d in stored[:20]]
+    calls = _count_calls(s3_store)
+    assert s3_store.find_missing(stored + absent + wrong) == set(absent) | set(wrong)
+    # One probe, then about one page per fan-out folder; no digest asked about alone.
+    assert 256 <= calls["ListObjectsV2"] <= 300
+    assert calls.get("HeadObject", 0) == 0
+
+
+def test_find_missing_in_a_full_folder_falls_back_to_asking(
+    s3_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import casframe_s3.store as s3_module
+
+    # Pages of 2 keys make every folder "full": listing it would cost more than asking.
+    stored = [s3_store.put_bytes(b"full %d" % i) for i in range(120)]
+    absent = [Digest.of_bytes(b"gone %d" % i) for i in range(1000)]
+    original = s3_module._Bucket.list_pages
+    monkeypatch.setattr(
+        s3_module._Bucket, "list_pages", lambda self, **kw: original(self, MaxKeys=2, **kw)
+    )
+    calls = _count_calls(s3_store)
+    assert s3_store.find_missing(stored + absent) == set(absent)
+    assert calls["HeadObject"] > 0
+
+
+def test_iter_blobs_over_many_pages(
+    s3_mock: S3TestBucket, s3_store: Store, small_pages: None
+) -> None:
+    blobs = {Digest.of_bytes(b"%d" % i): b"%d" % i for i in range(300)}
+    s3_store.put_many(list(blobs.items()))
+    s3_mock.client.put_object(Bucket=s3_mock.name, Key="store/objects/README", Body=b"stray")
+    before = time.time()
+    listed = {info.digest: info.mtime for info in s3_store.blobs.iter_blobs()}
+    assert listed.keys() == blobs.keys()
+    assert all(abs(mtime - before) < 600 for mtime in listed.values())
+
+
+def test_partial_delete_failures_are_reported(s3_store: Store) -> None:
+    keep, drop = s3_store.put_bytes(b"protected"), s3_store.put_bytes(b"deletable")
+    locked_key = f"store/objects/{keep.hash[:2]}/{keep.hash[2:]}"
+
+    def refuse_one(parsed: dict[str, Any], **_: Any) -> None:
+        parsed["Errors"] = [{"Key": locked_key, "Code": "AccessDenied", "Message": "Locked"}]
+
+    s3_store.blobs.client.meta.events.register(  # type: ignore[attr-defined]
+        "after-call.s3.DeleteObjects", refuse_one
+    )
+    with pytest.raises(PermissionDeniedError, match=f"could not delete 1 of 2 blobs.*{locked_key}"):
+        s3_store.blobs.delete_blobs([keep, drop])
+
+
+# -- refs -------------------------------------------------------------------------------------
+
+
+def test_ref_access_time_lives_in_metadata(s3_mock: S3TestBucket, s3_store: Store) -> None:
+    digest = s3_store.put_directory(Directory())
+    s3_store.set_ref("a", digest)
+    key = "store/refs/heads/a"
+    first = float(s3_mock.client.head_object(Bucket=s3_mock.name, Key=key)["Metadata"]["accessed"])
+    time.sleep(0.01)
+    s3_store.get_ref("a")
+    second = float(s3_mock.client.head_object(Bucket=s3_mock.name, Key=key)["Metadata"]["accessed"])
+    assert second > first
+    assert s3_store.list_refs()[0].accessed == second
+    # A ref written by another tool has no metadata: LastModified stands in.
+    s3_mock.client.put_object(
+        Bucket=s3_mock.name, Key="store/refs/heads/b", Body=digest.serialize()
+    )
+    assert {r.name for r in s3_store.list_refs()} == {"a", "b"}
+
+
+def test_reading_refs_with_read_only_credentials(
+    s3_store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    digest = s3_store.put_directory(Directory())
+    s3_store.set_ref("main", digest)
+    _inject(s3_store, "CopyObject", 403, "AccessDenied", times=10)
+    with caplog.at_level(logging.WARNING):
+        assert s3_store.get_ref("main") == digest
+        assert s3_store.get_ref("main") == digest
+    assert sum("read-only" in r.message for r in caplog.records) == 1
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+class _RawBody:
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def stream(self, **_: Any) -> Any:
+        yield self._body
+
+
+def _inject(store: Store, operation: str, status: int, code: str, times: int) -> list[int]:
+    """Answer the next ``times`` calls of ``operation`` with an S3 error, before they are sent."""
+    from botocore.awsrequest import AWSResponse
+
+    sent: list[int] = []
+    body = (
+        f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+        f"<Message>injected {code}</Message></Error>"
+    ).encode()
+
+    def respond(request: Any, **_: Any) -> Any:
+        sent.append(1)
+        if len(sent) <= times:
+            return AWSResponse(
+                request.url, status, {"Content-Type": "application/xml"}, _RawBody(body)
+            )
+        return None
+
+    store.blobs.client.meta.events.register_first(  # type: ignore[attr-defined]
+        f"before-send.s3.{operation}", respond
+    )
+    return sent
+
+
+def test_throttling_is_survived_by_retries(s3_server_store: Store) -> None:
+    sent = _inject(s3_server_store, "PutObject", 503, "SlowDown", times=2)
+    digest = s3_server_store.put_bytes(b"after two SlowDowns")
+    assert len(sent) == 3
+    assert s3_server_store.read_bytes(digest) == b"after two SlowDowns"
+
+
+def test_throttling_beyond_the_retries_is_a_temporary_error(s3_server_bucket: S3TestBucket) -> None:
+    with open_store(f"{s3_server_bucket.store_url}&max_attempts=2") as store:
+        _inject(store, "PutObject", 503, "SlowDown", times=5)
+        with pytest.raises(BackendUnavailableError, match="SlowDown after 2 attempts") as caught:
+            store.put_bytes(b"never stored")
+        assert caught.value.temporary
+
+
+def test_access_denied_names_bucket_and_key(s3_server_store: Store) -> None:
+    digest = s3_server_store.put_bytes(b"secret")
+    _inject(s3_server_store, "GetObject", 403, "AccessDenied", times=1)
+    with pytest.raises(PermissionDeniedError) as caught:
+        s3_server_store.read_bytes(digest)
+    message = str(caught.value)
+    assert "access denied" in message and "AccessDenied" in message
+    assert f"objects/{digest.hash[:2]}/{digest.hash[2:]}" in message
+    assert "casframe-test-" in message  # the bucket
+
+
+def test_unknown_bucket(s3_server_bucket: S3TestBucket) -> None:
+    url = f"s3://no-such-bucket/p?endpoint_url={s3_server_bucket.endpoint_url}"
+    with pytest.raises(ConfigError) as caught:
+        open_store(url)
+    assert str(caught.value) == (
+        f"bucket 'no-such-bucket' does not exist (endpoint {s3_server_bucket.endpoint_url})"
+    )
+
+
+def test_unreachable_endpoint(fake_aws_credentials: None) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago and has no listener
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailableError) as caught:
+        open_store(f"s3://bucket/p?endpoint_url={endpoint}&max_attempts=2&connect_timeout=2")
+    assert time.monotonic() - started < 30
+    message = str(caught.value)
+    assert f"S3 endpoint {endpoint} is unreachable" in message
+    assert "s3://bucket/p" in message
+    assert caught.value.temporary
+
+
+def test_missing_credentials(
+    s3_server_bucket: S3TestBucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name)
+    with pytest.raises(PermissionDeniedError) as caught:
+        open_store(s3_server_bucket.store_url)
+    message = str(caught.value)
+    assert f"no AWS credentials to open the store in bucket '{s3_server_bucket.name}'" in message
+    assert "AWS_ACCESS_KEY_ID" in message and "~/.aws/credentials" in message
+
+
+def test_fixture_module_is_cheap_to_import() -> None:
+    code = (
+        "import sys, casframe.testing.s3\n"
+        "sys.exit(any(m in sys.modules for m in ('boto3', 'moto')))"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_moto_server_fixture_gives_a_loopback_endpoint(moto_server: MotoServer) -> None:
+    assert moto_server.endpoint_url.startswith("http://127.0.0.1:")
+
+
+# -- uploads whose digest is announced (BlobStore.begin_write_for) -----------------------------
+
+
+def _put_announced(store: Store, data: bytes, claimed: Digest, calls: list[str]) -> None:
+    """What the core does with a known digest: write in 1 MiB chunks, commit only if it matches."""
+    writer = store.blobs.begin_write_for(claimed)  # type: ignore[attr-defined]
+    try:
+        for start in range(0, len(data), MiB):
+            writer.write(data[start : start + MiB])
+        calls.append("before-commit")
+        actual = Digest.of_bytes(data)
+        if actual != claimed:
+            raise DigestMismatchError(claimed, actual)
+        writer.commit(actual)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _record_calls(store: Store) -> list[str]:
+    calls: list[str] = []
+    store.blobs.client.meta.events.register(  # type: ignore[attr-defined]
+        "before-call.s3", lambda event_name, **_: calls.append(event_name.rsplit(".", 1)[1])
+    )
+    return calls
+
+
+def test_announced_upload_sends_parts_while_the_content_arrives(
+    s3_mock: S3TestBucket,
+) -> None:
+    with open_store(f"{s3_mock.store_url}?multipart_threshold=8MiB") as store:
+        data = random_bytes(20 * MiB + 5, seed=21)
+        digest = Digest.of_bytes(data)
+        calls = _record_calls(store)
+        writer = store.blobs.begin_write_for(digest)  # type: ignore[attr-defined]
+        for start in range(0, len(data), MiB):
+            writer.write(data[start : start + MiB])
+        deadline = time.monotonic() + 30
+        while calls.count("UploadPart") < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert calls.count("UploadPart") == 2, "the two full parts go out before commit"
+        writer.commit(digest)
+        assert calls.count("UploadPart") == 3 and calls[-1] == "CompleteMultipartUpload"
+        assert store.read_bytes(digest) == data
+        head = s3_mock.client.head_object(Bucket=s3_mock.name, Key=object_key(s3_mock, digest))
+        assert head["ETag"].strip('"').endswith("-3")
+
+        # Announced again: it is already stored, so nothing is sent.
+        calls.clear()
+        _put_announced(store, data, digest, calls)
+        assert calls == ["HeadObject", "before-commit"]
+
+
+def test_announced_upload_with_other_content_leaves_nothing(s3_mock: S3TestBucket) -> None:
+    with open_store(f"{s3_mock.store_url}?multipart_threshold=8MiB") as store:
+        data = random_bytes(20 * MiB, seed=22)
+        claimed = Digest(Digest.of_bytes(b"something else").hash, len(data))
+        calls = _record_calls(store)
+        with pytest.raises(DigestMismatchError):
+            _put_announced(store, data, claimed, calls)
+        assert "UploadPart" in calls and "AbortMultipartUpload" in calls
+        assert s3_mock.keys() == []
+        assert not s3_mock.client.list_multipart_uploads(Bucket=s3_mock.name).get("Uploads")
+
+
+def test_announced_small_upload_is_one_put(s3_mock: S3TestBucket, s3_store: Store) -> None:
+    data = random_bytes(3 * MiB, seed=23)
+    calls = _record_calls(s3_store)
+    _put_announced(s3_store, data, Digest.of_bytes(data), calls)
+    assert calls == ["before-commit", "PutObject"]
+    assert s3_store.read_bytes(Digest.of_bytes(data)) == data
