@@ -1,0 +1,122 @@
+"""One casframe operation in its own process, for bench/run.py.
+
+Usage::
+
+    python bench/_child.py [--profile FILE] import   STORE_URL SRC_DIR
+    python bench/_child.py [--profile FILE] checkout STORE_URL DIGEST DEST_DIR
+    python bench/_child.py                  noop     STORE_URL
+
+Prints one JSON object on stdout: the time spent importing casframe and opening the store, the
+in-process time of the operation itself (``op_s``), the resident set size just before the
+operation and the high-water mark at its end (from /proc/self/status, in KiB). The parent reads
+the peak RSS of the whole process through ``/usr/bin/time`` (wait4); ``hwm_kib`` cross-checks it.
+
+``--profile FILE`` runs the operation under cProfile, with one profiler per thread (the tree
+engine hashes and writes in a thread pool, which a plain cProfile run would not see), and dumps
+the merged statistics to FILE. Timings taken under the profiler are not benchmark figures.
+"""
+
+from __future__ import annotations
+
+import time
+
+_T0 = time.perf_counter()
+
+import json  # noqa: E402
+import sys  # noqa: E402
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+class _AllThreadsProfile:
+    """cProfile for the calling thread and every thread started while it is active."""
+
+    def __init__(self) -> None:
+        import cProfile
+        import threading
+
+        self._cProfile = cProfile
+        self._threading = threading
+        self._lock = threading.Lock()
+        self._profiles: list = []
+
+    def _thread_hook(self, frame, event, arg):  # type: ignore[no-untyped-def]
+        profile = self._cProfile.Profile()
+        with self._lock:
+            self._profiles.append(profile)
+        profile.enable()  # replaces this hook for the rest of the thread's life
+
+    def __enter__(self) -> _AllThreadsProfile:
+        self._threading.setprofile(self._thread_hook)
+        self._main = self._cProfile.Profile()
+        self._main.enable()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._main.disable()
+        self._threading.setprofile(None)  # type: ignore[arg-type]
+
+    def dump(self, path: str) -> None:
+        import pstats
+
+        stats = pstats.Stats(self._main)
+        for profile in self._profiles:
+            stats.add(profile)
+        stats.dump_stats(path)
+
+
+def main(argv: list[str]) -> int:
+    profile_path = None
+    if argv[:1] == ["--profile"]:
+        profile_path = argv[1]
+        argv = argv[2:]
+    if not argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    op, args = argv[0], argv[1:]
+
+    import casframe
+    from casframe import Digest
+
+    t_imported = time.perf_counter()
+    store = casframe.open_store(args[0])
+    t_opened = time.perf_counter()
+    result: dict[str, object] = {
+        "op": op,
+        "import_casframe_s": t_imported - _T0,
+        "open_store_s": t_opened - t_imported,
+        "rss_before_op_kib": _status_kib("VmRSS"),
+    }
+
+    profiler = _AllThreadsProfile() if profile_path else None
+    if profiler:
+        profiler.__enter__()
+    start = time.perf_counter()
+    if op == "import":
+        digest = store.import_directory(args[1])
+        result["digest"] = str(digest)
+    elif op == "checkout":
+        store.checkout(Digest.parse(args[1]), args[2], link=True)
+    elif op == "noop":
+        pass
+    else:
+        print(f"unknown operation {op!r}", file=sys.stderr)
+        return 2
+    result["op_s"] = time.perf_counter() - start
+    if profiler:
+        profiler.__exit__(None, None, None)
+        profiler.dump(profile_path)  # type: ignore[arg-type]
+    result["hwm_kib"] = _status_kib("VmHWM")
+    store.close()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
