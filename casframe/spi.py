@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -78,7 +78,9 @@ class BlobWriter(ABC):
     def commit(self, digest: Digest) -> None:
         """Make the written content visible under ``digest`` atomically.
 
-        An already stored blob with this digest is success, not an error.
+        An already stored blob with this digest is success, not an error; a backend with the
+        ``touch`` capability then refreshes its modification time, as ``touch_blobs`` would, so
+        that prune's grace period covers a blob re-stored by a writer.
         """
 
     @abstractmethod
@@ -165,13 +167,47 @@ class BlobStore(ABC):
         """List every stored blob (capability ``list``)."""
         raise UnsupportedOperationError(f"{type(self).__name__} cannot list its blobs")
 
-    def delete_blobs(self, digests: Iterable[Digest]) -> None:
-        """Delete blobs; absent ones are ignored (capability ``delete``)."""
+    def iter_blob_stats(
+        self, skip: Callable[[str], bool] | None = None
+    ) -> Iterator[tuple[str, int, float]]:
+        """``(hash, size, mtime)`` of every stored blob: ``iter_blobs`` as plain tuples.
+
+        ``skip(hash)`` is asked about each blob before its size and time are fetched; a blob
+        it answers true for is left out. Prune lists every blob, and passes the hashes it
+        already knows to be reachable: a local disk then spares their ``stat``, and building a
+        BlobInfo and a Digest per blob would cost more than that ``stat``. Derived from
+        ``iter_blobs``; override it for speed. Hashes are 64 lowercase hex digits (anything
+        else in the listing is left out): the core makes Digests of them unchecked.
+        """
+        for info in self.iter_blobs():
+            hash_ = info.digest.hash
+            if skip is None or not skip(hash_):
+                yield hash_, info.digest.size, info.mtime
+
+    def delete_blobs(
+        self, digests: Iterable[Digest], *, older_than: float | None = None
+    ) -> None:
+        """Delete blobs; absent ones are ignored (capability ``delete``).
+
+        With ``older_than`` (seconds since the epoch), delete only blobs whose modification time
+        is still before it at the moment each one is deleted: prune passes its grace cutoff, so
+        a blob a writer touched or re-stored after prune listed it survives.
+        """
         raise UnsupportedOperationError(f"{type(self).__name__} cannot delete blobs")
 
     def touch_blobs(self, digests: Iterable[Digest]) -> None:
         """Refresh blobs' modification times, so prune's grace period covers them (``touch``)."""
         raise UnsupportedOperationError(f"{type(self).__name__} cannot touch blobs")
+
+    def clean_temp(self, older_than: float, *, dry_run: bool = False) -> tuple[int, int]:
+        """Remove leftovers of interrupted uploads last modified before ``older_than``.
+
+        Prune calls this with its grace cutoff. Temp files of killed writers, abandoned
+        multipart uploads and the like; a backend whose interrupted uploads leave nothing
+        behind keeps this default. Returns how many were (with ``dry_run``: would be) removed
+        and their size in bytes (0 when the backend cannot tell).
+        """
+        return 0, 0
 
     def local_path(self, digest: Digest) -> str:
         """A path on this machine holding the blob, not to be modified (``local-path``).

@@ -27,6 +27,7 @@ from casframe.spi import BlobStore, BlobWriter, Capability, RefInfo, RefStore
 
 if TYPE_CHECKING:
     from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
+    from casframe.maintenance import DuReport, FsckReport, GcReport, PruneReport
     from casframe.progress import Progress
     from casframe.transfer import TransferResult
     from casframe.tree import TreeDiff, TreeEntry
@@ -164,15 +165,31 @@ class Store:
 
     # -- blobs ------------------------------------------------------------------------------
 
-    def find_missing(self, digests: Iterable[Digest]) -> set[Digest]:
-        """The subset of ``digests`` not stored here (the empty blob is never missing)."""
+    def find_missing(self, digests: Iterable[Digest], *, freshen: bool = False) -> set[Digest]:
+        """The subset of ``digests`` not stored here (the empty blob is never missing).
+
+        With ``freshen``, blobs found present have their modification time refreshed (on a
+        backend with the ``touch`` capability) and are then asked for again: whatever this call
+        reports present was touched while it existed, so prune's grace period protects it from
+        that moment on. Writers that reuse stored blobs ask this way before setting a ref.
+        """
         wanted = {d for d in digests if d.size != 0}
+        missing = self._query_missing(wanted)
+        if freshen and Capability.TOUCH in self.blobs.capabilities:
+            present = wanted - missing
+            if present:
+                self.blobs.touch_blobs(present)
+                # A blob deleted just before its touch is missing after all.
+                missing |= self._query_missing(present)
+        return missing & wanted
+
+    def _query_missing(self, wanted: set[Digest]) -> set[Digest]:
         missing: set[Digest] = set()
         batch = max(1, self.blobs.max_batch_digests)
         pending = list(wanted)
         for start in range(0, len(pending), batch):
             missing |= self.blobs.find_missing_blobs(pending[start : start + batch])
-        return missing & wanted
+        return missing
 
     def contains(self, digest: Digest) -> bool:
         return not self.find_missing([digest])
@@ -391,12 +408,17 @@ class Store:
         return self.refs.get_ref(validate_ref_name(name), touch=touch)
 
     def set_ref(self, name: str, digest: Digest, *, check_complete: bool = True) -> None:
-        """Point ``name`` at a tree. By default refuse a tree that is not fully stored."""
+        """Point ``name`` at a tree. By default refuse a tree that is not fully stored.
+
+        The completeness check also freshens every blob of the tree just before the ref is set,
+        so a concurrent prune (whose grace period is longer than this call) cannot remove a blob
+        the new ref needs, even one that was stored long ago and unreferenced until now.
+        """
         validate_ref_name(name)
         if check_complete:
             from casframe.tree import missing_in_tree
 
-            missing = missing_in_tree(self, digest)
+            missing = missing_in_tree(self, digest, freshen=True)
             if missing:
                 raise BlobNotFoundError(missing, f"{self.url} (tree {digest} is incomplete)")
         self.refs.set_ref(name, digest)
@@ -447,6 +469,41 @@ class Store:
         from casframe.transfer import transfer
 
         return transfer(source, self, tree, ref=ref, progress=progress)
+
+    # -- maintenance ------------------------------------------------------------------------
+
+    def prune(
+        self, *, grace_period: float = 3600.0, dry_run: bool = False,
+        progress: Progress | None = None,
+    ) -> PruneReport:
+        """Delete blobs no ref reaches that are older than ``grace_period`` seconds."""
+        from casframe.maintenance import prune
+
+        return prune(self, grace_period=grace_period, dry_run=dry_run, progress=progress)
+
+    def gc(
+        self, *, max_size: int | str, low_watermark: float = 0.8, keep: Iterable[str] = (),
+        grace_period: float = 3600.0, dry_run: bool = False, progress: Progress | None = None,
+    ) -> GcReport:
+        """Expire least recently used refs while over ``max_size``, then prune."""
+        from casframe.maintenance import gc
+
+        return gc(
+            self, max_size=max_size, low_watermark=low_watermark, keep=keep,
+            grace_period=grace_period, dry_run=dry_run, progress=progress,
+        )
+
+    def fsck(self, *, repair: bool = False, progress: Progress | None = None) -> FsckReport:
+        """Verify every blob and every ref's tree; with ``repair``, delete corrupt blobs."""
+        from casframe.maintenance import fsck
+
+        return fsck(self, repair=repair, progress=progress)
+
+    def du(self, *, progress: Progress | None = None) -> DuReport:
+        """Total size and object count; per ref its total and exclusive size."""
+        from casframe.maintenance import du
+
+        return du(self, progress=progress)
 
     def executor(self) -> ThreadPoolExecutor:
         """A thread pool sized for this backend."""

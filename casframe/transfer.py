@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
 from casframe.digest import CHUNK_SIZE, Digest
+from casframe.errors import BlobNotFoundError
 from casframe.names import validate_ref_name
 from casframe.progress import NO_PROGRESS, Progress
 from casframe.tree import iter_tree
@@ -134,7 +135,8 @@ def transfer(
     files: set[Digest] = set()
     for directory in directories.values():
         files.update(Digest(n.digest.hash, n.digest.size_bytes) for n in directory.files)
-    missing = dest.find_missing(files | directories.keys())
+    closure = files | directories.keys()
+    missing = dest.find_missing(closure, freshen=True)
 
     missing_files = [d for d in files if d in missing]
     missing_dirs = [d for d in _postorder(root, directories) if d in missing]
@@ -147,6 +149,14 @@ def transfer(
         dest.put_bytes(data, digest)
         progress.advance(len(data))
     if ref is not None:
+        # Touch and re-check the whole closure right before the ref appears: a prune running
+        # during a transfer longer than its grace period may have removed blobs found or sent
+        # early. Setting the ref now would leave it pointing at an incomplete tree.
+        lost = dest.find_missing(closure, freshen=True)
+        if lost:
+            raise BlobNotFoundError(
+                lost, f"{dest.url} (a concurrent prune removed them during the transfer; rerun it)"
+            )
         dest.set_ref(ref, root, check_complete=False)
     progress.finish()
     return TransferResult(

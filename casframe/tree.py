@@ -186,13 +186,16 @@ def closure(store: Store, root: Digest) -> Iterator[Digest]:
                 yield file_digest
 
 
-def missing_in_tree(store: Store, root: Digest) -> set[Digest]:
-    """Digests the tree needs that the store lacks (empty when the tree is complete)."""
+def missing_in_tree(store: Store, root: Digest, *, freshen: bool = False) -> set[Digest]:
+    """Digests the tree needs that the store lacks (empty when the tree is complete).
+
+    With ``freshen``, every blob found present is touched first (see ``Store.find_missing``).
+    """
     missing: set[Digest] = set()
     seen = {root}
     level = [root]
     while level:
-        absent = store.find_missing(level)
+        absent = store.find_missing(level, freshen=freshen)
         missing |= absent
         files: set[Digest] = set()
         next_level: list[Digest] = []
@@ -204,7 +207,7 @@ def missing_in_tree(store: Store, root: Digest) -> set[Digest]:
                 if child not in seen:
                     seen.add(child)
                     next_level.append(child)
-        missing |= store.find_missing(files)
+        missing |= store.find_missing(files, freshen=freshen)
         level = next_level
     return missing
 
@@ -261,7 +264,8 @@ def _import_files(store: Store, paths: list[str], progress: Progress) -> list[tu
 
     def flush() -> None:
         nonlocal pending, pending_bytes
-        missing = store.find_missing(d for d, _ in pending)
+        # Freshen what is already stored: a reused old blob must not look like garbage to prune.
+        missing = store.find_missing((d for d, _ in pending), freshen=True)
         if missing:
             writes = []
             for digest, data in pending:
@@ -380,7 +384,7 @@ def import_directory(
         serialized.append((digest, data))
 
     # Every file is stored; store Directories children first so each one is complete.
-    missing = store.find_missing(d for d, _ in serialized)
+    missing = store.find_missing((d for d, _ in serialized), freshen=True)
     pending = []
     for digest, data in serialized:
         if digest in missing:

@@ -600,10 +600,11 @@ def test_announced_upload_sends_parts_while_the_content_arrives(
         head = s3_mock.client.head_object(Bucket=s3_mock.name, Key=object_key(s3_mock, digest))
         assert head["ETag"].strip('"').endswith("-3")
 
-        # Announced again: it is already stored, so nothing is sent.
+        # Announced again: it is already stored, so nothing is sent; the object is only
+        # freshened (a server-side copy onto itself), renewing prune's grace period.
         calls.clear()
         _put_announced(store, data, digest, calls)
-        assert calls == ["HeadObject", "before-commit"]
+        assert calls == ["HeadObject", "before-commit", "CopyObject"]
 
 
 def test_announced_upload_with_other_content_leaves_nothing(s3_mock: S3TestBucket) -> None:

@@ -98,7 +98,8 @@ class _Base:
         """Point refs at a tree after checking, once, that the whole tree is stored."""
         from casframe.tree import missing_in_tree
 
-        missing = missing_in_tree(self.store, root)
+        # Freshen while checking: prune's grace period then covers the tree from here on.
+        missing = missing_in_tree(self.store, root, freshen=True)
         if missing:
             raise missing_blobs_error(
                 grpc.StatusCode.FAILED_PRECONDITION, f"{what}: tree {root} is incomplete", missing
@@ -152,7 +153,9 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
     ) -> re_pb2.FindMissingBlobsResponse:
         self._check(request.instance_name, request.digest_function)
         digests = [_digest(d) for d in request.blob_digests]
-        missing = self.store.find_missing(digests)
+        # REAPI: the server should extend the lifetime of the blobs it reports present, since
+        # the client will now refer to them instead of uploading them (prune's grace period).
+        missing = self.store.find_missing(digests, freshen=True)
         response = re_pb2.FindMissingBlobsResponse()
         for digest in digests:  # request order, each once
             if digest in missing:
@@ -505,7 +508,7 @@ class PushService(_Base, remote_asset_pb2_grpc.PushServicer):
         qualifiers = _qualifiers(request)
         names = [asset_ref_name("blob", request.instance_name, uri, qualifiers)
                  for uri in _uris(request.uris)]
-        missing = self.store.find_missing([digest])
+        missing = self.store.find_missing([digest], freshen=True)
         if missing:
             raise missing_blobs_error(
                 grpc.StatusCode.FAILED_PRECONDITION, "upload the blob before pushing it", missing

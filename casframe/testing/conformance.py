@@ -419,6 +419,66 @@ class BlobConformance(ConformanceBase):
         assert store.read_bytes(digest) == b"touch me"
         assert store.find_missing([absent]) == {absent}
 
+    def test_delete_older_than_spares_what_is_newer(self, store: Store) -> None:
+        """Prune's cutoff is re-checked as each blob is deleted (``older_than``)."""
+        digest = store.put_bytes(b"stored just now")
+        if self.lacks(Capability.DELETE):
+            with pytest.raises(UnsupportedOperationError, match=r"\w"):
+                store.blobs.delete_blobs([digest], older_than=time.time())
+            return
+        store.blobs.delete_blobs([digest], older_than=time.time() - 3600)
+        assert store.contains(digest), "a blob newer than older_than must survive"
+        store.blobs.delete_blobs([digest], older_than=time.time() + 3600)
+        assert not store.contains(digest)
+
+    def test_storing_an_existing_blob_freshens_it(self, store: Store) -> None:
+        """A writer storing a blob again renews its grace period (with ``touch``)."""
+        digest = store.put_bytes(b"stored twice")
+        if self.lacks(Capability.TOUCH) or self.lacks(Capability.LIST):
+            # Without them there is no time to renew; storing again must still succeed.
+            assert store.put_bytes(b"stored twice") == digest
+            return
+        store.blobs.touch_blobs([])  # an empty call is fine
+
+        def mtime() -> float:
+            return next(i.mtime for i in store.blobs.iter_blobs() if i.digest == digest)
+
+        before = mtime()
+        time.sleep(1.1)  # beyond coarse timestamps: S3's LastModified has whole seconds
+        store.put_bytes(b"stored twice")
+        assert mtime() > before
+        with io.BytesIO(b"stored twice") as stream:
+            store.put_stream(stream)
+        assert mtime() > before
+
+    def test_iter_blob_stats_matches_iter_blobs(self, store: Store) -> None:
+        digests = {store.put_bytes(b"stat %d" % i) for i in range(5)}
+        if self.lacks(Capability.LIST):
+            with pytest.raises(UnsupportedOperationError, match=r"\w"):
+                list(store.blobs.iter_blob_stats())
+            return
+        stats = {(h, size): mtime for h, size, mtime in store.blobs.iter_blob_stats()}
+        infos = {info.digest: info.mtime for info in store.blobs.iter_blobs()}
+        assert stats.keys() == infos.keys() >= digests
+        assert all(abs(stats[d] - infos[d]) < 1 for d in digests)
+        asked: list[str] = []
+        skipped = sorted(digests)[:2]
+
+        def skip(hash_: str) -> bool:
+            asked.append(hash_)
+            return hash_ in {d.hash for d in skipped}
+
+        rest = {(h, size) for h, size, _ in store.blobs.iter_blob_stats(skip)}
+        assert rest == stats.keys() - set(skipped)
+        assert sorted(asked) == sorted(h for h, _ in stats), "skip is asked about every blob"
+
+    def test_clean_temp_leaves_stored_blobs_alone(self, store: Store) -> None:
+        digest = store.put_bytes(b"not a temp file")
+        removed, size = store.blobs.clean_temp(time.time() + 3600, dry_run=True)
+        assert removed >= 0 and size >= 0
+        store.blobs.clean_temp(time.time() + 3600)
+        assert store.read_bytes(digest) == b"not a temp file"
+
     def test_capability_local_path(self, store: Store) -> None:
         digest = store.put_bytes(b"on disk")
         absent = Digest.of_bytes(b"not on disk")

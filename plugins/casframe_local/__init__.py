@@ -19,7 +19,7 @@ import errno
 import itertools
 import os
 import threading
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import BinaryIO
 from urllib.parse import unquote
 
@@ -145,7 +145,7 @@ class LocalBlobStore(BlobStore):
         for _ in range(3):
             try:
                 if temp:
-                    if self._intact(target, digest):
+                    if self._keep_existing(target, digest):
                         os.unlink(temp)  # renaming over it would free an inode for nothing
                     else:
                         os.rename(temp, target)
@@ -155,7 +155,7 @@ class LocalBlobStore(BlobStore):
             except FileNotFoundError:
                 os.makedirs(os.path.dirname(target), exist_ok=True)
             except FileExistsError:
-                if self._intact(target, digest):
+                if self._keep_existing(target, digest):
                     return
                 # A damaged object (wrong size) is in the way: replace it.
                 try:
@@ -165,11 +165,19 @@ class LocalBlobStore(BlobStore):
         raise OSError(errno.EAGAIN, f"could not store object {digest} in {self.root}")
 
     @staticmethod
-    def _intact(path: str, digest: Digest) -> bool:
+    def _keep_existing(path: str, digest: Digest) -> bool:
+        """Whether an intact object is at ``path``; if so, freshen it and keep it.
+
+        The touch renews prune's grace period for the writer that stored the blob again. An
+        object pruned between the stat and the touch is not there: ours is published instead.
+        """
         try:
-            return os.stat(path).st_size == digest.size
+            if os.stat(path).st_size != digest.size:
+                return False
+            os.utime(path)
         except FileNotFoundError:
             return False
+        return True
 
     # -- primitives -------------------------------------------------------------------------
 
@@ -237,27 +245,67 @@ class LocalBlobStore(BlobStore):
             raise CorruptBlobError(digest, f"stored object has {size} bytes")
         return path
 
-    def iter_blobs(self) -> Iterator[BlobInfo]:
+    def iter_blob_stats(
+        self, skip: Callable[[str], bool] | None = None
+    ) -> Iterator[tuple[str, int, float]]:
         for fanout in sorted(os.listdir(self.objdir)):
             if len(fanout) != 2 or not _HEX.issuperset(fanout):
                 continue
             with os.scandir(os.path.join(self.objdir, fanout)) as entries:
                 for entry in entries:
-                    name = fanout + entry.name
-                    if len(name) != 64 or not _HEX.issuperset(entry.name):
-                        continue
+                    rest = entry.name
+                    if len(rest) != 62 or not _HEX.issuperset(rest):
+                        continue  # a stray file, not an object
+                    hash_ = fanout + rest
+                    if skip is not None and skip(hash_):
+                        continue  # before the stat: that is the point of skip
                     try:
                         st = entry.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue  # deleted while listing
-                    yield BlobInfo(Digest(name, st.st_size), st.st_mtime)
+                    yield hash_, st.st_size, st.st_mtime
 
-    def delete_blobs(self, digests: Iterable[Digest]) -> None:
+    def iter_blobs(self) -> Iterator[BlobInfo]:
+        for hash_, size, mtime in self.iter_blob_stats():
+            yield BlobInfo(Digest(hash_, size), mtime)
+
+    def delete_blobs(
+        self, digests: Iterable[Digest], *, older_than: float | None = None
+    ) -> None:
         for digest in digests:
+            path = self.object_path(digest)
             try:
-                os.unlink(self.object_path(digest))
+                # The stat-to-unlink window is microseconds, where prune's listing-to-delete
+                # window would be the whole run.
+                if older_than is not None and os.stat(path).st_mtime >= older_than:
+                    continue  # touched or stored again since it was listed
+                os.unlink(path)
             except FileNotFoundError:
                 pass
+
+    def clean_temp(self, older_than: float, *, dry_run: bool = False) -> tuple[int, int]:
+        """Remove files in ``tmp/`` last modified before ``older_than``.
+
+        Left there by writers killed between creating and renaming them: ref updates, and
+        uploads where the file system lacks ``O_TMPFILE``. A live writer's file is modified at
+        every chunk it writes, so it stays younger than any sensible grace period.
+        """
+        count = size = 0
+        with os.scandir(self.tmpdir) as entries:
+            for entry in entries:
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    if st.st_mtime >= older_than:
+                        continue
+                    if not dry_run:
+                        os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue  # committed or aborted meanwhile
+                count += 1
+                size += st.st_size
+        return count, size
 
     def touch_blobs(self, digests: Iterable[Digest]) -> None:
         for digest in digests:

@@ -40,8 +40,10 @@ class _MemoryWriter(BlobWriter):
 
     def commit(self, digest: Digest) -> None:
         with self._store.lock:
-            if digest not in self._store.blobs:
-                self._store.blobs[digest] = (self._buffer.getvalue(), time.time())
+            stored = self._store.blobs.get(digest)
+            # An existing blob is kept as it is, but freshened like touch_blobs would.
+            data = self._buffer.getvalue() if stored is None else stored[0]
+            self._store.blobs[digest] = (data, time.time())
         self.abort()
 
     def abort(self) -> None:
@@ -80,10 +82,14 @@ class MemoryBlobStore(BlobStore):
         for digest, (_, mtime) in items:
             yield BlobInfo(digest, mtime)
 
-    def delete_blobs(self, digests: Iterable[Digest]) -> None:
+    def delete_blobs(
+        self, digests: Iterable[Digest], *, older_than: float | None = None
+    ) -> None:
         with self.lock:
             for digest in digests:
-                self.blobs.pop(digest, None)
+                entry = self.blobs.get(digest)
+                if entry is not None and (older_than is None or entry[1] < older_than):
+                    del self.blobs[digest]
 
     def touch_blobs(self, digests: Iterable[Digest]) -> None:
         now = time.time()

@@ -633,8 +633,9 @@ class _StreamingUpload(BlobWriter):
                 raise AssertionError(
                     f"commit of {digest} for an upload announced as {self._expected}"
                 )
-            if self._file is None:
-                return  # it was there before the upload began
+            if self._file is None:  # it was there before the upload began: freshen it
+                self._store.touch_blobs([digest])
+                return
             self._file.close()
             if self._upload_id is None:  # smaller than one part after all
                 self._store.put_file(digest, self._path, self._size)
@@ -910,13 +911,16 @@ class S3BlobStore(BlobStore):
         """Upload a spooled blob: one PUT below the multipart threshold, else boto3's managed
         multipart upload (parts read from disk as they are sent, completed only at the end)."""
         key = self._bucket.object_key(digest)
-        self._once(key, lambda: self._upload_file(key, path, size))
+        self._once(key, lambda: self._upload_file(digest, key, path, size))
 
-    def _upload_file(self, key: str, path: str, size: int) -> None:
+    def _upload_file(self, digest: Digest, key: str, path: str, size: int) -> None:
         if size >= self._bucket.options.multipart_threshold:
             existing = self._bucket.head(key)
             if existing is not None and existing.get("ContentLength") == size:
-                return  # already stored: one HEAD instead of uploading it again
+                # Already stored: a HEAD and a touch instead of uploading it again (the
+                # touch renews prune's grace period for this writer, as the SPI asks).
+                self.touch_blobs([digest])
+                return
         future = self._bucket.transfers.upload(path, self._bucket.name, key)
         try:
             with self._bucket.errors("upload a blob", key):
@@ -963,7 +967,11 @@ class S3BlobStore(BlobStore):
             infos.extend(_blob_infos(page.get("Contents", []), self._bucket.objects))
         return infos
 
-    def delete_blobs(self, digests: Iterable[Digest]) -> None:
+    def delete_blobs(
+        self, digests: Iterable[Digest], *, older_than: float | None = None
+    ) -> None:
+        if older_than is not None:
+            digests = self._older_than(digests, older_than)
         keys = sorted({self._bucket.object_key(d) for d in digests})
         batches = [keys[i : i + MAX_DELETE_KEYS] for i in range(0, len(keys), MAX_DELETE_KEYS)]
 
@@ -979,6 +987,22 @@ class S3BlobStore(BlobStore):
         failures = [error for errors in self._bucket.map(delete, batches) for error in errors]
         if failures:
             raise _delete_error(self._bucket, failures, len(keys))
+
+    def _older_than(self, digests: Iterable[Digest], cutoff: float) -> list[Digest]:
+        """The digests whose object was last modified before ``cutoff``, asked just now.
+
+        One HEAD per object right before the DELETE: prune decided from a listing that may be
+        minutes old, and a writer may have touched or stored the blob again since. LastModified
+        has one-second resolution, so an object counts as modified up to a second after it.
+        """
+
+        def old(digest: Digest) -> Digest | None:
+            head = self._bucket.head(self._bucket.object_key(digest))
+            if head is None or head["LastModified"].timestamp() + 1 > cutoff:
+                return None
+            return digest
+
+        return [d for d in self._bucket.map(old, list(digests)) if d is not None]
 
     def touch_blobs(self, digests: Iterable[Digest]) -> None:
         """Refresh LastModified by copying each object onto itself (a server-side copy)."""
