@@ -444,6 +444,16 @@ class _ObjectReader(io.RawIOBase):
 # -- writing --------------------------------------------------------------------------------
 
 
+def _discard_spool(file: BinaryIO | None, path: str) -> None:
+    """Close and remove a writer's spool file (either may already be gone)."""
+    if file is not None:
+        with contextlib.suppress(OSError):
+            file.close()
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
 class _S3Writer(BlobWriter):
     """Collects an upload in memory, then in a temporary file, and stores it at commit."""
 
@@ -491,14 +501,8 @@ class _S3Writer(BlobWriter):
     def abort(self) -> None:
         self._done = True
         self._memory = None
-        if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._file.close()
-            self._file = None
-        if self._path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path)
-            self._path = ""
+        _discard_spool(self._file, self._path)
+        self._file, self._path = None, ""
 
 
 class _Upload:
@@ -676,14 +680,8 @@ class _StreamingUpload(BlobWriter):
     def abort(self) -> None:
         self._done = True
         self._abort_parts()
-        if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._file.close()
-            self._file = None
-        if self._path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path)
-            self._path = ""
+        _discard_spool(self._file, self._path)
+        self._file, self._path = None, ""
 
 
 # -- the blob store -------------------------------------------------------------------------
