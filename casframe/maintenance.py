@@ -703,11 +703,23 @@ def _sweep_plan(
     return [Digest(*key) for key in candidates]
 
 
-def _delete(store: Store, digests: list[Digest], cutoff: float, progress: Progress) -> None:
+def _delete(
+    store: Store, digests: list[Digest], cutoff: float, report: PruneReport, progress: Progress
+) -> None:
+    """Delete ``digests`` if still older than ``cutoff``; what a writer stored or touched since
+    the listing is spared, and the report moves it from freed to kept young."""
     progress.start("delete", len(digests), unit="objects")
     for start in range(0, len(digests), _DELETE_BATCH):
         batch = digests[start : start + _DELETE_BATCH]
-        store.blobs.delete_blobs(batch, older_than=cutoff)
+        deleted = store.blobs.delete_blobs(batch, older_than=cutoff)
+        if deleted is not None:
+            gone = set(deleted)
+            spared = [d for d in batch if d not in gone]
+            spared_bytes = sum(d.size for d in spared)
+            report.objects_freed -= len(spared)
+            report.bytes_freed -= spared_bytes
+            report.objects_kept_young += len(spared)
+            report.bytes_kept_young += spared_bytes
         progress.advance(len(batch))
     progress.finish()
 
@@ -728,10 +740,11 @@ def prune(
     older than the grace period. A dry run deletes nothing, reports what would go and,
     for every ref, the bytes only that ref keeps alive.
     """
+    grace_period = _check_grace(grace_period)
     _require(store, "prune", Capability.LIST, *(() if dry_run else (Capability.DELETE,)))
     progress = progress or NO_PROGRESS
     started = time.time()
-    cutoff = started - _check_grace(grace_period)
+    cutoff = started - grace_period
     report = PruneReport(grace_period=grace_period, dry_run=dry_run)
 
     # Mark first, so the listing can skip what is reachable (a local store then need not
@@ -760,7 +773,7 @@ def prune(
     report.bytes_scanned = report.bytes_reachable = sum(key[1] for key in present)
     doomed = _sweep_plan(stored, marking.marked.__contains__, cutoff, report)
     if not dry_run:
-        _delete(store, doomed, cutoff, progress)
+        _delete(store, doomed, cutoff, report, progress)
     report.temp_files_removed, report.temp_bytes_removed = store.blobs.clean_temp(
         cutoff, dry_run=dry_run
     )
@@ -789,12 +802,13 @@ def gc(
     grace period) fall to ``low_watermark × max_size``. Then a normal prune runs (in a dry run,
     its outcome is predicted instead).
     """
-    _require(store, "gc", Capability.LIST, *(() if dry_run else (Capability.DELETE,)))
     limit = parse_size(max_size)
     if limit <= 0:
         raise ValueError(f"invalid max size {max_size!r}: must be positive")
     if not 0 < low_watermark <= 1:
         raise ValueError(f"invalid low watermark {low_watermark!r}: must be in (0, 1]")
+    _check_grace(grace_period)
+    _require(store, "gc", Capability.LIST, *(() if dry_run else (Capability.DELETE,)))
     patterns = tuple(keep)
     progress = progress or NO_PROGRESS
     cutoff = time.time() - _check_grace(grace_period)

@@ -186,12 +186,15 @@ class BlobStore(ABC):
 
     def delete_blobs(
         self, digests: Iterable[Digest], *, older_than: float | None = None
-    ) -> None:
+    ) -> Collection[Digest] | None:
         """Delete blobs; absent ones are ignored (capability ``delete``).
 
         With ``older_than`` (seconds since the epoch), delete only blobs whose modification time
         is still before it at the moment each one is deleted: prune passes its grace cutoff, so
         a blob a writer touched or re-stored after prune listed it survives.
+
+        Return the digests actually deleted, so that prune reports what it freed exactly; a
+        backend that cannot tell returns ``None`` and every digest counts as deleted.
         """
         raise UnsupportedOperationError(f"{type(self).__name__} cannot delete blobs")
 

@@ -271,7 +271,8 @@ class LocalBlobStore(BlobStore):
 
     def delete_blobs(
         self, digests: Iterable[Digest], *, older_than: float | None = None
-    ) -> None:
+    ) -> list[Digest]:
+        deleted = []
         for digest in digests:
             path = self.object_path(digest)
             try:
@@ -280,8 +281,10 @@ class LocalBlobStore(BlobStore):
                 if older_than is not None and os.stat(path).st_mtime >= older_than:
                     continue  # touched or stored again since it was listed
                 os.unlink(path)
+                deleted.append(digest)
             except FileNotFoundError:
                 pass
+        return deleted
 
     def clean_temp(self, older_than: float, *, dry_run: bool = False) -> tuple[int, int]:
         """Remove files in ``tmp/`` last modified before ``older_than``.

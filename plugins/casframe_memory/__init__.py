@@ -84,12 +84,15 @@ class MemoryBlobStore(BlobStore):
 
     def delete_blobs(
         self, digests: Iterable[Digest], *, older_than: float | None = None
-    ) -> None:
+    ) -> list[Digest]:
+        deleted = []
         with self.lock:
             for digest in digests:
                 entry = self.blobs.get(digest)
                 if entry is not None and (older_than is None or entry[1] < older_than):
                     del self.blobs[digest]
+                    deleted.append(digest)
+        return deleted
 
     def touch_blobs(self, digests: Iterable[Digest]) -> None:
         now = time.time()

@@ -967,9 +967,13 @@ class S3BlobStore(BlobStore):
 
     def delete_blobs(
         self, digests: Iterable[Digest], *, older_than: float | None = None
-    ) -> None:
+    ) -> list[Digest]:
+        """Delete in batches of up to 1,000 keys; with ``older_than``, one HEAD per blob first.
+
+        Returns the blobs deleted (or already absent: S3 does not tell them apart)."""
         if older_than is not None:
             digests = self._older_than(digests, older_than)
+        digests = list(digests)
         keys = sorted({self._bucket.object_key(d) for d in digests})
         batches = [keys[i : i + MAX_DELETE_KEYS] for i in range(0, len(keys), MAX_DELETE_KEYS)]
 
@@ -985,6 +989,7 @@ class S3BlobStore(BlobStore):
         failures = [error for errors in self._bucket.map(delete, batches) for error in errors]
         if failures:
             raise _delete_error(self._bucket, failures, len(keys))
+        return digests
 
     def _older_than(self, digests: Iterable[Digest], cutoff: float) -> list[Digest]:
         """The digests whose object was last modified before ``cutoff``, asked just now.
