@@ -82,6 +82,7 @@ class CorruptBlobError(CasframeError):
 
     def __init__(self, digest: Digest, detail: str) -> None:
         self.digest = digest
+        self.detail = detail
         super().__init__(f"corrupt blob {digest}: {detail}")
 
 

@@ -941,7 +941,7 @@ def _verify(
                 while n := stream.readinto(buffer):  # type: ignore[attr-defined]
                     progress.advance(n)
         except CorruptBlobError as exc:
-            problems.add("corrupt", digest, str(exc))
+            problems.add("corrupt", digest, exc.detail)
             problems.stored_as[digest] = digest
         except BlobNotFoundError:
             continue  # deleted since it was listed
@@ -964,7 +964,7 @@ def _verify_batch(
             try:
                 store.read_bytes(digest)
             except CorruptBlobError as exc:
-                problems.add("corrupt", digest, str(exc))
+                problems.add("corrupt", digest, exc.detail)
                 problems.stored_as[digest] = digest
             except BlobNotFoundError:
                 continue  # deleted since it was listed

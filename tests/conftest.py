@@ -1,4 +1,5 @@
-"""Fixtures for peers outside Python that casframe's own tests need (Bazel, the AWS CLI).
+"""Fixtures casframe's own tests need: peers outside Python (Bazel, the AWS CLI) and an
+environment that keeps the command line's user directories inside the test's tmp_path.
 
 Store fixtures come from the shipped pytest plugin (``casframe.testing.plugin``, loaded through
 its ``pytest11`` entry point), used exactly as a third-party backend's tests would use them.
@@ -7,6 +8,7 @@ its ``pytest11`` entry point), used exactly as a third-party backend's tests wou
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +43,14 @@ def bazel() -> str:
 def aws_cli() -> str:
     """The AWS CLI, to check that S3 tools and casframe read each other's layout."""
     return _install_debian_tool("aws", "awscli")
+
+
+@pytest.fixture
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point every user directory into tmp_path so nothing is read or written outside it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CASFRAME_STORE", str(tmp_path / "store"))
+    monkeypatch.delenv("CASFRAME_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)

@@ -25,15 +25,7 @@ from casframe.cli import TqdmProgress, make_cli
 BLOB = bytes(range(256)) * 4  # every byte value, to prove binary safety
 
 
-@pytest.fixture(autouse=True)
-def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Point every user directory into tmp_path so nothing is read or written outside it."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("CASFRAME_STORE", str(tmp_path / "store"))
-    monkeypatch.delenv("CASFRAME_CONFIG", raising=False)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_env")
 
 
 Run = Callable[..., Result]
@@ -467,8 +459,7 @@ def test_progress_bar_is_thread_safe() -> None:
 
 def console_script() -> str:
     found = shutil.which("casframe", path=os.path.dirname(sys.executable))
-    if found is None:
-        pytest.skip("the casframe console script is not installed next to this Python")
+    assert found is not None, "the casframe console script is not installed next to this Python"
     return found
 
 
