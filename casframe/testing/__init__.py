@@ -1,8 +1,10 @@
 """Helpers for testing casframe and its backends: realistic trees, tree comparison, faults.
 
 This package is also a pytest plugin (:mod:`casframe.testing.plugin`, loaded through the
-``pytest11`` entry point, so every project that installs casframe gets its fixtures) and ships
-the backend conformance suite (:mod:`casframe.testing.conformance`).
+``pytest11`` entry point, so every project that installs casframe gets its fixtures: stores,
+S3 on moto in :mod:`casframe.testing.s3`, an in-process server in
+:mod:`casframe.testing.server`) and ships the backend conformance suite
+(:mod:`casframe.testing.conformance`). docs/testing.md describes them.
 
 It must stay cheap to import: only the standard library at module level. Loading the pytest
 plugin must cost a test run nothing, whether or not it uses casframe.

@@ -16,6 +16,11 @@ Fixtures:
 ``fake_aws_credentials``
     S3 against moto, in process or over HTTP on a free loopback port
     (:mod:`casframe.testing.s3`; needs ``casframe[s3]`` and moto).
+``cas_server``
+    ``cas_server(store, **settings) -> "grpc://127.0.0.1:PORT"`` serves any store with an
+    in-process ``casframe serve`` on a free loopback port (:mod:`casframe.testing.server`).
+
+docs/testing.md describes them all, with examples.
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ if TYPE_CHECKING:
 # The conformance suite is plain asserts; let pytest explain them when a backend fails one.
 pytest.register_assert_rewrite("casframe.testing.conformance")
 
-# S3 fixtures: s3_mock, s3_store, moto_server, s3_server_bucket, s3_server_store,
-# fake_aws_credentials. moto and boto3 are imported inside the fixtures, so this costs nothing.
-pytest_plugins = ["casframe.testing.s3"]
+# S3 fixtures (s3_mock, s3_store, moto_server, s3_server_bucket, s3_server_store,
+# fake_aws_credentials) and the server fixture (cas_server). moto, boto3 and grpc are imported
+# inside the fixtures, so this costs nothing.
+pytest_plugins = ["casframe.testing.s3", "casframe.testing.server"]
 
 
 @pytest.fixture

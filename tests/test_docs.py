@@ -1,0 +1,337 @@
+"""The documentation is complete and true: meta-tests over docs/ and README.md.
+
+- every hook in ``casframe.hookspecs`` has a section in docs/hooks.md and a test under tests/;
+- every command and subcommand of the real ``casframe`` click group has a section in
+  docs/cli.md that names each of its options and arguments;
+- README.md links every page of docs/, and links between pages point at existing headings;
+- the code of docs/writing-a-backend.md (a whole backend and its tests) and the examples of
+  docs/testing.md run, through pytest, as a plugin author would run them.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import os
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import pytest
+
+from casframe import hookspecs
+from casframe.cli import make_cli
+
+pytest_plugins = ["pytester"]
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+TESTS = ROOT / "tests"
+
+
+# -- reading Markdown ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Section:
+    """A heading and everything below it up to the next heading of the same or a higher level."""
+
+    level: int
+    title: str
+    body: str
+
+
+def _lines_outside_code(text: str) -> Iterator[tuple[int, str]]:
+    fenced = False
+    for number, line in enumerate(text.splitlines()):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        if not fenced:
+            yield number, line
+
+
+def sections(path: Path) -> list[Section]:
+    """Every section of a Markdown file (headings inside code blocks are not headings)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    headings = []
+    for number, line in _lines_outside_code("\n".join(lines)):
+        match = re.match(r"(#{1,6}) (.+)", line)
+        if match:
+            headings.append((number, len(match.group(1)), match.group(2).strip()))
+    found = []
+    for index, (number, level, title) in enumerate(headings):
+        end = next(
+            (n for n, lv, _ in headings[index + 1 :] if lv <= level), len(lines)
+        )
+        found.append(Section(level, title, "\n".join(lines[number + 1 : end])))
+    return found
+
+
+def command_title(title: str) -> str:
+    """``ref — names for trees`` → ``ref``; backticks removed."""
+    return title.replace("`", "").split(" — ")[0].strip()
+
+
+def slug(title: str) -> str:
+    """The anchor GitHub makes of a heading."""
+    text = re.sub(r"[^\w\- ]", "", title.replace("`", "").strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    result = set()
+    for section in sections(path):
+        base = slug(section.title)
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        result.add(base if count == 0 else f"{base}-{count}")
+    return result
+
+
+def code_files(path: Path) -> dict[str, str]:
+    """The ``python`` blocks marked ``<!-- file: NAME -->``, concatenated per NAME."""
+    text = path.read_text(encoding="utf-8")
+    files: dict[str, list[str]] = {}
+    for match in re.finditer(r"<!-- file: (\S+) -->\n```python\n(.*?)\n```", text, re.S):
+        files.setdefault(match.group(1), []).append(match.group(2))
+    return {name: "\n\n\n".join(parts) + "\n" for name, parts in files.items()}
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)\n```", text, re.S)
+
+
+# -- hooks ---------------------------------------------------------------------------------------
+
+
+def hook_names() -> list[str]:
+    """Every hook specification, found by introspection (pluggy marks them ``casframe_spec``)."""
+    return sorted(
+        name
+        for name, value in vars(hookspecs).items()
+        if callable(value) and getattr(value, "casframe_spec", None) is not None
+    )
+
+
+def test_hookspecs_are_found() -> None:
+    names = hook_names()
+    assert "casframe_register_backends" in names
+    assert all(name.startswith("casframe_") for name in names), names
+
+
+def _hook_section(hook: str) -> Section:
+    found = [s for s in sections(DOCS / "hooks.md") if command_title(s.title) == hook]
+    assert found, f"docs/hooks.md has no section for the hook {hook}"
+    return found[0]
+
+
+@pytest.mark.parametrize("hook", hook_names())
+def test_every_hook_is_documented(hook: str) -> None:
+    section = _hook_section(hook)
+    for part in ("**Purpose.**", "**Arguments.**", "**Returns.**", "**When it is called.**"):
+        assert part in section.body, f"the section on {hook} in docs/hooks.md lacks {part}"
+    assert hook_example(hook), f"the section on {hook} in docs/hooks.md has no example plugin"
+
+
+def hook_example(hook: str) -> str:
+    """The example plugin in the section on ``hook``: the code block implementing it."""
+    blocks = [
+        block for block in python_blocks(_hook_section(hook).body)
+        if "@hookimpl" in block and f"def {hook}(" in block
+    ]
+    return blocks[0] if blocks else ""
+
+
+def _hookimpls_in(path: Path) -> set[str]:
+    """Names of the functions decorated with ``hookimpl`` in a Python file."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            for decorator in node.decorator_list:
+                if ast.unparse(decorator).split(".")[-1] == "hookimpl":
+                    names.add(node.name)
+    return names
+
+
+@functools.cache
+def _hookimpls_by_test_file() -> dict[str, set[str]]:
+    return {path.name: _hookimpls_in(path) for path in sorted(TESTS.glob("*.py"))}
+
+
+@pytest.mark.parametrize("hook", hook_names())
+def test_every_hook_has_a_test(hook: str) -> None:
+    testing = [name for name, hooks in _hookimpls_by_test_file().items() if hook in hooks]
+    assert testing, f"no test under tests/ implements the hook {hook} (with @hookimpl)"
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def cli_commands() -> list[tuple[str, click.Command]]:
+    """``(path, command)`` for every command and subcommand of the real ``casframe`` group."""
+    found = []
+
+    def walk(group: click.Group, prefix: str) -> None:
+        for name, command in sorted(group.commands.items()):
+            path = f"{prefix}{name}"
+            found.append((path, command))
+            if isinstance(command, click.Group):
+                walk(command, f"{path} ")
+
+    walk(make_cli(), "")
+    return found
+
+
+def _documents(section: Section, command: click.Command) -> list[str]:
+    """The options and arguments of ``command`` that ``section`` does not mention."""
+    missing = []
+    for param in command.params:
+        if isinstance(param, click.Option):
+            if param.hidden:
+                continue
+            names = [*param.opts, *param.secondary_opts]
+            if not any(re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", section.body)
+                       for n in names):
+                missing.append("/".join(names))
+        elif param.human_readable_name not in section.body:
+            missing.append(param.human_readable_name)
+    return missing
+
+
+def test_cli_commands_are_found() -> None:
+    paths = [path for path, _ in cli_commands()]
+    assert {"import", "ref", "ref set", "serve", "plugins"} <= set(paths)
+
+
+def cli_doc_problems(path: str, command: click.Command) -> list[str]:
+    """What docs/cli.md lacks about ``casframe PATH``: its section, or options it never names."""
+    found = [s for s in sections(DOCS / "cli.md") if command_title(s.title) == path]
+    if not found:
+        return [f"docs/cli.md has no section (a heading '{path}') for `casframe {path}`"]
+    missing = _documents(found[0], command)
+    if missing:
+        return [f"the section on `casframe {path}` in docs/cli.md never names {missing}"]
+    return []
+
+
+@pytest.mark.parametrize("path,command", cli_commands(), ids=[p for p, _ in cli_commands()])
+def test_every_cli_command_is_documented(path: str, command: click.Command) -> None:
+    problems = cli_doc_problems(path, command)
+    assert not problems, problems
+
+
+def test_global_options_are_documented() -> None:
+    found = [s for s in sections(DOCS / "cli.md") if s.title == "Global options"]
+    assert found, "docs/cli.md has no 'Global options' section"
+    missing = _documents(found[0], make_cli())
+    assert not missing, f"docs/cli.md's global options never name {missing}"
+
+
+def test_an_undocumented_command_or_option_is_noticed() -> None:
+    """The checks above are not vacuous."""
+    new = click.Command("no-such-command", callback=lambda: None)
+    assert "no section" in cli_doc_problems("no-such-command", new)[0]
+    ls = dict(cli_commands())["ls"]
+    extended = click.Command("ls", params=[*ls.params, click.Option(["--no-such-option"])])
+    assert "--no-such-option" in cli_doc_problems("ls", extended)[0]
+    assert cli_doc_problems("ls", ls) == []
+
+
+# -- links ---------------------------------------------------------------------------------------
+
+
+def doc_pages() -> list[Path]:
+    return sorted(DOCS.glob("*.md"))
+
+
+def _links(path: Path) -> list[str]:
+    text = "\n".join(line for _, line in _lines_outside_code(path.read_text(encoding="utf-8")))
+    return re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", text)
+
+
+def test_readme_links_every_doc_page() -> None:
+    linked = {
+        (ROOT / target.split("#")[0]).resolve()
+        for target in _links(ROOT / "README.md")
+        if not re.match(r"[a-z]+:", target)
+    }
+    unlinked = [page.name for page in doc_pages() if page.resolve() not in linked]
+    assert not unlinked, f"README.md does not link docs/{unlinked}"
+
+
+@pytest.mark.parametrize(
+    "page", [ROOT / "README.md", *doc_pages()], ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_links_between_pages_resolve(page: Path) -> None:
+    broken = []
+    for target in _links(page):
+        if re.match(r"[a-z]+:", target):
+            continue  # http://, https://, mailto:
+        file_part, _, anchor = target.partition("#")
+        linked = (page.parent / file_part).resolve() if file_part else page
+        if linked.suffix != ".md":
+            continue
+        if not linked.is_file():
+            broken.append(f"{target}: no such page")
+        elif anchor and anchor not in anchors(linked):
+            broken.append(f"{target}: no heading #{anchor} in {linked.name}")
+    assert not broken, f"{page.name}: {broken}"
+
+
+def test_slugs_follow_github() -> None:
+    assert slug("`file://PATH`") == "filepath"
+    assert slug("Walk-through: a `zdir://` backend") == "walk-through-a-zdir-backend"
+    assert slug("ref — names for trees") == "ref--names-for-trees"
+
+
+# -- code in the docs runs ------------------------------------------------------------------------
+
+
+def test_the_walk_through_backend_passes_the_conformance_suite(
+    pytester: pytest.Pytester,
+) -> None:
+    files = code_files(DOCS / "writing-a-backend.md")
+    assert set(files) == {"casframe_zdir.py", "test_zdir.py"}, sorted(files)
+    for name, code in files.items():
+        pytester.path.joinpath(name).write_text(code, encoding="utf-8")
+    # What installing the package would do: its entry point registers the plugin.
+    pytester.makeconftest(
+        """
+        import pytest
+        import casframe
+        import casframe_zdir
+
+        @pytest.fixture(autouse=True, scope="session")
+        def _zdir_plugin():
+            with casframe.registered_plugin(casframe_zdir, "zdir"):
+                yield
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider", "-q")
+    outcomes = result.parseoutcomes()
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    assert outcomes.get("passed", 0) >= 90, outcomes  # the whole suite ran, not a part of it
+    assert not {"failed", "errors", "skipped", "xfailed"} & outcomes.keys(), outcomes
+
+
+def test_the_examples_of_testing_md_pass(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = code_files(DOCS / "testing.md")
+    assert len(files) >= 4, sorted(files)
+    for name, code in files.items():
+        pytester.path.joinpath(name).write_text(code, encoding="utf-8")
+    expected = sum(code.count("\ndef test_") + code.startswith("def test_") for code in
+                   files.values())
+    # The examples run `casframe` as a user would, from the environment's scripts.
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = pytester.runpytest("-p", "no:cacheprovider", "-q")
+    outcomes = result.parseoutcomes()
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    assert not {"failed", "errors", "skipped", "xfailed"} & outcomes.keys(), outcomes
+    assert outcomes["passed"] >= expected, (outcomes, expected)
