@@ -16,12 +16,14 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
+import grpc
 import pytest
 from casframe_cache import CacheStats, cache_store
 from casframe_memory import MemoryBlobStore, MemoryRefStore
 from click.testing import CliRunner, Result
 from test_config import isolated_env  # noqa: F401 - autouse: no user configuration, cwd tmp_path
 from test_grpc_backend import _KNOWN_GAPS as _GRPC_GAPS
+from test_server import _action_result
 
 from casframe import (
     BackendUnavailableError,
@@ -35,6 +37,8 @@ from casframe import (
     UnsupportedOperationError,
     open_store,
 )
+from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
     Directory,
     FileNode,
@@ -425,6 +429,34 @@ def test_set_ref_refuses_a_tree_that_neither_store_holds_whole(
         cache.set_ref("broken", root)
     assert caught.value.digests == (file_digest,)
     assert not remote.has_ref("broken")
+
+
+def test_a_server_over_the_cache_keeps_action_results_on_the_remote(
+    cache: Store, remote: Store
+) -> None:
+    """Refs to single blobs (action results) are not trees: the blob goes to the remote."""
+    result, outputs = _action_result(cache)
+    action = Digest.of_bytes(b"an Action message")
+    with Server(cache, listen="127.0.0.1:0") as server, \
+            grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = re_grpc.ActionCacheStub(channel)
+        stub.UpdateActionResult(re_pb2.UpdateActionResultRequest(
+            action_digest=action.to_proto(), action_result=result))
+        assert stub.GetActionResult(
+            re_pb2.GetActionResultRequest(action_digest=action.to_proto())) == result
+    stored = remote.get_ref(f"ac/_/{action.hash}/{action.size}")
+    assert remote.read_bytes(stored) == result.SerializeToString(deterministic=True)
+    assert remote.find_missing(outputs.values()) == set()
+
+
+def test_a_blob_ref_sends_its_blob_to_the_remote_when_it_lost_it(
+    cache: Store, remote: Store
+) -> None:
+    digest = cache.put_bytes(b"\xff\xfe not a Directory message")
+    remote.blobs.delete_blobs([digest])
+    cache.set_ref("asset/blob/key", digest, check_complete=False)
+    assert remote.get_ref("asset/blob/key") == digest
+    assert remote.read_bytes(digest) == b"\xff\xfe not a Directory message"
 
 
 def test_maintenance_runs_on_the_local_store_not_on_the_cache(

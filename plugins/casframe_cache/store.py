@@ -10,7 +10,8 @@ How each operation is served (docs/cache.md explains the choices):
   a blob whose remote write failed, so "local has it" keeps meaning "it was on the remote".
 - refs live on the remote alone. Setting one copies to the remote, from local, whatever of the
   tree the remote lacks (its own prune may have removed a blob local still has) and sets the ref
-  there last, so a ref on the shared remote never points at an incomplete tree.
+  there last, so a ref on the shared remote never points at an incomplete tree (a ref to a
+  single blob, such as the server's action results, needs only that blob there).
 - capabilities: ``local-path`` when the local store has it (a missing blob is filled first).
   No ``list``, ``delete`` or ``touch``: deleting from a cache would have to mean deleting from
   the shared remote. Evict by running maintenance on the local store itself.
@@ -43,6 +44,7 @@ from casframe import (
     Store,
     UnsupportedOperationError,
 )
+from casframe.names import is_tree_ref
 from casframe.store import VerifiedUpload
 
 __all__ = ["CacheBlobStore", "CacheRefStore", "CacheStats", "cache_store"]
@@ -104,12 +106,15 @@ class _FillingReader(io.RawIOBase):
     :class:`CorruptBlobError`. Closing the reader early aborts the local copy too.
     """
 
-    def __init__(self, cache: CacheBlobStore, digest: Digest, source: BinaryIO) -> None:
+    def __init__(
+        self, digest: Digest, source: BinaryIO, local: Store, remote: Store, counters: _Counters
+    ) -> None:
         super().__init__()
-        self._cache = cache
         self._digest = digest
         self._source = source
-        self._upload: VerifiedUpload = cache.local.open_upload(digest)
+        self._remote_url = remote.url
+        self._counters = counters
+        self._upload: VerifiedUpload = local.open_upload(digest)
         self._position = 0
         self._done = False
 
@@ -142,10 +147,10 @@ class _FillingReader(io.RawIOBase):
         except DigestMismatchError as exc:
             raise self._corrupt(f"returned content hashing to {exc.actual.hash}") from None
         self._done = True
-        self._cache.counters.add(bytes_filled=self._digest.size)
+        self._counters.add(bytes_filled=self._digest.size)
 
     def _corrupt(self, detail: str) -> CorruptBlobError:
-        return CorruptBlobError(self._digest, f"the remote {self._cache.remote.url} {detail}")
+        return CorruptBlobError(self._digest, f"the remote {self._remote_url} {detail}")
 
     def close(self) -> None:
         if self.closed:
@@ -192,10 +197,8 @@ class CacheBlobStore(BlobStore):
     def __init__(self, local: Store, remote: Store) -> None:
         self.local = local
         self.remote = remote
-        self.counters = _Counters()
-        self.capabilities = frozenset(
-            {Capability.LOCAL_PATH} & local.blobs.capabilities
-        )
+        self._counters = _Counters()
+        self.capabilities = frozenset({Capability.LOCAL_PATH} & local.blobs.capabilities)
         self.max_batch_digests = min(local.blobs.max_batch_digests, remote.blobs.max_batch_digests)
         self.max_batch_bytes = min(local.blobs.max_batch_bytes, remote.blobs.max_batch_bytes)
         self.max_concurrency = max(local.blobs.max_concurrency, remote.blobs.max_concurrency)
@@ -203,7 +206,7 @@ class CacheBlobStore(BlobStore):
     @property
     def stats(self) -> CacheStats:
         """Hits, misses and bytes filled so far."""
-        return self.counters.snapshot()
+        return self._counters.snapshot()
 
     def describe(self) -> str:
         return f"cache(local={self.local.url}, remote={self.remote.url})"
@@ -223,7 +226,7 @@ class CacheBlobStore(BlobStore):
         not_local = self.local.blobs.find_missing_blobs(digests)
         if not not_local:
             return set()
-        self.counters.add(remote_lookups=len(not_local))
+        self._counters.add(remote_lookups=len(not_local))
         return self.remote.blobs.find_missing_blobs(not_local)
 
     def open_blob(self, digest: Digest, offset: int = 0) -> BinaryIO:
@@ -242,7 +245,8 @@ class CacheBlobStore(BlobStore):
         except BlobNotFoundError:
             raise self._not_found(digest) from None
         try:
-            return _FillingReader(self, digest, source)  # type: ignore[return-value]
+            reader = _FillingReader(digest, source, self.local, self.remote, self._counters)
+            return reader  # type: ignore[return-value]
         except BaseException:
             source.close()
             raise
@@ -278,11 +282,11 @@ class CacheBlobStore(BlobStore):
                 continue
             with stream:
                 data = stream.read()
-            self.counters.add(hits=1)
+            self._counters.add(hits=1)
             yield digest, data
         if not misses:
             return
-        self.counters.add(misses=len(misses))
+        self._counters.add(misses=len(misses))
         try:
             fetched = list(self.remote.blobs.read_blobs(misses))
         except BlobNotFoundError as exc:
@@ -294,7 +298,7 @@ class CacheBlobStore(BlobStore):
                 exc.expected,
                 f"the remote {self.remote.url} returned content hashing to {exc.actual.hash}",
             ) from None
-        self.counters.add(bytes_filled=sum(len(data) for _, data in fetched))
+        self._counters.add(bytes_filled=sum(len(data) for _, data in fetched))
         yield from fetched
 
     def write_blobs(self, blobs: Iterable[tuple[Digest, bytes]]) -> None:
@@ -333,9 +337,9 @@ class CacheBlobStore(BlobStore):
         try:
             result = from_local()
         except BlobNotFoundError:
-            self.counters.add(misses=1)
+            self._counters.add(misses=1)
             return from_remote()
-        self.counters.add(hits=1)
+        self._counters.add(hits=1)
         return result
 
     def _fill(self, digest: Digest, *, then: Callable[[], _T]) -> _T:
@@ -345,7 +349,7 @@ class CacheBlobStore(BlobStore):
             self.local.copy_blob_from(self.remote, digest)
         except BlobNotFoundError:
             raise self._not_found(digest) from None
-        self.counters.add(bytes_filled=digest.size)
+        self._counters.add(bytes_filled=digest.size)
         return then()
 
     def _maintenance_elsewhere(self, what: str) -> UnsupportedOperationError:
@@ -368,9 +372,16 @@ class CacheRefStore(RefStore):
         return self._remote.refs.get_ref(name, touch=touch)
 
     def set_ref(self, name: str, digest: Digest) -> None:
-        # A transfer to the remote: it sends what the remote lacks (read through the cache),
-        # children before parents, freshens the rest, and sets the ref last.
-        self._through_cache.push(self._remote, digest, ref=name)
+        if is_tree_ref(name):
+            # A transfer to the remote: it sends what the remote lacks (read through the
+            # cache), children before parents, freshens the rest, and sets the ref last.
+            self._through_cache.push(self._remote, digest, ref=name)
+            return
+        # A ref to one blob (the server's action results and Remote Asset blobs): that blob,
+        # never parsed as a Directory, must be on the remote.
+        if self._remote.find_missing([digest], freshen=True):
+            self._remote.copy_blob_from(self._through_cache, digest)
+        self._remote.set_ref(name, digest, check_complete=False)
 
     def delete_ref(self, name: str) -> None:
         self._remote.refs.delete_ref(name)
