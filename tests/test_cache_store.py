@@ -599,6 +599,11 @@ def test_bad_cache_urls_are_refused_clearly(url: str, message: str, config_file:
     assert message in str(caught.value)
 
 
+def test_one_store_cannot_be_both_local_and_remote() -> None:
+    with open_store("memory://") as store, pytest.raises(ConfigError, match="the same store"):
+        cache_store(store, store)
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [

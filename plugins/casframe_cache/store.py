@@ -36,6 +36,7 @@ from casframe import (
     BlobStore,
     BlobWriter,
     Capability,
+    ConfigError,
     CorruptBlobError,
     Digest,
     DigestMismatchError,
@@ -393,7 +394,7 @@ class CacheRefStore(RefStore):
 def cache_store(local: Store, remote: Store) -> Store:
     """A cache store with ``local`` in front of ``remote``; it owns (and closes) both."""
     if local is remote:
-        raise ValueError("a cache's local and remote must be two different stores")
+        raise ConfigError(f"the cache's local and remote are the same store ({local.url})")
     blobs = CacheBlobStore(local, remote)
     url = f"cache://?local={_quote(local.url)}&remote={_quote(remote.url)}"
     return Store(blobs, CacheRefStore(blobs), url=url)
