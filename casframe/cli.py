@@ -133,10 +133,9 @@ class _App:
 
     def open(self, name_or_url: str | None) -> Store:
         """Open another store given as a URL, a configured name or a path."""
-        from casframe.plugins import open_store
+        from casframe.config import open_configured_store
 
-        url, options = self.config().resolve_store(name_or_url)
-        store = open_store(url, options)
+        store = open_configured_store(name_or_url, config=self.config())
         self._opened.append(store)
         return store
 

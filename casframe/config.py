@@ -21,6 +21,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Config",
     "StoreEntry",
+    "active_config",
     "builtin_default_store_url",
     "config_path",
     "default_store_url",
@@ -46,6 +48,9 @@ STORE_ENV = "CASFRAME_STORE"
 _STORE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _TOP_LEVEL_KEYS = {"default_store", "stores", "remotes"}
 _STORE_KEYS = {"url", "options"}
+
+# The configuration a store is being opened from, for backends that open other stores by name.
+_opening_config: ContextVar[Config | None] = ContextVar("casframe_opening_config", default=None)
 
 
 @dataclass(frozen=True)
@@ -146,8 +151,23 @@ def open_configured_store(name_or_url: str | None = None, *, config: Config | No
     """Open a store given as a URL, a configured name, a path, or ``None`` for the default."""
     from casframe.plugins import open_store
 
-    url, options = (config or load_config()).resolve_store(name_or_url)
-    return open_store(url, options)
+    config = config or load_config()
+    url, options = config.resolve_store(name_or_url)
+    token = _opening_config.set(config)
+    try:
+        return open_store(url, options)
+    finally:
+        _opening_config.reset(token)
+
+
+def active_config() -> Config:
+    """The configuration the store being opened comes from; else the user's file.
+
+    For backends composed of other stores (``cache://``): while :func:`open_configured_store`
+    runs a factory, a store name given in that factory's options resolves in the same
+    configuration (the CLI's ``--config`` file, say), not only in the default one.
+    """
+    return _opening_config.get() or load_config()
 
 
 # -- parsing ------------------------------------------------------------------------------------

@@ -37,11 +37,14 @@ def test_wheel_contains_protos_plugins_and_entry_points(wheel: Path) -> None:
         "casframe/testing/plugin.py",
         "casframe_local/__init__.py",
         "casframe_memory/__init__.py",
+        "casframe_cache/__init__.py",
+        "casframe_cache/store.py",
     ):
         assert required in names, f"{required} missing from {wheel.name}"
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "[casframe]" in text and "local = casframe_local" in text
+    assert "cache = casframe_cache" in text
     assert "[pytest11]" in text and "casframe.testing.plugin" in text
     assert "[console_scripts]" in text and "casframe = casframe.cli:main" in text
 
