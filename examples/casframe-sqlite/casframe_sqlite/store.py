@@ -20,7 +20,9 @@ Design:
   blob's identity — and ``chunks(blob_id, start, data)`` holding its content in pieces of at
   most :data:`CHUNK_SIZE` bytes; ``refs(name, hash, size, accessed)``. The header's
   ``application_id`` marks the file as ours and ``user_version`` is the schema version, so a
-  file of another application is refused instead of being written into.
+  file of another application is refused instead of being written into. Row ids are never
+  reused (``AUTOINCREMENT``): a reader or writer holding the id of a row deleted meanwhile
+  cannot reach another blob's content through it.
 * **Uploads stage in the database.** A writer keeps at most one chunk in memory. When a chunk
   fills up it is written, in its own short transaction, under an *upload row*: a ``blobs`` row
   whose ``hash`` is NULL, which no lookup by digest can see. ``commit`` is then one short

@@ -30,6 +30,7 @@ from casframe_sqlite.store import (
     CHUNK_SIZE,
     SCHEMA_VERSION,
     DatabaseOpenError,
+    SQLiteBlobStore,
 )
 
 CASFRAME = str(Path(sys.executable).parent / "casframe")
@@ -263,6 +264,30 @@ def test_processes_writing_the_same_blobs_at_once(tmp_path: Path, make_tree: Mak
         report = store.fsck()
         assert report.ok, report.problems
         assert report.blobs_checked == query(path, "SELECT count(*) FROM blobs")[0][0]
+
+
+def test_a_forked_child_opens_connections_of_its_own(sqlite_store: Store) -> None:
+    assert isinstance(sqlite_store.blobs, SQLiteBlobStore)
+    db = sqlite_store.blobs.db
+    before = sqlite_store.put_bytes(b"stored by the parent")
+    with db.connection() as conn:
+        parents = conn  # back in the pool after the block, for the parent's next call
+    pid = os.fork()
+    if pid == 0:  # the child: any failure becomes its exit status
+        status = 1
+        try:
+            with db.connection() as conn:
+                if conn is parents:
+                    os._exit(3)  # SQLite connections must not be used across a fork
+            sqlite_store.put_bytes(b"stored by the child")
+            status = 0 if sqlite_store.read_bytes(before) == b"stored by the parent" else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    child = Digest.of_bytes(b"stored by the child")
+    assert sqlite_store.read_bytes(child) == b"stored by the child"
+    assert sqlite_store.read_bytes(before) == b"stored by the parent"
 
 
 KILLED_WRITER = r"""
