@@ -6,10 +6,13 @@ environment switches and rebuilds the plugin manager before and after the test.
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -300,3 +303,100 @@ def test_registered_plugin_is_removed_afterwards(plugins) -> None:
     assert "extra" not in {info.name for info in list_plugins()}
     with pytest.raises(UnknownSchemeError):
         open_store("extra://")
+
+
+# -- a real third-party distribution: examples/casframe-sqlite, installed by `make test` -------
+
+SQLITE_DIST = "casframe-sqlite"
+SQLITE_PLUGIN = "sqlite"  # its entry-point name: what `casframe plugins` shows and blocks
+
+
+def _casframe_cli(*args: str, **switches: str) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``casframe`` command with only the given CASFRAME_* switches set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CASFRAME_")}
+    env.update(switches)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "casframe"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def _cli_plugins(**switches: str) -> tuple[dict[str, list[str]], dict[str, dict[str, object]]]:
+    """``casframe plugins`` as table rows and as ``--json`` records, both by plugin name."""
+    text = _casframe_cli("plugins", **switches)
+    as_json = _casframe_cli("plugins", "--json", **switches)
+    assert text.returncode == 0 and as_json.returncode == 0, text.stderr + as_json.stderr
+    rows = {line.split()[0]: line.split() for line in text.stdout.splitlines()[1:]}
+    records = {r["name"]: r for r in json.loads(as_json.stdout)}
+    return rows, records
+
+
+def test_cli_lists_an_installed_third_party_plugin_with_version_and_scheme(plugins) -> None:
+    version = metadata.version(SQLITE_DIST)
+    rows, records = _cli_plugins()
+    assert rows[SQLITE_PLUGIN] == [SQLITE_PLUGIN, SQLITE_DIST, version, "sqlite://"]
+    assert records[SQLITE_PLUGIN] == {
+        "name": SQLITE_PLUGIN,
+        "distribution": SQLITE_DIST,
+        "version": version,
+        "schemes": ["sqlite"],
+        "blocked": False,
+    }
+    assert version == "0.1.0"
+    info = _plugin(SQLITE_PLUGIN)
+    assert (info.distribution, info.version, info.schemes, info.blocked) == (
+        SQLITE_DIST, version, ("sqlite",), False,
+    )
+
+
+def test_blocking_an_installed_third_party_plugin_by_name(plugins, tmp_path: Path) -> None:
+    rows, records = _cli_plugins(CASFRAME_BLOCK_PLUGINS=SQLITE_PLUGIN)
+    assert rows[SQLITE_PLUGIN][2:] == [metadata.version(SQLITE_DIST), "-", "(blocked)"]
+    assert records[SQLITE_PLUGIN]["blocked"] is True
+    assert records[SQLITE_PLUGIN]["schemes"] == []
+    assert not records["local"]["blocked"]
+
+    database = tmp_path / "cas.db"
+    refused = _casframe_cli(
+        "--store", f"sqlite://{database}", "ref", "list", CASFRAME_BLOCK_PLUGINS=SQLITE_PLUGIN
+    )
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.count("\n") == 1, refused.stderr
+    assert "unknown store scheme 'sqlite'; registered schemes: file://" in refused.stderr
+    assert "sqlite://" not in refused.stderr.partition("registered schemes:")[2]
+
+    plugins.setenv("CASFRAME_BLOCK_PLUGINS", SQLITE_PLUGIN)
+    reset_plugin_manager()
+    assert _plugin(SQLITE_PLUGIN).blocked
+    with pytest.raises(UnknownSchemeError, match="unknown store scheme 'sqlite'") as caught:
+        open_store(f"sqlite://{database}")
+    registered = str(caught.value).partition("registered schemes:")[2]
+    assert "file://" in registered and "memory://" in registered
+    assert "sqlite://" not in registered
+    assert not database.exists(), "nothing was created"
+
+    code = (
+        "import sys, casframe; casframe.list_plugins(); "
+        "loaded = [m for m in sys.modules if m.startswith('casframe_sqlite')]; "
+        "assert not loaded, loaded"
+    )
+    env = {**os.environ, "CASFRAME_BLOCK_PLUGINS": SQLITE_PLUGIN}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_disabling_autoload_hides_an_installed_third_party_plugin(
+    plugins, tmp_path: Path
+) -> None:
+    rows, records = _cli_plugins(CASFRAME_DISABLE_PLUGIN_AUTOLOAD="1")
+    assert SQLITE_PLUGIN not in rows and SQLITE_PLUGIN not in records
+    assert {"local", "memory"} <= records.keys()
+
+    plugins.setenv("CASFRAME_DISABLE_PLUGIN_AUTOLOAD", "1")
+    reset_plugin_manager()
+    assert SQLITE_PLUGIN not in {info.name for info in list_plugins()}
+    with pytest.raises(UnknownSchemeError, match="registered schemes: file://"):
+        open_store(f"sqlite://{tmp_path / 'cas.db'}")
+    assert not (tmp_path / "cas.db").exists()
