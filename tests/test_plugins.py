@@ -365,7 +365,7 @@ def test_blocking_an_installed_third_party_plugin_by_name(plugins, tmp_path: Pat
     )
     assert refused.returncode == 1 and refused.stdout == ""
     assert refused.stderr.count("\n") == 1, refused.stderr
-    assert "unknown store scheme 'sqlite'; registered schemes: file://" in refused.stderr
+    assert "unknown store scheme 'sqlite'; registered schemes: cache://, file://" in refused.stderr
     assert "sqlite://" not in refused.stderr.partition("registered schemes:")[2]
 
     plugins.setenv("CASFRAME_BLOCK_PLUGINS", SQLITE_PLUGIN)
@@ -397,6 +397,6 @@ def test_disabling_autoload_hides_an_installed_third_party_plugin(
     plugins.setenv("CASFRAME_DISABLE_PLUGIN_AUTOLOAD", "1")
     reset_plugin_manager()
     assert SQLITE_PLUGIN not in {info.name for info in list_plugins()}
-    with pytest.raises(UnknownSchemeError, match="registered schemes: file://"):
+    with pytest.raises(UnknownSchemeError, match="registered schemes: cache://, file://"):
         open_store(f"sqlite://{tmp_path / 'cas.db'}")
     assert not (tmp_path / "cas.db").exists()
