@@ -695,10 +695,6 @@ def _report_transfer(
     click.echo(f"{verb} {result.root} {where}: {what}{ref}")
 
 
-_to_remotes_help = (
-    "Without --to/--from, TREE goes through the remotes of the configuration files (see "
-    "docs/remotes.md)."
-)
 _remote_option = click.option(
     "--remote",
     "remote_names",

@@ -308,6 +308,9 @@ class Remotes:
         self._entries = tuple(entries)
         #: Where these remotes were configured (for messages).
         self.where = where or "the list given"
+        # Chosen by name: a remote that cannot serve the operation is then an error, not
+        # silently left out.
+        self._chosen = False
         names = [entry.name for entry in self._entries]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
@@ -352,11 +355,21 @@ class Remotes:
                     f"unknown remote {name!r}: not defined in {self.where} (defined: {known})"
                 )
             chosen.append(by_name[name])
-        return Remotes(chosen, where=self.where)
+        selected = Remotes(chosen, where=self.where)
+        selected._chosen = True
+        return selected
 
     def _usable(self, operation: str, timeout: float | None) -> list[RemoteEntry]:
         key = "pull" if operation == "pull" else "push"
         entries = [e for e in self._entries if getattr(e, key)]
+        if self._chosen:
+            for entry in self._entries:
+                if not getattr(entry, key):
+                    setting = "pull = false" if key == "pull" else "push = true is not set"
+                    raise ConfigError(
+                        f"remote {entry.name!r} is not a {key} remote "
+                        f"({setting} in {entry.source or self.where})"
+                    )
         if not entries:
             setting = "pull = true (the default)" if key == "pull" else "push = true"
             raise ConfigError(

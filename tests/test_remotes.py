@@ -198,8 +198,8 @@ def test_push_and_pull_through_a_grpc_server_and_a_read_only_one(
     ]
     refused = report.outcomes[1]
     assert refused.message == (
-        f"grpc://127.0.0.1:{frozen.port} refuses writes: the server does not allow updates "
-        "(ReferenceStorage.Status)"
+        f"grpc://127.0.0.1:{frozen.port} refuses writes: its ReferenceStorage status does not "
+        "allow updates"
     )
     assert refused.error == "permission-denied" and refused.transfer is None
     # Nothing was attempted on the read-only server: its store is as empty as it was.
@@ -216,6 +216,35 @@ def test_push_and_pull_through_a_grpc_server_and_a_read_only_one(
         )
         assert statuses(pulled.outcomes) == [("cache", "pulled")]
         assert elsewhere.get_ref(REF) == local.get_ref(REF)
+
+
+def test_read_only_server_without_reference_storage_is_found_by_the_blob_probe(
+    local: Store, servers: Servers
+) -> None:
+    """Over the Remote Asset API there is no status to ask: the empty-blob upload is refused."""
+    frozen, frozen_backing = servers.start("frozen", read_only=True)
+    url = f"grpc://127.0.0.1:{frozen.port}"
+    report = Remotes([RemoteEntry("archive", f"{url}?ref_protocol=asset", push=True)]).push(
+        local, REF, check=False
+    )
+    outcome = report.outcomes[0]
+    assert outcome.status is RemoteStatus.READ_ONLY
+    assert outcome.message == (
+        f"{url} refused BatchUpdateBlobs (PERMISSION_DENIED): this server is read-only"
+    )
+    assert list(frozen_backing.blobs.iter_blobs()) == []
+
+
+def test_a_misconfigured_remote_fails_alone(tmp_path: Path, local: Store) -> None:
+    report = Remotes([
+        RemoteEntry("typo", "grpc://127.0.0.1:1", push=True, options={"timeuot": 3}),
+        RemoteEntry("odd", "nope://x", push=True),
+        file_remote(tmp_path, "ci", push=True),
+    ]).push(local, REF, check=False)
+    assert statuses(report.outcomes) == [("typo", "failed"), ("odd", "failed"), ("ci", "pushed")]
+    assert report.outcomes[0].message.startswith("unknown option(s) timeuot for grpc://")
+    assert report.outcomes[0].error == "config"
+    assert report.outcomes[1].error == "unknown-scheme"
 
 
 def test_pushing_again_sends_no_blob(tmp_path: Path, local: Store, servers: Servers) -> None:
@@ -327,6 +356,13 @@ def test_remotes_are_chosen_by_their_pull_and_push_settings(
         Remotes([pull_only]).push(local, REF)
     with pytest.raises(ConfigError, match="no remote to pull from"):
         Remotes([push_only]).pull(local, REF)
+    # Named explicitly, a remote that cannot serve the operation is an error, not left out.
+    with pytest.raises(ConfigError, match=r"remote 'pull-only' is not a push remote "
+                                          r"\(push = true is not set in the list given\)"):
+        remotes.select(["push-only", "pull-only"]).push(local, REF)
+    with pytest.raises(ConfigError, match=r"remote 'push-only' is not a pull remote "
+                                          r"\(pull = false in "):
+        remotes.select(["push-only"]).pull(local, REF)
 
 
 def test_a_missing_local_ref_fails_before_any_remote_is_opened(
@@ -707,8 +743,8 @@ def test_cli_read_only_remote_line(tmp_path: Path, local: Store, servers: Server
     result = cli("push", REF)
     assert result.exit_code == 1
     assert result.stdout == (
-        f"read-only archive: not pushed (grpc://127.0.0.1:{frozen.port} refuses writes: the "
-        "server does not allow updates (ReferenceStorage.Status))\n"
+        f"read-only archive: not pushed (grpc://127.0.0.1:{frozen.port} refuses writes: its "
+        "ReferenceStorage status does not allow updates)\n"
     )
 
 

@@ -501,8 +501,8 @@ class GrpcRefStore(RefStore):
             )
         if not status.allow_updates:
             raise PermissionDeniedError(
-                f"{self.conn.where} refuses writes: the server does not allow updates "
-                "(ReferenceStorage.Status)"
+                f"{self.conn.where} refuses writes: its ReferenceStorage status does not "
+                "allow updates"
             )
 
     def _unsupported(self, what: str, error: UnsupportedOperationError) -> CasframeError:
