@@ -360,27 +360,27 @@ class Remotes:
         return selected
 
     def _usable(self, operation: str, timeout: float | None) -> list[RemoteEntry]:
-        key = "pull" if operation == "pull" else "push"
-        entries = [e for e in self._entries if getattr(e, key)]
-        if self._chosen:
-            for entry in self._entries:
-                if not getattr(entry, key):
-                    setting = "pull = false" if key == "pull" else "push = true is not set"
-                    raise ConfigError(
-                        f"remote {entry.name!r} is not a {key} remote "
-                        f"({setting} in {entry.source or self.where})"
-                    )
-        if not entries:
-            setting = "pull = true (the default)" if key == "pull" else "push = true"
+        """The remotes that serve ``operation`` (``pull`` or ``push``), ``timeout`` applied."""
+        pulling = operation == "pull"
+        serving = [e for e in self._entries if (e.pull if pulling else e.push)]
+        if self._chosen and len(serving) < len(self._entries):
+            entry = next(e for e in self._entries if e not in serving)
+            setting = "pull = false" if pulling else "push = true is not set"
             raise ConfigError(
-                f"no remote to {operation} {'from' if key == 'pull' else 'to'}: none with "
-                f"{setting} in {self.where}"
+                f"remote {entry.name!r} is not a {operation} remote "
+                f"({setting} in {entry.source or self.where})"
             )
-        if timeout is not None:
-            if not 0 < timeout < float("inf"):
-                raise ConfigError(f"remote time-out must be a positive number, not {timeout}")
-            entries = [replace(e, timeout=timeout) for e in entries]
-        return entries
+        if not serving:
+            setting = "pull = true (the default)" if pulling else "push = true"
+            raise ConfigError(
+                f"no remote to {operation} {'from' if pulling else 'to'}: none with {setting} "
+                f"in {self.where}"
+            )
+        if timeout is None:
+            return serving
+        if not 0 < timeout < float("inf"):
+            raise ConfigError(f"remote time-out must be a positive number, not {timeout}")
+        return [replace(e, timeout=timeout) for e in serving]
 
     # -- pull -------------------------------------------------------------------------------
 
