@@ -42,7 +42,6 @@ from casframe.errors import (
 )
 from casframe.names import validate_ref_name
 from casframe.progress import NO_PROGRESS, Progress
-from casframe.transfer import _looks_like_digest
 
 if TYPE_CHECKING:
     from casframe.config import Config
@@ -286,6 +285,15 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split()) or type(exc).__name__
 
 
+def _as_digest(tree: Digest | str) -> Digest | None:
+    """``tree`` as a digest, or ``None`` when it names a ref."""
+    if isinstance(tree, Digest):
+        return tree
+    from casframe.transfer import _looks_like_digest
+
+    return Digest.parse(tree) if _looks_like_digest(tree) else None
+
+
 def _timed_out(check: _Check[Any]) -> RemoteOutcome:
     entry = check.entry
     return RemoteOutcome(
@@ -407,10 +415,8 @@ class Remotes:
         ``check`` (the default) a failure raises :class:`RemotesError`.
         """
         entries = self._usable("pull", timeout)
-        name = None if isinstance(tree, Digest) or _looks_like_digest(tree) else tree
-        wanted = None if name is not None else (
-            tree if isinstance(tree, Digest) else Digest.parse(tree)
-        )
+        wanted = _as_digest(tree)
+        name = None if wanted is not None else str(tree)
         if name is not None:
             validate_ref_name(name)
         local_ref = ref if ref is not None else name
@@ -482,9 +488,7 @@ class Remotes:
         """
         entries = self._usable("push", timeout)
         root = store.resolve(tree)  # a missing local ref fails here, before any remote
-        name = ref if ref is not None else (
-            None if isinstance(tree, Digest) or _looks_like_digest(tree) else tree
-        )
+        name = ref if ref is not None else (None if _as_digest(tree) else str(tree))
         if name is not None:
             validate_ref_name(name)
         progress = progress or NO_PROGRESS
