@@ -27,6 +27,7 @@ from casframe.names import validate_entry_name, validate_ref_name
 from casframe.plugins import list_plugins, open_store, registered_plugin
 from casframe.progress import Progress
 from casframe.registry import BackendRegistry, StoreURL
+from casframe.remotes import RemoteOutcome, Remotes, RemotesError, RemotesReport, RemoteStatus
 from casframe.spi import BlobInfo, BlobStore, BlobWriter, Capability, RefInfo, RefStore
 from casframe.store import Store
 
@@ -56,6 +57,11 @@ __all__ = [
     "RefInfo",
     "RefNotFoundError",
     "RefStore",
+    "RemoteOutcome",
+    "RemoteStatus",
+    "Remotes",
+    "RemotesError",
+    "RemotesReport",
     "Store",
     "StoreURL",
     "UnknownSchemeError",

@@ -1,13 +1,25 @@
-"""Named stores from the user's TOML configuration file, and the default store.
+"""Named stores and remotes from TOML configuration files, and the default store.
 
-The file lives at ``$CASFRAME_CONFIG`` or, failing that, ``config.toml`` in the user config
-directory (``~/.config/casframe/`` on Linux); a missing file is an empty configuration::
+The user's file lives at ``$CASFRAME_CONFIG`` or, failing that, ``config.toml`` in the user
+config directory (``~/.config/casframe/`` on Linux); a missing file is an empty configuration::
 
     default_store = "ci"              # optional: a store name, a URL or a path
     [stores.ci]
     url = "s3://bucket/prefix"        # a URL, or a path (relative to this file's folder)
     [stores.ci.options]               # optional, passed to open_store(url, options)
     region = "eu-west-1"
+
+    [remotes.team]                    # pulled from, in file order; pushed to with push = true
+    url = "grpcs://cache.example.com/main"
+    push = false                      # optional (default false); pull = false skips pulls
+    timeout = 5                       # optional: seconds to wait for it to answer (default 10)
+    server_cert = "certs/ca.pem"      # optional TLS files, relative to this file's folder
+    [remotes.team.options]            # optional, passed to open_store(url, options)
+
+A project names its own remotes in a ``casframe.toml`` (:data:`PROJECT_FILE`) holding only
+``[remotes.NAME]`` tables, found in the working directory or the nearest parent that has one.
+The remotes of the user's file come first, then the project's; a user remote with the name of
+a project remote replaces it (to add credentials or point it at a mirror).
 
 Wherever a store is expected, one can give a URL (``SCHEME://...``), the name of a store defined
 here, or a directory path (``./cache``, ``/srv/cas``), which means ``file://ABSPATH``. Without
@@ -20,7 +32,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,23 +43,40 @@ if TYPE_CHECKING:
     from casframe.store import Store
 
 __all__ = [
+    "DEFAULT_REMOTE_TIMEOUT",
+    "PROJECT_FILE",
     "Config",
+    "RemoteEntry",
     "StoreEntry",
     "active_config",
     "builtin_default_store_url",
     "config_path",
+    "configured_remotes",
     "default_store_url",
+    "find_project_file",
     "load_config",
+    "load_project_remotes",
     "open_configured_store",
 ]
 
 CONFIG_ENV = "CASFRAME_CONFIG"
 STORE_ENV = "CASFRAME_STORE"
+#: The file that names a project's remotes, looked for from the working directory upwards.
+PROJECT_FILE = "casframe.toml"
+#: Seconds a remote has to answer before it is reported unreachable. Long enough for a TLS
+#: handshake across continents and a retried connection, short enough that a dead mirror
+#: does not hold a build up.
+DEFAULT_REMOTE_TIMEOUT = 10.0
 
-# Store names are single words so that they never look like a path or a URL.
+# Store and remote names are single words so that they never look like a path or a URL.
 _STORE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _TOP_LEVEL_KEYS = {"default_store", "stores", "remotes"}
-_STORE_KEYS = {"url", "options"}
+_PROJECT_KEYS = {"remotes"}
+_STORE_KEYS = ("url", "options")
+# TLS files a remote may name at its top level; they reach the backend as options, with
+# relative paths resolved against the configuration file's folder.
+_TLS_KEYS = ("server_cert", "client_key", "client_cert")
+_REMOTE_KEYS = ("url", "push", "pull", "timeout", *_TLS_KEYS, "options")
 
 # The configuration a store is being opened from, for backends that open other stores by name.
 _opening_config: ContextVar[Config | None] = ContextVar("casframe_opening_config", default=None)
@@ -63,6 +92,24 @@ class StoreEntry:
 
 
 @dataclass(frozen=True)
+class RemoteEntry:
+    """One ``[remotes.NAME]`` table: a store pulled from and, with ``push``, pushed to.
+
+    ``options`` (TLS files included) go to the backend with the URL; ``timeout`` is how many
+    seconds the remote has to answer the checks before a transfer; ``source`` is the file
+    that defined it (for messages).
+    """
+
+    name: str
+    url: str
+    push: bool = False
+    pull: bool = True
+    timeout: float = DEFAULT_REMOTE_TIMEOUT
+    options: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     """A parsed configuration file.
 
@@ -74,6 +121,8 @@ class Config:
     exists: bool = False
     stores: Mapping[str, StoreEntry] = field(default_factory=dict)
     default_store: str | None = None
+    #: The user's remotes, in file order.
+    remotes: Mapping[str, RemoteEntry] = field(default_factory=dict)
 
     def default_choice(self) -> str:
         """What to open when no store is named: env var, then file setting, then built-in."""
@@ -129,17 +178,68 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     explicit = path is not None
     where = os.path.abspath(os.fspath(path)) if path is not None else config_path()
     try:
-        with open(where, "rb") as f:
-            data = tomllib.load(f)
+        data = _read_toml(where)
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"{where}: configuration file not found") from None
         return Config(path=where, exists=False)
+    return _parse(where, data)
+
+
+def _read_toml(where: str) -> dict[str, Any]:
+    """A TOML file's content; a missing file raises FileNotFoundError, other trouble
+    :class:`ConfigError`."""
+    try:
+        with open(where, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: invalid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read: {exc.strerror or exc}") from None
-    return _parse(where, data)
+
+
+def find_project_file(start: str | os.PathLike[str] | None = None) -> str | None:
+    """The nearest :data:`PROJECT_FILE` in ``start`` (default: the working directory) or one
+    of its parents, or ``None`` when there is none."""
+    folder = os.path.abspath(os.fspath(start) if start is not None else os.getcwd())
+    while True:
+        candidate = os.path.join(folder, PROJECT_FILE)
+        if os.path.isfile(candidate):
+            return candidate
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
+def load_project_remotes(path: str | os.PathLike[str]) -> tuple[RemoteEntry, ...]:
+    """The ``[remotes.NAME]`` tables of a project file, in file order."""
+    where = os.path.abspath(os.fspath(path))
+    data = _read_toml(where)
+    unknown = sorted(set(data) - _PROJECT_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown setting {unknown[0]!r} (a project file holds only "
+            "[remotes.NAME] tables)"
+        )
+    return tuple(_parse_remotes(where, data).values())
+
+
+def configured_remotes(
+    config: Config | None = None, *, project_dir: str | os.PathLike[str] | None = None
+) -> tuple[RemoteEntry, ...]:
+    """Every configured remote in order: the user's, then the project's not redefined by the
+    user. The project file is looked for from ``project_dir`` (default: the working
+    directory) upwards."""
+    config = config or load_config()
+    remotes = dict(config.remotes)
+    project_file = find_project_file(project_dir)
+    if project_file is not None:
+        for entry in load_project_remotes(project_file):
+            remotes.setdefault(entry.name, entry)
+    return tuple(remotes.values())
 
 
 def default_store_url(config: Config | None = None) -> str:
@@ -180,11 +280,16 @@ def _looks_like_path(text: str, *, existing: bool = True) -> bool:
     return existing and os.path.isdir(text)
 
 
-def _path_url(path: str, base: str | None = None) -> str:
+def _absolute_path(path: str, base: str | None = None) -> str:
+    """``path`` with ``~`` expanded, relative to ``base`` (default: the working directory)."""
     expanded = os.path.expanduser(path)
     if base is not None and not os.path.isabs(expanded):
         expanded = os.path.join(base, expanded)
-    return "file://" + os.path.abspath(expanded)
+    return os.path.abspath(expanded)
+
+
+def _path_url(path: str, base: str | None = None) -> str:
+    return "file://" + _absolute_path(path, base)
 
 
 def _parse(path: str, data: dict[str, Any]) -> Config:
@@ -196,42 +301,11 @@ def _parse(path: str, data: dict[str, Any]) -> Config:
         raise fail(
             f"unknown setting {unknown[0]!r} (expected: {', '.join(sorted(_TOP_LEVEL_KEYS))})"
         )
-    # [remotes.NAME] is reserved for push/pull defaults in a later version; accepted, unused.
-    if not isinstance(data.get("remotes", {}), dict):
-        raise fail("'remotes' must be a table")
-
     base = os.path.dirname(path)
-    raw_stores = data.get("stores", {})
-    if not isinstance(raw_stores, dict):
-        raise fail("'stores' must be a table of [stores.NAME] tables")
-    stores: dict[str, StoreEntry] = {}
-    for name, table in raw_stores.items():
-        if not _STORE_NAME.fullmatch(name):
-            raise fail(
-                f"invalid store name {name!r}: use letters, digits, '_', '.' and '-', "
-                "starting with a letter or digit"
-            )
-        if not isinstance(table, dict):
-            raise fail(f"[stores.{name}] must be a table with a 'url'")
-        extra = sorted(set(table) - _STORE_KEYS)
-        if extra:
-            raise fail(f"[stores.{name}]: unknown key {extra[0]!r} (expected: url, options)")
-        url = table.get("url")
-        if not isinstance(url, str) or not url:
-            raise fail(f"[stores.{name}]: 'url' must be a non-empty string")
-        if "://" not in url:
-            url = _path_url(url, base)
-        options = table.get("options", {})
-        if not isinstance(options, dict):
-            raise fail(f"[stores.{name}.options] must be a table")
-        for key, value in options.items():
-            if isinstance(value, bool | int | float | str):
-                continue
-            raise fail(
-                f"[stores.{name}.options]: {key!r} must be a string, number or boolean, "
-                f"not {type(value).__name__}"
-            )
-        stores[name] = StoreEntry(name, url, dict(options))
+    stores = {
+        name: StoreEntry(name, url, _parse_options(path, f"stores.{name}", table))
+        for name, url, table in _named_tables(path, data, "store", _STORE_KEYS)
+    }
 
     default = data.get("default_store")
     if default is not None:
@@ -245,4 +319,93 @@ def _parse(path: str, data: dict[str, Any]) -> Config:
                     f"(defined: {defined})"
                 )
             default = _path_url(default, base)
-    return Config(path=path, exists=True, stores=stores, default_store=default)
+    return Config(
+        path=path,
+        exists=True,
+        stores=stores,
+        default_store=default,
+        remotes=_parse_remotes(path, data),
+    )
+
+
+def _parse_options(path: str, section: str, table: dict[str, Any]) -> dict[str, Any]:
+    """A ``[SECTION.options]`` table: scalar values only."""
+    options = table.get("options", {})
+    if not isinstance(options, dict):
+        raise ConfigError(f"{path}: [{section}.options] must be a table")
+    for key, value in options.items():
+        if not isinstance(value, bool | int | float | str):
+            raise ConfigError(
+                f"{path}: [{section}.options]: {key!r} must be a string, number or boolean, "
+                f"not {type(value).__name__}"
+            )
+    return dict(options)
+
+
+def _named_tables(
+    path: str, data: dict[str, Any], kind: str, keys: tuple[str, ...]
+) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """``(name, url, table)`` of each ``[KINDs.NAME]`` table, checked; a path as ``url``
+    (relative to the file's folder) becomes a ``file://`` URL."""
+    section = f"{kind}s"
+    raw = data.get(section, {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: '{section}' must be a table of [{section}.NAME] tables")
+    for name, table in raw.items():
+        if not _STORE_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{path}: invalid {kind} name {name!r}: use letters, digits, '_', '.' and '-', "
+                "starting with a letter or digit"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{section}.{name}] must be a table with a 'url'")
+        extra = sorted(set(table) - set(keys))
+        if extra:
+            raise ConfigError(
+                f"{path}: [{section}.{name}]: unknown key {extra[0]!r} "
+                f"(expected: {', '.join(keys)})"
+            )
+        url = table.get("url")
+        if not isinstance(url, str) or not url:
+            raise ConfigError(f"{path}: [{section}.{name}]: 'url' must be a non-empty string")
+        if "://" not in url:
+            url = _path_url(url, os.path.dirname(path))
+        yield name, url, table
+
+
+def _parse_remotes(path: str, data: dict[str, Any]) -> dict[str, RemoteEntry]:
+    def fail(problem: str) -> ConfigError:
+        return ConfigError(f"{path}: {problem}")
+
+    base = os.path.dirname(path)
+    remotes: dict[str, RemoteEntry] = {}
+    for name, url, table in _named_tables(path, data, "remote", _REMOTE_KEYS):
+        section = f"remotes.{name}"
+        flags = {}
+        for key, default in (("push", False), ("pull", True)):
+            value = table.get(key, default)
+            if not isinstance(value, bool):
+                raise fail(f"[{section}]: '{key}' must be true or false")
+            flags[key] = value
+        timeout = table.get("timeout", DEFAULT_REMOTE_TIMEOUT)
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout < float("inf")
+        ):
+            raise fail(f"[{section}]: 'timeout' must be a positive number of seconds")
+        options = _parse_options(path, section, table)
+        for key in _TLS_KEYS:
+            if key not in table:
+                continue
+            value = table[key]
+            if not isinstance(value, str) or not value:
+                raise fail(f"[{section}]: '{key}' must be a file path")
+            if key in options:
+                raise fail(f"[{section}]: '{key}' is given twice (here and in its options)")
+            options[key] = _absolute_path(value, base)
+        remotes[name] = RemoteEntry(
+            name, url, push=flags["push"], pull=flags["pull"], timeout=float(timeout),
+            options=options, source=path,
+        )
+    return remotes

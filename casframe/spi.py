@@ -4,7 +4,8 @@ A backend is two objects: a :class:`BlobStore` (content-addressed bytes) and a :
 (names pointing at digests). Each has a handful of abstract primitives; the base classes derive
 batch helpers from them that a backend may override for speed. Optional capabilities (listing,
 deleting, touching, local paths) are declared in ``capabilities``; calling one that is not
-declared raises :class:`UnsupportedOperationError`.
+declared raises :class:`UnsupportedOperationError`. ``check_writable`` on both parts lets push
+find a store that refuses writes before sending anything; its defaults suit most backends.
 
 A backend stores and returns bytes and must never be trusted by the layers above: hashing,
 verification, name validation and completeness ordering all live in :mod:`casframe.store` and
@@ -14,13 +15,14 @@ the algorithms beside it, never here.
 from __future__ import annotations
 
 import enum
+import errno
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from casframe.digest import Digest
-from casframe.errors import BlobNotFoundError, UnsupportedOperationError
+from casframe.errors import BlobNotFoundError, PermissionDeniedError, UnsupportedOperationError
 
 __all__ = [
     "BlobInfo",
@@ -212,6 +214,29 @@ class BlobStore(ABC):
         """
         return 0, 0
 
+    def check_writable(self) -> None:
+        """Raise :class:`PermissionDeniedError` when this store is known to refuse writes.
+
+        Push asks every destination before sending anything, so that a read-only server or a
+        missing write permission is reported once and clearly instead of as a failed upload.
+        The check must be cheap and must not change what the store holds, except that it may
+        store the empty blob under its own digest (which every store has anyway). A store out
+        of reach raises as any call would (:class:`~casframe.errors.BackendUnavailableError`).
+        Passing means no refusal was detected, not that every write will succeed.
+
+        The default starts a write and aborts it: that finds a store that refuses even to
+        begin one (a read-only directory). A backend whose writers only spool locally until
+        ``commit`` should override it with a probe that reaches the real storage.
+        """
+        try:
+            self.begin_write(0).abort()
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise PermissionDeniedError(
+                f"{self.describe()} refuses writes: {exc.strerror or exc}"
+            ) from exc
+
     def local_path(self, digest: Digest) -> str:
         """A path on this machine holding the blob, not to be modified (``local-path``).
 
@@ -251,6 +276,14 @@ class RefStore(ABC):
     @abstractmethod
     def list_refs(self, prefix: str = "") -> Iterator[RefInfo]:
         """Yield every ref whose name starts with ``prefix``, in any order."""
+
+    def check_writable(self) -> None:  # noqa: B027 - optional hook, deliberately empty
+        """Raise :class:`PermissionDeniedError` when this store is known to refuse ref updates.
+
+        The same rules as :meth:`BlobStore.check_writable`, but it must change nothing at all.
+        The default detects nothing; a backend that can ask (a server's "updates allowed"
+        status) overrides it.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook, deliberately empty
         """Release resources."""

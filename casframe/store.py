@@ -163,6 +163,15 @@ class Store:
     def has(self, capability: Capability) -> bool:
         return capability in self.blobs.capabilities
 
+    def check_writable(self) -> None:
+        """Raise :class:`~casframe.errors.PermissionDeniedError` when this store is known to
+        refuse writes (a read-only server, missing write permission).
+
+        Nothing visible changes: at most the empty blob is stored, which is always present.
+        """
+        self.refs.check_writable()
+        self.blobs.check_writable()
+
     # -- blobs ------------------------------------------------------------------------------
 
     def find_missing(self, digests: Iterable[Digest], *, freshen: bool = False) -> set[Digest]:

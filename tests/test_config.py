@@ -155,9 +155,12 @@ def test_default_store_url_reads_the_config_file(
     assert default_store_url() == "memory://"
 
 
-def test_remotes_table_is_accepted_for_later_use(tmp_path: Path) -> None:
-    path = write_config(tmp_path / "c.toml", '[remotes.ci]\npush = true\n')
-    assert load_config(path).stores == {}
+def test_remotes_are_not_stores(tmp_path: Path) -> None:
+    """``[remotes.NAME]`` tables (tests/test_remotes.py) are read apart from the stores."""
+    path = write_config(tmp_path / "c.toml", '[remotes.ci]\nurl = "memory://"\npush = true\n')
+    config = load_config(path)
+    assert config.stores == {}
+    assert (config.remotes["ci"].url, config.remotes["ci"].push) == ("memory://", True)
 
 
 @pytest.mark.parametrize(

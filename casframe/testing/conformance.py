@@ -200,6 +200,16 @@ class BlobConformance(ConformanceBase):
         assert store.put_bytes(b"") == EMPTY_DIGEST
         assert store.put_stream(io.BytesIO(b"")) == EMPTY_DIGEST
 
+    def test_a_writable_store_passes_check_writable_unchanged(self, store: Store) -> None:
+        """The probe pushing uses to detect a read-only remote: it passes here, changing
+        nothing a user can see."""
+        digest = store.put_bytes(b"stored before the probe")
+        store.check_writable()
+        assert store.read_bytes(digest) == b"stored before the probe"
+        assert store.read_bytes(EMPTY_DIGEST) == b""
+        after = store.put_bytes(b"stored after the probe")
+        assert store.read_bytes(after) == b"stored after the probe"
+
     @pytest.mark.parametrize("size", [1, 1000, CHUNK_SIZE, CHUNK_SIZE + 1])
     def test_put_bytes_round_trip(self, store: Store, size: int) -> None:
         data = random_bytes(size, seed=size)

@@ -22,12 +22,14 @@ from typing import BinaryIO
 import grpc
 
 from casframe import (
+    EMPTY_DIGEST,
     BackendUnavailableError,
     BlobNotFoundError,
     BlobStore,
     BlobWriter,
     CasframeError,
     Digest,
+    PermissionDeniedError,
     RefInfo,
     RefStore,
     Store,
@@ -402,6 +404,16 @@ class GrpcBlobStore(BlobStore):
                 f"{self.conn.where} committed {response.committed_size} bytes of {digest}"
             )
 
+    def check_writable(self) -> None:
+        """Upload the empty blob: a read-only server or instance refuses it (PERMISSION_DENIED).
+
+        REAPI has no call that says whether the CAS accepts writes (``update_enabled`` in the
+        capabilities concerns the ActionCache only, which many servers keep read-only for
+        clients that may still upload blobs), so the probe is a write that changes nothing.
+        The refusal arrives as :class:`PermissionDeniedError`, with the server's reason.
+        """
+        self._update_batch([(EMPTY_DIGEST, b"")])
+
     # -- GetTree -------------------------------------------------------------------------------
 
     def get_tree(self, root: Digest) -> Iterator[bytes]:
@@ -473,6 +485,25 @@ class GrpcRefStore(RefStore):
                         ) from None
                     self._protocol = "asset"
             return self._protocol
+
+    def check_writable(self) -> None:
+        """With ReferenceStorage, ask its ``Status``: ``allow_updates`` false means read-only.
+
+        The Remote Asset API has no such question; its servers are assumed to accept pushes
+        (the blob probe of :class:`GrpcBlobStore` still catches a read-only server).
+        """
+        if self.protocol() != "reference-storage":
+            return
+        with self.conn.calling("ReferenceStorage.Status"):
+            status = self._references.Status(
+                bst.StatusRequest(instance_name=self.conn.instance),
+                timeout=self.conn.options.timeout,
+            )
+        if not status.allow_updates:
+            raise PermissionDeniedError(
+                f"{self.conn.where} refuses writes: its ReferenceStorage status does not "
+                "allow updates"
+            )
 
     def _unsupported(self, what: str, error: UnsupportedOperationError) -> CasframeError:
         if self._wanted == "auto":

@@ -36,6 +36,7 @@ from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 
 from casframe import (
+    EMPTY_DIGEST,
     BackendUnavailableError,
     BlobInfo,
     BlobNotFoundError,
@@ -929,6 +930,15 @@ class S3BlobStore(BlobStore):
             with contextlib.suppress(BaseException):
                 future.result()
             raise
+
+    def check_writable(self) -> None:
+        """PUT the empty blob under its own key: credentials or a bucket policy without
+        ``s3:PutObject`` make S3 refuse it (AccessDenied), and a zero-byte object under the
+        empty digest is a correct blob, so the probe changes nothing a reader could notice.
+
+        Writers spool locally until ``commit``, so the default probe would detect nothing.
+        """
+        self._bucket.put(self._bucket.object_key(EMPTY_DIGEST), b"")
 
     # -- capabilities ----------------------------------------------------------------------
 
