@@ -51,13 +51,10 @@ REF = "app/build-1"
 
 
 @pytest.fixture(autouse=True)
-def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """User directories inside tmp_path; the working directory is tmp_path/work."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+def isolated_env(isolated_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest's user directories inside tmp_path, with the user's store in tmp_path/local and
+    the working directory tmp_path/work."""
     monkeypatch.setenv("CASFRAME_STORE", str(tmp_path / "local"))
-    monkeypatch.delenv("CASFRAME_CONFIG", raising=False)
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
 
