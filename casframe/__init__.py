@@ -24,7 +24,7 @@ from casframe.errors import (
 )
 from casframe.hookspecs import hookimpl
 from casframe.names import validate_entry_name, validate_ref_name
-from casframe.plugins import list_plugins, open_store, registered_plugin
+from casframe.plugins import PluginInfo, list_plugins, open_store, registered_plugin
 from casframe.progress import Progress
 from casframe.registry import BackendRegistry, StoreURL
 from casframe.remotes import RemoteOutcome, Remotes, RemotesError, RemotesReport, RemoteStatus
@@ -53,6 +53,7 @@ __all__ = [
     "InvalidNameError",
     "MissingDependencyError",
     "PermissionDeniedError",
+    "PluginInfo",
     "Progress",
     "RefInfo",
     "RefNotFoundError",

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from casframe.tree import TreeEntry
 
 __all__ = [
+    "App",
     "CasframeGroup",
     "DuplicateCommandError",
     "PluginCommandError",
@@ -108,8 +109,12 @@ def _stderr_is_terminal() -> bool:
 # -- per-invocation state -----------------------------------------------------------------------
 
 
-class _App:
-    """Global options and the stores opened by one invocation (closed when it ends)."""
+class App:
+    """Global options and the stores opened by one invocation (closed when it ends).
+
+    Commands, plugin commands included, receive it as click's context object
+    (``@click.pass_obj``): :meth:`store`, :meth:`open` and :meth:`config` are public API.
+    """
 
     def __init__(self) -> None:
         self.store_choice: str | None = None
@@ -216,7 +221,7 @@ def _error_line(message: str) -> None:
 
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-_pass_app = click.make_pass_decorator(_App)
+_pass_app = click.make_pass_decorator(App)
 
 
 # -- the group ----------------------------------------------------------------------------------
@@ -279,7 +284,7 @@ class CasframeGroup(click.Group):
         **extra: Any,
     ) -> Any:
         """Run the command; return the exit status, or exit with it in standalone mode."""
-        extra["obj"] = app = _App()
+        extra["obj"] = app = App()
         code = _run(self, app, args, prog_name or PROG, complete_var, extra)
         if standalone_mode:
             sys.exit(code)
@@ -288,7 +293,7 @@ class CasframeGroup(click.Group):
 
 def _run(
     group: CasframeGroup,
-    app: _App,
+    app: App,
     args: Sequence[str] | None,
     prog_name: str,
     complete_var: str | None,
@@ -369,7 +374,7 @@ def make_cli() -> CasframeGroup:
 
         TREE arguments take a digest (HASH/SIZE) or a ref name.
         """
-        app = ctx.ensure_object(_App)
+        app = ctx.ensure_object(App)
         app.store_choice = store
         app.config_file = config_file
         app.verbose = verbose
@@ -410,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 @click.option("--ref", "ref_name", metavar="NAME", help="Also point this ref at the tree.")
 @_json_option
 @_pass_app
-def import_command(app: _App, directory: str, ref_name: str | None, as_json: bool) -> None:
+def import_command(app: App, directory: str, ref_name: str | None, as_json: bool) -> None:
     """Store a directory as a tree.
 
     Prints the root digest of DIRECTORY's tree (HASH/SIZE). Files already in the store are not
@@ -439,7 +444,7 @@ def import_command(app: _App, directory: str, ref_name: str | None, as_json: boo
 @click.option("--copy", is_flag=True, help="Always copy files.")
 @click.option("--link", is_flag=True, help="Always hardlink files (fail if impossible).")
 @_pass_app
-def checkout_command(app: _App, tree: str, dest: str, copy: bool, link: bool) -> None:
+def checkout_command(app: App, tree: str, dest: str, copy: bool, link: bool) -> None:
     """Write a tree into a directory.
 
     DEST must be absent or empty. By default files are hardlinked from a local store on the
@@ -458,7 +463,7 @@ def checkout_command(app: _App, tree: str, dest: str, copy: bool, link: bool) ->
 @click.option("--subdir", default="", metavar="PATH", help="Compare only this subdirectory.")
 @_json_option
 @_pass_app
-def diff_command(app: _App, a: str, b: str, subdir: str, as_json: bool) -> None:
+def diff_command(app: App, a: str, b: str, subdir: str, as_json: bool) -> None:
     """Show what changed between two trees.
 
     Prints one line per path added (A), removed (D) or modified (M) from tree A to tree B.
@@ -498,7 +503,7 @@ def _entry_record(entry: TreeEntry, prefix: str) -> dict[str, Any]:
 @click.option("-r", "--recursive", is_flag=True, help="List everything below PATH.")
 @_json_option
 @_pass_app
-def ls_command(app: _App, tree: str, path: str, recursive: bool, as_json: bool) -> None:
+def ls_command(app: App, tree: str, path: str, recursive: bool, as_json: bool) -> None:
     """List the entries of a tree.
 
     Lists the directory PATH of TREE (default: its root). Columns: mode, kind, size, digest,
@@ -530,7 +535,7 @@ def ls_command(app: _App, tree: str, path: str, recursive: bool, as_json: bool) 
 @click.argument("tree")
 @click.argument("path")
 @_pass_app
-def cat_command(app: _App, tree: str, path: str) -> None:
+def cat_command(app: App, tree: str, path: str) -> None:
     """Print a file of a tree.
 
     Writes the content of the file PATH of TREE to stdout, byte for byte.
@@ -543,7 +548,7 @@ def cat_command(app: _App, tree: str, path: str) -> None:
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
 @_json_option
 @_pass_app
-def put_command(app: _App, files: tuple[str, ...], as_json: bool) -> None:
+def put_command(app: App, files: tuple[str, ...], as_json: bool) -> None:
     """Store files as blobs.
 
     Prints each file's digest, one per line, in order. FILE '-' reads stdin.
@@ -566,7 +571,7 @@ def put_command(app: _App, files: tuple[str, ...], as_json: bool) -> None:
 @click.argument("digest")
 @click.option("-o", "--output", metavar="FILE", help="Write to FILE instead of stdout.")
 @_pass_app
-def get_command(app: _App, digest: str, output: str | None) -> None:
+def get_command(app: App, digest: str, output: str | None) -> None:
     """Write a blob to stdout or a file.
 
     DIGEST is HASH/SIZE, as printed by put. The blob is verified as it is read.
@@ -602,7 +607,7 @@ def ref_group() -> None:
 @click.argument("name")
 @click.argument("tree")
 @_pass_app
-def ref_set(app: _App, name: str, tree: str) -> None:
+def ref_set(app: App, name: str, tree: str) -> None:
     """Point a ref at a tree.
 
     TREE is a digest or another ref; it must be completely stored.
@@ -615,7 +620,7 @@ def ref_set(app: _App, name: str, tree: str) -> None:
 @click.argument("name")
 @_json_option
 @_pass_app
-def ref_get(app: _App, name: str, as_json: bool) -> None:
+def ref_get(app: App, name: str, as_json: bool) -> None:
     """Print the digest a ref points at.
 
     This counts as a use of NAME for least-recently-used order.
@@ -631,7 +636,7 @@ def ref_get(app: _App, name: str, as_json: bool) -> None:
 @click.argument("prefix", default="", required=False)
 @_json_option
 @_pass_app
-def ref_list(app: _App, prefix: str, as_json: bool) -> None:
+def ref_list(app: App, prefix: str, as_json: bool) -> None:
     """List refs, least recently used first.
 
     Prints last-access time, digest and name of every ref starting with PREFIX.
@@ -652,7 +657,7 @@ def ref_list(app: _App, prefix: str, as_json: bool) -> None:
 @ref_group.command("rm")
 @click.argument("name")
 @_pass_app
-def ref_rm(app: _App, name: str) -> None:
+def ref_rm(app: App, name: str) -> None:
     """Delete a ref (the tree stays stored)."""
     app.store().delete_ref(name)
 
@@ -661,7 +666,7 @@ def ref_rm(app: _App, name: str) -> None:
 @click.argument("src")
 @click.argument("dest")
 @_pass_app
-def ref_cp(app: _App, src: str, dest: str) -> None:
+def ref_cp(app: App, src: str, dest: str) -> None:
     """Copy a ref: point DEST at the tree SRC points at."""
     app.store().copy_ref(src, dest)
 
@@ -718,7 +723,7 @@ def _single_store_only(option: str, remote_names: tuple[str, ...], timeout: floa
         raise click.UsageError(f"{option} names one store: --remote and --timeout do not apply")
 
 
-def _configured_remotes(app: _App, names: tuple[str, ...]) -> Remotes:
+def _configured_remotes(app: App, names: tuple[str, ...]) -> Remotes:
     from casframe.remotes import Remotes
 
     remotes = Remotes.from_config(app.config())
@@ -750,7 +755,7 @@ def _outcome_line(outcome: RemoteOutcome) -> str:
 
 
 def _through_remotes(
-    app: _App,
+    app: App,
     operation: str,
     tree: str,
     ref_name: str | None,
@@ -788,7 +793,7 @@ def _through_remotes(
 @_json_option
 @_pass_app
 def push_command(
-    app: _App,
+    app: App,
     tree: str,
     destination: str | None,
     ref_name: str | None,
@@ -822,7 +827,7 @@ def push_command(
 @_json_option
 @_pass_app
 def pull_command(
-    app: _App,
+    app: App,
     tree: str,
     origin: str | None,
     ref_name: str | None,
@@ -1014,7 +1019,7 @@ def _prune_summary(report: Any) -> str:
 @_dry_run_option
 @_json_option
 @_pass_app
-def prune_command(app: _App, grace_period: float, dry_run: bool, as_json: bool) -> None:
+def prune_command(app: App, grace_period: float, dry_run: bool, as_json: bool) -> None:
     """Delete blobs that no ref reaches.
 
     Marks everything reachable from every ref (through Directory trees, action results and
@@ -1062,7 +1067,7 @@ def prune_command(app: _App, grace_period: float, dry_run: bool, as_json: bool) 
 @click.pass_context
 def gc_command(
     ctx: click.Context,
-    app: _App,
+    app: App,
     max_size: int,
     low_watermark: float,
     keep: tuple[str, ...],
@@ -1125,7 +1130,7 @@ def gc_command(
 @_json_option
 @_pass_app
 @click.pass_context
-def fsck_command(ctx: click.Context, app: _App, repair: bool, as_json: bool) -> None:
+def fsck_command(ctx: click.Context, app: App, repair: bool, as_json: bool) -> None:
     """Check every blob's content and every ref's tree.
 
     Verifies the hash and size of every stored blob, that every ref's tree is complete and
@@ -1160,7 +1165,7 @@ def fsck_command(ctx: click.Context, app: _App, repair: bool, as_json: bool) -> 
 @click.command("du")
 @_json_option
 @_pass_app
-def du_command(app: _App, as_json: bool) -> None:
+def du_command(app: App, as_json: bool) -> None:
     """Show the store's size, and per ref its total and exclusive size.
 
     A ref's exclusive size is what no other ref keeps alive: what deleting it would free.
