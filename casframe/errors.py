@@ -132,14 +132,15 @@ class MissingDependencyError(CasframeError, ImportError):
 
     reason = "missing-dependency"
 
-    def __init__(self, what: str, module: str, extra: str | None) -> None:
+    def __init__(
+        self, what: str, module: str, extra: str | None, install: str | None = None
+    ) -> None:
         self.module = module
         self.extra = extra
-        hint = (
-            f"pip install 'casframe[{extra}]'"
-            if extra
-            else f"install the package providing {module}"
-        )
+        if install is None and extra:
+            install = f"casframe[{extra}]"
+        self.install = install
+        hint = f"pip install '{install}'" if install else f"install the package providing {module}"
         super().__init__(
             f"{what} needs the Python module {module!r}, which is not installed: {hint}"
         )

@@ -29,7 +29,9 @@ def casframe_register_backends(registry: BackendRegistry) -> None:
     :param registry: call ``registry.add(scheme, factory, ...)`` once per scheme. ``factory`` is
         a callable ``factory(url: StoreURL) -> Store`` or, to keep start-up cheap and optional
         dependencies optional, a ``"module:attribute"`` string imported only when a store of that
-        scheme is opened; pass ``extra="name"`` so a missing dependency names the pip extra.
+        scheme is opened; pass ``extra="name"`` (an extra of casframe itself) or
+        ``install="your-dist[extra]"`` (a third party's requirement) so that a missing
+        dependency names what to ``pip install``.
 
     Called every time casframe resolves a URL or lists plugins (``open_store``,
     ``casframe plugins``), once per plugin, in registration order; return values are ignored.

@@ -80,6 +80,7 @@ class SchemeEntry:
     plugin: str
     description: str = ""
     extra: str | None = None
+    install: str | None = None
 
     def load(self) -> Factory:
         """Import a lazy factory, turning a missing optional dependency into an install hint."""
@@ -97,7 +98,7 @@ class SchemeEntry:
                     f"{self.factory!r}, but module {missing!r} cannot be found"
                 ) from exc
             raise MissingDependencyError(
-                f"the {self.scheme}:// backend", missing, self.extra
+                f"the {self.scheme}:// backend", missing, self.extra, self.install
             ) from exc
         factory: Factory = getattr(module, attr)
         return factory
@@ -118,6 +119,7 @@ class BackendRegistry:
         *,
         description: str = "",
         extra: str | None = None,
+        install: str | None = None,
     ) -> None:
         """Register ``scheme`` (without ``://``). See ``casframe_register_backends``."""
         scheme = scheme.lower().removesuffix("://")
@@ -132,7 +134,7 @@ class BackendRegistry:
                 f"and by plugin {self.current_plugin!r}"
             )
         self._entries[scheme] = SchemeEntry(
-            scheme, factory, self.current_plugin, description, extra
+            scheme, factory, self.current_plugin, description, extra, install
         )
 
     def get(self, scheme: str) -> SchemeEntry:

@@ -196,11 +196,12 @@ class _Throwaway:
 
     def __init__(self, *registrations: tuple[str, object, str | None]) -> None:
         self.registrations = registrations
+        self.install: str | None = None
 
     @hookimpl
     def casframe_register_backends(self, registry) -> None:  # type: ignore[no-untyped-def]
         for scheme, factory, extra in self.registrations:
-            registry.add(scheme, factory, extra=extra)
+            registry.add(scheme, factory, extra=extra, install=self.install)
 
 
 def test_duplicate_scheme_names_both_plugins(plugins) -> None:
@@ -242,16 +243,24 @@ def test_lazy_factory_whose_own_module_is_missing_names_plugin_and_module(plugin
     assert "casframe_tests_no_such_module" in message
 
 
-def test_lazy_factory_whose_dependency_is_missing_names_the_extra(
-    plugins, tmp_path: Path
+@pytest.mark.parametrize(
+    ("extra", "install", "hint"),
+    [
+        ("s3", None, "pip install 'casframe[s3]'"),  # an extra of casframe itself
+        (None, "casframe-fakes3[sdk]", "pip install 'casframe-fakes3[sdk]'"),  # a third party's
+    ],
+)
+def test_lazy_factory_whose_dependency_is_missing_names_what_to_install(
+    plugins, tmp_path: Path, extra: str | None, install: str | None, hint: str
 ) -> None:
     (tmp_path / "casframe_tests_lazy_backend.py").write_text(
         "import casframe_tests_missing_sdk  # the optional dependency, not installed\n"
     )
     plugins.syspath_prepend(str(tmp_path))
-    lazy = ("fakes3", "casframe_tests_lazy_backend:open_store", "s3")
+    plugin = _Throwaway(("fakes3", "casframe_tests_lazy_backend:open_store", extra))
+    plugin.install = install
     try:
-        with registered_plugin(_Throwaway(lazy), name="lazy"):
+        with registered_plugin(plugin, name="lazy"):
             assert _plugin("lazy").schemes == ("fakes3",), "registering does not import"
             assert "casframe_tests_lazy_backend" not in sys.modules
             with pytest.raises(MissingDependencyError) as caught:
@@ -259,11 +268,11 @@ def test_lazy_factory_whose_dependency_is_missing_names_the_extra(
     finally:
         sys.modules.pop("casframe_tests_lazy_backend", None)
     message = str(caught.value)
-    assert "pip install 'casframe[s3]'" in message
+    assert hint in message
     assert "casframe_tests_missing_sdk" in message
     assert "fakes3://" in message
     assert isinstance(caught.value, ImportError)
-    assert (caught.value.module, caught.value.extra) == ("casframe_tests_missing_sdk", "s3")
+    assert (caught.value.module, caught.value.extra) == ("casframe_tests_missing_sdk", extra)
 
 
 def test_lazy_factory_is_imported_when_used(plugins) -> None:
