@@ -129,9 +129,15 @@ def wait_process(cmd: list[str], env: dict[str, str] | None = None,
     }
 
 
-def run_child(args: list[str], log: Path) -> dict[str, Any]:
-    """A casframe operation in a child; merges the child's own report with wall time and RSS."""
-    res = wait_process([sys.executable, str(CHILD), *args], capture=True, stderr_path=log)
+def run_child(args: list[str], log: Path, stat_cache: Path | None = None) -> dict[str, Any]:
+    """A casframe operation in a child; merges the child's own report with wall time and RSS.
+
+    Imports keep their stat cache in ``stat_cache`` (a first import gets a new, empty one;
+    a re-import the one its first import filled), never in the user's cache directory.
+    """
+    env = {"CASFRAME_STAT_CACHE": str(stat_cache) if stat_cache else "off"}
+    res = wait_process([sys.executable, str(CHILD), *args], env=env, capture=True,
+                       stderr_path=log)
     report = json.loads(res.pop("stdout").strip().splitlines()[-1])
     report.update(res)
     rss_kib = res["maxrss_kib"]
@@ -270,15 +276,16 @@ def measure(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     (work / "git").mkdir()
     for i in range(N):
         store = work / "stores" / f"small-{i}"
+        stat_cache = work / "stat-cache" / f"small-{i}"
         prep(small)
-        imp.append(run_child(["import", f"file://{store}", str(small)], log))
+        imp.append(run_child(["import", f"file://{store}", str(small)], log, stat_cache))
         gitdir = work / "git" / f"small-{i}"
         g = ["git", *GIT_OPTS, f"--git-dir={gitdir}", f"--work-tree={small}"]
         wait_process([*g, "init", "-q"], env=GIT_ENV, stderr_path=log)  # untimed
         prep(small)
         git.append(run_ref([[*g, "add", "-A"], [*g, "commit", "-q", "-m", "x"]], log, GIT_ENV))
         prep(small)
-        reimp.append(run_child(["import", f"file://{store}", str(small)], log))
+        reimp.append(run_child(["import", f"file://{store}", str(small)], log, stat_cache))
         assert reimp[-1]["digest"] == imp[-1]["digest"]
         print(f"  [{i + 1}/{N}] import {imp[-1]['op_s']:.3f} s (wall {imp[-1]['wall_s']:.3f}) | "
               f"git add+commit {git[-1]['wall_s']:.3f} s | "
@@ -293,7 +300,7 @@ def measure(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     for i in range(N):
         prep(large)
         limp.append(run_child(["import", f"file://{work / 'stores' / f'large-{i}'}", str(large)],
-                              log))
+                              log, work / "stat-cache" / f"large-{i}"))
         prep(large)
         lcp.append(run_ref([["cp", "-r", str(large), str(work / "copies" / f"large-{i}")]], log))
         print(f"  [{i + 1}/{N}] large import {limp[-1]['op_s']:.3f} s "
@@ -332,7 +339,7 @@ def measure(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         prof = run_dir / "import-small.prof"
         prep(small)
         run_child(["--profile", str(prof), "import", f"file://{work / 'stores' / 'profile'}",
-                   str(small)], log)
+                   str(small)], log, work / "stat-cache" / "profile")
         res["profile_file"] = str(prof)
     return res
 

@@ -41,3 +41,14 @@ def bazel() -> str:
 def aws_cli() -> str:
     """The AWS CLI, to check that S3 tools and casframe read each other's layout."""
     return _install_debian_tool("aws", "awscli")
+
+
+@pytest.fixture(scope="session")
+def _stat_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("stat-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _stat_cache_in_the_session_tmp(_stat_cache_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Imports (also in subprocesses) keep their stat cache here, not in the user's cache."""
+    monkeypatch.setenv("CASFRAME_STAT_CACHE", _stat_cache_dir)

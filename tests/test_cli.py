@@ -33,6 +33,7 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("CASFRAME_STORE", str(tmp_path / "store"))
     monkeypatch.delenv("CASFRAME_CONFIG", raising=False)
+    monkeypatch.delenv("CASFRAME_STAT_CACHE", raising=False)
     monkeypatch.chdir(tmp_path)
 
 
@@ -94,6 +95,20 @@ def test_import_prints_the_root_digest_and_sets_the_ref(run: Run, tree: Path) ->
     assert ok(run("ref", "get", "build/1")).strip() == digest
     record = json.loads(ok(run("import", str(tree), "--json")))
     assert record == {"digest": digest, "ref": None}
+
+
+def test_import_keeps_its_stat_cache_in_the_user_cache_unless_told_not_to(
+    run: Run, tree: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache" / "casframe" / "stat-cache"
+    digest = ok(run("import", str(tree), "--no-stat-cache"))
+    assert not cache.exists()
+    assert ok(run("import", str(tree))) == digest
+    assert len(list(cache.glob("*.stat"))) == 1
+    copy = tmp_path / "copy"
+    shutil.copytree(tree, copy, symlinks=True)
+    assert ok(run("import", str(copy))) == digest
+    assert len(list(cache.glob("*.stat"))) == 2, "one cache file per imported directory"
 
 
 def test_import_prints_no_progress_when_stderr_is_not_a_terminal(run: Run, tree: Path) -> None:
