@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import struct
 import threading
@@ -72,13 +73,14 @@ _STALE_TEMP_S = 3600
 _MAGIC = b"casframe stat cache\n"
 _VERSION = 1
 _HEADER = struct.Struct("<20sII")  # magic, version, entry count
-# inode, device, size, mtime_ns, ctime_ns, sha256 (raw): the key, then the digest's hash.
-_ENTRY = struct.Struct("<QQQqq32s")
+# An entry is its key, then the raw sha256 of the content. Kept packed in memory too: a dict
+# of bytes loads and saves in a few milliseconds for 20,000 files, and packing the key of a
+# looked-up file costs less than building a tuple of five integers.
+_KEY = struct.Struct("<QQQqq")  # st_ino, st_dev, st_size, st_mtime_ns, st_ctime_ns
+_HASH = 32
+_ENTRY = _KEY.size + _HASH
 _CHECKSUM = 32  # sha256 of everything before it
 _SUFFIX = ".stat"
-
-#: ``(st_ino, st_dev, st_size, st_mtime_ns, st_ctime_ns)``
-Key = tuple[int, int, int, int, int]
 
 
 def default_directory() -> str | None:
@@ -99,32 +101,33 @@ def default_directory() -> str | None:
 class StatCache:
     """The recorded digests of one imported directory, and the entries of the current import.
 
-    ``known`` maps a :data:`Key` to the sha256 hex of the content; an import looks files up
-    in it and :meth:`record`\\ s what it reads (both are safe from several threads: a dict
-    lookup and a dict assignment are atomic in CPython). :meth:`save` replaces the file with
-    the entries of this import only.
+    An import looks files up (:meth:`lookup`) and records what it reads (:meth:`record`);
+    both are safe from several threads (a dict lookup and a dict assignment are atomic in
+    CPython). :meth:`save` replaces the file with the entries of this import only.
     """
 
     def __init__(self, path: str, started_ns: int | None = None) -> None:
         self.path = path
-        #: Entries of the previous import (empty when there was none or it was unreadable).
-        self.known: dict[Key, str] = _load(path)
+        #: Entries of the previous import (empty when there was none or it was unreadable):
+        #: packed key -> raw sha256.
+        self.known: dict[bytes, bytes] = _load(path)
         #: Entries seen by this import: looked up and still valid, or read and not racy.
-        self.seen: dict[Key, str] = {}
+        self.seen: dict[bytes, bytes] = {}
         started = time.time_ns() if started_ns is None else started_ns
         self._trusted_before = started - TIMESTAMP_WINDOW_NS
 
     @staticmethod
-    def key(st: os.stat_result) -> Key:
-        return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    def key(st: os.stat_result) -> bytes:
+        return _KEY.pack(st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def lookup(self, st: os.stat_result) -> str | None:
-        """The recorded hash of the file ``st`` describes, if it has not changed since."""
-        key = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        """The recorded sha256 (hex) of the file ``st`` describes, if it has not changed."""
+        key = _KEY.pack(st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         found = self.known.get(key)
-        if found is not None:
-            self.seen[key] = found
-        return found
+        if found is None:
+            return None
+        self.seen[key] = found
+        return found.hex()
 
     def record(self, st: os.stat_result, hash_: str) -> None:
         """Remember that the file ``st`` describes (before it was read) held content ``hash_``.
@@ -134,7 +137,7 @@ class StatCache:
         """
         limit = self._trusted_before
         if st.st_mtime_ns < limit and st.st_ctime_ns < limit:
-            self.seen[(st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)] = hash_
+            self.seen[self.key(st)] = bytes.fromhex(hash_)
 
     def save(self) -> None:
         """Replace the cache file with this import's entries; failures are ignored.
@@ -153,7 +156,7 @@ def open_stat_cache(root: str, directory: str, started_ns: int | None = None) ->
     return StatCache(os.path.join(directory, name), started_ns)
 
 
-def _load(path: str) -> dict[Key, str]:
+def _load(path: str) -> dict[bytes, bytes]:
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -166,27 +169,22 @@ def _load(path: str) -> dict[Key, str]:
     if (
         magic != _MAGIC
         or version != _VERSION
-        or len(body) != _HEADER.size + count * _ENTRY.size
+        or len(body) != _HEADER.size + count * _ENTRY
         or hashlib.sha256(body).digest() != checksum
     ):
         return {}
-    view = memoryview(body)[_HEADER.size :]
+    key, end = _KEY.size, _ENTRY
     return {
-        (ino, dev, size, mtime, ctime): raw.hex()
-        for ino, dev, size, mtime, ctime, raw in _ENTRY.iter_unpack(view)
+        body[start : start + key]: body[start + key : start + end]
+        for start in range(_HEADER.size, len(body), end)
     }
 
 
-def _save(path: str, entries: dict[Key, str]) -> None:
+def _save(path: str, entries: dict[bytes, bytes]) -> None:
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    pack = _ENTRY.pack
-    fromhex = bytes.fromhex
-    body = b"".join(
-        [
-            _HEADER.pack(_MAGIC, _VERSION, len(entries)),
-            *[pack(*key, fromhex(hash_)) for key, hash_ in entries.items()],
-        ]
+    body = _HEADER.pack(_MAGIC, _VERSION, len(entries)) + b"".join(
+        itertools.chain.from_iterable(entries.items())
     )
     temp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)

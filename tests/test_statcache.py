@@ -242,7 +242,7 @@ def test_a_remembered_file_changed_while_its_blob_was_missing(
     os.utime(module, ns=(st.st_atime_ns, st.st_mtime_ns))
     forged = StatCache(cache.path)
     forged.seen = dict(forged.known)
-    forged.seen[StatCache.key(module.stat())] = old.hash
+    forged.seen[StatCache.key(module.stat())] = bytes.fromhex(old.hash)
     forged.save()
     tree = local_store.import_directory(root, stat_cache=cache_dir)
     entry = {e.path: e for e in local_store.walk(tree)}["src/pkg/module.py"]

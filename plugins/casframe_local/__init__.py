@@ -159,7 +159,13 @@ class LocalBlobStore(BlobStore):
                     else:
                         os.rename(temp, target)
                 else:
-                    os.link(f"/proc/self/fd/{fd}", target, src_dir_fd=self._tmpfd)
+                    hash_ = digest.hash  # relative to objects/: a shorter path walk
+                    os.link(
+                        f"/proc/self/fd/{fd}",
+                        f"{hash_[:2]}/{hash_[2:]}",
+                        src_dir_fd=self._tmpfd,
+                        dst_dir_fd=self._objfd,
+                    )
                 return
             except FileNotFoundError:
                 os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -192,13 +198,11 @@ class LocalBlobStore(BlobStore):
 
     def find_missing_blobs(self, digests: Collection[Digest]) -> set[Digest]:
         missing = set()
-        stat = os.stat
+        stat, objfd = os.stat, self._objfd
         for digest in digests:
+            hash_ = digest[0]
             try:
-                if (
-                    stat(f"{self.objdir}/{digest.hash[:2]}/{digest.hash[2:]}").st_size
-                    == digest.size
-                ):
+                if stat(f"{hash_[:2]}/{hash_[2:]}", dir_fd=objfd).st_size == digest[1]:
                     continue
             except FileNotFoundError:
                 pass
@@ -247,14 +251,14 @@ class LocalBlobStore(BlobStore):
     def freshen_blobs(self, digests: Collection[Digest]) -> set[Digest]:
         # Touch first, then check: two system calls for a present blob, one for a missing one.
         missing = set()
-        objdir = self.objdir
+        objfd = self._objfd
         utime, stat = os.utime, os.stat
         for digest in digests:
             hash_ = digest[0]
-            path = f"{objdir}/{hash_[:2]}/{hash_[2:]}"
+            path = f"{hash_[:2]}/{hash_[2:]}"
             try:
-                utime(path)
-                if stat(path).st_size == digest[1]:
+                utime(path, dir_fd=objfd)
+                if stat(path, dir_fd=objfd).st_size == digest[1]:
                     continue
             except FileNotFoundError:
                 pass
