@@ -7,7 +7,9 @@ Builds seeded synthetic trees in a new directory (DIR/<timestamp>/, DIR defaults
 then measures, in alternating pairs (A B A B ...), each run writing into a fresh directory:
 
 * casframe import of the small tree into an empty file:// store  vs  git add -A && git commit
-* casframe re-import of the unchanged small tree into the store it just filled
+                                                                      (and cp -r, a floor)
+* casframe re-import of the unchanged small tree into the store it just filled (and once more
+  without the stat cache)
 * casframe import of the large tree (1 GiB)                       vs  cp -r
 * casframe checkout (hardlinks) of the small tree                 vs  cp -al, git checkout
 
@@ -271,9 +273,11 @@ def measure(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         startup.append(run_child(["noop", f"file://{work / 'stores' / f'noop-{i}'}"], log))
     res["child_startup"] = startup
 
-    # 1+2. small import vs git add+commit, then re-import into the store just filled.
-    imp, git, reimp = [], [], []
+    # 1+2. small import vs git add+commit (and cp -r: the cost of creating the files at all),
+    # then re-import into the store just filled.
+    imp, git, scp, reimp, reimp_nc = [], [], [], [], []
     (work / "git").mkdir()
+    (work / "copies").mkdir()
     for i in range(N):
         store = work / "stores" / f"small-{i}"
         stat_cache = work / "stat-cache" / f"small-{i}"
@@ -285,18 +289,24 @@ def measure(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         prep(small)
         git.append(run_ref([[*g, "add", "-A"], [*g, "commit", "-q", "-m", "x"]], log, GIT_ENV))
         prep(small)
+        scp.append(run_ref([["cp", "-r", str(small), str(work / "copies" / f"small-{i}")]], log))
+        prep(small)
         reimp.append(run_child(["import", f"file://{store}", str(small)], log, stat_cache))
         assert reimp[-1]["digest"] == imp[-1]["digest"]
+        prep(small)
+        reimp_nc.append(run_child(["import", f"file://{store}", str(small)], log, None))
+        assert reimp_nc[-1]["digest"] == imp[-1]["digest"]
         print(f"  [{i + 1}/{N}] import {imp[-1]['op_s']:.3f} s (wall {imp[-1]['wall_s']:.3f}) | "
-              f"git add+commit {git[-1]['wall_s']:.3f} s | "
-              f"re-import {reimp[-1]['op_s']:.3f} s (wall {reimp[-1]['wall_s']:.3f})", flush=True)
+              f"git add+commit {git[-1]['wall_s']:.3f} s | cp -r {scp[-1]['wall_s']:.3f} s | "
+              f"re-import {reimp[-1]['op_s']:.3f} s (wall {reimp[-1]['wall_s']:.3f}) | "
+              f"without stat cache {reimp_nc[-1]['op_s']:.3f} s", flush=True)
     res["import_small"], res["git_commit"], res["reimport_small"] = imp, git, reimp
+    res["cp_small"], res["reimport_small_no_stat_cache"] = scp, reimp_nc
     digest = imp[0]["digest"]
     assert all(r["digest"] == digest for r in imp)
 
     # 3. large import vs cp -r.
     limp, lcp = [], []
-    (work / "copies").mkdir()
     for i in range(N):
         prep(large)
         limp.append(run_child(["import", f"file://{work / 'stores' / f'large-{i}'}", str(large)],
@@ -388,6 +398,11 @@ def summarise(res: dict[str, Any], quick: bool) -> tuple[list[dict[str, Any]], l
     row(op="  (same runs)", target=f">= {T_IMPORT_RATE:,} files/s",
         result=verdict(rate >= T_IMPORT_RATE, rate_w >= T_IMPORT_RATE),
         thr=f"wall {rate_w:,.0f} files/s")
+    scp = res.get("cp_small")
+    if scp:
+        row(op="  (same runs)", ref=f"cp -r {wall(scp):.3f}", ratio=pair_ratio(imp, scp),
+            ratio_wall=pair_ratio(imp, scp, "wall_s"), thr=f"cp -r {n / wall(scp):,.0f} files/s",
+            target="(floor, no target)", result="-")
 
     speedup = med([a["op_s"] / b["op_s"] for a, b in zip(imp, reimp, strict=True)])
     speedup_w = med([a["wall_s"] / b["wall_s"] for a, b in zip(imp, reimp, strict=True)])
@@ -397,6 +412,13 @@ def summarise(res: dict[str, Any], quick: bool) -> tuple[list[dict[str, Any]], l
         target=f">= {T_REIMPORT_SPEEDUP:.0f}x faster",
         result=verdict(speedup >= T_REIMPORT_SPEEDUP, speedup_w >= T_REIMPORT_SPEEDUP)
         + f" ({speedup:.2f}x)")
+
+    reimp_nc = res.get("reimport_small_no_stat_cache")
+    if reimp_nc:
+        speedup_nc = med([a["op_s"] / b["op_s"] for a, b in zip(imp, reimp_nc, strict=True)])
+        row(op="  (no stat cache)", cf=op(reimp_nc), cf_wall=wall(reimp_nc),
+            ratio=1 / speedup_nc, thr=f"{n / op(reimp_nc):,.0f} files/s", rss=rss(reimp_nc),
+            target="(no target)", result=f"- ({speedup_nc:.2f}x)")
 
     lb = res["large_tree"]["bytes"]
     gbps, gbps_w = lb / op(limp) / 1e9, lb / wall(limp) / 1e9
@@ -418,7 +440,7 @@ def summarise(res: dict[str, Any], quick: bool) -> tuple[list[dict[str, Any]], l
     row(op="  (same runs)", ref=f"git checkout {wall(cgit):.3f}", ratio=r_cg, ratio_wall=r_cg_w,
         target="(no target)", result="-")
 
-    all_cf = imp + reimp + limp + cco
+    all_cf = imp + reimp + res.get("reimport_small_no_stat_cache", []) + limp + cco
     peak = max(r["peak_rss_mib"] for r in all_cf)
     row(op="peak RSS, every casframe op", rss=peak, target=f"< {T_RSS_MIB:.0f} MiB",
         result=verdict(peak < T_RSS_MIB))

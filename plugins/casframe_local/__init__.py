@@ -281,6 +281,11 @@ class LocalBlobStore(BlobStore):
                     writer.abort()
                     return None
                 if not n:
+                    if not copied:
+                        # An empty rest, or a file system that copies nothing from a file
+                        # that reads fine (procfs, some FUSE ones): let the core read it.
+                        writer.abort()
+                        return None
                     break
                 copied += n
             stored = open(os.dup(temp_fd), "rb", buffering=0)  # noqa: SIM115 - returned
