@@ -7,7 +7,9 @@ Builds seeded synthetic trees in a new directory (DIR/<timestamp>/, DIR defaults
 then measures, in alternating pairs (A B A B ...), each run writing into a fresh directory:
 
 * casframe import of the small tree into an empty file:// store  vs  git add -A && git commit
-* casframe re-import of the unchanged small tree into the store it just filled
+                                                                      (and cp -r, a floor)
+* casframe re-import of the unchanged small tree into the store it just filled (and once more
+  without the stat cache)
 * casframe import of the large tree (1 GiB)                       vs  cp -r
 * casframe checkout (hardlinks) of the small tree                 vs  cp -al, git checkout
 
@@ -129,9 +131,15 @@ def wait_process(cmd: list[str], env: dict[str, str] | None = None,
     }
 
 
-def run_child(args: list[str], log: Path) -> dict[str, Any]:
-    """A casframe operation in a child; merges the child's own report with wall time and RSS."""
-    res = wait_process([sys.executable, str(CHILD), *args], capture=True, stderr_path=log)
+def run_child(args: list[str], log: Path, stat_cache: Path | None = None) -> dict[str, Any]:
+    """A casframe operation in a child; merges the child's own report with wall time and RSS.
+
+    Imports keep their stat cache in ``stat_cache`` (a first import gets a new, empty one;
+    a re-import the one its first import filled), never in the user's cache directory.
+    """
+    env = {"CASFRAME_STAT_CACHE": str(stat_cache) if stat_cache else "off"}
+    res = wait_process([sys.executable, str(CHILD), *args], env=env, capture=True,
+                       stderr_path=log)
     report = json.loads(res.pop("stdout").strip().splitlines()[-1])
     report.update(res)
     rss_kib = res["maxrss_kib"]
@@ -265,35 +273,44 @@ def measure(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         startup.append(run_child(["noop", f"file://{work / 'stores' / f'noop-{i}'}"], log))
     res["child_startup"] = startup
 
-    # 1+2. small import vs git add+commit, then re-import into the store just filled.
-    imp, git, reimp = [], [], []
+    # 1+2. small import vs git add+commit (and cp -r: the cost of creating the files at all),
+    # then re-import into the store just filled.
+    imp, git, scp, reimp, reimp_nc = [], [], [], [], []
     (work / "git").mkdir()
+    (work / "copies").mkdir()
     for i in range(N):
         store = work / "stores" / f"small-{i}"
+        stat_cache = work / "stat-cache" / f"small-{i}"
         prep(small)
-        imp.append(run_child(["import", f"file://{store}", str(small)], log))
+        imp.append(run_child(["import", f"file://{store}", str(small)], log, stat_cache))
         gitdir = work / "git" / f"small-{i}"
         g = ["git", *GIT_OPTS, f"--git-dir={gitdir}", f"--work-tree={small}"]
         wait_process([*g, "init", "-q"], env=GIT_ENV, stderr_path=log)  # untimed
         prep(small)
         git.append(run_ref([[*g, "add", "-A"], [*g, "commit", "-q", "-m", "x"]], log, GIT_ENV))
         prep(small)
-        reimp.append(run_child(["import", f"file://{store}", str(small)], log))
+        scp.append(run_ref([["cp", "-r", str(small), str(work / "copies" / f"small-{i}")]], log))
+        prep(small)
+        reimp.append(run_child(["import", f"file://{store}", str(small)], log, stat_cache))
         assert reimp[-1]["digest"] == imp[-1]["digest"]
+        prep(small)
+        reimp_nc.append(run_child(["import", f"file://{store}", str(small)], log, None))
+        assert reimp_nc[-1]["digest"] == imp[-1]["digest"]
         print(f"  [{i + 1}/{N}] import {imp[-1]['op_s']:.3f} s (wall {imp[-1]['wall_s']:.3f}) | "
-              f"git add+commit {git[-1]['wall_s']:.3f} s | "
-              f"re-import {reimp[-1]['op_s']:.3f} s (wall {reimp[-1]['wall_s']:.3f})", flush=True)
+              f"git add+commit {git[-1]['wall_s']:.3f} s | cp -r {scp[-1]['wall_s']:.3f} s | "
+              f"re-import {reimp[-1]['op_s']:.3f} s (wall {reimp[-1]['wall_s']:.3f}) | "
+              f"without stat cache {reimp_nc[-1]['op_s']:.3f} s", flush=True)
     res["import_small"], res["git_commit"], res["reimport_small"] = imp, git, reimp
+    res["cp_small"], res["reimport_small_no_stat_cache"] = scp, reimp_nc
     digest = imp[0]["digest"]
     assert all(r["digest"] == digest for r in imp)
 
     # 3. large import vs cp -r.
     limp, lcp = [], []
-    (work / "copies").mkdir()
     for i in range(N):
         prep(large)
         limp.append(run_child(["import", f"file://{work / 'stores' / f'large-{i}'}", str(large)],
-                              log))
+                              log, work / "stat-cache" / f"large-{i}"))
         prep(large)
         lcp.append(run_ref([["cp", "-r", str(large), str(work / "copies" / f"large-{i}")]], log))
         print(f"  [{i + 1}/{N}] large import {limp[-1]['op_s']:.3f} s "
@@ -332,7 +349,7 @@ def measure(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         prof = run_dir / "import-small.prof"
         prep(small)
         run_child(["--profile", str(prof), "import", f"file://{work / 'stores' / 'profile'}",
-                   str(small)], log)
+                   str(small)], log, work / "stat-cache" / "profile")
         res["profile_file"] = str(prof)
     return res
 
@@ -381,6 +398,11 @@ def summarise(res: dict[str, Any], quick: bool) -> tuple[list[dict[str, Any]], l
     row(op="  (same runs)", target=f">= {T_IMPORT_RATE:,} files/s",
         result=verdict(rate >= T_IMPORT_RATE, rate_w >= T_IMPORT_RATE),
         thr=f"wall {rate_w:,.0f} files/s")
+    scp = res.get("cp_small")
+    if scp:
+        row(op="  (same runs)", ref=f"cp -r {wall(scp):.3f}", ratio=pair_ratio(imp, scp),
+            ratio_wall=pair_ratio(imp, scp, "wall_s"), thr=f"cp -r {n / wall(scp):,.0f} files/s",
+            target="(floor, no target)", result="-")
 
     speedup = med([a["op_s"] / b["op_s"] for a, b in zip(imp, reimp, strict=True)])
     speedup_w = med([a["wall_s"] / b["wall_s"] for a, b in zip(imp, reimp, strict=True)])
@@ -390,6 +412,13 @@ def summarise(res: dict[str, Any], quick: bool) -> tuple[list[dict[str, Any]], l
         target=f">= {T_REIMPORT_SPEEDUP:.0f}x faster",
         result=verdict(speedup >= T_REIMPORT_SPEEDUP, speedup_w >= T_REIMPORT_SPEEDUP)
         + f" ({speedup:.2f}x)")
+
+    reimp_nc = res.get("reimport_small_no_stat_cache")
+    if reimp_nc:
+        speedup_nc = med([a["op_s"] / b["op_s"] for a, b in zip(imp, reimp_nc, strict=True)])
+        row(op="  (no stat cache)", cf=op(reimp_nc), cf_wall=wall(reimp_nc),
+            ratio=1 / speedup_nc, thr=f"{n / op(reimp_nc):,.0f} files/s", rss=rss(reimp_nc),
+            target="(no target)", result=f"- ({speedup_nc:.2f}x)")
 
     lb = res["large_tree"]["bytes"]
     gbps, gbps_w = lb / op(limp) / 1e9, lb / wall(limp) / 1e9
@@ -411,7 +440,7 @@ def summarise(res: dict[str, Any], quick: bool) -> tuple[list[dict[str, Any]], l
     row(op="  (same runs)", ref=f"git checkout {wall(cgit):.3f}", ratio=r_cg, ratio_wall=r_cg_w,
         target="(no target)", result="-")
 
-    all_cf = imp + reimp + limp + cco
+    all_cf = imp + reimp + res.get("reimport_small_no_stat_cache", []) + limp + cco
     peak = max(r["peak_rss_mib"] for r in all_cf)
     row(op="peak RSS, every casframe op", rss=peak, target=f"< {T_RSS_MIB:.0f} MiB",
         result=verdict(peak < T_RSS_MIB))

@@ -413,13 +413,22 @@ def main(argv: Sequence[str] | None = None) -> None:
 @click.command("import")
 @click.argument("directory", type=click.Path(path_type=str))
 @click.option("--ref", "ref_name", metavar="NAME", help="Also point this ref at the tree.")
+@click.option(
+    "--no-stat-cache",
+    is_flag=True,
+    help="Read and hash every file, even those unchanged since DIRECTORY was last imported.",
+)
 @_json_option
 @_pass_app
-def import_command(app: App, directory: str, ref_name: str | None, as_json: bool) -> None:
+def import_command(
+    app: App, directory: str, ref_name: str | None, no_stat_cache: bool, as_json: bool
+) -> None:
     """Store a directory as a tree.
 
     Prints the root digest of DIRECTORY's tree (HASH/SIZE). Files already in the store are not
-    written again.
+    written again. Files unchanged since the last import of DIRECTORY (same inode, size and
+    time stamps) are not read again: their digests come from a cache in the user cache
+    directory (set $CASFRAME_STAT_CACHE to another folder, or to "off").
     """
     from casframe.names import validate_ref_name
 
@@ -428,7 +437,9 @@ def import_command(app: App, directory: str, ref_name: str | None, as_json: bool
     os.stat(directory)  # a missing directory reports "No such file or directory"
     store = app.store()
     with app.progress(as_json) as progress:
-        root = store.import_directory(directory, progress=progress)
+        root = store.import_directory(
+            directory, progress=progress, stat_cache=not no_stat_cache
+        )
     if ref_name is not None:
         # The import stored every blob, children before parents: the tree is complete.
         store.set_ref(ref_name, root, check_complete=False)

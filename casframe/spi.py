@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
@@ -153,6 +154,37 @@ class BlobStore(ABC):
                 writer.abort()
                 raise
 
+    def freshen_blobs(self, digests: Collection[Digest]) -> set[Digest]:
+        """Refresh the modification time of the stored blobs among ``digests`` (``touch``);
+        return the ones missing once that is done.
+
+        What this reports present was touched while it existed, so prune's grace period
+        protects it from the call on. The default is ``find_missing_blobs``, ``touch_blobs``
+        of the present ones, and ``find_missing_blobs`` of those again (a blob deleted just
+        before its touch is missing after all); a backend can do it in fewer round trips
+        (touch first, then check). The core calls it only on backends with ``touch``, never
+        with the empty digest, and never with more than ``max_batch_digests`` at once.
+        """
+        missing = self.find_missing_blobs(digests)
+        present = [d for d in digests if d not in missing]
+        if present:
+            self.touch_blobs(present)
+            missing |= self.find_missing_blobs(present)
+        return missing
+
+    def begin_write_copy(self, fd: int) -> tuple[BlobWriter, BinaryIO] | None:
+        """Fast path for storing a local file: copy the open file ``fd``, from its offset to
+        its end, into a new upload without passing the bytes through Python.
+
+        Returns the upload, not committed, and a stream over the content the upload now
+        holds; the core hashes that stream and commits the upload under the digest it gets
+        (or aborts it), so content still becomes visible only under the digest it really has,
+        even if the file changes during the copy. Returns ``None`` (the default) when the
+        backend has no such path: the core then reads the file and streams it through
+        :meth:`begin_write`.
+        """
+        return None
+
     def get_tree(self, root: Digest) -> Iterator[bytes]:
         """Serialized Directory messages of the tree under ``root``, in any order (fast path).
 
@@ -243,6 +275,18 @@ class BlobStore(ABC):
         Raise :class:`BlobNotFoundError` when the blob is not stored.
         """
         raise UnsupportedOperationError(f"{type(self).__name__} has no local files")
+
+    def link_blobs(self, dir_fd: int, links: Iterable[tuple[str, Digest]]) -> None:
+        """Hardlink stored blobs into the directory open as ``dir_fd`` (``local-path``).
+
+        Each ``(name, digest)`` becomes a new name in that directory for the file holding the
+        blob, which must not be modified through it. Raises what :meth:`local_path` raises
+        for a blob that is not stored intact, and ``OSError`` when the file system refuses a
+        link (``EXDEV``, ``EMLINK``, ``EPERM``); links made before the failure stay. The
+        default links each :meth:`local_path`; a backend may skip its per-blob overhead.
+        """
+        for name, digest in links:
+            os.link(self.local_path(digest), name, dst_dir_fd=dir_fd, follow_symlinks=False)
 
     def close(self) -> None:  # noqa: B027 - optional hook, deliberately empty
         """Release connections and threads; the store is not used afterwards."""

@@ -183,21 +183,22 @@ class Store:
         that moment on. Writers that reuse stored blobs ask this way before setting a ref.
         """
         wanted = {d for d in digests if d.size != 0}
-        missing = self._query_missing(wanted)
         if freshen and Capability.TOUCH in self.blobs.capabilities:
-            present = wanted - missing
-            if present:
-                self.blobs.touch_blobs(present)
-                # A blob deleted just before its touch is missing after all.
-                missing |= self._query_missing(present)
+            missing = self._query_missing(wanted, self.blobs.freshen_blobs)
+        else:
+            missing = self._query_missing(wanted, self.blobs.find_missing_blobs)
         return missing & wanted
 
-    def _query_missing(self, wanted: set[Digest]) -> set[Digest]:
-        missing: set[Digest] = set()
+    def _query_missing(
+        self, wanted: set[Digest], query: Callable[[Collection[Digest]], set[Digest]]
+    ) -> set[Digest]:
         batch = max(1, self.blobs.max_batch_digests)
+        if len(wanted) <= batch:
+            return query(wanted) if wanted else set()
+        missing: set[Digest] = set()
         pending = list(wanted)
         for start in range(0, len(pending), batch):
-            missing |= self.blobs.find_missing_blobs(pending[start : start + batch])
+            missing |= query(pending[start : start + batch])
         return missing
 
     def contains(self, digest: Digest) -> bool:
@@ -310,7 +311,31 @@ class Store:
 
     def put_file(self, path: str | os.PathLike[str]) -> Digest:
         with open(path, "rb", buffering=0) as f:
-            return self.put_stream(f)
+            return self.put_open_file(f.fileno())
+
+    def put_open_file(self, fd: int) -> Digest:
+        """Store the open regular file ``fd`` from its offset to its end; return the digest.
+
+        Uses the backend's copy path (``begin_write_copy``) when it has one, hashing what the
+        upload then holds; otherwise reads and streams the file. Either way the content is
+        committed only under the digest of the very bytes stored.
+        """
+        copied = self.blobs.begin_write_copy(fd)
+        if copied is None:
+            with os.fdopen(fd, "rb", buffering=0, closefd=False) as stream:
+                return self.put_stream(stream)
+        writer, stored = copied
+        try:
+            with stored:
+                digest = Digest.of_stream(stored)
+            if digest.size:
+                writer.commit(digest)
+            else:
+                writer.abort()
+        except BaseException:
+            writer.abort()
+            raise
+        return digest
 
     def copy_blob_from(self, source: Store, digest: Digest) -> None:
         """Copy one blob from ``source``, verifying it on the way in."""
@@ -339,12 +364,20 @@ class Store:
     # -- trees ------------------------------------------------------------------------------
 
     def import_directory(
-        self, path: str | os.PathLike[str], *, progress: Progress | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        progress: Progress | None = None,
+        stat_cache: bool | str | os.PathLike[str] = True,
     ) -> Digest:
-        """Store a directory on disk as a Directory tree; return the root digest."""
+        """Store a directory on disk as a Directory tree; return the root digest.
+
+        ``stat_cache``: files unchanged since the last import of ``path`` are not read again
+        (:mod:`casframe.statcache`); ``False`` reads every file, a path keeps the cache there.
+        """
         from casframe.tree import import_directory
 
-        return import_directory(self, path, progress=progress)
+        return import_directory(self, path, progress=progress, stat_cache=stat_cache)
 
     def checkout(
         self,

@@ -14,25 +14,20 @@ import errno
 import itertools
 import os
 import stat
+import time
 from collections.abc import Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 from google.protobuf.message import DecodeError
 
 from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
     Digest as DigestProto,
 )
-from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
-    Directory,
-    DirectoryNode,
-    FileNode,
-    SymlinkNode,
-)
+from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
 from casframe.digest import CHUNK_SIZE, Digest
 from casframe.errors import (
-    BlobNotFoundError,
     CasframeError,
     CorruptBlobError,
     InvalidNameError,
@@ -43,6 +38,7 @@ from casframe.errors import (
 from casframe.names import split_tree_path, validate_entry_name
 from casframe.progress import NO_PROGRESS, Progress
 from casframe.spi import Capability
+from casframe.statcache import StatCache, default_directory, open_stat_cache
 
 if TYPE_CHECKING:
     from casframe.store import Store
@@ -70,6 +66,8 @@ _SMALL_FILE = CHUNK_SIZE
 _BATCH_BYTES = 8 << 20
 # Files per worker task: large enough to amortise scheduling, small enough to spread the work.
 _BATCH_FILES = 256
+# Never follow a symlink put in place of a file; never block opening a fifo put there.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 EntryKind = Literal["file", "directory", "symlink"]
 
@@ -218,18 +216,77 @@ def missing_in_tree(store: Store, root: Digest, *, freshen: bool = False) -> set
 @dataclass(slots=True)
 class _ScannedDir:
     path: str  # relative to the import root, "" for the root itself
-    files: list[str] = field(default_factory=list)
-    symlinks: list[tuple[str, str]] = field(default_factory=list)
+    files: list[bytes] = field(default_factory=list)  # names, UTF-8
+    symlinks: list[tuple[bytes, bytes]] = field(default_factory=list)  # names and targets
     subdirs: list[str] = field(default_factory=list)
-    #: (digest, executable) of each file in ``files``, filled in by the workers.
-    results: list[tuple[Digest, bool]] = field(default_factory=list)
+    #: The encoded Directory entry of each file in ``files``, filled in by the workers.
+    entries: list[bytes | None] = field(default_factory=list)
 
 
-def _check_name(name: str, path: str) -> None:
+#: One file for a worker: its directory, its index in ``files`` there, and its path.
+_Job = tuple[_ScannedDir, int, str]
+
+
+def _utf8(name: str, path: str, what: str = "name") -> bytes:
     try:
-        name.encode("utf-8")
+        return name.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidNameError(f"cannot store {path!r}: its name is not valid UTF-8") from None
+        raise InvalidNameError(f"cannot store {path!r}: its {what} is not valid UTF-8") from None
+
+
+# Import writes Directory messages itself. Building a FileNode message object costs several
+# microseconds a file, and the Directories are built after the workers finish, on one thread;
+# encoding each file's entry in the worker that stored it costs a fraction of that, in
+# parallel with the other worker's system calls. The bytes are exactly those of protobuf's
+# deterministic serialization (fields in number order, default values left out), which the
+# tests check against protobuf itself.
+
+_VARINT_1 = [bytes((n,)) for n in range(0x80)]
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _VARINT_1[value]
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(tag: bytes, payload: bytes) -> bytes:
+    return tag + _varint(len(payload)) + payload
+
+
+def _digest_field(digest: Digest) -> bytes:
+    """Field 2 (``digest``) of a FileNode or DirectoryNode: Digest{hash=1, size_bytes=2}."""
+    hash_, size = digest
+    body = b"\n@" + hash_.encode("ascii")  # 64 hex digits
+    if size:
+        body += b"\x10" + _varint(size)
+    return b"\x12" + _varint(len(body)) + body
+
+
+def _file_entry(name: bytes, digest: Digest, executable: bool) -> bytes:
+    """Directory field 1: FileNode{name=1, digest=2, is_executable=4}."""
+    body = b"\n" + _varint(len(name)) + name + _digest_field(digest)
+    if executable:
+        body += b" \x01"
+    return b"\n" + _varint(len(body)) + body
+
+
+def _directory_entry(name: bytes, digest: Digest) -> bytes:
+    """Directory field 2: DirectoryNode{name=1, digest=2}."""
+    return _length_delimited(b"\x12", _length_delimited(b"\n", name) + _digest_field(digest))
+
+
+def _symlink_entry(name: bytes, target: bytes) -> bytes:
+    """Directory field 3: SymlinkNode{name=1, target=2}."""
+    body = _length_delimited(b"\n", name)
+    if target:
+        body += _length_delimited(b"\x12", target)
+    return _length_delimited(b"\x1a", body)
 
 
 def _special_kind(mode: int) -> str:
@@ -251,134 +308,243 @@ def _unsupported(path: str, mode: int) -> UnsupportedFileTypeError:
     )
 
 
-def _import_files(store: Store, paths: list[str], progress: Progress) -> list[tuple[Digest, bool]]:
-    """Store files (one worker's share); return each one's digest and executable bit.
+def _open_regular(path: str) -> tuple[int, os.stat_result]:
+    """Open a regular file without following a symlink or blocking on a fifo; fstat it.
 
-    Small files are read whole and written in groups after one existence check per group;
-    large ones are streamed. The mode comes from ``fstat`` of the opened file, so what is
-    recorded is what was read even if the file is replaced meanwhile.
+    What is recorded (mode, size, time stamps) is then what was opened, even if the path is
+    replaced meanwhile.
     """
-    results: list[tuple[Digest, bool]] = []
-    pending: list[tuple[Digest, bytes]] = []
-    pending_bytes = 0
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _unsupported(path, st.st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
 
-    def flush() -> None:
-        nonlocal pending, pending_bytes
-        # Freshen what is already stored: a reused old blob must not look like garbage to prune.
-        missing = store.find_missing((d for d, _ in pending), freshen=True)
-        if missing:
-            writes = []
-            for digest, data in pending:
-                if digest in missing:
-                    writes.append((digest, data))
-                    missing.discard(digest)  # a duplicate inside the group is written once
+
+def _read_small(fd: int, size: int) -> bytes:
+    """The whole content of a small file whose ``fstat`` said ``size`` bytes."""
+    data = os.read(fd, size + 1)
+    if len(data) > size:  # grew since fstat: store what is read to the end
+        parts = [data]
+        while chunk := os.read(fd, CHUNK_SIZE):
+            parts.append(chunk)
+        data = b"".join(parts)
+    return data
+
+
+class _Importer:
+    """The workers of one import: read, hash and store files, consulting the stat cache.
+
+    Each task is a batch of files. Small files are read whole and stored in groups after one
+    existence check per group (which freshens what is already there: a reused old blob must
+    not look like garbage to prune); large ones are streamed or copied one by one. A worker
+    that meets a large file first hands the rest of its batch to the pool, so that a few large
+    files listed together still spread over the workers.
+    """
+
+    def __init__(
+        self, store: Store, pool: ThreadPoolExecutor, cache: StatCache | None, progress: Progress
+    ) -> None:
+        self.store = store
+        self.pool = pool
+        self.cache = cache
+        self.progress = progress
+        self.futures: list[Future[None]] = []
+
+    def submit(self, batch: list[_Job]) -> None:
+        self.futures.append(self.pool.submit(self.import_files, batch))
+
+    def wait(self) -> None:
+        """Wait for every batch, including those workers split off while this waits.
+
+        A split-off batch is added to the list before the task that split it ends, so once
+        the last listed task has ended, there is no other.
+        """
+        index = 0
+        while index < len(self.futures):
+            self.futures[index].result()
+            index += 1
+
+    def import_files(self, batch: list[_Job]) -> None:
+        store, cache = self.store, self.cache
+        lookup = cache.lookup if cache is not None and cache.known else None
+        record = cache.record if cache is not None else None
+        pending: list[tuple[Digest, bytes]] = []  # read, to be stored unless present
+        pending_bytes = 0
+        remembered: list[tuple[_ScannedDir, int, str, Digest]] = []  # digests from the cache
+        position, end = 0, len(batch)
+        while position < end:
+            scanned, index, path = batch[position]
+            position += 1
+            if lookup is not None:
+                st = os.lstat(path)
+                if stat.S_ISREG(st.st_mode):
+                    hash_ = lookup(st)
+                    if hash_ is not None:
+                        digest = Digest._trusted(hash_, st.st_size)
+                        scanned.entries[index] = _file_entry(
+                            scanned.files[index], digest, bool(st.st_mode & stat.S_IXUSR)
+                        )
+                        if digest.size:
+                            remembered.append((scanned, index, path, digest))
+                        continue
+            fd, st = _open_regular(path)
+            try:
+                if st.st_size > _SMALL_FILE:
+                    if position < end:
+                        self.submit(batch[position:end])
+                        end = position
+                    digest = store.put_open_file(fd)
+                else:
+                    data = _read_small(fd, st.st_size)
+                    digest = Digest.of_bytes(data)
+                    if digest.size:
+                        pending.append((digest, data))
+                        pending_bytes += digest.size
+            finally:
+                os.close(fd)
+            if record is not None and digest.size == st.st_size:
+                record(st, digest.hash)
+            scanned.entries[index] = _file_entry(
+                scanned.files[index], digest, bool(st.st_mode & stat.S_IXUSR)
+            )
+            if pending_bytes >= _BATCH_BYTES:
+                self.store_group(pending, remembered)
+                pending, remembered, pending_bytes = [], [], 0
+        if pending or remembered:
+            self.store_group(pending, remembered)
+        self.progress.advance(end)
+
+    def store_group(
+        self,
+        pending: list[tuple[Digest, bytes]],
+        remembered: list[tuple[_ScannedDir, int, str, Digest]],
+    ) -> None:
+        store = self.store
+        missing = store.find_missing(
+            itertools.chain((d for d, _ in pending), (r[3] for r in remembered)), freshen=True
+        )
+        if not missing:
+            return
+        writes = []
+        for digest, data in pending:
+            if digest in missing:
+                writes.append((digest, data))
+                missing.discard(digest)  # a duplicate inside the group is written once
+        if writes:
             store.blobs.write_blobs(writes)
-        pending, pending_bytes = [], 0
+        for scanned, index, path, digest in remembered:
+            if digest in missing:
+                # The cache knows the file, the store no longer has its blob (pruned since,
+                # or another store): read the file again, and store what it holds now.
+                fd, st = _open_regular(path)
+                try:
+                    if st.st_size > _SMALL_FILE:
+                        actual = store.put_open_file(fd)
+                    else:
+                        actual = store.put_bytes(_read_small(fd, st.st_size))
+                finally:
+                    os.close(fd)
+                if self.cache is not None and actual.size == st.st_size:
+                    self.cache.record(st, actual.hash)
+                scanned.entries[index] = _file_entry(
+                    scanned.files[index], actual, bool(st.st_mode & stat.S_IXUSR)
+                )
 
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise _unsupported(path, st.st_mode)
-            if st.st_size > _SMALL_FILE:
-                with os.fdopen(fd, "rb", buffering=0, closefd=False) as stream:
-                    digest = store.put_stream(stream)
-            else:
-                data = os.read(fd, st.st_size + 1)
-                if len(data) > st.st_size:  # grew since fstat: store what is read to the end
-                    parts = [data]
-                    while chunk := os.read(fd, CHUNK_SIZE):
-                        parts.append(chunk)
-                    data = b"".join(parts)
-                digest = Digest.of_bytes(data)
-                if digest.size:
-                    pending.append((digest, data))
-                    pending_bytes += digest.size
-        finally:
-            os.close(fd)
-        results.append((digest, bool(st.st_mode & stat.S_IXUSR)))
-        if pending_bytes >= _BATCH_BYTES:
-            flush()
-    if pending:
-        flush()
-    progress.advance(len(paths))
-    return results
+
+def _open_cache(
+    root: str, stat_cache: bool | str | os.PathLike[str], started_ns: int
+) -> StatCache | None:
+    if stat_cache is False:
+        return None
+    directory = default_directory() if stat_cache is True else os.fspath(stat_cache)
+    if directory is None:
+        return None
+    return open_stat_cache(root, directory, started_ns)
 
 
 def import_directory(
-    store: Store, path: str | os.PathLike[str], *, progress: Progress | None = None
+    store: Store,
+    path: str | os.PathLike[str],
+    *,
+    progress: Progress | None = None,
+    stat_cache: bool | str | os.PathLike[str] = True,
 ) -> Digest:
-    """Store the directory ``path`` (recursively) and return its root Directory digest."""
+    """Store the directory ``path`` (recursively) and return its root Directory digest.
+
+    With ``stat_cache`` (the default; a path names the folder for the cache files), files
+    unchanged since the previous import of ``path`` are not read again: their digests come
+    from :mod:`casframe.statcache`, and the store is still asked for every one of them.
+    """
     progress = progress or NO_PROGRESS
     root = os.path.abspath(os.fspath(path))
     if not os.path.isdir(root):
         raise NotADirectoryError(errno.ENOTDIR, "not a directory", root)
+    cache = _open_cache(root, stat_cache, time.time_ns())
     progress.start("import", None)
 
     # Scan (file types come from readdir, no stat) while workers hash and store what was
-    # found so far, in groups bounded in count; each worker bounds its bytes in memory.
+    # found so far, in batches bounded in count; each worker bounds its bytes in memory.
     scanned: list[_ScannedDir] = []
-    jobs: list[tuple[Future[list[tuple[Digest, bool]]], list[tuple[int, int]]]] = []
-    batch: list[str] = []
-    slots: list[tuple[int, int]] = []
     with store.executor() as pool:
-        stack = [""]
-        while stack:
-            rel = stack.pop()
-            full = os.path.join(root, rel) if rel else root
-            current = _ScannedDir(rel)
-            dir_index = len(scanned)
-            scanned.append(current)
-            with os.scandir(full) as entries:
-                for entry in entries:
-                    _check_name(entry.name, entry.path)
-                    if entry.is_symlink():
-                        current.symlinks.append((entry.name, os.readlink(entry.path)))
-                    elif entry.is_dir(follow_symlinks=False):
-                        current.subdirs.append(entry.name)
-                        stack.append(f"{rel}/{entry.name}" if rel else entry.name)
-                    elif entry.is_file(follow_symlinks=False):
-                        slots.append((dir_index, len(current.files)))
-                        current.files.append(entry.name)
-                        batch.append(entry.path)
-                        if len(batch) >= _BATCH_FILES:
-                            jobs.append((pool.submit(_import_files, store, batch, progress), slots))
-                            batch, slots = [], []
-                    else:
-                        raise _unsupported(entry.path, entry.stat(follow_symlinks=False).st_mode)
-        if batch:
-            jobs.append((pool.submit(_import_files, store, batch, progress), slots))
-        for scanned_dir in scanned:
-            scanned_dir.results = [None] * len(scanned_dir.files)  # type: ignore[list-item]
-        for future, job_slots in jobs:
-            for (dir_index, file_index), result in zip(job_slots, future.result(), strict=True):
-                scanned[dir_index].results[file_index] = result
+        importer = _Importer(store, pool, cache, progress)
+        try:
+            batch: list[_Job] = []
+            stack = [""]
+            while stack:
+                rel = stack.pop()
+                current = _ScannedDir(rel)
+                scanned.append(current)
+                files, entries_of_files = current.files, current.entries
+                with os.scandir(os.path.join(root, rel) if rel else root) as entries:
+                    for entry in entries:
+                        name = _utf8(entry.name, entry.path)
+                        if entry.is_symlink():
+                            target = os.readlink(entry.path)
+                            current.symlinks.append(
+                                (name, _utf8(target, entry.path, "symlink target"))
+                            )
+                        elif entry.is_dir(follow_symlinks=False):
+                            current.subdirs.append(entry.name)
+                            stack.append(f"{rel}/{entry.name}" if rel else entry.name)
+                        elif entry.is_file(follow_symlinks=False):
+                            batch.append((current, len(files), entry.path))
+                            files.append(name)
+                            entries_of_files.append(None)
+                            if len(batch) >= _BATCH_FILES:
+                                importer.submit(batch)
+                                batch = []
+                        else:
+                            raise _unsupported(
+                                entry.path, entry.stat(follow_symlinks=False).st_mode
+                            )
+            if batch:
+                importer.submit(batch)
+            importer.wait()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
 
     # Build Directory messages bottom-up: children were listed after their parents.
     digests_of_dirs: dict[str, Digest] = {}
     serialized: list[tuple[Digest, bytes]] = []
     for scanned_dir in reversed(scanned):
-        directory = Directory()
-        directory.files.extend(
-            FileNode(
-                name=name,
-                digest=DigestProto(hash=digest.hash, size_bytes=digest.size),
-                is_executable=executable,
-            )
-            for name, (digest, executable) in sorted(
-                zip(scanned_dir.files, scanned_dir.results, strict=True)
-            )
-        )
+        filled = cast(list[bytes], scanned_dir.entries)  # every one is filled in now
         prefix = f"{scanned_dir.path}/" if scanned_dir.path else ""
-        directory.directories.extend(
-            DirectoryNode(name=name, digest=digests_of_dirs[prefix + name].to_proto())
-            for name in sorted(scanned_dir.subdirs)
+        data = b"".join(
+            [
+                *[entry for _, entry in sorted(zip(scanned_dir.files, filled, strict=True))],
+                *[
+                    _directory_entry(name.encode("utf-8"), digests_of_dirs[prefix + name])
+                    for name in sorted(scanned_dir.subdirs)
+                ],
+                *[_symlink_entry(name, target) for name, target in sorted(scanned_dir.symlinks)],
+            ]
         )
-        directory.symlinks.extend(
-            SymlinkNode(name=name, target=target) for name, target in sorted(scanned_dir.symlinks)
-        )
-        data = directory.SerializeToString(deterministic=True)
         digest = Digest.of_bytes(data)
         digests_of_dirs[scanned_dir.path] = digest
         serialized.append((digest, data))
@@ -391,6 +557,8 @@ def import_directory(
             pending.append((digest, data))
             missing.discard(digest)
     store.blobs.write_blobs(pending)
+    if cache is not None:
+        cache.save()
     progress.finish()
     return digests_of_dirs[""]
 
@@ -532,6 +700,13 @@ def _prepare_destination(dest: str) -> None:
             ) from None
 
 
+#: Files to hardlink: directories (paths) with the ``(name, digest)`` of each file to link there.
+_LinkTask = list[tuple[str, list[tuple[str, Digest]]]]
+# Errors with which a file system refuses a hardlink that a copy can replace: another file
+# system, too many links to one object, no hardlinks at all.
+_LINK_REFUSED = frozenset({errno.EXDEV, errno.EMLINK, errno.EPERM})
+
+
 def checkout(
     store: Store,
     root: Digest,
@@ -554,55 +729,97 @@ def checkout(
         )
     use_links = can_link if link is None else link
 
-    # Read and validate the whole tree before the first write.
+    # Read and validate the whole tree before the first write. Plan the directories in
+    # creation order (parents first), each with the files to link into it.
     directories = {digest: directory for digest, _, directory in iter_tree(store, root)}
     plan_dirs: list[str] = []
-    plan_files: list[tuple[str, Digest, bool]] = []
+    to_link: _LinkTask = []
+    to_copy: list[tuple[str, Digest, bool]] = []
     plan_links: list[tuple[str, str]] = []
     stack = [(dest, root)]
     while stack:
         path, digest = stack.pop()
         directory = directories[digest]
         plan_dirs.append(path)
+        links: list[tuple[str, Digest]] = []
         for file_node in directory.files:
-            plan_files.append(
-                (os.path.join(path, file_node.name), _d(file_node.digest), file_node.is_executable)
-            )
+            file_digest = _d(file_node.digest)
+            if use_links and not file_node.is_executable and file_digest.size:
+                links.append((file_node.name, file_digest))
+            else:
+                to_copy.append(
+                    (os.path.join(path, file_node.name), file_digest, file_node.is_executable)
+                )
+        if links:
+            to_link.append((path, links))
         for link_node in directory.symlinks:
             plan_links.append((os.path.join(path, link_node.name), link_node.target))
         for dir_node in directory.directories:
             stack.append((os.path.join(path, dir_node.name), _d(dir_node.digest)))
 
-    progress.start("checkout", len(plan_files))
+    progress.start("checkout", len(to_copy) + sum(len(links) for _, links in to_link))
     _prepare_destination(dest)
     for path in plan_dirs[1:]:
         os.mkdir(path)
-
-    to_copy: list[tuple[str, Digest, bool]] = plan_files
-    if use_links:
-        to_copy = []
-        objects = store.blobs
-        for index, (path, digest, executable) in enumerate(plan_files):
-            if executable or digest.size == 0:
-                to_copy.append((path, digest, executable))
-                continue
-            try:
-                os.link(objects.local_path(digest), path)
-            except FileNotFoundError:
-                raise BlobNotFoundError(digest, store.url) from None
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK) or link:
-                    raise
-                # Another file system (or too many links): copy this file and the rest.
-                to_copy += plan_files[index:]
-                break
-            progress.advance(1)
-
+    if to_link:
+        to_copy += _link_files(store, to_link, strict=bool(link), progress=progress)
     if to_copy:
         _copy_files(store, to_copy, progress)
     for path, target in plan_links:
         os.symlink(target, path)
     progress.finish()
+
+
+def _link_files(
+    store: Store,
+    to_link: _LinkTask,
+    *,
+    strict: bool,
+    progress: Progress,
+) -> list[tuple[str, Digest, bool]]:
+    """Hardlink files into their (new, empty) directories, in parallel by directory.
+
+    Returns the files to copy instead, when the file system refuses links and ``strict`` is
+    false; with ``strict``, the refusal is raised.
+    """
+    blobs = store.blobs
+    tasks: list[_LinkTask] = [[]]
+    count = 0
+    for item in to_link:
+        if count >= _BATCH_FILES:
+            tasks.append([])
+            count = 0
+        tasks[-1].append(item)
+        count += len(item[1])
+
+    def link_task(task: _LinkTask) -> list[tuple[str, Digest, bool]]:
+        for position, (path, links) in enumerate(task):
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                blobs.link_blobs(fd, links)
+            except OSError as exc:
+                if strict or exc.errno not in _LINK_REFUSED:
+                    raise
+                # Copy what is not linked yet: the rest of this directory, then the others.
+                made = set(os.listdir(fd))
+                rest = [(os.path.join(path, n), d, False) for n, d in links if n not in made]
+                for later_path, later in task[position + 1 :]:
+                    rest += [(os.path.join(later_path, n), d, False) for n, d in later]
+                return rest
+            finally:
+                os.close(fd)
+            progress.advance(len(links))
+        return []
+
+    if len(tasks) == 1:
+        return link_task(tasks[0])
+    with store.executor() as pool:
+        futures = [pool.submit(link_task, task) for task in tasks]
+        try:
+            return [item for future in futures for item in future.result()]
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 def _write_copy(store: Store, path: str, digest: Digest, executable: bool) -> None:

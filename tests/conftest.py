@@ -53,4 +53,16 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("CASFRAME_STORE", str(tmp_path / "store"))
     monkeypatch.delenv("CASFRAME_CONFIG", raising=False)
+    monkeypatch.delenv("CASFRAME_STAT_CACHE", raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def _stat_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("stat-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _stat_cache_in_the_session_tmp(_stat_cache_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Imports (also in subprocesses) keep their stat cache here, not in the user's cache."""
+    monkeypatch.setenv("CASFRAME_STAT_CACHE", _stat_cache_dir)

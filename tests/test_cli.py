@@ -88,6 +88,20 @@ def test_import_prints_the_root_digest_and_sets_the_ref(run: Run, tree: Path) ->
     assert record == {"digest": digest, "ref": None}
 
 
+def test_import_keeps_its_stat_cache_in_the_user_cache_unless_told_not_to(
+    run: Run, tree: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache" / "casframe" / "stat-cache"
+    digest = ok(run("import", str(tree), "--no-stat-cache"))
+    assert not cache.exists()
+    assert ok(run("import", str(tree))) == digest
+    assert len(list(cache.glob("*.stat"))) == 1
+    copy = tmp_path / "copy"
+    shutil.copytree(tree, copy, symlinks=True)
+    assert ok(run("import", str(copy))) == digest
+    assert len(list(cache.glob("*.stat"))) == 2, "one cache file per imported directory"
+
+
 def test_import_prints_no_progress_when_stderr_is_not_a_terminal(run: Run, tree: Path) -> None:
     result = run("import", str(tree))
     assert result.exit_code == 0

@@ -4,6 +4,7 @@ walk order, diff corner cases, many files, damaged trees and progress reporting.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import stat
 import threading
@@ -22,11 +23,16 @@ from casframe import (
     UnsupportedFileTypeError,
 )
 from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
+    Digest as DigestProto,
+)
+from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
     Directory,
     DirectoryNode,
     FileNode,
+    SymlinkNode,
 )
 from casframe.testing import TREE_FILES, assert_tree_equal
+from casframe.tree import _directory_entry, _file_entry, _symlink_entry
 
 STORES = ["memory_store", "local_store"]
 
@@ -53,6 +59,40 @@ def test_directories_are_canonical(store: Store, tmp_path: Path) -> None:
         assert listed == sorted(listed), "sorted by code point (= UTF-8 byte order)"
         assert len(listed) == len(names)
     assert directory.SerializeToString(deterministic=True) == data
+
+
+def test_import_encodes_directories_exactly_as_protobuf_does() -> None:
+    """Import writes Directory bytes itself; they must be protobuf's deterministic ones.
+
+    Names and targets of every length class (a one-byte and a two-byte length), sizes of
+    every varint length from the omitted 0 up to 2**62, executable or not, non-ASCII text.
+    """
+    rng = random.Random(7)
+    alphabet = "ab.-_\u00e9\u4e2d\U0001f600"
+    sizes = [0, 1, 127, 128, 16383, 16384, 2**31, 2**32 + 5, 2**62]
+
+    def text(longest: int) -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(1, longest)))
+
+    for _ in range(200):
+        files = {text(200): (Digest.of_bytes(rng.randbytes(8))[0], rng.choice(sizes),
+                             rng.random() < 0.3) for _ in range(rng.randint(0, 6))}
+        dirs = {text(200): (Digest.of_bytes(rng.randbytes(8))[0], rng.choice(sizes))
+                for _ in range(rng.randint(0, 4))}
+        links = {text(200): text(300) for _ in range(rng.randint(0, 4))}
+        expected = Directory(
+            files=[FileNode(name=n, digest=DigestProto(hash=h, size_bytes=z), is_executable=x)
+                   for n, (h, z, x) in sorted(files.items())],
+            directories=[DirectoryNode(name=n, digest=DigestProto(hash=h, size_bytes=z))
+                         for n, (h, z) in sorted(dirs.items())],
+            symlinks=[SymlinkNode(name=n, target=t) for n, t in sorted(links.items())],
+        ).SerializeToString(deterministic=True)
+        encoded = b"".join(
+            [_file_entry(n.encode(), Digest(h, z), x) for n, (h, z, x) in sorted(files.items())]
+            + [_directory_entry(n.encode(), Digest(h, z)) for n, (h, z) in sorted(dirs.items())]
+            + [_symlink_entry(n.encode(), t.encode()) for n, t in sorted(links.items())]
+        )
+        assert encoded == expected
 
 
 def test_symlink_to_a_directory_is_not_followed(store: Store, tmp_path: Path) -> None:

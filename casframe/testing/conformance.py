@@ -438,6 +438,50 @@ class BlobConformance(ConformanceBase):
         assert store.read_bytes(digest) == b"touch me"
         assert store.find_missing([absent]) == {absent}
 
+    def test_find_missing_with_freshen_touches_what_is_present(self, store: Store) -> None:
+        """What writers ask before reusing blobs (``freshen_blobs`` on a backend with touch)."""
+        digest = store.put_bytes(b"reused")
+        absent = Digest.of_bytes(b"never stored")
+        wrong_size = Digest(digest.hash, digest.size + 1)
+        before = self._mtime(store, digest)
+        time.sleep(max(0.02, 1.05 * self.mtime_resolution))
+        assert store.find_missing([digest, absent, wrong_size], freshen=True) == {
+            absent, wrong_size
+        }
+        after = self._mtime(store, digest)
+        if before is not None and after is not None and not self.lacks(Capability.TOUCH):
+            assert after > before
+        assert store.find_missing([absent], freshen=True) == {absent}
+        assert store.find_missing([EMPTY_DIGEST], freshen=True) == set()
+
+    def _mtime(self, store: Store, digest: Digest) -> float | None:
+        if self.lacks(Capability.LIST):
+            return None
+        return next(i.mtime for i in store.blobs.iter_blobs() if i.digest == digest)
+
+    @pytest.mark.parametrize("offset", [0, 1000])
+    def test_put_open_file(self, store: Store, tmp_path: Path, offset: int) -> None:
+        """A local file, from its offset to its end (the backend may copy it its own way)."""
+        data = random_bytes(LARGE_FILE_SIZE, seed=3)
+        path = tmp_path / "local-file"
+        path.write_bytes(data)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            digest = store.put_open_file(f.fileno())
+        assert digest == Digest.of_bytes(data[offset:])
+        assert store.read_bytes(digest) == data[offset:]
+        with open(path, "rb") as f:
+            copied = store.blobs.begin_write_copy(f.fileno())
+            if copied is None:
+                return  # the backend has no copy path; put_open_file streamed the file
+            writer, held = copied
+            with held:
+                assert held.read() == data, "the stream holds what the upload holds"
+            writer.abort()
+            writer.abort()  # safe to repeat
+        other = Digest.of_bytes(data + b"x")
+        assert store.find_missing([other]) == {other}
+
     def test_delete_older_than_spares_what_is_newer(self, store: Store) -> None:
         """Prune's cutoff is re-checked as each blob is deleted (``older_than``)."""
         digest = store.put_bytes(b"stored just now")
@@ -509,6 +553,26 @@ class BlobConformance(ConformanceBase):
             assert f.read() == b"on disk"
         with pytest.raises(BlobNotFoundError):
             store.blobs.local_path(absent)
+
+    def test_link_blobs(self, store: Store, tmp_path: Path) -> None:
+        digest = store.put_bytes(b"linked")
+        absent = Digest.of_bytes(b"not stored")
+        dest = tmp_path / "links"
+        dest.mkdir()
+        fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if self.lacks(Capability.LOCAL_PATH):
+                with pytest.raises(UnsupportedOperationError, match=r"\w"):
+                    store.blobs.link_blobs(fd, [("a", digest)])
+                return
+            store.blobs.link_blobs(fd, [("a", digest), ("b", digest)])
+            with pytest.raises(BlobNotFoundError):
+                store.blobs.link_blobs(fd, [("c", digest), ("d", absent)])
+        finally:
+            os.close(fd)
+        assert sorted(os.listdir(dest)) == ["a", "b", "c"], "links made before the failure stay"
+        assert (dest / "a").read_bytes() == (dest / "c").read_bytes() == b"linked"
+        assert (dest / "a").stat().st_ino == (dest / "b").stat().st_ino
 
 
 # -- refs ---------------------------------------------------------------------------------------

@@ -46,7 +46,13 @@ __all__ = ["LocalBlobStore", "LocalRefStore", "open_local_store"]
 _OBJECT_MODE = 0o444  # read-only, so a hardlinked checkout cannot edit the store by accident
 _HEX = frozenset("0123456789abcdef")
 _names = itertools.count()
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+# copy_file_range errors meaning "not between these files": stream the content instead.
+_NO_KERNEL_COPY = frozenset(
+    {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
+)
+# Bytes asked of one copy_file_range call (the kernel copies at most ~2 GiB per call anyway).
+_COPY_STEP = 1 << 30
 
 
 def _temp_name(tmpdir: str) -> str:
@@ -60,10 +66,10 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
 
 
 class _LocalWriter(BlobWriter):
-    def __init__(self, store: LocalBlobStore) -> None:
+    def __init__(self, store: LocalBlobStore, fd: int, temp: str) -> None:
         self._store = store
-        self._fd: int | None
-        self._fd, self._temp = store.open_temp()
+        self._fd: int | None = fd
+        self._temp = temp
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self._fd is not None, "write after commit or abort"
@@ -102,12 +108,15 @@ class LocalBlobStore(BlobStore):
         os.makedirs(self.objdir, exist_ok=True)
         os.makedirs(self.tmpdir, exist_ok=True)
         self._tmpfd = os.open(self.tmpdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._objfd = os.open(self.objdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._anonymous = self._probe_anonymous_temp()
 
     def close(self) -> None:
-        if self._tmpfd >= 0:
-            os.close(self._tmpfd)
-            self._tmpfd = -1
+        for name in ("_tmpfd", "_objfd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
 
     def describe(self) -> str:
         return f"file://{self.root}"
@@ -124,7 +133,7 @@ class LocalBlobStore(BlobStore):
         if not flag or not os.path.isdir("/proc/self/fd"):
             return False
         try:
-            fd = os.open(self.tmpdir, flag | os.O_WRONLY | os.O_CLOEXEC, _OBJECT_MODE)
+            fd = os.open(self.tmpdir, flag | os.O_RDWR | os.O_CLOEXEC, _OBJECT_MODE)
         except OSError:
             return False
         os.close(fd)
@@ -133,7 +142,7 @@ class LocalBlobStore(BlobStore):
     def open_temp(self) -> tuple[int, str]:
         """A new file for an upload: ``(fd, temp path or "" when it has no name)``."""
         if self._anonymous:
-            return os.open(self.tmpdir, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, _OBJECT_MODE), ""
+            return os.open(self.tmpdir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, _OBJECT_MODE), ""
         temp = _temp_name(self.tmpdir)
         return os.open(temp, _CREATE, _OBJECT_MODE), temp
 
@@ -150,7 +159,13 @@ class LocalBlobStore(BlobStore):
                     else:
                         os.rename(temp, target)
                 else:
-                    os.link(f"/proc/self/fd/{fd}", target, src_dir_fd=self._tmpfd)
+                    hash_ = digest.hash  # relative to objects/: a shorter path walk
+                    os.link(
+                        f"/proc/self/fd/{fd}",
+                        f"{hash_[:2]}/{hash_[2:]}",
+                        src_dir_fd=self._tmpfd,
+                        dst_dir_fd=self._objfd,
+                    )
                 return
             except FileNotFoundError:
                 os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -183,13 +198,11 @@ class LocalBlobStore(BlobStore):
 
     def find_missing_blobs(self, digests: Collection[Digest]) -> set[Digest]:
         missing = set()
-        stat = os.stat
+        stat, objfd = os.stat, self._objfd
         for digest in digests:
+            hash_ = digest[0]
             try:
-                if (
-                    stat(f"{self.objdir}/{digest.hash[:2]}/{digest.hash[2:]}").st_size
-                    == digest.size
-                ):
+                if stat(f"{hash_[:2]}/{hash_[2:]}", dir_fd=objfd).st_size == digest[1]:
                     continue
             except FileNotFoundError:
                 pass
@@ -215,7 +228,7 @@ class LocalBlobStore(BlobStore):
         return stream
 
     def begin_write(self, size_hint: int | None = None) -> BlobWriter:
-        return _LocalWriter(self)
+        return _LocalWriter(self, *self.open_temp())
 
     # -- fast paths ---------------------------------------------------------------------------
 
@@ -223,7 +236,9 @@ class LocalBlobStore(BlobStore):
         for digest, data in blobs:
             fd, temp = self.open_temp()
             try:
-                _write_all(fd, data)
+                written = os.write(fd, data)
+                if written != len(data):
+                    _write_all(fd, memoryview(data)[written:])
                 self.publish(fd, temp, digest)
             except BaseException:
                 if temp:
@@ -232,6 +247,52 @@ class LocalBlobStore(BlobStore):
                 raise
             finally:
                 os.close(fd)
+
+    def freshen_blobs(self, digests: Collection[Digest]) -> set[Digest]:
+        # Touch first, then check: two system calls for a present blob, one for a missing one.
+        missing = set()
+        objfd = self._objfd
+        utime, stat = os.utime, os.stat
+        for digest in digests:
+            hash_ = digest[0]
+            path = f"{hash_[:2]}/{hash_[2:]}"
+            try:
+                utime(path, dir_fd=objfd)
+                if stat(path, dir_fd=objfd).st_size == digest[1]:
+                    continue
+            except FileNotFoundError:
+                pass
+            missing.add(digest)
+        return missing
+
+    def begin_write_copy(self, fd: int) -> tuple[BlobWriter, BinaryIO] | None:
+        """Copy by ``copy_file_range`` into a new temp object (in the kernel, no user copy)."""
+        start = os.lseek(fd, 0, os.SEEK_CUR)
+        temp_fd, temp = self.open_temp()
+        writer = _LocalWriter(self, temp_fd, temp)
+        try:
+            copied = 0
+            while True:
+                try:
+                    n = os.copy_file_range(fd, temp_fd, _COPY_STEP, start + copied, copied)
+                except OSError as exc:
+                    if copied or exc.errno not in _NO_KERNEL_COPY:
+                        raise
+                    writer.abort()
+                    return None
+                if not n:
+                    if not copied:
+                        # An empty rest, or a file system that copies nothing from a file
+                        # that reads fine (procfs, some FUSE ones): let the core read it.
+                        writer.abort()
+                        return None
+                    break
+                copied += n
+            stored = open(os.dup(temp_fd), "rb", buffering=0)  # noqa: SIM115 - returned
+        except BaseException:
+            writer.abort()
+            raise
+        return writer, stored
 
     # -- capabilities ------------------------------------------------------------------------
 
@@ -244,6 +305,23 @@ class LocalBlobStore(BlobStore):
         if size != digest.size:
             raise CorruptBlobError(digest, f"stored object has {size} bytes")
         return path
+
+    def link_blobs(self, dir_fd: int, links: Iterable[tuple[str, Digest]]) -> None:
+        # Paths relative to the objects folder and the destination folder: no walk down the
+        # store's absolute path twice per link. The size check stays (a truncated object is
+        # refused, as local_path refuses it); it costs a fraction of the link.
+        objfd = self._objfd
+        stat, link = os.stat, os.link
+        for name, digest in links:
+            hash_ = digest[0]
+            rel = f"{hash_[:2]}/{hash_[2:]}"
+            try:
+                size = stat(rel, dir_fd=objfd).st_size
+            except FileNotFoundError:
+                raise self._not_found(digest) from None
+            if size != digest[1]:
+                raise CorruptBlobError(digest, f"stored object has {size} bytes")
+            link(rel, name, src_dir_fd=objfd, dst_dir_fd=dir_fd, follow_symlinks=False)
 
     def iter_blob_stats(
         self, skip: Callable[[str], bool] | None = None
