@@ -13,7 +13,8 @@ anew before every run:
 * upload of one large blob (256 MiB)  vs  boto3's own ``upload_file``, throughput ratio at
   least 0.9, each timed inside its process around the upload call: with ``Store.put_file``
   (the file is hashed, then sent to its key while it is read again and verified), and pushed
-  from a local store (sent while it is read from the source and verified);
+  from a local store (sent while it is read from the source and verified); both again with
+  ``request_checksum_calculation=when_supported`` (CRC32 part checksums, as boto3 sends them);
 * peak memory of each casframe run (a child process): below 100 MiB.
 
 ``--baseline CHECKOUT`` (e.g. made with ``git worktree add /tmp/base main``) measures casframe
@@ -50,6 +51,9 @@ BUCKET = "bench"
 T_PUSH_RATIO = 1.0  # casframe push / aws s3 sync, wall time, at most
 T_UPLOAD_RATIO = 0.9  # casframe throughput / boto3 upload_file throughput, at least
 T_RSS_MIB = 100.0
+# What boto3 does by default: a CRC32 checksum with each part, which the server checks and
+# combines (without one, moto's server computes a whole-object checksum at completion).
+CRC32_OPTION = "&request_checksum_calculation=when_supported"
 
 # Fake credentials, no AWS configuration, no instance metadata: nothing leaves loopback.
 AWS_ENV = {
@@ -81,6 +85,43 @@ def _peak_kib() -> int:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 
 
+class _Calls:
+    """When each S3 operation of a client started and ended, to tell where an upload's time goes."""
+
+    def __init__(self, client: Any) -> None:
+        self.spans: dict[str, list[list[float]]] = {}
+        self._open: dict[tuple[int, str], list[float]] = {}
+        client.meta.events.register("before-call.s3", self._before)
+        client.meta.events.register("after-call.s3", self._after)
+
+    def _before(self, event_name: str, **_: Any) -> None:
+        import threading
+
+        span = [time.perf_counter(), 0.0]
+        operation = event_name.rsplit(".", 1)[1]
+        self._open[(threading.get_ident(), operation)] = span
+        self.spans.setdefault(operation, []).append(span)
+
+    def _after(self, event_name: str, **_: Any) -> None:
+        import threading
+
+        span = self._open.pop((threading.get_ident(), event_name.rsplit(".", 1)[1]), None)
+        if span is not None:
+            span[1] = time.perf_counter()
+
+    def phases(self, start: float) -> dict[str, float]:
+        """Seconds: before the first request (hashing), sending the parts (first start to
+        last end), completing the upload, and copying objects onto themselves (touch)."""
+        first = min((s[0] for spans in self.spans.values() for s in spans), default=start)
+        parts = self.spans.get("UploadPart", [])
+        return {
+            "before_first_request_s": first - start,
+            "parts_s": max(s[1] for s in parts) - min(s[0] for s in parts) if parts else 0.0,
+            "complete_s": sum(s[1] - s[0] for s in self.spans.get("CompleteMultipartUpload", [])),
+            "touch_s": sum(s[1] - s[0] for s in self.spans.get("CopyObject", [])),
+        }
+
+
 def child(kind: str, args: list[str]) -> None:
     report: dict[str, Any]
     if kind == "push":
@@ -97,28 +138,31 @@ def child(kind: str, args: list[str]) -> None:
 
         url, path = args
         with open_store(url) as store:
+            calls = _Calls(store.blobs.client)  # type: ignore[attr-defined]
             start = time.perf_counter()
             digest = store.put_file(path)
             op = time.perf_counter() - start
-        report = {"op_s": op, "digest": str(digest)}
+        report = {"op_s": op, "digest": str(digest), **calls.phases(start)}
     elif kind == "push-big":
         from casframe import open_store
 
         source_url, dest_url = args
         with open_store(source_url) as source, open_store(dest_url) as dest:
+            calls = _Calls(dest.blobs.client)  # type: ignore[attr-defined]
             start = time.perf_counter()
             result = source.push(dest, "big")
             op = time.perf_counter() - start
-        report = {"op_s": op, "bytes_sent": result.bytes_sent}
+        report = {"op_s": op, "bytes_sent": result.bytes_sent, **calls.phases(start)}
     elif kind == "boto3":
         import boto3
 
         endpoint, path, key = args
         client = boto3.client("s3", endpoint_url=endpoint)
+        calls = _Calls(client)
         start = time.perf_counter()
         client.upload_file(path, BUCKET, key)
         op = time.perf_counter() - start
-        report = {"op_s": op}
+        report = {"op_s": op, **calls.phases(start)}
     else:
         raise SystemExit(f"unknown child {kind}")
     report["vmhwm_kib"] = _peak_kib()
@@ -267,7 +311,7 @@ def main() -> None:
 
     server = Server(env, logs / "moto.log")
     aws_version = subprocess.run([aws, "--version"], capture_output=True, text=True, env=env)
-    big_kinds = ["put", "push_big", "boto3"]
+    big_kinds = ["put", "push_big", "put_crc32", "push_crc32", "boto3"]
     if opts.baseline:
         big_kinds += ["put_base", "push_big_base"]
     kinds = ["push", "sync", *big_kinds]
@@ -300,6 +344,8 @@ def main() -> None:
             url = f"s3://{BUCKET}/big{i}?endpoint_url={server.endpoint}"
             uploads = {
                 "put": ([*me, "put", url, str(big)], big),
+                "put_crc32": ([*me, "put", url + CRC32_OPTION, str(big)], big),
+                "push_crc32": ([*me, "push-big", local_url, url + CRC32_OPTION], data / "local"),
                 "push_big": ([*me, "push-big", local_url, url], data / "local"),
                 "boto3": ([*me, "boto3", server.endpoint, str(big), f"b{i}"], big),
             }
@@ -383,6 +429,8 @@ def main() -> None:
         (f"boto3 upload_file {opts.big_mib} MiB", f"{rate['boto3']:.0f} MB/s", "reference"),
         upload_row("put", f"casframe put {opts.big_mib} MiB"),
         upload_row("push_big", f"casframe push {opts.big_mib} MiB from file://"),
+        upload_row("put_crc32", "  put, CRC32 part checksums (as boto3)"),
+        upload_row("push_crc32", "  push, CRC32 part checksums (as boto3)"),
     ]
     if opts.baseline:
         rows += [
@@ -394,6 +442,8 @@ def main() -> None:
     rows += [
         rss_row("put", "peak RSS, casframe put"),
         rss_row("push_big", "peak RSS, casframe push of the large blob"),
+        rss_row("put_crc32", "peak RSS, put with CRC32 part checksums"),
+        rss_row("push_crc32", "peak RSS, push with CRC32 part checksums"),
         ("peak RSS, boto3 upload_file", f"{rss['boto3']:.0f} MiB", "reference"),
     ]
     if opts.baseline:
@@ -407,6 +457,17 @@ def main() -> None:
     print(f"\nmedians of {opts.repeat} runs; load average {load_before} → {load_after}")
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>10}  {note}")
+    phases = ("op_s", "before_first_request_s", "parts_s", "complete_s", "touch_s")
+    phase_medians = {
+        k: {p: statistics.median(r.get(p, 0.0) for r in results[k]) for p in phases}
+        for k in big_kinds
+        if all("parts_s" in r for r in results[k])
+    }
+    if phase_medians:
+        print("\nwhere the large upload's time goes (medians, s): total, before the first request")
+        print("(hashing), sending the parts, CompleteMultipartUpload, touching (CopyObject)")
+        for k, values in phase_medians.items():
+            print(f"  {k:<14}" + "".join(f"{values[p]:>8.2f}" for p in phases))
 
     summary = {
         "when": dt.datetime.now().isoformat(timespec="seconds"),
@@ -418,6 +479,7 @@ def main() -> None:
         "upload_mb_s": rate,
         "upload_ratio_to_boto3": ratio,
         "upload_ratio_to_boto3_per_round": round_ratio,
+        "upload_phases_s": phase_medians,
         "peak_rss_mib": rss,
         "runs": results,
     }

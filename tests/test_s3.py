@@ -836,3 +836,30 @@ def test_push_of_a_large_blob_with_bounded_memory(
     )
     assert head["ContentLength"] == digest.size
     assert _unfinished_uploads(s3_server_bucket) == []
+
+
+def test_parts_carry_crc32_checksums_when_asked(s3_server_bucket: S3TestBucket) -> None:
+    import base64
+    import zlib
+
+    data = random_bytes(20 * MiB, seed=41)
+    digest = Digest.of_bytes(data)
+    url = f"{s3_server_bucket.store_url}&request_checksum_calculation=when_supported"
+    with open_store(url) as store:
+        sent: list[dict[str, Any]] = []
+        store.blobs.client.meta.events.register(  # type: ignore[attr-defined]
+            "before-send.s3.UploadPart", lambda request, **_: sent.append(dict(request.headers))
+        )
+        store.put_stream(io.BytesIO(data), digest)
+        assert store.read_bytes(digest) == data
+    parts = [data[i : i + 8 * MiB] for i in range(0, len(data), 8 * MiB)]
+    expected = {base64.b64encode(zlib.crc32(p).to_bytes(4, "big")).decode() for p in parts}
+    assert {h["x-amz-checksum-crc32"].decode() for h in sent} == expected
+    # In a header, computed from the part in memory: no aws-chunked body with a trailer.
+    assert all(b"aws-chunked" not in h.get("Content-Encoding", b"") for h in sent)
+    head = s3_server_bucket.client.head_object(
+        Bucket=s3_server_bucket.name,
+        Key=object_key(s3_server_bucket, digest),
+        ChecksumMode="ENABLED",
+    )
+    assert head.get("ChecksumCRC32"), "the server combined the parts' checksums"

@@ -19,6 +19,7 @@ translated into casframe's errors once, in :meth:`_Bucket.translate`.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import logging
@@ -27,6 +28,7 @@ import os
 import tempfile
 import threading
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -85,9 +87,9 @@ MAX_PARTS = 10_000
 MAX_DELETE_KEYS = 1000
 # Parts of uploads with an announced digest are sent from memory; all uploads of one store
 # together keep at most this much in flight (at least one part), besides the part each fills.
-# Four 8 MiB parts keep moto's server busy (one part at a time is half as fast), and a process
-# storing one large blob peaks at ~92 MiB (~51 MiB of it Python, boto3 and casframe).
-PARTS_IN_FLIGHT_BYTES = 32 << 20
+# Three 8 MiB parts keep moto's server as busy as four or ten do (one at a time is half as
+# fast), and a process storing one large blob peaks at ~86 MiB (~50 of them Python and boto3).
+PARTS_IN_FLIGHT_BYTES = 24 << 20
 # Largest ref object read: a serialized Digest is ~70 bytes; anything huge is not a ref.
 MAX_REF_BYTES = 64 << 10
 # Error codes meaning "no such object" (HEAD answers carry no body, only the status).
@@ -394,7 +396,6 @@ def _bucket_region(exc: BaseException) -> str | None:
 
 
 def _add_content_md5(request: Any, **_: Any) -> None:
-    import base64
     import hashlib
 
     body = request.body
@@ -553,6 +554,10 @@ class _StreamingUpload(BlobWriter):
         self._failed: BaseException | None = None  # the first part that failed, seen early
         self._upload_id: str | None = None
         self._done = False
+        # With request_checksum_calculation=when_supported, each part carries its CRC32, which
+        # S3 checks on receipt and combines (as boto3's managed uploads do); computed here from
+        # the part in memory, it travels as a header, never as an aws-chunked trailer.
+        self._crc32 = self._bucket.options.request_checksum_calculation == "when_supported"
         existing = self._bucket.head(self._key)
         self._present = existing is not None and existing.get("ContentLength") == expected.size
 
@@ -578,9 +583,10 @@ class _StreamingUpload(BlobWriter):
         if self._failed is not None:
             raise self._failed  # stop reading the rest: the upload cannot succeed
         if self._upload_id is None:
+            extra = {"ChecksumAlgorithm": "CRC32"} if self._crc32 else {}
             with self._bucket.errors("start a multipart upload", self._key):
                 response = self._bucket.client.create_multipart_upload(
-                    Bucket=self._bucket.name, Key=self._key
+                    Bucket=self._bucket.name, Key=self._key, **extra
                 )
             self._upload_id = response["UploadId"]
         assert self._part is not None
@@ -606,6 +612,10 @@ class _StreamingUpload(BlobWriter):
 
     def _upload_part(self, number: int, body: list[mmap.mmap]) -> dict[str, Any]:
         with body.pop() as part:  # held here only, and unmapped once sent
+            checksum = {}
+            if self._crc32:
+                crc = zlib.crc32(part).to_bytes(4, "big")
+                checksum["ChecksumCRC32"] = base64.b64encode(crc).decode()
             with self._bucket.errors("upload part of a blob", self._key):
                 response = self._bucket.client.upload_part(
                     Bucket=self._bucket.name,
@@ -613,8 +623,9 @@ class _StreamingUpload(BlobWriter):
                     UploadId=self._upload_id,
                     PartNumber=number,
                     Body=part,
+                    **checksum,
                 )
-        return {"ETag": response["ETag"], "PartNumber": number}
+        return {"ETag": response["ETag"], "PartNumber": number, **checksum}
 
     def commit(self, digest: Digest) -> None:
         assert not self._done, "commit after commit or abort"
