@@ -1,6 +1,7 @@
 """casframe's s3:// backend against moto's S3 server on loopback, in one run.
 
     .venv/bin/python bench/s3_bench.py [--out DIR] [--repeat N] [--files N] [--big-mib N] [--keep]
+                                       [--skip-push] [--baseline CHECKOUT]
 
 Starts moto's server in its own process (so it shares neither the GIL nor the memory of what is
 measured), builds the data in a new directory DIR/s3-<timestamp>/, then measures in alternating
@@ -10,11 +11,15 @@ anew before every run:
 * push of N files of 4 KiB from a local file:// store to s3://  vs  ``aws s3 sync`` of the same
   files to the same server (another prefix): wall time of each command, ratio at most 1.0;
 * upload of one large blob (256 MiB)  vs  boto3's own ``upload_file``, throughput ratio at
-  least 0.9, each timed inside its process around the upload call: with ``Store.put_file``;
-  pushed from a local store; and pushed with the core change proposed beside this backend
-  (``put_stream`` announcing the expected digest through ``BlobStore.begin_write_for``, so
-  the parts go out while the blob is still read and verified);
+  least 0.9, each timed inside its process around the upload call: with ``Store.put_file``
+  (the file is hashed, then sent to its key while it is read again and verified), and pushed
+  from a local store (sent while it is read from the source and verified); both again with
+  ``request_checksum_calculation=when_supported`` (CRC32 part checksums, as boto3 sends them);
 * peak memory of each casframe run (a child process): below 100 MiB.
+
+``--baseline CHECKOUT`` (e.g. made with ``git worktree add /tmp/base main``) measures casframe
+from that checkout too, in the same rotation, so a change is compared within one run.
+``--skip-push`` leaves out the small files.
 
 Each measured command runs in a child process; its peak RSS comes from ``os.wait4`` (which also
 counts what the small parent had mapped before exec) and from the child's own ``VmHWM``.
@@ -46,6 +51,9 @@ BUCKET = "bench"
 T_PUSH_RATIO = 1.0  # casframe push / aws s3 sync, wall time, at most
 T_UPLOAD_RATIO = 0.9  # casframe throughput / boto3 upload_file throughput, at least
 T_RSS_MIB = 100.0
+# What boto3 does by default: a CRC32 checksum with each part, which the server checks and
+# combines (without one, moto's server computes a whole-object checksum at completion).
+CRC32_OPTION = "&request_checksum_calculation=when_supported"
 
 # Fake credentials, no AWS configuration, no instance metadata: nothing leaves loopback.
 AWS_ENV = {
@@ -77,36 +85,44 @@ def _peak_kib() -> int:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 
 
-def _announce_expected_digests() -> None:
-    """Simulate the core change proposed with the S3 backend: ``Store.put_stream`` with an
-    expected digest starts the upload with ``BlobStore.begin_write_for(expected)``."""
-    import threading
+class _Calls:
+    """When each S3 operation of a client started and ended, to tell where an upload's time goes."""
 
-    from casframe_s3.store import S3BlobStore
+    def __init__(self, client: Any) -> None:
+        self.spans: dict[str, list[list[float]]] = {}
+        self._open: dict[tuple[int, str], list[float]] = {}
+        client.meta.events.register("before-call.s3", self._before)
+        client.meta.events.register("after-call.s3", self._after)
 
-    from casframe import Store
+    def _before(self, event_name: str, **_: Any) -> None:
+        import threading
 
-    announced = threading.local()
-    put_stream = Store.put_stream
-    begin_write = S3BlobStore.begin_write
+        span = [time.perf_counter(), 0.0]
+        operation = event_name.rsplit(".", 1)[1]
+        self._open[(threading.get_ident(), operation)] = span
+        self.spans.setdefault(operation, []).append(span)
 
-    def put_stream_announcing(self: Any, stream: Any, expected: Any = None, **kw: Any) -> Any:
-        announced.digest = expected
-        try:
-            return put_stream(self, stream, expected, **kw)
-        finally:
-            announced.digest = None
+    def _after(self, event_name: str, **_: Any) -> None:
+        import threading
 
-    def begin_write_announced(self: Any, size_hint: int | None = None) -> Any:
-        digest = getattr(announced, "digest", None)
-        return self.begin_write_for(digest) if digest else begin_write(self, size_hint)
+        span = self._open.pop((threading.get_ident(), event_name.rsplit(".", 1)[1]), None)
+        if span is not None:
+            span[1] = time.perf_counter()
 
-    Store.put_stream = put_stream_announcing  # type: ignore[method-assign]
-    S3BlobStore.begin_write = begin_write_announced  # type: ignore[method-assign]
+    def phases(self, start: float) -> dict[str, float]:
+        """Seconds: before the first request (hashing), sending the parts (first start to
+        last end), completing the upload, and copying objects onto themselves (touch)."""
+        first = min((s[0] for spans in self.spans.values() for s in spans), default=start)
+        parts = self.spans.get("UploadPart", [])
+        return {
+            "before_first_request_s": first - start,
+            "parts_s": max(s[1] for s in parts) - min(s[0] for s in parts) if parts else 0.0,
+            "complete_s": sum(s[1] - s[0] for s in self.spans.get("CompleteMultipartUpload", [])),
+            "touch_s": sum(s[1] - s[0] for s in self.spans.get("CopyObject", [])),
+        }
 
 
 def child(kind: str, args: list[str]) -> None:
-    sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
     report: dict[str, Any]
     if kind == "push":
         from casframe import open_store
@@ -122,30 +138,31 @@ def child(kind: str, args: list[str]) -> None:
 
         url, path = args
         with open_store(url) as store:
+            calls = _Calls(store.blobs.client)  # type: ignore[attr-defined]
             start = time.perf_counter()
             digest = store.put_file(path)
             op = time.perf_counter() - start
-        report = {"op_s": op, "digest": str(digest)}
-    elif kind in ("push-big", "push-big-announced"):
+        report = {"op_s": op, "digest": str(digest), **calls.phases(start)}
+    elif kind == "push-big":
         from casframe import open_store
 
         source_url, dest_url = args
-        if kind == "push-big-announced":
-            _announce_expected_digests()
         with open_store(source_url) as source, open_store(dest_url) as dest:
+            calls = _Calls(dest.blobs.client)  # type: ignore[attr-defined]
             start = time.perf_counter()
             result = source.push(dest, "big")
             op = time.perf_counter() - start
-        report = {"op_s": op, "bytes_sent": result.bytes_sent}
+        report = {"op_s": op, "bytes_sent": result.bytes_sent, **calls.phases(start)}
     elif kind == "boto3":
         import boto3
 
         endpoint, path, key = args
         client = boto3.client("s3", endpoint_url=endpoint)
+        calls = _Calls(client)
         start = time.perf_counter()
         client.upload_file(path, BUCKET, key)
         op = time.perf_counter() - start
-        report = {"op_s": op}
+        report = {"op_s": op, **calls.phases(start)}
     else:
         raise SystemExit(f"unknown child {kind}")
     report["vmhwm_kib"] = _peak_kib()
@@ -246,6 +263,10 @@ def main() -> None:
     parser.add_argument("--file-size", type=int, default=4096)
     parser.add_argument("--big-mib", type=int, default=256)
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
+    parser.add_argument("--skip-push", action="store_true", help="measure the large upload only")
+    parser.add_argument(
+        "--baseline", type=Path, help="another casframe checkout to measure in the same run"
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.child:
@@ -263,6 +284,10 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(AWS_ENV)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "plugins")])
+    base_env = dict(env)
+    if opts.baseline:
+        base = opts.baseline.resolve()
+        base_env["PYTHONPATH"] = os.pathsep.join([str(base), str(base / "plugins")])
     me = [sys.executable, str(Path(__file__).resolve()), "--child"]
     load_before = loadavg()
 
@@ -286,17 +311,21 @@ def main() -> None:
 
     server = Server(env, logs / "moto.log")
     aws_version = subprocess.run([aws, "--version"], capture_output=True, text=True, env=env)
-    kinds = ("push", "sync", "put", "push_big", "announced", "boto3")
+    big_kinds = ["put", "push_big", "put_crc32", "push_crc32", "boto3"]
+    if opts.baseline:
+        big_kinds += ["put_base", "push_big_base"]
+    kinds = ["push", "sync", *big_kinds]
     results: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
 
     def measure(kind: str, cmd: list[str], warm_path: Path) -> dict[str, Any]:
         server.fresh_bucket()
         warm(warm_path)
-        results[kind].append(run(cmd, env, logs / f"{kind}.log"))
+        child_env = base_env if kind.endswith("_base") else env
+        results[kind].append(run(cmd, child_env, logs / f"{kind}.log"))
         return results[kind][-1]
 
     try:
-        for i in range(opts.repeat):
+        for i in range(0 if opts.skip_push else opts.repeat):
             dest = f"s3://{BUCKET}/cas{i}?endpoint_url={server.endpoint}"
             push = measure("push", [*me, "push", local_url, dest], data / "local")
             sync = [
@@ -315,10 +344,14 @@ def main() -> None:
             url = f"s3://{BUCKET}/big{i}?endpoint_url={server.endpoint}"
             uploads = {
                 "put": ([*me, "put", url, str(big)], big),
+                "put_crc32": ([*me, "put", url + CRC32_OPTION, str(big)], big),
+                "push_crc32": ([*me, "push-big", local_url, url + CRC32_OPTION], data / "local"),
                 "push_big": ([*me, "push-big", local_url, url], data / "local"),
-                "announced": ([*me, "push-big-announced", local_url, url], data / "local"),
                 "boto3": ([*me, "boto3", server.endpoint, str(big), f"b{i}"], big),
             }
+            if opts.baseline:
+                uploads["put_base"] = uploads["put"]
+                uploads["push_big_base"] = uploads["push_big"]
             # A different order each round, so no variant always follows the same one.
             order = list(uploads)
             order = order[i % len(order) :] + order[: i % len(order)]
@@ -332,13 +365,21 @@ def main() -> None:
         return statistics.median(r[key] for r in results[kind])
 
     big_bytes = opts.big_mib * MiB
-    push_wall, sync_wall = median("push", "wall_s"), median("sync", "wall_s")
-    push_ratio = push_wall / sync_wall
-    rate = {
-        k: big_bytes / median(k, "op_s") / 1e6 for k in ("put", "push_big", "announced", "boto3")
-    }
+    rate = {k: big_bytes / median(k, "op_s") / 1e6 for k in big_kinds}
     ratio = {k: rate[k] / rate["boto3"] for k in rate}
-    rss = {k: max(max(r["maxrss_mib"], r.get("vmhwm_mib", 0.0)) for r in results[k]) for k in kinds}
+    # The same ratio within each round (the variants ran minutes apart at most), then the median.
+    round_ratio = {
+        k: statistics.median(
+            ref["op_s"] / mine["op_s"]
+            for mine, ref in zip(results[k], results["boto3"], strict=True)
+        )
+        for k in big_kinds
+    }
+    rss = {
+        k: max(max(r["maxrss_mib"], r.get("vmhwm_mib", 0.0)) for r in results[k])
+        for k in kinds
+        if results[k]
+    }
 
     def verdict(ok: bool) -> str:
         return "ok" if ok else "MISSED"
@@ -348,7 +389,8 @@ def main() -> None:
         return (
             label,
             f"{rate[kind]:.0f} MB/s",
-            f"{ratio[kind]:.2f}× boto3 (≥ {T_UPLOAD_RATIO})  {verdict(ok)}",
+            f"{ratio[kind]:.2f}× boto3 (≥ {T_UPLOAD_RATIO})  {verdict(ok)}; "
+            f"per round {round_ratio[kind]:.2f}×",
         )
 
     def rss_row(kind: str, label: str) -> tuple[str, str, str]:
@@ -360,33 +402,72 @@ def main() -> None:
 
     aws_name = aws_version.stdout.split()[0] if aws_version.stdout else "aws"
     n = f"{opts.files:,} × {opts.file_size // 1024} KiB"
-    rows = [
-        (
-            f"push {n}, casframe (wall)",
-            f"{push_wall:.2f} s",
-            f"in-process {median('push', 'op_s'):.2f} s",
-        ),
-        (f"aws s3 sync {n} (wall)", f"{sync_wall:.2f} s", aws_name),
-        (
-            "  ratio casframe / aws",
-            f"{push_ratio:.2f}",
-            f"≤ {T_PUSH_RATIO}  {verdict(push_ratio <= T_PUSH_RATIO)}",
-        ),
+    rows = []
+    summary_push: dict[str, float] = {}
+    if not opts.skip_push:
+        push_wall, sync_wall = median("push", "wall_s"), median("sync", "wall_s")
+        push_ratio = push_wall / sync_wall
+        summary_push = {
+            "push_wall_s": push_wall,
+            "sync_wall_s": sync_wall,
+            "push_ratio": push_ratio,
+        }
+        rows += [
+            (
+                f"push {n}, casframe (wall)",
+                f"{push_wall:.2f} s",
+                f"in-process {median('push', 'op_s'):.2f} s",
+            ),
+            (f"aws s3 sync {n} (wall)", f"{sync_wall:.2f} s", aws_name),
+            (
+                "  ratio casframe / aws",
+                f"{push_ratio:.2f}",
+                f"≤ {T_PUSH_RATIO}  {verdict(push_ratio <= T_PUSH_RATIO)}",
+            ),
+        ]
+    rows += [
         (f"boto3 upload_file {opts.big_mib} MiB", f"{rate['boto3']:.0f} MB/s", "reference"),
         upload_row("put", f"casframe put {opts.big_mib} MiB"),
         upload_row("push_big", f"casframe push {opts.big_mib} MiB from file://"),
-        upload_row("announced", "  same, digest announced (proposed core change)"),
-        rss_row("push", "peak RSS, casframe push of the small files"),
+        upload_row("put_crc32", "  put, CRC32 part checksums (as boto3)"),
+        upload_row("push_crc32", "  push, CRC32 part checksums (as boto3)"),
+    ]
+    if opts.baseline:
+        rows += [
+            upload_row("put_base", "  put, baseline checkout"),
+            upload_row("push_big_base", "  push, baseline checkout"),
+        ]
+    if not opts.skip_push:
+        rows.append(rss_row("push", "peak RSS, casframe push of the small files"))
+    rows += [
         rss_row("put", "peak RSS, casframe put"),
         rss_row("push_big", "peak RSS, casframe push of the large blob"),
-        rss_row("announced", "peak RSS, same, digest announced"),
+        rss_row("put_crc32", "peak RSS, put with CRC32 part checksums"),
+        rss_row("push_crc32", "peak RSS, push with CRC32 part checksums"),
         ("peak RSS, boto3 upload_file", f"{rss['boto3']:.0f} MiB", "reference"),
-        ("peak RSS, aws s3 sync", f"{rss['sync']:.0f} MiB", "reference"),
     ]
+    if opts.baseline:
+        rows += [
+            rss_row("put_base", "peak RSS, put, baseline checkout"),
+            rss_row("push_big_base", "peak RSS, push, baseline checkout"),
+        ]
+    if not opts.skip_push:
+        rows.append(("peak RSS, aws s3 sync", f"{rss['sync']:.0f} MiB", "reference"))
     width = max(len(r[0]) for r in rows)
     print(f"\nmedians of {opts.repeat} runs; load average {load_before} → {load_after}")
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>10}  {note}")
+    phases = ("op_s", "before_first_request_s", "parts_s", "complete_s", "touch_s")
+    phase_medians = {
+        k: {p: statistics.median(r.get(p, 0.0) for r in results[k]) for p in phases}
+        for k in big_kinds
+        if all("parts_s" in r for r in results[k])
+    }
+    if phase_medians:
+        print("\nwhere the large upload's time goes (medians, s): total, before the first request")
+        print("(hashing), sending the parts, CompleteMultipartUpload, touching (CopyObject)")
+        for k, values in phase_medians.items():
+            print(f"  {k:<14}" + "".join(f"{values[p]:>8.2f}" for p in phases))
 
     summary = {
         "when": dt.datetime.now().isoformat(timespec="seconds"),
@@ -394,11 +475,11 @@ def main() -> None:
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "aws_cli": aws_version.stdout.strip(),
-        "push_wall_s": push_wall,
-        "sync_wall_s": sync_wall,
-        "push_ratio": push_ratio,
+        **summary_push,
         "upload_mb_s": rate,
         "upload_ratio_to_boto3": ratio,
+        "upload_ratio_to_boto3_per_round": round_ratio,
+        "upload_phases_s": phase_medians,
         "peak_rss_mib": rss,
         "runs": results,
     }

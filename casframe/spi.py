@@ -103,6 +103,10 @@ class BlobStore(ABC):
     max_batch_bytes: int = 4 << 20
     #: Threads the core may use at once against this backend (I/O-bound backends want more).
     max_concurrency: int = 4
+    #: Regular files of at least this many bytes are hashed before they are stored, and then
+    #: written through :meth:`begin_write_for`: a backend that cannot rename (S3) sends them
+    #: straight to their final name instead of staging them first. ``None``: one reading.
+    prehash_min_size: int | None = None
 
     # -- primitives -------------------------------------------------------------------------
 
@@ -130,8 +134,8 @@ class BlobStore(ABC):
         """Start an upload whose content should have ``digest`` (known in advance).
 
         A backend may use the digest to store the content under its final name while it
-        arrives; ``commit`` is still called only with the digest the content really has, and
-        ``abort`` otherwise. The default is :meth:`begin_write`.
+        arrives: the core calls ``commit(digest)`` only once the whole content hashed to
+        ``digest``, and ``abort`` otherwise. The default is :meth:`begin_write`.
         """
         return self.begin_write(digest.size)
 

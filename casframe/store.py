@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, BinaryIO
@@ -281,7 +282,41 @@ class Store:
         *,
         on_chunk: Callable[[int], None] | None = None,
     ) -> Digest:
-        """Stream content in, hashing as it goes; commit only under the digest it really has."""
+        """Stream content in, hashing as it goes; commit only under the digest it really has.
+
+        Without ``expected``, a regular file of at least the backend's ``prehash_min_size``
+        bytes is hashed first and then stored as an upload of that digest; if it changed
+        between the two readings, it is stored as the second reading found it.
+        """
+        if expected is None and (start := self._prehash_start(stream)) is not None:
+            announced = Digest.of_stream(stream)
+            stream.seek(start)
+            try:
+                return self._put_stream(stream, announced, on_chunk)
+            except DigestMismatchError:
+                stream.seek(start)  # (on_chunk then hears of the bytes read so far twice)
+        return self._put_stream(stream, expected, on_chunk)
+
+    def _prehash_start(self, stream: BinaryIO) -> int | None:
+        """Where ``stream`` is, if it is a regular file the backend wants hashed first."""
+        threshold = self.blobs.prehash_min_size
+        if threshold is None:
+            return None
+        try:
+            st = os.fstat(stream.fileno())
+            start = stream.tell()
+        except (AttributeError, OSError, ValueError):  # not a file (io.UnsupportedOperation)
+            return None
+        if not stat.S_ISREG(st.st_mode) or st.st_size - start < threshold:
+            return None
+        return start
+
+    def _put_stream(
+        self,
+        stream: BinaryIO,
+        expected: Digest | None,
+        on_chunk: Callable[[int], None] | None,
+    ) -> Digest:
         upload = VerifiedUpload(
             self.blobs.begin_write_for(expected) if expected else self.blobs.begin_write(None),
             expected,

@@ -33,6 +33,7 @@ from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 impor
     Directory,
     FileNode,
 )
+from casframe.digest import Hasher
 from casframe.testing import assert_tree_equal, random_bytes
 from casframe.testing.conformance import StoreConformance
 from casframe.testing.s3 import MotoServer, S3TestBucket
@@ -591,9 +592,12 @@ def test_announced_upload_sends_parts_while_the_content_arrives(
         for start in range(0, len(data), MiB):
             writer.write(data[start : start + MiB])
         deadline = time.monotonic() + 30
-        while calls.count("UploadPart") < 2 and time.monotonic() < deadline:
+        while calls.count("UploadPart") < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert calls.count("UploadPart") == 2, "the two full parts go out before commit"
+        # The size is known, so the last part goes out as soon as it is complete too.
+        assert calls.count("UploadPart") == 3, "every part goes out before commit"
+        assert "CompleteMultipartUpload" not in calls
+        assert s3_mock.keys() == [], "nothing is visible before commit"
         writer.commit(digest)
         assert calls.count("UploadPart") == 3 and calls[-1] == "CompleteMultipartUpload"
         assert store.read_bytes(digest) == data
@@ -625,3 +629,237 @@ def test_announced_small_upload_is_one_put(s3_mock: S3TestBucket, s3_store: Stor
     _put_announced(s3_store, data, Digest.of_bytes(data), calls)
     assert calls == ["before-commit", "PutObject"]
     assert s3_store.read_bytes(Digest.of_bytes(data)) == data
+
+
+# -- large uploads with a known digest: straight to the key, no spool file -----------------------
+
+
+@pytest.fixture
+def no_spool_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every temporary file made through ``tempfile.mkstemp`` (the S3 writer's spool)."""
+    import tempfile
+
+    made: list[str] = []
+    original = tempfile.mkstemp
+
+    def recording(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        fd, path = original(*args, **kwargs)
+        made.append(path)
+        return fd, path
+
+    monkeypatch.setattr(tempfile, "mkstemp", recording)
+    return made
+
+
+def _write_file(path: Path, size: int, seed: int) -> Digest:
+    hasher = Hasher()
+    with open(path, "wb") as f:
+        for start in range(0, size, MiB):
+            chunk = random_bytes(min(MiB, size - start), seed=seed + start)
+            hasher.update(chunk)
+            f.write(chunk)
+    return hasher.digest()
+
+
+def _unfinished_uploads(bucket: S3TestBucket) -> list[Any]:
+    return list(bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads", []))
+
+
+def test_put_file_hashes_then_streams_to_the_key_without_a_spool_file(
+    s3_server_bucket: S3TestBucket, tmp_path: Path, no_spool_files: list[str]
+) -> None:
+    path = tmp_path / "large.bin"
+    digest = _write_file(path, 20 * MiB + 7, seed=31)
+    with open_store(s3_server_bucket.store_url) as store:
+        calls = _record_calls(store)
+        assert store.put_file(path) == digest
+        assert calls == [
+            "HeadObject",
+            "CreateMultipartUpload",
+            "UploadPart",
+            "UploadPart",
+            "UploadPart",
+            "CompleteMultipartUpload",
+        ]
+        assert store.read_bytes(digest) == path.read_bytes()
+    assert no_spool_files == []
+    assert _unfinished_uploads(s3_server_bucket) == []
+
+
+def test_push_of_a_large_blob_streams_without_a_spool_file(
+    s3_server_bucket: S3TestBucket, tmp_path: Path, no_spool_files: list[str]
+) -> None:
+    source = tmp_path / "tree"
+    source.mkdir()
+    digest = _write_file(source / "large.bin", 17 * MiB, seed=32)
+    with (
+        open_store(f"file://{tmp_path / 'local'}") as local,
+        open_store(s3_server_bucket.store_url) as s3,
+    ):
+        local.set_ref("big", local.import_directory(source))
+        calls = _record_calls(s3)
+        local.push(s3, "big")
+        assert calls.count("UploadPart") == 3 and calls.count("CompleteMultipartUpload") == 1
+        assert s3.read_bytes(digest) == (source / "large.bin").read_bytes()
+    assert no_spool_files == []
+
+
+def test_wrong_content_for_a_declared_digest_is_aborted_without_a_trace(
+    s3_server_bucket: S3TestBucket, no_spool_files: list[str]
+) -> None:
+    data = random_bytes(20 * MiB, seed=33)
+    same_size = Digest(Digest.of_bytes(b"other").hash, len(data))
+    shorter = Digest.of_bytes(data + b"more")  # the content ends before its declared size
+    longer = Digest.of_bytes(data[: 18 * MiB])  # the content goes on past its declared size
+    with open_store(s3_server_bucket.store_url) as store:
+        calls = _record_calls(store)
+        for claimed in (same_size, shorter, longer):
+            calls.clear()
+            with pytest.raises(DigestMismatchError) as caught:
+                store.put_stream(io.BytesIO(data), claimed)
+            assert caught.value.expected == claimed
+            assert calls.count("UploadPart") >= 2, "parts went out while the content arrived"
+            assert "CompleteMultipartUpload" not in calls
+            assert calls[-1] == "AbortMultipartUpload"
+            assert s3_server_bucket.keys() == []
+            assert _unfinished_uploads(s3_server_bucket) == []
+    assert no_spool_files == []
+
+
+def test_a_file_that_changes_after_hashing_is_stored_as_read(
+    s3_server_bucket: S3TestBucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "changing.bin"
+    first = _write_file(path, 12 * MiB, seed=34)
+    hash_stream = Digest.of_stream
+
+    def hash_then_change(stream: Any) -> Digest:
+        digest = hash_stream(stream)
+        _write_file(path, 12 * MiB, seed=35)  # same size, other content, same inode
+        return digest
+
+    monkeypatch.setattr(Digest, "of_stream", staticmethod(hash_then_change))
+    with open_store(s3_server_bucket.store_url) as store:
+        stored = store.put_file(path)
+    monkeypatch.undo()
+    assert stored != first and stored == Digest.of_file(path)
+    assert s3_server_bucket.keys() == [object_key(s3_server_bucket, stored)]
+    assert _unfinished_uploads(s3_server_bucket) == []
+
+
+def test_present_large_blobs_are_not_uploaded_again(
+    s3_server_bucket: S3TestBucket, tmp_path: Path
+) -> None:
+    path = tmp_path / "large.bin"
+    digest = _write_file(path, 9 * MiB, seed=36)
+    with open_store(s3_server_bucket.store_url) as store:
+        store.put_file(path)
+        calls = _record_calls(store)
+        assert store.put_file(path) == digest
+        assert store.put_stream(io.BytesIO(path.read_bytes()), digest) == digest
+        # One existence check and a freshening server-side copy each; no content is sent.
+        assert calls == ["HeadObject", "CopyObject", "HeadObject", "CopyObject"]
+
+
+def test_parts_in_flight_are_bounded_across_concurrent_uploads(
+    s3_server_bucket: S3TestBucket,
+) -> None:
+    import threading
+
+    import casframe_s3.store as s3_module
+
+    blobs = [random_bytes(24 * MiB, seed=40 + i) for i in range(3)]
+    with open_store(s3_server_bucket.store_url) as store:
+        limit = s3_module.PARTS_IN_FLIGHT_BYTES // (8 * MiB)
+        client = store.blobs.client  # type: ignore[attr-defined]
+        lock = threading.Lock()
+        in_flight = [0, 0]  # now, highest
+
+        def started(**_: Any) -> None:
+            with lock:
+                in_flight[0] += 1
+                in_flight[1] = max(in_flight)
+
+        def ended(**_: Any) -> None:
+            with lock:
+                in_flight[0] -= 1
+
+        client.meta.events.register("before-call.s3.UploadPart", started)
+        client.meta.events.register("after-call.s3.UploadPart", ended)
+        threads = [
+            threading.Thread(target=store.put_stream, args=(io.BytesIO(b), Digest.of_bytes(b)))
+            for b in blobs
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for data in blobs:
+            assert store.read_bytes(Digest.of_bytes(data)) == data
+    assert 2 <= in_flight[1] <= limit
+
+
+_PUSH_CHILD = textwrap.dedent(
+    """
+    import sys
+    from casframe import open_store
+
+    source_url, dest_url = sys.argv[1], sys.argv[2]
+    with open_store(source_url) as source, open_store(dest_url) as dest:
+        source.push(dest, "big")
+    with open("/proc/self/status") as status:  # this program's own peak, not its parent's
+        print(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")))
+    """
+)
+
+
+def test_push_of_a_large_blob_with_bounded_memory(
+    s3_server_bucket: S3TestBucket, tmp_path: Path
+) -> None:
+    source = tmp_path / "tree"
+    source.mkdir()
+    digest = _write_file(source / "large.bin", 96 * MiB + 5, seed=37)
+    local_url = f"file://{tmp_path / 'local'}"
+    with open_store(local_url) as local:
+        local.set_ref("big", local.import_directory(source))
+    child = subprocess.run(
+        [sys.executable, "-c", _PUSH_CHILD, local_url, s3_server_bucket.store_url],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr
+    peak_mib = int(child.stdout) / 1024
+    assert peak_mib < 100, f"peak RSS {peak_mib:.0f} MiB"
+    head = s3_server_bucket.client.head_object(
+        Bucket=s3_server_bucket.name, Key=object_key(s3_server_bucket, digest)
+    )
+    assert head["ContentLength"] == digest.size
+    assert _unfinished_uploads(s3_server_bucket) == []
+
+
+def test_parts_carry_crc32_checksums_when_asked(s3_server_bucket: S3TestBucket) -> None:
+    import base64
+    import zlib
+
+    data = random_bytes(20 * MiB, seed=41)
+    digest = Digest.of_bytes(data)
+    url = f"{s3_server_bucket.store_url}&request_checksum_calculation=when_supported"
+    with open_store(url) as store:
+        sent: list[dict[str, Any]] = []
+        store.blobs.client.meta.events.register(  # type: ignore[attr-defined]
+            "before-send.s3.UploadPart", lambda request, **_: sent.append(dict(request.headers))
+        )
+        store.put_stream(io.BytesIO(data), digest)
+        assert store.read_bytes(digest) == data
+    parts = [data[i : i + 8 * MiB] for i in range(0, len(data), 8 * MiB)]
+    expected = {base64.b64encode(zlib.crc32(p).to_bytes(4, "big")).decode() for p in parts}
+    assert {h["x-amz-checksum-crc32"].decode() for h in sent} == expected
+    # In a header, computed from the part in memory: no aws-chunked body with a trailer.
+    assert all(b"aws-chunked" not in h.get("Content-Encoding", b"") for h in sent)
+    head = s3_server_bucket.client.head_object(
+        Bucket=s3_server_bucket.name,
+        Key=object_key(s3_server_bucket, digest),
+        ChecksumMode="ENABLED",
+    )
+    assert head.get("ChecksumCRC32"), "the server combined the parts' checksums"

@@ -8,7 +8,10 @@ as an S3 store and back::
                               holds the last access (seconds since the epoch)
 
 A blob becomes visible only as a whole: one PUT, or a multipart upload that is completed only
-after the core has checked the content against its digest. Nothing here verifies content on its
+after the core has checked the content against its digest. When the digest is known before the
+content (transfers, ByteStream writes, large local files, which the core hashes first), the
+parts go to the final key from memory while the content arrives; otherwise the content is
+spooled until the core knows its digest. Nothing here verifies content on its
 way in or out (the core does; the one hash computed here tells a blob stored with another size
 from a damaged one), and nothing above this module ever sees a botocore error: they are
 translated into casframe's errors once, in :meth:`_Bucket.translate`.
@@ -16,13 +19,16 @@ translated into casframe's errors once, in :meth:`_Bucket.translate`.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import logging
+import mmap
 import os
 import tempfile
 import threading
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +53,7 @@ from casframe import (
     ConfigError,
     CorruptBlobError,
     Digest,
+    DigestMismatchError,
     InvalidDigestError,
     PermissionDeniedError,
     RefInfo,
@@ -65,9 +72,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Uploads are kept in memory up to this size, then spooled to a temporary file: unless it was
-# announced (begin_write_for), the digest, and so the key, is known only at commit, and S3
-# cannot rename. 1 MiB is the core's chunk size, so small blobs never touch the disk and many
-# concurrent writers stay far below 100 MiB.
+# announced (begin_write_for, which large local files are too: see prehash_min_size), the
+# digest, and so the key, is known only at commit, and S3 cannot rename. 1 MiB is the core's
+# chunk size, so small blobs never touch the disk and many concurrent writers stay far below
+# 100 MiB.
 SPOOL_MEMORY_LIMIT = CHUNK_SIZE
 # find_missing lists fan-out folders instead of asking for each blob once this many digests are
 # asked about at once: listing one folder answers for all its digests in one request.
@@ -78,6 +86,11 @@ PAGE_COST_IN_HEADS = 4
 # S3's limits: parts of one multipart upload; keys in one DeleteObjects request.
 MAX_PARTS = 10_000
 MAX_DELETE_KEYS = 1000
+# Parts of uploads with an announced digest are sent from memory; all uploads of one store
+# together keep at most this much in flight (at least one part), besides the part each fills.
+# Three 8 MiB parts keep moto's server as busy as four or ten do (one at a time is half as
+# fast), and a process storing one large blob peaks at ~86 MiB (~50 of them Python and boto3).
+PARTS_IN_FLIGHT_BYTES = 24 << 20
 # Largest ref object read: a serialized Digest is ~70 bytes; anything huge is not a ref.
 MAX_REF_BYTES = 64 << 10
 # Error codes meaning "no such object" (HEAD answers carry no body, only the status).
@@ -187,6 +200,8 @@ class _Bucket:
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._transfers: Any = None
+        in_flight = max(1, PARTS_IN_FLIGHT_BYTES // options.multipart_chunksize)
+        self.part_slots = threading.BoundedSemaphore(min(options.max_concurrency, in_flight))
         self._closed = False
         self.warned_read_only = False
 
@@ -382,7 +397,6 @@ def _bucket_region(exc: BaseException) -> str | None:
 
 
 def _add_content_md5(request: Any, **_: Any) -> None:
-    import base64
     import hashlib
 
     body = request.body
@@ -445,16 +459,6 @@ class _ObjectReader(io.RawIOBase):
 # -- writing --------------------------------------------------------------------------------
 
 
-def _discard_spool(file: BinaryIO | None, path: str) -> None:
-    """Close and remove a writer's spool file (either may already be gone)."""
-    if file is not None:
-        with contextlib.suppress(OSError):
-            file.close()
-    if path:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
 class _S3Writer(BlobWriter):
     """Collects an upload in memory, then in a temporary file, and stores it at commit."""
 
@@ -502,7 +506,12 @@ class _S3Writer(BlobWriter):
     def abort(self) -> None:
         self._done = True
         self._memory = None
-        _discard_spool(self._file, self._path)
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        if self._path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
         self._file, self._path = None, ""
 
 
@@ -516,56 +525,21 @@ class _Upload:
         self.succeeded = False
 
 
-class _FileRegion(io.RawIOBase):
-    """Bytes ``[start, start + length)`` of a file as a seekable stream: one part's body, read
-    from disk as it is sent (and again if botocore retries)."""
-
-    def __init__(self, path: str, start: int, length: int) -> None:
-        super().__init__()
-        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
-        self._start = start
-        self._length = length
-        self._position = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
-        self._position = max(0, min(self._length, base + offset))
-        return self._position
-
-    def __len__(self) -> int:
-        return self._length
-
-    def readinto(self, buffer: Any) -> int:  # type: ignore[override]
-        wanted = min(len(buffer), self._length - self._position)
-        if wanted <= 0:
-            return 0
-        view = memoryview(buffer).cast("B")[:wanted]
-        n = os.preadv(self._file.fileno(), [view], self._start + self._position)
-        self._position += n
-        return n
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
-
-
 class _StreamingUpload(BlobWriter):
-    """An upload whose digest was announced: parts go out while the content still arrives.
+    """An upload whose digest was announced: sent to its final key while the content arrives.
 
-    With the key known from the start, each part is sent as soon as it is complete in the
-    spool file, instead of all of them after the last byte. The multipart upload is completed
-    only at commit, which the core calls only when the content matched the digest; until then
-    nothing is visible, and abort discards the parts. boto3's transfer manager cannot start
-    before its input is complete, so this drives the multipart API itself.
+    The content is gathered into parts in memory, and each part goes out as soon as it is
+    complete, on the store's worker threads, while the next one fills; nothing touches the
+    disk. The multipart upload is completed only at commit, which the core calls only after the
+    whole content hashed to the announced digest: until then nothing is visible, and abort
+    discards the parts (AbortMultipartUpload once no part is in flight any more, so none
+    survives it). Memory: the part being filled, plus the parts in flight, at most
+    ``_Bucket.part_slots`` for all the store's uploads together.
+
+    Each part lives in its own anonymous memory map, exactly as large as the part (the size is
+    known from the digest), sent as the request body without a copy and unmapped once sent:
+    freed 8 MiB blocks of the C heap are not always given back, so a process sending parts
+    from ``bytes`` grows past what it holds.
     """
 
     def __init__(self, store: S3BlobStore, expected: Digest) -> None:
@@ -573,80 +547,98 @@ class _StreamingUpload(BlobWriter):
         self._bucket = store._bucket
         self._expected = expected
         self._key = self._bucket.object_key(expected)
-        # S3 allows 10,000 parts: grow them for blobs over ~80 GB (with 8 MiB parts).
-        options = self._bucket.options
-        self._part_size = max(options.multipart_chunksize, -(-expected.size // MAX_PARTS))
-        self._size = 0
-        self._sent = 0  # bytes handed to part uploads
+        self._part_size = _part_size(self._bucket.options, expected.size)
+        self._part: mmap.mmap | None = None
+        self._filled = 0  # bytes in self._part
+        self._offset = 0  # where self._part starts in the blob
         self._parts: list[Future[dict[str, Any]]] = []
+        self._failed: BaseException | None = None  # the first part that failed, seen early
         self._upload_id: str | None = None
         self._done = False
+        # With request_checksum_calculation=when_supported, each part carries its CRC32, which
+        # S3 checks on receipt and combines (as boto3's managed uploads do); computed here from
+        # the part in memory, it travels as a header, never as an aws-chunked trailer.
+        self._crc32 = self._bucket.options.request_checksum_calculation == "when_supported"
         existing = self._bucket.head(self._key)
         self._present = existing is not None and existing.get("ContentLength") == expected.size
-        self._file: BinaryIO | None = None
-        self._path = ""
-        if not self._present:
-            fd, self._path = tempfile.mkstemp(prefix="casframe-s3-")
-            self._file = os.fdopen(fd, "wb")
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert not self._done, "write after commit or abort"
-        self._size += len(data)
-        if self._file is None:
+        if self._present:
             return  # already stored: the core still hashes what arrives, nothing to send
-        self._file.write(data)
-        if self._size - self._sent >= self._part_size:
-            self._file.flush()
-            while self._size - self._sent >= self._part_size:
-                self._send_part(self._part_size)
+        view = memoryview(data).cast("B")
+        while view:
+            if self._part is None:
+                length = min(self._part_size, self._expected.size - self._offset)
+                if length <= 0:
+                    return  # longer than announced: commit will refuse it
+                self._part = mmap.mmap(-1, length)
+            n = min(len(view), len(self._part) - self._filled)
+            self._part[self._filled : self._filled + n] = view[:n]
+            self._filled += n
+            view = view[n:]
+            if self._filled == len(self._part):
+                self._send_part()
 
-    def _send_part(self, length: int) -> None:
+    def _send_part(self) -> None:
+        if self._failed is not None:
+            raise self._failed  # stop reading the rest: the upload cannot succeed
         if self._upload_id is None:
+            extra = {"ChecksumAlgorithm": "CRC32"} if self._crc32 else {}
             with self._bucket.errors("start a multipart upload", self._key):
                 response = self._bucket.client.create_multipart_upload(
-                    Bucket=self._bucket.name, Key=self._key
+                    Bucket=self._bucket.name, Key=self._key, **extra
                 )
             self._upload_id = response["UploadId"]
-        number = len(self._parts) + 1
-        future = self._bucket.pool.submit(self._upload_part, number, self._sent, length)
+        assert self._part is not None
+        body = [self._part]
+        self._offset += len(self._part)
+        self._part, self._filled = None, 0
+        slots = self._bucket.part_slots
+        slots.acquire()  # waits while the store's parts in flight fill their share of memory
+        try:
+            future = self._bucket.pool.submit(self._upload_part, len(self._parts) + 1, body)
+        except BaseException:
+            slots.release()
+            body[0].close()
+            raise
+        future.add_done_callback(self._part_ended)
         self._parts.append(future)
-        self._sent += length
 
-    def _upload_part(self, number: int, start: int, length: int) -> dict[str, Any]:
-        with _FileRegion(self._path, start, length) as body:
+    def _part_ended(self, future: Future[dict[str, Any]]) -> None:
+        # Also called for a part cancelled before it started, so its slot is never lost.
+        self._bucket.part_slots.release()
+        if not future.cancelled() and future.exception() is not None and self._failed is None:
+            self._failed = future.exception()
+
+    def _upload_part(self, number: int, body: list[mmap.mmap]) -> dict[str, Any]:
+        with body.pop() as part:  # held here only, and unmapped once sent
+            checksum = {}
+            if self._crc32:
+                crc = zlib.crc32(part).to_bytes(4, "big")
+                checksum["ChecksumCRC32"] = base64.b64encode(crc).decode()
             with self._bucket.errors("upload part of a blob", self._key):
                 response = self._bucket.client.upload_part(
                     Bucket=self._bucket.name,
                     Key=self._key,
                     UploadId=self._upload_id,
                     PartNumber=number,
-                    Body=body,
-                    ContentLength=length,
+                    Body=part,
+                    **checksum,
                 )
-        return {"ETag": response["ETag"], "PartNumber": number}
+        return {"ETag": response["ETag"], "PartNumber": number, **checksum}
 
     def commit(self, digest: Digest) -> None:
         assert not self._done, "commit after commit or abort"
         try:
             if digest != self._expected:
-                # Not how the core uses it, but then the content decides where it goes.
-                self._abort_parts()
-                if self._file is not None:
-                    self._file.close()
-                    self._store.put_file(digest, self._path, self._size)
-                    return
-                raise AssertionError(
-                    f"commit of {digest} for an upload announced as {self._expected}"
-                )
-            if self._file is None:  # it was there before the upload began: freshen it
+                # The core commits only content that matched; what was sent is other content,
+                # and there is no copy of it to store under ``digest``.
+                raise DigestMismatchError(self._expected, digest)
+            if self._present:  # it was there before the upload began: freshen it
                 self._store.touch_blobs([digest])
                 return
-            self._file.close()
-            if self._upload_id is None:  # smaller than one part after all
-                self._store.put_file(digest, self._path, self._size)
-                return
-            if self._size > self._sent:
-                self._send_part(self._size - self._sent)
+            # Every part, the last one included, went out when it was complete.
             parts = _gather(self._parts)
             with self._bucket.errors("complete a multipart upload", self._key):
                 self._bucket.client.complete_multipart_upload(
@@ -656,13 +648,14 @@ class _StreamingUpload(BlobWriter):
                     MultipartUpload={"Parts": parts},
                 )
             self._upload_id = None
-        except BaseException:
-            self._abort_parts()
-            raise
         finally:
             self.abort()
 
-    def _abort_parts(self) -> None:
+    def abort(self) -> None:
+        self._done = True
+        if self._part is not None:
+            self._part.close()
+            self._part = None
         for future in self._parts:
             future.cancel()
         for future in self._parts:
@@ -678,11 +671,11 @@ class _StreamingUpload(BlobWriter):
                     Bucket=self._bucket.name, Key=self._key, UploadId=upload_id
                 )
 
-    def abort(self) -> None:
-        self._done = True
-        self._abort_parts()
-        _discard_spool(self._file, self._path)
-        self._file, self._path = None, ""
+
+def _part_size(options: S3Options, size: int) -> int:
+    """The part size for a blob of ``size`` bytes: S3 allows 10,000 parts, so parts grow past
+    the configured size for blobs over ~80 GB (with 8 MiB parts)."""
+    return max(options.multipart_chunksize, -(-size // MAX_PARTS))
 
 
 # -- the blob store -------------------------------------------------------------------------
@@ -700,6 +693,9 @@ class S3BlobStore(BlobStore):
         self.max_concurrency = bucket.options.max_concurrency
         self._inflight_lock = threading.Lock()
         self._inflight: dict[str, _Upload] = {}
+        # Larger local files are hashed first and streamed to their key, never spooled; smaller
+        # ones stay in memory (one PUT) anyway.
+        self.prehash_min_size: int = max(bucket.options.multipart_threshold, SPOOL_MEMORY_LIMIT + 1)
         # Set once a listing showed more than one page of blobs; stores rarely shrink back.
         self._holds_many = False
 
@@ -870,10 +866,10 @@ class S3BlobStore(BlobStore):
         return _S3Writer(self)
 
     def begin_write_for(self, digest: Digest) -> BlobWriter:
-        """An upload whose digest is known in advance (transfers, ByteStream writes,
-        ``put_stream(expected=…)``): a blob that is large enough is sent in parts while it
-        arrives, and one already stored is not sent at all."""
-        if digest.size >= max(self._bucket.options.multipart_threshold, SPOOL_MEMORY_LIMIT + 1):
+        """An upload whose digest is known in advance (transfers, ByteStream writes, large
+        local files, ``put_stream(expected=…)``): a blob of at least ``prehash_min_size`` is
+        sent in parts while it arrives, and one already stored is not sent at all."""
+        if digest.size >= self.prehash_min_size:
             return _StreamingUpload(self, digest)
         return _S3Writer(self)
 
