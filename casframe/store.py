@@ -178,9 +178,9 @@ class Store:
         if freshen and Capability.TOUCH in self.blobs.capabilities:
             present = wanted - missing
             if present:
-                self.blobs.touch_blobs(present)
+                absent = self.blobs.touch_blobs(present)
                 # A blob deleted just before its touch is missing after all.
-                missing |= self._query_missing(present)
+                missing |= self._query_missing(present) if absent is None else set(absent)
         return missing & wanted
 
     def _query_missing(self, wanted: set[Digest]) -> set[Digest]:

@@ -16,7 +16,7 @@ from typing import Any, cast
 import grpc
 
 from casframe.errors import ConfigError, MissingDependencyError
-from casframe.server.bytestream import ByteStreamService
+from casframe.server.bytestream import ByteStreamService, add_bytestream_to_server
 from casframe.server.names import Instances
 from casframe.server.services import (
     ActionCacheService,
@@ -253,13 +253,12 @@ class Server:
             remote_execution_pb2_grpc as re_grpc,
         )
         from casframe._protos.buildstream.v2 import buildstream_pb2_grpc
-        from casframe._protos.google.bytestream import bytestream_pb2_grpc
 
         self._bytestream = ByteStreamService(*shared)
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(*shared), server)
         re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(*shared), server)
         re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(*shared), server)
-        bytestream_pb2_grpc.add_ByteStreamServicer_to_server(self._bytestream, server)
+        add_bytestream_to_server(self._bytestream, server)
         remote_asset_pb2_grpc.add_FetchServicer_to_server(FetchService(*shared), server)
         remote_asset_pb2_grpc.add_PushServicer_to_server(PushService(*shared), server)
         buildstream_pb2_grpc.add_ReferenceStorageServicer_to_server(

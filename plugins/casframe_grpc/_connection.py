@@ -196,6 +196,11 @@ class Connection:
             ("grpc.keepalive_time_ms", keepalive_ms),
             ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.keepalive_permit_without_calls", 0),
+            # Bandwidth-delay probing lets a stream's receive window grow to many MiB: a pull
+            # of 8 large blobs, each a ByteStream read consumed slower than the server sends,
+            # then held hundreds of MiB in grpcio's buffers. Without it the window still
+            # covers the message being read, which loopback and LANs fill at full speed.
+            ("grpc.http2.bdp_probe", 0),
             ("grpc.enable_retries", 1),
             ("grpc.service_config", json.dumps(service_config)),
             ("grpc.primary_user_agent", "casframe"),
