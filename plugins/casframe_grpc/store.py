@@ -57,6 +57,12 @@ _REQUEST_OVERHEAD = 1024
 # What one blob adds to a batch message besides its bytes: its Digest (64 hex characters and
 # a size), field tags and length prefixes, and a status in responses. Measured at 80-90 bytes.
 _ENTRY_OVERHEAD = 128
+# Payload the core groups into one batch call, although servers accept more (casframe's 3 MiB,
+# most 4 MiB): a call's own cost is small next to 1 MiB of blobs, while each call in flight
+# holds about four times its payload (blobs, message, serialized copy, grpcio's buffer). A push
+# of 20,000 small files on loopback was as fast with 1 MiB as with 3 MiB batches and peaked
+# at 90 instead of 126 MiB (4 calls in flight).
+_BATCH_TARGET = 1 << 20
 # Entries per batch call, whatever their size: bounds the work one call asks of the server.
 _MAX_BATCH_ENTRIES = 1000
 # Digests per FindMissingBlobs call: ~80 bytes each, so 10,000 make ~800 KB, far below the
@@ -345,7 +351,7 @@ class GrpcBlobStore(BlobStore):
         self.max_blob_size = cache.max_cas_blob_size_bytes if cache is not None else 0
         # The core groups batches by payload only; leave room for a thousand entries' framing.
         framing = _MAX_BATCH_ENTRIES * _ENTRY_OVERHEAD
-        self.max_batch_bytes = max(64 << 10, self.batch_limit - framing)
+        self.max_batch_bytes = min(_BATCH_TARGET, max(64 << 10, self.batch_limit - framing))
         self.max_batch_digests = _FIND_MISSING_BATCH
         self.max_concurrency = conn.options.max_concurrency
 
