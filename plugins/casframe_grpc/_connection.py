@@ -65,6 +65,11 @@ _RETRY_POLICY = {
 # the GIL) and held more memory. Raise it over links with a long round trip.
 _DEFAULT_CONCURRENCY = 4
 
+# Receive window of each stream (grpcio's "lookahead"): two 1 MiB messages, so the next one
+# travels while the last is consumed. One stream of 1 GiB on loopback then moved 15-20% more
+# than with the default 64 KiB (one message per round trip), for 2 MiB of memory at most.
+_STREAM_WINDOW = 2 << 20
+
 _REF_PROTOCOLS = ("auto", "asset", "reference-storage")
 _TLS_OPTIONS = ("server_cert", "client_key", "client_cert")
 _KNOWN_OPTIONS = frozenset(
@@ -206,6 +211,7 @@ class Connection:
             # then held hundreds of MiB in grpcio's buffers. Without it the window still
             # covers the message being read, which loopback and LANs fill at full speed.
             ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", _STREAM_WINDOW),
             ("grpc.enable_retries", 1),
             ("grpc.service_config", json.dumps(service_config)),
             ("grpc.primary_user_agent", "casframe"),

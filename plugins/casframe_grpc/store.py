@@ -352,7 +352,8 @@ class GrpcBlobStore(BlobStore):
         # The core groups batches by payload only; leave room for a thousand entries' framing.
         framing = _MAX_BATCH_ENTRIES * _ENTRY_OVERHEAD
         self.max_batch_bytes = min(_BATCH_TARGET, max(64 << 10, self.batch_limit - framing))
-        self.max_batch_digests = _FIND_MISSING_BATCH
+        # The core may hand over many digests at once: they are split into calls here.
+        self.max_batch_digests = _FIND_MISSING_BATCH * 10
         self.max_concurrency = conn.options.max_concurrency
 
     def describe(self) -> str:
@@ -400,15 +401,28 @@ class GrpcBlobStore(BlobStore):
             for digest in pending:
                 (later if digest.hash in hashes else now).append(digest)
                 hashes.add(digest.hash)
-            for start in range(0, len(now), _FIND_MISSING_BATCH):
-                request = reapi.FindMissingBlobsRequest(instance_name=self.conn.instance)
-                _add_digests(request.blob_digests, now[start : start + _FIND_MISSING_BATCH])
-                with self.conn.calling("FindMissingBlobs"):
-                    response = self._cas.FindMissingBlobs(request, timeout=self._timeout)
-                missing.update(
-                    key for d in response.missing_blob_digests
-                    if (key := (d.hash, d.size_bytes)) in asked
-                )
+            # Calls of 10,000 digests, up to max_concurrency of them in flight: the server
+            # answers them in parallel (its lookups wait on the disk or the network).
+            window = _FIND_MISSING_BATCH * self.max_concurrency
+            for start in range(0, len(now), window):
+                calls = []
+                try:
+                    for first in range(start, min(start + window, len(now)), _FIND_MISSING_BATCH):
+                        request = reapi.FindMissingBlobsRequest(instance_name=self.conn.instance)
+                        _add_digests(request.blob_digests,
+                                     now[first : first + _FIND_MISSING_BATCH])
+                        calls.append(self._cas.FindMissingBlobs.future(
+                            request, timeout=self._timeout))
+                    for call in calls:
+                        with self.conn.calling("FindMissingBlobs"):
+                            response = call.result()
+                        missing.update(
+                            key for d in response.missing_blob_digests
+                            if (key := (d.hash, d.size_bytes)) in asked
+                        )
+                finally:
+                    for call in calls:
+                        call.cancel()  # after an error: the rest are not needed (else no-op)
             pending = later
         return {asked[key] for key in missing}
 
