@@ -19,8 +19,12 @@ them into a source file:// store (not timed). Then each repetition measures, kin
   time, verifying every blob it pulls) against casframe serve: the server alone.
 * reference: that client against a server in this script that discards uploads and serves
   zeros: grpcio and the client's own file I/O, without any storage.
-* echo: raw grpcio, 1 GiB in 1 MiB messages of plain bytes up one stream and back down another:
-  what the transport can move on this machine right now.
+* echo: raw grpcio, the large tree's size (1 GiB) in 1 MiB messages of plain bytes up one
+  stream and down another: what the transport can move on this machine right now. Then, in a
+  child, the pieces of work no transfer of the large tree can avoid, each in CPU seconds: read
+  the files, hash them, write them anew. The summary adds them up with the echo's CPU (hashing
+  counted twice: client and server each verify) into the floor of a push or pull, and the
+  best rate that floor allows with both cores free.
 
 Each part (large, small) gets a server of its own; the large trees' stores are deleted right
 after their phases (few files, so no slowdown for later file creation), the rest at the end.
@@ -61,7 +65,6 @@ PARTS = ("large", "small")
 PHASES = ("push-large", "pull-large", "push-small", "pull-small")
 KINDS = ("e2e", "local", "server", "reference", "echo")
 STREAMS = 2  # the stub client's concurrent uploads/downloads or batches: one per core
-ECHO_CHUNKS = 1024  # echo: 1 GiB in 1 MiB messages, each way
 
 
 def hwm_mib() -> float:
@@ -241,22 +244,56 @@ def stub_phase(phase: str, port: int, manifest_path: str, dest: str, check: bool
     channel.close()
 
 
-def echo_phase(phase: str, port: int) -> None:
-    """echo: 1 GiB of 1 MiB plain-bytes messages up one stream (push) or down one (pull)."""
+def echo_phase(phase: str, port: int, manifest_path: str) -> None:
+    """echo: as many bytes as the large tree holds, in 1 MiB plain-bytes messages, up one
+    stream (push) or down one (pull)."""
     import grpc
 
+    chunks = json.loads(Path(manifest_path).read_text())["trees"]["large"]["bytes"] // MiB
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=ECHO_OPTIONS)
     chunk = os.urandom(MiB)
     started, cpu0 = time.perf_counter(), cpu_s()
     if phase == "push-large":
         up = channel.stream_unary("/casframe.bench.Echo/Up")
-        received = int(up(chunk for _ in range(ECHO_CHUNKS)))
+        received = int(up(chunk for _ in range(chunks)))
     else:
         down = channel.unary_stream("/casframe.bench.Echo/Down")
-        received = sum(len(message) for message in down(b""))
-    assert received == ECHO_CHUNKS * MiB, received
+        received = sum(len(message) for message in down(str(chunks).encode()))
+    assert received == chunks * MiB, received
     report(started, cpu0, 1, received)
     channel.close()
+
+
+def floor_phase(manifest_path: str, dest: str) -> None:
+    """What every push or pull of the large tree must do at least, piece by piece, in CPU
+    seconds: read the files (warm), hash them (done once on each side), write them anew."""
+    manifest = json.loads(Path(manifest_path).read_text())
+    entries = manifest["large"]
+    buf = bytearray(MiB)
+    view = memoryview(buf)
+    parts = {"read": 0.0, "sha256": 0.0, "write": 0.0}
+    started, cpu0 = time.perf_counter(), cpu_s()
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    for index, entry in enumerate(entries):
+        h = hashlib.sha256()
+        with open(entry["path"], "rb", buffering=0) as src, \
+                open(Path(dest) / f"copy{index}", "wb", buffering=0) as out:
+            while True:
+                t = cpu_s()
+                n = src.readinto(buf)
+                parts["read"] += cpu_s() - t
+                if not n:
+                    break
+                t = cpu_s()
+                h.update(view[:n])
+                parts["sha256"] += cpu_s() - t
+                t = cpu_s()
+                out.write(view[:n])
+                parts["write"] += cpu_s() - t
+        assert h.hexdigest() == entry["hash"]
+    print(json.dumps({"op_s": time.perf_counter() - started, "cpu_s": cpu_s() - cpu0,
+                      "parts_cpu_s": parts, "bytes": sum(e["size"] for e in entries),
+                      "files": len(entries), "hwm_mib": hwm_mib()}), flush=True)
 
 
 # -- servers in this script --------------------------------------------------------------------
@@ -332,7 +369,8 @@ def reference_server() -> None:
 
 
 def echo_server() -> None:
-    """Up counts what a stream brings (answering the count as text); Down sends 1 GiB."""
+    """Up counts what a stream brings (answering the count as text); Down sends as many 1 MiB
+    messages as the request (text) asks for."""
     from concurrent import futures
 
     import grpc
@@ -343,7 +381,7 @@ def echo_server() -> None:
         return str(sum(len(message) for message in requests)).encode()
 
     def down(request: bytes, context: Any) -> Any:
-        for _ in range(ECHO_CHUNKS):
+        for _ in range(int(request)):
             yield chunk
 
     handlers = {"Up": grpc.stream_unary_rpc_method_handler(up),
@@ -445,8 +483,10 @@ def one_round(kind: str, work: Path, run_dir: Path, log: Path) -> dict[str, Any]
                         ["stub", phase, str(server.port), manifest, str(pulled),
                          "check" if kind == "server" else "nocheck"], log, server)
                 elif kind == "echo" and server is not None:
-                    results[phase] = run_child(["echo-client", phase, str(server.port)], log,
-                                               server)
+                    results[phase] = run_child(
+                        ["echo-client", phase, str(server.port), manifest], log, server)
+            if kind == "echo" and part == "large":
+                results["floor"] = run_child(["floor", manifest, str(pulled)], log)
         finally:
             if server:
                 results["server_hwm_mib"] = max(results["server_hwm_mib"], server.stop())
@@ -542,6 +582,23 @@ def summarise(rounds: dict[str, list[dict[str, Any]]], trees: dict[str, Any],
                      f"{show(median('reference', phase), unit):>14}"
                      f"{show(median('echo', phase), unit):>12}")
     lines.append("")
+    floors = [r["floor"] for r in rounds.get("echo", []) if "floor" in r]
+    if floors:
+        parts = {k: statistics.median(f["parts_cpu_s"][k] for f in floors)
+                 for k in floors[0]["parts_cpu_s"]}
+        transport = {p: median("echo", p, "cpu_s") + median("echo", p, "server_cpu_s")
+                     for p in ("push-large", "pull-large")}
+        size = floors[0]["bytes"]
+        for phase, cpu in transport.items():
+            if cpu is None:
+                continue
+            least = parts["read"] + 2 * parts["sha256"] + parts["write"] + cpu
+            lines.append(
+                f"floor of {phase}: CPU s no transfer of {size / MiB:,.0f} MiB can avoid = "
+                f"read {parts['read']:.2f} + sha256 twice {2 * parts['sha256']:.2f} + write "
+                f"{parts['write']:.2f} + grpcio (echo, both ends) {cpu:.2f} = {least:.2f} s: "
+                f"with both cores free, at most {size / (least / 2) / 1e6:,.0f} MB/s")
+        lines.append("")
     for kind in ("e2e", "server"):
         if rounds.get(kind):
             server = max(r["server_hwm_mib"] for r in rounds[kind])
@@ -570,8 +627,10 @@ if __name__ == "__main__":
     elif command == "stub":
         stub_phase(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5],
                    sys.argv[6] == "check")
+    elif command == "floor":
+        floor_phase(sys.argv[2], sys.argv[3])
     elif command == "echo-client":
-        echo_phase(sys.argv[2], int(sys.argv[3]))
+        echo_phase(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     elif command == "reference":
         reference_server()
     elif command == "echo":

@@ -3,7 +3,7 @@
 ``WriteRequest`` and ``ReadResponse`` carry a blob's content in 1 MiB pieces. Built and parsed
 through protobuf, each piece was copied three or four more times and every message got a fresh
 arena of its own (mapped, faulted in and unmapped again): measured on one grpcio stream of
-1 GiB, that cost 0.6-1.2 s of CPU per direction, a third of the whole. These functions write
+1 GiB, that cost 0.5-1.2 s of CPU per direction, a third of the whole. These functions write
 and read the same wire format (proto3; the field numbers of
 ``protos/google/bytestream/bytestream.proto``) with one copy on the way out and none on the way
 in: decoded content is a ``memoryview`` into the received message.

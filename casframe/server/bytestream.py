@@ -314,7 +314,6 @@ class ByteStreamService:
         self.spool.close()
 
 
-
 def add_bytestream_to_server(service: ByteStreamService, server: grpc.Server) -> None:
     """Register the ByteStream service, its bulk messages going through :mod:`casframe._wire`."""
     handlers = {
