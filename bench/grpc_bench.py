@@ -1,24 +1,37 @@
-"""Server-side benchmark of `casframe serve`: push and pull through a real server on loopback.
+"""Benchmark of `casframe serve` and the grpc:// backend: push and pull through a real server.
 
     .venv/bin/python bench/grpc_bench.py [--quick] [--out DIR] [--repeat N] [--keep]
+                                         [--kinds e2e,local,server,reference,echo]
 
-The client speaks the REAPI with the generated stubs directly (FindMissingBlobs, ByteStream
-Write/Read for large blobs in 1 MiB chunks, BatchUpdateBlobs/BatchReadBlobs for small ones, two
-streams or batches at a time, verifying every blob it pulls), so the figures measure the server,
-not casframe's grpc:// backend. Each repetition starts a fresh `python -m casframe.server` over
-a new `file://` store, then measures in turn:
+Builds the trees of bench/run.py (small: 20,000 files of 1-8 KiB in 401 directories, 10% of
+them duplicates; large: 8 files of 128 MiB; --quick: 2,000 files and 8 x 16 MiB) and imports
+them into a source file:// store (not timed). Then each repetition measures, kind after kind
+(A B C D E A B C D E ...), every client and every server in a process of its own, on loopback:
 
-* push of 8 large blobs (1 GiB in all; --quick: 128 MiB)       target >= 400 MB/s
-* pull of the same blobs into files                              target >= 400 MB/s
-* push of 20,000 small files (1-8 KiB; --quick: 2,000)          target >= 5,000 files/s
-* pull of the same files into a directory                        target >= 5,000 files/s
+* e2e: casframe to casframe, the issue's measurement. The source store pushes a tree to
+  `casframe serve` (python -m casframe.server over a new file:// store) through the grpc://
+  backend, then a new file:// store pulls it back:
+      push / pull large   target >= 400 MB/s       push / pull small   target >= 5,000 files/s
+* local: the same two transfers between file:// stores, without gRPC: what the stores and the
+  transfer cost on this machine at this moment (the ceiling of e2e).
+* server: a client speaking the REAPI through the generated stubs (FindMissingBlobs, ByteStream
+  Write/Read in 1 MiB chunks, BatchUpdateBlobs/BatchReadBlobs, two streams or batches at a
+  time, verifying every blob it pulls) against casframe serve: the server alone.
+* reference: that client against a server in this script that discards uploads and serves
+  zeros: grpcio and the client's own file I/O, without any storage.
+* echo: raw grpcio, the large tree's size (1 GiB) in 1 MiB messages of plain bytes up one
+  stream and down another: what the transport can move on this machine right now. Then, in a
+  child, the pieces of work no transfer of the large tree can avoid, each in CPU seconds: read
+  the files, hash them, write them anew. The summary adds them up with the echo's CPU (hashing
+  counted twice: client and server each verify) into the floor of a push or pull, and the
+  best rate that floor allows with both cores free.
 
-and, in the same run, alternating with it (A B C A B C ...), the same transfers against a
-reference server in this script that discards uploads and serves zeros (the raw grpcio
-ceiling), and straight into and out of a file:// store without gRPC (the backend's own
-ceiling on this machine at this moment). The casframe figures are quoted as ratios of both.
-Every client phase and every server runs in its own process; peak RSS comes from os.wait4
-(target: below 150 MiB each). Results go to DIR/<time>-grpc/.
+Each part (large, small) gets a server of its own; the large trees' stores are deleted right
+after their phases (few files, so no slowdown for later file creation), the rest at the end.
+Every client reports its own peak RSS (VmHWM) and CPU seconds; the server's VmHWM is read from
+/proc before it is stopped and its CPU seconds around each phase (target: peak RSS below 150
+MiB each). On a shared machine CPU seconds vary much less than times. Results go to
+DIR/<time>-grpc/results.json; see README.md.
 """
 
 from __future__ import annotations
@@ -28,7 +41,7 @@ import datetime as dt
 import hashlib
 import json
 import os
-import random
+import resource
 import shutil
 import signal
 import statistics
@@ -41,49 +54,90 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import FULL, QUICK, build_large, build_small  # noqa: E402 - the same trees as run.py
+
 MiB = 1 << 20
-SEED = 20240614
-FULL = {"large_files": 8, "large_size": 128 * MiB, "small_files": 20_000}
-QUICK = {"large_files": 8, "large_size": 16 * MiB, "small_files": 2_000}
 T_LARGE_MBPS = 400.0
 T_SMALL_FPS = 5_000.0
 T_RSS_MIB = 150.0
+PARTS = ("large", "small")
 PHASES = ("push-large", "pull-large", "push-small", "pull-small")
-STREAMS = 2  # concurrent uploads/downloads or batches: one per core of the benchmark machine
+KINDS = ("e2e", "local", "server", "reference", "echo")
+STREAMS = 2  # the stub client's concurrent uploads/downloads or batches: one per core
+
+
+def hwm_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return -1.0
+
+
+def cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def report(started: float, cpu0: float, files: int, size: int) -> None:
+    """Print the child's result: what the parent reads (the last line of stdout)."""
+    print(json.dumps({"op_s": time.perf_counter() - started, "cpu_s": cpu_s() - cpu0,
+                      "files": files, "bytes": size, "hwm_mib": hwm_mib()}), flush=True)
 
 
 # -- data -------------------------------------------------------------------------------------
 
 
-def make_data(root: Path, spec: dict[str, int]) -> dict[str, Any]:
-    """Write the large blobs and the small tree; return a manifest with every digest."""
-    rng = random.Random(SEED)
-    large = []
-    for index in range(spec["large_files"]):
-        path = root / "large" / f"blob{index}.bin"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        h = hashlib.sha256()
-        with open(path, "wb") as f:
-            for _ in range(spec["large_size"] // MiB):
-                chunk = rng.randbytes(MiB)
-                h.update(chunk)
-                f.write(chunk)
-        large.append({"path": str(path), "hash": h.hexdigest(), "size": spec["large_size"]})
-    small = []
-    for index in range(spec["small_files"]):
-        path = root / "small" / f"d{index % 64:02d}" / f"f{index}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = rng.randbytes(rng.randint(1024, 8192))
-        path.write_bytes(data)
-        small.append({"path": str(path), "hash": hashlib.sha256(data).hexdigest(),
-                      "size": len(data)})
-    return {"large": large, "small": small}
+def make_data(root: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """Build both trees and list every distinct content in them with its digest."""
+    trees = {"small": build_small(root / "small", spec["small_files"], spec["small_dirs"]),
+             "large": build_large(root / "large", spec["large_files"], spec["large_size"])}
+    manifest: dict[str, Any] = {"trees": trees}
+    for part in PARTS:
+        seen: dict[str, dict[str, Any]] = {}
+        for path in sorted((root / part).rglob("*")):
+            if path.is_file():
+                h = hashlib.sha256()
+                with open(path, "rb") as f:
+                    while chunk := f.read(MiB):
+                        h.update(chunk)
+                seen.setdefault(h.hexdigest(), {"path": str(path), "hash": h.hexdigest(),
+                                                "size": path.stat().st_size})
+        manifest[part] = list(seen.values())
+    return manifest
+
+
+def prepare_source(store_url: str, data: str) -> None:
+    """Import both trees into the source store, as refs bench/large and bench/small."""
+    from casframe import open_store
+
+    with open_store(store_url) as store:
+        for part in PARTS:
+            store.set_ref(f"bench/{part}", store.import_directory(Path(data) / part))
 
 
 # -- client phases (each in its own process) -------------------------------------------------
 
 
-def client(phase: str, port: int, manifest_path: str, dest: str, check: bool) -> None:
+def transfer_phase(phase: str, source_url: str, dest_url: str, manifest_path: str) -> None:
+    """e2e and local: ``source`` pushes the tree to ``dest``, or ``dest`` pulls it from it."""
+    from casframe import open_store
+
+    manifest = json.loads(Path(manifest_path).read_text())
+    direction, part = phase.split("-")
+    tree = manifest["trees"][part]
+    with open_store(source_url) as source, open_store(dest_url) as dest:
+        started, cpu0 = time.perf_counter(), cpu_s()
+        if direction == "push":
+            source.push(dest, f"bench/{part}")
+        else:
+            dest.pull(source, f"bench/{part}")
+        report(started, cpu0, tree["files"], tree["bytes"])
+
+
+def stub_phase(phase: str, port: int, manifest_path: str, dest: str, check: bool) -> None:
+    """server and reference: the REAPI through the generated stubs, on the distinct contents."""
     import grpc
 
     from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -95,7 +149,7 @@ def client(phase: str, port: int, manifest_path: str, dest: str, check: bool) ->
     manifest = json.loads(Path(manifest_path).read_text())
     options = [("grpc.max_receive_message_length", 8 * MiB),
                ("grpc.max_send_message_length", 8 * MiB),
-               ("grpc.http2.bdp_probe", 0)]  # bounded receive windows, as the server has
+               ("grpc.http2.bdp_probe", 0)]  # bounded receive windows, as casframe's own
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
     cas = re_grpc.ContentAddressableStorageStub(channel)
     bytestream = bytestream_pb2_grpc.ByteStreamStub(channel)
@@ -128,7 +182,7 @@ def client(phase: str, port: int, manifest_path: str, dest: str, check: bool) ->
 
     def write(entry: dict[str, Any]) -> None:
         upload = f"{os.getpid()}-{entry['hash'][:8]}"
-        resource = f"uploads/{upload}/blobs/{entry['hash']}/{entry['size']}"
+        resource_name = f"uploads/{upload}/blobs/{entry['hash']}/{entry['size']}"
 
         def requests() -> Any:
             buf = bytearray(MiB)
@@ -138,7 +192,7 @@ def client(phase: str, port: int, manifest_path: str, dest: str, check: bool) ->
                     n = f.readinto(buf)
                     last = offset + n >= entry["size"]
                     yield bytestream_pb2.WriteRequest(
-                        resource_name=resource if offset == 0 else "", write_offset=offset,
+                        resource_name=resource_name if offset == 0 else "", write_offset=offset,
                         data=bytes(buf[:n]), finish_write=last)
                     offset += n
                     if last:
@@ -173,9 +227,8 @@ def client(phase: str, port: int, manifest_path: str, dest: str, check: bool) ->
             assert matches or not check, "pulled content does not match"
             (out / item.digest.hash).write_bytes(item.data)
 
-    started = time.perf_counter()
-    kind = "large" if phase.endswith("large") else "small"
-    entries = manifest[kind]
+    started, cpu0 = time.perf_counter(), cpu_s()
+    entries = manifest["large" if phase.endswith("large") else "small"]
     with ThreadPoolExecutor(STREAMS) as pool:
         if phase == "push-large":
             list(pool.map(write, find_missing(entries)))
@@ -187,94 +240,76 @@ def client(phase: str, port: int, manifest_path: str, dest: str, check: bool) ->
             list(pool.map(batch_read, batches(entries)))
         else:
             raise SystemExit(f"unknown phase {phase}")
-    elapsed = time.perf_counter() - started
+    report(started, cpu0, len(entries), sum(e["size"] for e in entries))
     channel.close()
-    print(json.dumps({"op_s": elapsed, "files": len(entries),
-                      "bytes": sum(e["size"] for e in entries)}))
 
 
-def direct(phase: str, store_url: str, manifest_path: str, dest: str) -> None:
-    """The same transfers straight into and out of a store, without gRPC: the backend ceiling."""
-    from casframe import Digest, open_store
+def echo_phase(phase: str, port: int, manifest_path: str) -> None:
+    """echo: as many bytes as the large tree holds, in 1 MiB plain-bytes messages, up one
+    stream (push) or down one (pull)."""
+    import grpc
 
-    manifest = json.loads(Path(manifest_path).read_text())
-    store = open_store(store_url)
-    out = Path(dest)
-    out.mkdir(parents=True, exist_ok=True)
-    kind = "large" if phase.endswith("large") else "small"
-    entries = manifest[kind]
-    limit = 3 * MiB
-    groups: list[list[dict[str, Any]]] = [[]]
-    size = 0
-    for entry in entries:
-        if groups[-1] and size + entry["size"] > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(entry)
-        size += entry["size"]
-
-    def push_large(entry: dict[str, Any]) -> None:
-        with open(entry["path"], "rb", buffering=0) as f:
-            store.put_stream(f, Digest(entry["hash"], entry["size"]))
-
-    def pull_large(entry: dict[str, Any]) -> None:
-        buf = bytearray(MiB)
-        with store.open_read(Digest(entry["hash"], entry["size"])) as stream, \
-                open(out / entry["hash"], "wb") as f:
-            while n := stream.readinto(buf):
-                f.write(memoryview(buf)[:n])
-
-    def push_small(group: list[dict[str, Any]]) -> None:
-        blobs = []
-        for entry in group:
-            with open(entry["path"], "rb") as f:
-                blobs.append((Digest(entry["hash"], entry["size"]), f.read()))
-        missing = store.find_missing(d for d, _ in blobs)
-        store.put_many([(d, b) for d, b in blobs if d in missing])
-
-    def pull_small(group: list[dict[str, Any]]) -> None:
-        for digest, data in store.read_many(Digest(e["hash"], e["size"]) for e in group):
-            (out / digest.hash).write_bytes(data)
-
-    work = {"push-large": (push_large, entries), "pull-large": (pull_large, entries),
-            "push-small": (push_small, groups), "pull-small": (pull_small, groups)}
-    function, items = work[phase]
-    started = time.perf_counter()
-    with ThreadPoolExecutor(STREAMS) as pool:
-        list(pool.map(function, items))
-    elapsed = time.perf_counter() - started
-    store.close()
-    print(json.dumps({"op_s": elapsed, "files": len(entries),
-                      "bytes": sum(e["size"] for e in entries)}))
-
-
-def end_to_end(phase: str, port: int, manifest_path: str, dest: str) -> None:
-    """casframe to casframe: a file:// store pushes a tree to grpc:// (the server), and a fresh
-    file:// store pulls it back; the issue's own measurement."""
-    from casframe import open_store
-
-    manifest = json.loads(Path(manifest_path).read_text())
-    kind = "large" if phase.endswith("large") else "small"
-    data_dir = Path(manifest[kind][0]["path"]).parent
-    while data_dir.name != kind:
-        data_dir = data_dir.parent
-    remote = open_store(f"grpc://127.0.0.1:{port}")
-    local = open_store(f"file://{Path(dest) / 'store'}")
-    if phase.startswith("push"):
-        root = local.import_directory(data_dir)  # not timed: the source store exists already
-        started = time.perf_counter()
-        local.push(remote, root, ref=f"bench/{kind}")
+    chunks = json.loads(Path(manifest_path).read_text())["trees"]["large"]["bytes"] // MiB
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=ECHO_OPTIONS)
+    chunk = os.urandom(MiB)
+    started, cpu0 = time.perf_counter(), cpu_s()
+    if phase == "push-large":
+        up = channel.stream_unary("/casframe.bench.Echo/Up")
+        received = int(up(chunk for _ in range(chunks)))
     else:
-        started = time.perf_counter()
-        local.pull(remote, f"bench/{kind}")
-    elapsed = time.perf_counter() - started
-    remote.close()
-    local.close()
-    print(json.dumps({"op_s": elapsed, "files": len(manifest[kind]),
-                      "bytes": sum(e["size"] for e in manifest[kind])}))
+        down = channel.unary_stream("/casframe.bench.Echo/Down")
+        received = sum(len(message) for message in down(str(chunks).encode()))
+    assert received == chunks * MiB, received
+    report(started, cpu0, 1, received)
+    channel.close()
 
 
-# -- reference server: raw grpcio, no storage --------------------------------------------------
+def floor_phase(manifest_path: str, dest: str) -> None:
+    """What every push or pull of the large tree must do at least, piece by piece, in CPU
+    seconds: read the files (warm), hash them (done once on each side), write them anew."""
+    manifest = json.loads(Path(manifest_path).read_text())
+    entries = manifest["large"]
+    buf = bytearray(MiB)
+    view = memoryview(buf)
+    parts = {"read": 0.0, "sha256": 0.0, "write": 0.0}
+    started, cpu0 = time.perf_counter(), cpu_s()
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    for index, entry in enumerate(entries):
+        h = hashlib.sha256()
+        with open(entry["path"], "rb", buffering=0) as src, \
+                open(Path(dest) / f"copy{index}", "wb", buffering=0) as out:
+            while True:
+                t = cpu_s()
+                n = src.readinto(buf)
+                parts["read"] += cpu_s() - t
+                if not n:
+                    break
+                t = cpu_s()
+                h.update(view[:n])
+                parts["sha256"] += cpu_s() - t
+                t = cpu_s()
+                out.write(view[:n])
+                parts["write"] += cpu_s() - t
+        assert h.hexdigest() == entry["hash"]
+    print(json.dumps({"op_s": time.perf_counter() - started, "cpu_s": cpu_s() - cpu0,
+                      "parts_cpu_s": parts, "bytes": sum(e["size"] for e in entries),
+                      "files": len(entries), "hwm_mib": hwm_mib()}), flush=True)
+
+
+# -- servers in this script --------------------------------------------------------------------
+
+# The options casframe's server and grpc:// backend use, so the echo is the same transport.
+ECHO_OPTIONS = [("grpc.max_receive_message_length", 4 * MiB),
+                ("grpc.max_send_message_length", 4 * MiB), ("grpc.http2.bdp_probe", 0)]
+
+
+def serve_until_terminated(server: Any, name: str, port: int) -> None:
+    server.start()
+    print(f"{name}: serving on 127.0.0.1:{port}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    server.stop(None)
 
 
 def reference_server() -> None:
@@ -330,20 +365,53 @@ def reference_server() -> None:
     bytestream_pb2_grpc.add_ByteStreamServicer_to_server(sink, server)
     re_grpc.add_ContentAddressableStorageServicer_to_server(sink, server)
     re_grpc.add_CapabilitiesServicer_to_server(sink, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    print(f"reference: serving on 127.0.0.1:{port}", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop.wait()
-    server.stop(None)
+    serve_until_terminated(server, "reference", server.add_insecure_port("127.0.0.1:0"))
+
+
+def echo_server() -> None:
+    """Up counts what a stream brings (answering the count as text); Down sends as many 1 MiB
+    messages as the request (text) asks for."""
+    from concurrent import futures
+
+    import grpc
+
+    chunk = os.urandom(MiB)
+
+    def up(requests: Any, context: Any) -> bytes:
+        return str(sum(len(message) for message in requests)).encode()
+
+    def down(request: bytes, context: Any) -> Any:
+        for _ in range(int(request)):
+            yield chunk
+
+    handlers = {"Up": grpc.stream_unary_rpc_method_handler(up),
+                "Down": grpc.unary_stream_rpc_method_handler(down)}
+    server = grpc.server(futures.ThreadPoolExecutor(4),
+                         options=[*ECHO_OPTIONS, ("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("casframe.bench.Echo", handlers)])
+    serve_until_terminated(server, "echo", server.add_insecure_port("127.0.0.1:0"))
 
 
 # -- the run ----------------------------------------------------------------------------------
 
 
+def proc_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_hwm_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return -1.0
+
+
 class Served:
-    """A server child process; its peak RSS is read when it is stopped."""
+    """A server child process: started, measured (CPU, peak RSS) and stopped."""
 
     def __init__(self, cmd: list[str], log: Path) -> None:
         self.log = open(log, "ab")  # noqa: SIM115
@@ -354,54 +422,77 @@ class Served:
             raise RuntimeError(f"server did not start, see {log}")
         self.port = int(line.strip().rpartition(":")[2])
 
+    def cpu_s(self) -> float:
+        return proc_cpu_s(self.process.pid)
+
     def stop(self) -> float:
+        """Stop the server; return its peak RSS in MiB (VmHWM, read just before)."""
+        peak = proc_hwm_mib(self.process.pid)
         self.process.send_signal(signal.SIGTERM)
-        _, status, usage = os.wait4(self.process.pid, 0)
+        status = self.process.wait()
         self.log.close()
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"server exited with {os.waitstatus_to_exitcode(status)}")
-        return usage.ru_maxrss / 1024
+        if status != 0:
+            raise RuntimeError(f"server exited with {status}")
+        return peak
 
 
-def run_client(phase: str, port: int | str, manifest: Path, dest: Path, log: Path,
-               check: bool) -> dict[str, Any]:
-    mode = "client" if isinstance(port, int) else "direct"
-    if phase.startswith("e2e-"):
-        mode, phase = "e2e", phase[4:]
+def run_child(args: list[str], log: Path, server: Served | None = None) -> dict[str, Any]:
+    before = server.cpu_s() if server else 0.0
     with open(log, "ab") as err:
-        proc = subprocess.Popen([sys.executable, __file__, mode, phase, str(port),
-                                 str(manifest), str(dest), "check" if check else "nocheck"],
-                                stdout=subprocess.PIPE, stderr=err)
-        out = proc.stdout.read() if proc.stdout else b""
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"client {phase} failed, see {log}")
-    report = json.loads(out.decode().strip().splitlines()[-1])
-    report["client_rss_mib"] = usage.ru_maxrss / 1024
-    return report
+        done = subprocess.run([sys.executable, __file__, *args], stdout=subprocess.PIPE,
+                              stderr=err, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"client {args[:2]} failed, see {log}")
+    result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    if server:
+        result["server_cpu_s"] = server.cpu_s() - before
+    return result
 
 
-def one_round(kind: str, workdir: Path, manifest: Path, log: Path) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    if kind == "direct":
-        for phase in PHASES:
-            results[phase] = run_client(phase, f"file://{workdir / 'store'}", manifest,
-                                        workdir / phase, log, check=True)
-        results["server_rss_mib"] = 0.0
-        return results
-    if kind in ("casframe", "e2e"):
-        store = workdir / "store"
-        cmd = [sys.executable, "-m", "casframe.server", f"file://{store}",
-               "--listen", "127.0.0.1:0", "--log-level", "warning"]
-    else:
-        cmd = [sys.executable, __file__, "reference"]
-    server = Served(cmd, log)
-    try:
-        for phase in PHASES:
-            results[phase] = run_client(("e2e-" if kind == "e2e" else "") + phase, server.port,
-                                        manifest, workdir / phase, log, check=kind != "reference")
-    finally:
-        results["server_rss_mib"] = server.stop()
+def casframe_server(store: Path) -> list[str]:
+    return [sys.executable, "-m", "casframe.server", f"file://{store}",
+            "--listen", "127.0.0.1:0", "--log-level", "warning"]
+
+
+def one_round(kind: str, work: Path, run_dir: Path, log: Path) -> dict[str, Any]:
+    """All four phases of one kind; fresh stores and servers, large stores deleted after use."""
+    manifest = str(run_dir / "manifest.json")
+    source = f"file://{run_dir / 'source'}"
+    results: dict[str, Any] = {"server_hwm_mib": 0.0}
+    for part in PARTS:
+        push, pull = f"push-{part}", f"pull-{part}"
+        pushed, pulled = work / f"{part}-pushed", work / f"{part}-pulled"
+        server = None
+        if kind in ("e2e", "server"):
+            server = Served(casframe_server(pushed), log)
+        elif kind == "reference":
+            server = Served([sys.executable, __file__, "reference"], log)
+        elif kind == "echo" and part == "large":
+            server = Served([sys.executable, __file__, "echo"], log)
+        try:
+            for phase in (push, pull):
+                if kind in ("e2e", "local"):
+                    remote = (f"grpc://127.0.0.1:{server.port}" if server
+                              else f"file://{pushed}")
+                    args = (["transfer", phase, source, remote] if phase == push
+                            else ["transfer", phase, remote, f"file://{pulled}"])
+                    results[phase] = run_child([*args, manifest], log, server)
+                elif kind in ("server", "reference"):
+                    assert server is not None
+                    results[phase] = run_child(
+                        ["stub", phase, str(server.port), manifest, str(pulled),
+                         "check" if kind == "server" else "nocheck"], log, server)
+                elif kind == "echo" and server is not None:
+                    results[phase] = run_child(
+                        ["echo-client", phase, str(server.port), manifest], log, server)
+            if kind == "echo" and part == "large":
+                results["floor"] = run_child(["floor", manifest, str(pulled)], log)
+        finally:
+            if server:
+                results["server_hwm_mib"] = max(results["server_hwm_mib"], server.stop())
+        if part == "large":  # 8 big files each: deleting them does not slow file creation
+            shutil.rmtree(pushed, ignore_errors=True)
+            shutil.rmtree(pulled, ignore_errors=True)
     return results
 
 
@@ -411,85 +502,138 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the data and stores")
-    parser.add_argument("--e2e", action="store_true",
-                        help="also push and pull between file:// stores through the grpc:// "
-                             "backend (casframe on both ends)")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"which kinds to run, in this order (default {','.join(KINDS)})")
     args = parser.parse_args()
     spec = QUICK if args.quick else FULL
+    kinds = [k for k in args.kinds.split(",") if k]
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        parser.error(f"unknown kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
 
     run_dir = args.out / (dt.datetime.now().strftime("%Y%m%d-%H%M%S") + "-grpc")
     run_dir.mkdir(parents=True)
     log = run_dir / "log.txt"
-    print(f"run directory: {run_dir}")
-    manifest_data = make_data(run_dir / "data", spec)
-    manifest = run_dir / "manifest.json"
-    manifest.write_text(json.dumps(manifest_data))
-    load_before = os.getloadavg()
+    print(f"run directory: {run_dir}", flush=True)
+    load = {"start": os.getloadavg()}
+    manifest = make_data(run_dir / "data", spec)
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    subprocess.run([sys.executable, __file__, "prepare", f"file://{run_dir / 'source'}",
+                    str(run_dir / "data")], check=True)
+    load["after_generate"] = os.getloadavg()
 
-    rounds: dict[str, list[dict[str, Any]]] = {"casframe": [], "reference": [], "direct": []}
-    if args.e2e:
-        rounds["e2e"] = []
+    rounds: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
     try:
         for index in range(args.repeat):
-            for kind in rounds:  # alternating: A B C A B C ...
-                workdir = run_dir / f"{kind}{index}"
-                rounds[kind].append(one_round(kind, workdir, manifest, log))
+            for kind in kinds:  # alternating: A B C A B C ...
+                result = one_round(kind, run_dir / f"{kind}{index}", run_dir, log)
+                rounds[kind].append(result)
+                print(f"  [{index + 1}/{args.repeat}] {kind:<9} " + " | ".join(
+                    f"{p} {result[p]['op_s']:.2f} s" for p in PHASES if p in result), flush=True)
     finally:
-        load_after = os.getloadavg()
+        load["end"] = os.getloadavg()
         (run_dir / "results.json").write_text(json.dumps(
-            {"spec": spec, "rounds": rounds, "load": [load_before, load_after]}, indent=2))
-
-    def median(kind: str, phase: str, key: str) -> float:
-        values = []
-        for r in rounds[kind]:
-            report = r[phase]
-            values.append(report["bytes"] / report["op_s"] / 1e6 if key == "MB/s"
-                          else report["files"] / report["op_s"])
-        return statistics.median(values)
-
-    print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}")
-    print(f"{'phase':<12}{'casframe':>14}{'raw grpcio':>14}{'ratio':>7}"
-          f"{'direct':>14}{'ratio':>7}{'target':>14}  ok")
-    for phase, key, target in (("push-large", "MB/s", T_LARGE_MBPS),
-                               ("pull-large", "MB/s", T_LARGE_MBPS),
-                               ("push-small", "files/s", T_SMALL_FPS),
-                               ("pull-small", "files/s", T_SMALL_FPS)):
-        ours, ref = median("casframe", phase, key), median("reference", phase, key)
-        store = median("direct", phase, key)
-        print(f"{phase:<12}{ours:>8.0f} {key:<7}{ref:>8.0f} {key:<7}{ours / ref:>5.2f}"
-              f"{store:>8.0f} {key:<7}{ours / store:>5.2f}{target:>8.0f} {key:<7}"
-              f"{'yes' if ours >= target else 'NO'}")
-    if args.e2e:
-        print("end to end (file:// -> casframe serve -> file://, casframe's grpc:// backend):")
-        for phase, key, target in (("push-large", "MB/s", T_LARGE_MBPS),
-                                   ("pull-large", "MB/s", T_LARGE_MBPS),
-                                   ("push-small", "files/s", T_SMALL_FPS),
-                                   ("pull-small", "files/s", T_SMALL_FPS)):
-            ours = median("e2e", phase, key)
-            print(f"{phase:<12}{ours:>8.0f} {key:<7}{target:>8.0f} {key:<7}"
-                  f"{'yes' if ours >= target else 'NO'}")
-    served_kinds = [k for k in ("casframe", "e2e") if k in rounds]
-    server_rss = max(r["server_rss_mib"] for k in served_kinds for r in rounds[k])
-    client_rss = max(r[p]["client_rss_mib"] for k in served_kinds for r in rounds[k] for p in r
-                     if p != "server_rss_mib")
-    rss_ok = "yes" if max(server_rss, client_rss) < T_RSS_MIB else "NO"
-    print(f"peak RSS: server {server_rss:.0f} MiB, client {client_rss:.0f} MiB "
-          f"(target < {T_RSS_MIB:.0f}) {rss_ok}")
+            {"spec": spec, "trees": manifest["trees"], "rounds": rounds, "load": load},
+            indent=2))
+    summary = summarise(rounds, manifest["trees"], load, args.repeat)
+    (run_dir / "summary.txt").write_text(summary)
     if not args.keep:
         shutil.rmtree(run_dir / "data")
-        for kind in rounds:
+        shutil.rmtree(run_dir / "source")
+        for kind in kinds:
             for index in range(args.repeat):
                 shutil.rmtree(run_dir / f"{kind}{index}", ignore_errors=True)
 
 
+def summarise(rounds: dict[str, list[dict[str, Any]]], trees: dict[str, Any],
+              load: dict[str, Any], repeat: int) -> str:
+    def rate(report: dict[str, Any], phase: str) -> float:
+        if phase.endswith("large"):
+            return report["bytes"] / report["op_s"] / 1e6
+        return report["files"] / report["op_s"]
+
+    def median(kind: str, phase: str, key: str | None = None) -> float | None:
+        values = [(r[phase][key] if key else rate(r[phase], phase))
+                  for r in rounds.get(kind, []) if phase in r]
+        return statistics.median(values) if values else None
+
+    def show(value: float | None, unit: str = "", fmt: str = ",.0f") -> str:
+        return "-" if value is None else f"{value:{fmt}}{unit}"
+
+    lines = [f"load average (1 min): start {load['start'][0]:.2f}, after generating "
+             f"{load['after_generate'][0]:.2f}, end {load['end'][0]:.2f}; {os.cpu_count()} cores",
+             f"medians of {repeat} alternating runs; small = {trees['small']['files']:,} files "
+             f"in {trees['small']['dirs']} directories, large = {trees['large']['files']} x "
+             f"{trees['large']['bytes'] // trees['large']['files'] // MiB} MiB", ""]
+    header = (f"{'phase':<11}{'e2e':>14}{'target':>12}  ok  {'client/server CPU s':>20}"
+              f"{'local':>14}{'e2e/local':>10}{'server':>14}{'reference':>14}{'echo':>12}")
+    lines += [header, "-" * len(header)]
+    for phase in PHASES:
+        unit, target = (" MB/s", T_LARGE_MBPS) if phase.endswith("large") else (" f/s",
+                                                                                T_SMALL_FPS)
+        ours, local = median("e2e", phase), median("local", phase)
+        ok = "-" if ours is None else ("yes" if ours >= target else "NO")
+        cpu = (f"{show(median('e2e', phase, 'cpu_s'), fmt='.2f')} / "
+               f"{show(median('e2e', phase, 'server_cpu_s'), fmt='.2f')}")
+        ratio = "-" if ours is None or not local else f"{ours / local:.2f}"
+        lines.append(f"{phase:<11}{show(ours, unit):>14}{show(target, unit):>12}  {ok:<4}"
+                     f"{cpu:>20}{show(local, unit):>14}{ratio:>10}"
+                     f"{show(median('server', phase), unit):>14}"
+                     f"{show(median('reference', phase), unit):>14}"
+                     f"{show(median('echo', phase), unit):>12}")
+    lines.append("")
+    floors = [r["floor"] for r in rounds.get("echo", []) if "floor" in r]
+    if floors:
+        parts = {k: statistics.median(f["parts_cpu_s"][k] for f in floors)
+                 for k in floors[0]["parts_cpu_s"]}
+        transport = {p: median("echo", p, "cpu_s") + median("echo", p, "server_cpu_s")
+                     for p in ("push-large", "pull-large")}
+        size = floors[0]["bytes"]
+        for phase, cpu in transport.items():
+            if cpu is None:
+                continue
+            least = parts["read"] + 2 * parts["sha256"] + parts["write"] + cpu
+            lines.append(
+                f"floor of {phase}: CPU s no transfer of {size / MiB:,.0f} MiB can avoid = "
+                f"read {parts['read']:.2f} + sha256 twice {2 * parts['sha256']:.2f} + write "
+                f"{parts['write']:.2f} + grpcio (echo, both ends) {cpu:.2f} = {least:.2f} s: "
+                f"with both cores free, at most {size / (least / 2) / 1e6:,.0f} MB/s")
+        lines.append("")
+    for kind in ("e2e", "server"):
+        if rounds.get(kind):
+            server = max(r["server_hwm_mib"] for r in rounds[kind])
+            client = max(r[p]["hwm_mib"] for r in rounds[kind] for p in PHASES if p in r)
+            worst = max(server, client)
+            lines.append(f"peak RSS ({kind}): server {server:.0f} MiB, client {client:.0f} MiB "
+                         f"(target < {T_RSS_MIB:.0f}) {'yes' if worst < T_RSS_MIB else 'NO'}")
+    lines += [
+        "",
+        "e2e: file:// -> casframe serve -> file:// through the grpc:// backend (files/s counts "
+        "the tree's files); local: the same transfers file:// -> file://; server: REAPI stubs "
+        "against casframe serve and reference: against a sink serving zeros (both count "
+        "distinct blobs); echo: raw grpcio, one stream of 1 MiB messages each way",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "client":
-        client(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6] == "check")
-    elif len(sys.argv) > 1 and sys.argv[1] == "e2e":
-        end_to_end(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
-    elif len(sys.argv) > 1 and sys.argv[1] == "direct":
-        direct(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
-    elif len(sys.argv) > 1 and sys.argv[1] == "reference":
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command == "prepare":
+        prepare_source(sys.argv[2], sys.argv[3])
+    elif command == "transfer":
+        transfer_phase(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
+    elif command == "stub":
+        stub_phase(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5],
+                   sys.argv[6] == "check")
+    elif command == "floor":
+        floor_phase(sys.argv[2], sys.argv[3])
+    elif command == "echo-client":
+        echo_phase(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    elif command == "reference":
         reference_server()
+    elif command == "echo":
+        echo_server()
     else:
         main()

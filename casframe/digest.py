@@ -7,6 +7,7 @@ It must never read a whole large file into memory.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -108,9 +109,7 @@ class Digest(tuple[str, int]):
         return cls(message.hash, message.size_bytes)
 
     def to_proto(self) -> remote_execution_pb2.Digest:
-        from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2
-
-        return remote_execution_pb2.Digest(hash=self.hash, size_bytes=self.size)
+        return _digest_message()(hash=self[0], size_bytes=self[1])
 
     @classmethod
     def from_serialized(cls, data: bytes) -> Digest:
@@ -145,6 +144,15 @@ class Hasher:
 
     def digest(self) -> Digest:
         return Digest._trusted(self._h.hexdigest(), self.size)
+
+
+@functools.cache
+def _digest_message() -> type[remote_execution_pb2.Digest]:
+    # Imported on first use (the protos are not needed to hash), then kept: transfers convert
+    # tens of thousands of digests, and an import statement per call cost more than the rest.
+    from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2
+
+    return remote_execution_pb2.Digest
 
 
 EMPTY_DIGEST = Digest(hashlib.sha256(b"").hexdigest(), 0)

@@ -236,8 +236,13 @@ class BlobStore(ABC):
         """
         raise UnsupportedOperationError(f"{type(self).__name__} cannot delete blobs")
 
-    def touch_blobs(self, digests: Iterable[Digest]) -> None:
-        """Refresh blobs' modification times, so prune's grace period covers them (``touch``)."""
+    def touch_blobs(self, digests: Iterable[Digest]) -> Collection[Digest] | None:
+        """Refresh blobs' modification times, so prune's grace period covers them (``touch``).
+
+        Absent blobs are ignored. Return the digests that were not there to touch, so that
+        ``find_missing(freshen=True)`` need not ask again; a backend that cannot tell returns
+        ``None`` and the core asks ``find_missing_blobs`` about every touched blob once more.
+        """
         raise UnsupportedOperationError(f"{type(self).__name__} cannot touch blobs")
 
     def clean_temp(self, older_than: float, *, dry_run: bool = False) -> tuple[int, int]:

@@ -7,6 +7,7 @@ copies only what is still missing. Every blob is verified as it arrives.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -21,7 +22,13 @@ from casframe.tree import iter_tree
 if TYPE_CHECKING:
     from casframe.store import Store
 
-__all__ = ["TransferResult", "copy_blobs", "transfer"]
+__all__ = ["REFRESH_AFTER", "TransferResult", "copy_blobs", "transfer"]
+
+#: Seconds after which a transfer touches its whole closure again before setting the ref. Every
+#: blob of the closure was touched or stored after the transfer began, so a shorter transfer is
+#: safe beside any prune whose grace period is longer than this; a longer one refreshes them
+#: (on S3 a touch is a server-side copy of the object, so it is not done needlessly).
+REFRESH_AFTER = 60.0
 
 
 @dataclass(frozen=True)
@@ -39,25 +46,31 @@ class TransferResult:
         return self.blobs_sent == 0
 
 
-def _postorder(root: Digest, directories: dict[Digest, Directory]) -> list[Digest]:
-    """Directories ordered so that each comes after every Directory it contains."""
-    order: list[Digest] = []
-    done: set[Digest] = set()
+def _by_height(root: Digest, directories: dict[Digest, Directory]) -> list[list[Digest]]:
+    """Directories grouped by height: first those without subdirectories, then those whose
+    subdirectories are all in earlier groups, and so on up to the root.
+
+    Storing the groups in order stores every Directory after everything it contains, while a
+    whole group can go in one batch call (a tree of depth N takes N+1 groups, not one call per
+    Directory).
+    """
+    height: dict[Digest, int] = {}
     stack: list[tuple[Digest, bool]] = [(root, False)]
     while stack:
         digest, children_done = stack.pop()
-        if digest in done:
+        if digest in height:
             continue
+        children = [Digest(n.digest.hash, n.digest.size_bytes)
+                    for n in directories[digest].directories]
         if children_done:
-            done.add(digest)
-            order.append(digest)
+            height[digest] = 1 + max((height[c] for c in children), default=-1)
             continue
         stack.append((digest, True))
-        for node in directories[digest].directories:
-            child = Digest(node.digest.hash, node.digest.size_bytes)
-            if child not in done:
-                stack.append((child, False))
-    return order
+        stack.extend((c, False) for c in children if c not in height)
+    groups: list[list[Digest]] = [[] for _ in range(height[root] + 1)]
+    for digest, level in height.items():
+        groups[level].append(digest)
+    return groups
 
 
 def copy_blobs(
@@ -86,7 +99,9 @@ def copy_blobs(
         batches.append(current)
 
     def copy_batch(batch: list[Digest]) -> None:
-        dest.put_many(list(source.read_many(batch)))
+        # read_many has verified every blob against its digest: store them without hashing
+        # them a second time.
+        dest.blobs.write_blobs([(d, data) for d, data in source.read_many(batch) if d.size])
         if on_done:
             on_done(sum(d.size for d in batch))
 
@@ -136,23 +151,27 @@ def transfer(
     for directory in directories.values():
         files.update(Digest(n.digest.hash, n.digest.size_bytes) for n in directory.files)
     closure = files | directories.keys()
+    started = time.monotonic()
     missing = dest.find_missing(closure, freshen=True)
 
     missing_files = [d for d in files if d in missing]
-    missing_dirs = [d for d in _postorder(root, directories) if d in missing]
-    total_bytes = sum(d.size for d in missing_files) + sum(d.size for d in missing_dirs)
+    missing_dirs = [[d for d in group if d in missing] for group in _by_height(root, directories)]
+    total_bytes = sum(d.size for d in missing_files) + sum(
+        d.size for group in missing_dirs for d in group
+    )
     progress.start("transfer", total_bytes, unit="B")
     copy_blobs(source, dest, missing_files, on_done=progress.advance)
-    # Children before parents, one at a time, so a stored Directory is always complete.
-    for digest in missing_dirs:
-        data = blobs_of_dirs[digest]
-        dest.put_bytes(data, digest)
-        progress.advance(len(data))
+    # Children before parents, a whole height at a time, so a stored Directory is always
+    # complete.
+    for group in missing_dirs:
+        dest.put_many([(digest, blobs_of_dirs[digest]) for digest in group])
+        progress.advance(sum(d.size for d in group))
     if ref is not None:
-        # Touch and re-check the whole closure right before the ref appears: a prune running
-        # during a transfer longer than its grace period may have removed blobs found or sent
-        # early. Setting the ref now would leave it pointing at an incomplete tree.
-        lost = dest.find_missing(closure, freshen=True)
+        # Re-check the whole closure right before the ref appears, and touch it again if the
+        # transfer took long: a prune running during a transfer longer than its grace period
+        # may have removed blobs found or sent early. Setting the ref now would leave it
+        # pointing at an incomplete tree.
+        lost = dest.find_missing(closure, freshen=time.monotonic() - started > REFRESH_AFTER)
         if lost:
             raise BlobNotFoundError(
                 lost, f"{dest.url} (a concurrent prune removed them during the transfer; rerun it)"
@@ -163,7 +182,7 @@ def transfer(
         root=root,
         ref=ref,
         blobs_total=sum(1 for d in files | directories.keys() if d.size),
-        blobs_sent=len(missing_files) + len(missing_dirs),
+        blobs_sent=len(missing_files) + sum(len(group) for group in missing_dirs),
         bytes_sent=total_bytes,
     )
 

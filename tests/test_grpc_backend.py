@@ -28,6 +28,7 @@ from casframe import (
     CasframeError,
     ConfigError,
     Digest,
+    DigestMismatchError,
     PermissionDeniedError,
     RefNotFoundError,
     Store,
@@ -160,6 +161,125 @@ def test_large_blob_streams_through_bytestream_with_offsets(
     assert served.recorder.count(_BYTESTREAM + "Write") == 1
 
 
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_an_announced_upload_streams_before_it_is_committed(served: Served, store: Store) -> None:
+    """A large blob whose digest is known goes out while it is written, not spooled first;
+    the server commits it only when the core commits it."""
+    data = random_bytes(6 * CHUNK_SIZE + 5, seed=3)
+    digest = Digest.of_bytes(data)
+    writer = store.blobs.begin_write_for(digest)
+    for start in range(0, 5 * CHUNK_SIZE, CHUNK_SIZE):
+        writer.write(data[start : start + CHUNK_SIZE])
+    # Chunks already travelled: the server holds an upload in progress, not a blob.
+    _wait_for(lambda: served.server.partial_uploads == 1, "the upload to reach the server")
+    assert served.backing.find_missing([digest]) == {digest}
+    writer.write(data[5 * CHUNK_SIZE :])
+    writer.commit(digest)
+    assert served.backing.read_bytes(digest) == data
+    assert served.server.partial_uploads == 0
+    assert served.recorder.count(_BYTESTREAM + "Write") == 1
+
+
+def test_an_upload_the_core_refuses_is_never_committed(served: Served, store: Store) -> None:
+    data = random_bytes(4 * CHUNK_SIZE, seed=4)
+    claimed = Digest.of_bytes(data[:-1] + b"?")
+    with pytest.raises(DigestMismatchError):
+        store.put_stream(io.BytesIO(data), claimed)
+    actual = Digest.of_bytes(data)
+    assert served.backing.find_missing([claimed, actual]) == {claimed, actual}
+    # An abort in the middle cancels the call: nothing is stored either.
+    writer = store.blobs.begin_write_for(actual)
+    writer.write(data[: 3 * CHUNK_SIZE])
+    writer.abort()
+    assert served.backing.find_missing([actual]) == {actual}
+    assert store.put_stream(io.BytesIO(data), actual) == actual  # and the blob can still go
+    assert served.backing.read_bytes(actual) == data
+
+
+def test_a_transfer_stores_directories_a_level_at_a_time(
+    served: Served, store: Store, tmp_path: Path
+) -> None:
+    source = tmp_path / "tree"
+    for a in range(4):  # 1 + 4 + 16 + 64 = 85 directories, 4 levels
+        for b in range(4):
+            for c in range(4):
+                leaf = source / f"a{a}" / f"b{b}" / f"c{c}"
+                leaf.mkdir(parents=True)
+                (leaf / "f").write_bytes(b"%d %d %d" % (a, b, c))
+    with open_store(f"file://{tmp_path / 'local'}") as local:
+        root = local.import_directory(source)
+        served.recorder.reset()
+        result = local.push(store, root, ref="levels")
+    assert result.blobs_sent == 85 + 64
+    # One call for the 64 files, then one per level of Directories: not one per Directory.
+    assert served.recorder.count(_CAS + "BatchUpdateBlobs") == 1 + 4
+    assert store.get_ref("levels") == root
+
+
+class InFlight(grpc.ServerInterceptor):
+    """Tracks how many calls of the given methods run at once, holding each a little."""
+
+    def __init__(self, methods: tuple[str, ...], hold: float) -> None:
+        self.methods = methods
+        self.hold = hold
+        self.now = self.most = 0
+        self._lock = threading.Lock()
+
+    def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or not details.method.endswith(self.methods):
+            return handler
+        behavior = handler.unary_unary or handler.stream_unary
+
+        def held(request: Any, context: grpc.ServicerContext) -> Any:
+            with self._lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+            try:
+                time.sleep(self.hold)
+                return behavior(request, context)
+            finally:
+                with self._lock:
+                    self.now -= 1
+
+        make = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
+                else grpc.stream_unary_rpc_method_handler)
+        return make(held, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+
+@pytest.mark.parametrize("concurrency", [3, 5])
+def test_a_transfer_keeps_max_concurrency_calls_in_flight(
+    tmp_path: Path, concurrency: int
+) -> None:
+    """Batches and streams go out concurrently, never more than ``max_concurrency`` at once
+    (a transfer uses the larger of its two stores' concurrency; file:// allows 2)."""
+    in_flight = InFlight(("/BatchUpdateBlobs", "/Write"), hold=0.05)
+    blobs = [random_bytes(300_000, seed=i) for i in range(24)]  # ~7 batch calls
+    blobs += [random_bytes(2 * CHUNK_SIZE + i, seed=100 + i) for i in range(4)]  # 4 streams
+    with open_store("memory://") as backing, \
+            Server(backing, interceptors=[in_flight]) as server, \
+            open_store(f"grpc://127.0.0.1:{server.port}?max_concurrency={concurrency}") as store, \
+            open_store(f"file://{tmp_path / 'local'}") as local:
+        from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
+            Directory,
+            FileNode,
+        )
+
+        files = [FileNode(name=f"f{i:02}", digest=local.put_bytes(b).to_proto())
+                 for i, b in enumerate(blobs)]
+        root = local.put_directory(Directory(files=files))
+        local.push(store, root, ref="wide")
+        assert backing.get_ref("wide") == root
+    assert in_flight.most == concurrency
+
+
 def test_a_stream_reads_across_messages_and_can_be_abandoned(served: Served, store: Store) -> None:
     data = random_bytes(4 * CHUNK_SIZE, seed=2)
     digest = served.backing.put_bytes(data)
@@ -220,8 +340,9 @@ def test_capabilities_are_read_on_open(store: Store) -> None:
     assert blobs.capabilities == frozenset()
     # casframe's server advertises 3 MiB (4 MiB messages, 1 MiB kept for framing).
     assert blobs.batch_limit == (3 << 20) - 1024  # type: ignore[attr-defined]
-    assert blobs.max_batch_bytes < blobs.batch_limit  # type: ignore[attr-defined]
-    assert blobs.max_concurrency == 8
+    # The core groups 1 MiB per call: each call in flight holds about four times its payload.
+    assert blobs.max_batch_bytes == 1 << 20
+    assert blobs.max_concurrency == 4
 
 
 # -- refs ----------------------------------------------------------------------------------------
@@ -308,6 +429,56 @@ def test_transfer_file_to_grpc_to_file(
         assert pulled.blobs_sent == pushed.blobs_total
         last.checkout("release/1", tmp_path / "out")
     assert_tree_equal(source, tmp_path / "out")
+
+
+_TRANSFER_IN_A_CHILD = """
+import json, sys
+from casframe import open_store
+direction, remote_url, local_url = sys.argv[1:]
+with open_store(remote_url) as remote, open_store(local_url) as local:
+    if direction == "push":
+        local.push(remote, "big")
+    else:
+        local.pull(remote, "big")
+with open("/proc/self/status") as status:
+    peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+print(json.dumps({"peak_mib": peak / 1024}))
+"""
+
+
+def test_large_transfers_stay_within_memory_in_a_child(tmp_path: Path) -> None:
+    """Pushing and pulling 192 MiB of large blobs, four streams at a time, holds a few MiB per
+    stream: nothing is spooled in memory, and grpcio's receive windows do not grow to buffer
+    whole streams that the client consumes more slowly than the server sends them."""
+    import json
+    import subprocess
+    import sys
+
+    from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
+        Directory,
+        FileNode,
+    )
+
+    size = 48 << 20
+    with open_store(f"file://{tmp_path / 'source'}") as source:
+        files = [FileNode(name=f"big{i}", digest=source.put_bytes(random_bytes(size, i)).to_proto())
+                 for i in range(4)]
+        source.set_ref("big", source.put_directory(Directory(files=files)))
+    peaks = {}
+    with open_store(f"file://{tmp_path / 'served'}") as backing, Server(backing) as server:
+        for direction, local in (("push", "source"), ("pull", "pulled")):
+            done = subprocess.run(
+                [sys.executable, "-c", _TRANSFER_IN_A_CHILD, direction,
+                 f"grpc://127.0.0.1:{server.port}", f"file://{tmp_path / local}"],
+                capture_output=True, text=True, timeout=300, check=False,
+            )
+            assert done.returncode == 0, done.stderr
+            peaks[direction] = json.loads(done.stdout)["peak_mib"]
+        assert backing.find_missing(Digest.from_proto(f.digest) for f in files) == set()
+    with open_store(f"file://{tmp_path / 'pulled'}") as pulled:
+        assert pulled.find_missing(Digest.from_proto(f.digest) for f in files) == set()
+    # A child holds ~45 MiB before it transfers anything; unbounded windows took 200+ MiB.
+    assert peaks["push"] < 120 and peaks["pull"] < 120, peaks
 
 
 def test_instance_names_reach_the_server(served: Served) -> None:

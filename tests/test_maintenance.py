@@ -25,6 +25,7 @@ from casframe import (
 )
 from casframe.maintenance import du, fsck, gc, parse_duration, parse_size, prune
 from casframe.testing.conformance import ConformanceBase
+from casframe.tree import missing_in_tree
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -192,3 +193,38 @@ def test_fsck_without_list_checks_what_refs_reach(tmp_path: Path) -> None:
         ("corrupt", digest, ["r"])
     ]
     assert report.blobs_checked == 4  # 2 Directories + 2 files
+
+
+# -- transfers and the grace period -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("long_transfer", [False, True])
+def test_a_transfer_touches_its_closure_again_only_when_it_took_long(
+    memory_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, long_transfer: bool
+) -> None:
+    """Touching costs a server-side copy per object on S3: a short push touches once."""
+    import casframe.transfer
+
+    source = memory_store
+    tree = import_tree(source, tmp_path, "t", {"a": blob(100, "a"), "d/b": blob(200, "b")})
+    dest = Store(MemoryBlobStore(), MemoryRefStore(), url="dest://")
+    dest.put_bytes(blob(100, "a"))  # already there: touched at the start
+    touched: list[set[Digest]] = []
+    real_freshen = dest.blobs.freshen_blobs
+
+    def freshen(digests):  # type: ignore[no-untyped-def]
+        touched.append(set(digests))
+        return real_freshen(digests)
+
+    dest.blobs.freshen_blobs = freshen  # type: ignore[method-assign]
+    if long_transfer:
+        monkeypatch.setattr(casframe.transfer, "REFRESH_AFTER", -1.0)
+
+    source.push(dest, tree, ref="r")
+
+    closure = {d for d in source.tree_digests(tree) if d.size}
+    assert touched[0] == closure  # the first check touches what is there
+    assert len(touched) == (2 if long_transfer else 1)
+    if long_transfer:
+        assert touched[1] == closure
+    assert dest.get_ref("r") == tree and not missing_in_tree(dest, tree)

@@ -23,14 +23,15 @@ from collections.abc import Iterator
 
 import grpc
 
-from casframe._protos.google.bytestream import bytestream_pb2, bytestream_pb2_grpc
+from casframe._protos.google.bytestream import bytestream_pb2
+from casframe._wire import WriteChunk, decode_write_request, encode_read_response
 from casframe.digest import Digest
 from casframe.server.errors import StatusError, rpc_method
 from casframe.server.names import Instances, parse_read_resource, parse_write_resource
 from casframe.server.settings import ServerSettings
 from casframe.store import Store
 
-__all__ = ["ByteStreamService", "UploadSpool"]
+__all__ = ["ByteStreamService", "UploadSpool", "add_bytestream_to_server"]
 
 log = logging.getLogger("casframe.server")
 
@@ -55,7 +56,7 @@ class _Upload:
         """Bytes received so far: where the next chunk must start."""
         return self._upload.size
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         self._upload.write(data)
 
     def commit(self) -> None:
@@ -179,7 +180,11 @@ class UploadSpool:
             upload.abort()
 
 
-class ByteStreamService(bytestream_pb2_grpc.ByteStreamServicer):
+class ByteStreamService:
+    """Read, Write and QueryWriteStatus. Read yields the content of each ``ReadResponse`` and
+    Write receives :class:`casframe._wire.WriteChunk` objects: :func:`add_bytestream_to_server`
+    registers them with the hand-written codecs of :mod:`casframe._wire`."""
+
     def __init__(self, store: Store, settings: ServerSettings, instances: Instances) -> None:
         self.store = store
         self.settings = settings
@@ -191,7 +196,7 @@ class ByteStreamService(bytestream_pb2_grpc.ByteStreamServicer):
     @rpc_method
     def Read(  # noqa: N802 - gRPC method name
         self, request: bytestream_pb2.ReadRequest, context: grpc.ServicerContext
-    ) -> Iterator[bytestream_pb2.ReadResponse]:
+    ) -> Iterator[bytes]:
         name = parse_read_resource(request.resource_name)
         self.instances.check(name.instance)
         digest = name.digest
@@ -220,12 +225,11 @@ class ByteStreamService(bytestream_pb2_grpc.ByteStreamServicer):
             while remaining > 0:
                 data = stream.read(min(chunk, remaining))
                 remaining -= len(data)
-                yield bytestream_pb2.ReadResponse(data=data)
+                yield data  # encoded as a ReadResponse by encode_read_response
 
     @rpc_method
     def Write(  # noqa: N802 - gRPC method name
-        self, request_iterator: Iterator[bytestream_pb2.WriteRequest],
-        context: grpc.ServicerContext,
+        self, request_iterator: Iterator[WriteChunk], context: grpc.ServicerContext
     ) -> bytestream_pb2.WriteResponse:
         first = next(request_iterator, None)
         if first is None:
@@ -244,12 +248,12 @@ class ByteStreamService(bytestream_pb2_grpc.ByteStreamServicer):
         single = first.finish_write and first.write_offset == 0
         if single and self.spool.committed(resource) is None:
             # The whole blob in one message: no need to keep anything for resumption.
-            self.store.put_bytes(first.data, digest)
+            self.store.put_bytes(bytes(first.data), digest)
             return bytestream_pb2.WriteResponse(committed_size=digest.size)
 
         upload = self.spool.attach(resource, digest)
         try:
-            request: bytestream_pb2.WriteRequest | None = first
+            request: WriteChunk | None = first
             while request is not None:
                 if request.resource_name and request.resource_name != resource:
                     raise StatusError(
@@ -264,9 +268,8 @@ class ByteStreamService(bytestream_pb2_grpc.ByteStreamServicer):
                         f"{upload.committed} bytes committed for {resource!r} "
                         "(ask QueryWriteStatus where to continue)",
                     )
-                data = request.data  # each access copies the bytes out of the message
-                if data:
-                    upload.write(data)
+                if request.data:
+                    upload.write(request.data)  # a view into the received message
                 if request.finish_write:
                     upload.commit()
                     self.spool.remove(upload, abort=False)
@@ -310,3 +313,26 @@ class ByteStreamService(bytestream_pb2_grpc.ByteStreamServicer):
     def close(self) -> None:
         self.spool.close()
 
+
+def add_bytestream_to_server(service: ByteStreamService, server: grpc.Server) -> None:
+    """Register the ByteStream service, its bulk messages going through :mod:`casframe._wire`."""
+    handlers = {
+        "Read": grpc.unary_stream_rpc_method_handler(
+            service.Read,
+            request_deserializer=bytestream_pb2.ReadRequest.FromString,
+            response_serializer=encode_read_response,
+        ),
+        "Write": grpc.stream_unary_rpc_method_handler(
+            service.Write,
+            request_deserializer=decode_write_request,
+            response_serializer=bytestream_pb2.WriteResponse.SerializeToString,
+        ),
+        "QueryWriteStatus": grpc.unary_unary_rpc_method_handler(
+            service.QueryWriteStatus,
+            request_deserializer=bytestream_pb2.QueryWriteStatusRequest.FromString,
+            response_serializer=bytestream_pb2.QueryWriteStatusResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("google.bytestream.ByteStream", handlers),)
+    )

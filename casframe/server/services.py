@@ -178,11 +178,13 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
     ) -> re_pb2.BatchUpdateBlobsResponse:
         self._check(request.instance_name, request.digest_function)
         self._check_writable()
-        self._check_batch_size(sum(len(r.data) for r in request.requests), "batch update")
+        items = request.requests
+        contents = [item.data for item in items]  # each access copies the bytes: once each
+        self._check_batch_size(sum(map(len, contents)), "batch update")
 
         statuses = []
         verified: dict[Digest, bytes] = {}
-        for item in request.requests:
+        for item, data in zip(items, contents, strict=True):
             try:
                 digest = _digest(item.digest)
                 if item.compressor != _IDENTITY:
@@ -190,26 +192,33 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
                         grpc.StatusCode.INVALID_ARGUMENT,
                         f"blob {digest}: compressor {item.compressor} is not supported",
                     )
-                actual = Digest.of_bytes(item.data)
+                actual = Digest.of_bytes(data)
                 if actual != digest:
                     raise DigestMismatchError(digest, actual)
             except Exception as exc:  # noqa: BLE001 - one bad blob fails alone
                 statuses.append(status_proto(exc))
                 continue
-            verified[digest] = item.data
+            if digest.size:
+                verified[digest] = data
             statuses.append(None)
 
         failure = None
         if verified:
             try:
-                missing = self.store.find_missing(verified)
-                self.store.put_many([(d, verified[d]) for d in missing])
+                # Verified just above, blob by blob, so that a bad one fails alone: handed to
+                # the backend as Store.put_many would, without hashing everything twice. No
+                # existence check first: clients send what FindMissingBlobs reported missing,
+                # and storing a blob that is there already succeeds and freshens it.
+                self.store.blobs.write_blobs(list(verified.items()))
             except Exception as exc:  # noqa: BLE001 - reported on each blob it concerns
                 failure = status_proto(exc)
 
         response = re_pb2.BatchUpdateBlobsResponse()
-        for item, status in zip(request.requests, statuses, strict=True):
-            response.responses.add(digest=item.digest, status=status or failure or OK_STATUS)
+        add = response.responses.add
+        for item, status in zip(items, statuses, strict=True):
+            entry = add()  # filled in place: a third faster than add(digest=..., status=...)
+            entry.digest.CopyFrom(item.digest)
+            entry.status.CopyFrom(status or failure or OK_STATUS)
         return response
 
     @rpc_method
@@ -241,14 +250,16 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
                         results[digest] = exc
 
         response = re_pb2.BatchReadBlobsResponse()
+        add = response.responses.add
         for message, parsed in zip(request.digests, digests, strict=True):
             outcome = results[parsed] if isinstance(parsed, Digest) else parsed
             if isinstance(outcome, BaseException):
-                response.responses.add(digest=message, status=status_proto(outcome))
+                entry = add()
+                entry.status.CopyFrom(status_proto(outcome))
             else:
-                response.responses.add(
-                    digest=message, data=outcome, compressor=_IDENTITY, status=OK_STATUS
-                )
+                entry = add(data=outcome, compressor=_IDENTITY)
+                entry.status.CopyFrom(OK_STATUS)
+            entry.digest.CopyFrom(message)
         return response
 
     @rpc_method

@@ -431,7 +431,8 @@ class BlobConformance(ConformanceBase):
 
         before = mtime()
         time.sleep(max(0.02, 1.05 * self.mtime_resolution))
-        store.blobs.touch_blobs([digest, absent])  # absent ones are ignored
+        reported = store.blobs.touch_blobs([digest, absent])  # absent ones are ignored
+        assert reported is None or list(reported) == [absent], "touch reports the absent ones"
         after = mtime()
         if before is not None and after is not None:
             assert after > before

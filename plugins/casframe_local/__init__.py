@@ -53,6 +53,7 @@ _NO_KERNEL_COPY = frozenset(
 )
 # Bytes asked of one copy_file_range call (the kernel copies at most ~2 GiB per call anyway).
 _COPY_STEP = 1 << 30
+_READ = os.O_RDONLY | os.O_CLOEXEC
 
 
 def _temp_name(tmpdir: str) -> str:
@@ -232,6 +233,28 @@ class LocalBlobStore(BlobStore):
 
     # -- fast paths ---------------------------------------------------------------------------
 
+    def read_blobs(self, digests: Iterable[Digest]) -> Iterator[tuple[Digest, bytes]]:
+        # Three system calls a blob, without a file object: batch reads of small blobs are
+        # what a server answering BatchReadBlobs and a push of many small files spend on.
+        objdir = self.objdir
+        for digest in digests:
+            try:
+                fd = os.open(f"{objdir}/{digest.hash[:2]}/{digest.hash[2:]}", _READ)
+            except FileNotFoundError:
+                raise self._not_found(digest) from None
+            try:
+                wanted = digest.size + 1  # one byte more: is the object longer?
+                data = os.read(fd, wanted)
+                while len(data) < wanted and (more := os.read(fd, wanted - len(data))):
+                    data += more
+            finally:
+                os.close(fd)
+            if len(data) != digest.size:
+                # Another size than the digest says: open_blob tells missing from corrupt.
+                with self.open_blob(digest) as stream:
+                    data = stream.read()
+            yield digest, data
+
     def write_blobs(self, blobs: Iterable[tuple[Digest, bytes]]) -> None:
         for digest, data in blobs:
             fd, temp = self.open_temp()
@@ -388,12 +411,15 @@ class LocalBlobStore(BlobStore):
                 size += st.st_size
         return count, size
 
-    def touch_blobs(self, digests: Iterable[Digest]) -> None:
+    def touch_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
+        absent = []
+        utime = os.utime
         for digest in digests:
             try:
-                os.utime(self.object_path(digest))
+                utime(f"{self.objdir}/{digest.hash[:2]}/{digest.hash[2:]}")
             except FileNotFoundError:
-                pass
+                absent.append(digest)
+        return absent
 
 
 class LocalRefStore(RefStore):

@@ -94,12 +94,16 @@ class MemoryBlobStore(BlobStore):
                     deleted.append(digest)
         return deleted
 
-    def touch_blobs(self, digests: Iterable[Digest]) -> None:
+    def touch_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
         now = time.time()
+        absent = []
         with self.lock:
             for digest in digests:
                 if digest in self.blobs:
                     self.blobs[digest] = (self.blobs[digest][0], now)
+                else:
+                    absent.append(digest)
+        return absent
 
 
 class MemoryRefStore(RefStore):
