@@ -257,6 +257,8 @@ _VARINT_1 = [bytes((n,)) for n in range(0x80)]
 def _varint(value: int) -> bytes:
     if value < 0x80:
         return _VARINT_1[value]
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -272,18 +274,25 @@ def _length_delimited(tag: bytes, payload: bytes) -> bytes:
 def _digest_field(digest: Digest) -> bytes:
     """Field 2 (``digest``) of a FileNode or DirectoryNode: Digest{hash=1, size_bytes=2}."""
     hash_, size = digest
-    body = b"\n@" + hash_.encode("ascii")  # 64 hex digits
-    if size:
-        body += b"\x10" + _varint(size)
-    return b"\x12" + _varint(len(body)) + body
+    if not size:
+        return b"\x12\x42\n@" + hash_.encode("ascii")  # 66 bytes: the hash (64 hex digits)
+    size_field = _varint(size)
+    # At most 66 + 1 + 10 bytes: the length fits one varint byte.
+    return b"".join(
+        (b"\x12", _VARINT_1[67 + len(size_field)], b"\n@", hash_.encode("ascii"), b"\x10",
+         size_field)
+    )
 
 
 def _file_entry(name: bytes, digest: Digest, executable: bool) -> bytes:
     """Directory field 1: FileNode{name=1, digest=2, is_executable=4}."""
-    body = b"\n" + _varint(len(name)) + name + _digest_field(digest)
-    if executable:
-        body += b" \x01"
-    return b"\n" + _varint(len(body)) + body
+    name_length = _varint(len(name))
+    digest_field = _digest_field(digest)
+    body_length = 1 + len(name_length) + len(name) + len(digest_field) + (2 if executable else 0)
+    return b"".join(
+        (b"\n", _varint(body_length), b"\n", name_length, name, digest_field,
+         b" \x01" if executable else b"")
+    )
 
 
 def _directory_entry(name: bytes, digest: Digest) -> bytes:
