@@ -12,6 +12,7 @@ __all__ = [
     "ACTION_RESULT_REF_PREFIX",
     "BLOB_REF_PREFIX",
     "MAX_REF_LENGTH",
+    "entry_names_are_safe",
     "is_tree_ref",
     "split_tree_path",
     "validate_entry_name",
@@ -70,6 +71,26 @@ def validate_ref_name(name: str) -> str:
         if problem:
             raise InvalidNameError(f"invalid ref name {name!r}: {problem}")
     return name
+
+
+def entry_names_are_safe(names: list[str]) -> bool:
+    """Whether :func:`validate_entry_name` accepts every one of ``names``.
+
+    One pass over all of them, for the thousands of names of a tree; call
+    :func:`validate_entry_name` on each to learn which one is refused and why.
+    """
+    if not all(type(name) is str for name in names):
+        return False
+    joined = "/".join(names)
+    return (
+        joined.count("/") == max(len(names) - 1, 0)  # no name holds a "/"
+        and "\x00" not in joined
+        and "\\" not in joined
+        and _SPECIAL_SEGMENTS.isdisjoint(names)
+    )
+
+
+_SPECIAL_SEGMENTS = frozenset({"", ".", ".."})
 
 
 def validate_entry_name(name: str) -> str:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from google.protobuf.message import DecodeError
 
@@ -35,7 +35,7 @@ from casframe.errors import (
     UnsupportedFileTypeError,
     UnsupportedOperationError,
 )
-from casframe.names import split_tree_path, validate_entry_name
+from casframe.names import entry_names_are_safe, split_tree_path, validate_entry_name
 from casframe.progress import NO_PROGRESS, Progress
 from casframe.spi import Capability
 from casframe.statcache import StatCache, default_directory, open_stat_cache
@@ -105,22 +105,27 @@ def parse_directory(digest: Digest, data: bytes) -> Directory:
         directory.ParseFromString(data)
     except DecodeError as exc:
         raise CorruptBlobError(digest, f"not a Directory message: {exc}") from None
-    seen: set[str] = set()
-    for group in (directory.files, directory.directories, directory.symlinks):
-        for node in group:
+    names = [node.name for group in _groups(directory) for node in group]
+    if len(set(names)) != len(names) or not entry_names_are_safe(names):
+        seen: set[str] = set()
+        for name in names:
             try:
-                validate_entry_name(node.name)
+                validate_entry_name(name)
             except InvalidNameError as exc:
                 raise UnsafeTreeError(f"directory {digest}: {exc}") from None
-            if node.name in seen:
-                raise UnsafeTreeError(f"directory {digest}: duplicate name {node.name!r}")
-            seen.add(node.name)
+            if name in seen:
+                raise UnsafeTreeError(f"directory {digest}: duplicate name {name!r}")
+            seen.add(name)
     return directory
+
+
+def _groups(directory: Directory) -> tuple[Any, Any, Any]:
+    return directory.files, directory.directories, directory.symlinks
 
 
 def is_canonical(directory: Directory) -> bool:
     """Whether entries are sorted by name within each kind (REAPI's canonical form)."""
-    for group in (directory.files, directory.directories, directory.symlinks):
+    for group in _groups(directory):
         names = [node.name for node in group]
         if names != sorted(names):
             return False
@@ -129,6 +134,12 @@ def is_canonical(directory: Directory) -> bool:
 
 def _d(proto: DigestProto) -> Digest:
     return Digest(proto.hash, proto.size_bytes)
+
+
+def _digests(nodes: Any) -> list[Digest]:
+    """The digests of FileNodes or DirectoryNodes, validated all at once."""
+    protos = [node.digest for node in nodes]
+    return Digest.many([p.hash for p in protos], [p.size_bytes for p in protos])
 
 
 def iter_tree(store: Store, root: Digest) -> Iterator[tuple[Digest, bytes, Directory]]:
@@ -177,8 +188,7 @@ def closure(store: Store, root: Digest) -> Iterator[Digest]:
         if digest not in seen:
             seen.add(digest)
             yield digest
-        for node in directory.files:
-            file_digest = _d(node.digest)
+        for file_digest in _digests(directory.files):
             if file_digest not in seen:
                 seen.add(file_digest)
                 yield file_digest
@@ -199,7 +209,7 @@ def missing_in_tree(store: Store, root: Digest, *, freshen: bool = False) -> set
         next_level: list[Digest] = []
         for digest, data in store.read_many([d for d in level if d not in absent]):
             directory = parse_directory(digest, data)
-            files.update(_d(node.digest) for node in directory.files)
+            files.update(_digests(directory.files))
             for node in directory.directories:
                 child = _d(node.digest)
                 if child not in seen:
@@ -247,6 +257,8 @@ _VARINT_1 = [bytes((n,)) for n in range(0x80)]
 def _varint(value: int) -> bytes:
     if value < 0x80:
         return _VARINT_1[value]
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -262,18 +274,25 @@ def _length_delimited(tag: bytes, payload: bytes) -> bytes:
 def _digest_field(digest: Digest) -> bytes:
     """Field 2 (``digest``) of a FileNode or DirectoryNode: Digest{hash=1, size_bytes=2}."""
     hash_, size = digest
-    body = b"\n@" + hash_.encode("ascii")  # 64 hex digits
-    if size:
-        body += b"\x10" + _varint(size)
-    return b"\x12" + _varint(len(body)) + body
+    if not size:
+        return b"\x12\x42\n@" + hash_.encode("ascii")  # 66 bytes: the hash (64 hex digits)
+    size_field = _varint(size)
+    # At most 66 + 1 + 10 bytes: the length fits one varint byte.
+    return b"".join(
+        (b"\x12", _VARINT_1[67 + len(size_field)], b"\n@", hash_.encode("ascii"), b"\x10",
+         size_field)
+    )
 
 
 def _file_entry(name: bytes, digest: Digest, executable: bool) -> bytes:
     """Directory field 1: FileNode{name=1, digest=2, is_executable=4}."""
-    body = b"\n" + _varint(len(name)) + name + _digest_field(digest)
-    if executable:
-        body += b" \x01"
-    return b"\n" + _varint(len(body)) + body
+    name_length = _varint(len(name))
+    digest_field = _digest_field(digest)
+    body_length = 1 + len(name_length) + len(name) + len(digest_field) + (2 if executable else 0)
+    return b"".join(
+        (b"\n", _varint(body_length), b"\n", name_length, name, digest_field,
+         b" \x01" if executable else b"")
+    )
 
 
 def _directory_entry(name: bytes, digest: Digest) -> bytes:
@@ -742,8 +761,9 @@ def checkout(
         directory = directories[digest]
         plan_dirs.append(path)
         links: list[tuple[str, Digest]] = []
-        for file_node in directory.files:
-            file_digest = _d(file_node.digest)
+        for file_node, file_digest in zip(
+            directory.files, _digests(directory.files), strict=True
+        ):
             if use_links and not file_node.is_executable and file_digest.size:
                 links.append((file_node.name, file_digest))
             else:

@@ -73,14 +73,32 @@ def test_invalid_text_raises_invalid_digest_error(text: str) -> None:
         Digest.parse(text)
 
 
-@pytest.mark.parametrize(
-    "hash_, size",
-    [(HELLO.upper(), 6), ("x" * 64, 6), (HELLO, -1), (HELLO, True), (HELLO, 6.0), (HELLO, 2**63)],
-    ids=repr,
-)
+INVALID_FIELDS = [
+    (HELLO.upper(), 6), ("x" * 64, 6), (HELLO, -1), (HELLO, True), (HELLO, 6.0), (HELLO, 2**63),
+    (HELLO[:-1], 6), (HELLO + "0", 6), (HELLO[:-2] + "/.", 6), (None, 6),
+]
+
+
+@pytest.mark.parametrize("hash_, size", INVALID_FIELDS, ids=repr)
 def test_invalid_fields_raise_invalid_digest_error(hash_: object, size: object) -> None:
     with pytest.raises(InvalidDigestError):
         Digest(hash_, size)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("hash_, size", INVALID_FIELDS, ids=repr)
+def test_many_validates_like_the_constructor(hash_: object, size: object) -> None:
+    """Digest.many checks thousands at once; one bad field among good ones is still refused."""
+    good = [Digest.of_bytes(b"%d" % i) for i in range(50)]
+    hashes = [d.hash for d in good]
+    sizes = [d.size for d in good]
+    assert Digest.many(hashes, sizes) == good
+    assert Digest.many([], []) == []
+    # A hash one character short next to one a character long: all-hex text of the right
+    # total length, which only the per-hash length check tells apart.
+    with pytest.raises(InvalidDigestError):
+        Digest.many([HELLO[:-1], HELLO + "0"], [6, 6])
+    with pytest.raises(InvalidDigestError):
+        Digest.many([*hashes[:25], hash_, *hashes[25:]], [*sizes[:25], size, *sizes[25:]])
 
 
 def test_largest_wire_size_is_accepted() -> None:

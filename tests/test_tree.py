@@ -31,6 +31,7 @@ from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 impor
     FileNode,
     SymlinkNode,
 )
+from casframe.names import entry_names_are_safe, validate_entry_name
 from casframe.testing import TREE_FILES, assert_tree_equal
 from casframe.tree import _directory_entry, _file_entry, _symlink_entry
 
@@ -306,3 +307,23 @@ def test_executable_bit_follows_the_owner(store: Store, tmp_path: Path) -> None:
     store.checkout(tree, tmp_path / "out", link=False)
     assert (tmp_path / "out" / "owner").stat().st_mode & stat.S_IXUSR
     assert not (tmp_path / "out" / "none").stat().st_mode & stat.S_IXUSR
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["a", "b"], [], ["x"], ["a/b"], ["a", ""], ["."], ["..", "a"], ["nul\x00"], ["back\\slash"],
+        ["a", "b/"], ["...", "..a", "a.."], ["\u00e9", "line\nbreak"],
+    ],
+    ids=repr,
+)
+def test_names_are_checked_all_at_once_as_one_by_one(names: list[str]) -> None:
+    def one_by_one() -> bool:
+        try:
+            for name in names:
+                validate_entry_name(name)
+        except InvalidNameError:
+            return False
+        return True
+
+    assert entry_names_are_safe(names) == one_by_one()
