@@ -170,6 +170,19 @@ class BlobStore(ABC):
             missing |= self.find_missing_blobs(present)
         return missing
 
+    def begin_write_copy(self, fd: int) -> tuple[BlobWriter, BinaryIO] | None:
+        """Fast path for storing a local file: copy the open file ``fd``, from its offset to
+        its end, into a new upload without passing the bytes through Python.
+
+        Returns the upload, not committed, and a stream over the content the upload now
+        holds; the core hashes that stream and commits the upload under the digest it gets
+        (or aborts it), so content still becomes visible only under the digest it really has,
+        even if the file changes during the copy. Returns ``None`` (the default) when the
+        backend has no such path: the core then reads the file and streams it through
+        :meth:`begin_write`.
+        """
+        return None
+
     def get_tree(self, root: Digest) -> Iterator[bytes]:
         """Serialized Directory messages of the tree under ``root``, in any order (fast path).
 

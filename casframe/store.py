@@ -305,12 +305,28 @@ class Store:
             return self.put_open_file(f.fileno())
 
     def put_open_file(self, fd: int) -> Digest:
-        """Store the open file ``fd`` from its offset to its end (streamed); return the digest.
+        """Store the open regular file ``fd`` from its offset to its end; return the digest.
 
-        The caller keeps ``fd`` open and closes it.
+        Uses the backend's copy path (``begin_write_copy``) when it has one, hashing what the
+        upload then holds; otherwise reads and streams the file. Either way the content is
+        committed only under the digest of the very bytes stored.
         """
-        with os.fdopen(fd, "rb", buffering=0, closefd=False) as stream:
-            return self.put_stream(stream)
+        copied = self.blobs.begin_write_copy(fd)
+        if copied is None:
+            with os.fdopen(fd, "rb", buffering=0, closefd=False) as stream:
+                return self.put_stream(stream)
+        writer, stored = copied
+        try:
+            with stored:
+                digest = Digest.of_stream(stored)
+            if digest.size:
+                writer.commit(digest)
+            else:
+                writer.abort()
+        except BaseException:
+            writer.abort()
+            raise
+        return digest
 
     def copy_blob_from(self, source: Store, digest: Digest) -> None:
         """Copy one blob from ``source``, verifying it on the way in."""

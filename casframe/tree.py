@@ -360,7 +360,7 @@ class _Importer:
 
     Each task is a batch of files. Small files are read whole and stored in groups after one
     existence check per group (which freshens what is already there: a reused old blob must
-    not look like garbage to prune); large ones are streamed one by one. A worker
+    not look like garbage to prune); large ones are streamed or copied one by one. A worker
     that meets a large file first hands the rest of its batch to the pool, so that a few large
     files listed together still spread over the workers.
     """

@@ -114,6 +114,24 @@ def test_failed_uploads_leave_nothing_behind(local_store: Store, store_root: Pat
     assert os.listdir(store_root / "tmp") == []
 
 
+def test_local_files_are_copied_in_the_kernel_and_stored_under_what_was_copied(
+    local_store: Store, store_root: Path, tmp_path: Path
+) -> None:
+    data = random_bytes(LARGE_FILE_SIZE, seed=4)
+    (tmp_path / "big").write_bytes(data)
+    digest = local_store.put_file(tmp_path / "big")
+    assert digest == Digest.of_bytes(data)
+    assert object_path(store_root, digest).read_bytes() == data
+    assert stat.S_IMODE(object_path(store_root, digest).stat().st_mode) == 0o444
+    # A file the kernel copies nothing from although it reads fine (its size says 0, as
+    # /proc files do) is read instead, not stored empty.
+    with open("/proc/self/cmdline", "rb") as f:
+        expected = f.read()
+    assert expected and os.stat("/proc/self/cmdline").st_size == 0
+    assert local_store.put_file("/proc/self/cmdline") == Digest.of_bytes(expected)
+    assert os.listdir(store_root / "tmp") == []
+
+
 def test_open_store_options_and_errors(tmp_path: Path) -> None:
     with open_store(f"file://{tmp_path / 'synced'}?fsync=true") as store:
         digest = store.put_bytes(b"flushed to disk")

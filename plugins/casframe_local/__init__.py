@@ -46,7 +46,13 @@ __all__ = ["LocalBlobStore", "LocalRefStore", "open_local_store"]
 _OBJECT_MODE = 0o444  # read-only, so a hardlinked checkout cannot edit the store by accident
 _HEX = frozenset("0123456789abcdef")
 _names = itertools.count()
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+# copy_file_range errors meaning "not between these files": stream the content instead.
+_NO_KERNEL_COPY = frozenset(
+    {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
+)
+# Bytes asked of one copy_file_range call (the kernel copies at most ~2 GiB per call anyway).
+_COPY_STEP = 1 << 30
 
 
 def _temp_name(tmpdir: str) -> str:
@@ -127,7 +133,7 @@ class LocalBlobStore(BlobStore):
         if not flag or not os.path.isdir("/proc/self/fd"):
             return False
         try:
-            fd = os.open(self.tmpdir, flag | os.O_WRONLY | os.O_CLOEXEC, _OBJECT_MODE)
+            fd = os.open(self.tmpdir, flag | os.O_RDWR | os.O_CLOEXEC, _OBJECT_MODE)
         except OSError:
             return False
         os.close(fd)
@@ -136,7 +142,7 @@ class LocalBlobStore(BlobStore):
     def open_temp(self) -> tuple[int, str]:
         """A new file for an upload: ``(fd, temp path or "" when it has no name)``."""
         if self._anonymous:
-            return os.open(self.tmpdir, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, _OBJECT_MODE), ""
+            return os.open(self.tmpdir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, _OBJECT_MODE), ""
         temp = _temp_name(self.tmpdir)
         return os.open(temp, _CREATE, _OBJECT_MODE), temp
 
@@ -258,6 +264,35 @@ class LocalBlobStore(BlobStore):
                 pass
             missing.add(digest)
         return missing
+
+    def begin_write_copy(self, fd: int) -> tuple[BlobWriter, BinaryIO] | None:
+        """Copy by ``copy_file_range`` into a new temp object (in the kernel, no user copy)."""
+        start = os.lseek(fd, 0, os.SEEK_CUR)
+        temp_fd, temp = self.open_temp()
+        writer = _LocalWriter(self, temp_fd, temp)
+        try:
+            copied = 0
+            while True:
+                try:
+                    n = os.copy_file_range(fd, temp_fd, _COPY_STEP, start + copied, copied)
+                except OSError as exc:
+                    if copied or exc.errno not in _NO_KERNEL_COPY:
+                        raise
+                    writer.abort()
+                    return None
+                if not n:
+                    if not copied:
+                        # An empty rest, or a file system that copies nothing from a file
+                        # that reads fine (procfs, some FUSE ones): let the core read it.
+                        writer.abort()
+                        return None
+                    break
+                copied += n
+            stored = open(os.dup(temp_fd), "rb", buffering=0)  # noqa: SIM115 - returned
+        except BaseException:
+            writer.abort()
+            raise
+        return writer, stored
 
     # -- capabilities ------------------------------------------------------------------------
 
