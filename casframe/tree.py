@@ -373,6 +373,8 @@ class _Importer:
         self.cache = cache
         self.progress = progress
         self.futures: list[Future[None]] = []
+        # Without a previous import to consult (the first one), no lstat before each open.
+        self.lookup = cache.lookup if cache is not None and cache.known else None
 
     def submit(self, batch: list[_Job]) -> None:
         self.futures.append(self.pool.submit(self.import_files, batch))
@@ -389,8 +391,7 @@ class _Importer:
             index += 1
 
     def import_files(self, batch: list[_Job]) -> None:
-        store, cache = self.store, self.cache
-        lookup = cache.lookup if cache is not None and cache.known else None
+        store, cache, lookup = self.store, self.cache, self.lookup
         record = cache.record if cache is not None else None
         pending: list[tuple[Digest, bytes]] = []  # read, to be stored unless present
         pending_bytes = 0

@@ -241,8 +241,7 @@ def test_a_remembered_file_changed_while_its_blob_was_missing(
     module.write_bytes(b"def answer():\n    return 43\n")
     os.utime(module, ns=(st.st_atime_ns, st.st_mtime_ns))
     forged = StatCache(cache.path)
-    forged.seen = dict(forged.known)
-    forged.seen[StatCache.key(module.stat())] = bytes.fromhex(old.hash)
+    forged.seen += StatCache.key(module.stat()) + bytes.fromhex(old.hash)
     forged.save()
     tree = local_store.import_directory(root, stat_cache=cache_dir)
     entry = {e.path: e for e in local_store.walk(tree)}["src/pkg/module.py"]
@@ -291,3 +290,16 @@ def test_old_and_surplus_cache_files_are_removed(
     local_store.import_directory(roots[-1], stat_cache=cache_dir)
     assert not stale_temp.exists()
     assert not oldest.exists()
+
+
+def test_hardlinked_names_of_one_file_are_both_remembered(
+    local_store: Store, tmp_path: Path, cache_dir: Path, opened: list[str],
+    no_window: Callable[[], None],
+) -> None:
+    root = write_tree(tmp_path / "src")
+    os.link(root / "README.txt", root / "docs" / "README-link.txt")
+    no_window()
+    tree = local_store.import_directory(root, stat_cache=cache_dir)
+    opened.clear()
+    assert local_store.import_directory(root, stat_cache=cache_dir) == tree
+    assert opened == []
