@@ -23,6 +23,7 @@ from click.testing import CliRunner, Result
 from casframe import Digest, open_store
 from casframe.cli import make_cli
 from casframe.server import Server
+from casframe.testing import write_files
 
 pytestmark = pytest.mark.usefixtures("isolated_env")
 
@@ -40,19 +41,12 @@ def content(n: int, seed: str) -> bytes:
     return ((seed + "-") * (n // (len(seed) + 1) + 1)).encode()[:n]
 
 
-def make_dir(root: Path, files: dict[str, bytes]) -> Path:
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    return root
-
-
 @pytest.fixture
 def refs(tmp_path: Path) -> dict[str, str]:
     """Two refs sharing a file, one of them a release; plus a loose blob no ref names."""
     shared = content(4000, "shared")
-    a = make_dir(tmp_path / "a", {"shared": shared, "only-a": content(3000, "a")})
-    b = make_dir(tmp_path / "b", {"shared": shared, "sub/only-b": content(5000, "b")})
+    a = write_files(tmp_path / "a", {"shared": shared, "only-a": content(3000, "a")})
+    b = write_files(tmp_path / "b", {"shared": shared, "sub/only-b": content(5000, "b")})
     digests = {
         "ci/a": ok(run("import", str(a), "--ref", "ci/a")).strip(),
         "release/b": ok(run("import", str(b), "--ref", "release/b")).strip(),

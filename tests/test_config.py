@@ -20,14 +20,10 @@ from casframe.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)
-def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point every user directory into tmp_path so nothing is read or written outside it."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+def isolated_env(isolated_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """conftest's user directories inside tmp_path, without a CASFRAME_STORE: these tests
+    choose the store themselves."""
     monkeypatch.delenv("CASFRAME_STORE", raising=False)
-    monkeypatch.delenv("CASFRAME_CONFIG", raising=False)
-    monkeypatch.chdir(tmp_path)
     return tmp_path
 
 

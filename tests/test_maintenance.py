@@ -24,18 +24,11 @@ from casframe import (
     UnsupportedOperationError,
 )
 from casframe.maintenance import du, fsck, gc, parse_duration, parse_size, prune
+from casframe.testing import write_files
 from casframe.testing.conformance import ConformanceBase
 from casframe.tree import missing_in_tree
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def write_files(root: Path, files: dict[str, bytes]) -> Path:
-    for rel, content in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content)
-    return root
 
 
 def import_tree(store: Store, tmp_path: Path, name: str, files: dict[str, bytes]) -> Digest:

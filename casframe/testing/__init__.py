@@ -16,7 +16,7 @@ import hashlib
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +37,7 @@ __all__ = [
     "failing_writes",
     "random_bytes",
     "tree_differences",
+    "write_files",
     "write_tree",
 ]
 
@@ -72,6 +73,16 @@ def random_bytes(size: int, seed: int = 0) -> bytes:
     import random
 
     return random.Random(seed).randbytes(size)
+
+
+def write_files(root: str | os.PathLike[str], files: Mapping[str, bytes]) -> Path:
+    """Write ``{relative path: content}`` below ``root`` (made as needed) and return it."""
+    root = Path(root)
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    return root
 
 
 def write_tree(root: str | os.PathLike[str], *, large: bool = False) -> Path:

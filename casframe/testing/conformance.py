@@ -81,6 +81,7 @@ from casframe.testing import (
     describe_tree,
     failing_writes,
     random_bytes,
+    write_files,
 )
 from casframe.tree import missing_in_tree
 
@@ -1126,11 +1127,7 @@ _SHARED = _blob(1000, "shared")
 
 
 def _import_files(store: Store, root: Path, files: Mapping[str, bytes]) -> Digest:
-    for rel, content in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content)
-    return store.import_directory(root)
+    return store.import_directory(write_files(root, files))
 
 
 def _stored(store: Store) -> dict[Digest, float]:
