@@ -8,6 +8,7 @@ its ``pytest11`` entry point), used exactly as a third-party backend's tests wou
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,12 +58,13 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
 
 
-@pytest.fixture(scope="session")
-def _stat_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("stat-cache"))
+@pytest.fixture(scope="session", autouse=True)
+def _stat_cache_in_the_session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Imports keep their stat cache in the session's temp folder, not in the user's cache.
 
-
-@pytest.fixture(autouse=True)
-def _stat_cache_in_the_session_tmp(_stat_cache_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Imports (also in subprocesses) keep their stat cache here, not in the user's cache."""
-    monkeypatch.setenv("CASFRAME_STAT_CACHE", _stat_cache_dir)
+    Session-scoped, so that it also covers imports made by module- and session-scoped
+    fixtures; subprocesses inherit it.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CASFRAME_STAT_CACHE", str(tmp_path_factory.mktemp("stat-cache")))
+        yield
