@@ -167,15 +167,18 @@ def transfer(
         dest.put_many([(digest, blobs_of_dirs[digest]) for digest in group])
         progress.advance(sum(d.size for d in group))
     if ref is not None:
-        # Re-check the whole closure right before the ref appears, and touch it again if the
-        # transfer took long: a prune running during a transfer longer than its grace period
-        # may have removed blobs found or sent early. Setting the ref now would leave it
-        # pointing at an incomplete tree.
-        lost = dest.find_missing(closure, freshen=time.monotonic() - started > REFRESH_AFTER)
-        if lost:
-            raise BlobNotFoundError(
-                lost, f"{dest.url} (a concurrent prune removed them during the transfer; rerun it)"
-            )
+        if time.monotonic() - started > REFRESH_AFTER:
+            # Every blob of the closure was touched, or found present, or stored since
+            # ``started``; a prune with a grace period longer than REFRESH_AFTER spares them
+            # all, so a short transfer sets its ref at once. A long one touches the closure
+            # again and re-checks it: a prune may have removed blobs found or sent early, and
+            # the ref must not point at an incomplete tree.
+            lost = dest.find_missing(closure, freshen=True)
+            if lost:
+                raise BlobNotFoundError(
+                    lost,
+                    f"{dest.url} (a concurrent prune removed them during the transfer; rerun it)",
+                )
         dest.set_ref(ref, root, check_complete=False)
     progress.finish()
     return TransferResult(

@@ -16,6 +16,7 @@ import pytest
 from casframe_memory import MemoryBlobStore, MemoryRefStore
 
 from casframe import (
+    BlobNotFoundError,
     BlobStore,
     BlobWriter,
     Capability,
@@ -220,4 +221,34 @@ def test_a_transfer_touches_its_closure_again_only_when_it_took_long(
     assert len(touched) == (2 if long_transfer else 1)
     if long_transfer:
         assert touched[1] == closure
+    assert dest.get_ref("r") == tree and not missing_in_tree(dest, tree)
+
+
+def test_a_long_transfer_refuses_the_ref_when_a_prune_removed_part_of_its_tree(
+    memory_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second pass of a long transfer finds what a concurrent prune deleted: no ref."""
+    import casframe.transfer
+
+    source = memory_store
+    tree = import_tree(source, tmp_path, "t", {"a": blob(100, "a"), "d/b": blob(200, "b")})
+    dest = Store(MemoryBlobStore(), MemoryRefStore(), url="dest://")
+    doomed = Digest.of_bytes(blob(100, "a"))
+    real_put_many = dest.put_many
+
+    def put_many_then_prune(blobs):  # type: ignore[no-untyped-def]
+        real_put_many(blobs)
+        dest.blobs.delete_blobs([doomed])  # a prune sweeping while the transfer runs
+
+    dest.put_many = put_many_then_prune  # type: ignore[method-assign]
+    monkeypatch.setattr(casframe.transfer, "REFRESH_AFTER", -1.0)
+
+    with pytest.raises(BlobNotFoundError, match="concurrent prune") as caught:
+        source.push(dest, tree, ref="r")
+
+    assert doomed in caught.value.digests
+    assert "r" not in [info.name for info in dest.list_refs()]
+    # Run again: the lost blob is sent, and the ref appears.
+    dest.put_many = real_put_many  # type: ignore[method-assign]
+    source.push(dest, tree, ref="r")
     assert dest.get_ref("r") == tree and not missing_in_tree(dest, tree)
