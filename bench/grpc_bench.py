@@ -26,6 +26,7 @@ them into a source file:// store (not timed). Then each repetition measures, kin
   counted twice: client and server each verify) into the floor of a push or pull, and the
   best rate that floor allows with both cores free.
 
+Before each measured child, `sync` writes back what earlier phases left dirty (untimed).
 Each part (large, small) gets a server of its own; the large trees' stores are deleted right
 after their phases (few files, so no slowdown for later file creation), the rest at the end.
 Every client reports its own peak RSS (VmHWM) and CPU seconds; the server's VmHWM is read from
@@ -437,6 +438,9 @@ class Served:
 
 
 def run_child(args: list[str], log: Path, server: Served | None = None) -> dict[str, Any]:
+    # Untimed, as in run.py: the previous phase's dirty pages (a pushed GiB) are written back
+    # now, not by the kernel's flusher threads on the same two cores during this phase.
+    os.sync()
     before = server.cpu_s() if server else 0.0
     with open(log, "ab") as err:
         done = subprocess.run([sys.executable, __file__, *args], stdout=subprocess.PIPE,

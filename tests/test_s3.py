@@ -863,3 +863,56 @@ def test_parts_carry_crc32_checksums_when_asked(s3_server_bucket: S3TestBucket) 
         ChecksumMode="ENABLED",
     )
     assert head.get("ChecksumCRC32"), "the server combined the parts' checksums"
+
+
+# -- interrupted multipart uploads --------------------------------------------------------------
+
+
+def _abandon_upload(bucket: S3TestBucket, key: str, part: bytes) -> str:
+    """Start a multipart upload and send one part, as a writer killed midway leaves it."""
+    started = bucket.client.create_multipart_upload(Bucket=bucket.name, Key=key)
+    upload_id: str = started["UploadId"]
+    bucket.client.upload_part(
+        Bucket=bucket.name, Key=key, UploadId=upload_id, PartNumber=1, Body=part
+    )
+    return upload_id
+
+
+def test_prune_aborts_interrupted_multipart_uploads_of_the_store(
+    s3_server_bucket: S3TestBucket, s3_server_store: Store
+) -> None:
+    kept = s3_server_store.put_bytes(b"a stored blob is not a leftover")
+    s3_server_store.set_ref("keep", s3_server_store.put_directory(Directory()))
+    ours = object_key(s3_server_bucket, Digest.of_bytes(b"never finished"))
+    _abandon_upload(s3_server_bucket, ours, b"p" * 1000)
+    _abandon_upload(s3_server_bucket, "elsewhere/big.bin", b"q" * 10)  # not the store's
+
+    later = time.time() + 60
+    assert s3_server_store.blobs.clean_temp(later, dry_run=True) == (1, 1000)
+    assert len(_unfinished_uploads(s3_server_bucket)) == 2
+    # An upload whose last part is newer than the cutoff is still being written: left alone.
+    assert s3_server_store.blobs.clean_temp(time.time() - 3600) == (0, 0)
+    assert len(_unfinished_uploads(s3_server_bucket)) == 2
+
+    time.sleep(1.1)  # LastModified has one-second steps
+    report = s3_server_store.prune(grace_period=0)
+
+    assert (report.temp_files_removed, report.temp_bytes_removed) == (1, 1000)
+    assert [u["Key"] for u in _unfinished_uploads(s3_server_bucket)] == ["elsewhere/big.bin"]
+    assert s3_server_store.contains(kept) is False  # unreferenced: pruned with grace 0
+    assert s3_server_store.blobs.clean_temp(later) == (0, 0)
+
+
+def test_clean_temp_without_permission_to_list_uploads_warns_and_prune_goes_on(
+    s3_server_bucket: S3TestBucket, s3_server_store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    _abandon_upload(s3_server_bucket, object_key(s3_server_bucket, Digest.of_bytes(b"x")), b"x")
+    _inject(s3_server_store, "ListMultipartUploads", 403, "AccessDenied", times=1)
+
+    with caplog.at_level(logging.WARNING, logger="casframe_s3.store"):
+        report = s3_server_store.prune(grace_period=0)
+
+    assert report.temp_files_removed == 0
+    assert "not removing interrupted multipart uploads" in caplog.text
+    assert "access denied" in caplog.text
+    assert len(_unfinished_uploads(s3_server_bucket)) == 1

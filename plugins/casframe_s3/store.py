@@ -997,6 +997,60 @@ class S3BlobStore(BlobStore):
             raise _delete_error(self._bucket, failures, len(keys))
         return digests
 
+    def clean_temp(self, older_than: float, *, dry_run: bool = False) -> tuple[int, int]:
+        """Abort the multipart uploads under ``objects/`` idle since before ``older_than``.
+
+        A large upload whose writer was killed leaves its parts in the bucket: invisible to
+        object listings, billed, until the upload is aborted. An upload counts as idle from its
+        newest part (or its start, without parts), so a long upload still sending parts is
+        left alone, as ``file://`` leaves a temp file that is still being written. Returns the
+        uploads aborted (with ``dry_run``: found) and the bytes of their parts. Credentials
+        without ``s3:ListBucketMultipartUploads`` skip this with a warning: prune still runs.
+        """
+        bucket = self._bucket
+        client = bucket.client
+        uploads: list[tuple[str, str, float]] = []
+        try:
+            with bucket.errors("list interrupted uploads", bucket.objects):
+                pages = client.get_paginator("list_multipart_uploads").paginate(
+                    Bucket=bucket.name, Prefix=bucket.objects
+                )
+                for page in pages:
+                    uploads.extend(
+                        (u["Key"], u["UploadId"], u["Initiated"].timestamp())
+                        for u in page.get("Uploads", [])
+                    )
+        except PermissionDeniedError as exc:
+            log.warning("not removing interrupted multipart uploads: %s", exc)
+            return 0, 0
+
+        def stale_size(upload: tuple[str, str, float]) -> int | None:
+            """The bytes of an idle upload's parts (aborting it), ``None`` if it is active."""
+            key, upload_id, started = upload
+            size, last = 0, started
+            try:
+                pages = client.get_paginator("list_parts").paginate(
+                    Bucket=bucket.name, Key=key, UploadId=upload_id
+                )
+                for page in pages:
+                    for part in page.get("Parts", []):
+                        size += int(part["Size"])
+                        last = max(last, part["LastModified"].timestamp())
+                if last >= older_than:
+                    return None
+                if not dry_run:
+                    client.abort_multipart_upload(Bucket=bucket.name, Key=key, UploadId=upload_id)
+            except botocore.exceptions.ClientError as exc:
+                if _error_code(exc) == "NoSuchUpload":
+                    return None  # completed or aborted meanwhile
+                bucket.fail(exc, "remove an interrupted upload", key)
+            except botocore.exceptions.BotoCoreError as exc:
+                bucket.fail(exc, "remove an interrupted upload", key)
+            return size
+
+        sizes = [size for size in bucket.map(stale_size, uploads) if size is not None]
+        return len(sizes), sum(sizes)
+
     def _older_than(self, digests: Iterable[Digest], cutoff: float) -> list[Digest]:
         """The digests whose object was last modified before ``cutoff``, asked just now.
 
