@@ -1021,7 +1021,7 @@ def _prune_summary(report: Any) -> str:
         )
     if report.temp_files_removed:
         verb = "would remove" if report.dry_run else "removed"
-        text += f"; {verb} {report.temp_files_removed:,} leftover upload file(s)"
+        text += f"; {verb} {report.temp_files_removed:,} leftover(s) of interrupted uploads"
     return text
 
 

@@ -17,6 +17,7 @@ from casframe.digest import CHUNK_SIZE, Digest
 from casframe.errors import BlobNotFoundError
 from casframe.names import validate_ref_name
 from casframe.progress import NO_PROGRESS, Progress
+from casframe.spi import Capability
 from casframe.tree import iter_tree
 
 if TYPE_CHECKING:
@@ -167,12 +168,14 @@ def transfer(
         dest.put_many([(digest, blobs_of_dirs[digest]) for digest in group])
         progress.advance(sum(d.size for d in group))
     if ref is not None:
-        if time.monotonic() - started > REFRESH_AFTER:
-            # Every blob of the closure was touched, or found present, or stored since
-            # ``started``; a prune with a grace period longer than REFRESH_AFTER spares them
-            # all, so a short transfer sets its ref at once. A long one touches the closure
-            # again and re-checks it: a prune may have removed blobs found or sent early, and
-            # the ref must not point at an incomplete tree.
+        long = time.monotonic() - started > REFRESH_AFTER
+        if long or not dest.has(Capability.TOUCH):
+            # With ``touch``, every blob of the closure was touched (and then found present)
+            # or stored since ``started``: a prune whose grace period is longer than
+            # REFRESH_AFTER spares them all, so a short transfer sets its ref at once. A long
+            # one touches the closure again and re-checks it, and a destination that cannot
+            # touch re-checks it in any case: a prune may have removed blobs found or sent
+            # early, and the ref must not point at an incomplete tree.
             lost = dest.find_missing(closure, freshen=True)
             if lost:
                 raise BlobNotFoundError(

@@ -224,15 +224,20 @@ def test_a_transfer_touches_its_closure_again_only_when_it_took_long(
     assert dest.get_ref("r") == tree and not missing_in_tree(dest, tree)
 
 
-def test_a_long_transfer_refuses_the_ref_when_a_prune_removed_part_of_its_tree(
-    memory_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("why", ["long transfer", "destination without touch"])
+def test_the_second_pass_refuses_the_ref_when_a_prune_removed_part_of_the_tree(
+    memory_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, why: str
 ) -> None:
-    """The second pass of a long transfer finds what a concurrent prune deleted: no ref."""
+    """A transfer that took long, or whose destination cannot touch (so blobs it found
+    present are not protected by the grace period), checks its closure again before the
+    ref: it finds what a concurrent prune deleted, and sets no ref."""
     import casframe.transfer
 
     source = memory_store
     tree = import_tree(source, tmp_path, "t", {"a": blob(100, "a"), "d/b": blob(200, "b")})
     dest = Store(MemoryBlobStore(), MemoryRefStore(), url="dest://")
+    if why == "destination without touch":
+        dest.blobs.capabilities = dest.blobs.capabilities - {Capability.TOUCH}
     doomed = Digest.of_bytes(blob(100, "a"))
     real_put_many = dest.put_many
 
@@ -241,7 +246,8 @@ def test_a_long_transfer_refuses_the_ref_when_a_prune_removed_part_of_its_tree(
         dest.blobs.delete_blobs([doomed])  # a prune sweeping while the transfer runs
 
     dest.put_many = put_many_then_prune  # type: ignore[method-assign]
-    monkeypatch.setattr(casframe.transfer, "REFRESH_AFTER", -1.0)
+    if why == "long transfer":
+        monkeypatch.setattr(casframe.transfer, "REFRESH_AFTER", -1.0)
 
     with pytest.raises(BlobNotFoundError, match="concurrent prune") as caught:
         source.push(dest, tree, ref="r")

@@ -886,33 +886,68 @@ def test_prune_aborts_interrupted_multipart_uploads_of_the_store(
     ours = object_key(s3_server_bucket, Digest.of_bytes(b"never finished"))
     _abandon_upload(s3_server_bucket, ours, b"p" * 1000)
     _abandon_upload(s3_server_bucket, "elsewhere/big.bin", b"q" * 10)  # not the store's
+    # Nor is a key that is no blob's, such as one of a store whose prefix is "store/objects/x".
+    _abandon_upload(s3_server_bucket, "store/objects/x/objects/ab/cd", b"r" * 10)
 
     later = time.time() + 60
     assert s3_server_store.blobs.clean_temp(later, dry_run=True) == (1, 1000)
-    assert len(_unfinished_uploads(s3_server_bucket)) == 2
+    assert len(_unfinished_uploads(s3_server_bucket)) == 3
     # An upload whose last part is newer than the cutoff is still being written: left alone.
     assert s3_server_store.blobs.clean_temp(time.time() - 3600) == (0, 0)
-    assert len(_unfinished_uploads(s3_server_bucket)) == 2
+    assert len(_unfinished_uploads(s3_server_bucket)) == 3
 
     time.sleep(1.1)  # LastModified has one-second steps
     report = s3_server_store.prune(grace_period=0)
 
     assert (report.temp_files_removed, report.temp_bytes_removed) == (1, 1000)
-    assert [u["Key"] for u in _unfinished_uploads(s3_server_bucket)] == ["elsewhere/big.bin"]
+    assert sorted(u["Key"] for u in _unfinished_uploads(s3_server_bucket)) == [
+        "elsewhere/big.bin", "store/objects/x/objects/ab/cd"
+    ]
     assert s3_server_store.contains(kept) is False  # unreferenced: pruned with grace 0
     assert s3_server_store.blobs.clean_temp(later) == (0, 0)
 
 
-def test_clean_temp_without_permission_to_list_uploads_warns_and_prune_goes_on(
-    s3_server_bucket: S3TestBucket, s3_server_store: Store, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("operation", "warning"),
+    [
+        ("ListMultipartUploads", "not removing interrupted multipart uploads"),
+        ("ListParts", "not removing interrupted multipart upload store/"),
+        ("AbortMultipartUpload", "not removing interrupted multipart upload store/"),
+    ],
+)
+def test_clean_temp_refused_by_the_server_is_a_warning_and_prune_goes_on(
+    s3_server_bucket: S3TestBucket,
+    s3_server_store: Store,
+    caplog: pytest.LogCaptureFixture,
+    operation: str,
+    warning: str,
 ) -> None:
+    """Without s3:ListBucketMultipartUploads, s3:ListMultipartUploadParts or
+    s3:AbortMultipartUpload, prune still prunes; the uploads stay, with a warning."""
     _abandon_upload(s3_server_bucket, object_key(s3_server_bucket, Digest.of_bytes(b"x")), b"x")
-    _inject(s3_server_store, "ListMultipartUploads", 403, "AccessDenied", times=1)
+    _inject(s3_server_store, operation, 403, "AccessDenied", times=1)
+    time.sleep(1.1)
 
     with caplog.at_level(logging.WARNING, logger="casframe_s3.store"):
         report = s3_server_store.prune(grace_period=0)
 
     assert report.temp_files_removed == 0
-    assert "not removing interrupted multipart uploads" in caplog.text
+    assert warning in caplog.text
     assert "access denied" in caplog.text
     assert len(_unfinished_uploads(s3_server_bucket)) == 1
+
+
+def test_clean_temp_spares_the_uploads_this_process_is_sending(
+    s3_server_bucket: S3TestBucket, s3_server_store: Store
+) -> None:
+    data = random_bytes(12 * MiB, seed=41)
+    writer = s3_server_store.blobs.begin_write_for(Digest.of_bytes(data))
+    try:
+        writer.write(data[: 9 * MiB])  # a whole part goes out: the upload exists
+        assert len(_unfinished_uploads(s3_server_bucket)) == 1
+        time.sleep(1.1)
+        assert s3_server_store.blobs.clean_temp(time.time() + 60) == (0, 0)
+        assert len(_unfinished_uploads(s3_server_bucket)) == 1
+    finally:
+        writer.abort()
+    assert _unfinished_uploads(s3_server_bucket) == []

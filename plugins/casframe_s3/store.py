@@ -95,6 +95,7 @@ PARTS_IN_FLIGHT_BYTES = 24 << 20
 MAX_REF_BYTES = 64 << 10
 # Error codes meaning "no such object" (HEAD answers carry no body, only the status).
 _NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
+_HEX_DIGITS = frozenset("0123456789abcdef")
 _NO_BUCKET = frozenset({"NoSuchBucket"})
 _DENIED = frozenset(
     {
@@ -204,6 +205,8 @@ class _Bucket:
         self.part_slots = threading.BoundedSemaphore(min(options.max_concurrency, in_flight))
         self._closed = False
         self.warned_read_only = False
+        #: UploadIds of the multipart uploads this process is sending (clean_temp spares them).
+        self.active_uploads: set[str] = set()
 
     def _profile_missing(self) -> str:
         return (
@@ -590,6 +593,7 @@ class _StreamingUpload(BlobWriter):
                     Bucket=self._bucket.name, Key=self._key, **extra
                 )
             self._upload_id = response["UploadId"]
+            self._bucket.active_uploads.add(self._upload_id)
         assert self._part is not None
         body = [self._part]
         self._offset += len(self._part)
@@ -647,6 +651,7 @@ class _StreamingUpload(BlobWriter):
                     UploadId=self._upload_id,
                     MultipartUpload={"Parts": parts},
                 )
+            self._bucket.active_uploads.discard(self._upload_id)
             self._upload_id = None
         finally:
             self.abort()
@@ -664,6 +669,7 @@ class _StreamingUpload(BlobWriter):
         self._parts = []
         upload_id, self._upload_id = self._upload_id, None
         if upload_id is not None:
+            self._bucket.active_uploads.discard(upload_id)
             with contextlib.suppress(
                 botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError
             ):
@@ -1002,10 +1008,17 @@ class S3BlobStore(BlobStore):
 
         A large upload whose writer was killed leaves its parts in the bucket: invisible to
         object listings, billed, until the upload is aborted. An upload counts as idle from its
-        newest part (or its start, without parts), so a long upload still sending parts is
-        left alone, as ``file://`` leaves a temp file that is still being written. Returns the
-        uploads aborted (with ``dry_run``: found) and the bytes of their parts. Credentials
-        without ``s3:ListBucketMultipartUploads`` skip this with a warning: prune still runs.
+        newest part (or its start, without parts; LastModified has one-second steps), so a long
+        upload still sending parts is left alone, as ``file://`` leaves a temp file that is
+        still being written; so is every upload this process is sending. Only keys shaped like
+        blobs count (``objects/ab/`` and 62 more hex digits), not those of another store whose
+        prefix happens to begin with this one's ``objects/``. Returns the uploads aborted (with
+        ``dry_run``: found) and the bytes of their parts.
+
+        Best effort, like the rest of a temp clean-up: an upload that cannot be listed or
+        aborted (no ``s3:ListBucketMultipartUploads``, ``s3:ListMultipartUploadParts`` or
+        ``s3:AbortMultipartUpload``, a server without the calls) is logged as a warning and
+        not counted; prune goes on.
         """
         bucket = self._bucket
         client = bucket.client
@@ -1019,13 +1032,15 @@ class S3BlobStore(BlobStore):
                     uploads.extend(
                         (u["Key"], u["UploadId"], u["Initiated"].timestamp())
                         for u in page.get("Uploads", [])
+                        if _blob_key_name(u["Key"], bucket.objects) is not None
+                        and u["UploadId"] not in bucket.active_uploads
                     )
-        except PermissionDeniedError as exc:
+        except CasframeError as exc:
             log.warning("not removing interrupted multipart uploads: %s", exc)
             return 0, 0
 
         def stale_size(upload: tuple[str, str, float]) -> int | None:
-            """The bytes of an idle upload's parts (aborting it), ``None`` if it is active."""
+            """The bytes of an idle upload's parts (aborting it), ``None`` if it stays."""
             key, upload_id, started = upload
             size, last = 0, started
             try:
@@ -1036,16 +1051,18 @@ class S3BlobStore(BlobStore):
                     for part in page.get("Parts", []):
                         size += int(part["Size"])
                         last = max(last, part["LastModified"].timestamp())
-                if last >= older_than:
+                if last + 1 > older_than:
                     return None
                 if not dry_run:
                     client.abort_multipart_upload(Bucket=bucket.name, Key=key, UploadId=upload_id)
-            except botocore.exceptions.ClientError as exc:
-                if _error_code(exc) == "NoSuchUpload":
-                    return None  # completed or aborted meanwhile
-                bucket.fail(exc, "remove an interrupted upload", key)
-            except botocore.exceptions.BotoCoreError as exc:
-                bucket.fail(exc, "remove an interrupted upload", key)
+            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+                if _error_code(exc) != "NoSuchUpload":  # else: completed or aborted meanwhile
+                    log.warning(
+                        "not removing interrupted multipart upload %s: %s",
+                        key,
+                        bucket.translate(exc, "remove an interrupted upload", key),
+                    )
+                return None
             return size
 
         sizes = [size for size in bucket.map(stale_size, uploads) if size is not None]
@@ -1103,14 +1120,23 @@ class S3BlobStore(BlobStore):
 _FANOUTS = [f"{i:02x}" for i in range(256)]
 
 
+def _blob_key_name(key: str, objects: str) -> str | None:
+    """The hash a key ``objects/ab/cdef…`` stands for, ``None`` for any other key."""
+    relative = key[len(objects) :]
+    if not key.startswith(objects) or len(relative) != 65 or relative[2] != "/":
+        return None
+    name = relative[:2] + relative[3:]
+    return name if _HEX_DIGITS.issuperset(name) else None
+
+
 def _blob_infos(contents: list[dict[str, Any]], objects: str) -> Iterator[BlobInfo]:
     """Listed keys ``objects/ab/cdef…`` as BlobInfo; other keys (strays synced in) are skipped."""
     for item in contents:
-        relative = item["Key"][len(objects) :]
-        if len(relative) != 65 or relative[2] != "/":
+        name = _blob_key_name(item["Key"], objects)
+        if name is None:
             continue
         try:
-            digest = Digest(relative[:2] + relative[3:], int(item["Size"]))
+            digest = Digest(name, int(item["Size"]))
         except InvalidDigestError:
             continue
         yield BlobInfo(digest, item["LastModified"].timestamp())
