@@ -1,4 +1,4 @@
-"""How fast can Python import small files at all, here? The ceiling behind issue 2's target.
+"""How fast can Python import small files at all, here? The ceiling behind the import target.
 
     .venv/bin/python bench/ceiling.py [--repeat N] [--out DIR] [--keep]
 
@@ -15,7 +15,7 @@ measures, in alternating rounds, each in a fresh process writing into a director
   threads (the GIL is released around every system call and around sha256), and two worker
   processes (``fork``, no GIL shared; the main process lists the tree and sends batches).
 
-Prints files/s of each and its ratio to ``cp -r``; the target of issue 2 is 20,000 files/s.
+Prints files/s of each and its ratio to ``cp -r``; the import target is 20,000 files/s.
 The stripped loops are not casframe: they show what CPython on this machine allows.
 """
 
@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from run import build_small, loadavg, warm  # noqa: E402
 
-TARGET = 20_000  # files/s, issue 2
+TARGET = 20_000  # files/s: the first import's target
 BATCH = 500
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC

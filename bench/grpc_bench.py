@@ -8,7 +8,7 @@ them duplicates; large: 8 files of 128 MiB; --quick: 2,000 files and 8 x 16 MiB)
 them into a source file:// store (not timed). Then each repetition measures, kind after kind
 (A B C D E A B C D E ...), every client and every server in a process of its own, on loopback:
 
-* e2e: casframe to casframe, the issue's measurement. The source store pushes a tree to
+* e2e: casframe to casframe, the measurement with targets. The source store pushes a tree to
   `casframe serve` (python -m casframe.server over a new file:// store) through the grpc://
   backend, then a new file:// store pulls it back:
       push / pull large   target >= 400 MB/s       push / pull small   target >= 5,000 files/s

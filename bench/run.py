@@ -14,7 +14,7 @@ then measures, in alternating pairs (A B A B ...), each run writing into a fresh
 * casframe checkout (hardlinks) of the small tree                 vs  cp -al, git checkout
 
 Every casframe operation runs in a child process (bench/_child.py) whose peak RSS is read with
-wait4 by GNU time (see TIME below for why not by this process). Prints a table with the issue's
+wait4 by GNU time (see TIME below for why not by this process). Prints a table with the project's
 targets and writes results.json into the run directory. Bulk data is deleted only at the end
 (keep it with --keep). See bench/README.md.
 """
@@ -49,7 +49,7 @@ QUICK: dict[str, Any] = {
     "small_files": 2_000, "small_dirs": (4, 2, 4), "large_files": 8, "large_size": 16 * MiB,
 }
 
-# Targets from issue 2 ("Speed and memory").
+# The speed and memory targets of the local store.
 T_IMPORT_RATIO = 0.25  # casframe / git add+commit, at most
 T_IMPORT_RATE = 20_000  # files/s, at least
 T_REIMPORT_SPEEDUP = 3.0  # first import / re-import, at least

@@ -29,7 +29,7 @@ from that checkout too, in the same rotation, so a change is compared within one
 
 Each measured command runs in a child process; its peak RSS comes from ``os.wait4`` (which also
 counts what the small parent had mapped before exec) and from the child's own ``VmHWM``.
-Prints a table with the issue's targets and writes results.json into the run directory.
+Prints a table with the S3 backend's targets and writes results.json into the run directory.
 """
 
 from __future__ import annotations
