@@ -40,7 +40,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import build_small, loadavg, warm  # noqa: E402
+from run import FULL, build_small, loadavg, warm  # noqa: E402
 
 TARGET = 20_000  # files/s: the first import's target
 BATCH = 500
@@ -151,7 +151,7 @@ def main() -> None:
     run_dir = opts.out / f"{dt.datetime.now():%Y%m%d-%H%M%S}-ceiling"
     src = run_dir / "small"
     load = [loadavg()]
-    info = build_small(src, 20_000, (10, 4, 10))
+    info = build_small(src, FULL["small_files"], FULL["small_dirs"])
     files = info["files"]
     times: dict[str, list[float]] = {kind: [] for kind in KINDS}
     for round_ in range(opts.repeat):

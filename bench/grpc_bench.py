@@ -32,7 +32,7 @@ after their phases (few files, so no slowdown for later file creation), the rest
 Every client reports its own peak RSS (VmHWM) and CPU seconds; the server's VmHWM is read from
 /proc before it is stopped and its CPU seconds around each phase (target: peak RSS below 150
 MiB each). On a shared machine CPU seconds vary much less than times. Results go to
-DIR/<time>-grpc/results.json; see README.md.
+DIR/<time>-grpc/results.json; see docs/server.md.
 """
 
 from __future__ import annotations
