@@ -881,7 +881,7 @@ def _abandon_upload(bucket: S3TestBucket, key: str, part: bytes) -> str:
 def test_prune_aborts_interrupted_multipart_uploads_of_the_store(
     s3_server_bucket: S3TestBucket, s3_server_store: Store
 ) -> None:
-    kept = s3_server_store.put_bytes(b"a stored blob is not a leftover")
+    unreferenced = s3_server_store.put_bytes(b"a stored blob is not a leftover")
     s3_server_store.set_ref("keep", s3_server_store.put_directory(Directory()))
     ours = object_key(s3_server_bucket, Digest.of_bytes(b"never finished"))
     _abandon_upload(s3_server_bucket, ours, b"p" * 1000)
@@ -903,7 +903,7 @@ def test_prune_aborts_interrupted_multipart_uploads_of_the_store(
     assert sorted(u["Key"] for u in _unfinished_uploads(s3_server_bucket)) == [
         "elsewhere/big.bin", "store/objects/x/objects/ab/cd"
     ]
-    assert s3_server_store.contains(kept) is False  # unreferenced: pruned with grace 0
+    assert s3_server_store.contains(unreferenced) is False  # pruned with grace 0, not a temp
     assert s3_server_store.blobs.clean_temp(later) == (0, 0)
 
 

@@ -1010,7 +1010,9 @@ class S3BlobStore(BlobStore):
         object listings, billed, until the upload is aborted. An upload counts as idle from its
         newest part (or its start, without parts; LastModified has one-second steps), so a long
         upload still sending parts is left alone, as ``file://`` leaves a temp file that is
-        still being written; so is every upload this process is sending. Only keys shaped like
+        still being written. So is every streaming upload this process has open
+        (``_StreamingUpload``, which may wait for its source between parts); boto3's managed
+        uploads of files send their parts back to back. Only keys shaped like
         blobs count (``objects/ab/`` and 62 more hex digits), not those of another store whose
         prefix happens to begin with this one's ``objects/``. Returns the uploads aborted (with
         ``dry_run``: found) and the bytes of their parts.
