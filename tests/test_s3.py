@@ -13,6 +13,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -337,11 +338,15 @@ def small_pages(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _count_calls(store: Store) -> dict[str, int]:
+    """Requests per S3 operation from now on. The store's worker threads send them at once,
+    so the count is taken under a lock: an unguarded ``+= 1`` loses some."""
     calls: dict[str, int] = {}
+    lock = threading.Lock()
 
     def count(event_name: str, **_: Any) -> None:
         operation = event_name.rsplit(".", 1)[1]
-        calls[operation] = calls.get(operation, 0) + 1
+        with lock:
+            calls[operation] = calls.get(operation, 0) + 1
 
     store.blobs.client.meta.events.register("before-call.s3", count)  # type: ignore[attr-defined]
     return calls
