@@ -36,7 +36,8 @@ store = open_store(url)
 pool = [(b"pool-%d-" % i) * (40 + i) for i in range(160)]
 deadline = time.time() + seconds
 imports = retries = deletes = 0
-while time.time() < deadline:
+# A busy machine gets extra time (up to a minute) for the least the test counts on.
+while time.time() < deadline or (imports < 10 and time.time() < deadline + 60):
     src = os.path.join(workdir, "w%d-%d" % (wid, imports))
     os.makedirs(os.path.join(src, "sub"))
     for i in rng.sample(range(len(pool)), 10):
@@ -85,7 +86,7 @@ store = open_store(url)
 deadline = time.time() + seconds
 runs = freed = 0
 broken = []
-while time.time() < deadline:
+while time.time() < deadline or (runs < 10 and time.time() < deadline + 60):
     freed += prune(store, grace_period=grace, progress=SlowSweep()).objects_freed
     runs += 1
     # Writers never delete blobs: a ref that is incomplete now was broken by a prune.
@@ -111,7 +112,7 @@ def _spawn(script: str, *args: object) -> subprocess.Popen[str]:
 
 
 def _result(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    out, err = proc.communicate(timeout=RUN_SECONDS + 60)
+    out, err = proc.communicate(timeout=RUN_SECONDS + 120)
     assert proc.returncode == 0, err
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result

@@ -223,13 +223,23 @@ def test_a_transfer_stores_directories_a_level_at_a_time(
 
 
 class InFlight(grpc.ServerInterceptor):
-    """Tracks how many calls of the given methods run at once, holding each a little."""
+    """Tracks how many calls of the given methods run at once, holding each a little.
 
-    def __init__(self, methods: tuple[str, ...], hold: float) -> None:
+    Until ``expected`` calls have been in flight together, each call also waits (up to
+    ``patience`` seconds) for the others: on a busy machine one call of a wave can arrive
+    after the others have finished their hold, and that must not pass for a client that
+    sends fewer calls at once.
+    """
+
+    def __init__(
+        self, methods: tuple[str, ...], hold: float, expected: int, patience: float = 10.0
+    ) -> None:
         self.methods = methods
         self.hold = hold
+        self.expected = expected
+        self.patience = patience
         self.now = self.most = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
 
     def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
         handler = continuation(details)
@@ -241,6 +251,8 @@ class InFlight(grpc.ServerInterceptor):
             with self._lock:
                 self.now += 1
                 self.most = max(self.most, self.now)
+                self._lock.notify_all()
+                self._lock.wait_for(lambda: self.most >= self.expected, timeout=self.patience)
             try:
                 time.sleep(self.hold)
                 return behavior(request, context)
@@ -260,7 +272,7 @@ def test_a_transfer_keeps_max_concurrency_calls_in_flight(
 ) -> None:
     """Batches and streams go out concurrently, never more than ``max_concurrency`` at once
     (a transfer uses the larger of its two stores' concurrency; file:// allows 2)."""
-    in_flight = InFlight(("/BatchUpdateBlobs", "/Write"), hold=0.05)
+    in_flight = InFlight(("/BatchUpdateBlobs", "/Write"), hold=0.05, expected=concurrency)
     blobs = [random_bytes(300_000, seed=i) for i in range(24)]  # ~7 batch calls
     blobs += [random_bytes(2 * CHUNK_SIZE + i, seed=100 + i) for i in range(4)]  # 4 streams
     with open_store("memory://") as backing, \

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import IO
 
 import grpc
@@ -508,17 +509,32 @@ def test_malformed_write_resource_names(served: Served, name: str, code: grpc.St
     assert served.store.find_missing([digest]) == {digest}
 
 
-def test_interrupted_uploads_expire(serve: Callable[..., Served]) -> None:
-    served = serve(upload_expiry=0.2, max_partial_uploads=2)
+def test_interrupted_uploads_expire(
+    serve: Callable[..., Served], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import casframe.server.bytestream as bytestream_module
+
+    # The spool's own clock, moved by the test: a slow machine must not expire "b" early.
+    clock = [1000.0]
+    monkeypatch.setattr(bytestream_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    served = serve(upload_expiry=60, max_partial_uploads=2)
     data = random_bytes(MiB, seed=9)
     digest = Digest.of_bytes(data)
     for upload in ("a", "b", "c"):  # the third evicts the oldest
         served.bytestream.Write(write_requests(upload_resource(digest, upload), data[:100],
                                                finish=False))
+        clock[0] += 1
     assert served.server.partial_uploads == 2
     rpc_error(grpc.StatusCode.NOT_FOUND, served.bytestream.QueryWriteStatus,
               byte_pb2.QueryWriteStatusRequest(resource_name=upload_resource(digest, "a")))
-    time.sleep(0.3)
+    clock[0] += 58.5  # "b" is now past its expiry, "c" not yet
+    rpc_error(grpc.StatusCode.NOT_FOUND, served.bytestream.QueryWriteStatus,
+              byte_pb2.QueryWriteStatusRequest(resource_name=upload_resource(digest, "b")))
+    assert served.server.partial_uploads == 1
+    status = served.bytestream.QueryWriteStatus(
+        byte_pb2.QueryWriteStatusRequest(resource_name=upload_resource(digest, "c")))
+    assert status.committed_size == 100
+    clock[0] += 1
     rpc_error(grpc.StatusCode.NOT_FOUND, served.bytestream.QueryWriteStatus,
               byte_pb2.QueryWriteStatusRequest(resource_name=upload_resource(digest, "c")))
     assert served.server.partial_uploads == 0

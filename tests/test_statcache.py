@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -147,17 +148,21 @@ def test_a_racy_file_is_not_remembered(
     Its time stamps could still hide a change made after the import read it: on a file
     system with coarse time stamps, a write in the same tick leaves them as they were.
     """
-    window = 0.5
-    monkeypatch.setattr(casframe.statcache, "TIMESTAMP_WINDOW_NS", int(window * 1e9))
+    window_ns = 100_000_000
+    monkeypatch.setattr(casframe.statcache, "TIMESTAMP_WINDOW_NS", window_ns)
     root = write_tree(tmp_path / "src")
-    time.sleep(window + 0.1)
-    (root / "fresh.txt").write_bytes(b"written just before the import")
+    time.sleep(0.3)  # the tree's time stamps fall well outside the window...
+    fresh = root / "fresh.txt"
+    fresh.write_bytes(b"written just before the import")
+    # ...and the imports start at once, by the import's clock, however slow this machine is.
+    now = fresh.stat().st_ctime_ns + 1
+    monkeypatch.setattr(casframe.tree, "time", SimpleNamespace(time_ns=lambda: now))
     local_store.import_directory(root, stat_cache=cache_dir)
     opened.clear()
     local_store.import_directory(root, stat_cache=cache_dir)
     assert rel_paths(root, opened) == ["fresh.txt"]
     # Read again long after it was written, it is remembered from then on.
-    time.sleep(window + 0.1)
+    now += 2 * window_ns
     local_store.import_directory(root, stat_cache=cache_dir)
     opened.clear()
     local_store.import_directory(root, stat_cache=cache_dir)
@@ -165,9 +170,14 @@ def test_a_racy_file_is_not_remembered(
 
 
 def test_the_real_window_covers_files_written_just_before(
-    local_store: Store, tmp_path: Path, cache_dir: Path, opened: list[str]
+    local_store: Store, tmp_path: Path, cache_dir: Path, opened: list[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    root = write_tree(tmp_path / "src")  # well within 2 s of the imports below
+    root = write_tree(tmp_path / "src")
+    # By the import's clock, the imports start 1.9 s after the first file was written.
+    oldest = min(p.lstat().st_ctime_ns for p in root.rglob("*"))
+    clock = SimpleNamespace(time_ns=lambda: oldest + 1_900_000_000)
+    monkeypatch.setattr(casframe.tree, "time", clock)
     local_store.import_directory(root, stat_cache=cache_dir)
     opened.clear()
     local_store.import_directory(root, stat_cache=cache_dir)
