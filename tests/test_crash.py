@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import signal
 import time
 import traceback
@@ -53,6 +54,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
 # First guess of each command's run time here (seconds after "ready"); the killer then follows
 # what it observes, so that most kills land in the middle of the work whatever the machine.
 FIRST_ESTIMATE = {"import": 0.1, "transfer": 0.1, "prune": 0.04}
+READY_TIMEOUT = 60  # seconds for a forked child to report that it started
 
 
 def _make_source(root: Path, rng: random.Random, tag: int) -> Path:
@@ -104,6 +106,11 @@ class _Killer:
                 os._exit(status)
         os.close(write_end)
         try:
+            # A fork of a process with threads can hang before it gets going: fail, not hang.
+            if not select.select([read_end], [], [], READY_TIMEOUT)[0]:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise AssertionError(f"{command} did not start within {READY_TIMEOUT} s")
             assert os.read(read_end, 5) == b"ready"
             time.sleep(self.rng.uniform(0, self.estimate[command]))
             exited, status = os.waitpid(pid, os.WNOHANG)
