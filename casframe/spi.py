@@ -328,7 +328,12 @@ class RefStore(ABC):
 
     @abstractmethod
     def list_refs(self, prefix: str = "") -> Iterator[RefInfo]:
-        """Yield every ref whose name starts with ``prefix``, in any order."""
+        """Yield every ref whose name starts with ``prefix``, in any order.
+
+        A ref whose stored value cannot be read as a Digest raises
+        :class:`~casframe.errors.InvalidDigestError` naming it; it is never skipped, since a
+        prune that did not see it would delete the tree it holds.
+        """
 
     def check_writable(self) -> None:  # noqa: B027 - optional hook, deliberately empty
         """Raise :class:`PermissionDeniedError` when this store is known to refuse ref updates.

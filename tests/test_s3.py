@@ -26,6 +26,7 @@ from casframe import (
     ConfigError,
     Digest,
     DigestMismatchError,
+    InvalidDigestError,
     PermissionDeniedError,
     Store,
     open_store,
@@ -38,6 +39,7 @@ from casframe.digest import Hasher
 from casframe.testing import assert_tree_equal, random_bytes
 from casframe.testing.conformance import StoreConformance
 from casframe.testing.s3 import MotoServer, S3TestBucket
+from casframe.tree import missing_in_tree
 
 MiB = 1 << 20
 
@@ -440,6 +442,22 @@ def test_ref_access_time_lives_in_metadata(s3_mock: S3TestBucket, s3_store: Stor
         Bucket=s3_mock.name, Key="store/refs/heads/b", Body=digest.serialize()
     )
     assert {r.name for r in s3_store.list_refs()} == {"a", "b"}
+
+
+def test_a_damaged_ref_stops_prune(s3_mock: S3TestBucket, s3_store: Store) -> None:
+    tree = s3_store.put_directory(Directory(files=[
+        FileNode(name="f", digest=s3_store.put_bytes(b"kept by a damaged ref").to_proto())
+    ]))
+    s3_store.set_ref("keep", tree)
+    # A console's "folder" marker is no ref and is passed over.
+    s3_mock.client.put_object(Bucket=s3_mock.name, Key="store/refs/heads/dir/", Body=b"")
+    assert [r.name for r in s3_store.list_refs()] == ["keep"]
+    s3_mock.client.put_object(Bucket=s3_mock.name, Key="store/refs/heads/keep", Body=b"")
+    with pytest.raises(InvalidDigestError, match="ref keep in s3://.* is damaged"):
+        s3_store.list_refs()
+    with pytest.raises(InvalidDigestError, match="ref keep"):
+        s3_store.prune(grace_period=0)
+    assert not missing_in_tree(s3_store, tree)
 
 
 def test_reading_refs_with_read_only_credentials(

@@ -443,11 +443,14 @@ class LocalRefStore(RefStore):
                 os.utime(path)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise RefNotFoundError(name, f"file://{self.root}") from None
+        return self._parse(name, data)
+
+    def _parse(self, name: str, data: bytes) -> Digest:
         try:
             return Digest.from_serialized(data)
         except InvalidDigestError as exc:
             raise InvalidDigestError(
-                f"ref {name} in file://{self.root} is damaged: {exc}"
+                f"ref {name} in file://{self.root} is damaged: {exc}; set it again or delete it"
             ) from None
 
     def set_ref(self, name: str, digest: Digest) -> None:
@@ -498,11 +501,13 @@ class LocalRefStore(RefStore):
                 path = os.path.join(dirpath, filename)
                 try:
                     with open(path, "rb") as f:
-                        digest = Digest.from_serialized(f.read())
+                        data = f.read()
                     accessed = os.stat(path).st_mtime
-                except (FileNotFoundError, InvalidDigestError):
-                    continue  # deleted meanwhile, or not a ref file
-                yield RefInfo(name, digest, accessed)
+                except FileNotFoundError:
+                    continue  # deleted meanwhile
+                # A damaged ref (an empty file after a power cut, say) is an error, not
+                # skipped: a prune that did not see it would delete the tree it holds.
+                yield RefInfo(name, self._parse(name, data), accessed)
 
 
 def store_path(url: StoreURL) -> str:

@@ -1211,7 +1211,9 @@ class S3RefStore(RefStore):
         try:
             return Digest.from_serialized(data), response
         except InvalidDigestError as exc:
-            raise InvalidDigestError(f"ref {name} in {self._where()} is damaged: {exc}") from None
+            raise InvalidDigestError(
+                f"ref {name} in {self._where()} is damaged: {exc}; set it again or delete it"
+            ) from None
 
     def get_ref(self, name: str, *, touch: bool = True) -> Digest:
         digest, response = self._read(name)
@@ -1269,14 +1271,18 @@ class S3RefStore(RefStore):
         for page in self._bucket.list_pages(Prefix=self._bucket.refs + prefix):
             for item in page.get("Contents", []):
                 name = item["Key"][len(self._bucket.refs) :]
+                if name.endswith("/") or not name:
+                    continue  # a "folder" marker that consoles create, never a ref
                 names.append((name, item["LastModified"].timestamp()))
 
         def info(entry: tuple[str, float]) -> RefInfo | None:
             name, modified = entry
             try:
                 digest, response = self._read(name)
-            except (RefNotFoundError, InvalidDigestError):
-                return None  # deleted meanwhile, or not a ref
+            except RefNotFoundError:
+                return None  # deleted meanwhile
+            # A damaged ref raises InvalidDigestError: a prune that skipped it would delete
+            # the tree it holds.
             accessed = response.get("Metadata", {}).get("accessed")
             try:
                 when = float(accessed) if accessed else modified
