@@ -594,16 +594,50 @@ def get_command(app: App, digest: str, output: str | None) -> None:
         if output is None or output == "-":
             _copy_stream(stream, _binary(sys.stdout))
             return
+        _write_file_atomically(output, stream)
+
+
+def _write_file_atomically(output: str, stream: BinaryIO) -> None:
+    """Write ``stream`` to ``output`` through a temporary file beside it, renamed into place.
+
+    Corruption is detected at the end of the stream: a failure leaves no half-written file
+    and whatever ``output`` held before untouched. Devices and pipes (``/dev/null``) are
+    written in place.
+    """
+    import stat
+    import tempfile
+
+    path = os.path.realpath(output)  # through a symlink, as open() would write
+    try:
+        mode: int | None = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        with open(path, "wb") as target:
+            _copy_stream(stream, target)
+        return
+    try:
+        fd, temp = tempfile.mkstemp(
+            dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".part"
+        )
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, output) from None
+    try:
+        with os.fdopen(fd, "wb") as target:
+            _copy_stream(stream, target)
+        if mode is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temp, 0o666 & ~umask)
+        else:
+            os.chmod(temp, stat.S_IMODE(mode))
+        os.replace(temp, path)
+    except BaseException:
         try:
-            with open(output, "wb") as target:
-                _copy_stream(stream, target)
-        except BaseException:
-            # Corruption is detected at the end of the stream: leave no half-written file.
-            try:
-                os.unlink(output)
-            except OSError:
-                pass
-            raise
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
 
 
 # -- refs -----------------------------------------------------------------------------------

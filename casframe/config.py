@@ -36,6 +36,7 @@ from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from casframe.errors import ConfigError
 
@@ -289,7 +290,8 @@ def _absolute_path(path: str, base: str | None = None) -> str:
 
 
 def _path_url(path: str, base: str | None = None) -> str:
-    return "file://" + _absolute_path(path, base)
+    # Quoted: "#", "?" and "%" in a directory name are part of the path, not of the URL.
+    return "file://" + quote(_absolute_path(path, base))
 
 
 def _parse(path: str, data: dict[str, Any]) -> Config:

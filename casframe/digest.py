@@ -26,6 +26,8 @@ __all__ = ["CHUNK_SIZE", "EMPTY_DIGEST", "Digest", "Hasher"]
 CHUNK_SIZE = 1 << 20
 
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
+# Only the empty blob has size 0: any other hash with size 0 names content that cannot exist.
+_EMPTY_HASH = hashlib.sha256(b"").hexdigest()
 _HEX_RE = re.compile(r"[0-9a-f]*")
 # REAPI's size_bytes is an int64: a larger size cannot be sent to any peer.
 _MAX_SIZE = (1 << 63) - 1
@@ -45,6 +47,8 @@ class Digest(tuple[str, int]):
             raise InvalidDigestError(f"not a sha256 hex digest: {hash!r}")
         if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= _MAX_SIZE:
             raise InvalidDigestError(f"not a valid blob size: {size!r}")
+        if size == 0 and hash != _EMPTY_HASH:
+            raise InvalidDigestError(f"size 0 with a hash that is not the empty blob's: {hash}")
         return tuple.__new__(cls, (hash, size))
 
     @classmethod
@@ -59,6 +63,10 @@ class Digest(tuple[str, int]):
             and all(type(h) is str and len(h) == 64 for h in hashes)
             and _HEX_RE.fullmatch("".join(hashes))
             and all(type(s) is int and 0 <= s <= _MAX_SIZE for s in sizes)
+            and (
+                0 not in sizes
+                or all(h == _EMPTY_HASH for h, s in zip(hashes, sizes, strict=True) if not s)
+            )
         ):
             new = tuple.__new__
             return [new(cls, pair) for pair in zip(hashes, sizes, strict=True)]

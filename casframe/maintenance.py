@@ -47,7 +47,7 @@ from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 impor
 from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
     Tree as TreeMessage,
 )
-from casframe.digest import CHUNK_SIZE, Digest
+from casframe.digest import CHUNK_SIZE, EMPTY_DIGEST, Digest
 from casframe.errors import (
     BlobNotFoundError,
     CorruptBlobError,
@@ -447,6 +447,11 @@ class _Trees:
             size = file_digest.size_bytes
             if size:
                 files.append((file_digest.hash, size))
+            elif self.check and file_digest.hash != EMPTY_DIGEST.hash:
+                try:
+                    Digest(file_digest.hash, 0)  # raises: only the empty blob has size 0
+                except InvalidDigestError as exc:
+                    invalid.append(str(exc))
         if self.check:
             valid = []
             for file_key in files:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -154,6 +155,27 @@ def test_put_and_get(run: Run, tmp_path: Path) -> None:
     assert (tmp_path / "out.bin").read_bytes() == b"from stdin"
     records = json.loads(ok(run("put", "--json", "a.bin")))
     assert records == [{"path": "a.bin", "digest": lines[0]}]
+
+
+def test_get_replaces_a_file_only_with_verified_content(run: Run, tmp_path: Path) -> None:
+    digest = ok(run("put", "-", input=BLOB)).strip()
+    out = tmp_path / "out.bin"
+    out.write_bytes(b"what was there before")
+    out.chmod(0o640)
+    ok(run("get", digest, "-o", "out.bin"))
+    assert out.read_bytes() == BLOB and stat.S_IMODE(out.stat().st_mode) == 0o640
+    ok(run("get", digest, "-o", "/dev/null"))  # written in place, not replaced by a file
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+    out.write_bytes(b"what was there before")
+    parsed = casframe.Digest.parse(digest)
+    stored = tmp_path / "store" / "objects" / parsed.hash[:2] / parsed.hash[2:]
+    stored.chmod(0o644)
+    stored.write_bytes(BLOB[:-1] + bytes([BLOB[-1] ^ 1]))  # same size, other content
+    result = run("get", digest, "-o", "out.bin")
+    assert result.exit_code != 0 and "corrupt" in result.stderr
+    assert out.read_bytes() == b"what was there before"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
 
 
 def test_refs(run: Run, imported: str, tmp_path: Path) -> None:

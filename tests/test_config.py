@@ -96,6 +96,14 @@ def test_urls_and_paths_need_no_config(tmp_path: Path) -> None:
     assert config.resolve_store("existing") == (f"file://{tmp_path}/existing", {})
 
 
+@pytest.mark.parametrize("name", ["cas#1", "a?b", "my store%20x", "100%"])
+def test_a_path_with_url_characters_opens_that_very_directory(tmp_path: Path, name: str) -> None:
+    url, options = load_config().resolve_store(f"./{name}")
+    with casframe.open_store(url, options) as store:
+        store.put_bytes(b"here")
+    assert [p.name for p in tmp_path.iterdir() if p.name != "home"] == [name]
+
+
 def test_a_configured_name_wins_over_a_directory_of_that_name(tmp_path: Path) -> None:
     (tmp_path / "ci").mkdir()
     path = write_config(tmp_path / "c.toml", '[stores.ci]\nurl = "memory://"\n')

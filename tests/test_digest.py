@@ -65,6 +65,7 @@ def test_text_round_trip() -> None:
         f"{HELLO}/\u00b2",  # a superscript two is a "digit" to str.isdigit, not a size
         f"{HELLO}/\u0661\u0662",  # Arabic-Indic digits are no size either
         f"{HELLO}/{2**63}",  # size_bytes is an int64 on the wire
+        f"{HELLO}/0",  # content of size 0 has one hash only
     ],
     ids=repr,
 )
@@ -76,6 +77,7 @@ def test_invalid_text_raises_invalid_digest_error(text: str) -> None:
 INVALID_FIELDS = [
     (HELLO.upper(), 6), ("x" * 64, 6), (HELLO, -1), (HELLO, True), (HELLO, 6.0), (HELLO, 2**63),
     (HELLO[:-1], 6), (HELLO + "0", 6), (HELLO[:-2] + "/.", 6), (None, 6),
+    (HELLO, 0),  # only the empty blob has size 0
 ]
 
 

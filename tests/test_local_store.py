@@ -16,6 +16,7 @@ import pytest
 
 from casframe import (
     EMPTY_DIGEST,
+    BlobNotFoundError,
     ConfigError,
     CorruptBlobError,
     Digest,
@@ -384,3 +385,14 @@ def test_several_processes_writing_at_once(tmp_path: Path, make_tree) -> None:
     for name, st in all_objects(store_dir).items():
         assert len(name) == 65 and name[2] == "/", f"stray file objects/{name}"
         assert stat.S_IMODE(st.st_mode) == 0o444
+
+
+def test_a_huge_size_for_a_stored_hash_is_missing_not_a_memory_error(local_store: Store) -> None:
+    """A damaged Directory can name a stored hash with any size: reading it must not try to
+    allocate that size first."""
+    stored = local_store.put_bytes(b"five!")
+    huge = Digest(stored.hash, 1 << 40)
+    with pytest.raises(BlobNotFoundError):
+        list(local_store.blobs.read_blobs([huge]))
+    with pytest.raises(BlobNotFoundError):
+        list(local_store.read_many([huge]))

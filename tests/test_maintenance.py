@@ -21,8 +21,16 @@ from casframe import (
     BlobWriter,
     Capability,
     Digest,
+    InvalidDigestError,
     Store,
     UnsupportedOperationError,
+)
+from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
+    Digest as DigestProto,
+)
+from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
+    Directory,
+    FileNode,
 )
 from casframe.maintenance import du, fsck, gc, parse_duration, parse_size, prune
 from casframe.testing import write_files
@@ -187,6 +195,25 @@ def test_fsck_without_list_checks_what_refs_reach(tmp_path: Path) -> None:
         ("corrupt", digest, ["r"])
     ]
     assert report.blobs_checked == 4  # 2 Directories + 2 files
+
+
+def test_a_tree_naming_size_0_with_another_hash_is_refused_and_reported(
+    memory_store: Store, tmp_path: Path
+) -> None:
+    """Such a digest names content that cannot exist: it is no empty file to check out."""
+    impossible = DigestProto(hash="ab" * 32, size_bytes=0)
+    tree = memory_store.put_directory(Directory(files=[FileNode(name="f", digest=impossible)]))
+    with pytest.raises(InvalidDigestError, match="not the empty blob's"):
+        memory_store.set_ref("r", tree)
+    with pytest.raises(InvalidDigestError):
+        memory_store.checkout(tree, tmp_path / "out")
+    assert not (tmp_path / "out" / "f").exists()
+    memory_store.set_ref("r", tree, check_complete=False)
+    report = fsck(memory_store)
+    assert [(p.kind, p.digest, p.refs) for p in report.problems] == [
+        ("not-a-directory", tree, ["r"])
+    ]
+    assert "not the empty blob's" in report.problems[0].detail
 
 
 # -- transfers and the grace period -------------------------------------------------------------

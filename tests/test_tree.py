@@ -75,11 +75,13 @@ def test_import_encodes_directories_exactly_as_protobuf_does() -> None:
     def text(longest: int) -> str:
         return "".join(rng.choice(alphabet) for _ in range(rng.randint(1, longest)))
 
+    def digest() -> tuple[str, int]:
+        size = rng.choice(sizes)  # only the empty blob has size 0
+        return (Digest.of_bytes(rng.randbytes(8 if size else 0))[0], size)
+
     for _ in range(200):
-        files = {text(200): (Digest.of_bytes(rng.randbytes(8))[0], rng.choice(sizes),
-                             rng.random() < 0.3) for _ in range(rng.randint(0, 6))}
-        dirs = {text(200): (Digest.of_bytes(rng.randbytes(8))[0], rng.choice(sizes))
-                for _ in range(rng.randint(0, 4))}
+        files = {text(200): (*digest(), rng.random() < 0.3) for _ in range(rng.randint(0, 6))}
+        dirs = {text(200): digest() for _ in range(rng.randint(0, 4))}
         links = {text(200): text(300) for _ in range(rng.randint(0, 4))}
         expected = Directory(
             files=[FileNode(name=n, digest=DigestProto(hash=h, size_bytes=z), is_executable=x)

@@ -54,6 +54,7 @@ _NO_KERNEL_COPY = frozenset(
 # Bytes asked of one copy_file_range call (the kernel copies at most ~2 GiB per call anyway).
 _COPY_STEP = 1 << 30
 _READ = os.O_RDONLY | os.O_CLOEXEC
+_CHECK_SIZE_ABOVE = 1 << 20  # read_blobs compares the object's size first above this
 
 
 def _temp_name(tmpdir: str) -> str:
@@ -244,9 +245,14 @@ class LocalBlobStore(BlobStore):
                 raise self._not_found(digest) from None
             try:
                 wanted = digest.size + 1  # one byte more: is the object longer?
-                data = os.read(fd, wanted)
-                while len(data) < wanted and (more := os.read(fd, wanted - len(data))):
-                    data += more
+                if wanted > _CHECK_SIZE_ABOVE and os.fstat(fd).st_size != digest.size:
+                    # os.read allocates what it is asked for: a damaged Directory naming a
+                    # stored hash with a huge size must not ask for terabytes.
+                    data = b""
+                else:
+                    data = os.read(fd, wanted)
+                    while len(data) < wanted and (more := os.read(fd, wanted - len(data))):
+                        data += more
             finally:
                 os.close(fd)
             if len(data) != digest.size:
