@@ -116,6 +116,13 @@ def parse_directory(digest: Digest, data: bytes) -> Directory:
             if name in seen:
                 raise UnsafeTreeError(f"directory {digest}: duplicate name {name!r}")
             seen.add(name)
+    for link in directory.symlinks:
+        if not link.target or "\x00" in link.target:
+            # No file system can hold it: checkout would fail half-way, with files written.
+            raise UnsafeTreeError(
+                f"directory {digest}: symlink {link.name!r} has an impossible target "
+                f"{link.target!r} (empty or with a NUL character)"
+            )
     return directory
 
 
@@ -235,6 +242,18 @@ class _ScannedDir:
 
 #: One file for a worker: its directory, its index in ``files`` there, and its path.
 _Job = tuple[_ScannedDir, int, str]
+
+
+def _refuse_backslashes(root: str, scanned: _ScannedDir) -> None:
+    """Refuse a name with a backslash before the tree is stored: checkout refuses such a
+    name (a path separator to some clients), so the tree could never be got back."""
+    names = [*scanned.files, *(os.fsencode(n) for n in scanned.subdirs),
+             *(n for n, _ in scanned.symlinks)]
+    if b"\\" not in b"/".join(names):
+        return
+    name = os.fsdecode(next(n for n in names if b"\\" in n))
+    path = os.path.join(root, scanned.path, name)
+    raise InvalidNameError(f"cannot store {path!r}: a backslash is not allowed in a name")
 
 
 def _utf8(name: str, path: str, what: str = "name") -> bytes:
@@ -551,6 +570,7 @@ def import_directory(
                             raise _unsupported(
                                 entry.path, entry.stat(follow_symlinks=False).st_mode
                             )
+                _refuse_backslashes(root, current)
             if batch:
                 importer.submit(batch)
             importer.check_remembered()

@@ -145,6 +145,26 @@ def test_import_refuses_a_name_that_is_not_utf8(store: Store, tmp_path: Path) ->
         store.import_directory(root)
 
 
+@pytest.mark.parametrize("kind", ["file", "directory", "symlink"])
+def test_import_refuses_a_name_with_a_backslash_naming_it(
+    store: Store, tmp_path: Path, kind: str
+) -> None:
+    """Checkout refuses such a name, so the import must not store a tree it cannot give back."""
+    root = tmp_path / "src"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "fine.txt").write_bytes(b"x")
+    bad = root / "sub" / "a\\b"
+    if kind == "file":
+        bad.write_bytes(b"x")
+    elif kind == "directory":
+        bad.mkdir()
+    else:
+        bad.symlink_to("fine.txt")
+    with pytest.raises(InvalidNameError, match="backslash") as caught:
+        store.import_directory(root)
+    assert repr(str(bad)) in str(caught.value)
+
+
 def test_walk_is_depth_first_in_name_order(store: Store, tmp_path: Path) -> None:
     root = tmp_path / "src"
     for rel in ("b/z.txt", "b/a/1.txt", "a.txt", "c/x.txt"):

@@ -772,6 +772,12 @@ def _hostile_directory(store: Store, case: str) -> Digest:
         "duplicate-file-and-dir": Directory(files=[file("x")], directories=[folder("x")]),
         "duplicate-dir-and-link": Directory(directories=[folder("x")], symlinks=[link("x")]),
         "duplicate-file-and-link": Directory(files=[file("x")], symlinks=[link("x")]),
+        "link-target-empty": Directory(
+            files=[file("a")], symlinks=[SymlinkNode(name="b", target="")]
+        ),
+        "link-target-nul": Directory(
+            files=[file("a")], symlinks=[SymlinkNode(name="b", target="x\x00y")]
+        ),
     }
     if case.startswith("nested-"):
         bad = store.put_bytes(directory[case.removeprefix("nested-")].SerializeToString())
@@ -800,6 +806,8 @@ HOSTILE_CASES = [
     "duplicate-file-and-dir",
     "duplicate-dir-and-link",
     "duplicate-file-and-link",
+    "link-target-empty",
+    "link-target-nul",
     "nested-dir-dotdot",
     "nested-file-absolute",
 ]
