@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ from casframe.testing import (
     TREE_FILES,
     assert_tree_equal,
     random_bytes,
+    write_files,
 )
 from casframe.tree import missing_in_tree
 
@@ -131,6 +133,29 @@ def test_local_files_are_copied_in_the_kernel_and_stored_under_what_was_copied(
     assert expected and os.stat("/proc/self/cmdline").st_size == 0
     assert local_store.put_file("/proc/self/cmdline") == Digest.of_bytes(expected)
     assert os.listdir(store_root / "tmp") == []
+
+
+def test_fsync_flushes_new_names_not_only_contents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renamed or linked file survives a power cut only once its folder is flushed."""
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    root = tmp_path / "synced"
+    with open_store(f"file://{root}?fsync=true") as store:
+        digest = store.put_bytes(b"flushed to disk")
+        store.set_ref("team/main", store.put_directory(Directory()))
+    assert str(root / "objects" / digest.hash[:2]) in flushed
+    assert str(root / "objects") in flushed
+    assert str(root / "refs" / "heads" / "team") in flushed
+    assert str(root / "refs" / "heads") in flushed
 
 
 def test_open_store_options_and_errors(tmp_path: Path) -> None:
@@ -396,3 +421,43 @@ def test_a_huge_size_for_a_stored_hash_is_missing_not_a_memory_error(local_store
         list(local_store.blobs.read_blobs([huge]))
     with pytest.raises(BlobNotFoundError):
         list(local_store.read_many([huge]))
+
+
+def test_a_shared_store_replaces_objects_it_may_not_freshen(
+    local_store: Store, store_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a store shared by several users, objects are read-only and another user's: the
+    touch that renews their grace period is refused (EPERM). Storing the content again puts
+    this user's copy in their place, atomically, instead of failing the import."""
+    source = write_files(tmp_path / "src", {"a.txt": b"shared content", "sub/b.txt": b"more"})
+    tree = local_store.import_directory(source)
+    local_store.set_ref("theirs", tree)
+    foreign = {
+        p.stat().st_ino
+        for folder in ("objects", "refs")
+        for p in (store_root / folder).rglob("*")
+        if p.is_file()
+    }
+    real_utime = os.utime
+
+    def utime(path, *args, dir_fd=None, **kwargs):  # type: ignore[no-untyped-def]
+        st = os.stat(path, dir_fd=dir_fd)
+        if st.st_ino in foreign and st.st_mtime < old + 60:  # (inode numbers are reused)
+            raise PermissionError(1, "Operation not permitted", path)
+        return real_utime(path, *args, dir_fd=dir_fd, **kwargs)
+
+    old = time.time() - 3600
+    monkeypatch.setattr(os, "utime", utime)
+    for p in (store_root / "objects").rglob("*"):
+        if p.is_file():
+            real_utime(p, (old, old))
+
+    assert local_store.import_directory(source) == tree
+    local_store.set_ref("mine", tree)
+    assert local_store.get_ref("theirs") == tree  # the ref's touch is refused too: not fatal
+    # Each object is this user's fresh copy now (the fake refuses only the old ones).
+    replaced = [p for p in (store_root / "objects").rglob("*") if p.is_file()]
+    assert len(replaced) == 4 and all(p.stat().st_mtime > old + 60 for p in replaced)
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o444 for p in replaced)
+    assert not missing_in_tree(local_store, tree)
+    assert os.listdir(store_root / "tmp") == []

@@ -54,11 +54,21 @@ _NO_KERNEL_COPY = frozenset(
 # Bytes asked of one copy_file_range call (the kernel copies at most ~2 GiB per call anyway).
 _COPY_STEP = 1 << 30
 _READ = os.O_RDONLY | os.O_CLOEXEC
+_COPY_CHUNK = 1 << 20
 _CHECK_SIZE_ABOVE = 1 << 20  # read_blobs compares the object's size first above this
 
 
 def _temp_name(tmpdir: str) -> str:
     return os.path.join(tmpdir, f"{os.getpid()}.{threading.get_ident()}.{next(_names)}")
+
+
+def _fsync_dir(path: str) -> None:
+    """Flush a folder's entries to disk: a rename or link in it survives a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -150,8 +160,16 @@ class LocalBlobStore(BlobStore):
 
     def publish(self, fd: int, temp: str, digest: Digest) -> None:
         """Make a finished upload visible as ``digest``; an intact existing object wins."""
-        if self.fsync:
-            os.fsync(fd)
+        if not self.fsync:
+            self._publish(fd, temp, digest)
+            return
+        os.fsync(fd)
+        self._publish(fd, temp, digest)
+        # The new name is durable only once its folder is (and a new folder's parent).
+        _fsync_dir(os.path.dirname(self.object_path(digest)))
+        _fsync_dir(self.objdir)
+
+    def _publish(self, fd: int, temp: str, digest: Digest) -> None:
         target = self.object_path(digest)
         for _ in range(3):
             try:
@@ -174,11 +192,18 @@ class LocalBlobStore(BlobStore):
             except FileExistsError:
                 if self._keep_existing(target, digest):
                     return
-                # A damaged object (wrong size) is in the way: replace it.
+                # A damaged object (wrong size), or one this user may not freshen (another
+                # user's, in a shared store), is in the way: put ours in its place, atomically.
+                named = os.path.basename(_temp_name(self.tmpdir))
+                tmpfd = self._tmpfd  # by directory fds: linkat then follows /proc/self/fd
+                os.link(f"/proc/self/fd/{fd}", named, src_dir_fd=tmpfd, dst_dir_fd=tmpfd)
                 try:
-                    os.unlink(target)
-                except FileNotFoundError:
-                    pass
+                    os.rename(named, target, src_dir_fd=tmpfd)
+                except BaseException:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(named, dir_fd=tmpfd)
+                    raise
+                return
         raise OSError(errno.EAGAIN, f"could not store object {digest} in {self.root}")
 
     @staticmethod
@@ -186,13 +211,14 @@ class LocalBlobStore(BlobStore):
         """Whether an intact object is at ``path``; if so, freshen it and keep it.
 
         The touch renews prune's grace period for the writer that stored the blob again. An
-        object pruned between the stat and the touch is not there: ours is published instead.
+        object pruned between the stat and the touch is not there, and one this user may not
+        touch (read-only and another user's) is not freshened: ours is published instead.
         """
         try:
             if os.stat(path).st_size != digest.size:
                 return False
             os.utime(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):
             return False
         return True
 
@@ -286,13 +312,45 @@ class LocalBlobStore(BlobStore):
             hash_ = digest[0]
             path = f"{hash_[:2]}/{hash_[2:]}"
             try:
-                utime(path, dir_fd=objfd)
+                try:
+                    utime(path, dir_fd=objfd)
+                except PermissionError:
+                    self._renew(digest)
                 if stat(path, dir_fd=objfd).st_size == digest[1]:
                     continue
             except FileNotFoundError:
                 pass
             missing.add(digest)
         return missing
+
+    def _renew(self, digest: Digest) -> None:
+        """Freshen an object this user may not touch, by putting a copy of it in its place.
+
+        In a store shared by several users, objects are read-only and their owner's, so
+        ``utime`` is refused (EPERM). A copy of this user's (made in the kernel, verified by
+        size) renews prune's grace period just as well. Raises FileNotFoundError when the
+        object is gone, and leaves a damaged one (wrong size) for the caller to find.
+        """
+        hash_ = digest.hash
+        source = os.open(f"{hash_[:2]}/{hash_[2:]}", _READ, dir_fd=self._objfd)
+        try:
+            if os.fstat(source).st_size != digest.size:
+                return
+            copied = self.begin_write_copy(source)
+            if copied is None:  # no copy in the kernel here: through user space
+                upload = self.begin_write()
+                try:
+                    while chunk := os.read(source, _COPY_CHUNK):
+                        upload.write(chunk)
+                except BaseException:
+                    upload.abort()
+                    raise
+            else:
+                upload, stored = copied
+                stored.close()
+            upload.commit(digest)  # publish replaces an object it may not freshen
+        finally:
+            os.close(source)
 
     def begin_write_copy(self, fd: int) -> tuple[BlobWriter, BinaryIO] | None:
         """Copy by ``copy_file_range`` into a new temp object (in the kernel, no user copy)."""
@@ -422,7 +480,10 @@ class LocalBlobStore(BlobStore):
         utime = os.utime
         for digest in digests:
             try:
-                utime(f"{self.objdir}/{digest.hash[:2]}/{digest.hash[2:]}")
+                try:
+                    utime(f"{self.objdir}/{digest.hash[:2]}/{digest.hash[2:]}")
+                except PermissionError:
+                    self._renew(digest)
             except FileNotFoundError:
                 absent.append(digest)
         return absent
@@ -446,7 +507,8 @@ class LocalRefStore(RefStore):
             with open(path, "rb") as f:
                 data = f.read()
             if touch:
-                os.utime(path)
+                with contextlib.suppress(PermissionError):  # another user's ref: read only
+                    os.utime(path)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise RefNotFoundError(name, f"file://{self.root}") from None
         return self._parse(name, data)
@@ -471,6 +533,13 @@ class LocalRefStore(RefStore):
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 os.rename(temp, path)
+                if self.fsync:  # the ref's folder and those above it, which may be new
+                    folder = os.path.dirname(path)
+                    while True:
+                        _fsync_dir(folder)
+                        if folder == self.refdir:
+                            break
+                        folder = os.path.dirname(folder)
                 return
             except FileNotFoundError:
                 continue  # a concurrent delete removed the parent folder; make it again
