@@ -255,6 +255,77 @@ def test_batch_read_reports_each_blob(served: Served) -> None:
                                                                    size_bytes=limit + 1)]))
 
 
+def test_batch_read_counts_every_requested_copy(served: Served) -> None:
+    limit = served.server.settings.max_batch_total_size_bytes
+    big = served.store.put_bytes(random_bytes(limit - 2000))  # twice over, the reply overflows
+    error = rpc_error(grpc.StatusCode.INVALID_ARGUMENT, served.cas.BatchReadBlobs,
+                      re_pb2.BatchReadBlobsRequest(digests=[dproto(big)] * 2))
+    assert f"limit of {limit} bytes" in error.details() and "split" in error.details()
+    [alone] = served.cas.BatchReadBlobs(
+        re_pb2.BatchReadBlobsRequest(digests=[dproto(big)])).responses
+    assert alone.status.code == code_pb2.OK and len(alone.data) == big.size
+
+    # Up to the advertised limit, copies included, the batch is served.
+    half = served.store.put_bytes(random_bytes(limit // 2, seed=1))
+    response = served.cas.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(digests=[dproto(half)] * 2))
+    assert [(r.status.code, len(r.data)) for r in response.responses] == [
+        (code_pb2.OK, half.size)] * 2
+
+
+def test_batch_read_of_many_missing_blobs_fits_in_a_reply(served: Served) -> None:
+    # A 2.1 MB request whose statuses, messages and all, would make a 4.8 MB reply.
+    digests = [re_pb2.Digest(hash=f"{i:064x}", size_bytes=1) for i in range(30_000)]
+    response = served.cas.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(digests=digests))
+    limit = served.server.settings.max_message_bytes
+    assert limit - 200 < response.ByteSize() <= limit
+    assert [r.digest for r in response.responses] == digests
+    assert {r.status.code for r in response.responses} == {code_pb2.NOT_FOUND}
+    assert not any(r.data for r in response.responses)
+    # Messages go from the end only as far as needed; the first ones are whole.
+    assert "blob not found" in response.responses[0].status.message
+    assert response.responses[-1].status.message == ""
+
+
+def test_batch_read_whose_reply_cannot_fit_is_refused(served: Served) -> None:
+    blobs = [random_bytes(190, seed=s) for s in range(16_000)]  # 3.0 MB: under the limit
+    digests = [Digest.of_bytes(b) for b in blobs]
+    served.store.put_many(list(zip(digests, blobs, strict=True)))
+    error = rpc_error(grpc.StatusCode.INVALID_ARGUMENT, served.cas.BatchReadBlobs,
+                      re_pb2.BatchReadBlobsRequest(digests=[dproto(d) for d in digests]))
+    limit = served.server.settings.max_message_bytes
+    assert f"message limit of {limit} bytes" in error.details()
+    assert "split it into smaller batches" in error.details()
+
+    response = served.cas.BatchReadBlobs(
+        re_pb2.BatchReadBlobsRequest(digests=[dproto(d) for d in digests[:8000]]))
+    assert [r.data for r in response.responses] == blobs[:8000]
+    assert {r.status.code for r in response.responses} == {code_pb2.OK}
+
+
+def test_batch_update_of_many_bad_blobs_fits_in_a_reply(served: Served) -> None:
+    # A 1.9 MB request whose mismatch statuses would make a 6.6 MB reply.
+    claimed = [re_pb2.Digest(hash=f"{i:064x}", size_bytes=1) for i in range(25_000)]
+    response = served.cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(requests=[
+        re_pb2.BatchUpdateBlobsRequest.Request(digest=d, data=b"x") for d in claimed]))
+    limit = served.server.settings.max_message_bytes
+    assert limit - 200 < response.ByteSize() <= limit
+    assert [r.digest for r in response.responses] == claimed
+    assert {r.status.code for r in response.responses} == {code_pb2.INVALID_ARGUMENT}
+    assert "does not match its digest" in response.responses[0].status.message
+    assert response.responses[-1].status.message == ""
+    assert served.store.find_missing([Digest.of_bytes(b"x")]) == {Digest.of_bytes(b"x")}
+
+
+def test_batch_update_whose_reply_cannot_fit_is_refused(served: Served) -> None:
+    # 4.1 MB of digests with no data: even code-only statuses would not fit in a reply.
+    claimed = [re_pb2.Digest(hash=f"{i:064x}", size_bytes=1) for i in range(57_000)]
+    request = re_pb2.BatchUpdateBlobsRequest(requests=[
+        re_pb2.BatchUpdateBlobsRequest.Request(digest=d) for d in claimed])
+    assert request.ByteSize() < served.server.settings.max_message_bytes
+    error = rpc_error(grpc.StatusCode.INVALID_ARGUMENT, served.cas.BatchUpdateBlobs, request)
+    assert "57000 blobs" in error.details() and "split it into smaller batches" in error.details()
+
+
 def test_get_tree_pages(served: Served, make_tree: Callable[..., Path]) -> None:
     root = served.store.import_directory(make_tree())
     expected = [data for _, data, _ in casframe.tree.iter_tree(served.store, root)]
@@ -292,6 +363,17 @@ def test_get_tree_leaves_out_missing_subtrees(served: Served,
            for page in pages for d in page.directories}
     assert root in got and src not in got
     assert served.store.subdir(root, "docs") in got
+
+
+def test_get_tree_page_token_with_non_ascii_digits_is_invalid(
+    served: Served, make_tree: Callable[..., Path]
+) -> None:
+    root = served.store.import_directory(make_tree())
+    for index in ("\u00b2", "\u0663"):  # superscript two, Arabic-Indic three: str.isdigit()
+        error = rpc_error(grpc.StatusCode.INVALID_ARGUMENT, served.cas.GetTree,
+                          re_pb2.GetTreeRequest(root_digest=dproto(root),
+                                                page_token=f"{index}:{root.hash[:16]}"))
+        assert "was not issued for a tree" in error.details()
 
 
 # -- ByteStream -------------------------------------------------------------------------------

@@ -74,6 +74,10 @@ _DEFAULT_TREE_PAGE = 1000
 # Room kept in a GetTree page's message for framing beyond the Directory messages themselves.
 _PAGE_FRAMING_BYTES = 64 << 10
 
+# The smallest google.rpc.Status a batch reply entry can carry for a failed blob: the code's
+# tag and value (gRPC codes are below 128), with the message dropped (see _fit_reply).
+_CODE_ONLY_STATUS_BYTES = 2
+
 _IDENTITY = re_pb2.Compressor.IDENTITY
 _SHA256 = re_pb2.DigestFunction.SHA256
 
@@ -163,13 +167,28 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
                 response.missing_blob_digests.add(hash=digest.hash, size_bytes=digest.size)
         return response
 
-    def _check_batch_size(self, total: int, what: str) -> None:
+    def _check_batch_size(self, total: int, least_reply: int, count: int, what: str) -> None:
+        """Refuse, before any work, a batch whose blobs or whose reply would be too large.
+
+        ``total`` is the blob bytes the batch carries (each requested blob counted as often as
+        it is requested, since the reply repeats it) and ``least_reply`` the size of the
+        smallest reply that can answer it (see :func:`_least_entry_bytes`).
+        """
         limit = self.settings.max_batch_total_size_bytes
         if total > limit:
             raise StatusError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{what} of {total} bytes is over this server's limit of {limit} bytes "
-                "(max_batch_total_size_bytes); send large blobs through ByteStream",
+                "(max_batch_total_size_bytes); split it into smaller batches, "
+                "and send large blobs through ByteStream",
+            )
+        message_limit = self.settings.max_message_bytes
+        if least_reply > message_limit:
+            raise StatusError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{what} of {count} blobs needs a reply of at least {least_reply} bytes, over "
+                f"this server's message limit of {message_limit} bytes; "
+                "split it into smaller batches",
             )
 
     @rpc_method
@@ -180,7 +199,8 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
         self._check_writable()
         items = request.requests
         contents = [item.data for item in items]  # each access copies the bytes: once each
-        self._check_batch_size(sum(map(len, contents)), "batch update")
+        least_reply = sum(_least_entry_bytes(item.digest, 0) for item in items)
+        self._check_batch_size(sum(map(len, contents)), least_reply, len(items), "batch update")
 
         statuses = []
         verified: dict[Digest, bytes] = {}
@@ -219,6 +239,8 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
             entry = add()  # filled in place: a third faster than add(digest=..., status=...)
             entry.digest.CopyFrom(item.digest)
             entry.status.CopyFrom(status or failure or OK_STATUS)
+        if failure or any(status is not None for status in statuses):
+            _fit_reply(response, self.settings.max_message_bytes)
         return response
 
     @rpc_method
@@ -232,8 +254,11 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
                 digests.append(_digest(message))
             except InvalidDigestError as exc:
                 digests.append(exc)
+        # The reply has an entry for every requested digest, duplicates included.
+        sizes = [d.size if isinstance(d, Digest) else 0 for d in digests]
+        least_reply = sum(map(_least_entry_bytes, request.digests, sizes))
+        self._check_batch_size(sum(sizes), least_reply, len(digests), "batch read")
         wanted = {d for d in digests if isinstance(d, Digest)}
-        self._check_batch_size(sum(d.size for d in wanted), "batch read")
 
         results: dict[Digest, bytes | BaseException] = {}
         try:
@@ -251,15 +276,19 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
 
         response = re_pb2.BatchReadBlobsResponse()
         add = response.responses.add
+        failed = False
         for message, parsed in zip(request.digests, digests, strict=True):
             outcome = results[parsed] if isinstance(parsed, Digest) else parsed
             if isinstance(outcome, BaseException):
                 entry = add()
                 entry.status.CopyFrom(status_proto(outcome))
+                failed = True
             else:
                 entry = add(data=outcome, compressor=_IDENTITY)
                 entry.status.CopyFrom(OK_STATUS)
             entry.digest.CopyFrom(message)
+        if failed:
+            _fit_reply(response, self.settings.max_message_bytes)
         return response
 
     @rpc_method
@@ -300,6 +329,51 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
         yield page
 
 
+def _varint_bytes(value: int) -> int:
+    """Bytes of ``value`` as a protobuf varint (a negative int64 takes ten)."""
+    if value < 0:
+        return 10
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def _field_bytes(length: int) -> int:
+    """Bytes of a length-delimited protobuf field (tag below 16) carrying ``length`` bytes."""
+    return 1 + _varint_bytes(length) + length
+
+
+def _least_entry_bytes(digest: re_pb2.Digest, data_size: int) -> int:
+    """An upper bound on one batch reply entry once :func:`_fit_reply` has run on the reply.
+
+    The entry echoes the request's digest as it was sent, carries ``data_size`` bytes of
+    blob (0 for an update or an invalid digest) and a status that is either OK (empty) or a
+    code whose message may have been dropped; the compressor, IDENTITY, is not serialized.
+    """
+    inner = _field_bytes(digest.ByteSize()) + _field_bytes(_CODE_ONLY_STATUS_BYTES)
+    if data_size:
+        inner += _field_bytes(data_size)
+    return _field_bytes(inner)
+
+
+def _fit_reply(
+    response: re_pb2.BatchReadBlobsResponse | re_pb2.BatchUpdateBlobsResponse, limit: int
+) -> None:
+    """Drop status messages, last entries first, until the reply fits in ``limit`` bytes.
+
+    The codes stay, so every blob keeps its own status as the REAPI asks; only the text that
+    explains a failure goes. A reply that fits is left exactly as it is. The batch methods
+    refused, before any work, replies that could not fit even without messages, so this
+    always ends under ``limit``.
+    """
+    excess = response.ByteSize() - limit
+    for entry in reversed(response.responses):
+        if excess <= 0:
+            return
+        if entry.status.message:
+            before = _field_bytes(entry.ByteSize())
+            entry.status.message = ""
+            excess -= before - _field_bytes(entry.ByteSize())
+
+
 def _page_token(index: int, root: Digest) -> str:
     # Stateless, so any server behind a load balancer can continue a listing.
     return f"{index}:{root.hash[:16]}"
@@ -309,7 +383,8 @@ def _parse_page_token(token: str, root: Digest) -> int:
     if not token:
         return 0
     index, _, root_prefix = token.partition(":")
-    if not index.isdigit() or root_prefix != root.hash[:16]:
+    # isascii: str.isdigit() accepts digits such as '²' that int() refuses.
+    if not (index.isascii() and index.isdigit()) or root_prefix != root.hash[:16]:
         raise StatusError(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"page_token {token!r} was not issued for a tree with root {root}",
