@@ -23,6 +23,7 @@ import pytest
 from casframe import (
     BackendUnavailableError,
     Capability,
+    CasframeError,
     ConfigError,
     Digest,
     DigestMismatchError,
@@ -128,6 +129,11 @@ def test_options_from_the_config_file_are_used(s3_mock: S3TestBucket) -> None:
         ("s3://bucket/p?endpoint_url=localhost:9000", "must start with http"),
         ("s3://bucket/p?addressing_style=sideways", "addressing_style"),
         ("s3://bucket/p?payload_signing=maybe", "payload_signing='maybe'.*not a boolean"),
+        ("s3://bucket/p?read_timeout=nan", "read_timeout='nan'.*finite number of at least"),
+        ("s3://bucket/p?read_timeout=inf", "read_timeout='inf'.*finite number of at least"),
+        ("s3://bucket/p?connect_timeout=-inf", "connect_timeout='-inf'.*finite number"),
+        ("s3://bucket/p?connect_timeout=NaN", "connect_timeout='NaN'.*finite number"),
+        ("s3://bucket/p?connect_timeout=0", "connect_timeout='0'.*at least 0.001"),
     ],
 )
 def test_bad_urls_are_config_errors(s3_mock: S3TestBucket, url: str, message: str) -> None:
@@ -300,6 +306,40 @@ def test_upload_with_a_wrong_digest_leaves_no_object(s3_mock: S3TestBucket, size
         assert s3_mock.keys() == []
         uploads = s3_mock.client.list_multipart_uploads(Bucket=s3_mock.name)
         assert not uploads.get("Uploads")
+
+
+def _tamper_with_ranges(store: Store, replace: str | None) -> None:
+    """Make GetObject requests arrive with their Range header removed (``replace=None``, a
+    server that ignores Range) or replaced."""
+
+    def tamper(request: Any, **_: Any) -> None:
+        if "Range" in request.headers:
+            del request.headers["Range"]
+            if replace is not None:
+                request.headers["Range"] = replace
+
+    store.blobs.client.meta.events.register(  # type: ignore[attr-defined]
+        "before-sign.s3.GetObject", tamper
+    )
+
+
+def test_reading_from_an_offset_when_the_server_ignores_range(s3_store: Store) -> None:
+    data = random_bytes(3 * MiB + 5, seed=10)
+    digest = s3_store.put_stream(io.BytesIO(data))
+    _tamper_with_ranges(s3_store, None)
+    for offset in (1000, 2 * MiB + 3, digest.size - 1):
+        with s3_store.open_read(digest, offset) as stream:
+            assert stream.read(10) == data[offset : offset + 10]
+            assert stream.read() == data[offset + 10 :]
+
+
+def test_a_range_other_than_asked_for_is_an_error(s3_store: Store) -> None:
+    data = random_bytes(2000, seed=11)
+    digest = s3_store.put_bytes(data)
+    _tamper_with_ranges(s3_store, "bytes=5-")
+    with pytest.raises(CasframeError, match=r"from byte 1000: S3 answered Content-Range"):
+        s3_store.open_read(digest, 1000)
+    assert s3_store.read_bytes(digest) == data  # whole reads send no Range
 
 
 def test_writers_of_the_same_blob_upload_it_once(s3_mock: S3TestBucket, s3_store: Store) -> None:
@@ -788,6 +828,55 @@ def test_present_large_blobs_are_not_uploaded_again(
         assert store.put_stream(io.BytesIO(path.read_bytes()), digest) == digest
         # One existence check and a freshening server-side copy each; no content is sent.
         assert calls == ["HeadObject", "CopyObject", "HeadObject", "CopyObject"]
+
+
+def test_announced_upload_of_a_blob_pruned_meanwhile_is_not_a_success(
+    s3_mock: S3TestBucket,
+) -> None:
+    with open_store(f"{s3_mock.store_url}?multipart_threshold=2MiB") as store:
+        data = random_bytes(3 * MiB, seed=37)
+        digest = store.put_stream(io.BytesIO(data))
+        calls = _record_calls(store)
+        writer = store.blobs.begin_write_for(digest)  # type: ignore[attr-defined]
+        for start in range(0, len(data), MiB):
+            writer.write(data[start : start + MiB])
+        # A prune deletes the old, unreferenced object while the content is still arriving.
+        s3_mock.client.delete_object(Bucket=s3_mock.name, Key=object_key(s3_mock, digest))
+        with pytest.raises(BackendUnavailableError, match="deleted .* store it again") as caught:
+            writer.commit(digest)
+        assert caught.value.temporary
+        assert calls == ["HeadObject", "CopyObject"], "the content was not sent"
+        # Storing it again does send it.
+        assert store.put_stream(io.BytesIO(data), digest) == digest
+        assert store.read_bytes(digest) == data
+
+
+def test_spooled_upload_of_a_blob_pruned_meanwhile_is_uploaded_after_all(
+    s3_mock: S3TestBucket,
+) -> None:
+    with open_store(f"{s3_mock.store_url}?multipart_threshold=2MiB") as store:
+        data = random_bytes(3 * MiB, seed=38)
+        digest = store.put_stream(io.BytesIO(data))
+
+        calls = _record_calls(store)
+
+        def prune(**_: Any) -> None:  # between the writer's HEAD and its freshening copy
+            if calls == ["HeadObject"]:
+                s3_mock.client.delete_object(Bucket=s3_mock.name, Key=object_key(s3_mock, digest))
+
+        store.blobs.client.meta.events.register(  # type: ignore[attr-defined]
+            "after-call.s3.HeadObject", prune
+        )
+        assert store.put_stream(io.BytesIO(data)) == digest  # digest unknown: spooled
+        assert calls[:3] == ["HeadObject", "CopyObject", "CreateMultipartUpload"], "then sent"
+        assert store.contains(digest)
+        assert store.read_bytes(digest) == data
+
+
+def test_touch_reports_the_absent_blobs(s3_store: Store) -> None:
+    present = s3_store.put_bytes(b"present")
+    absent = Digest.of_bytes(b"absent")
+    assert s3_store.blobs.touch_blobs([present, absent, absent]) == [absent]
 
 
 def test_parts_in_flight_are_bounded_across_concurrent_uploads(

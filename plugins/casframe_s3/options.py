@@ -7,6 +7,7 @@ value is a :class:`casframe.ConfigError` naming the option, so a typo never pass
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, fields
 from urllib.parse import unquote
@@ -144,9 +145,11 @@ class S3Options:
                 parsed = kind(value)
             except ValueError:
                 parsed = None
-            if parsed is None or parsed < minimum:
+            # float() also reads "nan" (never less than anything) and "inf" (no time-out).
+            if parsed is None or not math.isfinite(parsed) or parsed < minimum:
                 raise ConfigError(
-                    f"option {name}={value!r} in {url.url} must be a number of at least {minimum}"
+                    f"option {name}={value!r} in {url.url} must be a finite number of at least "
+                    f"{minimum}"
                 )
             values[name] = parsed
 

@@ -25,6 +25,7 @@ import io
 import logging
 import mmap
 import os
+import re
 import tempfile
 import threading
 import time
@@ -96,6 +97,7 @@ MAX_REF_BYTES = 64 << 10
 # Error codes meaning "no such object" (HEAD answers carry no body, only the status).
 _NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
 _HEX_DIGITS = frozenset("0123456789abcdef")
+_CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-\d+/(?:\d+|\*)", re.IGNORECASE)
 _NO_BUCKET = frozenset({"NoSuchBucket"})
 _DENIED = frozenset(
     {
@@ -640,7 +642,14 @@ class _StreamingUpload(BlobWriter):
                 # and there is no copy of it to store under ``digest``.
                 raise DigestMismatchError(self._expected, digest)
             if self._present:  # it was there before the upload began: freshen it
-                self._store.touch_blobs([digest])
+                if digest in self._store.touch_blobs([digest]):
+                    # Deleted since the HEAD (by a prune: it was not referenced yet), and the
+                    # content went by unsent and unkept. Storing it again sends it.
+                    raise BackendUnavailableError(
+                        f"blob {digest} was deleted from {self._bucket.options.location} while "
+                        "it was being stored (by a prune?); its content was not sent, as the "
+                        "blob was there when the upload began: store it again"
+                    )
                 return
             # Every part, the last one included, went out when it was complete.
             parts = _gather(self._parts)
@@ -843,7 +852,33 @@ class S3BlobStore(BlobStore):
         if total != digest.size:
             response["Body"].close()
             raise self._wrong_size(digest, total)
-        return io.BufferedReader(_ObjectReader(response["Body"], self._bucket, key), CHUNK_SIZE)  # type: ignore[return-value]
+        reader = _ObjectReader(response["Body"], self._bucket, key)
+        start = _body_start(response)
+        if start != offset:
+            try:
+                if start != 0:
+                    raise CasframeError(
+                        f"cannot read {key} in {self._bucket.options.location} from byte "
+                        f"{offset}: S3 answered Content-Range "
+                        f"{response.get('ContentRange')!r}"
+                    )
+                # HTTP lets a server ignore Range and send the whole object (status 200).
+                self._skip(reader, offset, digest)
+            except BaseException:
+                reader.close()
+                raise
+        return io.BufferedReader(reader, CHUNK_SIZE)  # type: ignore[return-value]
+
+    @staticmethod
+    def _skip(reader: _ObjectReader, count: int, digest: Digest) -> None:
+        """Read and drop the first ``count`` bytes of a body."""
+        buffer = bytearray(min(count, CHUNK_SIZE))
+        skipped = 0
+        while skipped < count:
+            n = reader.readinto(memoryview(buffer)[: count - skipped])
+            if not n:
+                raise CorruptBlobError(digest, f"stored object is truncated at {skipped} bytes")
+            skipped += n
 
     def _wrong_size(self, digest: Digest, actual: int) -> CasframeError:
         """Another size is stored under this hash: a healthy blob of that size (so the one asked
@@ -919,9 +954,10 @@ class S3BlobStore(BlobStore):
             existing = self._bucket.head(key)
             if existing is not None and existing.get("ContentLength") == size:
                 # Already stored: a HEAD and a touch instead of uploading it again (the
-                # touch renews prune's grace period for this writer, as the SPI asks).
-                self.touch_blobs([digest])
-                return
+                # touch renews prune's grace period for this writer, as the SPI asks). An
+                # object deleted between the two (by a prune) is uploaded after all.
+                if digest not in self.touch_blobs([digest]):
+                    return
         future = self._bucket.transfers.upload(path, self._bucket.name, key)
         try:
             with self._bucket.errors("upload a blob", key):
@@ -1086,11 +1122,14 @@ class S3BlobStore(BlobStore):
 
         return [d for d in self._bucket.map(old, list(digests)) if d is not None]
 
-    def touch_blobs(self, digests: Iterable[Digest]) -> None:
-        """Refresh LastModified by copying each object onto itself (a server-side copy)."""
+    def touch_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
+        """Refresh LastModified by copying each object onto itself (a server-side copy).
+
+        Returns the digests whose object was not there to copy."""
         stamp = {"touched": f"{time.time():.6f}"}
 
-        def touch(digest: Digest) -> None:
+        def touch(digest: Digest) -> bool:
+            """Whether the object was absent."""
             key = self._bucket.object_key(digest)
             source = {"Bucket": self._bucket.name, "Key": key}
             try:
@@ -1111,12 +1150,15 @@ class S3BlobStore(BlobStore):
                     )
             except botocore.exceptions.ClientError as exc:
                 if _error_code(exc) in _NOT_FOUND:
-                    return  # absent blobs are ignored
+                    return True  # absent blobs are ignored, and reported
                 self._bucket.fail(exc, "touch a blob", key)
             except botocore.exceptions.BotoCoreError as exc:
                 self._bucket.fail(exc, "touch a blob", key)
+            return False
 
-        self._bucket.map(touch, set(digests))
+        unique = list(dict.fromkeys(digests))
+        absent = self._bucket.map(touch, unique)
+        return [d for d, gone in zip(unique, absent, strict=True) if gone]
 
 
 _FANOUTS = [f"{i:02x}" for i in range(256)]
@@ -1157,6 +1199,16 @@ def _object_size(response: dict[str, Any]) -> int:
         if total.isdigit():
             return int(total)
     return int(response.get("ContentLength", -1))
+
+
+def _body_start(response: dict[str, Any]) -> int | None:
+    """Where a GET response's body starts in the object: 0 for a whole object (no
+    Content-Range), ``None`` for a Content-Range that is not ``bytes START-END/TOTAL``."""
+    content_range = response.get("ContentRange")
+    if not content_range:
+        return 0
+    match = _CONTENT_RANGE_RE.fullmatch(content_range.strip())
+    return int(match.group(1)) if match else None
 
 
 def _delete_error(bucket: _Bucket, failures: list[dict[str, Any]], total: int) -> CasframeError:
