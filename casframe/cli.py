@@ -967,7 +967,10 @@ def _duration(value: str) -> float:
 def _size(value: str) -> int:
     from casframe.maintenance import parse_size
 
-    return parse_size(value)
+    size = parse_size(value)
+    if size <= 0:
+        raise ValueError(f"invalid size {value!r}: must be positive")
+    return size
 
 
 def _fraction(value: str) -> float:

@@ -206,6 +206,7 @@ def test_du_totals_and_per_ref_sizes(refs: dict[str, str]) -> None:
     [
         (["prune", "--grace", "5x"], "Invalid value for '--grace': invalid duration '5x'"),
         (["gc", "--max-size", "lots"], "Invalid value for '--max-size': invalid size 'lots'"),
+        (["gc", "--max-size", "0"], "invalid size '0': must be positive"),
         (["gc", "--max-size", "1G", "--low-watermark", "2"], "must be in (0, 1]"),
         (["gc"], "Missing option '--max-size'"),
     ],

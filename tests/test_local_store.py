@@ -4,6 +4,7 @@ damaged objects."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -461,3 +462,22 @@ def test_a_shared_store_replaces_objects_it_may_not_freshen(
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o444 for p in replaced)
     assert not missing_in_tree(local_store, tree)
     assert os.listdir(store_root / "tmp") == []
+
+
+def test_a_failed_publish_leaves_no_named_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without O_TMPFILE, uploads are named files in tmp/: one whose publish fails (here: the
+    rename into objects/) is removed, not left for a prune to find."""
+    with open_store(f"file://{tmp_path / 'store'}") as store:
+        def full_disk(*_: object, **__: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(store.blobs, "_anonymous", False)
+        monkeypatch.setattr(os, "rename", full_disk)
+        writer = store.blobs.begin_write()
+        writer.write(b"never published")
+        with pytest.raises(OSError, match="No space"):
+            writer.commit(Digest.of_bytes(b"never published"))
+        writer.abort()
+    assert os.listdir(tmp_path / "store" / "tmp") == []

@@ -92,6 +92,11 @@ class _LocalWriter(BlobWriter):
         fd, self._fd = self._fd, None
         try:
             self._store.publish(fd, self._temp, digest)
+        except BaseException:
+            if self._temp:  # a named temp file (no O_TMPFILE): not left behind for prune
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._temp)
+            raise
         finally:
             os.close(fd)
 
