@@ -789,3 +789,54 @@ def test_digest_pushes_set_no_ref(tmp_path: Path, local: Store) -> None:
     assert report.ref is None and report.outcomes[0].ref is None
     with open_remote(ci) as store:
         assert store.list_refs() == [] and store.contains(root)
+
+
+def test_an_s3_remote_that_never_answers_does_not_hold_up_exit(tmp_path: Path) -> None:
+    """A pull by digest gives up on a silent S3 remote at its time-out; the process must then
+    exit at once, not wait for the request still hanging (read_timeout=60 here)."""
+    import http.server
+    import socketserver
+    import subprocess
+    import sys
+    import threading
+
+    class Silent(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+            if self.path.rstrip("/").count("/") == 1:  # HeadBucket: the bucket is there
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                time.sleep(90)  # any object: no answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+
+    server = Server(("127.0.0.1", 0), Silent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = (f"s3://bucket/p?endpoint_url=http://127.0.0.1:{server.server_address[1]}"
+           "&addressing_style=path&read_timeout=60&max_attempts=1")
+    script = f"""
+import sys
+from casframe import open_store
+from casframe.config import RemoteEntry
+from casframe.remotes import Remotes
+report = Remotes([RemoteEntry("silent", {url!r}, timeout=2)]).pull(
+    open_store("memory://"), "{'ab' * 32}/5", check=False)
+print(report.outcomes[0].status.value)
+"""
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    started = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        server.shutdown()
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["unreachable"]
+    assert elapsed < 40, f"exit waited for the hanging request: {elapsed:.1f} s"

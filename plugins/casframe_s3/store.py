@@ -257,7 +257,14 @@ class _Bucket:
 
     def map(self, func: Callable[[Any], T], items: Iterable[Any]) -> list[T]:
         """``func`` over ``items`` on the worker threads; the first failure is raised after all
-        submitted work has finished (so nothing runs on after the call returns)."""
+        submitted work has finished (so nothing runs on after the call returns).
+
+        One item runs on the calling thread: no hand-over, and a caller that gave up on a
+        daemon thread (a remote's time-out) holds no pool thread that exit would wait for.
+        """
+        items = list(items)
+        if len(items) == 1:
+            return [func(items[0])]
         futures = [self.pool.submit(func, item) for item in items]
         return _gather(futures)
 
