@@ -601,25 +601,31 @@ def _write_file_atomically(output: str, stream: BinaryIO) -> None:
     """Write ``stream`` to ``output`` through a temporary file beside it, renamed into place.
 
     Corruption is detected at the end of the stream: a failure leaves no half-written file
-    and whatever ``output`` held before untouched. Devices and pipes (``/dev/null``) are
-    written in place.
+    and whatever ``output`` held before untouched. Devices and pipes (``/dev/null``,
+    ``/dev/stdout``) are written in place, and so is a writable file in a folder this user
+    may not write to (a failure then removes it, as nothing else is possible).
     """
     import stat
     import tempfile
 
-    path = os.path.realpath(output)  # through a symlink, as open() would write
     try:
-        mode: int | None = os.stat(path).st_mode
+        mode: int | None = os.stat(output).st_mode  # through symlinks and /proc/self/fd links
     except FileNotFoundError:
         mode = None
     if mode is not None and not stat.S_ISREG(mode):
-        with open(path, "wb") as target:
+        with open(output, "wb") as target:
             _copy_stream(stream, target)
         return
+    path = os.path.realpath(output)  # through a symlink, as open() would write
     try:
         fd, temp = tempfile.mkstemp(
             dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".part"
         )
+    except PermissionError as exc:
+        if mode is None:
+            raise OSError(exc.errno, exc.strerror, output) from None
+        _write_in_place(output, stream)
+        return
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, output) from None
     try:
@@ -638,6 +644,18 @@ def _write_file_atomically(output: str, stream: BinaryIO) -> None:
         except OSError:
             pass
         raise
+
+
+def _write_in_place(output: str, stream: BinaryIO) -> None:
+    with open(output, "wb") as target:
+        try:
+            _copy_stream(stream, target)
+        except BaseException:
+            try:
+                os.unlink(output)
+            except OSError:
+                pass
+            raise
 
 
 # -- refs -----------------------------------------------------------------------------------

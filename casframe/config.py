@@ -291,7 +291,7 @@ def _absolute_path(path: str, base: str | None = None) -> str:
 
 def _path_url(path: str, base: str | None = None) -> str:
     # Quoted: "#", "?" and "%" in a directory name are part of the path, not of the URL.
-    return "file://" + quote(_absolute_path(path, base))
+    return "file://" + quote(_absolute_path(path, base), errors="surrogateescape")
 
 
 def _parse(path: str, data: dict[str, Any]) -> Config:

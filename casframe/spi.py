@@ -214,8 +214,9 @@ class BlobStore(ABC):
         it answers true for is left out. Prune lists every blob, and passes the hashes it
         already knows to be reachable: a local disk then spares their ``stat``, and building a
         BlobInfo and a Digest per blob would cost more than that ``stat``. Derived from
-        ``iter_blobs``; override it for speed. Hashes are 64 lowercase hex digits (anything
-        else in the listing is left out): the core makes Digests of them unchecked.
+        ``iter_blobs``; override it for speed. Hashes are 64 lowercase hex digits, and size 0
+        only with the empty blob's hash (anything else in the listing is left out): the core
+        makes Digests of them.
         """
         for info in self.iter_blobs():
             hash_ = info.digest.hash

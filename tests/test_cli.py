@@ -166,6 +166,13 @@ def test_get_replaces_a_file_only_with_verified_content(run: Run, tmp_path: Path
     assert out.read_bytes() == BLOB and stat.S_IMODE(out.stat().st_mode) == 0o640
     ok(run("get", digest, "-o", "/dev/null"))  # written in place, not replaced by a file
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    read_end, write_end = os.pipe()  # a pipe, as in `casframe get D -o /dev/stdout | cat`
+    try:
+        ok(run("get", digest, "-o", f"/proc/self/fd/{write_end}"))
+        assert os.read(read_end, len(BLOB) + 1) == BLOB
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
     out.write_bytes(b"what was there before")
     parsed = casframe.Digest.parse(digest)

@@ -96,7 +96,9 @@ def test_urls_and_paths_need_no_config(tmp_path: Path) -> None:
     assert config.resolve_store("existing") == (f"file://{tmp_path}/existing", {})
 
 
-@pytest.mark.parametrize("name", ["cas#1", "a?b", "my store%20x", "100%"])
+@pytest.mark.parametrize(
+    "name", ["cas#1", "a?b", "my store%20x", "100%", os.fsdecode(b"caf\xe9 (Latin-1)")]
+)
 def test_a_path_with_url_characters_opens_that_very_directory(tmp_path: Path, name: str) -> None:
     url, options = load_config().resolve_store(f"./{name}")
     with casframe.open_store(url, options) as store:

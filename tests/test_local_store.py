@@ -32,6 +32,7 @@ from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 impor
     FileNode,
     SymlinkNode,
 )
+from casframe.maintenance import fsck, prune
 from casframe.testing import (
     LARGE_FILE_SIZE,
     TREE_EXECUTABLES,
@@ -481,3 +482,32 @@ def test_a_failed_publish_leaves_no_named_temp_file(
             writer.commit(Digest.of_bytes(b"never published"))
         writer.abort()
     assert os.listdir(tmp_path / "store" / "tmp") == []
+
+
+def test_objects_emptied_by_a_crash_are_corrupt_not_a_crash(
+    local_store: Store, store_root: Path
+) -> None:
+    """A power cut without fsync can leave an object of 0 bytes under its hash: no blob can
+    be that (only the empty blob has size 0), and reading, fsck and prune must say so."""
+    content = local_store.put_bytes(b"file content")
+    tree = local_store.put_directory(
+        Directory(files=[FileNode(name="f", digest=content.to_proto())])
+    )
+    local_store.set_ref("r", tree)
+    path = object_path(store_root, content)
+    path.chmod(0o644)
+    path.write_bytes(b"")
+    with pytest.raises(CorruptBlobError, match="has 0 bytes"):
+        local_store.read_bytes(content)
+    with pytest.raises(CorruptBlobError):
+        list(local_store.read_many([content]))
+    assert [i.digest for i in local_store.blobs.iter_blobs()] == [tree]
+    assert [(p.kind, p.digest) for p in fsck(local_store).problems] == [("missing", content)]
+
+    path = object_path(store_root, tree)
+    path.chmod(0o644)
+    path.write_bytes(b"")
+    assert [(p.kind, p.digest) for p in fsck(local_store).problems] == [("corrupt", tree)]
+    assert [(p.kind, p.digest) for p in prune(local_store, grace_period=0).problems] == [
+        ("corrupt", tree)
+    ]

@@ -25,6 +25,7 @@ from casframe import (
     Capability,
     CasframeError,
     ConfigError,
+    CorruptBlobError,
     Digest,
     DigestMismatchError,
     InvalidDigestError,
@@ -1069,3 +1070,13 @@ def test_clean_temp_spares_the_uploads_this_process_is_sending(
     finally:
         writer.abort()
     assert _unfinished_uploads(s3_server_bucket) == []
+
+
+def test_an_object_emptied_under_its_hash_is_corrupt(
+    s3_mock: S3TestBucket, s3_store: Store
+) -> None:
+    digest = s3_store.put_bytes(b"file content")
+    s3_mock.client.put_object(Bucket=s3_mock.name, Key=object_key(s3_mock, digest), Body=b"")
+    with pytest.raises(CorruptBlobError, match="0 bytes"):
+        s3_store.read_bytes(digest)
+    assert list(s3_store.blobs.iter_blobs()) == []

@@ -24,6 +24,7 @@ from typing import BinaryIO
 from urllib.parse import unquote
 
 from casframe import (
+    EMPTY_DIGEST,
     BlobInfo,
     BlobStore,
     BlobWriter,
@@ -45,6 +46,7 @@ __all__ = ["LocalBlobStore", "LocalRefStore", "open_local_store"]
 
 _OBJECT_MODE = 0o444  # read-only, so a hardlinked checkout cannot edit the store by accident
 _HEX = frozenset("0123456789abcdef")
+_EMPTY_HASH = EMPTY_DIGEST.hash
 _names = itertools.count()
 _CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 # copy_file_range errors meaning "not between these files": stream the content instead.
@@ -251,7 +253,8 @@ class LocalBlobStore(BlobStore):
         if size != digest.size:
             try:
                 # Identity is (hash, size): an intact object of another size is not this blob.
-                if Digest.of_stream(stream) == Digest(digest.hash, size):
+                # (A 0-byte object under any hash but the empty one is damaged, never a blob.)
+                if size and Digest.of_stream(stream) == Digest(digest.hash, size):
                     raise self._not_found(digest)
             finally:
                 stream.close()
@@ -433,6 +436,10 @@ class LocalBlobStore(BlobStore):
                         st = entry.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue  # deleted while listing
+                    if not st.st_size and hash_ != _EMPTY_HASH:
+                        # Emptied by a crash (no fsync): no blob at all. fsck reports it as
+                        # corrupt through any ref that names the blob it was.
+                        continue
                     yield hash_, st.st_size, st.st_mtime
 
     def iter_blobs(self) -> Iterator[BlobInfo]:
@@ -591,7 +598,7 @@ class LocalRefStore(RefStore):
 
 
 def store_path(url: StoreURL) -> str:
-    raw = unquote(url.netloc + url.path)
+    raw = unquote(url.netloc + url.path, errors="surrogateescape")  # any byte of a name
     if not raw:
         raise ConfigError(f"file:// URL needs a path: {url.url!r}")
     return os.path.abspath(os.path.expanduser(raw))

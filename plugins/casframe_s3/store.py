@@ -890,7 +890,7 @@ class S3BlobStore(BlobStore):
     def _wrong_size(self, digest: Digest, actual: int) -> CasframeError:
         """Another size is stored under this hash: a healthy blob of that size (so the one asked
         for is simply not stored) or a damaged copy of this one. Only its content can tell."""
-        if actual >= 0:
+        if actual > 0:  # a 0-byte object under another hash than the empty one: damaged
             healthy = Digest(digest.hash, actual)
             try:
                 with self.open_blob(healthy) as stream:
