@@ -430,10 +430,10 @@ def import_command(
     time stamps) are not read again: their digests come from a cache in the user cache
     directory (set $CASFRAME_STAT_CACHE to another folder, or to "off").
     """
-    from casframe.names import validate_ref_name
+    from casframe.names import writable_ref_name
 
     if ref_name is not None:
-        validate_ref_name(ref_name)  # before the long part, not after it
+        writable_ref_name(ref_name)  # before the long part, not after it
     os.stat(directory)  # a missing directory reports "No such file or directory"
     store = app.store()
     with app.progress(as_json) as progress:

@@ -31,6 +31,23 @@ ACTION_RESULT_REF_PREFIX = "ac/"
 BLOB_REF_PREFIX = "asset/blob/"
 
 
+#: Where ``casframe serve`` keeps its own refs (action cache, Remote Asset): a user or client
+#: may not set a ref there, since prune would read it as one of those.
+RESERVED_REF_PREFIXES = (ACTION_RESULT_REF_PREFIX, "asset/")
+
+
+def writable_ref_name(name: str) -> str:
+    """Validate the name of a ref a user or client sets; the server's namespaces are refused."""
+    validate_ref_name(name)
+    for prefix in RESERVED_REF_PREFIXES:
+        if name.startswith(prefix):
+            raise InvalidNameError(
+                f"ref name {name!r} is reserved: refs under {prefix!r} belong to the action "
+                "cache and Remote Asset entries of casframe serve"
+            )
+    return name
+
+
 def is_tree_ref(name: str) -> bool:
     """Whether the ref points at a Directory tree (every ref but the server's blob refs).
 

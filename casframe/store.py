@@ -23,7 +23,7 @@ from casframe.errors import (
     InvalidDigestError,
     RefNotFoundError,
 )
-from casframe.names import validate_ref_name
+from casframe.names import validate_ref_name, writable_ref_name
 from casframe.spi import BlobStore, BlobWriter, Capability, RefInfo, RefStore
 
 if TYPE_CHECKING:
@@ -485,27 +485,32 @@ class Store:
         return self.refs.get_ref(validate_ref_name(name), touch=touch)
 
     def set_ref(self, name: str, digest: Digest, *, check_complete: bool = True) -> None:
-        """Point ``name`` at a tree. By default refuse a tree that is not fully stored.
+        """Point ``name`` at a tree. By default refuse a tree that is not fully stored, and a
+        name under the server's own namespaces (``ac/``, ``asset/``), which prune would not
+        read as a tree; ``check_complete=False`` allows both.
 
         The completeness check also freshens every blob of the tree just before the ref is set,
         so a concurrent prune (whose grace period is longer than this call) cannot remove a blob
         the new ref needs, even one that was stored long ago and unreferenced until now.
         """
-        validate_ref_name(name)
         if check_complete:
             from casframe.tree import missing_in_tree
 
+            writable_ref_name(name)  # a tree: never under the server's own namespaces
             missing = missing_in_tree(self, digest, freshen=True)
             if missing:
                 raise BlobNotFoundError(missing, f"{self.url} (tree {digest} is incomplete)")
+        else:
+            validate_ref_name(name)
         self.refs.set_ref(name, digest)
 
     def delete_ref(self, name: str) -> None:
         self.refs.delete_ref(validate_ref_name(name))
 
     def copy_ref(self, source: str, dest: str) -> Digest:
+        writable_ref_name(dest)  # not under the server's own namespaces
         digest = self.get_ref(source)
-        self.refs.set_ref(validate_ref_name(dest), digest)
+        self.refs.set_ref(dest, digest)
         return digest
 
     def list_refs(self, prefix: str = "") -> list[RefInfo]:

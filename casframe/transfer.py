@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
 from casframe.digest import CHUNK_SIZE, Digest
 from casframe.errors import BlobNotFoundError
-from casframe.names import validate_ref_name
+from casframe.names import writable_ref_name
 from casframe.progress import NO_PROGRESS, Progress
 from casframe.spi import Capability
 from casframe.tree import iter_tree
@@ -141,7 +141,7 @@ def transfer(
     else:
         root = tree
     if ref is not None:
-        validate_ref_name(ref)
+        writable_ref_name(ref)  # a tree: never under the server's own namespaces
 
     directories: dict[Digest, Directory] = {}
     blobs_of_dirs: dict[Digest, bytes] = {}

@@ -185,6 +185,27 @@ def test_get_replaces_a_file_only_with_verified_content(run: Run, tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
 
 
+@pytest.mark.parametrize("name", ["ac/release", "asset/blob/x", "asset/directory/y"])
+def test_the_server_namespaces_are_no_names_for_trees(
+    run: Run, imported: str, tmp_path: Path, name: str
+) -> None:
+    """Prune reads a ref under ac/ as an ActionResult and one under asset/blob/ as a plain
+    blob: a tree set there would lose its files at the next prune."""
+    commands = (
+        ["import", "build", "--ref", name],
+        ["ref", "set", name, imported],
+        ["ref", "cp", "build/1", name],
+        ["push", "build/1", "--to", "./other", "--ref", name],
+    )
+    for args in commands:
+        result = run(*args)
+        assert result.exit_code == 1 and "is reserved" in result.stderr, (args, result.stderr)
+    with casframe.open_store(f"file://{tmp_path / 'store'}") as store:
+        with pytest.raises(casframe.InvalidNameError, match="reserved"):
+            store.set_ref(name, casframe.Digest.parse(imported))
+        assert [r.name for r in store.list_refs()] == ["build/1"]
+
+
 def test_refs(run: Run, imported: str, tmp_path: Path) -> None:
     ok(run("ref", "set", "build/2", imported))
     ok(run("ref", "cp", "build/1", "release"))

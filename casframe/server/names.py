@@ -18,7 +18,7 @@ import grpc
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casframe.digest import Digest
 from casframe.errors import InvalidDigestError, InvalidNameError
-from casframe.names import ACTION_RESULT_REF_PREFIX, validate_ref_name
+from casframe.names import ACTION_RESULT_REF_PREFIX, validate_ref_name, writable_ref_name
 from casframe.server.errors import StatusError
 
 __all__ = [
@@ -244,15 +244,3 @@ def asset_ref_name(
     )
     key = hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
     return f"{ASSET_REF_PREFIX}{kind}/{key}"
-
-
-def writable_ref_name(name: str) -> str:
-    """Validate a ref name a client asks to set; the server's own namespaces are refused."""
-    validate_ref_name(name)
-    for prefix in (ACTION_RESULT_REF_PREFIX, ASSET_REF_PREFIX):
-        if name.startswith(prefix):
-            raise InvalidNameError(
-                f"ref name {name!r} is reserved: refs under {prefix!r} belong to the server's "
-                "action cache and Remote Asset entries"
-            )
-    return name
