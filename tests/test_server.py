@@ -668,6 +668,27 @@ def test_action_cache_round_trip(serve: Callable[..., Served], lost: str) -> Non
     assert failure.violations[0].type == "MISSING"
 
 
+@pytest.mark.parametrize("path", ["../escape", "/etc/cron.d/x", "a/../../b", "nul\x00"])
+def test_action_results_must_stay_in_the_working_directory(served: Served, path: str) -> None:
+    """Every client that gets the result writes its outputs: one path may not poison them."""
+    fine, _ = _action_result(served.store)
+    fine.output_symlinks.add(path="link", target="/anywhere/at/all")  # a target may be so
+    served.ac.UpdateActionResult(re_pb2.UpdateActionResultRequest(
+        action_digest=dproto(Digest.of_bytes(b"fine")), action_result=fine))
+    for group in ("output_files", "output_directories", "output_symlinks"):
+        bad, _ = _action_result(served.store)
+        if group == "output_symlinks":
+            bad.output_symlinks.add(path=path, target="t")
+        else:
+            getattr(bad, group)[0].path = path
+        action = Digest.of_bytes(group.encode())
+        error = rpc_error(grpc.StatusCode.INVALID_ARGUMENT, served.ac.UpdateActionResult,
+                          re_pb2.UpdateActionResultRequest(action_digest=dproto(action),
+                                                           action_result=bad))
+        assert repr(path) in error.details()
+        assert not served.store.has_ref(f"ac/_/{action.hash}/{action.size}")
+
+
 # -- Remote Asset -----------------------------------------------------------------------------
 
 

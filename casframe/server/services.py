@@ -497,10 +497,27 @@ class ActionCacheService(_Base, re_grpc.ActionCacheServicer):
         instance = self._check(request.instance_name, request.digest_function)
         self._check_writable()
         action = _digest(request.action_digest, "action_digest")
+        _check_output_paths(request.action_result)
         stored = self.store.put_bytes(request.action_result.SerializeToString(deterministic=True))
         # Not a Directory, so no completeness check: GetActionResult checks outputs instead.
         self.store.set_ref(action_ref_name(instance, action), stored, check_complete=False)
         return request.action_result
+
+
+def _check_output_paths(result: re_pb2.ActionResult) -> None:
+    """Refuse output paths that leave the working directory: every client that gets the result
+    would write there. REAPI's paths are relative, with ``/`` as separator."""
+    groups = (result.output_files, result.output_directories, result.output_symlinks,
+              result.output_file_symlinks, result.output_directory_symlinks)
+    for group in groups:
+        for output in group:
+            path = output.path
+            if path.startswith("/") or "\x00" in path or ".." in path.split("/"):
+                raise StatusError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"output path {path!r} is not relative to the working directory "
+                    "(no leading '/', no '..', no NUL)",
+                )
 
 
 _AssetRequest = (
