@@ -344,6 +344,25 @@ class BlobConformance(ConformanceBase):
         with pytest.raises(CorruptBlobError):
             list(store.read_many([digest]))
 
+    @pytest.mark.parametrize("size", [100_000, 6 << 20], ids=["small", "over-5MiB"])
+    def test_an_upload_is_invisible_until_its_commit(self, store: Store, size: int) -> None:
+        """A writer killed half-way must leave nothing readable or reported present: else
+        the half blob would pass for the whole one and never be sent again."""
+        data = random_bytes(size, seed=12)
+        digest = Digest.of_bytes(data)
+        for announced in (True, False):
+            upload = store.open_upload(digest) if announced else store.blobs.begin_write(size)
+            upload.write(data[: size // 2])
+            assert store.find_missing([digest]) == {digest}, f"announced={announced}"
+            with pytest.raises(BlobNotFoundError):
+                store.read_bytes(digest)
+            upload.abort()
+            assert store.find_missing([digest]) == {digest}
+        upload = store.open_upload(digest)
+        upload.write(data)
+        upload.commit()
+        assert store.read_bytes(digest) == data
+
     def test_concurrent_writers_of_the_same_blob(self, store: Store) -> None:
         data = random_bytes(2 << 20, seed=8)
         expected = Digest.of_bytes(data)
