@@ -186,18 +186,21 @@ class InjectedFailure(Exception):
 def failing_writes(store: Store, after: int) -> Iterator[list[int]]:
     """Make ``store``'s backend fail every blob write after the first ``after`` ones.
 
-    Wraps the backend's write path (``write_blobs`` and ``begin_write``) on this instance
-    only; the failing write raises :class:`InjectedFailure` before anything of that blob is
-    written. Yields a one-item list holding how many blobs were written so far.
+    Wraps the backend's write path (``write_blobs``, ``begin_write`` and ``begin_write_for``)
+    on this instance only; the failing write raises :class:`InjectedFailure` before anything
+    of that blob is written. ``begin_write_copy`` declines (returns ``None``), so local files
+    go through ``begin_write`` and count there. Yields a one-item list holding how many blobs
+    were written so far; a write path that calls another one counts its blob once.
     """
     blobs = store.blobs
     lock = threading.Lock()
     written = [0]
     inside = threading.local()  # the default write_blobs calls begin_write: count once
+    names = ("write_blobs", "begin_write", "begin_write_for", "begin_write_copy")
     original_write_blobs = blobs.write_blobs
     original_begin_write = blobs.begin_write
-    shadowed = {name: vars(blobs)[name] for name in ("write_blobs", "begin_write")
-                if name in vars(blobs)}
+    original_begin_write_for = blobs.begin_write_for
+    shadowed = {name: vars(blobs)[name] for name in names if name in vars(blobs)}
 
     def count_one() -> None:
         with lock:
@@ -205,26 +208,38 @@ def failing_writes(store: Store, after: int) -> Iterator[list[int]]:
                 raise InjectedFailure(f"injected failure: {store.url} fails after {after} blobs")
             written[0] += 1
 
+    def counted(write, *args):  # type: ignore[no-untyped-def]
+        """Count one blob unless an outer write path already did, then call ``write``."""
+        outer = getattr(inside, "active", False)
+        if not outer:
+            count_one()
+        inside.active = True
+        try:
+            return write(*args)
+        finally:
+            inside.active = outer
+
     def write_blobs(items):  # type: ignore[no-untyped-def]
         for item in items:
-            count_one()
-            inside.active = True
-            try:
-                original_write_blobs([item])
-            finally:
-                inside.active = False
+            counted(original_write_blobs, [item])
 
     def begin_write(size_hint=None):  # type: ignore[no-untyped-def]
-        if not getattr(inside, "active", False):
-            count_one()
-        return original_begin_write(size_hint)
+        return counted(original_begin_write, size_hint)
+
+    def begin_write_for(digest):  # type: ignore[no-untyped-def]
+        return counted(original_begin_write_for, digest)
+
+    def begin_write_copy(fd):  # type: ignore[no-untyped-def]
+        return None  # the core then reads the file through begin_write(_for), counted there
 
     blobs.write_blobs = write_blobs  # type: ignore[method-assign]
     blobs.begin_write = begin_write  # type: ignore[method-assign]
+    blobs.begin_write_for = begin_write_for  # type: ignore[method-assign]
+    blobs.begin_write_copy = begin_write_copy  # type: ignore[method-assign]
     try:
         yield written
     finally:
-        for name in ("write_blobs", "begin_write"):
+        for name in names:
             if name in shadowed:
                 setattr(blobs, name, shadowed[name])
             else:
