@@ -43,6 +43,9 @@ Design:
 * **Reads** fetch one chunk per query, so a stream holds no transaction open between reads.
   If prune deletes the blob while it is being read, the reader looks the digest up again (a
   writer may have stored it anew) and otherwise raises :class:`~casframe.BlobNotFoundError`.
+  Queries that must agree with each other (a blob's row and its chunks) run in one read
+  transaction, :meth:`SQLiteDatabase.snapshot`: run one by one, a delete committed between
+  them would make a healthy blob look empty or cut short.
 * **Leftovers.** The upload row of a writer killed mid-upload stays invisible; ``clean_temp``
   (run by prune with its grace cutoff) deletes upload rows not written to since the cutoff.
   Deleted content's pages are reused by later writes; the file itself shrinks only with an
@@ -283,6 +286,18 @@ class SQLiteDatabase:
             yield conn
             conn.execute("COMMIT")
 
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: every query of the block sees the database in the same state.
+
+        Writers are not held up (WAL), but the block must stay short all the same: it pins the
+        state it reads, so no checkpoint can move past it.
+        """
+        with self.connection() as conn:
+            conn.execute("BEGIN")
+            yield conn
+            conn.execute("COMMIT")
+
     def close(self) -> None:
         """Close the pooled connections; connections in use close when they come back."""
         with self._lock:
@@ -510,7 +525,7 @@ class _ChunkReader(io.RawIOBase):
 
     def _fetch(self) -> bool:
         """Load the chunk holding the current position; False at the end of the content."""
-        with self._db.connection() as conn:
+        with self._db.snapshot() as conn:
             for _ in range(3):
                 row = conn.execute(
                     "SELECT start, data FROM chunks WHERE blob_id = ? AND start <= ? "
@@ -572,7 +587,8 @@ class SQLiteBlobStore(BlobStore):
 
     def read_blobs(self, digests: Iterable[Digest]) -> Iterator[tuple[Digest, bytes]]:
         for digest in digests:
-            with self.db.connection() as conn:
+            # One snapshot: a blob deleted between the two queries would read as empty.
+            with self.db.snapshot() as conn:
                 blob_id = self.db.find_blob(conn, digest)
                 if blob_id is None:
                     raise self._not_found(digest)

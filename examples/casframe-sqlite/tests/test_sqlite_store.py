@@ -411,3 +411,38 @@ def test_the_installed_distribution_declares_the_plugin() -> None:
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("CASFRAME_")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+@pytest.mark.parametrize(
+    ("read", "between"),
+    [
+        ("read_many", "FROM chunks"),  # read_blobs: the blob's row found, its chunks not yet read
+        ("open_read", "FROM blobs WHERE id"),  # at the end: is it the end, or was it deleted?
+    ],
+)
+def test_a_delete_between_two_queries_of_a_read_does_not_cut_the_blob(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch, read: str, between: str
+) -> None:
+    deleting: list[Store] = []
+
+    class Connection(sqlite3.Connection):
+        """Deletes the blob just before the first query containing ``between`` runs."""
+
+        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
+            if between in sql and deleting:
+                deleting.pop().blobs.delete_blobs([digest])  # committed by another connection
+            return super().execute(sql, *args)
+
+    connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **kw: connect(*a, **kw, factory=Connection))
+    data = pattern(2 * CHUNK_SIZE, seed=3)
+    with open_store(sqlite_url) as store:
+        digest = store.put_bytes(data)
+        deleting.append(store)
+        if read == "read_many":
+            assert list(store.read_many([digest])) == [(digest, data)]
+        else:
+            with store.open_read(digest) as stream:
+                assert stream.read() == data
+        assert not deleting, "the blob was deleted in the middle of the read"
+        assert store.find_missing([digest]) == {digest}
