@@ -75,11 +75,17 @@ def validate_ref_name(name: str) -> str:
     """Return ``name`` if it is a valid ref name, else raise :class:`InvalidNameError`.
 
     Ref names are ``/``-separated segments (``project/main``); no segment may be empty, ``.``
-    or ``..``, and no name may start or end with ``/`` or contain NUL or backslash.
+    or ``..``, and no name may start or end with ``/`` or contain NUL or backslash; a name
+    is valid UTF-8.
     """
     if not isinstance(name, str) or not name:
         raise InvalidNameError("invalid ref name: empty")
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_REF_LENGTH:
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        # Undecodable bytes of a command line argument: no REAPI peer could send the name.
+        raise InvalidNameError(f"invalid ref name {name!r}: not valid UTF-8") from None
+    if len(encoded) > MAX_REF_LENGTH:
         raise InvalidNameError(f"invalid ref name: longer than {MAX_REF_LENGTH} bytes")
     if name.startswith("/"):
         raise InvalidNameError(f"invalid ref name {name!r}: must not start with '/'")

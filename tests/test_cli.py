@@ -206,6 +206,19 @@ def test_the_server_namespaces_are_no_names_for_trees(
         assert [r.name for r in store.list_refs()] == ["build/1"]
 
 
+def test_a_ref_name_that_is_not_utf8_is_refused_on_every_store(
+    run: Run, imported: str, tmp_path: Path
+) -> None:
+    """Undecodable bytes of an argument: no REAPI peer could send or receive such a name."""
+    name = "rel/" + os.fsdecode(b"\xff")
+    result = run("ref", "set", name, imported)
+    assert result.exit_code == 1 and "not valid UTF-8" in result.stderr
+    for url in ("memory://", f"file://{tmp_path / 'other'}"):
+        with casframe.open_store(url) as store:
+            with pytest.raises(casframe.InvalidNameError, match="not valid UTF-8"):
+                store.set_ref(name, casframe.Digest.parse(imported), check_complete=False)
+
+
 def test_refs(run: Run, imported: str, tmp_path: Path) -> None:
     ok(run("ref", "set", "build/2", imported))
     ok(run("ref", "cp", "build/1", "release"))
