@@ -673,3 +673,16 @@ def test_cli_reports_a_bad_cache_url_in_one_line(tmp_path: Path) -> None:
         "casframe: error: cache://?local=memory://: cache:// needs a remote store "
         "(cache://?local=URL&remote=URL; a URL, a configured store name or a path each)"
     ]
+
+
+def test_an_action_result_reaches_the_remote_with_its_outputs(cache: Store, remote: Store) -> None:
+    """Local answers "present" for outputs the remote has pruned since, so no client sends
+    them again: the cache must, or other users of the remote get the result without them."""
+    result, blobs = _action_result(cache)  # stored through the cache: on both sides
+    remote.blobs.delete_blobs(list(blobs.values()))
+    assert cache.find_missing(blobs.values()) == set()
+    stored = cache.put_bytes(result.SerializeToString(deterministic=True))
+    name = f"ac/_/{'ab' * 32}/5"
+    cache.set_ref(name, stored, check_complete=False)
+    assert remote.find_missing(blobs.values()) == set()
+    assert remote.get_ref(name) == stored

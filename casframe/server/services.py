@@ -454,39 +454,18 @@ class ActionCacheService(_Base, re_grpc.ActionCacheServicer):
 
     def _missing_outputs(self, result: re_pb2.ActionResult) -> set[Digest]:
         """Every blob the result names that is not stored (outputs, trees, logs)."""
+        from casframe.actions import action_outputs, tree_files
         from casframe.tree import missing_in_tree
 
-        blobs: set[Digest] = set()
-        trees: list[Digest] = []
-        roots: list[Digest] = []
-        for output in result.output_files:
-            blobs.add(_digest(output.digest, f"digest of output {output.path!r}"))
-        for directory in result.output_directories:
-            tree = _optional_digest(directory.tree_digest)
-            if tree is not None:
-                trees.append(tree)
-                blobs.add(tree)
-            root = _optional_digest(directory.root_directory_digest)
-            if root is not None:
-                roots.append(root)
-        for log_digest in (result.stdout_digest, result.stderr_digest):
-            digest = _optional_digest(log_digest)
-            if digest is not None:
-                blobs.add(digest)
-        missing = self.store.find_missing(blobs)
+        outputs = action_outputs(result)
+        missing = self.store.find_missing(outputs.blobs)
         if missing:
             return missing
         files: set[Digest] = set()
-        for tree_digest in trees:
-            tree = re_pb2.Tree()
-            try:
-                tree.ParseFromString(self.store.read_bytes(tree_digest))
-            except DecodeError:
-                raise CorruptBlobError(tree_digest, "not a Tree message") from None
-            for directory in (tree.root, *tree.children):
-                files.update(_digest(node.digest) for node in directory.files)
+        for tree_digest in outputs.trees:
+            files |= tree_files(tree_digest, self.store.read_bytes(tree_digest))
         missing = self.store.find_missing(files)
-        for root in roots:
+        for root in outputs.roots:
             missing |= missing_in_tree(self.store, root)
         return missing
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import BinaryIO, TypeVar
 from urllib.parse import quote
 
+from google.protobuf.message import DecodeError
+
 from casframe import (
     BlobInfo,
     BlobNotFoundError,
@@ -45,7 +47,9 @@ from casframe import (
     Store,
     UnsupportedOperationError,
 )
-from casframe.names import is_tree_ref
+from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import ActionResult
+from casframe.actions import action_outputs, tree_files
+from casframe.names import ACTION_RESULT_REF_PREFIX, is_tree_ref
 from casframe.store import VerifiedUpload
 
 __all__ = ["CacheBlobStore", "CacheRefStore", "CacheStats", "cache_store"]
@@ -380,9 +384,32 @@ class CacheRefStore(RefStore):
             return
         # A ref to one blob (the server's action results and Remote Asset blobs): that blob,
         # never parsed as a Directory, must be on the remote.
+        if name.startswith(ACTION_RESULT_REF_PREFIX):
+            self._send_outputs(digest)
         if self._remote.find_missing([digest], freshen=True):
             self._remote.copy_blob_from(self._through_cache, digest)
         self._remote.set_ref(name, digest, check_complete=False)
+
+    def _send_outputs(self, digest: Digest) -> None:
+        """Put on the remote what the ActionResult ``digest`` names, before its ref.
+
+        The local side answers "present" for outputs the remote may have pruned since they
+        were stored, so a client never sends them again: without this, other users of the
+        remote would find the action's result but not its outputs.
+        """
+        result = ActionResult()
+        try:
+            result.ParseFromString(self._through_cache.read_bytes(digest))
+        except DecodeError:
+            raise CorruptBlobError(digest, "not an ActionResult message") from None
+        outputs = action_outputs(result)
+        blobs = set(outputs.blobs)
+        for tree in outputs.trees:
+            blobs |= tree_files(tree, self._through_cache.read_bytes(tree))
+        for missing in self._remote.find_missing(blobs, freshen=True):
+            self._remote.copy_blob_from(self._through_cache, missing)
+        for root in outputs.roots:
+            self._through_cache.push(self._remote, root)
 
     def delete_ref(self, name: str) -> None:
         self._remote.refs.delete_ref(name)
