@@ -171,20 +171,24 @@ class LocalBlobStore(BlobStore):
             self._publish(fd, temp, digest)
             return
         os.fsync(fd)
-        self._publish(fd, temp, digest)
-        # The new name is durable only once its folder is (and a new folder's parent).
-        _fsync_dir(os.path.dirname(self.object_path(digest)))
-        _fsync_dir(self.objdir)
+        named, made_folder = self._publish(fd, temp, digest)
+        # A new name is durable only once its folder is (and a new folder, once its parent is).
+        if named:
+            _fsync_dir(os.path.dirname(self.object_path(digest)))
+        if made_folder:
+            _fsync_dir(self.objdir)
 
-    def _publish(self, fd: int, temp: str, digest: Digest) -> None:
+    def _publish(self, fd: int, temp: str, digest: Digest) -> tuple[bool, bool]:
+        """Whether a new name was made for the object, and whether its fan-out folder was."""
         target = self.object_path(digest)
+        made_folder = False
         for _ in range(3):
             try:
                 if temp:
                     if self._keep_existing(target, digest):
                         os.unlink(temp)  # renaming over it would free an inode for nothing
-                    else:
-                        os.rename(temp, target)
+                        return False, made_folder
+                    os.rename(temp, target)
                 else:
                     hash_ = digest.hash  # relative to objects/: a shorter path walk
                     os.link(
@@ -193,12 +197,13 @@ class LocalBlobStore(BlobStore):
                         src_dir_fd=self._tmpfd,
                         dst_dir_fd=self._objfd,
                     )
-                return
+                return True, made_folder
             except FileNotFoundError:
                 os.makedirs(os.path.dirname(target), exist_ok=True)
+                made_folder = True
             except FileExistsError:
                 if self._keep_existing(target, digest):
-                    return
+                    return False, made_folder
                 # A damaged object (wrong size), or one this user may not freshen (another
                 # user's, in a shared store), is in the way: put ours in its place, atomically.
                 named = os.path.basename(_temp_name(self.tmpdir))
@@ -210,7 +215,7 @@ class LocalBlobStore(BlobStore):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(named, dir_fd=tmpfd)
                     raise
-                return
+                return True, made_folder
         raise OSError(errno.EAGAIN, f"could not store object {digest} in {self.root}")
 
     @staticmethod
