@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from casframe.digest import Digest
-from casframe.errors import BlobNotFoundError, PermissionDeniedError, UnsupportedOperationError
+from casframe.errors import (
+    BlobNotFoundError,
+    InvalidDigestError,
+    PermissionDeniedError,
+    RefNotFoundError,
+    UnsupportedOperationError,
+)
 
 __all__ = [
     "BlobInfo",
@@ -335,6 +341,35 @@ class RefStore(ABC):
         :class:`~casframe.errors.InvalidDigestError` naming it; it is never skipped, since a
         prune that did not see it would delete the tree it holds.
         """
+
+    # -- derived helpers (override for speed) -----------------------------------------------
+
+    def conflicting_ref(self, name: str) -> str | None:
+        """A ref that ``name`` would shadow or be shadowed by, or ``None`` when there is none.
+
+        That is a ref named like one of ``name``'s folders (``a`` or ``a/b`` for ``a/b/c``),
+        or any ref under ``name/``. The core asks before every ``set_ref`` and refuses the name
+        with :class:`~casframe.errors.RefConflictError`, so every backend holds the same set of
+        names a file system can. The default asks ``get_ref`` (without touch) about each
+        folder, then takes the first ref ``list_refs(name + "/")`` yields; a backend that cannot
+        list refs is asked about the folders only. Override it with one cheaper query.
+        """
+        segments = name.split("/")
+        for end in range(1, len(segments)):
+            folder = "/".join(segments[:end])
+            try:
+                self.get_ref(folder, touch=False)
+            except RefNotFoundError:
+                continue
+            except InvalidDigestError:
+                pass  # a damaged ref is still a ref in the way
+            return folder
+        try:
+            for info in self.list_refs(name + "/"):
+                return info.name
+        except UnsupportedOperationError:
+            pass
+        return None
 
     def check_writable(self) -> None:  # noqa: B027 - optional hook, deliberately empty
         """Raise :class:`PermissionDeniedError` when this store is known to refuse ref updates.

@@ -16,6 +16,7 @@ from typing import Any, cast
 import grpc
 
 from casframe.errors import ConfigError, MissingDependencyError
+from casframe.readonly import read_only_view
 from casframe.server.bytestream import ByteStreamService, add_bytestream_to_server
 from casframe.server.names import Instances
 from casframe.server.services import (
@@ -184,6 +185,8 @@ class Server:
             max_partial_uploads=max_partial_uploads,
         )
         self.store = store
+        # Read-only: served through a view that never writes, not even a read's bookkeeping.
+        self._served = read_only_view(store) if read_only else store
         self.settings = settings
         self.instances = Instances(settings.instance_names)
         self._extra_interceptors = tuple(interceptors)
@@ -251,7 +254,7 @@ class Server:
                 ("grpc.http2.lookahead_bytes", 2 << 20),
             ],
         )
-        shared = (self.store, settings, self.instances)
+        shared = (self._served, settings, self.instances)
         from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc
         from casframe._protos.build.bazel.remote.execution.v2 import (
             remote_execution_pb2_grpc as re_grpc,

@@ -33,13 +33,16 @@ from casframe.errors import (
     InvalidDigestError,
     InvalidNameError,
     PermissionDeniedError,
+    RefConflictError,
     RefNotFoundError,
     UnsafeTreeError,
     UnsupportedOperationError,
 )
 
 __all__ = [
+    "ERROR_DOMAIN",
     "OK_STATUS",
+    "REF_CONFLICT_REASON",
     "StatusError",
     "missing_blobs_error",
     "rpc_method",
@@ -53,6 +56,8 @@ log = logging.getLogger("casframe.server")
 _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (BlobNotFoundError, grpc.StatusCode.NOT_FOUND),
     (RefNotFoundError, grpc.StatusCode.NOT_FOUND),
+    # The name is fine and so is the request; another ref in the store is in its way.
+    (RefConflictError, grpc.StatusCode.FAILED_PRECONDITION),
     (DigestMismatchError, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidDigestError, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidNameError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -134,11 +139,31 @@ def status_proto(exc: BaseException) -> status_pb2.Status:
 OK_STATUS = status_pb2.Status(code=code_pb2.OK)
 
 
+#: ``ErrorInfo.domain`` and ``reason`` of a status refusing a ref that conflicts with another;
+#: its metadata names both (``ref``, ``existing``), for clients to tell them apart reliably.
+ERROR_DOMAIN = "casframe"
+REF_CONFLICT_REASON = "REF_CONFLICT"
+
+
+def _details(exc: BaseException) -> tuple[Message, ...]:
+    if isinstance(exc, StatusError):
+        return exc.details
+    if isinstance(exc, RefConflictError):
+        info = error_details_pb2.ErrorInfo(
+            reason=REF_CONFLICT_REASON,
+            domain=ERROR_DOMAIN,
+            metadata={"ref": exc.name, "existing": exc.existing},
+        )
+        return (info,)
+    return ()
+
+
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     code, message = status_for(exc)
-    if isinstance(exc, StatusError) and exc.details:
+    details = _details(exc)
+    if details:
         status = status_pb2.Status(code=code.value[0], message=message)
-        for detail in exc.details:
+        for detail in details:
             status.details.add().Pack(detail)
         context.set_trailing_metadata(
             (("grpc-status-details-bin", status.SerializeToString()),)

@@ -51,6 +51,7 @@ from casframe import (
     DigestMismatchError,
     InvalidDigestError,
     InvalidNameError,
+    RefConflictError,
     RefNotFoundError,
     Store,
     UnsafeTreeError,
@@ -749,6 +750,39 @@ class RefConformance(ConformanceBase):
         store.put_bytes(inner_content)
         store.set_ref("complete", incomplete)
         assert store.get_ref("complete") == incomplete
+
+    @pytest.mark.parametrize(
+        ("first", "second"),
+        [("a", "a/b"), ("a/b", "a"), ("x/y", "x/y/z/w"), ("x/y/z/w", "x/y"), ("x/y", "x")],
+        ids=repr,
+    )
+    def test_a_ref_never_shadows_another(self, store: Store, first: str, second: str) -> None:
+        """A name is a ref or a folder of refs, never both, whatever the backend can hold."""
+        tree = _small_tree(store)
+        store.set_ref(first, tree)
+        attempts = (
+            lambda: store.set_ref(second, tree),
+            lambda: store.set_ref(second, tree, check_complete=False),
+            lambda: store.copy_ref(first, second),
+        )
+        for attempt in attempts:
+            with pytest.raises(RefConflictError) as caught:
+                attempt()
+            assert (caught.value.name, caught.value.existing) == (second, first)
+            assert f"{second!r} conflicts with an existing ref" in str(caught.value)
+            assert repr(first) in str(caught.value)
+        assert not store.has_ref(second)
+        assert store.get_ref(first) == tree
+        store.set_ref(f"{first}-sibling", tree)  # a name that only starts alike is no folder
+
+    def test_a_ref_is_free_again_once_the_one_in_its_way_is_deleted(self, store: Store) -> None:
+        tree = _small_tree(store)
+        store.set_ref("team/a/b", tree)
+        store.delete_ref("team/a/b")
+        store.set_ref("team/a", tree)
+        store.delete_ref("team/a")
+        store.set_ref("team/a/b/c", tree)
+        assert [r.name for r in store.list_refs("team/")] == ["team/a/b/c"]
 
     def test_set_ref_accepts_the_empty_tree(self, store: Store) -> None:
         store.set_ref("empty", EMPTY_DIGEST)

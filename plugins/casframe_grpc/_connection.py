@@ -20,6 +20,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 from casframe import (
     BackendUnavailableError,
@@ -29,6 +30,7 @@ from casframe import (
     CorruptBlobError,
     Digest,
     PermissionDeniedError,
+    RefConflictError,
     RefNotFoundError,
     StoreURL,
     UnsupportedOperationError,
@@ -265,7 +267,37 @@ def translate_error(
     """The casframe error for a failed call ``what`` to ``where``."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        conflict = _ref_conflict(error)
+        if conflict is not None:
+            return conflict
     return translate_status(code, details or "", where, what, digest=digest, ref=ref)
+
+
+# How casframe serve names the two refs of a conflict: an ErrorInfo in the status details.
+_CONFLICT_DOMAIN, _CONFLICT_REASON = "casframe", "REF_CONFLICT"
+
+
+def _ref_conflict(error: grpc.RpcError) -> RefConflictError | None:
+    """The :class:`RefConflictError` a casframe server described in the status details."""
+    metadata = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in metadata or ():
+        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status()
+        try:
+            status.ParseFromString(value)
+        except Exception:  # noqa: BLE001 - a malformed trailer is no conflict
+            return None
+        for packed in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if not packed.Is(info.DESCRIPTOR) or not packed.Unpack(info):
+                continue
+            if (info.domain, info.reason) == (_CONFLICT_DOMAIN, _CONFLICT_REASON):
+                name, existing = info.metadata.get("ref"), info.metadata.get("existing")
+                if name and existing:
+                    return RefConflictError(name, existing)
+    return None
 
 
 def translate_status(

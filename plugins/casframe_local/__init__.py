@@ -20,6 +20,7 @@ import itertools
 import os
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator
+from stat import S_ISDIR
 from typing import BinaryIO
 from urllib.parse import unquote
 
@@ -33,7 +34,7 @@ from casframe import (
     CorruptBlobError,
     Digest,
     InvalidDigestError,
-    InvalidNameError,
+    RefConflictError,
     RefInfo,
     RefNotFoundError,
     RefStore,
@@ -58,6 +59,9 @@ _COPY_STEP = 1 << 30
 _READ = os.O_RDONLY | os.O_CLOEXEC
 _COPY_CHUNK = 1 << 20
 _CHECK_SIZE_ABOVE = 1 << 20  # read_blobs compares the object's size first above this
+# What a write to a store this process may only read fails with: a read-only mount, or a store
+# (or an object) of another user.
+_CANNOT_WRITE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 def _temp_name(tmpdir: str) -> str:
@@ -71,6 +75,21 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _make_folders(*paths: str) -> None:
+    """Create the store's folders where missing; on a store this process may only read, leave
+    them missing (reads work without them)."""
+    for path in paths:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            if exc.errno not in _CANNOT_WRITE:
+                raise
+
+
+def _open_folder(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -124,10 +143,11 @@ class LocalBlobStore(BlobStore):
         self.objdir = os.path.join(root, "objects")
         self.tmpdir = os.path.join(root, "tmp")
         self.fsync = fsync
-        os.makedirs(self.objdir, exist_ok=True)
-        os.makedirs(self.tmpdir, exist_ok=True)
-        self._tmpfd = os.open(self.tmpdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._objfd = os.open(self.objdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        _make_folders(self.objdir, self.tmpdir)
+        # A store on a read-only mount may lack tmp/ (copied without it): it is read, never
+        # written, and a write fails as any write there would.
+        self._tmpfd = _open_folder(self.tmpdir) if os.path.isdir(self.tmpdir) else -1
+        self._objfd = _open_folder(self.objdir)
         self._anonymous = self._probe_anonymous_temp()
 
     def close(self) -> None:
@@ -325,16 +345,30 @@ class LocalBlobStore(BlobStore):
             hash_ = digest[0]
             path = f"{hash_[:2]}/{hash_[2:]}"
             try:
-                try:
-                    utime(path, dir_fd=objfd)
-                except PermissionError:
-                    self._renew(digest)
+                self._freshen(utime, path, objfd, digest)
                 if stat(path, dir_fd=objfd).st_size == digest[1]:
                     continue
             except FileNotFoundError:
                 pass
             missing.add(digest)
         return missing
+
+    def _freshen(
+        self, utime: Callable[..., None], path: str, objfd: int, digest: Digest
+    ) -> None:
+        """Touch one object, or renew it when it is another user's.
+
+        A store this process may not write at all (a read-only mount, a user without write
+        access to ``tmp/``) keeps its times: asking which blobs are there is a read, and works.
+        """
+        try:
+            try:
+                utime(path, dir_fd=objfd)
+            except PermissionError:
+                self._renew(digest)
+        except OSError as exc:
+            if exc.errno not in _CANNOT_WRITE:
+                raise
 
     def _renew(self, digest: Digest) -> None:
         """Freshen an object this user may not touch, by putting a copy of it in its place.
@@ -495,12 +529,10 @@ class LocalBlobStore(BlobStore):
     def touch_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
         absent = []
         utime = os.utime
+        objfd = self._objfd
         for digest in digests:
             try:
-                try:
-                    utime(f"{self.objdir}/{digest.hash[:2]}/{digest.hash[2:]}")
-                except PermissionError:
-                    self._renew(digest)
+                self._freshen(utime, f"{digest.hash[:2]}/{digest.hash[2:]}", objfd, digest)
             except FileNotFoundError:
                 absent.append(digest)
         return absent
@@ -512,8 +544,7 @@ class LocalRefStore(RefStore):
         self.refdir = os.path.join(root, "refs", "heads")
         self.tmpdir = os.path.join(root, "tmp")
         self.fsync = fsync
-        os.makedirs(self.refdir, exist_ok=True)
-        os.makedirs(self.tmpdir, exist_ok=True)
+        _make_folders(self.refdir, self.tmpdir)
 
     def _path(self, name: str) -> str:
         return os.path.join(self.refdir, *name.split("/"))
@@ -523,11 +554,18 @@ class LocalRefStore(RefStore):
         try:
             with open(path, "rb") as f:
                 data = f.read()
-            if touch:
-                with contextlib.suppress(PermissionError):  # another user's ref: read only
-                    os.utime(path)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise RefNotFoundError(name, f"file://{self.root}") from None
+        if touch:
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                pass  # deleted since it was read: that reading was the access
+            except OSError as exc:
+                # A read-only mount, or another user's ref: reading still works, and only the
+                # LRU order misses this use.
+                if exc.errno not in _CANNOT_WRITE:
+                    raise
         return self._parse(name, data)
 
     def _parse(self, name: str, data: bytes) -> Digest:
@@ -538,14 +576,48 @@ class LocalRefStore(RefStore):
                 f"ref {name} in file://{self.root} is damaged: {exc}; set it again or delete it"
             ) from None
 
+    def conflicting_ref(self, name: str) -> str | None:
+        # A few stats: is one of the name's folders a file, or is the name a folder with a
+        # ref somewhere below it?
+        segments = name.split("/")
+        path = self.refdir
+        for end, segment in enumerate(segments[:-1], 1):
+            path = os.path.join(path, segment)
+            try:
+                if not S_ISDIR(os.lstat(path).st_mode):
+                    return "/".join(segments[:end])
+            except FileNotFoundError:
+                return None  # no such folder: nothing can be below the name either
+        return self._first_ref_under(name)
+
+    def _first_ref_under(self, name: str) -> str | None:
+        top = self._path(name)
+        for dirpath, _, filenames in os.walk(top):
+            if filenames:
+                rel = os.path.relpath(os.path.join(dirpath, filenames[0]), self.refdir)
+                return rel.replace(os.sep, "/")
+        return None
+
     def set_ref(self, name: str, digest: Digest) -> None:
         path = self._path(name)
         temp = _temp_name(self.tmpdir)
+        try:
+            self._write_temp(temp, digest)
+            self._rename_into_place(name, temp, path)
+        except BaseException:
+            # A full disk, a conflict, an interrupt: the temp file never outlives the call.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise
+
+    def _write_temp(self, temp: str, digest: Digest) -> None:
         with open(temp, "wb") as f:
             f.write(digest.serialize())
+            f.flush()  # a full disk fails here, inside the with, not in a close at exit
             if self.fsync:
-                f.flush()
                 os.fsync(f.fileno())
+
+    def _rename_into_place(self, name: str, temp: str, path: str) -> None:
         for _ in range(10):
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -560,13 +632,21 @@ class LocalRefStore(RefStore):
                 return
             except FileNotFoundError:
                 continue  # a concurrent delete removed the parent folder; make it again
-            except (NotADirectoryError, FileExistsError, IsADirectoryError) as exc:
-                os.unlink(temp)
-                raise InvalidNameError(
-                    f"ref name {name!r} conflicts with an existing ref or ref folder"
-                ) from exc
-        os.unlink(temp)
-        raise OSError(errno.EAGAIN, f"could not set ref {name!r}: its folder kept disappearing")
+            except (NotADirectoryError, FileExistsError, IsADirectoryError):
+                # Set concurrently with the core's check, or a folder left empty by a
+                # concurrent delete: name the ref in the way, or clear the empty folder.
+                existing = self.conflicting_ref(name)
+                if existing is not None:
+                    raise RefConflictError(name, existing) from None
+                self._remove_empty_folders(path)
+        raise OSError(errno.EAGAIN, f"could not set ref {name!r}: its folder kept changing")
+
+    def _remove_empty_folders(self, top: str) -> None:
+        if not os.path.isdir(top) or os.path.islink(top):
+            return
+        for dirpath, _, _ in os.walk(top, topdown=False):
+            with contextlib.suppress(OSError):  # not empty (a ref set meanwhile), or gone
+                os.rmdir(dirpath)
 
     def delete_ref(self, name: str) -> None:
         path = self._path(name)

@@ -1318,6 +1318,20 @@ class S3RefStore(RefStore):
             Metadata={"accessed": f"{time.time():.6f}"},
         )
 
+    def conflicting_ref(self, name: str) -> str | None:
+        # One HEAD a folder (side by side), then a listing that stops at the first ref.
+        segments = name.split("/")
+        folders = ["/".join(segments[:end]) for end in range(1, len(segments))]
+        found = self._bucket.map(lambda f: self._bucket.head(self._bucket.refs + f), folders)
+        for folder, head in zip(folders, found, strict=True):
+            if head is not None:
+                return folder
+        for page in self._bucket.list_pages(Prefix=f"{self._bucket.refs}{name}/", MaxKeys=100):
+            for item in page.get("Contents", []):
+                if not item["Key"].endswith("/"):  # a console's "folder" marker is no ref
+                    return str(item["Key"][len(self._bucket.refs) :])
+        return None
+
     def delete_ref(self, name: str) -> None:
         key = self._bucket.refs + name
         if self._bucket.head(key) is None:  # S3 deletes absent keys silently
