@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from casframe_local import LocalBlobStore
 from click.testing import CliRunner, Result
 from google.rpc import error_details_pb2, status_pb2
 from hostile_helpers import ServerProcess, fill_up, serve_process, tmpfs
@@ -20,6 +21,7 @@ from casframe import Digest, InvalidNameError, RefConflictError, Store, open_sto
 from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casframe._protos.buildstream.v2 import buildstream_pb2 as bs_pb2
+from casframe._protos.google.bytestream import bytestream_pb2 as byte_pb2
 from casframe.cli import make_cli
 from casframe.names import MAX_REF_SEGMENT_LENGTH
 
@@ -216,7 +218,12 @@ def _no_temp_left(store_path: Path) -> None:
     assert os.listdir(store_path / "tmp") == [], "a failed write left a temp file"
 
 
-def test_no_failed_write_on_a_full_disk_leaves_a_temp_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("temp_files", ["unnamed", "named"])
+def test_no_failed_write_on_a_full_disk_leaves_a_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, temp_files: str
+) -> None:
+    if temp_files == "named":  # as on a file system without O_TMPFILE (NFS, many FUSE ones)
+        monkeypatch.setattr(LocalBlobStore, "_probe_anonymous_temp", lambda self: False)
     with tmpfs(tmp_path / "disk", "1m") as disk:
         store_path = disk / "store"
         with open_store(f"file://{store_path}") as store:
@@ -242,10 +249,29 @@ def test_no_failed_write_on_a_full_disk_leaves_a_temp_file(tmp_path: Path) -> No
             for attempt in (
                 lambda: set_key(server, "over/grpc"),
                 lambda: push_ref(server, "over/asset"),
+                lambda: _write_stream(server, os.urandom(3 << 20)),
             ):
                 with pytest.raises(grpc.RpcError):
                     attempt()
                 _no_temp_left(store_path)
+            data = os.urandom(256 << 10)
+            reply = server.cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(requests=[
+                re_pb2.BatchUpdateBlobsRequest.Request(
+                    digest=Digest.of_bytes(data).to_proto(), data=data)
+            ]))
+            assert reply.responses[0].status.code != 0
+            _no_temp_left(store_path)
+
+
+def _write_stream(server: ServerProcess, data: bytes) -> None:
+    digest = Digest.of_bytes(data)
+    name = f"uploads/full-disk/blobs/{digest.hash}/{digest.size}"
+    chunks = [data[start : start + (1 << 20)] for start in range(0, len(data), 1 << 20)]
+    server.bytestream.Write(iter(
+        byte_pb2.WriteRequest(resource_name=name, write_offset=index << 20, data=chunk,
+                              finish_write=index == len(chunks) - 1)
+        for index, chunk in enumerate(chunks)
+    ))
 
 
 def _tree_of(folder: Path) -> Path:

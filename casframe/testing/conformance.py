@@ -608,7 +608,12 @@ def _small_tree(store: Store, label: str = "a") -> Digest:
     return store.put_directory(root)
 
 
-INVALID_REF_NAMES = ["", "/a", "a/", "a//b", "a/../b", ".", "..", "a/./b", "nul\x00byte", "/"]
+INVALID_REF_NAMES = [
+    "", "/a", "a/", "a//b", "a/../b", ".", "..", "a/./b", "nul\x00byte", "/",
+    # A segment over 255 bytes (UTF-8), named short in test ids.
+    pytest.param("x" * 256, id="'x'*256"),
+    pytest.param("team/" + "\u00e9" * 128, id="'team/'+'\u00e9'*128"),
+]
 
 
 class RefConformance(ConformanceBase):
@@ -750,6 +755,19 @@ class RefConformance(ConformanceBase):
         store.put_bytes(inner_content)
         store.set_ref("complete", incomplete)
         assert store.get_ref("complete") == incomplete
+
+    @pytest.mark.parametrize("name", ["ac", "asset", "ac/_/x", "asset/blob/k"])
+    def test_the_server_namespaces_are_no_names_for_trees(self, store: Store, name: str) -> None:
+        tree = _small_tree(store)
+        store.set_ref("good", tree)
+        with pytest.raises(InvalidNameError, match=f"ref name {name!r} is reserved"):
+            store.set_ref(name, tree)
+        with pytest.raises(InvalidNameError, match="is reserved"):
+            store.copy_ref("good", name)
+        if "/" not in name:  # not even one of the server's own refs
+            with pytest.raises(InvalidNameError, match="is reserved"):
+                store.set_ref(name, tree, check_complete=False)
+        assert not store.has_ref(name)
 
     @pytest.mark.parametrize(
         ("first", "second"),

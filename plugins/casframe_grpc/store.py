@@ -729,6 +729,12 @@ class GrpcRefStore(RefStore):
         except UnsupportedOperationError as exc:
             raise self._unsupported("store refs", exc) from None
 
+    def conflicting_ref(self, name: str) -> str | None:
+        # The server decides, as it sets the ref: a casframe server refuses a conflict with
+        # FAILED_PRECONDITION naming both refs, which comes back as RefConflictError. Asking
+        # first would cost a round trip a folder and could not see refs under the name.
+        return None
+
     def delete_ref(self, name: str) -> None:
         raise UnsupportedOperationError(
             f"{self.conn.where} cannot delete refs: REAPI has no such call"

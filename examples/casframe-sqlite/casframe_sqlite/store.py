@@ -741,6 +741,25 @@ class SQLiteRefStore(RefStore):
                 (name, digest.hash, digest.size, time.time()),
             )
 
+    def conflicting_ref(self, name: str) -> str | None:
+        """A ref in ``name``'s way (``a`` or ``a/b/c`` for ``a/b``): two lookups in the index
+        of names instead of the default's listing of every ref under ``name/``."""
+        segments = name.split("/")
+        folders = ["/".join(segments[:end]) for end in range(1, len(segments))]
+        with self.db.connection() as conn:
+            if folders:
+                marks = ",".join("?" * len(folders))
+                query = f"SELECT name FROM refs WHERE name IN ({marks}) ORDER BY name LIMIT 1"
+                row = conn.execute(query, folders).fetchone()
+                if row is not None:
+                    return str(row[0])
+            # Names under "NAME/" sort from "NAME/" to just before "NAME0" ('0' follows '/').
+            row = conn.execute(
+                "SELECT name FROM refs WHERE name >= ? AND name < ? ORDER BY name LIMIT 1",
+                (f"{name}/", f"{name}0"),
+            ).fetchone()
+        return None if row is None else str(row[0])
+
     def delete_ref(self, name: str) -> None:
         with self.db.transaction() as conn:
             deleted = conn.execute("DELETE FROM refs WHERE name = ?", (name,)).rowcount
