@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import os
 import threading
@@ -148,7 +149,6 @@ class LocalBlobStore(BlobStore):
         # written, and a write fails as any write there would.
         self._tmpfd = _open_folder(self.tmpdir) if os.path.isdir(self.tmpdir) else -1
         self._objfd = _open_folder(self.objdir)
-        self._anonymous = self._probe_anonymous_temp()
 
     def close(self) -> None:
         for name in ("_tmpfd", "_objfd"):
@@ -166,6 +166,12 @@ class LocalBlobStore(BlobStore):
     # Uploads go to an unnamed file (O_TMPFILE) that is linked into objects/ once verified:
     # nothing to clean up after a crash, and one link instead of create + rename. Where the
     # file system lacks O_TMPFILE, a named file in tmp/ is renamed into place instead.
+
+    @functools.cached_property
+    def _anonymous(self) -> bool:
+        # Probed at the first write, not on opening: a store that is only read (a read-only
+        # server's) never gets even an unnamed file.
+        return self._probe_anonymous_temp()
 
     def _probe_anonymous_temp(self) -> bool:
         flag = getattr(os, "O_TMPFILE", 0)
