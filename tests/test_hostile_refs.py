@@ -23,7 +23,9 @@ from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb
 from casframe._protos.buildstream.v2 import buildstream_pb2 as bs_pb2
 from casframe._protos.google.bytestream import bytestream_pb2 as byte_pb2
 from casframe.cli import make_cli
+from casframe.config import RemoteEntry
 from casframe.names import MAX_REF_SEGMENT_LENGTH
+from casframe.remotes import Remotes
 
 FILE = b"an output file"
 FILE_DIGEST = Digest.of_bytes(FILE)
@@ -132,6 +134,22 @@ def test_the_command_line_and_the_api_refuse_the_server_namespaces(
             with pytest.raises(InvalidNameError, match="is reserved"):
                 store.set_ref(name, tree, check_complete=False)
         assert [r.name for r in store.list_refs()] == ["build/1"]
+
+
+@pytest.mark.parametrize("name", ["ac", "asset/blob/k"])
+def test_configured_remotes_refuse_the_server_namespaces_before_any_remote(
+    tmp_path: Path, name: str
+) -> None:
+    remote = tmp_path / "remote"
+    remotes = Remotes([RemoteEntry("team", f"file://{remote}", push=True)])
+    with open_store(f"file://{tmp_path / 'store'}") as store:
+        store.put_bytes(FILE)
+        store.set_ref("build/1", store.put_bytes(TREE_DATA))
+        with pytest.raises(InvalidNameError, match=f"ref name {name!r} is reserved"):
+            remotes.push(store, "build/1", ref=name)
+        with pytest.raises(InvalidNameError, match=f"ref name {name!r} is reserved"):
+            remotes.pull(store, "build/1", ref=name)
+    assert not remote.exists(), "no remote was contacted"
 
 
 # -- refs shadowing one another ---------------------------------------------------------------
