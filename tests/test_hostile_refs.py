@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -305,3 +306,52 @@ def test_the_api_reports_the_conflicting_ref_of_a_file_store(local_store: Store)
     with pytest.raises(casframe.RefConflictError, match=r"'a/b/c' is under 'a/b/'"):
         local_store.refs.set_ref("a/b", tree)  # past the core's check: raced by another writer
     assert os.listdir(os.path.join(local_store.refs.root, "tmp")) == []  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory", "sqlite"])
+def test_two_writers_racing_never_leave_a_ref_and_one_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str
+) -> None:
+    """The core's check and the backend's set are two steps; the backend closes the gap.
+
+    Each round, both writers pass the core's check before either sets its ref (they wait for
+    each other right after it), which is the worst interleaving, made certain.
+    """
+    url = {"file": f"file://{tmp_path / 'store'}", "memory": "memory://",
+           "sqlite": f"sqlite://{tmp_path / 'refs.db'}"}[scheme]
+    with open_store(url) as store:
+        tree = store.put_directory(re_pb2.Directory())
+        check = store.refs.conflicting_ref
+        for round_ in range(20):
+            names = (f"r{round_}/a", f"r{round_}/a/b")
+            both_checked = threading.Barrier(2)
+            waiting = [2]  # the core's two checks wait; a backend's own later ones do not
+            lock = threading.Lock()
+
+            def check_then_wait(name: str, barrier: threading.Barrier = both_checked,
+                                left: list[int] = waiting, guard: threading.Lock = lock
+                                ) -> str | None:
+                found = check(name)
+                with guard:
+                    wait = left[0] > 0
+                    left[0] -= 1
+                if wait:
+                    barrier.wait(timeout=60)
+                return found
+
+            monkeypatch.setattr(store.refs, "conflicting_ref", check_then_wait)
+            failures: list[BaseException] = []
+
+            def set_one(name: str, errors: list[BaseException] = failures) -> None:
+                try:
+                    store.set_ref(name, tree)
+                except (RefConflictError, OSError) as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=set_one, args=(n,)) for n in names]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+            assert [type(f) for f in failures] == [RefConflictError], failures
+            assert sum(store.has_ref(n) for n in names) == 1, f"both {names} were set"

@@ -79,6 +79,7 @@ from casframe import (
     Digest,
     InvalidDigestError,
     PermissionDeniedError,
+    RefConflictError,
     RefInfo,
     RefNotFoundError,
     RefStore,
@@ -736,29 +737,19 @@ class SQLiteRefStore(RefStore):
 
     def set_ref(self, name: str, digest: Digest) -> None:
         with self.db.transaction() as conn:
+            # Checked again under the write lock: two writers setting "a" and "a/b" at once
+            # cannot both pass the core's check.
+            existing = _ref_in_the_way(conn, name)
+            if existing is not None:
+                raise RefConflictError(name, existing)
             conn.execute(
                 "INSERT OR REPLACE INTO refs (name, hash, size, accessed) VALUES (?, ?, ?, ?)",
                 (name, digest.hash, digest.size, time.time()),
             )
 
     def conflicting_ref(self, name: str) -> str | None:
-        """A ref in ``name``'s way (``a`` or ``a/b/c`` for ``a/b``): two lookups in the index
-        of names instead of the default's listing of every ref under ``name/``."""
-        segments = name.split("/")
-        folders = ["/".join(segments[:end]) for end in range(1, len(segments))]
         with self.db.connection() as conn:
-            if folders:
-                marks = ",".join("?" * len(folders))
-                query = f"SELECT name FROM refs WHERE name IN ({marks}) ORDER BY name LIMIT 1"
-                row = conn.execute(query, folders).fetchone()
-                if row is not None:
-                    return str(row[0])
-            # Names under "NAME/" sort from "NAME/" to just before "NAME0" ('0' follows '/').
-            row = conn.execute(
-                "SELECT name FROM refs WHERE name >= ? AND name < ? ORDER BY name LIMIT 1",
-                (f"{name}/", f"{name}0"),
-            ).fetchone()
-        return None if row is None else str(row[0])
+            return _ref_in_the_way(conn, name)
 
     def delete_ref(self, name: str) -> None:
         with self.db.transaction() as conn:
@@ -776,6 +767,26 @@ class SQLiteRefStore(RefStore):
             ).fetchall()
         for name, hash_, size, accessed in rows:
             yield RefInfo(name, self._digest(name, (hash_, size)), accessed)
+
+
+def _ref_in_the_way(conn: sqlite3.Connection, name: str) -> str | None:
+    """A ref named like a folder of ``name`` (``a`` for ``a/b``), or one under ``name/``: two
+    lookups in the index of names, where the default ``conflicting_ref`` lists every ref
+    under ``name/``."""
+    segments = name.split("/")
+    folders = ["/".join(segments[:end]) for end in range(1, len(segments))]
+    if folders:
+        marks = ",".join("?" * len(folders))
+        query = f"SELECT name FROM refs WHERE name IN ({marks}) ORDER BY name LIMIT 1"
+        row = conn.execute(query, folders).fetchone()
+        if row is not None:
+            return str(row[0])
+    # Names under "NAME/" sort from "NAME/" to just before "NAME0" ('0' follows '/').
+    row = conn.execute(
+        "SELECT name FROM refs WHERE name >= ? AND name < ? ORDER BY name LIMIT 1",
+        (f"{name}/", f"{name}0"),
+    ).fetchone()
+    return None if row is None else str(row[0])
 
 
 def _options(url: StoreURL) -> tuple[float, bool]:
