@@ -212,6 +212,8 @@ def test_a_ref_name_segment_over_255_bytes_is_refused_everywhere(tmp_path: Path)
                 error = call_error(lambda _, a=attempt, n=name: a(server, n), None)  # type: ignore[misc]
                 assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
                 assert "bytes long, over the limit of 255" in (error.details() or "")
+            error = call_error(server.refs.GetReference, bs_pb2.GetReferenceRequest(key=name))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
         at_the_limit = "team/" + "é" * 127  # 254 bytes: a valid name
         set_key(server, at_the_limit)
         push_ref(server, "y" * MAX_REF_SEGMENT_LENGTH)
