@@ -1319,13 +1319,21 @@ class S3RefStore(RefStore):
         )
 
     def conflicting_ref(self, name: str) -> str | None:
-        # One HEAD a folder (side by side), then a listing that stops at the first ref.
+        # One HEAD a folder and a listing under the name, all side by side: one round trip
+        # on every ref set (the server sets one per action result).
         segments = name.split("/")
         folders = ["/".join(segments[:end]) for end in range(1, len(segments))]
-        found = self._bucket.map(lambda f: self._bucket.head(self._bucket.refs + f), folders)
-        for folder, head in zip(folders, found, strict=True):
-            if head is not None:
-                return folder
+
+        def ask(folder: str | None) -> str | None:
+            if folder is not None:
+                present = self._bucket.head(self._bucket.refs + folder) is not None
+                return folder if present else None
+            return self._first_ref_under(name)
+
+        found = self._bucket.map(ask, [*folders, None])
+        return next((ref for ref in found if ref is not None), None)
+
+    def _first_ref_under(self, name: str) -> str | None:
         for page in self._bucket.list_pages(Prefix=f"{self._bucket.refs}{name}/", MaxKeys=100):
             for item in page.get("Contents", []):
                 if not item["Key"].endswith("/"):  # a console's "folder" marker is no ref
