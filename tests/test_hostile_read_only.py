@@ -4,6 +4,7 @@ must never write its store at all. Every read works in each case, by ref name as
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -158,6 +159,9 @@ def read_only_mount(tmp_path: Path) -> Iterator[Populated]:
     with tmpfs(tmp_path / "mnt", "64m") as mount:
         store = populate(mount / "store", tmp_path)
         remount(mount, "ro")
+        with pytest.raises(OSError) as caught:
+            (store.path / "tmp" / "probe").write_bytes(b"")
+        assert caught.value.errno == errno.EROFS, "the mount must really be read-only"
         yield store
 
 
