@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from casframe import ConfigError, Digest, Store, open_store
+from casframe import BlobNotFoundError, ConfigError, Digest, Store, open_store
 from casframe.cli import make_cli
 from casframe.maintenance import du, fsck, gc, prune
 from casframe.testing import write_files
@@ -194,9 +194,36 @@ def test_a_folder_where_a_referenced_object_should_be_is_a_missing_blob(tmp_path
     assert [w.what for w in report.warnings] == ["a directory, not an object"]
     prune(store, grace_period=0)
     assert path.is_dir()  # left alone
-    with pytest.raises(Exception, match="not found|not stored") as caught:
+    with pytest.raises(BlobNotFoundError):
         store.read_bytes(victim)
-    assert type(caught.value).__name__ == "BlobNotFoundError"
+    with pytest.raises(BlobNotFoundError):
+        store.blobs.local_path(victim)
+
+
+def test_a_fifo_where_a_referenced_object_should_be_is_missing_and_never_waited_on(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "store"
+    store = open_store(f"file://{root}")
+    tree = _tree(store, tmp_path, "t")
+    store.set_ref("t", tree)
+    victim = max(d for d in store.tree_digests(tree) if d.size > 1000)
+    path = root / "objects" / victim.hash[:2] / victim.hash[2:]
+    path.unlink()
+    os.mkfifo(path)  # opening it for reading would wait for a writer forever
+
+    for read in (store.read_bytes, lambda d: list(store.read_many([d]))):
+        with pytest.raises(BlobNotFoundError):
+            read(victim)
+    with pytest.raises(BlobNotFoundError):
+        store.blobs.local_path(victim)
+    with pytest.raises(BlobNotFoundError):
+        store.checkout(tree, tmp_path / "out")
+    report = fsck(store)
+    assert [(p.kind, p.digest) for p in report.problems] == [("missing", victim)]
+    assert [(w.name, w.what) for w in report.warnings] == [
+        (f"objects/{victim.hash[:2]}/{victim.hash[2:]}", "a special file, not an object")
+    ]
 
 
 # -- emptied objects ------------------------------------------------------------------------

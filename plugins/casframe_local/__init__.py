@@ -57,7 +57,9 @@ _NO_KERNEL_COPY = frozenset(
 )
 # Bytes asked of one copy_file_range call (the kernel copies at most ~2 GiB per call anyway).
 _COPY_STEP = 1 << 30
-_READ = os.O_RDONLY | os.O_CLOEXEC
+# O_NONBLOCK: opening a stray FIFO named like an object must not wait for a writer (it has no
+# effect on regular files).
+_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
 _COPY_CHUNK = 1 << 20
 _CHECK_SIZE_ABOVE = 1 << 20  # read_blobs compares the object's size first above this
 # Opening an object's path fails so when it is absent, when a stray folder stands where it
@@ -258,11 +260,11 @@ class LocalBlobStore(BlobStore):
 
     def find_missing_blobs(self, digests: Collection[Digest]) -> set[Digest]:
         missing = set()
-        lstat, objfd, regular = os.stat, self._objfd, stat.S_ISREG
+        stat_, objfd, regular = os.stat, self._objfd, stat.S_ISREG
         for digest in digests:
             hash_ = digest[0]
             try:
-                st = lstat(f"{hash_[:2]}/{hash_[2:]}", dir_fd=objfd, follow_symlinks=False)
+                st = stat_(f"{hash_[:2]}/{hash_[2:]}", dir_fd=objfd, follow_symlinks=False)
                 if st.st_size == digest[1] and regular(st.st_mode):  # not a stray folder
                     continue
             except _NOT_AN_OBJECT:
@@ -272,10 +274,15 @@ class LocalBlobStore(BlobStore):
 
     def open_blob(self, digest: Digest, offset: int = 0) -> BinaryIO:
         try:
-            stream = open(self.object_path(digest), "rb")  # noqa: SIM115 - returned to caller
+            fd = os.open(self.object_path(digest), _READ)
         except _NOT_AN_OBJECT:  # absent, or a stray folder where the object would be
             raise self._not_found(digest) from None
-        size = os.fstat(stream.fileno()).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a stray folder, FIFO or device: not the blob
+            os.close(fd)
+            raise self._not_found(digest)
+        stream = open(fd, "rb")  # noqa: SIM115 - returned to caller
+        size = st.st_size
         if size != digest.size:
             try:
                 # Identity is (hash, size): an intact object of another size is not this blob.
@@ -422,9 +429,12 @@ class LocalBlobStore(BlobStore):
     def local_path(self, digest: Digest) -> str:
         path = self.object_path(digest)
         try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
+            st = os.stat(path, follow_symlinks=False)
+        except _NOT_AN_OBJECT:
             raise self._not_found(digest) from None
+        if not stat.S_ISREG(st.st_mode):  # a stray folder or link: not the blob
+            raise self._not_found(digest)
+        size = st.st_size
         if size != digest.size:
             raise CorruptBlobError(digest, f"stored object has {size} bytes")
         return path
@@ -434,14 +444,17 @@ class LocalBlobStore(BlobStore):
         # store's absolute path twice per link. The size check stays (a truncated object is
         # refused, as local_path refuses it); it costs a fraction of the link.
         objfd = self._objfd
-        stat, link = os.stat, os.link
+        stat_, link, regular = os.stat, os.link, stat.S_ISREG
         for name, digest in links:
             hash_ = digest[0]
             rel = f"{hash_[:2]}/{hash_[2:]}"
             try:
-                size = stat(rel, dir_fd=objfd).st_size
-            except FileNotFoundError:
+                st = stat_(rel, dir_fd=objfd, follow_symlinks=False)
+            except _NOT_AN_OBJECT:
                 raise self._not_found(digest) from None
+            if not regular(st.st_mode):  # a stray folder, link or FIFO: not the blob
+                raise self._not_found(digest)
+            size = st.st_size
             if size != digest[1]:
                 raise CorruptBlobError(digest, f"stored object has {size} bytes")
             link(rel, name, src_dir_fd=objfd, dst_dir_fd=dir_fd, follow_symlinks=False)
