@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from casframe import BlobNotFoundError, ConfigError, Digest, Store, open_store
+from casframe import BlobNotFoundError, CasframeError, ConfigError, Digest, Store, open_store
 from casframe.cli import make_cli
 from casframe.maintenance import du, fsck, gc, prune
 from casframe.testing import write_files
@@ -224,6 +224,37 @@ def test_a_fifo_where_a_referenced_object_should_be_is_missing_and_never_waited_
     assert [(w.name, w.what) for w in report.warnings] == [
         (f"objects/{victim.hash[:2]}/{victim.hash[2:]}", "a special file, not an object")
     ]
+
+
+@pytest.mark.parametrize("named_temp", [False, True], ids=["O_TMPFILE", "named-temp"])
+@pytest.mark.parametrize("stray", ["folder", "fan-out file"])
+def test_a_stray_entry_in_an_objects_place_stops_its_write_clearly_and_loses_nothing(
+    tmp_path: Path, stray: str, named_temp: bool
+) -> None:
+    root = tmp_path / "store"
+    store = open_store(f"file://{root}")
+    if named_temp:  # as on a file system without O_TMPFILE
+        store.blobs._anonymous = False  # type: ignore[attr-defined]
+    data = b"payload" * 100
+    digest = Digest.of_bytes(data)
+    fanout = root / "objects" / digest.hash[:2]
+    if stray == "folder":
+        (fanout / digest.hash[2:]).mkdir(parents=True)
+        (fanout / digest.hash[2:] / "notes").write_text("someone's notes")
+        where, what = f"objects/{digest.hash[:2]}/{digest.hash[2:]}", "a directory"
+    else:
+        fanout.write_text("someone's notes")
+        where, what = f"objects/{digest.hash[:2]}", "not a directory"
+
+    with pytest.raises(CasframeError) as caught:
+        store.put_bytes(data)
+    assert str(caught.value) == (
+        f"cannot store blob {digest} in file://{root}: {where} is {what}, "
+        "a stray entry in the object's place; move it away"
+    )
+    assert not os.listdir(root / "tmp")  # no temp file left behind
+    kept = fanout / digest.hash[2:] / "notes" if stray == "folder" else fanout
+    assert kept.read_text() == "someone's notes"
 
 
 # -- emptied objects ------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from casframe import (
     BlobStore,
     BlobWriter,
     Capability,
+    CasframeError,
     ConfigError,
     CorruptBlobError,
     Digest,
@@ -202,6 +203,22 @@ class LocalBlobStore(BlobStore):
 
     def _publish(self, fd: int, temp: str, digest: Digest) -> tuple[bool, bool]:
         """Whether a new name was made for the object, and whether its fan-out folder was."""
+        try:
+            return self._link_into_place(fd, temp, digest)
+        except (IsADirectoryError, NotADirectoryError) as exc:
+            # A stray entry holds the object's place: it is not ours to remove.
+            where = "objects/" + (
+                f"{digest.hash[:2]}/{digest.hash[2:]}"
+                if isinstance(exc, IsADirectoryError)
+                else digest.hash[:2]
+            )
+            what = "a directory" if isinstance(exc, IsADirectoryError) else "not a directory"
+            raise CasframeError(
+                f"cannot store blob {digest} in file://{self.root}: {where} is {what}, "
+                "a stray entry in the object's place; move it away"
+            ) from None
+
+    def _link_into_place(self, fd: int, temp: str, digest: Digest) -> tuple[bool, bool]:
         target = self.object_path(digest)
         made_folder = False
         for _ in range(3):
