@@ -68,7 +68,8 @@ class StrayEntry:
 
     #: Where it is, relative to the store (``objects/ab/cdef…``, a path or an object key).
     name: str
-    #: What it is, for a message: ``a directory``, ``not an object name``...
+    #: What it is, for a message: ``a directory, not an object``, ``a file whose name is not
+    #: a hash``, ``a key that is not an object key``...
     what: str
 
 
