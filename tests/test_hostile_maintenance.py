@@ -386,6 +386,14 @@ def test_unknown_file_url_options_are_refused(tmp_path: Path, query: str) -> Non
     assert not (tmp_path / "store").exists()  # refused before anything was made
 
 
+def test_memory_urls_take_no_options() -> None:
+    with pytest.raises(ConfigError) as caught:
+        open_store("memory://?fsync=true")
+    assert str(caught.value) == (
+        "unknown option(s) fsync for memory://?fsync=true; memory:// stores accept: no options"
+    )
+
+
 @pytest.mark.usefixtures("isolated_env")
 def test_unknown_file_options_in_the_config_file_are_refused(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
