@@ -67,6 +67,10 @@ class Damage:
             self.bucket.client.put_object(
                 Bucket=self.bucket.name, Key=f"{self.bucket.prefix}/{key}", Body=b"x" * 5000
             )
+        for marker in ("objects/", "objects/ab/"):  # what S3 consoles make: not reported
+            self.bucket.client.put_object(
+                Bucket=self.bucket.name, Key=f"{self.bucket.prefix}/{marker}", Body=b""
+            )
         return sorted(keys)
 
     def empty(self, digest: Digest) -> None:
