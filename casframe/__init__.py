@@ -29,7 +29,15 @@ from casframe.plugins import PluginInfo, list_plugins, open_store, registered_pl
 from casframe.progress import Progress
 from casframe.registry import BackendRegistry, StoreURL
 from casframe.remotes import RemoteOutcome, Remotes, RemotesError, RemotesReport, RemoteStatus
-from casframe.spi import BlobInfo, BlobStore, BlobWriter, Capability, RefInfo, RefStore
+from casframe.spi import (
+    BlobInfo,
+    BlobStore,
+    BlobWriter,
+    Capability,
+    RefInfo,
+    RefStore,
+    StrayEntry,
+)
 from casframe.store import Store
 
 __version__ = "0.1.0"
@@ -67,6 +75,7 @@ __all__ = [
     "RemotesReport",
     "Store",
     "StoreURL",
+    "StrayEntry",
     "UnknownSchemeError",
     "UnsafeTreeError",
     "UnsupportedFileTypeError",

@@ -156,7 +156,8 @@ class MemoryRefStore(RefStore):
 
 
 def open_memory_store(url: StoreURL) -> Store:
-    """Factory for ``memory://``: a new empty store each time."""
+    """Factory for ``memory://``: a new empty store each time. It takes no options."""
+    url.check_options(())
     return Store(MemoryBlobStore(), MemoryRefStore(), url=url.url)
 
 

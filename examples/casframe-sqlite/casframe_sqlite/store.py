@@ -790,12 +790,7 @@ def _ref_in_the_way(conn: sqlite3.Connection, name: str) -> str | None:
 
 
 def _options(url: StoreURL) -> tuple[float, bool]:
-    unknown = sorted(set(url.options) - set(_OPTIONS))
-    if unknown:
-        raise ConfigError(
-            f"unknown option(s) {', '.join(unknown)} for {url.url}; "
-            f"sqlite:// stores accept: {', '.join(_OPTIONS)}"
-        )
+    url.check_options(_OPTIONS)
     raw = url.option("timeout")
     try:
         timeout = _DEFAULT_TIMEOUT if raw is None else float(raw)
