@@ -5,9 +5,11 @@ must never write its store at all. Every read works in each case, by ref name as
 from __future__ import annotations
 
 import errno
+import io
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +27,19 @@ from hostile_helpers import (
     tmpfs,
 )
 
-from casframe import Digest, open_store
+from casframe import (
+    Capability,
+    Digest,
+    PermissionDeniedError,
+    UnsupportedOperationError,
+    open_store,
+)
 from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casframe._protos.buildstream.v2 import buildstream_pb2 as bs_pb2
 from casframe._protos.google.bytestream import bytestream_pb2 as byte_pb2
 from casframe.cli import make_cli
+from casframe.readonly import read_only_view
 from casframe.server.names import action_ref_name
 from casframe.testing import TREE_FILES, assert_tree_equal, write_tree
 
@@ -245,4 +254,40 @@ def test_a_user_without_write_access_reads_another_users_store(
             f"file://{store.path}", *options, prefix=WITHOUT_PRIVILEGES
         ) as server:
             read_everything(server, store)
+    assert snapshot(store.path) == before
+
+
+# -- the read-only view itself ----------------------------------------------------------------
+
+
+def test_the_read_only_view_passes_reads_and_refuses_every_write(tmp_path: Path) -> None:
+    store = populate(tmp_path / "store", tmp_path)
+    before = snapshot(store.path)
+    with read_only_view(open_store(f"file://{store.path}")) as view:
+        assert view.get_ref("build/1") == store.tree
+        assert view.find_missing([store.tree], freshen=True) == set()
+        assert view.read_bytes(store.result) and view.ls("build/2")
+        assert [r.name for r in view.list_refs("build/")] == ["build/1", "build/2"]
+        assert not view.has(Capability.TOUCH) and not view.has(Capability.DELETE)
+        data = b"refused"
+        writes = (
+            lambda: view.put_bytes(data),
+            lambda: view.put_stream(io.BytesIO(data)),
+            lambda: view.put_file(store.source / "README.txt"),
+            lambda: view.open_upload(Digest.of_bytes(data)),
+            lambda: view.set_ref("build/3", store.tree),
+            lambda: view.set_ref("build/3", store.tree, check_complete=False),
+            lambda: view.copy_ref("build/1", "build/3"),
+            lambda: view.delete_ref("build/1"),
+            lambda: view.blobs.touch_blobs([store.tree]),
+            lambda: view.blobs.delete_blobs([store.tree]),
+            lambda: view.blobs.clean_temp(time.time() + 3600),
+            lambda: view.check_writable(),
+        )
+        for write in writes:
+            with pytest.raises(PermissionDeniedError, match="is opened read-only: cannot"):
+                write()
+        with pytest.raises(UnsupportedOperationError, match="cannot delete blobs"):
+            view.prune(grace_period=0)
+        assert view.prune(grace_period=0, dry_run=True).objects_freed == 0  # nothing unreachable
     assert snapshot(store.path) == before
