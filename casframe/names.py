@@ -16,6 +16,7 @@ __all__ = [
     "RESERVED_REF_NAMESPACES",
     "entry_names_are_safe",
     "is_tree_ref",
+    "reserved_namespace",
     "split_tree_path",
     "validate_entry_name",
     "validate_ref_name",
