@@ -618,8 +618,6 @@ _KNOWN_GAPS = {
     "test_invalid_ref_names_are_refused": _REF_LISTING,
     "test_get_ref_refreshes_access_time_for_lru_order": _REF_LISTING,
     "test_delete_ref": "REAPI has no call to delete refs",
-    "test_a_ref_is_free_again_once_the_one_in_its_way_is_deleted": "REAPI has no call to "
-    "delete refs",
     "test_interrupted_transfer_leaves_no_ref_and_resumes[pull-files]": _REF_LISTING,
     "test_interrupted_transfer_leaves_no_ref_and_resumes[pull-directories]": _REF_LISTING,
     # fsck starts from the list of refs; the server also refuses the damaged refs it is fed.

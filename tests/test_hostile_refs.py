@@ -301,13 +301,23 @@ def _tree_of(folder: Path) -> Path:
     return folder
 
 
-def test_the_api_reports_the_conflicting_ref_of_a_file_store(local_store: Store) -> None:
-    """The file system itself refuses ``a`` under a ref ``a``: the error still names both."""
+def test_a_file_store_names_the_conflicting_ref_and_clears_empty_folders(
+    local_store: Store,
+) -> None:
+    """The file system itself refuses ``a/b`` under a ref file ``a/b/c``: the error still
+    names both; and a folder left empty (by a writer killed between making it and renaming
+    its ref into it) is no ref, so it stands in nobody's way."""
     tree = local_store.put_directory(re_pb2.Directory())
     local_store.set_ref("a/b/c", tree)
     with pytest.raises(casframe.RefConflictError, match=r"'a/b/c' is under 'a/b/'"):
         local_store.refs.set_ref("a/b", tree)  # past the core's check: raced by another writer
-    assert os.listdir(os.path.join(local_store.refs.root, "tmp")) == []  # type: ignore[attr-defined]
+    refdir = Path(local_store.refs.root) / "refs" / "heads"  # type: ignore[attr-defined]
+    (refdir / "left" / "empty" / "folders").mkdir(parents=True)
+    local_store.set_ref("left", tree)
+    local_store.delete_ref("a/b/c")
+    local_store.set_ref("a", tree)
+    assert sorted(r.name for r in local_store.list_refs()) == ["a", "left"]
+    assert os.listdir(refdir.parent.parent / "tmp") == []
 
 
 @pytest.mark.parametrize("scheme", ["file", "memory", "sqlite"])

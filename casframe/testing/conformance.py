@@ -793,15 +793,6 @@ class RefConformance(ConformanceBase):
         assert store.get_ref(first) == tree
         store.set_ref(f"{first}-sibling", tree)  # a name that only starts alike is no folder
 
-    def test_a_ref_is_free_again_once_the_one_in_its_way_is_deleted(self, store: Store) -> None:
-        tree = _small_tree(store)
-        store.set_ref("team/a/b", tree)
-        store.delete_ref("team/a/b")
-        store.set_ref("team/a", tree)
-        store.delete_ref("team/a")
-        store.set_ref("team/a/b/c", tree)
-        assert [r.name for r in store.list_refs("team/")] == ["team/a/b/c"]
-
     def test_set_ref_accepts_the_empty_tree(self, store: Store) -> None:
         store.set_ref("empty", EMPTY_DIGEST)
         assert store.get_ref("empty") == EMPTY_DIGEST
