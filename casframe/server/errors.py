@@ -6,16 +6,20 @@ else as ``INTERNAL`` with the traceback in the server log and never in the reply
 statuses inside batch responses use :func:`status_proto` with the same table, so a blob gets the
 same code in ``BatchReadBlobs`` as in a ByteStream ``Read``.
 
-This module must never let a traceback, a file path of the server or a backend's own exception
-text reach a client for an unexpected error.
+This module must never let a traceback, a file path of the server, the store's URL or a
+backend's own exception text reach a client: messages of casframe's errors raised below the
+services (by the store or a backend) are scrubbed of URLs and absolute paths here, once, and the
+full text goes to the server log for the operator.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import itertools
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -41,6 +45,7 @@ from casframe.errors import (
 __all__ = [
     "OK_STATUS",
     "StatusError",
+    "client_message",
     "missing_blobs_error",
     "rpc_method",
     "status_for",
@@ -62,6 +67,24 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (BackendUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (UnsupportedOperationError, grpc.StatusCode.UNIMPLEMENTED),
 )
+
+# Where a store is, as it shows in the messages of backends and the store: a URL of any scheme
+# (with any credentials or query in it) and an absolute path (the store root, its tmp/ folder).
+# A path starts after a space, quote, bracket, '=' or the start of the text, so the '/' inside
+# "hash/size" or a ref name is not one.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*?(?=[:,.;)]*(?:[\s'\"<>]|$))")
+_PATH = re.compile(r"(?:(?<=[\s'\"(\[=])|^)/[^\s'\"<>,;)\]]*")
+# A network address of the backend, as grpcio and socket errors write it.
+_ADDRESS = re.compile(
+    r"\b(?:(?:ipv4|ipv6|unix|dns):[^\s'\",;]+|\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?)"
+)
+# Neutral stand-ins: the same scrub applies to a client's own input echoed in a message.
+_URL_SHOWN = "<url>"
+_PATH_SHOWN = "<path>"
+_ADDRESS_SHOWN = "<address>"
+
+# A full disk or an exhausted quota: the client may retry later or elsewhere.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 # Numbers the log line and the client message share, so an operator can find the traceback
 # that belongs to a user's "internal error" report.
@@ -97,11 +120,29 @@ def missing_blobs_error(
     return StatusError(code, f"{what}: missing {shown}{more}", [failure])
 
 
+def client_message(message: str) -> str:
+    """``message`` without the URLs, absolute paths and network addresses it names."""
+    message = _URL.sub(_URL_SHOWN, message)
+    return _ADDRESS.sub(_ADDRESS_SHOWN, _PATH.sub(_PATH_SHOWN, message))
+
+
+def _scrubbed(exc: BaseException) -> str:
+    """The client's text for a casframe error raised below the services; the full text, when
+    it named a location, goes to the log."""
+    full = str(exc)
+    shown = client_message(full)
+    if shown != full:
+        log.warning("request failed: %s: %s", type(exc).__name__, full)
+    return shown
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for an exception.
 
     Unexpected exceptions are logged with their traceback here and answered with a bare
-    ``INTERNAL`` message carrying an incident number.
+    ``INTERNAL`` message carrying an incident number. A store out of space is
+    ``RESOURCE_EXHAUSTED``. Messages of casframe's errors are scrubbed of locations
+    (:func:`client_message`); a :class:`StatusError` is the services' own text, sent as it is.
     """
     if isinstance(exc, StatusError):
         return exc.code, exc.message
@@ -114,11 +155,17 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, f"ref not found: {exc.name}"
     for kind, code in _CODES:
         if isinstance(exc, kind):
-            return code, str(exc)
+            return code, _scrubbed(exc)
     if isinstance(exc, CasframeError):
         code = grpc.StatusCode.UNAVAILABLE if exc.temporary else grpc.StatusCode.INTERNAL
         log.error("request failed: %s: %s", type(exc).__name__, exc)
-        return code, str(exc)
+        return code, client_message(str(exc))
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        log.error("store out of space: %s", exc)
+        return (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "the server's store is out of space (nothing was stored); try again later",
+        )
     incident = next(_incident_ids)
     log.error("internal error #%d", incident, exc_info=exc)
     message = f"internal server error (incident #{incident} in the server log)"
