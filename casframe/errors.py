@@ -27,6 +27,7 @@ __all__ = [
     "MissingDependencyError",
     "PermissionDeniedError",
     "RefNotFoundError",
+    "RemoteProtocolError",
     "UnknownSchemeError",
     "UnsafeTreeError",
     "UnsupportedFileTypeError",
@@ -169,6 +170,14 @@ class BackendUnavailableError(CasframeError):
 
     reason = "unavailable"
     temporary = True
+
+
+class RemoteProtocolError(CasframeError):
+    """A remote end answered against its protocol or beyond a limit this client sets: endless
+    or repeated pagination, entries that were not asked for, absurd values. Nothing of the
+    answer was used."""
+
+    reason = "remote-protocol"
 
 
 class PermissionDeniedError(CasframeError):

@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from google.rpc import code_pb2, status_pb2
+from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from casframe import ConfigError, Digest, Store, open_store
@@ -390,7 +390,6 @@ def test_get_tree_page_token_of_thousands_of_digits_is_invalid(
     assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, outcome
     assert "was not issued for a tree with root" in outcome.messages[0]
     assert len(outcome.messages[0]) < 300  # the token is not echoed whole
-    assert code_pb2.INVALID_ARGUMENT == outcome.code.value[0]
 
 
 # -- TLS: a key that is not the certificate's -------------------------------------------------

@@ -12,6 +12,7 @@ REAPI has no call to list or delete blobs or refs, so neither is offered.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import queue
 import tempfile
@@ -29,10 +30,13 @@ from casframe import (
     BlobStore,
     BlobWriter,
     CasframeError,
+    CorruptBlobError,
     Digest,
+    InvalidDigestError,
     PermissionDeniedError,
     RefInfo,
     RefStore,
+    RemoteProtocolError,
     Store,
     StoreURL,
     UnsupportedOperationError,
@@ -84,6 +88,10 @@ _SLOWEST_STREAM_RATE = 1 << 20
 
 _REF_URI_PREFIX = "casframe:ref/"
 
+# GetTree pages without a Directory that a listing may bring: a server has no reason to send
+# one but the last (an empty tree), so a few are tolerated and more are a server paging forever.
+_EMPTY_TREE_PAGES = 8
+
 
 def _add_digests(field: Any, digests: Iterable[Digest]) -> None:
     """Append digests to a repeated Digest field (faster than building messages first)."""
@@ -103,10 +111,13 @@ class _ByteStreamReader(io.RawIOBase):
     ``read(n)`` and ``readinto`` fill what they are given unless the stream ends, like a file.
     """
 
-    def __init__(self, store: GrpcBlobStore, digest: Digest, responses: grpc.Call) -> None:
+    def __init__(
+        self, store: GrpcBlobStore, digest: Digest, offset: int, responses: grpc.Call
+    ) -> None:
         super().__init__()
         self._store = store
         self._digest = digest
+        self._remaining = digest.size - offset  # bytes the server may still send
         self._responses = responses
         self._pending = memoryview(b"")
         self._ended = False
@@ -125,9 +136,22 @@ class _ByteStreamReader(io.RawIOBase):
         with self._store.conn.calling("ByteStream.Read", digest=self._digest):
             for data in self._responses:  # each a view of one received ReadResponse's data
                 if data:
+                    if len(data) > self._remaining:
+                        self.close()  # a server sending more than the blob holds: stop it
+                        raise CorruptBlobError(
+                            self._digest,
+                            f"{self._store.conn.where} sent more than its {self._digest.size} "
+                            "bytes through ByteStream.Read",
+                        )
+                    self._remaining -= len(data)
                     self._pending = data
                     return True
         self._ended = True
+        if self._remaining:
+            raise CorruptBlobError(
+                self._digest,
+                f"{self._store.conn.where} ended ByteStream.Read {self._remaining} bytes short",
+            )
         return False
 
     def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
@@ -299,8 +323,8 @@ class _StreamingWriter(BlobWriter):
             response = self._call.result()
         # -1 is how some servers answer when they already had the blob (compressed uploads).
         if response.committed_size not in (self._digest.size, -1):
-            raise CasframeError(f"{self._store.conn.where} committed {response.committed_size} "
-                                f"bytes of {self._digest}")
+            raise RemoteProtocolError(f"{self._store.conn.where} committed "
+                                      f"{response.committed_size} bytes of {self._digest}")
 
     def abort(self) -> None:
         self._done = True
@@ -415,18 +439,40 @@ class GrpcBlobStore(BlobStore):
                                      now[first : first + _FIND_MISSING_BATCH])
                         calls.append(self._cas.FindMissingBlobs.future(
                             request, timeout=self._timeout))
-                    for call in calls:
+                    for first, call in zip(
+                        range(start, min(start + window, len(now)), _FIND_MISSING_BATCH),
+                        calls, strict=True,
+                    ):
                         with self.conn.calling("FindMissingBlobs"):
                             response = call.result()
-                        missing.update(
-                            key for d in response.missing_blob_digests
-                            if (key := (d.hash, d.size_bytes)) in asked
-                        )
+                        missing.update(self._answered_missing(
+                            response, now[first : first + _FIND_MISSING_BATCH]))
                 finally:
                     for call in calls:
                         call.cancel()  # after an error: the rest are not needed (else no-op)
             pending = later
         return {asked[key] for key in missing}
+
+    def _answered_missing(
+        self, response: reapi.FindMissingBlobsResponse, asked: list[Digest]
+    ) -> set[tuple[str, int]]:
+        """The digests a FindMissingBlobs answer names, each one that was asked for."""
+        answered = response.missing_blob_digests
+        if len(answered) > len(asked):
+            raise RemoteProtocolError(
+                f"{self.conn.where} answered FindMissingBlobs of {len(asked)} digests with "
+                f"{len(answered)} missing ones"
+            )
+        wanted = set(asked)
+        keys = {(d.hash, d.size_bytes) for d in answered}
+        unasked = keys - wanted
+        if unasked:
+            hash_, size = min(unasked)
+            raise RemoteProtocolError(
+                f"{self.conn.where} answered FindMissingBlobs with {hash_}/{size}, which was "
+                "not asked for"
+            )
+        return keys
 
     def open_blob(self, digest: Digest, offset: int = 0) -> BinaryIO:
         if digest.size == 0 or offset >= digest.size:
@@ -447,7 +493,7 @@ class GrpcBlobStore(BlobStore):
         responses = self._read(
             request, timeout=self._stream_timeout(digest.size - offset)
         )
-        reader = _ByteStreamReader(self, digest, responses)
+        reader = _ByteStreamReader(self, digest, offset, responses)
         try:
             reader.prefetch()
         except BaseException:
@@ -492,26 +538,48 @@ class GrpcBlobStore(BlobStore):
         wanted: dict[tuple[str, int], Digest] = {d: d for d in group}
         found: dict[Digest, bytes] = {}
         missing: list[Digest] = []
+        answered_already: set[Digest] = set()
         for entry in response.responses:
-            answered = entry.digest
-            digest = wanted.get((answered.hash, answered.size_bytes))
-            if digest is None:
-                raise CasframeError(
-                    f"{self.conn.where} answered BatchReadBlobs with "
-                    f"{answered.hash}/{answered.size_bytes}, which was not asked for"
-                )
+            digest = self._answered_entry(entry.digest, wanted, answered_already,
+                                          "BatchReadBlobs")
             if entry.status.code == grpc.StatusCode.NOT_FOUND.value[0]:
                 missing.append(digest)
             elif entry.status.code:
                 raise translate_status(entry.status.code, entry.status.message,
                                        self.conn.where, f"BatchReadBlobs of {digest}",
                                        digest=digest)
+            elif len(entry.data) != digest.size:
+                raise CorruptBlobError(
+                    digest, f"{self.conn.where} sent {len(entry.data)} bytes for it"
+                )
             else:
                 found[digest] = entry.data
         missing += [d for d in group if d not in found and d not in missing]
         if missing:
             raise self._not_found_all(missing)
         return found
+
+    def _answered_entry(
+        self,
+        answered: reapi.Digest,
+        wanted: dict[tuple[str, int], Digest],
+        seen: set[Digest],
+        call: str,
+    ) -> Digest:
+        """The requested digest a batch reply entry answers for; an entry for a digest not
+        requested, or a second one for the same digest, is the server's error."""
+        digest = wanted.get((answered.hash, answered.size_bytes))
+        if digest is None:
+            raise RemoteProtocolError(
+                f"{self.conn.where} answered {call} with "
+                f"{answered.hash}/{answered.size_bytes}, which was not asked for"
+            )
+        if digest in seen:
+            raise RemoteProtocolError(
+                f"{self.conn.where} answered {call} for {digest} more than once"
+            )
+        seen.add(digest)
+        return digest
 
     def write_blobs(self, blobs: Iterable[tuple[Digest, bytes]]) -> None:
         small: dict[Digest, bytes] = {}
@@ -537,18 +605,20 @@ class GrpcBlobStore(BlobStore):
             entry.digest.size_bytes = size
         with self.conn.calling("BatchUpdateBlobs"):
             response = self._cas.BatchUpdateBlobs(request, timeout=self._timeout)
-        stored = set()
+        wanted: dict[tuple[str, int], Digest] = {d: d for d, _ in blobs}
+        stored: set[Digest] = set()
         for entry in response.responses:
-            key = (entry.digest.hash, entry.digest.size_bytes)
+            digest = self._answered_entry(entry.digest, wanted, stored, "BatchUpdateBlobs")
             if entry.status.code:
                 raise translate_status(entry.status.code, entry.status.message,
-                                       self.conn.where, f"BatchUpdateBlobs of {key[0]}/{key[1]}",
-                                       digest=Digest(*key))
-            stored.add(key)
-        unanswered = [d for d, _ in blobs if d not in stored]
+                                       self.conn.where, f"BatchUpdateBlobs of {digest}",
+                                       digest=digest)
+        unanswered = [d for d in wanted.values() if d not in stored]
         if unanswered:
-            raise CasframeError(f"{self.conn.where} did not confirm storing {len(unanswered)} "
-                                f"blob(s) of a BatchUpdateBlobs call, e.g. {unanswered[0]}")
+            raise RemoteProtocolError(
+                f"{self.conn.where} did not confirm storing {len(unanswered)} "
+                f"blob(s) of a BatchUpdateBlobs call, e.g. {unanswered[0]}"
+            )
 
     def upload(self, digest: Digest, stream: BinaryIO) -> None:
         """Store a blob whose content ``stream`` holds (verified by the core already)."""
@@ -589,8 +659,12 @@ class GrpcBlobStore(BlobStore):
         serialized again here (deterministically); a server that stored them in another
         encoding yields bytes that hash to other digests, which a caller must treat as
         unknown, never as the tree's. Raises :class:`BlobNotFoundError` when ``root`` is
-        missing.
+        missing, and :class:`RemoteProtocolError` when the server repeats a page token, sends
+        more than a few empty pages, or more Directories (or bytes of them) than the URL's
+        ``max_tree_directories`` (``max_tree_bytes``) allow: a server paging forever is
+        stopped within bounded memory.
         """
+        limits = _TreeLimits(self.conn, root)
         token = ""
         while True:
             request = reapi.GetTreeRequest(
@@ -600,10 +674,15 @@ class GrpcBlobStore(BlobStore):
             with self.conn.calling("GetTree", digest=root):
                 # A server may send every page in one stream (each but the last naming the
                 # next) or end the stream after a page: then ask again from its token.
-                for page in self._cas.GetTree(request, timeout=self._stream_timeout(0)):
-                    for directory in page.directories:
-                        yield directory.SerializeToString(deterministic=True)
-                    token = page.next_page_token
+                call = self._cas.GetTree(request, timeout=self._stream_timeout(0))
+                try:
+                    for page in call:
+                        limits.count(page)
+                        for directory in page.directories:
+                            yield directory.SerializeToString(deterministic=True)
+                        token = page.next_page_token
+                finally:
+                    call.cancel()  # after an error or an early stop: no more pages wanted
             if not token:
                 return
 
@@ -616,6 +695,41 @@ class GrpcBlobStore(BlobStore):
 
     def _not_found_all(self, digests: list[Digest]) -> BlobNotFoundError:
         return BlobNotFoundError(digests, self.conn.where)
+
+
+class _TreeLimits:
+    """What one GetTree listing has brought so far, against the limits of its connection."""
+
+    def __init__(self, conn: Connection, root: Digest) -> None:
+        self._conn = conn
+        self._root = root
+        self._tokens: set[bytes] = set()  # hashes of the tokens seen: a token may be large
+        self._directories = 0
+        self._bytes = 0
+        self._empty_pages = 0
+
+    def _refuse(self, what: str) -> RemoteProtocolError:
+        return RemoteProtocolError(f"{self._conn.where} answered GetTree of {self._root} {what}")
+
+    def count(self, page: reapi.GetTreeResponse) -> None:
+        options = self._conn.options
+        self._directories += len(page.directories)
+        if self._directories > options.max_tree_directories:
+            raise self._refuse(f"with more than {options.max_tree_directories} directories "
+                               "(max_tree_directories)")
+        self._bytes += page.ByteSize()
+        if self._bytes > options.max_tree_bytes:
+            raise self._refuse(f"with more than {options.max_tree_bytes} bytes "
+                               "(max_tree_bytes)")
+        if not page.directories:
+            self._empty_pages += 1
+            if self._empty_pages > _EMPTY_TREE_PAGES:
+                raise self._refuse(f"with more than {_EMPTY_TREE_PAGES} empty pages")
+        if page.next_page_token:
+            token = hashlib.sha256(page.next_page_token.encode()).digest()
+            if token in self._tokens:
+                raise self._refuse(f"with the page token {page.next_page_token[:64]!r} again")
+            self._tokens.add(token)
 
 
 class GrpcRefStore(RefStore):
@@ -689,7 +803,7 @@ class GrpcRefStore(RefStore):
                         bst.GetReferenceRequest(instance_name=self.conn.instance, key=name),
                         timeout=timeout,
                     )
-                return Digest.from_proto(found.digest)
+                return self._answered_digest(found.digest, "ReferenceStorage.GetReference", name)
             with self.conn.calling("Fetch.FetchDirectory", ref=name):
                 fetched = self._fetch.FetchDirectory(
                     asset.FetchDirectoryRequest(
@@ -702,7 +816,17 @@ class GrpcRefStore(RefStore):
         if fetched.status.code:
             raise translate_status(fetched.status.code, fetched.status.message,
                                    self.conn.where, "Fetch.FetchDirectory", ref=name)
-        return Digest.from_proto(fetched.root_directory_digest)
+        return self._answered_digest(
+            fetched.root_directory_digest, "Fetch.FetchDirectory", name
+        )
+
+    def _answered_digest(self, message: reapi.Digest, call: str, name: str) -> Digest:
+        try:
+            return Digest.from_proto(message)
+        except InvalidDigestError as exc:
+            raise RemoteProtocolError(
+                f"{self.conn.where} answered {call} of ref {name} with an invalid digest: {exc}"
+            ) from None
 
     def set_ref(self, name: str, digest: Digest) -> None:
         timeout = self.conn.options.timeout
@@ -757,7 +881,15 @@ def _read_capabilities(conn: Connection) -> reapi.ServerCapabilities | None:
                 f"cannot reach {conn.where}: {exc.details() or code.name}"
             ) from None
         raise translate_error(exc, conn.where, "GetCapabilities") from None
-    functions = capabilities.cache_capabilities.digest_functions
+    cache = capabilities.cache_capabilities
+    for field in ("max_batch_total_size_bytes", "max_cas_blob_size_bytes"):
+        value = getattr(cache, field)
+        if value < 0:
+            raise RemoteProtocolError(
+                f"{conn.where} answered GetCapabilities with {field} = {value}; a size "
+                "cannot be negative"
+            )
+    functions = cache.digest_functions
     if functions and reapi.DigestFunction.SHA256 not in functions:
         offered = ", ".join(reapi.DigestFunction.Value.Name(f) for f in functions)
         raise UnsupportedOperationError(
