@@ -40,6 +40,7 @@ from casframe._protos.google.bytestream import bytestream_pb2 as byte_pb2
 from casframe._protos.google.bytestream import bytestream_pb2_grpc as byte_grpc
 from casframe.server import Server
 from casframe.testing import failing_writes, random_bytes, write_files
+from casframe.testing.s3 import S3TestBucket
 from casframe.tree import parse_directory
 
 TIMEOUT = 60  # a hang guard only
@@ -454,3 +455,39 @@ def test_tls_key_not_matching_its_certificate_is_one_line_from_the_command(
         f"TLS certificate {cert}: give the private key that the certificate was issued for"
     ]
     assert "serving" not in result.stdout
+
+
+def test_an_s3_store_is_not_named_to_clients(
+    s3_mock: S3TestBucket, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Bucket, key prefix and keys stay on the server, whether a ref or an object is damaged
+    or the whole bucket is gone."""
+    prefix = "private-prefix"
+    bucket, s3 = s3_mock.name, s3_mock.client
+    with open_store(f"s3://{bucket}/{prefix}") as store, ExitStack() as stack:
+        names = _populate(store, tmp_path)
+        client = _serve(store, stack)
+        _record_asset_and_action(client, names)
+        s3.put_object(Bucket=bucket, Key=f"{prefix}/refs/heads/{names.ref}", Body=b"\x00garbage")
+        blob = names.blobs[0]
+        s3.put_object(Bucket=bucket, Key=f"{prefix}/objects/{blob.hash[:2]}/{blob.hash[2:]}",
+                      Body=b"truncated")
+        client.all_services(names)
+        damaged = list(client.outcomes)
+        for key in s3_mock.keys():
+            s3.delete_object(Bucket=bucket, Key=key)
+        s3.delete_bucket(Bucket=bucket)
+        client.outcomes.clear()
+        with caplog.at_level(logging.WARNING, logger="casframe.server"):
+            client.all_services(names)
+        gone = list(client.outcomes)
+
+    client.outcomes = damaged + gone
+    assert_nothing_leaks(client, bucket, prefix, "s3://")
+    by_name = {o.what: o for o in damaged}
+    assert by_name["GetReference"].code == grpc.StatusCode.DATA_LOSS
+    assert by_name[f"ByteStream.Read {blob}"].code == grpc.StatusCode.DATA_LOSS
+    missing_bucket = next(o for o in gone if o.what == "FindMissingBlobs")
+    assert missing_bucket.code == grpc.StatusCode.INTERNAL, missing_bucket
+    assert "bucket '<store>' does not exist" in missing_bucket.messages[0]
+    assert any(f"bucket {bucket!r} does not exist" in r.getMessage() for r in caplog.records)

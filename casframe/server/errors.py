@@ -22,6 +22,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
 
 import grpc
 from google.protobuf.message import Message
@@ -82,6 +83,9 @@ _ADDRESS = re.compile(
 _URL_SHOWN = "<url>"
 _PATH_SHOWN = "<path>"
 _ADDRESS_SHOWN = "<address>"
+_STORE_SHOWN = "<store>"
+# Parts of the store's URL shorter than this are too likely to be ordinary words to scrub.
+_SHORTEST_STORE_PART = 3
 
 # A full disk or an exhausted quota: the client may retry later or elsewhere.
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -120,29 +124,51 @@ def missing_blobs_error(
     return StatusError(code, f"{what}: missing {shown}{more}", [failure])
 
 
-def client_message(message: str) -> str:
-    """``message`` without the URLs, absolute paths and network addresses it names."""
+@functools.lru_cache(maxsize=16)
+def _store_parts(store_url: str) -> re.Pattern[str] | None:
+    """What names the store besides URLs and paths: its host or bucket, the key prefix or path
+    in it, credentials and option values (an S3 error names ``bucket 'NAME'`` and keys)."""
+    parts = urlsplit(store_url)
+    words = {store_url, parts.netloc, parts.path.strip("/")}
+    # Option values that locate something (an endpoint URL, a host, a file), not flags.
+    words.update(v for _, v in parse_qsl(parts.query) if any(c in v for c in "/:@."))
+    if parts.hostname:
+        words.update((parts.hostname, parts.username or "", parts.password or ""))
+    words = {w for w in words if len(w) >= _SHORTEST_STORE_PART}
+    if not words:
+        return None
+    alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    return re.compile(rf"(?<![\w.-])(?:{alternatives})(?![\w.-])")
+
+
+def client_message(message: str, store_url: str = "") -> str:
+    """``message`` without the URLs, absolute paths and network addresses it names, nor the
+    parts of ``store_url`` (the served store's URL)."""
     message = _URL.sub(_URL_SHOWN, message)
+    store = _store_parts(store_url)
+    if store is not None:
+        message = store.sub(_STORE_SHOWN, message)
     return _ADDRESS.sub(_ADDRESS_SHOWN, _PATH.sub(_PATH_SHOWN, message))
 
 
-def _scrubbed(exc: BaseException) -> str:
+def _scrubbed(exc: BaseException, store_url: str) -> str:
     """The client's text for a casframe error raised below the services; the full text, when
     it named a location, goes to the log."""
     full = str(exc)
-    shown = client_message(full)
+    shown = client_message(full, store_url)
     if shown != full:
         log.warning("request failed: %s: %s", type(exc).__name__, full)
     return shown
 
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+def status_for(exc: BaseException, store_url: str = "") -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for an exception.
 
     Unexpected exceptions are logged with their traceback here and answered with a bare
     ``INTERNAL`` message carrying an incident number. A store out of space is
     ``RESOURCE_EXHAUSTED``. Messages of casframe's errors are scrubbed of locations
-    (:func:`client_message`); a :class:`StatusError` is the services' own text, sent as it is.
+    (:func:`client_message`; ``store_url`` is the served store's); a :class:`StatusError` is
+    the services' own text, sent as it is.
     """
     if isinstance(exc, StatusError):
         return exc.code, exc.message
@@ -155,11 +181,11 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, f"ref not found: {exc.name}"
     for kind, code in _CODES:
         if isinstance(exc, kind):
-            return code, _scrubbed(exc)
+            return code, _scrubbed(exc, store_url)
     if isinstance(exc, CasframeError):
         code = grpc.StatusCode.UNAVAILABLE if exc.temporary else grpc.StatusCode.INTERNAL
         log.error("request failed: %s: %s", type(exc).__name__, exc)
-        return code, client_message(str(exc))
+        return code, client_message(str(exc), store_url)
     if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
         log.error("store out of space: %s", exc)
         return (
@@ -172,17 +198,18 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, message
 
 
-def status_proto(exc: BaseException) -> status_pb2.Status:
+def status_proto(exc: BaseException, store_url: str = "") -> status_pb2.Status:
     """A ``google.rpc.Status`` for one item of a batch response."""
-    code, message = status_for(exc)
+    code, message = status_for(exc, store_url)
     return status_pb2.Status(code=code.value[0], message=message)
 
 
 OK_STATUS = status_pb2.Status(code=code_pb2.OK)
 
 
-def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
-    code, message = status_for(exc)
+def _abort(context: grpc.ServicerContext, exc: BaseException, servicer: Any) -> None:
+    settings = getattr(servicer, "settings", None)  # a servicer's ServerSettings
+    code, message = status_for(exc, settings.store_url if settings is not None else "")
     if isinstance(exc, StatusError) and exc.details:
         status = status_pb2.Status(code=code.value[0], message=message)
         for detail in exc.details:
@@ -212,7 +239,7 @@ def rpc_method(method: F) -> F:
             except Exception as exc:  # noqa: BLE001 - the boundary: every error becomes a status
                 if _client_gone(exc, context):
                     return
-                _abort(context, exc)
+                _abort(context, exc, self)
 
         return streaming  # type: ignore[return-value]
 
@@ -223,6 +250,6 @@ def rpc_method(method: F) -> F:
         except Exception as exc:  # noqa: BLE001 - the boundary: every error becomes a status
             if _client_gone(exc, context):
                 return None
-            _abort(context, exc)
+            _abort(context, exc, self)
 
     return unary  # type: ignore[return-value]

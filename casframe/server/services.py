@@ -237,7 +237,7 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
                 if actual != digest:
                     raise DigestMismatchError(digest, actual)
             except Exception as exc:  # noqa: BLE001 - one bad blob fails alone
-                statuses.append(status_proto(exc))
+                statuses.append(status_proto(exc, self.settings.store_url))
                 continue
             if digest.size:
                 verified[digest] = data
@@ -252,7 +252,7 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
                 # and storing a blob that is there already succeeds and freshens it.
                 self.store.blobs.write_blobs(list(verified.items()))
             except Exception as exc:  # noqa: BLE001 - reported on each blob it concerns
-                failure = status_proto(exc)
+                failure = status_proto(exc, self.settings.store_url)
 
         response = re_pb2.BatchUpdateBlobsResponse()
         add = response.responses.add
@@ -303,7 +303,7 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
             outcome = results[parsed] if isinstance(parsed, Digest) else parsed
             if isinstance(outcome, BaseException):
                 entry = add()
-                entry.status.CopyFrom(status_proto(outcome))
+                entry.status.CopyFrom(status_proto(outcome, self.settings.store_url))
                 failed = True
             else:
                 entry = add(data=outcome, compressor=_IDENTITY)
