@@ -438,6 +438,11 @@ def test_tls_key_not_matching_its_certificate_is_refused_by_the_server_api(
         pass  # a matching pair starts
     with pytest.raises(ConfigError, match="cannot use TLS certificate"):
         Server(memory_store, tls_cert=b"not a certificate", tls_key=key.read_bytes()).start()
+    encrypted = matching.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.BestAvailableEncryption(b"secret"))
+    with pytest.raises(ConfigError, match="is encrypted; casframe serve needs an unencrypted"):
+        Server(memory_store, tls_cert=_self_signed(matching), tls_key=encrypted).start()
 
 
 def test_tls_key_not_matching_its_certificate_is_one_line_from_the_command(

@@ -5,14 +5,15 @@ so a key that does not belong to its certificate would give a server that runs a
 client can reach. OpenSSL, through the standard library's :mod:`ssl`, loads the pair here
 instead, and a bad pair is a :class:`~casframe.errors.ConfigError` that says what is wrong.
 
-This module never writes key material to disk: PEM bytes reach OpenSSL through an anonymous
-in-memory file.
+PEM bytes given as such reach OpenSSL through an anonymous in-memory file on Linux; elsewhere
+through a file only its owner can read, in a private temporary folder removed at once.
 """
 
 from __future__ import annotations
 
 import os
 import ssl
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -39,10 +40,18 @@ def _describe(source: PemSource, what: str) -> str:
 
 @contextmanager
 def _in_memory_file(data: bytes) -> Iterator[str]:
-    """A path OpenSSL can open that holds ``data`` and lives in memory only."""
+    """A path OpenSSL can open that holds ``data``, in memory where the system allows."""
+    if not hasattr(os, "memfd_create"):  # not Linux
+        with tempfile.TemporaryDirectory(prefix="casframe-tls-") as folder:  # mode 0700
+            path = os.path.join(folder, "pem")
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                f.write(data)
+            yield path
+        return
     fd = os.memfd_create("casframe-tls", os.MFD_CLOEXEC)
     try:
-        os.write(fd, data)
+        with open(fd, "wb", closefd=False) as f:
+            f.write(data)
         yield f"/proc/self/fd/{fd}"
     finally:
         os.close(fd)
