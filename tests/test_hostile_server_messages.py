@@ -39,6 +39,7 @@ from casframe._protos.buildstream.v2 import buildstream_pb2_grpc as bs_grpc
 from casframe._protos.google.bytestream import bytestream_pb2 as byte_pb2
 from casframe._protos.google.bytestream import bytestream_pb2_grpc as byte_grpc
 from casframe.server import Server
+from casframe.server.errors import client_message
 from casframe.testing import failing_writes, random_bytes, write_files
 from casframe.testing.s3 import S3TestBucket
 from casframe.tree import parse_directory
@@ -496,3 +497,20 @@ def test_an_s3_store_is_not_named_to_clients(
     assert missing_bucket.code == grpc.StatusCode.INTERNAL, missing_bucket
     assert "bucket '<store>' does not exist" in missing_bucket.messages[0]
     assert any(f"bucket {bucket!r} does not exist" in r.getMessage() for r in caplog.records)
+
+
+def test_credentials_in_the_store_url_are_scrubbed_wherever_they_appear() -> None:
+    """Backends name their store in their own ways; every form is scrubbed."""
+    store_url = "s3://AKIAEXAMPLE:wJalrXUtnFEMI@private-bucket/team/cas?endpoint_url=http://10.1.2.3:9000"
+    messages = [
+        "cannot list in s3://AKIAEXAMPLE:wJalrXUtnFEMI@private-bucket/team/cas: timed out",
+        "access denied to read in bucket 'private-bucket', key team/cas/objects/ab/cd",
+        "S3 endpoint http://10.1.2.3:9000 is unreachable (user AKIAEXAMPLE)",
+        "connect to 10.1.2.3:9000 failed; secret wJalrXUtnFEMI refused",
+    ]
+    shown = [client_message(message, store_url) for message in messages]
+    for text in shown:
+        for secret in ("AKIAEXAMPLE", "wJalrXUtnFEMI", "private-bucket", "team/cas", "10.1.2.3"):
+            assert secret not in text, text
+    assert shown[1] == "access denied to read in bucket '<store>', key <store>/objects/ab/cd"
+    assert shown[3] == "connect to <address> failed; secret <store> refused"
