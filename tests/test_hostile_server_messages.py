@@ -501,7 +501,8 @@ def test_an_s3_store_is_not_named_to_clients(
 
 def test_credentials_in_the_store_url_are_scrubbed_wherever_they_appear() -> None:
     """Backends name their store in their own ways; every form is scrubbed."""
-    store_url = "s3://AKIAEXAMPLE:wJalrXUtnFEMI@private-bucket/team/cas?endpoint_url=http://10.1.2.3:9000"
+    store_url = ("s3://AKIAEXAMPLE:wJalrXUtnFEMI@private-bucket/team/cas"
+                 "?endpoint_url=http://10.1.2.3:9000")
     messages = [
         "cannot list in s3://AKIAEXAMPLE:wJalrXUtnFEMI@private-bucket/team/cas: timed out",
         "access denied to read in bucket 'private-bucket', key team/cas/objects/ab/cd",
