@@ -72,9 +72,10 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 # Where a store is, as it shows in the messages of backends and the store: a URL of any scheme
 # (with any credentials or query in it) and an absolute path (the store root, its tmp/ folder).
 # A path starts after a space, quote, bracket, '=' or the start of the text, so the '/' inside
-# "hash/size" or a ref name is not one.
+# "hash/size" or a ref name is not one, and has a character after its slash, so a lone '/'
+# (as in "must not start with '/'") stays.
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*?(?=[:,.;)]*(?:[\s'\"<>]|$))")
-_PATH = re.compile(r"(?:(?<=[\s'\"(\[=])|^)/[^\s'\"<>,;)\]]*")
+_PATH = re.compile(r"(?:(?<=[\s'\"(\[=])|^)/[^\s'\"<>,;)\]]+")
 # A network address of the backend, as grpcio and socket errors write it.
 _ADDRESS = re.compile(
     r"\b(?:(?:ipv4|ipv6|unix|dns):[^\s'\",;]+|\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?)"
