@@ -8,8 +8,9 @@ same code in ``BatchReadBlobs`` as in a ByteStream ``Read``.
 
 This module must never let a traceback, a file path of the server, the store's URL or a
 backend's own exception text reach a client: messages of casframe's errors raised below the
-services (by the store or a backend) are scrubbed of URLs and absolute paths here, once, and the
-full text goes to the server log for the operator.
+services (by the store or a backend) are scrubbed here, once, of URLs, absolute paths, network
+addresses and the parts of the served store's URL (see :func:`client_message`), and the full
+text goes to the server log for the operator. A full disk becomes ``RESOURCE_EXHAUSTED``.
 """
 
 from __future__ import annotations
