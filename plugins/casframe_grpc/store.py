@@ -12,7 +12,6 @@ REAPI has no call to list or delete blobs or refs, so neither is offered.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import queue
 import tempfile
@@ -32,7 +31,6 @@ from casframe import (
     CasframeError,
     CorruptBlobError,
     Digest,
-    InvalidDigestError,
     PermissionDeniedError,
     RefInfo,
     RefStore,
@@ -51,6 +49,13 @@ from casframe._protos.google.bytestream import bytestream_pb2 as bytestream
 from casframe._wire import decode_read_response, encode_write_request, finish_write_request
 from casframe.digest import CHUNK_SIZE
 
+from ._answers import (
+    TreeListing,
+    answered_entry,
+    answered_missing,
+    answered_ref_digest,
+    check_capabilities,
+)
 from ._connection import Connection, GrpcOptions, translate_error, translate_status
 
 __all__ = ["GrpcBlobStore", "GrpcRefStore", "open_grpc_store", "ref_uri"]
@@ -87,10 +92,6 @@ _QUEUED_CHUNKS = 2
 _SLOWEST_STREAM_RATE = 1 << 20
 
 _REF_URI_PREFIX = "casframe:ref/"
-
-# GetTree pages without a Directory that a listing may bring: a server has no reason to send
-# one but the last (an empty tree), so a few are tolerated and more are a server paging forever.
-_EMPTY_TREE_PAGES = 8
 
 
 def _add_digests(field: Any, digests: Iterable[Digest]) -> None:
@@ -445,34 +446,14 @@ class GrpcBlobStore(BlobStore):
                     ):
                         with self.conn.calling("FindMissingBlobs"):
                             response = call.result()
-                        missing.update(self._answered_missing(
-                            response, now[first : first + _FIND_MISSING_BATCH]))
+                        missing.update(answered_missing(
+                            self.conn.where, response, now[first : first + _FIND_MISSING_BATCH]
+                        ))
                 finally:
                     for call in calls:
                         call.cancel()  # after an error: the rest are not needed (else no-op)
             pending = later
         return {asked[key] for key in missing}
-
-    def _answered_missing(
-        self, response: reapi.FindMissingBlobsResponse, asked: list[Digest]
-    ) -> set[tuple[str, int]]:
-        """The digests a FindMissingBlobs answer names, each one that was asked for."""
-        answered = response.missing_blob_digests
-        if len(answered) > len(asked):
-            raise RemoteProtocolError(
-                f"{self.conn.where} answered FindMissingBlobs of {len(asked)} digests with "
-                f"{len(answered)} missing ones"
-            )
-        wanted = set(asked)
-        keys = {(d.hash, d.size_bytes) for d in answered}
-        unasked = keys - wanted
-        if unasked:
-            hash_, size = min(unasked)
-            raise RemoteProtocolError(
-                f"{self.conn.where} answered FindMissingBlobs with {hash_}/{size}, which was "
-                "not asked for"
-            )
-        return keys
 
     def open_blob(self, digest: Digest, offset: int = 0) -> BinaryIO:
         if digest.size == 0 or offset >= digest.size:
@@ -540,8 +521,8 @@ class GrpcBlobStore(BlobStore):
         missing: list[Digest] = []
         answered_already: set[Digest] = set()
         for entry in response.responses:
-            digest = self._answered_entry(entry.digest, wanted, answered_already,
-                                          "BatchReadBlobs")
+            digest = answered_entry(self.conn.where, "BatchReadBlobs", entry.digest, wanted,
+                                    answered_already)
             if entry.status.code == grpc.StatusCode.NOT_FOUND.value[0]:
                 missing.append(digest)
             elif entry.status.code:
@@ -558,28 +539,6 @@ class GrpcBlobStore(BlobStore):
         if missing:
             raise self._not_found_all(missing)
         return found
-
-    def _answered_entry(
-        self,
-        answered: reapi.Digest,
-        wanted: dict[tuple[str, int], Digest],
-        seen: set[Digest],
-        call: str,
-    ) -> Digest:
-        """The requested digest a batch reply entry answers for; an entry for a digest not
-        requested, or a second one for the same digest, is the server's error."""
-        digest = wanted.get((answered.hash, answered.size_bytes))
-        if digest is None:
-            raise RemoteProtocolError(
-                f"{self.conn.where} answered {call} with "
-                f"{answered.hash}/{answered.size_bytes}, which was not asked for"
-            )
-        if digest in seen:
-            raise RemoteProtocolError(
-                f"{self.conn.where} answered {call} for {digest} more than once"
-            )
-        seen.add(digest)
-        return digest
 
     def write_blobs(self, blobs: Iterable[tuple[Digest, bytes]]) -> None:
         small: dict[Digest, bytes] = {}
@@ -608,7 +567,8 @@ class GrpcBlobStore(BlobStore):
         wanted: dict[tuple[str, int], Digest] = {d: d for d, _ in blobs}
         stored: set[Digest] = set()
         for entry in response.responses:
-            digest = self._answered_entry(entry.digest, wanted, stored, "BatchUpdateBlobs")
+            digest = answered_entry(self.conn.where, "BatchUpdateBlobs", entry.digest, wanted,
+                                    stored)
             if entry.status.code:
                 raise translate_status(entry.status.code, entry.status.message,
                                        self.conn.where, f"BatchUpdateBlobs of {digest}",
@@ -664,7 +624,8 @@ class GrpcBlobStore(BlobStore):
         ``max_tree_directories`` (``max_tree_bytes``) allow: a server paging forever is
         stopped within bounded memory.
         """
-        limits = _TreeLimits(self.conn, root)
+        listing = TreeListing(self.conn.where, root, self.conn.options.max_tree_directories,
+                              self.conn.options.max_tree_bytes)
         token = ""
         while True:
             request = reapi.GetTreeRequest(
@@ -677,7 +638,7 @@ class GrpcBlobStore(BlobStore):
                 call = self._cas.GetTree(request, timeout=self._stream_timeout(0))
                 try:
                     for page in call:
-                        limits.count(page)
+                        listing.count(page)
                         for directory in page.directories:
                             yield directory.SerializeToString(deterministic=True)
                         token = page.next_page_token
@@ -695,41 +656,6 @@ class GrpcBlobStore(BlobStore):
 
     def _not_found_all(self, digests: list[Digest]) -> BlobNotFoundError:
         return BlobNotFoundError(digests, self.conn.where)
-
-
-class _TreeLimits:
-    """What one GetTree listing has brought so far, against the limits of its connection."""
-
-    def __init__(self, conn: Connection, root: Digest) -> None:
-        self._conn = conn
-        self._root = root
-        self._tokens: set[bytes] = set()  # hashes of the tokens seen: a token may be large
-        self._directories = 0
-        self._bytes = 0
-        self._empty_pages = 0
-
-    def _refuse(self, what: str) -> RemoteProtocolError:
-        return RemoteProtocolError(f"{self._conn.where} answered GetTree of {self._root} {what}")
-
-    def count(self, page: reapi.GetTreeResponse) -> None:
-        options = self._conn.options
-        self._directories += len(page.directories)
-        if self._directories > options.max_tree_directories:
-            raise self._refuse(f"with more than {options.max_tree_directories} directories "
-                               "(max_tree_directories)")
-        self._bytes += page.ByteSize()
-        if self._bytes > options.max_tree_bytes:
-            raise self._refuse(f"with more than {options.max_tree_bytes} bytes "
-                               "(max_tree_bytes)")
-        if not page.directories:
-            self._empty_pages += 1
-            if self._empty_pages > _EMPTY_TREE_PAGES:
-                raise self._refuse(f"with more than {_EMPTY_TREE_PAGES} empty pages")
-        if page.next_page_token:
-            token = hashlib.sha256(page.next_page_token.encode()).digest()
-            if token in self._tokens:
-                raise self._refuse(f"with the page token {page.next_page_token[:64]!r} again")
-            self._tokens.add(token)
 
 
 class GrpcRefStore(RefStore):
@@ -803,7 +729,9 @@ class GrpcRefStore(RefStore):
                         bst.GetReferenceRequest(instance_name=self.conn.instance, key=name),
                         timeout=timeout,
                     )
-                return self._answered_digest(found.digest, "ReferenceStorage.GetReference", name)
+                return answered_ref_digest(
+                    self.conn.where, "ReferenceStorage.GetReference", name, found.digest
+                )
             with self.conn.calling("Fetch.FetchDirectory", ref=name):
                 fetched = self._fetch.FetchDirectory(
                     asset.FetchDirectoryRequest(
@@ -816,17 +744,9 @@ class GrpcRefStore(RefStore):
         if fetched.status.code:
             raise translate_status(fetched.status.code, fetched.status.message,
                                    self.conn.where, "Fetch.FetchDirectory", ref=name)
-        return self._answered_digest(
-            fetched.root_directory_digest, "Fetch.FetchDirectory", name
+        return answered_ref_digest(
+            self.conn.where, "Fetch.FetchDirectory", name, fetched.root_directory_digest
         )
-
-    def _answered_digest(self, message: reapi.Digest, call: str, name: str) -> Digest:
-        try:
-            return Digest.from_proto(message)
-        except InvalidDigestError as exc:
-            raise RemoteProtocolError(
-                f"{self.conn.where} answered {call} of ref {name} with an invalid digest: {exc}"
-            ) from None
 
     def set_ref(self, name: str, digest: Digest) -> None:
         timeout = self.conn.options.timeout
@@ -881,15 +801,8 @@ def _read_capabilities(conn: Connection) -> reapi.ServerCapabilities | None:
                 f"cannot reach {conn.where}: {exc.details() or code.name}"
             ) from None
         raise translate_error(exc, conn.where, "GetCapabilities") from None
-    cache = capabilities.cache_capabilities
-    for field in ("max_batch_total_size_bytes", "max_cas_blob_size_bytes"):
-        value = getattr(cache, field)
-        if value < 0:
-            raise RemoteProtocolError(
-                f"{conn.where} answered GetCapabilities with {field} = {value}; a size "
-                "cannot be negative"
-            )
-    functions = cache.digest_functions
+    check_capabilities(conn.where, capabilities)
+    functions = capabilities.cache_capabilities.digest_functions
     if functions and reapi.DigestFunction.SHA256 not in functions:
         offered = ", ".join(reapi.DigestFunction.Value.Name(f) for f in functions)
         raise UnsupportedOperationError(
