@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 import pytest
@@ -29,7 +30,7 @@ from cryptography.x509.oid import NameOID
 from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from casframe import ConfigError, Digest, Store, open_store
+from casframe import BackendUnavailableError, ConfigError, Digest, Store, open_store
 from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -326,14 +327,21 @@ def test_a_full_disk_is_resource_exhausted(
 def test_an_unreachable_backend_is_unavailable_without_its_url(
     cas_server: Callable[..., str], memory_store: Store, tmp_path: Path,
 ) -> None:
-    """A server whose own store is another server (grpc://HOST:PORT/INSTANCE?options)."""
+    """A server whose own store is another server (grpc://HOST:PORT/INSTANCE?options), which
+    answers UNAVAILABLE: its own storage is down."""
     upstream_url = cas_server(memory_store, instance_names=["private/instance"])
-    upstream = cas_server.servers[upstream_url]  # type: ignore[attr-defined]
     names = _populate(memory_store, tmp_path)
     backend_url = f"{upstream_url}?timeout=5&max_concurrency=2"
     digest = names.blobs[0]
+
+    def down(*args: object, **kwargs: object) -> NoReturn:
+        raise BackendUnavailableError("storage unreachable")
+
+    for part, method in ((memory_store.blobs, "find_missing_blobs"),
+                         (memory_store.blobs, "open_blob"), (memory_store.blobs, "read_blobs"),
+                         (memory_store.refs, "get_ref")):
+        setattr(part, method, down)
     with open_store(backend_url) as proxied, ExitStack() as stack:
-        upstream.stop(grace=None)
         client = _serve(proxied, stack)
         # One call per service that reaches the store (each is retried by grpcio first).
         client.call("FindMissingBlobs", client.cas.FindMissingBlobs,
@@ -351,7 +359,7 @@ def test_an_unreachable_backend_is_unavailable_without_its_url(
     assert_nothing_leaks(client, host_port, "private/instance", "timeout=5")
     for outcome in client.outcomes:
         assert outcome.code == grpc.StatusCode.UNAVAILABLE, outcome
-        assert outcome.messages[0].startswith("cannot reach <url>: "), outcome
+        assert outcome.messages[0] == "cannot reach <url>: storage unreachable", outcome
 
 
 def test_update_action_result_refuses_invalid_output_digests(
