@@ -28,6 +28,7 @@ __all__ = [
     "PermissionDeniedError",
     "RefConflictError",
     "RefNotFoundError",
+    "RemoteProtocolError",
     "UnknownSchemeError",
     "UnsafeTreeError",
     "UnsupportedFileTypeError",
@@ -193,6 +194,14 @@ class BackendUnavailableError(CasframeError):
 
     reason = "unavailable"
     temporary = True
+
+
+class RemoteProtocolError(CasframeError):
+    """A remote end answered against its protocol or beyond a limit this client sets: endless
+    or repeated pagination, entries that were not asked for, absurd values. Nothing of the
+    answer was used."""
+
+    reason = "remote-protocol"
 
 
 class PermissionDeniedError(CasframeError):

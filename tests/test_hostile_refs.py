@@ -272,15 +272,16 @@ def test_no_failed_write_on_a_full_disk_leaves_a_temp_file(
                 lambda: push_ref(server, "over/asset"),
                 lambda: _write_stream(server, os.urandom(3 << 20)),
             ):
-                with pytest.raises(grpc.RpcError):
+                with pytest.raises(grpc.RpcError) as failed:
                     attempt()
+                assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, failed.value
                 _no_temp_left(store_path)
             data = os.urandom(256 << 10)
             reply = server.cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(requests=[
                 re_pb2.BatchUpdateBlobsRequest.Request(
                     digest=Digest.of_bytes(data).to_proto(), data=data)
             ]))
-            assert reply.responses[0].status.code != 0
+            assert reply.responses[0].status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
             _no_temp_left(store_path)
 
 

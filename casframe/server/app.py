@@ -33,6 +33,7 @@ from casframe.server.settings import (
     PemSource,
     ServerSettings,
 )
+from casframe.server.tls import check_key_pair, read_pem
 from casframe.store import Store
 
 __all__ = ["RequestLogInterceptor", "Server", "plugin_interceptors"]
@@ -138,13 +139,6 @@ def plugin_interceptors(settings: ServerSettings) -> list[grpc.ServerInterceptor
     return interceptors
 
 
-def _pem(source: PemSource) -> bytes:
-    if isinstance(source, bytes):
-        return source
-    with open(source, "rb") as f:
-        return f.read()
-
-
 class Server:
     """A casframe gRPC server over one store.
 
@@ -227,6 +221,8 @@ class Server:
             ) from None
 
         settings = self.settings
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            check_key_pair(settings.tls_cert, settings.tls_key)  # grpcio would accept any
         interceptors: list[grpc.ServerInterceptor] = [RequestLogInterceptor()]
         interceptors.extend(self._extra_interceptors)
         if self._use_plugins:
@@ -278,9 +274,13 @@ class Server:
             if settings.tls:
                 assert settings.tls_cert is not None and settings.tls_key is not None
                 credentials = grpc.ssl_server_credentials(
-                    [(_pem(settings.tls_key), _pem(settings.tls_cert))],
+                    [(
+                        read_pem(settings.tls_key, "key"),
+                        read_pem(settings.tls_cert, "certificate"),
+                    )],
                     root_certificates=(
-                        _pem(settings.tls_client_ca) if settings.tls_client_ca else None
+                        read_pem(settings.tls_client_ca, "client CA")
+                        if settings.tls_client_ca else None
                     ),
                     require_client_auth=settings.tls_client_ca is not None,
                 )

@@ -72,11 +72,18 @@ _DEFAULT_CONCURRENCY = 4
 # than with the default 64 KiB (one message per round trip), for 2 MiB of memory at most.
 _STREAM_WINDOW = 2 << 20
 
+# What one GetTree listing may bring before the client stops trusting it: a real build output
+# has far fewer directories (a large monorepo checkout has tens of thousands), while a server
+# that pages forever is stopped within about the memory these take. The tree engine then reads
+# the tree level by level instead, as it does from servers without GetTree.
+_DEFAULT_MAX_TREE_DIRECTORIES = 100_000
+_DEFAULT_MAX_TREE_BYTES = 128 << 20
+
 _REF_PROTOCOLS = ("auto", "asset", "reference-storage")
 _TLS_OPTIONS = ("server_cert", "client_key", "client_cert")
 _KNOWN_OPTIONS = frozenset(
     {*_TLS_OPTIONS, "timeout", "max_message_size", "max_concurrency", "ref_protocol",
-     "keepalive_time"}
+     "keepalive_time", "max_tree_directories", "max_tree_bytes"}
 )
 
 _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
@@ -101,6 +108,9 @@ class GrpcOptions:
     ref_protocol: str
     #: Seconds between keepalive pings on a connection with calls in flight.
     keepalive_time: float
+    #: Most Directories, and most bytes of them, one GetTree listing may bring.
+    max_tree_directories: int = _DEFAULT_MAX_TREE_DIRECTORIES
+    max_tree_bytes: int = _DEFAULT_MAX_TREE_BYTES
 
     @property
     def secure(self) -> bool:
@@ -162,6 +172,10 @@ class GrpcOptions:
             max_concurrency=int(_positive(url, "max_concurrency", _DEFAULT_CONCURRENCY, int)),
             ref_protocol=ref_protocol,
             keepalive_time=_positive(url, "keepalive_time", 300.0, float),
+            max_tree_directories=int(
+                _positive(url, "max_tree_directories", _DEFAULT_MAX_TREE_DIRECTORIES, int)
+            ),
+            max_tree_bytes=int(_positive(url, "max_tree_bytes", _DEFAULT_MAX_TREE_BYTES, int)),
         )
 
 
