@@ -8,6 +8,7 @@ from casframe.errors import (
     BackendUnavailableError,
     BlobNotFoundError,
     CasframeError,
+    CheckoutError,
     ConfigError,
     CorruptBlobError,
     DigestMismatchError,
@@ -17,6 +18,7 @@ from casframe.errors import (
     MissingDependencyError,
     PermissionDeniedError,
     RefNotFoundError,
+    TreeTooLargeError,
     UnknownSchemeError,
     UnsafeTreeError,
     UnsupportedFileTypeError,
@@ -30,6 +32,7 @@ from casframe.registry import BackendRegistry, StoreURL
 from casframe.remotes import RemoteOutcome, Remotes, RemotesError, RemotesReport, RemoteStatus
 from casframe.spi import BlobInfo, BlobStore, BlobWriter, Capability, RefInfo, RefStore
 from casframe.store import Store
+from casframe.treesize import TreeLimits
 
 __version__ = "0.1.0"
 
@@ -43,6 +46,7 @@ __all__ = [
     "BlobWriter",
     "Capability",
     "CasframeError",
+    "CheckoutError",
     "ConfigError",
     "CorruptBlobError",
     "Digest",
@@ -65,6 +69,8 @@ __all__ = [
     "RemotesReport",
     "Store",
     "StoreURL",
+    "TreeLimits",
+    "TreeTooLargeError",
     "UnknownSchemeError",
     "UnsafeTreeError",
     "UnsupportedFileTypeError",
