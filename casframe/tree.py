@@ -154,8 +154,7 @@ def iter_tree(store: Store, root: Digest) -> Iterator[tuple[Digest, bytes, Direc
         for digest, data in itertools.chain(found, store.read_many(rest)):
             directory = parse_directory(digest, data)
             yield digest, data, directory
-            for node in directory.directories:
-                child = node_digest(node.digest)
+            for child in node_digests(directory.directories):
                 if child not in seen:
                     seen.add(child)
                     next_level.append(child)

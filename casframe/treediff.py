@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
 from casframe.digest import Digest
+from casframe.errors import UnsafeTreeError
 from casframe.tree import TreeEntry, directory_entries, iter_tree, lookup_subdir
 from casframe.treesize import TreeLimits, TreeSize, measure_tree
 
@@ -95,12 +96,18 @@ class _Comparison:
         self.directories: dict[Digest, Directory] = {}
         self.sizes: dict[Digest, TreeSize] = {}
         self.pair_sizes: dict[tuple[Digest, Digest], int] = {}
+        self.entry_maps: dict[Digest, dict[str, TreeEntry]] = {}
 
     def entries(self, digest: Digest) -> dict[str, TreeEntry]:
-        directory = self.directories.get(digest)
-        if directory is None:
-            directory = self.directories[digest] = self.store.get_directory(digest)
-        return {entry.path: entry for entry in directory_entries(directory, "")}
+        """The entries of a Directory by name, read and built once per diff."""
+        found = self.entry_maps.get(digest)
+        if found is None:
+            directory = self.directories.get(digest)
+            if directory is None:
+                directory = self.directories[digest] = self.store.get_directory(digest)
+            found = {entry.path: entry for entry in directory_entries(directory, "")}
+            self.entry_maps[digest] = found
+        return found
 
     def whole_size(self, digest: Digest) -> int:
         """Entries a subtree added or removed whole expands to."""
@@ -131,16 +138,21 @@ class _Comparison:
         """Entries the comparison of ``a`` and ``b`` visits, each distinct pair sized once."""
         if a == b:
             return 0
+        split: dict[tuple[Digest, Digest], tuple[int, list[tuple[Digest, Digest]], list[Digest]]]
+        split = {}  # of the pairs being sized
         stack: list[tuple[Digest, Digest, bool]] = [(a, b, False)]
         while stack:
             left, right, children_done = stack.pop()
             if (left, right) in self.pair_sizes:
                 continue
-            names, pairs, wholes = self.split(left, right)
             if not children_done:
+                if (left, right) in split:  # impossible with verified blobs, as in measure_tree
+                    raise UnsafeTreeError(f"directories {left} and {right} contain themselves")
+                names, pairs, wholes = split[left, right] = self.split(left, right)
                 stack.append((left, right, True))
-                stack.extend((*pair, False) for pair in pairs if pair not in self.pair_sizes)
+                stack.extend((*pair, False) for pair in set(pairs) if pair not in self.pair_sizes)
                 continue
+            names, pairs, wholes = split.pop((left, right))
             self.pair_sizes[left, right] = (
                 names
                 + sum(self.pair_sizes[pair] for pair in pairs)

@@ -112,12 +112,8 @@ class TreeLimits:
             raise TreeTooLargeError(what, size.bytes, self.max_bytes, "max_tree_bytes", "bytes")
 
 
-def _child_directories(directory: Directory) -> Iterable[Digest]:
-    return (Digest(node.digest.hash, node.digest.size_bytes) for node in directory.directories)
-
-
-def _file_digests(directory: Directory) -> list[Digest]:
-    protos = [node.digest for node in directory.files]
+def _node_digests(nodes: Iterable[Any]) -> list[Digest]:
+    protos = [node.digest for node in nodes]
     return Digest.many([p.hash for p in protos], [p.size_bytes for p in protos])
 
 
@@ -135,17 +131,16 @@ def measure_tree(
     ``sizes`` (filled in and returned) may hold sizes already known, from an earlier call.
     """
     sizes = {} if sizes is None else sizes
-    on_path: set[Digest] = set()
+    children_of: dict[Digest, list[Digest]] = {}  # of the Directories being sized
     stack: list[tuple[Digest, bool]] = [(root, False)]
     while stack:
         digest, children_done = stack.pop()
         if children_done:
-            on_path.discard(digest)
             directory = directories[digest]
             entries = len(directory.files) + len(directory.directories) + len(directory.symlinks)
             files = len(directory.files)
-            content = sum(digest.size for digest in _file_digests(directory))
-            for child in _child_directories(directory):
+            content = sum(file.size for file in _node_digests(directory.files))
+            for child in children_of.pop(digest):  # each name counts, repeated or not
                 below = sizes[child]
                 entries += below.entries
                 files += below.files
@@ -154,12 +149,11 @@ def measure_tree(
             continue
         if digest in sizes:
             continue
-        if digest in on_path:
+        if digest in children_of:
             # Content addressing makes a cycle impossible in verified blobs; refuse it anyway
             # rather than loop, should a Directory ever reach here unverified.
             raise UnsafeTreeError(f"directory {digest} contains itself")
-        on_path.add(digest)
+        children = children_of[digest] = _node_digests(directories[digest].directories)
         stack.append((digest, True))
-        children = _child_directories(directories[digest])
-        stack.extend((child, False) for child in children if child not in sizes)
+        stack.extend((child, False) for child in set(children) if child not in sizes)
     return sizes
