@@ -37,7 +37,7 @@ from casframe.errors import (
 from casframe.names import entry_names_are_safe, split_tree_path, validate_entry_name
 from casframe.progress import NO_PROGRESS, Progress
 from casframe.statcache import StatCache, default_directory, open_stat_cache
-from casframe.treesize import TreeLimits, TreeSize, measure_tree
+from casframe.treesize import TreeLimits, TreeSize, measure_tree, node_digests
 
 if TYPE_CHECKING:
     from casframe.store import Store
@@ -129,12 +129,6 @@ def is_canonical(directory: Directory) -> bool:
 
 def node_digest(proto: DigestProto) -> Digest:
     return Digest(proto.hash, proto.size_bytes)
-
-
-def node_digests(nodes: Any) -> list[Digest]:
-    """The digests of FileNodes or DirectoryNodes, validated all at once."""
-    protos = [node.digest for node in nodes]
-    return Digest.many([p.hash for p in protos], [p.size_bytes for p in protos])
 
 
 def iter_tree(store: Store, root: Digest) -> Iterator[tuple[Digest, bytes, Directory]]:

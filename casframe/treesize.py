@@ -28,6 +28,7 @@ __all__ = [
     "TreeLimits",
     "TreeSize",
     "measure_tree",
+    "node_digests",
 ]
 
 #: Entries (files, directories and symlinks, every path counted) a tree may expand to. The
@@ -112,7 +113,8 @@ class TreeLimits:
             raise TreeTooLargeError(what, size.bytes, self.max_bytes, "max_tree_bytes", "bytes")
 
 
-def _node_digests(nodes: Iterable[Any]) -> list[Digest]:
+def node_digests(nodes: Iterable[Any]) -> list[Digest]:
+    """The digests of FileNodes or DirectoryNodes, validated all at once."""
     protos = [node.digest for node in nodes]
     return Digest.many([p.hash for p in protos], [p.size_bytes for p in protos])
 
@@ -139,7 +141,7 @@ def measure_tree(
             directory = directories[digest]
             entries = len(directory.files) + len(directory.directories) + len(directory.symlinks)
             files = len(directory.files)
-            content = sum(file.size for file in _node_digests(directory.files))
+            content = sum(file.size for file in node_digests(directory.files))
             for child in children_of.pop(digest):  # each name counts, repeated or not
                 below = sizes[child]
                 entries += below.entries
@@ -153,7 +155,7 @@ def measure_tree(
             # Content addressing makes a cycle impossible in verified blobs; refuse it anyway
             # rather than loop, should a Directory ever reach here unverified.
             raise UnsafeTreeError(f"directory {digest} contains itself")
-        children = children_of[digest] = _node_digests(directories[digest].directories)
+        children = children_of[digest] = node_digests(directories[digest].directories)
         stack.append((digest, True))
         stack.extend((child, False) for child in set(children) if child not in sizes)
     return sizes
