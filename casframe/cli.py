@@ -478,6 +478,7 @@ _max_tree_entries_option = click.option(
 @click.option(
     "--max-tree-bytes",
     metavar="SIZE",
+    # (looked up when called: the size parser is defined with the maintenance commands)
     callback=lambda ctx, param, value: _parse_with(_size)(ctx, param, value),
     help="Refuse a tree whose files add up to more (default: the store's, 1T).",
 )
