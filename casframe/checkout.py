@@ -130,7 +130,8 @@ def _remove_written(dest: str, created: bool) -> None:
 
 
 def _tree_path(dest: str, path: str) -> str:
-    return path[len(dest) + 1 :] if path.startswith(dest + os.sep) else path
+    """Where ``path`` (under ``dest``) is in the tree: what ``ls`` shows, never a disk path."""
+    return path[len(dest) + 1 :] if path.startswith(dest + os.sep) else "."
 
 
 def _write_tree(
