@@ -8,6 +8,7 @@ from casframe.errors import (
     BackendUnavailableError,
     BlobNotFoundError,
     CasframeError,
+    CheckoutError,
     ConfigError,
     CorruptBlobError,
     DigestMismatchError,
@@ -19,6 +20,7 @@ from casframe.errors import (
     RefConflictError,
     RefNotFoundError,
     RemoteProtocolError,
+    TreeTooLargeError,
     UnknownSchemeError,
     UnsafeTreeError,
     UnsupportedFileTypeError,
@@ -40,6 +42,7 @@ from casframe.spi import (
     StrayEntry,
 )
 from casframe.store import Store
+from casframe.treesize import TreeLimits
 
 __version__ = "0.1.0"
 
@@ -53,6 +56,7 @@ __all__ = [
     "BlobWriter",
     "Capability",
     "CasframeError",
+    "CheckoutError",
     "ConfigError",
     "CorruptBlobError",
     "Digest",
@@ -78,6 +82,8 @@ __all__ = [
     "Store",
     "StoreURL",
     "StrayEntry",
+    "TreeLimits",
+    "TreeTooLargeError",
     "UnknownSchemeError",
     "UnsafeTreeError",
     "UnsupportedFileTypeError",

@@ -18,6 +18,7 @@ __all__ = [
     "BackendUnavailableError",
     "BlobNotFoundError",
     "CasframeError",
+    "CheckoutError",
     "ConfigError",
     "CorruptBlobError",
     "DigestMismatchError",
@@ -29,6 +30,7 @@ __all__ = [
     "RefConflictError",
     "RefNotFoundError",
     "RemoteProtocolError",
+    "TreeTooLargeError",
     "UnknownSchemeError",
     "UnsafeTreeError",
     "UnsupportedFileTypeError",
@@ -138,6 +140,43 @@ class UnsafeTreeError(CasframeError):
     """A Directory tree that would be unsafe to check out (bad or duplicate names)."""
 
     reason = "unsafe-tree"
+
+
+class TreeTooLargeError(UnsafeTreeError):
+    """A tree whose expansion (entries, or bytes of files written out) is over a limit.
+
+    A Directory may name the same child many times, so a small stored tree can expand to an
+    astronomical one (a "fan-out bomb"); the expansion is measured before any work is done.
+    ``count`` is the measured size, ``limit`` the limit it exceeds and ``setting`` the name of
+    the option that raises it.
+    """
+
+    reason = "tree-too-large"
+
+    def __init__(self, what: str, count: int, limit: int, setting: str, unit: str) -> None:
+        self.count = count
+        self.limit = limit
+        self.setting = setting
+        super().__init__(
+            f"{what} expands to {count:,} {unit}, over the limit of {limit:,} ({setting}); "
+            f"raise {setting} if the tree is genuine"
+        )
+
+
+class CheckoutError(CasframeError):
+    """Writing a tree's entry into the checkout destination failed.
+
+    ``tree_path`` is the entry's path inside the tree (what the user can look up with
+    ``ls``), ``errno`` the operating system's error number; the message names both.
+    """
+
+    reason = "checkout-failed"
+
+    def __init__(self, tree_path: str, error: OSError) -> None:
+        self.tree_path = tree_path
+        self.errno = error.errno
+        problem = error.strerror or str(error)
+        super().__init__(f"cannot check out {tree_path!r}: {problem}")
 
 
 class UnsupportedFileTypeError(CasframeError):
