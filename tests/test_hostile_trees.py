@@ -114,14 +114,15 @@ def test_a_fan_out_bomb_is_refused_with_its_size(
         assert " entries, over the limit" in error
 
 
-def test_the_bomb_is_refused_well_under_a_second_through_the_api(
+def test_the_bomb_is_refused_before_any_work_through_the_api(
     bomb_store: tuple[str, Digest, Digest], tmp_path: Path
 ) -> None:
-    """Measured inside a subprocess (the hang guard); the bound is generous for a busy CI
-    machine, the refusal itself takes a few milliseconds."""
+    """Run in a subprocess under the hang guard. How long the refusal takes is not asserted
+    (a busy machine may stretch it); what makes it fast is: each distinct Directory is read
+    once (``test_ls_r_reads_each_distinct_directory_once``), and nothing is written."""
     url, bomb, _ = bomb_store
     script = f"""
-import json, time
+import json
 from casframe import open_store, CasframeError
 store = open_store({url!r})
 out = {{}}
@@ -131,11 +132,10 @@ for name, call in [
     ("diff", lambda: store.diff("bomb", "twin")),
     ("iter_diff", lambda: store.iter_diff("bomb", "twin")),
 ]:
-    start = time.monotonic()
     try:
         call()
     except CasframeError as exc:
-        out[name] = [time.monotonic() - start, exc.count, exc.limit, exc.setting, exc.reason]
+        out[name] = [exc.count, exc.limit, exc.setting, exc.reason]
 print(json.dumps(out))
 """
     result = subprocess.run(
@@ -144,11 +144,10 @@ print(json.dumps(out))
     assert result.returncode == 0, result.stderr
     outcome = json.loads(result.stdout)
     assert set(outcome) == {"checkout", "walk", "diff", "iter_diff"}
-    for name, (seconds, count, limit, setting, reason) in outcome.items():
-        assert seconds < 5, f"{name} took {seconds:.2f} s to refuse the bomb"
+    for count, limit, setting, reason in outcome.values():
         assert (limit, setting, reason) == (10_000_000, "max_tree_entries", "tree-too-large")
         assert count > limit
-    assert outcome["checkout"][1] == outcome["walk"][1] == BOMB_ENTRIES
+    assert outcome["checkout"][0] == outcome["walk"][0] == BOMB_ENTRIES
     assert not (tmp_path / "dest").exists()
 
 
