@@ -705,8 +705,10 @@ def test_remote_asset_push_and_fetch_a_directory_ref(served: Served,
     assert response.uri == uri
     assert Digest.from_proto(response.root_directory_digest) == root
 
-    absent = served.fetch.FetchDirectory(ra_pb2.FetchDirectoryRequest(uris=["casframe:ref/x"]))
-    assert absent.status.code == code_pb2.NOT_FOUND  # fetch outcomes travel in the response
+    # A miss is a NOT_FOUND error: clients such as BuildStream 1.6 read nothing else.
+    error = rpc_error(grpc.StatusCode.NOT_FOUND, served.fetch.FetchDirectory,
+                      ra_pb2.FetchDirectoryRequest(uris=["casframe:ref/x", "casframe:ref/y"]))
+    assert error.details() == "no content pushed for 'casframe:ref/x', 'casframe:ref/y'"
 
     rpc_error(grpc.StatusCode.INVALID_ARGUMENT, served.fetch.FetchDirectory,
               ra_pb2.FetchDirectoryRequest(uris=[]))
@@ -743,15 +745,53 @@ def test_remote_asset_blobs_by_uri_and_qualifiers(served: Served) -> None:
     found = served.fetch.FetchBlob(ra_pb2.FetchBlobRequest(uris=[uri], qualifiers=qualifiers))
     assert found.status.code == code_pb2.OK
     assert Digest.from_proto(found.blob_digest) == digest
-    other = served.fetch.FetchBlob(ra_pb2.FetchBlobRequest(uris=[uri]))
-    assert other.status.code == code_pb2.NOT_FOUND
-    as_directory = served.fetch.FetchDirectory(ra_pb2.FetchDirectoryRequest(
-        uris=[uri], qualifiers=qualifiers))
-    assert as_directory.status.code == code_pb2.NOT_FOUND
+    error = rpc_error(grpc.StatusCode.NOT_FOUND, served.fetch.FetchBlob,
+                      ra_pb2.FetchBlobRequest(uris=[uri]))
+    assert error.details() == f"no content pushed for {uri!r}"
+    rpc_error(grpc.StatusCode.NOT_FOUND, served.fetch.FetchDirectory,
+              ra_pb2.FetchDirectoryRequest(uris=[uri], qualifiers=qualifiers))
     rpc_error(grpc.StatusCode.INVALID_ARGUMENT, served.fetch.FetchBlob, ra_pb2.FetchBlobRequest(
         uris=[uri], qualifiers=qualifiers * 2))
     rpc_error(grpc.StatusCode.FAILED_PRECONDITION, served.push.PushBlob, ra_pb2.PushBlobRequest(
         uris=[uri], blob_digest=dproto(Digest.of_bytes(b"not uploaded"))))
+
+
+def test_buildstream_1_6_artifact_uri_is_the_1_4_reference(served: Served,
+                                                           make_tree: Callable[..., Path]) -> None:
+    """BuildStream 1.6 keeps an artifact under a Remote Asset URN, 1.4 under the bare key in
+    ReferenceStorage: both are the one ref ``KEY``, so either generation pulls what the other
+    pushed."""
+    root = served.store.import_directory(make_tree())
+    key = "project/hello/0f1e2d3c4b5a"
+    urn = f"urn:fdc:buildstream.build:2020:v1:{key}"
+    served.push.PushDirectory(ra_pb2.PushDirectoryRequest(uris=[urn],
+                                                          root_directory_digest=dproto(root)))
+    assert [ref.name for ref in served.store.list_refs()] == [key]
+    got = served.refs.GetReference(bs_pb2.GetReferenceRequest(key=key))
+    assert Digest.from_proto(got.digest) == root
+
+    other = served.store.import_directory(make_tree("other"))
+    served.refs.UpdateReference(bs_pb2.UpdateReferenceRequest(keys=["project/hello/77"],
+                                                               digest=dproto(other)))
+    fetched = served.fetch.FetchDirectory(ra_pb2.FetchDirectoryRequest(
+        uris=["urn:fdc:buildstream.build:2020:v1:project/hello/77"]))
+    assert fetched.status.code == code_pb2.OK
+    assert Digest.from_proto(fetched.root_directory_digest) == other
+
+    # The key is a ref name like any other: the server's own namespaces stay closed to it.
+    error = rpc_error(grpc.StatusCode.INVALID_ARGUMENT, served.push.PushDirectory,
+                      ra_pb2.PushDirectoryRequest(
+                          uris=["urn:fdc:buildstream.build:2020:v1:asset/blob/x"],
+                          root_directory_digest=dproto(root)))
+    assert "reserved" in error.details()
+    rpc_error(grpc.StatusCode.INVALID_ARGUMENT, served.fetch.FetchDirectory,
+              ra_pb2.FetchDirectoryRequest(uris=["urn:fdc:buildstream.build:2020:v1:a/../b"]))
+    # With qualifiers, or as a blob, the URN is an ordinary Remote Asset URI.
+    qualified = ra_pb2.Qualifier(name="vcs.commit", value="1")
+    served.push.PushDirectory(ra_pb2.PushDirectoryRequest(
+        uris=[urn], qualifiers=[qualified], root_directory_digest=dproto(other)))
+    assert served.store.get_ref(key) == root
+    assert sum(ref.name.startswith("asset/directory/") for ref in served.store.list_refs()) == 1
 
 
 # -- ReferenceStorage -------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from casframe.server.errors import StatusError
 __all__ = [
     "ACTION_RESULT_REF_PREFIX",
     "ASSET_REF_PREFIX",
+    "BUILDSTREAM1_URI_PREFIX",
     "REF_URI_PREFIX",
     "Instances",
     "ResourceName",
@@ -40,6 +41,10 @@ __all__ = [
 ASSET_REF_PREFIX = "asset/"
 #: A Remote Asset URI naming a casframe ref directly: ``casframe:ref/NAME``.
 REF_URI_PREFIX = "casframe:ref/"
+#: The Remote Asset URI under which BuildStream 1.6 keeps the artifact that BuildStream 1.4
+#: keeps in ReferenceStorage under ``KEY``: ``urn:fdc:buildstream.build:2020:v1:KEY``. Both
+#: name the same ref ``KEY``, so the two generations share artifacts.
+BUILDSTREAM1_URI_PREFIX = "urn:fdc:buildstream.build:2020:v1:"
 
 # Segments REAPI reserves in resource names, so they cannot be part of an instance name.
 _RESERVED_SEGMENTS = frozenset(
@@ -208,8 +213,11 @@ def asset_ref_name(
     """The ref a Remote Asset (``kind`` "blob" or "directory") URI and qualifiers map to.
 
     ``casframe:ref/NAME`` is the ref ``NAME`` itself (directories only, no qualifiers), which is
-    how refs travel between casframe stores. Any other URI is keyed by the sha256 of a canonical
-    JSON of instance, URI and sorted qualifiers: ``asset/{kind}/{key}``.
+    how refs travel between casframe stores. BuildStream 1.6's artifact URI
+    ``urn:fdc:buildstream.build:2020:v1:KEY`` as a directory without qualifiers is the ref
+    ``KEY``, the name BuildStream 1.4 gives the same artifact in ReferenceStorage (store-wide,
+    like every ReferenceStorage key). Any other URI is keyed by the sha256 of a canonical JSON
+    of instance, URI and sorted qualifiers: ``asset/{kind}/{key}``.
     """
     pairs = sorted(qualifiers)
     names = [n for n, _ in pairs]
@@ -238,6 +246,8 @@ def asset_ref_name(
                 [bad],
             )
         return validate_ref_name(uri[len(REF_URI_PREFIX) :])
+    if uri.startswith(BUILDSTREAM1_URI_PREFIX) and kind == "directory" and not pairs:
+        return writable_ref_name(uri[len(BUILDSTREAM1_URI_PREFIX) :])
     canonical = json.dumps(
         {"instance": instance, "uri": uri, "qualifiers": pairs},
         sort_keys=True, separators=(",", ":"), ensure_ascii=False,

@@ -13,6 +13,8 @@ over one bucket agree):
 * action results: ref ``ac/{instance or _}/{hash}/{size}`` → the ActionResult message, stored as
   a blob;
 * Remote Asset ``casframe:ref/NAME`` → the ref ``NAME`` itself (a Directory tree);
+* BuildStream 1.6's ``urn:fdc:buildstream.build:2020:v1:KEY`` directories → the ref ``KEY``,
+  the same ref BuildStream 1.4 reads and writes through ReferenceStorage;
 * any other Remote Asset URI → ref ``asset/{blob|directory}/{sha256 of instance, URI and
   qualifiers}``;
 * ReferenceStorage keys → refs of the same name.
@@ -27,7 +29,6 @@ from collections.abc import Iterable, Iterator
 
 import grpc
 from google.protobuf.message import DecodeError
-from google.rpc import code_pb2, status_pb2
 
 from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2, remote_asset_pb2_grpc
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -50,6 +51,7 @@ from casframe.server.errors import (
     status_proto,
 )
 from casframe.server.names import (
+    ASSET_REF_PREFIX,
     Instances,
     action_ref_name,
     asset_ref_name,
@@ -535,10 +537,13 @@ class FetchService(_Base, remote_asset_pb2_grpc.FetchServicer):
         return None
 
     @staticmethod
-    def _not_found(uris: list[str]) -> status_pb2.Status:
-        return status_pb2.Status(
-            code=code_pb2.NOT_FOUND,
-            message=f"no content pushed for {', '.join(repr(u) for u in uris)}",
+    def _not_found(uris: list[str]) -> StatusError:
+        # A miss is a NOT_FOUND *error*, not an OK call with NOT_FOUND in the response's
+        # status: that field is for failures fetching from an origin, which this server never
+        # contacts, and BuildStream 1.6 reads only the error (docs/buildstream.md).
+        return StatusError(
+            grpc.StatusCode.NOT_FOUND,
+            f"no content pushed for {', '.join(repr(u) for u in uris)}",
         )
 
     @rpc_method
@@ -549,10 +554,7 @@ class FetchService(_Base, remote_asset_pb2_grpc.FetchServicer):
         uris = _uris(request.uris)
         found = self._lookup("blob", request, uris)
         if found is None or self.store.find_missing([found[1]]):
-            # Fetch outcomes travel in the response's status, per the Remote Asset API.
-            return remote_asset_pb2.FetchBlobResponse(
-                status=self._not_found(uris), uri=found[0] if found else uris[0]
-            )
+            raise self._not_found(uris)
         uri, digest = found
         return remote_asset_pb2.FetchBlobResponse(
             status=OK_STATUS, uri=uri, qualifiers=request.qualifiers,
@@ -569,9 +571,7 @@ class FetchService(_Base, remote_asset_pb2_grpc.FetchServicer):
         # Only the root is checked: refs are set only on complete trees and prune keeps what
         # refs reach, so walking the whole tree on every fetch would buy nothing.
         if found is None or self.store.find_missing([found[1]]):
-            return remote_asset_pb2.FetchDirectoryResponse(
-                status=self._not_found(uris), uri=found[0] if found else uris[0]
-            )
+            raise self._not_found(uris)
         uri, digest = found
         return remote_asset_pb2.FetchDirectoryResponse(
             status=OK_STATUS, uri=uri, qualifiers=request.qualifiers,
@@ -610,7 +610,7 @@ class PushService(_Base, remote_asset_pb2_grpc.PushServicer):
         names = []
         for uri in _uris(request.uris):
             name = asset_ref_name("directory", request.instance_name, uri, qualifiers)
-            if uri.startswith("casframe:ref/"):
+            if not name.startswith(ASSET_REF_PREFIX):  # a URI naming a ref of the user's
                 writable_ref_name(name)
             names.append(name)
         self._set_tree_ref(names, root, "PushDirectory")
