@@ -794,6 +794,43 @@ def test_buildstream_1_6_artifact_uri_is_the_1_4_reference(served: Served,
     assert sum(ref.name.startswith("asset/directory/") for ref in served.store.list_refs()) == 1
 
 
+def test_remote_asset_keeps_what_a_push_references(served: Served,
+                                                   make_tree: Callable[..., Path]) -> None:
+    """What a Push names in references_* lives exactly as long as the asset: prune keeps it,
+    and deleting the asset's one ref lets prune take all of it."""
+    store = served.store
+    tree = store.import_directory(make_tree())
+    log = store.put_bytes(b"build log")
+    message = store.put_bytes(b"artifact message naming the tree and the log")
+    uri = "urn:fdc:buildstream.build:2020:artifact:proj/hello/abc"
+    served.push.PushBlob(ra_pb2.PushBlobRequest(
+        uris=[uri], blob_digest=dproto(message), references_blobs=[dproto(log)],
+        references_directories=[dproto(tree)]))
+    fetched = served.fetch.FetchBlob(ra_pb2.FetchBlobRequest(uris=[uri]))
+    assert Digest.from_proto(fetched.blob_digest) == message
+    assert store.prune(grace_period=0).objects_freed == 0
+    assert not store.find_missing([message, log, *store.tree_digests(tree)])
+    [ref] = store.list_refs()
+    assert ref.name.startswith("asset/held/blob/")
+
+    # Pushed again without references: the plain form replaces the held one.
+    served.push.PushBlob(ra_pb2.PushBlobRequest(uris=[uri], blob_digest=dproto(message)))
+    assert [r.name.startswith("asset/blob/") for r in store.list_refs()] == [True]
+    store.prune(grace_period=0)
+    assert store.find_missing([log, tree]) == {log, tree}
+    assert not store.find_missing([message])
+
+    # Everything referenced must be stored first; nothing is set otherwise.
+    lost = Digest.of_bytes(b"never uploaded")
+    error = rpc_error(grpc.StatusCode.FAILED_PRECONDITION, served.push.PushDirectory,
+                      ra_pb2.PushDirectoryRequest(
+                          uris=["urn:fdc:buildstream.build:2020:source:x"],
+                          root_directory_digest=dproto(store.import_directory(make_tree("s"))),
+                          references_blobs=[dproto(lost)]))
+    assert str(lost) in error.details()
+    assert len(store.list_refs()) == 1
+
+
 # -- ReferenceStorage -------------------------------------------------------------------------
 
 

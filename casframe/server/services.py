@@ -16,7 +16,8 @@ over one bucket agree):
 * BuildStream 1.6's ``urn:fdc:buildstream.build:2020:v1:KEY`` directories → the ref ``KEY``,
   the same ref BuildStream 1.4 reads and writes through ReferenceStorage;
 * any other Remote Asset URI → ref ``asset/{blob|directory}/{sha256 of instance, URI and
-  qualifiers}``;
+  qualifiers}``, or ``asset/held/{blob|directory}/{…}`` when pushed with references
+  (:mod:`casframe.server.assets`);
 * ReferenceStorage keys → refs of the same name.
 
 Refs are store-wide: every instance sees the same refs; the action cache and generic Remote
@@ -43,6 +44,7 @@ from casframe.errors import (
     InvalidDigestError,
     RefNotFoundError,
 )
+from casframe.server.assets import lookup_asset, set_asset
 from casframe.server.errors import (
     OK_STATUS,
     StatusError,
@@ -513,6 +515,10 @@ def _qualifiers(request: _AssetRequest) -> list[tuple[str, str]]:
     return [(q.name, q.value) for q in request.qualifiers]
 
 
+def _references(digests: Iterable[re_pb2.Digest]) -> list[Digest]:
+    return [_digest(d, "referenced digest") for d in digests]
+
+
 def _uris(uris: Iterable[str]) -> list[str]:
     listed = list(uris)
     if not listed:
@@ -531,6 +537,8 @@ class FetchService(_Base, remote_asset_pb2_grpc.FetchServicer):
                  for uri in uris]  # validate every URI before answering for any
         for uri, name in names:
             try:
+                if name.startswith(ASSET_REF_PREFIX):
+                    return uri, lookup_asset(self.store, name)
                 return uri, self.store.get_ref(name)
             except RefNotFoundError:
                 continue
@@ -590,13 +598,8 @@ class PushService(_Base, remote_asset_pb2_grpc.PushServicer):
         qualifiers = _qualifiers(request)
         names = [asset_ref_name("blob", request.instance_name, uri, qualifiers)
                  for uri in _uris(request.uris)]
-        missing = self.store.find_missing([digest], freshen=True)
-        if missing:
-            raise missing_blobs_error(
-                grpc.StatusCode.FAILED_PRECONDITION, "upload the blob before pushing it", missing
-            )
-        for name in names:
-            self.store.set_ref(name, digest, check_complete=False)
+        set_asset(self.store, names, "blob", digest, _references(request.references_blobs),
+                  _references(request.references_directories), "PushBlob")
         return remote_asset_pb2.PushBlobResponse()
 
     @rpc_method
@@ -607,13 +610,17 @@ class PushService(_Base, remote_asset_pb2_grpc.PushServicer):
         self._check_writable()
         root = _digest(request.root_directory_digest, "root_directory_digest")
         qualifiers = _qualifiers(request)
-        names = []
-        for uri in _uris(request.uris):
-            name = asset_ref_name("directory", request.instance_name, uri, qualifiers)
-            if not name.startswith(ASSET_REF_PREFIX):  # a URI naming a ref of the user's
-                writable_ref_name(name)
-            names.append(name)
-        self._set_tree_ref(names, root, "PushDirectory")
+        names = [asset_ref_name("directory", request.instance_name, uri, qualifiers)
+                 for uri in _uris(request.uris)]
+        refs = [writable_ref_name(name) for name in names
+                if not name.startswith(ASSET_REF_PREFIX)]  # URIs naming refs of the user's
+        assets = [name for name in names if name.startswith(ASSET_REF_PREFIX)]
+        if refs:
+            self._set_tree_ref(refs, root, "PushDirectory")
+        if assets:
+            set_asset(self.store, assets, "directory", root,
+                      _references(request.references_blobs),
+                      _references(request.references_directories), "PushDirectory")
         return remote_asset_pb2.PushDirectoryResponse()
 
 
