@@ -810,12 +810,13 @@ def test_remote_asset_keeps_what_a_push_references(served: Served,
     assert Digest.from_proto(fetched.blob_digest) == message
     assert store.prune(grace_period=0).objects_freed == 0
     assert not store.find_missing([message, log, *store.tree_digests(tree)])
-    [ref] = store.list_refs()
-    assert ref.name.startswith("asset/held/blob/")
+    # BuildStream 2's URIs keep a readable name.
+    assert [r.name for r in store.list_refs()] == [
+        "asset/held/blob/buildstream/artifact/proj/hello/abc"]
 
     # Pushed again without references: the plain form replaces the held one.
     served.push.PushBlob(ra_pb2.PushBlobRequest(uris=[uri], blob_digest=dproto(message)))
-    assert [r.name.startswith("asset/blob/") for r in store.list_refs()] == [True]
+    assert [r.name for r in store.list_refs()] == ["asset/blob/buildstream/artifact/proj/hello/abc"]
     store.prune(grace_period=0)
     assert store.find_missing([log, tree]) == {log, tree}
     assert not store.find_missing([message])
@@ -829,6 +830,14 @@ def test_remote_asset_keeps_what_a_push_references(served: Served,
                           references_blobs=[dproto(lost)]))
     assert str(lost) in error.details()
     assert len(store.list_refs()) == 1
+
+    # With qualifiers, or a name no ref may have, the URI is keyed by its hash.
+    for odd_uri, qualifiers in [(uri, [ra_pb2.Qualifier(name="vcs.commit", value="1")]),
+                                ("urn:fdc:buildstream.build:2020:artifact:a//b", [])]:
+        served.push.PushBlob(ra_pb2.PushBlobRequest(uris=[odd_uri], qualifiers=qualifiers,
+                                                    blob_digest=dproto(message)))
+    hashed = [r.name for r in store.list_refs() if "buildstream" not in r.name]
+    assert len(hashed) == 2 and all(re.fullmatch("asset/blob/[0-9a-f]{64}", n) for n in hashed)
 
 
 # -- ReferenceStorage -------------------------------------------------------------------------
