@@ -34,6 +34,7 @@ from casframe._protos.buildstream.v2 import buildstream_pb2_grpc as bs_grpc
 from casframe._protos.google.bytestream import bytestream_pb2 as byte_pb2
 from casframe._protos.google.bytestream import bytestream_pb2_grpc as byte_grpc
 from casframe.server import Server, ServerSettings
+from casframe.server.names import hashed_asset_ref_name
 from casframe.testing import random_bytes
 
 MiB = 1 << 20
@@ -838,6 +839,13 @@ def test_remote_asset_keeps_what_a_push_references(served: Served,
                                                     blob_digest=dproto(message)))
     hashed = [r.name for r in store.list_refs() if "buildstream" not in r.name]
     assert len(hashed) == 2 and all(re.fullmatch("asset/blob/[0-9a-f]{64}", n) for n in hashed)
+
+    # What an older casframe kept under the hash of the URI is still found.
+    older = "urn:fdc:buildstream.build:2020:artifact:proj/hello/older"
+    kept = store.put_bytes(b"pushed to an older casframe")
+    store.set_ref(hashed_asset_ref_name("blob", "", older, []), kept, check_complete=False)
+    fetched = served.fetch.FetchBlob(ra_pb2.FetchBlobRequest(uris=[older]))
+    assert Digest.from_proto(fetched.blob_digest) == kept
 
 
 # -- ReferenceStorage -------------------------------------------------------------------------

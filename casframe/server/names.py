@@ -36,6 +36,7 @@ __all__ = [
     "ResourceName",
     "action_ref_name",
     "asset_ref_name",
+    "hashed_asset_ref_name",
     "check_digest_function",
     "parse_read_resource",
     "parse_write_resource",
@@ -264,6 +265,16 @@ def asset_ref_name(
     readable = _buildstream2_ref_name(kind, instance, uri, pairs)
     if readable is not None:
         return readable
+    return hashed_asset_ref_name(kind, instance, uri, pairs)
+
+
+def hashed_asset_ref_name(
+    kind: str, instance: str, uri: str, qualifiers: Iterable[tuple[str, str]]
+) -> str:
+    """``asset/{kind}/{sha256 of instance, URI and sorted qualifiers}``: the ref of a generic
+    Remote Asset entry (and where casframe kept BuildStream 2's entries before they had
+    readable names)."""
+    pairs = sorted(qualifiers)
     canonical = json.dumps(
         {"instance": instance, "uri": uri, "qualifiers": pairs},
         sort_keys=True, separators=(",", ":"), ensure_ascii=False,

@@ -58,6 +58,7 @@ from casframe.server.names import (
     action_ref_name,
     asset_ref_name,
     check_digest_function,
+    hashed_asset_ref_name,
     writable_ref_name,
 )
 from casframe.server.settings import ServerSettings
@@ -533,8 +534,14 @@ class FetchService(_Base, remote_asset_pb2_grpc.FetchServicer):
         self, kind: str, request: _AssetRequest, uris: list[str]
     ) -> tuple[str, Digest] | None:
         qualifiers = _qualifiers(request)
-        names = [(uri, asset_ref_name(kind, request.instance_name, uri, qualifiers))
-                 for uri in uris]  # validate every URI before answering for any
+        names = []
+        for uri in uris:  # validate every URI before answering for any
+            name = asset_ref_name(kind, request.instance_name, uri, qualifiers)
+            names.append((uri, name))
+            if name.startswith(ASSET_REF_PREFIX):  # also where older servers kept it
+                hashed = hashed_asset_ref_name(kind, request.instance_name, uri, qualifiers)
+                if hashed != name:
+                    names.append((uri, hashed))
         for uri, name in names:
             try:
                 if name.startswith(ASSET_REF_PREFIX):
