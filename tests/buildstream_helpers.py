@@ -140,19 +140,26 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def user_config(generation: str, url: str | None, *, push: bool = True,
-                artifacts: bool = True, sources: bool = False) -> str:
-    """BuildStream user configuration naming ``url`` as artifact and/or source cache."""
-    if url is None:
-        return "{}\n"
+def user_config(generation: str, url: str, *, push: bool = True, artifacts: bool = True,
+                sources: bool = False, tls: dict[str, Path] | None = None) -> str:
+    """BuildStream user configuration naming ``url`` as artifact and/or source cache.
+
+    ``tls`` maps BuildStream's TLS keys (``server-cert``, ``client-cert``, ``client-key``) to
+    PEM files, for an ``https://`` URL.
+    """
     flag = "true" if push else "false"
+    tls_items = sorted((tls or {}).items())
     if generation.startswith("1."):
-        return f"artifacts:\n  url: {url}\n  push: {flag}\n"
+        lines = [f"  {key}: {path}" for key, path in tls_items]
+        return "\n".join(["artifacts:", f"  url: {url}", f"  push: {flag}", *lines]) + "\n"
+    server = [f"  - url: {url}", f"    push: {flag}"]
+    if tls_items:
+        server += ["    auth:", *(f"      {key}: {path}" for key, path in tls_items)]
     text = ""
     if artifacts:
-        text += f"artifacts:\n  servers:\n  - url: {url}\n    push: {flag}\n"
+        text += "\n".join(["artifacts:", "  servers:", *server]) + "\n"
     if sources:
-        text += f"source-caches:\n  servers:\n  - url: {url}\n    push: {flag}\n"
+        text += "\n".join(["source-caches:", "  servers:", *server]) + "\n"
     return text
 
 

@@ -24,6 +24,7 @@ from buildstream_helpers import (
     write_files,
     write_project,
 )
+from test_server_tls import Pki, pki  # noqa: F401 - the certificates of the TLS tests
 
 from casframe import Store, open_store
 
@@ -190,3 +191,29 @@ def test_prune_keeps_and_gc_expires_lru_buildstream_artifacts(
     counts = late.build(project, config, "old")
     assert counts["Pull"] == (0, 1), counts  # expired: built again
     assert counts["Build"] == (1, 0), counts
+
+
+@pytest.mark.parametrize("version", GENERATIONS)
+def test_mutual_tls(version: str, pki: Pki, tmp_path: Path) -> None:  # noqa: F811
+    """The TLS configuration docs/buildstream.md gives, for each generation, against a server
+    that requires a client certificate."""
+    from casframe.server import Server
+
+    files = {"server-cert": pki.ca, "client-cert": pki.client.cert, "client-key": pki.client.key}
+    tls = {}
+    for key, data in files.items():
+        tls[key] = tmp_path / f"{key}.pem"
+        tls[key].write_bytes(data)
+    sources = _sources(tmp_path, "secret")
+    project = write_project(tmp_path / "proj", version, sources)
+    with open_store(f"file://{tmp_path}/served") as store, \
+            Server(store, listen="127.0.0.1:0", tls_cert=pki.server.cert, tls_key=pki.server.key,
+                   tls_client_ca=pki.ca) as server:
+        config = user_config(version, f"https://localhost:{server.port}", tls=tls)
+        counts = Machine(tmp_path / "pusher", version).build(project, config, "secret")
+        assert counts["Push"] == (1, 0), counts
+        machine = Machine(tmp_path / "puller", version)
+        counts = machine.build(project, config, "secret")
+        assert counts["Pull"] == (1, 0), counts
+        checkout = machine.checkout(project, config, "secret", tmp_path / "checkout")
+    assert snapshot(checkout) == snapshot(sources["secret"])
