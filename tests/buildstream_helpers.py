@@ -98,10 +98,6 @@ class Project:
     generation: str
     origin: Path  # where tar sources are served from (2.x)
 
-    def element_key_prefix(self, element: str) -> str:
-        """The start of the 1.x artifact key (and casframe ref) for ``element``."""
-        return f"{self.path.name}/{element}/"
-
 
 def write_project(path: Path, generation: str, elements: dict[str, Path]) -> Project:
     """Write a project for ``generation`` whose element ``NAME.bst`` imports ``elements[NAME]``.
