@@ -2,6 +2,7 @@
 that client was made for, on the same machine, alternating.
 
     .venv/bin/python bench/buildstream_bench.py [--quick] [--repeat N] [--out DIR] [--keep]
+                                                [--elements small,large] [--generations 1.6.9]
 
 The trees are those of bench/run.py (small: 20,000 files of 1-8 KiB; large: 8 files of 128 MiB,
 1 GiB; --quick: 2,000 files and 8 x 16 MiB), each the whole content of one `import` element
@@ -232,15 +233,19 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--generations", default="1.6.9")
+    parser.add_argument("--elements", default="small,large",
+                        help="which trees to measure (small, large or both)")
     args = parser.parse_args()
     shape = QUICK if args.quick else FULL
     run_dir = args.out / (dt.datetime.now().strftime("%Y%m%d-%H%M%S") + "-buildstream")
     work = run_dir / "work"
     work.mkdir(parents=True)
-    trees = {"small": work / "trees" / "small", "large": work / "trees" / "large"}
-    trees["small"].mkdir(parents=True)
-    build_small(trees["small"], shape["small_files"], shape["small_dirs"])
-    build_large(trees["large"], shape["large_files"], shape["large_size"])
+    trees = {name: work / "trees" / name for name in args.elements.split(",")}
+    if "small" in trees:
+        trees["small"].mkdir(parents=True)
+        build_small(trees["small"], shape["small_files"], shape["small_dirs"])
+    if "large" in trees:
+        build_large(trees["large"], shape["large_files"], shape["large_size"])
     peers: dict[str, dict[str, Any]] = {
         "1.6.9": {"casframe": casframe_server, "bst-artifact-server": bst_artifact_server},
         "2.8.1": {"casframe": casframe_server},
