@@ -34,6 +34,7 @@ from casframe._protos.buildstream.v2 import buildstream_pb2_grpc as bs_grpc
 from casframe._protos.google.bytestream import bytestream_pb2 as byte_pb2
 from casframe._protos.google.bytestream import bytestream_pb2_grpc as byte_grpc
 from casframe.server import Server, ServerSettings
+from casframe.server.names import hashed_asset_ref_name
 from casframe.testing import random_bytes
 
 MiB = 1 << 20
@@ -705,8 +706,10 @@ def test_remote_asset_push_and_fetch_a_directory_ref(served: Served,
     assert response.uri == uri
     assert Digest.from_proto(response.root_directory_digest) == root
 
-    absent = served.fetch.FetchDirectory(ra_pb2.FetchDirectoryRequest(uris=["casframe:ref/x"]))
-    assert absent.status.code == code_pb2.NOT_FOUND  # fetch outcomes travel in the response
+    # A miss is a NOT_FOUND error: clients such as BuildStream 1.6 read nothing else.
+    error = rpc_error(grpc.StatusCode.NOT_FOUND, served.fetch.FetchDirectory,
+                      ra_pb2.FetchDirectoryRequest(uris=["casframe:ref/x", "casframe:ref/y"]))
+    assert error.details() == "no content pushed for 'casframe:ref/x', 'casframe:ref/y'"
 
     rpc_error(grpc.StatusCode.INVALID_ARGUMENT, served.fetch.FetchDirectory,
               ra_pb2.FetchDirectoryRequest(uris=[]))
@@ -743,15 +746,106 @@ def test_remote_asset_blobs_by_uri_and_qualifiers(served: Served) -> None:
     found = served.fetch.FetchBlob(ra_pb2.FetchBlobRequest(uris=[uri], qualifiers=qualifiers))
     assert found.status.code == code_pb2.OK
     assert Digest.from_proto(found.blob_digest) == digest
-    other = served.fetch.FetchBlob(ra_pb2.FetchBlobRequest(uris=[uri]))
-    assert other.status.code == code_pb2.NOT_FOUND
-    as_directory = served.fetch.FetchDirectory(ra_pb2.FetchDirectoryRequest(
-        uris=[uri], qualifiers=qualifiers))
-    assert as_directory.status.code == code_pb2.NOT_FOUND
+    error = rpc_error(grpc.StatusCode.NOT_FOUND, served.fetch.FetchBlob,
+                      ra_pb2.FetchBlobRequest(uris=[uri]))
+    assert error.details() == f"no content pushed for {uri!r}"
+    rpc_error(grpc.StatusCode.NOT_FOUND, served.fetch.FetchDirectory,
+              ra_pb2.FetchDirectoryRequest(uris=[uri], qualifiers=qualifiers))
     rpc_error(grpc.StatusCode.INVALID_ARGUMENT, served.fetch.FetchBlob, ra_pb2.FetchBlobRequest(
         uris=[uri], qualifiers=qualifiers * 2))
     rpc_error(grpc.StatusCode.FAILED_PRECONDITION, served.push.PushBlob, ra_pb2.PushBlobRequest(
         uris=[uri], blob_digest=dproto(Digest.of_bytes(b"not uploaded"))))
+
+
+def test_buildstream_1_6_artifact_uri_is_the_1_4_reference(served: Served,
+                                                           make_tree: Callable[..., Path]) -> None:
+    """BuildStream 1.6 keeps an artifact under a Remote Asset URN, 1.4 under the bare key in
+    ReferenceStorage: both are the one ref ``KEY``, so either generation pulls what the other
+    pushed."""
+    root = served.store.import_directory(make_tree())
+    key = "project/hello/0f1e2d3c4b5a"
+    urn = f"urn:fdc:buildstream.build:2020:v1:{key}"
+    served.push.PushDirectory(ra_pb2.PushDirectoryRequest(uris=[urn],
+                                                          root_directory_digest=dproto(root)))
+    assert [ref.name for ref in served.store.list_refs()] == [key]
+    got = served.refs.GetReference(bs_pb2.GetReferenceRequest(key=key))
+    assert Digest.from_proto(got.digest) == root
+
+    other = served.store.import_directory(make_tree("other"))
+    served.refs.UpdateReference(bs_pb2.UpdateReferenceRequest(keys=["project/hello/77"],
+                                                               digest=dproto(other)))
+    fetched = served.fetch.FetchDirectory(ra_pb2.FetchDirectoryRequest(
+        uris=["urn:fdc:buildstream.build:2020:v1:project/hello/77"]))
+    assert fetched.status.code == code_pb2.OK
+    assert Digest.from_proto(fetched.root_directory_digest) == other
+
+    # The key is a ref name like any other: the server's own namespaces stay closed to it.
+    error = rpc_error(grpc.StatusCode.INVALID_ARGUMENT, served.push.PushDirectory,
+                      ra_pb2.PushDirectoryRequest(
+                          uris=["urn:fdc:buildstream.build:2020:v1:asset/blob/x"],
+                          root_directory_digest=dproto(root)))
+    assert "reserved" in error.details()
+    rpc_error(grpc.StatusCode.INVALID_ARGUMENT, served.fetch.FetchDirectory,
+              ra_pb2.FetchDirectoryRequest(uris=["urn:fdc:buildstream.build:2020:v1:a/../b"]))
+    # With qualifiers, or as a blob, the URN is an ordinary Remote Asset URI.
+    qualified = ra_pb2.Qualifier(name="vcs.commit", value="1")
+    served.push.PushDirectory(ra_pb2.PushDirectoryRequest(
+        uris=[urn], qualifiers=[qualified], root_directory_digest=dproto(other)))
+    assert served.store.get_ref(key) == root
+    assert sum(ref.name.startswith("asset/directory/") for ref in served.store.list_refs()) == 1
+
+
+def test_remote_asset_keeps_what_a_push_references(served: Served,
+                                                   make_tree: Callable[..., Path]) -> None:
+    """What a Push names in references_* lives exactly as long as the asset: prune keeps it,
+    and deleting the asset's one ref lets prune take all of it."""
+    store = served.store
+    tree = store.import_directory(make_tree())
+    log = store.put_bytes(b"build log")
+    message = store.put_bytes(b"artifact message naming the tree and the log")
+    uri = "urn:fdc:buildstream.build:2020:artifact:proj/hello/abc"
+    served.push.PushBlob(ra_pb2.PushBlobRequest(
+        uris=[uri], blob_digest=dproto(message), references_blobs=[dproto(log)],
+        references_directories=[dproto(tree)]))
+    fetched = served.fetch.FetchBlob(ra_pb2.FetchBlobRequest(uris=[uri]))
+    assert Digest.from_proto(fetched.blob_digest) == message
+    assert store.prune(grace_period=0).objects_freed == 0
+    assert not store.find_missing([message, log, *store.tree_digests(tree)])
+    # BuildStream 2's URIs keep a readable name.
+    assert [r.name for r in store.list_refs()] == [
+        "asset/held/blob/buildstream/artifact/proj/hello/abc"]
+
+    # Pushed again without references: the plain form replaces the held one.
+    served.push.PushBlob(ra_pb2.PushBlobRequest(uris=[uri], blob_digest=dproto(message)))
+    assert [r.name for r in store.list_refs()] == ["asset/blob/buildstream/artifact/proj/hello/abc"]
+    store.prune(grace_period=0)
+    assert store.find_missing([log, tree]) == {log, tree}
+    assert not store.find_missing([message])
+
+    # Everything referenced must be stored first; nothing is set otherwise.
+    lost = Digest.of_bytes(b"never uploaded")
+    error = rpc_error(grpc.StatusCode.FAILED_PRECONDITION, served.push.PushDirectory,
+                      ra_pb2.PushDirectoryRequest(
+                          uris=["urn:fdc:buildstream.build:2020:source:x"],
+                          root_directory_digest=dproto(store.import_directory(make_tree("s"))),
+                          references_blobs=[dproto(lost)]))
+    assert str(lost) in error.details()
+    assert len(store.list_refs()) == 1
+
+    # With qualifiers, or a name no ref may have, the URI is keyed by its hash.
+    for odd_uri, qualifiers in [(uri, [ra_pb2.Qualifier(name="vcs.commit", value="1")]),
+                                ("urn:fdc:buildstream.build:2020:artifact:a//b", [])]:
+        served.push.PushBlob(ra_pb2.PushBlobRequest(uris=[odd_uri], qualifiers=qualifiers,
+                                                    blob_digest=dproto(message)))
+    hashed = [r.name for r in store.list_refs() if "buildstream" not in r.name]
+    assert len(hashed) == 2 and all(re.fullmatch("asset/blob/[0-9a-f]{64}", n) for n in hashed)
+
+    # What an older casframe kept under the hash of the URI is still found.
+    older = "urn:fdc:buildstream.build:2020:artifact:proj/hello/older"
+    kept = store.put_bytes(b"pushed to an older casframe")
+    store.set_ref(hashed_asset_ref_name("blob", "", older, []), kept, check_complete=False)
+    fetched = served.fetch.FetchBlob(ra_pb2.FetchBlobRequest(uris=[older]))
+    assert Digest.from_proto(fetched.blob_digest) == kept
 
 
 # -- ReferenceStorage -------------------------------------------------------------------------
