@@ -41,6 +41,8 @@ from casframe.errors import (
 __all__ = [
     "OK_STATUS",
     "StatusError",
+    "abort_arguments",
+    "async_rpc_method",
     "missing_blobs_error",
     "rpc_method",
     "status_for",
@@ -134,15 +136,21 @@ def status_proto(exc: BaseException) -> status_pb2.Status:
 OK_STATUS = status_pb2.Status(code=code_pb2.OK)
 
 
-def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+def abort_arguments(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[Any, ...]]:
+    """The code, message and trailing metadata (error details) that answer ``exc``."""
     code, message = status_for(exc)
     if isinstance(exc, StatusError) and exc.details:
         status = status_pb2.Status(code=code.value[0], message=message)
         for detail in exc.details:
             status.details.add().Pack(detail)
-        context.set_trailing_metadata(
-            (("grpc-status-details-bin", status.SerializeToString()),)
-        )
+        return code, message, (("grpc-status-details-bin", status.SerializeToString()),)
+    return code, message, ()
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    code, message, trailing = abort_arguments(exc)
+    if trailing:
+        context.set_trailing_metadata(trailing)
     context.abort(code, message)
 
 
@@ -179,3 +187,18 @@ def rpc_method(method: F) -> F:
             _abort(context, exc)
 
     return unary  # type: ignore[return-value]
+
+
+def async_rpc_method(method: F) -> F:
+    """:func:`rpc_method` for a coroutine servicer method on the asyncio server."""
+
+    @functools.wraps(method)
+    async def call(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.BaseError:
+            raise  # grpc's own: an abort already sent, or the call already gone
+        except Exception as exc:  # noqa: BLE001 - the boundary: every error becomes a status
+            await context.abort(*abort_arguments(exc))
+
+    return call  # type: ignore[return-value]
