@@ -66,6 +66,14 @@ class Client:
         large = random_bytes((96 << 10) + round_, seed=seed + 10**9)
         large_digest = Digest.of_bytes(large)
 
+        # The upload starts first and stays open while the other calls are made, as a build
+        # client's transfers overlap its cache queries: the server must answer those while
+        # 50 uploads wait on their clients.
+        resource = f"uploads/{uuid.uuid4()}/blobs/{large_digest.hash}/{large_digest.size}"
+        rest_may_go = threading.Event()
+        upload = self.bytestream.Write.future(
+            _chunks(resource, large, rest_may_go), timeout=HANG_GUARD)
+
         caps = self.caps.GetCapabilities(re_pb2.GetCapabilitiesRequest(), timeout=HANG_GUARD)
         assert caps.cache_capabilities.max_batch_total_size_bytes > 0
 
@@ -84,9 +92,8 @@ class Client:
             digests=[small_digest.to_proto()]), timeout=HANG_GUARD)
         assert [(r.status.code, r.data) for r in read.responses] == [(0, small)]
 
-        resource = f"uploads/{uuid.uuid4()}/blobs/{large_digest.hash}/{large_digest.size}"
-        written = self.bytestream.Write(_chunks(resource, large), timeout=HANG_GUARD)
-        assert written.committed_size == len(large)
+        rest_may_go.set()
+        assert upload.result(timeout=HANG_GUARD).committed_size == len(large)
 
         got = b"".join(r.data for r in self.bytestream.Read(byte_pb2.ReadRequest(
             resource_name=f"blobs/{large_digest.hash}/{large_digest.size}"), timeout=HANG_GUARD))
@@ -104,8 +111,13 @@ class Client:
         self.requests += len(_KINDS)
 
 
-def _chunks(resource: str, data: bytes, size: int = 32 << 10) -> Iterator[byte_pb2.WriteRequest]:
+def _chunks(
+    resource: str, data: bytes, rest_may_go: threading.Event, size: int = 32 << 10
+) -> Iterator[byte_pb2.WriteRequest]:
+    """An upload in chunks; all but the first wait for ``rest_may_go``."""
     for offset in range(0, len(data), size):
+        if offset:
+            rest_may_go.wait(HANG_GUARD)
         yield byte_pb2.WriteRequest(
             resource_name=resource if offset == 0 else "", write_offset=offset,
             data=data[offset:offset + size], finish_write=offset + size >= len(data))
