@@ -205,6 +205,7 @@ class Server:
             ).result()
         except BaseException:
             self._close_loop()
+            self._loop = self._loop_thread = None  # never started: stop() has nothing to do
             self._executor.shutdown(wait=False)
             raise
         self.port = port
