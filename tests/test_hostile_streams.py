@@ -16,13 +16,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_processes import serve_process, stalled_streams
 
-from casframe import Digest, Store, open_store
+import casframe
+from casframe import Digest, Store, hookimpl, open_store
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casframe._protos.google.bytestream import bytestream_pb2 as byte_pb2
@@ -221,3 +223,37 @@ def test_serve_refuses_limits_that_are_not_positive(
     )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+class _AsyncCallCounter(grpc.aio.ServerInterceptor):
+    """An asyncio interceptor, as a plugin may now return: counts the calls it lets through."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        self.methods.append(details.method)
+        return await continuation(details)
+
+
+def test_asyncio_interceptors_from_plugins_see_streams(memory_store: Store) -> None:
+    counter = _AsyncCallCounter()
+
+    class Plugin:
+        @hookimpl
+        def casframe_server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+            return [counter]
+
+    data = random_bytes(3 * MiB, seed=5)
+    digest = Digest.of_bytes(data)
+    with casframe.registered_plugin(Plugin(), "async-counter"), \
+            Server(memory_store) as server, \
+            grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        bytestream = byte_grpc.ByteStreamStub(channel)
+        request = byte_pb2.WriteRequest(resource_name=_upload_resource(digest), write_offset=0,
+                                        data=data, finish_write=True)
+        assert bytestream.Write(iter([request]), timeout=HANG_GUARD).committed_size == len(data)
+        read = byte_pb2.ReadRequest(resource_name=f"blobs/{digest.hash}/{digest.size}")
+        assert b"".join(r.data for r in bytestream.Read(read, timeout=HANG_GUARD)) == data
+    assert counter.methods == ["/google.bytestream.ByteStream/Write",
+                               "/google.bytestream.ByteStream/Read"]
