@@ -16,7 +16,9 @@ from casframe.errors import (
     InvalidNameError,
     MissingDependencyError,
     PermissionDeniedError,
+    RefConflictError,
     RefNotFoundError,
+    RemoteProtocolError,
     UnknownSchemeError,
     UnsafeTreeError,
     UnsupportedFileTypeError,
@@ -28,7 +30,15 @@ from casframe.plugins import PluginInfo, list_plugins, open_store, registered_pl
 from casframe.progress import Progress
 from casframe.registry import BackendRegistry, StoreURL
 from casframe.remotes import RemoteOutcome, Remotes, RemotesError, RemotesReport, RemoteStatus
-from casframe.spi import BlobInfo, BlobStore, BlobWriter, Capability, RefInfo, RefStore
+from casframe.spi import (
+    BlobInfo,
+    BlobStore,
+    BlobWriter,
+    Capability,
+    RefInfo,
+    RefStore,
+    StrayEntry,
+)
 from casframe.store import Store
 
 __version__ = "0.1.0"
@@ -55,16 +65,19 @@ __all__ = [
     "PermissionDeniedError",
     "PluginInfo",
     "Progress",
+    "RefConflictError",
     "RefInfo",
     "RefNotFoundError",
     "RefStore",
     "RemoteOutcome",
+    "RemoteProtocolError",
     "RemoteStatus",
     "Remotes",
     "RemotesError",
     "RemotesReport",
     "Store",
     "StoreURL",
+    "StrayEntry",
     "UnknownSchemeError",
     "UnsafeTreeError",
     "UnsupportedFileTypeError",

@@ -1206,6 +1206,8 @@ def fsck_command(ctx: click.Context, app: App, repair: bool, as_json: bool) -> N
     store = app.store()
     with app.progress(as_json) as progress:
         report = store.fsck(repair=repair, progress=progress)
+    for stray in report.warnings:
+        click.echo(f"{PROG}: warning: {stray.name}: {stray.what}; ignored", err=True)
     if as_json:
         _emit_json(report.to_dict())
     else:

@@ -26,7 +26,9 @@ __all__ = [
     "InvalidNameError",
     "MissingDependencyError",
     "PermissionDeniedError",
+    "RefConflictError",
     "RefNotFoundError",
+    "RemoteProtocolError",
     "UnknownSchemeError",
     "UnsafeTreeError",
     "UnsupportedFileTypeError",
@@ -73,6 +75,29 @@ class RefNotFoundError(CasframeError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class RefConflictError(CasframeError):
+    """A ref would shadow another ref or be shadowed by it (``a`` and ``a/b``).
+
+    A name is either a ref or a folder of refs, on every backend alike, since a file system can
+    hold only one of the two. ``name`` is the ref refused, ``existing`` the ref in its way.
+    """
+
+    reason = "ref-conflict"
+
+    def __init__(self, name: str, existing: str, where: str = "") -> None:
+        self.name = name
+        self.existing = existing
+        place = f" in {where}" if where else ""
+        if existing.startswith(name + "/"):
+            how = f"{existing!r} is under '{name}/'"
+        else:
+            how = f"{name!r} would be under the ref {existing!r}"
+        super().__init__(
+            f"ref {name!r} conflicts with an existing ref{place}: {how}; a name is either a "
+            "ref or a folder of refs, never both (delete one of them first)"
+        )
 
 
 class CorruptBlobError(CasframeError):
@@ -169,6 +194,14 @@ class BackendUnavailableError(CasframeError):
 
     reason = "unavailable"
     temporary = True
+
+
+class RemoteProtocolError(CasframeError):
+    """A remote end answered against its protocol or beyond a limit this client sets: endless
+    or repeated pagination, entries that were not asked for, absurd values. Nothing of the
+    answer was used."""
+
+    reason = "remote-protocol"
 
 
 class PermissionDeniedError(CasframeError):

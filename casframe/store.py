@@ -21,9 +21,10 @@ from casframe.errors import (
     CorruptBlobError,
     DigestMismatchError,
     InvalidDigestError,
+    RefConflictError,
     RefNotFoundError,
 )
-from casframe.names import validate_ref_name, writable_ref_name
+from casframe.names import RESERVED_REF_NAMESPACES, validate_ref_name, writable_ref_name
 from casframe.spi import BlobStore, BlobWriter, Capability, RefInfo, RefStore
 
 if TYPE_CHECKING:
@@ -486,8 +487,12 @@ class Store:
 
     def set_ref(self, name: str, digest: Digest, *, check_complete: bool = True) -> None:
         """Point ``name`` at a tree. By default refuse a tree that is not fully stored, and a
-        name under the server's own namespaces (``ac/``, ``asset/``), which prune would not
-        read as a tree; ``check_complete=False`` allows both.
+        name in the server's own namespaces (``ac``, ``asset`` and every name under them),
+        which prune would not read as a tree; ``check_complete=False`` allows both (for the
+        server's own refs), except the bare names ``ac`` and ``asset``.
+
+        A name that would shadow another ref or be shadowed by it (``a`` and ``a/b``) is
+        refused with :class:`~casframe.errors.RefConflictError` in every case.
 
         The completeness check also freshens every blob of the tree just before the ref is set,
         so a concurrent prune (whose grace period is longer than this call) cannot remove a blob
@@ -497,12 +502,21 @@ class Store:
             from casframe.tree import missing_in_tree
 
             writable_ref_name(name)  # a tree: never under the server's own namespaces
+            self._refuse_conflict(name)
             missing = missing_in_tree(self, digest, freshen=True)
             if missing:
                 raise BlobNotFoundError(missing, f"{self.url} (tree {digest} is incomplete)")
         else:
             validate_ref_name(name)
+            if name in RESERVED_REF_NAMESPACES:  # never a ref, not even one of the server's
+                writable_ref_name(name)
+            self._refuse_conflict(name)
         self.refs.set_ref(name, digest)
+
+    def _refuse_conflict(self, name: str) -> None:
+        existing = self.refs.conflicting_ref(name)
+        if existing is not None:
+            raise RefConflictError(name, existing)
 
     def delete_ref(self, name: str) -> None:
         self.refs.delete_ref(validate_ref_name(name))
@@ -510,6 +524,7 @@ class Store:
     def copy_ref(self, source: str, dest: str) -> Digest:
         writable_ref_name(dest)  # not under the server's own namespaces
         digest = self.get_ref(source)
+        self._refuse_conflict(dest)
         self.refs.set_ref(dest, digest)
         return digest
 

@@ -23,6 +23,7 @@ from typing import Any, TypeAlias, cast
 import grpc
 
 from casframe.errors import ConfigError, MissingDependencyError
+from casframe.readonly import read_only_view
 from casframe.server.bytestream import ByteStreamService, add_bytestream_to_server
 from casframe.server.interceptors import (
     RequestLogInterceptor,
@@ -47,6 +48,7 @@ from casframe.server.settings import (
     PemSource,
     ServerSettings,
 )
+from casframe.server.tls import check_key_pair, read_pem
 from casframe.store import Store
 
 __all__ = ["Interceptor", "RequestLogInterceptor", "Server", "plugin_interceptors"]
@@ -95,13 +97,6 @@ def plugin_interceptors(settings: ServerSettings) -> list[Interceptor]:
     return interceptors
 
 
-def _pem(source: PemSource) -> bytes:
-    if isinstance(source, bytes):
-        return source
-    with open(source, "rb") as f:
-        return f.read()
-
-
 class Server:
     """A casframe gRPC server over one store.
 
@@ -146,6 +141,8 @@ class Server:
             stream_idle_timeout=stream_idle_timeout,
         )
         self.store = store
+        # Read-only: served through a view that never writes, not even a read's bookkeeping.
+        self._served = read_only_view(store) if read_only else store
         self.settings = settings
         self.instances = Instances(settings.instance_names)
         self.streams = StreamSlots(settings.max_streams)
@@ -189,6 +186,8 @@ class Server:
             ) from None
 
         settings = self.settings
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            check_key_pair(settings.tls_cert, settings.tls_key)  # grpcio would accept any
         plugins = plugin_interceptors(settings) if self._use_plugins else []
         self._executor = ThreadPoolExecutor(
             max_workers=settings.max_workers, thread_name_prefix="casframe-grpc"
@@ -250,7 +249,7 @@ class Server:
                 ("grpc.http2.lookahead_bytes", 2 << 20),
             ],
         )
-        shared = (self.store, settings, self.instances)
+        shared = (self._served, settings, self.instances)
         from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc
         from casframe._protos.build.bazel.remote.execution.v2 import (
             remote_execution_pb2_grpc as re_grpc,
@@ -274,9 +273,13 @@ class Server:
             if settings.tls:
                 assert settings.tls_cert is not None and settings.tls_key is not None
                 credentials = grpc.ssl_server_credentials(
-                    [(_pem(settings.tls_key), _pem(settings.tls_cert))],
+                    [(
+                        read_pem(settings.tls_key, "key"),
+                        read_pem(settings.tls_cert, "certificate"),
+                    )],
                     root_certificates=(
-                        _pem(settings.tls_client_ca) if settings.tls_client_ca else None
+                        read_pem(settings.tls_client_ca, "client CA")
+                        if settings.tls_client_ca else None
                     ),
                     require_client_auth=settings.tls_client_ca is not None,
                 )
