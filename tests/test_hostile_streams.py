@@ -257,3 +257,63 @@ def test_asyncio_interceptors_from_plugins_see_streams(memory_store: Store) -> N
         assert b"".join(r.data for r in bytestream.Read(read, timeout=HANG_GUARD)) == data
     assert counter.methods == ["/google.bytestream.ByteStream/Write",
                                "/google.bytestream.ByteStream/Read"]
+
+
+class _WrappingInterceptor(grpc.ServerInterceptor):
+    """A classic interceptor that wraps every ByteStream behaviour, as plugins written for the
+    threaded server do (metrics around each call)."""
+
+    def __init__(self) -> None:
+        self.finished: list[str] = []
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or not details.method.startswith("/google.bytestream.ByteStream/"):
+            return handler
+        finished = self.finished
+        name = details.method.rpartition("/")[2]
+        codecs = {"request_deserializer": handler.request_deserializer,
+                  "response_serializer": handler.response_serializer}
+        if handler.unary_stream:
+            def read(request: Any, context: Any) -> Iterator[Any]:
+                yield from handler.unary_stream(request, context)
+                finished.append(name)
+
+            return grpc.unary_stream_rpc_method_handler(read, **codecs)
+
+        def call(request: Any, context: Any) -> Any:
+            behavior = handler.stream_unary or handler.unary_unary
+            response = behavior(request, context)
+            finished.append(name)
+            return response
+
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(call, **codecs)
+        return grpc.unary_unary_rpc_method_handler(call, **codecs)
+
+
+def test_classic_interceptors_that_wrap_bytestream_calls_keep_working(
+    memory_store: Store,
+) -> None:
+    wrapping = _WrappingInterceptor()
+    data = random_bytes(3 * MiB, seed=6)
+    digest = Digest.of_bytes(data)
+    resource = _upload_resource(digest)
+    with Server(memory_store, interceptors=[wrapping]) as server, \
+            grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        bytestream = byte_grpc.ByteStreamStub(channel)
+        chunks = [byte_pb2.WriteRequest(resource_name=resource, write_offset=offset,
+                                        data=data[offset:offset + MiB],
+                                        finish_write=offset + MiB >= len(data))
+                  for offset in range(0, len(data), MiB)]
+        assert bytestream.Write(iter(chunks), timeout=HANG_GUARD).committed_size == len(data)
+        read = byte_pb2.ReadRequest(resource_name=f"blobs/{digest.hash}/{digest.size}")
+        assert b"".join(r.data for r in bytestream.Read(read, timeout=HANG_GUARD)) == data
+        with pytest.raises(grpc.RpcError) as missing:
+            list(bytestream.Read(byte_pb2.ReadRequest(
+                resource_name=f"blobs/{'0' * 64}/5"), timeout=HANG_GUARD))
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        status = bytestream.QueryWriteStatus(
+            byte_pb2.QueryWriteStatusRequest(resource_name=resource), timeout=HANG_GUARD)
+        assert status.complete
+    assert wrapping.finished == ["Write", "Read", "QueryWriteStatus"]
