@@ -317,3 +317,15 @@ def test_classic_interceptors_that_wrap_bytestream_calls_keep_working(
             byte_pb2.QueryWriteStatusRequest(resource_name=resource), timeout=HANG_GUARD)
         assert status.complete
     assert wrapping.finished == ["Write", "Read", "QueryWriteStatus"]
+
+
+def test_a_stalled_client_that_goes_away_frees_its_slots(memory_store: Store) -> None:
+    large = memory_store.put_bytes(random_bytes(8 * MiB, seed=7))
+    with Server(memory_store) as server:
+        assert server.port is not None
+        with stalled_streams(server.port, writes=5, reads=5,
+                             read_digest=(large.hash, large.size), channels=2) as client:
+            _wait_for(lambda: len(server.streams) == 10, "the stalled streams never started")
+            client.kill()  # its connections drop with the streams still stalled
+            client.wait()
+        _wait_for(lambda: len(server.streams) == 0, "a vanished client's streams hold slots")
