@@ -90,7 +90,7 @@ def _configure_logging(level: str | None, ctx: click.Context) -> None:
 @click.option("--stream-idle-timeout", type=click.FloatRange(min=0, min_open=True),
               default=None, metavar="SECONDS",
               help="End a stream without progress for this long with UNAVAILABLE "
-                   "[default: 60].")
+                   " [default: 60].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default=None, help="Server log level; debug logs every request  [default: info].")
 @click.pass_context
