@@ -3,9 +3,7 @@ channels and the generated stubs (never casframe's own grpc:// backend)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
 import signal
 import subprocess
@@ -16,12 +14,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import IO
 
 import grpc
 import pytest
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_processes import serve_process
 
 import casframe
 from casframe import Digest, Store, hookimpl, open_store
@@ -1024,29 +1022,6 @@ def test_listening_on_a_taken_port_fails_clearly(served: Served, memory_store: S
 
 
 # -- the command ------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def serve_process(
-    store_url: str, *options: str, stderr: int | IO[str] = subprocess.PIPE
-) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """``python -m casframe.server STORE_URL --listen 127.0.0.1:0 OPTIONS``; yields the process
-    and its port once it says it is serving; kills it if it is still running at the end."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "casframe.server", store_url, "--listen", "127.0.0.1:0",
-         *options],
-        stdout=subprocess.PIPE, stderr=stderr, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith(f"casframe: serving {store_url} on 127.0.0.1:"), line
-        yield process, int(line.strip().rpartition(":")[2])
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_serve_command_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
