@@ -428,9 +428,12 @@ class Killer:
                 self.interrupted += 1
         child.close()
 
-    def run(self, command: str, *args: object, **options: bool) -> None:
-        """Start ``command`` and kill it after a random delay."""
-        self.kill_later(self.start(command, *args, **options))
+    def kill_at_random(
+        self, command: str, *args: object, estimate: str | None = None, **options: bool
+    ) -> None:
+        """Start ``command`` and kill it after a random delay (the ``estimate`` of its key,
+        by default the command)."""
+        self.kill_later(self.start(command, *args, **options), estimate)
 
 
 def make_source(root: Path, rng: random.Random, tag: int) -> Path:

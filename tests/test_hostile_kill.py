@@ -68,7 +68,7 @@ def _assert_sound_after_kill(store: Store, root: Path, named_temp: bool) -> None
 def _extra_kill(killer: Killer, command: str, *args: object) -> None:
     """Kill ``command`` once more, after a random delay (anywhere, or after its end)."""
     name = "transfer" if command == "push-grpc" else command
-    killer.kill_later(killer.start(name, *args, spawn=True), command)
+    killer.kill_at_random(name, *args, estimate=command, spawn=True)
 
 
 @pytest.mark.timeout(900)
