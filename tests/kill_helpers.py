@@ -394,6 +394,7 @@ class Killer:
     def stop_and_kill(self, child: Child, *, peers: Sequence[Child] = ()) -> str:
         """Wait until ``child`` stops at its step, kill it, and return what it stopped at."""
         report = child.expect("stopped", peers=peers)
+        print(f"{child.name} {report}")  # shown with a failure: where the kills landed
         assert child.kill(), f"{child.name} ended by itself after {report!r}"
         assert child.wait() == -signal.SIGKILL
         assert not [m for m in child.messages() if m.startswith("done")]

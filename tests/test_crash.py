@@ -41,13 +41,13 @@ def test_sigkill_during_import_transfer_and_prune(tmp_path: Path) -> None:
     # A tree the first round's prune drops: every prune has a tree's worth of blobs to delete.
     a.set_ref("build/seed", a.import_directory(make_source(tmp_path / "seed", rng, -1)))
 
-    def kill(command: str, *args: object, named_temp: bool = False, dest: str = "") -> None:
-        """Kill ``command`` at a step and, in its turn, once more at random; then ``dest``
-        (the store it was writing) must be sound."""
+    def kill(command: str, *args: object, dest: str, named_temp: bool, extra: str) -> None:
+        """Kill ``command`` at a step and, if it is the ``extra`` one, once more at random;
+        then ``dest`` (the store it works on) must be sound."""
         killer.kill_at_step(command, *args, without_tmpfile=named_temp)
         if named_temp:  # the upload it stopped in is left over, for prune
             assert os.listdir(tmp_path / dest / "tmp")
-        if command == EXTRA_KILLS[round_no % len(EXTRA_KILLS)]:
+        if command == extra:
             killer.kill_at_random(command, *args, without_tmpfile=named_temp)
         assert_sound(a if dest == "a" else b)
 
@@ -56,13 +56,14 @@ def test_sigkill_during_import_transfer_and_prune(tmp_path: Path) -> None:
         source = make_source(tmp_path / f"src{round_no}", rng, round_no)
         ref = f"build/{round_no}"
         named_temp = round_no % 2 == 1
-        kill("import", a_url, source, ref, named_temp=named_temp, dest="a")
+        extra = EXTRA_KILLS[round_no % len(EXTRA_KILLS)]
+        kill("import", a_url, source, ref, dest="a", named_temp=named_temp, extra=extra)
         expected = reference.import_directory(source)
         a.set_ref(ref, a.import_directory(source))  # the same command, run again
         assert a.get_ref(ref) == expected and not missing_in_tree(a, expected)
 
         # transfer: the new tree from a to b
-        kill("transfer", a_url, b_url, ref, named_temp=named_temp, dest="b")
+        kill("transfer", a_url, b_url, ref, dest="b", named_temp=named_temp, extra=extra)
         assert a.push(b, ref).root == expected
         assert b.get_ref(ref) == expected and not missing_in_tree(b, expected)
 
@@ -71,7 +72,7 @@ def test_sigkill_during_import_transfer_and_prune(tmp_path: Path) -> None:
             for old in store.list_refs("build/"):
                 if old.name != ref:
                     store.delete_ref(old.name)
-        kill("prune", a_url, dest="a")
+        kill("prune", a_url, dest="a", named_temp=False, extra=extra)
         report = prune(a, grace_period=0)
         assert report.objects_kept_young == 0 and not report.problems
         assert not os.listdir(tmp_path / "a" / "tmp")  # grace 0: every temp file is stale

@@ -2,7 +2,7 @@
 ``casframe serve`` over ``file://`` — the client killed, or the server.
 
 ``tests/test_crash.py`` kills forked children working on ``file://`` stores; here every child is
-a new interpreter (``kill_helpers.Killer(spawn=True)``), as a user's command is, and the pushes
+a new interpreter (``spawn=True``), as a user's command is, and the pushes
 go through gRPC to a real server process on a free loopback port.
 
 Each command is killed at a step drawn from the seeded generator: the child stops itself as it
