@@ -2,8 +2,8 @@
 ``casframe serve`` over ``file://`` — the client killed, or the server.
 
 ``tests/test_crash.py`` kills forked children working on ``file://`` stores; here every child is
-a new interpreter (``spawn=True``), as a user's command is, and the pushes
-go through gRPC to a real server process on a free loopback port.
+a new interpreter (``spawn=True``), as a user's command is, and the pushes go through gRPC to a
+real server process on a free loopback port.
 
 Each command is killed at a step drawn from the seeded generator: the child stops itself as it
 is about to commit (or delete) its N-th blob, and is killed there (``kill_helpers.Stepper``), so
@@ -30,7 +30,7 @@ from casframe.maintenance import prune
 from casframe.tree import missing_in_tree
 
 SEED = 20261206
-ROUNDS = 4  # each round kills six times, ~25 kills in 30-80 s on a busy 2-core machine
+ROUNDS = 4  # each round kills six times: 24 kills, 30-80 s on a busy 2-core machine
 # Delays up to which the extra kills are drawn at first (seconds after "ready"); the killer then
 # follows the run times it sees. Where these kills land is not asserted.
 FIRST_ESTIMATE = {"import": 0.3, "transfer": 0.3, "push-grpc": 0.5, "prune": 0.1}
