@@ -390,7 +390,7 @@ def _stopped(hostile: HostileServer, trick: str, pages: int | None) -> None:
 # A hang guard: before the client checked GetTree listings, these looped forever.
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("trick, message, pages", [
-    ("endless-stream", "with more than 50 directories (max_tree_directories)", None),
+    ("endless-stream", "with more than 50 directories (get_tree_max_directories)", None),
     ("repeated-token", "with the page token 'again' again", 2),
     ("empty-pages", "with more than 8 empty pages", 9),
 ])
@@ -401,8 +401,8 @@ def test_get_tree_that_never_ends_is_stopped(
     _, root = tree
     hostile.tricks.add(trick)
     # Repeated tokens and empty pages are refused whatever the limits; an endless stream of new
-    # Directories is stopped by max_tree_directories (lowered here: the default takes longer).
-    options = {"max_tree_directories": 50} if pages is None else {}
+    # Directories is stopped by get_tree_max_directories (lowered here: the default takes longer).
+    options = {"get_tree_max_directories": 50} if pages is None else {}
     with _remote(hostile, **options) as remote:
         with pytest.raises(RemoteProtocolError, match=re.escape(message)):
             for _ in remote.blobs.get_tree(root):  # type: ignore[attr-defined]
@@ -415,8 +415,10 @@ def test_get_tree_over_the_byte_limit_is_stopped(
 ) -> None:
     _, root = tree
     hostile.tricks.add("endless-stream")
-    with _remote(hostile, max_tree_bytes=4096) as remote:
-        with pytest.raises(RemoteProtocolError, match=r"more than 4096 bytes \(max_tree_bytes\)"):
+    with _remote(hostile, get_tree_max_bytes=4096) as remote:
+        with pytest.raises(
+            RemoteProtocolError, match=r"more than 4096 bytes \(get_tree_max_bytes\)"
+        ):
             list(remote.blobs.get_tree(root))  # type: ignore[attr-defined]
     _stopped(hostile, "endless-stream", None)
 
@@ -431,7 +433,7 @@ def test_pull_from_a_server_paging_forever_ends_with_the_right_tree(
 ) -> None:
     source, root = tree
     hostile.tricks.add(trick)
-    options = {"max_tree_directories": 200} if pages is None else {}
+    options = {"get_tree_max_directories": 200} if pages is None else {}
     with _remote(hostile, **options) as remote, \
             open_store("memory://") as local:
         local.pull(remote, root, ref="pulled")

@@ -259,7 +259,8 @@ def asset_ref_name(
                 f"{uri!r}: casframe:ref/ URIs take no qualifiers (got {', '.join(names)})",
                 [bad],
             )
-        return validate_ref_name(uri[len(REF_URI_PREFIX) :])
+        # A user's ref, never one of the server's own: those are reserved whole.
+        return writable_ref_name(uri[len(REF_URI_PREFIX) :])
     if uri.startswith(BUILDSTREAM1_URI_PREFIX) and kind == "directory" and not pairs:
         return writable_ref_name(uri[len(BUILDSTREAM1_URI_PREFIX) :])
     readable = _buildstream2_ref_name(kind, instance, uri, pairs)

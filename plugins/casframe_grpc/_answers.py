@@ -117,11 +117,11 @@ class TreeListing:
         self._directories += len(page.directories)
         if self._directories > self._max_directories:
             raise self._refuse(
-                f"with more than {self._max_directories} directories (max_tree_directories)"
+                f"with more than {self._max_directories} directories (get_tree_max_directories)"
             )
         self._bytes += page.ByteSize()
         if self._bytes > self._max_bytes:
-            raise self._refuse(f"with more than {self._max_bytes} bytes (max_tree_bytes)")
+            raise self._refuse(f"with more than {self._max_bytes} bytes (get_tree_max_bytes)")
         if not page.directories:
             self._empty_pages += 1
             if self._empty_pages > EMPTY_TREE_PAGES:

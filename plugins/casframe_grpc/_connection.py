@@ -83,7 +83,7 @@ _REF_PROTOCOLS = ("auto", "asset", "reference-storage")
 _TLS_OPTIONS = ("server_cert", "client_key", "client_cert")
 _KNOWN_OPTIONS = frozenset(
     {*_TLS_OPTIONS, "timeout", "max_message_size", "max_concurrency", "ref_protocol",
-     "keepalive_time", "max_tree_directories", "max_tree_bytes"}
+     "keepalive_time", "get_tree_max_directories", "get_tree_max_bytes"}
 )
 
 _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
@@ -109,8 +109,8 @@ class GrpcOptions:
     #: Seconds between keepalive pings on a connection with calls in flight.
     keepalive_time: float
     #: Most Directories, and most bytes of them, one GetTree listing may bring.
-    max_tree_directories: int = _DEFAULT_MAX_TREE_DIRECTORIES
-    max_tree_bytes: int = _DEFAULT_MAX_TREE_BYTES
+    get_tree_max_directories: int = _DEFAULT_MAX_TREE_DIRECTORIES
+    get_tree_max_bytes: int = _DEFAULT_MAX_TREE_BYTES
 
     @property
     def secure(self) -> bool:
@@ -172,10 +172,12 @@ class GrpcOptions:
             max_concurrency=int(_positive(url, "max_concurrency", _DEFAULT_CONCURRENCY, int)),
             ref_protocol=ref_protocol,
             keepalive_time=_positive(url, "keepalive_time", 300.0, float),
-            max_tree_directories=int(
-                _positive(url, "max_tree_directories", _DEFAULT_MAX_TREE_DIRECTORIES, int)
+            get_tree_max_directories=int(
+                _positive(url, "get_tree_max_directories", _DEFAULT_MAX_TREE_DIRECTORIES, int)
             ),
-            max_tree_bytes=int(_positive(url, "max_tree_bytes", _DEFAULT_MAX_TREE_BYTES, int)),
+            get_tree_max_bytes=int(
+                _positive(url, "get_tree_max_bytes", _DEFAULT_MAX_TREE_BYTES, int)
+            ),
         )
 
 

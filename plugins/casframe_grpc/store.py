@@ -621,11 +621,11 @@ class GrpcBlobStore(BlobStore):
         unknown, never as the tree's. Raises :class:`BlobNotFoundError` when ``root`` is
         missing, and :class:`RemoteProtocolError` when the server repeats a page token, sends
         more than a few empty pages, or more Directories (or bytes of them) than the URL's
-        ``max_tree_directories`` (``max_tree_bytes``) allow: a server paging forever is
+        ``get_tree_max_directories`` (``get_tree_max_bytes``) allow: a server paging forever is
         stopped within bounded memory.
         """
-        listing = TreeListing(self.conn.where, root, self.conn.options.max_tree_directories,
-                              self.conn.options.max_tree_bytes)
+        listing = TreeListing(self.conn.where, root, self.conn.options.get_tree_max_directories,
+                              self.conn.options.get_tree_max_bytes)
         token = ""
         while True:
             request = reapi.GetTreeRequest(
