@@ -131,17 +131,21 @@ class App:
             self._config = load_config(self.config_file)
         return self._config
 
-    def store(self) -> Store:
-        """The store named by ``--store`` (or the default store)."""
+    def store(self, *, create: bool = True) -> Store:
+        """The store named by ``--store`` (or the default store).
+
+        Commands that only read pass ``create=False``: a store that does not exist is then an
+        error (:class:`~casframe.StoreNotFoundError`), not a new empty store.
+        """
         if self._store is None:
-            self._store = self.open(self.store_choice)
+            self._store = self.open(self.store_choice, create=create)
         return self._store
 
-    def open(self, name_or_url: str | None) -> Store:
+    def open(self, name_or_url: str | None, *, create: bool = True) -> Store:
         """Open another store given as a URL, a configured name or a path."""
         from casframe.config import open_configured_store
 
-        store = open_configured_store(name_or_url, config=self.config())
+        store = open_configured_store(name_or_url, config=self.config(), create=create)
         self._opened.append(store)
         return store
 
@@ -465,7 +469,7 @@ def checkout_command(app: App, tree: str, dest: str, copy: bool, link: bool) -> 
         raise click.UsageError("--copy and --link cannot be used together")
     mode = True if link else False if copy else None
     with app.progress() as progress:
-        app.store().checkout(tree, dest, link=mode, progress=progress)
+        app.store(create=False).checkout(tree, dest, link=mode, progress=progress)
 
 
 @click.command("diff")
@@ -479,7 +483,7 @@ def diff_command(app: App, a: str, b: str, subdir: str, as_json: bool) -> None:
 
     Prints one line per path added (A), removed (D) or modified (M) from tree A to tree B.
     """
-    changes = app.store().diff(a, b, subdir=subdir)
+    changes = app.store(create=False).diff(a, b, subdir=subdir)
     if as_json:
         _emit_json(
             {"added": changes.added, "removed": changes.removed, "modified": changes.modified}
@@ -522,7 +526,7 @@ def ls_command(app: App, tree: str, path: str, recursive: bool, as_json: bool) -
     """
     from casframe.names import split_tree_path
 
-    store = app.store()
+    store = app.store(create=False)
     entries = store.walk(tree, path) if recursive else store.ls(tree, path)
     segments = split_tree_path(path)
     prefix = "/".join(segments) + "/" if segments else ""
@@ -551,7 +555,7 @@ def cat_command(app: App, tree: str, path: str) -> None:
 
     Writes the content of the file PATH of TREE to stdout, byte for byte.
     """
-    with app.store().open_file(tree, path) as stream:
+    with app.store(create=False).open_file(tree, path) as stream:
         _copy_stream(stream, _binary(sys.stdout))
 
 
@@ -590,7 +594,7 @@ def get_command(app: App, digest: str, output: str | None) -> None:
     from casframe.digest import Digest
 
     wanted = Digest.parse(digest)
-    with app.store().open_read(wanted) as stream:
+    with app.store(create=False).open_read(wanted) as stream:
         if output is None or output == "-":
             _copy_stream(stream, _binary(sys.stdout))
             return
@@ -688,7 +692,7 @@ def ref_get(app: App, name: str, as_json: bool) -> None:
 
     This counts as a use of NAME for least-recently-used order.
     """
-    digest = app.store().get_ref(name)
+    digest = app.store(create=False).get_ref(name)
     if as_json:
         _emit_json({"name": name, "digest": str(digest)})
     else:
@@ -704,7 +708,7 @@ def ref_list(app: App, prefix: str, as_json: bool) -> None:
 
     Prints last-access time, digest and name of every ref starting with PREFIX.
     """
-    refs = app.store().list_refs(prefix)
+    refs = app.store(create=False).list_refs(prefix)
     if as_json:
         _emit_json(
             [
@@ -874,7 +878,7 @@ def push_command(
         _through_remotes(app, "push", tree, ref_name, remote_names, timeout, as_json)
         return
     _single_store_only("--to", remote_names, timeout)
-    source = app.store()
+    source = app.store(create=False)
     dest = app.open(destination)
     with app.progress(as_json) as progress:
         result = source.push(dest, tree, ref=ref_name, progress=progress)
@@ -909,7 +913,7 @@ def pull_command(
         return
     _single_store_only("--from", remote_names, timeout)
     dest = app.store()
-    source = app.open(origin)
+    source = app.open(origin, create=False)
     with app.progress(as_json) as progress:
         result = dest.pull(source, tree, ref=ref_name, progress=progress)
     _report_transfer(result, "pulled", source, dest, as_json)
@@ -1203,7 +1207,7 @@ def fsck_command(ctx: click.Context, app: App, repair: bool, as_json: bool) -> N
     that every Directory is canonical and safe. Prints one line per problem with its digest
     and the refs concerned; exits with status 1 when there is any.
     """
-    store = app.store()
+    store = app.store(create=False)
     with app.progress(as_json) as progress:
         report = store.fsck(repair=repair, progress=progress)
     if as_json:
@@ -1237,7 +1241,7 @@ def du_command(app: App, as_json: bool) -> None:
     A ref's exclusive size is what no other ref keeps alive: what deleting it would free.
     Refs are listed most exclusive bytes first.
     """
-    store = app.store()
+    store = app.store(create=False)
     with app.progress(as_json) as progress:
         report = store.du(progress=progress)
     if as_json:

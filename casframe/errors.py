@@ -27,6 +27,7 @@ __all__ = [
     "MissingDependencyError",
     "PermissionDeniedError",
     "RefNotFoundError",
+    "StoreNotFoundError",
     "UnknownSchemeError",
     "UnsafeTreeError",
     "UnsupportedFileTypeError",
@@ -162,6 +163,12 @@ class ConfigError(CasframeError, ValueError):
     """The configuration file or a store URL is malformed."""
 
     reason = "config"
+
+
+class StoreNotFoundError(CasframeError):
+    """There is no store at the location given, and the caller asked not to create one."""
+
+    reason = "store-not-found"
 
 
 class BackendUnavailableError(CasframeError):

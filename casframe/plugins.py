@@ -149,8 +149,15 @@ def list_plugins() -> list[PluginInfo]:
     return infos
 
 
-def open_store(url: str, options: Mapping[str, Any] | None = None) -> Store:
-    """Open the store at ``url`` through the plugin that registered its scheme."""
-    parsed = StoreURL.parse(url, options)
+def open_store(
+    url: str, options: Mapping[str, Any] | None = None, *, create: bool = True
+) -> Store:
+    """Open the store at ``url`` through the plugin that registered its scheme.
+
+    With ``create=False`` a store that does not exist yet is not created: opening it raises
+    :class:`~casframe.StoreNotFoundError` (for commands that only read, where a mistyped path
+    would otherwise leave an empty store behind).
+    """
+    parsed = StoreURL.parse(url, options, create=create)
     factory = backend_registry().get(parsed.scheme).load()
     return factory(parsed)

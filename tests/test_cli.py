@@ -372,7 +372,8 @@ def test_checkout_into_a_non_empty_directory_is_refused(
     assert (tmp_path / "dest" / "keep").read_text() == "mine"
 
 
-def test_verbose_shows_the_traceback(run: Run) -> None:
+def test_verbose_shows_the_traceback(run: Run, tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
     result = run("-v", "ref", "get", "missing")
     assert result.exit_code == 1
     assert "Traceback" in result.stderr

@@ -40,16 +40,17 @@ class ByteSize(click.ParamType):
         return int(match.group(1)) * _SIZE_UNITS[unit]
 
 
-def _open_store(ctx: click.Context, url: str) -> tuple[Any, bool]:
+def _open_store(ctx: click.Context, url: str, *, create: bool) -> tuple[Any, bool]:
     """Open STORE_URL through the CLI's opener when there is one (configured names work then);
-    return the store and whether this command must close it."""
+    return the store and whether this command must close it. A read-only server does not
+    create a missing store (``create=False``)."""
     for attribute in ("open_store", "open"):
         opener = getattr(ctx.obj, attribute, None)
         if callable(opener):
-            return opener(url), False
+            return opener(url, create=create), False
     from casframe.plugins import open_store
 
-    return open_store(url), True
+    return open_store(url, create=create), True
 
 
 def _configure_logging(level: str | None, ctx: click.Context) -> None:
@@ -110,7 +111,7 @@ def serve_command(
     from casframe.server.settings import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_WORKERS
 
     _configure_logging(log_level, ctx)
-    store, owned = _open_store(ctx, store_url)
+    store, owned = _open_store(ctx, store_url, create=not read_only)
     try:
         server = Server(
             store,
