@@ -7,6 +7,7 @@ machinery is imported only when the command runs.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import sys
@@ -14,6 +15,9 @@ import threading
 from typing import Any
 
 import click
+
+from casframe.errors import ConfigError
+from casframe.server.settings import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_WORKERS, check_listen
 
 __all__ = ["SHUTDOWN_GRACE", "main", "serve_command"]
 
@@ -38,6 +42,29 @@ class ByteSize(click.ParamType):
             self.fail(f"{value!r} is not a size (examples: 4194304, 4MiB, 512KiB)", param, ctx)
         unit = (match.group(2) or "")[:1].lower()
         return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+class ListenAddress(click.ParamType):
+    """``HOST:PORT`` with a port from 0 to 65535."""
+
+    name = "address"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return check_listen(str(value))
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _quiet_grpc(level: str | None) -> None:
+    """Keep gRPC's native log lines (``E1206 ... add_port.cc:83] ...``) off the terminal
+    except at ``--log-level debug``: casframe reports every failure in one line of its own.
+
+    gRPC reads ``GRPC_VERBOSITY`` once, when it is first imported, so this runs before the
+    server module imports it; a value the user exported is left alone.
+    """
+    if level != "debug":
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
 def _open_store(ctx: click.Context, url: str, *, create: bool) -> tuple[Any, bool]:
@@ -66,7 +93,8 @@ def _configure_logging(level: str | None, ctx: click.Context) -> None:
 
 @click.command("serve")
 @click.argument("store_url", metavar="STORE")
-@click.option("--listen", default="127.0.0.1:50051", show_default=True, metavar="HOST:PORT",
+@click.option("--listen", type=ListenAddress(), default="127.0.0.1:50051", show_default=True,
+              metavar="HOST:PORT",
               help="Address to listen on; port 0 picks a free port. Use [::]:PORT or "
                    "0.0.0.0:PORT to accept remote clients.")
 @click.option("--instance", "instances", multiple=True, metavar="NAME",
@@ -107,10 +135,12 @@ def serve_command(
     Fetch/Push, BuildStream ReferenceStorage and the gRPC health service. Stops gracefully on
     SIGTERM or SIGINT.
     """
-    from casframe.server.app import Server
-    from casframe.server.settings import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_WORKERS
-
     _configure_logging(log_level, ctx)
+    if log_level is None and getattr(ctx.obj, "verbose", False):
+        log_level = "debug"
+    _quiet_grpc(log_level)
+    from casframe.server.app import Server
+
     store, owned = _open_store(ctx, store_url, create=not read_only)
     try:
         server = Server(
