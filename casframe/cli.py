@@ -9,6 +9,7 @@ click at module level); json, tqdm, configuration and plugins load when a comman
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -22,6 +23,7 @@ import click
 from casframe.errors import CasframeError
 from casframe.progress import NO_PROGRESS, Progress
 from casframe.server import serve_command
+from casframe.units import format_count, format_size, parse_size
 
 if TYPE_CHECKING:
     from casframe.config import Config
@@ -72,15 +74,13 @@ class TqdmProgress(Progress):
         self._bar: Any = None
 
     def start(self, task: str, total: int | None = None, unit: str = "files") -> None:
-        from tqdm import tqdm
-
         with self._lock:
             self._close_bar()
-            self._bar = tqdm(
+            self._bar = _bar_class()(
                 total=total,
                 desc=task,
                 unit=unit,
-                unit_scale=unit == "B",
+                bar_format=_bar_format(total is not None, unit == "B"),
                 file=self._file if self._file is not None else sys.stderr,
                 leave=False,
                 dynamic_ncols=True,
@@ -99,6 +99,40 @@ class TqdmProgress(Progress):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _bar_format(total: bool, in_bytes: bool) -> str:
+    """Numbers as everywhere else in casframe: ``20,441 files``, ``16.5 KiB``, the unit spaced."""
+    amount = "{n_text} / {total_text}" if total else "{n_text}"
+    if not in_bytes:
+        amount += " {unit}"
+    if total:
+        return f"{{desc}}: {{percentage:3.0f}}%|{{bar}}| {amount} [{{elapsed}}<{{remaining}}, " \
+            "{rate_text}]"
+    return "{desc}: " + amount + " [{elapsed}, {rate_text}]"
+
+
+@functools.cache
+def _bar_class() -> Any:
+    """tqdm's bar, numbered in casframe's own format (tqdm is imported on first use)."""
+    from tqdm import tqdm
+
+    class Bar(tqdm):  # type: ignore[misc, type-arg]
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            values: dict[str, Any] = super().format_dict
+            in_bytes = values["unit"] == "B"
+            show = format_size if in_bytes else (lambda n: f"{int(n):,}")
+            values["n_text"] = show(values["n"])
+            values["total_text"] = show(values["total"]) if values["total"] else "?"
+            elapsed = values["elapsed"]
+            rate = values["rate"] or (values["n"] / elapsed if elapsed else 0)
+            values["rate_text"] = (
+                f"{format_size(rate)}/s" if in_bytes else f"{rate:,.0f} {values['unit']}/s"
+            )
+            return values
+
+    return Bar
 
 
 def _stderr_is_terminal() -> bool:
@@ -185,18 +219,6 @@ def _copy_stream(source: BinaryIO, target: BinaryIO) -> None:
     while chunk := source.read(_COPY_CHUNK):
         target.write(chunk)
     target.flush()
-
-
-def _human_bytes(count: int) -> str:
-    """Decimal units, like the progress bar."""
-    if count < 1000:
-        return f"{count} B"
-    value = float(count)
-    for unit in ("kB", "MB", "GB"):
-        value /= 1000
-        if value < 1000:
-            return f"{value:.1f} {unit}"
-    return f"{value / 1000:.1f} TB"
 
 
 def _iso_time(seconds: float, utc: bool = False) -> str:
@@ -760,11 +782,11 @@ def _report_transfer(
         return
     where = f"to {dest.url}" if verb == "pushed" else f"from {source.url}"
     if result.already_present:
-        what = f"already present ({result.blobs_total} blobs)"
+        what = f"already present ({format_count(result.blobs_total, 'blob')})"
     else:
         what = (
-            f"copied {result.blobs_sent} of {result.blobs_total} blobs "
-            f"({_human_bytes(result.bytes_sent)})"
+            f"copied {result.blobs_sent:,} of {format_count(result.blobs_total, 'blob')} "
+            f"({format_size(result.bytes_sent)})"
         )
     ref = f"; ref {result.ref} set" if result.ref else ""
     click.echo(f"{verb} {result.root} {where}: {what}{ref}")
@@ -813,10 +835,11 @@ def _outcome_line(outcome: RemoteOutcome) -> str:
     ref_note = f"; ref {outcome.ref} set" if outcome.ref_set else ""
     if status is RemoteStatus.UP_TO_DATE:
         kept = f", ref {outcome.ref}" if outcome.ref else ""
-        return f"up to date {name}: already has it ({result.blobs_total} blobs{kept})"
-    sent = f"{result.blobs_sent} blobs, {_human_bytes(result.bytes_sent)}"
+        blobs = format_count(result.blobs_total, "blob")
+        return f"up to date {name}: already has it ({blobs}{kept})"
+    sent = f"{format_count(result.blobs_sent, 'blob')}, {format_size(result.bytes_sent)}"
     if result.blobs_sent == 0:
-        sent = f"0 blobs, all {result.blobs_total} already there"
+        sent = f"0 blobs, all {result.blobs_total:,} already there"
     verb = "pulled from" if status is RemoteStatus.PULLED else "pushed to"
     return f"{verb} {name}: {sent}{ref_note}"
 
@@ -987,8 +1010,6 @@ def _duration(value: str) -> float:
 
 
 def _size(value: str) -> int:
-    from casframe.maintenance import parse_size
-
     size = parse_size(value)
     if size <= 0:
         raise ValueError(f"invalid size {value!r}: must be positive")
@@ -1020,12 +1041,8 @@ _dry_run_option = click.option(
 )
 
 
-def _count(count: int, noun: str, plural: str = "") -> str:
-    return f"{count:,} {noun if count == 1 else plural or noun + 's'}"
-
-
 def _objects(count: int, size: int) -> str:
-    return f"{_count(count, 'object')} ({_human_bytes(size)})"
+    return f"{format_count(count, 'object')} ({format_size(size)})"
 
 
 def _age(seconds: float) -> str:
@@ -1051,8 +1068,8 @@ def _ref_table(usage: Sequence[Any], *, extra: str = "") -> None:
     rows = [
         (
             u.name,
-            _human_bytes(u.total_bytes),
-            _human_bytes(u.exclusive_bytes),
+            format_size(u.total_bytes),
+            format_size(u.exclusive_bytes),
             _iso_time(u.accessed) if u.accessed else "-",
         )
         for u in usage
@@ -1071,7 +1088,8 @@ def _prune_summary(report: Any) -> str:
     text = (
         f"{verb} {_objects(report.objects_freed, report.bytes_freed)} of "
         f"{_objects(report.objects_scanned, report.bytes_scanned)} scanned; "
-        f"kept {report.objects_reachable:,} reachable from {_count(report.refs_checked, 'ref')}"
+        f"kept {report.objects_reachable:,} reachable from "
+        f"{format_count(report.refs_checked, 'ref')}"
     )
     if report.objects_kept_young:
         text += (
@@ -1114,7 +1132,8 @@ def prune_command(app: App, grace_period: float, dry_run: bool, as_json: bool) -
     required=True,
     metavar="SIZE",
     callback=_parse_with(_size),
-    help="Quota for the store: 500M, 10G, 1.5T (binary units).",
+    help="Quota for the store: 500M, 10GiB, 1.5T (binary: K = KiB = 1024), or 20kB, 10GB "
+    "(decimal).",
 )
 @click.option(
     "--low-watermark",
@@ -1164,14 +1183,14 @@ def gc_command(
         state = "over" if report.over_quota else "within"
         click.echo(
             f"store holds {_objects(report.objects_before, report.bytes_before)}: {state} the "
-            f"quota of {_human_bytes(report.max_size)}"
+            f"quota of {format_size(report.max_size)}"
         )
         verb = "would expire" if dry_run else "expired"
         for usage in report.refs_deleted:
             last = _iso_time(usage.accessed) if usage.accessed else "never"
             click.echo(
                 f"{verb} ref {usage.name} (last used {last}; alone keeps "
-                f"{_human_bytes(usage.exclusive_bytes)})"
+                f"{format_size(usage.exclusive_bytes)})"
             )
         for name in report.refs_kept:
             click.echo(f"kept ref {name} (matches --keep)")
@@ -1179,13 +1198,17 @@ def gc_command(
             _warn_ref_problems(report.prune.problems)
             click.echo(_prune_summary(report.prune))
         click.echo(
-            f"{'would hold' if dry_run else 'now holds'} {_human_bytes(report.predicted_bytes)}"
-            f" (target {_human_bytes(report.target_bytes)})"
+            f"{'would hold' if dry_run else 'now holds'} {format_size(report.predicted_bytes)}"
+            f" (target {format_size(report.target_bytes)})"
         )
     if not report.reached_target:
+        # Only the reasons that the options given can cause.
+        reasons = ["refs matching --keep"] if keep else []
+        if grace_period > 0:
+            reasons.append(f"blobs younger than --grace {_age(grace_period)}")
+        why = f": what is left is kept by {' or '.join(reasons)}" if reasons else ""
         click.echo(
-            f"{PROG}: warning: cannot get under {_human_bytes(report.target_bytes)}: what is "
-            f"left is kept by refs matching --keep or younger than {_age(grace_period)}",
+            f"{PROG}: warning: cannot get under {format_size(report.target_bytes)}{why}",
             err=True,
         )
         ctx.exit(EXIT_ERROR)
@@ -1224,9 +1247,9 @@ def fsck_command(ctx: click.Context, app: App, repair: bool, as_json: bool) -> N
         found = len(report.problems)
         click.echo(
             f"checked {_objects(report.blobs_checked, report.bytes_checked)}{scope}, "
-            f"{_count(report.refs_checked, 'ref')}, "
-            f"{_count(report.directories_checked, 'directory', 'directories')}: "
-            + (_count(found, "problem") if found else "no problems")
+            f"{format_count(report.refs_checked, 'ref')}, "
+            f"{format_count(report.directories_checked, 'directory', 'directories')}: "
+            + (format_count(found, "problem") if found else "no problems")
         )
     if not report.ok:
         ctx.exit(EXIT_ERROR)

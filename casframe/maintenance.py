@@ -60,6 +60,7 @@ from casframe.names import ACTION_RESULT_REF_PREFIX, is_tree_ref
 from casframe.progress import NO_PROGRESS, Progress
 from casframe.spi import Capability, RefInfo
 from casframe.tree import is_canonical, parse_directory
+from casframe.units import parse_size
 
 if TYPE_CHECKING:
     from casframe.store import Store
@@ -89,34 +90,11 @@ _READ_BATCH = 256
 _PROGRESS_STEP = 1024
 
 
-# -- sizes and durations ----------------------------------------------------------------------
-
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+# -- durations (sizes: casframe.units, re-exported here) ---------------------------------------
 
 _DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhdw]?)", re.IGNORECASE)
 _DURATION_RE = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)\s*[smhdw]?\s*)+", re.IGNORECASE)
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes from ``10G``, ``500M``, ``1.5G``, ``64K``, ``1T`` or a plain number of bytes.
-
-    Suffixes are binary multiples (K = 1024) and case-insensitive; ``B``/``iB`` may follow them
-    (``10GB``, ``10GiB``). Fractions of a byte are dropped.
-    """
-    if isinstance(text, int) and not isinstance(text, bool):
-        if text < 0:
-            raise ValueError(f"invalid size {text!r}: must not be negative")
-        return text
-    match = _SIZE_RE.fullmatch(str(text).strip())
-    if match is None:
-        raise ValueError(
-            f"invalid size {text!r}: expected a number of bytes with an optional K, M, G or T "
-            "suffix (binary multiples), e.g. 500M, 10G or 1.5G"
-        )
-    number, unit = match.groups()
-    return int(float(number) * _SIZE_UNITS[unit.lower()])
 
 
 def parse_duration(text: str | float) -> float:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,7 +16,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from casframe.cli import make_cli
+from casframe.cli import TqdmProgress, make_cli
+from casframe.server.command import ByteSize
 
 pytestmark = pytest.mark.usefixtures("isolated_env")
 
@@ -169,3 +172,89 @@ def test_the_serving_line_is_printed_once(tmp_path: Path) -> None:
     assert process.returncode == 0
     assert rest == ""
     assert f"serving file://{tmp_path}/store on" not in errors, errors
+
+
+# -- units and numbers ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def stored(run: Run, tmp_path: Path) -> Path:
+    """A store holding 1,200 small files under ref build/1 (more than a thousand blobs)."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(1200):
+        (tree / f"f{i:04}").write_text(f"file {i}\n")
+    store = tmp_path / "store"
+    result = run("--store", str(store), "import", str(tree), "--ref", "build/1")
+    assert result.exit_code == 0, result.stderr
+    return store
+
+
+@pytest.mark.parametrize(
+    ("given", "printed"),
+    [("20K", "20 KiB"), ("20KiB", "20 KiB"), ("20k", "20 KiB"), ("20kB", "19.5 KiB")],
+)
+def test_gc_prints_the_quota_it_was_given(
+    run: Run, stored: Path, given: str, printed: str
+) -> None:
+    result = run("--store", str(stored), "gc", "--max-size", given, "--dry-run")
+    assert result.stdout.startswith(
+        f"store holds 1,201 objects (103.2 KiB): over the quota of {printed}\n"
+    ), result.stdout
+
+
+def test_the_gc_warning_names_only_the_options_given(run: Run, stored: Path) -> None:
+    young = run("--store", str(stored), "gc", "--max-size", "1K", "--grace", "1h", "--dry-run")
+    assert young.exit_code == 1
+    assert young.stderr == (
+        "casframe: warning: cannot get under 819 B: what is left is kept by blobs younger "
+        "than --grace 1h\n"
+    )
+    kept = run("--store", str(stored), "gc", "--max-size", "1K", "--grace", "0",
+               "--keep", "build/*", "--dry-run")
+    assert kept.exit_code == 1
+    assert kept.stderr == (
+        "casframe: warning: cannot get under 819 B: what is left is kept by refs matching "
+        "--keep\n"
+    )
+
+
+def test_transfers_print_counts_like_du(run: Run, stored: Path, tmp_path: Path) -> None:
+    pushed = run("--store", str(stored), "push", "build/1", "--to", str(tmp_path / "copy"))
+    assert pushed.exit_code == 0, pushed.stderr
+    assert pushed.stdout.endswith(
+        ": copied 1,201 of 1,201 blobs (103.2 KiB); ref build/1 set\n"
+    ), pushed.stdout
+    again = run("--store", str(stored), "push", "build/1", "--to", str(tmp_path / "copy"))
+    assert again.stdout.endswith(": already present (1,201 blobs); ref build/1 set\n")
+    du = run("--store", str(stored), "du")
+    assert du.stdout.splitlines()[-1].startswith("total 1,201 objects (103.2 KiB): ")
+
+
+def test_progress_bars_space_their_units_and_separate_thousands() -> None:
+    output = io.StringIO()
+    progress = TqdmProgress(file=output)
+    progress.start("import", 20441, unit="files")
+    progress.advance(256)
+    progress._bar.refresh()  # tqdm redraws at most every 0.1 s on its own
+    progress.start("scan", None, unit="objects")
+    progress.advance(20441)
+    progress._bar.refresh()
+    progress.start("transfer", 20 << 10, unit="B")
+    progress.advance(10 << 10)
+    progress._bar.refresh()
+    progress.finish()
+    text = output.getvalue()
+    assert "| 256 / 20,441 files [" in text
+    assert "scan: 20,441 objects [" in text
+    assert re.search(r"\| 10 KiB / 20 KiB \[[^]]*, [\d.,]+ (B|KiB|MiB|GiB|TiB)/s\]", text), text
+    assert " files/s]" in text and " objects/s]" in text
+
+
+@pytest.mark.parametrize(
+    ("given", "size"),
+    [("4194304", 4 << 20), ("4M", 4 << 20), ("4MiB", 4 << 20), ("5MB", 5_000_000),
+     ("1.5M", 3 << 19)],
+)
+def test_serve_reads_sizes_in_the_same_convention(given: str, size: int) -> None:
+    assert ByteSize().convert(given, None, None) == size

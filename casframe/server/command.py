@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -18,6 +17,7 @@ import click
 
 from casframe.errors import ConfigError
 from casframe.server.settings import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_WORKERS, check_listen
+from casframe.units import parse_size
 
 __all__ = ["SHUTDOWN_GRACE", "main", "serve_command"]
 
@@ -25,23 +25,17 @@ __all__ = ["SHUTDOWN_GRACE", "main", "serve_command"]
 # rest of a typical upload, short enough for a service manager's stop timeout (90 s systemd).
 SHUTDOWN_GRACE = 10.0
 
-_SIZE_RE = re.compile(r"(\d+)\s*([kmg]i?b?)?", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
 class ByteSize(click.ParamType):
-    """A byte count: ``4194304``, ``4MiB``, ``4M``, ``512KiB``."""
+    """A byte count in casframe's one convention (:mod:`casframe.units`): ``4194304``,
+    ``4MiB``, ``4M``, ``512KiB``, ``4MB`` (decimal)."""
 
     name = "size"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        match = _SIZE_RE.fullmatch(str(value).strip())
-        if not match:
-            self.fail(f"{value!r} is not a size (examples: 4194304, 4MiB, 512KiB)", param, ctx)
-        unit = (match.group(2) or "")[:1].lower()
-        return int(match.group(1)) * _SIZE_UNITS[unit]
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 class ListenAddress(click.ParamType):
