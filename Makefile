@@ -27,12 +27,9 @@ $(TEST_STAMP): $(STAMP) $(EXAMPLE)/pyproject.toml
 
 # Installed as a user installs a plugin (a built wheel, not editable), so that its packaging
 # (entry point, package data) is what the tests exercise; reinstalled whenever a file of it
-# changes. setuptools builds in the source tree: its leftovers go before and after, so that a
-# file deleted from the package cannot linger in the next wheel.
+# changes. flit_core builds in memory: nothing is left in the source tree.
 $(EXAMPLE_STAMP): $(TEST_STAMP) $(EXAMPLE_FILES)
-	rm -rf $(EXAMPLE)/build $(EXAMPLE)/*.egg-info
 	$(PY) -m pip install --quiet ./$(EXAMPLE)
-	rm -rf $(EXAMPLE)/build $(EXAMPLE)/*.egg-info
 	touch $(EXAMPLE_STAMP)
 
 venv: $(EXAMPLE_STAMP)
@@ -59,4 +56,4 @@ bench: $(TEST_STAMP)
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info $(EXAMPLE)/build $(EXAMPLE)/*.egg-info
+	rm -rf $(VENV) dist
