@@ -258,3 +258,42 @@ def test_progress_bars_space_their_units_and_separate_thousands() -> None:
 )
 def test_serve_reads_sizes_in_the_same_convention(given: str, size: int) -> None:
     assert ByteSize().convert(given, None, None) == size
+
+
+# -- start-up: what the light commands import -------------------------------------------------
+
+_IMPORTED = """
+import sys
+from casframe.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+heavy = sorted({name.split(".")[0] if not name.startswith("google.") else "google.protobuf"
+                for name in sys.modules
+                if name.split(".")[0] in ("grpc", "boto3", "botocore", "tqdm")
+                or name.startswith("google.protobuf")})
+print("HEAVY", *heavy, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--version"], ["--help"], ["ref", "list"], ["ref", "get", "build/1"], ["ref", "--help"]],
+    ids=" ".join,
+)
+def test_light_commands_import_no_grpc_protobuf_boto3_or_tqdm(
+    tmp_path: Path, args: list[str]
+) -> None:
+    (tmp_path / "a.txt").write_text("a\n")
+    store = tmp_path / "store"
+    imported = CliRunner().invoke(
+        make_cli(), ["--store", str(store), "import", str(tmp_path), "--ref", "build/1"]
+    )
+    assert imported.exit_code == 0, imported.stderr
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORTED, "--store", str(store), *args],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[-1] == "HEAVY"

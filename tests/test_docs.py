@@ -177,7 +177,10 @@ def cli_commands() -> list[tuple[str, click.Command]]:
     found = []
 
     def walk(group: click.Group, prefix: str) -> None:
-        for name, command in sorted(group.commands.items()):
+        context = click.Context(group)  # the group may load its commands on first use
+        for name in sorted(group.list_commands(context)):
+            command = group.get_command(context, name)
+            assert command is not None, name
             path = f"{prefix}{name}"
             found.append((path, command))
             if isinstance(command, click.Group):
