@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from casframe import __version__
 from casframe.cli.app import App
 from casframe.cli.helpers import (
     EXIT_ERROR,
@@ -94,9 +95,13 @@ class CasframeGroup(click.Group):
         self._owners[name] = owner
 
     def list_commands(self, ctx: click.Context) -> list[str]:
+        self.load_plugin_commands()
         return sorted({*self.commands, *self._lazy})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        # Plugins are asked for their commands once any command is looked up (not for
+        # --version), before the name is resolved: a clash fails whatever command was asked.
+        self.load_plugin_commands()
         target = self._lazy.get(cmd_name)
         if target is not None and cmd_name not in self.commands:
             module, _, attribute = target.partition(":")
@@ -162,7 +167,6 @@ def _run(
         error_line(message)
 
     try:
-        group.load_plugin_commands()
         # click's own main, never standalone, so that errors come back here.
         result = click.Group.main(
             group, args, prog_name, complete_var, standalone_mode=False, **extra
@@ -225,7 +229,8 @@ def make_cli() -> CasframeGroup:
         "config directory).",
     )
     @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
-    @click.version_option(package_name="casframe", prog_name=PROG)
+    # The version as a string: asking importlib.metadata would cost more than the rest.
+    @click.version_option(version=__version__, prog_name=PROG)
     @click.pass_context
     def cli(ctx: click.Context, store: str | None, config_file: str | None, verbose: bool) -> None:
         """Content-addressed artifact storage in the REAPI v2 data model.
