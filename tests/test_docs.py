@@ -5,7 +5,9 @@
   docs/cli.md that names each of its options and arguments;
 - README.md links every page of docs/, and links between pages point at existing headings;
 - the code of docs/writing-a-backend.md (a whole backend and its tests) and the examples of
-  docs/testing.md run, through pytest, as a plugin author would run them.
+  docs/testing.md run, through pytest, as a plugin author would run them;
+- the console blocks marked ``<!-- test: run -->`` (README's CLI tour, docs/cli.md's errors)
+  run in a sandbox, and print what they show.
 """
 
 from __future__ import annotations
@@ -354,6 +356,7 @@ def test_the_examples_of_testing_md_pass(
 RUNNABLE = "<!-- test: run -->"
 _TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:[+-]\d\d:\d\d|Z)?")
 _SANDBOXED = ("/srv/", "/tmp/", "/home/me/")
+_SANDBOXED_ARGUMENT = re.compile(" (" + "|".join(map(re.escape, _SANDBOXED)) + ")")
 
 
 @dataclass(frozen=True)
@@ -390,7 +393,7 @@ def runnable_blocks() -> dict[str, list[Shown]]:
 
 def _pattern(shown: str) -> re.Pattern[str]:
     parts = [re.escape(part) for part in _TIME.sub("\0", shown).split("…")]
-    return re.compile(".+?".join(parts).replace("\\\0", "\0").replace("\0", "<time>"))
+    return re.compile(".*?".join(parts).replace("\\\0", "\0").replace("\0", "<time>"))
 
 
 def _sandbox(path: Path) -> dict[str, str]:
@@ -422,9 +425,7 @@ def run_shown(shown: list[Shown], path: Path) -> list[str]:
     env = _sandbox(path)
     problems = []
     for item in shown:
-        command = item.command
-        for folder in _SANDBOXED:
-            command = command.replace(f" {folder}", f" {path}{folder}")
+        command = _SANDBOXED_ARGUMENT.sub(lambda m: f" {path}{m[1]}", item.command)
         result = subprocess.run(
             ["bash", "-c", command], cwd=path / "work", env=env, capture_output=True,
             text=True, timeout=120,
