@@ -12,6 +12,7 @@ if TYPE_CHECKING:
         BackendUnavailableError,
         BlobNotFoundError,
         CasframeError,
+        CheckoutError,
         ConfigError,
         CorruptBlobError,
         DigestMismatchError,
@@ -20,8 +21,11 @@ if TYPE_CHECKING:
         InvalidNameError,
         MissingDependencyError,
         PermissionDeniedError,
+        RefConflictError,
         RefNotFoundError,
+        RemoteProtocolError,
         StoreNotFoundError,
+        TreeTooLargeError,
         UnknownSchemeError,
         UnsafeTreeError,
         UnsupportedFileTypeError,
@@ -33,8 +37,17 @@ if TYPE_CHECKING:
     from casframe.progress import Progress
     from casframe.registry import BackendRegistry, StoreURL
     from casframe.remotes import RemoteOutcome, Remotes, RemotesError, RemotesReport, RemoteStatus
-    from casframe.spi import BlobInfo, BlobStore, BlobWriter, Capability, RefInfo, RefStore
+    from casframe.spi import (
+        BlobInfo,
+        BlobStore,
+        BlobWriter,
+        Capability,
+        RefInfo,
+        RefStore,
+        StrayEntry,
+    )
     from casframe.store import Store
+    from casframe.treesize import TreeLimits
 
 # Every public name, imported from its module on first use: `import casframe` (and so the
 # `casframe` command's start-up) costs almost nothing until a name is used.
@@ -47,6 +60,7 @@ _LAZY = {
     "BlobWriter": "casframe.spi",
     "Capability": "casframe.spi",
     "CasframeError": "casframe.errors",
+    "CheckoutError": "casframe.errors",
     "ConfigError": "casframe.errors",
     "CorruptBlobError": "casframe.errors",
     "Digest": "casframe.digest",
@@ -60,10 +74,12 @@ _LAZY = {
     "PermissionDeniedError": "casframe.errors",
     "PluginInfo": "casframe.plugins",
     "Progress": "casframe.progress",
+    "RefConflictError": "casframe.errors",
     "RefInfo": "casframe.spi",
     "RefNotFoundError": "casframe.errors",
     "RefStore": "casframe.spi",
     "RemoteOutcome": "casframe.remotes",
+    "RemoteProtocolError": "casframe.errors",
     "RemoteStatus": "casframe.remotes",
     "Remotes": "casframe.remotes",
     "RemotesError": "casframe.remotes",
@@ -71,6 +87,9 @@ _LAZY = {
     "Store": "casframe.store",
     "StoreNotFoundError": "casframe.errors",
     "StoreURL": "casframe.registry",
+    "StrayEntry": "casframe.spi",
+    "TreeLimits": "casframe.treesize",
+    "TreeTooLargeError": "casframe.errors",
     "UnknownSchemeError": "casframe.errors",
     "UnsafeTreeError": "casframe.errors",
     "UnsupportedFileTypeError": "casframe.errors",
@@ -109,6 +128,7 @@ __all__ = [
     "BlobWriter",
     "Capability",
     "CasframeError",
+    "CheckoutError",
     "ConfigError",
     "CorruptBlobError",
     "Digest",
@@ -121,10 +141,12 @@ __all__ = [
     "PermissionDeniedError",
     "PluginInfo",
     "Progress",
+    "RefConflictError",
     "RefInfo",
     "RefNotFoundError",
     "RefStore",
     "RemoteOutcome",
+    "RemoteProtocolError",
     "RemoteStatus",
     "Remotes",
     "RemotesError",
@@ -132,6 +154,9 @@ __all__ = [
     "Store",
     "StoreNotFoundError",
     "StoreURL",
+    "StrayEntry",
+    "TreeLimits",
+    "TreeTooLargeError",
     "UnknownSchemeError",
     "UnsafeTreeError",
     "UnsupportedFileTypeError",

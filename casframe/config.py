@@ -192,13 +192,22 @@ def _read_toml(where: str) -> dict[str, Any]:
     :class:`ConfigError`."""
     try:
         with open(where, "rb") as f:
-            return tomllib.load(f)
+            raw = f.read()
     except FileNotFoundError:
         raise
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{where}: invalid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:  # TOML is UTF-8: say where the first bad byte is
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            f"{where}: invalid TOML: not UTF-8 text: byte 0x{raw[exc.start]:02x} "
+            f"(at line {line}, column {column})"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: invalid TOML: {exc}") from None
 
 
 def find_project_file(start: str | os.PathLike[str] | None = None) -> str | None:

@@ -18,6 +18,7 @@ __all__ = [
     "BackendUnavailableError",
     "BlobNotFoundError",
     "CasframeError",
+    "CheckoutError",
     "ConfigError",
     "CorruptBlobError",
     "DigestMismatchError",
@@ -26,8 +27,11 @@ __all__ = [
     "InvalidNameError",
     "MissingDependencyError",
     "PermissionDeniedError",
+    "RefConflictError",
     "RefNotFoundError",
+    "RemoteProtocolError",
     "StoreNotFoundError",
+    "TreeTooLargeError",
     "UnknownSchemeError",
     "UnsafeTreeError",
     "UnsupportedFileTypeError",
@@ -76,6 +80,29 @@ class RefNotFoundError(CasframeError, KeyError):
         return str(self.args[0])
 
 
+class RefConflictError(CasframeError):
+    """A ref would shadow another ref or be shadowed by it (``a`` and ``a/b``).
+
+    A name is either a ref or a folder of refs, on every backend alike, since a file system can
+    hold only one of the two. ``name`` is the ref refused, ``existing`` the ref in its way.
+    """
+
+    reason = "ref-conflict"
+
+    def __init__(self, name: str, existing: str, where: str = "") -> None:
+        self.name = name
+        self.existing = existing
+        place = f" in {where}" if where else ""
+        if existing.startswith(name + "/"):
+            how = f"{existing!r} is under '{name}/'"
+        else:
+            how = f"{name!r} would be under the ref {existing!r}"
+        super().__init__(
+            f"ref {name!r} conflicts with an existing ref{place}: {how}; a name is either a "
+            "ref or a folder of refs, never both (delete one of them first)"
+        )
+
+
 class CorruptBlobError(CasframeError):
     """A stored blob does not match its digest (wrong size or wrong hash)."""
 
@@ -114,6 +141,43 @@ class UnsafeTreeError(CasframeError):
     """A Directory tree that would be unsafe to check out (bad or duplicate names)."""
 
     reason = "unsafe-tree"
+
+
+class TreeTooLargeError(UnsafeTreeError):
+    """A tree whose expansion (entries, or bytes of files written out) is over a limit.
+
+    A Directory may name the same child many times, so a small stored tree can expand to an
+    astronomical one (a "fan-out bomb"); the expansion is measured before any work is done.
+    ``count`` is the measured size, ``limit`` the limit it exceeds and ``setting`` the name of
+    the option that raises it.
+    """
+
+    reason = "tree-too-large"
+
+    def __init__(self, what: str, count: int, limit: int, setting: str, unit: str) -> None:
+        self.count = count
+        self.limit = limit
+        self.setting = setting
+        super().__init__(
+            f"{what} expands to {count:,} {unit}, over the limit of {limit:,} ({setting}); "
+            f"raise {setting} if the tree is genuine"
+        )
+
+
+class CheckoutError(CasframeError):
+    """Writing a tree's entry into the checkout destination failed.
+
+    ``tree_path`` is the entry's path inside the tree (what the user can look up with
+    ``ls``), ``errno`` the operating system's error number; the message names both.
+    """
+
+    reason = "checkout-failed"
+
+    def __init__(self, tree_path: str, error: OSError) -> None:
+        self.tree_path = tree_path
+        self.errno = error.errno
+        problem = error.strerror or str(error)
+        super().__init__(f"cannot check out {tree_path!r}: {problem}")
 
 
 class UnsupportedFileTypeError(CasframeError):
@@ -176,6 +240,14 @@ class BackendUnavailableError(CasframeError):
 
     reason = "unavailable"
     temporary = True
+
+
+class RemoteProtocolError(CasframeError):
+    """A remote end answered against its protocol or beyond a limit this client sets: endless
+    or repeated pagination, entries that were not asked for, absurd values. Nothing of the
+    answer was used."""
+
+    reason = "remote-protocol"
 
 
 class PermissionDeniedError(CasframeError):

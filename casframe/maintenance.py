@@ -58,7 +58,7 @@ from casframe.errors import (
 )
 from casframe.names import ACTION_RESULT_REF_PREFIX, is_tree_ref
 from casframe.progress import NO_PROGRESS, Progress
-from casframe.spi import Capability, RefInfo
+from casframe.spi import Capability, RefInfo, StrayEntry
 from casframe.tree import is_canonical, parse_directory
 from casframe.units import parse_size
 
@@ -236,6 +236,9 @@ class FsckReport(_Report):
     deleted: list[Digest] = field(default_factory=list)
     #: Refs whose tree lacks a blob (after repair: including blobs it removed).
     incomplete_refs: list[str] = field(default_factory=list)
+    #: Entries of the blob area that are not blobs (a folder named like an object, a stray
+    #: file or key): ignored by every operation, reported here, and no problem for ``ok``.
+    warnings: list[StrayEntry] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -288,11 +291,15 @@ _Key = tuple[str, int]
 
 
 def _list_blobs(
-    store: Store, progress: Progress, skip: Callable[[str], bool] | None = None
+    store: Store,
+    progress: Progress,
+    skip: Callable[[str], bool] | None = None,
+    emptied: dict[str, float] | None = None,
 ) -> dict[_Key, float]:
     """Stored blobs with their modification times, but those ``skip(hash)`` is true for.
 
-    The empty blob is never listed.
+    The empty blob is never listed. Emptied objects (0 bytes under another hash) are no blobs:
+    they go to ``emptied`` (hash → modification time) when it is given.
     """
     stored: dict[_Key, float] = {}
     progress.start("scan", None, unit="objects")
@@ -303,6 +310,8 @@ def _list_blobs(
     for count, (hash_, size, mtime) in enumerate(store.blobs.iter_blob_stats(skip), 1):
         if size:
             stored[(hash_, size)] = mtime
+        elif emptied is not None and hash_ != EMPTY_DIGEST.hash:
+            emptied[hash_] = mtime
         if not count % step:
             progress.advance(step)
     progress.advance(count % step)
@@ -686,6 +695,25 @@ def _sweep_plan(
     return [Digest(*key) for key in candidates]
 
 
+def _emptied_digest(hash_: str) -> Digest:
+    """What names an emptied object for the backend: its hash with size 0.
+
+    No blob has that digest (the constructor refuses it); ``delete_blobs`` and
+    ``find_missing_blobs`` accept it for objects ``iter_blob_stats`` listed so.
+    """
+    return Digest._trusted(hash_, 0)
+
+
+def _sweep_emptied(emptied: dict[str, float], cutoff: float, report: PruneReport) -> list[Digest]:
+    """Emptied objects no ref reached (those are skipped by the listing): garbage like any
+    unreachable blob, deleted once older than the cutoff. They count as objects of 0 bytes."""
+    doomed = [_emptied_digest(h) for h, mtime in emptied.items() if mtime < cutoff]
+    report.objects_scanned += len(emptied)
+    report.objects_kept_young += len(emptied) - len(doomed)
+    report.objects_freed += len(doomed)
+    return doomed
+
+
 def _delete(
     store: Store, digests: list[Digest], cutoff: float, report: PruneReport, progress: Progress
 ) -> None:
@@ -742,7 +770,8 @@ def prune(
             return True
         return False
 
-    stored = _list_blobs(store, progress, skip)  # only blobs no ref reached
+    emptied: dict[str, float] = {}
+    stored = _list_blobs(store, progress, skip, emptied)  # only blobs no ref reached
     present = {(hash_, sizes[hash_]) for hash_ in reached}
     _account(store, marking, present | stored.keys())
     seen = {(ref.name, ref.digest) for ref in marking.refs}
@@ -755,6 +784,7 @@ def prune(
     report.objects_scanned = report.objects_reachable = len(present)
     report.bytes_scanned = report.bytes_reachable = sum(key[1] for key in present)
     doomed = _sweep_plan(stored, marking.marked.__contains__, cutoff, report)
+    doomed = sorted(doomed + _sweep_emptied(emptied, cutoff, report))
     if not dry_run:
         _delete(store, doomed, cutoff, report, progress)
     report.temp_files_removed, report.temp_bytes_removed = store.blobs.clean_temp(
@@ -957,7 +987,7 @@ def _verify_batch(
     progress.advance(sum(d.size for d in batch))
 
 
-def _merge_resized(stored: dict[_Key, float], problems: _Problems) -> None:
+def _merge_resized(stored: Iterable[_Key], problems: _Problems) -> None:
     """Report an object stored under the right hash but with another size once, as corrupt.
 
     The listing shows such an object under its actual size (its own corrupt problem) while the
@@ -971,7 +1001,7 @@ def _merge_resized(stored: dict[_Key, float], problems: _Problems) -> None:
         other_key = by_hash.get(problem.digest.hash)
         if other_key is None or other_key == problem.digest:
             continue
-        other = Digest(*other_key)
+        other = Digest(*other_key) if other_key[1] else _emptied_digest(other_key[0])
         problems.discard(problem.kind, problem.digest)
         problems.discard("corrupt", other)
         problems.stored_as.pop(other, None)
@@ -979,8 +1009,10 @@ def _merge_resized(stored: dict[_Key, float], problems: _Problems) -> None:
         problems.stored_as[problem.digest] = other
 
 
-def _still_corrupt(store: Store, digest: Digest) -> bool:
+def _still_corrupt(store: Store, digest: Digest, victim: Digest) -> bool:
     """Re-read just before a repair deletes: a writer may have replaced a truncated object."""
+    if not victim.size:  # an emptied object, which no read path would read (size 0)
+        return not store.blobs.find_missing_blobs([victim])
     try:
         with store.open_read(digest) as stream:
             while stream.read(CHUNK_SIZE):
@@ -1015,9 +1047,15 @@ def fsck(store: Store, *, repair: bool = False, progress: Progress | None = None
     problems = _Problems()
 
     stored: dict[_Key, float] | None = None
+    emptied: dict[str, float] = {}
     if listed:
-        stored = _list_blobs(store, progress)
+        stored = _list_blobs(store, progress, emptied=emptied)
+        for hash_ in sorted(emptied):  # known corrupt without reading them
+            victim = _emptied_digest(hash_)
+            problems.add("corrupt", victim, "stored object is empty (0 bytes): its content is lost")
+            problems.stored_as[victim] = victim
         _verify(store, sorted(Digest(*key) for key in stored), problems, report, progress)
+        report.warnings = list(store.blobs.iter_strays())
 
     refs = store.list_refs()
     report.refs_checked = len(refs)
@@ -1045,7 +1083,7 @@ def fsck(store: Store, *, repair: bool = False, progress: Progress | None = None
     for digest in missing:
         problems.add("missing", digest, "blob is not stored")
     if stored is not None:
-        _merge_resized(stored, problems)
+        _merge_resized(stored.keys() | {(h, 0) for h in emptied}, problems)
     else:  # nothing was verified yet: verify what the refs reach
         read = trees.nodes.keys() | trees.verified  # verified as they were read
         present = sorted(d for d in reachable - missing if (d.hash, d.size) not in read)
@@ -1054,8 +1092,8 @@ def fsck(store: Store, *, repair: bool = False, progress: Progress | None = None
 
     if repair:
         for problem in problems.of_kind("corrupt"):
-            if _still_corrupt(store, problem.digest):
-                victim = problems.stored_as.get(problem.digest, problem.digest)
+            victim = problems.stored_as.get(problem.digest, problem.digest)
+            if _still_corrupt(store, problem.digest, victim):
                 store.blobs.delete_blobs([victim])
                 report.deleted.append(problem.digest)
 

@@ -12,16 +12,23 @@ __all__ = [
     "ACTION_RESULT_REF_PREFIX",
     "BLOB_REF_PREFIX",
     "MAX_REF_LENGTH",
+    "MAX_REF_SEGMENT_LENGTH",
+    "RESERVED_REF_NAMESPACES",
     "entry_names_are_safe",
     "is_tree_ref",
+    "reserved_namespace",
     "split_tree_path",
     "validate_entry_name",
     "validate_ref_name",
+    "writable_ref_name",
 ]
 
 # Longer names would not fit an S3 key with a prefix (1024 bytes) nor a file name on most
 # file systems once split into segments.
 MAX_REF_LENGTH = 512
+# Each segment of a ref name is a file or folder name in file:// stores: 255 bytes is NAME_MAX
+# of Linux and of nearly every file system, so a longer segment could be stored nowhere there.
+MAX_REF_SEGMENT_LENGTH = 255
 
 #: Refs ``casframe serve`` keeps for the REAPI action cache, ``ac/{instance or _}/{hash}/{size}``:
 #: each points at a serialized ActionResult blob, not at a Directory.
@@ -31,20 +38,28 @@ ACTION_RESULT_REF_PREFIX = "ac/"
 BLOB_REF_PREFIX = "asset/blob/"
 
 
-#: Where ``casframe serve`` keeps its own refs (action cache, Remote Asset): a user or client
-#: may not set a ref there, since prune would read it as one of those.
-RESERVED_REF_PREFIXES = (ACTION_RESULT_REF_PREFIX, "asset/")
+#: Where ``casframe serve`` keeps its own refs (action cache, Remote Asset). They are reserved
+#: whole: a user or client may set neither a ref under them, which prune would read as one of
+#: the server's, nor the bare name, which would stand where the server's refs need a folder.
+RESERVED_REF_NAMESPACES = ("ac", "asset")
+
+
+def reserved_namespace(name: str) -> str | None:
+    """The reserved namespace ``name`` is in or is (``ac``, ``asset``), else ``None``."""
+    first = name.split("/", 1)[0]
+    return first if first in RESERVED_REF_NAMESPACES else None
 
 
 def writable_ref_name(name: str) -> str:
     """Validate the name of a ref a user or client sets; the server's namespaces are refused."""
     validate_ref_name(name)
-    for prefix in RESERVED_REF_PREFIXES:
-        if name.startswith(prefix):
-            raise InvalidNameError(
-                f"ref name {name!r} is reserved: refs under {prefix!r} belong to the action "
-                "cache and Remote Asset entries of casframe serve"
-            )
+    namespace = reserved_namespace(name)
+    if namespace is not None:
+        raise InvalidNameError(
+            f"ref name {name!r} is reserved: {namespace!r} and every name under "
+            f"'{namespace}/' belong to the action cache and Remote Asset entries of "
+            "casframe serve"
+        )
     return name
 
 
@@ -76,7 +91,8 @@ def validate_ref_name(name: str) -> str:
 
     Ref names are ``/``-separated segments (``project/main``); no segment may be empty, ``.``
     or ``..``, and no name may start or end with ``/`` or contain NUL or backslash; a name
-    is valid UTF-8.
+    is valid UTF-8, of at most :data:`MAX_REF_LENGTH` bytes, each segment of at most
+    :data:`MAX_REF_SEGMENT_LENGTH`.
     """
     if not isinstance(name, str) or not name:
         raise InvalidNameError("invalid ref name: empty")
@@ -93,7 +109,20 @@ def validate_ref_name(name: str) -> str:
         problem = _segment_problem(segment)
         if problem:
             raise InvalidNameError(f"invalid ref name {name!r}: {problem}")
+        length = len(segment.encode("utf-8"))
+        if length > MAX_REF_SEGMENT_LENGTH:
+            raise InvalidNameError(
+                f"invalid ref name {_shorten(name)}: segment {_shorten(segment)} is {length} "
+                f"bytes long, over the limit of {MAX_REF_SEGMENT_LENGTH}"
+            )
     return name
+
+
+def _shorten(text: str, keep: int = 40) -> str:
+    """``text`` quoted, cut in the middle when long: error lines stay readable."""
+    if len(text) <= 2 * keep:
+        return repr(text)
+    return repr(f"{text[:keep]}…{text[-keep:]}")
 
 
 def entry_names_are_safe(names: list[str]) -> bool:

@@ -17,7 +17,7 @@ import os
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ import pluggy
 
 from casframe import hookspecs
 from casframe.registry import BackendRegistry, StoreURL
+from casframe.treesize import TREE_LIMIT_OPTIONS, TreeLimits
 
 if TYPE_CHECKING:
     from casframe.store import Store
@@ -154,10 +155,16 @@ def open_store(
 ) -> Store:
     """Open the store at ``url`` through the plugin that registered its scheme.
 
-    With ``create=False`` a store that does not exist yet is not created: opening it raises
+    The options every store takes (``max_tree_entries``, ``max_tree_bytes``: see
+    :class:`~casframe.treesize.TreeLimits`) are read here and never reach the backend. With
+    ``create=False`` a store that does not exist yet is not created: opening it raises
     :class:`~casframe.StoreNotFoundError` (for commands that only read, where a mistyped path
     would otherwise leave an empty store behind).
     """
     parsed = StoreURL.parse(url, options, create=create)
+    limits = TreeLimits.from_options(parsed.options, url)
+    backend_options = {k: v for k, v in parsed.options.items() if k not in TREE_LIMIT_OPTIONS}
     factory = backend_registry().get(parsed.scheme).load()
-    return factory(parsed)
+    store = factory(replace(parsed, options=backend_options))
+    store.tree_limits = limits
+    return store

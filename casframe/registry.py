@@ -8,7 +8,7 @@ start-up and its absence produces an install hint instead of an ImportError.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
@@ -63,6 +63,17 @@ class StoreURL:
             options=merged,
             create=create,
         )
+
+    def check_options(self, known: Iterable[str]) -> None:
+        """Refuse every option not in ``known`` with a :class:`ConfigError` listing the known
+        ones, so that a misspelt option (``fsycn``) never passes silently as no option."""
+        accepted = sorted(set(known))
+        unknown = sorted(set(self.options) - set(accepted))
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {', '.join(unknown)} for {self.url}; {self.scheme}:// "
+                f"stores accept: {', '.join(accepted) if accepted else 'no options'}"
+            )
 
     def option(self, key: str, default: str | None = None) -> str | None:
         return self.options.get(key, default)

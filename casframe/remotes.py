@@ -40,7 +40,7 @@ from casframe.errors import (
     RefNotFoundError,
     UnsupportedOperationError,
 )
-from casframe.names import validate_ref_name
+from casframe.names import validate_ref_name, writable_ref_name
 from casframe.progress import NO_PROGRESS, Progress
 
 if TYPE_CHECKING:
@@ -421,7 +421,7 @@ class Remotes:
             validate_ref_name(name)
         local_ref = ref if ref is not None else name
         if local_ref is not None:
-            validate_ref_name(local_ref)
+            writable_ref_name(local_ref)  # a tree: never in the server's own namespaces
         progress = progress or NO_PROGRESS
 
         def locate(remote: Store) -> Digest | None:
@@ -490,7 +490,7 @@ class Remotes:
         root = store.resolve(tree)  # a missing local ref fails here, before any remote
         name = ref if ref is not None else (None if _as_digest(tree) else str(tree))
         if name is not None:
-            validate_ref_name(name)
+            writable_ref_name(name)  # a tree: never in the server's own namespaces
         progress = progress or NO_PROGRESS
 
         def prepare(remote: Store) -> Digest | None:

@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from casframe.digest import Digest
-from casframe.errors import BlobNotFoundError, PermissionDeniedError, UnsupportedOperationError
+from casframe.errors import (
+    BlobNotFoundError,
+    InvalidDigestError,
+    PermissionDeniedError,
+    RefNotFoundError,
+    UnsupportedOperationError,
+)
 
 __all__ = [
     "BlobInfo",
@@ -32,6 +38,7 @@ __all__ = [
     "Capability",
     "RefInfo",
     "RefStore",
+    "StrayEntry",
 ]
 
 
@@ -54,6 +61,22 @@ class BlobInfo:
 
     digest: Digest
     mtime: float
+
+
+@dataclass(frozen=True, slots=True)
+class StrayEntry:
+    """Something in a store's blob area that is not a blob, as listed by ``iter_strays``.
+
+    A folder or a link named like an object, a file whose name is not a hash, a key that is
+    not an object key: left there by hand, by a sync tool or by another program. Nothing
+    casframe does reads, counts or deletes it; fsck reports it as a warning.
+    """
+
+    #: Where it is, relative to the store (``objects/ab/cdef…``, a path or an object key).
+    name: str
+    #: What it is, for a message: ``a directory, not an object``, ``a file whose name is not
+    #: a hash``, ``a key that is not an object key``...
+    what: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,14 +237,27 @@ class BlobStore(ABC):
         it answers true for is left out. Prune lists every blob, and passes the hashes it
         already knows to be reachable: a local disk then spares their ``stat``, and building a
         BlobInfo and a Digest per blob would cost more than that ``stat``. Derived from
-        ``iter_blobs``; override it for speed. Hashes are 64 lowercase hex digits, and size 0
-        only with the empty blob's hash (anything else in the listing is left out): the core
-        makes Digests of them.
+        ``iter_blobs``; override it for speed. Hashes are 64 lowercase hex digits. Size 0
+        with any other hash than the empty blob's is an *emptied* object (what a power cut
+        can leave of a blob written without ``fsync``): a backend that can see such objects
+        lists them, so that fsck reports them as corrupt and prune removes them; the core
+        then passes ``(hash, 0)`` to ``delete_blobs`` and ``find_missing_blobs`` for them.
+        Anything that is not an object (a folder, a stray file) is left out: see
+        :meth:`iter_strays`.
         """
         for info in self.iter_blobs():
             hash_ = info.digest.hash
             if skip is None or not skip(hash_):
                 yield hash_, info.digest.size, info.mtime
+
+    def iter_strays(self) -> Iterator[StrayEntry]:
+        """Entries of the blob area that are not blobs, for fsck's warnings (with ``list``).
+
+        Whatever ``iter_blob_stats`` leaves out because it is not an object: folders, links
+        and other non-files named like objects, files or keys whose name is not an object's.
+        The default lists none, for backends that hold nothing but blobs.
+        """
+        return iter(())
 
     def delete_blobs(
         self, digests: Iterable[Digest], *, older_than: float | None = None
@@ -335,6 +371,35 @@ class RefStore(ABC):
         :class:`~casframe.errors.InvalidDigestError` naming it; it is never skipped, since a
         prune that did not see it would delete the tree it holds.
         """
+
+    # -- derived helpers (override for speed) -----------------------------------------------
+
+    def conflicting_ref(self, name: str) -> str | None:
+        """A ref that ``name`` would shadow or be shadowed by, or ``None`` when there is none.
+
+        That is a ref named like one of ``name``'s folders (``a`` or ``a/b`` for ``a/b/c``),
+        or any ref under ``name/``. The core asks before every ``set_ref`` and refuses the name
+        with :class:`~casframe.errors.RefConflictError`, so every backend holds the same set of
+        names a file system can. The default asks ``get_ref`` (without touch) about each
+        folder, then takes the first ref ``list_refs(name + "/")`` yields; a backend that cannot
+        list refs is asked about the folders only. Override it with one cheaper query.
+        """
+        segments = name.split("/")
+        for end in range(1, len(segments)):
+            folder = "/".join(segments[:end])
+            try:
+                self.get_ref(folder, touch=False)
+            except RefNotFoundError:
+                continue
+            except InvalidDigestError:
+                pass  # a damaged ref is still a ref in the way
+            return folder
+        try:
+            for info in self.list_refs(name + "/"):
+                return info.name
+        except UnsupportedOperationError:
+            pass
+        return None
 
     def check_writable(self) -> None:  # noqa: B027 - optional hook, deliberately empty
         """Raise :class:`PermissionDeniedError` when this store is known to refuse ref updates.

@@ -21,17 +21,20 @@ from casframe.errors import (
     CorruptBlobError,
     DigestMismatchError,
     InvalidDigestError,
+    RefConflictError,
     RefNotFoundError,
 )
-from casframe.names import validate_ref_name, writable_ref_name
+from casframe.names import RESERVED_REF_NAMESPACES, validate_ref_name, writable_ref_name
 from casframe.spi import BlobStore, BlobWriter, Capability, RefInfo, RefStore
+from casframe.treesize import TreeLimits
 
 if TYPE_CHECKING:
     from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
     from casframe.maintenance import DuReport, FsckReport, GcReport, PruneReport
     from casframe.progress import Progress
     from casframe.transfer import TransferResult
-    from casframe.tree import TreeDiff, TreeEntry
+    from casframe.tree import TreeEntry
+    from casframe.treediff import Change, TreeDiff
 
 __all__ = ["Store", "VerifiedUpload", "VerifyingReader"]
 
@@ -138,12 +141,24 @@ class VerifiedUpload:
 
 
 class Store:
-    """A content-addressed store: blobs, Directory trees and refs over one backend."""
+    """A content-addressed store: blobs, Directory trees and refs over one backend.
 
-    def __init__(self, blobs: BlobStore, refs: RefStore, *, url: str = "") -> None:
+    ``tree_limits`` bound what checkout, ``walk`` and diff expand a tree to (the store options
+    ``max_tree_entries`` and ``max_tree_bytes`` set them; each call may override them).
+    """
+
+    def __init__(
+        self,
+        blobs: BlobStore,
+        refs: RefStore,
+        *,
+        url: str = "",
+        tree_limits: TreeLimits | None = None,
+    ) -> None:
         self.blobs = blobs
         self.refs = refs
         self.url = url or blobs.describe()
+        self.tree_limits = tree_limits or TreeLimits()
 
     def __repr__(self) -> str:
         return f"<Store {self.url}>"
@@ -421,20 +436,51 @@ class Store:
         *,
         link: bool | None = None,
         progress: Progress | None = None,
+        max_tree_entries: int | None = None,
+        max_tree_bytes: int | None = None,
     ) -> None:
         """Materialise a tree (digest or ref) at ``dest``, which must be absent or empty.
 
         ``link=None`` hardlinks when the store has local files on the same file system and
-        copies otherwise; ``True`` insists on hardlinks; ``False`` always copies.
+        copies otherwise; ``True`` insists on hardlinks; ``False`` always copies. A tree that
+        expands to more entries or bytes than the limits (this store's ``tree_limits`` unless
+        given here) raises :class:`~casframe.errors.TreeTooLargeError` before anything is
+        written; a failed checkout removes what it wrote.
         """
-        from casframe.tree import checkout
+        from casframe.checkout import checkout
 
-        checkout(self, self.resolve(tree), dest, link=link, progress=progress)
+        limits = self.tree_limits.with_overrides(max_tree_entries, max_tree_bytes)
+        checkout(self, self.resolve(tree), dest, link=link, progress=progress, limits=limits)
 
-    def diff(self, a: Digest | str, b: Digest | str, subdir: str = "") -> TreeDiff:
-        from casframe.tree import diff_trees
+    def diff(
+        self,
+        a: Digest | str,
+        b: Digest | str,
+        subdir: str = "",
+        *,
+        max_tree_entries: int | None = None,
+    ) -> TreeDiff:
+        """What changed from tree ``a`` to tree ``b`` (see :meth:`iter_diff`)."""
+        from casframe.treediff import diff_trees
 
-        return diff_trees(self, self.resolve(a), self.resolve(b), subdir=subdir)
+        limits = self.tree_limits.with_overrides(max_tree_entries)
+        return diff_trees(self, self.resolve(a), self.resolve(b), subdir=subdir, limits=limits)
+
+    def iter_diff(
+        self,
+        a: Digest | str,
+        b: Digest | str,
+        subdir: str = "",
+        *,
+        max_tree_entries: int | None = None,
+    ) -> Iterator[Change]:
+        """``(letter, path)`` for each path added (``A``), removed (``D``) or modified
+        (``M``), sorted by path; a comparison visiting more entries than the limit raises
+        :class:`~casframe.errors.TreeTooLargeError` before the first one."""
+        from casframe.treediff import iter_diff
+
+        limits = self.tree_limits.with_overrides(max_tree_entries)
+        return iter_diff(self, self.resolve(a), self.resolve(b), subdir=subdir, limits=limits)
 
     def subdir(self, tree: Digest | str, path: str) -> Digest:
         """The digest of the Directory at ``path`` inside ``tree``."""
@@ -442,11 +488,18 @@ class Store:
 
         return lookup_subdir(self, self.resolve(tree), path)
 
-    def walk(self, tree: Digest | str, path: str = "") -> Iterator[TreeEntry]:
-        """Every entry under ``path`` of ``tree``, depth first, parents before children."""
+    def walk(
+        self, tree: Digest | str, path: str = "", *, max_tree_entries: int | None = None
+    ) -> Iterator[TreeEntry]:
+        """Every entry under ``path`` of ``tree``, depth first, parents before children.
+
+        The subtree is measured first: one with more entries than the limit raises
+        :class:`~casframe.errors.TreeTooLargeError` here, before any entry is returned.
+        """
         from casframe.tree import walk
 
-        return walk(self, self.resolve(tree), path)
+        limits = self.tree_limits.with_overrides(max_tree_entries)
+        return walk(self, self.resolve(tree), path, limits=limits)
 
     def ls(self, tree: Digest | str, path: str = "") -> list[TreeEntry]:
         """The entries directly inside ``path`` of ``tree``."""
@@ -486,8 +539,12 @@ class Store:
 
     def set_ref(self, name: str, digest: Digest, *, check_complete: bool = True) -> None:
         """Point ``name`` at a tree. By default refuse a tree that is not fully stored, and a
-        name under the server's own namespaces (``ac/``, ``asset/``), which prune would not
-        read as a tree; ``check_complete=False`` allows both.
+        name in the server's own namespaces (``ac``, ``asset`` and every name under them),
+        which prune would not read as a tree; ``check_complete=False`` allows both (for the
+        server's own refs), except the bare names ``ac`` and ``asset``.
+
+        A name that would shadow another ref or be shadowed by it (``a`` and ``a/b``) is
+        refused with :class:`~casframe.errors.RefConflictError` in every case.
 
         The completeness check also freshens every blob of the tree just before the ref is set,
         so a concurrent prune (whose grace period is longer than this call) cannot remove a blob
@@ -497,12 +554,21 @@ class Store:
             from casframe.tree import missing_in_tree
 
             writable_ref_name(name)  # a tree: never under the server's own namespaces
+            self._refuse_conflict(name)
             missing = missing_in_tree(self, digest, freshen=True)
             if missing:
                 raise BlobNotFoundError(missing, f"{self.url} (tree {digest} is incomplete)")
         else:
             validate_ref_name(name)
+            if name in RESERVED_REF_NAMESPACES:  # never a ref, not even one of the server's
+                writable_ref_name(name)
+            self._refuse_conflict(name)
         self.refs.set_ref(name, digest)
+
+    def _refuse_conflict(self, name: str) -> None:
+        existing = self.refs.conflicting_ref(name)
+        if existing is not None:
+            raise RefConflictError(name, existing)
 
     def delete_ref(self, name: str) -> None:
         self.refs.delete_ref(validate_ref_name(name))
@@ -510,6 +576,7 @@ class Store:
     def copy_ref(self, source: str, dest: str) -> Digest:
         writable_ref_name(dest)  # not under the server's own namespaces
         digest = self.get_ref(source)
+        self._refuse_conflict(dest)
         self.refs.set_ref(dest, digest)
         return digest
 

@@ -33,28 +33,28 @@ from casframe.errors import (
     InvalidNameError,
     UnsafeTreeError,
     UnsupportedFileTypeError,
-    UnsupportedOperationError,
 )
 from casframe.names import entry_names_are_safe, split_tree_path, validate_entry_name
 from casframe.progress import NO_PROGRESS, Progress
-from casframe.spi import Capability
 from casframe.statcache import StatCache, default_directory, open_stat_cache
+from casframe.treesize import TreeLimits, TreeSize, measure_tree, node_digests
 
 if TYPE_CHECKING:
     from casframe.store import Store
 
 __all__ = [
-    "TreeDiff",
     "TreeEntry",
-    "checkout",
     "closure",
-    "diff_trees",
+    "directory_entries",
     "import_directory",
     "iter_tree",
     "list_directory",
+    "load_tree",
     "lookup_file",
     "lookup_subdir",
     "missing_in_tree",
+    "node_digest",
+    "node_digests",
     "parse_directory",
     "walk",
 ]
@@ -81,18 +81,6 @@ class TreeEntry:
     digest: Digest | None = None
     is_executable: bool = False
     target: str = ""
-
-
-@dataclass
-class TreeDiff:
-    """Paths (relative to the compared directory) that differ between two trees."""
-
-    added: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    modified: list[str] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.added or self.removed or self.modified)
 
 
 # -- parsing and validation -------------------------------------------------------------------
@@ -139,14 +127,8 @@ def is_canonical(directory: Directory) -> bool:
     return True
 
 
-def _d(proto: DigestProto) -> Digest:
+def node_digest(proto: DigestProto) -> Digest:
     return Digest(proto.hash, proto.size_bytes)
-
-
-def _digests(nodes: Any) -> list[Digest]:
-    """The digests of FileNodes or DirectoryNodes, validated all at once."""
-    protos = [node.digest for node in nodes]
-    return Digest.many([p.hash for p in protos], [p.size_bytes for p in protos])
 
 
 def iter_tree(store: Store, root: Digest) -> Iterator[tuple[Digest, bytes, Directory]]:
@@ -166,8 +148,7 @@ def iter_tree(store: Store, root: Digest) -> Iterator[tuple[Digest, bytes, Direc
         for digest, data in itertools.chain(found, store.read_many(rest)):
             directory = parse_directory(digest, data)
             yield digest, data, directory
-            for node in directory.directories:
-                child = _d(node.digest)
+            for child in node_digests(directory.directories):
                 if child not in seen:
                     seen.add(child)
                     next_level.append(child)
@@ -195,7 +176,7 @@ def closure(store: Store, root: Digest) -> Iterator[Digest]:
         if digest not in seen:
             seen.add(digest)
             yield digest
-        for file_digest in _digests(directory.files):
+        for file_digest in node_digests(directory.files):
             if file_digest not in seen:
                 seen.add(file_digest)
                 yield file_digest
@@ -216,9 +197,9 @@ def missing_in_tree(store: Store, root: Digest, *, freshen: bool = False) -> set
         next_level: list[Digest] = []
         for digest, data in store.read_many([d for d in level if d not in absent]):
             directory = parse_directory(digest, data)
-            files.update(_digests(directory.files))
+            files.update(node_digests(directory.files))
             for node in directory.directories:
-                child = _d(node.digest)
+                child = node_digest(node.digest)
                 if child not in seen:
                     seen.add(child)
                     next_level.append(child)
@@ -623,7 +604,7 @@ def lookup_subdir(store: Store, root: Digest, path: str) -> Digest:
         directory = store.get_directory(digest)
         for node in directory.directories:
             if node.name == segment:
-                digest = _d(node.digest)
+                digest = node_digest(node.digest)
                 break
         else:
             where = "/".join([*walked, segment])
@@ -645,12 +626,14 @@ def lookup_file(store: Store, root: Digest, path: str) -> TreeEntry:
     raise FileNotFoundError(errno.ENOENT, f"no file {path!r} in tree {root}")
 
 
-def _entries(directory: Directory, prefix: str) -> list[TreeEntry]:
+def directory_entries(directory: Directory, prefix: str) -> list[TreeEntry]:
     entries = [
-        TreeEntry(prefix + n.name, "file", _d(n.digest), n.is_executable) for n in directory.files
+        TreeEntry(prefix + n.name, "file", node_digest(n.digest), n.is_executable)
+        for n in directory.files
     ]
     entries += [
-        TreeEntry(prefix + n.name, "directory", _d(n.digest)) for n in directory.directories
+        TreeEntry(prefix + n.name, "directory", node_digest(n.digest))
+        for n in directory.directories
     ]
     entries += [TreeEntry(prefix + n.name, "symlink", target=n.target) for n in directory.symlinks]
     entries.sort(key=lambda e: e.path)
@@ -659,13 +642,40 @@ def _entries(directory: Directory, prefix: str) -> list[TreeEntry]:
 
 def list_directory(store: Store, root: Digest, path: str) -> list[TreeEntry]:
     digest = lookup_subdir(store, root, path)
-    return _entries(store.get_directory(digest), "")
+    return directory_entries(store.get_directory(digest), "")
 
 
-def walk(store: Store, root: Digest, path: str = "") -> Iterator[TreeEntry]:
-    """Every entry under ``path``, depth first in name order: a directory, then its contents."""
+def load_tree(
+    store: Store, root: Digest, limits: TreeLimits, what: str, *, content: bool = False
+) -> tuple[dict[Digest, Directory], dict[Digest, TreeSize]]:
+    """Every distinct Directory of a tree, and the expanded size of each, checked against
+    ``limits`` (with ``content``, the bytes of its files too) before the caller does any work.
+
+    Raises :class:`~casframe.errors.TreeTooLargeError` naming ``what`` for a tree over a limit.
+    """
+    directories = {digest: directory for digest, _, directory in iter_tree(store, root)}
+    sizes = measure_tree(directories, root)
+    limits.check(sizes[root], what, content=content)
+    return directories, sizes
+
+
+def walk(
+    store: Store, root: Digest, path: str = "", *, limits: TreeLimits | None = None
+) -> Iterator[TreeEntry]:
+    """Every entry under ``path``, depth first in name order: a directory, then its contents.
+
+    The tree is read and measured before the first entry is returned (each distinct Directory
+    read once); one over ``limits.max_entries`` raises
+    :class:`~casframe.errors.TreeTooLargeError` instead.
+    """
     start = lookup_subdir(store, root, path)
-    stack: list[Iterator[TreeEntry]] = [iter(_entries(store.get_directory(start), ""))]
+    where = f"directory {path!r} of tree {root}" if path.strip("/") else f"tree {root}"
+    directories, _ = load_tree(store, start, limits or TreeLimits(), where)
+    return _walk_loaded(directories, start)
+
+
+def _walk_loaded(directories: dict[Digest, Directory], start: Digest) -> Iterator[TreeEntry]:
+    stack: list[Iterator[TreeEntry]] = [iter(directory_entries(directories[start], ""))]
     while stack:
         entry = next(stack[-1], None)
         if entry is None:
@@ -673,234 +683,5 @@ def walk(store: Store, root: Digest, path: str = "") -> Iterator[TreeEntry]:
             continue
         yield entry
         if entry.kind == "directory" and entry.digest is not None:
-            stack.append(iter(_entries(store.get_directory(entry.digest), entry.path + "/")))
-
-
-# -- diff -------------------------------------------------------------------------------------
-
-
-def _leaves(store: Store, digest: Digest, prefix: str) -> list[str]:
-    paths = []
-    empty = True
-    for entry in walk(store, digest):
-        empty = False
-        if entry.kind != "directory":
-            paths.append(prefix + entry.path)
-        elif not store.get_directory(entry.digest).ListFields():  # type: ignore[arg-type]
-            paths.append(prefix + entry.path + "/")
-    if empty:
-        paths.append(prefix.rstrip("/") + "/")
-    return paths
-
-
-def diff_trees(store: Store, a: Digest, b: Digest, subdir: str = "") -> TreeDiff:
-    """Files and symlinks added, removed or modified from tree ``a`` to tree ``b``.
-
-    Paths are relative to ``subdir``. A directory added or removed as a whole is listed as
-    all its files (an empty one as ``name/``); an entry that changed kind is removed and added.
-    """
-    result = TreeDiff()
-    if subdir:
-        a = lookup_subdir(store, a, subdir)
-        b = lookup_subdir(store, b, subdir)
-    stack = [("", a, b)]
-    while stack:
-        prefix, left_digest, right_digest = stack.pop()
-        if left_digest == right_digest:
-            continue
-        left = {e.path: e for e in _entries(store.get_directory(left_digest), "")}
-        right = {e.path: e for e in _entries(store.get_directory(right_digest), "")}
-        for name in sorted(left.keys() | right.keys()):
-            old, new = left.get(name), right.get(name)
-            path = prefix + name
-            if old is not None and new is not None and old.kind == new.kind:
-                if old.kind == "directory":
-                    stack.append((path + "/", old.digest, new.digest))  # type: ignore[arg-type]
-                elif old != new:
-                    result.modified.append(path)
-                continue
-            if old is not None:
-                if old.kind == "directory":
-                    result.removed += _leaves(store, old.digest, path + "/")  # type: ignore[arg-type]
-                else:
-                    result.removed.append(path)
-            if new is not None:
-                if new.kind == "directory":
-                    result.added += _leaves(store, new.digest, path + "/")  # type: ignore[arg-type]
-                else:
-                    result.added.append(path)
-    result.added.sort()
-    result.removed.sort()
-    result.modified.sort()
-    return result
-
-
-# -- checkout ---------------------------------------------------------------------------------
-
-
-def _prepare_destination(dest: str) -> None:
-    try:
-        os.mkdir(dest)
-    except FileExistsError:
-        if os.path.islink(dest) or not os.path.isdir(dest):
-            raise FileExistsError(errno.EEXIST, "checkout destination exists", dest) from None
-        if os.listdir(dest):
-            raise FileExistsError(
-                errno.ENOTEMPTY, "checkout destination is not empty", dest
-            ) from None
-
-
-#: Files to hardlink: directories (paths) with the ``(name, digest)`` of each file to link there.
-_LinkTask = list[tuple[str, list[tuple[str, Digest]]]]
-# Errors with which a file system refuses a hardlink that a copy can replace: another file
-# system, too many links to one object, no hardlinks at all.
-_LINK_REFUSED = frozenset({errno.EXDEV, errno.EMLINK, errno.EPERM})
-
-
-def checkout(
-    store: Store,
-    root: Digest,
-    dest: str | os.PathLike[str],
-    *,
-    link: bool | None = None,
-    progress: Progress | None = None,
-) -> None:
-    """Materialise tree ``root`` at ``dest`` (absent or empty).
-
-    Hardlinked files share the store's read-only objects; executable files are always copied,
-    because a hardlink shares its mode with the stored object.
-    """
-    progress = progress or NO_PROGRESS
-    dest = os.path.abspath(os.fspath(dest))
-    can_link = store.has(Capability.LOCAL_PATH)
-    if link and not can_link:
-        raise UnsupportedOperationError(
-            f"{store.url} has no local files to hardlink; check out with copies instead"
-        )
-    use_links = can_link if link is None else link
-
-    # Read and validate the whole tree before the first write. Plan the directories in
-    # creation order (parents first), each with the files to link into it.
-    directories = {digest: directory for digest, _, directory in iter_tree(store, root)}
-    plan_dirs: list[str] = []
-    to_link: _LinkTask = []
-    to_copy: list[tuple[str, Digest, bool]] = []
-    plan_links: list[tuple[str, str]] = []
-    stack = [(dest, root)]
-    while stack:
-        path, digest = stack.pop()
-        directory = directories[digest]
-        plan_dirs.append(path)
-        links: list[tuple[str, Digest]] = []
-        for file_node, file_digest in zip(
-            directory.files, _digests(directory.files), strict=True
-        ):
-            if use_links and not file_node.is_executable and file_digest.size:
-                links.append((file_node.name, file_digest))
-            else:
-                to_copy.append(
-                    (os.path.join(path, file_node.name), file_digest, file_node.is_executable)
-                )
-        if links:
-            to_link.append((path, links))
-        for link_node in directory.symlinks:
-            plan_links.append((os.path.join(path, link_node.name), link_node.target))
-        for dir_node in directory.directories:
-            stack.append((os.path.join(path, dir_node.name), _d(dir_node.digest)))
-
-    progress.start("checkout", len(to_copy) + sum(len(links) for _, links in to_link))
-    _prepare_destination(dest)
-    for path in plan_dirs[1:]:
-        os.mkdir(path)
-    if to_link:
-        to_copy += _link_files(store, to_link, strict=bool(link), progress=progress)
-    if to_copy:
-        _copy_files(store, to_copy, progress)
-    for path, target in plan_links:
-        os.symlink(target, path)
-    progress.finish()
-
-
-def _link_files(
-    store: Store,
-    to_link: _LinkTask,
-    *,
-    strict: bool,
-    progress: Progress,
-) -> list[tuple[str, Digest, bool]]:
-    """Hardlink files into their (new, empty) directories, in parallel by directory.
-
-    Returns the files to copy instead, when the file system refuses links and ``strict`` is
-    false; with ``strict``, the refusal is raised.
-    """
-    blobs = store.blobs
-    tasks: list[_LinkTask] = [[]]
-    count = 0
-    for item in to_link:
-        if count >= _BATCH_FILES:
-            tasks.append([])
-            count = 0
-        tasks[-1].append(item)
-        count += len(item[1])
-
-    def link_task(task: _LinkTask) -> list[tuple[str, Digest, bool]]:
-        for position, (path, links) in enumerate(task):
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                blobs.link_blobs(fd, links)
-            except OSError as exc:
-                if strict or exc.errno not in _LINK_REFUSED:
-                    raise
-                # Copy what is not linked yet: the rest of this directory, then the others.
-                made = set(os.listdir(fd))
-                rest = [(os.path.join(path, n), d, False) for n, d in links if n not in made]
-                for later_path, later in task[position + 1 :]:
-                    rest += [(os.path.join(later_path, n), d, False) for n, d in later]
-                return rest
-            finally:
-                os.close(fd)
-            progress.advance(len(links))
-        return []
-
-    if len(tasks) == 1:
-        return link_task(tasks[0])
-    with store.executor() as pool:
-        futures = [pool.submit(link_task, task) for task in tasks]
-        try:
-            return [item for future in futures for item in future.result()]
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
-
-
-def _write_copy(store: Store, path: str, digest: Digest, executable: bool) -> None:
-    mode = 0o755 if executable else 0o644
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb", buffering=0, closefd=False) as out:
-            if digest.size <= _SMALL_FILE:
-                out.write(store.read_bytes(digest))
-            else:
-                with store.open_read(digest) as stream:
-                    buf = bytearray(CHUNK_SIZE)
-                    view = memoryview(buf)
-                    while n := stream.readinto(view):  # type: ignore[attr-defined]
-                        out.write(view[:n])
-    except BaseException:
-        os.close(fd)
-        os.unlink(path)
-        raise
-    os.close(fd)
-    if executable:
-        os.chmod(path, mode)  # the umask may have dropped execute bits
-
-
-def _copy_files(store: Store, files: list[tuple[str, Digest, bool]], progress: Progress) -> None:
-    def one(item: tuple[str, Digest, bool]) -> None:
-        _write_copy(store, *item)
-        progress.advance(1)
-
-    with store.executor() as pool:
-        futures = [pool.submit(one, item) for item in files]
-        for future in futures:
-            future.result()
+            children = directory_entries(directories[entry.digest], entry.path + "/")
+            stack.append(iter(children))

@@ -10,12 +10,13 @@ standard library only.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import IO, Any, BinaryIO, cast
 
 import click
 
 from casframe.cli.app import App
-from casframe.units import format_count, format_size
+from casframe.units import format_count, format_size, parse_size
 
 __all__ = [
     "EXIT_ERROR",
@@ -27,6 +28,9 @@ __all__ = [
     "copy_stream",
     "describe_error",
     "emit_json",
+    "emit_json_lines",
+    "parse_with",
+    "positive_size",
     "error_line",
     "format_count",
     "format_size",
@@ -53,6 +57,18 @@ def emit_json(value: Any) -> None:
     import json
 
     click.echo(json.dumps(value, indent=2))
+
+
+def emit_json_lines(items: Iterator[Any]) -> None:
+    """A JSON array printed as :func:`emit_json` prints it, one item at a time."""
+    import json
+
+    first = True
+    for item in items:
+        body = json.dumps(item, indent=2).replace("\n", "\n  ")
+        click.echo(("[\n  " if first else ",\n  ") + body, nl=False)
+        first = False
+    click.echo("[]" if first else "\n]")
 
 
 def binary_stream(stream: IO[Any]) -> BinaryIO:
@@ -95,3 +111,25 @@ def error_line(message: str) -> None:
 def warning_line(message: str) -> None:
     """``casframe: warning: MESSAGE`` on stderr."""
     click.echo(f"{PROG}: warning: {message}", err=True)
+
+
+def parse_with(parse: Any) -> Any:
+    """A click callback turning a parser's ValueError into a usage error naming the option."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+    return callback
+
+
+def positive_size(value: str) -> int:
+    """A size (:mod:`casframe.units`) that must be more than 0, for ``parse_with``."""
+    size = parse_size(value)
+    if size <= 0:
+        raise ValueError(f"invalid size {value!r}: must be positive")
+    return size

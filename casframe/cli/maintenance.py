@@ -16,9 +16,10 @@ from casframe.cli.helpers import (
     format_size,
     iso_time,
     json_option,
+    parse_with,
     pass_app,
+    positive_size,
 )
-from casframe.units import parse_size
 
 if TYPE_CHECKING:
     pass
@@ -26,31 +27,10 @@ if TYPE_CHECKING:
 __all__ = ["du_command", "fsck_command", "gc_command", "prune_command"]
 
 
-def _parse_with(parse: Any) -> Any:
-    """A click callback turning a parser's ValueError into a usage error naming the option."""
-
-    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        if value is None:
-            return None
-        try:
-            return parse(value)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
-
-    return callback
-
-
 def _duration(value: str) -> float:
     from casframe.maintenance import parse_duration
 
     return parse_duration(value)
-
-
-def _size(value: str) -> int:
-    size = parse_size(value)
-    if size <= 0:
-        raise ValueError(f"invalid size {value!r}: must be positive")
-    return size
 
 
 def _fraction(value: str) -> float:
@@ -69,7 +49,7 @@ _grace_option = click.option(
     default="1h",
     show_default=True,
     metavar="DURATION",
-    callback=_parse_with(_duration),
+    callback=parse_with(_duration),
     help="Spare blobs younger than this (30s, 10m, 1h, 2d or 0), so that writers still "
     "uploading before they set a ref lose nothing.",
 )
@@ -168,7 +148,7 @@ def prune_command(app: App, grace_period: float, dry_run: bool, as_json: bool) -
     "--max-size",
     required=True,
     metavar="SIZE",
-    callback=_parse_with(_size),
+    callback=parse_with(positive_size),
     help="Quota for the store: 500M, 10GiB, 1.5T (binary: K = KiB = 1024), or 20kB, 10GB "
     "(decimal).",
 )
@@ -177,7 +157,7 @@ def prune_command(app: App, grace_period: float, dry_run: bool, as_json: bool) -
     default="0.8",
     show_default=True,
     metavar="FRACTION",
-    callback=_parse_with(_fraction),
+    callback=parse_with(_fraction),
     help="Once over the quota, expire refs until the store would fall to this fraction of it.",
 )
 @click.option(
@@ -270,6 +250,8 @@ def fsck_command(ctx: click.Context, app: App, repair: bool, as_json: bool) -> N
     store = app.store(create=False)
     with app.progress(as_json) as progress:
         report = store.fsck(repair=repair, progress=progress)
+    for stray in report.warnings:
+        click.echo(f"{PROG}: warning: {stray.name}: {stray.what}; ignored", err=True)
     if as_json:
         emit_json(report.to_dict())
     else:

@@ -13,8 +13,11 @@ from casframe.cli.helpers import (
     binary_stream,
     copy_stream,
     emit_json,
+    emit_json_lines,
     json_option,
+    parse_with,
     pass_app,
+    positive_size,
 )
 
 if TYPE_CHECKING:
@@ -62,46 +65,69 @@ def import_command(
         click.echo(str(root))
 
 
+_max_tree_entries_option = click.option(
+    "--max-tree-entries",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Refuse a tree that expands to more entries (default: the store's, 10,000,000).",
+)
+
+
 @click.command("checkout")
 @click.argument("tree")
 @click.argument("dest", type=click.Path(path_type=str))
 @click.option("--copy", is_flag=True, help="Always copy files.")
 @click.option("--link", is_flag=True, help="Always hardlink files (fail if impossible).")
+@_max_tree_entries_option
+@click.option(
+    "--max-tree-bytes",
+    metavar="SIZE",
+    callback=parse_with(positive_size),
+    help="Refuse a tree whose files add up to more (default: the store's, 1T).",
+)
 @pass_app
-def checkout_command(app: App, tree: str, dest: str, copy: bool, link: bool) -> None:
+def checkout_command(
+    app: App, tree: str, dest: str, copy: bool, link: bool,
+    max_tree_entries: int | None, max_tree_bytes: int | None,
+) -> None:
     """Write a tree into a directory.
 
     DEST must be absent or empty. By default files are hardlinked from a local store on the
-    same file system (they are read-only) and copied otherwise.
+    same file system (they are read-only) and copied otherwise. A failed checkout removes
+    what it wrote (and DEST, if it created it).
     """
     if copy and link:
         raise click.UsageError("--copy and --link cannot be used together")
     mode = True if link else False if copy else None
     with app.progress() as progress:
-        app.store(create=False).checkout(tree, dest, link=mode, progress=progress)
+        app.store(create=False).checkout(
+            tree, dest, link=mode, progress=progress,
+            max_tree_entries=max_tree_entries, max_tree_bytes=max_tree_bytes,
+        )
 
 
 @click.command("diff")
 @click.argument("a")
 @click.argument("b")
 @click.option("--subdir", default="", metavar="PATH", help="Compare only this subdirectory.")
+@_max_tree_entries_option
 @json_option
 @pass_app
-def diff_command(app: App, a: str, b: str, subdir: str, as_json: bool) -> None:
+def diff_command(
+    app: App, a: str, b: str, subdir: str, max_tree_entries: int | None, as_json: bool
+) -> None:
     """Show what changed between two trees.
 
     Prints one line per path added (A), removed (D) or modified (M) from tree A to tree B.
     """
-    changes = app.store(create=False).diff(a, b, subdir=subdir)
+    store = app.store(create=False)
     if as_json:
+        changes = store.diff(a, b, subdir=subdir, max_tree_entries=max_tree_entries)
         emit_json(
             {"added": changes.added, "removed": changes.removed, "modified": changes.modified}
         )
         return
-    lines = [(path, "A") for path in changes.added]
-    lines += [(path, "D") for path in changes.removed]
-    lines += [(path, "M") for path in changes.modified]
-    for path, letter in sorted(lines):
+    for letter, path in store.iter_diff(a, b, subdir=subdir, max_tree_entries=max_tree_entries):
         click.echo(f"{letter} {path}")
 
 
@@ -125,9 +151,13 @@ def _entry_record(entry: TreeEntry, prefix: str) -> dict[str, Any]:
 @click.argument("tree")
 @click.argument("path", default="", required=False)
 @click.option("-r", "--recursive", is_flag=True, help="List everything below PATH.")
+@_max_tree_entries_option
 @json_option
 @pass_app
-def ls_command(app: App, tree: str, path: str, recursive: bool, as_json: bool) -> None:
+def ls_command(
+    app: App, tree: str, path: str, recursive: bool, max_tree_entries: int | None,
+    as_json: bool,
+) -> None:
     """List the entries of a tree.
 
     Lists the directory PATH of TREE (default: its root). Columns: mode, kind, size, digest,
@@ -136,14 +166,17 @@ def ls_command(app: App, tree: str, path: str, recursive: bool, as_json: bool) -
     from casframe.names import split_tree_path
 
     store = app.store(create=False)
-    entries = store.walk(tree, path) if recursive else store.ls(tree, path)
+    # Tree order: each directory followed by its contents, names sorted at every level.
+    entries = (
+        store.walk(tree, path, max_tree_entries=max_tree_entries)
+        if recursive
+        else store.ls(tree, path)
+    )
     segments = split_tree_path(path)
     prefix = "/".join(segments) + "/" if segments else ""
-    records = [_entry_record(entry, prefix) for entry in entries]
-    # Tree order: each directory followed by its contents, names sorted at every level.
-    records.sort(key=lambda record: record["path"].split("/"))
+    records = (_entry_record(entry, prefix) for entry in entries)
     if as_json:
-        emit_json(records)
+        emit_json_lines(records)
         return
     for record in records:
         size = "-" if record["size"] is None else str(record["size"])

@@ -17,6 +17,7 @@ from typing import Any, cast
 import grpc
 
 from casframe.errors import ConfigError, MissingDependencyError
+from casframe.readonly import read_only_view
 from casframe.server.bytestream import ByteStreamService, add_bytestream_to_server
 from casframe.server.names import Instances
 from casframe.server.services import (
@@ -33,6 +34,7 @@ from casframe.server.settings import (
     PemSource,
     ServerSettings,
 )
+from casframe.server.tls import check_key_pair, read_pem
 from casframe.store import Store
 
 __all__ = ["RequestLogInterceptor", "Server", "plugin_interceptors"]
@@ -159,13 +161,6 @@ def plugin_interceptors(settings: ServerSettings) -> list[grpc.ServerInterceptor
     return interceptors
 
 
-def _pem(source: PemSource) -> bytes:
-    if isinstance(source, bytes):
-        return source
-    with open(source, "rb") as f:
-        return f.read()
-
-
 class Server:
     """A casframe gRPC server over one store.
 
@@ -206,6 +201,8 @@ class Server:
             max_partial_uploads=max_partial_uploads,
         )
         self.store = store
+        # Read-only: served through a view that never writes, not even a read's bookkeeping.
+        self._served = read_only_view(store) if read_only else store
         self.settings = settings
         self.instances = Instances(settings.instance_names)
         self._extra_interceptors = tuple(interceptors)
@@ -246,6 +243,8 @@ class Server:
             ) from None
 
         settings = self.settings
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            check_key_pair(settings.tls_cert, settings.tls_key)  # grpcio would accept any
         interceptors: list[grpc.ServerInterceptor] = [RequestLogInterceptor()]
         interceptors.extend(self._extra_interceptors)
         if self._use_plugins:
@@ -273,7 +272,7 @@ class Server:
                 ("grpc.http2.lookahead_bytes", 2 << 20),
             ],
         )
-        shared = (self.store, settings, self.instances)
+        shared = (self._served, settings, self.instances)
         from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc
         from casframe._protos.build.bazel.remote.execution.v2 import (
             remote_execution_pb2_grpc as re_grpc,
@@ -297,9 +296,13 @@ class Server:
             if settings.tls:
                 assert settings.tls_cert is not None and settings.tls_key is not None
                 credentials = grpc.ssl_server_credentials(
-                    [(_pem(settings.tls_key), _pem(settings.tls_cert))],
+                    [(
+                        read_pem(settings.tls_key, "key"),
+                        read_pem(settings.tls_cert, "certificate"),
+                    )],
                     root_certificates=(
-                        _pem(settings.tls_client_ca) if settings.tls_client_ca else None
+                        read_pem(settings.tls_client_ca, "client CA")
+                        if settings.tls_client_ca else None
                     ),
                     require_client_auth=settings.tls_client_ca is not None,
                 )

@@ -23,6 +23,7 @@ Asset entries are per instance.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 
 import grpc
@@ -34,6 +35,7 @@ from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casframe._protos.build.bazel.semver import semver_pb2
 from casframe._protos.buildstream.v2 import buildstream_pb2, buildstream_pb2_grpc
+from casframe.actions import action_outputs, tree_files
 from casframe.digest import Digest
 from casframe.errors import (
     BlobNotFoundError,
@@ -78,6 +80,12 @@ _PAGE_FRAMING_BYTES = 64 << 10
 # tag and value (gRPC codes are below 128), with the message dropped (see _fit_reply).
 _CODE_ONLY_STATUS_BYTES = 2
 
+# Decimal digits of the largest directory index a GetTree page token can name (int64's 19):
+# longer tokens are refused before int() is asked to parse them (it refuses over 4,300).
+_PAGE_TOKEN_DIGITS = 19
+
+log = logging.getLogger("casframe.server")
+
 _IDENTITY = re_pb2.Compressor.IDENTITY
 _SHA256 = re_pb2.DigestFunction.SHA256
 
@@ -97,6 +105,19 @@ class _Base:
     def _check_writable(self) -> None:
         if self.settings.read_only:
             raise StatusError(grpc.StatusCode.PERMISSION_DENIED, "this server is read-only")
+
+    def _get_ref(self, name: str, what: str) -> Digest:
+        """The digest a ref holds; a damaged ref is the server's ``DATA_LOSS``, not the
+        client's ``INVALID_ARGUMENT``, and its details (where it is stored) go to the log."""
+        try:
+            return self.store.get_ref(name)
+        except InvalidDigestError as exc:
+            log.error("damaged ref %s: %s", name, exc)
+            raise StatusError(
+                grpc.StatusCode.DATA_LOSS,
+                f"{what} is damaged in the server's store; set it again "
+                "(the server log has the details)",
+            ) from None
 
     def _set_tree_ref(self, names: Iterable[str], root: Digest, what: str) -> None:
         """Point refs at a tree after checking, once, that the whole tree is stored."""
@@ -216,7 +237,7 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
                 if actual != digest:
                     raise DigestMismatchError(digest, actual)
             except Exception as exc:  # noqa: BLE001 - one bad blob fails alone
-                statuses.append(status_proto(exc))
+                statuses.append(status_proto(exc, self.settings.store_url))
                 continue
             if digest.size:
                 verified[digest] = data
@@ -231,7 +252,7 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
                 # and storing a blob that is there already succeeds and freshens it.
                 self.store.blobs.write_blobs(list(verified.items()))
             except Exception as exc:  # noqa: BLE001 - reported on each blob it concerns
-                failure = status_proto(exc)
+                failure = status_proto(exc, self.settings.store_url)
 
         response = re_pb2.BatchUpdateBlobsResponse()
         add = response.responses.add
@@ -265,13 +286,14 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
             # Clients ask for blobs they know are stored, so no existence check first.
             for digest, data in self.store.read_many(wanted):
                 results[digest] = data
-        except (BlobNotFoundError, CorruptBlobError):
-            # One bad blob ended the batch: read the rest one by one, each with its own status.
+        except (BlobNotFoundError, CorruptBlobError, OSError):
+            # One bad blob (missing, damaged, unreadable) ended the batch: read the rest one
+            # by one, each with its own status.
             for digest in wanted:
                 if digest not in results:
                     try:
                         results[digest] = self.store.read_bytes(digest)
-                    except (BlobNotFoundError, CorruptBlobError) as exc:
+                    except (BlobNotFoundError, CorruptBlobError, OSError) as exc:
                         results[digest] = exc
 
         response = re_pb2.BatchReadBlobsResponse()
@@ -281,7 +303,7 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
             outcome = results[parsed] if isinstance(parsed, Digest) else parsed
             if isinstance(outcome, BaseException):
                 entry = add()
-                entry.status.CopyFrom(status_proto(outcome))
+                entry.status.CopyFrom(status_proto(outcome, self.settings.store_url))
                 failed = True
             else:
                 entry = add(data=outcome, compressor=_IDENTITY)
@@ -384,10 +406,15 @@ def _parse_page_token(token: str, root: Digest) -> int:
         return 0
     index, _, root_prefix = token.partition(":")
     # isascii: str.isdigit() accepts digits such as '²' that int() refuses.
-    if not (index.isascii() and index.isdigit()) or root_prefix != root.hash[:16]:
+    if (
+        not (index.isascii() and index.isdigit())
+        or len(index) > _PAGE_TOKEN_DIGITS
+        or root_prefix != root.hash[:16]
+    ):
+        shown = token if len(token) <= 64 else f"{token[:64]}... ({len(token)} characters)"
         raise StatusError(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"page_token {token!r} was not issued for a tree with root {root}",
+            f"page_token {shown!r} was not issued for a tree with root {root}",
         )
     return int(index)
 
@@ -434,7 +461,9 @@ class ActionCacheService(_Base, re_grpc.ActionCacheServicer):
             grpc.StatusCode.NOT_FOUND, f"no action result for {action} in instance {instance!r}"
         )
         try:
-            result_digest = self.store.get_ref(action_ref_name(instance, action))
+            result_digest = self._get_ref(
+                action_ref_name(instance, action), f"the action result for {action}"
+            )
             data = self.store.read_bytes(result_digest)
         except (RefNotFoundError, BlobNotFoundError):
             raise not_found from None
@@ -454,7 +483,6 @@ class ActionCacheService(_Base, re_grpc.ActionCacheServicer):
 
     def _missing_outputs(self, result: re_pb2.ActionResult) -> set[Digest]:
         """Every blob the result names that is not stored (outputs, trees, logs)."""
-        from casframe.actions import action_outputs, tree_files
         from casframe.tree import missing_in_tree
 
         outputs = action_outputs(result)
@@ -477,6 +505,9 @@ class ActionCacheService(_Base, re_grpc.ActionCacheServicer):
         self._check_writable()
         action = _digest(request.action_digest, "action_digest")
         _check_output_paths(request.action_result)
+        # Every digest it names must be valid now: a bad one stored here would fail each
+        # client that later gets the result.
+        action_outputs(request.action_result)
         stored = self.store.put_bytes(request.action_result.SerializeToString(deterministic=True))
         # Not a Directory, so no completeness check: GetActionResult checks outputs instead.
         self.store.set_ref(action_ref_name(instance, action), stored, check_complete=False)
@@ -529,7 +560,7 @@ class FetchService(_Base, remote_asset_pb2_grpc.FetchServicer):
                  for uri in uris]  # validate every URI before answering for any
         for uri, name in names:
             try:
-                return uri, self.store.get_ref(name)
+                return uri, self._get_ref(name, f"the asset {uri!r}")
             except RefNotFoundError:
                 continue
         return None
@@ -623,7 +654,7 @@ class ReferenceStorageService(_Base, buildstream_pb2_grpc.ReferenceStorageServic
         self, request: buildstream_pb2.GetReferenceRequest, context: grpc.ServicerContext
     ) -> buildstream_pb2.GetReferenceResponse:
         self._check(request.instance_name)
-        digest = self.store.get_ref(request.key)
+        digest = self._get_ref(request.key, f"ref {request.key}")
         return buildstream_pb2.GetReferenceResponse(digest=digest.to_proto())
 
     @rpc_method

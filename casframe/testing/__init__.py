@@ -16,7 +16,7 @@ import hashlib
 import os
 import stat
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -183,11 +183,14 @@ class InjectedFailure(Exception):
 
 
 @contextmanager
-def failing_writes(store: Store, after: int) -> Iterator[list[int]]:
+def failing_writes(
+    store: Store, after: int, error: Callable[[], BaseException] | None = None
+) -> Iterator[list[int]]:
     """Make ``store``'s backend fail every blob write after the first ``after`` ones.
 
     Wraps the backend's write path (``write_blobs``, ``begin_write`` and ``begin_write_for``)
-    on this instance only; the failing write raises :class:`InjectedFailure` before anything
+    on this instance only; the failing write raises :class:`InjectedFailure`, or what
+    ``error()`` returns (``OSError(errno.ENOSPC, ...)`` plays a full disk), before anything
     of that blob is written. ``begin_write_copy`` declines (returns ``None``), so local files
     go through ``begin_write`` and count there. Yields a one-item list holding how many blobs
     were written so far; a write path that calls another one counts its blob once.
@@ -205,6 +208,8 @@ def failing_writes(store: Store, after: int) -> Iterator[list[int]]:
     def count_one() -> None:
         with lock:
             if written[0] >= after:
+                if error is not None:
+                    raise error()
                 raise InjectedFailure(f"injected failure: {store.url} fails after {after} blobs")
             written[0] += 1
 

@@ -51,6 +51,7 @@ from casframe import (
     DigestMismatchError,
     InvalidDigestError,
     InvalidNameError,
+    RefConflictError,
     RefNotFoundError,
     Store,
     UnsafeTreeError,
@@ -607,7 +608,12 @@ def _small_tree(store: Store, label: str = "a") -> Digest:
     return store.put_directory(root)
 
 
-INVALID_REF_NAMES = ["", "/a", "a/", "a//b", "a/../b", ".", "..", "a/./b", "nul\x00byte", "/"]
+INVALID_REF_NAMES = [
+    "", "/a", "a/", "a//b", "a/../b", ".", "..", "a/./b", "nul\x00byte", "/",
+    # A segment over 255 bytes (UTF-8), named short in test ids.
+    pytest.param("x" * 256, id="'x'*256"),
+    pytest.param("team/" + "\u00e9" * 128, id="'team/'+'\u00e9'*128"),
+]
 
 
 class RefConformance(ConformanceBase):
@@ -749,6 +755,43 @@ class RefConformance(ConformanceBase):
         store.put_bytes(inner_content)
         store.set_ref("complete", incomplete)
         assert store.get_ref("complete") == incomplete
+
+    @pytest.mark.parametrize("name", ["ac", "asset", "ac/_/x", "asset/blob/k"])
+    def test_the_server_namespaces_are_no_names_for_trees(self, store: Store, name: str) -> None:
+        tree = _small_tree(store)
+        store.set_ref("good", tree)
+        with pytest.raises(InvalidNameError, match=f"ref name {name!r} is reserved"):
+            store.set_ref(name, tree)
+        with pytest.raises(InvalidNameError, match="is reserved"):
+            store.copy_ref("good", name)
+        if "/" not in name:  # not even one of the server's own refs
+            with pytest.raises(InvalidNameError, match="is reserved"):
+                store.set_ref(name, tree, check_complete=False)
+        assert not store.has_ref(name)
+
+    @pytest.mark.parametrize(
+        ("first", "second"),
+        [("a", "a/b"), ("a/b", "a"), ("x/y", "x/y/z/w"), ("x/y/z/w", "x/y"), ("x/y", "x")],
+        ids=repr,
+    )
+    def test_a_ref_never_shadows_another(self, store: Store, first: str, second: str) -> None:
+        """A name is a ref or a folder of refs, never both, whatever the backend can hold."""
+        tree = _small_tree(store)
+        store.set_ref(first, tree)
+        attempts = (
+            lambda: store.set_ref(second, tree),
+            lambda: store.set_ref(second, tree, check_complete=False),
+            lambda: store.copy_ref(first, second),
+        )
+        for attempt in attempts:
+            with pytest.raises(RefConflictError) as caught:
+                attempt()
+            assert (caught.value.name, caught.value.existing) == (second, first)
+            assert f"{second!r} conflicts with an existing ref" in str(caught.value)
+            assert repr(first) in str(caught.value)
+        assert not store.has_ref(second)
+        assert store.get_ref(first) == tree
+        store.set_ref(f"{first}-sibling", tree)  # a name that only starts alike is no folder
 
     def test_set_ref_accepts_the_empty_tree(self, store: Store) -> None:
         store.set_ref("empty", EMPTY_DIGEST)

@@ -411,6 +411,9 @@ class CacheRefStore(RefStore):
         for root in outputs.roots:
             self._through_cache.push(self._remote, root)
 
+    def conflicting_ref(self, name: str) -> str | None:
+        return self._remote.refs.conflicting_ref(name)  # refs live on the remote
+
     def delete_ref(self, name: str) -> None:
         self._remote.refs.delete_ref(name)
 

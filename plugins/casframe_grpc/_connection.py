@@ -20,6 +20,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 from casframe import (
     BackendUnavailableError,
@@ -29,6 +30,7 @@ from casframe import (
     CorruptBlobError,
     Digest,
     PermissionDeniedError,
+    RefConflictError,
     RefNotFoundError,
     StoreURL,
     UnsupportedOperationError,
@@ -70,11 +72,18 @@ _DEFAULT_CONCURRENCY = 4
 # than with the default 64 KiB (one message per round trip), for 2 MiB of memory at most.
 _STREAM_WINDOW = 2 << 20
 
+# What one GetTree listing may bring before the client stops trusting it: a real build output
+# has far fewer directories (a large monorepo checkout has tens of thousands), while a server
+# that pages forever is stopped within about the memory these take. The tree engine then reads
+# the tree level by level instead, as it does from servers without GetTree.
+_DEFAULT_MAX_TREE_DIRECTORIES = 100_000
+_DEFAULT_MAX_TREE_BYTES = 128 << 20
+
 _REF_PROTOCOLS = ("auto", "asset", "reference-storage")
 _TLS_OPTIONS = ("server_cert", "client_key", "client_cert")
 _KNOWN_OPTIONS = frozenset(
     {*_TLS_OPTIONS, "timeout", "max_message_size", "max_concurrency", "ref_protocol",
-     "keepalive_time"}
+     "keepalive_time", "max_tree_directories", "max_tree_bytes"}
 )
 
 _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
@@ -99,6 +108,9 @@ class GrpcOptions:
     ref_protocol: str
     #: Seconds between keepalive pings on a connection with calls in flight.
     keepalive_time: float
+    #: Most Directories, and most bytes of them, one GetTree listing may bring.
+    max_tree_directories: int = _DEFAULT_MAX_TREE_DIRECTORIES
+    max_tree_bytes: int = _DEFAULT_MAX_TREE_BYTES
 
     @property
     def secure(self) -> bool:
@@ -160,6 +172,10 @@ class GrpcOptions:
             max_concurrency=int(_positive(url, "max_concurrency", _DEFAULT_CONCURRENCY, int)),
             ref_protocol=ref_protocol,
             keepalive_time=_positive(url, "keepalive_time", 300.0, float),
+            max_tree_directories=int(
+                _positive(url, "max_tree_directories", _DEFAULT_MAX_TREE_DIRECTORIES, int)
+            ),
+            max_tree_bytes=int(_positive(url, "max_tree_bytes", _DEFAULT_MAX_TREE_BYTES, int)),
         )
 
 
@@ -265,7 +281,37 @@ def translate_error(
     """The casframe error for a failed call ``what`` to ``where``."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        conflict = _ref_conflict(error)
+        if conflict is not None:
+            return conflict
     return translate_status(code, details or "", where, what, digest=digest, ref=ref)
+
+
+# How casframe serve names the two refs of a conflict: an ErrorInfo in the status details.
+_CONFLICT_DOMAIN, _CONFLICT_REASON = "casframe", "REF_CONFLICT"
+
+
+def _ref_conflict(error: grpc.RpcError) -> RefConflictError | None:
+    """The :class:`RefConflictError` a casframe server described in the status details."""
+    metadata = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in metadata or ():
+        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status()
+        try:
+            status.ParseFromString(value)
+        except Exception:  # noqa: BLE001 - a malformed trailer is no conflict
+            return None
+        for packed in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if not packed.Is(info.DESCRIPTOR) or not packed.Unpack(info):
+                continue
+            if (info.domain, info.reason) == (_CONFLICT_DOMAIN, _CONFLICT_REASON):
+                name, existing = info.metadata.get("ref"), info.metadata.get("existing")
+                if name and existing:
+                    return RefConflictError(name, existing)
+    return None
 
 
 def translate_status(

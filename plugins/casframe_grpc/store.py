@@ -29,10 +29,12 @@ from casframe import (
     BlobStore,
     BlobWriter,
     CasframeError,
+    CorruptBlobError,
     Digest,
     PermissionDeniedError,
     RefInfo,
     RefStore,
+    RemoteProtocolError,
     Store,
     StoreURL,
     UnsupportedOperationError,
@@ -47,6 +49,13 @@ from casframe._protos.google.bytestream import bytestream_pb2 as bytestream
 from casframe._wire import decode_read_response, encode_write_request, finish_write_request
 from casframe.digest import CHUNK_SIZE
 
+from ._answers import (
+    TreeListing,
+    answered_entry,
+    answered_missing,
+    answered_ref_digest,
+    check_capabilities,
+)
 from ._connection import Connection, GrpcOptions, translate_error, translate_status
 
 __all__ = ["GrpcBlobStore", "GrpcRefStore", "open_grpc_store", "ref_uri"]
@@ -103,10 +112,13 @@ class _ByteStreamReader(io.RawIOBase):
     ``read(n)`` and ``readinto`` fill what they are given unless the stream ends, like a file.
     """
 
-    def __init__(self, store: GrpcBlobStore, digest: Digest, responses: grpc.Call) -> None:
+    def __init__(
+        self, store: GrpcBlobStore, digest: Digest, offset: int, responses: grpc.Call
+    ) -> None:
         super().__init__()
         self._store = store
         self._digest = digest
+        self._remaining = digest.size - offset  # bytes the server may still send
         self._responses = responses
         self._pending = memoryview(b"")
         self._ended = False
@@ -125,9 +137,22 @@ class _ByteStreamReader(io.RawIOBase):
         with self._store.conn.calling("ByteStream.Read", digest=self._digest):
             for data in self._responses:  # each a view of one received ReadResponse's data
                 if data:
+                    if len(data) > self._remaining:
+                        self.close()  # a server sending more than the blob holds: stop it
+                        raise CorruptBlobError(
+                            self._digest,
+                            f"{self._store.conn.where} sent more than its {self._digest.size} "
+                            "bytes through ByteStream.Read",
+                        )
+                    self._remaining -= len(data)
                     self._pending = data
                     return True
         self._ended = True
+        if self._remaining:
+            raise CorruptBlobError(
+                self._digest,
+                f"{self._store.conn.where} ended ByteStream.Read {self._remaining} bytes short",
+            )
         return False
 
     def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
@@ -299,8 +324,8 @@ class _StreamingWriter(BlobWriter):
             response = self._call.result()
         # -1 is how some servers answer when they already had the blob (compressed uploads).
         if response.committed_size not in (self._digest.size, -1):
-            raise CasframeError(f"{self._store.conn.where} committed {response.committed_size} "
-                                f"bytes of {self._digest}")
+            raise RemoteProtocolError(f"{self._store.conn.where} committed "
+                                      f"{response.committed_size} bytes of {self._digest}")
 
     def abort(self) -> None:
         self._done = True
@@ -415,13 +440,15 @@ class GrpcBlobStore(BlobStore):
                                      now[first : first + _FIND_MISSING_BATCH])
                         calls.append(self._cas.FindMissingBlobs.future(
                             request, timeout=self._timeout))
-                    for call in calls:
+                    for first, call in zip(
+                        range(start, min(start + window, len(now)), _FIND_MISSING_BATCH),
+                        calls, strict=True,
+                    ):
                         with self.conn.calling("FindMissingBlobs"):
                             response = call.result()
-                        missing.update(
-                            key for d in response.missing_blob_digests
-                            if (key := (d.hash, d.size_bytes)) in asked
-                        )
+                        missing.update(answered_missing(
+                            self.conn.where, response, now[first : first + _FIND_MISSING_BATCH]
+                        ))
                 finally:
                     for call in calls:
                         call.cancel()  # after an error: the rest are not needed (else no-op)
@@ -447,7 +474,7 @@ class GrpcBlobStore(BlobStore):
         responses = self._read(
             request, timeout=self._stream_timeout(digest.size - offset)
         )
-        reader = _ByteStreamReader(self, digest, responses)
+        reader = _ByteStreamReader(self, digest, offset, responses)
         try:
             reader.prefetch()
         except BaseException:
@@ -492,20 +519,20 @@ class GrpcBlobStore(BlobStore):
         wanted: dict[tuple[str, int], Digest] = {d: d for d in group}
         found: dict[Digest, bytes] = {}
         missing: list[Digest] = []
+        answered_already: set[Digest] = set()
         for entry in response.responses:
-            answered = entry.digest
-            digest = wanted.get((answered.hash, answered.size_bytes))
-            if digest is None:
-                raise CasframeError(
-                    f"{self.conn.where} answered BatchReadBlobs with "
-                    f"{answered.hash}/{answered.size_bytes}, which was not asked for"
-                )
+            digest = answered_entry(self.conn.where, "BatchReadBlobs", entry.digest, wanted,
+                                    answered_already)
             if entry.status.code == grpc.StatusCode.NOT_FOUND.value[0]:
                 missing.append(digest)
             elif entry.status.code:
                 raise translate_status(entry.status.code, entry.status.message,
                                        self.conn.where, f"BatchReadBlobs of {digest}",
                                        digest=digest)
+            elif len(entry.data) != digest.size:
+                raise CorruptBlobError(
+                    digest, f"{self.conn.where} sent {len(entry.data)} bytes for it"
+                )
             else:
                 found[digest] = entry.data
         missing += [d for d in group if d not in found and d not in missing]
@@ -537,18 +564,21 @@ class GrpcBlobStore(BlobStore):
             entry.digest.size_bytes = size
         with self.conn.calling("BatchUpdateBlobs"):
             response = self._cas.BatchUpdateBlobs(request, timeout=self._timeout)
-        stored = set()
+        wanted: dict[tuple[str, int], Digest] = {d: d for d, _ in blobs}
+        stored: set[Digest] = set()
         for entry in response.responses:
-            key = (entry.digest.hash, entry.digest.size_bytes)
+            digest = answered_entry(self.conn.where, "BatchUpdateBlobs", entry.digest, wanted,
+                                    stored)
             if entry.status.code:
                 raise translate_status(entry.status.code, entry.status.message,
-                                       self.conn.where, f"BatchUpdateBlobs of {key[0]}/{key[1]}",
-                                       digest=Digest(*key))
-            stored.add(key)
-        unanswered = [d for d, _ in blobs if d not in stored]
+                                       self.conn.where, f"BatchUpdateBlobs of {digest}",
+                                       digest=digest)
+        unanswered = [d for d in wanted.values() if d not in stored]
         if unanswered:
-            raise CasframeError(f"{self.conn.where} did not confirm storing {len(unanswered)} "
-                                f"blob(s) of a BatchUpdateBlobs call, e.g. {unanswered[0]}")
+            raise RemoteProtocolError(
+                f"{self.conn.where} did not confirm storing {len(unanswered)} "
+                f"blob(s) of a BatchUpdateBlobs call, e.g. {unanswered[0]}"
+            )
 
     def upload(self, digest: Digest, stream: BinaryIO) -> None:
         """Store a blob whose content ``stream`` holds (verified by the core already)."""
@@ -589,8 +619,13 @@ class GrpcBlobStore(BlobStore):
         serialized again here (deterministically); a server that stored them in another
         encoding yields bytes that hash to other digests, which a caller must treat as
         unknown, never as the tree's. Raises :class:`BlobNotFoundError` when ``root`` is
-        missing.
+        missing, and :class:`RemoteProtocolError` when the server repeats a page token, sends
+        more than a few empty pages, or more Directories (or bytes of them) than the URL's
+        ``max_tree_directories`` (``max_tree_bytes``) allow: a server paging forever is
+        stopped within bounded memory.
         """
+        listing = TreeListing(self.conn.where, root, self.conn.options.max_tree_directories,
+                              self.conn.options.max_tree_bytes)
         token = ""
         while True:
             request = reapi.GetTreeRequest(
@@ -600,10 +635,15 @@ class GrpcBlobStore(BlobStore):
             with self.conn.calling("GetTree", digest=root):
                 # A server may send every page in one stream (each but the last naming the
                 # next) or end the stream after a page: then ask again from its token.
-                for page in self._cas.GetTree(request, timeout=self._stream_timeout(0)):
-                    for directory in page.directories:
-                        yield directory.SerializeToString(deterministic=True)
-                    token = page.next_page_token
+                call = self._cas.GetTree(request, timeout=self._stream_timeout(0))
+                try:
+                    for page in call:
+                        listing.count(page)
+                        for directory in page.directories:
+                            yield directory.SerializeToString(deterministic=True)
+                        token = page.next_page_token
+                finally:
+                    call.cancel()  # after an error or an early stop: no more pages wanted
             if not token:
                 return
 
@@ -689,7 +729,9 @@ class GrpcRefStore(RefStore):
                         bst.GetReferenceRequest(instance_name=self.conn.instance, key=name),
                         timeout=timeout,
                     )
-                return Digest.from_proto(found.digest)
+                return answered_ref_digest(
+                    self.conn.where, "ReferenceStorage.GetReference", name, found.digest
+                )
             with self.conn.calling("Fetch.FetchDirectory", ref=name):
                 fetched = self._fetch.FetchDirectory(
                     asset.FetchDirectoryRequest(
@@ -702,7 +744,9 @@ class GrpcRefStore(RefStore):
         if fetched.status.code:
             raise translate_status(fetched.status.code, fetched.status.message,
                                    self.conn.where, "Fetch.FetchDirectory", ref=name)
-        return Digest.from_proto(fetched.root_directory_digest)
+        return answered_ref_digest(
+            self.conn.where, "Fetch.FetchDirectory", name, fetched.root_directory_digest
+        )
 
     def set_ref(self, name: str, digest: Digest) -> None:
         timeout = self.conn.options.timeout
@@ -728,6 +772,12 @@ class GrpcRefStore(RefStore):
                 )
         except UnsupportedOperationError as exc:
             raise self._unsupported("store refs", exc) from None
+
+    def conflicting_ref(self, name: str) -> str | None:
+        # The server decides, as it sets the ref: a casframe server refuses a conflict with
+        # FAILED_PRECONDITION naming both refs, which comes back as RefConflictError. Asking
+        # first would cost a round trip a folder and could not see refs under the name.
+        return None
 
     def delete_ref(self, name: str) -> None:
         raise UnsupportedOperationError(
@@ -757,6 +807,7 @@ def _read_capabilities(conn: Connection) -> reapi.ServerCapabilities | None:
                 f"cannot reach {conn.where}: {exc.details() or code.name}"
             ) from None
         raise translate_error(exc, conn.where, "GetCapabilities") from None
+    check_capabilities(conn.where, capabilities)
     functions = capabilities.cache_capabilities.digest_functions
     if functions and reapi.DigestFunction.SHA256 not in functions:
         offered = ", ".join(reapi.DigestFunction.Value.Name(f) for f in functions)

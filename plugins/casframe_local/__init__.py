@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import os
+import stat
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import BinaryIO
@@ -29,17 +31,19 @@ from casframe import (
     BlobStore,
     BlobWriter,
     Capability,
+    CasframeError,
     ConfigError,
     CorruptBlobError,
     Digest,
     InvalidDigestError,
-    InvalidNameError,
+    RefConflictError,
     RefInfo,
     RefNotFoundError,
     RefStore,
     Store,
     StoreNotFoundError,
     StoreURL,
+    StrayEntry,
     hookimpl,
 )
 
@@ -56,9 +60,32 @@ _NO_KERNEL_COPY = frozenset(
 )
 # Bytes asked of one copy_file_range call (the kernel copies at most ~2 GiB per call anyway).
 _COPY_STEP = 1 << 30
-_READ = os.O_RDONLY | os.O_CLOEXEC
+# O_NONBLOCK: opening a stray FIFO named like an object must not wait for a writer (it has no
+# effect on regular files).
+_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
 _COPY_CHUNK = 1 << 20
 _CHECK_SIZE_ABOVE = 1 << 20  # read_blobs compares the object's size first above this
+# What a write to a store this process may only read fails with: a read-only mount, or a store
+# (or an object) of another user.
+_CANNOT_WRITE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+# Opening an object's path fails so when it is absent, when a stray folder stands where it
+# would be, or when a stray file stands where its fan-out folder would be.
+_NOT_AN_OBJECT = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
+def _kind(path: str) -> str:
+    """What a stray entry is, for fsck's warning."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "an entry removed meanwhile"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISREG(mode):
+        return "a file"
+    return "a special file"
 
 
 def _temp_name(tmpdir: str) -> str:
@@ -72,6 +99,21 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _make_folders(*paths: str) -> None:
+    """Create the store's folders where missing; on a store this process may only read, leave
+    them missing (reads work without them)."""
+    for path in paths:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            if exc.errno not in _CANNOT_WRITE:
+                raise
+
+
+def _open_folder(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -125,11 +167,11 @@ class LocalBlobStore(BlobStore):
         self.objdir = os.path.join(root, "objects")
         self.tmpdir = os.path.join(root, "tmp")
         self.fsync = fsync
-        os.makedirs(self.objdir, exist_ok=True)
-        os.makedirs(self.tmpdir, exist_ok=True)
-        self._tmpfd = os.open(self.tmpdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._objfd = os.open(self.objdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._anonymous = self._probe_anonymous_temp()
+        _make_folders(self.objdir, self.tmpdir)
+        # A store on a read-only mount may lack tmp/ (copied without it): it is read, never
+        # written, and a write fails as any write there would.
+        self._tmpfd = _open_folder(self.tmpdir) if os.path.isdir(self.tmpdir) else -1
+        self._objfd = _open_folder(self.objdir)
 
     def close(self) -> None:
         for name in ("_tmpfd", "_objfd"):
@@ -147,6 +189,12 @@ class LocalBlobStore(BlobStore):
     # Uploads go to an unnamed file (O_TMPFILE) that is linked into objects/ once verified:
     # nothing to clean up after a crash, and one link instead of create + rename. Where the
     # file system lacks O_TMPFILE, a named file in tmp/ is renamed into place instead.
+
+    @functools.cached_property
+    def _anonymous(self) -> bool:
+        # Probed at the first write, not on opening: a store that is only read (a read-only
+        # server's) never gets even an unnamed file.
+        return self._probe_anonymous_temp()
 
     def _probe_anonymous_temp(self) -> bool:
         flag = getattr(os, "O_TMPFILE", 0)
@@ -181,6 +229,22 @@ class LocalBlobStore(BlobStore):
 
     def _publish(self, fd: int, temp: str, digest: Digest) -> tuple[bool, bool]:
         """Whether a new name was made for the object, and whether its fan-out folder was."""
+        try:
+            return self._link_into_place(fd, temp, digest)
+        except (IsADirectoryError, NotADirectoryError) as exc:
+            # A stray entry holds the object's place: it is not ours to remove.
+            where = "objects/" + (
+                f"{digest.hash[:2]}/{digest.hash[2:]}"
+                if isinstance(exc, IsADirectoryError)
+                else digest.hash[:2]
+            )
+            what = "a directory" if isinstance(exc, IsADirectoryError) else "not a directory"
+            raise CasframeError(
+                f"cannot store blob {digest} in file://{self.root}: {where} is {what}, "
+                "a stray entry in the object's place; move it away"
+            ) from None
+
+    def _link_into_place(self, fd: int, temp: str, digest: Digest) -> tuple[bool, bool]:
         target = self.object_path(digest)
         made_folder = False
         for _ in range(3):
@@ -239,23 +303,29 @@ class LocalBlobStore(BlobStore):
 
     def find_missing_blobs(self, digests: Collection[Digest]) -> set[Digest]:
         missing = set()
-        stat, objfd = os.stat, self._objfd
+        stat_, objfd, regular = os.stat, self._objfd, stat.S_ISREG
         for digest in digests:
             hash_ = digest[0]
             try:
-                if stat(f"{hash_[:2]}/{hash_[2:]}", dir_fd=objfd).st_size == digest[1]:
+                st = stat_(f"{hash_[:2]}/{hash_[2:]}", dir_fd=objfd, follow_symlinks=False)
+                if st.st_size == digest[1] and regular(st.st_mode):  # not a stray folder
                     continue
-            except FileNotFoundError:
+            except _NOT_AN_OBJECT:
                 pass
             missing.add(digest)
         return missing
 
     def open_blob(self, digest: Digest, offset: int = 0) -> BinaryIO:
         try:
-            stream = open(self.object_path(digest), "rb")  # noqa: SIM115 - returned to caller
-        except FileNotFoundError:
+            fd = os.open(self.object_path(digest), _READ)
+        except _NOT_AN_OBJECT:  # absent, or a stray folder where the object would be
             raise self._not_found(digest) from None
-        size = os.fstat(stream.fileno()).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a stray folder, FIFO or device: not the blob
+            os.close(fd)
+            raise self._not_found(digest)
+        stream = open(fd, "rb")  # noqa: SIM115 - returned to caller
+        size = st.st_size
         if size != digest.size:
             try:
                 # Identity is (hash, size): an intact object of another size is not this blob.
@@ -281,7 +351,7 @@ class LocalBlobStore(BlobStore):
         for digest in digests:
             try:
                 fd = os.open(f"{objdir}/{digest.hash[:2]}/{digest.hash[2:]}", _READ)
-            except FileNotFoundError:
+            except _NOT_AN_OBJECT:
                 raise self._not_found(digest) from None
             try:
                 wanted = digest.size + 1  # one byte more: is the object longer?
@@ -293,6 +363,8 @@ class LocalBlobStore(BlobStore):
                     data = os.read(fd, wanted)
                     while len(data) < wanted and (more := os.read(fd, wanted - len(data))):
                         data += more
+            except IsADirectoryError:  # a stray folder where the object would be
+                raise self._not_found(digest) from None
             finally:
                 os.close(fd)
             if len(data) != digest.size:
@@ -326,16 +398,30 @@ class LocalBlobStore(BlobStore):
             hash_ = digest[0]
             path = f"{hash_[:2]}/{hash_[2:]}"
             try:
-                try:
-                    utime(path, dir_fd=objfd)
-                except PermissionError:
-                    self._renew(digest)
+                self._freshen(utime, path, objfd, digest)
                 if stat(path, dir_fd=objfd).st_size == digest[1]:
                     continue
             except FileNotFoundError:
                 pass
             missing.add(digest)
         return missing
+
+    def _freshen(
+        self, utime: Callable[..., None], path: str, objfd: int, digest: Digest
+    ) -> None:
+        """Touch one object, or renew it when it is another user's.
+
+        A store this process may not write at all (a read-only mount, a user without write
+        access to ``tmp/``) keeps its times: asking which blobs are there is a read, and works.
+        """
+        try:
+            try:
+                utime(path, dir_fd=objfd)
+            except PermissionError:
+                self._renew(digest)
+        except OSError as exc:
+            if exc.errno not in _CANNOT_WRITE:
+                raise
 
     def _renew(self, digest: Digest) -> None:
         """Freshen an object this user may not touch, by putting a copy of it in its place.
@@ -400,9 +486,12 @@ class LocalBlobStore(BlobStore):
     def local_path(self, digest: Digest) -> str:
         path = self.object_path(digest)
         try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
+            st = os.stat(path, follow_symlinks=False)
+        except _NOT_AN_OBJECT:
             raise self._not_found(digest) from None
+        if not stat.S_ISREG(st.st_mode):  # a stray folder or link: not the blob
+            raise self._not_found(digest)
+        size = st.st_size
         if size != digest.size:
             raise CorruptBlobError(digest, f"stored object has {size} bytes")
         return path
@@ -412,14 +501,17 @@ class LocalBlobStore(BlobStore):
         # store's absolute path twice per link. The size check stays (a truncated object is
         # refused, as local_path refuses it); it costs a fraction of the link.
         objfd = self._objfd
-        stat, link = os.stat, os.link
+        stat_, link, regular = os.stat, os.link, stat.S_ISREG
         for name, digest in links:
             hash_ = digest[0]
             rel = f"{hash_[:2]}/{hash_[2:]}"
             try:
-                size = stat(rel, dir_fd=objfd).st_size
-            except FileNotFoundError:
+                st = stat_(rel, dir_fd=objfd, follow_symlinks=False)
+            except _NOT_AN_OBJECT:
                 raise self._not_found(digest) from None
+            if not regular(st.st_mode):  # a stray folder, link or FIFO: not the blob
+                raise self._not_found(digest)
+            size = st.st_size
             if size != digest[1]:
                 raise CorruptBlobError(digest, f"stored object has {size} bytes")
             link(rel, name, src_dir_fd=objfd, dst_dir_fd=dir_fd, follow_symlinks=False)
@@ -430,7 +522,11 @@ class LocalBlobStore(BlobStore):
         for fanout in sorted(os.listdir(self.objdir)):
             if len(fanout) != 2 or not _HEX.issuperset(fanout):
                 continue
-            with os.scandir(os.path.join(self.objdir, fanout)) as entries:
+            try:
+                scanner = os.scandir(os.path.join(self.objdir, fanout))
+            except NotADirectoryError:
+                continue  # a stray file named like a folder
+            with scanner as entries:
                 for entry in entries:
                     rest = entry.name
                     if len(rest) != 62 or not _HEX.issuperset(rest):
@@ -442,15 +538,32 @@ class LocalBlobStore(BlobStore):
                         st = entry.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue  # deleted while listing
-                    if not st.st_size and hash_ != _EMPTY_HASH:
-                        # Emptied by a crash (no fsync): no blob at all. fsck reports it as
-                        # corrupt through any ref that names the blob it was.
-                        continue
+                    if not stat.S_ISREG(st.st_mode):
+                        continue  # a folder or a link named like an object: a stray
+                    # A 0-byte object under another hash than the empty blob's was emptied by
+                    # a crash (written without fsync): listed, so fsck and prune deal with it.
                     yield hash_, st.st_size, st.st_mtime
 
     def iter_blobs(self) -> Iterator[BlobInfo]:
         for hash_, size, mtime in self.iter_blob_stats():
-            yield BlobInfo(Digest(hash_, size), mtime)
+            if size or hash_ == _EMPTY_HASH:  # an emptied object is no blob
+                yield BlobInfo(Digest(hash_, size), mtime)
+
+    def iter_strays(self) -> Iterator[StrayEntry]:
+        for fanout in sorted(os.listdir(self.objdir)):
+            folder = os.path.join(self.objdir, fanout)
+            shaped = len(fanout) == 2 and _HEX.issuperset(fanout)
+            if not shaped or os.path.islink(folder) or not os.path.isdir(folder):
+                yield StrayEntry(f"objects/{fanout}", f"{_kind(folder)}, not a fan-out folder")
+                continue
+            with os.scandir(folder) as entries:
+                for entry in sorted(entries, key=lambda e: e.name):
+                    rest = entry.name
+                    name = f"objects/{fanout}/{rest}"
+                    if len(rest) != 62 or not _HEX.issuperset(rest):
+                        yield StrayEntry(name, f"{_kind(entry.path)} whose name is not a hash")
+                    elif not entry.is_file(follow_symlinks=False):
+                        yield StrayEntry(name, f"{_kind(entry.path)}, not an object")
 
     def delete_blobs(
         self, digests: Iterable[Digest], *, older_than: float | None = None
@@ -496,12 +609,10 @@ class LocalBlobStore(BlobStore):
     def touch_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
         absent = []
         utime = os.utime
+        objfd = self._objfd
         for digest in digests:
             try:
-                try:
-                    utime(f"{self.objdir}/{digest.hash[:2]}/{digest.hash[2:]}")
-                except PermissionError:
-                    self._renew(digest)
+                self._freshen(utime, f"{digest.hash[:2]}/{digest.hash[2:]}", objfd, digest)
             except FileNotFoundError:
                 absent.append(digest)
         return absent
@@ -513,8 +624,7 @@ class LocalRefStore(RefStore):
         self.refdir = os.path.join(root, "refs", "heads")
         self.tmpdir = os.path.join(root, "tmp")
         self.fsync = fsync
-        os.makedirs(self.refdir, exist_ok=True)
-        os.makedirs(self.tmpdir, exist_ok=True)
+        _make_folders(self.refdir, self.tmpdir)
 
     def _path(self, name: str) -> str:
         return os.path.join(self.refdir, *name.split("/"))
@@ -524,11 +634,18 @@ class LocalRefStore(RefStore):
         try:
             with open(path, "rb") as f:
                 data = f.read()
-            if touch:
-                with contextlib.suppress(PermissionError):  # another user's ref: read only
-                    os.utime(path)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise RefNotFoundError(name, f"file://{self.root}") from None
+        if touch:
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                pass  # deleted since it was read: that reading was the access
+            except OSError as exc:
+                # A read-only mount, or another user's ref: reading still works, and only the
+                # LRU order misses this use.
+                if exc.errno not in _CANNOT_WRITE:
+                    raise
         return self._parse(name, data)
 
     def _parse(self, name: str, data: bytes) -> Digest:
@@ -539,14 +656,48 @@ class LocalRefStore(RefStore):
                 f"ref {name} in file://{self.root} is damaged: {exc}; set it again or delete it"
             ) from None
 
+    def conflicting_ref(self, name: str) -> str | None:
+        # A few stats: is one of the name's folders a file, or is the name a folder with a
+        # ref somewhere below it?
+        segments = name.split("/")
+        path = self.refdir
+        for end, segment in enumerate(segments[:-1], 1):
+            path = os.path.join(path, segment)
+            try:
+                if not stat.S_ISDIR(os.lstat(path).st_mode):
+                    return "/".join(segments[:end])
+            except FileNotFoundError:
+                return None  # no such folder: nothing can be below the name either
+        return self._first_ref_under(name)
+
+    def _first_ref_under(self, name: str) -> str | None:
+        top = self._path(name)
+        for dirpath, _, filenames in os.walk(top):
+            if filenames:
+                rel = os.path.relpath(os.path.join(dirpath, filenames[0]), self.refdir)
+                return rel.replace(os.sep, "/")
+        return None
+
     def set_ref(self, name: str, digest: Digest) -> None:
         path = self._path(name)
         temp = _temp_name(self.tmpdir)
+        try:
+            self._write_temp(temp, digest)
+            self._rename_into_place(name, temp, path)
+        except BaseException:
+            # A full disk, a conflict, an interrupt: the temp file never outlives the call.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise
+
+    def _write_temp(self, temp: str, digest: Digest) -> None:
         with open(temp, "wb") as f:
             f.write(digest.serialize())
+            f.flush()  # a full disk fails here, inside the with, not in a close at exit
             if self.fsync:
-                f.flush()
                 os.fsync(f.fileno())
+
+    def _rename_into_place(self, name: str, temp: str, path: str) -> None:
         for _ in range(10):
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -561,13 +712,21 @@ class LocalRefStore(RefStore):
                 return
             except FileNotFoundError:
                 continue  # a concurrent delete removed the parent folder; make it again
-            except (NotADirectoryError, FileExistsError, IsADirectoryError) as exc:
-                os.unlink(temp)
-                raise InvalidNameError(
-                    f"ref name {name!r} conflicts with an existing ref or ref folder"
-                ) from exc
-        os.unlink(temp)
-        raise OSError(errno.EAGAIN, f"could not set ref {name!r}: its folder kept disappearing")
+            except (NotADirectoryError, FileExistsError, IsADirectoryError):
+                # Set concurrently with the core's check, or a folder left empty by a
+                # concurrent delete: name the ref in the way, or clear the empty folder.
+                existing = self.conflicting_ref(name)
+                if existing is not None:
+                    raise RefConflictError(name, existing) from None
+                self._remove_empty_folders(path)
+        raise OSError(errno.EAGAIN, f"could not set ref {name!r}: its folder kept changing")
+
+    def _remove_empty_folders(self, top: str) -> None:
+        if not os.path.isdir(top) or os.path.islink(top):
+            return
+        for dirpath, _, _ in os.walk(top, topdown=False):
+            with contextlib.suppress(OSError):  # not empty (a ref set meanwhile), or gone
+                os.rmdir(dirpath)
 
     def delete_ref(self, name: str) -> None:
         path = self._path(name)
@@ -603,6 +762,10 @@ class LocalRefStore(RefStore):
                 yield RefInfo(name, self._parse(name, data), accessed)
 
 
+#: What a ``file://`` URL's query (or a configured store's options) may set.
+_OPTIONS = ("fsync",)
+
+
 def store_path(url: StoreURL) -> str:
     raw = unquote(url.netloc + url.path, errors="surrogateescape")  # any byte of a name
     if not raw:
@@ -613,6 +776,7 @@ def store_path(url: StoreURL) -> str:
 def open_local_store(url: StoreURL) -> Store:
     """Factory for ``file://PATH``; creates the layout when missing (unless ``url.create`` is
     false: then a missing directory is :class:`StoreNotFoundError`)."""
+    url.check_options(_OPTIONS)
     root = store_path(url)
     if not url.create and not os.path.exists(root):
         raise StoreNotFoundError(

@@ -19,6 +19,7 @@ from casframe import (
     BlobWriter,
     Capability,
     Digest,
+    RefConflictError,
     RefInfo,
     RefNotFoundError,
     RefStore,
@@ -122,7 +123,25 @@ class MemoryRefStore(RefStore):
 
     def set_ref(self, name: str, digest: Digest) -> None:
         with self._lock:
+            # Checked again under the lock: two threads setting "a" and "a/b" at once cannot
+            # both pass the core's check.
+            existing = self._in_the_way(name)
+            if existing is not None:
+                raise RefConflictError(name, existing)
             self._refs[name] = (digest, time.time())
+
+    def conflicting_ref(self, name: str) -> str | None:
+        with self._lock:
+            return self._in_the_way(name)
+
+    def _in_the_way(self, name: str) -> str | None:
+        segments = name.split("/")
+        for end in range(1, len(segments)):
+            folder = "/".join(segments[:end])
+            if folder in self._refs:
+                return folder
+        under = f"{name}/"
+        return next((other for other in self._refs if other.startswith(under)), None)
 
     def delete_ref(self, name: str) -> None:
         with self._lock:
@@ -137,7 +156,8 @@ class MemoryRefStore(RefStore):
 
 
 def open_memory_store(url: StoreURL) -> Store:
-    """Factory for ``memory://``: a new empty store each time."""
+    """Factory for ``memory://``: a new empty store each time. It takes no options."""
+    url.check_options(())
     return Store(MemoryBlobStore(), MemoryRefStore(), url=url.url)
 
 

@@ -113,13 +113,7 @@ class S3Options:
                 f"s3:// URL {url.url!r}: the prefix {prefix!r} has an empty, '.' or '..' segment"
             )
 
-        known = {f.name for f in fields(cls)} - {"bucket", "prefix"}
-        unknown = sorted(set(url.options) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown option(s) {', '.join(unknown)} for {url.url}; "
-                f"s3:// stores accept: {', '.join(sorted(known))}"
-            )
+        url.check_options({f.name for f in fields(cls)} - {"bucket", "prefix"})
         values: dict[str, object] = {"bucket": bucket, "prefix": prefix}
         raw = dict(url.options)
 

@@ -62,6 +62,7 @@ from casframe import (
     RefStore,
     Store,
     StoreURL,
+    StrayEntry,
     __version__,
 )
 from casframe.digest import CHUNK_SIZE
@@ -769,10 +770,9 @@ class S3BlobStore(BlobStore):
         if page.get("IsTruncated"):
             self._holds_many = True
             return None
-        return {
-            i.digest.hash: i.digest.size
-            for i in _blob_infos(page.get("Contents", []), self._bucket.objects)
-        }
+        # Emptied objects too: find_missing_blobs answers about them for fsck --repair.
+        listed = _listed(page.get("Contents", []), self._bucket.objects)
+        return {hash_: size for hash_, size, _ in listed}
 
     def _head_missing(self, digests: Iterable[Digest]) -> set[Digest]:
         def absent(digest: Digest) -> bool:
@@ -988,12 +988,26 @@ class S3BlobStore(BlobStore):
     # -- capabilities ----------------------------------------------------------------------
 
     def iter_blobs(self) -> Iterator[BlobInfo]:
-        """Every blob. One request answers a small store; a larger one is listed fan-out folder
-        by folder, a few folders ahead concurrently, so memory holds only those folders."""
+        for hash_, size, mtime in self._iter_listed():
+            if size or hash_ == EMPTY_DIGEST.hash:  # an emptied object is no blob
+                yield BlobInfo(Digest(hash_, size), mtime)
+
+    def iter_blob_stats(
+        self, skip: Callable[[str], bool] | None = None
+    ) -> Iterator[tuple[str, int, float]]:
+        # The listing gives sizes and times anyway: skip saves nothing but the tuples.
+        for listed in self._iter_listed():
+            if skip is None or not skip(listed[0]):
+                yield listed
+
+    def _iter_listed(self) -> Iterator[tuple[str, int, float]]:
+        """Every object key's ``(hash, size, mtime)``, emptied objects included. One request
+        answers a small store; a larger one is listed fan-out folder by folder, a few folders
+        ahead concurrently, so memory holds only those folders."""
         objects = self._bucket.objects
         first = next(self._bucket.list_pages(Prefix=objects))
         contents = first.get("Contents", [])
-        yield from _blob_infos(contents, objects)
+        yield from _listed(contents, objects)
         if not first.get("IsTruncated") or not contents:
             return
         last_key = contents[-1]["Key"]
@@ -1002,7 +1016,7 @@ class S3BlobStore(BlobStore):
         folders += [(fanout, "") for fanout in _FANOUTS if fanout > current]
         folders.reverse()
         ahead = max(1, min(4, self.max_concurrency))
-        pending: list[Future[list[BlobInfo]]] = []
+        pending: list[Future[list[tuple[str, int, float]]]] = []
         try:
             while pending or folders:
                 while folders and len(pending) < ahead:
@@ -1012,13 +1026,29 @@ class S3BlobStore(BlobStore):
             for future in pending:
                 future.cancel()
 
-    def _list_fanout(self, fanout: str, start_after: str = "") -> list[BlobInfo]:
+    def _list_fanout(self, fanout: str, start_after: str = "") -> list[tuple[str, int, float]]:
         folder = f"{self._bucket.objects}{fanout}/"
         extra = {"StartAfter": start_after} if start_after else {}
-        infos: list[BlobInfo] = []
+        listed: list[tuple[str, int, float]] = []
         for page in self._bucket.list_pages(Prefix=folder, **extra):
-            infos.extend(_blob_infos(page.get("Contents", []), self._bucket.objects))
-        return infos
+            listed.extend(_listed(page.get("Contents", []), self._bucket.objects))
+        return listed
+
+    def iter_strays(self) -> Iterator[StrayEntry]:
+        """Keys under ``objects/`` that are not object keys (synced in, or written by hand).
+
+        Folder markers (``objects/`` and ``objects/ab/``, which S3 consoles create) are not
+        reported: they hold nothing."""
+        objects = self._bucket.objects
+        start = len(self._bucket.options.key_prefix)
+        for page in self._bucket.list_pages(Prefix=objects):
+            for item in page.get("Contents", []):
+                key: str = item["Key"]
+                if _blob_key_name(key, objects) is not None or _FOLDER_MARKER.fullmatch(
+                    key[len(objects) :]
+                ):
+                    continue
+                yield StrayEntry(key[start:], "a key that is not an object key")
 
     def delete_blobs(
         self, digests: Iterable[Digest], *, older_than: float | None = None
@@ -1169,6 +1199,8 @@ class S3BlobStore(BlobStore):
 
 
 _FANOUTS = [f"{i:02x}" for i in range(256)]
+# Keys S3 consoles create to show an empty folder, relative to objects/.
+_FOLDER_MARKER = re.compile(r"(?:[0-9a-f]{2}/)?")
 
 
 def _blob_key_name(key: str, objects: str) -> str | None:
@@ -1180,17 +1212,13 @@ def _blob_key_name(key: str, objects: str) -> str | None:
     return name if _HEX_DIGITS.issuperset(name) else None
 
 
-def _blob_infos(contents: list[dict[str, Any]], objects: str) -> Iterator[BlobInfo]:
-    """Listed keys ``objects/ab/cdef…`` as BlobInfo; other keys (strays synced in) are skipped."""
+def _listed(contents: list[dict[str, Any]], objects: str) -> Iterator[tuple[str, int, float]]:
+    """Listed keys ``objects/ab/cdef…`` as ``(hash, size, mtime)``; other keys (strays synced
+    in) are skipped."""
     for item in contents:
         name = _blob_key_name(item["Key"], objects)
-        if name is None:
-            continue
-        try:
-            digest = Digest(name, int(item["Size"]))
-        except InvalidDigestError:
-            continue
-        yield BlobInfo(digest, item["LastModified"].timestamp())
+        if name is not None:
+            yield name, int(item["Size"]), item["LastModified"].timestamp()
 
 
 def _position(hash_hex: str) -> int:
@@ -1317,6 +1345,28 @@ class S3RefStore(RefStore):
             digest.serialize(),
             Metadata={"accessed": f"{time.time():.6f}"},
         )
+
+    def conflicting_ref(self, name: str) -> str | None:
+        # One HEAD a folder and a listing under the name, all side by side: one round trip
+        # on every ref set (the server sets one per action result).
+        segments = name.split("/")
+        folders = ["/".join(segments[:end]) for end in range(1, len(segments))]
+
+        def ask(folder: str | None) -> str | None:
+            if folder is not None:
+                present = self._bucket.head(self._bucket.refs + folder) is not None
+                return folder if present else None
+            return self._first_ref_under(name)
+
+        found = self._bucket.map(ask, [*folders, None])
+        return next((ref for ref in found if ref is not None), None)
+
+    def _first_ref_under(self, name: str) -> str | None:
+        for page in self._bucket.list_pages(Prefix=f"{self._bucket.refs}{name}/", MaxKeys=100):
+            for item in page.get("Contents", []):
+                if not item["Key"].endswith("/"):  # a console's "folder" marker is no ref
+                    return str(item["Key"][len(self._bucket.refs) :])
+        return None
 
     def delete_ref(self, name: str) -> None:
         key = self._bucket.refs + name

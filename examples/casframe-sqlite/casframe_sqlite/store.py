@@ -79,6 +79,7 @@ from casframe import (
     Digest,
     InvalidDigestError,
     PermissionDeniedError,
+    RefConflictError,
     RefInfo,
     RefNotFoundError,
     RefStore,
@@ -736,10 +737,19 @@ class SQLiteRefStore(RefStore):
 
     def set_ref(self, name: str, digest: Digest) -> None:
         with self.db.transaction() as conn:
+            # Checked again under the write lock: two writers setting "a" and "a/b" at once
+            # cannot both pass the core's check.
+            existing = _ref_in_the_way(conn, name)
+            if existing is not None:
+                raise RefConflictError(name, existing)
             conn.execute(
                 "INSERT OR REPLACE INTO refs (name, hash, size, accessed) VALUES (?, ?, ?, ?)",
                 (name, digest.hash, digest.size, time.time()),
             )
+
+    def conflicting_ref(self, name: str) -> str | None:
+        with self.db.connection() as conn:
+            return _ref_in_the_way(conn, name)
 
     def delete_ref(self, name: str) -> None:
         with self.db.transaction() as conn:
@@ -759,13 +769,28 @@ class SQLiteRefStore(RefStore):
             yield RefInfo(name, self._digest(name, (hash_, size)), accessed)
 
 
+def _ref_in_the_way(conn: sqlite3.Connection, name: str) -> str | None:
+    """A ref named like a folder of ``name`` (``a`` for ``a/b``), or one under ``name/``: two
+    lookups in the index of names, where the default ``conflicting_ref`` lists every ref
+    under ``name/``."""
+    segments = name.split("/")
+    folders = ["/".join(segments[:end]) for end in range(1, len(segments))]
+    if folders:
+        marks = ",".join("?" * len(folders))
+        query = f"SELECT name FROM refs WHERE name IN ({marks}) ORDER BY name LIMIT 1"
+        row = conn.execute(query, folders).fetchone()
+        if row is not None:
+            return str(row[0])
+    # Names under "NAME/" sort from "NAME/" to just before "NAME0" ('0' follows '/').
+    row = conn.execute(
+        "SELECT name FROM refs WHERE name >= ? AND name < ? ORDER BY name LIMIT 1",
+        (f"{name}/", f"{name}0"),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
 def _options(url: StoreURL) -> tuple[float, bool]:
-    unknown = sorted(set(url.options) - set(_OPTIONS))
-    if unknown:
-        raise ConfigError(
-            f"unknown option(s) {', '.join(unknown)} for {url.url}; "
-            f"sqlite:// stores accept: {', '.join(_OPTIONS)}"
-        )
+    url.check_options(_OPTIONS)
     raw = url.option("timeout")
     try:
         timeout = _DEFAULT_TIMEOUT if raw is None else float(raw)

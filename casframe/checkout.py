@@ -1,0 +1,312 @@
+"""Checkout: write a stored tree into a directory on disk.
+
+The whole tree is read, validated and measured before the first write, so a tree with an
+unsafe name or over its limits (:class:`~casframe.treesize.TreeLimits`) is refused with nothing
+written. Then it is written while walking the DAG directory by directory, with files handed to
+worker threads in bounded batches: memory holds the distinct Directories and a few batches,
+never the expanded tree, however often a subtree repeats. Entries are only created inside
+directories this checkout created, never through a symlink, so a hostile tree cannot write
+outside the destination. A failure removes what was written (the destination itself when the
+checkout created it) and names the entry by its path in the tree. This module talks to storage
+only through :class:`casframe.store.Store`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, TypeVar
+
+from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
+from casframe.digest import CHUNK_SIZE, Digest
+from casframe.errors import CheckoutError, UnsupportedOperationError
+from casframe.progress import NO_PROGRESS, Progress
+from casframe.spi import Capability
+from casframe.tree import load_tree, node_digest, node_digests
+from casframe.treesize import TreeLimits
+
+if TYPE_CHECKING:
+    from casframe.store import Store
+
+__all__ = ["checkout"]
+
+# Files up to this size are read whole; larger ones are streamed in CHUNK_SIZE pieces so
+# memory stays bounded whatever the file sizes.
+_SMALL_FILE = CHUNK_SIZE
+# Files per worker task: large enough to amortise scheduling, small enough to spread the work.
+_BATCH_FILES = 256
+# Bytes of files one copy task writes: a large file is a task of its own, so several large
+# files are written in parallel.
+_BATCH_BYTES = 8 << 20
+# Errors with which a file system refuses a hardlink that a copy can replace: another file
+# system, too many links to one object, no hardlinks at all.
+_LINK_REFUSED = frozenset({errno.EXDEV, errno.EMLINK, errno.EPERM})
+
+#: A file to copy: its path on disk, its digest, whether it is executable.
+_Copy = tuple[str, Digest, bool]
+#: Files to hardlink: directories (paths) with the ``(name, digest)`` of each file to link there.
+_LinkTask = list[tuple[str, list[tuple[str, Digest]]]]
+_T = TypeVar("_T")
+
+
+def checkout(
+    store: Store,
+    root: Digest,
+    dest: str | os.PathLike[str],
+    *,
+    link: bool | None = None,
+    progress: Progress | None = None,
+    limits: TreeLimits | None = None,
+) -> None:
+    """Materialise tree ``root`` at ``dest`` (absent or empty).
+
+    Hardlinked files share the store's read-only objects; executable files are always copied,
+    because a hardlink shares its mode with the stored object. A tree that expands past
+    ``limits`` raises :class:`~casframe.errors.TreeTooLargeError` before anything is written;
+    a file system error raises :class:`~casframe.errors.CheckoutError` naming the tree path.
+    """
+    progress = progress or NO_PROGRESS
+    dest = os.path.abspath(os.fspath(dest))
+    can_link = store.has(Capability.LOCAL_PATH)
+    if link and not can_link:
+        raise UnsupportedOperationError(
+            f"{store.url} has no local files to hardlink; check out with copies instead"
+        )
+    directories, sizes = load_tree(
+        store, root, limits or TreeLimits(), f"tree {root}", content=True
+    )
+    progress.start("checkout", sizes[root].files)
+    created = _prepare_destination(dest)
+    try:
+        with store.executor() as pool:
+            writer = _FileWriter(
+                store, pool, dest,
+                use_links=can_link if link is None else link, strict=bool(link), progress=progress,
+            )
+            try:
+                _write_tree(directories, root, dest, writer)
+                writer.finish()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
+    except BaseException:
+        _remove_written(dest, created)
+        raise
+    progress.finish()
+
+
+def _prepare_destination(dest: str) -> bool:
+    """Make sure ``dest`` is a new or empty directory; whether it was created here."""
+    try:
+        os.mkdir(dest)
+    except FileExistsError:
+        if os.path.islink(dest) or not os.path.isdir(dest):
+            raise FileExistsError(errno.EEXIST, "checkout destination exists", dest) from None
+        if os.listdir(dest):
+            raise FileExistsError(
+                errno.ENOTEMPTY, "checkout destination is not empty", dest
+            ) from None
+        return False
+    return True
+
+
+def _remove_written(dest: str, created: bool) -> None:
+    """Undo a failed checkout: remove ``dest`` if it was created, else empty it again."""
+    if created:
+        shutil.rmtree(dest, ignore_errors=True)  # never follows a symlink
+        return
+    with contextlib.suppress(OSError), os.scandir(dest) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+def _tree_path(dest: str, path: str) -> str:
+    """Where ``path`` (under ``dest``) is in the tree: what ``ls`` shows, never a disk path."""
+    return path[len(dest) + 1 :] if path.startswith(dest + os.sep) else "."
+
+
+def _write_tree(
+    directories: dict[Digest, Directory], root: Digest, dest: str, writer: _FileWriter
+) -> None:
+    """Create every directory and symlink, depth first, handing the files to ``writer``.
+
+    A directory's subdirectories are created before its symlinks: on a case-insensitive file
+    system a symlink ``A`` next to a directory ``a`` then fails to be created, instead of
+    sending the writes meant for ``a/`` through it. Files are opened with ``O_EXCL`` and
+    linked with ``link``, which never follow a symlink in their place.
+    """
+    stack = [(dest, root)]
+    while stack:
+        path, digest = stack.pop()
+        directory = directories[digest]
+        children = [
+            (os.path.join(path, node.name), node_digest(node.digest))
+            for node in directory.directories
+        ]
+        current = path
+        try:
+            for current, _ in children:
+                os.mkdir(current)
+            for node in directory.symlinks:
+                current = os.path.join(path, node.name)
+                os.symlink(node.target, current)
+        except OSError as exc:
+            raise CheckoutError(_tree_path(dest, current), exc) from exc
+        writer.add(path, directory)
+        stack.extend(reversed(children))
+
+
+class _FileWriter:
+    """Writes the files of the directories it is given, in batches on the worker threads.
+
+    At most a few batches per worker are in flight at once, so a tree of millions of files
+    never sits in memory as a list. Files the file system refuses to hardlink (and ``strict``
+    is false) come back from the workers and are copied instead.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        pool: ThreadPoolExecutor,
+        dest: str,
+        *,
+        use_links: bool,
+        strict: bool,
+        progress: Progress,
+    ) -> None:
+        self.store = store
+        self.pool = pool
+        self.dest = dest
+        self.use_links = use_links
+        self.strict = strict
+        self.progress = progress
+        self.max_pending = 2 * max(1, store.blobs.max_concurrency) + 2
+        self.pending: deque[Future[list[_Copy]]] = deque()
+        self.links: _LinkTask = []
+        self.link_count = 0
+        self.copies: list[_Copy] = []
+        self.copy_bytes = 0
+
+    def add(self, path: str, directory: Directory) -> None:
+        links: list[tuple[str, Digest]] = []
+        for node, digest in zip(directory.files, node_digests(directory.files), strict=True):
+            if self.use_links and not node.is_executable and digest.size:
+                links.append((node.name, digest))
+            else:
+                self.copies.append((os.path.join(path, node.name), digest, node.is_executable))
+                self.copy_bytes += digest.size
+                if len(self.copies) >= _BATCH_FILES or self.copy_bytes >= _BATCH_BYTES:
+                    self._flush_copies()
+        if links:
+            self.links.append((path, links))
+            self.link_count += len(links)
+            if self.link_count >= _BATCH_FILES:
+                self._flush_links()
+
+    def finish(self) -> None:
+        """Write what is left and wait for every batch, copies of refused links included."""
+        self._flush_links()
+        while True:
+            self._flush_copies()
+            if not self.pending:
+                return
+            while self.pending:
+                self._collect()
+
+    def _flush_links(self) -> None:
+        if self.links:
+            task, self.links, self.link_count = self.links, [], 0
+            self._submit(self._link_task, task)
+
+    def _flush_copies(self) -> None:
+        if self.copies:
+            batch, self.copies, self.copy_bytes = self.copies, [], 0
+            self._submit(self._copy_task, batch)
+
+    def _submit(self, task: Callable[[_T], list[_Copy]], work: _T) -> None:
+        while len(self.pending) >= self.max_pending:
+            self._collect()
+        self.pending.append(self.pool.submit(task, work))
+
+    def _collect(self) -> None:
+        """Wait for the oldest batch; keep the files it could not link, to copy them."""
+        for item in self.pending.popleft().result():
+            self.copies.append(item)
+            self.copy_bytes += item[1].size
+
+    def _link_task(self, task: _LinkTask) -> list[_Copy]:
+        """Hardlink files into their (new, empty) directories; return those to copy instead."""
+        blobs = self.store.blobs
+        for position, (path, links) in enumerate(task):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as exc:
+                raise CheckoutError(_tree_path(self.dest, path), exc) from exc
+            try:
+                blobs.link_blobs(fd, links)
+            except OSError as exc:
+                if self.strict or exc.errno not in _LINK_REFUSED:
+                    name = exc.filename2 if isinstance(exc.filename2, str) else ""
+                    failed = os.path.join(path, name) if name else path
+                    raise CheckoutError(_tree_path(self.dest, failed), exc) from exc
+                # Copy what is not linked yet: the rest of this directory, then the others.
+                made = set(os.listdir(fd))
+                rest = [(os.path.join(path, n), d, False) for n, d in links if n not in made]
+                for later_path, later in task[position + 1 :]:
+                    rest += [(os.path.join(later_path, n), d, False) for n, d in later]
+                return rest
+            finally:
+                os.close(fd)
+            self.progress.advance(len(links))
+        return []
+
+    def _copy_task(self, batch: list[_Copy]) -> list[_Copy]:
+        for path, digest, executable in batch:
+            _write_copy(self.store, self.dest, path, digest, executable)
+            self.progress.advance(1)
+        return []
+
+
+def _write_copy(store: Store, dest: str, path: str, digest: Digest, executable: bool) -> None:
+    mode = 0o755 if executable else 0o644
+    try:
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode
+        )
+    except OSError as exc:
+        raise CheckoutError(_tree_path(dest, path), exc) from exc
+    try:
+        with os.fdopen(fd, "wb", buffering=0, closefd=False) as out:
+            if digest.size <= _SMALL_FILE:
+                _write_out(dest, path, out.write, store.read_bytes(digest))
+            else:
+                with store.open_read(digest) as stream:
+                    buf = bytearray(CHUNK_SIZE)
+                    view = memoryview(buf)
+                    while n := stream.readinto(view):  # type: ignore[attr-defined]
+                        _write_out(dest, path, out.write, view[:n])
+        if executable:
+            os.fchmod(fd, mode)  # the umask may have dropped execute bits
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+
+
+def _write_out(
+    dest: str, path: str, write: Callable[[bytes | memoryview], object], data: bytes | memoryview
+) -> None:
+    try:
+        write(data)
+    except OSError as exc:  # a full disk, a quota
+        raise CheckoutError(_tree_path(dest, path), exc) from exc
