@@ -56,7 +56,8 @@ def casframe_server_interceptors(config: Any) -> list[Any]:  # type: ignore[empt
     """Return gRPC server interceptors to install in ``casframe serve``.
 
     :param config: the server's settings object.
-    :return: a list of ``grpc.ServerInterceptor`` instances (possibly empty).
+    :return: a list of ``grpc.ServerInterceptor`` instances (run in the server's thread pool)
+        or ``grpc.aio.ServerInterceptor`` instances (run on its event loop), possibly empty.
 
     Called once per server start; the lists of all plugins are concatenated in registration
     order. This is the place for authentication, logging and metrics.

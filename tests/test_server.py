@@ -3,9 +3,7 @@ channels and the generated stubs (never casframe's own grpc:// backend)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
 import signal
 import subprocess
@@ -16,13 +14,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import IO
 
 import grpc
 import pytest
 from bazel_helpers import startup_options
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_processes import serve_process
 
 import casframe
 from casframe import Digest, Store, hookimpl, open_store
@@ -35,6 +33,7 @@ from casframe._protos.buildstream.v2 import buildstream_pb2_grpc as bs_grpc
 from casframe._protos.google.bytestream import bytestream_pb2 as byte_pb2
 from casframe._protos.google.bytestream import bytestream_pb2_grpc as byte_grpc
 from casframe.server import Server, ServerSettings
+from casframe.server.names import hashed_asset_ref_name
 from casframe.testing import random_bytes
 
 MiB = 1 << 20
@@ -706,8 +705,10 @@ def test_remote_asset_push_and_fetch_a_directory_ref(served: Served,
     assert response.uri == uri
     assert Digest.from_proto(response.root_directory_digest) == root
 
-    absent = served.fetch.FetchDirectory(ra_pb2.FetchDirectoryRequest(uris=["casframe:ref/x"]))
-    assert absent.status.code == code_pb2.NOT_FOUND  # fetch outcomes travel in the response
+    # A miss is a NOT_FOUND error: clients such as BuildStream 1.6 read nothing else.
+    error = rpc_error(grpc.StatusCode.NOT_FOUND, served.fetch.FetchDirectory,
+                      ra_pb2.FetchDirectoryRequest(uris=["casframe:ref/x", "casframe:ref/y"]))
+    assert error.details() == "no content pushed for 'casframe:ref/x', 'casframe:ref/y'"
 
     rpc_error(grpc.StatusCode.INVALID_ARGUMENT, served.fetch.FetchDirectory,
               ra_pb2.FetchDirectoryRequest(uris=[]))
@@ -744,15 +745,106 @@ def test_remote_asset_blobs_by_uri_and_qualifiers(served: Served) -> None:
     found = served.fetch.FetchBlob(ra_pb2.FetchBlobRequest(uris=[uri], qualifiers=qualifiers))
     assert found.status.code == code_pb2.OK
     assert Digest.from_proto(found.blob_digest) == digest
-    other = served.fetch.FetchBlob(ra_pb2.FetchBlobRequest(uris=[uri]))
-    assert other.status.code == code_pb2.NOT_FOUND
-    as_directory = served.fetch.FetchDirectory(ra_pb2.FetchDirectoryRequest(
-        uris=[uri], qualifiers=qualifiers))
-    assert as_directory.status.code == code_pb2.NOT_FOUND
+    error = rpc_error(grpc.StatusCode.NOT_FOUND, served.fetch.FetchBlob,
+                      ra_pb2.FetchBlobRequest(uris=[uri]))
+    assert error.details() == f"no content pushed for {uri!r}"
+    rpc_error(grpc.StatusCode.NOT_FOUND, served.fetch.FetchDirectory,
+              ra_pb2.FetchDirectoryRequest(uris=[uri], qualifiers=qualifiers))
     rpc_error(grpc.StatusCode.INVALID_ARGUMENT, served.fetch.FetchBlob, ra_pb2.FetchBlobRequest(
         uris=[uri], qualifiers=qualifiers * 2))
     rpc_error(grpc.StatusCode.FAILED_PRECONDITION, served.push.PushBlob, ra_pb2.PushBlobRequest(
         uris=[uri], blob_digest=dproto(Digest.of_bytes(b"not uploaded"))))
+
+
+def test_buildstream_1_6_artifact_uri_is_the_1_4_reference(served: Served,
+                                                           make_tree: Callable[..., Path]) -> None:
+    """BuildStream 1.6 keeps an artifact under a Remote Asset URN, 1.4 under the bare key in
+    ReferenceStorage: both are the one ref ``KEY``, so either generation pulls what the other
+    pushed."""
+    root = served.store.import_directory(make_tree())
+    key = "project/hello/0f1e2d3c4b5a"
+    urn = f"urn:fdc:buildstream.build:2020:v1:{key}"
+    served.push.PushDirectory(ra_pb2.PushDirectoryRequest(uris=[urn],
+                                                          root_directory_digest=dproto(root)))
+    assert [ref.name for ref in served.store.list_refs()] == [key]
+    got = served.refs.GetReference(bs_pb2.GetReferenceRequest(key=key))
+    assert Digest.from_proto(got.digest) == root
+
+    other = served.store.import_directory(make_tree("other"))
+    served.refs.UpdateReference(bs_pb2.UpdateReferenceRequest(keys=["project/hello/77"],
+                                                               digest=dproto(other)))
+    fetched = served.fetch.FetchDirectory(ra_pb2.FetchDirectoryRequest(
+        uris=["urn:fdc:buildstream.build:2020:v1:project/hello/77"]))
+    assert fetched.status.code == code_pb2.OK
+    assert Digest.from_proto(fetched.root_directory_digest) == other
+
+    # The key is a ref name like any other: the server's own namespaces stay closed to it.
+    error = rpc_error(grpc.StatusCode.INVALID_ARGUMENT, served.push.PushDirectory,
+                      ra_pb2.PushDirectoryRequest(
+                          uris=["urn:fdc:buildstream.build:2020:v1:asset/blob/x"],
+                          root_directory_digest=dproto(root)))
+    assert "reserved" in error.details()
+    rpc_error(grpc.StatusCode.INVALID_ARGUMENT, served.fetch.FetchDirectory,
+              ra_pb2.FetchDirectoryRequest(uris=["urn:fdc:buildstream.build:2020:v1:a/../b"]))
+    # With qualifiers, or as a blob, the URN is an ordinary Remote Asset URI.
+    qualified = ra_pb2.Qualifier(name="vcs.commit", value="1")
+    served.push.PushDirectory(ra_pb2.PushDirectoryRequest(
+        uris=[urn], qualifiers=[qualified], root_directory_digest=dproto(other)))
+    assert served.store.get_ref(key) == root
+    assert sum(ref.name.startswith("asset/directory/") for ref in served.store.list_refs()) == 1
+
+
+def test_remote_asset_keeps_what_a_push_references(served: Served,
+                                                   make_tree: Callable[..., Path]) -> None:
+    """What a Push names in references_* lives exactly as long as the asset: prune keeps it,
+    and deleting the asset's one ref lets prune take all of it."""
+    store = served.store
+    tree = store.import_directory(make_tree())
+    log = store.put_bytes(b"build log")
+    message = store.put_bytes(b"artifact message naming the tree and the log")
+    uri = "urn:fdc:buildstream.build:2020:artifact:proj/hello/abc"
+    served.push.PushBlob(ra_pb2.PushBlobRequest(
+        uris=[uri], blob_digest=dproto(message), references_blobs=[dproto(log)],
+        references_directories=[dproto(tree)]))
+    fetched = served.fetch.FetchBlob(ra_pb2.FetchBlobRequest(uris=[uri]))
+    assert Digest.from_proto(fetched.blob_digest) == message
+    assert store.prune(grace_period=0).objects_freed == 0
+    assert not store.find_missing([message, log, *store.tree_digests(tree)])
+    # BuildStream 2's URIs keep a readable name.
+    assert [r.name for r in store.list_refs()] == [
+        "asset/held/blob/buildstream/artifact/proj/hello/abc"]
+
+    # Pushed again without references: the plain form replaces the held one.
+    served.push.PushBlob(ra_pb2.PushBlobRequest(uris=[uri], blob_digest=dproto(message)))
+    assert [r.name for r in store.list_refs()] == ["asset/blob/buildstream/artifact/proj/hello/abc"]
+    store.prune(grace_period=0)
+    assert store.find_missing([log, tree]) == {log, tree}
+    assert not store.find_missing([message])
+
+    # Everything referenced must be stored first; nothing is set otherwise.
+    lost = Digest.of_bytes(b"never uploaded")
+    error = rpc_error(grpc.StatusCode.FAILED_PRECONDITION, served.push.PushDirectory,
+                      ra_pb2.PushDirectoryRequest(
+                          uris=["urn:fdc:buildstream.build:2020:source:x"],
+                          root_directory_digest=dproto(store.import_directory(make_tree("s"))),
+                          references_blobs=[dproto(lost)]))
+    assert str(lost) in error.details()
+    assert len(store.list_refs()) == 1
+
+    # With qualifiers, or a name no ref may have, the URI is keyed by its hash.
+    for odd_uri, qualifiers in [(uri, [ra_pb2.Qualifier(name="vcs.commit", value="1")]),
+                                ("urn:fdc:buildstream.build:2020:artifact:a//b", [])]:
+        served.push.PushBlob(ra_pb2.PushBlobRequest(uris=[odd_uri], qualifiers=qualifiers,
+                                                    blob_digest=dproto(message)))
+    hashed = [r.name for r in store.list_refs() if "buildstream" not in r.name]
+    assert len(hashed) == 2 and all(re.fullmatch("asset/blob/[0-9a-f]{64}", n) for n in hashed)
+
+    # What an older casframe kept under the hash of the URI is still found.
+    older = "urn:fdc:buildstream.build:2020:artifact:proj/hello/older"
+    kept = store.put_bytes(b"pushed to an older casframe")
+    store.set_ref(hashed_asset_ref_name("blob", "", older, []), kept, check_complete=False)
+    fetched = served.fetch.FetchBlob(ra_pb2.FetchBlobRequest(uris=[older]))
+    assert Digest.from_proto(fetched.blob_digest) == kept
 
 
 # -- ReferenceStorage -------------------------------------------------------------------------
@@ -931,29 +1023,6 @@ def test_listening_on_a_taken_port_fails_clearly(served: Served, memory_store: S
 
 
 # -- the command ------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def serve_process(
-    store_url: str, *options: str, stderr: int | IO[str] = subprocess.PIPE
-) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """``python -m casframe.server STORE_URL --listen 127.0.0.1:0 OPTIONS``; yields the process
-    and its port once it says it is serving; kills it if it is still running at the end."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "casframe.server", store_url, "--listen", "127.0.0.1:0",
-         *options],
-        stdout=subprocess.PIPE, stderr=stderr, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith(f"casframe: serving {store_url} on 127.0.0.1:"), line
-        yield process, int(line.strip().rpartition(":")[2])
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_serve_command_runs_and_stops_on_sigterm(tmp_path: Path) -> None:

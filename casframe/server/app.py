@@ -2,23 +2,36 @@
 
 :class:`Server` is the embedding API (tests, the pytest plugin, ``casframe serve``). It owns
 the gRPC server and the upload spool, not the store: whoever opened the store closes it.
+
+The server is grpc.aio, on an event loop in a thread of its own: the ByteStream streams are
+coroutines, so a stream waiting on its client (a stalled upload, a download nobody reads)
+costs no thread and can never starve other calls; unary calls and all blocking store work run
+in a bounded thread pool (``max_workers``). Stream count and idle time are limited
+(``max_streams``, ``stream_idle_timeout``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import socket
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import threading
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 import grpc
 
 from casframe.errors import ConfigError, MissingDependencyError
 from casframe.readonly import read_only_view
 from casframe.server.bytestream import ByteStreamService, add_bytestream_to_server
+from casframe.server.interceptors import (
+    RequestLogInterceptor,
+    StreamLimitInterceptor,
+    StreamSlots,
+    SyncInterceptorAdapter,
+)
 from casframe.server.names import Instances
 from casframe.server.services import (
     ActionCacheService,
@@ -30,6 +43,8 @@ from casframe.server.services import (
 )
 from casframe.server.settings import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_STREAM_IDLE_TIMEOUT,
     DEFAULT_WORKERS,
     PemSource,
     ServerSettings,
@@ -37,7 +52,7 @@ from casframe.server.settings import (
 from casframe.server.tls import check_key_pair, read_pem
 from casframe.store import Store
 
-__all__ = ["RequestLogInterceptor", "Server", "plugin_interceptors"]
+__all__ = ["Interceptor", "RequestLogInterceptor", "Server", "plugin_interceptors"]
 
 log = logging.getLogger("casframe.server")
 
@@ -52,6 +67,10 @@ SERVICE_NAMES = (
     "buildstream.v2.ReferenceStorage",
 )
 
+
+#: What ``interceptors=`` and the ``casframe_server_interceptors`` hook may give: classic
+#: interceptors (run in the thread pool) or asyncio ones (run on the event loop).
+Interceptor: TypeAlias = grpc.ServerInterceptor | grpc.aio.ServerInterceptor
 
 
 def _bind_problem(listen: str) -> str:
@@ -74,75 +93,13 @@ def _bind_problem(listen: str) -> str:
         pass
     return "gRPC could not bind it; --log-level debug shows gRPC's own messages"
 
-class RequestLogInterceptor(grpc.ServerInterceptor):
-    """Logs one debug line per request: method, peer, status code and duration.
 
-    Costs nothing when the ``casframe.server`` logger is not at debug level.
-    """
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None or not log.isEnabledFor(logging.DEBUG):
-            return handler
-        return _logged(handler, handler_call_details.method)
-
-
-def _log_request(method: str, context: grpc.ServicerContext, started: float) -> None:
-    code = context.code() or grpc.StatusCode.OK  # type: ignore[attr-defined]
-    log.debug(
-        "%s from %s: %s in %.1f ms",
-        method, context.peer(), code.name, (time.monotonic() - started) * 1000,
-    )
-
-
-def _logged(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    def unary_response(behavior: Callable[..., Any]) -> Callable[..., Any]:
-        def call(request: Any, context: grpc.ServicerContext) -> Any:
-            started = time.monotonic()
-            try:
-                return behavior(request, context)
-            finally:
-                _log_request(method, context, started)
-
-        return call
-
-    def stream_response(behavior: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
-        def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            started = time.monotonic()
-            try:
-                yield from behavior(request, context)
-            finally:
-                _log_request(method, context, started)
-
-        return call
-
-    codecs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), **codecs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream), **codecs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary), **codecs)
-    if handler.stream_stream:
-        return grpc.stream_stream_rpc_method_handler(
-            stream_response(handler.stream_stream), **codecs
-        )
-    return handler
-
-
-def plugin_interceptors(settings: ServerSettings) -> list[grpc.ServerInterceptor]:
+def plugin_interceptors(settings: ServerSettings) -> list[Interceptor]:
     """Interceptors every plugin returns from ``casframe_server_interceptors``, in order."""
     from casframe.plugins import get_plugin_manager
 
     hook = get_plugin_manager().hook.casframe_server_interceptors
-    interceptors: list[grpc.ServerInterceptor] = []
+    interceptors: list[Interceptor] = []
     # get_hookimpls() lists the oldest registration first (calling the hook would run the newest
     # first): built-in plugins come before third parties', as the hook's documentation says.
     for impl in hook.get_hookimpls():
@@ -152,10 +109,11 @@ def plugin_interceptors(settings: ServerSettings) -> list[grpc.ServerInterceptor
         kwargs = {"config": settings} if "config" in impl.argnames else {}
         returned = cast("Iterable[Any] | None", impl.function(**kwargs))
         for interceptor in returned or ():
-            if not isinstance(interceptor, grpc.ServerInterceptor):
+            if not isinstance(interceptor, (grpc.ServerInterceptor, grpc.aio.ServerInterceptor)):
                 raise ConfigError(
                     f"plugin {impl.plugin_name!r} returned {interceptor!r} from "
-                    "casframe_server_interceptors; expected grpc.ServerInterceptor instances"
+                    "casframe_server_interceptors; expected grpc.ServerInterceptor or "
+                    "grpc.aio.ServerInterceptor instances"
                 )
             interceptors.append(interceptor)
     return interceptors
@@ -184,7 +142,9 @@ class Server:
         max_workers: int = DEFAULT_WORKERS,
         upload_expiry: float = 15 * 60.0,
         max_partial_uploads: int = 256,
-        interceptors: Sequence[grpc.ServerInterceptor] = (),
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT,
+        interceptors: Sequence[Interceptor] = (),
         use_plugins: bool = True,
     ) -> None:
         settings = ServerSettings(
@@ -199,19 +159,24 @@ class Server:
             max_workers=max_workers,
             upload_expiry=upload_expiry,
             max_partial_uploads=max_partial_uploads,
+            max_streams=max_streams,
+            stream_idle_timeout=stream_idle_timeout,
         )
         self.store = store
         # Read-only: served through a view that never writes, not even a read's bookkeeping.
         self._served = read_only_view(store) if read_only else store
         self.settings = settings
         self.instances = Instances(settings.instance_names)
+        self.streams = StreamSlots(settings.max_streams)
         self._extra_interceptors = tuple(interceptors)
         self._use_plugins = use_plugins
-        self._server: grpc.Server | None = None
+        self._server: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._bytestream: ByteStreamService | None = None
         self._health: Any = None
-        self._stopped = False
+        self._stopped = threading.Event()
         self.port: int | None = None
 
     def __repr__(self) -> str:
@@ -233,10 +198,10 @@ class Server:
 
     def start(self) -> int:
         """Bind, start serving and return the port."""
-        if self._server is not None:
+        if self._loop is not None:
             raise RuntimeError("server already started")
         try:
-            from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+            from grpc_health.v1 import health  # noqa: F401 - checked here, used on the loop
         except ImportError:
             raise MissingDependencyError(
                 "casframe's server (health service)", "grpc_health", None
@@ -245,17 +210,52 @@ class Server:
         settings = self.settings
         if settings.tls_cert is not None and settings.tls_key is not None:
             check_key_pair(settings.tls_cert, settings.tls_key)  # grpcio would accept any
-        interceptors: list[grpc.ServerInterceptor] = [RequestLogInterceptor()]
-        interceptors.extend(self._extra_interceptors)
-        if self._use_plugins:
-            interceptors.extend(plugin_interceptors(settings))
-
+        plugins = plugin_interceptors(settings) if self._use_plugins else []
         self._executor = ThreadPoolExecutor(
             max_workers=settings.max_workers, thread_name_prefix="casframe-grpc"
         )
-        server = grpc.server(
-            self._executor,
-            interceptors=interceptors,
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(
+            target=loop.run_forever, name="casframe-grpc-loop", daemon=True
+        )
+        thread.start()
+        self._loop, self._loop_thread = loop, thread
+        try:
+            port = asyncio.run_coroutine_threadsafe(
+                self._start([*self._extra_interceptors, *plugins]), loop
+            ).result()
+        except BaseException:
+            self._close_loop()
+            self._loop = self._loop_thread = None  # never started: stop() has nothing to do
+            self._executor.shutdown(wait=False)
+            raise
+        self.port = port
+        # At debug level only: `casframe serve` announces itself on stdout, once.
+        log.debug(
+            "serving %s on %s%s%s", self.store.url, self.address,
+            " (TLS" + (", client certificates required)" if settings.tls_client_ca else ")")
+            if settings.tls else "",
+            " read-only" if settings.read_only else "",
+        )
+        return port
+
+    async def _start(self, interceptors: list[Interceptor]) -> int:
+        """Build, bind and start the grpc.aio server (on the server's event loop)."""
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+        settings = self.settings
+        assert self._executor is not None
+        chain: list[grpc.aio.ServerInterceptor] = [
+            RequestLogInterceptor(), StreamLimitInterceptor(self.streams)
+        ]
+        for interceptor in interceptors:
+            if isinstance(interceptor, grpc.aio.ServerInterceptor):
+                chain.append(interceptor)
+            else:
+                chain.append(SyncInterceptorAdapter(interceptor, self._executor))
+        server = grpc.aio.server(
+            migration_thread_pool=self._executor,
+            interceptors=chain,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -279,7 +279,7 @@ class Server:
         )
         from casframe._protos.buildstream.v2 import buildstream_pb2_grpc
 
-        self._bytestream = ByteStreamService(*shared)
+        self._bytestream = ByteStreamService(*shared, self._executor)
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(*shared), server)
         re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(*shared), server)
         re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(*shared), server)
@@ -289,7 +289,7 @@ class Server:
         buildstream_pb2_grpc.add_ReferenceStorageServicer_to_server(
             ReferenceStorageService(*shared), server
         )
-        self._health = health.HealthServicer()
+        self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
 
         try:
@@ -310,52 +310,62 @@ class Server:
             else:
                 port = server.add_insecure_port(settings.listen)
         except RuntimeError:  # grpcio raises this when it cannot bind
-            self._executor.shutdown(wait=False)
             raise OSError(
                 errno.EADDRNOTAVAIL, f"cannot listen ({_bind_problem(settings.listen)})",
                 settings.listen,
             ) from None
         if not port:
-            self._executor.shutdown(wait=False)
             raise OSError(errno.EADDRNOTAVAIL, "cannot listen", settings.listen)
 
-        server.start()
+        await server.start()
         serving = health_pb2.HealthCheckResponse.SERVING
-        self._health.set("", serving)
+        await self._health.set("", serving)
         for name in SERVICE_NAMES:
-            self._health.set(name, serving)
+            await self._health.set(name, serving)
         self._server = server
-        self.port = port
-        # At debug level only: `casframe serve` announces itself on stdout, once.
-        log.debug(
-            "serving %s on %s%s%s", self.store.url, self.address,
-            " (TLS" + (", client certificates required)" if settings.tls_client_ca else ")")
-            if settings.tls else "",
-            " read-only" if settings.read_only else "",
-        )
         return port
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, let running ones finish for ``grace`` seconds, then end them."""
-        server = self._server
-        if server is None or self._stopped:
+        loop = self._loop
+        if loop is None or self._stopped.is_set():
             return
-        self._stopped = True
-        if self._health is not None:
-            self._health.enter_graceful_shutdown()
-        server.stop(grace).wait()
-        if self._bytestream is not None:
-            self._bytestream.close()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        try:
+            asyncio.run_coroutine_threadsafe(self._stop(grace), loop).result()
+        finally:
+            if self._bytestream is not None:
+                self._bytestream.close()
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+            self._close_loop()
+            self._stopped.set()
         log.info("stopped serving %s", self.store.url)
+
+    async def _stop(self, grace: float | None) -> None:
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        # What grpc leaves behind (calls it ended, waiting for their close): ended here, so
+        # closing the loop destroys no pending task.
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+
+    def _close_loop(self) -> None:
+        loop, thread = self._loop, self._loop_thread
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server stops; return False if ``timeout`` passed first."""
-        if self._server is None:
+        if self._loop is None:
             raise RuntimeError("server not started")
-        timed_out = self._server.wait_for_termination(timeout)
-        return not timed_out
+        return self._stopped.wait(timeout)
 
     @property
     def partial_uploads(self) -> int:

@@ -15,18 +15,23 @@ again from zero, which every REAPI client handles.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import io
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
 
 import grpc
 
 from casframe._protos.google.bytestream import bytestream_pb2
 from casframe._wire import WriteChunk, decode_write_request, encode_read_response
 from casframe.digest import Digest
-from casframe.server.errors import StatusError, rpc_method
+from casframe.server.errors import StatusError, async_rpc_method, rpc_method
 from casframe.server.names import Instances, parse_read_resource, parse_write_resource
 from casframe.server.settings import ServerSettings
 from casframe.store import Store
@@ -34,6 +39,11 @@ from casframe.store import Store
 __all__ = ["ByteStreamService", "UploadSpool", "add_bytestream_to_server"]
 
 log = logging.getLogger("casframe.server")
+
+_T = TypeVar("_T")
+
+# First chunk of a ByteStream Read: what one HTTP/2 stream window holds when a client opens it.
+_FIRST_READ_CHUNK = 64 << 10
 
 
 class _Upload:
@@ -155,21 +165,18 @@ class UploadSpool:
             upload.busy.release()
 
     def _make_room(self) -> None:
-        # Called with the lock held: evict the least recently used idle upload.
-        if len(self._uploads) < self._max:
-            return
-        for resource, upload in self._uploads.items():
+        # Called with the lock held. Uploads a Write is feeding are bounded by the server's
+        # stream limit; of the interrupted ones, keep fewer than the maximum, so that the new
+        # upload fits: evict the least recently used.
+        idle = [(resource, upload) for resource, upload in self._uploads.items()
+                if not upload.busy.locked()]
+        for resource, upload in idle[: max(0, len(idle) - self._max + 1)]:
             if upload.busy.acquire(blocking=False):
                 del self._uploads[resource]
                 log.info("evicting interrupted upload %s at %d bytes (spool full)",
                          resource, upload.committed)
                 upload.abort()
                 upload.busy.release()
-                return
-        raise StatusError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"too many uploads in progress (limit {self._max}); retry later",
-        )
 
     def close(self) -> None:
         """Abort every kept upload (server shutdown)."""
@@ -181,22 +188,48 @@ class UploadSpool:
 
 
 class ByteStreamService:
-    """Read, Write and QueryWriteStatus. Read yields the content of each ``ReadResponse`` and
+    """Read, Write and QueryWriteStatus. Read sends the content of each ``ReadResponse`` and
     Write receives :class:`casframe._wire.WriteChunk` objects: :func:`add_bytestream_to_server`
-    registers them with the hand-written codecs of :mod:`casframe._wire`."""
+    registers them with the hand-written codecs of :mod:`casframe._wire`.
 
-    def __init__(self, store: Store, settings: ServerSettings, instances: Instances) -> None:
+    Read and Write are coroutines on the server's event loop: a stream waiting on its client
+    holds no thread. Their store work (opening, reading, writing, committing) runs in
+    ``pool``, one step at a time. A stream that makes no progress for
+    ``settings.stream_idle_timeout`` seconds ends with ``UNAVAILABLE``.
+    """
+
+    def __init__(
+        self, store: Store, settings: ServerSettings, instances: Instances, pool: Executor
+    ) -> None:
         self.store = store
         self.settings = settings
         self.instances = instances
+        self.pool = pool
         self.spool = UploadSpool(
             store, max_uploads=settings.max_partial_uploads, expiry=settings.upload_expiry
         )
 
-    @rpc_method
-    def Read(  # noqa: N802 - gRPC method name
-        self, request: bytestream_pb2.ReadRequest, context: grpc.ServicerContext
-    ) -> Iterator[bytes]:
+    async def _in_pool(self, function: Callable[..., _T], *args: Any) -> _T:
+        """Run blocking store work in the pool. Should the call be cancelled meanwhile, the
+        work still finishes before this returns, so no one else touches its upload early."""
+        future = asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            await asyncio.wait({future})
+            raise
+
+    def _idle_error(self, what: str) -> StatusError:
+        return StatusError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"{what} for {self.settings.stream_idle_timeout:g} s "
+            "(the server's stream idle timeout); retry the call",
+        )
+
+    @async_rpc_method
+    async def Read(  # noqa: N802 - gRPC method name
+        self, request: bytestream_pb2.ReadRequest, context: grpc.aio.ServicerContext
+    ) -> None:
         name = parse_read_resource(request.resource_name)
         self.instances.check(name.instance)
         digest = name.digest
@@ -214,24 +247,66 @@ class ByteStreamService:
         remaining = digest.size - request.read_offset
         if request.read_limit:
             remaining = min(remaining, request.read_limit)
-        if digest.size and not remaining and not self.store.contains(digest):
-            raise StatusError(grpc.StatusCode.NOT_FOUND, f"blob not found: {digest}")
+        if digest.size and not remaining:
+            if not await self._in_pool(self.store.contains, digest):
+                raise StatusError(grpc.StatusCode.NOT_FOUND, f"blob not found: {digest}")
         if not remaining:
             return
         chunk = self.settings.read_chunk_bytes
         # Verified: a full read raises CorruptBlobError (DATA_LOSS) instead of sending the last
         # chunk of a corrupt blob; a read from an offset checks the stored size.
-        with self.store.open_read(digest, request.read_offset, verify=True) as stream:
+        opened = await self._in_pool(
+            functools.partial(self.store.open_read, digest, request.read_offset, verify=True)
+        )
+        # Read through a small buffer: the store's reader buffers a whole chunk ahead, which a
+        # thousand stalled downloads would each keep resident.
+        raw = getattr(opened, "raw", None)
+        stream = opened if raw is None else io.BufferedReader(raw, _FIRST_READ_CHUNK)
+        # Chunks start small and double up to the full size: a client that stops reading at
+        # once leaves the server holding a small chunk, not a full one.
+        size = min(_FIRST_READ_CHUNK, chunk)
+        try:
             while remaining > 0:
-                data = stream.read(min(chunk, remaining))
+                data = await self._in_pool(stream.read, min(size, remaining))
                 remaining -= len(data)
-                yield data  # encoded as a ReadResponse by encode_read_response
+                await self._send(context, data)  # encoded as a ReadResponse by the codec
+                size = min(size * 2, chunk)
+        finally:
+            await self._in_pool(stream.close)
+            await self._in_pool(opened.close)
 
-    @rpc_method
-    def Write(  # noqa: N802 - gRPC method name
-        self, request_iterator: Iterator[WriteChunk], context: grpc.ServicerContext
+    async def _send(self, context: grpc.aio.ServicerContext, data: bytes) -> None:
+        """Send one chunk; a client that takes none for the idle time is told UNAVAILABLE.
+
+        gRPC cannot end a call while a message of it waits for the client's flow-control
+        window, so the call (its slot and the chunk) is held until the client reads on or goes
+        away; the status then follows the chunk.
+        """
+        write = asyncio.ensure_future(context.write(data))
+        done, _ = await asyncio.wait({write}, timeout=self.settings.stream_idle_timeout)
+        if not done:
+            log.info("Read stream from %s stalled: the client took no message for %g s",
+                     context.peer(), self.settings.stream_idle_timeout)
+            await write
+            raise self._idle_error("the client took no message")
+        write.result()
+
+    async def _next_chunk(self, messages: AsyncIterator[WriteChunk]) -> WriteChunk | None:
+        try:
+            return await asyncio.wait_for(
+                anext(messages), timeout=self.settings.stream_idle_timeout
+            )
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise self._idle_error("no message on this Write") from None
+
+    @async_rpc_method
+    async def Write(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[WriteChunk], context: grpc.aio.ServicerContext
     ) -> bytestream_pb2.WriteResponse:
-        first = next(request_iterator, None)
+        messages = aiter(request_iterator)
+        first = await self._next_chunk(messages)
         if first is None:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "Write stream had no request")
         resource = first.resource_name
@@ -241,17 +316,17 @@ class ByteStreamService:
             raise StatusError(grpc.StatusCode.PERMISSION_DENIED, "this server is read-only")
         digest = name.digest
 
-        if self.store.contains(digest):
+        if await self._in_pool(self.store.contains, digest):
             # Already stored: tell the client at once, per the REAPI, and drop any partial copy.
-            self.spool.discard(resource)
+            await self._in_pool(self.spool.discard, resource)
             return bytestream_pb2.WriteResponse(committed_size=digest.size)
         single = first.finish_write and first.write_offset == 0
-        if single and self.spool.committed(resource) is None:
+        if single and await self._in_pool(self.spool.committed, resource) is None:
             # The whole blob in one message: no need to keep anything for resumption.
-            self.store.put_bytes(bytes(first.data), digest)
+            await self._in_pool(self.store.put_bytes, bytes(first.data), digest)
             return bytestream_pb2.WriteResponse(committed_size=digest.size)
 
-        upload = self.spool.attach(resource, digest)
+        upload = await self._in_pool(self.spool.attach, resource, digest)
         try:
             request: WriteChunk | None = first
             while request is not None:
@@ -269,25 +344,25 @@ class ByteStreamService:
                         "(ask QueryWriteStatus where to continue)",
                     )
                 if request.data:
-                    upload.write(request.data)  # a view into the received message
+                    await self._in_pool(upload.write, request.data)  # a view into the message
                 if request.finish_write:
-                    upload.commit()
+                    await self._in_pool(upload.commit)
                     self.spool.remove(upload, abort=False)
                     return bytestream_pb2.WriteResponse(committed_size=upload.committed)
-                request = next(request_iterator, None)
+                request = await self._next_chunk(messages)
             # The client closed its side without finish_write: keep what arrived.
             return bytestream_pb2.WriteResponse(committed_size=upload.committed)
-        except grpc.RpcError:
+        except asyncio.CancelledError:
             raise  # the client went away mid-stream: keep the upload for resumption
         except StatusError:
-            # A protocol error keeps what was received for a correct retry; an empty upload
-            # is not worth a place in the spool.
+            # A protocol error or a stalled client keeps what was received for a correct
+            # retry; an empty upload is not worth a place in the spool.
             if not upload.committed:
-                self.spool.remove(upload, abort=True)
+                await self._in_pool(functools.partial(self.spool.remove, upload, abort=True))
             raise
         except BaseException:
             # Wrong content, or the backend failed: nothing of this upload can be trusted.
-            self.spool.remove(upload, abort=True)
+            await self._in_pool(functools.partial(self.spool.remove, upload, abort=True))
             raise
         finally:
             self.spool.detach(upload)
@@ -314,7 +389,7 @@ class ByteStreamService:
         self.spool.close()
 
 
-def add_bytestream_to_server(service: ByteStreamService, server: grpc.Server) -> None:
+def add_bytestream_to_server(service: ByteStreamService, server: grpc.aio.Server) -> None:
     """Register the ByteStream service, its bulk messages going through :mod:`casframe._wire`."""
     handlers = {
         "Read": grpc.unary_stream_rpc_method_handler(

@@ -16,7 +16,13 @@ from typing import Any
 import click
 
 from casframe.errors import ConfigError
-from casframe.server.settings import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_WORKERS, check_listen
+from casframe.server.settings import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_STREAM_IDLE_TIMEOUT,
+    DEFAULT_WORKERS,
+    check_listen,
+)
 from casframe.units import parse_size
 
 __all__ = ["SHUTDOWN_GRACE", "main", "serve_command"]
@@ -106,7 +112,14 @@ def _configure_logging(level: str | None, ctx: click.Context) -> None:
               help="Largest gRPC message in either direction  [default: 4MiB]. Batch calls "
                    "may carry this minus 1 MiB of blob bytes.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Threads serving calls; each running stream holds one  [default: 32].")
+              help="Threads for unary calls and the store work of streams  [default: 32].")
+@click.option("--max-streams", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Streaming calls in progress at once; more are refused with "
+                   "RESOURCE_EXHAUSTED  [default: 1000].")
+@click.option("--stream-idle-timeout", type=click.FloatRange(min=0, min_open=True),
+              default=None, metavar="SECONDS",
+              help="End a stream without progress for this long with UNAVAILABLE "
+                   " [default: 60].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default=None, help="Server log level; debug logs every request  [default: info].")
 @click.pass_context
@@ -121,6 +134,8 @@ def serve_command(
     tls_client_ca: str | None,
     max_message_size: int | None,
     workers: int | None,
+    max_streams: int | None,
+    stream_idle_timeout: float | None,
     log_level: str | None,
 ) -> None:
     """Serve STORE (a URL or a configured store name) to REAPI clients over gRPC.
@@ -147,6 +162,8 @@ def serve_command(
             tls_client_ca=tls_client_ca,
             max_message_bytes=max_message_size or DEFAULT_MAX_MESSAGE_BYTES,
             max_workers=workers or DEFAULT_WORKERS,
+            max_streams=max_streams or DEFAULT_MAX_STREAMS,
+            stream_idle_timeout=stream_idle_timeout or DEFAULT_STREAM_IDLE_TIMEOUT,
         )
         stop_requested = threading.Event()
 

@@ -50,6 +50,8 @@ __all__ = [
     "OK_STATUS",
     "REF_CONFLICT_REASON",
     "StatusError",
+    "abort_arguments",
+    "async_rpc_method",
     "client_message",
     "missing_blobs_error",
     "rpc_method",
@@ -233,7 +235,11 @@ def _details(exc: BaseException) -> tuple[Message, ...]:
     return ()
 
 
-def _abort(context: grpc.ServicerContext, exc: BaseException, servicer: Any) -> None:
+def abort_arguments(
+    exc: BaseException, servicer: Any
+) -> tuple[grpc.StatusCode, str, tuple[Any, ...]]:
+    """The code, message and trailing metadata (error details) that answer ``exc`` raised in
+    ``servicer`` (whose settings name the store URL to keep out of the message)."""
     settings = getattr(servicer, "settings", None)  # a servicer's ServerSettings
     code, message = status_for(exc, settings.store_url if settings is not None else "")
     details = _details(exc)
@@ -241,9 +247,14 @@ def _abort(context: grpc.ServicerContext, exc: BaseException, servicer: Any) -> 
         status = status_pb2.Status(code=code.value[0], message=message)
         for detail in details:
             status.details.add().Pack(detail)
-        context.set_trailing_metadata(
-            (("grpc-status-details-bin", status.SerializeToString()),)
-        )
+        return code, message, (("grpc-status-details-bin", status.SerializeToString()),)
+    return code, message, ()
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException, servicer: Any) -> None:
+    code, message, trailing = abort_arguments(exc, servicer)
+    if trailing:
+        context.set_trailing_metadata(trailing)
     context.abort(code, message)
 
 
@@ -280,3 +291,18 @@ def rpc_method(method: F) -> F:
             _abort(context, exc, self)
 
     return unary  # type: ignore[return-value]
+
+
+def async_rpc_method(method: F) -> F:
+    """:func:`rpc_method` for a coroutine servicer method on the asyncio server."""
+
+    @functools.wraps(method)
+    async def call(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.BaseError:
+            raise  # grpc's own: an abort already sent, or the call already gone
+        except Exception as exc:  # noqa: BLE001 - the boundary: every error becomes a status
+            await context.abort(*abort_arguments(exc, self))
+
+    return call  # type: ignore[return-value]

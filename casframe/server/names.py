@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -18,17 +19,24 @@ import grpc
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casframe.digest import Digest
 from casframe.errors import InvalidDigestError, InvalidNameError
-from casframe.names import ACTION_RESULT_REF_PREFIX, validate_ref_name, writable_ref_name
+from casframe.names import (
+    ACTION_RESULT_REF_PREFIX,
+    MAX_REF_LENGTH,
+    validate_ref_name,
+    writable_ref_name,
+)
 from casframe.server.errors import StatusError
 
 __all__ = [
     "ACTION_RESULT_REF_PREFIX",
     "ASSET_REF_PREFIX",
+    "BUILDSTREAM1_URI_PREFIX",
     "REF_URI_PREFIX",
     "Instances",
     "ResourceName",
     "action_ref_name",
     "asset_ref_name",
+    "hashed_asset_ref_name",
     "check_digest_function",
     "parse_read_resource",
     "parse_write_resource",
@@ -40,6 +48,15 @@ __all__ = [
 ASSET_REF_PREFIX = "asset/"
 #: A Remote Asset URI naming a casframe ref directly: ``casframe:ref/NAME``.
 REF_URI_PREFIX = "casframe:ref/"
+#: The Remote Asset URI under which BuildStream 1.6 keeps the artifact that BuildStream 1.4
+#: keeps in ReferenceStorage under ``KEY``: ``urn:fdc:buildstream.build:2020:v1:KEY``. Both
+#: name the same ref ``KEY``, so the two generations share artifacts.
+BUILDSTREAM1_URI_PREFIX = "urn:fdc:buildstream.build:2020:v1:"
+#: BuildStream 2's artifact and source URIs: ``urn:fdc:buildstream.build:2020:artifact:NAME``
+#: (NAME is ``project/element/key``) and ``…:source:NAME``.
+_BUILDSTREAM2_URI = re.compile(r"urn:fdc:buildstream\.build:2020:(artifact|source):(.+)", re.S)
+# What the held form of an asset ref name adds (``asset/held/…``, casframe.server.assets).
+_HELD_ROOM = len("held/")
 
 # Segments REAPI reserves in resource names, so they cannot be part of an instance name.
 _RESERVED_SEGMENTS = frozenset(
@@ -208,8 +225,13 @@ def asset_ref_name(
     """The ref a Remote Asset (``kind`` "blob" or "directory") URI and qualifiers map to.
 
     ``casframe:ref/NAME`` is the ref ``NAME`` itself (directories only, no qualifiers), which is
-    how refs travel between casframe stores. Any other URI is keyed by the sha256 of a canonical
-    JSON of instance, URI and sorted qualifiers: ``asset/{kind}/{key}``.
+    how refs travel between casframe stores. BuildStream 1.6's artifact URI
+    ``urn:fdc:buildstream.build:2020:v1:KEY`` as a directory without qualifiers is the ref
+    ``KEY``, the name BuildStream 1.4 gives the same artifact in ReferenceStorage (store-wide,
+    like every ReferenceStorage key). BuildStream 2's artifact and source URIs in the default
+    instance without qualifiers keep their readable name:
+    ``asset/{kind}/buildstream/{artifact|source}/NAME``. Any other URI is keyed by the sha256
+    of a canonical JSON of instance, URI and sorted qualifiers: ``asset/{kind}/{key}``.
     """
     pairs = sorted(qualifiers)
     names = [n for n, _ in pairs]
@@ -238,9 +260,42 @@ def asset_ref_name(
                 [bad],
             )
         return validate_ref_name(uri[len(REF_URI_PREFIX) :])
+    if uri.startswith(BUILDSTREAM1_URI_PREFIX) and kind == "directory" and not pairs:
+        return writable_ref_name(uri[len(BUILDSTREAM1_URI_PREFIX) :])
+    readable = _buildstream2_ref_name(kind, instance, uri, pairs)
+    if readable is not None:
+        return readable
+    return hashed_asset_ref_name(kind, instance, uri, pairs)
+
+
+def hashed_asset_ref_name(
+    kind: str, instance: str, uri: str, qualifiers: Iterable[tuple[str, str]]
+) -> str:
+    """``asset/{kind}/{sha256 of instance, URI and sorted qualifiers}``: the ref of a generic
+    Remote Asset entry (and where casframe kept BuildStream 2's entries before they had
+    readable names)."""
+    pairs = sorted(qualifiers)
     canonical = json.dumps(
         {"instance": instance, "uri": uri, "qualifiers": pairs},
         sort_keys=True, separators=(",", ":"), ensure_ascii=False,
     )
     key = hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
     return f"{ASSET_REF_PREFIX}{kind}/{key}"
+
+
+def _buildstream2_ref_name(
+    kind: str, instance: str, uri: str, qualifiers: list[tuple[str, str]]
+) -> str | None:
+    """The readable ref name of a BuildStream 2 artifact or source URI, or None when the URI
+    is not one or its name cannot be a ref name (it is then keyed by its hash)."""
+    match = _BUILDSTREAM2_URI.fullmatch(uri)
+    if match is None or instance or qualifiers:
+        return None
+    name = f"{ASSET_REF_PREFIX}{kind}/buildstream/{match[1]}/{match[2]}"
+    try:
+        validate_ref_name(name)
+    except InvalidNameError:
+        return None
+    if len(name.encode()) + _HELD_ROOM > MAX_REF_LENGTH:
+        return None  # its held form would be too long
+    return name

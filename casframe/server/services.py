@@ -13,8 +13,11 @@ over one bucket agree):
 * action results: ref ``ac/{instance or _}/{hash}/{size}`` → the ActionResult message, stored as
   a blob;
 * Remote Asset ``casframe:ref/NAME`` → the ref ``NAME`` itself (a Directory tree);
+* BuildStream 1.6's ``urn:fdc:buildstream.build:2020:v1:KEY`` directories → the ref ``KEY``,
+  the same ref BuildStream 1.4 reads and writes through ReferenceStorage;
 * any other Remote Asset URI → ref ``asset/{blob|directory}/{sha256 of instance, URI and
-  qualifiers}``;
+  qualifiers}``, or ``asset/held/{blob|directory}/{…}`` when pushed with references
+  (:mod:`casframe.server.assets`);
 * ReferenceStorage keys → refs of the same name.
 
 Refs are store-wide: every instance sees the same refs; the action cache and generic Remote
@@ -24,11 +27,10 @@ Asset entries are per instance.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 from google.protobuf.message import DecodeError
-from google.rpc import code_pb2, status_pb2
 
 from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2, remote_asset_pb2_grpc
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -44,6 +46,7 @@ from casframe.errors import (
     InvalidDigestError,
     RefNotFoundError,
 )
+from casframe.server.assets import lookup_asset, set_asset
 from casframe.server.errors import (
     OK_STATUS,
     StatusError,
@@ -52,10 +55,12 @@ from casframe.server.errors import (
     status_proto,
 )
 from casframe.server.names import (
+    ASSET_REF_PREFIX,
     Instances,
     action_ref_name,
     asset_ref_name,
     check_digest_function,
+    hashed_asset_ref_name,
     writable_ref_name,
 )
 from casframe.server.settings import ServerSettings
@@ -106,11 +111,17 @@ class _Base:
         if self.settings.read_only:
             raise StatusError(grpc.StatusCode.PERMISSION_DENIED, "this server is read-only")
 
-    def _get_ref(self, name: str, what: str) -> Digest:
-        """The digest a ref holds; a damaged ref is the server's ``DATA_LOSS``, not the
-        client's ``INVALID_ARGUMENT``, and its details (where it is stored) go to the log."""
+    def _get_ref(
+        self,
+        name: str,
+        what: str,
+        lookup: Callable[[Store, str], Digest] = Store.get_ref,
+    ) -> Digest:
+        """The digest a ref holds (found by ``lookup``); a damaged ref is the server's
+        ``DATA_LOSS``, not the client's ``INVALID_ARGUMENT``, and its details (where it is
+        stored) go to the log."""
         try:
-            return self.store.get_ref(name)
+            return lookup(self.store, name)
         except InvalidDigestError as exc:
             log.error("damaged ref %s: %s", name, exc)
             raise StatusError(
@@ -542,6 +553,10 @@ def _qualifiers(request: _AssetRequest) -> list[tuple[str, str]]:
     return [(q.name, q.value) for q in request.qualifiers]
 
 
+def _references(digests: Iterable[re_pb2.Digest]) -> list[Digest]:
+    return [_digest(d, "referenced digest") for d in digests]
+
+
 def _uris(uris: Iterable[str]) -> list[str]:
     listed = list(uris)
     if not listed:
@@ -556,20 +571,31 @@ class FetchService(_Base, remote_asset_pb2_grpc.FetchServicer):
         self, kind: str, request: _AssetRequest, uris: list[str]
     ) -> tuple[str, Digest] | None:
         qualifiers = _qualifiers(request)
-        names = [(uri, asset_ref_name(kind, request.instance_name, uri, qualifiers))
-                 for uri in uris]  # validate every URI before answering for any
+        names = []
+        for uri in uris:  # validate every URI before answering for any
+            name = asset_ref_name(kind, request.instance_name, uri, qualifiers)
+            names.append((uri, name))
+            if name.startswith(ASSET_REF_PREFIX):  # also where older servers kept it
+                hashed = hashed_asset_ref_name(kind, request.instance_name, uri, qualifiers)
+                if hashed != name:
+                    names.append((uri, hashed))
         for uri, name in names:
             try:
+                if name.startswith(ASSET_REF_PREFIX):
+                    return uri, self._get_ref(name, f"the asset {uri!r}", lookup_asset)
                 return uri, self._get_ref(name, f"the asset {uri!r}")
             except RefNotFoundError:
                 continue
         return None
 
     @staticmethod
-    def _not_found(uris: list[str]) -> status_pb2.Status:
-        return status_pb2.Status(
-            code=code_pb2.NOT_FOUND,
-            message=f"no content pushed for {', '.join(repr(u) for u in uris)}",
+    def _not_found(uris: list[str]) -> StatusError:
+        # A miss is a NOT_FOUND *error*, not an OK call with NOT_FOUND in the response's
+        # status: that field is for failures fetching from an origin, which this server never
+        # contacts, and BuildStream 1.6 reads only the error (docs/buildstream.md).
+        return StatusError(
+            grpc.StatusCode.NOT_FOUND,
+            f"no content pushed for {', '.join(repr(u) for u in uris)}",
         )
 
     @rpc_method
@@ -580,10 +606,7 @@ class FetchService(_Base, remote_asset_pb2_grpc.FetchServicer):
         uris = _uris(request.uris)
         found = self._lookup("blob", request, uris)
         if found is None or self.store.find_missing([found[1]]):
-            # Fetch outcomes travel in the response's status, per the Remote Asset API.
-            return remote_asset_pb2.FetchBlobResponse(
-                status=self._not_found(uris), uri=found[0] if found else uris[0]
-            )
+            raise self._not_found(uris)
         uri, digest = found
         return remote_asset_pb2.FetchBlobResponse(
             status=OK_STATUS, uri=uri, qualifiers=request.qualifiers,
@@ -600,9 +623,7 @@ class FetchService(_Base, remote_asset_pb2_grpc.FetchServicer):
         # Only the root is checked: refs are set only on complete trees and prune keeps what
         # refs reach, so walking the whole tree on every fetch would buy nothing.
         if found is None or self.store.find_missing([found[1]]):
-            return remote_asset_pb2.FetchDirectoryResponse(
-                status=self._not_found(uris), uri=found[0] if found else uris[0]
-            )
+            raise self._not_found(uris)
         uri, digest = found
         return remote_asset_pb2.FetchDirectoryResponse(
             status=OK_STATUS, uri=uri, qualifiers=request.qualifiers,
@@ -621,13 +642,8 @@ class PushService(_Base, remote_asset_pb2_grpc.PushServicer):
         qualifiers = _qualifiers(request)
         names = [asset_ref_name("blob", request.instance_name, uri, qualifiers)
                  for uri in _uris(request.uris)]
-        missing = self.store.find_missing([digest], freshen=True)
-        if missing:
-            raise missing_blobs_error(
-                grpc.StatusCode.FAILED_PRECONDITION, "upload the blob before pushing it", missing
-            )
-        for name in names:
-            self.store.set_ref(name, digest, check_complete=False)
+        set_asset(self.store, names, "blob", digest, _references(request.references_blobs),
+                  _references(request.references_directories), "PushBlob")
         return remote_asset_pb2.PushBlobResponse()
 
     @rpc_method
@@ -638,13 +654,17 @@ class PushService(_Base, remote_asset_pb2_grpc.PushServicer):
         self._check_writable()
         root = _digest(request.root_directory_digest, "root_directory_digest")
         qualifiers = _qualifiers(request)
-        names = []
-        for uri in _uris(request.uris):
-            name = asset_ref_name("directory", request.instance_name, uri, qualifiers)
-            if uri.startswith("casframe:ref/"):
-                writable_ref_name(name)
-            names.append(name)
-        self._set_tree_ref(names, root, "PushDirectory")
+        names = [asset_ref_name("directory", request.instance_name, uri, qualifiers)
+                 for uri in _uris(request.uris)]
+        refs = [writable_ref_name(name) for name in names
+                if not name.startswith(ASSET_REF_PREFIX)]  # URIs naming refs of the user's
+        assets = [name for name in names if name.startswith(ASSET_REF_PREFIX)]
+        if refs:
+            self._set_tree_ref(refs, root, "PushDirectory")
+        if assets:
+            set_asset(self.store, assets, "directory", root,
+                      _references(request.references_blobs),
+                      _references(request.references_directories), "PushDirectory")
         return remote_asset_pb2.PushDirectoryResponse()
 
 

@@ -16,6 +16,8 @@ from casframe.errors import ConfigError
 __all__ = [
     "DEFAULT_LISTEN",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_MAX_STREAMS",
+    "DEFAULT_STREAM_IDLE_TIMEOUT",
     "DEFAULT_WORKERS",
     "PemSource",
     "ServerSettings",
@@ -26,10 +28,19 @@ __all__ = [
 DEFAULT_LISTEN = "127.0.0.1:50051"
 # gRPC's own default message limit: every client accepts replies this large without tuning.
 DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
-# Each streaming call (a ByteStream upload or download) holds a worker thread for its whole
-# length, so there are more workers than cores; 32 streams of 1 MiB chunks stay far below the
-# 150 MiB memory budget.
+# Threads for unary calls and for the store work of streams (a stream waiting on its client
+# holds no thread). More than cores, because store work waits on disks and S3; 32 calls with
+# 1 MiB chunks in hand stay far below the 150 MiB memory budget.
 DEFAULT_WORKERS = 32
+# Streaming calls (ByteStream Read and Write, GetTree) in progress at once. A stream waiting on
+# its client costs a coroutine and at most about two chunks (2 MiB) of buffers, so 1,000 stalled
+# streams cost the server at most ~2 GiB while ordinary calls keep being answered; a team's
+# Bazel clients (each up to a few hundred parallel transfers) fit under it.
+DEFAULT_MAX_STREAMS = 1000
+# Seconds a stream may go without progress (no message received, or none taken by a reading
+# client). Bazel's own --remote_timeout defaults to 60 s, so a healthy client never waits this
+# long between two messages; a stalled one is told UNAVAILABLE, which REAPI clients retry.
+DEFAULT_STREAM_IDLE_TIMEOUT = 60.0
 # Room kept in a batch message for per-blob framing (~90 bytes a blob: 1 MiB covers over
 # 11,000 blobs), since clients count only the blob bytes against max_batch_total_size_bytes.
 _BATCH_FRAMING_BYTES = 1 << 20
@@ -61,7 +72,9 @@ class ServerSettings:
 
     ``store_url`` is informational (the store is opened by the caller). TLS fields hold paths
     or PEM bytes; ``tls_client_ca`` switches on mutual TLS. ``upload_expiry`` (seconds) and
-    ``max_partial_uploads`` bound the interrupted ByteStream uploads kept for resumption.
+    ``max_partial_uploads`` bound the interrupted ByteStream uploads kept for resumption;
+    ``max_streams`` the streaming calls in progress, and ``stream_idle_timeout`` (seconds) how
+    long one may wait on its client.
     """
 
     store_url: str = ""
@@ -75,6 +88,8 @@ class ServerSettings:
     max_workers: int = DEFAULT_WORKERS
     upload_expiry: float = 15 * 60.0
     max_partial_uploads: int = 256
+    max_streams: int = DEFAULT_MAX_STREAMS
+    stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT
 
     def __post_init__(self) -> None:
         check_listen(self.listen)
@@ -91,6 +106,12 @@ class ServerSettings:
             raise ConfigError("mutual TLS (--tls-client-ca) needs --tls-cert and --tls-key")
         if self.upload_expiry <= 0 or self.max_partial_uploads < 1:
             raise ConfigError("upload_expiry and max_partial_uploads must be positive")
+        if self.max_streams < 1:
+            raise ConfigError(f"max streams must be at least 1, got {self.max_streams}")
+        if not self.stream_idle_timeout > 0:
+            raise ConfigError(
+                f"stream idle timeout must be positive, got {self.stream_idle_timeout}"
+            )
 
     @property
     def tls(self) -> bool:
