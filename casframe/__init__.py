@@ -3,46 +3,118 @@
 This module is the public API; everything not listed in ``__all__`` is private.
 """
 
-from casframe.digest import EMPTY_DIGEST, Digest, Hasher
-from casframe.errors import (
-    BackendUnavailableError,
-    BlobNotFoundError,
-    CasframeError,
-    CheckoutError,
-    ConfigError,
-    CorruptBlobError,
-    DigestMismatchError,
-    DuplicateSchemeError,
-    InvalidDigestError,
-    InvalidNameError,
-    MissingDependencyError,
-    PermissionDeniedError,
-    RefConflictError,
-    RefNotFoundError,
-    RemoteProtocolError,
-    TreeTooLargeError,
-    UnknownSchemeError,
-    UnsafeTreeError,
-    UnsupportedFileTypeError,
-    UnsupportedOperationError,
-)
-from casframe.hookspecs import hookimpl
-from casframe.names import validate_entry_name, validate_ref_name
-from casframe.plugins import PluginInfo, list_plugins, open_store, registered_plugin
-from casframe.progress import Progress
-from casframe.registry import BackendRegistry, StoreURL
-from casframe.remotes import RemoteOutcome, Remotes, RemotesError, RemotesReport, RemoteStatus
-from casframe.spi import (
-    BlobInfo,
-    BlobStore,
-    BlobWriter,
-    Capability,
-    RefInfo,
-    RefStore,
-    StrayEntry,
-)
-from casframe.store import Store
-from casframe.treesize import TreeLimits
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from casframe.digest import EMPTY_DIGEST, Digest, Hasher
+    from casframe.errors import (
+        BackendUnavailableError,
+        BlobNotFoundError,
+        CasframeError,
+        CheckoutError,
+        ConfigError,
+        CorruptBlobError,
+        DigestMismatchError,
+        DuplicateSchemeError,
+        InvalidDigestError,
+        InvalidNameError,
+        MissingDependencyError,
+        PermissionDeniedError,
+        RefConflictError,
+        RefNotFoundError,
+        RemoteProtocolError,
+        StoreNotFoundError,
+        TreeTooLargeError,
+        UnknownSchemeError,
+        UnsafeTreeError,
+        UnsupportedFileTypeError,
+        UnsupportedOperationError,
+    )
+    from casframe.hookspecs import hookimpl
+    from casframe.names import validate_entry_name, validate_ref_name
+    from casframe.plugins import PluginInfo, list_plugins, open_store, registered_plugin
+    from casframe.progress import Progress
+    from casframe.registry import BackendRegistry, StoreURL
+    from casframe.remotes import RemoteOutcome, Remotes, RemotesError, RemotesReport, RemoteStatus
+    from casframe.spi import (
+        BlobInfo,
+        BlobStore,
+        BlobWriter,
+        Capability,
+        RefInfo,
+        RefStore,
+        StrayEntry,
+    )
+    from casframe.store import Store
+    from casframe.treesize import TreeLimits
+
+# Every public name, imported from its module on first use: `import casframe` (and so the
+# `casframe` command's start-up) costs almost nothing until a name is used.
+_LAZY = {
+    "BackendRegistry": "casframe.registry",
+    "BackendUnavailableError": "casframe.errors",
+    "BlobInfo": "casframe.spi",
+    "BlobNotFoundError": "casframe.errors",
+    "BlobStore": "casframe.spi",
+    "BlobWriter": "casframe.spi",
+    "Capability": "casframe.spi",
+    "CasframeError": "casframe.errors",
+    "CheckoutError": "casframe.errors",
+    "ConfigError": "casframe.errors",
+    "CorruptBlobError": "casframe.errors",
+    "Digest": "casframe.digest",
+    "DigestMismatchError": "casframe.errors",
+    "DuplicateSchemeError": "casframe.errors",
+    "EMPTY_DIGEST": "casframe.digest",
+    "Hasher": "casframe.digest",
+    "InvalidDigestError": "casframe.errors",
+    "InvalidNameError": "casframe.errors",
+    "MissingDependencyError": "casframe.errors",
+    "PermissionDeniedError": "casframe.errors",
+    "PluginInfo": "casframe.plugins",
+    "Progress": "casframe.progress",
+    "RefConflictError": "casframe.errors",
+    "RefInfo": "casframe.spi",
+    "RefNotFoundError": "casframe.errors",
+    "RefStore": "casframe.spi",
+    "RemoteOutcome": "casframe.remotes",
+    "RemoteProtocolError": "casframe.errors",
+    "RemoteStatus": "casframe.remotes",
+    "Remotes": "casframe.remotes",
+    "RemotesError": "casframe.remotes",
+    "RemotesReport": "casframe.remotes",
+    "Store": "casframe.store",
+    "StoreNotFoundError": "casframe.errors",
+    "StoreURL": "casframe.registry",
+    "StrayEntry": "casframe.spi",
+    "TreeLimits": "casframe.treesize",
+    "TreeTooLargeError": "casframe.errors",
+    "UnknownSchemeError": "casframe.errors",
+    "UnsafeTreeError": "casframe.errors",
+    "UnsupportedFileTypeError": "casframe.errors",
+    "UnsupportedOperationError": "casframe.errors",
+    "hookimpl": "casframe.hookspecs",
+    "list_plugins": "casframe.plugins",
+    "open_store": "casframe.plugins",
+    "registered_plugin": "casframe.plugins",
+    "validate_entry_name": "casframe.names",
+    "validate_ref_name": "casframe.names",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __version__ = "0.1.0"
 
@@ -80,6 +152,7 @@ __all__ = [
     "RemotesError",
     "RemotesReport",
     "Store",
+    "StoreNotFoundError",
     "StoreURL",
     "StrayEntry",
     "TreeLimits",

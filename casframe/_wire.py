@@ -20,6 +20,11 @@ from typing import NamedTuple
 
 from google.protobuf.message import DecodeError
 
+from casframe._protowire import LEN as _LEN
+from casframe._protowire import VARINT as _VARINT
+from casframe._protowire import WireError, fields
+from casframe._protowire import varint as _varint
+
 __all__ = [
     "WriteChunk",
     "decode_read_response",
@@ -29,7 +34,6 @@ __all__ = [
     "finish_write_request",
 ]
 
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 # Keys (field number << 3 | wire type) of the fields written here.
 _RESOURCE_NAME = bytes([1 << 3 | _LEN])
 _WRITE_OFFSET = bytes([2 << 3 | _VARINT])
@@ -47,60 +51,12 @@ class WriteChunk(NamedTuple):
     data: memoryview
 
 
-def _varint(value: int) -> bytes:
-    if value < 0:
-        value += 1 << 64  # int64: two's complement in ten bytes, as protobuf writes it
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    end = len(view)
-    while True:
-        if pos >= end or shift > 63:
-            raise DecodeError("truncated or overlong varint")
-        byte = view[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value & 0xFFFF_FFFF_FFFF_FFFF, pos
-        shift += 7
-
-
 def _fields(raw: bytes | memoryview) -> dict[tuple[int, int], int | memoryview]:
-    """The last value of each (field number, wire type) in a serialized message."""
-    view = memoryview(raw).cast("B")
-    found: dict[tuple[int, int], int | memoryview] = {}
-    pos = 0
-    end = len(view)
-    while pos < end:
-        key, pos = _read_varint(view, pos)
-        number, wire = key >> 3, key & 7
-        if number == 0:
-            raise DecodeError("field number 0")
-        value: int | memoryview
-        if wire == _VARINT:
-            value, pos = _read_varint(view, pos)
-        elif wire == _LEN:
-            length, pos = _read_varint(view, pos)
-            if length > end - pos:
-                raise DecodeError("length-delimited field runs past the end of the message")
-            value = view[pos : pos + length]
-            pos += length
-        elif wire in (_I64, _I32):
-            pos += 8 if wire == _I64 else 4
-            if pos > end:
-                raise DecodeError("fixed-width field runs past the end of the message")
-            continue
-        else:
-            raise DecodeError(f"unsupported wire type {wire}")
-        found[number, wire] = value
-    return found
+    """:func:`casframe._protowire.fields`, failing with protobuf's own DecodeError."""
+    try:
+        return fields(raw)
+    except WireError as exc:
+        raise DecodeError(str(exc)) from None
 
 
 def encode_write_request(

@@ -257,15 +257,20 @@ def default_store_url(config: Config | None = None) -> str:
     return (config or load_config()).resolve_store(None)[0]
 
 
-def open_configured_store(name_or_url: str | None = None, *, config: Config | None = None) -> Store:
-    """Open a store given as a URL, a configured name, a path, or ``None`` for the default."""
+def open_configured_store(
+    name_or_url: str | None = None, *, config: Config | None = None, create: bool = True
+) -> Store:
+    """Open a store given as a URL, a configured name, a path, or ``None`` for the default.
+
+    ``create`` as in :func:`casframe.open_store`.
+    """
     from casframe.plugins import open_store
 
     config = config or load_config()
     url, options = config.resolve_store(name_or_url)
     token = _opening_config.set(config)
     try:
-        return open_store(url, options)
+        return open_store(url, options, create=create)
     finally:
         _opening_config.reset(token)
 

@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, BinaryIO
 
+from casframe._protowire import LEN, VARINT, WireError, fields, varint
 from casframe.errors import InvalidDigestError
 
 if TYPE_CHECKING:
@@ -31,6 +32,9 @@ _EMPTY_HASH = hashlib.sha256(b"").hexdigest()
 _HEX_RE = re.compile(r"[0-9a-f]*")
 # REAPI's size_bytes is an int64: a larger size cannot be sent to any peer.
 _MAX_SIZE = (1 << 63) - 1
+# Keys (field number << 3 | wire type) of the REAPI Digest message's two fields.
+_HASH_KEY = bytes([1 << 3 | LEN])
+_SIZE_KEY = bytes([2 << 3 | VARINT])
 
 
 class Digest(tuple[str, int]):
@@ -140,20 +144,27 @@ class Digest(tuple[str, int]):
 
     @classmethod
     def from_serialized(cls, data: bytes) -> Digest:
-        """Parse a serialized REAPI ``Digest`` message (the content of a ref file)."""
-        from google.protobuf.message import DecodeError
+        """Parse a serialized REAPI ``Digest`` message (the content of a ref file).
 
-        from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2
-
-        message = remote_execution_pb2.Digest()
+        Decoded by hand (two fields), so that reading refs does not import protobuf.
+        """
         try:
-            message.ParseFromString(data)
-        except DecodeError as exc:
+            found = fields(data)
+            raw_hash = found.get((1, LEN), b"")
+            raw_size = found.get((2, VARINT), 0)
+            assert isinstance(raw_hash, bytes | memoryview) and isinstance(raw_size, int)
+            text = bytes(raw_hash).decode()
+        except (WireError, UnicodeDecodeError) as exc:
             raise InvalidDigestError(f"not a serialized Digest message: {exc}") from None
-        return cls.from_proto(message)
+        return cls(text, raw_size - (1 << 64) if raw_size >= 1 << 63 else raw_size)
 
     def serialize(self) -> bytes:
-        return self.to_proto().SerializeToString()
+        """The serialized REAPI ``Digest`` message, byte for byte what protobuf writes."""
+        name = self[0].encode()
+        parts = [_HASH_KEY, varint(len(name)), name] if name else []
+        if self[1]:
+            parts += [_SIZE_KEY, varint(self[1])]
+        return b"".join(parts)
 
 
 class Hasher:

@@ -30,6 +30,7 @@ __all__ = [
     "RefConflictError",
     "RefNotFoundError",
     "RemoteProtocolError",
+    "StoreNotFoundError",
     "TreeTooLargeError",
     "UnknownSchemeError",
     "UnsafeTreeError",
@@ -226,6 +227,12 @@ class ConfigError(CasframeError, ValueError):
     """The configuration file or a store URL is malformed."""
 
     reason = "config"
+
+
+class StoreNotFoundError(CasframeError):
+    """There is no store at the location given, and the caller asked not to create one."""
+
+    reason = "store-not-found"
 
 
 class BackendUnavailableError(CasframeError):

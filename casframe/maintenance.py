@@ -90,7 +90,7 @@ _READ_BATCH = 256
 _PROGRESS_STEP = 1024
 
 
-# -- sizes and durations ----------------------------------------------------------------------
+# -- durations (sizes: casframe.units, re-exported here) ---------------------------------------
 
 _DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhdw]?)", re.IGNORECASE)

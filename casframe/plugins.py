@@ -150,13 +150,18 @@ def list_plugins() -> list[PluginInfo]:
     return infos
 
 
-def open_store(url: str, options: Mapping[str, Any] | None = None) -> Store:
+def open_store(
+    url: str, options: Mapping[str, Any] | None = None, *, create: bool = True
+) -> Store:
     """Open the store at ``url`` through the plugin that registered its scheme.
 
     The options every store takes (``max_tree_entries``, ``max_tree_bytes``: see
-    :class:`~casframe.treesize.TreeLimits`) are read here and never reach the backend.
+    :class:`~casframe.treesize.TreeLimits`) are read here and never reach the backend. With
+    ``create=False`` a store that does not exist yet is not created: opening it raises
+    :class:`~casframe.StoreNotFoundError` (for commands that only read, where a mistyped path
+    would otherwise leave an empty store behind).
     """
-    parsed = StoreURL.parse(url, options)
+    parsed = StoreURL.parse(url, options, create=create)
     limits = TreeLimits.from_options(parsed.options, url)
     backend_options = {k: v for k, v in parsed.options.items() if k not in TREE_LIMIT_OPTIONS}
     factory = backend_registry().get(parsed.scheme).load()

@@ -33,6 +33,8 @@ class StoreURL:
     """A parsed store URL: ``scheme://netloc/path?key=value`` plus options from configuration.
 
     ``options`` merges the URL's query with options given in the config file (the query wins).
+    ``create`` is false when the caller only reads: a backend that would create a missing
+    store (``file://`` makes its directory) raises :class:`StoreNotFoundError` instead.
     """
 
     url: str
@@ -40,9 +42,12 @@ class StoreURL:
     netloc: str
     path: str
     options: Mapping[str, str] = field(default_factory=dict)
+    create: bool = True
 
     @classmethod
-    def parse(cls, url: str, options: Mapping[str, Any] | None = None) -> StoreURL:
+    def parse(
+        cls, url: str, options: Mapping[str, Any] | None = None, *, create: bool = True
+    ) -> StoreURL:
         if "://" not in url:
             raise ConfigError(f"not a store URL (expected SCHEME://...): {url!r}")
         parts = urlsplit(url)
@@ -56,6 +61,7 @@ class StoreURL:
             netloc=parts.netloc,
             path=parts.path,
             options=merged,
+            create=create,
         )
 
     def check_options(self, known: Iterable[str]) -> None:

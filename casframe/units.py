@@ -1,21 +1,33 @@
-"""Sizes written by people (``500M``, ``10G``, ``1.5T``), parsed once for every option that
-takes one. This module imports nothing of casframe's, so any module may use it."""
+"""Sizes and counts as casframe reads and prints them: one convention everywhere.
+
+In: a plain number is bytes; ``K``, ``M``, ``G``, ``T`` alone or with ``iB`` are binary
+multiples (``20K`` = ``20KiB`` = 20,480 bytes), and ``kB``, ``MB``, ``GB``, ``TB`` are decimal
+ones (``20kB`` = 20,000 bytes), so each spelling means what it says. Out: sizes in binary
+units, as most spellings mean (``20 KiB``, ``1.5 GiB``), counts with thousands separators
+(``20,441 objects``). Pure functions, no imports beyond the standard library: the CLI, the
+server's options and the maintenance API all use these.
+"""
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["parse_size"]
+__all__ = ["format_count", "format_size", "parse_size"]
 
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+_BINARY = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_SIZE_RE = re.compile(
+    r"(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[kmgt]?)(?P<suffix>ib|b)?", re.IGNORECASE
+)
+_EXAMPLES = "e.g. 500M, 10GiB, 20kB or 1.5G"
+_PRINTED = ("KiB", "MiB", "GiB", "TiB")
 
 
 def parse_size(text: str | int) -> int:
-    """Bytes from ``10G``, ``500M``, ``1.5G``, ``64K``, ``1T`` or a plain number of bytes.
+    """Bytes from ``1234``, ``20K``, ``20KiB`` (both 20,480), ``20kB`` (20,000), ``1.5G``.
 
-    Suffixes are binary multiples (K = 1024) and case-insensitive; ``B``/``iB`` may follow them
-    (``10GB``, ``10GiB``). Fractions of a byte are dropped.
+    Case does not matter in the multiple (``20k`` = ``20K``); fractions of a byte are dropped.
+    Raises ValueError naming the text for anything else, and for a negative number.
     """
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
@@ -25,7 +37,27 @@ def parse_size(text: str | int) -> int:
     if match is None:
         raise ValueError(
             f"invalid size {text!r}: expected a number of bytes with an optional K, M, G or T "
-            "suffix (binary multiples), e.g. 500M, 10G or 1.5G"
+            f"(binary: K = KiB = 1024) or kB, MB, GB, TB (decimal: kB = 1000), {_EXAMPLES}"
         )
-    number, unit = match.groups()
-    return int(float(number) * _SIZE_UNITS[unit.lower()])
+    unit = match["unit"].lower()
+    suffix = (match["suffix"] or "").lower()
+    multiple = _DECIMAL[unit] if suffix == "b" and unit else _BINARY[unit]
+    return int(float(match["number"]) * multiple)
+
+
+def format_size(count: int | float) -> str:
+    """``512 B``, ``20 KiB``, ``16.5 KiB``, ``1.5 GiB``: binary units, one decimal at most."""
+    if count < 1024:
+        return f"{count:,.0f} B"
+    value = float(count)
+    for unit in _PRINTED:
+        value /= 1024
+        if value < 1024 or unit == _PRINTED[-1]:
+            break
+    text = f"{value:,.1f}".removesuffix(".0")
+    return f"{text} {unit}"
+
+
+def format_count(count: int, noun: str, plural: str = "") -> str:
+    """``1 object``, ``20,441 objects``: the number with separators and the noun agreeing."""
+    return f"{count:,} {noun if count == 1 else plural or noun + 's'}"

@@ -10,7 +10,20 @@ import re
 import subprocess
 from pathlib import Path
 
-__all__ = ["ACTIONS", "BUILD_FILE", "build", "process_summary", "write_workspace"]
+from prereqs import PREREQS
+
+__all__ = [
+    "ACTIONS", "BUILD_FILE", "build", "process_summary", "startup_options", "write_workspace"
+]
+
+# Bazel's own user root (its unpacked install base, shared by every build) lives with the
+# other prerequisites, not in ~/.cache/bazel; each build still gets an output base of its own.
+USER_ROOT = PREREQS / "bazel"
+
+
+def startup_options(output_base: Path) -> list[str]:
+    """Bazel's startup options for a batch build in a fresh ``output_base``."""
+    return ["--batch", f"--output_user_root={USER_ROOT}", f"--output_base={output_base}"]
 
 BUILD_FILE = """\
 genrule(name = "greeting", outs = ["greeting.txt"], cmd = "echo hello from bazel > $@")
@@ -45,9 +58,9 @@ def write_workspace(path: Path) -> Path:
     return path
 
 
-def build(bazel: str, workspace: Path, output_root: Path, cache_url: str | None = None) -> str:
-    """Build every target of ``workspace`` in a batch-mode Bazel whose output base lives under
-    ``output_root`` (a new one is a fresh output base); return Bazel's log (stderr).
+def build(bazel: str, workspace: Path, output_base: Path, cache_url: str | None = None) -> str:
+    """Build every target of ``workspace`` in a batch-mode Bazel whose output base is
+    ``output_base`` (a new one is a fresh output base); return Bazel's log (stderr).
 
     ``cache_url`` is passed as ``--remote_cache``; without it, the workspace's ``.bazelrc``
     must name the cache.
@@ -56,8 +69,7 @@ def build(bazel: str, workspace: Path, output_root: Path, cache_url: str | None 
     result = subprocess.run(
         [
             bazel,
-            "--batch",
-            f"--output_user_root={output_root}",
+            *startup_options(output_base),
             "build",
             "//:all",
             *remote,

@@ -1,49 +1,28 @@
-"""Fixtures casframe's own tests need: peers outside Python (Bazel, the AWS CLI) and an
+"""Fixtures casframe's own tests need: peers outside Python (Bazel, the AWS CLI), installed
+beforehand by ``scripts/test-prereqs`` (see ``prereqs.py``), and an
 environment that keeps the command line's user directories inside the test's tmp_path.
 
 Store fixtures come from the shipped pytest plugin (``casframe.testing.plugin``, loaded through
 its ``pytest11`` entry point), used exactly as a third-party backend's tests would use them.
 """
 
-import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import prereqs
 import pytest
-
-
-def _install_debian_tool(tool: str, package: str) -> str:
-    """The path of ``tool``, installing Debian's ``package`` first when it is missing."""
-    found = shutil.which(tool)
-    if found:
-        return found
-    command = ["apt-get", "install", "-y", "-q", package]
-    if os.geteuid() != 0:
-        command = ["sudo", "-n", *command]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    update = subprocess.run([*command[:-4], "update", "-q"], env=env, capture_output=True)
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    found = shutil.which(tool)
-    if result.returncode != 0 or not found:
-        pytest.fail(
-            f"could not install Debian's {package} (for {tool}) for the tests:\n"
-            f"{update.stderr!r}\n{result.stdout}\n{result.stderr}"
-        )
-    return found
 
 
 @pytest.fixture(scope="session")
 def bazel() -> str:
     """Bazel, a real REAPI client (Debian's bazel-bootstrap)."""
-    return _install_debian_tool("bazel", "bazel-bootstrap")
+    return prereqs.tool("bazel", "bazel-bootstrap")
 
 
 @pytest.fixture(scope="session")
 def aws_cli() -> str:
     """The AWS CLI, to check that S3 tools and casframe read each other's layout."""
-    return _install_debian_tool("aws", "awscli")
+    return prereqs.tool("aws", "awscli")
 
 
 @pytest.fixture

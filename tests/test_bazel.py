@@ -2,7 +2,7 @@
 
 A small genrule workspace is built twice against the server, each time with a fresh output
 base; the second build must take every action from the remote cache. Bazel comes from
-Debian's ``bazel-bootstrap``, installed here when missing (the tests' set-up, not a skip).
+Debian's ``bazel-bootstrap``, installed by ``scripts/test-prereqs``.
 """
 
 from __future__ import annotations

@@ -372,7 +372,8 @@ def test_checkout_into_a_non_empty_directory_is_refused(
     assert (tmp_path / "dest" / "keep").read_text() == "mine"
 
 
-def test_verbose_shows_the_traceback(run: Run) -> None:
+def test_verbose_shows_the_traceback(run: Run, tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
     result = run("-v", "ref", "get", "missing")
     assert result.exit_code == 1
     assert "Traceback" in result.stderr
@@ -523,12 +524,12 @@ def test_progress_bar_is_thread_safe() -> None:
     assert progress._bar.n == 8000
     progress.finish()
     progress.finish()  # idempotent
-    progress.start("transfer", 3_000_000, unit="B")
-    progress.advance(1_500_000)
+    progress.start("transfer", 3 << 20, unit="B")
+    progress.advance(3 << 19)
     progress._bar.refresh()
     progress.finish()
     assert "import" in output.getvalue()
-    assert "1.50M/3.00M" in output.getvalue()
+    assert "1.5 MiB / 3 MiB" in output.getvalue()
 
 
 # -- the installed console script -----------------------------------------------------------------

@@ -93,8 +93,8 @@ def test_prune_dry_run_shows_what_each_ref_alone_keeps(
     lines = text.splitlines()
     assert lines[0].split() == ["REF", "TOTAL", "EXCLUSIVE", "LAST", "USED"]
     table = {line.split()[0]: line.split() for line in lines[1:3]}
-    assert table["ci/a"][3:5] == ["3.2", "kB"]  # only-a (3000 B) and its root Directory
-    assert table["release/b"][3:5] == ["5.2", "kB"]  # only-b, its root and sub Directories
+    assert table["ci/a"][3:5] == ["3.1", "KiB"]  # only-a (3000 B) and its root Directory
+    assert table["release/b"][3:5] == ["5.1", "KiB"]  # only-b, its root and sub Directories
     assert lines[-1].startswith("would free 1 object (15 B) of 7 objects")
 
     record = json.loads(ok(run("prune", "--dry-run", "--grace", "0", "--json")))
@@ -132,7 +132,7 @@ def test_gc_expires_the_least_recently_used_ref_but_not_kept_ones(
         run("gc", "--max-size", "11K", "--low-watermark", "0.9", "--keep", "release/*",
             "--grace", "0")
     )
-    assert "over the quota of 11.3 kB" in text
+    assert "over the quota of 11 KiB" in text
     assert "expired ref ci/a" in text and "kept ref release/b (matches --keep)" in text
     names = [r["name"] for r in json.loads(ok(run("ref", "list", "--json")))]
     assert names == ["release/b"]
@@ -188,7 +188,7 @@ def test_fsck_reports_corruption_with_digest_and_ref_and_repairs(
 def test_du_totals_and_per_ref_sizes(refs: dict[str, str]) -> None:
     text = ok(run("du"))
     assert text.splitlines()[-1] == (
-        "total 7 objects (12.4 kB): 6 objects (12.4 kB) reachable from refs, "
+        "total 7 objects (12.1 KiB): 6 objects (12.1 KiB) reachable from refs, "
         "1 object (15 B) unreachable"
     )
     record = json.loads(ok(run("du", "--json")))

@@ -13,16 +13,10 @@ from casframe_memory import MemoryRefStore
 from casframe import BlobStore, BlobWriter, Capability, Digest, Store
 from casframe.testing.conformance import StoreConformance
 
+# The suite against memory:// as casframe ships it (pytest --pyargs casframe.testing.test_memory).
+from casframe.testing.test_memory import TestMemoryStore  # noqa: F401
+
 pytest_plugins = ["pytester"]
-
-
-class TestMemoryStore(StoreConformance):
-    missing_capabilities = frozenset({Capability.LOCAL_PATH})
-
-    @pytest.fixture
-    def store(self, memory_store):
-        return memory_store
-
 
 # -- a backend that has nothing but the primitives ----------------------------------------------
 

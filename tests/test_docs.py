@@ -5,7 +5,9 @@
   docs/cli.md that names each of its options and arguments;
 - README.md links every page of docs/, and links between pages point at existing headings;
 - the code of docs/writing-a-backend.md (a whole backend and its tests) and the examples of
-  docs/testing.md run, through pytest, as a plugin author would run them.
+  docs/testing.md run, through pytest, as a plugin author would run them;
+- the console blocks marked ``<!-- test: run -->`` (README's CLI tour, docs/cli.md's errors)
+  run in a sandbox, and print what they show.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import ast
 import functools
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -177,7 +180,10 @@ def cli_commands() -> list[tuple[str, click.Command]]:
     found = []
 
     def walk(group: click.Group, prefix: str) -> None:
-        for name, command in sorted(group.commands.items()):
+        context = click.Context(group)  # the group may load its commands on first use
+        for name in sorted(group.list_commands(context)):
+            command = group.get_command(context, name)
+            assert command is not None, name
             path = f"{prefix}{name}"
             found.append((path, command))
             if isinstance(command, click.Group):
@@ -338,3 +344,116 @@ def test_the_examples_of_testing_md_pass(
     assert result.ret == 0, result.stdout.str()[-3000:]
     assert not {"failed", "errors", "skipped", "xfailed"} & outcomes.keys(), outcomes
     assert outcomes["passed"] >= expected, (outcomes, expected)
+
+
+# -- shown commands and their output are what casframe does ------------------------------------
+
+# A console block right after this comment is run by test_shown_commands_print_what_is_shown:
+# each `$ command` in a shell of its own, its stdout and stderr compared with the lines under
+# it. In what is shown, `…` stands for any text (digests are shortened that way) and times
+# may differ; /srv/, /tmp/ and /home/me/ are folders of the sandbox the block runs in, whose
+# working directory holds `build/`, the build output of examples/demo.py.
+RUNNABLE = "<!-- test: run -->"
+_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:[+-]\d\d:\d\d|Z)?")
+_SANDBOXED = ("/srv/", "/tmp/", "/home/me/")
+_SANDBOXED_ARGUMENT = re.compile(" (" + "|".join(map(re.escape, _SANDBOXED)) + ")")
+
+
+@dataclass(frozen=True)
+class Shown:
+    """One `$ command` of a runnable block and the output shown under it."""
+
+    page: str
+    line: int
+    command: str
+    output: str
+
+
+def runnable_blocks() -> dict[str, list[Shown]]:
+    """Every runnable console block of README.md and docs/, by ``page:line``."""
+    blocks: dict[str, list[Shown]] = {}
+    for page in [ROOT / "README.md", *doc_pages()]:
+        lines = page.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines):
+            if line.strip() != RUNNABLE:
+                continue
+            assert lines[number + 1] == "```console", f"{page.name}:{number + 1}"
+            end = lines.index("```", number + 2)
+            commands: list[tuple[int, str, list[str]]] = []
+            for index in range(number + 2, end):
+                if lines[index].startswith("$ "):
+                    commands.append((index + 1, lines[index][2:], []))
+                else:
+                    commands[-1][2].append(lines[index])
+            blocks[f"{page.name}:{number + 1}"] = [
+                Shown(page.name, n, command, "\n".join(output)) for n, command, output in commands
+            ]
+    return blocks
+
+
+def _pattern(shown: str) -> re.Pattern[str]:
+    parts = [re.escape(part) for part in _TIME.sub("\0", shown).split("…")]
+    return re.compile(".*?".join(parts).replace("\\\0", "\0").replace("\0", "<time>"))
+
+
+def _sandbox(path: Path) -> dict[str, str]:
+    """A working directory with build/, the sandboxed folders, and an empty default store."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import demo
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    work = path / "work"
+    work.mkdir()
+    demo.make_build_output(work / "build")
+    for folder in _SANDBOXED:
+        (path / folder.strip("/")).mkdir(parents=True)
+    (path / "home/me/.cache/casframe/store").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CASFRAME_")}
+    env.update(
+        HOME=str(path / "home/me"),
+        XDG_CACHE_HOME=str(path / "home/me/.cache"),
+        XDG_CONFIG_HOME=str(path / "home/me/.config"),
+        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+        CASFRAME_STAT_CACHE="off",
+    )
+    return env
+
+
+def run_shown(shown: list[Shown], path: Path) -> list[str]:
+    """Run the commands of one block in order; the differences from what is shown."""
+    env = _sandbox(path)
+    problems = []
+    for item in shown:
+        command = _SANDBOXED_ARGUMENT.sub(lambda m: f" {path}{m[1]}", item.command)
+        result = subprocess.run(
+            ["bash", "-c", command], cwd=path / "work", env=env, capture_output=True,
+            text=True, timeout=120,
+        )
+        actual = (result.stdout + result.stderr).rstrip("\n")
+        for folder in _SANDBOXED:
+            actual = actual.replace(f"{path}{folder}", folder)
+        actual = _TIME.sub("<time>", actual)
+        if not _pattern(item.output).fullmatch(actual):
+            problems.append(
+                f"{item.page}:{item.line}: `{item.command}` printed\n{actual}\n"
+                f"instead of\n{item.output}"
+            )
+    return problems
+
+
+def test_the_readme_and_cli_reference_have_runnable_blocks() -> None:
+    pages = {key.split(":")[0] for key in runnable_blocks()}
+    assert {"README.md", "cli.md"} <= pages
+
+
+@pytest.mark.parametrize("block", list(runnable_blocks()))
+def test_shown_commands_print_what_is_shown(block: str, tmp_path: Path) -> None:
+    problems = run_shown(runnable_blocks()[block], tmp_path)
+    assert not problems, "\n\n".join(problems)
+
+
+def test_a_drifted_output_is_noticed(tmp_path: Path) -> None:
+    """The check above is not vacuous: an output that is not what casframe prints fails."""
+    drifted = [Shown("README.md", 1, "casframe import build/", "4ffacce9…/237")]
+    assert "printed\n" in run_shown(drifted, tmp_path)[0]

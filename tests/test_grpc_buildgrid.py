@@ -1,32 +1,25 @@
 """The grpc:// backend against an independent REAPI server: BuildGrid, from PyPI.
 
 BuildGrid carries its own copies of the REAPI protos, which would clash with casframe's in one
-process, so it lives in a virtualenv of its own that this module creates on first use and keeps
-in the user's cache directory (``$XDG_CACHE_HOME/casframe-tests/``, or the path in
-``CASFRAME_BUILDGRID_VENV``); later runs reuse it. ``bgd server start`` then runs a CAS,
-ByteStream and Capabilities server on a free loopback port for the whole module.
-
-If the install fails the tests fail, with pip's output: a skip would hide that this peer was
-never tried.
-
-BuildGrid's 0.9 releases need Python 3.13: the virtualenv uses the newest Python found (on PATH
-or under pyenv) and the BuildGrid release pinned for it (see ``_BUILDGRID_FOR_PYTHON``).
+process, so it lives in a virtualenv of its own that ``scripts/test-prereqs`` creates
+(``$CASFRAME_PREREQS/buildgrid``, or the path in ``CASFRAME_BUILDGRID_VENV``). ``bgd server
+start`` then runs a CAS, ByteStream and Capabilities server on a free loopback port for the
+whole module. A missing BuildGrid fails the tests, naming the command that installs it: a skip
+would hide that this peer was never tried.
 """
 
 from __future__ import annotations
 
-import fcntl
 import io
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prereqs import PREREQS, missing
 
 from casframe import (
     EMPTY_DIGEST,
@@ -39,12 +32,6 @@ from casframe import (
 from casframe.digest import CHUNK_SIZE
 from casframe.testing import LARGE_FILE_SIZE, assert_tree_equal, random_bytes
 
-# The newest BuildGrid release installable on each Python (its Requires-Python). 0.9.x needs
-# 3.13; 0.4.4 is the last release that runs on 3.11.
-_BUILDGRID_FOR_PYTHON = {(3, 13): "0.9.1", (3, 12): "0.8.16", (3, 11): "0.4.4"}
-_INTERPRETERS = ("python3.14", "python3.13", "python3.12", "python3")
-# pip's resolver and the wheels' downloads: about a minute on a fresh machine.
-_INSTALL_TIMEOUT = 600
 _START_TIMEOUT = 60
 
 # One storage per instance: the unnamed instance and "main", so that instance names are seen
@@ -77,83 +64,15 @@ instances:
 """
 
 
-def _interpreter() -> tuple[str, tuple[int, int]]:
-    """The newest Python here that runs (on PATH or under pyenv), with its version.
-
-    pyenv's shims exist for versions that are installed but not selected, and fail when run:
-    each candidate is asked for its version, and one that cannot answer is passed over.
-    """
-    candidates = [sys.executable]
-    candidates += [p for name in _INTERPRETERS if (p := shutil.which(name))]
-    pyenv_root = Path(os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv"))
-    candidates += [str(p) for p in pyenv_root.glob("versions/3.*/bin/python3")]
-    best: tuple[tuple[int, int], str] | None = None
-    for candidate in dict.fromkeys(candidates):
-        try:
-            answer = subprocess.run(
-                [candidate, "-c", "import sys, venv; print(*sys.version_info[:2])"],
-                capture_output=True, text=True, timeout=30, check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if answer.returncode == 0:
-            major, minor = map(int, answer.stdout.split())
-            if best is None or (major, minor) > best[0]:
-                best = ((major, minor), candidate)
-    assert best is not None  # sys.executable answers
-    return best[1], best[0]
-
-
-def _requirement(version: tuple[int, int]) -> str:
-    for needed in sorted(_BUILDGRID_FOR_PYTHON, reverse=True):
-        if version >= needed:
-            return f"buildgrid=={_BUILDGRID_FOR_PYTHON[needed]}"
-    pytest.fail(f"BuildGrid needs Python 3.11 or newer; this is {version}")
-
-
-def _cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base) / "casframe-tests"
-
-
-def _install_buildgrid() -> tuple[Path, str]:
-    """Create (once) the virtualenv holding BuildGrid; return its ``bgd`` and requirement."""
-    python, version = _interpreter()
-    requirement = _requirement(version)
+def _buildgrid() -> tuple[Path, str]:
+    """The ``bgd`` of the BuildGrid virtualenv, and the release it holds."""
     override = os.environ.get("CASFRAME_BUILDGRID_VENV")
-    venv = Path(override) if override else (
-        _cache_root() / f"buildgrid-{requirement.split('==')[1]}-py{version[0]}.{version[1]}"
-    )
+    venv = Path(override) if override else PREREQS / "buildgrid"
     bgd = venv / "bin" / "bgd"
     stamp = venv / ".casframe-installed"
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{venv}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one installer at a time (parallel test runs)
-        if stamp.exists() and stamp.read_text() == requirement and bgd.exists():
-            return bgd, requirement
-        shutil.rmtree(venv, ignore_errors=True)
-        steps = [
-            [python, "-m", "venv", str(venv)],
-            [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
-             "--disable-pip-version-check", requirement],
-        ]
-        for step in steps:
-            try:
-                done = subprocess.run(step, capture_output=True, text=True,
-                                      timeout=_INSTALL_TIMEOUT, check=False)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"installing BuildGrid timed out after {_INSTALL_TIMEOUT}s: {step}")
-            if done.returncode != 0:
-                shutil.rmtree(venv, ignore_errors=True)
-                pytest.fail(
-                    f"cannot install {requirement} into {venv} (needed to test grpc:// against "
-                    f"an independent REAPI server); {' '.join(step)} said:\n"
-                    f"{done.stdout[-3000:]}{done.stderr[-3000:]}"
-                )
-        if not bgd.exists():
-            pytest.fail(f"{requirement} installed into {venv} but has no bin/bgd")
-        stamp.write_text(requirement)
-    return bgd, requirement
+    if not (bgd.exists() and stamp.exists()):
+        missing(f"BuildGrid (a virtualenv at {venv})")
+    return bgd, stamp.read_text().strip()
 
 
 def _free_port() -> int:
@@ -201,7 +120,7 @@ class BuildGrid:
 
 @pytest.fixture(scope="module")
 def buildgrid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuildGrid]:
-    bgd, requirement = _install_buildgrid()
+    bgd, requirement = _buildgrid()
     workdir = tmp_path_factory.mktemp("buildgrid")
     port = _free_port()
     config = _CONFIG.format(port=port)

@@ -8,6 +8,7 @@ without a working example fails here.
 
 from __future__ import annotations
 
+import json
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from casframe.cli import make_cli
 from casframe.plugins import reset_plugin_manager
 from casframe.testing import TREE_FILES
 from casframe.testing.server import CasServers
+from casframe.units import format_size
 
 
 def load_example(hook: str) -> types.ModuleType:
@@ -88,7 +90,9 @@ def check_register_commands(
         result = runner.invoke(make_cli(), ["tree-size", "myapp/build-1"])
         assert result.exit_code == 0, (result.stdout, result.stderr)
         size = sum(len(content) for content in TREE_FILES.values())
-        assert result.stdout == f"{len(TREE_FILES)} files, {size} bytes\n"
+        assert result.stdout == f"{len(TREE_FILES)} files, {format_size(size)}\n"
+        as_json = runner.invoke(make_cli(), ["tree-size", "myapp/build-1", "--json"])
+        assert json.loads(as_json.stdout) == {"files": len(TREE_FILES), "bytes": size}
         assert "tree-size" in runner.invoke(make_cli(), ["--help"]).stdout
         missing = runner.invoke(make_cli(), ["tree-size", "nope"])
         assert missing.exit_code == 1

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
+from bazel_helpers import startup_options
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_processes import serve_process
@@ -1076,7 +1077,7 @@ def test_bazel_takes_every_action_from_the_remote_cache(bazel: str, tmp_path: Pa
 
     def build(port: int, output_base: str) -> tuple[str, Path]:
         result = subprocess.run(
-            [bazel, f"--output_base={tmp_path / output_base}", "--batch", "build", "//:all",
+            [bazel, *startup_options(tmp_path / output_base), "build", "//:all",
              f"--remote_cache=grpc://127.0.0.1:{port}", "--spawn_strategy=local",
              "--color=no", "--curses=no"],
             cwd=workspace, capture_output=True, text=True, timeout=600,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +71,27 @@ SERVICE_NAMES = (
 #: What ``interceptors=`` and the ``casframe_server_interceptors`` hook may give: classic
 #: interceptors (run in the thread pool) or asyncio ones (run on the event loop).
 Interceptor: TypeAlias = grpc.ServerInterceptor | grpc.aio.ServerInterceptor
+
+
+def _bind_problem(listen: str) -> str:
+    """Why ``listen`` cannot be bound, in the system's words ("Address already in use").
+
+    gRPC's own message only says that binding failed; binding a plain socket to the same
+    address tells why.
+    """
+    host, _, port = listen.rpartition(":")
+    try:
+        addresses = socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, address in addresses:
+            with socket.socket(family, kind, proto) as probe:
+                probe.bind(address)
+    except OSError as exc:
+        return (exc.strerror or str(exc)).strip()
+    except ValueError:
+        pass
+    return "gRPC could not bind it; --log-level debug shows gRPC's own messages"
 
 
 def plugin_interceptors(settings: ServerSettings) -> list[Interceptor]:
@@ -208,7 +230,8 @@ class Server:
             self._executor.shutdown(wait=False)
             raise
         self.port = port
-        log.info(
+        # At debug level only: `casframe serve` announces itself on stdout, once.
+        log.debug(
             "serving %s on %s%s%s", self.store.url, self.address,
             " (TLS" + (", client certificates required)" if settings.tls_client_ca else ")")
             if settings.tls else "",
@@ -286,9 +309,10 @@ class Server:
                 port = server.add_secure_port(settings.listen, credentials)
             else:
                 port = server.add_insecure_port(settings.listen)
-        except RuntimeError as exc:  # grpcio raises this when it cannot bind
+        except RuntimeError:  # grpcio raises this when it cannot bind
             raise OSError(
-                errno.EADDRNOTAVAIL, f"cannot listen ({exc})", settings.listen
+                errno.EADDRNOTAVAIL, f"cannot listen ({_bind_problem(settings.listen)})",
+                settings.listen,
             ) from None
         if not port:
             raise OSError(errno.EADDRNOTAVAIL, "cannot listen", settings.listen)

@@ -7,7 +7,7 @@ machinery is imported only when the command runs.
 from __future__ import annotations
 
 import logging
-import re
+import os
 import signal
 import sys
 import threading
@@ -15,41 +15,69 @@ from typing import Any
 
 import click
 
+from casframe.errors import ConfigError
+from casframe.server.settings import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_STREAM_IDLE_TIMEOUT,
+    DEFAULT_WORKERS,
+    check_listen,
+)
+from casframe.units import parse_size
+
 __all__ = ["SHUTDOWN_GRACE", "main", "serve_command"]
 
 # Seconds running calls get to finish after SIGTERM/SIGINT: long enough for a batch call or the
 # rest of a typical upload, short enough for a service manager's stop timeout (90 s systemd).
 SHUTDOWN_GRACE = 10.0
 
-_SIZE_RE = re.compile(r"(\d+)\s*([kmg]i?b?)?", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
 class ByteSize(click.ParamType):
-    """A byte count: ``4194304``, ``4MiB``, ``4M``, ``512KiB``."""
+    """A byte count in casframe's one convention (:mod:`casframe.units`): ``4194304``,
+    ``4MiB``, ``4M``, ``512KiB``, ``4MB`` (decimal)."""
 
     name = "size"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        match = _SIZE_RE.fullmatch(str(value).strip())
-        if not match:
-            self.fail(f"{value!r} is not a size (examples: 4194304, 4MiB, 512KiB)", param, ctx)
-        unit = (match.group(2) or "")[:1].lower()
-        return int(match.group(1)) * _SIZE_UNITS[unit]
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
-def _open_store(ctx: click.Context, url: str) -> tuple[Any, bool]:
+class ListenAddress(click.ParamType):
+    """``HOST:PORT`` with a port from 0 to 65535."""
+
+    name = "address"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return check_listen(str(value))
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _quiet_grpc(level: str | None) -> None:
+    """Keep gRPC's native log lines (``E1206 ... add_port.cc:83] ...``) off the terminal
+    except at ``--log-level debug``: casframe reports every failure in one line of its own.
+
+    gRPC reads ``GRPC_VERBOSITY`` once, when it is first imported, so this runs before the
+    server module imports it; a value the user exported is left alone.
+    """
+    if level != "debug":
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+
+def _open_store(ctx: click.Context, url: str, *, create: bool) -> tuple[Any, bool]:
     """Open STORE_URL through the CLI's opener when there is one (configured names work then);
-    return the store and whether this command must close it."""
+    return the store and whether this command must close it. A read-only server does not
+    create a missing store (``create=False``)."""
     for attribute in ("open_store", "open"):
         opener = getattr(ctx.obj, attribute, None)
         if callable(opener):
-            return opener(url), False
+            return opener(url, create=create), False
     from casframe.plugins import open_store
 
-    return open_store(url), True
+    return open_store(url, create=create), True
 
 
 def _configure_logging(level: str | None, ctx: click.Context) -> None:
@@ -65,7 +93,8 @@ def _configure_logging(level: str | None, ctx: click.Context) -> None:
 
 @click.command("serve")
 @click.argument("store_url", metavar="STORE")
-@click.option("--listen", default="127.0.0.1:50051", show_default=True, metavar="HOST:PORT",
+@click.option("--listen", type=ListenAddress(), default="127.0.0.1:50051", show_default=True,
+              metavar="HOST:PORT",
               help="Address to listen on; port 0 picks a free port. Use [::]:PORT or "
                    "0.0.0.0:PORT to accept remote clients.")
 @click.option("--instance", "instances", multiple=True, metavar="NAME",
@@ -115,16 +144,13 @@ def serve_command(
     Fetch/Push, BuildStream ReferenceStorage and the gRPC health service. Stops gracefully on
     SIGTERM or SIGINT.
     """
-    from casframe.server.app import Server
-    from casframe.server.settings import (
-        DEFAULT_MAX_MESSAGE_BYTES,
-        DEFAULT_MAX_STREAMS,
-        DEFAULT_STREAM_IDLE_TIMEOUT,
-        DEFAULT_WORKERS,
-    )
-
     _configure_logging(log_level, ctx)
-    store, owned = _open_store(ctx, store_url)
+    if log_level is None and getattr(ctx.obj, "verbose", False):
+        log_level = "debug"
+    _quiet_grpc(log_level)
+    from casframe.server.app import Server
+
+    store, owned = _open_store(ctx, store_url, create=not read_only)
     try:
         server = Server(
             store,

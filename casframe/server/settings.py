@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_WORKERS",
     "PemSource",
     "ServerSettings",
+    "check_listen",
 ]
 
 #: Where ``casframe serve`` listens unless told otherwise (the port Bazel users expect).
@@ -49,6 +50,21 @@ _MIN_MESSAGE_BYTES = CHUNK_SIZE + (64 << 10)
 #: A PEM certificate or key: a path to read, or the PEM bytes themselves.
 PemSource = str | os.PathLike[str] | bytes
 
+_MAX_PORT = 65535
+
+
+def check_listen(listen: str) -> str:
+    """``listen`` when it is ``HOST:PORT`` with a port from 0 to 65535 (or a ``unix:`` path);
+    else :class:`ConfigError`. gRPC itself takes a port past 65535 and serves on another."""
+    if listen.startswith(("unix:", "unix-abstract:")):
+        return listen
+    host, colon, port = listen.rpartition(":")
+    if not colon or not host or not port.isdigit() or int(port) > _MAX_PORT:
+        raise ConfigError(
+            f"listen address {listen!r} is not HOST:PORT with a port from 0 to {_MAX_PORT}"
+        )
+    return listen
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -76,6 +92,7 @@ class ServerSettings:
     stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT
 
     def __post_init__(self) -> None:
+        check_listen(self.listen)
         if self.max_message_bytes < _MIN_MESSAGE_BYTES:
             raise ConfigError(
                 f"max message size {self.max_message_bytes} is too small: "

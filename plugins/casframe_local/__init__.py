@@ -41,6 +41,7 @@ from casframe import (
     RefNotFoundError,
     RefStore,
     Store,
+    StoreNotFoundError,
     StoreURL,
     StrayEntry,
     hookimpl,
@@ -773,9 +774,14 @@ def store_path(url: StoreURL) -> str:
 
 
 def open_local_store(url: StoreURL) -> Store:
-    """Factory for ``file://PATH``; creates the layout when missing."""
+    """Factory for ``file://PATH``; creates the layout when missing (unless ``url.create`` is
+    false: then a missing directory is :class:`StoreNotFoundError`)."""
     url.check_options(_OPTIONS)
     root = store_path(url)
+    if not url.create and not os.path.exists(root):
+        raise StoreNotFoundError(
+            f"no store at {root}: it does not exist (commands that only read do not create one)"
+        )
     if os.path.exists(root) and not os.path.isdir(root):
         raise ConfigError(f"{url.url}: {root} exists and is not a directory")
     fsync = url.flag("fsync")

@@ -1,0 +1,5 @@
+"""``python -m casframe.cli``: the ``casframe`` command."""
+
+from casframe.cli.group import main
+
+main()

@@ -1,0 +1,251 @@
+"""The ``casframe`` click group: commands loaded by name on first use, plugin commands added
+through ``casframe_register_commands``, and every error turned into one line.
+
+Built-in commands are listed here as ``"module:attribute"`` strings (click's lazy-group
+pattern): ``casframe ref list`` imports :mod:`casframe.cli.refs` and nothing of the other
+commands, so each command pays only for what it uses.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from casframe import __version__
+from casframe.cli.app import App
+from casframe.cli.helpers import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    PROG,
+    describe_error,
+    error_line,
+)
+from casframe.errors import CasframeError
+
+__all__ = [
+    "BUILTIN_COMMANDS",
+    "CasframeGroup",
+    "DuplicateCommandError",
+    "PluginCommandError",
+    "main",
+    "make_cli",
+]
+
+#: Every built-in command, by name: where it lives.
+BUILTIN_COMMANDS = {
+    "import": "casframe.cli.trees:import_command",
+    "checkout": "casframe.cli.trees:checkout_command",
+    "diff": "casframe.cli.trees:diff_command",
+    "ls": "casframe.cli.trees:ls_command",
+    "cat": "casframe.cli.trees:cat_command",
+    "put": "casframe.cli.blobs:put_command",
+    "get": "casframe.cli.blobs:get_command",
+    "ref": "casframe.cli.refs:ref_group",
+    "push": "casframe.cli.transfer:push_command",
+    "pull": "casframe.cli.transfer:pull_command",
+    "plugins": "casframe.cli.plugins:plugins_command",
+    "serve": "casframe.server.command:serve_command",
+    "prune": "casframe.cli.maintenance:prune_command",
+    "gc": "casframe.cli.maintenance:gc_command",
+    "fsck": "casframe.cli.maintenance:fsck_command",
+    "du": "casframe.cli.maintenance:du_command",
+}
+
+
+class DuplicateCommandError(CasframeError):
+    """A plugin tried to add a command whose name is already taken."""
+
+    reason = "duplicate-command"
+
+
+class PluginCommandError(CasframeError):
+    """A plugin's ``casframe_register_commands`` hook failed."""
+
+    reason = "plugin-commands"
+
+
+class CasframeGroup(click.Group):
+    """The top-level group: adds plugin commands once, and turns every error into one line."""
+
+    def __init__(self, *args: Any, lazy_commands: dict[str, str] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Commands known by name, imported from "module:attribute" on first use.
+        self._lazy = dict(lazy_commands or {})
+        self._owners: dict[str, str] = dict.fromkeys(self._lazy, PROG)
+        self._registering: str | None = None
+        self._plugin_commands_loaded = False
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        name = name or cmd.name or ""
+        owner = f"plugin {self._registering!r}" if self._registering else PROG
+        if name in self.commands or name in self._lazy:
+            raise DuplicateCommandError(
+                f"{owner} cannot add command {name!r}: "
+                f"the name is already taken by {self._owners.get(name, PROG)}"
+            )
+        super().add_command(cmd, name)
+        self._owners[name] = owner
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self.load_plugin_commands()
+        return sorted({*self.commands, *self._lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        # Plugins are asked for their commands once any command is looked up (not for
+        # --version), before the name is resolved: a clash fails whatever command was asked.
+        self.load_plugin_commands()
+        target = self._lazy.get(cmd_name)
+        if target is not None and cmd_name not in self.commands:
+            module, _, attribute = target.partition(":")
+            command = getattr(importlib.import_module(module), attribute)
+            click.Group.add_command(self, command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def load_plugin_commands(self) -> None:
+        """Call every plugin's ``casframe_register_commands`` once, in registration order.
+
+        Each implementation is called on its own (as the backend registry does) so that a
+        clash names the plugin responsible; the earlier plugin keeps the name.
+        """
+        if self._plugin_commands_loaded:
+            return
+        self._plugin_commands_loaded = True
+        from casframe.plugins import get_plugin_manager
+
+        hook = get_plugin_manager().hook.casframe_register_commands
+        for impl in hook.get_hookimpls():  # oldest registration first (pluggy calls LIFO)
+            if impl.hookwrapper or impl.wrapper:
+                continue
+            self._registering = impl.plugin_name
+            try:
+                impl.function(**({"cli": self} if "cli" in impl.argnames else {}))
+            except CasframeError:
+                raise
+            except Exception as exc:
+                raise PluginCommandError(
+                    f"plugin {impl.plugin_name!r} failed to add its commands: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            finally:
+                self._registering = None
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Run the command; return the exit status, or exit with it in standalone mode."""
+        extra["obj"] = app = App()
+        code = _run(self, app, args, prog_name or PROG, complete_var, extra)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _run(
+    group: CasframeGroup,
+    app: App,
+    args: Sequence[str] | None,
+    prog_name: str,
+    complete_var: str | None,
+    extra: dict[str, Any],
+) -> int:
+    def report(exc: BaseException, message: str) -> None:
+        if app.verbose:
+            traceback.print_exception(exc, file=sys.stderr)
+        error_line(message)
+
+    try:
+        # click's own main, never standalone, so that errors come back here.
+        result = click.Group.main(
+            group, args, prog_name, complete_var, standalone_mode=False, **extra
+        )
+        # Non-standalone click returns the exit status of ctx.exit(), else the callback's value.
+        return result if isinstance(result, int) and not isinstance(result, bool) else 0
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+            return EXIT_INTERRUPTED
+        report(exc, "aborted")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        click.echo(err=True)  # end the terminal's ^C line
+        return EXIT_INTERRUPTED
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        report(exc, exc.format_message() + hint)
+        return EXIT_USAGE
+    except click.ClickException as exc:
+        report(exc, exc.format_message())
+        return exc.exit_code
+    except BrokenPipeError:
+        # The reader went away (`casframe cat ... | head`): stop quietly, and keep Python from
+        # complaining again when it flushes stdout at exit.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass  # stdout is not a file descriptor (embedded use); nothing to silence
+        return EXIT_ERROR
+    except (CasframeError, OSError) as exc:
+        report(exc, describe_error(exc))
+        return EXIT_ERROR
+    except Exception as exc:
+        hint = "" if app.verbose else " (run with -v for the traceback)"
+        report(exc, f"internal error: {type(exc).__name__}: {describe_error(exc)}{hint}")
+        return EXIT_ERROR
+
+
+def make_cli() -> CasframeGroup:
+    """A fresh ``casframe`` command; plugin commands are added when it first runs."""
+
+    @click.group(
+        cls=CasframeGroup,
+        lazy_commands=BUILTIN_COMMANDS,
+        name=PROG,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    @click.option(
+        "--store",
+        metavar="URL|NAME",
+        help="Store to use: a URL, a store named in the config file, or a directory. "
+        "Default: $CASFRAME_STORE, else the config's default_store, else file:// "
+        "under the user cache directory.",
+    )
+    @click.option(
+        "--config",
+        "config_file",
+        metavar="PATH",
+        help="Configuration file (default: $CASFRAME_CONFIG, else config.toml in the user "
+        "config directory).",
+    )
+    @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+    # The version as a string: asking importlib.metadata would cost more than the rest.
+    @click.version_option(version=__version__, prog_name=PROG)
+    @click.pass_context
+    def cli(ctx: click.Context, store: str | None, config_file: str | None, verbose: bool) -> None:
+        """Content-addressed artifact storage in the REAPI v2 data model.
+
+        TREE arguments take a digest (HASH/SIZE) or a ref name.
+        """
+        app = ctx.ensure_object(App)
+        app.store_choice = store
+        app.config_file = config_file
+        app.verbose = verbose
+        ctx.call_on_close(app.close)
+
+    return cli
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point."""
+    sys.exit(make_cli().main(args=argv, prog_name=PROG, standalone_mode=False))
