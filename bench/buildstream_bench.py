@@ -33,6 +33,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -71,6 +72,21 @@ def wait_for_port(process: subprocess.Popen[bytes], port: int, log: Path) -> Non
         time.sleep(0.2)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a running process has used so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Server(str):
+    """A running server's URL; ``cpu()`` reads the CPU time its process has used so far."""
+
+    pid: int
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+
 @contextmanager
 def running(cmd: list[str], port: int, log: Path, cwd: Path | None = None) -> Any:
     with open(log, "wb") as out:
@@ -78,7 +94,9 @@ def running(cmd: list[str], port: int, log: Path, cwd: Path | None = None) -> An
                                    stdin=subprocess.DEVNULL)
     try:
         wait_for_port(process, port, log)
-        yield f"http://127.0.0.1:{port}"
+        server = Server(f"http://127.0.0.1:{port}")
+        server.pid = process.pid
+        yield server
     finally:
         process.terminate()
         try:
@@ -112,12 +130,17 @@ class Bst:
         root.mkdir(parents=True)
 
     def run(self, project: Path, config: str, *args: str) -> float:
+        return self.timed(project, config, *args)[0]
+
+    def timed(self, project: Path, config: str, *args: str) -> tuple[float, float]:
+        """Wall time and the client's own CPU time (user + system, from os.wait4)."""
         (self.root / "user.conf").write_text(config)
         env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
         env.update(HOME=str(self.root), XDG_CACHE_HOME=str(self.root / "cache"),
                    XDG_CONFIG_HOME=str(self.root / "config"),
                    XDG_DATA_HOME=str(self.root / "data"))
         subprocess.run(["sync"], check=True)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         result = subprocess.run(
             [str(self.exe), "--no-interactive", "-c", str(self.root / "user.conf"), *args],
@@ -125,9 +148,12 @@ class Bst:
             stdin=subprocess.DEVNULL,
         )
         elapsed = time.perf_counter() - started
+        # bst and the job processes it forks and reaps, all counted once it has been reaped.
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if result.returncode != 0:
             raise RuntimeError(f"bst {' '.join(args)} failed:\n{result.stderr[-4000:]}")
-        return elapsed
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        return elapsed, cpu
 
 
 def remote_config(version: str, remote: str | None) -> str:
@@ -187,16 +213,23 @@ def measure_generation(version: str, servers: dict[str, Any], trees: dict[str, P
                 tag = f"{version}-{element}-{name}-{rep}"
                 with servers[name](work / f"store-{tag}", work / f"server-{tag}.log") as remote:
                     conf = remote_config(version, remote)
-                    pushed = builder.run(project, conf, *push, f"{element}.bst")
+                    cpu = remote.cpu()
+                    pushed, push_client = builder.timed(project, conf, *push, f"{element}.bst")
+                    push_server, cpu = remote.cpu() - cpu, remote.cpu()
                     puller = Bst(version, work / f"puller-{tag}")
-                    pulled = puller.run(project, conf, *pull, f"{element}.bst")
+                    pulled, pull_client = puller.timed(project, conf, *pull, f"{element}.bst")
+                    pull_server = remote.cpu() - cpu
                     shown = Bst(version, work / f"shower-{tag}").run(project, conf, "show",
                                                                      f"{element}.bst")
                 rows.append({"version": version, "element": element, "server": name,
                              "rep": rep, "push_s": pushed, "pull_s": pulled, "show_s": shown,
+                             "push_client_cpu_s": push_client, "push_server_cpu_s": push_server,
+                             "pull_client_cpu_s": pull_client, "pull_server_cpu_s": pull_server,
                              "loadavg": loadavg()})
-                print(f"{tag}: push {pushed:.2f}s pull {pulled:.2f}s show {shown:.2f}s "
-                      f"load {loadavg()}", flush=True)
+                print(f"{tag}: push {pushed:.2f}s (cpu client {push_client:.2f}s server "
+                      f"{push_server:.2f}s) pull {pulled:.2f}s (cpu client {pull_client:.2f}s "
+                      f"server {pull_server:.2f}s) show {shown:.2f}s load {loadavg()}",
+                      flush=True)
                 # The large element's store and caches are few files: free the disk now.
                 if element == "large":
                     shutil.rmtree(work / f"store-{tag}", ignore_errors=True)
