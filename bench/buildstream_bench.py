@@ -255,8 +255,36 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "other_s": statistics.median(theirs.values()) if peer else None,
                 "ratio": statistics.median(ratios) if peer else None,
                 "show_s": statistics.median(r["show_s"] for r in subset),
+                # CPU seconds of the client (bst and its jobs) and of each server. The client's
+                # is its own work, whichever server answers: a server that cost nothing and
+                # answered at once would leave at least that, so `other_s / client_cpu_s`
+                # bounds the ratio any server could reach in this run.
+                "client_cpu_s": statistics.median(r[f"{what[:-2]}_client_cpu_s"]
+                                                  for r in subset),
+                "casframe_cpu_s": statistics.median(
+                    r[f"{what[:-2]}_server_cpu_s"] for r in subset if r["server"] == "casframe"),
+                "other_cpu_s": statistics.median(
+                    r[f"{what[:-2]}_server_cpu_s"] for r in subset if r["server"] == other)
+                if peer else None,
+                "loadavg_1m": [r["loadavg"][0] for r in subset],
             })
     return table
+
+
+def print_table(table: list[dict[str, Any]]) -> None:
+    print(f"\n{'client':8} {'element':7} {'op':5} {'casframe':>9} {'peer':>20} "
+          f"{'peer/casframe':>13} {'bst show':>9} {'client cpu':>10} {'server cpu':>17} "
+          f"{'ceiling':>8}")
+    for row in table:
+        peer = (f"{row['other']:>10} {row['other_s']:8.2f}s {row['ratio']:12.2f}x"
+                if row["other"] else f"{'-':>20} {'-':>13}")
+        theirs = f"{row['other_cpu_s']:.2f}" if row["other"] else "-"
+        ceiling = (f"{row['other_s'] / row['client_cpu_s']:7.2f}x" if row["other"]
+                   else f"{'-':>8}")
+        print(f"{row['version']:8} {row['element']:7} {row['operation']:5} "
+              f"{row['casframe_s']:8.2f}s {peer} {row['show_s']:8.2f}s "
+              f"{row['client_cpu_s']:9.2f}s {row['casframe_cpu_s']:7.2f}s / {theirs:>6}s "
+              f"{ceiling}")
 
 
 def main() -> int:
@@ -294,13 +322,7 @@ def main() -> int:
             indent=2))
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{'client':8} {'element':7} {'op':5} {'casframe':>9} {'peer':>20} "
-          f"{'peer/casframe':>13} {'bst show':>9}")
-    for row in table:
-        peer = (f"{row['other']:>10} {row['other_s']:8.2f}s {row['ratio']:12.2f}x"
-                if row["other"] else f"{'-':>20} {'-':>13}")
-        print(f"{row['version']:8} {row['element']:7} {row['operation']:5} "
-              f"{row['casframe_s']:8.2f}s {peer} {row['show_s']:8.2f}s")
+    print_table(table)
     print(f"results: {run_dir / 'results.json'}")
     return 0
 
