@@ -304,23 +304,11 @@ class ByteStreamService:
         try:
             while True:
                 remaining -= len(data)
+                await self._send(context, data)  # encoded as a ReadResponse by the codec
                 if remaining <= 0:
-                    await self._send(context, data)  # encoded as a ReadResponse by the codec
                     return
                 size = min(size * 2, chunk, remaining)
-                # The next chunk is read while this one is sent: a stream holds two chunks at
-                # most, and disk and hashing overlap with the network.
-                following = asyncio.ensure_future(
-                    self._in_pool(reader.read, size, size == remaining)
-                )
-                try:
-                    await self._send(context, data)
-                finally:
-                    await asyncio.wait({following})  # the reader is closed only after it
-                    failure = following.exception()  # retrieved, even when sending failed
-                if failure is not None:
-                    raise failure
-                data = following.result()
+                data = await self._in_pool(reader.read, size, size == remaining)
         finally:
             if not reader.closed:
                 await self._in_pool(reader.close)
