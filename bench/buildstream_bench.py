@@ -22,7 +22,9 @@ repetitions): a new, empty server is started (untimed); `push` from the builder 
 machine with an empty cache times `pull`; and `show` on a third empty machine times what every
 bst command pays anyway (start-up, loading, cache keys: for 1.x `local` sources that includes
 hashing every file). Every timed command runs after `sync`. Reported: medians of wall times,
-and the median of the per-repetition ratios (the other server's time / casframe's). Target:
+the median of the per-repetition ratios (the other server's time / casframe's), and the CPU
+seconds of the client and of each server during each command; the other server's time over
+the client's CPU time bounds the ratio any server could reach (the client's own work). Target:
 casframe at least 2x faster than bst-artifact-server on every row. Results go to
 DIR/<time>-buildstream/results.json.
 """
