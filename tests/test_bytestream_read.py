@@ -1,7 +1,8 @@
 """How ByteStream Read spends the server's thread pool: the steps every download pays.
 
-A client walking a tree (BuildStream's pull reads every Directory this way) makes one Read per
-small blob, so each step a Read takes in the pool is a thread hop that every directory pays.
+A client that walks a tree with ByteStream (Bazel's and BuildStream's roots, any client without
+batch calls) makes one Read per small blob, so each step a Read takes in the pool is a thread hop
+that every such blob pays.
 These drive the servicer directly, with a pool that counts its work and a context that keeps
 what was sent.
 """
