@@ -22,7 +22,9 @@ repetitions): a new, empty server is started (untimed); `push` from the builder 
 machine with an empty cache times `pull`; and `show` on a third empty machine times what every
 bst command pays anyway (start-up, loading, cache keys: for 1.x `local` sources that includes
 hashing every file). Every timed command runs after `sync`. Reported: medians of wall times,
-and the median of the per-repetition ratios (the other server's time / casframe's). Target:
+the median of the per-repetition ratios (the other server's time / casframe's), and the CPU
+seconds of the client and of each server during each command; the other server's time over
+the client's CPU time bounds the ratio any server could reach (the client's own work). Target:
 casframe at least 2x faster than bst-artifact-server on every row. Results go to
 DIR/<time>-buildstream/results.json.
 """
@@ -33,6 +35,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -71,6 +74,21 @@ def wait_for_port(process: subprocess.Popen[bytes], port: int, log: Path) -> Non
         time.sleep(0.2)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a running process has used so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Server(str):
+    """A running server's URL; ``cpu()`` reads the CPU time its process has used so far."""
+
+    pid: int
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+
 @contextmanager
 def running(cmd: list[str], port: int, log: Path, cwd: Path | None = None) -> Any:
     with open(log, "wb") as out:
@@ -78,7 +96,9 @@ def running(cmd: list[str], port: int, log: Path, cwd: Path | None = None) -> An
                                    stdin=subprocess.DEVNULL)
     try:
         wait_for_port(process, port, log)
-        yield f"http://127.0.0.1:{port}"
+        server = Server(f"http://127.0.0.1:{port}")
+        server.pid = process.pid
+        yield server
     finally:
         process.terminate()
         try:
@@ -112,12 +132,17 @@ class Bst:
         root.mkdir(parents=True)
 
     def run(self, project: Path, config: str, *args: str) -> float:
+        return self.timed(project, config, *args)[0]
+
+    def timed(self, project: Path, config: str, *args: str) -> tuple[float, float]:
+        """Wall time and the client's own CPU time (user + system, from os.wait4)."""
         (self.root / "user.conf").write_text(config)
         env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
         env.update(HOME=str(self.root), XDG_CACHE_HOME=str(self.root / "cache"),
                    XDG_CONFIG_HOME=str(self.root / "config"),
                    XDG_DATA_HOME=str(self.root / "data"))
         subprocess.run(["sync"], check=True)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         result = subprocess.run(
             [str(self.exe), "--no-interactive", "-c", str(self.root / "user.conf"), *args],
@@ -125,9 +150,12 @@ class Bst:
             stdin=subprocess.DEVNULL,
         )
         elapsed = time.perf_counter() - started
+        # bst and the job processes it forks and reaps, all counted once it has been reaped.
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if result.returncode != 0:
             raise RuntimeError(f"bst {' '.join(args)} failed:\n{result.stderr[-4000:]}")
-        return elapsed
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        return elapsed, cpu
 
 
 def remote_config(version: str, remote: str | None) -> str:
@@ -187,16 +215,23 @@ def measure_generation(version: str, servers: dict[str, Any], trees: dict[str, P
                 tag = f"{version}-{element}-{name}-{rep}"
                 with servers[name](work / f"store-{tag}", work / f"server-{tag}.log") as remote:
                     conf = remote_config(version, remote)
-                    pushed = builder.run(project, conf, *push, f"{element}.bst")
+                    cpu = remote.cpu()
+                    pushed, push_client = builder.timed(project, conf, *push, f"{element}.bst")
+                    push_server, cpu = remote.cpu() - cpu, remote.cpu()
                     puller = Bst(version, work / f"puller-{tag}")
-                    pulled = puller.run(project, conf, *pull, f"{element}.bst")
+                    pulled, pull_client = puller.timed(project, conf, *pull, f"{element}.bst")
+                    pull_server = remote.cpu() - cpu
                     shown = Bst(version, work / f"shower-{tag}").run(project, conf, "show",
                                                                      f"{element}.bst")
                 rows.append({"version": version, "element": element, "server": name,
                              "rep": rep, "push_s": pushed, "pull_s": pulled, "show_s": shown,
+                             "push_client_cpu_s": push_client, "push_server_cpu_s": push_server,
+                             "pull_client_cpu_s": pull_client, "pull_server_cpu_s": pull_server,
                              "loadavg": loadavg()})
-                print(f"{tag}: push {pushed:.2f}s pull {pulled:.2f}s show {shown:.2f}s "
-                      f"load {loadavg()}", flush=True)
+                print(f"{tag}: push {pushed:.2f}s (cpu client {push_client:.2f}s server "
+                      f"{push_server:.2f}s) pull {pulled:.2f}s (cpu client {pull_client:.2f}s "
+                      f"server {pull_server:.2f}s) show {shown:.2f}s load {loadavg()}",
+                      flush=True)
                 # The large element's store and caches are few files: free the disk now.
                 if element == "large":
                     shutil.rmtree(work / f"store-{tag}", ignore_errors=True)
@@ -222,8 +257,36 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "other_s": statistics.median(theirs.values()) if peer else None,
                 "ratio": statistics.median(ratios) if peer else None,
                 "show_s": statistics.median(r["show_s"] for r in subset),
+                # CPU seconds of the client (bst and its jobs) and of each server. The client's
+                # is its own work, whichever server answers: a server that cost nothing and
+                # answered at once would leave at least that, so `other_s / client_cpu_s`
+                # bounds the ratio any server could reach in this run.
+                "client_cpu_s": statistics.median(r[f"{what[:-2]}_client_cpu_s"]
+                                                  for r in subset),
+                "casframe_cpu_s": statistics.median(
+                    r[f"{what[:-2]}_server_cpu_s"] for r in subset if r["server"] == "casframe"),
+                "other_cpu_s": statistics.median(
+                    r[f"{what[:-2]}_server_cpu_s"] for r in subset if r["server"] == other)
+                if peer else None,
+                "loadavg_1m": [r["loadavg"][0] for r in subset],
             })
     return table
+
+
+def print_table(table: list[dict[str, Any]]) -> None:
+    print(f"\n{'client':8} {'element':7} {'op':5} {'casframe':>9} {'peer':>20} "
+          f"{'peer/casframe':>13} {'bst show':>9} {'client cpu':>10} {'server cpu':>17} "
+          f"{'ceiling':>8}")
+    for row in table:
+        peer = (f"{row['other']:>10} {row['other_s']:8.2f}s {row['ratio']:12.2f}x"
+                if row["other"] else f"{'-':>20} {'-':>13}")
+        theirs = f"{row['other_cpu_s']:.2f}" if row["other"] else "-"
+        ceiling = (f"{row['other_s'] / row['client_cpu_s']:7.2f}x" if row["other"]
+                   else f"{'-':>8}")
+        print(f"{row['version']:8} {row['element']:7} {row['operation']:5} "
+              f"{row['casframe_s']:8.2f}s {peer} {row['show_s']:8.2f}s "
+              f"{row['client_cpu_s']:9.2f}s {row['casframe_cpu_s']:7.2f}s / {theirs:>6}s "
+              f"{ceiling}")
 
 
 def main() -> int:
@@ -261,13 +324,7 @@ def main() -> int:
             indent=2))
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{'client':8} {'element':7} {'op':5} {'casframe':>9} {'peer':>20} "
-          f"{'peer/casframe':>13} {'bst show':>9}")
-    for row in table:
-        peer = (f"{row['other']:>10} {row['other_s']:8.2f}s {row['ratio']:12.2f}x"
-                if row["other"] else f"{'-':>20} {'-':>13}")
-        print(f"{row['version']:8} {row['element']:7} {row['operation']:5} "
-              f"{row['casframe_s']:8.2f}s {peer} {row['show_s']:8.2f}s")
+    print_table(table)
     print(f"results: {run_dir / 'results.json'}")
     return 0
 

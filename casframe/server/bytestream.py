@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import grpc
 
@@ -77,6 +77,46 @@ class _Upload:
             self._upload.abort()
         except Exception:  # noqa: BLE001 - an abort failing must not hide the original error
             log.warning("aborting upload %s failed", self.resource, exc_info=True)
+
+
+class _BlobReader:
+    """One Read call's view of a stored blob: verified, through a small buffer, closed after
+    its last chunk (or on failure) within the same step that read it."""
+
+    def __init__(self, opened: BinaryIO) -> None:
+        self._opened = opened
+        # The store's reader buffers a whole chunk ahead, which a thousand stalled downloads
+        # would each keep resident: read through a small buffer instead.
+        raw = getattr(opened, "raw", None)
+        self._stream = opened if raw is None else io.BufferedReader(raw, _FIRST_READ_CHUNK)
+        self.closed = False
+
+    @classmethod
+    def open(
+        cls, store: Store, digest: Digest, offset: int, size: int, last: bool
+    ) -> tuple[_BlobReader, bytes]:
+        """Open ``digest`` at ``offset`` and read its first ``size`` bytes."""
+        # Verified: a full read raises CorruptBlobError (DATA_LOSS) instead of returning the
+        # last chunk of a corrupt blob; a read from an offset checks the stored size.
+        reader = cls(store.open_read(digest, offset, verify=True))
+        return reader, reader.read(size, last)
+
+    def read(self, size: int, last: bool) -> bytes:
+        """The next ``size`` bytes; with ``last``, close the blob after them."""
+        try:
+            data = self._stream.read(size)
+        except BaseException:
+            self.close()
+            raise
+        if last:
+            self.close()
+        return data
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._stream.close()
+            self._opened.close()
 
 
 class UploadSpool:
@@ -253,27 +293,25 @@ class ByteStreamService:
         if not remaining:
             return
         chunk = self.settings.read_chunk_bytes
-        # Verified: a full read raises CorruptBlobError (DATA_LOSS) instead of sending the last
-        # chunk of a corrupt blob; a read from an offset checks the stored size.
-        opened = await self._in_pool(
-            functools.partial(self.store.open_read, digest, request.read_offset, verify=True)
-        )
-        # Read through a small buffer: the store's reader buffers a whole chunk ahead, which a
-        # thousand stalled downloads would each keep resident.
-        raw = getattr(opened, "raw", None)
-        stream = opened if raw is None else io.BufferedReader(raw, _FIRST_READ_CHUNK)
         # Chunks start small and double up to the full size: a client that stops reading at
         # once leaves the server holding a small chunk, not a full one.
-        size = min(_FIRST_READ_CHUNK, chunk)
+        size = min(_FIRST_READ_CHUNK, chunk, remaining)
+        # Opening and the first read are one step in the pool: a blob of one chunk (every
+        # Directory a client walks) costs one thread hop, not four.
+        reader, data = await self._in_pool(
+            _BlobReader.open, self.store, digest, request.read_offset, size, size == remaining
+        )
         try:
-            while remaining > 0:
-                data = await self._in_pool(stream.read, min(size, remaining))
+            while True:
                 remaining -= len(data)
                 await self._send(context, data)  # encoded as a ReadResponse by the codec
-                size = min(size * 2, chunk)
+                if remaining <= 0:
+                    return
+                size = min(size * 2, chunk, remaining)
+                data = await self._in_pool(reader.read, size, size == remaining)
         finally:
-            await self._in_pool(stream.close)
-            await self._in_pool(opened.close)
+            if not reader.closed:
+                await self._in_pool(reader.close)
 
     async def _send(self, context: grpc.aio.ServicerContext, data: bytes) -> None:
         """Send one chunk; a client that takes none for the idle time is told UNAVAILABLE.
