@@ -1,0 +1,62 @@
+"""What the console blocks of the docs need, made by their hidden set-up lines.
+
+The runner of tests/test_docs.py sets ``DOC_FIXTURES`` to this file and ``PYTHONPATH`` to the
+sandbox's ``site/`` folder. ``python "$DOC_FIXTURES" bomb`` (or ``long-names``) puts that tree
+into the default store of the sandbox under a ref of the same name; ``python "$DOC_FIXTURES"
+plugin NAME`` installs a plugin into ``site/`` as pip would (its module and a ``.dist-info``
+declaring the entry point): ``treesize``, the example of docs/hooks.md, or ``myplugin``, which
+adds a command whose name casframe already uses.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from test_docs import hook_example  # noqa: E402
+from test_hostile_trees import DEPTH, FANOUT, fan_out, long_name_tree, one_file  # noqa: E402
+
+import casframe  # noqa: E402
+
+CLASHING_PLUGIN = """
+import click
+from casframe import hookimpl
+
+
+@hookimpl
+def casframe_register_commands(cli):
+    cli.add_command(click.Command("import", callback=lambda: None))
+"""
+
+
+def install_plugin(name: str) -> None:
+    """Install plugin ``name`` into ``$PYTHONPATH``, with the entry point casframe looks for."""
+    site = Path(os.environ["PYTHONPATH"])
+    code = hook_example("casframe_register_commands") if name == "treesize" else CLASHING_PLUGIN
+    module = f"casframe_{name}"
+    (site / f"{module}.py").write_text(code, encoding="utf-8")
+    info = site / f"{module}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[casframe]\n{name} = {module}\n")
+
+
+def main(name: str) -> None:
+    if name == "plugin":
+        install_plugin(sys.argv[2])
+        return
+    with casframe.open_store(f"file://{Path.home() / '.cache/casframe/store'}") as store:
+        if name == "bomb":
+            tree = fan_out(store, one_file(store, b"x"), FANOUT, DEPTH)
+        elif name == "long-names":
+            tree = long_name_tree(store)
+        else:
+            sys.exit(f"no fixture {name!r}")
+        store.set_ref(name, tree, check_complete=False)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
