@@ -4,8 +4,9 @@ The runner of tests/test_docs.py sets ``DOC_FIXTURES`` to this file and ``PYTHON
 sandbox's ``site/`` folder. ``python "$DOC_FIXTURES" bomb`` (or ``long-names``) puts that tree
 into the default store of the sandbox under a ref of the same name; ``python "$DOC_FIXTURES"
 plugin NAME`` installs a plugin into ``site/`` as pip would (its module and a ``.dist-info``
-declaring the entry point): ``treesize``, the example of docs/hooks.md, or ``myplugin``, which
-adds a command whose name casframe already uses.
+declaring the entry point): ``zdir``, the backend of docs/writing-a-backend.md, ``treesize``,
+the example of docs/hooks.md, or ``myplugin``, which adds a command whose name casframe
+already uses.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_docs import hook_example  # noqa: E402
+from test_docs import DOCS, code_files, hook_example  # noqa: E402
 from test_hostile_trees import DEPTH, FANOUT, fan_out, long_name_tree, one_file  # noqa: E402
 
 import casframe  # noqa: E402
@@ -34,14 +35,20 @@ def casframe_register_commands(cli):
 
 def install_plugin(name: str) -> None:
     """Install plugin ``name`` into ``$PYTHONPATH``, with the entry point casframe looks for."""
+    if name == "zdir":
+        module, distribution, version = "casframe_zdir", "casframe-zdir", "1.0.0"
+        code = code_files(DOCS / "writing-a-backend.md")["casframe_zdir.py"]
+    else:
+        module, distribution, version = f"casframe_{name}", f"casframe-{name}", "1.0"
+        code = hook_example("casframe_register_commands") if name == "treesize" else CLASHING_PLUGIN
     site = Path(os.environ["PYTHONPATH"])
-    code = hook_example("casframe_register_commands") if name == "treesize" else CLASHING_PLUGIN
-    module = f"casframe_{name}"
     (site / f"{module}.py").write_text(code, encoding="utf-8")
-    info = site / f"{module}-1.0.dist-info"
+    info = site / f"{module}-{version}.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[casframe]\n{name} = {module}\n")
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n", encoding="utf-8"
+    )
+    (info / "entry_points.txt").write_text(f"[casframe]\n{name} = {module}\n", encoding="utf-8")
 
 
 def main(name: str) -> None:
