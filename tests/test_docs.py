@@ -540,6 +540,99 @@ def run_shown(shown: list[Shown], path: Path) -> list[str]:
     return problems
 
 
+# A python block after `<!-- test: run -->` runs as a script in the same sandbox; a line
+# `NAME = CALL  # -> SHOWN` (or `CALL  # -> SHOWN`) checks that the repr of the value is SHOWN,
+# with `…` standing for any text as above. A python block showing a result that way must run.
+_RESULT = re.compile(r"^(?P<indent>\s*)(?:(?P<name>\w+) = )?(?P<call>.+?)\s*# -> (?P<shown>.+)$")
+_CHECK_RESULT = """
+import re as _re
+
+
+def _shown(value, shown, line):
+    parts = [_re.escape(part) for part in shown.split("\u2026")]
+    if not _re.fullmatch(".*?".join(parts), repr(value), _re.S):
+        raise SystemExit(f"line {line}: the value is {value!r}, not {shown}")
+    return value
+
+"""
+
+
+@dataclass(frozen=True)
+class ShownCode:
+    """A python block: where its code starts, the code, and whether it is marked runnable."""
+
+    page: str
+    line: int
+    code: str
+    marked: bool = True
+
+
+def python_examples() -> dict[str, ShownCode]:
+    """Every python block marked runnable, or showing a result with `# ->`, by ``page:line``."""
+    found = {}
+    for page in PAGES:
+        name = _page_name(page)
+        lines = page.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines):
+            if line != "```python":
+                continue
+            end = lines.index("```", number + 1)
+            code = "\n".join(lines[number + 1 : end])
+            marked = _marker(lines, number)[1] == f"{RUNNABLE} -->"
+            if marked or "# -> " in code:
+                found[f"{name}:{number + 1}"] = ShownCode(name, number + 2, code, marked)
+    return found
+
+
+def checked_script(example: ShownCode) -> str:
+    """The code of ``example`` with each `# -> SHOWN` turned into a check of the value."""
+    lines = []
+    for offset, line in enumerate(example.code.splitlines()):
+        match = _RESULT.match(line)
+        if not match:
+            lines.append(line)
+            continue
+        where = f"{example.page}:{example.line + offset}"
+        check = f"_shown({{}}, {match['shown']!r}, {where!r})"
+        if match["name"]:
+            lines.append(f"{match['indent']}{match['name']} = {match['call']}")
+            lines.append(match["indent"] + check.format(match["name"]))
+        else:
+            lines.append(match["indent"] + check.format(match["call"]))
+    return _CHECK_RESULT + "\n".join(lines) + "\n"
+
+
+def run_example(example: ShownCode, path: Path) -> str:
+    """Run ``example`` in a sandbox; what went wrong, or an empty string."""
+    env = _sandbox(path)
+    script = path / "example.py"
+    script.write_text(sandboxed(checked_script(example), path), encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=path / "work", env=env, capture_output=True,
+        text=True, timeout=120,
+    )
+    return "" if result.returncode == 0 else result.stdout + result.stderr
+
+
+def test_the_readme_shows_a_python_result() -> None:
+    assert any(key.startswith("README.md:") for key in python_examples())
+
+
+@pytest.mark.parametrize("block", list(python_examples()))
+def test_python_examples_run_and_return_what_is_shown(block: str, tmp_path: Path) -> None:
+    example = python_examples()[block]
+    assert example.marked, f"{block} shows a result but is not marked `{RUNNABLE} -->`"
+    problem = run_example(example, tmp_path)
+    assert not problem, f"{block}:\n{problem}"
+
+
+def test_a_wrong_python_result_is_noticed(tmp_path: Path) -> None:
+    wrong = ShownCode(
+        "README.md", 1, "import casframe\nd = casframe.Digest.of_bytes(b'x')  # -> Digest(size=2)"
+    )
+    assert "README.md:2: the value is Digest(hash=" in run_example(wrong, tmp_path)
+
+
 def test_the_readme_and_cli_reference_have_runnable_blocks() -> None:
     pages = {key.split(":")[0] for key in runnable_blocks()}
     assert {"README.md", "cli.md"} <= pages
