@@ -2,7 +2,9 @@
 
 The runner of tests/test_docs.py sets ``DOC_FIXTURES`` to this file and ``PYTHONPATH`` to the
 sandbox's ``site/`` folder. ``python "$DOC_FIXTURES" bomb`` (or ``long-names``) puts that tree
-into the default store of the sandbox under a ref of the same name; ``python "$DOC_FIXTURES"
+into the default store of the sandbox under a ref of the same name; ``two-builds`` imports
+``build/`` as ``myapp/build-1``, then changes it as a rebuild would (README.txt says build 2,
+lib/extra.txt is new) and imports it as ``myapp/build-2``, in one process rather than three; ``python "$DOC_FIXTURES"
 plugin NAME`` installs a plugin into ``site/`` as pip would (its module and a ``.dist-info``
 declaring the entry point): ``zdir``, the backend of docs/writing-a-backend.md, ``treesize``,
 the example of docs/hooks.md, or ``myplugin``, which adds a command whose name casframe
@@ -51,11 +53,22 @@ def install_plugin(name: str) -> None:
     (info / "entry_points.txt").write_text(f"[casframe]\n{name} = {module}\n", encoding="utf-8")
 
 
+def two_builds(store: casframe.Store) -> None:
+    build = Path("build")
+    store.set_ref("myapp/build-1", store.import_directory(build))
+    (build / "README.txt").write_text("demo app, build 2\n", encoding="utf-8")
+    (build / "lib" / "extra.txt").write_text("extra\n", encoding="utf-8")
+    store.set_ref("myapp/build-2", store.import_directory(build))
+
+
 def main(name: str) -> None:
     if name == "plugin":
         install_plugin(sys.argv[2])
         return
     with casframe.open_store(f"file://{Path.home() / '.cache/casframe/store'}") as store:
+        if name == "two-builds":
+            two_builds(store)
+            return
         if name == "bomb":
             tree = fan_out(store, one_file(store, b"x"), FANOUT, DEPTH)
         elif name == "long-names":
