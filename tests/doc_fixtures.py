@@ -1,14 +1,15 @@
 """What the console blocks of the docs need, made by their hidden set-up lines.
 
 The runner of tests/test_docs.py sets ``DOC_FIXTURES`` to this file and ``PYTHONPATH`` to the
-sandbox's ``site/`` folder. ``python "$DOC_FIXTURES" bomb`` (or ``long-names``) puts that tree
-into the default store of the sandbox under a ref of the same name; ``two-builds`` imports
-``build/`` as ``myapp/build-1``, then changes it as a rebuild would (README.txt says build 2,
-lib/extra.txt is new) and imports it as ``myapp/build-2``, in one process rather than three; ``python "$DOC_FIXTURES"
-plugin NAME`` installs a plugin into ``site/`` as pip would (its module and a ``.dist-info``
-declaring the entry point): ``zdir``, the backend of docs/writing-a-backend.md, ``treesize``,
-the example of docs/hooks.md, or ``myplugin``, which adds a command whose name casframe
-already uses.
+sandbox's ``site/`` folder; ``python "$DOC_FIXTURES" NAME`` then makes, in the sandbox:
+
+- ``two-builds``: ``build/`` imported as ``myapp/build-1``, then changed as a rebuild would
+  change it (README.txt says build 2, lib/extra.txt is new) and imported as ``myapp/build-2``;
+- ``bomb``, ``long-names``: that hostile tree in the default store, under a ref of that name;
+- ``plugin NAME``: plugin NAME installed into ``site/`` as pip would (its module and a
+  ``.dist-info`` declaring the entry point): ``zdir``, the backend of
+  docs/writing-a-backend.md; ``treesize``, the example of docs/hooks.md; ``myplugin``, which
+  adds a command whose name casframe already uses.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def install_plugin(name: str) -> None:
 
 
 def two_builds(store: casframe.Store) -> None:
+    """Two builds of the demo app, as README.md's tour makes them."""
     build = Path("build")
     store.set_ref("myapp/build-1", store.import_directory(build))
     (build / "README.txt").write_text("demo app, build 2\n", encoding="utf-8")
