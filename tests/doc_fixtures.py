@@ -55,7 +55,7 @@ def install_plugin(name: str) -> None:
 
 
 def two_builds(store: casframe.Store) -> None:
-    """Two builds of the demo app, as README.md's tour makes them."""
+    """Two builds of the demo app, the second with one file changed and one added."""
     build = Path("build")
     store.set_ref("myapp/build-1", store.import_directory(build))
     (build / "README.txt").write_text("demo app, build 2\n", encoding="utf-8")

@@ -438,7 +438,7 @@ def unmarked_command_blocks(page: Path) -> list[str]:
             fenced = not fenced
             if not fenced or not _SHELL_BLOCK.match(line):
                 continue
-            end = lines.index("```", number + 1)
+            end = next(i for i in range(number + 1, len(lines)) if lines[i].strip() == "```")
             body = lines[number + 1 : end]
             if line == "```console":
                 body = [text[2:] for text in body if text.startswith("$ ")]
