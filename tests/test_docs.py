@@ -6,8 +6,11 @@
 - README.md links every page of docs/, and links between pages point at existing headings;
 - the code of docs/writing-a-backend.md (a whole backend and its tests) and the examples of
   docs/testing.md run, through pytest, as a plugin author would run them;
-- the console blocks marked ``<!-- test: run -->`` (README's CLI tour, docs/cli.md's errors)
-  run in a sandbox, and print what they show.
+- the console blocks marked ``<!-- test: run -->`` run in a sandbox (after the set-up lines
+  the marker may hold) and print what they show; every console or shell block of README.md,
+  docs/ and the examples' READMEs that shows a ``casframe`` command is marked so, or says why it
+  cannot run with ``<!-- test: not run: REASON -->``;
+- python blocks showing a result (``x = call()  # -> repr``) run, and return what they show.
 """
 
 from __future__ import annotations
