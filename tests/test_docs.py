@@ -439,11 +439,12 @@ def unmarked_command_blocks(page: Path) -> list[str]:
     for number, line in enumerate(lines):
         if line.lstrip().startswith("```"):
             fenced = not fenced
-            if not fenced or not _SHELL_BLOCK.match(line):
+            if not fenced or not (_SHELL_BLOCK.match(line) or line.strip() == "```"):
                 continue
             end = next(i for i in range(number + 1, len(lines)) if lines[i].strip() == "```")
             body = lines[number + 1 : end]
-            if line == "```console":
+            if line != "```sh" and line != "```shell" and line != "```bash":
+                # a console block, or a plain one showing commands at a prompt (not a synopsis)
                 body = [text[2:] for text in body if text.startswith("$ ")]
             if not any(_CASFRAME_COMMAND.search(text.split("#")[0]) for text in body):
                 continue
@@ -675,9 +676,10 @@ def test_an_unmarked_command_block_is_noticed(tmp_path: Path) -> None:
         "<!-- test: not run: it needs a real AWS account and its bucket -->\n"
         "```sh\ncasframe --store s3://b ref list\n```\n\n"
         "<!-- test: not run: too short -->\n```sh\n/opt/bin/casframe gc\n```\n\n"
-        "```console\n$ ls\ncasframe: error: x\n```\n",
+        "```console\n$ ls\ncasframe: error: x\n```\n\n"
+        "```\ncasframe ls TREE [PATH]\n```\n\n```\n$ casframe du\ntotal 0 objects\n```\n",
         encoding="utf-8",
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys.modules[__name__], "ROOT", tmp_path)
-        assert unmarked_command_blocks(page) == ["page.md:1", "page.md:11"]
+        assert unmarked_command_blocks(page) == ["page.md:1", "page.md:11", "page.md:24"]
