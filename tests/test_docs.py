@@ -6,8 +6,11 @@
 - README.md links every page of docs/, and links between pages point at existing headings;
 - the code of docs/writing-a-backend.md (a whole backend and its tests) and the examples of
   docs/testing.md run, through pytest, as a plugin author would run them;
-- the console blocks marked ``<!-- test: run -->`` (README's CLI tour, docs/cli.md's errors)
-  run in a sandbox, and print what they show.
+- the console blocks marked ``<!-- test: run -->`` run in a sandbox (after the set-up lines
+  the marker may hold) and print what they show; every console or shell block of README.md,
+  docs/ and the examples' READMEs that shows a ``casframe`` command is marked so, or says why it
+  cannot run with ``<!-- test: not run: REASON -->``;
+- python blocks showing a result (``x = call()  # -> repr``) run, and return what they show.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import ast
 import functools
 import os
 import re
+import select
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -348,52 +352,112 @@ def test_the_examples_of_testing_md_pass(
 
 # -- shown commands and their output are what casframe does ------------------------------------
 
-# A console block right after this comment is run by test_shown_commands_print_what_is_shown:
-# each `$ command` in a shell of its own, its stdout and stderr compared with the lines under
-# it. In what is shown, `…` stands for any text (digests are shortened that way) and times
-# may differ; /srv/, /tmp/ and /home/me/ are folders of the sandbox the block runs in, whose
-# working directory holds `build/`, the build output of examples/demo.py.
-RUNNABLE = "<!-- test: run -->"
+# A console block right after a `<!-- test: run -->` comment is run by
+# test_shown_commands_print_what_is_shown: each `$ command` in a shell of its own, its stdout and
+# stderr compared with the lines under it. In what is shown, `…` stands for any text (digests are
+# shortened that way) and times may differ; /srv/, /tmp/, /var/cache/ and /home/me/ are folders
+# of the sandbox the block runs in, whose working directory holds `build/`, the build output of
+# examples/demo.py. The comment may hold `$ command` lines of its own: a set-up the reader does
+# not see, run first, each of which must succeed. A console or shell block that shows a
+# `casframe` command and cannot run here says why instead: `<!-- test: not run: REASON -->`.
+RUNNABLE = "<!-- test: run"
+NOT_RUN = re.compile(r"<!-- test: not run: (?P<reason>.{20,}) -->")
+PAGES = [
+    ROOT / "README.md", *sorted(DOCS.glob("*.md")),
+    ROOT / "examples/ops/README.md", ROOT / "examples/casframe-sqlite/README.md",
+]
 _TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:[+-]\d\d:\d\d|Z)?")
-_SANDBOXED = ("/srv/", "/tmp/", "/home/me/")
-_SANDBOXED_ARGUMENT = re.compile(" (" + "|".join(map(re.escape, _SANDBOXED)) + ")")
+_SANDBOXED = ("/srv/", "/tmp/", "/home/me/", "/var/cache/")
+_SANDBOXED_ARGUMENT = re.compile("([ '\"=]|://)(" + "|".join(map(re.escape, _SANDBOXED)) + ")")
+_SHELL_BLOCK = re.compile(r"```(console|sh|shell|bash)$")
+_CASFRAME_COMMAND = re.compile(r"(?:^|[\s|;&(])(?:\S*/)?casframe(?=\s|$)")
 
 
 @dataclass(frozen=True)
 class Shown:
-    """One `$ command` of a runnable block and the output shown under it."""
+    """One `$ command` of a runnable block and the output shown under it (None: not checked)."""
 
     page: str
     line: int
     command: str
-    output: str
+    output: str | None
+
+
+def _page_name(page: Path) -> str:
+    return str(page.relative_to(ROOT)) if page.parent != DOCS else page.name
+
+
+def _marker(lines: list[str], fence: int) -> tuple[int, str]:
+    """The HTML comment ending on the line before ``fence``: (its first line, its text)."""
+    end = fence - 1
+    if end < 0 or not lines[end].rstrip().endswith("-->"):
+        return fence, ""
+    start = end
+    while start > 0 and "<!--" not in lines[start]:
+        start -= 1
+    return start, "\n".join(lines[start : end + 1])
+
+
+def _set_up(comment: str, page: str, line: int) -> list[Shown]:
+    return [
+        Shown(page, line + offset + 1, text[2:], None)
+        for offset, text in enumerate(comment.splitlines())
+        if text.startswith("$ ")
+    ]
 
 
 def runnable_blocks() -> dict[str, list[Shown]]:
-    """Every runnable console block of README.md and docs/, by ``page:line``."""
+    """Every runnable console block of the pages, by ``page:line``: set-up, then what is shown."""
     blocks: dict[str, list[Shown]] = {}
-    for page in [ROOT / "README.md", *doc_pages()]:
+    for page in PAGES:
+        name = _page_name(page)
         lines = page.read_text(encoding="utf-8").splitlines()
         for number, line in enumerate(lines):
-            if line.strip() != RUNNABLE:
+            if line != "```console":
                 continue
-            assert lines[number + 1] == "```console", f"{page.name}:{number + 1}"
-            end = lines.index("```", number + 2)
+            first, comment = _marker(lines, number)
+            if not comment.startswith(RUNNABLE):
+                continue
+            end = lines.index("```", number + 1)
             commands: list[tuple[int, str, list[str]]] = []
-            for index in range(number + 2, end):
+            for index in range(number + 1, end):
                 if lines[index].startswith("$ "):
                     commands.append((index + 1, lines[index][2:], []))
                 else:
                     commands[-1][2].append(lines[index])
-            blocks[f"{page.name}:{number + 1}"] = [
-                Shown(page.name, n, command, "\n".join(output)) for n, command, output in commands
+            blocks[f"{name}:{first + 1}"] = _set_up(comment, name, first) + [
+                Shown(name, n, command, "\n".join(output)) for n, command, output in commands
             ]
     return blocks
 
 
+def unmarked_command_blocks(page: Path) -> list[str]:
+    """The shell blocks of ``page`` showing a `casframe` command, neither runnable nor excused."""
+    found = []
+    lines = page.read_text(encoding="utf-8").splitlines()
+    fenced = False
+    for number, line in enumerate(lines):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            if not fenced or not (_SHELL_BLOCK.match(line) or line.strip() == "```"):
+                continue
+            end = next(i for i in range(number + 1, len(lines)) if lines[i].strip() == "```")
+            body = lines[number + 1 : end]
+            if line != "```sh" and line != "```shell" and line != "```bash":
+                # a console block, or a plain one showing commands at a prompt (not a synopsis)
+                body = [text[2:] for text in body if text.startswith("$ ")]
+            if not any(_CASFRAME_COMMAND.search(text.split("#")[0]) for text in body):
+                continue
+            _, comment = _marker(lines, number)
+            runnable = comment.startswith(RUNNABLE) and line == "```console"
+            if not runnable and not NOT_RUN.fullmatch(comment):
+                found.append(f"{_page_name(page)}:{number + 1}")
+    return found
+
+
 def _pattern(shown: str) -> re.Pattern[str]:
     parts = [re.escape(part) for part in _TIME.sub("\0", shown).split("…")]
-    return re.compile(".*?".join(parts).replace("\\\0", "\0").replace("\0", "<time>"))
+    return re.compile(".*?".join(parts).replace("\\\0", "\0").replace("\0", "<time>"), re.S)
 
 
 def _sandbox(path: Path) -> dict[str, str]:
@@ -409,6 +473,7 @@ def _sandbox(path: Path) -> dict[str, str]:
     for folder in _SANDBOXED:
         (path / folder.strip("/")).mkdir(parents=True)
     (path / "home/me/.cache/casframe/store").mkdir(parents=True)
+    (path / "site").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CASFRAME_")}
     env.update(
         HOME=str(path / "home/me"),
@@ -416,8 +481,45 @@ def _sandbox(path: Path) -> dict[str, str]:
         XDG_CONFIG_HOME=str(path / "home/me/.config"),
         PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
         CASFRAME_STAT_CACHE="off",
+        COLUMNS="100",
+        DOC_FIXTURES=str(TESTS / "doc_fixtures.py"),
+        PYTHONPATH=str(path / "site"),
     )
     return env
+
+
+def sandboxed(text: str, path: Path) -> str:
+    """``text`` with the sandboxed folders moved under ``path``."""
+    return _SANDBOXED_ARGUMENT.sub(lambda m: f"{m[1]}{path}{m[2]}", text)
+
+
+def _serving_line(command: str, cwd: Path, env: dict[str, str]) -> tuple[int, str]:
+    """Start a `casframe serve` command, and what it printed once serving (or on failing)."""
+    process = subprocess.Popen(
+        ["bash", "-c", f"exec {command}"], cwd=cwd, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], 120)  # a hang guard only
+        assert ready, f"`{command}` printed nothing in 120 s"
+        line = process.stdout.readline()
+        if line:
+            return 0, line
+    finally:
+        process.terminate()
+        out, err = process.communicate(timeout=120)
+    return process.returncode, out + err
+
+
+def _run(command: str, cwd: Path, env: dict[str, str]) -> tuple[int, str]:
+    """Run one shown command: its exit status and everything it printed."""
+    if command.startswith("casframe serve "):
+        return _serving_line(command, cwd, env)
+    result = subprocess.run(
+        ["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+    return result.returncode, result.stdout + result.stderr
 
 
 def run_shown(shown: list[Shown], path: Path) -> list[str]:
@@ -425,21 +527,114 @@ def run_shown(shown: list[Shown], path: Path) -> list[str]:
     env = _sandbox(path)
     problems = []
     for item in shown:
-        command = _SANDBOXED_ARGUMENT.sub(lambda m: f" {path}{m[1]}", item.command)
-        result = subprocess.run(
-            ["bash", "-c", command], cwd=path / "work", env=env, capture_output=True,
-            text=True, timeout=120,
-        )
-        actual = (result.stdout + result.stderr).rstrip("\n")
+        status, printed = _run(sandboxed(item.command, path), path / "work", env)
+        actual = printed.rstrip("\n")
         for folder in _SANDBOXED:
             actual = actual.replace(f"{path}{folder}", folder)
         actual = _TIME.sub("<time>", actual)
-        if not _pattern(item.output).fullmatch(actual):
+        if item.output is None:
+            if status != 0:
+                problems.append(f"{item.page}:{item.line}: set-up `{item.command}` failed:\n"
+                                f"{actual}")
+        elif not _pattern(item.output).fullmatch(actual):
             problems.append(
                 f"{item.page}:{item.line}: `{item.command}` printed\n{actual}\n"
                 f"instead of\n{item.output}"
             )
     return problems
+
+
+# A python block after `<!-- test: run -->` runs as a script in the same sandbox; a line
+# `NAME = CALL  # -> SHOWN` (or `CALL  # -> SHOWN`) checks that the repr of the value is SHOWN,
+# with `…` standing for any text as above. A python block showing a result that way must run.
+_RESULT = re.compile(r"^(?P<indent>\s*)(?:(?P<name>\w+) = )?(?P<call>.+?)\s*# -> (?P<shown>.+)$")
+_CHECK_RESULT = """
+import re as _re
+
+
+def _shown(value, shown, line):
+    parts = [_re.escape(part) for part in shown.split("\u2026")]
+    if not _re.fullmatch(".*?".join(parts), repr(value), _re.S):
+        raise SystemExit(f"line {line}: the value is {value!r}, not {shown}")
+    return value
+
+"""
+
+
+@dataclass(frozen=True)
+class ShownCode:
+    """A python block: where its code starts, the code, and whether it is marked runnable."""
+
+    page: str
+    line: int
+    code: str
+    marked: bool = True
+
+
+def python_examples() -> dict[str, ShownCode]:
+    """Every python block marked runnable, or showing a result with `# ->`, by ``page:line``."""
+    found = {}
+    for page in PAGES:
+        name = _page_name(page)
+        lines = page.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines):
+            if line != "```python":
+                continue
+            end = lines.index("```", number + 1)
+            code = "\n".join(lines[number + 1 : end])
+            marked = _marker(lines, number)[1] == f"{RUNNABLE} -->"
+            if marked or "# -> " in code:
+                found[f"{name}:{number + 1}"] = ShownCode(name, number + 2, code, marked)
+    return found
+
+
+def checked_script(example: ShownCode) -> str:
+    """The code of ``example`` with each `# -> SHOWN` turned into a check of the value."""
+    lines = []
+    for offset, line in enumerate(example.code.splitlines()):
+        match = _RESULT.match(line)
+        if not match:
+            lines.append(line)
+            continue
+        where = f"{example.page}:{example.line + offset}"
+        check = f"_shown({{}}, {match['shown']!r}, {where!r})"
+        if match["name"]:
+            lines.append(f"{match['indent']}{match['name']} = {match['call']}")
+            lines.append(match["indent"] + check.format(match["name"]))
+        else:
+            lines.append(match["indent"] + check.format(match["call"]))
+    return _CHECK_RESULT + "\n".join(lines) + "\n"
+
+
+def run_example(example: ShownCode, path: Path) -> str:
+    """Run ``example`` in a sandbox; what went wrong, or an empty string."""
+    env = _sandbox(path)
+    script = path / "example.py"
+    script.write_text(sandboxed(checked_script(example), path), encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=path / "work", env=env, capture_output=True,
+        text=True, timeout=120,
+    )
+    return "" if result.returncode == 0 else result.stdout + result.stderr
+
+
+def test_the_readme_shows_a_python_result() -> None:
+    assert any(key.startswith("README.md:") for key in python_examples())
+
+
+@pytest.mark.parametrize("block", list(python_examples()))
+def test_python_examples_run_and_return_what_is_shown(block: str, tmp_path: Path) -> None:
+    example = python_examples()[block]
+    assert example.marked, f"{block} shows a result but is not marked `{RUNNABLE} -->`"
+    problem = run_example(example, tmp_path)
+    assert not problem, f"{block}:\n{problem}"
+
+
+def test_a_wrong_python_result_is_noticed(tmp_path: Path) -> None:
+    wrong = ShownCode(
+        "README.md", 1, "import casframe\nd = casframe.Digest.of_bytes(b'x')  # -> Digest(size=2)"
+    )
+    assert "README.md:2: the value is Digest(hash=" in run_example(wrong, tmp_path)
 
 
 def test_the_readme_and_cli_reference_have_runnable_blocks() -> None:
@@ -457,3 +652,34 @@ def test_a_drifted_output_is_noticed(tmp_path: Path) -> None:
     """The check above is not vacuous: an output that is not what casframe prints fails."""
     drifted = [Shown("README.md", 1, "casframe import build/", "4ffacce9…/237")]
     assert "printed\n" in run_shown(drifted, tmp_path)[0]
+
+
+def test_a_failing_set_up_is_noticed(tmp_path: Path) -> None:
+    failing = [Shown("README.md", 1, "casframe ref get nope", None)]
+    assert "set-up `casframe ref get nope` failed" in run_shown(failing, tmp_path)[0]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_name)
+def test_every_shown_casframe_command_runs(page: Path) -> None:
+    """A shell block showing `casframe` is run by the test above, or says why it cannot be."""
+    unmarked = unmarked_command_blocks(page)
+    assert not unmarked, (
+        f"these blocks show a casframe command but are not marked `{RUNNABLE} -->` "
+        f"(nor `<!-- test: not run: REASON -->`): {unmarked}"
+    )
+
+
+def test_an_unmarked_command_block_is_noticed(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```console\n$ casframe ls\n```\n\n"
+        "<!-- test: not run: it needs a real AWS account and its bucket -->\n"
+        "```sh\ncasframe --store s3://b ref list\n```\n\n"
+        "<!-- test: not run: too short -->\n```sh\n/opt/bin/casframe gc\n```\n\n"
+        "```console\n$ ls\ncasframe: error: x\n```\n\n"
+        "```\ncasframe ls TREE [PATH]\n```\n\n```\n$ casframe du\ntotal 0 objects\n```\n",
+        encoding="utf-8",
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+        assert unmarked_command_blocks(page) == ["page.md:1", "page.md:11", "page.md:24"]
