@@ -137,6 +137,21 @@ def test_the_pytest_plugin_is_cheap_to_import() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_the_file_plugin_imports_its_stores_only_when_a_file_store_is_opened(
+    tmp_path: Path,
+) -> None:
+    code = (
+        "import sys, casframe, casframe.plugins; "
+        "casframe.plugins.get_plugin_manager(); "
+        "assert 'casframe_local' in sys.modules; "
+        "assert 'casframe_local.store' not in sys.modules, 'stores imported by loading'; "
+        f"casframe.open_store('file://{tmp_path}/store').close(); "
+        "assert 'casframe_local.store' in sys.modules"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 # -- switches -----------------------------------------------------------------------------------
 
 
