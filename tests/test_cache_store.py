@@ -19,7 +19,7 @@ from urllib.parse import quote
 import grpc
 import pytest
 from casframe_cache import CacheStats, cache_store
-from casframe_memory import MemoryBlobStore, MemoryRefStore
+from casframe_memory.store import MemoryBlobStore, MemoryRefStore
 from click.testing import CliRunner, Result
 from test_config import isolated_env  # noqa: F401 - autouse: no user configuration, cwd tmp_path
 from test_grpc_backend import _KNOWN_GAPS as _GRPC_GAPS

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 
@@ -277,6 +278,22 @@ print("HEAVY", *heavy, file=sys.stderr)
 """
 
 
+def _last_line_of_script(script: str, tmp_path: Path, args: list[str]) -> str:
+    """Run ``script`` in a fresh interpreter against a store holding ref build/1."""
+    (tmp_path / "a.txt").write_text("a\n")
+    store = tmp_path / "store"
+    imported = CliRunner().invoke(
+        make_cli(), ["--store", str(store), "import", str(tmp_path), "--ref", "build/1"]
+    )
+    assert imported.exit_code == 0, imported.stderr
+    result = subprocess.run(
+        [sys.executable, "-c", script, "--store", str(store), *args],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stderr.splitlines()[-1]
+
+
 @pytest.mark.parametrize(
     "args",
     [["--version"], ["--help"], ["ref", "list"], ["ref", "get", "build/1"], ["ref", "--help"]],
@@ -285,15 +302,47 @@ print("HEAVY", *heavy, file=sys.stderr)
 def test_light_commands_import_no_grpc_protobuf_boto3_or_tqdm(
     tmp_path: Path, args: list[str]
 ) -> None:
-    (tmp_path / "a.txt").write_text("a\n")
-    store = tmp_path / "store"
-    imported = CliRunner().invoke(
-        make_cli(), ["--store", str(store), "import", str(tmp_path), "--ref", "build/1"]
-    )
-    assert imported.exit_code == 0, imported.stderr
-    result = subprocess.run(
-        [sys.executable, "-c", _IMPORTED, "--store", str(store), *args],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stderr.splitlines()[-1] == "HEAVY"
+    assert _last_line_of_script(_IMPORTED, tmp_path, args) == "HEAVY"
+
+
+_IMPORTED_MODULES = """
+import sys
+from casframe.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print("MODULES", *sorted(sys.modules), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "command_module"),
+    [(["--version"], None), (["--help"], None), (["ref", "list"], "casframe.cli.refs"),
+     (["ref", "get", "build/1"], "casframe.cli.refs")],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else str(value),
+)
+def test_light_commands_skip_importlib_metadata_and_other_commands(
+    tmp_path: Path, args: list[str], command_module: str | None
+) -> None:
+    # Plugins are found by reading entry_points.txt directly (importlib.metadata brings in the
+    # email package), and --help lists the built-in commands without importing them.
+    modules = set(_last_line_of_script(_IMPORTED_MODULES, tmp_path, args).split()[1:])
+    assert not modules & {"importlib.metadata", "email"}
+    if command_module is None:  # no store is opened: no store implementation is imported
+        assert not modules & {"casframe.store", "casframe_local.store", "casframe_memory.store"}
+    assert ("casframe_local" in modules) == (args != ["--version"])  # --help loads plugins
+    commands = {m for m in modules if m.startswith(("casframe.cli.", "casframe.server"))}
+    assert commands - {"casframe.cli.app", "casframe.cli.group", "casframe.cli.helpers",
+                       "casframe.cli.progressbar"} == ({command_module} - {None})
+
+
+def test_help_lists_each_builtin_command_as_the_command_describes_itself() -> None:
+    listed = CliRunner().invoke(make_cli(), ["--help"])
+    loaded = make_cli()
+    context = click.Context(loaded)
+    for name in loaded.list_commands(context):  # import every command, as running it would
+        assert loaded.get_command(context, name) is not None
+    assert listed.exit_code == 0
+    assert listed.stdout == CliRunner().invoke(loaded, ["--help"]).stdout
+    assert "\n  serve     Serve STORE (a URL or a configured store name) to REAPI" in listed.stdout

@@ -8,7 +8,7 @@ import io
 import threading
 
 import pytest
-from casframe_memory import MemoryRefStore
+from casframe_memory.store import MemoryRefStore
 
 from casframe import BlobStore, BlobWriter, Capability, Digest, Store
 from casframe.testing.conformance import StoreConformance
@@ -73,7 +73,7 @@ SIZE_BLIND_SUITE = '''
 import pytest
 from casframe import Capability, Store
 from casframe.testing.conformance import BlobConformance
-from casframe_memory import MemoryBlobStore, MemoryRefStore
+from casframe_memory.store import MemoryBlobStore, MemoryRefStore
 
 
 class SizeBlindBlobStore(MemoryBlobStore):

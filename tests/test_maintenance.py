@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
-from casframe_memory import MemoryBlobStore, MemoryRefStore
+from casframe_memory.store import MemoryBlobStore, MemoryRefStore
 
 from casframe import (
     BlobNotFoundError,

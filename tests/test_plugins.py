@@ -137,6 +137,22 @@ def test_the_pytest_plugin_is_cheap_to_import() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_builtin_plugins_import_their_stores_only_when_a_store_is_opened(
+    tmp_path: Path,
+) -> None:
+    code = (
+        "import sys, casframe, casframe.plugins; "
+        "casframe.plugins.get_plugin_manager(); "
+        "assert {'casframe_local', 'casframe_memory'} <= set(sys.modules); "
+        "stores = {'casframe.store', 'casframe_local.store', 'casframe_memory.store'}; "
+        "assert not stores & set(sys.modules), sorted(stores & set(sys.modules)); "
+        f"casframe.open_store('file://{tmp_path}/store').close(); "
+        "assert 'casframe_local.store' in sys.modules"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 # -- switches -----------------------------------------------------------------------------------
 
 
@@ -276,7 +292,7 @@ def test_lazy_factory_whose_dependency_is_missing_names_what_to_install(
 
 
 def test_lazy_factory_is_imported_when_used(plugins) -> None:
-    lazy = ("lazymem", "casframe_memory:open_memory_store", None)
+    lazy = ("lazymem", "casframe_memory.store:open_memory_store", None)
     with registered_plugin(_Throwaway(lazy), name="lazy"):
         store = open_store("lazymem://")
     assert store.url == "lazymem://"
@@ -304,7 +320,7 @@ def test_malformed_url_is_a_config_error(plugins, url: str) -> None:
 
 
 def test_registered_plugin_is_removed_afterwards(plugins) -> None:
-    extra = ("extra", "casframe_memory:open_memory_store", None)
+    extra = ("extra", "casframe_memory.store:open_memory_store", None)
     with registered_plugin(_Throwaway(extra), name="extra") as name:
         assert name == "extra"
         assert _plugin("extra").distribution == "(registered in code)"

@@ -481,7 +481,7 @@ class _ReadOnlyDirectoryPlugin:
 
     @staticmethod
     def open(url: StoreURL) -> Store:
-        from casframe_memory import MemoryBlobStore, MemoryRefStore
+        from casframe_memory.store import MemoryBlobStore, MemoryRefStore
 
         class Blobs(MemoryBlobStore):
             def begin_write(self, size_hint: int | None = None) -> BlobWriter:

@@ -8,8 +8,10 @@ non-zero exit status; ``-v`` adds the traceback.
 Start-up must stay cheap: this package imports click and nothing heavy; each command's module
 (:mod:`casframe.cli.trees`, ``blobs``, ``refs``, ``transfer``, ``plugins``, ``maintenance``,
 and :mod:`casframe.server.command`) is imported by name when that command runs
-(:data:`casframe.cli.group.BUILTIN_COMMANDS`), and gRPC, protobuf, boto3 and tqdm only by the
-code that uses them. :mod:`casframe.cli.helpers` is the public toolkit for plugin commands.
+(:data:`casframe.cli.group.BUILTIN_COMMANDS`; ``--help`` lists them from
+:data:`~casframe.cli.group.BUILTIN_SUMMARIES` without importing them), and gRPC, protobuf,
+boto3 and tqdm only by the code that uses them. :mod:`casframe.cli.helpers` is the public
+toolkit for plugin commands.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from casframe.errors import CasframeError
 
 __all__ = [
     "BUILTIN_COMMANDS",
+    "BUILTIN_SUMMARIES",
     "CasframeGroup",
     "DuplicateCommandError",
     "PluginCommandError",
@@ -58,6 +59,27 @@ BUILTIN_COMMANDS = {
     "du": "casframe.cli.maintenance:du_command",
 }
 
+#: The first paragraph of each built-in command's help, as ``casframe --help`` lists it: the
+#: listing shows these instead of importing every command module (a test keeps them equal).
+BUILTIN_SUMMARIES = {
+    "import": "Store a directory as a tree.",
+    "checkout": "Write a tree into a directory.",
+    "diff": "Show what changed between two trees.",
+    "ls": "List the entries of a tree.",
+    "cat": "Print a file of a tree.",
+    "put": "Store files as blobs.",
+    "get": "Write a blob to stdout or a file.",
+    "ref": "Manage refs (names for trees).",
+    "push": "Copy a tree from this store to other stores.",
+    "pull": "Copy a tree from other stores into this one.",
+    "plugins": "List installed plugins.",
+    "serve": "Serve STORE (a URL or a configured store name) to REAPI clients over gRPC.",
+    "prune": "Delete blobs that no ref reaches.",
+    "gc": "Keep the store under a quota: expire least recently used refs, then prune.",
+    "fsck": "Check every blob's content and every ref's tree.",
+    "du": "Show the store's size, and per ref its total and exclusive size.",
+}
+
 
 class DuplicateCommandError(CasframeError):
     """A plugin tried to add a command whose name is already taken."""
@@ -82,6 +104,7 @@ class CasframeGroup(click.Group):
         self._owners: dict[str, str] = dict.fromkeys(self._lazy, PROG)
         self._registering: str | None = None
         self._plugin_commands_loaded = False
+        self._listing = False  # formatting the help's list of commands
 
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         name = name or cmd.name or ""
@@ -104,10 +127,20 @@ class CasframeGroup(click.Group):
         self.load_plugin_commands()
         target = self._lazy.get(cmd_name)
         if target is not None and cmd_name not in self.commands:
+            if self._listing and cmd_name in BUILTIN_SUMMARIES:
+                # Listed in --help, not run: a stand-in with the summary, no import.
+                return click.Command(cmd_name, help=BUILTIN_SUMMARIES[cmd_name])
             module, _, attribute = target.partition(":")
             command = getattr(importlib.import_module(module), attribute)
             click.Group.add_command(self, command, cmd_name)
         return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self._listing = True
+        try:
+            super().format_commands(ctx, formatter)
+        finally:
+            self._listing = False
 
     def load_plugin_commands(self) -> None:
         """Call every plugin's ``casframe_register_commands`` once, in registration order.

@@ -1,0 +1,778 @@
+"""The ``file://`` backend's stores: :class:`LocalBlobStore`, :class:`LocalRefStore` and the
+factory the plugin registers (imported when a ``file://`` store is first opened)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import itertools
+import os
+import stat
+import threading
+from collections.abc import Callable, Collection, Iterable, Iterator
+from typing import BinaryIO
+from urllib.parse import unquote
+
+from casframe import (
+    EMPTY_DIGEST,
+    BlobInfo,
+    BlobStore,
+    BlobWriter,
+    Capability,
+    CasframeError,
+    ConfigError,
+    CorruptBlobError,
+    Digest,
+    InvalidDigestError,
+    RefConflictError,
+    RefInfo,
+    RefNotFoundError,
+    RefStore,
+    Store,
+    StoreNotFoundError,
+    StoreURL,
+    StrayEntry,
+)
+
+__all__ = ["LocalBlobStore", "LocalRefStore", "open_local_store"]
+
+_OBJECT_MODE = 0o444  # read-only, so a hardlinked checkout cannot edit the store by accident
+_HEX = frozenset("0123456789abcdef")
+_EMPTY_HASH = EMPTY_DIGEST.hash
+_names = itertools.count()
+_CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+# copy_file_range errors meaning "not between these files": stream the content instead.
+_NO_KERNEL_COPY = frozenset(
+    {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
+)
+# Bytes asked of one copy_file_range call (the kernel copies at most ~2 GiB per call anyway).
+_COPY_STEP = 1 << 30
+# O_NONBLOCK: opening a stray FIFO named like an object must not wait for a writer (it has no
+# effect on regular files).
+_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+_COPY_CHUNK = 1 << 20
+_CHECK_SIZE_ABOVE = 1 << 20  # read_blobs compares the object's size first above this
+# What a write to a store this process may only read fails with: a read-only mount, or a store
+# (or an object) of another user.
+_CANNOT_WRITE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+# Opening an object's path fails so when it is absent, when a stray folder stands where it
+# would be, or when a stray file stands where its fan-out folder would be.
+_NOT_AN_OBJECT = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
+def _kind(path: str) -> str:
+    """What a stray entry is, for fsck's warning."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "an entry removed meanwhile"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISREG(mode):
+        return "a file"
+    return "a special file"
+
+
+def _temp_name(tmpdir: str) -> str:
+    return os.path.join(tmpdir, f"{os.getpid()}.{threading.get_ident()}.{next(_names)}")
+
+
+def _fsync_dir(path: str) -> None:
+    """Flush a folder's entries to disk: a rename or link in it survives a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_folders(*paths: str) -> None:
+    """Create the store's folders where missing; on a store this process may only read, leave
+    them missing (reads work without them)."""
+    for path in paths:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            if exc.errno not in _CANNOT_WRITE:
+                raise
+
+
+def _open_folder(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class _LocalWriter(BlobWriter):
+    def __init__(self, store: LocalBlobStore, fd: int, temp: str) -> None:
+        self._store = store
+        self._fd: int | None = fd
+        self._temp = temp
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert self._fd is not None, "write after commit or abort"
+        _write_all(self._fd, data)
+
+    def commit(self, digest: Digest) -> None:
+        assert self._fd is not None, "commit after commit or abort"
+        fd, self._fd = self._fd, None
+        try:
+            self._store.publish(fd, self._temp, digest)
+        except BaseException:
+            if self._temp:  # a named temp file (no O_TMPFILE): not left behind for prune
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._temp)
+            raise
+        finally:
+            os.close(fd)
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            if self._temp:
+                try:
+                    os.unlink(self._temp)
+                except FileNotFoundError:
+                    pass
+
+
+class LocalBlobStore(BlobStore):
+    capabilities = frozenset(
+        {Capability.LIST, Capability.DELETE, Capability.TOUCH, Capability.LOCAL_PATH}
+    )
+    max_concurrency = 2  # local disk and hashing: one thread per core
+
+    def __init__(self, root: str, *, fsync: bool = False) -> None:
+        self.root = root
+        self.objdir = os.path.join(root, "objects")
+        self.tmpdir = os.path.join(root, "tmp")
+        self.fsync = fsync
+        _make_folders(self.objdir, self.tmpdir)
+        # A store on a read-only mount may lack tmp/ (copied without it): it is read, never
+        # written, and a write fails as any write there would.
+        self._tmpfd = _open_folder(self.tmpdir) if os.path.isdir(self.tmpdir) else -1
+        self._objfd = _open_folder(self.objdir)
+
+    def close(self) -> None:
+        for name in ("_tmpfd", "_objfd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def describe(self) -> str:
+        return f"file://{self.root}"
+
+    def object_path(self, digest: Digest) -> str:
+        return f"{self.objdir}/{digest.hash[:2]}/{digest.hash[2:]}"
+
+    # Uploads go to an unnamed file (O_TMPFILE) that is linked into objects/ once verified:
+    # nothing to clean up after a crash, and one link instead of create + rename. Where the
+    # file system lacks O_TMPFILE, a named file in tmp/ is renamed into place instead.
+
+    @functools.cached_property
+    def _anonymous(self) -> bool:
+        # Probed at the first write, not on opening: a store that is only read (a read-only
+        # server's) never gets even an unnamed file.
+        return self._probe_anonymous_temp()
+
+    def _probe_anonymous_temp(self) -> bool:
+        flag = getattr(os, "O_TMPFILE", 0)
+        if not flag or not os.path.isdir("/proc/self/fd"):
+            return False
+        try:
+            fd = os.open(self.tmpdir, flag | os.O_RDWR | os.O_CLOEXEC, _OBJECT_MODE)
+        except OSError:
+            return False
+        os.close(fd)
+        return True
+
+    def open_temp(self) -> tuple[int, str]:
+        """A new file for an upload: ``(fd, temp path or "" when it has no name)``."""
+        if self._anonymous:
+            return os.open(self.tmpdir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, _OBJECT_MODE), ""
+        temp = _temp_name(self.tmpdir)
+        return os.open(temp, _CREATE, _OBJECT_MODE), temp
+
+    def publish(self, fd: int, temp: str, digest: Digest) -> None:
+        """Make a finished upload visible as ``digest``; an intact existing object wins."""
+        if not self.fsync:
+            self._publish(fd, temp, digest)
+            return
+        os.fsync(fd)
+        named, made_folder = self._publish(fd, temp, digest)
+        # A new name is durable only once its folder is (and a new folder, once its parent is).
+        if named:
+            _fsync_dir(os.path.dirname(self.object_path(digest)))
+        if made_folder:
+            _fsync_dir(self.objdir)
+
+    def _publish(self, fd: int, temp: str, digest: Digest) -> tuple[bool, bool]:
+        """Whether a new name was made for the object, and whether its fan-out folder was."""
+        try:
+            return self._link_into_place(fd, temp, digest)
+        except (IsADirectoryError, NotADirectoryError) as exc:
+            # A stray entry holds the object's place: it is not ours to remove.
+            where = "objects/" + (
+                f"{digest.hash[:2]}/{digest.hash[2:]}"
+                if isinstance(exc, IsADirectoryError)
+                else digest.hash[:2]
+            )
+            what = "a directory" if isinstance(exc, IsADirectoryError) else "not a directory"
+            raise CasframeError(
+                f"cannot store blob {digest} in file://{self.root}: {where} is {what}, "
+                "a stray entry in the object's place; move it away"
+            ) from None
+
+    def _link_into_place(self, fd: int, temp: str, digest: Digest) -> tuple[bool, bool]:
+        target = self.object_path(digest)
+        made_folder = False
+        for _ in range(3):
+            try:
+                if temp:
+                    if self._keep_existing(target, digest):
+                        os.unlink(temp)  # renaming over it would free an inode for nothing
+                        return False, made_folder
+                    os.rename(temp, target)
+                else:
+                    hash_ = digest.hash  # relative to objects/: a shorter path walk
+                    os.link(
+                        f"/proc/self/fd/{fd}",
+                        f"{hash_[:2]}/{hash_[2:]}",
+                        src_dir_fd=self._tmpfd,
+                        dst_dir_fd=self._objfd,
+                    )
+                return True, made_folder
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                made_folder = True
+            except FileExistsError:
+                if self._keep_existing(target, digest):
+                    return False, made_folder
+                # A damaged object (wrong size), or one this user may not freshen (another
+                # user's, in a shared store), is in the way: put ours in its place, atomically.
+                named = os.path.basename(_temp_name(self.tmpdir))
+                tmpfd = self._tmpfd  # by directory fds: linkat then follows /proc/self/fd
+                os.link(f"/proc/self/fd/{fd}", named, src_dir_fd=tmpfd, dst_dir_fd=tmpfd)
+                try:
+                    os.rename(named, target, src_dir_fd=tmpfd)
+                except BaseException:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(named, dir_fd=tmpfd)
+                    raise
+                return True, made_folder
+        raise OSError(errno.EAGAIN, f"could not store object {digest} in {self.root}")
+
+    @staticmethod
+    def _keep_existing(path: str, digest: Digest) -> bool:
+        """Whether an intact object is at ``path``; if so, freshen it and keep it.
+
+        The touch renews prune's grace period for the writer that stored the blob again. An
+        object pruned between the stat and the touch is not there, and one this user may not
+        touch (read-only and another user's) is not freshened: ours is published instead.
+        """
+        try:
+            if os.stat(path).st_size != digest.size:
+                return False
+            os.utime(path)
+        except (FileNotFoundError, PermissionError):
+            return False
+        return True
+
+    # -- primitives -------------------------------------------------------------------------
+
+    def find_missing_blobs(self, digests: Collection[Digest]) -> set[Digest]:
+        missing = set()
+        stat_, objfd, regular = os.stat, self._objfd, stat.S_ISREG
+        for digest in digests:
+            hash_ = digest[0]
+            try:
+                st = stat_(f"{hash_[:2]}/{hash_[2:]}", dir_fd=objfd, follow_symlinks=False)
+                if st.st_size == digest[1] and regular(st.st_mode):  # not a stray folder
+                    continue
+            except _NOT_AN_OBJECT:
+                pass
+            missing.add(digest)
+        return missing
+
+    def open_blob(self, digest: Digest, offset: int = 0) -> BinaryIO:
+        try:
+            fd = os.open(self.object_path(digest), _READ)
+        except _NOT_AN_OBJECT:  # absent, or a stray folder where the object would be
+            raise self._not_found(digest) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a stray folder, FIFO or device: not the blob
+            os.close(fd)
+            raise self._not_found(digest)
+        stream = open(fd, "rb")  # noqa: SIM115 - returned to caller
+        size = st.st_size
+        if size != digest.size:
+            try:
+                # Identity is (hash, size): an intact object of another size is not this blob.
+                # (A 0-byte object under any hash but the empty one is damaged, never a blob.)
+                if size and Digest.of_stream(stream) == Digest(digest.hash, size):
+                    raise self._not_found(digest)
+            finally:
+                stream.close()
+            raise CorruptBlobError(digest, f"stored object has {size} bytes")
+        if offset:
+            stream.seek(offset)
+        return stream
+
+    def begin_write(self, size_hint: int | None = None) -> BlobWriter:
+        return _LocalWriter(self, *self.open_temp())
+
+    # -- fast paths ---------------------------------------------------------------------------
+
+    def read_blobs(self, digests: Iterable[Digest]) -> Iterator[tuple[Digest, bytes]]:
+        # Three system calls a blob, without a file object: batch reads of small blobs are
+        # what a server answering BatchReadBlobs and a push of many small files spend on.
+        objdir = self.objdir
+        for digest in digests:
+            try:
+                fd = os.open(f"{objdir}/{digest.hash[:2]}/{digest.hash[2:]}", _READ)
+            except _NOT_AN_OBJECT:
+                raise self._not_found(digest) from None
+            try:
+                wanted = digest.size + 1  # one byte more: is the object longer?
+                if wanted > _CHECK_SIZE_ABOVE and os.fstat(fd).st_size != digest.size:
+                    # os.read allocates what it is asked for: a damaged Directory naming a
+                    # stored hash with a huge size must not ask for terabytes.
+                    data = b""
+                else:
+                    data = os.read(fd, wanted)
+                    while len(data) < wanted and (more := os.read(fd, wanted - len(data))):
+                        data += more
+            except IsADirectoryError:  # a stray folder where the object would be
+                raise self._not_found(digest) from None
+            finally:
+                os.close(fd)
+            if len(data) != digest.size:
+                # Another size than the digest says: open_blob tells missing from corrupt.
+                with self.open_blob(digest) as stream:
+                    data = stream.read()
+            yield digest, data
+
+    def write_blobs(self, blobs: Iterable[tuple[Digest, bytes]]) -> None:
+        for digest, data in blobs:
+            fd, temp = self.open_temp()
+            try:
+                written = os.write(fd, data)
+                if written != len(data):
+                    _write_all(fd, memoryview(data)[written:])
+                self.publish(fd, temp, digest)
+            except BaseException:
+                if temp:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(temp)
+                raise
+            finally:
+                os.close(fd)
+
+    def freshen_blobs(self, digests: Collection[Digest]) -> set[Digest]:
+        # Touch first, then check: two system calls for a present blob, one for a missing one.
+        missing = set()
+        objfd = self._objfd
+        utime, stat = os.utime, os.stat
+        for digest in digests:
+            hash_ = digest[0]
+            path = f"{hash_[:2]}/{hash_[2:]}"
+            try:
+                self._freshen(utime, path, objfd, digest)
+                if stat(path, dir_fd=objfd).st_size == digest[1]:
+                    continue
+            except FileNotFoundError:
+                pass
+            missing.add(digest)
+        return missing
+
+    def _freshen(
+        self, utime: Callable[..., None], path: str, objfd: int, digest: Digest
+    ) -> None:
+        """Touch one object, or renew it when it is another user's.
+
+        A store this process may not write at all (a read-only mount, a user without write
+        access to ``tmp/``) keeps its times: asking which blobs are there is a read, and works.
+        """
+        try:
+            try:
+                utime(path, dir_fd=objfd)
+            except PermissionError:
+                self._renew(digest)
+        except OSError as exc:
+            if exc.errno not in _CANNOT_WRITE:
+                raise
+
+    def _renew(self, digest: Digest) -> None:
+        """Freshen an object this user may not touch, by putting a copy of it in its place.
+
+        In a store shared by several users, objects are read-only and their owner's, so
+        ``utime`` is refused (EPERM). A copy of this user's (made in the kernel, verified by
+        size) renews prune's grace period just as well. Raises FileNotFoundError when the
+        object is gone, and leaves a damaged one (wrong size) for the caller to find.
+        """
+        hash_ = digest.hash
+        source = os.open(f"{hash_[:2]}/{hash_[2:]}", _READ, dir_fd=self._objfd)
+        try:
+            if os.fstat(source).st_size != digest.size:
+                return
+            copied = self.begin_write_copy(source)
+            if copied is None:  # no copy in the kernel here: through user space
+                upload = self.begin_write()
+                try:
+                    while chunk := os.read(source, _COPY_CHUNK):
+                        upload.write(chunk)
+                except BaseException:
+                    upload.abort()
+                    raise
+            else:
+                upload, stored = copied
+                stored.close()
+            upload.commit(digest)  # publish replaces an object it may not freshen
+        finally:
+            os.close(source)
+
+    def begin_write_copy(self, fd: int) -> tuple[BlobWriter, BinaryIO] | None:
+        """Copy by ``copy_file_range`` into a new temp object (in the kernel, no user copy)."""
+        start = os.lseek(fd, 0, os.SEEK_CUR)
+        temp_fd, temp = self.open_temp()
+        writer = _LocalWriter(self, temp_fd, temp)
+        try:
+            copied = 0
+            while True:
+                try:
+                    n = os.copy_file_range(fd, temp_fd, _COPY_STEP, start + copied, copied)
+                except OSError as exc:
+                    if copied or exc.errno not in _NO_KERNEL_COPY:
+                        raise
+                    writer.abort()
+                    return None
+                if not n:
+                    if not copied:
+                        # An empty rest, or a file system that copies nothing from a file
+                        # that reads fine (procfs, some FUSE ones): let the core read it.
+                        writer.abort()
+                        return None
+                    break
+                copied += n
+            stored = open(os.dup(temp_fd), "rb", buffering=0)  # noqa: SIM115 - returned
+        except BaseException:
+            writer.abort()
+            raise
+        return writer, stored
+
+    # -- capabilities ------------------------------------------------------------------------
+
+    def local_path(self, digest: Digest) -> str:
+        path = self.object_path(digest)
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except _NOT_AN_OBJECT:
+            raise self._not_found(digest) from None
+        if not stat.S_ISREG(st.st_mode):  # a stray folder or link: not the blob
+            raise self._not_found(digest)
+        size = st.st_size
+        if size != digest.size:
+            raise CorruptBlobError(digest, f"stored object has {size} bytes")
+        return path
+
+    def link_blobs(self, dir_fd: int, links: Iterable[tuple[str, Digest]]) -> None:
+        # Paths relative to the objects folder and the destination folder: no walk down the
+        # store's absolute path twice per link. The size check stays (a truncated object is
+        # refused, as local_path refuses it); it costs a fraction of the link.
+        objfd = self._objfd
+        stat_, link, regular = os.stat, os.link, stat.S_ISREG
+        for name, digest in links:
+            hash_ = digest[0]
+            rel = f"{hash_[:2]}/{hash_[2:]}"
+            try:
+                st = stat_(rel, dir_fd=objfd, follow_symlinks=False)
+            except _NOT_AN_OBJECT:
+                raise self._not_found(digest) from None
+            if not regular(st.st_mode):  # a stray folder, link or FIFO: not the blob
+                raise self._not_found(digest)
+            size = st.st_size
+            if size != digest[1]:
+                raise CorruptBlobError(digest, f"stored object has {size} bytes")
+            link(rel, name, src_dir_fd=objfd, dst_dir_fd=dir_fd, follow_symlinks=False)
+
+    def iter_blob_stats(
+        self, skip: Callable[[str], bool] | None = None
+    ) -> Iterator[tuple[str, int, float]]:
+        for fanout in sorted(os.listdir(self.objdir)):
+            if len(fanout) != 2 or not _HEX.issuperset(fanout):
+                continue
+            try:
+                scanner = os.scandir(os.path.join(self.objdir, fanout))
+            except NotADirectoryError:
+                continue  # a stray file named like a folder
+            with scanner as entries:
+                for entry in entries:
+                    rest = entry.name
+                    if len(rest) != 62 or not _HEX.issuperset(rest):
+                        continue  # a stray file, not an object
+                    hash_ = fanout + rest
+                    if skip is not None and skip(hash_):
+                        continue  # before the stat: that is the point of skip
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # deleted while listing
+                    if not stat.S_ISREG(st.st_mode):
+                        continue  # a folder or a link named like an object: a stray
+                    # A 0-byte object under another hash than the empty blob's was emptied by
+                    # a crash (written without fsync): listed, so fsck and prune deal with it.
+                    yield hash_, st.st_size, st.st_mtime
+
+    def iter_blobs(self) -> Iterator[BlobInfo]:
+        for hash_, size, mtime in self.iter_blob_stats():
+            if size or hash_ == _EMPTY_HASH:  # an emptied object is no blob
+                yield BlobInfo(Digest(hash_, size), mtime)
+
+    def iter_strays(self) -> Iterator[StrayEntry]:
+        for fanout in sorted(os.listdir(self.objdir)):
+            folder = os.path.join(self.objdir, fanout)
+            shaped = len(fanout) == 2 and _HEX.issuperset(fanout)
+            if not shaped or os.path.islink(folder) or not os.path.isdir(folder):
+                yield StrayEntry(f"objects/{fanout}", f"{_kind(folder)}, not a fan-out folder")
+                continue
+            with os.scandir(folder) as entries:
+                for entry in sorted(entries, key=lambda e: e.name):
+                    rest = entry.name
+                    name = f"objects/{fanout}/{rest}"
+                    if len(rest) != 62 or not _HEX.issuperset(rest):
+                        yield StrayEntry(name, f"{_kind(entry.path)} whose name is not a hash")
+                    elif not entry.is_file(follow_symlinks=False):
+                        yield StrayEntry(name, f"{_kind(entry.path)}, not an object")
+
+    def delete_blobs(
+        self, digests: Iterable[Digest], *, older_than: float | None = None
+    ) -> list[Digest]:
+        deleted = []
+        for digest in digests:
+            path = self.object_path(digest)
+            try:
+                # The stat-to-unlink window is microseconds, where prune's listing-to-delete
+                # window would be the whole run.
+                if older_than is not None and os.stat(path).st_mtime >= older_than:
+                    continue  # touched or stored again since it was listed
+                os.unlink(path)
+                deleted.append(digest)
+            except FileNotFoundError:
+                pass
+        return deleted
+
+    def clean_temp(self, older_than: float, *, dry_run: bool = False) -> tuple[int, int]:
+        """Remove files in ``tmp/`` last modified before ``older_than``.
+
+        Left there by writers killed between creating and renaming them: ref updates, and
+        uploads where the file system lacks ``O_TMPFILE``. A live writer's file is modified at
+        every chunk it writes, so it stays younger than any sensible grace period.
+        """
+        count = size = 0
+        with os.scandir(self.tmpdir) as entries:
+            for entry in entries:
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    if st.st_mtime >= older_than:
+                        continue
+                    if not dry_run:
+                        os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue  # committed or aborted meanwhile
+                count += 1
+                size += st.st_size
+        return count, size
+
+    def touch_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
+        absent = []
+        utime = os.utime
+        objfd = self._objfd
+        for digest in digests:
+            try:
+                self._freshen(utime, f"{digest.hash[:2]}/{digest.hash[2:]}", objfd, digest)
+            except FileNotFoundError:
+                absent.append(digest)
+        return absent
+
+
+class LocalRefStore(RefStore):
+    def __init__(self, root: str, *, fsync: bool = False) -> None:
+        self.root = root
+        self.refdir = os.path.join(root, "refs", "heads")
+        self.tmpdir = os.path.join(root, "tmp")
+        self.fsync = fsync
+        _make_folders(self.refdir, self.tmpdir)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.refdir, *name.split("/"))
+
+    def get_ref(self, name: str, *, touch: bool = True) -> Digest:
+        path = self._path(name)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise RefNotFoundError(name, f"file://{self.root}") from None
+        if touch:
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                pass  # deleted since it was read: that reading was the access
+            except OSError as exc:
+                # A read-only mount, or another user's ref: reading still works, and only the
+                # LRU order misses this use.
+                if exc.errno not in _CANNOT_WRITE:
+                    raise
+        return self._parse(name, data)
+
+    def _parse(self, name: str, data: bytes) -> Digest:
+        try:
+            return Digest.from_serialized(data)
+        except InvalidDigestError as exc:
+            raise InvalidDigestError(
+                f"ref {name} in file://{self.root} is damaged: {exc}; set it again or delete it"
+            ) from None
+
+    def conflicting_ref(self, name: str) -> str | None:
+        # A few stats: is one of the name's folders a file, or is the name a folder with a
+        # ref somewhere below it?
+        segments = name.split("/")
+        path = self.refdir
+        for end, segment in enumerate(segments[:-1], 1):
+            path = os.path.join(path, segment)
+            try:
+                if not stat.S_ISDIR(os.lstat(path).st_mode):
+                    return "/".join(segments[:end])
+            except FileNotFoundError:
+                return None  # no such folder: nothing can be below the name either
+        return self._first_ref_under(name)
+
+    def _first_ref_under(self, name: str) -> str | None:
+        top = self._path(name)
+        for dirpath, _, filenames in os.walk(top):
+            if filenames:
+                rel = os.path.relpath(os.path.join(dirpath, filenames[0]), self.refdir)
+                return rel.replace(os.sep, "/")
+        return None
+
+    def set_ref(self, name: str, digest: Digest) -> None:
+        path = self._path(name)
+        temp = _temp_name(self.tmpdir)
+        try:
+            self._write_temp(temp, digest)
+            self._rename_into_place(name, temp, path)
+        except BaseException:
+            # A full disk, a conflict, an interrupt: the temp file never outlives the call.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise
+
+    def _write_temp(self, temp: str, digest: Digest) -> None:
+        with open(temp, "wb") as f:
+            f.write(digest.serialize())
+            f.flush()  # a full disk fails here, inside the with, not in a close at exit
+            if self.fsync:
+                os.fsync(f.fileno())
+
+    def _rename_into_place(self, name: str, temp: str, path: str) -> None:
+        for _ in range(10):
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                os.rename(temp, path)
+                if self.fsync:  # the ref's folder and those above it, which may be new
+                    folder = os.path.dirname(path)
+                    while True:
+                        _fsync_dir(folder)
+                        if folder == self.refdir:
+                            break
+                        folder = os.path.dirname(folder)
+                return
+            except FileNotFoundError:
+                continue  # a concurrent delete removed the parent folder; make it again
+            except (NotADirectoryError, FileExistsError, IsADirectoryError):
+                # Set concurrently with the core's check, or a folder left empty by a
+                # concurrent delete: name the ref in the way, or clear the empty folder.
+                existing = self.conflicting_ref(name)
+                if existing is not None:
+                    raise RefConflictError(name, existing) from None
+                self._remove_empty_folders(path)
+        raise OSError(errno.EAGAIN, f"could not set ref {name!r}: its folder kept changing")
+
+    def _remove_empty_folders(self, top: str) -> None:
+        if not os.path.isdir(top) or os.path.islink(top):
+            return
+        for dirpath, _, _ in os.walk(top, topdown=False):
+            with contextlib.suppress(OSError):  # not empty (a ref set meanwhile), or gone
+                os.rmdir(dirpath)
+
+    def delete_ref(self, name: str) -> None:
+        path = self._path(name)
+        try:
+            os.unlink(path)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise RefNotFoundError(name, f"file://{self.root}") from None
+        # Remove folders the deletion emptied, up to refs/heads itself.
+        parent = os.path.dirname(path)
+        while parent != self.refdir:
+            try:
+                os.rmdir(parent)
+            except OSError:
+                break
+            parent = os.path.dirname(parent)
+
+    def list_refs(self, prefix: str = "") -> Iterator[RefInfo]:
+        for dirpath, _, filenames in os.walk(self.refdir):
+            rel = os.path.relpath(dirpath, self.refdir)
+            for filename in filenames:
+                name = filename if rel == "." else f"{rel}/{filename}".replace(os.sep, "/")
+                if not name.startswith(prefix):
+                    continue
+                path = os.path.join(dirpath, filename)
+                try:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                    accessed = os.stat(path).st_mtime
+                except FileNotFoundError:
+                    continue  # deleted meanwhile
+                # A damaged ref (an empty file after a power cut, say) is an error, not
+                # skipped: a prune that did not see it would delete the tree it holds.
+                yield RefInfo(name, self._parse(name, data), accessed)
+
+
+#: What a ``file://`` URL's query (or a configured store's options) may set.
+_OPTIONS = ("fsync",)
+
+
+def store_path(url: StoreURL) -> str:
+    raw = unquote(url.netloc + url.path, errors="surrogateescape")  # any byte of a name
+    if not raw:
+        raise ConfigError(f"file:// URL needs a path: {url.url!r}")
+    return os.path.abspath(os.path.expanduser(raw))
+
+
+def open_local_store(url: StoreURL) -> Store:
+    """Factory for ``file://PATH``; creates the layout when missing (unless ``url.create`` is
+    false: then a missing directory is :class:`StoreNotFoundError`)."""
+    url.check_options(_OPTIONS)
+    root = store_path(url)
+    if not url.create and not os.path.exists(root):
+        raise StoreNotFoundError(
+            f"no store at {root}: it does not exist (commands that only read do not create one)"
+        )
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ConfigError(f"{url.url}: {root} exists and is not a directory")
+    fsync = url.flag("fsync")
+    return Store(
+        LocalBlobStore(root, fsync=fsync), LocalRefStore(root, fsync=fsync), url=f"file://{root}"
+    )
