@@ -18,12 +18,12 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from casframe import hookspecs
-from casframe.entrypoints import entry_points
 from casframe.registry import BackendRegistry, StoreURL
 from casframe.treesize import TREE_LIMIT_OPTIONS, TreeLimits
 
@@ -77,8 +77,9 @@ def _build_manager() -> pluggy.PluginManager:
     pm.add_hookspecs(hookspecs)
     blocked = _blocked_names()
     only_own = _autoload_disabled()
-    for ep in entry_points(ENTRY_POINT_GROUP):
-        dist_name, dist_version = ep.distribution, ep.version
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist_name = ep.dist.name if ep.dist is not None else "?"
+        dist_version = ep.dist.version if ep.dist is not None else "?"
         if only_own and dist_name != _OWN_DISTRIBUTION:
             continue
         if ep.name in blocked:
