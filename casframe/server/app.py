@@ -281,7 +281,9 @@ class Server:
 
         self._bytestream = ByteStreamService(*shared, self._executor)
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(*shared), server)
-        re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(*shared), server)
+        re_grpc.add_ContentAddressableStorageServicer_to_server(
+            CasService(*shared, self._executor), server
+        )
         re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(*shared), server)
         add_bytestream_to_server(self._bytestream, server)
         remote_asset_pb2_grpc.add_FetchServicer_to_server(FetchService(*shared), server)
