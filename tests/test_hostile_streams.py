@@ -188,6 +188,7 @@ def test_a_read_whose_client_stops_reading_is_ended_and_frees_its_slot(
 
 def test_streams_beyond_the_limit_get_resource_exhausted_at_once(memory_store: Store) -> None:
     blob = memory_store.put_bytes(b"small blob")
+    tree = memory_store.put_directory(re_pb2.Directory())
     release = threading.Event()
 
     def stalled_upload() -> Iterator[byte_pb2.WriteRequest]:
@@ -207,6 +208,8 @@ def test_streams_beyond_the_limit_get_resource_exhausted_at_once(memory_store: S
             for refused_call in (
                 lambda: list(bytestream.Read(read, timeout=HANG_GUARD)),
                 lambda: bytestream.Write(stalled_upload(), timeout=HANG_GUARD),
+                lambda: list(re_grpc.ContentAddressableStorageStub(channel).GetTree(
+                    re_pb2.GetTreeRequest(root_digest=tree.to_proto()), timeout=HANG_GUARD)),
             ):
                 with pytest.raises(grpc.RpcError) as refused:
                     refused_call()
@@ -275,15 +278,17 @@ def test_asyncio_interceptors_from_plugins_see_streams(memory_store: Store) -> N
 
 
 class _WrappingInterceptor(grpc.ServerInterceptor):
-    """A classic interceptor that wraps every ByteStream behaviour, as plugins written for the
-    threaded server do (metrics around each call)."""
+    """A classic interceptor that wraps every ByteStream behaviour and GetTree's, as plugins
+    written for the threaded server do (metrics around each call)."""
 
     def __init__(self) -> None:
         self.finished: list[str] = []
 
     def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = continuation(details)
-        if handler is None or not details.method.startswith("/google.bytestream.ByteStream/"):
+        wrapped = details.method.startswith("/google.bytestream.ByteStream/") or (
+            details.method == "/build.bazel.remote.execution.v2.ContentAddressableStorage/GetTree")
+        if handler is None or not wrapped:
             return handler
         finished = self.finished
         name = details.method.rpartition("/")[2]
@@ -331,7 +336,12 @@ def test_classic_interceptors_that_wrap_bytestream_calls_keep_working(
         status = bytestream.QueryWriteStatus(
             byte_pb2.QueryWriteStatusRequest(resource_name=resource), timeout=HANG_GUARD)
         assert status.complete
-    assert wrapping.finished == ["Write", "Read", "QueryWriteStatus"]
+        root = memory_store.put_directory(re_pb2.Directory(files=[
+            re_pb2.FileNode(name="blob", digest=digest.to_proto())]))
+        (page,) = re_grpc.ContentAddressableStorageStub(channel).GetTree(
+            re_pb2.GetTreeRequest(root_digest=root.to_proto()), timeout=HANG_GUARD)
+        assert list(page.directories) == [memory_store.get_directory(root)]
+    assert wrapping.finished == ["Write", "Read", "QueryWriteStatus", "GetTree"]
 
 
 def test_a_stalled_client_that_goes_away_frees_its_slots(memory_store: Store) -> None:
