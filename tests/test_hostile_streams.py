@@ -52,6 +52,20 @@ def _wait_for(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.02)
 
 
+def _refused_once_counted(call: Callable[[], object]) -> grpc.RpcError:
+    """The error of ``call``, made again while it succeeds (the streams that should fill the
+    server's limit are not all counted yet), for at most the hang guard."""
+    deadline = time.monotonic() + HANG_GUARD
+    while True:
+        try:
+            call()
+        except grpc.RpcError as exc:
+            return exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never refused in {HANG_GUARD:g} s: the limit is not applied")
+        time.sleep(0.05)
+
+
 def _upload_resource(digest: Digest) -> str:
     return f"uploads/{uuid.uuid4()}/blobs/{digest.hash}/{digest.size}"
 
@@ -100,12 +114,13 @@ def test_500_stalled_writes_and_500_stalled_reads_leave_every_other_call_answere
         assert read.data == batch_blob
 
         # The 1,000 stalled streams fill the default limit: one more is refused, not queued.
-        with pytest.raises(grpc.RpcError) as refused:
-            list(byte_grpc.ByteStreamStub(channel).Read(
-                byte_pb2.ReadRequest(resource_name=f"blobs/{batched.hash}/{batched.size}"),
-                timeout=HANG_GUARD))
-        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert refused.value.details() == "too many streams in progress (limit 1000); retry later"
+        # A stalled Write's chunk may have left the client before the server counted its
+        # call, so the Read is tried again until all 1,000 are counted.
+        read = byte_pb2.ReadRequest(resource_name=f"blobs/{batched.hash}/{batched.size}")
+        refused = _refused_once_counted(
+            lambda: list(byte_grpc.ByteStreamStub(channel).Read(read, timeout=HANG_GUARD)))
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+        assert refused.details() == "too many streams in progress (limit 1000); retry later"
 
 
 def test_an_idle_write_ends_with_unavailable_and_its_upload_resumes(memory_store: Store) -> None:
@@ -173,6 +188,7 @@ def test_a_read_whose_client_stops_reading_is_ended_and_frees_its_slot(
 
 def test_streams_beyond_the_limit_get_resource_exhausted_at_once(memory_store: Store) -> None:
     blob = memory_store.put_bytes(b"small blob")
+    tree = memory_store.put_directory(re_pb2.Directory())
     release = threading.Event()
 
     def stalled_upload() -> Iterator[byte_pb2.WriteRequest]:
@@ -192,6 +208,8 @@ def test_streams_beyond_the_limit_get_resource_exhausted_at_once(memory_store: S
             for refused_call in (
                 lambda: list(bytestream.Read(read, timeout=HANG_GUARD)),
                 lambda: bytestream.Write(stalled_upload(), timeout=HANG_GUARD),
+                lambda: list(re_grpc.ContentAddressableStorageStub(channel).GetTree(
+                    re_pb2.GetTreeRequest(root_digest=tree.to_proto()), timeout=HANG_GUARD)),
             ):
                 with pytest.raises(grpc.RpcError) as refused:
                     refused_call()
@@ -260,15 +278,17 @@ def test_asyncio_interceptors_from_plugins_see_streams(memory_store: Store) -> N
 
 
 class _WrappingInterceptor(grpc.ServerInterceptor):
-    """A classic interceptor that wraps every ByteStream behaviour, as plugins written for the
-    threaded server do (metrics around each call)."""
+    """A classic interceptor that wraps every ByteStream behaviour and GetTree's, as plugins
+    written for the threaded server do (metrics around each call)."""
 
     def __init__(self) -> None:
         self.finished: list[str] = []
 
     def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = continuation(details)
-        if handler is None or not details.method.startswith("/google.bytestream.ByteStream/"):
+        wrapped = details.method.startswith("/google.bytestream.ByteStream/") or (
+            details.method == "/build.bazel.remote.execution.v2.ContentAddressableStorage/GetTree")
+        if handler is None or not wrapped:
             return handler
         finished = self.finished
         name = details.method.rpartition("/")[2]
@@ -316,7 +336,12 @@ def test_classic_interceptors_that_wrap_bytestream_calls_keep_working(
         status = bytestream.QueryWriteStatus(
             byte_pb2.QueryWriteStatusRequest(resource_name=resource), timeout=HANG_GUARD)
         assert status.complete
-    assert wrapping.finished == ["Write", "Read", "QueryWriteStatus"]
+        root = memory_store.put_directory(re_pb2.Directory(files=[
+            re_pb2.FileNode(name="blob", digest=digest.to_proto())]))
+        (page,) = re_grpc.ContentAddressableStorageStub(channel).GetTree(
+            re_pb2.GetTreeRequest(root_digest=root.to_proto()), timeout=HANG_GUARD)
+        assert list(page.directories) == [memory_store.get_directory(root)]
+    assert wrapping.finished == ["Write", "Read", "QueryWriteStatus", "GetTree"]
 
 
 def test_a_stalled_client_that_goes_away_frees_its_slots(memory_store: Store) -> None:
@@ -329,3 +354,132 @@ def test_a_stalled_client_that_goes_away_frees_its_slots(memory_store: Store) ->
             client.kill()  # its connections drop with the streams still stalled
             client.wait()
         _wait_for(lambda: len(server.streams) == 0, "a vanished client's streams hold slots")
+
+
+def _directory_chain(store: Store, depth: int, files: int) -> Digest:
+    """The root of ``depth`` nested Directories of ``files`` file entries each (~90 bytes an
+    entry), around an empty one: every GetTree page of one Directory is larger than an HTTP/2
+    stream window, so a client that stops reading stops the server's sends."""
+    child = store.put_directory(re_pb2.Directory())
+    for level in range(depth):
+        blob = store.put_bytes(b"file %d" % level).to_proto()
+        child = store.put_directory(re_pb2.Directory(
+            files=[re_pb2.FileNode(name=f"f{entry:05d}", digest=blob) for entry in range(files)],
+            directories=[re_pb2.DirectoryNode(name="d", digest=child.to_proto())],
+        ))
+    return child
+
+
+def test_gettree_calls_whose_clients_stop_reading_hold_no_thread(memory_store: Store) -> None:
+    root = _directory_chain(memory_store, depth=20, files=1000)
+    workers, stalled_count = 2, 6  # more stalled GetTree calls than the server has threads
+    request = re_pb2.GetTreeRequest(root_digest=root.to_proto(), page_size=1)
+    with Server(memory_store, max_workers=workers) as server:
+        address = f"127.0.0.1:{server.port}"
+        channels = [grpc.insecure_channel(address, options=NO_WINDOW_GROWTH)
+                    for _ in range(stalled_count)]
+        try:
+            stalled = [re_grpc.ContentAddressableStorageStub(channel).GetTree(
+                request, timeout=HANG_GUARD) for channel in channels]
+            # Each takes its first page, then stops reading.
+            assert [len(next(pages).directories) for pages in stalled] == [1] * stalled_count
+            _wait_for(lambda: len(server.streams) == stalled_count,
+                      "the stalled GetTree calls are not all counted as streams")
+
+            with grpc.insecure_channel(address, options=OWN_CONNECTION) as other:
+                health = health_pb2_grpc.HealthStub(other)
+                calls: dict[str, Callable[[], Any]] = {
+                    "GetCapabilities": lambda: re_grpc.CapabilitiesStub(other).GetCapabilities(
+                        re_pb2.GetCapabilitiesRequest(), timeout=HANG_GUARD),
+                    "Health.Check": lambda: health.Check(
+                        health_pb2.HealthCheckRequest(), timeout=HANG_GUARD),
+                }
+                took: dict[str, float] = {}
+                answers: dict[str, Any] = {}
+                for name, call in calls.items():
+                    started = time.monotonic()
+                    answers[name] = call()
+                    took[name] = time.monotonic() - started
+                slow = {name: f"{seconds:.2f} s" for name, seconds in took.items()
+                        if seconds >= ANSWER_WITHIN}
+                assert not slow, (
+                    f"answered in over {ANSWER_WITHIN:g} s with {stalled_count} stalled "
+                    f"GetTree calls on {workers} threads: {slow}")
+                assert answers["GetCapabilities"].cache_capabilities.digest_functions
+                assert answers["Health.Check"].status == health_pb2.HealthCheckResponse.SERVING
+
+                pages = list(re_grpc.ContentAddressableStorageStub(other).GetTree(
+                    re_pb2.GetTreeRequest(root_digest=root.to_proto()), timeout=HANG_GUARD))
+                tree = [directory for page in pages for directory in page.directories]
+                assert len(tree) == 21  # the 20 levels and the empty Directory at the bottom
+                assert tree[0] == memory_store.get_directory(root)
+                assert not pages[-1].next_page_token
+        finally:
+            for channel in channels:
+                channel.close()
+        _wait_for(lambda: len(server.streams) == 0, "the cancelled GetTree calls hold slots")
+
+
+def test_a_write_declaring_the_largest_size_is_refused_and_stores_nothing(
+    tmp_path: Path,
+) -> None:
+    largest = (1 << 63) - 1
+    digest = Digest("ab" * 32, largest)
+    store_root = tmp_path / "store"
+    with open_store(f"file://{store_root}") as store, Server(store) as server, \
+            grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        bytestream = byte_grpc.ByteStreamStub(channel)
+        one_message = _upload_resource(digest)
+        streamed = _upload_resource(digest)
+        for requests in (
+            [byte_pb2.WriteRequest(resource_name=one_message, data=b"abc", finish_write=True)],
+            [byte_pb2.WriteRequest(resource_name=streamed, data=b"abc"),
+             byte_pb2.WriteRequest(write_offset=3, data=b"de", finish_write=True)],
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                bytestream.Write(iter(requests), timeout=HANG_GUARD)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            sent = b"".join(r.data for r in requests)
+            assert refused.value.details() == (
+                f"content does not match its digest: expected {digest}, "
+                f"got {Digest.of_bytes(sent)}")
+        for resource in (one_message, streamed):  # nothing kept to resume
+            with pytest.raises(grpc.RpcError) as missing:
+                bytestream.QueryWriteStatus(
+                    byte_pb2.QueryWriteStatusRequest(resource_name=resource), timeout=HANG_GUARD)
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+            assert missing.value.details() == (
+                f"no upload in progress for {resource!r}: start at offset 0")
+        assert not store.contains(digest)
+        assert server.partial_uploads == 0
+    assert [path for path in store_root.rglob("*") if not path.is_dir()] == []
+
+
+def test_query_write_status_of_the_largest_declared_size(memory_store: Store) -> None:
+    digest = Digest("cd" * 32, (1 << 63) - 1)
+    resource = _upload_resource(digest)
+    query = byte_pb2.QueryWriteStatusRequest(resource_name=resource)
+    with Server(memory_store) as server, \
+            grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        bytestream = byte_grpc.ByteStreamStub(channel)
+        with pytest.raises(grpc.RpcError) as missing:
+            bytestream.QueryWriteStatus(query, timeout=HANG_GUARD)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        assert missing.value.details() == (
+            f"no upload in progress for {resource!r}: start at offset 0")
+
+        # A few bytes, then the client half-closes: kept, and reported as incomplete.
+        started = bytestream.Write(iter([byte_pb2.WriteRequest(
+            resource_name=resource, data=b"abc")]), timeout=HANG_GUARD)
+        assert started.committed_size == 3
+        status = bytestream.QueryWriteStatus(query, timeout=HANG_GUARD)
+        assert (status.committed_size, status.complete) == (3, False)
+
+        # One past the largest size is no blob size at all.
+        beyond = resource.replace(str(digest.size), str(1 << 63))
+        with pytest.raises(grpc.RpcError) as invalid:
+            bytestream.QueryWriteStatus(
+                byte_pb2.QueryWriteStatusRequest(resource_name=beyond), timeout=HANG_GUARD)
+        assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert invalid.value.details() == (
+            f"malformed resource name {beyond!r}: not a valid blob size: {1 << 63}")

@@ -3,10 +3,10 @@
 :class:`Server` is the embedding API (tests, the pytest plugin, ``casframe serve``). It owns
 the gRPC server and the upload spool, not the store: whoever opened the store closes it.
 
-The server is grpc.aio, on an event loop in a thread of its own: the ByteStream streams are
-coroutines, so a stream waiting on its client (a stalled upload, a download nobody reads)
-costs no thread and can never starve other calls; unary calls and all blocking store work run
-in a bounded thread pool (``max_workers``). Stream count and idle time are limited
+The server is grpc.aio, on an event loop in a thread of its own: the streams (ByteStream,
+GetTree) are coroutines, so a stream waiting on its client (a stalled upload, a download nobody
+reads) costs no thread and can never starve other calls; unary calls and all blocking store
+work run in a bounded thread pool (``max_workers``). Stream count and idle time are limited
 (``max_streams``, ``stream_idle_timeout``).
 """
 
@@ -281,7 +281,9 @@ class Server:
 
         self._bytestream = ByteStreamService(*shared, self._executor)
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(*shared), server)
-        re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(*shared), server)
+        re_grpc.add_ContentAddressableStorageServicer_to_server(
+            CasService(*shared, self._executor), server
+        )
         re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(*shared), server)
         add_bytestream_to_server(self._bytestream, server)
         remote_asset_pb2_grpc.add_FetchServicer_to_server(FetchService(*shared), server)

@@ -33,6 +33,7 @@ from casframe._wire import WriteChunk, decode_write_request, encode_read_respons
 from casframe.digest import Digest
 from casframe.server.errors import StatusError, async_rpc_method, rpc_method
 from casframe.server.names import Instances, parse_read_resource, parse_write_resource
+from casframe.server.pool import in_pool
 from casframe.server.settings import ServerSettings
 from casframe.store import Store
 
@@ -250,14 +251,8 @@ class ByteStreamService:
         )
 
     async def _in_pool(self, function: Callable[..., _T], *args: Any) -> _T:
-        """Run blocking store work in the pool. Should the call be cancelled meanwhile, the
-        work still finishes before this returns, so no one else touches its upload early."""
-        future = asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            await asyncio.wait({future})
-            raise
+        """Run blocking store work in the pool (:func:`casframe.server.pool.in_pool`)."""
+        return await in_pool(self.pool, function, *args)
 
     def _idle_error(self, what: str) -> StatusError:
         return StatusError(

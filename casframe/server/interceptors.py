@@ -1,10 +1,10 @@
 """The server's interceptors: the request log, the limit on concurrent streams, and the adapter
 that runs classic ``grpc.ServerInterceptor`` objects (what plugins return) on the asyncio server.
 
-The server is ``grpc.aio``: streaming ByteStream handlers are coroutines, unary handlers are
-plain functions that grpc runs in the server's thread pool. Interceptors here must never block
-the event loop: a classic interceptor runs in the thread pool, its ``continuation`` hopping back
-to the loop.
+The server is ``grpc.aio``: streaming handlers (ByteStream, GetTree) are coroutines, unary
+handlers are plain functions that grpc runs in the server's thread pool. Interceptors here must
+never block the event loop: a classic interceptor runs in the thread pool, its ``continuation``
+hopping back to the loop.
 """
 
 from __future__ import annotations
@@ -285,8 +285,8 @@ class SyncInterceptorAdapter(grpc.aio.ServerInterceptor):
     """Runs a classic ``grpc.ServerInterceptor`` on the asyncio server.
 
     Its ``intercept_service`` runs in the thread pool; ``continuation`` returns the handler
-    of the rest of the chain. Coroutine behaviours (ByteStream) are shown to it as plain
-    functions: if it returns the handler it was given, the call runs as a coroutine as
+    of the rest of the chain. Coroutine behaviours (ByteStream, GetTree) are shown to it as
+    plain functions: if it returns the handler it was given, the call runs as a coroutine as
     before; if it wraps the behaviour, the wrapped call runs in a pool thread and drives the
     coroutine from there (holding that thread for the whole stream, as on a threaded server).
     """

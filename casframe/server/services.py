@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -50,6 +51,7 @@ from casframe.server.assets import lookup_asset, set_asset
 from casframe.server.errors import (
     OK_STATUS,
     StatusError,
+    async_rpc_method,
     missing_blobs_error,
     rpc_method,
     status_proto,
@@ -63,6 +65,7 @@ from casframe.server.names import (
     hashed_asset_ref_name,
     writable_ref_name,
 )
+from casframe.server.pool import iterate_in_pool
 from casframe.server.settings import ServerSettings
 from casframe.store import Store
 
@@ -183,6 +186,15 @@ class CapabilitiesService(_Base, re_grpc.CapabilitiesServicer):
 
 
 class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
+    """The CAS methods: unary ones run in the server's thread pool; GetTree is a coroutine
+    whose store work runs in ``pool``."""
+
+    def __init__(
+        self, store: Store, settings: ServerSettings, instances: Instances, pool: Executor
+    ) -> None:
+        super().__init__(store, settings, instances)
+        self.pool = pool
+
     @rpc_method
     def FindMissingBlobs(  # noqa: N802 - gRPC method name
         self, request: re_pb2.FindMissingBlobsRequest, context: grpc.ServicerContext
@@ -324,10 +336,16 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
             _fit_reply(response, self.settings.max_message_bytes)
         return response
 
-    @rpc_method
-    def GetTree(  # noqa: N802 - gRPC method name
-        self, request: re_pb2.GetTreeRequest, context: grpc.ServicerContext
-    ) -> Iterator[re_pb2.GetTreeResponse]:
+    @async_rpc_method
+    async def GetTree(  # noqa: N802 - gRPC method name
+        self, request: re_pb2.GetTreeRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        """A coroutine: each page is read and built in the pool, then sent from the event
+        loop, so a client that stops reading holds its stream slot and one page, no thread."""
+        async for page in iterate_in_pool(self.pool, self._tree_pages(request)):
+            await context.write(page)
+
+    def _tree_pages(self, request: re_pb2.GetTreeRequest) -> Iterator[re_pb2.GetTreeResponse]:
         self._check(request.instance_name, request.digest_function)
         root = _digest(request.root_digest, "root_digest")
         if request.page_size < 0:
