@@ -324,7 +324,7 @@ class SQLiteDatabase:
                 f"{self.url}: the database has schema version {version}, written by a newer "
                 f"casframe-sqlite; this one reads version {SCHEMA_VERSION}"
             )
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        mode = self._journal_mode_wal(conn)
         if str(mode).lower() != "wal":
             raise DatabaseOpenError(
                 f"{self.url}: cannot use WAL mode (journal mode stays {mode!r}); the database "
@@ -332,18 +332,46 @@ class SQLiteDatabase:
             )
         conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
 
+    def _journal_mode_wal(self, conn: sqlite3.Connection) -> object:
+        """Switch to WAL and return the journal mode now in force.
+
+        The switch needs the database to itself, and SQLite answers "database is locked" at
+        once, without waiting the busy timeout, when another process is switching or reading
+        at that moment (several processes opening a new database together): retried here for
+        up to ``timeout`` seconds like any other wait for a lock.
+        """
+        deadline = time.monotonic() + self._timeout
+        pause = 0.005
+        while True:
+            try:
+                return conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
     def _header(self, conn: sqlite3.Connection) -> tuple[int, int, int]:
+        # One read transaction: the three answers come from one state of the database, not
+        # from before and after another process created the schema in between.
+        own_transaction = not conn.in_transaction
         try:
-            application_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            objects = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if own_transaction:
+                conn.execute("BEGIN")
+            try:
+                application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                objects = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            finally:
+                if own_transaction:
+                    conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise self._open_failure(exc) from None
         return int(application_id), int(version), int(objects)
 
     def _create(self, conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA page_size={_PAGE_SIZE}")
-        conn.execute("PRAGMA journal_mode=WAL")
+        self._journal_mode_wal(conn)
         conn.execute("BEGIN IMMEDIATE")
         # Another process may have created the schema while this one waited for the lock.
         application_id, _, objects = self._header(conn)

@@ -221,6 +221,41 @@ print(sorted(set(map(str, digests))), tree, flush=True)
 """
 
 
+OPENER = r"""
+import os, sys
+from casframe import open_store
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]):
+    pass
+open_store(sys.argv[1]).close()
+"""
+
+
+def test_processes_opening_a_new_database_together_all_succeed(tmp_path: Path) -> None:
+    """Switching a new database to WAL is refused at once while another process switches it;
+    every opener waits for it as for any lock (the first open of a shared store by several
+    build jobs at once)."""
+    for round_no in range(10):
+        go = tmp_path / f"go{round_no}"
+        url = f"sqlite://{tmp_path / f'new{round_no}.db'}?timeout=120"
+        procs = [
+            subprocess.Popen([sys.executable, "-c", OPENER, url, str(go)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(6)
+        ]
+        try:
+            for proc in procs:  # all imported and spinning: they open the store together
+                assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+            go.touch()
+            errors = [proc.communicate(timeout=300)[1] for proc in procs]
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        assert [proc.returncode for proc in procs] == [0] * 6, errors
+
+
 def test_processes_writing_the_same_blobs_at_once(tmp_path: Path, make_tree: MakeTree) -> None:
     path = tmp_path / "shared.db"
     url = f"sqlite://{path}?timeout=120"
