@@ -16,11 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-
-from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
-from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
-from casframe._protos.buildstream.v2 import buildstream_pb2_grpc as bs_grpc
-from casframe._protos.google.bytestream import bytestream_pb2_grpc as byte_grpc
+from server_processes import ClientStubs
 
 # Run a command as root without any capability: it then has exactly the rights of uid 0 on
 # files, and none on files of another user (no CAP_DAC_OVERRIDE, no CAP_FOWNER). Unlike a
@@ -73,7 +69,7 @@ def fill_up(folder: Path) -> Path:
 
 
 @dataclass
-class ServerProcess:
+class ServerProcess(ClientStubs):
     """``casframe serve`` running in a process of its own, with a channel and every stub."""
 
     process: subprocess.Popen[str]
@@ -81,12 +77,7 @@ class ServerProcess:
 
     def __post_init__(self) -> None:
         self.channel = grpc.insecure_channel(self.address)
-        self.cas = re_grpc.ContentAddressableStorageStub(self.channel)
-        self.ac = re_grpc.ActionCacheStub(self.channel)
-        self.bytestream = byte_grpc.ByteStreamStub(self.channel)
-        self.fetch = ra_grpc.FetchStub(self.channel)
-        self.push = ra_grpc.PushStub(self.channel)
-        self.refs = bs_grpc.ReferenceStorageStub(self.channel)
+        self.attach_stubs(self.channel)
 
     def stop(self) -> str:
         """Stop the server; return what it logged."""

@@ -18,10 +18,32 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
+from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from casframe._protos.buildstream.v2 import buildstream_pb2_grpc as bs_grpc
+from casframe._protos.google.bytestream import bytestream_pb2_grpc as byte_grpc
+
 __all__ = ["raise_fd_limit", "rss_bytes", "serve_process", "stalled_streams"]
 
 # Hang guard for a process to start or to report: far above any real start-up.
 _START_TIMEOUT = 120.0
+
+
+class ClientStubs:
+    """A stub of every service ``casframe serve`` offers, on one channel."""
+
+    def attach_stubs(self, channel: grpc.Channel) -> None:
+        self.caps = re_grpc.CapabilitiesStub(channel)
+        self.cas = re_grpc.ContentAddressableStorageStub(channel)
+        self.ac = re_grpc.ActionCacheStub(channel)
+        self.bytestream = byte_grpc.ByteStreamStub(channel)
+        self.fetch = ra_grpc.FetchStub(channel)
+        self.push = ra_grpc.PushStub(channel)
+        self.refs = bs_grpc.ReferenceStorageStub(channel)
+        self.health = health_pb2_grpc.HealthStub(channel)
 
 
 def raise_fd_limit(wanted: int) -> None:

@@ -19,19 +19,16 @@ import grpc
 import pytest
 from bazel_helpers import startup_options
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from server_processes import serve_process
+from grpc_health.v1 import health_pb2
+from server_processes import ClientStubs, serve_process
 
 import casframe
 from casframe import Digest, Store, hookimpl, open_store
 from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
-from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casframe._protos.buildstream.v2 import buildstream_pb2 as bs_pb2
-from casframe._protos.buildstream.v2 import buildstream_pb2_grpc as bs_grpc
 from casframe._protos.google.bytestream import bytestream_pb2 as byte_pb2
-from casframe._protos.google.bytestream import bytestream_pb2_grpc as byte_grpc
 from casframe.server import Server, ServerSettings
 from casframe.server.names import hashed_asset_ref_name
 from casframe.testing import random_bytes
@@ -40,7 +37,7 @@ MiB = 1 << 20
 
 
 @dataclass
-class Served:
+class Served(ClientStubs):
     """A running server and a client channel with every stub."""
 
     server: Server
@@ -48,14 +45,7 @@ class Served:
     channel: grpc.Channel
 
     def __post_init__(self) -> None:
-        self.caps = re_grpc.CapabilitiesStub(self.channel)
-        self.cas = re_grpc.ContentAddressableStorageStub(self.channel)
-        self.ac = re_grpc.ActionCacheStub(self.channel)
-        self.bytestream = byte_grpc.ByteStreamStub(self.channel)
-        self.fetch = ra_grpc.FetchStub(self.channel)
-        self.push = ra_grpc.PushStub(self.channel)
-        self.refs = bs_grpc.ReferenceStorageStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.attach_stubs(self.channel)
 
 
 @pytest.fixture
