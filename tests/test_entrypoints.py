@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import json.decoder
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import platformdirs
 import pytest
 
 from casframe import entrypoints
@@ -18,6 +21,7 @@ from casframe.entrypoints import (
     entry_points,
 )
 from casframe.plugins import open_store
+from casframe.userdirs import user_dir
 
 GROUP = "casframe-test-entrypoints"
 AN_HOUR_AGO = time.time() - 3600
@@ -144,8 +148,6 @@ def test_fresh_reads_the_metadata_whatever_the_cache_says(
 
 
 def test_value_forms_load_like_importlib_metadata() -> None:
-    import json.decoder
-
     assert EntryPointRecord("a", "json", "d", "1").load() is json
     assert EntryPointRecord("a", "json.decoder:JSONDecoder.decode", "d", "1").load() is (
         json.decoder.JSONDecoder.decode
@@ -190,3 +192,37 @@ def test_a_command_skips_importlib_metadata_once_the_cache_is_written(tmp_path: 
         env=env, check=True, capture_output=True, text=True,
     )
     assert '"local"' in plugins.stdout
+
+
+# -- the user's folders, as platformdirs would give them ---------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["cache", "config"])
+@pytest.mark.parametrize(
+    "home, xdg",
+    [
+        ("/home/ann", None),
+        ("/home/ann/", ""),
+        ("/home/ann", "/srv/xdg"),
+        ("/home/ann", "relative/xdg"),
+        ("relative-home", None),
+        (None, None),
+        (None, "/srv/xdg"),
+        ("/", None),
+    ],
+)
+def test_user_dirs_match_platformdirs(
+    kind: str, home: str | None, xdg: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    variable = "XDG_CACHE_HOME" if kind == "cache" else "XDG_CONFIG_HOME"
+    for name, value in (("HOME", home), (variable, xdg)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    expected = (
+        platformdirs.user_cache_dir("casframe")
+        if kind == "cache"
+        else platformdirs.user_config_dir("casframe")
+    )
+    assert user_dir(kind) == expected  # type: ignore[arg-type]
