@@ -24,6 +24,7 @@ from typing import Any, TypeAlias, cast
 import grpc
 
 from casframe.errors import ConfigError, MissingDependencyError
+from casframe.plugins import each_plugin, get_plugin_manager
 from casframe.readonly import read_only_view
 from casframe.server.bytestream import ByteStreamService, add_bytestream_to_server
 from casframe.server.interceptors import (
@@ -95,27 +96,19 @@ def _bind_problem(listen: str) -> str:
 
 
 def plugin_interceptors(settings: ServerSettings) -> list[Interceptor]:
-    """Interceptors every plugin returns from ``casframe_server_interceptors``, in order."""
-    from casframe.plugins import get_plugin_manager
-
-    hook = get_plugin_manager().hook.casframe_server_interceptors
+    """Interceptors every plugin returns from ``casframe_server_interceptors``, oldest plugin
+    first (built-ins before third parties', as the hook's documentation says)."""
     interceptors: list[Interceptor] = []
-    # get_hookimpls() lists the oldest registration first (calling the hook would run the newest
-    # first): built-in plugins come before third parties', as the hook's documentation says.
-    for impl in hook.get_hookimpls():
-        if impl.hookwrapper or impl.wrapper:
-            continue
-        # pluggy lets an implementation omit arguments it does not use.
-        kwargs = {"config": settings} if "config" in impl.argnames else {}
-        returned = cast("Iterable[Any] | None", impl.function(**kwargs))
-        for interceptor in returned or ():
-            if not isinstance(interceptor, (grpc.ServerInterceptor, grpc.aio.ServerInterceptor)):
-                raise ConfigError(
-                    f"plugin {impl.plugin_name!r} returned {interceptor!r} from "
-                    "casframe_server_interceptors; expected grpc.ServerInterceptor or "
-                    "grpc.aio.ServerInterceptor instances"
-                )
-            interceptors.append(interceptor)
+    for plugin, call in each_plugin(get_plugin_manager(), "casframe_server_interceptors"):
+        for returned in call(config=settings):
+            for interceptor in cast("Iterable[Any]", returned or ()):
+                if not isinstance(interceptor, grpc.ServerInterceptor | grpc.aio.ServerInterceptor):
+                    raise ConfigError(
+                        f"plugin {plugin!r} returned {interceptor!r} from "
+                        "casframe_server_interceptors; expected grpc.ServerInterceptor or "
+                        "grpc.aio.ServerInterceptor instances"
+                    )
+                interceptors.append(interceptor)
     return interceptors
 
 

@@ -18,8 +18,8 @@ A nested URL with a query of its own must be percent-encoded inside a ``cache://
 served from local and fill it from the remote; writes go to both; refs live on the remote;
 :mod:`casframe_cache.store` has the rules and docs/cache.md the reasons.
 
-It is built on casframe's public API only (``open_store``, the configuration, ``Store``), like
-any third-party backend composed of others. Opening never loops: a cache that leads back to
+It is built on casframe's public API only (the ``StoreOpener`` its factory receives, ``Store``),
+like any third-party backend composed of others. Opening never loops: a cache that leads back to
 itself through store names is refused with a :class:`ConfigError`.
 """
 
