@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -285,13 +285,14 @@ class StoreOpener:
 
 def _call_factory(factory: Factory, url: StoreURL, opener: StoreOpener) -> Store:
     """``factory(url, opener)`` if the factory takes a second argument, else ``factory(url)``."""
+    call: Callable[..., Store] = factory
     try:
-        inspect.signature(factory).bind(url, opener)
+        inspect.signature(call).bind(url, opener)
     except TypeError:
-        return factory(url)  # type: ignore[call-arg]
+        return call(url)
     except ValueError:  # no signature to inspect (a builtin): the one-argument form
-        return factory(url)  # type: ignore[call-arg]
-    return factory(url, opener)  # type: ignore[call-arg]
+        return call(url)
+    return call(url, opener)
 
 
 def open_store(

@@ -168,7 +168,7 @@ class CasframeGroup(click.Group):
             finally:
                 self._registering = None
 
-    def main(  # type: ignore[override]
+    def main(
         self,
         args: Sequence[str] | None = None,
         prog_name: str | None = None,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from casframe import hookimpl
+from casframe import BackendRegistry, hookimpl
 
 if TYPE_CHECKING:
     from casframe_cache.factory import open_cache_store
@@ -53,7 +53,7 @@ def __getattr__(name: str) -> Any:
 
 
 @hookimpl
-def casframe_register_backends(registry) -> None:  # type: ignore[no-untyped-def]
+def casframe_register_backends(registry: BackendRegistry) -> None:
     registry.add(
         "cache",
         "casframe_cache.factory:open_cache_store",
