@@ -234,7 +234,7 @@ class Server:
 
     async def _start(self, interceptors: list[Interceptor]) -> int:
         """Build, bind and start the grpc.aio server (on the server's event loop)."""
-        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_health.v1 import health_pb2
 
         settings = self.settings
         assert self._executor is not None
@@ -265,13 +265,28 @@ class Server:
                 ("grpc.http2.lookahead_bytes", 2 << 20),
             ],
         )
-        shared = (self._served, settings, self.instances)
+        self._add_services(server)
+        port = self._bind(server)
+        await server.start()
+        serving = health_pb2.HealthCheckResponse.SERVING
+        await self._health.set("", serving)
+        for name in SERVICE_NAMES:
+            await self._health.set(name, serving)
+        self._server = server
+        return port
+
+    def _add_services(self, server: grpc.aio.Server) -> None:
+        """Add every casframe service and the health service to ``server``."""
+        from grpc_health.v1 import health, health_pb2_grpc
+
         from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc
         from casframe._protos.build.bazel.remote.execution.v2 import (
             remote_execution_pb2_grpc as re_grpc,
         )
         from casframe._protos.buildstream.v2 import buildstream_pb2_grpc
 
+        assert self._executor is not None
+        shared = (self._served, self.settings, self.instances)
         self._bytestream = ByteStreamService(*shared, self._executor)
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(*shared), server)
         re_grpc.add_ContentAddressableStorageServicer_to_server(
@@ -287,6 +302,9 @@ class Server:
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
 
+    def _bind(self, server: grpc.aio.Server) -> int:
+        """Bind ``server`` to the listen address, with TLS if configured; return the port."""
+        settings = self.settings
         try:
             if settings.tls:
                 assert settings.tls_cert is not None and settings.tls_key is not None
@@ -311,13 +329,6 @@ class Server:
             ) from None
         if not port:
             raise OSError(errno.EADDRNOTAVAIL, "cannot listen", settings.listen)
-
-        await server.start()
-        serving = health_pb2.HealthCheckResponse.SERVING
-        await self._health.set("", serving)
-        for name in SERVICE_NAMES:
-            await self._health.set(name, serving)
-        self._server = server
         return port
 
     def stop(self, grace: float | None = None) -> None:
