@@ -1,7 +1,11 @@
-"""Plugin loading: the pluggy manager, built on first use from the ``casframe`` entry points.
+"""Plugins and opening stores through them: the pluggy manager, built on first use from the
+``casframe`` entry points, its scheme registry, and :class:`StoreOpener`, which resolves a URL
+or a configured name to the factory of the plugin that registered its scheme.
 
-casframe's own backends are entry points of the ``casframe`` distribution and load through the
-same path as any third party's. Two environment switches control loading:
+Hooks are called through pluggy; where the plugin behind a result must be known,
+:func:`each_plugin` is the one place that splits a hook call per plugin. casframe's own backends
+are entry points of the ``casframe`` distribution and load through the same path as any third
+party's. Two environment switches control loading:
 
 ``CASFRAME_DISABLE_PLUGIN_AUTOLOAD=1``
     load only the plugins that ship with casframe itself;
