@@ -96,7 +96,8 @@ def casframe_modules() -> dict[str, Path]:
 
 def imported_modules(module: str, path: Path, modules: set[str]) -> set[str]:
     """Every module that ``module`` (the file ``path``) imports, anywhere in it, with
-    ``from casframe import X`` resolved to the module defining ``X``."""
+    ``from casframe import X`` resolved to the module defining ``X``; a module named with
+    ``lazy_module("...")`` counts as imported."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
@@ -110,6 +111,15 @@ def imported_modules(module: str, path: Path, modules: set[str]) -> set[str]:
                 base = ".".join([*anchor, base] if base else anchor)
             for alias in node.names:
                 found.add(_resolve(base, alias.name, modules))
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "lazy_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            found.add(node.args[0].value)  # imported when first used: a dependency all the same
     return found
 
 
