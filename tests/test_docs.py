@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib.metadata
 import os
 import re
 import select
@@ -143,6 +144,19 @@ def test_every_hook_is_documented(hook: str) -> None:
     for part in ("**Purpose.**", "**Arguments.**", "**Returns.**", "**When it is called.**"):
         assert part in section.body, f"the section on {hook} in docs/hooks.md lacks {part}"
     assert hook_example(hook), f"the section on {hook} in docs/hooks.md has no example plugin"
+
+
+def test_hooks_md_names_every_built_in_backend() -> None:
+    """The built-in plugins docs/hooks.md lists are the casframe distribution's entry points."""
+    text = (DOCS / "hooks.md").read_text(encoding="utf-8")
+    found = re.search(r"casframe's own backends \(([^)]*)\)", text)
+    assert found, "docs/hooks.md no longer lists casframe's own backends"
+    listed = sorted(re.findall(r"`(\w+)`", found.group(1)))
+    shipped = sorted(
+        ep.name for ep in importlib.metadata.distribution("casframe").entry_points
+        if ep.group == "casframe"
+    )
+    assert listed == shipped
 
 
 def hook_example(hook: str) -> str:

@@ -22,7 +22,6 @@ import pytest
 
 from casframe import (
     BackendUnavailableError,
-    Capability,
     CasframeError,
     ConfigError,
     CorruptBlobError,
@@ -54,7 +53,6 @@ def object_key(bucket: S3TestBucket, digest: Digest) -> str:
 
 
 class _S3Conformance(StoreConformance):
-    missing_capabilities = frozenset({Capability.LOCAL_PATH})
     mtime_resolution = 1.0  # LastModified has one-second steps
 
     def corrupt_blob(self, store: Store, digest: Digest, data: bytes) -> None:

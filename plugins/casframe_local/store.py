@@ -17,6 +17,7 @@ from urllib.parse import unquote
 from casframe import (
     EMPTY_DIGEST,
     BlobInfo,
+    BlobLimits,
     BlobStore,
     BlobWriter,
     Capability,
@@ -25,6 +26,7 @@ from casframe import (
     CorruptBlobError,
     Digest,
     InvalidDigestError,
+    RefCapability,
     RefConflictError,
     RefInfo,
     RefNotFoundError,
@@ -33,6 +35,7 @@ from casframe import (
     StoreNotFoundError,
     StoreURL,
     StrayEntry,
+    UnsupportedOperationError,
 )
 
 __all__ = ["LocalBlobStore", "LocalRefStore", "open_local_store"]
@@ -146,9 +149,15 @@ class _LocalWriter(BlobWriter):
 
 class LocalBlobStore(BlobStore):
     capabilities = frozenset(
-        {Capability.LIST, Capability.DELETE, Capability.TOUCH, Capability.LOCAL_PATH}
+        {
+            Capability.LIST,
+            Capability.DELETE,
+            Capability.TOUCH,
+            Capability.LOCAL_PATH,
+            Capability.COPY_FILE,
+        }
     )
-    max_concurrency = 2  # local disk and hashing: one thread per core
+    limits = BlobLimits(max_concurrency=2)  # local disk and hashing: one thread per core
 
     def __init__(self, root: str, *, fsync: bool = False) -> None:
         self.root = root
@@ -424,8 +433,10 @@ class LocalBlobStore(BlobStore):
         try:
             if os.fstat(source).st_size != digest.size:
                 return
-            copied = self.begin_write_copy(source)
-            if copied is None:  # no copy in the kernel here: through user space
+            try:
+                upload, stored = self.begin_write_copy(source)
+                stored.close()
+            except UnsupportedOperationError:  # no copy in the kernel here: through user space
                 upload = self.begin_write()
                 try:
                     while chunk := os.read(source, _COPY_CHUNK):
@@ -433,14 +444,11 @@ class LocalBlobStore(BlobStore):
                 except BaseException:
                     upload.abort()
                     raise
-            else:
-                upload, stored = copied
-                stored.close()
             upload.commit(digest)  # publish replaces an object it may not freshen
         finally:
             os.close(source)
 
-    def begin_write_copy(self, fd: int) -> tuple[BlobWriter, BinaryIO] | None:
+    def begin_write_copy(self, fd: int) -> tuple[BlobWriter, BinaryIO]:
         """Copy by ``copy_file_range`` into a new temp object (in the kernel, no user copy)."""
         start = os.lseek(fd, 0, os.SEEK_CUR)
         temp_fd, temp = self.open_temp()
@@ -453,14 +461,16 @@ class LocalBlobStore(BlobStore):
                 except OSError as exc:
                     if copied or exc.errno not in _NO_KERNEL_COPY:
                         raise
-                    writer.abort()
-                    return None
+                    raise UnsupportedOperationError(
+                        f"{self.describe()} cannot copy this file in the kernel: {exc}"
+                    ) from None
                 if not n:
                     if not copied:
                         # An empty rest, or a file system that copies nothing from a file
                         # that reads fine (procfs, some FUSE ones): let the core read it.
-                        writer.abort()
-                        return None
+                        raise UnsupportedOperationError(
+                            f"{self.describe()} copied nothing of this file: read it instead"
+                        )
                     break
                 copied += n
             stored = open(os.dup(temp_fd), "rb", buffering=0)  # noqa: SIM115 - returned
@@ -607,6 +617,8 @@ class LocalBlobStore(BlobStore):
 
 
 class LocalRefStore(RefStore):
+    capabilities = frozenset({RefCapability.LIST, RefCapability.DELETE})
+
     def __init__(self, root: str, *, fsync: bool = False) -> None:
         self.root = root
         self.refdir = os.path.join(root, "refs", "heads")

@@ -46,6 +46,7 @@ from casframe import (
     EMPTY_DIGEST,
     BackendUnavailableError,
     BlobInfo,
+    BlobLimits,
     BlobNotFoundError,
     BlobStore,
     BlobWriter,
@@ -57,6 +58,7 @@ from casframe import (
     DigestMismatchError,
     InvalidDigestError,
     PermissionDeniedError,
+    RefCapability,
     RefInfo,
     RefNotFoundError,
     RefStore,
@@ -74,7 +76,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Uploads are kept in memory up to this size, then spooled to a temporary file: unless it was
-# announced (begin_write_for, which large local files are too: see prehash_min_size), the
+# announced (begin_write_for, which large local files are too: see limits.prehash_min_size), the
 # digest, and so the key, is known only at commit, and S3 cannot rename. 1 MiB is the core's
 # chunk size, so small blobs never touch the disk and many concurrent writers stay far below
 # 100 MiB.
@@ -708,17 +710,21 @@ class S3BlobStore(BlobStore):
     """Blobs as objects ``PREFIX/objects/ab/cdef…`` of one bucket."""
 
     capabilities = frozenset({Capability.LIST, Capability.DELETE, Capability.TOUCH})
-    # find_missing lists fan-out folders for large sets: the larger the set, the better.
-    max_batch_digests = 100_000
 
     def __init__(self, bucket: _Bucket) -> None:
         self._bucket = bucket
-        self.max_concurrency = bucket.options.max_concurrency
+        #: Blobs of at least this size whose digest is known are streamed to their key as they
+        #: arrive, never spooled; smaller ones stay in memory (one PUT) anyway.
+        self.streaming_min_size = max(bucket.options.multipart_threshold, SPOOL_MEMORY_LIMIT + 1)
+        self.limits = BlobLimits(
+            # find_missing lists fan-out folders for large sets: the larger, the better.
+            max_batch_digests=100_000,
+            max_concurrency=bucket.options.max_concurrency,
+            # Local files that large are hashed first, so that they can be streamed too.
+            prehash_min_size=self.streaming_min_size,
+        )
         self._inflight_lock = threading.Lock()
         self._inflight: dict[str, _Upload] = {}
-        # Larger local files are hashed first and streamed to their key, never spooled; smaller
-        # ones stay in memory (one PUT) anyway.
-        self.prehash_min_size: int = max(bucket.options.multipart_threshold, SPOOL_MEMORY_LIMIT + 1)
         # Set once a listing showed more than one page of blobs; stores rarely shrink back.
         self._holds_many = False
 
@@ -915,9 +921,9 @@ class S3BlobStore(BlobStore):
 
     def begin_write_for(self, digest: Digest) -> BlobWriter:
         """An upload whose digest is known in advance (transfers, ByteStream writes, large
-        local files, ``put_stream(expected=…)``): a blob of at least ``prehash_min_size`` is
+        local files, ``put_stream(expected=…)``): a blob of at least ``streaming_min_size`` is
         sent in parts while it arrives, and one already stored is not sent at all."""
-        if digest.size >= self.prehash_min_size:
+        if digest.size >= self.streaming_min_size:
             return _StreamingUpload(self, digest)
         return _S3Writer(self)
 
@@ -1015,7 +1021,7 @@ class S3BlobStore(BlobStore):
         folders = [(current, last_key)] if current in _FANOUTS else []
         folders += [(fanout, "") for fanout in _FANOUTS if fanout > current]
         folders.reverse()
-        ahead = max(1, min(4, self.max_concurrency))
+        ahead = min(4, self.limits.max_concurrency)
         pending: list[Future[list[tuple[str, int, float]]]] = []
         try:
             while pending or folders:
@@ -1273,6 +1279,8 @@ class S3RefStore(RefStore):
     than taken from LastModified, whose one-second resolution cannot order refs used within
     the same second. Refs written by other tools fall back to LastModified.
     """
+
+    capabilities = frozenset({RefCapability.LIST, RefCapability.DELETE})
 
     def __init__(self, bucket: _Bucket) -> None:
         self._bucket = bucket
