@@ -353,8 +353,8 @@ def test_capabilities_are_read_on_open(store: Store) -> None:
     # casframe's server advertises 3 MiB (4 MiB messages, 1 MiB kept for framing).
     assert blobs.batch_limit == (3 << 20) - 1024  # type: ignore[attr-defined]
     # The core groups 1 MiB per call: each call in flight holds about four times its payload.
-    assert blobs.max_batch_bytes == 1 << 20
-    assert blobs.max_concurrency == 4
+    assert blobs.limits.max_batch_bytes == 1 << 20
+    assert blobs.limits.max_concurrency == 4
 
 
 # -- refs ----------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_url_options_reach_boto3(s3_mock: S3TestBucket) -> None:
     )
     with open_store(url) as store:
         assert store.url == f"s3://{s3_mock.name}/deep/prefix"
-        assert store.blobs.max_concurrency == 7
+        assert store.blobs.limits.max_concurrency == 7
         options = store.blobs.options  # type: ignore[attr-defined]
         assert (options.multipart_threshold, options.multipart_chunksize) == (16 * MiB, 6 * MiB)
         config = store.blobs.client.meta.config  # type: ignore[attr-defined]
@@ -105,10 +105,10 @@ def test_url_options_reach_boto3(s3_mock: S3TestBucket) -> None:
 
 def test_options_from_the_config_file_are_used(s3_mock: S3TestBucket) -> None:
     with open_store(s3_mock.store_url, {"max_concurrency": 3, "retry_mode": "adaptive"}) as store:
-        assert store.blobs.max_concurrency == 3
+        assert store.blobs.limits.max_concurrency == 3
         # The URL's query wins over the config file.
     with open_store(s3_mock.store_url + "?max_concurrency=5", {"max_concurrency": 3}) as store:
-        assert store.blobs.max_concurrency == 5
+        assert store.blobs.limits.max_concurrency == 5
 
 
 @pytest.mark.parametrize(
