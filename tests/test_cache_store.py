@@ -33,6 +33,7 @@ from casframe import (
     Digest,
     Store,
     UnsupportedOperationError,
+    layout,
     open_store,
 )
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -512,7 +513,7 @@ def test_open_by_url_with_percent_encoded_nested_urls(
         assert cache.url.startswith(f"cache://?local=file://{tmp_path / 'local'}&remote=s3://")
         digest = cache.put_bytes(b"through a nested URL")
         assert s3_server_bucket.keys() == [
-            f"{s3_server_bucket.prefix}/objects/{digest.hash[:2]}/{digest.hash[2:]}"
+            f"{s3_server_bucket.prefix}/{layout.object_key(digest)}"
         ]
 
 

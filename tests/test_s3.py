@@ -30,6 +30,7 @@ from casframe import (
     InvalidDigestError,
     PermissionDeniedError,
     Store,
+    layout,
     open_store,
 )
 from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
@@ -46,7 +47,7 @@ MiB = 1 << 20
 
 
 def object_key(bucket: S3TestBucket, digest: Digest) -> str:
-    return f"{bucket.prefix}/objects/{digest.hash[:2]}/{digest.hash[2:]}"
+    return f"{bucket.prefix}/{layout.object_key(digest)}"
 
 
 # -- conformance ------------------------------------------------------------------------------
@@ -59,7 +60,7 @@ class _S3Conformance(StoreConformance):
         options = store.blobs.options  # type: ignore[attr-defined]
         store.blobs.client.put_object(  # type: ignore[attr-defined]
             Bucket=options.bucket,
-            Key=f"{options.key_prefix}objects/{digest.hash[:2]}/{digest.hash[2:]}",
+            Key=options.key_prefix + layout.object_key(digest),
             Body=data,
         )
 
@@ -451,7 +452,7 @@ def test_iter_blobs_over_many_pages(
 
 def test_partial_delete_failures_are_reported(s3_store: Store) -> None:
     keep, drop = s3_store.put_bytes(b"protected"), s3_store.put_bytes(b"deletable")
-    locked_key = f"store/objects/{keep.hash[:2]}/{keep.hash[2:]}"
+    locked_key = f"store/{layout.object_key(keep)}"
 
     def refuse_one(parsed: dict[str, Any], **_: Any) -> None:
         parsed["Errors"] = [{"Key": locked_key, "Code": "AccessDenied", "Message": "Locked"}]

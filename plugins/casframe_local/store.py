@@ -25,7 +25,6 @@ from casframe import (
     ConfigError,
     CorruptBlobError,
     Digest,
-    InvalidDigestError,
     RefCapability,
     RefConflictError,
     RefInfo,
@@ -36,12 +35,13 @@ from casframe import (
     StoreURL,
     StrayEntry,
     UnsupportedOperationError,
+    layout,
 )
+from casframe.layout import is_fanout, is_object_file_name, object_name
 
 __all__ = ["LocalBlobStore", "LocalRefStore", "open_local_store"]
 
 _OBJECT_MODE = 0o444  # read-only, so a hardlinked checkout cannot edit the store by accident
-_HEX = frozenset("0123456789abcdef")
 _EMPTY_HASH = EMPTY_DIGEST.hash
 _names = itertools.count()
 _CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -161,8 +161,8 @@ class LocalBlobStore(BlobStore):
 
     def __init__(self, root: str, *, fsync: bool = False) -> None:
         self.root = root
-        self.objdir = os.path.join(root, "objects")
-        self.tmpdir = os.path.join(root, "tmp")
+        self.objdir = os.path.join(root, layout.OBJECTS)
+        self.tmpdir = os.path.join(root, layout.TMP)
         self.fsync = fsync
         _make_folders(self.objdir, self.tmpdir)
         # A store on a read-only mount may lack tmp/ (copied without it): it is read, never
@@ -181,7 +181,7 @@ class LocalBlobStore(BlobStore):
         return f"file://{self.root}"
 
     def object_path(self, digest: Digest) -> str:
-        return f"{self.objdir}/{digest.hash[:2]}/{digest.hash[2:]}"
+        return os.path.join(self.root, layout.object_key(digest))
 
     # Uploads go to an unnamed file (O_TMPFILE) that is linked into objects/ once verified:
     # nothing to clean up after a crash, and one link instead of create + rename. Where the
@@ -230,10 +230,10 @@ class LocalBlobStore(BlobStore):
             return self._link_into_place(fd, temp, digest)
         except (IsADirectoryError, NotADirectoryError) as exc:
             # A stray entry holds the object's place: it is not ours to remove.
-            where = "objects/" + (
-                f"{digest.hash[:2]}/{digest.hash[2:]}"
+            where = (
+                layout.object_key(digest)
                 if isinstance(exc, IsADirectoryError)
-                else digest.hash[:2]
+                else f"{layout.OBJECTS}/{digest.hash[:2]}"
             )
             what = "a directory" if isinstance(exc, IsADirectoryError) else "not a directory"
             raise CasframeError(
@@ -252,10 +252,9 @@ class LocalBlobStore(BlobStore):
                         return False, made_folder
                     os.rename(temp, target)
                 else:
-                    hash_ = digest.hash  # relative to objects/: a shorter path walk
-                    os.link(
+                    os.link(  # relative to objects/: a shorter path walk
                         f"/proc/self/fd/{fd}",
-                        f"{hash_[:2]}/{hash_[2:]}",
+                        layout.object_name(digest.hash),
                         src_dir_fd=self._tmpfd,
                         dst_dir_fd=self._objfd,
                     )
@@ -304,7 +303,7 @@ class LocalBlobStore(BlobStore):
         for digest in digests:
             hash_ = digest[0]
             try:
-                st = stat_(f"{hash_[:2]}/{hash_[2:]}", dir_fd=objfd, follow_symlinks=False)
+                st = stat_(object_name(hash_), dir_fd=objfd, follow_symlinks=False)
                 if st.st_size == digest[1] and regular(st.st_mode):  # not a stray folder
                     continue
             except _NOT_AN_OBJECT:
@@ -344,10 +343,9 @@ class LocalBlobStore(BlobStore):
     def read_blobs(self, digests: Iterable[Digest]) -> Iterator[tuple[Digest, bytes]]:
         # Three system calls a blob, without a file object: batch reads of small blobs are
         # what a server answering BatchReadBlobs and a push of many small files spend on.
-        objdir = self.objdir
         for digest in digests:
             try:
-                fd = os.open(f"{objdir}/{digest.hash[:2]}/{digest.hash[2:]}", _READ)
+                fd = os.open(object_name(digest.hash), _READ, dir_fd=self._objfd)
             except _NOT_AN_OBJECT:
                 raise self._not_found(digest) from None
             try:
@@ -393,7 +391,7 @@ class LocalBlobStore(BlobStore):
         utime, stat = os.utime, os.stat
         for digest in digests:
             hash_ = digest[0]
-            path = f"{hash_[:2]}/{hash_[2:]}"
+            path = object_name(hash_)
             try:
                 self._freshen(utime, path, objfd, digest)
                 if stat(path, dir_fd=objfd).st_size == digest[1]:
@@ -429,7 +427,7 @@ class LocalBlobStore(BlobStore):
         object is gone, and leaves a damaged one (wrong size) for the caller to find.
         """
         hash_ = digest.hash
-        source = os.open(f"{hash_[:2]}/{hash_[2:]}", _READ, dir_fd=self._objfd)
+        source = os.open(object_name(hash_), _READ, dir_fd=self._objfd)
         try:
             if os.fstat(source).st_size != digest.size:
                 return
@@ -502,7 +500,7 @@ class LocalBlobStore(BlobStore):
         stat_, link, regular = os.stat, os.link, stat.S_ISREG
         for name, digest in links:
             hash_ = digest[0]
-            rel = f"{hash_[:2]}/{hash_[2:]}"
+            rel = object_name(hash_)
             try:
                 st = stat_(rel, dir_fd=objfd, follow_symlinks=False)
             except _NOT_AN_OBJECT:
@@ -518,7 +516,7 @@ class LocalBlobStore(BlobStore):
         self, skip: Callable[[str], bool] | None = None
     ) -> Iterator[tuple[str, int, float]]:
         for fanout in sorted(os.listdir(self.objdir)):
-            if len(fanout) != 2 or not _HEX.issuperset(fanout):
+            if not is_fanout(fanout):
                 continue
             try:
                 scanner = os.scandir(os.path.join(self.objdir, fanout))
@@ -527,7 +525,7 @@ class LocalBlobStore(BlobStore):
             with scanner as entries:
                 for entry in entries:
                     rest = entry.name
-                    if len(rest) != 62 or not _HEX.issuperset(rest):
+                    if not is_object_file_name(rest):
                         continue  # a stray file, not an object
                     hash_ = fanout + rest
                     if skip is not None and skip(hash_):
@@ -550,15 +548,17 @@ class LocalBlobStore(BlobStore):
     def iter_strays(self) -> Iterator[StrayEntry]:
         for fanout in sorted(os.listdir(self.objdir)):
             folder = os.path.join(self.objdir, fanout)
-            shaped = len(fanout) == 2 and _HEX.issuperset(fanout)
+            shaped = is_fanout(fanout)
             if not shaped or os.path.islink(folder) or not os.path.isdir(folder):
-                yield StrayEntry(f"objects/{fanout}", f"{_kind(folder)}, not a fan-out folder")
+                yield StrayEntry(
+                    f"{layout.OBJECTS}/{fanout}", f"{_kind(folder)}, not a fan-out folder"
+                )
                 continue
             with os.scandir(folder) as entries:
                 for entry in sorted(entries, key=lambda e: e.name):
                     rest = entry.name
-                    name = f"objects/{fanout}/{rest}"
-                    if len(rest) != 62 or not _HEX.issuperset(rest):
+                    name = f"{layout.OBJECTS}/{fanout}/{rest}"
+                    if not is_object_file_name(rest):
                         yield StrayEntry(name, f"{_kind(entry.path)} whose name is not a hash")
                     elif not entry.is_file(follow_symlinks=False):
                         yield StrayEntry(name, f"{_kind(entry.path)}, not an object")
@@ -610,7 +610,7 @@ class LocalBlobStore(BlobStore):
         objfd = self._objfd
         for digest in digests:
             try:
-                self._freshen(utime, f"{digest.hash[:2]}/{digest.hash[2:]}", objfd, digest)
+                self._freshen(utime, object_name(digest.hash), objfd, digest)
             except FileNotFoundError:
                 absent.append(digest)
         return absent
@@ -621,8 +621,8 @@ class LocalRefStore(RefStore):
 
     def __init__(self, root: str, *, fsync: bool = False) -> None:
         self.root = root
-        self.refdir = os.path.join(root, "refs", "heads")
-        self.tmpdir = os.path.join(root, "tmp")
+        self.refdir = os.path.join(root, layout.REFS)
+        self.tmpdir = os.path.join(root, layout.TMP)
         self.fsync = fsync
         _make_folders(self.refdir, self.tmpdir)
 
@@ -649,12 +649,7 @@ class LocalRefStore(RefStore):
         return self._parse(name, data)
 
     def _parse(self, name: str, data: bytes) -> Digest:
-        try:
-            return Digest.from_serialized(data)
-        except InvalidDigestError as exc:
-            raise InvalidDigestError(
-                f"ref {name} in file://{self.root} is damaged: {exc}; set it again or delete it"
-            ) from None
+        return layout.decode_ref(data, name, f"file://{self.root}")
 
     def conflicting_ref(self, name: str) -> str | None:
         # A few stats: is one of the name's folders a file, or is the name a folder with a
@@ -692,7 +687,7 @@ class LocalRefStore(RefStore):
 
     def _write_temp(self, temp: str, digest: Digest) -> None:
         with open(temp, "wb") as f:
-            f.write(digest.serialize())
+            f.write(layout.encode_ref(digest))
             f.flush()  # a full disk fails here, inside the with, not in a close at exit
             if self.fsync:
                 os.fsync(f.fileno())

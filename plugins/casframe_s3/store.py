@@ -56,7 +56,6 @@ from casframe import (
     CorruptBlobError,
     Digest,
     DigestMismatchError,
-    InvalidDigestError,
     PermissionDeniedError,
     RefCapability,
     RefInfo,
@@ -66,6 +65,7 @@ from casframe import (
     StoreURL,
     StrayEntry,
     __version__,
+    layout,
 )
 from casframe.digest import CHUNK_SIZE
 from casframe_s3.options import MAX_SINGLE_PUT, S3Options
@@ -99,7 +99,6 @@ PARTS_IN_FLIGHT_BYTES = 24 << 20
 MAX_REF_BYTES = 64 << 10
 # Error codes meaning "no such object" (HEAD answers carry no body, only the status).
 _NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
-_HEX_DIGITS = frozenset("0123456789abcdef")
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-\d+/(?:\d+|\*)", re.IGNORECASE)
 _NO_BUCKET = frozenset({"NoSuchBucket"})
 _DENIED = frozenset(
@@ -162,8 +161,8 @@ class _Bucket:
     def __init__(self, options: S3Options) -> None:
         self.options = options
         self.name = options.bucket
-        self.objects = f"{options.key_prefix}objects/"
-        self.refs = f"{options.key_prefix}refs/heads/"
+        self.objects = f"{options.key_prefix}{layout.OBJECTS}/"
+        self.refs = f"{options.key_prefix}{layout.REFS}/"
         try:
             core = botocore.session.get_session()
             core.register_component("data_loader", _shared_loader())
@@ -272,7 +271,7 @@ class _Bucket:
         return _gather(futures)
 
     def object_key(self, digest: Digest) -> str:
-        return f"{self.objects}{digest.hash[:2]}/{digest.hash[2:]}"
+        return self.options.key_prefix + layout.object_key(digest)
 
     # -- error translation (the one place botocore errors become casframe errors) ------------
 
@@ -1211,11 +1210,9 @@ _FOLDER_MARKER = re.compile(r"(?:[0-9a-f]{2}/)?")
 
 def _blob_key_name(key: str, objects: str) -> str | None:
     """The hash a key ``objects/ab/cdef…`` stands for, ``None`` for any other key."""
-    relative = key[len(objects) :]
-    if not key.startswith(objects) or len(relative) != 65 or relative[2] != "/":
+    if not key.startswith(objects):
         return None
-    name = relative[:2] + relative[3:]
-    return name if _HEX_DIGITS.issuperset(name) else None
+    return layout.object_hash(key[len(objects) :])
 
 
 def _listed(contents: list[dict[str, Any]], objects: str) -> Iterator[tuple[str, int, float]]:
@@ -1303,12 +1300,7 @@ class S3RefStore(RefStore):
             self._bucket.fail(exc, "read a ref", key)
         except botocore.exceptions.BotoCoreError as exc:
             self._bucket.fail(exc, "read a ref", key)
-        try:
-            return Digest.from_serialized(data), response
-        except InvalidDigestError as exc:
-            raise InvalidDigestError(
-                f"ref {name} in {self._where()} is damaged: {exc}; set it again or delete it"
-            ) from None
+        return layout.decode_ref(data, name, self._where()), response
 
     def get_ref(self, name: str, *, touch: bool = True) -> Digest:
         digest, response = self._read(name)
@@ -1350,7 +1342,7 @@ class S3RefStore(RefStore):
     def set_ref(self, name: str, digest: Digest) -> None:
         self._bucket.put(
             self._bucket.refs + name,
-            digest.serialize(),
+            layout.encode_ref(digest),
             Metadata={"accessed": f"{time.time():.6f}"},
         )
 
