@@ -377,7 +377,7 @@ def test_writers_of_the_same_blob_upload_it_once(s3_mock: S3TestBucket, s3_store
 @pytest.fixture
 def small_pages(monkeypatch: pytest.MonkeyPatch) -> None:
     """LIST pages of 40 keys (instead of 1,000), so a few hundred blobs make a "large" store."""
-    import casframe_s3.store as s3_module
+    import casframe_s3.bucket as s3_module
 
     original = s3_module._Bucket.list_pages
     monkeypatch.setattr(
@@ -424,7 +424,7 @@ def test_find_missing_of_thousands_lists_fanout_folders(s3_store: Store, small_p
 def test_find_missing_in_a_full_folder_falls_back_to_asking(
     s3_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import casframe_s3.store as s3_module
+    import casframe_s3.bucket as s3_module
 
     # Pages of 2 keys make every folder "full": listing it would cost more than asking.
     stored = [s3_store.put_bytes(b"full %d" % i) for i in range(120)]
@@ -884,7 +884,7 @@ def test_parts_in_flight_are_bounded_across_concurrent_uploads(
 ) -> None:
     import threading
 
-    import casframe_s3.store as s3_module
+    import casframe_s3.bucket as s3_module
 
     blobs = [random_bytes(24 * MiB, seed=40 + i) for i in range(3)]
     with open_store(s3_server_bucket.store_url) as store:
@@ -1046,7 +1046,7 @@ def test_clean_temp_refused_by_the_server_is_a_warning_and_prune_goes_on(
     _inject(s3_server_store, operation, 403, "AccessDenied", times=1)
     time.sleep(1.1)
 
-    with caplog.at_level(logging.WARNING, logger="casframe_s3.store"):
+    with caplog.at_level(logging.WARNING, logger="casframe_s3"):
         report = s3_server_store.prune(grace_period=0)
 
     assert report.temp_files_removed == 0
