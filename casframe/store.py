@@ -188,11 +188,14 @@ class Store:
         what the backend lacks of ``capabilities``, before the operation touches anything."""
         lacking = [c for c in capabilities if not self.has(c)]
         if lacking:
-            what = ", ".join(
-                f"{c} {'refs' if isinstance(c, RefCapability) else 'blobs'}" for c in lacking
-            )
+            parts = [
+                "/".join(c for c in lacking if isinstance(c, kind)) + f" {things}"
+                for kind, things in ((Capability, "blobs"), (RefCapability, "refs"))
+                if any(isinstance(c, kind) for c in lacking)
+            ]
             raise UnsupportedOperationError(
-                f"{operation} is not supported by this backend: it cannot {what} ({self.url})"
+                f"{operation} is not supported by this backend: it cannot {', '.join(parts)} "
+                f"({self.url})"
             )
 
     def check_writable(self) -> None:
@@ -593,9 +596,7 @@ class Store:
             raise RefConflictError(name, existing)
 
     def delete_ref(self, name: str) -> None:
-        validate_ref_name(name)
-        self.require("deleting refs", RefCapability.DELETE)
-        self.refs.delete_ref(name)
+        self.refs.delete_ref(validate_ref_name(name))
 
     def copy_ref(self, source: str, dest: str) -> Digest:
         writable_ref_name(dest)  # not under the server's own namespaces
@@ -606,7 +607,6 @@ class Store:
 
     def list_refs(self, prefix: str = "") -> list[RefInfo]:
         """Refs starting with ``prefix``, least recently used first."""
-        self.require("listing refs", RefCapability.LIST)
         return sorted(self.refs.list_refs(prefix), key=lambda r: (r.accessed, r.name))
 
     def has_ref(self, name: str) -> bool:

@@ -156,8 +156,7 @@ def test_undeclared_methods_are_never_called(tmp_path: Path) -> None:
         report = store.fsck()
     assert blobs.called == []
     assert str(caught.value) == (
-        "prune is not supported by this backend: it cannot list blobs, delete blobs "
-        f"({blobs.describe()})"
+        f"prune is not supported by this backend: it cannot list/delete blobs ({blobs.describe()})"
     )
     assert report.ok and not report.listed
 
@@ -200,9 +199,15 @@ def test_refs_without_list_or_delete_are_refused_by_the_core() -> None:
             messages.append(str(caught.value))
         assert store.get_ref("main") == Digest.of_bytes(b"")
     assert messages == [
-        "listing refs is not supported by this backend: it cannot list refs (getset://)",
-        "deleting refs is not supported by this backend: it cannot delete refs (getset://)",
+        "_GetSetOnly cannot list refs: it does not declare the ref capability list",
+        "_GetSetOnly cannot delete refs: it does not declare the ref capability delete",
         "fsck is not supported by this backend: it cannot list refs (getset://)",
         "du is not supported by this backend: it cannot list refs (getset://)",
         "prune is not supported by this backend: it cannot list refs (getset://)",
     ]
+    with pytest.raises(UnsupportedOperationError) as caught:
+        Store(_Recording(frozenset()), _GetSetOnly(), url="bare://").gc(max_size="1G")
+    assert str(caught.value) == (
+        "gc is not supported by this backend: it cannot list/delete blobs, list/delete refs "
+        "(bare://)"
+    )

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import importlib.metadata
 import os
@@ -30,7 +31,7 @@ from pathlib import Path
 import click
 import pytest
 
-from casframe import hookspecs
+from casframe import hookspecs, spi
 from casframe.cli import make_cli
 
 pytest_plugins = ["pytester"]
@@ -157,6 +158,30 @@ def test_hooks_md_names_every_built_in_backend() -> None:
         if ep.group == "casframe"
     )
     assert listed == shipped
+
+
+def _contract_names() -> list[str]:
+    """Every method a backend may implement or override, every capability, every limit."""
+    names = [
+        name
+        for part in (spi.BlobStore, spi.BlobWriter, spi.RefStore)
+        for name, value in vars(part).items()
+        if callable(value) and not name.startswith("_")
+    ]
+    names += [f"{kind.__name__}.{c.name}" for kind in (spi.Capability, spi.RefCapability)
+              for c in kind]
+    return list(dict.fromkeys(names + [f.name for f in dataclasses.fields(spi.BlobLimits)]))
+
+
+@pytest.mark.parametrize("name", _contract_names())
+def test_writing_a_backend_documents_the_whole_contract(name: str) -> None:
+    """Each method of the backend contract, each capability and each limit is in a table of
+    docs/writing-a-backend.md (for a method: where the core calls it)."""
+    rows = [
+        line for line in (DOCS / "writing-a-backend.md").read_text(encoding="utf-8").splitlines()
+        if line.startswith("| ") and re.search(rf"`\*?{re.escape(name)}[`(]", line)
+    ]
+    assert rows, f"docs/writing-a-backend.md has no table row for {name}"
 
 
 def hook_example(hook: str) -> str:
