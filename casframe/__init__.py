@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from casframe.digest import EMPTY_DIGEST, Digest, Hasher
     from casframe.errors import (
+        BackendContractError,
         BackendUnavailableError,
         BlobNotFoundError,
         CasframeError,
@@ -45,9 +46,11 @@ if TYPE_CHECKING:
     from casframe.remotes import RemoteOutcome, Remotes, RemotesError, RemotesReport, RemoteStatus
     from casframe.spi import (
         BlobInfo,
+        BlobLimits,
         BlobStore,
         BlobWriter,
         Capability,
+        RefCapability,
         RefInfo,
         RefStore,
         StrayEntry,
@@ -59,8 +62,10 @@ if TYPE_CHECKING:
 # `casframe` command's start-up) costs almost nothing until a name is used.
 _LAZY = {
     "BackendRegistry": "casframe.registry",
+    "BackendContractError": "casframe.errors",
     "BackendUnavailableError": "casframe.errors",
     "BlobInfo": "casframe.spi",
+    "BlobLimits": "casframe.spi",
     "BlobNotFoundError": "casframe.errors",
     "BlobStore": "casframe.spi",
     "BlobWriter": "casframe.spi",
@@ -80,6 +85,7 @@ _LAZY = {
     "PermissionDeniedError": "casframe.errors",
     "PluginInfo": "casframe.plugins",
     "Progress": "casframe.progress",
+    "RefCapability": "casframe.spi",
     "RefConflictError": "casframe.errors",
     "RefInfo": "casframe.spi",
     "RefNotFoundError": "casframe.errors",
@@ -127,9 +133,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EMPTY_DIGEST",
+    "BackendContractError",
     "BackendRegistry",
     "BackendUnavailableError",
     "BlobInfo",
+    "BlobLimits",
     "BlobNotFoundError",
     "BlobStore",
     "BlobWriter",
@@ -148,6 +156,7 @@ __all__ = [
     "PermissionDeniedError",
     "PluginInfo",
     "Progress",
+    "RefCapability",
     "RefConflictError",
     "RefInfo",
     "RefNotFoundError",

@@ -49,16 +49,16 @@ from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 impor
 )
 from casframe.digest import CHUNK_SIZE, EMPTY_DIGEST, Digest
 from casframe.errors import (
+    BackendContractError,
     BlobNotFoundError,
     CorruptBlobError,
     InvalidDigestError,
     RefNotFoundError,
     UnsafeTreeError,
-    UnsupportedOperationError,
 )
 from casframe.names import ACTION_RESULT_REF_PREFIX, is_tree_ref
 from casframe.progress import NO_PROGRESS, Progress
-from casframe.spi import Capability, RefInfo, StrayEntry
+from casframe.spi import Capability, RefCapability, RefInfo, StrayEntry
 from casframe.tree import is_canonical, parse_directory
 from casframe.units import parse_size
 
@@ -266,15 +266,6 @@ class DuReport(_Report):
 
 
 # -- shared machinery -------------------------------------------------------------------------
-
-
-def _require(store: Store, operation: str, *capabilities: Capability) -> None:
-    lacking = [c for c in capabilities if not store.has(c)]
-    if lacking:
-        what = "/".join(str(c) for c in lacking)
-        raise UnsupportedOperationError(
-            f"{operation} is not supported by this backend: it cannot {what} blobs ({store.url})"
-        )
 
 
 def _check_grace(grace_period: float) -> float:
@@ -723,14 +714,18 @@ def _delete(
     for start in range(0, len(digests), _DELETE_BATCH):
         batch = digests[start : start + _DELETE_BATCH]
         deleted = store.blobs.delete_blobs(batch, older_than=cutoff)
-        if deleted is not None:
-            gone = set(deleted)
-            spared = [d for d in batch if d not in gone]
-            spared_bytes = sum(d.size for d in spared)
-            report.objects_freed -= len(spared)
-            report.bytes_freed -= spared_bytes
-            report.objects_kept_young += len(spared)
-            report.bytes_kept_young += spared_bytes
+        if deleted is None:  # what the older contract allowed for "cannot tell"
+            raise BackendContractError(
+                f"{type(store.blobs).__name__}.delete_blobs returned None: it must return the "
+                "digests it deleted, so that prune reports what it freed"
+            )
+        gone = set(deleted)
+        spared = [d for d in batch if d not in gone]
+        spared_bytes = sum(d.size for d in spared)
+        report.objects_freed -= len(spared)
+        report.bytes_freed -= spared_bytes
+        report.objects_kept_young += len(spared)
+        report.bytes_kept_young += spared_bytes
         progress.advance(len(batch))
     progress.finish()
 
@@ -752,7 +747,9 @@ def prune(
     for every ref, the bytes only that ref keeps alive.
     """
     grace_period = _check_grace(grace_period)
-    _require(store, "prune", Capability.LIST, *(() if dry_run else (Capability.DELETE,)))
+    store.require(
+        "prune", Capability.LIST, RefCapability.LIST, *(() if dry_run else (Capability.DELETE,))
+    )
     progress = progress or NO_PROGRESS
     started = time.time()
     cutoff = started - grace_period
@@ -821,7 +818,12 @@ def gc(
     if not 0 < low_watermark <= 1:
         raise ValueError(f"invalid low watermark {low_watermark!r}: must be in (0, 1]")
     _check_grace(grace_period)
-    _require(store, "gc", Capability.LIST, *(() if dry_run else (Capability.DELETE,)))
+    store.require(
+        "gc",
+        Capability.LIST,
+        RefCapability.LIST,
+        *(() if dry_run else (Capability.DELETE, RefCapability.DELETE)),
+    )
     patterns = tuple(keep)
     progress = progress or NO_PROGRESS
     cutoff = time.time() - _check_grace(grace_period)
@@ -943,7 +945,7 @@ def _verify(
     for digest in small:
         batch.append(digest)
         batch_bytes += digest.size
-        if len(batch) >= _READ_BATCH or batch_bytes >= store.blobs.max_batch_bytes:
+        if len(batch) >= _READ_BATCH or batch_bytes >= store.blobs.limits.max_batch_bytes:
             _verify_batch(store, batch, problems, report, progress)
             batch, batch_bytes = [], 0
     _verify_batch(store, batch, problems, report, progress)
@@ -1038,8 +1040,9 @@ def fsck(store: Store, *, repair: bool = False, progress: Progress | None = None
     ``repair`` deletes corrupt blobs, and nothing else; the report then names the refs whose
     trees are incomplete, so they can be pushed again from elsewhere or deleted.
     """
+    store.require("fsck", RefCapability.LIST)
     if repair:
-        _require(store, "fsck --repair", Capability.DELETE)
+        store.require("fsck --repair", Capability.DELETE)
     progress = progress or NO_PROGRESS
     started = time.time()
     listed = store.has(Capability.LIST)
@@ -1119,7 +1122,7 @@ def fsck(store: Store, *, repair: bool = False, progress: Progress | None = None
 
 def du(store: Store, *, progress: Progress | None = None) -> DuReport:
     """Total size and object count; per ref its total and exclusive size (most exclusive first)."""
-    _require(store, "du", Capability.LIST)
+    store.require("du", Capability.LIST, RefCapability.LIST)
     progress = progress or NO_PROGRESS
     stored = _list_blobs(store, progress)
     marking = _mark(store, per_ref=True, progress=progress)

@@ -23,9 +23,10 @@ from casframe.errors import (
     InvalidDigestError,
     RefConflictError,
     RefNotFoundError,
+    UnsupportedOperationError,
 )
 from casframe.names import RESERVED_REF_NAMESPACES, validate_ref_name, writable_ref_name
-from casframe.spi import BlobStore, BlobWriter, Capability, RefInfo, RefStore
+from casframe.spi import BlobStore, BlobWriter, Capability, RefCapability, RefInfo, RefStore
 from casframe.treesize import TreeLimits
 
 if TYPE_CHECKING:
@@ -176,8 +177,26 @@ class Store:
             if self.refs is not self.blobs:
                 self.refs.close()
 
-    def has(self, capability: Capability) -> bool:
+    def has(self, capability: Capability | RefCapability) -> bool:
+        """Whether the backend declares ``capability`` (of its blobs, or of its refs)."""
+        if isinstance(capability, RefCapability):
+            return capability in self.refs.capabilities
         return capability in self.blobs.capabilities
+
+    def require(self, operation: str, *capabilities: Capability | RefCapability) -> None:
+        """Raise :class:`~casframe.errors.UnsupportedOperationError` naming ``operation`` and
+        what the backend lacks of ``capabilities``, before the operation touches anything."""
+        lacking = [c for c in capabilities if not self.has(c)]
+        if lacking:
+            parts = [
+                "/".join(c for c in lacking if isinstance(c, kind)) + f" {things}"
+                for kind, things in ((Capability, "blobs"), (RefCapability, "refs"))
+                if any(isinstance(c, kind) for c in lacking)
+            ]
+            raise UnsupportedOperationError(
+                f"{operation} is not supported by this backend: it cannot {', '.join(parts)} "
+                f"({self.url})"
+            )
 
     def check_writable(self) -> None:
         """Raise :class:`~casframe.errors.PermissionDeniedError` when this store is known to
@@ -199,7 +218,7 @@ class Store:
         that moment on. Writers that reuse stored blobs ask this way before setting a ref.
         """
         wanted = {d for d in digests if d.size != 0}
-        if freshen and Capability.TOUCH in self.blobs.capabilities:
+        if freshen and self.has(Capability.TOUCH):
             missing = self._query_missing(wanted, self.blobs.freshen_blobs)
         else:
             missing = self._query_missing(wanted, self.blobs.find_missing_blobs)
@@ -208,7 +227,7 @@ class Store:
     def _query_missing(
         self, wanted: set[Digest], query: Callable[[Collection[Digest]], set[Digest]]
     ) -> set[Digest]:
-        batch = max(1, self.blobs.max_batch_digests)
+        batch = self.blobs.limits.max_batch_digests
         if len(wanted) <= batch:
             return query(wanted) if wanted else set()
         missing: set[Digest] = set()
@@ -299,7 +318,7 @@ class Store:
     ) -> Digest:
         """Stream content in, hashing as it goes; commit only under the digest it really has.
 
-        Without ``expected``, a regular file of at least the backend's ``prehash_min_size``
+        Without ``expected``, a regular file of at least the backend's ``limits.prehash_min_size``
         bytes is hashed first and then stored as an upload of that digest; if it changed
         between the two readings, it is stored as the second reading found it.
         """
@@ -314,7 +333,7 @@ class Store:
 
     def _prehash_start(self, stream: BinaryIO) -> int | None:
         """Where ``stream`` is, if it is a regular file the backend wants hashed first."""
-        threshold = self.blobs.prehash_min_size
+        threshold = self.blobs.limits.prehash_min_size
         if threshold is None:
             return None
         try:
@@ -366,11 +385,17 @@ class Store:
     def put_open_file(self, fd: int) -> Digest:
         """Store the open regular file ``fd`` from its offset to its end; return the digest.
 
-        Uses the backend's copy path (``begin_write_copy``) when it has one, hashing what the
-        upload then holds; otherwise reads and streams the file. Either way the content is
-        committed only under the digest of the very bytes stored.
+        Uses the backend's copy path (``begin_write_copy``, capability ``copy-file``) when it
+        has one and it takes this file, hashing what the upload then holds; otherwise reads and
+        streams the file. Either way the content is committed only under the digest of the
+        very bytes stored.
         """
-        copied = self.blobs.begin_write_copy(fd)
+        copied = None
+        if self.has(Capability.COPY_FILE):
+            try:
+                copied = self.blobs.begin_write_copy(fd)
+            except UnsupportedOperationError:
+                pass  # not this file (its file system cannot copy it so): read it instead
         if copied is None:
             with os.fdopen(fd, "rb", buffering=0, closefd=False) as stream:
                 return self.put_stream(stream)
@@ -656,4 +681,4 @@ class Store:
 
     def executor(self) -> ThreadPoolExecutor:
         """A thread pool sized for this backend."""
-        return ThreadPoolExecutor(max_workers=max(1, self.blobs.max_concurrency))
+        return ThreadPoolExecutor(max_workers=self.blobs.limits.max_concurrency)

@@ -82,7 +82,8 @@ def copy_blobs(
     on_done: Callable[[int], None] | None = None,
 ) -> None:
     """Copy blobs concurrently: small ones in backend batches, large ones streamed."""
-    batch_limit = max(CHUNK_SIZE, min(source.blobs.max_batch_bytes, dest.blobs.max_batch_bytes))
+    limit = min(source.blobs.limits.max_batch_bytes, dest.blobs.limits.max_batch_bytes)
+    batch_limit = max(CHUNK_SIZE, limit)
     batches: list[list[Digest]] = []
     large: list[Digest] = []
     current: list[Digest] = []
@@ -111,7 +112,7 @@ def copy_blobs(
         if on_done:
             on_done(digest.size)
 
-    workers = max(source.blobs.max_concurrency, dest.blobs.max_concurrency)
+    workers = max(source.blobs.limits.max_concurrency, dest.blobs.limits.max_concurrency)
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

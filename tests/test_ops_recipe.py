@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 from bazel_helpers import ACTIONS, build, process_summary, write_workspace
 
-from casframe import Digest
+from casframe import Digest, layout
 from casframe.testing import assert_tree_equal, random_bytes, write_tree
 from casframe.testing.s3 import S3TestBucket
 
@@ -188,7 +188,7 @@ def stored_objects(bucket: S3TestBucket, prefix: str) -> int:
 def object_key(prefix: str, data: bytes) -> str:
     """Where the store keeps the blob ``data`` in the bucket."""
     digest = Digest.of_bytes(data)
-    return f"{prefix}/objects/{digest.hash[:2]}/{digest.hash[2:]}"
+    return f"{prefix}/{layout.object_key(digest)}"
 
 
 @contextlib.contextmanager

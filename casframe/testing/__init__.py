@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from casframe.errors import UnsupportedOperationError
+
 if TYPE_CHECKING:
     from casframe.store import Store
 
@@ -191,8 +193,9 @@ def failing_writes(
     Wraps the backend's write path (``write_blobs``, ``begin_write`` and ``begin_write_for``)
     on this instance only; the failing write raises :class:`InjectedFailure`, or what
     ``error()`` returns (``OSError(errno.ENOSPC, ...)`` plays a full disk), before anything
-    of that blob is written. ``begin_write_copy`` declines (returns ``None``), so local files
-    go through ``begin_write`` and count there. Yields a one-item list holding how many blobs
+    of that blob is written. ``begin_write_copy`` declines (raises
+    :class:`~casframe.UnsupportedOperationError`, as for a file it cannot copy), so local
+    files go through ``begin_write`` and count there. Yields a one-item list holding how many blobs
     were written so far; a write path that calls another one counts its blob once.
     """
     blobs = store.blobs
@@ -235,7 +238,8 @@ def failing_writes(
         return counted(original_begin_write_for, digest)
 
     def begin_write_copy(fd):
-        return None  # the core then reads the file through begin_write(_for), counted there
+        # The core then reads the file through begin_write(_for), counted there.
+        raise UnsupportedOperationError(f"{store.url} copies no files while writes fail")
 
     blobs.write_blobs = write_blobs  # type: ignore[method-assign]
     blobs.begin_write = begin_write  # type: ignore[method-assign]
