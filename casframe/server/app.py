@@ -146,6 +146,8 @@ class Server:
         stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT,
         interceptors: Sequence[Interceptor] = (),
         use_plugins: bool = True,
+        worker_index: int = 0,
+        worker_count: int = 1,
     ) -> None:
         settings = ServerSettings(
             store_url=store.url,
@@ -161,6 +163,8 @@ class Server:
             max_partial_uploads=max_partial_uploads,
             max_streams=max_streams,
             stream_idle_timeout=stream_idle_timeout,
+            worker_index=worker_index,
+            worker_count=worker_count,
         )
         self.store = store
         # Read-only: served through a view that never writes, not even a read's bookkeeping.
