@@ -263,8 +263,9 @@ class Server:
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
-                # Without this, Linux lets a second server bind the same port silently.
-                ("grpc.so_reuseport", 0),
+                # Without this, Linux lets a second server bind the same port silently; the
+                # workers of `casframe serve --workers N` share theirs on purpose.
+                ("grpc.so_reuseport", int(settings.worker_count > 1)),
                 # Bandwidth-delay probing lets each stream's receive window grow to many MiB, so
                 # 8 concurrent uploads of 1 MiB chunks peaked at 150-340 MiB of RSS; without it
                 # the window still covers one whole message and the same load stays near
