@@ -454,8 +454,9 @@ def run_child(args: list[str], log: Path, server: Served | None = None) -> dict[
 
 
 def casframe_server(store: Path) -> list[str]:
+    # One process: the peak RSS and CPU measured are those of the process serving.
     return [sys.executable, "-m", "casframe.server", f"file://{store}",
-            "--listen", "127.0.0.1:0", "--log-level", "warning"]
+            "--listen", "127.0.0.1:0", "--log-level", "warning", "--workers", "1"]
 
 
 def one_round(kind: str, work: Path, run_dir: Path, log: Path) -> dict[str, Any]:
