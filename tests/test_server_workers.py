@@ -406,3 +406,16 @@ def test_the_worker_index_is_checked() -> None:
     with pytest.raises(ConfigError, match=r"^worker index 2 is not between 0 and 1 "
                                           r"\(worker count 2\)$"):
         ServerSettings(worker_index=2, worker_count=2)
+
+
+def test_more_workers_than_cores_start_with_a_warning(store_url: str) -> None:
+    cores = len(os.sched_getaffinity(0))
+    with serve_process(store_url, "--workers", str(cores + 1)) as (process, _):
+        log = Log(process.stderr)
+        serving_pids(log, cores + 1)
+        assert len(children(process.pid)) == cores + 1
+        assert any(line.endswith(
+            f"{cores + 1} worker processes on {cores} cores: --workers counts processes; "
+            "the threads of each are --threads") for line in log.lines), log.text()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=HANG_GUARD) == 0
