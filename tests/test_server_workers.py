@@ -264,13 +264,15 @@ def test_sigterm_lets_the_calls_in_progress_in_every_worker_finish(
         for index, (_, pid) in found.items():
             log.wait_for(lambda line, i=index, p=pid: f"worker {i} (pid {p}): stopping" in line,
                          f"of worker {index} stopping")
-        # Both workers are stopping; each finishes the upload it has under way.
-        for index, (requests, future, resource) in writes.items():
+        # Both workers are stopping; each finishes the upload it has under way (within the
+        # workers' 10 s grace: the rest of each upload is 40 KB, sent at once).
+        for index, (requests, _, resource) in writes.items():
             data = contents[index]
             requests.put(bytestream_pb2.WriteRequest(
                 resource_name=resource, write_offset=1000, data=data[1000:], finish_write=True))
             requests.put(None)
-            assert future.result(timeout=HANG_GUARD).committed_size == len(data)
+        for index, (_, future, _) in writes.items():
+            assert future.result(timeout=HANG_GUARD).committed_size == len(contents[index])
         assert process.wait(timeout=HANG_GUARD) == 0
         log.wait_for(lambda line: "all 2 workers stopped" in line, "of the end")
         assert process.stdout is not None and process.stdout.read() == ""
