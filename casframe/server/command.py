@@ -18,7 +18,7 @@ from casframe.server.settings import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_STREAMS,
     DEFAULT_STREAM_IDLE_TIMEOUT,
-    DEFAULT_WORKERS,
+    DEFAULT_THREADS,
     check_listen,
 )
 from casframe.server.workers import serve_with_workers, worker_count
@@ -150,7 +150,7 @@ def serve_command(
         "tls_key": tls_key,
         "tls_client_ca": tls_client_ca,
         "max_message_bytes": max_message_size or DEFAULT_MAX_MESSAGE_BYTES,
-        "max_workers": threads or DEFAULT_WORKERS,
+        "max_workers": threads or DEFAULT_THREADS,
         "max_streams": max_streams or DEFAULT_MAX_STREAMS,
         "stream_idle_timeout": stream_idle_timeout or DEFAULT_STREAM_IDLE_TIMEOUT,
     }

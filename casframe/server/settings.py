@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_MAX_STREAMS",
     "DEFAULT_STREAM_IDLE_TIMEOUT",
+    "DEFAULT_THREADS",
     "DEFAULT_WORKERS",
     "PemSource",
     "ServerSettings",
@@ -31,7 +32,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
 # Threads for unary calls and for the store work of streams (a stream waiting on its client
 # holds no thread). More than cores, because store work waits on disks and S3; 32 calls with
 # 1 MiB chunks in hand stay far below the 150 MiB memory budget.
-DEFAULT_WORKERS = 32
+DEFAULT_THREADS = 32
+#: The former name of DEFAULT_THREADS, from when ``--workers`` sized the thread pool.
+DEFAULT_WORKERS = DEFAULT_THREADS
 # Streaming calls (ByteStream Read and Write, GetTree) in progress at once. A stream waiting on
 # its client costs a coroutine and at most about two chunks (2 MiB) of buffers, so 1,000 stalled
 # streams cost the server at most ~2 GiB while ordinary calls keep being answered; a team's
