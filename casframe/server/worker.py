@@ -70,6 +70,9 @@ def main() -> int:
     stop = threading.Event()
     threading.Thread(target=_watch_supervisor, args=(stop,), name="casframe-lifeline",
                      daemon=True).start()
+    # Not passed on to any process this one starts: its end-of-file tells the supervisor that
+    # this worker has exited.
+    os.set_inheritable(spec.status_fd, False)
     status = os.fdopen(spec.status_fd, "wb", buffering=0)
     serving = False
 
