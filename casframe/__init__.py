@@ -33,7 +33,13 @@ if TYPE_CHECKING:
     )
     from casframe.hookspecs import hookimpl
     from casframe.names import validate_entry_name, validate_ref_name
-    from casframe.plugins import PluginInfo, list_plugins, open_store, registered_plugin
+    from casframe.plugins import (
+        PluginInfo,
+        StoreOpener,
+        list_plugins,
+        open_store,
+        registered_plugin,
+    )
     from casframe.progress import Progress
     from casframe.registry import BackendRegistry, StoreURL
     from casframe.remotes import RemoteOutcome, Remotes, RemotesError, RemotesReport, RemoteStatus
@@ -86,6 +92,7 @@ _LAZY = {
     "RemotesReport": "casframe.remotes",
     "Store": "casframe.store",
     "StoreNotFoundError": "casframe.errors",
+    "StoreOpener": "casframe.plugins",
     "StoreURL": "casframe.registry",
     "StrayEntry": "casframe.spi",
     "TreeLimits": "casframe.treesize",
@@ -153,6 +160,7 @@ __all__ = [
     "RemotesReport",
     "Store",
     "StoreNotFoundError",
+    "StoreOpener",
     "StoreURL",
     "StrayEntry",
     "TreeLimits",

@@ -10,8 +10,9 @@ in: decoded content is a ``memoryview`` into the received message.
 
 Decoding follows protobuf's rules: fields in any order, unknown fields and fields of an
 unexpected wire type skipped, the last occurrence of a field wins. Malformed input raises
-``google.protobuf.message.DecodeError``, as the generated parser would. Everything else in
-casframe uses the generated classes; only the bytes of these two messages bypass them.
+``google.protobuf.message.DecodeError``, as the generated parser would. Besides these two
+messages, only the ``Digest`` of a ref file (:mod:`casframe._protowire`) and the Directory
+messages written while importing a tree bypass the generated classes.
 """
 
 from __future__ import annotations

@@ -78,18 +78,19 @@ class Digest(tuple[str, int]):
 
     @classmethod
     def _trusted(cls, hash: str, size: int) -> Digest:  # noqa: A002
-        """Build without validation, for values this module computed itself."""
+        """Build without validation, for a hash and size casframe computed itself from content
+        it read (never for text from a user, a file or the network: :meth:`parse` checks that)."""
         return tuple.__new__(cls, (hash, size))
 
     @property
-    def hash(self) -> str:  # type: ignore[override]  # tuple.__hash__ is unrelated
+    def hash(self) -> str:
         return self[0]
 
     @property
     def size(self) -> int:
         return self[1]
 
-    def __getnewargs__(self) -> tuple[str, int]:  # type: ignore[override]
+    def __getnewargs__(self) -> tuple[str, int]:
         return (self[0], self[1])
 
     def __repr__(self) -> str:

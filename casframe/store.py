@@ -173,7 +173,7 @@ class Store:
         try:
             self.blobs.close()
         finally:
-            if self.refs is not self.blobs:  # type: ignore[comparison-overlap]
+            if self.refs is not self.blobs:
                 self.refs.close()
 
     def has(self, capability: Capability) -> bool:
@@ -229,7 +229,7 @@ class Store:
         raw = self.blobs.open_blob(digest, offset)
         if not verify:
             return raw
-        return io.BufferedReader(VerifyingReader(raw, digest, offset), CHUNK_SIZE)  # type: ignore[return-value]
+        return io.BufferedReader(VerifyingReader(raw, digest, offset), CHUNK_SIZE)
 
     def read_bytes(self, digest: Digest) -> bytes:
         """Read a whole blob (verified). Meant for small blobs such as Directory messages."""

@@ -44,8 +44,9 @@ from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 impor
     FileNode,
 )
 from casframe.cli import make_cli
-from casframe.config import load_config, open_configured_store
+from casframe.config import load_config
 from casframe.digest import CHUNK_SIZE
+from casframe.plugins import open_configured_store
 from casframe.server import Server
 from casframe.testing import (
     LARGE_FILE_SIZE,
@@ -617,9 +618,10 @@ def test_one_store_cannot_be_both_local_and_remote() -> None:
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("self", "store 'self' leads back to itself as a cache's local or remote store: self"),
-        ("ping", "'pong' leads back to itself as a cache's local or remote store: "
-                 "pong -> ping -> pong"),
+        ("self", "store 'self' leads back to itself through the stores it opens: "
+                 "self -> self"),
+        ("ping", "store 'ping' leads back to itself through the stores it opens: "
+                 "ping -> pong -> ping"),
         ("twice", "are the same store (file://"),
     ],
 )

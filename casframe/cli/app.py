@@ -56,7 +56,7 @@ class App:
 
     def open(self, name_or_url: str | None, *, create: bool = True) -> Store:
         """Open another store given as a URL, a configured name or a path."""
-        from casframe.config import open_configured_store
+        from casframe.plugins import open_configured_store
 
         store = open_configured_store(name_or_url, config=self.config(), create=create)
         self._opened.append(store)

@@ -145,32 +145,30 @@ class CasframeGroup(click.Group):
     def load_plugin_commands(self) -> None:
         """Call every plugin's ``casframe_register_commands`` once, in registration order.
 
-        Each implementation is called on its own (as the backend registry does) so that a
-        clash names the plugin responsible; the earlier plugin keeps the name.
+        Each plugin is called on its own so that a clash names the plugin responsible; the
+        earlier plugin keeps the name.
         """
         if self._plugin_commands_loaded:
             return
         self._plugin_commands_loaded = True
-        from casframe.plugins import get_plugin_manager
+        # Imported here, not at the top: pluggy and the entry points cost start-up time that
+        # `casframe --version` does not pay.
+        from casframe.plugins import each_plugin, get_plugin_manager
 
-        hook = get_plugin_manager().hook.casframe_register_commands
-        for impl in hook.get_hookimpls():  # oldest registration first (pluggy calls LIFO)
-            if impl.hookwrapper or impl.wrapper:
-                continue
-            self._registering = impl.plugin_name
+        for plugin, call in each_plugin(get_plugin_manager(), "casframe_register_commands"):
+            self._registering = plugin
             try:
-                impl.function(**({"cli": self} if "cli" in impl.argnames else {}))
+                call(cli=self)
             except CasframeError:
                 raise
             except Exception as exc:
                 raise PluginCommandError(
-                    f"plugin {impl.plugin_name!r} failed to add its commands: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"plugin {plugin!r} failed to add its commands: {type(exc).__name__}: {exc}"
                 ) from exc
             finally:
                 self._registering = None
 
-    def main(  # type: ignore[override]
+    def main(
         self,
         args: Sequence[str] | None = None,
         prog_name: str | None = None,

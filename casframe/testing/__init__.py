@@ -213,7 +213,7 @@ def failing_writes(
                 raise InjectedFailure(f"injected failure: {store.url} fails after {after} blobs")
             written[0] += 1
 
-    def counted(write, *args):  # type: ignore[no-untyped-def]
+    def counted(write, *args):
         """Count one blob unless an outer write path already did, then call ``write``."""
         outer = getattr(inside, "active", False)
         if not outer:
@@ -224,17 +224,17 @@ def failing_writes(
         finally:
             inside.active = outer
 
-    def write_blobs(items):  # type: ignore[no-untyped-def]
+    def write_blobs(items):
         for item in items:
             counted(original_write_blobs, [item])
 
-    def begin_write(size_hint=None):  # type: ignore[no-untyped-def]
+    def begin_write(size_hint=None):
         return counted(original_begin_write, size_hint)
 
-    def begin_write_for(digest):  # type: ignore[no-untyped-def]
+    def begin_write_for(digest):
         return counted(original_begin_write_for, digest)
 
-    def begin_write_copy(fd):  # type: ignore[no-untyped-def]
+    def begin_write_copy(fd):
         return None  # the core then reads the file through begin_write(_for), counted there
 
     blobs.write_blobs = write_blobs  # type: ignore[method-assign]

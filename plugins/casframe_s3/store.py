@@ -449,7 +449,7 @@ class _ObjectReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: Any) -> int:  # type: ignore[override]
+    def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
         try:
             data = self._body.read(min(len(view), CHUNK_SIZE))
@@ -834,7 +834,7 @@ class S3BlobStore(BlobStore):
                 raise self._not_found(digest)
             if head.get("ContentLength") != digest.size:
                 raise self._wrong_size(digest, int(head.get("ContentLength", -1)))
-            return io.BytesIO(b"")  # type: ignore[return-value]
+            return io.BytesIO(b"")
         request: dict[str, Any] = {"Bucket": self._bucket.name, "Key": key}
         if offset:
             request["Range"] = f"bytes={offset}-"
@@ -874,7 +874,7 @@ class S3BlobStore(BlobStore):
             except BaseException:
                 reader.close()
                 raise
-        return io.BufferedReader(reader, CHUNK_SIZE)  # type: ignore[return-value]
+        return io.BufferedReader(reader, CHUNK_SIZE)
 
     @staticmethod
     def _skip(reader: _ObjectReader, count: int, digest: Digest) -> None:

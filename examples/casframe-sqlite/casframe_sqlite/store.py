@@ -299,6 +299,12 @@ class SQLiteDatabase:
             yield conn
             conn.execute("COMMIT")
 
+    def vacuum(self) -> None:
+        """Rewrite the file without its free pages, then empty the write-ahead log into it."""
+        with self.connection() as conn:
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     def close(self) -> None:
         """Close the pooled connections; connections in use close when they come back."""
         with self._lock:
