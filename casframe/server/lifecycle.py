@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from casframe.config import load_config, open_configured_store
-from casframe.plugins import open_store
+from casframe.config import load_config
+from casframe.plugins import open_configured_store, open_store
 
 if TYPE_CHECKING:
     from casframe.server.app import Server
