@@ -94,11 +94,16 @@ def serve_process(
     store_url: str, *options: str, stderr: int | IO[str] = subprocess.PIPE
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """``python -m casframe.server STORE_URL --listen 127.0.0.1:0 OPTIONS``: yields the process
-    and its port once it says it is serving; kills it if it is still running at the end."""
+    and its port once it says it is serving; kills it if it is still running at the end.
+
+    One process serves (``--workers 1``, so the process is the server whose memory and limits
+    a test measures) unless ``OPTIONS`` say ``--workers``.
+    """
     raise_fd_limit(8192)  # inherited: the server holds a socket per client connection
+    workers = () if "--workers" in options else ("--workers", "1")
     process = subprocess.Popen(
         [sys.executable, "-m", "casframe.server", store_url, "--listen", "127.0.0.1:0",
-         *options],
+         *workers, *options],
         stdout=subprocess.PIPE, stderr=stderr, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )

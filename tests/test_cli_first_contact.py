@@ -132,8 +132,10 @@ def test_a_port_in_use_is_one_line_without_grpc_log_lines(tmp_path: Path, busy_p
 
 
 def test_grpc_log_lines_show_at_debug_level(tmp_path: Path, busy_port: int) -> None:
+    # One process: gRPC itself binds the port (with --workers, casframe binds it first).
     result = _serve(
-        str(tmp_path / "store"), "--listen", f"127.0.0.1:{busy_port}", "--log-level", "debug"
+        str(tmp_path / "store"), "--listen", f"127.0.0.1:{busy_port}", "--log-level", "debug",
+        "--workers", "1",
     )
     assert result.returncode == 1
     lines = result.stderr.splitlines()

@@ -139,6 +139,8 @@ class Server:
         stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT,
         interceptors: Sequence[Interceptor] = (),
         use_plugins: bool = True,
+        worker_index: int = 0,
+        worker_count: int = 1,
     ) -> None:
         settings = ServerSettings(
             store_url=store.url,
@@ -154,6 +156,8 @@ class Server:
             max_partial_uploads=max_partial_uploads,
             max_streams=max_streams,
             stream_idle_timeout=stream_idle_timeout,
+            worker_index=worker_index,
+            worker_count=worker_count,
         )
         self.store = store
         # Read-only: served through a view that never writes, not even a read's bookkeeping.
@@ -252,8 +256,9 @@ class Server:
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
-                # Without this, Linux lets a second server bind the same port silently.
-                ("grpc.so_reuseport", 0),
+                # Without this, Linux lets a second server bind the same port silently; the
+                # workers of `casframe serve --workers N` share theirs on purpose.
+                ("grpc.so_reuseport", int(settings.worker_count > 1)),
                 # Bandwidth-delay probing lets each stream's receive window grow to many MiB, so
                 # 8 concurrent uploads of 1 MiB chunks peaked at 150-340 MiB of RSS; without it
                 # the window still covers one whole message and the same load stays near

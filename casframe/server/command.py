@@ -6,30 +6,28 @@ machinery is imported only when the command runs.
 
 from __future__ import annotations
 
-import logging
 import os
-import signal
 import sys
-import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from casframe.errors import ConfigError
+from casframe.server.lifecycle import SHUTDOWN_GRACE, StoreSource, configure_logging, serve_until
 from casframe.server.settings import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_STREAMS,
     DEFAULT_STREAM_IDLE_TIMEOUT,
-    DEFAULT_WORKERS,
+    DEFAULT_THREADS,
     check_listen,
 )
+from casframe.server.workers import serve_with_workers, worker_count
 from casframe.units import parse_size
 
-__all__ = ["SHUTDOWN_GRACE", "main", "serve_command"]
+if TYPE_CHECKING:
+    from casframe.store import Store
 
-# Seconds running calls get to finish after SIGTERM/SIGINT: long enough for a batch call or the
-# rest of a typical upload, short enough for a service manager's stop timeout (90 s systemd).
-SHUTDOWN_GRACE = 10.0
+__all__ = ["SHUTDOWN_GRACE", "main", "serve_command"]
 
 class ByteSize(click.ParamType):
     """A byte count in casframe's one convention (:mod:`casframe.units`): ``4194304``,
@@ -67,28 +65,19 @@ def _quiet_grpc(level: str | None) -> None:
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
-def _open_store(ctx: click.Context, url: str, *, create: bool) -> tuple[Any, bool]:
-    """Open STORE_URL through the CLI's opener when there is one (configured names work then);
-    return the store and whether this command must close it. A read-only server does not
-    create a missing store (``create=False``)."""
-    for attribute in ("open_store", "open"):
-        opener = getattr(ctx.obj, attribute, None)
-        if callable(opener):
-            return opener(url, create=create), False
-    from casframe.plugins import open_store
-
-    return open_store(url, create=create), True
+def _store_source(ctx: click.Context, argument: str) -> StoreSource:
+    """How to open STORE: through the CLI's configuration when run as ``casframe serve``
+    (configured names work then), as a plain URL when run as ``python -m casframe.server``."""
+    app = ctx.obj
+    if app is not None and callable(getattr(app, "open", None)):
+        return StoreSource(argument, use_config=True, config_file=getattr(app, "config_file", None))
+    return StoreSource(argument)
 
 
-def _configure_logging(level: str | None, ctx: click.Context) -> None:
+def _log_level(level: str | None, ctx: click.Context) -> str:
     if level is None:
-        level = "debug" if getattr(ctx.obj, "verbose", False) else "info"
-    logger = logging.getLogger("casframe")
-    logger.setLevel(level.upper())
-    if not logging.getLogger().handlers and not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        logger.addHandler(handler)
+        return "debug" if getattr(ctx.obj, "verbose", False) else "info"
+    return level
 
 
 @click.command("serve")
@@ -112,7 +101,11 @@ def _configure_logging(level: str | None, ctx: click.Context) -> None:
               help="Largest gRPC message in either direction  [default: 4MiB]. Batch calls "
                    "may carry this minus 1 MiB of blob bytes.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Threads for unary calls and the store work of streams  [default: 32].")
+              help="Server processes sharing the address  [default: the number of cores; 1 "
+                   "for memory:// stores and unix: addresses].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Threads of each process for unary calls and the store work of streams  "
+                   "[default: 32].")
 @click.option("--max-streams", type=click.IntRange(min=1), default=None, metavar="N",
               help="Streaming calls in progress at once; more are refused with "
                    "RESOURCE_EXHAUSTED  [default: 1000].")
@@ -134,6 +127,7 @@ def serve_command(
     tls_client_ca: str | None,
     max_message_size: int | None,
     workers: int | None,
+    threads: int | None,
     max_streams: int | None,
     stream_idle_timeout: float | None,
     log_level: str | None,
@@ -144,48 +138,44 @@ def serve_command(
     Fetch/Push, BuildStream ReferenceStorage and the gRPC health service. Stops gracefully on
     SIGTERM or SIGINT.
     """
-    _configure_logging(log_level, ctx)
-    if log_level is None and getattr(ctx.obj, "verbose", False):
-        log_level = "debug"
-    _quiet_grpc(log_level)
+    level = _log_level(log_level, ctx)
+    configure_logging(level)
+    _quiet_grpc(level)
+    source = _store_source(ctx, store_url)
+    server_options: dict[str, Any] = {
+        "listen": listen,
+        "instance_names": instances or ("",),
+        "read_only": read_only,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "tls_client_ca": tls_client_ca,
+        "max_message_bytes": max_message_size or DEFAULT_MAX_MESSAGE_BYTES,
+        "max_workers": threads or DEFAULT_THREADS,
+        "max_streams": max_streams or DEFAULT_MAX_STREAMS,
+        "stream_idle_timeout": stream_idle_timeout or DEFAULT_STREAM_IDLE_TIMEOUT,
+    }
+    store = source.open(create=not read_only)
+    try:
+        count = worker_count(workers, store.url, listen)
+        if count == 1:
+            _serve_in_this_process(store, server_options)
+            return
+        url = store.url
+    finally:
+        store.close()  # the workers open the store themselves
+    serve_with_workers(source, url, server_options, count, level)
+
+
+def _serve_in_this_process(store: Store, server_options: dict[str, Any]) -> None:
     from casframe.server.app import Server
 
-    store, owned = _open_store(ctx, store_url, create=not read_only)
-    try:
-        server = Server(
-            store,
-            listen=listen,
-            instance_names=instances or ("",),
-            read_only=read_only,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            tls_client_ca=tls_client_ca,
-            max_message_bytes=max_message_size or DEFAULT_MAX_MESSAGE_BYTES,
-            max_workers=workers or DEFAULT_WORKERS,
-            max_streams=max_streams or DEFAULT_MAX_STREAMS,
-            stream_idle_timeout=stream_idle_timeout or DEFAULT_STREAM_IDLE_TIMEOUT,
-        )
-        stop_requested = threading.Event()
+    server = Server(store, **server_options)
 
-        def request_stop(signum: int, frame: object) -> None:
-            stop_requested.set()
+    def announce() -> None:
+        click.echo(f"casframe: serving {store.url} on {server.address}")
+        sys.stdout.flush()
 
-        previous = {
-            sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)
-        }
-        try:
-            server.start()
-            click.echo(f"casframe: serving {store.url} on {server.address}")
-            sys.stdout.flush()
-            while not stop_requested.wait(1.0):
-                pass
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            server.stop(SHUTDOWN_GRACE)
-    finally:
-        if owned:
-            store.close()
+    serve_until(server, announce)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_MAX_STREAMS",
     "DEFAULT_STREAM_IDLE_TIMEOUT",
+    "DEFAULT_THREADS",
     "DEFAULT_WORKERS",
     "PemSource",
     "ServerSettings",
@@ -31,7 +32,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
 # Threads for unary calls and for the store work of streams (a stream waiting on its client
 # holds no thread). More than cores, because store work waits on disks and S3; 32 calls with
 # 1 MiB chunks in hand stay far below the 150 MiB memory budget.
-DEFAULT_WORKERS = 32
+DEFAULT_THREADS = 32
+#: The former name of DEFAULT_THREADS, from when ``--workers`` sized the thread pool.
+DEFAULT_WORKERS = DEFAULT_THREADS
 # Streaming calls (ByteStream Read and Write, GetTree) in progress at once. A stream waiting on
 # its client costs a coroutine and at most about two chunks (2 MiB) of buffers, so 1,000 stalled
 # streams cost the server at most ~2 GiB while ordinary calls keep being answered; a team's
@@ -74,7 +77,12 @@ class ServerSettings:
     or PEM bytes; ``tls_client_ca`` switches on mutual TLS. ``upload_expiry`` (seconds) and
     ``max_partial_uploads`` bound the interrupted ByteStream uploads kept for resumption;
     ``max_streams`` the streaming calls in progress, and ``stream_idle_timeout`` (seconds) how
-    long one may wait on its client.
+    long one may wait on its client. ``max_workers`` is the size of the thread pool
+    (``--threads``; named after :class:`~concurrent.futures.ThreadPoolExecutor`'s argument).
+    ``worker_index`` (0 to ``worker_count - 1``) says which of the processes of
+    ``casframe serve --workers N`` this server is: plugins that open something of their own
+    per process (a metrics port, a log file) tell the workers apart by it; a server not
+    started by ``--workers`` is worker 0 of 1.
     """
 
     store_url: str = ""
@@ -90,6 +98,8 @@ class ServerSettings:
     max_partial_uploads: int = 256
     max_streams: int = DEFAULT_MAX_STREAMS
     stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT
+    worker_index: int = 0
+    worker_count: int = 1
 
     def __post_init__(self) -> None:
         check_listen(self.listen)
@@ -99,7 +109,12 @@ class ServerSettings:
                 f"at least {_MIN_MESSAGE_BYTES} bytes"
             )
         if self.max_workers < 1:
-            raise ConfigError(f"workers must be at least 1, got {self.max_workers}")
+            raise ConfigError(f"threads must be at least 1, got {self.max_workers}")
+        if not 0 <= self.worker_index < self.worker_count:
+            raise ConfigError(
+                f"worker index {self.worker_index} is not between 0 and "
+                f"{self.worker_count - 1} (worker count {self.worker_count})"
+            )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both a certificate (--tls-cert) and a key (--tls-key)")
         if self.tls_client_ca is not None and self.tls_cert is None:

@@ -1,0 +1,90 @@
+"""Running one server until told to stop: what ``casframe serve`` and each of its worker
+processes (:mod:`casframe.server.worker`) do alike.
+
+:class:`StoreSource` says how the STORE argument of ``casframe serve`` is opened (a URL, or a
+name in the CLI's configuration), in a form a worker process can be given; :func:`serve_until`
+starts a :class:`~casframe.server.app.Server`, reports it serving, and stops it gracefully on
+SIGTERM or SIGINT (or when ``stop`` is set). Importing this module costs no gRPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from casframe.config import load_config
+from casframe.plugins import open_configured_store, open_store
+
+if TYPE_CHECKING:
+    from casframe.server.app import Server
+    from casframe.store import Store
+
+__all__ = ["LOG_FORMAT", "SHUTDOWN_GRACE", "StoreSource", "configure_logging", "serve_until"]
+
+# Seconds running calls get to finish after SIGTERM/SIGINT: long enough for a batch call or the
+# rest of a typical upload, short enough for a service manager's stop timeout (90 s systemd).
+SHUTDOWN_GRACE = 10.0
+
+#: How ``casframe serve`` formats its log lines on stderr (a worker adds its number and pid).
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+log = logging.getLogger("casframe.server")
+
+
+@dataclass(frozen=True)
+class StoreSource:
+    """The STORE argument and how to resolve it: through the CLI's configuration (a configured
+    name, a path, a URL with the configured options) when ``use_config``, else as a plain URL.
+    ``config_file`` is the CLI's ``--config`` (``None``: the default file)."""
+
+    argument: str
+    use_config: bool = False
+    config_file: str | None = None
+
+    def open(self, *, create: bool) -> Store:
+        if self.use_config:
+            config = load_config(self.config_file)
+            return open_configured_store(self.argument, config=config, create=create)
+        return open_store(self.argument, create=create)
+
+
+def configure_logging(level: str, fmt: str = LOG_FORMAT) -> None:
+    """Send casframe's log lines at ``level`` and above to stderr, unless the embedding program
+    (or a test) configured logging itself."""
+    logger = logging.getLogger("casframe")
+    logger.setLevel(level.upper())
+    if not logging.getLogger().handlers and not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(fmt))
+        logger.addHandler(handler)
+
+
+def serve_until(
+    server: Server,
+    on_serving: Callable[[], None],
+    stop: threading.Event | None = None,
+) -> None:
+    """Start ``server``, call ``on_serving``, and serve until SIGTERM, SIGINT or ``stop``;
+    then let running calls finish for :data:`SHUTDOWN_GRACE` seconds. Call from the main
+    thread (it installs the signal handlers, and restores the previous ones at the end)."""
+    stop = stop or threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        on_serving()
+        while not stop.wait(1.0):
+            pass
+        log.info("stopping: calls in progress get up to %g s to finish", SHUTDOWN_GRACE)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.stop(SHUTDOWN_GRACE)
