@@ -27,12 +27,12 @@ from casframe.errors import ConfigError, MissingDependencyError
 from casframe.readonly import read_only_view
 from casframe.server.bytestream import ByteStreamService, add_bytestream_to_server
 from casframe.server.interceptors import (
-    RequestLogInterceptor,
     StreamLimitInterceptor,
     StreamSlots,
     SyncInterceptorAdapter,
 )
 from casframe.server.names import Instances
+from casframe.server.observe import CallObserverInterceptor, CallSink, RequestLogSink
 from casframe.server.services import (
     ActionCacheService,
     CapabilitiesService,
@@ -52,7 +52,7 @@ from casframe.server.settings import (
 from casframe.server.tls import check_key_pair, read_pem
 from casframe.store import Store
 
-__all__ = ["Interceptor", "RequestLogInterceptor", "Server", "plugin_interceptors"]
+__all__ = ["Interceptor", "Server", "plugin_interceptors"]
 
 log = logging.getLogger("casframe.server")
 
@@ -126,6 +126,8 @@ class Server:
     finishes in-flight calls for up to ``grace`` seconds; ``wait()`` blocks until stopped.
     As a context manager it starts on entry and stops on exit. ``interceptors`` are added after
     the built-in request log and before those of plugins (``use_plugins=False`` skips those).
+    ``call_sinks`` are told of every call (:mod:`casframe.server.observe`): the metrics and
+    the access log of ``casframe serve``.
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class Server:
         stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT,
         interceptors: Sequence[Interceptor] = (),
         use_plugins: bool = True,
+        call_sinks: Sequence[CallSink] = (),
     ) -> None:
         settings = ServerSettings(
             store_url=store.url,
@@ -170,6 +173,7 @@ class Server:
         self.streams = StreamSlots(settings.max_streams)
         self._extra_interceptors = tuple(interceptors)
         self._use_plugins = use_plugins
+        self._call_sinks = (RequestLogSink(), *call_sinks)
         self._server: grpc.aio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
@@ -246,7 +250,7 @@ class Server:
         settings = self.settings
         assert self._executor is not None
         chain: list[grpc.aio.ServerInterceptor] = [
-            RequestLogInterceptor(), StreamLimitInterceptor(self.streams)
+            CallObserverInterceptor(self._call_sinks), StreamLimitInterceptor(self.streams)
         ]
         for interceptor in interceptors:
             if isinstance(interceptor, grpc.aio.ServerInterceptor):

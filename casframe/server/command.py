@@ -6,10 +6,13 @@ machinery is imported only when the command runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from typing import Any
 
@@ -120,6 +123,13 @@ def _configure_logging(level: str | None, ctx: click.Context) -> None:
               default=None, metavar="SECONDS",
               help="End a stream without progress for this long with UNAVAILABLE "
                    " [default: 60].")
+@click.option("--metrics-listen", type=ListenAddress(), default=None, metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics; port 0 picks a "
+                   "free port.")
+@click.option("--access-log", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              metavar="PATH|-",
+              help="Append one JSON line per request to PATH (created if missing; - for "
+                   "standard error).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default=None, help="Server log level; debug logs every request  [default: info].")
 @click.pass_context
@@ -136,6 +146,8 @@ def serve_command(
     workers: int | None,
     max_streams: int | None,
     stream_idle_timeout: float | None,
+    metrics_listen: str | None,
+    access_log: str | None,
     log_level: str | None,
 ) -> None:
     """Serve STORE (a URL or a configured store name) to REAPI clients over gRPC.
@@ -151,7 +163,9 @@ def serve_command(
     from casframe.server.app import Server
 
     store, owned = _open_store(ctx, store_url, create=not read_only)
+    observers = contextlib.ExitStack()
     try:
+        sinks, metrics_url = _call_sinks(observers, store, metrics_listen, access_log)
         server = Server(
             store,
             listen=listen,
@@ -164,6 +178,7 @@ def serve_command(
             max_workers=workers or DEFAULT_WORKERS,
             max_streams=max_streams or DEFAULT_MAX_STREAMS,
             stream_idle_timeout=stream_idle_timeout or DEFAULT_STREAM_IDLE_TIMEOUT,
+            call_sinks=sinks,
         )
         stop_requested = threading.Event()
 
@@ -176,6 +191,8 @@ def serve_command(
         try:
             server.start()
             click.echo(f"casframe: serving {store.url} on {server.address}")
+            if metrics_url:
+                click.echo(f"casframe: metrics on {metrics_url}")
             sys.stdout.flush()
             while not stop_requested.wait(1.0):
                 pass
@@ -184,8 +201,36 @@ def serve_command(
                 signal.signal(sig, handler)
             server.stop(SHUTDOWN_GRACE)
     finally:
+        observers.close()
         if owned:
             store.close()
+
+
+def _call_sinks(
+    stack: contextlib.ExitStack, store: Any, metrics_listen: str | None, access_log: str | None
+) -> tuple[list[Any], str | None]:
+    """The access log and the metrics asked for, open until ``stack`` closes, and the URL
+    where the metrics are served."""
+    sinks: list[Any] = []
+    if access_log is not None:
+        from casframe.server.accesslog import AccessLog
+
+        sinks.append(stack.enter_context(AccessLog.open(access_log)))
+    if metrics_listen is None:
+        return sinks, None
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Set before prometheus_client is first imported (it decides then): values are kept
+        # in files there, so worker processes started with this environment add up.
+        folder = tempfile.mkdtemp(prefix="casframe-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        stack.callback(shutil.rmtree, folder, ignore_errors=True)
+        stack.callback(os.environ.pop, "PROMETHEUS_MULTIPROC_DIR", None)
+    from casframe.server.metrics import ServerMetrics, process_exited, serve_metrics
+
+    stack.callback(process_exited, os.getpid())
+    metrics = ServerMetrics(store)
+    sinks.append(metrics)
+    return sinks, stack.enter_context(serve_metrics(metrics_listen, metrics))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,158 @@
+"""The access log: one JSON line per call the server answered (``casframe serve
+--access-log PATH|-``).
+
+:class:`AccessLog` is a call sink (:mod:`casframe.server.observe`). A call's fields are
+gathered where it ends and handed to a :class:`logging.handlers.QueueHandler`; a
+:class:`~logging.handlers.QueueListener` thread turns them into JSON and writes them, so a slow
+disk never holds the event loop or a call's thread. A file is opened with
+:class:`~logging.handlers.WatchedFileHandler`, so logrotate can move it away (a new file is
+opened at the next line).
+
+The fields are documented in docs/server.md. This module must never write a secret or a
+server-side location: no request metadata (authorization headers, tokens), no store URL or
+path, no Remote Asset URI (they may carry credentials); only names and digests the client
+sent, counts and the status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import logging.handlers
+import queue
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from casframe.server.names import parse_read_resource, parse_write_resource
+from casframe.server.observe import CallRecord
+
+__all__ = ["AccessLog", "access_fields"]
+
+_BYTESTREAM = "/google.bytestream.ByteStream/"
+
+
+# The request field naming what a call concerned, by method name: a digest, or a list whose
+# length is logged as ``blobs``. Remote Asset Fetch is left out: its URIs may hold credentials.
+_DIGEST_FIELDS = {
+    "GetActionResult": "action_digest",
+    "UpdateActionResult": "action_digest",
+    "GetTree": "root_digest",
+    "PushBlob": "blob_digest",
+    "PushDirectory": "root_directory_digest",
+    "UpdateReference": "digest",
+}
+_LIST_FIELDS = {
+    "FindMissingBlobs": "blob_digests",
+    "BatchReadBlobs": "digests",
+    "BatchUpdateBlobs": "requests",
+}
+
+
+def _resource(call: CallRecord) -> tuple[str, str | None, int | None]:
+    """The instance name, the digest or resource the call concerned (or None) and how many
+    blobs it named (batch calls; else None), from its request."""
+    request = call.request
+    if request is None:  # refused before any request arrived
+        return "", None, None
+    name = call.name
+    if call.method.startswith(_BYTESTREAM):
+        resource = request.resource_name
+        try:
+            parsed = (
+                parse_read_resource(resource) if name == "Read"
+                else parse_write_resource(resource)
+            )
+        except Exception:  # noqa: BLE001 - a bad name is still logged, as sent
+            return "", resource, None
+        return parsed.instance, resource, None
+    instance = getattr(request, "instance_name", "")
+    if name in _DIGEST_FIELDS:
+        digest = getattr(request, _DIGEST_FIELDS[name])
+        return instance, f"{digest.hash}/{digest.size_bytes}", None
+    if name in _LIST_FIELDS:
+        return instance, None, len(getattr(request, _LIST_FIELDS[name]))
+    if name == "GetReference":  # BuildStream's ReferenceStorage
+        return instance, request.key, None
+    return instance, None, None
+
+
+def access_fields(call: CallRecord) -> dict[str, Any]:
+    """The fields of ``call``'s access-log line (docs/server.md lists them)."""
+    assert call.code is not None
+    instance, resource, blobs = _resource(call)
+    fields: dict[str, Any] = {
+        "time": datetime.fromtimestamp(call.time, UTC).isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z"),
+        "peer": call.peer,
+        "instance": instance,
+        "method": call.method,
+        "status": call.code.name,
+        "duration_ms": round(call.duration * 1000, 3),
+        "bytes_in": call.bytes_in,
+        "bytes_out": call.bytes_out,
+    }
+    if resource is not None:
+        fields["resource"] = resource
+    if blobs is not None:
+        fields["blobs"] = blobs
+    return fields
+
+
+class _JsonLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(record.msg, separators=(",", ":"), ensure_ascii=False)
+
+
+class _FieldsQueueHandler(logging.handlers.QueueHandler):
+    """Queues the record as it is: the JSON is made in the listener's thread."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
+class AccessLog:
+    """A call sink writing one JSON line per call to ``target``: a file path (appended to,
+    created if missing) or ``-`` for standard error. Use :meth:`open` as a context manager;
+    closing writes every queued line."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        handler: logging.Handler
+        if target == "-":
+            handler = logging.StreamHandler(sys.stderr)
+        else:
+            handler = logging.handlers.WatchedFileHandler(target, encoding="utf-8")
+        handler.setFormatter(_JsonLines())
+        self._handler = handler
+        lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        self._queue = _FieldsQueueHandler(lines)
+        self._listener = logging.handlers.QueueListener(lines, handler)
+        self._logger = logging.Logger("casframe.access")  # not in the logging tree
+        self._logger.addHandler(self._queue)
+        self._logger.propagate = False
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, target: str) -> Iterator[AccessLog]:
+        access_log = cls(target)
+        access_log._listener.start()
+        try:
+            yield access_log
+        finally:
+            access_log.close()
+
+    def close(self) -> None:
+        self._listener.stop()  # writes what is queued first
+        self._handler.close()
+
+    def enabled(self) -> bool:
+        return True
+
+    def call_started(self, call: CallRecord) -> None:
+        pass
+
+    def call_ended(self, call: CallRecord) -> None:
+        self._logger.info(access_fields(call))
