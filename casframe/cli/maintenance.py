@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ from casframe.cli.app import App
 from casframe.cli.helpers import (
     EXIT_ERROR,
     PROG,
+    describe_error,
     emit_json,
     format_count,
     format_size,
@@ -56,6 +58,43 @@ _grace_option = click.option(
 _dry_run_option = click.option(
     "-n", "--dry-run", is_flag=True, help="Delete nothing; report what would go."
 )
+_metrics_push_option = click.option(
+    "--metrics-push",
+    metavar="URL",
+    help="When done, push the run's metrics (objects and bytes freed, duration, time of "
+    "success) to the Prometheus Pushgateway at URL.",
+)
+_metrics_textfile_option = click.option(
+    "--metrics-textfile",
+    metavar="PATH",
+    type=click.Path(dir_okay=False),
+    help="When done, write the run's metrics to PATH (replaced atomically), for "
+    "node_exporter's textfile collector.",
+)
+
+
+def _check_metrics_options(push: str | None, textfile: str | None, dry_run: bool) -> None:
+    if (push or textfile) and dry_run:
+        raise click.UsageError(
+            "--metrics-push and --metrics-textfile report what a run freed; "
+            "a --dry-run frees nothing"
+        )
+
+
+def _publish_metrics(
+    app: App, report: Any, started: float, push: str | None, textfile: str | None
+) -> None:
+    """Push or write the metrics of the run that began at ``started`` (``time.monotonic()``);
+    a failure is this command's error (exit status 1)."""
+    if not (push or textfile):
+        return
+    from casframe.jobmetrics import publish  # loads prometheus_client only when asked
+
+    seconds = time.monotonic() - started
+    try:
+        publish(report, seconds, app.store().url, gateway=push, textfile=textfile)
+    except OSError as exc:
+        raise click.ClickException(describe_error(exc)) from None
 
 
 def _objects(count: int, size: int) -> str:
@@ -122,18 +161,30 @@ def _prune_summary(report: Any) -> str:
 @click.command("prune")
 @_grace_option
 @_dry_run_option
+@_metrics_push_option
+@_metrics_textfile_option
 @json_option
 @pass_app
-def prune_command(app: App, grace_period: float, dry_run: bool, as_json: bool) -> None:
+def prune_command(
+    app: App,
+    grace_period: float,
+    dry_run: bool,
+    metrics_push: str | None,
+    metrics_textfile: str | None,
+    as_json: bool,
+) -> None:
     """Delete blobs that no ref reaches.
 
     Marks everything reachable from every ref (through Directory trees, action results and
     asset refs), then deletes the rest unless it is younger than the grace period. With
     --dry-run, also shows per ref the bytes it alone keeps alive: what deleting it would free.
     """
+    _check_metrics_options(metrics_push, metrics_textfile, dry_run)
     store = app.store()
+    started = time.monotonic()
     with app.progress(as_json) as progress:
         report = store.prune(grace_period=grace_period, dry_run=dry_run, progress=progress)
+    _publish_metrics(app, report, started, metrics_push, metrics_textfile)
     if as_json:
         emit_json(report.to_dict())
         return
@@ -168,6 +219,8 @@ def prune_command(app: App, grace_period: float, dry_run: bool, as_json: bool) -
 )
 @_grace_option
 @_dry_run_option
+@_metrics_push_option
+@_metrics_textfile_option
 @json_option
 @pass_app
 @click.pass_context
@@ -179,6 +232,8 @@ def gc_command(
     keep: tuple[str, ...],
     grace_period: float,
     dry_run: bool,
+    metrics_push: str | None,
+    metrics_textfile: str | None,
     as_json: bool,
 ) -> None:
     """Keep the store under a quota: expire least recently used refs, then prune.
@@ -188,12 +243,15 @@ def gc_command(
     --low-watermark × --max-size; then prune runs. Exits with status 1 when the target cannot
     be reached (only protected refs or young data are left).
     """
+    _check_metrics_options(metrics_push, metrics_textfile, dry_run)
     store = app.store()
+    started = time.monotonic()
     with app.progress(as_json) as progress:
         report = store.gc(
             max_size=max_size, low_watermark=low_watermark, keep=keep,
             grace_period=grace_period, dry_run=dry_run, progress=progress,
         )
+    _publish_metrics(app, report, started, metrics_push, metrics_textfile)
     if as_json:
         emit_json(report.to_dict())
     else:
