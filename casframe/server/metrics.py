@@ -324,7 +324,7 @@ def serve_metrics(listen: str, metrics: ServerMetrics) -> Iterator[str]:
         )
     except OSError as exc:
         raise OSError(
-            exc.errno, f"cannot listen for metrics on {listen} ({exc.strerror or exc})"
+            exc.errno, f"cannot listen for metrics ({exc.strerror or exc})", listen
         ) from None
     shown = f"[{host}]" if ":" in host else host
     try:
