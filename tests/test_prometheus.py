@@ -1,0 +1,134 @@
+"""A real Prometheus server (Debian's ``prometheus``) scrapes ``casframe serve
+--metrics-listen`` while Bazel builds against it, and a real Pushgateway (Debian's
+``prometheus-pushgateway``) receives what ``casframe gc`` and ``casframe prune`` freed.
+
+The PromQL queried here is the one docs/server.md gives for the hit ratios. Waits are hang
+guards: Prometheus is polled until its latest sample equals what the server itself reports.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+from bazel_helpers import ACTIONS, build, process_summary, write_workspace
+from click.testing import CliRunner
+from prometheus_helpers import (
+    metric_value,
+    prometheus_server,
+    pushgateway_server,
+    query,
+    scrape,
+    wait_until,
+)
+from server_processes import serve_process
+
+from casframe.cli import make_cli
+
+# The hit ratios as docs/server.md gives them.
+ACTION_CACHE_HIT_RATIO = (
+    'sum(rate(casframe_action_cache_lookups_total{result="hit"}[5m]))'
+    " / sum(rate(casframe_action_cache_lookups_total[5m]))"
+)
+FIND_MISSING_HIT_RATIO = (
+    'sum(rate(casframe_cas_find_missing_digests_total{result="present"}[5m]))'
+    " / sum(rate(casframe_cas_find_missing_digests_total[5m]))"
+)
+
+
+def _latest(prometheus: str, promql: str) -> float | None:
+    result = query(prometheus, promql)
+    return float(result[0]["value"][1]) if result else None
+
+
+def test_prometheus_scrapes_the_server_through_a_bazel_build(
+    prometheus: str, bazel: str, tmp_path: Path
+) -> None:
+    with serve_process(f"file://{tmp_path}/cache", "--metrics-listen", "127.0.0.1:0") as (
+        process, port
+    ):
+        assert process.stdout is not None
+        metrics_url = process.stdout.readline().split()[-1]
+        target = metrics_url.removeprefix("http://").removesuffix("/metrics")
+        with prometheus_server(prometheus, tmp_path / "prometheus", [target]) as server:
+            # Scraped once before the build: every counter starts from a sample at 0.
+            wait_until(lambda: _latest(server, 'up{job="casframe"} == 1'), "target up")
+            wait_until(
+                lambda: _latest(server, "casframe_action_cache_lookups_total"),
+                "a first sample of the action cache counters",
+            )
+            workspace = write_workspace(tmp_path / "workspace")
+            url = f"grpc://127.0.0.1:{port}"
+            build(bazel, workspace, tmp_path / "out1", url)
+            second = build(bazel, workspace, tmp_path / "out2", url)
+            assert f"{ACTIONS} remote cache hit" in process_summary(second)
+
+            exposition = scrape(metrics_url)
+            hits = metric_value(exposition, "casframe_action_cache_lookups_total", result="hit")
+            misses = metric_value(
+                exposition, "casframe_action_cache_lookups_total", result="miss"
+            )
+            assert (hits, misses) == (ACTIONS, ACTIONS)
+            uploads = metric_value(exposition, "casframe_cas_blobs_stored_total")
+            assert uploads is not None and uploads >= ACTIONS  # each action's output at least
+            served = metric_value(exposition, "casframe_cas_blobs_served_total")
+            assert served is not None and served >= ACTIONS  # the second build's downloads
+
+            # Prometheus holds the same figures once it has scraped after the build.
+            wait_until(
+                lambda: _latest(server, 'casframe_action_cache_lookups_total{result="hit"}'
+                                f" == {ACTIONS}"),
+                "the build's action cache hits in Prometheus",
+            )
+            assert _latest(server, "sum(casframe_cas_blobs_stored_total)") == uploads
+            assert _latest(server, ACTION_CACHE_HIT_RATIO) == pytest.approx(0.5)
+            find_ratio = _latest(server, FIND_MISSING_HIT_RATIO)
+            assert find_ratio is not None and 0 <= find_ratio <= 1
+            handled = query(
+                server, 'grpc_server_handled_total{grpc_method="GetActionResult"}'
+            )
+            assert {(s["metric"]["grpc_code"], s["value"][1]) for s in handled} == {
+                ("OK", str(ACTIONS)), ("NOT_FOUND", str(ACTIONS))
+            }
+            latency = _latest(
+                server, 'sum(grpc_server_handling_seconds_count{grpc_method="GetActionResult"})'
+            )
+            assert latency == 2 * ACTIONS
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
+
+
+def test_gc_and_prune_push_what_they_freed_to_a_pushgateway(
+    pushgateway: str, tmp_path: Path, isolated_env: None
+) -> None:
+    store = f"file://{tmp_path}/store"
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "a.txt").write_text("kept\n")
+    (tmp_path / "loose.txt").write_text("nothing refers to me\n")
+    cli = make_cli()
+    runner = CliRunner()
+    assert runner.invoke(cli, ["--store", store, "import", str(tmp_path / "kept"),
+                               "--ref", "keep"]).exit_code == 0
+    assert runner.invoke(cli, ["--store", store, "put", str(tmp_path / "loose.txt")]).exit_code == 0
+    with pushgateway_server(pushgateway, tmp_path / "pushgateway") as gateway:
+        pruned = runner.invoke(cli, ["--store", store, "prune", "--grace", "0",
+                                     "--metrics-push", gateway])
+        assert pruned.exit_code == 0, pruned.output
+        gc = runner.invoke(cli, ["--store", store, "gc", "--max-size", "1G", "--grace", "0",
+                                 "--metrics-push", gateway])
+        assert gc.exit_code == 0, gc.output
+        pushed = scrape(f"{gateway}/metrics")
+    group = {"store": store}
+    loose = len("nothing refers to me\n")
+    assert metric_value(pushed, "casframe_prune_objects_freed", job="casframe_prune",
+                        **group) == 1
+    assert metric_value(pushed, "casframe_prune_freed_bytes", job="casframe_prune",
+                        **group) == loose
+    duration = metric_value(pushed, "casframe_prune_duration_seconds", job="casframe_prune")
+    assert duration is not None and duration > 0
+    assert metric_value(pushed, "casframe_gc_objects_freed", job="casframe_gc", **group) == 0
+    assert metric_value(pushed, "casframe_gc_target_reached", job="casframe_gc", **group) == 1
+    assert metric_value(pushed, "casframe_gc_quota_bytes", job="casframe_gc", **group) == 1 << 30
+    success = metric_value(pushed, "casframe_gc_last_success_timestamp_seconds", job="casframe_gc")
+    assert success is not None and success > 0
