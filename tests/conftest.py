@@ -32,6 +32,12 @@ def prometheus() -> str:
 
 
 @pytest.fixture(scope="session")
+def promtool() -> str:
+    """Prometheus' checker of configurations and rules (in Debian's prometheus)."""
+    return prereqs.tool("promtool", "prometheus")
+
+
+@pytest.fixture(scope="session")
 def pushgateway() -> str:
     """Prometheus' Pushgateway (Debian's prometheus-pushgateway), for batch-job metrics."""
     return prereqs.tool("prometheus-pushgateway", "prometheus-pushgateway")

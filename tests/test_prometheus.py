@@ -8,7 +8,9 @@ guards: Prometheus is polled until its latest sample equals what the server itse
 
 from __future__ import annotations
 
+import re
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,8 @@ from prometheus_helpers import (
 from server_processes import serve_process
 
 from casframe.cli import make_cli
+
+RECIPE_README = Path(__file__).resolve().parent.parent / "examples" / "ops" / "README.md"
 
 # The hit ratios as docs/server.md gives them.
 ACTION_CACHE_HIT_RATIO = (
@@ -132,3 +136,27 @@ def test_gc_and_prune_push_what_they_freed_to_a_pushgateway(
     assert metric_value(pushed, "casframe_gc_quota_bytes", job="casframe_gc", **group) == 1 << 30
     success = metric_value(pushed, "casframe_gc_last_success_timestamp_seconds", job="casframe_gc")
     assert success is not None and success > 0
+
+
+def _recipe_yaml(first_line: str) -> str:
+    """The YAML block of the ops recipe's README that starts with ``first_line``."""
+    blocks = re.findall(r"```yaml\n(.*?)```", RECIPE_README.read_text(), re.DOTALL)
+    found = [block for block in blocks if block.startswith(first_line + "\n")]
+    assert len(found) == 1, f"no single YAML block starting {first_line!r} in {RECIPE_README}"
+    return found[0]
+
+
+def test_the_ops_recipe_scrape_config_and_alert_rules_pass_promtool(
+    promtool: str, tmp_path: Path
+) -> None:
+    rules = tmp_path / "casframe.yml"
+    rules.write_text(_recipe_yaml("# /etc/prometheus/rules/casframe.yml"))
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        _recipe_yaml("# /etc/prometheus/prometheus.yml")
+        .replace("/etc/prometheus/rules/casframe.yml", str(rules))
+    )
+    checked = subprocess.run([promtool, "check", "config", str(config)], capture_output=True,
+                             text=True, timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 7 rules found" in checked.stdout + checked.stderr
