@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 from prometheus_helpers import metric_value, scrape
 from server_processes import ClientStubs, serve_process
@@ -173,6 +174,11 @@ def test_streams_in_flight_counts_a_read_until_it_ends(
     assert client.value("casframe_server_streams_in_flight") == 1
     assert len(first.data) + sum(len(r.data) for r in responses) == len(data)
     assert client.value("casframe_server_streams_in_flight") == 0
+    # A load balancer's health Watch lasts as long as it watches: not a stream of the limit.
+    watch = client.health.Watch(health_pb2.HealthCheckRequest(service=""))
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    assert client.value("casframe_server_streams_in_flight") == 0
+    watch.cancel()
 
 
 def test_cache_store_reads_count_local_hits_and_remote_misses(

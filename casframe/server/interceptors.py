@@ -23,6 +23,7 @@ import grpc
 from casframe.server.errors import StatusError
 
 __all__ = [
+    "UNCOUNTED_STREAMS",
     "StreamLimitInterceptor",
     "StreamSlots",
     "SyncInterceptorAdapter",
@@ -41,8 +42,8 @@ _FACTORIES = {
     "stream_unary": grpc.stream_unary_rpc_method_handler,
     "stream_stream": grpc.stream_stream_rpc_method_handler,
 }
-# Long-lived by design (a load balancer watching health): not counted as a stream.
-_UNCOUNTED_STREAMS = ("/grpc.health.v1.Health/Watch",)
+#: Long-lived by design (a load balancer watching health): not counted as a stream.
+UNCOUNTED_STREAMS = ("/grpc.health.v1.Health/Watch",)
 
 
 def is_async_behavior(behavior: Callable[..., Any]) -> bool:
@@ -109,7 +110,7 @@ class StreamLimitInterceptor(grpc.aio.ServerInterceptor):
         if (
             handler is None
             or not (handler.request_streaming or handler.response_streaming)
-            or handler_call_details.method in _UNCOUNTED_STREAMS
+            or handler_call_details.method in UNCOUNTED_STREAMS
         ):
             return handler
         return _rewrap(handler, lambda kind, behavior: self._limited(behavior))

@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, mult
 from prometheus_client.exposition import start_http_server
 
 from casframe.errors import ConfigError
+from casframe.server.interceptors import UNCOUNTED_STREAMS
 from casframe.server.names import parse_write_resource
 from casframe.server.observe import CallRecord
 from casframe.store import Store
@@ -204,7 +205,7 @@ class ServerMetrics:
 
     def call_started(self, call: CallRecord) -> None:
         self._series(call).started.inc()
-        if call.streaming:
+        if call.streaming and call.method not in UNCOUNTED_STREAMS:
             self.streams_in_flight.inc()
 
     def call_ended(self, call: CallRecord) -> None:
@@ -218,7 +219,7 @@ class ServerMetrics:
         if call.messages_out:
             series.sent.inc(call.messages_out)
             series.bytes_sent.inc(call.bytes_out)
-        if call.streaming:
+        if call.streaming and call.method not in UNCOUNTED_STREAMS:
             self.streams_in_flight.dec()
         self._count_content(call)
         if self._cache is not None:
