@@ -1,12 +1,11 @@
 """The access log: one JSON line per call the server answered (``casframe serve
 --access-log PATH|-``).
 
-:class:`AccessLog` is a call sink (:mod:`casframe.server.observe`). A call's fields are
-gathered where it ends and handed to a :class:`logging.handlers.QueueHandler`; a
-:class:`~logging.handlers.QueueListener` thread turns them into JSON and writes them, so a slow
-disk never holds the event loop or a call's thread. A file is opened with
-:class:`~logging.handlers.WatchedFileHandler`, so logrotate can move it away (a new file is
-opened at the next line).
+:class:`AccessLog` is a call sink (:mod:`casframe.server.observe`). A call that ends puts its
+record in a queue; a thread of the log's own turns records into JSON and writes them through a
+logging handler, so a slow disk never holds the event loop or a call's thread. A file is
+written by :class:`~logging.handlers.WatchedFileHandler`, so logrotate can move it away (a new
+file is opened at the next write).
 
 The fields are documented in docs/server.md. This module must never write a secret or a
 server-side location: no request metadata (authorization headers, tokens), no store URL or
@@ -22,6 +21,7 @@ import logging
 import logging.handlers
 import queue
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -80,12 +80,13 @@ def _resource(call: CallRecord) -> tuple[str, str | None, int | None]:
 
 
 def access_fields(call: CallRecord) -> dict[str, Any]:
-    """The fields of ``call``'s access-log line (docs/server.md lists them)."""
+    """The fields of ``call``'s access-log line (docs/server.md lists them), ``time`` still
+    as seconds since the epoch: :func:`_line` writes it out. Nothing of the call's messages is
+    kept, so a queue of these holds no blob."""
     assert call.code is not None
     instance, resource, blobs = _resource(call)
     fields: dict[str, Any] = {
-        "time": datetime.fromtimestamp(call.time, UTC).isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z"),
+        "time": call.time,
         "peer": call.peer,
         "instance": instance,
         "method": call.method,
@@ -101,22 +102,35 @@ def access_fields(call: CallRecord) -> dict[str, Any]:
     return fields
 
 
-class _JsonLines(logging.Formatter):
+def _line(fields: dict[str, Any]) -> str:
+    """One JSON line, with ``time`` in UTC, ISO 8601, to the millisecond."""
+    moment = datetime.fromtimestamp(fields["time"], UTC).isoformat(timespec="milliseconds")
+    fields["time"] = moment.replace("+00:00", "Z")
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
+
+
+class _Lines(logging.Formatter):
+    """The record's message is the finished text (several JSON lines at once)."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(record.msg, separators=(",", ":"), ensure_ascii=False)
+        return str(record.msg)
 
 
-class _FieldsQueueHandler(logging.handlers.QueueHandler):
-    """Queues the record as it is: the JSON is made in the listener's thread."""
-
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        return record
+# Calls written at most in one write: bounds the text held at once while a backlog drains.
+_BATCH = 512
+_STOP = object()
 
 
 class AccessLog:
     """A call sink writing one JSON line per call to ``target``: a file path (appended to,
     created if missing) or ``-`` for standard error. Use :meth:`open` as a context manager;
-    closing writes every queued line."""
+    closing writes every queued line.
+
+    A call only puts its fields in a queue; the writer thread makes the JSON and hands
+    whatever has queued up to the logging handler as one write, so a busy server writes in
+    batches rather than a line per call. While the file cannot take them, lines wait in
+    memory (a few hundred bytes each).
+    """
 
     def __init__(self, target: str) -> None:
         self.target = target
@@ -125,28 +139,41 @@ class AccessLog:
             handler = logging.StreamHandler(sys.stderr)
         else:
             handler = logging.handlers.WatchedFileHandler(target, encoding="utf-8")
-        handler.setFormatter(_JsonLines())
+        handler.setFormatter(_Lines())
         self._handler = handler
-        lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-        self._queue = _FieldsQueueHandler(lines)
-        self._listener = logging.handlers.QueueListener(lines, handler)
-        self._logger = logging.Logger("casframe.access")  # not in the logging tree
-        self._logger.addHandler(self._queue)
-        self._logger.propagate = False
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._writer = threading.Thread(
+            target=self._write, name="casframe-access-log", daemon=True
+        )
 
     @classmethod
     @contextlib.contextmanager
     def open(cls, target: str) -> Iterator[AccessLog]:
         access_log = cls(target)
-        access_log._listener.start()
+        access_log._writer.start()
         try:
             yield access_log
         finally:
             access_log.close()
 
     def close(self) -> None:
-        self._listener.stop()  # writes what is queued first
+        """Write what is queued, then close the file."""
+        if self._writer.is_alive():
+            self._queue.put(_STOP)
+            self._writer.join()
         self._handler.close()
+
+    def _write(self) -> None:
+        while True:
+            calls = [self._queue.get()]
+            while len(calls) < _BATCH and not self._queue.empty():
+                calls.append(self._queue.get())
+            stop = any(fields is _STOP for fields in calls)
+            lines = [_line(fields) for fields in calls if fields is not _STOP]
+            if lines:
+                self._handler.handle(logging.makeLogRecord({"msg": "\n".join(lines)}))
+            if stop:
+                return
 
     def enabled(self) -> bool:
         return True
@@ -155,4 +182,4 @@ class AccessLog:
         pass
 
     def call_ended(self, call: CallRecord) -> None:
-        self._logger.info(access_fields(call))
+        self._queue.put(access_fields(call))

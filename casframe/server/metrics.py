@@ -95,8 +95,6 @@ class _MethodSeries:
         self.labels = (kind, service, name)
         self.started = metrics.started.labels(kind, service, name)
         self.seconds = metrics.handling_seconds.labels(kind, service, name)
-        self.received = metrics.messages_received.labels(kind, service, name)
-        self.sent = metrics.messages_sent.labels(kind, service, name)
         self.bytes_received = metrics.bytes_received.labels(service, name)
         self.bytes_sent = metrics.bytes_sent.labels(service, name)
         self._handled = metrics.handled
@@ -128,12 +126,6 @@ class ServerMetrics:
             "grpc_server_handling_seconds",
             "Time from the call's start to its answer being handed to gRPC.",
             method, buckets=LATENCY_BUCKETS, registry=registry,
-        )
-        self.messages_received = Counter(
-            "grpc_server_msg_received", "Request messages received.", method, registry=registry
-        )
-        self.messages_sent = Counter(
-            "grpc_server_msg_sent", "Response messages sent.", method, registry=registry
         )
         self.bytes_received = Counter(
             "casframe_server_received_bytes", "Serialized bytes of request messages received.",
@@ -213,11 +205,9 @@ class ServerMetrics:
         series = self._series(call)
         series.handled(call.code).inc()
         series.seconds.observe(call.duration)
-        if call.messages_in:
-            series.received.inc(call.messages_in)
+        if call.bytes_in:
             series.bytes_received.inc(call.bytes_in)
-        if call.messages_out:
-            series.sent.inc(call.messages_out)
+        if call.bytes_out:
             series.bytes_sent.inc(call.bytes_out)
         if call.streaming and call.method not in UNCOUNTED_STREAMS:
             self.streams_in_flight.dec()

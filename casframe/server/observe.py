@@ -51,8 +51,8 @@ class CallRecord:
 
     __slots__ = (
         "method", "request_streaming", "response_streaming", "peer", "time", "duration",
-        "code", "request", "response", "bytes_in", "bytes_out", "messages_in", "messages_out",
-        "raw_bytes_out", "_started",
+        "code", "request", "response", "bytes_in", "bytes_out", "raw_bytes_out",
+        "_started",
     )
 
     def __init__(self, method: str, handler: grpc.RpcMethodHandler, peer: str) -> None:
@@ -68,8 +68,6 @@ class CallRecord:
         self.response: Any = None
         self.bytes_in = 0
         self.bytes_out = 0
-        self.messages_in = 0
-        self.messages_out = 0
         self.raw_bytes_out = 0
 
     @property
@@ -88,14 +86,12 @@ class CallRecord:
 
     def _received(self, message: Any, size: int) -> Any:
         self.bytes_in += size
-        self.messages_in += 1
         if self.request is None:
             self.request = message
         return message
 
     def _sent(self, data: bytes, raw_size: int) -> bytes:
         self.bytes_out += len(data)
-        self.messages_out += 1
         self.raw_bytes_out += raw_size
         return data
 
