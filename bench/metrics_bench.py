@@ -158,6 +158,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--requests", type=int, default=6000)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--observe", choices=["both", "metrics", "access-log"], default="both",
+                        help="what the observed runs turn on (default: both)")
     parser.add_argument("--load", type=Path, default=None,
                         help="a load script (default: bench/load.py if present, else built in)")
     args = parser.parse_args()
@@ -168,21 +170,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="casframe-metrics-bench-") as work:
         store_url = f"file://{work}/store"
         filled = fill(store_url)
-        observed = ["--metrics-listen", "127.0.0.1:0", "--access-log", f"{work}/access.log"]
+        observed = {
+            "metrics": ["--metrics-listen", "127.0.0.1:0"],
+            "access-log": ["--access-log", f"{work}/access.log"],
+        }
+        observed["both"] = observed["metrics"] + observed["access-log"]
+        extra = observed[args.observe]
         runs: dict[str, list[tuple[float, float]]] = {"plain": [], "observed": []}
         for pair in range(args.pairs):
             runs["plain"].append(one_run(args, store_url, [], load, filled))
-            runs["observed"].append(one_run(args, store_url, observed, load, filled))
+            runs["observed"].append(one_run(args, store_url, extra, load, filled))
             (plain, plain_cpu), (seen, seen_cpu) = runs["plain"][-1], runs["observed"][-1]
             print(f"pair {pair + 1}: plain {plain:,.0f}/s ({plain_cpu:.3f} ms CPU a request), "
-                  f"metrics + access log {seen:,.0f}/s ({seen_cpu:.3f} ms)", flush=True)
+                  f"{args.observe} {seen:,.0f}/s ({seen_cpu:.3f} ms)", flush=True)
 
         def median(kind: str, index: int) -> float:
             return statistics.median(run[index] for run in runs[kind])
 
         ratio = median("observed", 0) / median("plain", 0)
         summary = {
-            "load": str(load) if load else "built-in",
+            "load": str(load) if load else "built-in", "observed": args.observe,
             "requests": args.requests, "clients": args.clients, "runs": runs,
             "requests_per_s_ratio": ratio,
             "cpu_per_request_ratio": median("observed", 1) / median("plain", 1),

@@ -211,6 +211,13 @@ class _ObservedCall:
                 log.exception("call sink %r failed", sink)
 
 
+# Observed handlers kept for reuse, by method, handler and sinks: unary handlers are the same
+# objects call after call, and wrapping one anew costs about as much as observing the call.
+# Streams' handlers are made anew for each call (the stream limit wraps them), so they are not
+# kept; neither is anything past this many, should a plugin make new handlers on every call.
+_KEPT_HANDLERS = 256
+
+
 class CallObserverInterceptor(grpc.aio.ServerInterceptor):
     """Reports every call to ``sinks`` (those :meth:`CallSink.enabled` at the call's start).
 
@@ -219,6 +226,8 @@ class CallObserverInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, sinks: Sequence[CallSink]) -> None:
         self.sinks = tuple(sinks)
+        self._kept: dict[tuple[str, grpc.RpcMethodHandler, tuple[CallSink, ...]],
+                         grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -226,10 +235,22 @@ class CallObserverInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        sinks = [sink for sink in self.sinks if sink.enabled()]
+        sinks = tuple(sink for sink in self.sinks if sink.enabled())
         if not sinks:
             return handler
-        return _observed(handler, handler_call_details.method, sinks)
+        method = handler_call_details.method
+        if handler.request_streaming or handler.response_streaming:
+            return _observed(handler, method, sinks)
+        key = (method, handler, sinks)
+        try:
+            kept = self._kept.get(key)
+        except TypeError:  # a plugin's handler that cannot be a dictionary key
+            return _observed(handler, method, sinks)
+        if kept is None:
+            kept = _observed(handler, method, sinks)
+            if len(self._kept) < _KEPT_HANDLERS:
+                self._kept[key] = kept
+        return kept
 
 
 def _observed(
