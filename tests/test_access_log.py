@@ -7,6 +7,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -130,3 +132,16 @@ def test_a_stuck_log_file_holds_no_call(tmp_path: Path, memory_store: Store) -> 
     lines = received.decode().splitlines()
     assert len(lines) == calls
     assert all(json.loads(line)["status"] == "OK" for line in lines)
+
+
+def test_an_access_log_that_cannot_be_opened_stops_serve_with_its_reason(tmp_path: Path) -> None:
+    target = tmp_path / "no-such-folder" / "access.log"
+    result = subprocess.run(
+        [sys.executable, "-m", "casframe.server", f"file://{tmp_path}/store", "--listen",
+         "127.0.0.1:0", "--access-log", str(target)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("casframe serve: error: ")
+    assert "No such file or directory" in result.stderr and str(target) in result.stderr
+    assert result.stdout == ""  # it never said it was serving
