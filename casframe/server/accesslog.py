@@ -33,6 +33,8 @@ from casframe.server.observe import CallRecord
 __all__ = ["AccessLog", "access_fields"]
 
 _BYTESTREAM = "/google.bytestream.ByteStream/"
+# One encoder for every line: json.dumps with options would build a new one each time.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 # The request field naming what a call concerned, by method name: a digest, or a list whose
@@ -107,7 +109,7 @@ def _line(fields: dict[str, Any]) -> str:
     """One JSON line, with ``time`` in UTC, ISO 8601, to the millisecond."""
     moment = datetime.fromtimestamp(fields["time"], UTC).isoformat(timespec="milliseconds")
     fields["time"] = moment.replace("+00:00", "Z")
-    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(fields)
 
 
 class _Lines(logging.Formatter):
