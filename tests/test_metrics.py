@@ -266,6 +266,21 @@ def test_two_server_processes_sharing_a_multiprocess_folder_add_up(tmp_path: Pat
     assert any(shared.iterdir())  # a folder the user gave is the user's to clear
 
 
+def test_a_multiprocess_folder_that_does_not_exist_is_refused(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-folder"
+    result = subprocess.run(
+        [sys.executable, "-m", "casframe.server", f"file://{tmp_path}/store", "--listen",
+         "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(missing)},
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"casframe serve: error: PROMETHEUS_MULTIPROC_DIR is '{missing}', which is not a "
+        "folder: create it (empty), or unset it and casframe serve makes one of its own\n"
+    )
+
+
 def test_metrics_listen_refuses_a_bad_address_and_a_taken_port(tmp_path: Path) -> None:
     serve = [sys.executable, "-m", "casframe.server", f"file://{tmp_path}/store",
              "--listen", "127.0.0.1:0"]

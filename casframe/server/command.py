@@ -218,7 +218,13 @@ def _call_sinks(
         sinks.append(stack.enter_context(AccessLog.open(access_log)))
     if metrics_listen is None:
         return sinks, None
-    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given is not None and not os.path.isdir(given):
+        raise ConfigError(
+            f"PROMETHEUS_MULTIPROC_DIR is {given!r}, which is not a folder: create it (empty), "
+            "or unset it and casframe serve makes one of its own"
+        )
+    if given is None:
         # Set before prometheus_client is first imported (it decides then): values are kept
         # in files there, so worker processes started with this environment add up.
         folder = tempfile.mkdtemp(prefix="casframe-metrics-")
