@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from casframe.errors import ConfigError
+from casframe.userdirs import user_dir
 
 if TYPE_CHECKING:
     from casframe.store import Store
@@ -158,16 +158,12 @@ def config_path() -> str:
     explicit = os.environ.get(CONFIG_ENV)
     if explicit:
         return os.path.abspath(os.path.expanduser(explicit))
-    import platformdirs
-
-    return os.path.join(platformdirs.user_config_dir("casframe"), "config.toml")
+    return os.path.join(user_dir("config"), "config.toml")
 
 
 def builtin_default_store_url() -> str:
     """``file://`` + the ``store`` folder in the user cache directory (XDG on Linux)."""
-    import platformdirs
-
-    return "file://" + os.path.join(platformdirs.user_cache_dir("casframe"), "store")
+    return "file://" + os.path.join(user_dir("cache"), "store")
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
@@ -197,6 +193,8 @@ def _read_toml(where: str) -> dict[str, Any]:
         raise
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read: {exc.strerror or exc}") from None
+    import tomllib  # compiles its regular expressions on import: only when there is a file
+
     try:
         return tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:  # TOML is UTF-8: say where the first bad byte is

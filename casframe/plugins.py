@@ -18,12 +18,12 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from casframe import hookspecs
+from casframe.entrypoints import entry_points
 from casframe.registry import BackendRegistry, StoreURL
 from casframe.treesize import TREE_LIMIT_OPTIONS, TreeLimits
 
@@ -47,6 +47,8 @@ _OWN_DISTRIBUTION = "casframe"
 _lock = threading.Lock()
 _manager: pluggy.PluginManager | None = None
 _plugin_dists: dict[str, tuple[str, str]] = {}
+# Set by reset_plugin_manager: the next build reads installed metadata, not the cache.
+_read_fresh = False
 
 
 @dataclass(frozen=True)
@@ -72,14 +74,13 @@ def _autoload_disabled() -> bool:
     )
 
 
-def _build_manager() -> pluggy.PluginManager:
+def _build_manager(fresh: bool) -> pluggy.PluginManager:
     pm = pluggy.PluginManager("casframe")
     pm.add_hookspecs(hookspecs)
     blocked = _blocked_names()
     only_own = _autoload_disabled()
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        dist_name = ep.dist.name if ep.dist is not None else "?"
-        dist_version = ep.dist.version if ep.dist is not None else "?"
+    for ep in entry_points(ENTRY_POINT_GROUP, fresh=fresh):
+        dist_name, dist_version = ep.distribution, ep.version
         if only_own and dist_name != _OWN_DISTRIBUTION:
             continue
         if ep.name in blocked:
@@ -96,18 +97,24 @@ def _build_manager() -> pluggy.PluginManager:
 
 def get_plugin_manager() -> pluggy.PluginManager:
     """The process-wide plugin manager, built from entry points on first call."""
-    global _manager
+    global _manager, _read_fresh
     with _lock:
         if _manager is None:
-            _manager = _build_manager()
+            _manager = _build_manager(_read_fresh)
+            _read_fresh = False
         return _manager
 
 
 def reset_plugin_manager() -> None:
-    """Forget the manager so the next use reloads plugins (after changing the switches)."""
-    global _manager
+    """Forget the manager so the next use reloads plugins (after changing the switches).
+
+    The next use reads the installed distributions' metadata afresh rather than the entry
+    points remembered in the user cache directory (see :mod:`casframe.entrypoints`).
+    """
+    global _manager, _read_fresh
     with _lock:
         _manager = None
+        _read_fresh = True
         _plugin_dists.clear()
 
 

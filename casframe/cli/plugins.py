@@ -23,9 +23,12 @@ def plugins_command(as_json: bool) -> None:
     """List installed plugins.
 
     Shows each plugin's name, distribution, version and URL schemes; blocked ones are marked.
+    Reads the installed distributions afresh (other commands may use the entry points
+    remembered in the user cache directory).
     """
-    from casframe.plugins import list_plugins
+    from casframe.plugins import list_plugins, reset_plugin_manager
 
+    reset_plugin_manager()
     infos = list_plugins()
     if as_json:
         emit_json(
