@@ -22,9 +22,13 @@ from casframe.cli.helpers import (
     pass_app,
     positive_size,
 )
+from casframe.lazy import lazy_module
 
 if TYPE_CHECKING:
-    pass
+    from casframe import jobmetrics
+else:
+    # prometheus_client is loaded only when a run is asked to report metrics.
+    jobmetrics = lazy_module("casframe.jobmetrics")
 
 __all__ = ["du_command", "fsck_command", "gc_command", "prune_command"]
 
@@ -88,11 +92,9 @@ def _publish_metrics(
     a failure is this command's error (exit status 1)."""
     if not (push or textfile):
         return
-    from casframe.jobmetrics import publish  # loads prometheus_client only when asked
-
     seconds = time.monotonic() - started
     try:
-        publish(report, seconds, app.store().url, gateway=push, textfile=textfile)
+        jobmetrics.publish(report, seconds, app.store().url, gateway=push, textfile=textfile)
     except OSError as exc:
         raise click.ClickException(describe_error(exc)) from None
 

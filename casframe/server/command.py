@@ -14,11 +14,12 @@ import signal
 import sys
 import tempfile
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from casframe.errors import ConfigError
+from casframe.lazy import lazy_module
 from casframe.server.settings import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_STREAMS,
@@ -27,6 +28,13 @@ from casframe.server.settings import (
     check_listen,
 )
 from casframe.units import parse_size
+
+if TYPE_CHECKING:
+    from casframe.server import accesslog, metrics
+else:
+    accesslog = lazy_module("casframe.server.accesslog")
+    # Imported (with prometheus_client) only after _call_sinks has set PROMETHEUS_MULTIPROC_DIR.
+    metrics = lazy_module("casframe.server.metrics")
 
 __all__ = ["SHUTDOWN_GRACE", "main", "serve_command"]
 
@@ -213,9 +221,7 @@ def _call_sinks(
     where the metrics are served."""
     sinks: list[Any] = []
     if access_log is not None:
-        from casframe.server.accesslog import AccessLog
-
-        sinks.append(stack.enter_context(AccessLog.open(access_log)))
+        sinks.append(stack.enter_context(accesslog.AccessLog.open(access_log)))
     if metrics_listen is None:
         return sinks, None
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -231,12 +237,10 @@ def _call_sinks(
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
         stack.callback(shutil.rmtree, folder, ignore_errors=True)
         stack.callback(os.environ.pop, "PROMETHEUS_MULTIPROC_DIR", None)
-    from casframe.server.metrics import ServerMetrics, process_exited, serve_metrics
-
-    stack.callback(process_exited, os.getpid())
-    metrics = ServerMetrics(store)
-    sinks.append(metrics)
-    return sinks, stack.enter_context(serve_metrics(metrics_listen, metrics))
+    stack.callback(metrics.process_exited, os.getpid())
+    server_metrics = metrics.ServerMetrics(store)
+    sinks.append(server_metrics)
+    return sinks, stack.enter_context(metrics.serve_metrics(metrics_listen, server_metrics))
 
 
 def main(argv: list[str] | None = None) -> int:
