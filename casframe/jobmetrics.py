@@ -91,5 +91,8 @@ def publish(
                 grouping_key={"store": store_label(store_url)}, timeout=30,
             )
         except OSError as exc:
+            # urllib's errors: HTTPError has the status code and its reason, URLError a reason.
             reason = getattr(exc, "reason", None) or exc
-            raise OSError(f"cannot push metrics to {gateway}: {reason}") from None
+            status = getattr(exc, "code", None)
+            shown = f"HTTP {status} {reason}" if isinstance(status, int) else str(reason)
+            raise OSError(f"cannot push metrics to {gateway}: {shown}") from None

@@ -176,3 +176,45 @@ def test_the_ops_recipe_scrape_config_and_alert_rules_pass_promtool(
                              text=True, timeout=120)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "SUCCESS: 7 rules found" in checked.stdout + checked.stderr
+
+
+def _store_with_a_loose_blob(tmp_path: Path) -> str:
+    store = f"file://{tmp_path}/store"
+    (tmp_path / "loose.txt").write_text("nothing refers to me\n")
+    put = CliRunner().invoke(make_cli(), ["--store", store, "put", str(tmp_path / "loose.txt")])
+    assert put.exit_code == 0, put.output
+    return store
+
+
+def test_prune_writes_its_metrics_for_the_node_exporter_textfile_collector(
+    tmp_path: Path, isolated_env: None
+) -> None:
+    store = _store_with_a_loose_blob(tmp_path)
+    textfile = tmp_path / "textfile" / "casframe_prune.prom"
+    textfile.parent.mkdir()
+    pruned = CliRunner().invoke(make_cli(), ["--store", store, "prune", "--grace", "0",
+                                             "--metrics-textfile", str(textfile)])
+    assert pruned.exit_code == 0, pruned.output
+    written = textfile.read_text()
+    assert metric_value(written, "casframe_prune_objects_freed") == 1
+    assert metric_value(written, "casframe_prune_freed_bytes") == len("nothing refers to me\n")
+    assert [p.name for p in textfile.parent.iterdir()] == [textfile.name]  # no temporary left
+
+
+def test_metrics_of_a_dry_run_are_refused_and_a_failed_push_is_an_error(
+    pushgateway: str, tmp_path: Path, isolated_env: None
+) -> None:
+    store = _store_with_a_loose_blob(tmp_path)
+    cli, runner = make_cli(), CliRunner()
+    dry = runner.invoke(cli, ["--store", store, "prune", "--dry-run", "--metrics-push",
+                              "http://127.0.0.1:9091"])
+    assert dry.exit_code == 2
+    assert ("--metrics-push and --metrics-textfile report what a run freed; "
+            "a --dry-run frees nothing") in dry.output
+    with pushgateway_server(pushgateway, tmp_path / "pushgateway") as gateway:
+        wrong = f"{gateway}/no-such-prefix"
+        pushed = runner.invoke(cli, ["--store", store, "prune", "--grace", "0",
+                                     "--metrics-push", wrong])
+    assert pushed.exit_code == 1
+    assert "freed 1 object" in pushed.stdout  # the run's own report comes first
+    assert pushed.stderr == f"casframe: error: cannot push metrics to {wrong}: HTTP 404 Not Found\n"

@@ -86,13 +86,12 @@ def _check_metrics_options(push: str | None, textfile: str | None, dry_run: bool
 
 
 def _publish_metrics(
-    app: App, report: Any, started: float, push: str | None, textfile: str | None
+    app: App, report: Any, seconds: float, push: str | None, textfile: str | None
 ) -> None:
-    """Push or write the metrics of the run that began at ``started`` (``time.monotonic()``);
-    a failure is this command's error (exit status 1)."""
+    """Push or write the metrics of the run that took ``seconds``; a failure is this
+    command's error (exit status 1), after the run's own report."""
     if not (push or textfile):
         return
-    seconds = time.monotonic() - started
     try:
         jobmetrics.publish(report, seconds, app.store().url, gateway=push, textfile=textfile)
     except OSError as exc:
@@ -186,14 +185,15 @@ def prune_command(
     started = time.monotonic()
     with app.progress(as_json) as progress:
         report = store.prune(grace_period=grace_period, dry_run=dry_run, progress=progress)
-    _publish_metrics(app, report, started, metrics_push, metrics_textfile)
+    seconds = time.monotonic() - started
     if as_json:
         emit_json(report.to_dict())
-        return
-    _warn_ref_problems(report.problems)
-    if dry_run:
-        _ref_table(report.refs)
-    click.echo(_prune_summary(report))
+    else:
+        _warn_ref_problems(report.problems)
+        if dry_run:
+            _ref_table(report.refs)
+        click.echo(_prune_summary(report))
+    _publish_metrics(app, report, seconds, metrics_push, metrics_textfile)
 
 
 @click.command("gc")
@@ -253,7 +253,7 @@ def gc_command(
             max_size=max_size, low_watermark=low_watermark, keep=keep,
             grace_period=grace_period, dry_run=dry_run, progress=progress,
         )
-    _publish_metrics(app, report, started, metrics_push, metrics_textfile)
+    seconds = time.monotonic() - started
     if as_json:
         emit_json(report.to_dict())
     else:
@@ -278,6 +278,7 @@ def gc_command(
             f"{'would hold' if dry_run else 'now holds'} {format_size(report.predicted_bytes)}"
             f" (target {format_size(report.target_bytes)})"
         )
+    _publish_metrics(app, report, seconds, metrics_push, metrics_textfile)
     if not report.reached_target:
         # Only the reasons that the options given can cause.
         reasons = ["refs matching --keep"] if keep else []
