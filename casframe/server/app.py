@@ -28,12 +28,12 @@ from casframe.plugins import each_plugin, get_plugin_manager
 from casframe.readonly import read_only_view
 from casframe.server.bytestream import ByteStreamService, add_bytestream_to_server
 from casframe.server.interceptors import (
-    RequestLogInterceptor,
     StreamLimitInterceptor,
     StreamSlots,
     SyncInterceptorAdapter,
 )
 from casframe.server.names import Instances
+from casframe.server.observe import CallObserverInterceptor, CallSink, RequestLogSink
 from casframe.server.services import (
     ActionCacheService,
     CapabilitiesService,
@@ -53,7 +53,7 @@ from casframe.server.settings import (
 from casframe.server.tls import check_key_pair, read_pem
 from casframe.store import Store
 
-__all__ = ["Interceptor", "RequestLogInterceptor", "Server", "plugin_interceptors"]
+__all__ = ["Interceptor", "Server", "plugin_interceptors"]
 
 log = logging.getLogger("casframe.server")
 
@@ -119,6 +119,8 @@ class Server:
     finishes in-flight calls for up to ``grace`` seconds; ``wait()`` blocks until stopped.
     As a context manager it starts on entry and stops on exit. ``interceptors`` are added after
     the built-in request log and before those of plugins (``use_plugins=False`` skips those).
+    ``call_sinks`` are told of every call (:mod:`casframe.server.observe`): the metrics and
+    the access log of ``casframe serve``.
     """
 
     def __init__(
@@ -141,6 +143,7 @@ class Server:
         use_plugins: bool = True,
         worker_index: int = 0,
         worker_count: int = 1,
+        call_sinks: Sequence[CallSink] = (),
     ) -> None:
         settings = ServerSettings(
             store_url=store.url,
@@ -167,6 +170,7 @@ class Server:
         self.streams = StreamSlots(settings.max_streams)
         self._extra_interceptors = tuple(interceptors)
         self._use_plugins = use_plugins
+        self._call_sinks = (RequestLogSink(), *call_sinks)
         self._server: grpc.aio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
@@ -243,7 +247,7 @@ class Server:
         settings = self.settings
         assert self._executor is not None
         chain: list[grpc.aio.ServerInterceptor] = [
-            RequestLogInterceptor(), StreamLimitInterceptor(self.streams)
+            CallObserverInterceptor(self._call_sinks), StreamLimitInterceptor(self.streams)
         ]
         for interceptor in interceptors:
             if isinstance(interceptor, grpc.aio.ServerInterceptor):

@@ -6,6 +6,7 @@ machinery is imported only when the command runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,16 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from casframe.errors import ConfigError
-from casframe.server.lifecycle import SHUTDOWN_GRACE, StoreSource, configure_logging, serve_until
+from casframe.server.lifecycle import (
+    SHUTDOWN_GRACE,
+    Observers,
+    StoreSource,
+    call_sinks,
+    configure_logging,
+    metrics_folder,
+    serve_metrics,
+    serve_until,
+)
 from casframe.server.settings import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_STREAMS,
@@ -28,6 +38,7 @@ if TYPE_CHECKING:
     from casframe.store import Store
 
 __all__ = ["SHUTDOWN_GRACE", "main", "serve_command"]
+
 
 class ByteSize(click.ParamType):
     """A byte count in casframe's one convention (:mod:`casframe.units`): ``4194304``,
@@ -113,6 +124,13 @@ def _log_level(level: str | None, ctx: click.Context) -> str:
               default=None, metavar="SECONDS",
               help="End a stream without progress for this long with UNAVAILABLE "
                    " [default: 60].")
+@click.option("--metrics-listen", type=ListenAddress(), default=None, metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics; port 0 picks a "
+                   "free port.")
+@click.option("--access-log", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              metavar="PATH|-",
+              help="Append one JSON line per request to PATH (created if missing; - for "
+                   "standard error).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default=None, help="Server log level; debug logs every request  [default: info].")
 @click.pass_context
@@ -130,6 +148,8 @@ def serve_command(
     threads: int | None,
     max_streams: int | None,
     stream_idle_timeout: float | None,
+    metrics_listen: str | None,
+    access_log: str | None,
     log_level: str | None,
 ) -> None:
     """Serve STORE (a URL or a configured store name) to REAPI clients over gRPC.
@@ -154,25 +174,46 @@ def serve_command(
         "max_streams": max_streams or DEFAULT_MAX_STREAMS,
         "stream_idle_timeout": stream_idle_timeout or DEFAULT_STREAM_IDLE_TIMEOUT,
     }
-    store = source.open(create=not read_only)
-    try:
-        count = worker_count(workers, store.url, listen)
-        if count == 1:
-            _serve_in_this_process(store, server_options)
-            return
-        url = store.url
-    finally:
-        store.close()  # the workers open the store themselves
-    serve_with_workers(source, url, server_options, count, level)
+    observers = Observers(metrics=metrics_listen is not None, access_log=access_log)
+    with contextlib.ExitStack() as stack:
+        if observers.metrics:
+            metrics_folder(stack)  # before prometheus_client is imported, here or in a worker
+        store = source.open(create=not read_only)
+        try:
+            count = worker_count(workers, store.url, listen)
+            if count == 1:
+                _serve_in_this_process(stack, store, server_options, observers, metrics_listen)
+                return
+            url = store.url
+        finally:
+            store.close()  # the workers open the store themselves
+        metrics_url = None if metrics_listen is None else stack.enter_context(
+            serve_metrics(metrics_listen)  # the sum of the workers' metrics
+        )
+        serve_with_workers(source, url, server_options, count, level, observers,
+                           extra_line=_metrics_line(metrics_url))
 
 
-def _serve_in_this_process(store: Store, server_options: dict[str, Any]) -> None:
+def _metrics_line(metrics_url: str | None) -> str | None:
+    return None if metrics_url is None else f"casframe: metrics on {metrics_url}"
+
+
+def _serve_in_this_process(stack: contextlib.ExitStack, store: Store,
+                           server_options: dict[str, Any], observers: Observers,
+                           metrics_listen: str | None) -> None:
     from casframe.server.app import Server
 
-    server = Server(store, **server_options)
+    sinks = call_sinks(stack, store, observers)
+    metrics_url = None if metrics_listen is None else stack.enter_context(
+        serve_metrics(metrics_listen)
+    )
+    server = Server(store, **server_options, call_sinks=sinks)
 
     def announce() -> None:
         click.echo(f"casframe: serving {store.url} on {server.address}")
+        line = _metrics_line(metrics_url)
+        if line:
+            click.echo(line)
         sys.stdout.flush()
 
     serve_until(server, announce)

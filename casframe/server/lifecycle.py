@@ -4,27 +4,51 @@ processes (:mod:`casframe.server.worker`) do alike.
 :class:`StoreSource` says how the STORE argument of ``casframe serve`` is opened (a URL, or a
 name in the CLI's configuration), in a form a worker process can be given; :func:`serve_until`
 starts a :class:`~casframe.server.app.Server`, reports it serving, and stops it gracefully on
-SIGTERM or SIGINT (or when ``stop`` is set). Importing this module costs no gRPC.
+SIGTERM or SIGINT (or when ``stop`` is set). :class:`Observers` says what every serving
+process records besides serving (metrics, an access log), and :func:`call_sinks` opens those
+records for one process. Importing this module costs no gRPC and no prometheus_client.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from casframe.config import load_config
+from casframe.errors import ConfigError
+from casframe.lazy import lazy_module
 from casframe.plugins import open_configured_store, open_store
 
 if TYPE_CHECKING:
+    from casframe.server import accesslog, metrics
     from casframe.server.app import Server
+    from casframe.server.observe import CallSink
     from casframe.store import Store
+else:
+    accesslog = lazy_module("casframe.server.accesslog")
+    # Imported (with prometheus_client) only after metrics_folder set PROMETHEUS_MULTIPROC_DIR.
+    metrics = lazy_module("casframe.server.metrics")
 
-__all__ = ["LOG_FORMAT", "SHUTDOWN_GRACE", "StoreSource", "configure_logging", "serve_until"]
+__all__ = [
+    "LOG_FORMAT",
+    "SHUTDOWN_GRACE",
+    "Observers",
+    "StoreSource",
+    "call_sinks",
+    "configure_logging",
+    "metrics_folder",
+    "serve_metrics",
+    "serve_until",
+]
 
 # Seconds running calls get to finish after SIGTERM/SIGINT: long enough for a batch call or the
 # rest of a typical upload, short enough for a service manager's stop timeout (90 s systemd).
@@ -88,3 +112,49 @@ def serve_until(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         server.stop(SHUTDOWN_GRACE)
+
+
+@dataclass(frozen=True)
+class Observers:
+    """What each serving process records besides serving: metrics (added up over the
+    processes through :func:`metrics_folder`), and an access log (a path, or ``-``)."""
+
+    metrics: bool = False
+    access_log: str | None = None
+
+
+def metrics_folder(stack: contextlib.ExitStack) -> None:
+    """Make sure ``PROMETHEUS_MULTIPROC_DIR`` names a folder before prometheus_client is first
+    imported (it decides then), in this process and the workers it starts: metrics are kept in
+    files there, so that every process's add up. A folder made here is removed when ``stack``
+    closes; one given in the environment is used and left alone."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given is not None and not os.path.isdir(given):
+        raise ConfigError(
+            f"PROMETHEUS_MULTIPROC_DIR is {given!r}, which is not a folder: create it (empty), "
+            "or unset it and casframe serve makes one of its own"
+        )
+    if given is None:
+        folder = tempfile.mkdtemp(prefix="casframe-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        stack.callback(shutil.rmtree, folder, ignore_errors=True)
+        stack.callback(os.environ.pop, "PROMETHEUS_MULTIPROC_DIR", None)
+
+
+def call_sinks(stack: contextlib.ExitStack, store: Store, observers: Observers) -> list[CallSink]:
+    """The access log and metrics of this process, open until ``stack`` closes."""
+    sinks: list[CallSink] = []
+    if observers.access_log is not None:
+        sinks.append(stack.enter_context(accesslog.AccessLog.open(observers.access_log)))
+    if observers.metrics:
+        stack.callback(metrics.process_exited, os.getpid())
+        sinks.append(metrics.ServerMetrics(store))
+    return sinks
+
+
+@contextlib.contextmanager
+def serve_metrics(listen: str) -> Iterator[str]:
+    """Serve the sum of every process's metrics (see :func:`metrics_folder`) over HTTP on
+    ``listen`` while the block runs; yields the URL to scrape."""
+    with metrics.serve_metrics(listen) as url:
+        yield url

@@ -10,6 +10,7 @@ supervisor is gone, and a worker must never outlive it. Its log lines name it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import Any
 
 from casframe.errors import CasframeError
 from casframe.server.app import Server
-from casframe.server.lifecycle import SHUTDOWN_GRACE, configure_logging, serve_until
+from casframe.server.lifecycle import SHUTDOWN_GRACE, call_sinks, configure_logging, serve_until
 from casframe.server.workers import WorkerSpec
 
 log = logging.getLogger("casframe.server")
@@ -84,10 +85,12 @@ def main() -> int:
     try:
         store = spec.store_source().open(create=False)  # the supervisor created it
         try:
-            server = Server(store, **{**spec.server,
-                                      "instance_names": tuple(spec.server["instance_names"])},
-                            worker_index=spec.index, worker_count=spec.count)
-            serve_until(server, ready, stop)
+            with contextlib.ExitStack() as stack:
+                server = Server(store, **{**spec.server,
+                                          "instance_names": tuple(spec.server["instance_names"])},
+                                worker_index=spec.index, worker_count=spec.count,
+                                call_sinks=call_sinks(stack, store, spec.observing()))
+                serve_until(server, ready, stop)
         finally:
             store.close()
     except (CasframeError, OSError) as exc:

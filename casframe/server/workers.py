@@ -31,11 +31,17 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from casframe.errors import CasframeError, ConfigError
-from casframe.server.lifecycle import SHUTDOWN_GRACE, StoreSource
+from casframe.lazy import lazy_module
+from casframe.server.lifecycle import SHUTDOWN_GRACE, Observers, StoreSource
 from casframe.server.tls import check_key_pair
+
+if TYPE_CHECKING:
+    from casframe.server import metrics
+else:
+    metrics = lazy_module("casframe.server.metrics")  # with prometheus_client: only if asked
 
 __all__ = [
     "RESTART_DELAY_MAX",
@@ -161,8 +167,8 @@ def reserve_address(listen: str) -> tuple[list[socket.socket], str]:
 @dataclass(frozen=True)
 class WorkerSpec:
     """What a worker is given on stdin (one JSON line): its number, the store and the
-    ``Server`` keyword arguments (``listen`` with the real port), the log level, and the file
-    descriptor of the pipe it answers on."""
+    ``Server`` keyword arguments (``listen`` with the real port), the log level, the file
+    descriptor of the pipe it answers on, and what it records (:class:`Observers`)."""
 
     index: int
     count: int
@@ -170,6 +176,7 @@ class WorkerSpec:
     server: dict[str, Any]
     log_level: str
     status_fd: int
+    observers: dict[str, Any]
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode() + b"\n"
@@ -180,6 +187,9 @@ class WorkerSpec:
 
     def store_source(self) -> StoreSource:
         return StoreSource(**self.store)
+
+    def observing(self) -> Observers:
+        return Observers(**self.observers)
 
 
 def describe_exit(status: int) -> str:
@@ -220,8 +230,9 @@ class Supervisor:
     """Starts ``count`` workers on one address, restarts those that die, stops them all."""
 
     def __init__(self, source: StoreSource, server_options: dict[str, Any], count: int,
-                 log_level: str) -> None:
+                 log_level: str, observers: Observers | None = None) -> None:
         self.source = source
+        self.observers = observers or Observers()
         self.options = dict(server_options)
         self.count = count
         self.log_level = log_level
@@ -234,7 +245,7 @@ class Supervisor:
     def _spawn(self, worker: _Worker) -> None:
         read_end, write_end = os.pipe()
         spec = WorkerSpec(worker.index, self.count, asdict(self.source), self.options,
-                          self.log_level, write_end)
+                          self.log_level, write_end, asdict(self.observers))
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", _WORKER_MODULE], stdin=subprocess.PIPE,
@@ -276,6 +287,8 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 worker.process.stdin.close()
         worker.process.wait()
+        if self.observers.metrics:
+            metrics.process_exited(worker.process.pid)  # its live gauges no longer count
         return False
 
     def _start_error(self, worker: _Worker) -> Exception:
@@ -414,9 +427,11 @@ class Supervisor:
 
 
 def serve_with_workers(source: StoreSource, store_url: str, server_options: dict[str, Any],
-                       count: int, log_level: str) -> None:
+                       count: int, log_level: str, observers: Observers | None = None,
+                       *, extra_line: str | None = None) -> None:
     """Run ``count`` worker processes serving the store on ``server_options["listen"]``; print
-    the serving line once they all serve; return after SIGTERM or SIGINT stopped them."""
+    the serving line (and ``extra_line``) once they all serve; return after SIGTERM or SIGINT
+    stopped them."""
     cert, key = server_options.get("tls_cert"), server_options.get("tls_key")
     if cert is not None and key is not None:
         check_key_pair(cert, key)  # once, here, rather than once per worker
@@ -427,6 +442,8 @@ def serve_with_workers(source: StoreSource, store_url: str, server_options: dict
     options = {**server_options, "instance_names": list(server_options["instance_names"])}
 
     def announce(address: str) -> None:
-        print(f"casframe: serving {store_url} on {address}", flush=True)
+        print(f"casframe: serving {store_url} on {address}", flush=extra_line is None)
+        if extra_line is not None:
+            print(extra_line, flush=True)
 
-    Supervisor(source, options, count, log_level).run(announce)
+    Supervisor(source, options, count, log_level, observers).run(announce)
