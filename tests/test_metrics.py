@@ -7,6 +7,7 @@ The real Prometheus server scraping a Bazel build is in ``test_prometheus.py``.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -299,3 +300,24 @@ def test_metrics_listen_refuses_a_bad_address_and_a_taken_port(tmp_path: Path) -
     assert "casframe serve: error: " in clash.stderr
     assert "cannot listen for metrics (Address already in use)" in clash.stderr, clash.stderr
     assert f"127.0.0.1:{taken}" in clash.stderr
+
+
+def test_worker_processes_count_into_one_scrape_and_one_access_log(tmp_path: Path) -> None:
+    """``--workers 2``: each worker counts and logs its own calls; the supervisor serves the
+    sum. Connections go to whichever worker the kernel picks, so only the sums are asserted."""
+    log = tmp_path / "access.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    with serve_process(
+        f"file://{tmp_path}/store", "--workers", "2", "--metrics-listen", "127.0.0.1:0",
+        "--access-log", str(log), env=env,
+    ) as (process, port):
+        url = _metrics_url(process)
+        for _ in range(10):  # a channel each: new connections, spread over the workers
+            _capabilities(port, 3)
+        assert _handled_capabilities(scrape(url)) == 30
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [entry["method"] for entry in lines].count(
+        "/build.bazel.remote.execution.v2.Capabilities/GetCapabilities"
+    ) == 30

@@ -19,6 +19,7 @@ from casframe.server.lifecycle import (
     Observers,
     StoreSource,
     call_sinks,
+    check_access_log,
     configure_logging,
     metrics_folder,
     serve_metrics,
@@ -187,6 +188,8 @@ def serve_command(
             url = store.url
         finally:
             store.close()  # the workers open the store themselves
+        if access_log is not None:
+            check_access_log(access_log)  # once, here, rather than once per worker
         metrics_url = None if metrics_listen is None else stack.enter_context(
             serve_metrics(metrics_listen)  # the sum of the workers' metrics
         )

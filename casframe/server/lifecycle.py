@@ -44,6 +44,7 @@ __all__ = [
     "Observers",
     "StoreSource",
     "call_sinks",
+    "check_access_log",
     "configure_logging",
     "metrics_folder",
     "serve_metrics",
@@ -150,6 +151,13 @@ def call_sinks(stack: contextlib.ExitStack, store: Store, observers: Observers) 
         stack.callback(metrics.process_exited, os.getpid())
         sinks.append(metrics.ServerMetrics(store))
     return sinks
+
+
+def check_access_log(target: str) -> None:
+    """Open and close the access log ``target``: an error that would stop every worker is
+    then one line of the supervisor's."""
+    with accesslog.AccessLog.open(target):
+        pass
 
 
 @contextlib.contextmanager
