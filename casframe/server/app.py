@@ -23,6 +23,7 @@ from typing import Any, TypeAlias, cast
 
 import grpc
 
+from casframe.compression import DEFAULT_LEVEL, DEFAULT_MAX_WINDOW
 from casframe.errors import ConfigError, MissingDependencyError
 from casframe.readonly import read_only_view
 from casframe.server.bytestream import ByteStreamService, add_bytestream_to_server
@@ -144,6 +145,8 @@ class Server:
         max_partial_uploads: int = 256,
         max_streams: int = DEFAULT_MAX_STREAMS,
         stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT,
+        zstd_max_window_bytes: int = DEFAULT_MAX_WINDOW,
+        zstd_level: int = DEFAULT_LEVEL,
         interceptors: Sequence[Interceptor] = (),
         use_plugins: bool = True,
     ) -> None:
@@ -161,6 +164,8 @@ class Server:
             max_partial_uploads=max_partial_uploads,
             max_streams=max_streams,
             stream_idle_timeout=stream_idle_timeout,
+            zstd_max_window_bytes=zstd_max_window_bytes,
+            zstd_level=zstd_level,
         )
         self.store = store
         # Read-only: served through a view that never writes, not even a read's bookkeeping.

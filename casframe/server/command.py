@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from casframe.compression import DEFAULT_MAX_WINDOW
 from casframe.errors import ConfigError
 from casframe.server.settings import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -120,6 +121,9 @@ def _configure_logging(level: str | None, ctx: click.Context) -> None:
               default=None, metavar="SECONDS",
               help="End a stream without progress for this long with UNAVAILABLE "
                    " [default: 60].")
+@click.option("--zstd-max-window", type=ByteSize(), default=None, metavar="SIZE",
+              help="Largest decoding window a zstd-compressed upload may ask for; larger "
+                   "ones are refused with INVALID_ARGUMENT  [default: 8MiB].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default=None, help="Server log level; debug logs every request  [default: info].")
 @click.pass_context
@@ -136,6 +140,7 @@ def serve_command(
     workers: int | None,
     max_streams: int | None,
     stream_idle_timeout: float | None,
+    zstd_max_window: int | None,
     log_level: str | None,
 ) -> None:
     """Serve STORE (a URL or a configured store name) to REAPI clients over gRPC.
@@ -164,6 +169,7 @@ def serve_command(
             max_workers=workers or DEFAULT_WORKERS,
             max_streams=max_streams or DEFAULT_MAX_STREAMS,
             stream_idle_timeout=stream_idle_timeout or DEFAULT_STREAM_IDLE_TIMEOUT,
+            zstd_max_window_bytes=zstd_max_window or DEFAULT_MAX_WINDOW,
         )
         stop_requested = threading.Event()
 

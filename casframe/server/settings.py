@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from casframe.compression import DEFAULT_LEVEL, DEFAULT_MAX_WINDOW
 from casframe.digest import CHUNK_SIZE
 from casframe.errors import ConfigError
 
@@ -47,6 +48,10 @@ _BATCH_FRAMING_BYTES = 1 << 20
 # Smallest message limit accepted: a 1 MiB ByteStream chunk and its framing must fit.
 _MIN_MESSAGE_BYTES = CHUNK_SIZE + (64 << 10)
 
+# zstd's smallest window (1 KiB, window log 10) and its highest standard level.
+_MIN_ZSTD_WINDOW = 1 << 10
+_MAX_ZSTD_LEVEL = 19
+
 #: A PEM certificate or key: a path to read, or the PEM bytes themselves.
 PemSource = str | os.PathLike[str] | bytes
 
@@ -74,7 +79,9 @@ class ServerSettings:
     or PEM bytes; ``tls_client_ca`` switches on mutual TLS. ``upload_expiry`` (seconds) and
     ``max_partial_uploads`` bound the interrupted ByteStream uploads kept for resumption;
     ``max_streams`` the streaming calls in progress, and ``stream_idle_timeout`` (seconds) how
-    long one may wait on its client.
+    long one may wait on its client. ``zstd_max_window_bytes`` is the largest decoding window a
+    zstd-compressed upload may ask for (the memory its decoder holds), ``zstd_level`` the level
+    of what the server sends compressed.
     """
 
     store_url: str = ""
@@ -90,6 +97,8 @@ class ServerSettings:
     max_partial_uploads: int = 256
     max_streams: int = DEFAULT_MAX_STREAMS
     stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT
+    zstd_max_window_bytes: int = DEFAULT_MAX_WINDOW
+    zstd_level: int = DEFAULT_LEVEL
 
     def __post_init__(self) -> None:
         check_listen(self.listen)
@@ -108,6 +117,15 @@ class ServerSettings:
             raise ConfigError("upload_expiry and max_partial_uploads must be positive")
         if self.max_streams < 1:
             raise ConfigError(f"max streams must be at least 1, got {self.max_streams}")
+        if self.zstd_max_window_bytes < _MIN_ZSTD_WINDOW:
+            raise ConfigError(
+                f"zstd max window {self.zstd_max_window_bytes} is too small: at least "
+                f"{_MIN_ZSTD_WINDOW} bytes (zstd's smallest window)"
+            )
+        if not 1 <= self.zstd_level <= _MAX_ZSTD_LEVEL:
+            raise ConfigError(
+                f"zstd level must be from 1 to {_MAX_ZSTD_LEVEL}, got {self.zstd_level}"
+            )
         if not self.stream_idle_timeout > 0:
             raise ConfigError(
                 f"stream idle timeout must be positive, got {self.stream_idle_timeout}"
