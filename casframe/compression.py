@@ -177,7 +177,7 @@ class ZstdEncoder:
     def __init__(self, level: int = DEFAULT_LEVEL, size: int = -1) -> None:
         self._compressing = zstandard.ZstdCompressor(level=level).compressobj(size=size)
 
-    def encode(self, data: bytes | memoryview) -> bytes:
+    def encode(self, data: bytes | bytearray | memoryview) -> bytes:
         out = self._compressing.compress(data)
         return out + self._compressing.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
 
