@@ -304,7 +304,7 @@ def test_truncated_compressed_upload_is_refused(served: Served) -> None:
     assert message.endswith(f"of its {len(data)} bytes (the zstd stream is cut short)")
     small = Digest.of_bytes(b"tiny blob")
     message = rpc_error(INVALID, served.write, upload_name(small), [zstd(b"tiny blob")[:-3]])
-    assert "decodes to" in message and "cut short" in message
+    assert message == f"the zstd upload of {small} is cut short: its zstd frame ends early"
     assert served.store.find_missing([digest, small]) == {digest, small}
     assert served.server.partial_uploads == 0
 
@@ -362,16 +362,21 @@ def test_batch_update_decodes_and_verifies_zstd_entries(served: Served) -> None:
                          compressor=ZSTD)
     request.requests.add(digest=Digest.of_bytes(lying[:500]).to_proto(), data=zstd(lying),
                          compressor=ZSTD)
+    # Without its size in the frame header: found out while decoding.
+    unsized = zstandard.ZstdCompressor().compressobj()
+    request.requests.add(digest=Digest.of_bytes(lying[:400]).to_proto(),
+                         data=unsized.compress(lying) + unsized.flush(), compressor=ZSTD)
     request.requests.add(digest=Digest.of_bytes(b"x" * 40).to_proto(), data=b"x" * 40,
                          compressor=ZSTD)
     request.requests.add(digest=Digest.of_bytes(plain[:5]).to_proto(), data=plain[:5],
                          compressor=re_pb2.Compressor.DEFLATE)
     statuses = [r.status for r in served.cas.BatchUpdateBlobs(request).responses]
-    assert [s.code for s in statuses] == [0, 0, 3, 3, 3, 3]
+    assert [s.code for s in statuses] == [0, 0, 3, 3, 3, 3, 3]
     assert "does not match its digest" in statuses[2].message
-    assert "decodes to more than the 500 bytes" in statuses[3].message
-    assert "is not a valid zstd stream" in statuses[4].message
-    assert "compressor deflate is not supported (this server offers zstd)" in statuses[5].message
+    assert "decodes to 1000 bytes, not the 500 its digest gives" in statuses[3].message
+    assert "decodes to more than the 400 bytes its digest gives" in statuses[4].message
+    assert "is not a valid zstd stream" in statuses[5].message
+    assert "compressor deflate is not supported (this server offers zstd)" in statuses[6].message
     assert served.store.read_bytes(Digest.of_bytes(good)) == good
     assert served.store.read_bytes(Digest.of_bytes(plain)) == plain
     assert served.store.find_missing([Digest.of_bytes(lying)]) == {Digest.of_bytes(lying)}
