@@ -7,13 +7,19 @@ test_grpc_buildgrid.py; against one that sends bad zstd, in test_hostile_remote.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
+import zstandard
+from server_processes import serve_process
 
 from casframe import ConfigError, Digest, Store, open_store
+from casframe._protos.google.bytestream import bytestream_pb2 as byte_pb2
+from casframe._protos.google.bytestream import bytestream_pb2_grpc as byte_grpc
 from casframe.testing import LARGE_FILE_SIZE, assert_tree_equal, random_bytes, write_files
 from casframe.testing.server import CasServers
 
@@ -123,3 +129,37 @@ def test_an_unknown_compression_is_refused(remote: Callable[[str], Store]) -> No
         remote("?compression=gzip")
     assert "compression='gzip' in grpc://127.0.0.1:" in str(info.value)
     assert str(info.value).endswith("expected one of none, zstd")
+
+
+def test_casframe_serve_and_the_client_as_processes_apart(tmp_path: Path) -> None:
+    """``casframe serve`` as users run it, with --zstd-max-window, against the grpc:// client."""
+    source = build_outputs(tmp_path / "src")
+    store_url = f"file://{tmp_path / 'served'}"
+    with contextlib.ExitStack() as stack:
+        _, port = stack.enter_context(serve_process(store_url, "--zstd-max-window", "1MiB"))
+        remote = stack.enter_context(open_store(f"grpc://127.0.0.1:{port}?compression=zstd"))
+        root = remote.import_directory(source)
+        remote.checkout(root, tmp_path / "out")
+        assert_tree_equal(source, tmp_path / "out")
+        wire = remote.blobs.wire  # type: ignore[attr-defined]
+        assert wire.wire_sent < wire.content_sent / 4
+
+        # The client compresses at level 1 (a window well under 1 MiB); a frame asking for
+        # 8 MiB, from another client, is refused by this server.
+        data = (source / "lib" / "big.a").read_bytes() + b"once more"
+        digest = Digest.of_bytes(data)
+        params = zstandard.ZstdCompressionParameters.from_level(3, window_log=23)
+        wide = zstandard.ZstdCompressor(compression_params=params).compress(data)
+        channel = stack.enter_context(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        request = byte_pb2.WriteRequest(
+            resource_name=f"uploads/u1/compressed-blobs/zstd/{digest.hash}/{digest.size}",
+            data=wide, finish_write=True)
+        with pytest.raises(grpc.RpcError) as info:
+            byte_grpc.ByteStreamStub(channel).Write(iter([request]))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "needs a decoding window larger than the 1048576 bytes allowed" in (
+            info.value.details())
+    with open_store(store_url) as served:
+        big = (source / "lib" / "big.a").read_bytes()
+        assert served.read_bytes(Digest.of_bytes(big)) == big  # stored uncompressed
+        assert served.find_missing([digest]) == {digest}
