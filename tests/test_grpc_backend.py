@@ -639,11 +639,12 @@ class _GrpcConformance(StoreConformance):
     missing_capabilities = frozenset(Capability)
     known_gaps = _KNOWN_GAPS
     backing_kind = ""
+    query = ""
 
     @pytest.fixture
     def store(self, tmp_path: Path) -> Iterator[Store]:
         with _backing(self.backing_kind, tmp_path) as backing, Server(backing) as server, \
-                open_store(f"grpc://127.0.0.1:{server.port}") as store:
+                open_store(f"grpc://127.0.0.1:{server.port}{self.query}") as store:
             self.backing = backing
             yield store
 
@@ -662,6 +663,13 @@ class TestGrpcOverMemory(_GrpcConformance):
 
 class TestGrpcOverFile(_GrpcConformance):
     backing_kind = "file"
+
+
+class TestGrpcZstdOverFile(_GrpcConformance):
+    """Every blob zstd-compressed on the wire, both ways."""
+
+    backing_kind = "file"
+    query = "?compression=zstd"
 
 
 # -- helpers -------------------------------------------------------------------------------------
