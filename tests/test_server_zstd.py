@@ -18,7 +18,7 @@ import pytest
 import zstandard
 from server_processes import ClientStubs
 
-from casframe import CompressedDataError, Digest, Store
+from casframe import CompressedDataError, ConfigError, Digest, Store
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casframe._protos.google.bytestream import bytestream_pb2 as byte_pb2
 from casframe.compression import ZstdDecoder, ZstdEncoder
@@ -409,3 +409,13 @@ def test_batch_read_sends_zstd_to_clients_that_accept_it(served: Served) -> None
     assert first.compressor == ZSTD and len(first.data) < len(text) // 3
     assert zstandard.ZstdDecompressor().decompress(first.data) == text
     assert (second.compressor, second.data) == (IDENTITY, noise)  # zstd would not save bytes
+
+
+def test_zstd_settings_are_checked(memory_store: Store) -> None:
+    with pytest.raises(ConfigError) as info:
+        Server(memory_store, zstd_max_window_bytes=512)
+    assert str(info.value) == ("zstd max window 512 is too small: at least 1024 bytes "
+                               "(zstd's smallest window)")
+    with pytest.raises(ConfigError) as info:
+        Server(memory_store, zstd_level=0)
+    assert str(info.value) == "zstd level must be from 1 to 19, got 0"
