@@ -162,6 +162,22 @@ def test_compressed_read_offset_counts_uncompressed_bytes(served: Served) -> Non
     assert str(len(data) + 1) in message
 
 
+def test_compressed_read_of_a_corrupt_blob_is_data_loss(served: Served) -> None:
+    data = compressible(2 * MiB + 1, seed=17)
+    digest = served.store.put_bytes(data)
+    bad = bytearray(data)
+    bad[-1] ^= 1
+    served.store.blobs.blobs[digest] = (bytes(bad), 0.0)  # type: ignore[attr-defined]
+    decoder = zstandard.ZstdDecompressor().decompressobj()
+    received = bytearray()
+    with pytest.raises(grpc.RpcError) as info:
+        for response in served.bytestream.Read(
+                byte_pb2.ReadRequest(resource_name=read_name(digest))):
+            received += decoder.decompress(response.data)
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS
+    assert len(received) < len(data)  # the last chunk is never sent
+
+
 def test_compressed_read_refuses_a_read_limit(served: Served) -> None:
     digest = served.store.put_bytes(compressible(1000))
     message = rpc_error(INVALID, served.read, read_name(digest), 0, 10)
