@@ -23,6 +23,7 @@ from typing import Any, TypeAlias, cast
 
 import grpc
 
+from casframe.compression import DEFAULT_LEVEL, DEFAULT_MAX_WINDOW
 from casframe.errors import ConfigError, MissingDependencyError
 from casframe.plugins import each_plugin, get_plugin_manager
 from casframe.readonly import read_only_view
@@ -139,6 +140,8 @@ class Server:
         max_partial_uploads: int = 256,
         max_streams: int = DEFAULT_MAX_STREAMS,
         stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT,
+        zstd_max_window_bytes: int = DEFAULT_MAX_WINDOW,
+        zstd_level: int = DEFAULT_LEVEL,
         interceptors: Sequence[Interceptor] = (),
         use_plugins: bool = True,
         worker_index: int = 0,
@@ -161,6 +164,8 @@ class Server:
             stream_idle_timeout=stream_idle_timeout,
             worker_index=worker_index,
             worker_count=worker_count,
+            zstd_max_window_bytes=zstd_max_window_bytes,
+            zstd_level=zstd_level,
         )
         self.store = store
         # Read-only: served through a view that never writes, not even a read's bookkeeping.

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from casframe.compression import DEFAULT_MAX_WINDOW
 from casframe.errors import ConfigError
 from casframe.server.lifecycle import (
     SHUTDOWN_GRACE,
@@ -125,6 +126,9 @@ def _log_level(level: str | None, ctx: click.Context) -> str:
               default=None, metavar="SECONDS",
               help="End a stream without progress for this long with UNAVAILABLE "
                    " [default: 60].")
+@click.option("--zstd-max-window", type=ByteSize(), default=None, metavar="SIZE",
+              help="Largest decoding window a zstd-compressed upload may ask for; larger "
+                   "ones are refused with INVALID_ARGUMENT  [default: 8MiB].")
 @click.option("--metrics-listen", type=ListenAddress(), default=None, metavar="HOST:PORT",
               help="Serve Prometheus metrics at http://HOST:PORT/metrics; port 0 picks a "
                    "free port.")
@@ -149,6 +153,7 @@ def serve_command(
     threads: int | None,
     max_streams: int | None,
     stream_idle_timeout: float | None,
+    zstd_max_window: int | None,
     metrics_listen: str | None,
     access_log: str | None,
     log_level: str | None,
@@ -174,6 +179,7 @@ def serve_command(
         "max_workers": threads or DEFAULT_THREADS,
         "max_streams": max_streams or DEFAULT_MAX_STREAMS,
         "stream_idle_timeout": stream_idle_timeout or DEFAULT_STREAM_IDLE_TIMEOUT,
+        "zstd_max_window_bytes": zstd_max_window or DEFAULT_MAX_WINDOW,
     }
     observers = Observers(metrics=metrics_listen is not None, access_log=access_log)
     with contextlib.ExitStack() as stack:

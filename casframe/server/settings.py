@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from casframe.compression import DEFAULT_LEVEL, DEFAULT_MAX_WINDOW
 from casframe.digest import CHUNK_SIZE
 from casframe.errors import ConfigError
 
@@ -50,6 +51,10 @@ _BATCH_FRAMING_BYTES = 1 << 20
 # Smallest message limit accepted: a 1 MiB ByteStream chunk and its framing must fit.
 _MIN_MESSAGE_BYTES = CHUNK_SIZE + (64 << 10)
 
+# zstd's smallest window (1 KiB, window log 10) and its highest standard level.
+_MIN_ZSTD_WINDOW = 1 << 10
+_MAX_ZSTD_LEVEL = 19
+
 #: A PEM certificate or key: a path to read, or the PEM bytes themselves.
 PemSource = str | os.PathLike[str] | bytes
 
@@ -83,6 +88,9 @@ class ServerSettings:
     ``casframe serve --workers N`` this server is: plugins that open something of their own
     per process (a metrics port, a log file) tell the workers apart by it; a server not
     started by ``--workers`` is worker 0 of 1.
+    ``zstd_max_window_bytes`` is the largest decoding window a
+    zstd-compressed upload may ask for (the memory its decoder holds), ``zstd_level`` the level
+    of what the server sends compressed.
     """
 
     store_url: str = ""
@@ -100,6 +108,8 @@ class ServerSettings:
     stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT
     worker_index: int = 0
     worker_count: int = 1
+    zstd_max_window_bytes: int = DEFAULT_MAX_WINDOW
+    zstd_level: int = DEFAULT_LEVEL
 
     def __post_init__(self) -> None:
         check_listen(self.listen)
@@ -123,6 +133,15 @@ class ServerSettings:
             raise ConfigError("upload_expiry and max_partial_uploads must be positive")
         if self.max_streams < 1:
             raise ConfigError(f"max streams must be at least 1, got {self.max_streams}")
+        if self.zstd_max_window_bytes < _MIN_ZSTD_WINDOW:
+            raise ConfigError(
+                f"zstd max window {self.zstd_max_window_bytes} is too small: at least "
+                f"{_MIN_ZSTD_WINDOW} bytes (zstd's smallest window)"
+            )
+        if not 1 <= self.zstd_level <= _MAX_ZSTD_LEVEL:
+            raise ConfigError(
+                f"zstd level must be from 1 to {_MAX_ZSTD_LEVEL}, got {self.zstd_level}"
+            )
         if not self.stream_idle_timeout > 0:
             raise ConfigError(
                 f"stream idle timeout must be positive, got {self.stream_idle_timeout}"
