@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import email.utils
 import io
 import logging
 import mmap
@@ -355,6 +356,23 @@ class _Bucket:
             self.fail(exc, "open the store")
         except botocore.exceptions.BotoCoreError as exc:
             self.fail(exc, "open the store")
+
+    def server_time(self) -> float:
+        """The endpoint's clock, from the ``Date`` of a ``HeadBucket`` answer (whole seconds,
+        so up to a second behind); this machine's clock, with a warning, when it sends none."""
+        with self.errors("read the S3 endpoint's clock"):
+            response = self.client.head_bucket(Bucket=self.name)
+        header = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        try:
+            return email.utils.parsedate_to_datetime(header).timestamp()
+        except (TypeError, ValueError):
+            log.warning(
+                "S3 endpoint %s sent no usable Date header (%r): prune and gc measure the "
+                "grace period by this machine's clock",
+                self.options.endpoint_description,
+                header,
+            )
+            return time.time()
 
     def head(self, key: str) -> dict[str, Any] | None:
         """The object's metadata, or ``None`` when there is no such object."""
@@ -984,6 +1002,11 @@ class S3BlobStore(BlobStore):
         Writers spool locally until ``commit``, so the default probe would detect nothing.
         """
         self._bucket.put(self._bucket.object_key(EMPTY_DIGEST), b"")
+
+    def now(self) -> float:
+        """S3's clock, which stamps LastModified: prune's cutoff must not depend on how far
+        this machine's clock is from it."""
+        return self._bucket.server_time()
 
     # -- capabilities ----------------------------------------------------------------------
 
