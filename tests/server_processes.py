@@ -91,10 +91,12 @@ def _alarm(seconds: float, message: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def serve_process(
-    store_url: str, *options: str, stderr: int | IO[str] = subprocess.PIPE
+    store_url: str, *options: str, stderr: int | IO[str] = subprocess.PIPE,
+    announces: str | None = None,
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """``python -m casframe.server STORE_URL --listen 127.0.0.1:0 OPTIONS``: yields the process
-    and its port once it says it is serving; kills it if it is still running at the end."""
+    and its port once it says it is serving (``announces``: the store's URL as it says it,
+    when that differs from ``store_url``); kills it if it is still running at the end."""
     raise_fd_limit(8192)  # inherited: the server holds a socket per client connection
     process = subprocess.Popen(
         [sys.executable, "-m", "casframe.server", store_url, "--listen", "127.0.0.1:0",
@@ -104,7 +106,7 @@ def serve_process(
     )
     try:
         line = _read_line(process, "casframe serve")
-        assert line.startswith(f"casframe: serving {store_url} on 127.0.0.1:"), line
+        assert line.startswith(f"casframe: serving {announces or store_url} on 127.0.0.1:"), line
         yield process, int(line.strip().rpartition(":")[2])
     finally:
         if process.poll() is None:
