@@ -380,8 +380,8 @@ def test_three_servers_one_bucket_clients_gc_and_prune_at_once(
     bucket = cluster.bucket_store()
     seed = _seed(bucket, tmp_path)
     errors = Errors()
-    start = threading.Barrier(12)
-    pushers = [(f"pusher-{i}", SERVERS[i % 3]) for i in range(6)]
+    pushers = [(f"pusher-{server}", server) for server in SERVERS]
+    start = threading.Barrier(len(pushers) + len(SERVERS) + 3)
     own_trees: dict[str, Digest] = {}
     shared_files = {f"shared/{k}.txt": f"shared file {k}\n".encode() * 40 for k in range(12)}
 
@@ -411,7 +411,7 @@ def test_three_servers_one_bucket_clients_gc_and_prune_at_once(
         mine = cluster.stubs(server)
         others = [cluster.stubs(s) for s in SERVERS if s != server]
         start.wait(HANG_GUARD)
-        for k in range(4):
+        for k in range(2):
             output = client.put_bytes(f"{name} output {k}\n".encode() * 100)
             action = Digest.of_bytes(f"{name} action {k}".encode())
             result = _action_result(output, name)
