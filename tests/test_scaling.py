@@ -38,6 +38,7 @@ from casframe import (
     open_store,
 )
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casframe._protos.buildstream.v2 import buildstream_pb2 as bs_pb2
 from casframe.server.names import action_ref_name
 from casframe.testing import random_bytes
 from casframe.testing.s3 import S3TestBucket
@@ -232,6 +233,70 @@ def test_prune_elsewhere_spares_an_old_blob_a_client_was_told_is_stored(
             re_pb2.GetActionResultRequest(action_digest=_proto(action)))
         assert got.output_files[0].digest == _proto(old)
         assert cluster.client(reader).read_bytes(old) == data
+
+
+def test_a_session_longer_than_the_grace_period_costs_a_cache_miss_not_a_broken_tree(
+    cluster: Cluster,
+) -> None:
+    """A client uploaded an output and a Directory through ``direct`` two hours ago (moto's
+    clock set back) and sets what names them only now, after a prune with a grace period of
+    one hour removed them. The action result is then a cache miss through every server, and
+    the ref is refused, naming the missing blob: nothing points at a broken tree."""
+    server = "direct"
+    client = cluster.client(server)
+    with stored_long_ago():
+        output = client.put_bytes(b"uploaded when a long session began")
+        directory = client.put_directory(re_pb2.Directory(
+            files=[re_pb2.FileNode(name="result.bin", digest=_proto(output))]))
+    report = cluster.bucket_store().prune(grace_period=3600)
+    assert report.objects_freed == 2
+
+    stubs = cluster.stubs(server)
+    action = Digest.of_bytes(b"an action of a long session")
+    stubs.ac.UpdateActionResult(re_pb2.UpdateActionResultRequest(
+        action_digest=_proto(action), action_result=_action_result(output, server)))
+    for reader in SERVERS:
+        with pytest.raises(grpc.RpcError) as missed:
+            cluster.stubs(reader).ac.GetActionResult(
+                re_pb2.GetActionResultRequest(action_digest=_proto(action)))
+        assert missed.value.code() == grpc.StatusCode.NOT_FOUND, reader
+        assert "names outputs no longer stored" in missed.value.details(), reader
+
+    with pytest.raises(grpc.RpcError) as refused:
+        stubs.refs.UpdateReference(bs_pb2.UpdateReferenceRequest(
+            keys=["team/long-session"], digest=_proto(directory)))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"tree {directory} is incomplete" in refused.value.details()
+    with pytest.raises(RefNotFoundError):
+        cluster.bucket_store().get_ref("team/long-session")
+
+
+def test_a_cache_server_repairs_a_session_longer_than_the_grace_period(
+    cluster: Cluster,
+) -> None:
+    """The same long session through ``far``: its local cache still holds what the prune
+    removed from the bucket, and sends it back before setting the action result or the ref,
+    so both work through every server."""
+    client = cluster.client("far")
+    with stored_long_ago():
+        output = client.put_bytes(b"uploaded through far when a long session began")
+        directory = client.put_directory(re_pb2.Directory(
+            files=[re_pb2.FileNode(name="result.bin", digest=_proto(output))]))
+    bucket = cluster.bucket_store()
+    assert bucket.prune(grace_period=3600).objects_freed == 2
+
+    stubs = cluster.stubs("far")
+    action = Digest.of_bytes(b"an action of a long session through far")
+    stubs.ac.UpdateActionResult(re_pb2.UpdateActionResultRequest(
+        action_digest=_proto(action), action_result=_action_result(output, "far")))
+    stubs.refs.UpdateReference(bs_pb2.UpdateReferenceRequest(
+        keys=["team/long-session"], digest=_proto(directory)))
+    for reader in SERVERS:
+        got = cluster.stubs(reader).ac.GetActionResult(
+            re_pb2.GetActionResultRequest(action_digest=_proto(action)))
+        assert got.output_files[0].digest == _proto(output), reader
+        assert cluster.client(reader).get_ref("team/long-session") == directory, reader
+    assert missing_in_tree(bucket, directory) == set()
 
 
 def test_a_cache_server_sends_back_what_the_bucket_lost(cluster: Cluster) -> None:
