@@ -317,13 +317,12 @@ def test_a_cache_server_sends_back_what_the_bucket_lost(cluster: Cluster) -> Non
 
 # A `casframe` command on a machine whose clock is off by SKEW seconds (argv[1]).
 _SKEWED_CASFRAME = """
-import sys, time
+import runpy, sys, time
 skew = float(sys.argv.pop(1))
 machine_clock = time.time
 time.time = lambda: machine_clock() + skew
-from casframe.cli.group import main
 sys.argv[0] = "casframe"
-main()
+runpy.run_module("casframe.cli", run_name="__main__", alter_sys=True)
 """
 
 
