@@ -125,7 +125,7 @@ class ZstdDecoder:
         #: Bytes of output so far.
         self.decoded = 0
         self._writer = zstandard.ZstdDecompressor(max_window_size=max_window).stream_writer(
-            _CountingSink(self),  # any object with write() will do
+            _CountingSink(self),  # type: ignore[arg-type]  # any object with write() will do
             write_size=_DECODE_PIECE, closefd=False
         )
 
@@ -260,7 +260,7 @@ def decode_chunks(
     stream cut short simply ends early, for the caller to notice."""
     source = _ChunkSource(iter(chunks))
     reader = zstandard.ZstdDecompressor(max_window_size=max_window).stream_reader(
-        source,  # a readable file, though not typing.IO
+        source,  # type: ignore[arg-type]  # a readable file, though not typing.IO
         read_size=_DECODE_PIECE, read_across_frames=True, closefd=False
     )
     produced = 0

@@ -95,9 +95,11 @@ def serve_process(
     *options: str,
     stderr: int | IO[str] = subprocess.PIPE,
     env: dict[str, str] | None = None,
+    announces: str | None = None,
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """``python -m casframe.server STORE_URL --listen 127.0.0.1:0 OPTIONS``: yields the process
-    and its port once it says it is serving; kills it if it is still running at the end.
+    and its port once it says it is serving (``announces``: the store's URL as it says it,
+    when that differs from ``store_url``); kills it if it is still running at the end.
 
     One process serves (``--workers 1``, so the process is the server whose memory and limits
     a test measures) unless ``OPTIONS`` say ``--workers``. ``env`` replaces the environment it
@@ -113,7 +115,7 @@ def serve_process(
     )
     try:
         line = _read_line(process, "casframe serve")
-        assert line.startswith(f"casframe: serving {store_url} on 127.0.0.1:"), line
+        assert line.startswith(f"casframe: serving {announces or store_url} on 127.0.0.1:"), line
         yield process, int(line.strip().rpartition(":")[2])
     finally:
         if process.poll() is None:
