@@ -26,6 +26,7 @@ import pluggy
 from casframe import hookspecs
 from casframe.registry import BackendRegistry, StoreURL
 from casframe.treesize import TREE_LIMIT_OPTIONS, TreeLimits
+from casframe.workers.settings import JOBS_OPTION, jobs_from_options
 
 if TYPE_CHECKING:
     from casframe.store import Store
@@ -156,15 +157,20 @@ def open_store(
     """Open the store at ``url`` through the plugin that registered its scheme.
 
     The options every store takes (``max_tree_entries``, ``max_tree_bytes``: see
-    :class:`~casframe.treesize.TreeLimits`) are read here and never reach the backend. With
+    :class:`~casframe.treesize.TreeLimits`; ``jobs``: see :attr:`~casframe.Store.jobs`) are
+    read here and never reach the backend. With
     ``create=False`` a store that does not exist yet is not created: opening it raises
     :class:`~casframe.StoreNotFoundError` (for commands that only read, where a mistyped path
     would otherwise leave an empty store behind).
     """
     parsed = StoreURL.parse(url, options, create=create)
     limits = TreeLimits.from_options(parsed.options, url)
-    backend_options = {k: v for k, v in parsed.options.items() if k not in TREE_LIMIT_OPTIONS}
+    jobs = jobs_from_options(parsed.options, url)
+    core_options = (*TREE_LIMIT_OPTIONS, JOBS_OPTION)
+    backend_options = {k: v for k, v in parsed.options.items() if k not in core_options}
     factory = backend_registry().get(parsed.scheme).load()
     store = factory(replace(parsed, options=backend_options))
     store.tree_limits = limits
+    if jobs is not None:
+        store.jobs = jobs
     return store
