@@ -23,35 +23,25 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, TypeVar
 
 from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
-from casframe.digest import CHUNK_SIZE, Digest
+from casframe.digest import Digest
 from casframe.errors import CheckoutError, UnsupportedOperationError
 from casframe.progress import NO_PROGRESS, Progress
 from casframe.spi import Capability
 from casframe.tree import load_tree, node_digest, node_digests
 from casframe.treesize import TreeLimits
 from casframe.workers.pool import CHECKOUT_THRESHOLD_FILES, Runner, open_runner
+from casframe.workers.tasks import Copy, LinkTask, copy_files, link_files, tree_path
 
 if TYPE_CHECKING:
     from casframe.store import Store
 
-__all__ = ["checkout", "copy_files", "link_files"]
+__all__ = ["checkout"]
 
-# Files up to this size are read whole; larger ones are streamed in CHUNK_SIZE pieces so
-# memory stays bounded whatever the file sizes.
-_SMALL_FILE = CHUNK_SIZE
 # Files per task: large enough to amortise scheduling, small enough to spread the work.
 _BATCH_FILES = 256
 # Bytes of files one copy task writes: a large file is a task of its own, so several large
 # files are written in parallel.
 _BATCH_BYTES = 8 << 20
-# Errors with which a file system refuses a hardlink that a copy can replace: another file
-# system, too many links to one object, no hardlinks at all.
-_LINK_REFUSED = frozenset({errno.EXDEV, errno.EMLINK, errno.EPERM})
-
-#: A file to copy: its path on disk, its digest, whether it is executable.
-_Copy = tuple[str, Digest, bool]
-#: Files to hardlink: directories (paths) with the ``(name, digest)`` of each file to link there.
-_LinkTask = list[tuple[str, list[tuple[str, Digest]]]]
 _T = TypeVar("_T")
 
 
@@ -134,11 +124,6 @@ def _remove_written(dest: str, created: bool) -> None:
                     os.unlink(entry.path)
 
 
-def _tree_path(dest: str, path: str) -> str:
-    """Where ``path`` (under ``dest``) is in the tree: what ``ls`` shows, never a disk path."""
-    return path[len(dest) + 1 :] if path.startswith(dest + os.sep) else "."
-
-
 def _write_tree(
     directories: dict[Digest, Directory], root: Digest, dest: str, writer: _FileWriter
 ) -> None:
@@ -165,7 +150,7 @@ def _write_tree(
                 current = os.path.join(path, node.name)
                 os.symlink(node.target, current)
         except OSError as exc:
-            raise CheckoutError(_tree_path(dest, current), exc) from exc
+            raise CheckoutError(tree_path(dest, current), exc) from exc
         writer.add(path, directory)
         stack.extend(reversed(children))
 
@@ -194,10 +179,10 @@ class _FileWriter:
         self.strict = strict
         self.progress = progress
         self.max_pending = 2 * max(1, jobs) + 2
-        self.pending: deque[Future[tuple[int, list[_Copy]]]] = deque()
-        self.links: _LinkTask = []
+        self.pending: deque[Future[tuple[int, list[Copy]]]] = deque()
+        self.links: LinkTask = []
         self.link_count = 0
-        self.copies: list[_Copy] = []
+        self.copies: list[Copy] = []
         self.copy_bytes = 0
 
     def add(self, path: str, directory: Directory) -> None:
@@ -236,7 +221,7 @@ class _FileWriter:
             batch, self.copies, self.copy_bytes = self.copies, [], 0
             self._submit(copy_files, (self.dest, batch))
 
-    def _submit(self, task: Callable[[Store, _T], tuple[int, list[_Copy]]], work: _T) -> None:
+    def _submit(self, task: Callable[[Store, _T], tuple[int, list[Copy]]], work: _T) -> None:
         while len(self.pending) >= self.max_pending:
             self._collect()
         self.pending.append(self.runner.submit(task, work))
@@ -248,79 +233,3 @@ class _FileWriter:
         for item in refused:
             self.copies.append(item)
             self.copy_bytes += item[1].size
-
-
-def link_files(store: Store, work: tuple[str, bool, _LinkTask]) -> tuple[int, list[_Copy]]:
-    """Hardlink files into their (new, empty) directories under the checkout ``dest``; a task
-    of checkout's runners. Returns how many were linked and those to copy instead (unless
-    ``strict``, a refused link is an error)."""
-    dest, strict, task = work
-    blobs = store.blobs
-    linked = 0
-    for position, (path, links) in enumerate(task):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            raise CheckoutError(_tree_path(dest, path), exc) from exc
-        try:
-            blobs.link_blobs(fd, links)
-        except OSError as exc:
-            if strict or exc.errno not in _LINK_REFUSED:
-                name = exc.filename2 if isinstance(exc.filename2, str) else ""
-                failed = os.path.join(path, name) if name else path
-                raise CheckoutError(_tree_path(dest, failed), exc) from exc
-            # Copy what is not linked yet: the rest of this directory, then the others.
-            made = set(os.listdir(fd))
-            linked += sum(1 for n, _ in links if n in made)
-            rest = [(os.path.join(path, n), d, False) for n, d in links if n not in made]
-            for later_path, later in task[position + 1 :]:
-                rest += [(os.path.join(later_path, n), d, False) for n, d in later]
-            return linked, rest
-        finally:
-            os.close(fd)
-        linked += len(links)
-    return linked, []
-
-
-def copy_files(store: Store, work: tuple[str, list[_Copy]]) -> tuple[int, list[_Copy]]:
-    """Write copies of files under the checkout ``dest``; a task of checkout's runners."""
-    dest, batch = work
-    for path, digest, executable in batch:
-        _write_copy(store, dest, path, digest, executable)
-    return len(batch), []
-
-
-def _write_copy(store: Store, dest: str, path: str, digest: Digest, executable: bool) -> None:
-    mode = 0o755 if executable else 0o644
-    try:
-        fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode
-        )
-    except OSError as exc:
-        raise CheckoutError(_tree_path(dest, path), exc) from exc
-    try:
-        with os.fdopen(fd, "wb", buffering=0, closefd=False) as out:
-            if digest.size <= _SMALL_FILE:
-                _write_out(dest, path, out.write, store.read_bytes(digest))
-            else:
-                with store.open_read(digest) as stream:
-                    buf = bytearray(CHUNK_SIZE)
-                    view = memoryview(buf)
-                    while n := stream.readinto(view):  # type: ignore[attr-defined]
-                        _write_out(dest, path, out.write, view[:n])
-        if executable:
-            os.fchmod(fd, mode)  # the umask may have dropped execute bits
-    except BaseException:
-        os.close(fd)
-        os.unlink(path)
-        raise
-    os.close(fd)
-
-
-def _write_out(
-    dest: str, path: str, write: Callable[[bytes | memoryview], object], data: bytes | memoryview
-) -> None:
-    try:
-        write(data)
-    except OSError as exc:  # a full disk, a quota
-        raise CheckoutError(_tree_path(dest, path), exc) from exc

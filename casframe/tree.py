@@ -28,19 +28,19 @@ from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 impor
     Digest as DigestProto,
 )
 from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
-from casframe.digest import CHUNK_SIZE, Digest
+from casframe.digest import Digest
 from casframe.errors import (
     CasframeError,
     CorruptBlobError,
     InvalidNameError,
     UnsafeTreeError,
-    UnsupportedFileTypeError,
 )
 from casframe.names import entry_names_are_safe, split_tree_path, validate_entry_name
 from casframe.progress import NO_PROGRESS, Progress
-from casframe.statcache import FileStat, StatCache, default_directory, open_stat_cache
+from casframe.statcache import StatCache, default_directory, open_stat_cache
 from casframe.treesize import TreeLimits, TreeSize, measure_tree, node_digests
 from casframe.workers.pool import IMPORT_THRESHOLD_FILES, Runner, open_runner
+from casframe.workers.tasks import Stored, import_files, unsupported
 
 if TYPE_CHECKING:
     from casframe.store import Store
@@ -50,7 +50,6 @@ __all__ = [
     "closure",
     "directory_entries",
     "import_directory",
-    "import_files",
     "iter_tree",
     "list_directory",
     "load_tree",
@@ -63,15 +62,8 @@ __all__ = [
     "walk",
 ]
 
-# Files up to this size are read whole and written in batches; larger ones are streamed in
-# CHUNK_SIZE pieces so memory stays bounded whatever the file sizes.
-_SMALL_FILE = CHUNK_SIZE
-# Bytes of small files one task holds at once (times the task count: the memory budget).
-_BATCH_BYTES = 8 << 20
 # Files per task: large enough to amortise scheduling, small enough to spread the work.
 _BATCH_FILES = 256
-# Never follow a symlink put in place of a file; never block opening a fifo put there.
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 EntryKind = Literal["file", "directory", "symlink"]
 
@@ -312,112 +304,6 @@ def _symlink_entry(name: bytes, target: bytes) -> bytes:
     return _length_delimited(b"\x1a", body)
 
 
-def _special_kind(mode: int) -> str:
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISFIFO(mode):
-        return "fifo"
-    if stat.S_ISCHR(mode):
-        return "character device"
-    if stat.S_ISBLK(mode):
-        return "block device"
-    return "special file"
-
-
-def _unsupported(path: str, mode: int) -> UnsupportedFileTypeError:
-    return UnsupportedFileTypeError(
-        f"cannot store {path}: it is a {_special_kind(mode)}; "
-        "only regular files, directories and symlinks can be stored"
-    )
-
-
-def _open_regular(path: str) -> tuple[int, os.stat_result]:
-    """Open a regular file without following a symlink or blocking on a fifo; fstat it.
-
-    What is recorded (mode, size, time stamps) is then what was opened, even if the path is
-    replaced meanwhile.
-    """
-    fd = os.open(path, _OPEN_FLAGS)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _unsupported(path, st.st_mode)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, st
-
-
-def _read_small(fd: int, size: int) -> bytes:
-    """The whole content of a small file whose ``fstat`` said ``size`` bytes."""
-    data = os.read(fd, size + 1)
-    if len(data) > size:  # grew since fstat: store what is read to the end
-        parts = [data]
-        while chunk := os.read(fd, CHUNK_SIZE):
-            parts.append(chunk)
-        data = b"".join(parts)
-    return data
-
-
-#: What :func:`import_files` reports for each file it stored: its encoded Directory entry,
-#: its digest (hash and size) and what ``fstat`` said of it before it was read.
-_Stored = tuple[bytes, str, int, FileStat]
-
-
-def import_files(store: Store, batch: list[tuple[str, bytes]]) -> tuple[list[_Stored], bool]:
-    """Read, hash and store files given as ``(path, name)``; a task of import's runners.
-
-    Returns what was stored for the files at the start of the batch, in order, and whether
-    the next file left undone is a large one. A large file is stored alone: one met after
-    others ends the task before it, so that the caller hands it and the rest on separately
-    and several large files spread over the runner's threads or processes. Small files are
-    read whole and stored in groups after one existence check per group (which freshens
-    what is present: a reused old blob must not look like garbage to prune); large ones are
-    copied and hashed by :meth:`Store.put_open_file`, reading them once.
-    """
-    done: list[_Stored] = []
-    pending: list[tuple[Digest, bytes]] = []  # read, to be stored unless present
-    pending_bytes = 0
-    for path, name in batch:
-        fd, st = _open_regular(path)
-        try:
-            if st.st_size > _SMALL_FILE:
-                if len(batch) > 1:
-                    large_next = True
-                    break
-                digest = store.put_open_file(fd)
-            else:
-                data = _read_small(fd, st.st_size)
-                digest = Digest.of_bytes(data)
-                if digest.size:
-                    pending.append((digest, data))
-                    pending_bytes += digest.size
-        finally:
-            os.close(fd)
-        entry = _file_entry(name, digest, bool(st.st_mode & stat.S_IXUSR))
-        done.append((entry, digest.hash, digest.size, FileStat.of(st)))
-        if pending_bytes >= _BATCH_BYTES:
-            _store_group(store, pending)
-            pending, pending_bytes = [], 0
-    else:
-        large_next = False
-    if pending:
-        _store_group(store, pending)
-    return done, large_next
-
-
-def _store_group(store: Store, pending: list[tuple[Digest, bytes]]) -> None:
-    missing = store.find_missing((d for d, _ in pending), freshen=True)
-    if not missing:
-        return
-    writes = []
-    for digest, data in pending:
-        if digest in missing:
-            writes.append((digest, data))
-            missing.discard(digest)  # a duplicate inside the group is written once
-    store.blobs.write_blobs(writes)
-
-
 class _Importer:
     """One import's work on files: stored by a runner's tasks, or taken from the stat cache.
 
@@ -462,8 +348,7 @@ class _Importer:
         with self.changed:
             self.outstanding += 1
         try:
-            work = [(path, scanned.files[index]) for scanned, index, path in batch]
-            future = self.runner.submit(import_files, work)
+            future = self.runner.submit(import_files, [path for _, _, path in batch])
         except BaseException:
             self.done()
             raise
@@ -479,15 +364,19 @@ class _Importer:
         for batch in held:
             self.submit(batch)
 
-    def collect(self, batch: list[_Job], future: Future[tuple[list[_Stored], bool]]) -> None:
+    def collect(self, batch: list[_Job], future: Future[tuple[list[Stored], bool]]) -> None:
         """Take a task's results (on the thread that ran or fed it); hand on what it left."""
         try:
             if future.cancelled():
                 return
             stored, large_next = future.result()
             record = self.cache.record if self.cache is not None else None
-            for (scanned, index, _), (entry, hash_, size, st) in zip(batch, stored, strict=False):
-                scanned.entries[index] = entry
+            for (scanned, index, _), (hash_, size, executable, st) in zip(
+                batch, stored, strict=False
+            ):
+                scanned.entries[index] = _file_entry(
+                    scanned.files[index], Digest._trusted(hash_, size), executable
+                )
                 if record is not None and size == st.st_size:
                     record(st, hash_)
             self.progress.advance(len(stored))
@@ -628,7 +517,7 @@ def import_directory(
                             importer.submit(batch)
                             batch = []
                     else:
-                        raise _unsupported(
+                        raise unsupported(
                             entry.path, entry.stat(follow_symlinks=False).st_mode
                         )
             _refuse_backslashes(root, current)

@@ -23,11 +23,10 @@ import sys
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from casframe.checkout import copy_files, link_files
 from casframe.errors import WorkerError
 from casframe.registry import StoreURL
-from casframe.tree import import_files
 from casframe.workers.protocol import describe_error, read_message, write_message
+from casframe.workers.tasks import copy_files, import_files, link_files
 
 __all__ = ["TASKS", "main"]
 
