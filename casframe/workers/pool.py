@@ -75,9 +75,15 @@ class ThreadRunner:
 
 
 def _spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Start one helper (a separate function, so tests can watch helpers being started)."""
+    """Start one helper (a separate function, so tests can watch helpers being started).
+
+    In a process group of its own: Ctrl-C in a terminal signals the foreground group, and
+    only the parent must get it (it then stops its helpers), even while a helper is still
+    starting and has not yet set SIGINT aside.
+    """
     return subprocess.Popen(
-        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+        process_group=0,
     )
 
 
@@ -135,16 +141,20 @@ class _Helper:
                 if not self.greeted:
                     self.answer()  # the helper's greeting: its store opened, or why not
                     self.greeted = True
-                write_message(self.requests, (name, payload))
+                self.ask(name, payload)
                 result = self.answer()
             except BaseException as exc:  # noqa: BLE001 - handed to the future's owner
-                if isinstance(exc, (BrokenPipeError, ValueError)):
-                    exc = self.death()  # the helper died (or was stopped) before reading it
                 if isinstance(exc, WorkerError):
                     dead = exc
                 future.set_exception(exc)
             else:
                 future.set_result(result)
+
+    def ask(self, name: str, payload: Any) -> None:
+        try:
+            write_message(self.requests, (name, payload))
+        except (OSError, ValueError):  # a broken pipe, or closed by shutdown: the helper is gone
+            raise self.death() from None
 
     def answer(self) -> Any:
         try:

@@ -1,0 +1,54 @@
+"""A process that imports a tree with helper processes, for the tests that kill or interrupt it.
+
+    python worker_child.py STORE_DIR SOURCE_DIR (stop-self | stop-helpers)
+
+Helpers start from the first file on (the threshold is set to 1) and there are two of them.
+Each helper's pid is printed on its own line (``helper PID``) as it is started. Then:
+
+- ``stop-self``: once both helpers run, this process stops itself (SIGSTOP), so that it can be
+  killed with its helpers alive and waiting for work;
+- ``stop-helpers``: every helper is stopped (SIGSTOP) as soon as it is started, so the import
+  cannot end before the test interrupts it (SIGINT); ``interrupted`` is then printed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import casframe.tree
+from casframe import open_store
+from casframe.workers import pool
+
+_spawn = pool._spawn
+
+
+def main(store_dir: str, source: str, mode: str) -> int:
+    started: list[int] = []
+
+    def spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[Any]:
+        process = _spawn(argv, env)
+        if mode == "stop-helpers":
+            os.kill(process.pid, signal.SIGSTOP)
+        started.append(process.pid)
+        print(f"helper {process.pid}", flush=True)
+        if mode == "stop-self" and len(started) == 2:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return process
+
+    pool._spawn = spawn
+    store = open_store(f"file://{store_dir}")
+    casframe.tree.IMPORT_THRESHOLD_FILES = 1
+    try:
+        print(store.import_directory(source, stat_cache=False, jobs=2), flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
