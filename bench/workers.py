@@ -231,7 +231,7 @@ def summarise(res: dict[str, Any]) -> str:
         line(name, f"{n / med(t(name)):,.0f} files/s", "cp -al", "cp -al small")
     versus_casd("casd StageTree", "checkout, helpers", ">= 1x")
     lines.append("s: casframe's in-process time of the operation, casd's RPC, the others' wall "
-                 "time; CPU s: the whole process tree's (casd: the client's, not the daemon's); "
+                 "time; CPU s: the whole process tree's (casd: its client and the daemon); "
                  "RSS: casframe's process plus its helpers' peaks, casd's daemon")
     lines.append("")
     lines.append("threshold (in-process s / helpers s, medians; > 1: helpers pay)")

@@ -33,12 +33,16 @@ def _usable_cores() -> int:
 DEFAULT_JOBS = _usable_cores()
 #: The store option (URL query ``?jobs=N`` or a named store's ``options``) that sets it.
 JOBS_OPTION = "jobs"
-#: Files an import must read and store before helper processes pay for their start-up
-#: (each costs ~0.1 s of CPU and ~20 MiB): measured with ``bench/workers.py``; below this the
-#: import stays in the process. Files whose digest the stat cache remembers do not count.
+#: Files an import must read and store before helper processes pay for their start-up.
+#: A helper costs ~0.12 s of CPU and ~22 MiB to start; an import spends ~100 µs a file in one
+#: process, so two helpers gain ~50 µs a file and pay from about 3,000 files on
+#: (``bench/workers.py`` measures the crossing). Below this the import stays in the process;
+#: files whose digest the stat cache remembers do not count.
 IMPORT_THRESHOLD_FILES = 3000
-#: Files a checkout must write (or link) before helper processes pay (the same measure).
-CHECKOUT_THRESHOLD_FILES = 6000
+#: Files a checkout must write or link before helper processes pay: linking costs ~27 µs a
+#: file and already runs on two threads (the kernel's work, not the interpreter's), so helpers
+#: gain less per file than for an import.
+CHECKOUT_THRESHOLD_FILES = 12000
 
 
 def jobs_from_options(options: Mapping[str, Any], url: str) -> int | None:
