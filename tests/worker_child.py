@@ -5,8 +5,9 @@
 Helpers start from the first file on (the threshold is set to 1) and there are two of them.
 Each helper's pid is printed on its own line (``helper PID``) as it is started. Then:
 
-- ``stop-self``: once both helpers run, this process stops itself (SIGSTOP), so that it can be
-  killed with its helpers alive and waiting for work;
+- ``stop-self``: once both helpers have greeted it (their store is open, they take work), this
+  process stops itself (SIGSTOP), so that it can be killed with its helpers at work or waiting
+  for more;
 - ``stop-helpers``: every helper is stopped (SIGSTOP) as soon as it is started, so the import
   cannot end before the test interrupts it (SIGINT); ``interrupted`` is then printed.
 """
@@ -35,11 +36,22 @@ def main(store_dir: str, source: str, mode: str) -> int:
             os.kill(process.pid, signal.SIGSTOP)
         started.append(process.pid)
         print(f"helper {process.pid}", flush=True)
-        if mode == "stop-self" and len(started) == 2:
-            os.kill(os.getpid(), signal.SIGSTOP)
         return process
 
+    greeted: list[int] = []
+    answer = pool._Helper.answer
+
+    def answer_and_stop(helper: pool._Helper) -> Any:
+        value = answer(helper)
+        if not helper.greeted:  # this was the greeting
+            greeted.append(helper.process.pid)
+            if len(greeted) == 2:
+                os.kill(os.getpid(), signal.SIGSTOP)
+        return value
+
     pool._spawn = spawn
+    if mode == "stop-self":
+        pool._Helper.answer = answer_and_stop  # type: ignore[method-assign]
     store = open_store(f"file://{store_dir}")
     casframe.tree.IMPORT_THRESHOLD_FILES = 1
     try:
