@@ -424,7 +424,7 @@ def test_ctrl_c_stops_the_helpers(tmp_path: Path) -> None:
         out, _ = child.communicate(timeout=HANG_GUARD)
     finally:
         child.kill()
-    assert out.strip().splitlines()[-1] == "interrupted"
+    assert out.strip().splitlines()[-1] == "interrupted, 0 helpers running"
     assert child.returncode == 130
     _wait_until_gone(helpers)
     assert fsck(open_store(f"file://{tmp_path / 'store'}")).ok

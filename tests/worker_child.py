@@ -9,7 +9,8 @@ Each helper's pid is printed on its own line (``helper PID``) as it is started. 
   process stops itself (SIGSTOP), so that it can be killed with its helpers at work or waiting
   for more;
 - ``stop-helpers``: every helper is stopped (SIGSTOP) as soon as it is started, so the import
-  cannot end before the test interrupts it (SIGINT); ``interrupted`` is then printed.
+  cannot end before the test interrupts it (SIGINT); ``interrupted, N helpers running`` is
+  then printed, N counting the helpers not yet ended and reaped when the import gave up.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ _spawn = pool._spawn
 
 
 def main(store_dir: str, source: str, mode: str) -> int:
-    started: list[int] = []
+    started: list[subprocess.Popen[Any]] = []
 
     def spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[Any]:
         process = _spawn(argv, env)
         if mode == "stop-helpers":
             os.kill(process.pid, signal.SIGSTOP)
-        started.append(process.pid)
+        started.append(process)
         print(f"helper {process.pid}", flush=True)
         return process
 
@@ -57,7 +58,8 @@ def main(store_dir: str, source: str, mode: str) -> int:
     try:
         print(store.import_directory(source, stat_cache=False, jobs=2), flush=True)
     except KeyboardInterrupt:
-        print("interrupted", flush=True)
+        running = sum(1 for process in started if process.poll() is None)
+        print(f"interrupted, {running} helpers running", flush=True)
         return 130
     return 0
 

@@ -27,6 +27,7 @@ import contextlib
 import importlib.util
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -192,6 +193,17 @@ class _Helper:
             self.replies.close()
 
 
+def _block_sigint() -> set[int | signal.Signals] | None:
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def _restore_signals(masked: set[int | signal.Signals] | None) -> None:
+    if masked is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, masked)
+
+
 class WorkerPool:
     """``jobs`` helper processes, each with the store ``factory(url)`` opens (see
     :meth:`casframe.spi.BlobStore.worker_spec`)."""
@@ -205,12 +217,18 @@ class WorkerPool:
         roots = _import_roots("casframe", factory.partition(":")[0])
         env["PYTHONPATH"] = os.pathsep.join([*roots, *filter(None, [env.get("PYTHONPATH")])])
         self.helpers: list[_Helper] = []
+        # SIGINT (Ctrl-C) waits until every helper started is listed here: a KeyboardInterrupt
+        # between a helper's start and its listing would leave it unknown to shutdown().
+        # Threads started meanwhile (the feeders) keep it blocked, so it reaches this one.
+        masked = _block_sigint()
         try:
             for _ in range(jobs):
                 self.helpers.append(_Helper(self, argv, env))
         except BaseException:
             self.shutdown(cancel=True)
             raise
+        finally:
+            _restore_signals(masked)
 
     @property
     def pids(self) -> list[int]:
