@@ -40,7 +40,11 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent(parent: int) -> None:
-    """Ask Linux for SIGKILL when the parent dies; exit now if it is already gone."""
+    """Ask Linux for SIGKILL when the parent dies; exit now if it is already gone.
+
+    Strictly, the signal comes when the parent's *thread* that started this process ends: a
+    pool of helpers lives within one import or checkout call, on the thread that made it.
+    """
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
