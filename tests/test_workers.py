@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -40,6 +41,7 @@ from casframe import (
 )
 from casframe.maintenance import fsck
 from casframe.statcache import open_stat_cache
+from casframe.tree import missing_in_tree
 from casframe.workers import pool
 from casframe.workers.protocol import describe_error, rebuild_error
 from casframe.workers.settings import DEFAULT_JOBS
@@ -428,3 +430,20 @@ def test_ctrl_c_stops_the_helpers(tmp_path: Path) -> None:
     assert child.returncode == 130
     _wait_until_gone(helpers)
     assert fsck(open_store(f"file://{tmp_path / 'store'}")).ok
+
+
+def test_helpers_open_the_very_store_whatever_its_path_and_options(
+    tmp_path: Path, helpers_from: Any, spawned: list[subprocess.Popen[Any]]
+) -> None:
+    source = write_files(tmp_path / "src", 50)
+    root = tmp_path / "a store ü %20 #?"
+    store = open_store(f"file://{quote(str(root))}?fsync=true")
+    assert store.blobs.root == str(root)
+    assert store.blobs.worker_spec() == (
+        "casframe_local.store:open_local_store", f"file://{quote(str(root))}?fsync=true"
+    )
+    helpers_from(1)
+    digest = store.import_directory(source, stat_cache=False, jobs=2)
+    assert len(spawned) == 2
+    assert missing_in_tree(store, digest) == set()
+    assert sorted(os.listdir(tmp_path)) == ["a store ü %20 #?", "src"]
