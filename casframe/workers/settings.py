@@ -39,10 +39,12 @@ JOBS_OPTION = "jobs"
 #: (``bench/workers.py`` measures the crossing). Below this the import stays in the process;
 #: files whose digest the stat cache remembers do not count.
 IMPORT_THRESHOLD_FILES = 3000
-#: Files a checkout must write or link before helper processes pay: linking costs ~27 µs a
-#: file and already runs on two threads (the kernel's work, not the interpreter's), so helpers
-#: gain less per file than for an import.
-CHECKOUT_THRESHOLD_FILES = 12000
+#: Files a checkout must write or link before helper processes pay. Linking costs ~27 µs a
+#: file, spent in the kernel, and already runs on two threads (a link releases the interpreter
+#: lock), so helpers gain little per file while their start-up is most of what a whole
+#: ``casframe checkout`` of 20,000 files costs beyond ``cp -al``: set high until a quiet
+#: machine's ``bench/workers.py`` sweep shows where they pay.
+CHECKOUT_THRESHOLD_FILES = 50_000
 
 
 def jobs_from_options(options: Mapping[str, Any], url: str) -> int | None:
