@@ -7,12 +7,13 @@ new directory and measures, in alternating rounds (each writing into a fresh dir
 whole processes except where said:
 
 * import of the small tree: ``cp -r``; casframe in the process (``--jobs 1``); casframe with
-  helper processes (``--jobs`` = cores); buildbox-casd's ``CaptureTree`` (the RPC alone);
+  helper processes (``--jobs`` = cores, whatever the threshold); buildbox-casd's
+  ``CaptureTree`` (the RPC alone);
 * re-import with the stat cache, into the store the first import filled;
 * import of the large tree: ``cp -r``; casframe ``--jobs 1`` and with helpers; casd;
 * checkout of the small tree by hardlinks: ``cp -al``; casframe in the process and with
   helpers (the operation's own time); casd's ``StageTree`` (the RPC alone); the whole
-  ``casframe checkout`` command (interpreter start-up included);
+  ``casframe checkout`` command (interpreter start-up included, casframe's own settings);
 * the threshold: import and checkout of trees of 500 to 8,000 files, in the process and with
   helpers forced on, to see from which size helpers pay.
 
@@ -116,7 +117,7 @@ def measure(args: argparse.Namespace, run: Path) -> dict[str, Any]:
             ["import", f"file://{stores / f'one-{i}'}", str(small)], log, 1))
         prep(small)
         imp = add("import small, helpers", child(
-            ["import", f"file://{stores / f'all-{i}'}", str(small)], log, JOBS,
+            ["import", f"file://{stores / f'all-{i}'}", str(small)], log, JOBS, threshold=1,
             stat_cache=work / "stat-cache" / f"all-{i}"))
         if py:
             prep(small)
@@ -134,7 +135,7 @@ def measure(args: argparse.Namespace, run: Path) -> dict[str, Any]:
             ["import", f"file://{stores / f'lone-{i}'}", str(large)], log, 1))
         prep(large)
         add("import large, helpers", child(
-            ["import", f"file://{stores / f'lall-{i}'}", str(large)], log, JOBS))
+            ["import", f"file://{stores / f'lall-{i}'}", str(large)], log, JOBS, threshold=1))
         if py:
             prep(large)
             add("casd CaptureTree large", casd(py, ["capture", str(work / "casd" / f"l-{i}"),
@@ -148,7 +149,8 @@ def measure(args: argparse.Namespace, run: Path) -> dict[str, Any]:
             ["checkout", f"file://{store}", digest, str(co / f"one-{i}")], log, 1))
         prep(store)
         add("checkout, helpers", child(
-            ["checkout", f"file://{store}", digest, str(co / f"all-{i}")], log, JOBS))
+            ["checkout", f"file://{store}", digest, str(co / f"all-{i}")], log, JOBS,
+            threshold=1))
         prep(store)
         add("casframe checkout command", run_ref([[
             str(CASFRAME), "--store", f"file://{store}", "checkout", digest,
