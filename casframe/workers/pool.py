@@ -206,27 +206,38 @@ def _restore_signals(masked: set[int | signal.Signals] | None) -> None:
 
 class WorkerPool:
     """``jobs`` helper processes, each with the store ``factory(url)`` opens (see
-    :meth:`casframe.spi.BlobStore.worker_spec`)."""
+    :meth:`casframe.spi.BlobStore.worker_spec`).
+
+    The helpers start at the first :meth:`submit`, not when the pool is made: by then the
+    caller holds the pool, so that whatever interrupts it from then on (Ctrl-C included) finds
+    a pool to shut down.
+    """
 
     def __init__(self, factory: str, url: str, jobs: int) -> None:
         self.queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        argv = [
+        self.jobs = jobs
+        self.argv = [
             sys.executable, "-P", "-m", "casframe.workers.worker", factory, url, str(os.getpid())
         ]
-        env = dict(os.environ)
+        self.env = dict(os.environ)
         roots = _import_roots("casframe", factory.partition(":")[0])
-        env["PYTHONPATH"] = os.pathsep.join([*roots, *filter(None, [env.get("PYTHONPATH")])])
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            [*roots, *filter(None, [self.env.get("PYTHONPATH")])]
+        )
         self.helpers: list[_Helper] = []
+        self.started = False
+
+    def _start(self) -> None:
+        self.started = True
         # SIGINT (Ctrl-C) waits until every helper started is listed here: a KeyboardInterrupt
         # between a helper's start and its listing would leave it unknown to shutdown().
-        # Threads started meanwhile (the feeders) keep it blocked, so it reaches this one.
+        # Threads started meanwhile (the feeders) keep it blocked, so it reaches this one, as
+        # soon as the mask is lifted: the helpers are then listed, and the caller that gets
+        # the KeyboardInterrupt from submit() shuts them down.
         masked = _block_sigint()
         try:
-            for _ in range(jobs):
-                self.helpers.append(_Helper(self, argv, env))
-        except BaseException:
-            self.shutdown(cancel=True)
-            raise
+            for _ in range(self.jobs):
+                self.helpers.append(_Helper(self, self.argv, self.env))
         finally:
             _restore_signals(masked)
 
@@ -237,6 +248,8 @@ class WorkerPool:
     def submit(self, task: Callable[[Store, _P], _R], payload: _P) -> Future[_R]:
         future: Future[_R] = Future()
         self.queue.put((f"{task.__module__}:{task.__qualname__}", payload, future))
+        if not self.started:  # the first call: from the caller's thread, before any feeder
+            self._start()
         return future
 
     def shutdown(self, *, cancel: bool) -> None:
