@@ -39,6 +39,7 @@ from casframe import (
     WorkerError,
     open_store,
 )
+from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
 from casframe.maintenance import fsck
 from casframe.statcache import open_stat_cache
 from casframe.tree import missing_in_tree
@@ -250,10 +251,29 @@ def test_random_trees_give_the_same_digest_with_helpers(
     helpers_from(1)
     alone = open_store(f"file://{top / 'alone'}").import_directory(source, stat_cache=False,
                                                                    jobs=1)
+    assert alone == reference_digest(source)
     helped_store = open_store(f"file://{top / 'helped'}")
     assert helped_store.import_directory(source, stat_cache=False, jobs=2) == alone
     helped_store.checkout(alone, top / "out", jobs=2)
     assert open_store("memory://").import_directory(top / "out", stat_cache=False) == alone
+
+
+def reference_digest(path: Path) -> Digest:
+    """The root digest of a tree of files and folders, built with protobuf's own messages."""
+    directory = Directory()
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_dir(follow_symlinks=False):
+            child = reference_digest(Path(entry.path))
+            node = directory.directories.add(name=entry.name)
+            node.digest.hash, node.digest.size_bytes = child.hash, child.size
+        else:
+            content = Path(entry.path).read_bytes()
+            digest = Digest.of_bytes(content)
+            file_node = directory.files.add(
+                name=entry.name, is_executable=bool(os.stat(entry.path).st_mode & stat.S_IXUSR)
+            )
+            file_node.digest.hash, file_node.digest.size_bytes = digest.hash, digest.size
+    return Digest.of_bytes(directory.SerializeToString(deterministic=True))
 
 
 # -- when helpers start -----------------------------------------------------------------------
