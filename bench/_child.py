@@ -2,9 +2,13 @@
 
 Usage::
 
-    python bench/_child.py [--profile FILE] import   STORE_URL SRC_DIR
-    python bench/_child.py [--profile FILE] checkout STORE_URL DIGEST DEST_DIR
-    python bench/_child.py                  noop     STORE_URL
+    python bench/_child.py [OPTIONS] import   STORE_URL SRC_DIR
+    python bench/_child.py [OPTIONS] checkout STORE_URL DIGEST DEST_DIR
+    python bench/_child.py           noop     STORE_URL
+
+Options: ``--profile FILE``; ``--jobs N`` (processes: 1 keeps the work in this process);
+``--threshold FILES`` (helper processes from this many files on, instead of casframe's
+setting: bench/workers.py measures where they start to pay).
 
 Prints one JSON object on stdout: the time spent importing casframe and opening the store, the
 in-process time of the operation itself (``op_s``), the resident set size just before the
@@ -14,6 +18,10 @@ the peak RSS of the whole process through ``/usr/bin/time`` (wait4); ``hwm_kib``
 ``--profile FILE`` runs the operation under cProfile, with one profiler per thread (the tree
 engine hashes and writes in a thread pool, which a plain cProfile run would not see), and dumps
 the merged statistics to FILE. Timings taken under the profiler are not benchmark figures.
+
+Helper processes (``casframe.workers``) are counted too: each one's ``VmHWM`` is read just
+before it is stopped (``helpers_hwm_kib``), so ``hwm_kib`` plus their sum bounds the memory
+of the whole operation from above.
 """
 
 from __future__ import annotations
@@ -71,10 +79,46 @@ class _AllThreadsProfile:
         stats.dump_stats(path)
 
 
+def _watch_helpers(threshold: int | None) -> list[int]:
+    """Record each helper's peak RSS as it is stopped; set the threshold if given."""
+    import casframe.checkout
+    import casframe.tree
+    from casframe.workers import pool
+
+    peaks: list[int] = []
+    stop = pool._Helper.stop
+
+    def stop_and_measure(helper, *, kill):  # type: ignore[no-untyped-def]
+        try:
+            with open(f"/proc/{helper.process.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        peaks.append(int(line.split()[1]))
+        except OSError:
+            pass
+        stop(helper, kill=kill)
+
+    pool._Helper.stop = stop_and_measure  # type: ignore[method-assign]
+    if threshold is not None:
+        casframe.tree.IMPORT_THRESHOLD_FILES = threshold  # type: ignore[misc]
+        casframe.checkout.CHECKOUT_THRESHOLD_FILES = threshold  # type: ignore[misc]
+    return peaks
+
+
 def main(argv: list[str]) -> int:
     profile_path = None
-    if argv[:1] == ["--profile"]:
-        profile_path = argv[1]
+    jobs: int | None = None
+    threshold: int | None = None
+    while argv[:1] and argv[0].startswith("--"):
+        if argv[0] == "--profile":
+            profile_path = argv[1]
+        elif argv[0] == "--jobs":
+            jobs = int(argv[1])
+        elif argv[0] == "--threshold":
+            threshold = int(argv[1])
+        else:
+            print(f"unknown option {argv[0]!r}", file=sys.stderr)
+            return 2
         argv = argv[2:]
     if not argv:
         print(__doc__, file=sys.stderr)
@@ -94,15 +138,16 @@ def main(argv: list[str]) -> int:
         "rss_before_op_kib": _status_kib("VmRSS"),
     }
 
+    helper_peaks = _watch_helpers(threshold) if op != "noop" else []
     profiler = _AllThreadsProfile() if profile_path else None
     if profiler:
         profiler.__enter__()
     start = time.perf_counter()
     if op == "import":
-        digest = store.import_directory(args[1])
+        digest = store.import_directory(args[1], jobs=jobs)
         result["digest"] = str(digest)
     elif op == "checkout":
-        store.checkout(Digest.parse(args[1]), args[2], link=True)
+        store.checkout(Digest.parse(args[1]), args[2], link=True, jobs=jobs)
     elif op == "noop":
         pass
     else:
@@ -113,6 +158,7 @@ def main(argv: list[str]) -> int:
         profiler.__exit__(None, None, None)
         profiler.dump(profile_path)  # type: ignore[arg-type]
     result["hwm_kib"] = _status_kib("VmHWM")
+    result["helpers_hwm_kib"] = helper_peaks
     store.close()
     print(json.dumps(result))
     return 0

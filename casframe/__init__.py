@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         UnsafeTreeError,
         UnsupportedFileTypeError,
         UnsupportedOperationError,
+        WorkerError,
     )
     from casframe.hookspecs import hookimpl
     from casframe.names import validate_entry_name, validate_ref_name
@@ -109,6 +110,7 @@ _LAZY = {
     "UnsafeTreeError": "casframe.errors",
     "UnsupportedFileTypeError": "casframe.errors",
     "UnsupportedOperationError": "casframe.errors",
+    "WorkerError": "casframe.errors",
     "hookimpl": "casframe.hookspecs",
     "list_plugins": "casframe.plugins",
     "open_store": "casframe.plugins",
@@ -181,6 +183,7 @@ __all__ = [
     "UnsafeTreeError",
     "UnsupportedFileTypeError",
     "UnsupportedOperationError",
+    "WorkerError",
     "__version__",
     "hookimpl",
     "list_plugins",

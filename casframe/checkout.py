@@ -19,38 +19,29 @@ import os
 import shutil
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, TypeVar
 
 from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
-from casframe.digest import CHUNK_SIZE, Digest
+from casframe.digest import Digest
 from casframe.errors import CheckoutError, UnsupportedOperationError
 from casframe.progress import NO_PROGRESS, Progress
 from casframe.spi import Capability
 from casframe.tree import load_tree, node_digest, node_digests
 from casframe.treesize import TreeLimits
+from casframe.workers.pool import CHECKOUT_THRESHOLD_FILES, Runner, open_runner
+from casframe.workers.tasks import Copy, LinkTask, copy_files, link_files, tree_path
 
 if TYPE_CHECKING:
     from casframe.store import Store
 
 __all__ = ["checkout"]
 
-# Files up to this size are read whole; larger ones are streamed in CHUNK_SIZE pieces so
-# memory stays bounded whatever the file sizes.
-_SMALL_FILE = CHUNK_SIZE
-# Files per worker task: large enough to amortise scheduling, small enough to spread the work.
+# Files per task: large enough to amortise scheduling, small enough to spread the work.
 _BATCH_FILES = 256
 # Bytes of files one copy task writes: a large file is a task of its own, so several large
 # files are written in parallel.
 _BATCH_BYTES = 8 << 20
-# Errors with which a file system refuses a hardlink that a copy can replace: another file
-# system, too many links to one object, no hardlinks at all.
-_LINK_REFUSED = frozenset({errno.EXDEV, errno.EMLINK, errno.EPERM})
-
-#: A file to copy: its path on disk, its digest, whether it is executable.
-_Copy = tuple[str, Digest, bool]
-#: Files to hardlink: directories (paths) with the ``(name, digest)`` of each file to link there.
-_LinkTask = list[tuple[str, list[tuple[str, Digest]]]]
 _T = TypeVar("_T")
 
 
@@ -62,6 +53,7 @@ def checkout(
     link: bool | None = None,
     progress: Progress | None = None,
     limits: TreeLimits | None = None,
+    jobs: int | None = None,
 ) -> None:
     """Materialise tree ``root`` at ``dest`` (absent or empty).
 
@@ -69,6 +61,7 @@ def checkout(
     because a hardlink shares its mode with the stored object. A tree that expands past
     ``limits`` raises :class:`~casframe.errors.TreeTooLargeError` before anything is written;
     a file system error raises :class:`~casframe.errors.CheckoutError` naming the tree path.
+    A tree of many files is written by ``jobs`` helper processes (default: the store's).
     """
     progress = progress or NO_PROGRESS
     dest = os.path.abspath(os.fspath(dest))
@@ -83,17 +76,19 @@ def checkout(
     progress.start("checkout", sizes[root].files)
     created = _prepare_destination(dest)
     try:
-        with store.executor() as pool:
-            writer = _FileWriter(
-                store, pool, dest,
-                use_links=can_link if link is None else link, strict=bool(link), progress=progress,
-            )
-            try:
-                _write_tree(directories, root, dest, writer)
-                writer.finish()
-            except BaseException:
-                pool.shutdown(cancel_futures=True)
-                raise
+        jobs = store.jobs if jobs is None else jobs
+        runner = open_runner(store, jobs, sizes[root].files, CHECKOUT_THRESHOLD_FILES)
+        writer = _FileWriter(
+            runner, dest, jobs=jobs,
+            use_links=can_link if link is None else link, strict=bool(link), progress=progress,
+        )
+        try:
+            _write_tree(directories, root, dest, writer)
+            writer.finish()
+        except BaseException:
+            runner.shutdown(cancel=True)
+            raise
+        runner.shutdown(cancel=False)
     except BaseException:
         _remove_written(dest, created)
         raise
@@ -129,11 +124,6 @@ def _remove_written(dest: str, created: bool) -> None:
                     os.unlink(entry.path)
 
 
-def _tree_path(dest: str, path: str) -> str:
-    """Where ``path`` (under ``dest``) is in the tree: what ``ls`` shows, never a disk path."""
-    return path[len(dest) + 1 :] if path.startswith(dest + os.sep) else "."
-
-
 def _write_tree(
     directories: dict[Digest, Directory], root: Digest, dest: str, writer: _FileWriter
 ) -> None:
@@ -160,40 +150,39 @@ def _write_tree(
                 current = os.path.join(path, node.name)
                 os.symlink(node.target, current)
         except OSError as exc:
-            raise CheckoutError(_tree_path(dest, current), exc) from exc
+            raise CheckoutError(tree_path(dest, current), exc) from exc
         writer.add(path, directory)
         stack.extend(reversed(children))
 
 
 class _FileWriter:
-    """Writes the files of the directories it is given, in batches on the worker threads.
+    """Writes the files of the directories it is given, in batches of the runner's tasks.
 
-    At most a few batches per worker are in flight at once, so a tree of millions of files
+    At most a few batches per job are in flight at once, so a tree of millions of files
     never sits in memory as a list. Files the file system refuses to hardlink (and ``strict``
-    is false) come back from the workers and are copied instead.
+    is false) come back from the tasks and are copied instead.
     """
 
     def __init__(
         self,
-        store: Store,
-        pool: ThreadPoolExecutor,
+        runner: Runner,
         dest: str,
         *,
+        jobs: int,
         use_links: bool,
         strict: bool,
         progress: Progress,
     ) -> None:
-        self.store = store
-        self.pool = pool
+        self.runner = runner
         self.dest = dest
         self.use_links = use_links
         self.strict = strict
         self.progress = progress
-        self.max_pending = 2 * store.blobs.limits.max_concurrency + 2
-        self.pending: deque[Future[list[_Copy]]] = deque()
-        self.links: _LinkTask = []
+        self.max_pending = 2 * max(1, jobs) + 2
+        self.pending: deque[Future[tuple[int, list[Copy]]]] = deque()
+        self.links: LinkTask = []
         self.link_count = 0
-        self.copies: list[_Copy] = []
+        self.copies: list[Copy] = []
         self.copy_bytes = 0
 
     def add(self, path: str, directory: Directory) -> None:
@@ -225,88 +214,22 @@ class _FileWriter:
     def _flush_links(self) -> None:
         if self.links:
             task, self.links, self.link_count = self.links, [], 0
-            self._submit(self._link_task, task)
+            self._submit(link_files, (self.dest, self.strict, task))
 
     def _flush_copies(self) -> None:
         if self.copies:
             batch, self.copies, self.copy_bytes = self.copies, [], 0
-            self._submit(self._copy_task, batch)
+            self._submit(copy_files, (self.dest, batch))
 
-    def _submit(self, task: Callable[[_T], list[_Copy]], work: _T) -> None:
+    def _submit(self, task: Callable[[Store, _T], tuple[int, list[Copy]]], work: _T) -> None:
         while len(self.pending) >= self.max_pending:
             self._collect()
-        self.pending.append(self.pool.submit(task, work))
+        self.pending.append(self.runner.submit(task, work))
 
     def _collect(self) -> None:
         """Wait for the oldest batch; keep the files it could not link, to copy them."""
-        for item in self.pending.popleft().result():
+        written, refused = self.pending.popleft().result()
+        self.progress.advance(written)
+        for item in refused:
             self.copies.append(item)
             self.copy_bytes += item[1].size
-
-    def _link_task(self, task: _LinkTask) -> list[_Copy]:
-        """Hardlink files into their (new, empty) directories; return those to copy instead."""
-        blobs = self.store.blobs
-        for position, (path, links) in enumerate(task):
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError as exc:
-                raise CheckoutError(_tree_path(self.dest, path), exc) from exc
-            try:
-                blobs.link_blobs(fd, links)
-            except OSError as exc:
-                if self.strict or exc.errno not in _LINK_REFUSED:
-                    name = exc.filename2 if isinstance(exc.filename2, str) else ""
-                    failed = os.path.join(path, name) if name else path
-                    raise CheckoutError(_tree_path(self.dest, failed), exc) from exc
-                # Copy what is not linked yet: the rest of this directory, then the others.
-                made = set(os.listdir(fd))
-                rest = [(os.path.join(path, n), d, False) for n, d in links if n not in made]
-                for later_path, later in task[position + 1 :]:
-                    rest += [(os.path.join(later_path, n), d, False) for n, d in later]
-                return rest
-            finally:
-                os.close(fd)
-            self.progress.advance(len(links))
-        return []
-
-    def _copy_task(self, batch: list[_Copy]) -> list[_Copy]:
-        for path, digest, executable in batch:
-            _write_copy(self.store, self.dest, path, digest, executable)
-            self.progress.advance(1)
-        return []
-
-
-def _write_copy(store: Store, dest: str, path: str, digest: Digest, executable: bool) -> None:
-    mode = 0o755 if executable else 0o644
-    try:
-        fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode
-        )
-    except OSError as exc:
-        raise CheckoutError(_tree_path(dest, path), exc) from exc
-    try:
-        with os.fdopen(fd, "wb", buffering=0, closefd=False) as out:
-            if digest.size <= _SMALL_FILE:
-                _write_out(dest, path, out.write, store.read_bytes(digest))
-            else:
-                with store.open_read(digest) as stream:
-                    buf = bytearray(CHUNK_SIZE)
-                    view = memoryview(buf)
-                    while n := stream.readinto(view):  # type: ignore[attr-defined]
-                        _write_out(dest, path, out.write, view[:n])
-        if executable:
-            os.fchmod(fd, mode)  # the umask may have dropped execute bits
-    except BaseException:
-        os.close(fd)
-        os.unlink(path)
-        raise
-    os.close(fd)
-
-
-def _write_out(
-    dest: str, path: str, write: Callable[[bytes | memoryview], object], data: bytes | memoryview
-) -> None:
-    try:
-        write(data)
-    except OSError as exc:  # a full disk, a quota
-        raise CheckoutError(_tree_path(dest, path), exc) from exc

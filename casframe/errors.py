@@ -38,6 +38,7 @@ __all__ = [
     "UnsafeTreeError",
     "UnsupportedFileTypeError",
     "UnsupportedOperationError",
+    "WorkerError",
 ]
 
 
@@ -275,3 +276,11 @@ class PermissionDeniedError(CasframeError):
     """The backend refused the operation (credentials, read-only server, access denied)."""
 
     reason = "permission-denied"
+
+
+class WorkerError(CasframeError):
+    """A helper process of casframe's (parallel import or checkout) died or answered with
+    something it should not have; the message says which process and how it ended. The
+    operation it was helping failed and left nothing half-visible in the store."""
+
+    reason = "worker-failed"

@@ -33,6 +33,7 @@ from casframe.entrypoints import entry_points
 from casframe.errors import ConfigError
 from casframe.registry import BackendRegistry, Factory, StoreURL
 from casframe.treesize import TREE_LIMIT_OPTIONS, TreeLimits
+from casframe.workers.settings import JOBS_OPTION, jobs_from_options
 
 if TYPE_CHECKING:
     from casframe.store import Store
@@ -279,11 +280,15 @@ class StoreOpener:
     ) -> Store:
         parsed = StoreURL.parse(url, options, create=create)
         limits = TreeLimits.from_options(parsed.options, url)
-        backend_options = {k: v for k, v in parsed.options.items() if k not in TREE_LIMIT_OPTIONS}
+        jobs = jobs_from_options(parsed.options, url)
+        core_options = (*TREE_LIMIT_OPTIONS, JOBS_OPTION)
+        backend_options = {k: v for k, v in parsed.options.items() if k not in core_options}
         factory = self.plugin_manager.backend_registry().get(parsed.scheme).load()
         inner = StoreOpener(self._config, plugin_manager=self._pm, opening=opening)
         store = _call_factory(factory, replace(parsed, options=backend_options), inner)
         store.tree_limits = limits
+        if jobs is not None:
+            store.jobs = jobs
         return store
 
 
@@ -305,7 +310,8 @@ def open_store(
     """Open the store at ``url`` through the plugin that registered its scheme.
 
     The options every store takes (``max_tree_entries``, ``max_tree_bytes``: see
-    :class:`~casframe.treesize.TreeLimits`) are read here and never reach the backend. With
+    :class:`~casframe.treesize.TreeLimits`; ``jobs``: see :attr:`~casframe.Store.jobs`) are
+    read here and never reach the backend. With
     ``create=False`` a store that does not exist yet is not created: opening it raises
     :class:`~casframe.StoreNotFoundError` (for commands that only read, where a mistyped path
     would otherwise leave an empty store behind). Store names inside ``url`` (a ``cache://``

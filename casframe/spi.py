@@ -379,6 +379,14 @@ class BlobStore(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, deliberately empty
         """Release connections and threads; the store is not used afterwards."""
 
+    def worker_spec(self) -> tuple[str, str] | None:
+        """How a helper process of casframe opens this very store, so that a large import or
+        checkout can use every core: a ``module:function`` factory (taking a
+        :class:`~casframe.StoreURL`) and the URL to give it. ``None`` (the default) keeps
+        the work in the calling process; only a store whose data is local gains from it.
+        """
+        return None
+
     def describe(self) -> str:
         """A short human description (used in messages)."""
         return type(self).__name__

@@ -42,6 +42,7 @@ import os
 import struct
 import threading
 import time
+from typing import NamedTuple
 
 from casframe.userdirs import cache_folder
 
@@ -50,6 +51,7 @@ __all__ = [
     "MAX_FILES",
     "STAT_CACHE_ENV",
     "TIMESTAMP_WINDOW_NS",
+    "FileStat",
     "StatCache",
     "default_directory",
     "open_stat_cache",
@@ -91,6 +93,20 @@ def default_directory() -> str | None:
     return cache_folder(STAT_CACHE_ENV, "stat-cache")
 
 
+class FileStat(NamedTuple):
+    """What the cache keeps of a file's ``fstat``, as it crosses a pipe from a helper process."""
+
+    st_ino: int
+    st_dev: int
+    st_size: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStat:
+        return cls(st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class StatCache:
     """The recorded digests of one imported directory, and the entries of the current import.
 
@@ -111,7 +127,7 @@ class StatCache:
         self._trusted_before = started - TIMESTAMP_WINDOW_NS
 
     @staticmethod
-    def key(st: os.stat_result) -> bytes:
+    def key(st: os.stat_result | FileStat) -> bytes:
         return _KEY.pack(st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def lookup(self, st: os.stat_result) -> str | None:
@@ -123,7 +139,7 @@ class StatCache:
         self.seen += key + found
         return found.hex()
 
-    def record(self, st: os.stat_result, hash_: str) -> None:
+    def record(self, st: os.stat_result | FileStat, hash_: str) -> None:
         """Remember that the file ``st`` describes (before it was read) held content ``hash_``.
 
         Racy files (time stamps within the window before the import started, or later) are

@@ -28,6 +28,7 @@ from casframe.errors import (
 from casframe.names import RESERVED_REF_NAMESPACES, validate_ref_name, writable_ref_name
 from casframe.spi import BlobStore, BlobWriter, Capability, RefCapability, RefInfo, RefStore
 from casframe.treesize import TreeLimits
+from casframe.workers.settings import DEFAULT_JOBS
 
 if TYPE_CHECKING:
     from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
@@ -146,6 +147,8 @@ class Store:
 
     ``tree_limits`` bound what checkout, ``walk`` and diff expand a tree to (the store options
     ``max_tree_entries`` and ``max_tree_bytes`` set them; each call may override them).
+    ``jobs`` is how many processes a large local import or checkout uses (the store option
+    ``jobs``; default: one per core).
     """
 
     def __init__(
@@ -155,11 +158,13 @@ class Store:
         *,
         url: str = "",
         tree_limits: TreeLimits | None = None,
+        jobs: int | None = None,
     ) -> None:
         self.blobs = blobs
         self.refs = refs
         self.url = url or blobs.describe()
         self.tree_limits = tree_limits or TreeLimits()
+        self.jobs = DEFAULT_JOBS if jobs is None else jobs
 
     def __repr__(self) -> str:
         return f"<Store {self.url}>"
@@ -444,15 +449,19 @@ class Store:
         *,
         progress: Progress | None = None,
         stat_cache: bool | str | os.PathLike[str] = True,
+        jobs: int | None = None,
     ) -> Digest:
         """Store a directory on disk as a Directory tree; return the root digest.
 
         ``stat_cache``: files unchanged since the last import of ``path`` are not read again
         (:mod:`casframe.statcache`); ``False`` reads every file, a path keeps the cache there.
+        ``jobs``: processes to use when the tree is large enough (default: :attr:`jobs`).
         """
         from casframe.tree import import_directory
 
-        return import_directory(self, path, progress=progress, stat_cache=stat_cache)
+        return import_directory(
+            self, path, progress=progress, stat_cache=stat_cache, jobs=jobs
+        )
 
     def checkout(
         self,
@@ -463,6 +472,7 @@ class Store:
         progress: Progress | None = None,
         max_tree_entries: int | None = None,
         max_tree_bytes: int | None = None,
+        jobs: int | None = None,
     ) -> None:
         """Materialise a tree (digest or ref) at ``dest``, which must be absent or empty.
 
@@ -470,12 +480,16 @@ class Store:
         copies otherwise; ``True`` insists on hardlinks; ``False`` always copies. A tree that
         expands to more entries or bytes than the limits (this store's ``tree_limits`` unless
         given here) raises :class:`~casframe.errors.TreeTooLargeError` before anything is
-        written; a failed checkout removes what it wrote.
+        written; a failed checkout removes what it wrote. ``jobs``: processes to use when the
+        tree is large enough (default: :attr:`jobs`).
         """
         from casframe.checkout import checkout
 
         limits = self.tree_limits.with_overrides(max_tree_entries, max_tree_bytes)
-        checkout(self, self.resolve(tree), dest, link=link, progress=progress, limits=limits)
+        checkout(
+            self, self.resolve(tree), dest, link=link, progress=progress, limits=limits,
+            jobs=jobs,
+        )
 
     def diff(
         self,

@@ -11,12 +11,14 @@ This module talks to storage only through :class:`casframe.store.Store`.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -26,18 +28,19 @@ from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 impor
     Digest as DigestProto,
 )
 from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
-from casframe.digest import CHUNK_SIZE, Digest
+from casframe.digest import Digest
 from casframe.errors import (
     CasframeError,
     CorruptBlobError,
     InvalidNameError,
     UnsafeTreeError,
-    UnsupportedFileTypeError,
 )
 from casframe.names import entry_names_are_safe, split_tree_path, validate_entry_name
 from casframe.progress import NO_PROGRESS, Progress
 from casframe.statcache import StatCache, default_directory, open_stat_cache
 from casframe.treesize import TreeLimits, TreeSize, measure_tree, node_digests
+from casframe.workers.pool import IMPORT_THRESHOLD_FILES, Runner, open_runner
+from casframe.workers.tasks import Stored, import_files, unsupported
 
 if TYPE_CHECKING:
     from casframe.store import Store
@@ -59,15 +62,8 @@ __all__ = [
     "walk",
 ]
 
-# Files up to this size are read whole and written in batches; larger ones are streamed in
-# CHUNK_SIZE pieces so memory stays bounded whatever the file sizes.
-_SMALL_FILE = CHUNK_SIZE
-# Bytes of small files one worker holds at once (times the worker count: the memory budget).
-_BATCH_BYTES = 8 << 20
-# Files per worker task: large enough to amortise scheduling, small enough to spread the work.
+# Files per task: large enough to amortise scheduling, small enough to spread the work.
 _BATCH_FILES = 256
-# Never follow a symlink put in place of a file; never block opening a fifo put there.
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 EntryKind = Literal["file", "directory", "symlink"]
 
@@ -308,94 +304,111 @@ def _symlink_entry(name: bytes, target: bytes) -> bytes:
     return _length_delimited(b"\x1a", body)
 
 
-def _special_kind(mode: int) -> str:
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISFIFO(mode):
-        return "fifo"
-    if stat.S_ISCHR(mode):
-        return "character device"
-    if stat.S_ISBLK(mode):
-        return "block device"
-    return "special file"
-
-
-def _unsupported(path: str, mode: int) -> UnsupportedFileTypeError:
-    return UnsupportedFileTypeError(
-        f"cannot store {path}: it is a {_special_kind(mode)}; "
-        "only regular files, directories and symlinks can be stored"
-    )
-
-
-def _open_regular(path: str) -> tuple[int, os.stat_result]:
-    """Open a regular file without following a symlink or blocking on a fifo; fstat it.
-
-    What is recorded (mode, size, time stamps) is then what was opened, even if the path is
-    replaced meanwhile.
-    """
-    fd = os.open(path, _OPEN_FLAGS)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _unsupported(path, st.st_mode)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, st
-
-
-def _read_small(fd: int, size: int) -> bytes:
-    """The whole content of a small file whose ``fstat`` said ``size`` bytes."""
-    data = os.read(fd, size + 1)
-    if len(data) > size:  # grew since fstat: store what is read to the end
-        parts = [data]
-        while chunk := os.read(fd, CHUNK_SIZE):
-            parts.append(chunk)
-        data = b"".join(parts)
-    return data
-
-
 class _Importer:
-    """One import's work on files: read, hash and store them, or take them from the stat cache.
+    """One import's work on files: stored by a runner's tasks, or taken from the stat cache.
 
     The scanning thread looks each file up in the stat cache and checks the remembered
-    digests with the store in groups (which freshens them: a reused old blob must not look
-    like garbage to prune). The pool's workers read, hash and store the other files. Small
-    files are read whole and stored in groups after one existence check per group; large ones
-    are streamed one by one. A worker that meets a large file first hands the rest of its
-    batch to the pool, so that a few large files listed together still spread over the workers.
+    digests with the store in groups (which freshens them). The other files go in batches to
+    :func:`import_files`, on a runner chosen once the scan has found enough files to read:
+    helper processes when there are at least ``threshold`` (and ``jobs`` > 1), the threads of
+    this process otherwise (:func:`casframe.workers.pool.open_runner`). Batches found before
+    the choice are held until it is made.
 
     The split is about the GIL: a file found in the cache costs three quick system calls
     (lstat, then utime and stat of its object), and two threads doing such work hand the GIL
     back and forth at every call, which costs more than the calls (a re-import of 20,000
-    files took 1.0 s on two threads and 0.6 s on one). Reading and writing files takes long
-    enough in the kernel for two workers to gain.
+    files took 1.0 s on two threads and 0.6 s on one).
     """
 
     def __init__(
-        self, store: Store, pool: ThreadPoolExecutor, cache: StatCache | None, progress: Progress
+        self, store: Store, cache: StatCache | None, progress: Progress, jobs: int,
+        threshold: int,
     ) -> None:
         self.store = store
-        self.pool = pool
         self.cache = cache
         self.progress = progress
-        self.futures: list[Future[None]] = []
+        self.jobs = jobs
+        self.threshold = threshold
+        self.runner: Runner | None = None
+        self.held: list[list[_Job]] = []
+        self.held_files = 0
+        self.outstanding = 0
+        self.error: BaseException | None = None
+        self.changed = threading.Condition()
         #: Files whose digests came from the cache, to check with the store as a group.
         self.remembered: list[tuple[_ScannedDir, int, str, Digest]] = []
 
     def submit(self, batch: list[_Job]) -> None:
-        self.futures.append(self.pool.submit(self.import_files, batch))
+        if self.runner is None:
+            self.held.append(batch)
+            self.held_files += len(batch)
+            if self.held_files >= self.threshold:
+                self.start_runner()
+            return
+        with self.changed:
+            self.outstanding += 1
+        try:
+            future = self.runner.submit(import_files, [path for _, _, path in batch])
+        except BaseException:
+            self.done()
+            raise
+        future.add_done_callback(functools.partial(self.collect, batch))
+
+    def start_runner(self) -> None:
+        """Choose the runner (at the threshold, or when the scan ends) and hand it what is
+        held."""
+        if self.runner is not None:
+            return
+        self.runner = open_runner(self.store, self.jobs, self.held_files, self.threshold)
+        held, self.held = self.held, []
+        for batch in held:
+            self.submit(batch)
+
+    def collect(self, batch: list[_Job], future: Future[tuple[list[Stored], bool]]) -> None:
+        """Take a task's results (on the thread that ran or fed it); hand on what it left."""
+        try:
+            if future.cancelled():
+                return
+            stored, large_next = future.result()
+            record = self.cache.record if self.cache is not None else None
+            for (scanned, index, _), (hash_, size, executable, st) in zip(
+                batch, stored, strict=False
+            ):
+                scanned.entries[index] = _file_entry(
+                    scanned.files[index], Digest._trusted(hash_, size), executable
+                )
+                if record is not None and size == st.st_size:
+                    record(st, hash_)
+            self.progress.advance(len(stored))
+            rest = batch[len(stored) :]
+            if large_next and len(rest) > 1:
+                self.submit(rest[:1])
+                rest = rest[1:]
+            if rest:
+                self.submit(rest)
+        except BaseException as exc:  # noqa: BLE001 - raised by wait() in the caller
+            with self.changed:
+                if self.error is None:
+                    self.error = exc
+        finally:
+            self.done()
+
+    def done(self) -> None:
+        with self.changed:
+            self.outstanding -= 1
+            self.changed.notify_all()
 
     def wait(self) -> None:
-        """Wait for every batch, including those workers split off while this waits.
+        """Wait for every batch, including those handed on by tasks; raise the first error."""
+        with self.changed:
+            while self.outstanding and self.error is None:
+                self.changed.wait()
+            if self.error is not None:
+                raise self.error
 
-        A split-off batch is added to the list before the task that split it ends, so once
-        the last listed task has ended, there is no other.
-        """
-        index = 0
-        while index < len(self.futures):
-            self.futures[index].result()
-            index += 1
+    def shutdown(self, *, cancel: bool) -> None:
+        if self.runner is not None:
+            self.runner.shutdown(cancel=cancel)
 
     def remember(self, scanned: _ScannedDir, index: int, path: str, st: os.stat_result) -> bool:
         """Take the file's digest from the cache if it has one (scanning thread only)."""
@@ -418,7 +431,7 @@ class _Importer:
         """Ask the store about remembered digests; read again the files whose blob is gone.
 
         The cache knows such a file but the store no longer has its blob (pruned since, or
-        another store): a worker reads it again and stores what it holds now.
+        another store): a task reads it again and stores what it holds now.
         """
         remembered, self.remembered = self.remembered, []
         missing = self.store.find_missing((r[3] for r in remembered), freshen=True)
@@ -426,54 +439,6 @@ class _Importer:
         self.progress.advance(len(remembered) - len(again))  # the others count when stored
         if again:
             self.submit(again)
-
-    def import_files(self, batch: list[_Job]) -> None:
-        store, cache = self.store, self.cache
-        record = cache.record if cache is not None else None
-        pending: list[tuple[Digest, bytes]] = []  # read, to be stored unless present
-        pending_bytes = 0
-        position, end = 0, len(batch)
-        while position < end:
-            scanned, index, path = batch[position]
-            position += 1
-            fd, st = _open_regular(path)
-            try:
-                if st.st_size > _SMALL_FILE:
-                    if position < end:
-                        self.submit(batch[position:end])
-                        end = position
-                    digest = store.put_open_file(fd)
-                else:
-                    data = _read_small(fd, st.st_size)
-                    digest = Digest.of_bytes(data)
-                    if digest.size:
-                        pending.append((digest, data))
-                        pending_bytes += digest.size
-            finally:
-                os.close(fd)
-            if record is not None and digest.size == st.st_size:
-                record(st, digest.hash)
-            scanned.entries[index] = _file_entry(
-                scanned.files[index], digest, bool(st.st_mode & stat.S_IXUSR)
-            )
-            if pending_bytes >= _BATCH_BYTES:
-                self.store_group(pending)
-                pending, pending_bytes = [], 0
-        if pending:
-            self.store_group(pending)
-        self.progress.advance(end)
-
-    def store_group(self, pending: list[tuple[Digest, bytes]]) -> None:
-        store = self.store
-        missing = store.find_missing((d for d, _ in pending), freshen=True)
-        if not missing:
-            return
-        writes = []
-        for digest, data in pending:
-            if digest in missing:
-                writes.append((digest, data))
-                missing.discard(digest)  # a duplicate inside the group is written once
-        store.blobs.write_blobs(writes)
 
 
 def _open_cache(
@@ -493,12 +458,15 @@ def import_directory(
     *,
     progress: Progress | None = None,
     stat_cache: bool | str | os.PathLike[str] = True,
+    jobs: int | None = None,
 ) -> Digest:
     """Store the directory ``path`` (recursively) and return its root Directory digest.
 
     With ``stat_cache`` (the default; a path names the folder for the cache files), files
     unchanged since the previous import of ``path`` are not read again: their digests come
     from :mod:`casframe.statcache`, and the store is still asked for every one of them.
+    ``jobs`` (default: the store's) is how many helper processes read and store files when
+    there are enough of them to pay (see :mod:`casframe.workers.pool`).
     """
     progress = progress or NO_PROGRESS
     root = os.path.abspath(os.fspath(path))
@@ -507,58 +475,61 @@ def import_directory(
     cache = _open_cache(root, stat_cache, time.time_ns())
     progress.start("import", None)
 
-    # Scan (file types come from readdir, no stat) while workers hash and store what was
-    # found so far, in batches bounded in count; each worker bounds its bytes in memory.
+    # Scan (file types come from readdir, no stat) while tasks hash and store what was found
+    # so far, in batches bounded in count; each task bounds its bytes in memory.
     scanned: list[_ScannedDir] = []
-    with store.executor() as pool:
-        importer = _Importer(store, pool, cache, progress)
-        # Without a previous import to consult (a first one), no lstat of each file.
-        use_cache = cache is not None and bool(cache.known)
-        try:
-            batch: list[_Job] = []
-            stack = [""]
-            while stack:
-                rel = stack.pop()
-                current = _ScannedDir(rel)
-                scanned.append(current)
-                files, entries_of_files = current.files, current.entries
-                with os.scandir(os.path.join(root, rel) if rel else root) as entries:
-                    for entry in entries:
-                        name = _utf8(entry.name, entry.path)
-                        if entry.is_symlink():
-                            target = os.readlink(entry.path)
-                            current.symlinks.append(
-                                (name, _utf8(target, entry.path, "symlink target"))
-                            )
-                        elif entry.is_dir(follow_symlinks=False):
-                            current.subdirs.append(entry.name)
-                            stack.append(f"{rel}/{entry.name}" if rel else entry.name)
-                        elif entry.is_file(follow_symlinks=False):
-                            index = len(files)
-                            files.append(name)
-                            entries_of_files.append(None)
-                            if use_cache:
-                                st = entry.stat(follow_symlinks=False)
-                                if stat.S_ISREG(st.st_mode) and importer.remember(
-                                    current, index, entry.path, st
-                                ):
-                                    continue
-                            batch.append((current, index, entry.path))
-                            if len(batch) >= _BATCH_FILES:
-                                importer.submit(batch)
-                                batch = []
-                        else:
-                            raise _unsupported(
-                                entry.path, entry.stat(follow_symlinks=False).st_mode
-                            )
-                _refuse_backslashes(root, current)
-            if batch:
-                importer.submit(batch)
-            importer.check_remembered()
-            importer.wait()
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
+    importer = _Importer(
+        store, cache, progress, store.jobs if jobs is None else jobs, IMPORT_THRESHOLD_FILES
+    )
+    # Without a previous import to consult (a first one), no lstat of each file.
+    use_cache = cache is not None and bool(cache.known)
+    try:
+        batch: list[_Job] = []
+        stack = [""]
+        while stack:
+            rel = stack.pop()
+            current = _ScannedDir(rel)
+            scanned.append(current)
+            files, entries_of_files = current.files, current.entries
+            with os.scandir(os.path.join(root, rel) if rel else root) as entries:
+                for entry in entries:
+                    name = _utf8(entry.name, entry.path)
+                    if entry.is_symlink():
+                        target = os.readlink(entry.path)
+                        current.symlinks.append(
+                            (name, _utf8(target, entry.path, "symlink target"))
+                        )
+                    elif entry.is_dir(follow_symlinks=False):
+                        current.subdirs.append(entry.name)
+                        stack.append(f"{rel}/{entry.name}" if rel else entry.name)
+                    elif entry.is_file(follow_symlinks=False):
+                        index = len(files)
+                        files.append(name)
+                        entries_of_files.append(None)
+                        if use_cache:
+                            st = entry.stat(follow_symlinks=False)
+                            if stat.S_ISREG(st.st_mode) and importer.remember(
+                                current, index, entry.path, st
+                            ):
+                                continue
+                        batch.append((current, index, entry.path))
+                        if len(batch) >= _BATCH_FILES:
+                            importer.submit(batch)
+                            batch = []
+                    else:
+                        raise unsupported(
+                            entry.path, entry.stat(follow_symlinks=False).st_mode
+                        )
+            _refuse_backslashes(root, current)
+        if batch:
+            importer.submit(batch)
+        importer.check_remembered()
+        importer.start_runner()
+        importer.wait()
+    except BaseException:
+        importer.shutdown(cancel=True)
+        raise
+    importer.shutdown(cancel=False)
 
     # Build Directory messages bottom-up: children were listed after their parents.
     digests_of_dirs: dict[str, Digest] = {}

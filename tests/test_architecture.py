@@ -35,6 +35,8 @@ KNOWN_UPWARD = {
     ("casframe.transfer", "casframe.store"): "the same",
     ("casframe.tree", "casframe.store"): "the same",
     ("casframe.treediff", "casframe.store"): "the same",
+    ("casframe.workers.pool", "casframe.store"): "the same",
+    ("casframe.workers.tasks", "casframe.store"): "the same",
 }
 
 #: The backend packages shipped in plugins/: the core reaches them only through the registry.

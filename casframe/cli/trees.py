@@ -26,6 +26,16 @@ if TYPE_CHECKING:
 __all__ = ["import_command", "checkout_command", "diff_command", "ls_command", "cat_command"]
 
 
+_jobs_option = click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Processes for a large tree in a file:// store (default: the store's jobs option, "
+    "else one per core).",
+)
+
+
 @click.command("import")
 @click.argument("directory", type=click.Path(path_type=str))
 @click.option("--ref", "ref_name", metavar="NAME", help="Also point this ref at the tree.")
@@ -34,10 +44,12 @@ __all__ = ["import_command", "checkout_command", "diff_command", "ls_command", "
     is_flag=True,
     help="Read and hash every file, even those unchanged since DIRECTORY was last imported.",
 )
+@_jobs_option
 @json_option
 @pass_app
 def import_command(
-    app: App, directory: str, ref_name: str | None, no_stat_cache: bool, as_json: bool
+    app: App, directory: str, ref_name: str | None, no_stat_cache: bool, jobs: int | None,
+    as_json: bool,
 ) -> None:
     """Store a directory as a tree.
 
@@ -54,7 +66,7 @@ def import_command(
     store = app.store()
     with app.progress(as_json) as progress:
         root = store.import_directory(
-            directory, progress=progress, stat_cache=not no_stat_cache
+            directory, progress=progress, stat_cache=not no_stat_cache, jobs=jobs
         )
     if ref_name is not None:
         # The import stored every blob, children before parents: the tree is complete.
@@ -85,10 +97,11 @@ _max_tree_entries_option = click.option(
     callback=parse_with(positive_size),
     help="Refuse a tree whose files add up to more (default: the store's, 1T).",
 )
+@_jobs_option
 @pass_app
 def checkout_command(
     app: App, tree: str, dest: str, copy: bool, link: bool,
-    max_tree_entries: int | None, max_tree_bytes: int | None,
+    max_tree_entries: int | None, max_tree_bytes: int | None, jobs: int | None,
 ) -> None:
     """Write a tree into a directory.
 
@@ -102,7 +115,7 @@ def checkout_command(
     with app.progress() as progress:
         app.store(create=False).checkout(
             tree, dest, link=mode, progress=progress,
-            max_tree_entries=max_tree_entries, max_tree_bytes=max_tree_bytes,
+            max_tree_entries=max_tree_entries, max_tree_bytes=max_tree_bytes, jobs=jobs,
         )
 
 

@@ -12,7 +12,7 @@ import stat
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import BinaryIO
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from casframe import (
     EMPTY_DIGEST,
@@ -179,6 +179,10 @@ class LocalBlobStore(BlobStore):
 
     def describe(self) -> str:
         return f"file://{self.root}"
+
+    def worker_spec(self) -> tuple[str, str]:
+        url = f"file://{quote(os.fsencode(self.root))}"
+        return "casframe_local.store:open_local_store", url + ("?fsync=true" if self.fsync else "")
 
     def object_path(self, digest: Digest) -> str:
         return os.path.join(self.root, layout.object_key(digest))

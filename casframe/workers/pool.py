@@ -1,0 +1,286 @@
+"""Where batches of local work run: on threads of this process, or in helper processes.
+
+Import and checkout cut their work into batches (a few hundred files each) and hand them to a
+*runner*: ``runner.submit(task, payload)`` returns a future of ``task(store, payload)``.
+
+- :class:`ThreadRunner` runs the task on a thread pool of this process: small trees, stores
+  that cannot be opened by another process, ``jobs=1``.
+- :class:`WorkerPool` runs it in helper processes, the way git's parallel checkout feeds its
+  ``checkout--worker`` helpers: each is casframe's own small program
+  (``python -m casframe.workers.worker``), started by the running interpreter, which opens
+  the same store and answers batch after batch over its pipes (:mod:`.protocol`). One thread
+  of this process feeds each helper. A Python thread doing per-file system calls hands the
+  interpreter lock over at every call, so threads cannot use a second core for small files;
+  processes can.
+
+What this module must never do: fork the calling process (it may run threads, such as a gRPC
+server's), depend on :mod:`multiprocessing` (whose start methods import the caller's main
+module again), or leave a helper running after the runner is shut down or its parent died.
+A helper notices its parent's death by its closed pipe, and on Linux also by the
+``PR_SET_PDEATHSIG`` signal it asks for; it ignores SIGINT, so Ctrl-C reaches the parent alone,
+which then stops every helper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
+
+from casframe.errors import WorkerError
+from casframe.workers.protocol import read_message, rebuild_error, write_message
+from casframe.workers.settings import CHECKOUT_THRESHOLD_FILES, IMPORT_THRESHOLD_FILES
+
+if TYPE_CHECKING:
+    from casframe.store import Store
+
+__all__ = [
+    "CHECKOUT_THRESHOLD_FILES",
+    "IMPORT_THRESHOLD_FILES",
+    "Runner",
+    "ThreadRunner",
+    "WorkerPool",
+    "open_runner",
+]
+
+_P = TypeVar("_P")
+_R = TypeVar("_R")
+
+
+class Runner(Protocol):
+    def submit(self, task: Callable[[Store, _P], _R], payload: _P) -> Future[_R]: ...
+
+    def shutdown(self, *, cancel: bool) -> None: ...
+
+
+class ThreadRunner:
+    """Runs tasks on ``threads`` threads of this process, over this process's ``store``."""
+
+    def __init__(self, store: Store, threads: int) -> None:
+        self._store = store
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads))
+
+    def submit(self, task: Callable[[Store, _P], _R], payload: _P) -> Future[_R]:
+        return self._pool.submit(task, self._store, payload)
+
+    def shutdown(self, *, cancel: bool) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+def _spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start one helper (a separate function, so tests can watch helpers being started).
+
+    In a process group of its own: Ctrl-C in a terminal signals the foreground group, and
+    only the parent must get it (it then stops its helpers), even while a helper is still
+    starting and has not yet set SIGINT aside.
+    """
+    return subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+        process_group=0,
+    )
+
+
+def _import_roots(*modules: str) -> list[str]:
+    """The sys.path folders the given modules were found in, so a helper finds them too."""
+    roots: list[str] = []
+    for module in modules:
+        spec = importlib.util.find_spec(module.split(".")[0])
+        if spec is None or spec.origin is None:
+            continue
+        origin = spec.origin
+        package_dir = os.path.dirname(origin)
+        root = os.path.dirname(package_dir) if origin.endswith("__init__.py") else package_dir
+        if root not in roots:
+            roots.append(root)
+    return roots
+
+
+# Seconds to wait for a helper to exit after its pipe is closed, before it is killed.
+_EXIT_GRACE_S = 5.0
+
+_Item = tuple[str, Any, Future[Any]]
+
+
+class _Helper:
+    """One helper process and the thread of this process that feeds it, one batch at a time."""
+
+    def __init__(self, pool: WorkerPool, argv: list[str], env: dict[str, str]) -> None:
+        self.pool = pool
+        self.process = _spawn(argv, env)
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.requests: IO[bytes] = self.process.stdin
+        self.replies: IO[bytes] = self.process.stdout
+        self.greeted = False
+        self.thread = threading.Thread(
+            target=self.feed, name=f"casframe-helper-{self.process.pid}", daemon=True
+        )
+        self.thread.start()
+
+    def feed(self) -> None:
+        dead: WorkerError | None = None
+        while True:
+            item = self.pool.queue.get()
+            if item is None:
+                return
+            name, payload, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            if dead is not None:
+                # Fail the batches this thread takes from now on, so that no caller waits
+                # for work nobody does; the caller stops the others.
+                future.set_exception(dead)
+                continue
+            try:
+                if not self.greeted:
+                    self.answer()  # the helper's greeting: its store opened, or why not
+                    self.greeted = True
+                self.ask(name, payload)
+                result = self.answer()
+            except BaseException as exc:  # noqa: BLE001 - handed to the future's owner
+                if isinstance(exc, WorkerError):
+                    dead = exc
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def ask(self, name: str, payload: Any) -> None:
+        try:
+            write_message(self.requests, (name, payload))
+        except (OSError, ValueError):  # a broken pipe, or closed by shutdown: the helper is gone
+            raise self.death() from None
+
+    def answer(self) -> Any:
+        try:
+            ok, value = read_message(self.replies)
+        except (EOFError, OSError):
+            raise self.death() from None
+        if not ok:
+            raise rebuild_error(value)
+        return value
+
+    def death(self) -> WorkerError:
+        try:
+            code = self.process.wait(timeout=_EXIT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            code = None
+        how = (
+            "stopped answering" if code is None
+            else f"was killed by signal {-code}" if code < 0
+            else f"exited with status {code}"
+        )
+        return WorkerError(f"helper process {self.process.pid} {how} in the middle of its work")
+
+    def stop(self, *, kill: bool) -> None:
+        with contextlib.suppress(OSError):
+            self.requests.close()  # end of work: the helper exits when it reads this
+        if kill:
+            with contextlib.suppress(OSError):
+                self.process.kill()
+        try:
+            self.process.wait(timeout=_EXIT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        with contextlib.suppress(OSError):
+            self.replies.close()
+
+
+def _block_sigint() -> set[int | signal.Signals] | None:
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def _restore_signals(masked: set[int | signal.Signals] | None) -> None:
+    if masked is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, masked)
+
+
+class WorkerPool:
+    """``jobs`` helper processes, each with the store ``factory(url)`` opens (see
+    :meth:`casframe.spi.BlobStore.worker_spec`).
+
+    The helpers start at the first :meth:`submit`, not when the pool is made: by then the
+    caller holds the pool, so that whatever interrupts it from then on (Ctrl-C included) finds
+    a pool to shut down.
+    """
+
+    def __init__(self, factory: str, url: str, jobs: int) -> None:
+        self.queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self.jobs = jobs
+        self.argv = [
+            sys.executable, "-P", "-m", "casframe.workers.worker", factory, url, str(os.getpid())
+        ]
+        self.env = dict(os.environ)
+        roots = _import_roots("casframe", factory.partition(":")[0])
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            [*roots, *filter(None, [self.env.get("PYTHONPATH")])]
+        )
+        self.helpers: list[_Helper] = []
+        self.started = False
+
+    def _start(self) -> None:
+        self.started = True
+        # SIGINT (Ctrl-C) waits until every helper started is listed here: a KeyboardInterrupt
+        # between a helper's start and its listing would leave it unknown to shutdown().
+        # Threads started meanwhile (the feeders) keep it blocked, so it reaches this one, as
+        # soon as the mask is lifted: the helpers are then listed, and the caller that gets
+        # the KeyboardInterrupt from submit() shuts them down.
+        masked = _block_sigint()
+        try:
+            for _ in range(self.jobs):
+                self.helpers.append(_Helper(self, self.argv, self.env))
+        finally:
+            _restore_signals(masked)
+
+    @property
+    def pids(self) -> list[int]:
+        return [helper.process.pid for helper in self.helpers]
+
+    def submit(self, task: Callable[[Store, _P], _R], payload: _P) -> Future[_R]:
+        future: Future[_R] = Future()
+        self.queue.put((f"{task.__module__}:{task.__qualname__}", payload, future))
+        if not self.started:  # the first call: from the caller's thread, before any feeder
+            self._start()
+        return future
+
+    def shutdown(self, *, cancel: bool) -> None:
+        """Stop every helper: after the queued work (``cancel=False``) or at once.
+
+        Killing a helper in the middle of a write leaves nothing visible: a store object is
+        published only once complete (``file://`` writes to an unnamed temp file and links it
+        into place).
+        """
+        if cancel:
+            while True:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[2].cancel()
+        for _ in self.helpers:
+            self.queue.put(None)
+        for helper in self.helpers:
+            if not cancel:
+                helper.thread.join()
+            helper.stop(kill=cancel)
+        for helper in self.helpers:
+            helper.thread.join()
+
+
+def open_runner(store: Store, jobs: int, files: int, threshold: int) -> Runner:
+    """Helper processes for ``files`` files of work when they pay and the store can be opened
+    by them; threads of this process otherwise."""
+    spec = store.blobs.worker_spec()
+    if jobs > 1 and files >= threshold and spec is not None:
+        return WorkerPool(*spec, jobs=jobs)
+    return ThreadRunner(store, min(jobs, max(1, store.blobs.limits.max_concurrency)))
