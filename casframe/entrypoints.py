@@ -64,11 +64,15 @@ class EntryPointRecord:
 
 
 def cache_path() -> str | None:
-    """The file remembering this interpreter's entry points (``None``: the cache is off)."""
+    """The file remembering the entry points of this interpreter with this import path
+    (``None``: the cache is off)."""
     folder = cache_folder(ENTRY_POINT_CACHE_ENV, "entry-points")
     if folder is None:
         return None
-    interpreter = hashlib.sha256(f"{sys.executable}\0{sys.prefix}".encode()).hexdigest()[:16]
+    # One file per interpreter and import path: a command run from another folder (whose
+    # import path starts with that folder) keeps its own answer instead of replacing this one.
+    where = "\0".join((sys.executable, sys.prefix, *sys.path))
+    interpreter = hashlib.sha256(where.encode()).hexdigest()[:16]
     return os.path.join(folder, f"{interpreter}-{sys.implementation.cache_tag}-{_FORMAT}")
 
 
