@@ -8,7 +8,7 @@ never the expanded tree, however often a subtree repeats. Entries are only creat
 directories this checkout created, never through a symlink, so a hostile tree cannot write
 outside the destination. A failure removes what was written (the destination itself when the
 checkout created it) and names the entry by its path in the tree. This module talks to storage
-only through :class:`casframe.store.Store`.
+only through :class:`casframe.blobs.VerifiedBlobs`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
-from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
+from casframe.blobs import VerifiedBlobs
 from casframe.digest import CHUNK_SIZE, Digest
 from casframe.errors import CheckoutError, UnsupportedOperationError
 from casframe.progress import NO_PROGRESS, Progress
@@ -31,7 +31,7 @@ from casframe.tree import load_tree, node_digest, node_digests
 from casframe.treesize import TreeLimits
 
 if TYPE_CHECKING:
-    from casframe.store import Store
+    from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
 
 __all__ = ["checkout"]
 
@@ -55,7 +55,7 @@ _T = TypeVar("_T")
 
 
 def checkout(
-    store: Store,
+    blobs: VerifiedBlobs,
     root: Digest,
     dest: str | os.PathLike[str],
     *,
@@ -72,20 +72,20 @@ def checkout(
     """
     progress = progress or NO_PROGRESS
     dest = os.path.abspath(os.fspath(dest))
-    can_link = store.has(Capability.LOCAL_PATH)
+    can_link = blobs.has(Capability.LOCAL_PATH)
     if link and not can_link:
         raise UnsupportedOperationError(
-            f"{store.url} has no local files to hardlink; check out with copies instead"
+            f"{blobs.url} has no local files to hardlink; check out with copies instead"
         )
     directories, sizes = load_tree(
-        store, root, limits or TreeLimits(), f"tree {root}", content=True
+        blobs, root, limits or TreeLimits(), f"tree {root}", content=True
     )
     progress.start("checkout", sizes[root].files)
     created = _prepare_destination(dest)
     try:
-        with store.executor() as pool:
+        with blobs.executor() as pool:
             writer = _FileWriter(
-                store, pool, dest,
+                blobs, pool, dest,
                 use_links=can_link if link is None else link, strict=bool(link), progress=progress,
             )
             try:
@@ -175,7 +175,7 @@ class _FileWriter:
 
     def __init__(
         self,
-        store: Store,
+        blobs: VerifiedBlobs,
         pool: ThreadPoolExecutor,
         dest: str,
         *,
@@ -183,13 +183,13 @@ class _FileWriter:
         strict: bool,
         progress: Progress,
     ) -> None:
-        self.store = store
+        self.blobs = blobs
         self.pool = pool
         self.dest = dest
         self.use_links = use_links
         self.strict = strict
         self.progress = progress
-        self.max_pending = 2 * max(1, store.blobs.max_concurrency) + 2
+        self.max_pending = 2 * max(1, blobs.backend.max_concurrency) + 2
         self.pending: deque[Future[list[_Copy]]] = deque()
         self.links: _LinkTask = []
         self.link_count = 0
@@ -245,7 +245,7 @@ class _FileWriter:
 
     def _link_task(self, task: _LinkTask) -> list[_Copy]:
         """Hardlink files into their (new, empty) directories; return those to copy instead."""
-        blobs = self.store.blobs
+        blobs = self.blobs.backend
         for position, (path, links) in enumerate(task):
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -271,12 +271,14 @@ class _FileWriter:
 
     def _copy_task(self, batch: list[_Copy]) -> list[_Copy]:
         for path, digest, executable in batch:
-            _write_copy(self.store, self.dest, path, digest, executable)
+            _write_copy(self.blobs, self.dest, path, digest, executable)
             self.progress.advance(1)
         return []
 
 
-def _write_copy(store: Store, dest: str, path: str, digest: Digest, executable: bool) -> None:
+def _write_copy(
+    blobs: VerifiedBlobs, dest: str, path: str, digest: Digest, executable: bool
+) -> None:
     mode = 0o755 if executable else 0o644
     try:
         fd = os.open(
@@ -287,9 +289,9 @@ def _write_copy(store: Store, dest: str, path: str, digest: Digest, executable: 
     try:
         with os.fdopen(fd, "wb", buffering=0, closefd=False) as out:
             if digest.size <= _SMALL_FILE:
-                _write_out(dest, path, out.write, store.read_bytes(digest))
+                _write_out(dest, path, out.write, blobs.read_bytes(digest))
             else:
-                with store.open_read(digest) as stream:
+                with blobs.open_read(digest) as stream:
                     buf = bytearray(CHUNK_SIZE)
                     view = memoryview(buf)
                     while n := stream.readinto(view):  # type: ignore[attr-defined]

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from casframe.errors import ConfigError
+from casframe.plugins import open_store
 
 if TYPE_CHECKING:
     from casframe.store import Store
@@ -264,8 +265,6 @@ def open_configured_store(
 
     ``create`` as in :func:`casframe.open_store`.
     """
-    from casframe.plugins import open_store
-
     config = config or load_config()
     url, options = config.resolve_store(name_or_url)
     token = _opening_config.set(config)

@@ -1,6 +1,6 @@
 """The import's stat cache: unchanged files are not read again, and nothing else is trusted.
 
-A file counts as read when the import opens it (``casframe.tree._open_regular``); the tests
+A file counts as read when the import opens it (``casframe.treeimport._open_regular``); the tests
 count those opens. Each test keeps its cache files in its own folder.
 """
 
@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 import casframe.statcache
-import casframe.tree
+import casframe.treeimport
 from casframe import Digest, Store
 from casframe.statcache import StatCache, open_stat_cache
 from casframe.testing import TREE_FILES, write_tree
@@ -34,13 +34,13 @@ def cache_dir(tmp_path: Path) -> Path:
 def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Paths the import opens to read, in any order; cleared by the test as it goes."""
     paths: list[str] = []
-    original = casframe.tree._open_regular
+    original = casframe.treeimport._open_regular
 
     def counting(path: str) -> tuple[int, os.stat_result]:
         paths.append(path)
         return original(path)
 
-    monkeypatch.setattr(casframe.tree, "_open_regular", counting)
+    monkeypatch.setattr(casframe.treeimport, "_open_regular", counting)
     return paths
 
 
@@ -95,7 +95,7 @@ def test_unchanged_files_are_not_read_again(
     with casframe.open_store(f"file://{tmp_path / 'other'}") as other:
         assert other.import_directory(root, stat_cache=cache_dir) == first
         assert rel_paths(root, opened) == STORED_FILES
-        assert missing_in_tree(other, first) == set()
+        assert missing_in_tree(other.verified, first) == set()
 
 
 def _same_size_new_content(path: Path) -> None:
@@ -156,7 +156,7 @@ def test_a_racy_file_is_not_remembered(
     fresh.write_bytes(b"written just before the import")
     # ...and the imports start at once, by the import's clock, however slow this machine is.
     now = fresh.stat().st_ctime_ns + 1
-    monkeypatch.setattr(casframe.tree, "time", SimpleNamespace(time_ns=lambda: now))
+    monkeypatch.setattr(casframe.treeimport, "time", SimpleNamespace(time_ns=lambda: now))
     local_store.import_directory(root, stat_cache=cache_dir)
     opened.clear()
     local_store.import_directory(root, stat_cache=cache_dir)
@@ -177,7 +177,7 @@ def test_the_real_window_covers_files_written_just_before(
     # By the import's clock, the imports start 1.9 s after the first file was written.
     oldest = min(p.lstat().st_ctime_ns for p in root.rglob("*"))
     clock = SimpleNamespace(time_ns=lambda: oldest + 1_900_000_000)
-    monkeypatch.setattr(casframe.tree, "time", clock)
+    monkeypatch.setattr(casframe.treeimport, "time", clock)
     local_store.import_directory(root, stat_cache=cache_dir)
     opened.clear()
     local_store.import_directory(root, stat_cache=cache_dir)
@@ -229,11 +229,11 @@ def test_a_remembered_digest_missing_from_the_store_is_stored_again(
     small = Digest.of_bytes(TREE_FILES["src/pkg/module.py"])
     large = Digest.of_file(root / "big/large.bin")
     local_store.blobs.delete_blobs([small, large])  # as a prune would
-    assert missing_in_tree(local_store, tree) == {small, large}
+    assert missing_in_tree(local_store.verified, tree) == {small, large}
     opened.clear()
     assert local_store.import_directory(root, stat_cache=cache_dir) == tree
     assert rel_paths(root, opened) == ["big/large.bin", "src/pkg/module.py"]
-    assert missing_in_tree(local_store, tree) == set()
+    assert missing_in_tree(local_store.verified, tree) == set()
 
 
 def test_a_remembered_file_changed_while_its_blob_was_missing(
@@ -256,7 +256,7 @@ def test_a_remembered_file_changed_while_its_blob_was_missing(
     tree = local_store.import_directory(root, stat_cache=cache_dir)
     entry = {e.path: e for e in local_store.walk(tree)}["src/pkg/module.py"]
     assert entry.digest == Digest.of_file(module)
-    assert missing_in_tree(local_store, tree) == set()
+    assert missing_in_tree(local_store.verified, tree) == set()
 
 
 def test_the_cache_can_be_switched_off(

@@ -38,7 +38,7 @@ from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casframe._protos.build.bazel.semver import semver_pb2
 from casframe._protos.buildstream.v2 import buildstream_pb2, buildstream_pb2_grpc
-from casframe.actions import action_outputs, tree_files
+from casframe.actions import action_outputs
 from casframe.digest import Digest
 from casframe.errors import (
     BlobNotFoundError,
@@ -47,6 +47,7 @@ from casframe.errors import (
     InvalidDigestError,
     RefNotFoundError,
 )
+from casframe.refkinds import ASSET_REF_PREFIX, action_result_outputs, writable_ref_name
 from casframe.server.assets import lookup_asset, set_asset
 from casframe.server.errors import (
     OK_STATUS,
@@ -57,17 +58,16 @@ from casframe.server.errors import (
     status_proto,
 )
 from casframe.server.names import (
-    ASSET_REF_PREFIX,
     Instances,
     action_ref_name,
     asset_ref_name,
     check_digest_function,
     hashed_asset_ref_name,
-    writable_ref_name,
 )
 from casframe.server.pool import iterate_in_pool
 from casframe.server.settings import ServerSettings
 from casframe.store import Store
+from casframe.tree import missing_in_tree
 
 __all__ = [
     "ActionCacheService",
@@ -135,10 +135,8 @@ class _Base:
 
     def _set_tree_ref(self, names: Iterable[str], root: Digest, what: str) -> None:
         """Point refs at a tree after checking, once, that the whole tree is stored."""
-        from casframe.tree import missing_in_tree
-
         # Freshen while checking: prune's grace period then covers the tree from here on.
-        missing = missing_in_tree(self.store, root, freshen=True)
+        missing = missing_in_tree(self.store.verified, root, freshen=True)
         if missing:
             raise missing_blobs_error(
                 grpc.StatusCode.FAILED_PRECONDITION, f"{what}: tree {root} is incomplete", missing
@@ -269,11 +267,11 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
         failure = None
         if verified:
             try:
-                # Verified just above, blob by blob, so that a bad one fails alone: handed to
-                # the backend as Store.put_many would, without hashing everything twice. No
-                # existence check first: clients send what FindMissingBlobs reported missing,
-                # and storing a blob that is there already succeeds and freshens it.
-                self.store.blobs.write_blobs(list(verified.items()))
+                # Verified just above, blob by blob, so that a bad one fails alone: stored
+                # without hashing everything twice. No existence check first: clients send
+                # what FindMissingBlobs reported missing, and storing a blob that is there
+                # already succeeds and freshens it.
+                self.store.verified.write_hashed(verified.items())
             except Exception as exc:  # noqa: BLE001 - reported on each blob it concerns
                 failure = status_proto(exc, self.settings.store_url)
 
@@ -512,18 +510,15 @@ class ActionCacheService(_Base, re_grpc.ActionCacheServicer):
 
     def _missing_outputs(self, result: re_pb2.ActionResult) -> set[Digest]:
         """Every blob the result names that is not stored (outputs, trees, logs)."""
-        from casframe.tree import missing_in_tree
-
+        blobs = self.store.verified
         outputs = action_outputs(result)
-        missing = self.store.find_missing(outputs.blobs)
+        missing = blobs.find_missing(outputs.blobs)
         if missing:
             return missing
-        files: set[Digest] = set()
-        for tree_digest in outputs.trees:
-            files |= tree_files(tree_digest, self.store.read_bytes(tree_digest))
-        missing = self.store.find_missing(files)
-        for root in outputs.roots:
-            missing |= missing_in_tree(self.store, root)
+        named, roots = action_result_outputs(blobs, outputs)
+        missing = blobs.find_missing(named - outputs.blobs)
+        for root in roots:
+            missing |= missing_in_tree(blobs, root)
         return missing
 
     @rpc_method

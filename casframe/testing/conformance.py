@@ -70,7 +70,7 @@ from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 impor
     Tree,
 )
 from casframe.digest import CHUNK_SIZE
-from casframe.names import ACTION_RESULT_REF_PREFIX, BLOB_REF_PREFIX
+from casframe.refkinds import ACTION_RESULT_REF_PREFIX, BLOB_REF_PREFIX
 from casframe.testing import (
     LARGE_FILE_SIZE,
     TREE_EXECUTABLES,
@@ -84,7 +84,7 @@ from casframe.testing import (
     random_bytes,
     write_files,
 )
-from casframe.tree import missing_in_tree
+from casframe.tree import iter_tree, missing_in_tree
 
 __all__ = [
     "BlobConformance",
@@ -700,7 +700,7 @@ class RefConformance(ConformanceBase):
         with pytest.raises(RefNotFoundError, match="a/b"):
             store.delete_ref("a/b")
         # The tree itself stays: deleting a ref is not deleting content.
-        assert missing_in_tree(store, tree) == set()
+        assert missing_in_tree(store.verified, tree) == set()
         # Once "a/b" is gone, "a" is a free name.
         store.set_ref("a", tree)
         assert store.get_ref("a") == tree
@@ -915,7 +915,7 @@ class TreeConformance(ConformanceBase):
         first = store.import_directory(make_tree("one"))
         assert store.import_directory(tmp_path / "one") == first
         assert store.import_directory(make_tree("two")) == first, "the path is not content"
-        assert missing_in_tree(store, first) == set()
+        assert missing_in_tree(store.verified, first) == set()
         store.set_ref("tree", first)
 
     def test_import_stores_symlinks_as_they_are(self, store: Store, make_tree: MakeTree) -> None:
@@ -1078,9 +1078,7 @@ class TreeConformance(ConformanceBase):
 
 
 def _dirs(store: Store, tree: Digest) -> Iterator[tuple[Digest, bytes, Directory]]:
-    from casframe.tree import iter_tree
-
-    return iter_tree(store, tree)
+    return iter_tree(store.verified, tree)
 
 
 class TransferConformance(ConformanceBase):
@@ -1123,7 +1121,7 @@ class TransferConformance(ConformanceBase):
         root = store.import_directory(make_tree())
         result = store.push(second_store, root)
         assert result.ref is None and second_store.list_refs() == []
-        assert missing_in_tree(second_store, root) == set()
+        assert missing_in_tree(second_store.verified, root) == set()
         store.push(second_store, str(root), ref="by/digest")
         assert second_store.get_ref("by/digest") == root
 
@@ -1158,7 +1156,9 @@ class TransferConformance(ConformanceBase):
         present = needed - dest_store.find_missing(needed)
         assert len(present) == after
         for digest in present & directories:
-            assert missing_in_tree(dest_store, digest) == set(), "a Directory before its children"
+            assert missing_in_tree(dest_store.verified, digest) == set(), (
+                "a Directory before its children"
+            )
 
         result = source_store.push(dest_store, "project/main")
         assert result.blobs_sent == len(needed) - after, "rerun sends only what is missing"
@@ -1292,7 +1292,7 @@ class MaintenanceConformance(ConformanceBase):
         assert report.objects_reachable == len(reachable)
         assert report.objects_kept_young == 0
         assert report.refs_checked == 2 and not report.problems
-        assert not missing_in_tree(store, a) and not missing_in_tree(store, b)
+        assert not missing_in_tree(store.verified, a) and not missing_in_tree(store.verified, b)
         again = store.prune(grace_period=0)
         assert again.objects_freed == 0 and again.objects_scanned == len(reachable)
 
@@ -1332,7 +1332,7 @@ class MaintenanceConformance(ConformanceBase):
         self.wait_past_grace()
         store.set_ref("late", tree)
         store.blobs.delete_blobs(list(_closure(store, tree)), older_than=time.time() - self.grace)
-        assert not missing_in_tree(store, tree)
+        assert not missing_in_tree(store.verified, tree)
 
     def test_prune_dry_run_deletes_nothing_and_sizes_each_ref(
         self, store: Store, tmp_path: Path
@@ -1613,7 +1613,7 @@ class MaintenanceConformance(ConformanceBase):
         assert report.incomplete_refs == ["damaged"]
         assert store.find_missing([d["flip"], d["trunc"]]) == {d["flip"], d["trunc"]}
         assert not store.find_missing(healthy)  # the healthy ref is untouched
-        assert not missing_in_tree(store, d["other"])
+        assert not missing_in_tree(store.verified, d["other"])
 
         again = store.fsck()
         assert {(p.kind, p.digest) for p in again.problems} == {
