@@ -34,6 +34,7 @@ from casframe.tree import (
     list_directory,
     lookup_file,
     lookup_subdir,
+    missing_in_tree,
     walk,
 )
 from casframe.treediff import Change, TreeDiff, diff_trees, iter_diff
@@ -308,8 +309,6 @@ class Store:
         the new ref needs, even one that was stored long ago and unreferenced until now.
         """
         if check_complete:
-            from casframe.tree import missing_in_tree
-
             writable_ref_name(name)  # a tree: never under the server's own namespaces
             self._refuse_conflict(name)
             missing = missing_in_tree(self.verified, digest, freshen=True)

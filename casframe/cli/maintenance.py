@@ -20,6 +20,7 @@ from casframe.cli.helpers import (
     pass_app,
     positive_size,
 )
+from casframe.units import parse_duration
 
 if TYPE_CHECKING:
     pass
@@ -28,8 +29,6 @@ __all__ = ["du_command", "fsck_command", "gc_command", "prune_command"]
 
 
 def _duration(value: str) -> float:
-    from casframe.maintenance import parse_duration
-
     return parse_duration(value)
 
 

@@ -10,6 +10,7 @@ from casframe.cli.helpers import (
     emit_json,
     json_option,
 )
+from casframe.plugins import list_plugins
 
 if TYPE_CHECKING:
     pass
@@ -24,8 +25,6 @@ def plugins_command(as_json: bool) -> None:
 
     Shows each plugin's name, distribution, version and URL schemes; blocked ones are marked.
     """
-    from casframe.plugins import list_plugins
-
     infos = list_plugins()
     if as_json:
         emit_json(

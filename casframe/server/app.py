@@ -23,7 +23,11 @@ from typing import Any, TypeAlias, cast
 
 import grpc
 
+from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc
+from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from casframe._protos.buildstream.v2 import buildstream_pb2_grpc
 from casframe.errors import ConfigError, MissingDependencyError
+from casframe.plugins import get_plugin_manager
 from casframe.readonly import read_only_view
 from casframe.server.bytestream import ByteStreamService, add_bytestream_to_server
 from casframe.server.interceptors import (
@@ -96,8 +100,6 @@ def _bind_problem(listen: str) -> str:
 
 def plugin_interceptors(settings: ServerSettings) -> list[Interceptor]:
     """Interceptors every plugin returns from ``casframe_server_interceptors``, in order."""
-    from casframe.plugins import get_plugin_manager
-
     hook = get_plugin_manager().hook.casframe_server_interceptors
     interceptors: list[Interceptor] = []
     # get_hookimpls() lists the oldest registration first (calling the hook would run the newest
@@ -273,12 +275,6 @@ class Server:
             ],
         )
         shared = (self._served, settings, self.instances)
-        from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc
-        from casframe._protos.build.bazel.remote.execution.v2 import (
-            remote_execution_pb2_grpc as re_grpc,
-        )
-        from casframe._protos.buildstream.v2 import buildstream_pb2_grpc
-
         self._bytestream = ByteStreamService(*shared, self._executor)
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(*shared), server)
         re_grpc.add_ContentAddressableStorageServicer_to_server(
