@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from casframe.cli.progressbar import TqdmProgress
@@ -14,7 +16,17 @@ if TYPE_CHECKING:
     from casframe.config import Config
     from casframe.store import Store
 
-__all__ = ["App"]
+__all__ = ["App", "RUNTIME_MODULE", "runtime"]
+
+#: Configuration, store opening and the plugin manager (:mod:`casframe.cli.runtime`), loaded by
+#: name on first use like the command modules, so that ``casframe --version`` never pays for
+#: them.
+RUNTIME_MODULE = "casframe.cli.runtime"
+
+
+def runtime() -> ModuleType:
+    """The module of :data:`RUNTIME_MODULE` (imported once, then cached by Python)."""
+    return importlib.import_module(RUNTIME_MODULE)
 
 
 def _stderr_is_terminal() -> bool:
@@ -39,9 +51,7 @@ class App:
 
     def config(self) -> Config:
         if self._config is None:
-            from casframe.config import load_config
-
-            self._config = load_config(self.config_file)
+            self._config = runtime().load_config(self.config_file)
         return self._config
 
     def store(self, *, create: bool = True) -> Store:
@@ -56,9 +66,9 @@ class App:
 
     def open(self, name_or_url: str | None, *, create: bool = True) -> Store:
         """Open another store given as a URL, a configured name or a path."""
-        from casframe.config import open_configured_store
-
-        store = open_configured_store(name_or_url, config=self.config(), create=create)
+        store: Store = runtime().open_configured_store(
+            name_or_url, config=self.config(), create=create
+        )
         self._opened.append(store)
         return store
 

@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from casframe import __version__
-from casframe.cli.app import App
+from casframe.cli.app import App, runtime
 from casframe.cli.helpers import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -151,9 +151,7 @@ class CasframeGroup(click.Group):
         if self._plugin_commands_loaded:
             return
         self._plugin_commands_loaded = True
-        from casframe.plugins import get_plugin_manager
-
-        hook = get_plugin_manager().hook.casframe_register_commands
+        hook = runtime().get_plugin_manager().hook.casframe_register_commands
         for impl in hook.get_hookimpls():  # oldest registration first (pluggy calls LIFO)
             if impl.hookwrapper or impl.wrapper:
                 continue

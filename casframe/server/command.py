@@ -1,7 +1,7 @@
 """``casframe serve``: the click command that runs a server until SIGTERM or SIGINT.
 
-Cheap to import (click only): the CLI imports this module to list its commands, and the gRPC
-machinery is imported only when the command runs.
+The CLI imports this module by name only when ``serve`` runs (``casframe --help`` lists it
+without importing it), so it imports the server, and gRPC with it, at module level.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from typing import Any
 
 import click
 
-from casframe.errors import ConfigError
+from casframe.errors import CasframeError, ConfigError
+from casframe.plugins import open_store
+from casframe.server.app import Server
 from casframe.server.settings import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_STREAMS,
@@ -75,8 +77,6 @@ def _open_store(ctx: click.Context, url: str, *, create: bool) -> tuple[Any, boo
         opener = getattr(ctx.obj, attribute, None)
         if callable(opener):
             return opener(url, create=create), False
-    from casframe.plugins import open_store
-
     return open_store(url, create=create), True
 
 
@@ -148,8 +148,6 @@ def serve_command(
     if log_level is None and getattr(ctx.obj, "verbose", False):
         log_level = "debug"
     _quiet_grpc(log_level)
-    from casframe.server.app import Server
-
     store, owned = _open_store(ctx, store_url, create=not read_only)
     try:
         server = Server(
@@ -190,8 +188,6 @@ def serve_command(
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``serve`` on its own (``python -m casframe.server STORE ...``)."""
-    from casframe.errors import CasframeError
-
     try:
         serve_command.main(args=argv, prog_name="casframe serve", standalone_mode=False)
     except click.exceptions.Abort:
