@@ -18,9 +18,8 @@ if TYPE_CHECKING:
 
 __all__ = ["App", "RUNTIME_MODULE", "runtime"]
 
-#: Configuration, store opening and the plugin manager (:mod:`casframe.cli.runtime`), loaded by
-#: name on first use like the command modules, so that ``casframe --version`` never pays for
-#: them.
+#: Configuration and store opening (:mod:`casframe.cli.runtime`), loaded by name on first use
+#: like the command modules, so that ``casframe --version`` and ``--help`` never pay for them.
 RUNTIME_MODULE = "casframe.cli.runtime"
 
 

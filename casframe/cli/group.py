@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from casframe import __version__
-from casframe.cli.app import App, runtime
+from casframe.cli.app import App
 from casframe.cli.helpers import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -58,6 +58,9 @@ BUILTIN_COMMANDS = {
     "fsck": "casframe.cli.maintenance:fsck_command",
     "du": "casframe.cli.maintenance:du_command",
 }
+
+#: The plugin machinery, loaded by name once a command is looked up (never for ``--version``).
+PLUGINS_MODULE = "casframe.plugins"
 
 #: The first paragraph of each built-in command's help, as ``casframe --help`` lists it: the
 #: listing shows these instead of importing every command module (a test keeps them equal).
@@ -151,7 +154,8 @@ class CasframeGroup(click.Group):
         if self._plugin_commands_loaded:
             return
         self._plugin_commands_loaded = True
-        hook = runtime().get_plugin_manager().hook.casframe_register_commands
+        plugins = importlib.import_module(PLUGINS_MODULE)  # by name, as the commands
+        hook = plugins.get_plugin_manager().hook.casframe_register_commands
         for impl in hook.get_hookimpls():  # oldest registration first (pluggy calls LIFO)
             if impl.hookwrapper or impl.wrapper:
                 continue
