@@ -1,7 +1,9 @@
 """``casframe serve``: the click command that runs a server until SIGTERM or SIGINT.
 
 The CLI imports this module by name only when ``serve`` runs (``casframe --help`` lists it
-without importing it), so it imports the server, and gRPC with it, at module level.
+without importing it). The server, and gRPC with it, load when the command reaches
+``casframe.server.Server`` (the package's names load on first use): gRPC reads its log level
+once, on import, and the command sets it from ``--log-level`` first.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from typing import Any
 
 import click
 
+import casframe.server
 from casframe.errors import CasframeError, ConfigError
 from casframe.plugins import open_store
-from casframe.server.app import Server
 from casframe.server.settings import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_STREAMS,
@@ -63,7 +65,7 @@ def _quiet_grpc(level: str | None) -> None:
     except at ``--log-level debug``: casframe reports every failure in one line of its own.
 
     gRPC reads ``GRPC_VERBOSITY`` once, when it is first imported, so this runs before the
-    server module imports it; a value the user exported is left alone.
+    command first uses ``casframe.server.Server``; a value the user exported is left alone.
     """
     if level != "debug":
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
@@ -150,7 +152,7 @@ def serve_command(
     _quiet_grpc(log_level)
     store, owned = _open_store(ctx, store_url, create=not read_only)
     try:
-        server = Server(
+        server = casframe.server.Server(
             store,
             listen=listen,
             instance_names=instances or ("",),
