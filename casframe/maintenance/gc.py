@@ -10,6 +10,7 @@ from casframe.blobs import VerifiedBlobs
 from casframe.errors import RefNotFoundError
 from casframe.maintenance.marking import (
     BlobKey,
+    Marking,
     account,
     check_grace,
     list_blobs,
@@ -52,7 +53,6 @@ def gc(
         raise ValueError(f"invalid low watermark {low_watermark!r}: must be in (0, 1]")
     check_grace(grace_period)
     require(blobs, "gc", Capability.LIST, *(() if dry_run else (Capability.DELETE,)))
-    patterns = tuple(keep)
     progress = progress or NO_PROGRESS
     cutoff = time.time() - check_grace(grace_period)
 
@@ -78,6 +78,21 @@ def gc(
 
     marking = mark(blobs, refs, per_ref=True, progress=progress)
     account(blobs, marking, set(stored))
+    _expire(refs, marking, stored, cutoff, tuple(keep), report)
+    if dry_run:
+        report.prune = _predicted_prune(marking, stored, cutoff, grace_period, report)
+    else:
+        # A fresh mark and sweep: refs set by writers since the listing above are seen.
+        report.prune = prune(blobs, refs, grace_period=grace_period, progress=progress)
+    return report
+
+
+def _expire(
+    refs: RefStore, marking: Marking, stored: dict[BlobKey, float], cutoff: float,
+    patterns: tuple[str, ...], report: GcReport,
+) -> None:
+    """Delete refs least recently used first (in a dry run: pretend to) while the bytes a prune
+    would keep exceed the target; fill in what was expired and the prediction."""
     counts = marking.counts
     trees = marking.trees
 
@@ -103,7 +118,7 @@ def gc(
         if protected(ref):
             report.refs_kept.append(ref.name)
             continue
-        if not dry_run and not _delete_ref_if_unchanged(refs, ref):
+        if not report.dry_run and not _delete_ref_if_unchanged(refs, ref):
             continue
         report.refs_deleted.append(usage)
         for key in trees.reach_ref(ref, set(), set()):  # cached: no reads
@@ -115,18 +130,19 @@ def gc(
     report.predicted_bytes = predicted
     report.reached_target = predicted <= report.target_bytes
 
-    if dry_run:
-        predicted_prune = PruneReport(grace_period=grace_period, dry_run=True)
-        predicted_prune.refs_checked = len(marking.refs) - len(report.refs_deleted)
-        deleted = {u.name for u in report.refs_deleted}
-        predicted_prune.refs = [u for u in marking.usage if u.name not in deleted]
-        predicted_prune.problems = [p for p in marking.problems if p.ref not in deleted]
-        sweep_plan(stored, counts.get, cutoff, predicted_prune)
-        report.prune = predicted_prune
-    else:
-        # A fresh mark and sweep: refs set by writers since the listing above are seen.
-        report.prune = prune(blobs, refs, grace_period=grace_period, progress=progress)
-    return report
+
+def _predicted_prune(
+    marking: Marking, stored: dict[BlobKey, float], cutoff: float, grace_period: float,
+    report: GcReport,
+) -> PruneReport:
+    """What the prune after a dry run's expiry would do, from what was already read."""
+    predicted = PruneReport(grace_period=grace_period, dry_run=True)
+    predicted.refs_checked = len(marking.refs) - len(report.refs_deleted)
+    deleted = {u.name for u in report.refs_deleted}
+    predicted.refs = [u for u in marking.usage if u.name not in deleted]
+    predicted.problems = [p for p in marking.problems if p.ref not in deleted]
+    sweep_plan(stored, marking.counts.get, cutoff, predicted)
+    return predicted
 
 
 def _delete_ref_if_unchanged(refs: RefStore, ref: RefInfo) -> bool:
