@@ -24,18 +24,21 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from typing import Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import grpc
 
 from casframe._protos.google.bytestream import bytestream_pb2
 from casframe._wire import WriteChunk, decode_write_request, encode_read_response
+from casframe.blobs import VerifiedBlobs
 from casframe.digest import Digest
 from casframe.server.errors import StatusError, async_rpc_method, rpc_method
 from casframe.server.names import Instances, parse_read_resource, parse_write_resource
 from casframe.server.pool import in_pool
 from casframe.server.settings import ServerSettings
-from casframe.store import Store
+
+if TYPE_CHECKING:
+    from casframe.store import Store
 
 __all__ = ["ByteStreamService", "UploadSpool", "add_bytestream_to_server"]
 
@@ -50,17 +53,17 @@ _FIRST_READ_CHUNK = 64 << 10
 class _Upload:
     """One upload in progress, kept between Write calls so an interrupted one can resume.
 
-    The hashing and verification are :meth:`casframe.store.Store.open_upload`'s; this adds
+    The hashing and verification are :meth:`casframe.blobs.VerifiedBlobs.open_upload`'s; this adds
     what the spool needs. Only the Write call holding ``busy`` (or the spool, holding it)
     touches an upload.
     """
 
-    def __init__(self, store: Store, resource: str, digest: Digest) -> None:
+    def __init__(self, blobs: VerifiedBlobs, resource: str, digest: Digest) -> None:
         self.resource = resource
         self.digest = digest
         self.busy = threading.Lock()
         self.touched = time.monotonic()
-        self._upload = store.open_upload(digest)
+        self._upload = blobs.open_upload(digest)
 
     @property
     def committed(self) -> int:
@@ -94,12 +97,12 @@ class _BlobReader:
 
     @classmethod
     def open(
-        cls, store: Store, digest: Digest, offset: int, size: int, last: bool
+        cls, blobs: VerifiedBlobs, digest: Digest, offset: int, size: int, last: bool
     ) -> tuple[_BlobReader, bytes]:
         """Open ``digest`` at ``offset`` and read its first ``size`` bytes."""
         # Verified: a full read raises CorruptBlobError (DATA_LOSS) instead of returning the
         # last chunk of a corrupt blob; a read from an offset checks the stored size.
-        reader = cls(store.open_read(digest, offset, verify=True))
+        reader = cls(blobs.open_read(digest, offset, verify=True))
         return reader, reader.read(size, last)
 
     def read(self, size: int, last: bool) -> bytes:
@@ -123,8 +126,8 @@ class _BlobReader:
 class UploadSpool:
     """Uploads in progress or interrupted, by resource name; bounded and expiring."""
 
-    def __init__(self, store: Store, *, max_uploads: int, expiry: float) -> None:
-        self._store = store
+    def __init__(self, blobs: VerifiedBlobs, *, max_uploads: int, expiry: float) -> None:
+        self._blobs = blobs
         self._max = max_uploads
         self._expiry = expiry
         self._lock = threading.Lock()
@@ -158,7 +161,7 @@ class UploadSpool:
                     return upload
                 self._make_room()
             # Outside the lock: a backend may take a round trip to start an upload.
-            fresh = _Upload(self._store, resource, digest)
+            fresh = _Upload(self._blobs, resource, digest)
             fresh.busy.acquire()
             with self._lock:
                 if resource not in self._uploads:
@@ -242,12 +245,12 @@ class ByteStreamService:
     def __init__(
         self, store: Store, settings: ServerSettings, instances: Instances, pool: Executor
     ) -> None:
-        self.store = store
+        self.blobs = store.verified  # ByteStream moves blob content only
         self.settings = settings
         self.instances = instances
         self.pool = pool
         self.spool = UploadSpool(
-            store, max_uploads=settings.max_partial_uploads, expiry=settings.upload_expiry
+            self.blobs, max_uploads=settings.max_partial_uploads, expiry=settings.upload_expiry
         )
 
     async def _in_pool(self, function: Callable[..., _T], *args: Any) -> _T:
@@ -283,7 +286,7 @@ class ByteStreamService:
         if request.read_limit:
             remaining = min(remaining, request.read_limit)
         if digest.size and not remaining:
-            if not await self._in_pool(self.store.contains, digest):
+            if not await self._in_pool(self.blobs.contains, digest):
                 raise StatusError(grpc.StatusCode.NOT_FOUND, f"blob not found: {digest}")
         if not remaining:
             return
@@ -294,7 +297,7 @@ class ByteStreamService:
         # Opening and the first read are one step in the pool: a blob of one chunk (every
         # Directory a client walks) costs one thread hop, not four.
         reader, data = await self._in_pool(
-            _BlobReader.open, self.store, digest, request.read_offset, size, size == remaining
+            _BlobReader.open, self.blobs, digest, request.read_offset, size, size == remaining
         )
         try:
             while True:
@@ -349,14 +352,14 @@ class ByteStreamService:
             raise StatusError(grpc.StatusCode.PERMISSION_DENIED, "this server is read-only")
         digest = name.digest
 
-        if await self._in_pool(self.store.contains, digest):
+        if await self._in_pool(self.blobs.contains, digest):
             # Already stored: tell the client at once, per the REAPI, and drop any partial copy.
             await self._in_pool(self.spool.discard, resource)
             return bytestream_pb2.WriteResponse(committed_size=digest.size)
         single = first.finish_write and first.write_offset == 0
         if single and await self._in_pool(self.spool.committed, resource) is None:
             # The whole blob in one message: no need to keep anything for resumption.
-            await self._in_pool(self.store.put_bytes, bytes(first.data), digest)
+            await self._in_pool(self.blobs.put_bytes, bytes(first.data), digest)
             return bytestream_pb2.WriteResponse(committed_size=digest.size)
 
         upload = await self._in_pool(self.spool.attach, resource, digest)
@@ -406,7 +409,7 @@ class ByteStreamService:
     ) -> bytestream_pb2.QueryWriteStatusResponse:
         name = parse_write_resource(request.resource_name)
         self.instances.check(name.instance)
-        if self.store.contains(name.digest):
+        if self.blobs.contains(name.digest):
             return bytestream_pb2.QueryWriteStatusResponse(
                 committed_size=name.digest.size, complete=True
             )
