@@ -10,6 +10,7 @@ from casframe._lazy import lazy_names
 if TYPE_CHECKING:
     from casframe.digest import EMPTY_DIGEST, Digest, Hasher
     from casframe.errors import (
+        BackendContractError,
         BackendUnavailableError,
         BlobNotFoundError,
         CasframeError,
@@ -34,15 +35,23 @@ if TYPE_CHECKING:
     )
     from casframe.hookspecs import hookimpl
     from casframe.names import validate_entry_name, validate_ref_name
-    from casframe.plugins import PluginInfo, list_plugins, open_store, registered_plugin
+    from casframe.plugins import (
+        PluginInfo,
+        StoreOpener,
+        list_plugins,
+        open_store,
+        registered_plugin,
+    )
     from casframe.progress import Progress
     from casframe.registry import BackendRegistry, StoreURL
     from casframe.remotes import RemoteOutcome, Remotes, RemotesError, RemotesReport, RemoteStatus
     from casframe.spi import (
         BlobInfo,
+        BlobLimits,
         BlobStore,
         BlobWriter,
         Capability,
+        RefCapability,
         RefInfo,
         RefStore,
         StrayEntry,
@@ -54,8 +63,10 @@ if TYPE_CHECKING:
 # `casframe` command's start-up) costs almost nothing until a name is used.
 _LAZY = {
     "BackendRegistry": "casframe.registry",
+    "BackendContractError": "casframe.errors",
     "BackendUnavailableError": "casframe.errors",
     "BlobInfo": "casframe.spi",
+    "BlobLimits": "casframe.spi",
     "BlobNotFoundError": "casframe.errors",
     "BlobStore": "casframe.spi",
     "BlobWriter": "casframe.spi",
@@ -75,6 +86,7 @@ _LAZY = {
     "PermissionDeniedError": "casframe.errors",
     "PluginInfo": "casframe.plugins",
     "Progress": "casframe.progress",
+    "RefCapability": "casframe.spi",
     "RefConflictError": "casframe.errors",
     "RefInfo": "casframe.spi",
     "RefNotFoundError": "casframe.errors",
@@ -87,6 +99,7 @@ _LAZY = {
     "RemotesReport": "casframe.remotes",
     "Store": "casframe.store",
     "StoreNotFoundError": "casframe.errors",
+    "StoreOpener": "casframe.plugins",
     "StoreURL": "casframe.registry",
     "StrayEntry": "casframe.spi",
     "TreeLimits": "casframe.treesize",
@@ -115,9 +128,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EMPTY_DIGEST",
+    "BackendContractError",
     "BackendRegistry",
     "BackendUnavailableError",
     "BlobInfo",
+    "BlobLimits",
     "BlobNotFoundError",
     "BlobStore",
     "BlobWriter",
@@ -136,6 +151,7 @@ __all__ = [
     "PermissionDeniedError",
     "PluginInfo",
     "Progress",
+    "RefCapability",
     "RefConflictError",
     "RefInfo",
     "RefNotFoundError",
@@ -148,6 +164,7 @@ __all__ = [
     "RemotesReport",
     "Store",
     "StoreNotFoundError",
+    "StoreOpener",
     "StoreURL",
     "StrayEntry",
     "TreeLimits",

@@ -26,6 +26,7 @@ from casframe.errors import (
     CorruptBlobError,
     DigestMismatchError,
     InvalidDigestError,
+    UnsupportedOperationError,
 )
 from casframe.spi import BlobStore, BlobWriter, Capability
 
@@ -155,7 +156,7 @@ class VerifiedBlobs:
 
     def executor(self) -> ThreadPoolExecutor:
         """A thread pool sized for this backend."""
-        return ThreadPoolExecutor(max_workers=max(1, self.backend.max_concurrency))
+        return ThreadPoolExecutor(max_workers=self.backend.limits.max_concurrency)
 
     def find_missing(self, digests: Iterable[Digest], *, freshen: bool = False) -> set[Digest]:
         """The subset of ``digests`` not stored here (the empty blob is never missing).
@@ -166,7 +167,7 @@ class VerifiedBlobs:
         that moment on. Writers that reuse stored blobs ask this way before setting a ref.
         """
         wanted = {d for d in digests if d.size != 0}
-        if freshen and Capability.TOUCH in self.backend.capabilities:
+        if freshen and self.has(Capability.TOUCH):
             missing = self._query_missing(wanted, self.backend.freshen_blobs)
         else:
             missing = self._query_missing(wanted, self.backend.find_missing_blobs)
@@ -175,7 +176,7 @@ class VerifiedBlobs:
     def _query_missing(
         self, wanted: set[Digest], query: Callable[[Collection[Digest]], set[Digest]]
     ) -> set[Digest]:
-        batch = max(1, self.backend.max_batch_digests)
+        batch = self.backend.limits.max_batch_digests
         if len(wanted) <= batch:
             return query(wanted) if wanted else set()
         missing: set[Digest] = set()
@@ -196,7 +197,7 @@ class VerifiedBlobs:
         raw = self.backend.open_blob(digest, offset)
         if not verify:
             return raw
-        return io.BufferedReader(VerifyingReader(raw, digest, offset), CHUNK_SIZE)  # type: ignore[return-value]
+        return io.BufferedReader(VerifyingReader(raw, digest, offset), CHUNK_SIZE)
 
     def read_bytes(self, digest: Digest) -> bytes:
         """Read a whole blob (verified). Meant for small blobs such as Directory messages."""
@@ -266,7 +267,7 @@ class VerifiedBlobs:
     ) -> Digest:
         """Stream content in, hashing as it goes; commit only under the digest it really has.
 
-        Without ``expected``, a regular file of at least the backend's ``prehash_min_size``
+        Without ``expected``, a regular file of at least the backend's ``limits.prehash_min_size``
         bytes is hashed first and then stored as an upload of that digest; if it changed
         between the two readings, it is stored as the second reading found it.
         """
@@ -281,7 +282,7 @@ class VerifiedBlobs:
 
     def _prehash_start(self, stream: BinaryIO) -> int | None:
         """Where ``stream`` is, if it is a regular file the backend wants hashed first."""
-        threshold = self.backend.prehash_min_size
+        threshold = self.backend.limits.prehash_min_size
         if threshold is None:
             return None
         try:
@@ -333,11 +334,17 @@ class VerifiedBlobs:
     def put_open_file(self, fd: int) -> Digest:
         """Store the open regular file ``fd`` from its offset to its end; return the digest.
 
-        Uses the backend's copy path (``begin_write_copy``) when it has one, hashing what the
-        upload then holds; otherwise reads and streams the file. Either way the content is
-        committed only under the digest of the very bytes stored.
+        Uses the backend's copy path (``begin_write_copy``, capability ``copy-file``) when it
+        has one and it takes this file, hashing what the upload then holds; otherwise reads and
+        streams the file. Either way the content is committed only under the digest of the
+        very bytes stored.
         """
-        copied = self.backend.begin_write_copy(fd)
+        copied = None
+        if self.has(Capability.COPY_FILE):
+            try:
+                copied = self.backend.begin_write_copy(fd)
+            except UnsupportedOperationError:
+                pass  # not this file (its file system cannot copy it so): read it instead
         if copied is None:
             with os.fdopen(fd, "rb", buffering=0, closefd=False) as stream:
                 return self.put_stream(stream)

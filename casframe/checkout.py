@@ -189,7 +189,7 @@ class _FileWriter:
         self.use_links = use_links
         self.strict = strict
         self.progress = progress
-        self.max_pending = 2 * max(1, blobs.backend.max_concurrency) + 2
+        self.max_pending = 2 * blobs.backend.limits.max_concurrency + 2
         self.pending: deque[Future[list[_Copy]]] = deque()
         self.links: _LinkTask = []
         self.link_count = 0

@@ -24,25 +24,21 @@ a project remote replaces it (to add credentials or point it at a mirror).
 Wherever a store is expected, one can give a URL (``SCHEME://...``), the name of a store defined
 here, or a directory path (``./cache``, ``/srv/cas``), which means ``file://ABSPATH``. Without
 any, the default store is ``$CASFRAME_STORE``, else ``default_store``, else ``file://`` under
-the user cache directory. This module only reads configuration; it never writes a file.
+the user cache directory. This module only reads configuration: it never writes a file and
+never opens a store (:func:`casframe.plugins.open_configured_store` does).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tomllib
 from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 from casframe.errors import ConfigError
-from casframe.plugins import open_store
-
-if TYPE_CHECKING:
-    from casframe.store import Store
+from casframe.userdirs import user_dir
 
 __all__ = [
     "DEFAULT_REMOTE_TIMEOUT",
@@ -50,7 +46,6 @@ __all__ = [
     "Config",
     "RemoteEntry",
     "StoreEntry",
-    "active_config",
     "builtin_default_store_url",
     "config_path",
     "configured_remotes",
@@ -58,7 +53,6 @@ __all__ = [
     "find_project_file",
     "load_config",
     "load_project_remotes",
-    "open_configured_store",
 ]
 
 CONFIG_ENV = "CASFRAME_CONFIG"
@@ -79,10 +73,6 @@ _STORE_KEYS = ("url", "options")
 # relative paths resolved against the configuration file's folder.
 _TLS_KEYS = ("server_cert", "client_key", "client_cert")
 _REMOTE_KEYS = ("url", "push", "pull", "timeout", *_TLS_KEYS, "options")
-
-# The configuration a store is being opened from, for backends that open other stores by name.
-_opening_config: ContextVar[Config | None] = ContextVar("casframe_opening_config", default=None)
-
 
 @dataclass(frozen=True)
 class StoreEntry:
@@ -159,16 +149,12 @@ def config_path() -> str:
     explicit = os.environ.get(CONFIG_ENV)
     if explicit:
         return os.path.abspath(os.path.expanduser(explicit))
-    import platformdirs
-
-    return os.path.join(platformdirs.user_config_dir("casframe"), "config.toml")
+    return os.path.join(user_dir("config"), "config.toml")
 
 
 def builtin_default_store_url() -> str:
     """``file://`` + the ``store`` folder in the user cache directory (XDG on Linux)."""
-    import platformdirs
-
-    return "file://" + os.path.join(platformdirs.user_cache_dir("casframe"), "store")
+    return "file://" + os.path.join(user_dir("cache"), "store")
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
@@ -198,6 +184,8 @@ def _read_toml(where: str) -> dict[str, Any]:
         raise
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read: {exc.strerror or exc}") from None
+    import tomllib  # compiles its regular expressions on import: only when there is a file
+
     try:
         return tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:  # TOML is UTF-8: say where the first bad byte is
@@ -256,32 +244,6 @@ def configured_remotes(
 def default_store_url(config: Config | None = None) -> str:
     """The URL of the store used when none is named (see :meth:`Config.default_choice`)."""
     return (config or load_config()).resolve_store(None)[0]
-
-
-def open_configured_store(
-    name_or_url: str | None = None, *, config: Config | None = None, create: bool = True
-) -> Store:
-    """Open a store given as a URL, a configured name, a path, or ``None`` for the default.
-
-    ``create`` as in :func:`casframe.open_store`.
-    """
-    config = config or load_config()
-    url, options = config.resolve_store(name_or_url)
-    token = _opening_config.set(config)
-    try:
-        return open_store(url, options, create=create)
-    finally:
-        _opening_config.reset(token)
-
-
-def active_config() -> Config:
-    """The configuration the store being opened comes from; else the user's file.
-
-    For backends composed of other stores (``cache://``): while :func:`open_configured_store`
-    runs a factory, a store name given in that factory's options resolves in the same
-    configuration (the CLI's ``--config`` file, say), not only in the default one.
-    """
-    return _opening_config.get() or load_config()
 
 
 # -- parsing ------------------------------------------------------------------------------------

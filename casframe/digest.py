@@ -86,14 +86,14 @@ class Digest(tuple[str, int]):
         return tuple.__new__(cls, (hash, size))
 
     @property
-    def hash(self) -> str:  # type: ignore[override]  # tuple.__hash__ is unrelated
+    def hash(self) -> str:
         return self[0]
 
     @property
     def size(self) -> int:
         return self[1]
 
-    def __getnewargs__(self) -> tuple[str, int]:  # type: ignore[override]
+    def __getnewargs__(self) -> tuple[str, int]:
         return (self[0], self[1])
 
     def __repr__(self) -> str:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from casframe.digest import Digest
 
 __all__ = [
+    "BackendContractError",
     "BackendUnavailableError",
     "BlobNotFoundError",
     "CasframeError",
@@ -192,6 +193,17 @@ class UnsupportedOperationError(CasframeError):
     """The backend does not offer the capability an operation needs."""
 
     reason = "unsupported-operation"
+
+
+class BackendContractError(CasframeError, TypeError):
+    """A backend class breaks the backend contract; the message says what to change.
+
+    Raised when the class is defined or its store is built, before any data is touched: a
+    backend written for an older contract (tuning attributes instead of ``limits``, refs that
+    list without declaring it) or one that answers against the contract.
+    """
+
+    reason = "backend-contract"
 
 
 class MissingDependencyError(CasframeError, ImportError):

@@ -27,15 +27,17 @@ def casframe_register_backends(registry: BackendRegistry) -> None:
     """Register store URL schemes.
 
     :param registry: call ``registry.add(scheme, factory, ...)`` once per scheme. ``factory`` is
-        a callable ``factory(url: StoreURL) -> Store`` or, to keep start-up cheap and optional
+        a callable ``factory(url: StoreURL) -> Store`` (``factory(url, opener: StoreOpener)``
+        for a backend that opens other stores) or, to keep start-up cheap and optional
         dependencies optional, a ``"module:attribute"`` string imported only when a store of that
         scheme is opened; pass ``extra="name"`` (an extra of casframe itself) or
         ``install="your-dist[extra]"`` (a third party's requirement) so that a missing
         dependency names what to ``pip install``.
 
-    Called every time casframe resolves a URL or lists plugins (``open_store``,
-    ``casframe plugins``), once per plugin, in registration order; return values are ignored.
-    Registering a scheme another plugin already registered raises
+    Called once per plugin manager, the first time casframe resolves a URL or lists plugins
+    (``open_store``, ``casframe plugins``), once per plugin, in registration order, and again
+    after a plugin is registered or unregistered; return values are ignored. Registering a
+    scheme another plugin already registered raises
     :class:`casframe.errors.DuplicateSchemeError` naming both plugins.
     """
 

@@ -1,7 +1,11 @@
-"""Plugin loading: the pluggy manager, built on first use from the ``casframe`` entry points.
+"""Plugins and opening stores through them: the pluggy manager, built on first use from the
+``casframe`` entry points, its scheme registry, and :class:`StoreOpener`, which resolves a URL
+or a configured name to the factory of the plugin that registered its scheme.
 
-casframe's own backends are entry points of the ``casframe`` distribution and load through the
-same path as any third party's. Two environment switches control loading:
+Hooks are called through pluggy; where the plugin behind a result must be known,
+:func:`each_plugin` is the one place that splits a hook call per plugin. casframe's own backends
+are entry points of the ``casframe`` distribution and load through the same path as any third
+party's. Two environment switches control loading:
 
 ``CASFRAME_DISABLE_PLUGIN_AUTOLOAD=1``
     load only the plugins that ship with casframe itself;
@@ -13,18 +17,21 @@ Nothing is loaded at import time.
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from casframe import hookspecs
-from casframe.registry import BackendRegistry, StoreURL
+from casframe.config import Config, load_config
+from casframe.entrypoints import entry_points
+from casframe.errors import ConfigError
+from casframe.registry import BackendRegistry, Factory, StoreURL
 from casframe.treesize import TREE_LIMIT_OPTIONS, TreeLimits
 
 if TYPE_CHECKING:
@@ -33,9 +40,13 @@ if TYPE_CHECKING:
 __all__ = [
     "ENTRY_POINT_GROUP",
     "PluginInfo",
+    "PluginManager",
+    "StoreOpener",
     "backend_registry",
+    "each_plugin",
     "get_plugin_manager",
     "list_plugins",
+    "open_configured_store",
     "open_store",
     "registered_plugin",
     "reset_plugin_manager",
@@ -45,8 +56,9 @@ ENTRY_POINT_GROUP = "casframe"
 _OWN_DISTRIBUTION = "casframe"
 
 _lock = threading.Lock()
-_manager: pluggy.PluginManager | None = None
-_plugin_dists: dict[str, tuple[str, str]] = {}
+_manager: PluginManager | None = None
+# Set by reset_plugin_manager: the next build reads installed metadata, not the cache.
+_read_fresh = False
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,60 @@ class PluginInfo:
     version: str
     schemes: tuple[str, ...]
     blocked: bool = False
+
+
+class PluginManager(pluggy.PluginManager):
+    """casframe's pluggy manager: the hook specs, where each plugin came from, and the scheme
+    registry, built on first use and built again only after a plugin is registered or
+    unregistered."""
+
+    def __init__(self) -> None:
+        super().__init__("casframe")
+        self.add_hookspecs(hookspecs)
+        #: Plugin name -> (distribution, version) of the entry points found, blocked ones too.
+        self.distributions: dict[str, tuple[str, str]] = {}
+        self._registry: BackendRegistry | None = None
+        self._registry_lock = threading.RLock()
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        with self._registry_lock:
+            self._registry = None
+            return super().register(plugin, name)
+
+    def unregister(self, plugin: object | None = None, name: str | None = None) -> Any | None:
+        with self._registry_lock:
+            self._registry = None
+            return super().unregister(plugin, name)
+
+    def backend_registry(self) -> BackendRegistry:
+        """The schemes every plugin registers through ``casframe_register_backends``."""
+        with self._registry_lock:
+            if self._registry is None:
+                registry = BackendRegistry()
+                for plugin, call in each_plugin(self, "casframe_register_backends"):
+                    call(registry=registry.for_plugin(plugin))
+                registry.freeze()
+                self._registry = registry
+            return self._registry
+
+
+def each_plugin(
+    pm: pluggy.PluginManager, hook_name: str
+) -> Iterator[tuple[str, pluggy.HookCaller]]:
+    """``(plugin name, caller)`` for each plugin implementing ``hook_name``, oldest first.
+
+    For the hooks whose results or errors must name the plugin they came from. Each caller is
+    pluggy's own, restricted to that plugin's implementations (wrappers and omitted arguments
+    work as with ``pm.hook.NAME``); the order is the registration order, built-ins first.
+    """
+    hook: pluggy.HookCaller = getattr(pm.hook, hook_name)
+    implementing: list[object] = []
+    for impl in hook.get_hookimpls():  # oldest registration first (a call runs newest first)
+        if impl.plugin not in implementing:
+            implementing.append(impl.plugin)
+    for plugin in implementing:
+        others = [p for p in pm.get_plugins() if p is not plugin]
+        yield pm.get_name(plugin) or "?", pm.subset_hook_caller(hook_name, others)
 
 
 def _blocked_names() -> set[str]:
@@ -72,43 +138,46 @@ def _autoload_disabled() -> bool:
     )
 
 
-def _build_manager() -> pluggy.PluginManager:
-    pm = pluggy.PluginManager("casframe")
-    pm.add_hookspecs(hookspecs)
+def _build_manager(fresh: bool) -> PluginManager:
+    pm = PluginManager()
     blocked = _blocked_names()
     only_own = _autoload_disabled()
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        dist_name = ep.dist.name if ep.dist is not None else "?"
-        dist_version = ep.dist.version if ep.dist is not None else "?"
+    for ep in entry_points(ENTRY_POINT_GROUP, fresh=fresh):
+        dist_name, dist_version = ep.distribution, ep.version
         if only_own and dist_name != _OWN_DISTRIBUTION:
             continue
         if ep.name in blocked:
             pm.set_blocked(ep.name)
-            _plugin_dists[ep.name] = (dist_name, dist_version)
+            pm.distributions[ep.name] = (dist_name, dist_version)
             continue
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
             continue
         pm.register(ep.load(), name=ep.name)
-        _plugin_dists[ep.name] = (dist_name, dist_version)
+        pm.distributions[ep.name] = (dist_name, dist_version)
     pm.check_pending()
     return pm
 
 
-def get_plugin_manager() -> pluggy.PluginManager:
+def get_plugin_manager() -> PluginManager:
     """The process-wide plugin manager, built from entry points on first call."""
-    global _manager
+    global _manager, _read_fresh
     with _lock:
         if _manager is None:
-            _manager = _build_manager()
+            _manager = _build_manager(_read_fresh)
+            _read_fresh = False
         return _manager
 
 
 def reset_plugin_manager() -> None:
-    """Forget the manager so the next use reloads plugins (after changing the switches)."""
-    global _manager
+    """Forget the manager so the next use reloads plugins (after changing the switches).
+
+    The next use reads the installed distributions' metadata afresh rather than the entry
+    points remembered in the user cache directory (see :mod:`casframe.entrypoints`).
+    """
+    global _manager, _read_fresh
     with _lock:
         _manager = None
-        _plugin_dists.clear()
+        _read_fresh = True
 
 
 @contextmanager
@@ -125,29 +194,109 @@ def registered_plugin(plugin: object, name: str | None = None) -> Iterator[str]:
 
 
 def backend_registry() -> BackendRegistry:
-    """A fresh registry filled by every loaded plugin's ``casframe_register_backends``."""
-    pm = get_plugin_manager()
-    registry = BackendRegistry()
-    # Oldest registration first, so the built-ins come before third parties; each call is made
-    # separately so the registry knows which plugin owns each scheme.
-    for impl in pm.hook.casframe_register_backends.get_hookimpls():
-        registry.current_plugin = impl.plugin_name
-        impl.function(registry=registry)
-    registry.current_plugin = "<direct>"
-    return registry
+    """The scheme registry of the process-wide plugin manager (built once, then reused)."""
+    return get_plugin_manager().backend_registry()
 
 
 def list_plugins() -> list[PluginInfo]:
     """Every plugin that was found: name, distribution, version, schemes, blocked or not."""
     pm = get_plugin_manager()
-    registry = backend_registry()
+    registry = pm.backend_registry()
     infos = []
     names = [pm.get_name(p) or "?" for p in pm.get_plugins()]
-    for name in sorted(set(names) | set(_plugin_dists)):
-        dist, version = _plugin_dists.get(name, ("(registered in code)", ""))
+    for name in sorted(set(names) | set(pm.distributions)):
+        dist, version = pm.distributions.get(name, ("(registered in code)", ""))
         schemes = tuple(e.scheme for e in registry.entries() if e.plugin == name)
         infos.append(PluginInfo(name, dist, version, schemes, blocked=pm.is_blocked(name)))
     return infos
+
+
+class StoreOpener:
+    """Opens stores as the store being opened was: same configuration, same plugins.
+
+    A backend factory that takes a second argument, ``factory(url, opener)``, receives one, so
+    that a backend composed of other stores (``cache://``) opens them by URL, by a name of the
+    configuration the outer store came from (the CLI's ``--config`` file, say), or by path. A
+    chain of configured names that leads back to a store being opened is refused.
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        plugin_manager: PluginManager | None = None,
+        opening: tuple[str, ...] = (),
+    ) -> None:
+        self._config = config
+        self._pm = plugin_manager
+        self._opening = opening
+
+    @property
+    def config(self) -> Config:
+        """The configuration names resolve in: the one given, else the user's file."""
+        if self._config is None:
+            self._config = load_config()
+        return self._config
+
+    @property
+    def plugin_manager(self) -> PluginManager:
+        if self._pm is None:
+            self._pm = get_plugin_manager()
+        return self._pm
+
+    def open(
+        self,
+        name_or_url: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        *,
+        create: bool = True,
+    ) -> Store:
+        """Open a store given as a URL, a configured name, a path, or ``None`` (the default
+        store); ``options`` are merged over the configured ones. ``create`` as in
+        :func:`open_store`."""
+        config = self.config
+        choice = name_or_url if name_or_url is not None else config.default_choice()
+        url, configured = config.resolve_store(choice)
+        opening = self._opening
+        if "://" not in choice and choice in config.stores:
+            if choice in opening:
+                raise ConfigError(
+                    f"store {choice!r} leads back to itself through the stores it opens: "
+                    f"{' -> '.join((*opening, choice))}"
+                )
+            opening = (*opening, choice)
+        merged = {**configured, **(options or {})}
+        return self._open_url(url, merged, create, opening)
+
+    def open_url(
+        self, url: str, options: Mapping[str, Any] | None = None, *, create: bool = True
+    ) -> Store:
+        """Open the store at ``url`` (never a configured name), as :func:`open_store` does."""
+        return self._open_url(url, options, create, self._opening)
+
+    def _open_url(
+        self, url: str, options: Mapping[str, Any] | None, create: bool, opening: tuple[str, ...]
+    ) -> Store:
+        parsed = StoreURL.parse(url, options, create=create)
+        limits = TreeLimits.from_options(parsed.options, url)
+        backend_options = {k: v for k, v in parsed.options.items() if k not in TREE_LIMIT_OPTIONS}
+        factory = self.plugin_manager.backend_registry().get(parsed.scheme).load()
+        inner = StoreOpener(self._config, plugin_manager=self._pm, opening=opening)
+        store = _call_factory(factory, replace(parsed, options=backend_options), inner)
+        store.tree_limits = limits
+        return store
+
+
+def _call_factory(factory: Factory, url: StoreURL, opener: StoreOpener) -> Store:
+    """``factory(url, opener)`` if the factory takes a second argument, else ``factory(url)``."""
+    call: Callable[..., Store] = factory
+    try:
+        inspect.signature(call).bind(url, opener)
+    except TypeError:
+        return call(url)
+    except ValueError:  # no signature to inspect (a builtin): the one-argument form
+        return call(url)
+    return call(url, opener)
 
 
 def open_store(
@@ -159,12 +308,18 @@ def open_store(
     :class:`~casframe.treesize.TreeLimits`) are read here and never reach the backend. With
     ``create=False`` a store that does not exist yet is not created: opening it raises
     :class:`~casframe.StoreNotFoundError` (for commands that only read, where a mistyped path
-    would otherwise leave an empty store behind).
+    would otherwise leave an empty store behind). Store names inside ``url`` (a ``cache://``
+    store's ``local``, say) resolve in the user's configuration file.
     """
-    parsed = StoreURL.parse(url, options, create=create)
-    limits = TreeLimits.from_options(parsed.options, url)
-    backend_options = {k: v for k, v in parsed.options.items() if k not in TREE_LIMIT_OPTIONS}
-    factory = backend_registry().get(parsed.scheme).load()
-    store = factory(replace(parsed, options=backend_options))
-    store.tree_limits = limits
-    return store
+    return StoreOpener().open_url(url, options, create=create)
+
+
+def open_configured_store(
+    name_or_url: str | None = None, *, config: Config | None = None, create: bool = True
+) -> Store:
+    """Open a store given as a URL, a configured name, a path, or ``None`` for the default.
+
+    Names resolve in ``config`` (default: the user's file), and so do names that the store's
+    backend opens in turn. ``create`` as in :func:`open_store`.
+    """
+    return StoreOpener(config).open(name_or_url, create=create)

@@ -14,7 +14,15 @@ from typing import BinaryIO, NoReturn
 
 from casframe.digest import Digest
 from casframe.errors import PermissionDeniedError
-from casframe.spi import BlobInfo, BlobStore, BlobWriter, Capability, RefInfo, RefStore
+from casframe.spi import (
+    BlobInfo,
+    BlobStore,
+    BlobWriter,
+    Capability,
+    RefCapability,
+    RefInfo,
+    RefStore,
+)
 from casframe.store import Store
 
 __all__ = ["ReadOnlyBlobStore", "ReadOnlyRefStore", "read_only_view"]
@@ -22,7 +30,7 @@ __all__ = ["ReadOnlyBlobStore", "ReadOnlyRefStore", "read_only_view"]
 # Capabilities that write: a read-only view does not offer them, so the core never freshens
 # through it (``Store.find_missing(freshen=True)`` only looks) and prune or fsck --repair
 # report that they cannot delete.
-_WRITING_CAPABILITIES = frozenset({Capability.TOUCH, Capability.DELETE})
+_WRITING_CAPABILITIES = frozenset({Capability.TOUCH, Capability.DELETE, Capability.COPY_FILE})
 
 
 def _refuse(where: str, what: str) -> NoReturn:
@@ -35,9 +43,7 @@ class ReadOnlyBlobStore(BlobStore):
     def __init__(self, inner: BlobStore) -> None:
         self.inner = inner
         self.capabilities = inner.capabilities - _WRITING_CAPABILITIES
-        self.max_batch_digests = inner.max_batch_digests
-        self.max_batch_bytes = inner.max_batch_bytes
-        self.max_concurrency = inner.max_concurrency
+        self.limits = inner.limits
 
     def describe(self) -> str:
         return self.inner.describe()
@@ -84,18 +90,15 @@ class ReadOnlyBlobStore(BlobStore):
     def begin_write_for(self, digest: Digest) -> BlobWriter:
         _refuse(self.describe(), "store blobs")
 
-    def begin_write_copy(self, fd: int) -> tuple[BlobWriter, BinaryIO] | None:
-        _refuse(self.describe(), "store blobs")
-
     def write_blobs(self, blobs: Iterable[tuple[Digest, bytes]]) -> None:
         _refuse(self.describe(), "store blobs")
 
-    def touch_blobs(self, digests: Iterable[Digest]) -> Collection[Digest] | None:
+    def touch_blobs(self, digests: Iterable[Digest]) -> Collection[Digest]:
         _refuse(self.describe(), "refresh blob times")
 
     def delete_blobs(
         self, digests: Iterable[Digest], *, older_than: float | None = None
-    ) -> Collection[Digest] | None:
+    ) -> Collection[Digest]:
         _refuse(self.describe(), "delete blobs")
 
     def clean_temp(self, older_than: float, *, dry_run: bool = False) -> tuple[int, int]:
@@ -108,11 +111,18 @@ class ReadOnlyBlobStore(BlobStore):
 
 
 class ReadOnlyRefStore(RefStore):
-    """The refs of another :class:`RefStore`, read without touching and never changed."""
+    """The refs of another :class:`RefStore`, read without touching and never changed.
+
+    It declares what the inner store declares, ``delete`` included, so that deleting a ref
+    is refused as every write is: with :class:`PermissionDeniedError`, saying why.
+    """
+
+    capabilities: frozenset[RefCapability] = frozenset()  # the inner store's, per instance
 
     def __init__(self, inner: RefStore, where: str) -> None:
         self.inner = inner
         self._where = where
+        self.capabilities = inner.capabilities
 
     def close(self) -> None:
         self.inner.close()

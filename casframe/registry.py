@@ -21,11 +21,13 @@ from casframe.errors import (
 )
 
 if TYPE_CHECKING:
+    from casframe.plugins import StoreOpener
     from casframe.store import Store
 
 __all__ = ["BackendRegistry", "Factory", "SchemeEntry", "StoreURL"]
 
-Factory = Callable[["StoreURL"], "Store"]
+#: ``factory(url)``, or ``factory(url, opener)`` for a backend that opens other stores.
+Factory = Callable[["StoreURL"], "Store"] | Callable[["StoreURL", "StoreOpener"], "Store"]
 
 
 @dataclass(frozen=True)
@@ -122,12 +124,33 @@ class SchemeEntry:
 
 
 class BackendRegistry:
-    """URL scheme → factory, filled by the ``casframe_register_backends`` hook."""
+    """URL scheme → factory, filled by the ``casframe_register_backends`` hook.
 
-    def __init__(self) -> None:
+    Each plugin's hook receives its own view of the table (:meth:`for_plugin`), so every
+    scheme is owned by the plugin that added it and no shared state says whose hook is running.
+    Once :mod:`casframe.plugins` has filled the table it is frozen: the one place to add a
+    scheme is a plugin's hook.
+    """
+
+    def __init__(self, plugin: str = "<direct>") -> None:
         self._entries: dict[str, SchemeEntry] = {}
-        #: Name of the plugin whose hook is running; set by :mod:`casframe.plugins`.
-        self.current_plugin = "<direct>"
+        self._frozen = [False]  # shared by every view of one table
+        self._plugin = plugin
+
+    @property
+    def plugin(self) -> str:
+        """The plugin that owns the schemes added through this view."""
+        return self._plugin
+
+    def for_plugin(self, plugin: str) -> BackendRegistry:
+        """A view of this table whose :meth:`add` registers schemes as owned by ``plugin``."""
+        view = BackendRegistry(plugin)
+        view._entries, view._frozen = self._entries, self._frozen
+        return view
+
+    def freeze(self) -> None:
+        """Refuse further :meth:`add` calls, through this view and every other."""
+        self._frozen[0] = True
 
     def add(
         self,
@@ -139,19 +162,24 @@ class BackendRegistry:
         install: str | None = None,
     ) -> None:
         """Register ``scheme`` (without ``://``). See ``casframe_register_backends``."""
+        if self._frozen[0]:
+            raise ConfigError(
+                f"plugin {self._plugin!r} cannot add scheme {scheme!r}: the backend registry is "
+                "complete; add schemes from the casframe_register_backends hook"
+            )
         scheme = scheme.lower().removesuffix("://")
         if not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
-            raise ConfigError(f"invalid URL scheme {scheme!r} from plugin {self.current_plugin}")
+            raise ConfigError(f"invalid URL scheme {scheme!r} from plugin {self._plugin}")
         if isinstance(factory, str) and ":" not in factory:
             raise ConfigError(f"lazy factory must be 'module:attribute', got {factory!r}")
         existing = self._entries.get(scheme)
         if existing is not None:
             raise DuplicateSchemeError(
                 f"scheme {scheme}:// is registered twice: by plugin {existing.plugin!r} "
-                f"and by plugin {self.current_plugin!r}"
+                f"and by plugin {self._plugin!r}"
             )
         self._entries[scheme] = SchemeEntry(
-            scheme, factory, self.current_plugin, description, extra, install
+            scheme, factory, self._plugin, description, extra, install
         )
 
     def get(self, scheme: str) -> SchemeEntry:

@@ -1,11 +1,20 @@
 """The backend contract: what a storage plugin implements.
 
 A backend is two objects: a :class:`BlobStore` (content-addressed bytes) and a :class:`RefStore`
-(names pointing at digests). Each has a handful of abstract primitives; the base classes derive
-batch helpers from them that a backend may override for speed. Optional capabilities (listing,
-deleting, touching, local paths) are declared in ``capabilities``; calling one that is not
-declared raises :class:`UnsupportedOperationError`. ``check_writable`` on both parts lets push
-find a store that refuses writes before sending anything; its defaults suit most backends.
+(names pointing at digests). Each part has the same three layers:
+
+- **primitives** (abstract): what every backend must do. Three for blobs (``find_missing_blobs``,
+  ``open_blob``, ``begin_write``), two for refs (``get_ref``, ``set_ref``).
+- **derived helpers**: built from the primitives here, overridden by a backend only for speed,
+  never for meaning (``read_blobs``, ``begin_write_for``, ``conflicting_ref``...).
+- **capabilities**: optional groups of methods, declared in ``capabilities``
+  (:class:`Capability` for blobs, :class:`RefCapability` for refs). The core asks the
+  declaration (``Store.has``) before it calls a method of a group, and never calls an
+  undeclared one; each undeclared method here raises :class:`UnsupportedOperationError`.
+
+How hard the core drives a backend (batch sizes, threads) is one frozen :class:`BlobLimits`
+object in ``BlobStore.limits``. ``check_writable`` on both parts lets push find a store that
+refuses writes before sending anything; its defaults suit most backends.
 
 A backend stores and returns bytes and must never be trusted by the layers above: hashing,
 verification, name validation and completeness ordering all live in :mod:`casframe.store` and
@@ -18,12 +27,13 @@ import enum
 import errno
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 from casframe.digest import Digest
 from casframe.errors import (
+    BackendContractError,
     BlobNotFoundError,
     InvalidDigestError,
     PermissionDeniedError,
@@ -32,10 +42,15 @@ from casframe.errors import (
 )
 
 __all__ = [
+    "BLOB_CAPABILITY_METHODS",
+    "REF_CAPABILITY_METHODS",
     "BlobInfo",
+    "BlobLimits",
     "BlobStore",
     "BlobWriter",
     "Capability",
+    "RefCapability",
+    "require_capabilities",
     "RefInfo",
     "RefStore",
     "StrayEntry",
@@ -43,16 +58,141 @@ __all__ = [
 
 
 class Capability(enum.StrEnum):
-    """Optional abilities a backend declares in ``BlobStore.capabilities``."""
+    """Optional groups of blob methods a backend declares in ``BlobStore.capabilities``."""
 
-    #: ``iter_blobs()`` lists every stored blob (needed by prune, gc, fsck, du).
+    #: ``iter_blobs`` lists every stored blob; ``iter_blob_stats`` and ``iter_strays`` come
+    #: with it. Needed by prune, gc, du, and by fsck to check blobs no ref reaches.
     LIST = "list"
-    #: ``delete_blobs()`` removes blobs (needed by prune and fsck --repair).
+    #: ``delete_blobs`` removes blobs. Needed by prune, gc and ``fsck --repair``.
     DELETE = "delete"
-    #: ``touch_blobs()`` refreshes blobs' access times (for LRU expiry).
+    #: ``touch_blobs`` refreshes blobs' modification times, and ``freshen_blobs`` with it.
+    #: Writers freshen the blobs they reuse, so that prune's grace period covers them.
     TOUCH = "touch"
-    #: ``local_path()`` gives a file on this machine holding the blob (enables hardlink checkout).
+    #: ``local_path`` names a file on this machine holding a blob, and ``link_blobs``
+    #: hardlinks such files. Enables checkout by hardlinks.
     LOCAL_PATH = "local-path"
+    #: ``begin_write_copy`` copies an open local file into an upload without passing its
+    #: bytes through Python (``copy_file_range``). Used to import local files.
+    COPY_FILE = "copy-file"
+
+
+class RefCapability(enum.StrEnum):
+    """Optional ref methods a backend declares in ``RefStore.capabilities``."""
+
+    #: ``list_refs`` lists refs with their last access. Needed by ``ref ls``, prune, gc, fsck
+    #: and du, and by the shadowing check for refs under a name.
+    LIST = "list"
+    #: ``delete_ref`` removes a ref. Needed by ``ref rm`` and gc.
+    DELETE = "delete"
+
+
+#: The methods each blob capability stands for: the core calls them only when it is declared.
+BLOB_CAPABILITY_METHODS: Mapping[Capability, tuple[str, ...]] = {
+    Capability.LIST: ("iter_blobs", "iter_blob_stats", "iter_strays"),
+    Capability.DELETE: ("delete_blobs",),
+    Capability.TOUCH: ("touch_blobs", "freshen_blobs"),
+    Capability.LOCAL_PATH: ("local_path", "link_blobs"),
+    Capability.COPY_FILE: ("begin_write_copy",),
+}
+
+#: The methods each ref capability stands for.
+REF_CAPABILITY_METHODS: Mapping[RefCapability, tuple[str, ...]] = {
+    RefCapability.LIST: ("list_refs",),
+    RefCapability.DELETE: ("delete_ref",),
+}
+
+
+
+def require_capabilities(
+    blobs: BlobStore, refs: RefStore, operation: str, *capabilities: Capability | RefCapability,
+    where: str,
+) -> None:
+    """Raise :class:`~casframe.errors.UnsupportedOperationError` naming ``operation`` and what
+    ``blobs`` and ``refs`` (the store ``where``) lack of ``capabilities``, before the operation
+    touches anything."""
+    lacking = [
+        c for c in capabilities
+        if c not in (refs.capabilities if isinstance(c, RefCapability) else blobs.capabilities)
+    ]
+    if lacking:
+        parts = [
+            "/".join(c for c in lacking if isinstance(c, kind)) + f" {things}"
+            for kind, things in ((Capability, "blobs"), (RefCapability, "refs"))
+            if any(isinstance(c, kind) for c in lacking)
+        ]
+        raise UnsupportedOperationError(
+            f"{operation} is not supported by this backend: it cannot {', '.join(parts)} "
+            f"({where})"
+        )
+
+@dataclass(frozen=True, slots=True)
+class BlobLimits:
+    """How hard the core drives a backend: one frozen object, ``BlobStore.limits``.
+
+    A backend sets it on the class (``limits = BlobLimits(max_concurrency=2)``) or, when the
+    numbers depend on the store's options, on the instance in ``__init__``.
+    """
+
+    #: Digests in one ``find_missing_blobs`` (and ``freshen_blobs``) call at most.
+    max_batch_digests: int = 10_000
+    #: A hint: the payload the core aims to group into one ``read_blobs``/``write_blobs``
+    #: call. Calls may carry more; a backend with a hard request limit splits them itself.
+    max_batch_bytes: int = 4 << 20
+    #: Threads the core uses at once against this backend (I/O-bound backends want more).
+    max_concurrency: int = 4
+    #: Regular files of at least this many bytes are hashed before they are stored, and then
+    #: written through ``begin_write_for``, so that a backend that cannot rename (S3) sends
+    #: them straight to their final name instead of staging them. ``None``: never, every
+    #: file is read once, as it is stored.
+    prehash_min_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_digests", "max_batch_bytes", "max_concurrency"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise BackendContractError(
+                    f"BlobLimits.{name} must be a positive int, not {value!r}"
+                )
+        size = self.prehash_min_size
+        if size is not None and (type(size) is not int or size < 0):
+            raise BackendContractError(
+                f"BlobLimits.prehash_min_size must be None or an int of at least 0, not {size!r}"
+            )
+
+
+def _check_declared(cls: type, kind: type[enum.StrEnum]) -> None:
+    """A ``capabilities`` set on the class holds only ``kind`` values."""
+    declared = vars(cls).get("capabilities")
+    if declared is None:
+        return
+    wrong = sorted(repr(c) for c in declared if not isinstance(c, kind))
+    if not isinstance(declared, frozenset) or wrong:
+        raise BackendContractError(
+            f"{cls.__name__}.capabilities must be a frozenset of casframe.{kind.__name__} "
+            f"values; it holds {', '.join(wrong) or repr(declared)}"
+        )
+
+
+class _MovedToLimits:
+    """A tuning attribute of the older contract; using it says where it went."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def error(self, owner: str) -> BackendContractError:
+        return BackendContractError(
+            f"{owner}.{self.name} is no longer read: a backend's tuning is one "
+            f"casframe.BlobLimits in {owner}.limits; set limits = BlobLimits({self.name}=...) "
+            f"(on the class, or on the instance in __init__) and read limits.{self.name}"
+        )
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        raise self.error(type(obj).__name__)
+
+    def __set__(self, obj: object, value: object) -> NoReturn:
+        raise self.error(type(obj).__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,19 +257,31 @@ class BlobWriter(ABC):
 class BlobStore(ABC):
     """Content-addressed blob storage: the primitives a backend implements."""
 
-    #: Optional abilities this backend offers; see :class:`Capability`.
+    #: Optional method groups this backend offers; see :class:`Capability`.
     capabilities: frozenset[Capability] = frozenset()
-    #: How many digests the core puts in one ``find_missing_blobs`` call.
-    max_batch_digests: int = 10_000
-    #: A hint: the payload the core aims to group into one ``read_blobs``/``write_blobs``
-    #: call. Calls may carry more; a backend with a hard request limit splits them itself.
-    max_batch_bytes: int = 4 << 20
-    #: Threads the core may use at once against this backend (I/O-bound backends want more).
-    max_concurrency: int = 4
-    #: Regular files of at least this many bytes are hashed before they are stored, and then
-    #: written through :meth:`begin_write_for`: a backend that cannot rename (S3) sends them
-    #: straight to their final name instead of staging them first. ``None``: one reading.
-    prehash_min_size: int | None = None
+    #: How hard the core drives this backend; see :class:`BlobLimits`.
+    limits: BlobLimits = BlobLimits()
+
+    # The older contract's tuning attributes, now in ``limits``: reading or setting one raises
+    # BackendContractError saying so, rather than being silently ignored.
+    max_batch_digests = _MovedToLimits()
+    max_batch_bytes = _MovedToLimits()
+    max_concurrency = _MovedToLimits()
+    prehash_min_size = _MovedToLimits()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, value in vars(cls).items():
+            if isinstance(getattr(BlobStore, name, None), _MovedToLimits) and not isinstance(
+                value, _MovedToLimits
+            ):
+                raise vars(BlobStore)[name].error(cls.__name__)
+        _check_declared(cls, Capability)
+        limits = vars(cls).get("limits")
+        if limits is not None and not isinstance(limits, BlobLimits):
+            raise BackendContractError(
+                f"{cls.__name__}.limits must be a casframe.BlobLimits, not {limits!r}"
+            )
 
     # -- primitives -------------------------------------------------------------------------
 
@@ -138,7 +290,8 @@ class BlobStore(ABC):
         """Return the digests in ``digests`` that are not stored.
 
         A blob stored with the same hash but another size counts as missing. The core never
-        passes the empty digest and never passes more than ``max_batch_digests`` at once.
+        passes the empty digest and never passes more than ``limits.max_batch_digests`` at
+        once.
         """
 
     @abstractmethod
@@ -153,25 +306,35 @@ class BlobStore(ABC):
     def begin_write(self, size_hint: int | None = None) -> BlobWriter:
         """Start an upload whose digest the core will learn only at its end."""
 
+    # -- derived helpers (override for speed) -----------------------------------------------
+
     def begin_write_for(self, digest: Digest) -> BlobWriter:
         """Start an upload whose content should have ``digest`` (known in advance).
 
-        A backend may use the digest to store the content under its final name while it
-        arrives: the core calls ``commit(digest)`` only once the whole content hashed to
-        ``digest``, and ``abort`` otherwise. The default is :meth:`begin_write`.
+        The core calls it for uploads whose digest a client announced (the server's
+        ByteStream writes, transfers) and for local files of at least
+        ``limits.prehash_min_size`` bytes, hashed first. A backend may use the digest to store
+        the content under its final name while it arrives: the core calls
+        ``commit(digest)`` only once the whole content hashed to ``digest``, and ``abort``
+        otherwise. The default is :meth:`begin_write`.
         """
         return self.begin_write(digest.size)
 
-    # -- derived helpers (override for speed) -----------------------------------------------
-
     def read_blobs(self, digests: Iterable[Digest]) -> Iterator[tuple[Digest, bytes]]:
-        """Yield ``(digest, content)`` for small blobs; raise on the first missing one."""
+        """Yield ``(digest, content)`` for small blobs; raise on the first missing one.
+
+        The core calls it for groups of small blobs of about ``limits.max_batch_bytes``
+        (Directory messages, transfers, the server's batch reads).
+        """
         for digest in digests:
             with self.open_blob(digest) as stream:
                 yield digest, stream.read()
 
     def write_blobs(self, blobs: Iterable[tuple[Digest, bytes]]) -> None:
-        """Store small blobs whose content the core has already verified against the digest."""
+        """Store small blobs whose content the core has already verified against the digest.
+
+        The core calls it for groups of small blobs of about ``limits.max_batch_bytes``.
+        """
         for digest, data in blobs:
             writer = self.begin_write(len(data))
             try:
@@ -180,37 +343,6 @@ class BlobStore(ABC):
             except BaseException:
                 writer.abort()
                 raise
-
-    def freshen_blobs(self, digests: Collection[Digest]) -> set[Digest]:
-        """Refresh the modification time of the stored blobs among ``digests`` (``touch``);
-        return the ones missing once that is done.
-
-        What this reports present was touched while it existed, so prune's grace period
-        protects it from the call on. The default is ``find_missing_blobs``, ``touch_blobs``
-        of the present ones, and ``find_missing_blobs`` of those again (a blob deleted just
-        before its touch is missing after all); a backend can do it in fewer round trips
-        (touch first, then check). The core calls it only on backends with ``touch``, never
-        with the empty digest, and never with more than ``max_batch_digests`` at once.
-        """
-        missing = self.find_missing_blobs(digests)
-        present = [d for d in digests if d not in missing]
-        if present:
-            self.touch_blobs(present)
-            missing |= self.find_missing_blobs(present)
-        return missing
-
-    def begin_write_copy(self, fd: int) -> tuple[BlobWriter, BinaryIO] | None:
-        """Fast path for storing a local file: copy the open file ``fd``, from its offset to
-        its end, into a new upload without passing the bytes through Python.
-
-        Returns the upload, not committed, and a stream over the content the upload now
-        holds; the core hashes that stream and commits the upload under the digest it gets
-        (or aborts it), so content still becomes visible only under the digest it really has,
-        even if the file changes during the copy. Returns ``None`` (the default) when the
-        backend has no such path: the core then reads the file and streams it through
-        :meth:`begin_write`.
-        """
-        return None
 
     def get_tree(self, root: Digest) -> Iterator[bytes]:
         """Serialized Directory messages of the tree under ``root``, in any order (fast path).
@@ -221,66 +353,6 @@ class BlobStore(ABC):
         Directory not supplied. The default supplies nothing.
         """
         return iter(())
-
-    # -- optional capabilities --------------------------------------------------------------
-
-    def iter_blobs(self) -> Iterator[BlobInfo]:
-        """List every stored blob (capability ``list``)."""
-        raise UnsupportedOperationError(f"{type(self).__name__} cannot list its blobs")
-
-    def iter_blob_stats(
-        self, skip: Callable[[str], bool] | None = None
-    ) -> Iterator[tuple[str, int, float]]:
-        """``(hash, size, mtime)`` of every stored blob: ``iter_blobs`` as plain tuples.
-
-        ``skip(hash)`` is asked about each blob before its size and time are fetched; a blob
-        it answers true for is left out. Prune lists every blob, and passes the hashes it
-        already knows to be reachable: a local disk then spares their ``stat``, and building a
-        BlobInfo and a Digest per blob would cost more than that ``stat``. Derived from
-        ``iter_blobs``; override it for speed. Hashes are 64 lowercase hex digits. Size 0
-        with any other hash than the empty blob's is an *emptied* object (what a power cut
-        can leave of a blob written without ``fsync``): a backend that can see such objects
-        lists them, so that fsck reports them as corrupt and prune removes them; the core
-        then passes ``(hash, 0)`` to ``delete_blobs`` and ``find_missing_blobs`` for them.
-        Anything that is not an object (a folder, a stray file) is left out: see
-        :meth:`iter_strays`.
-        """
-        for info in self.iter_blobs():
-            hash_ = info.digest.hash
-            if skip is None or not skip(hash_):
-                yield hash_, info.digest.size, info.mtime
-
-    def iter_strays(self) -> Iterator[StrayEntry]:
-        """Entries of the blob area that are not blobs, for fsck's warnings (with ``list``).
-
-        Whatever ``iter_blob_stats`` leaves out because it is not an object: folders, links
-        and other non-files named like objects, files or keys whose name is not an object's.
-        The default lists none, for backends that hold nothing but blobs.
-        """
-        return iter(())
-
-    def delete_blobs(
-        self, digests: Iterable[Digest], *, older_than: float | None = None
-    ) -> Collection[Digest] | None:
-        """Delete blobs; absent ones are ignored (capability ``delete``).
-
-        With ``older_than`` (seconds since the epoch), delete only blobs whose modification time
-        is still before it at the moment each one is deleted: prune passes its grace cutoff, so
-        a blob a writer touched or re-stored after prune listed it survives.
-
-        Return the digests actually deleted, so that prune reports what it freed exactly; a
-        backend that cannot tell returns ``None`` and every digest counts as deleted.
-        """
-        raise UnsupportedOperationError(f"{type(self).__name__} cannot delete blobs")
-
-    def touch_blobs(self, digests: Iterable[Digest]) -> Collection[Digest] | None:
-        """Refresh blobs' modification times, so prune's grace period covers them (``touch``).
-
-        Absent blobs are ignored. Return the digests that were not there to touch, so that
-        ``find_missing(freshen=True)`` need not ask again; a backend that cannot tell returns
-        ``None`` and the core asks ``find_missing_blobs`` about every touched blob once more.
-        """
-        raise UnsupportedOperationError(f"{type(self).__name__} cannot touch blobs")
 
     def clean_temp(self, older_than: float, *, dry_run: bool = False) -> tuple[int, int]:
         """Remove leftovers of interrupted uploads last modified before ``older_than``.
@@ -315,25 +387,6 @@ class BlobStore(ABC):
                 f"{self.describe()} refuses writes: {exc.strerror or exc}"
             ) from exc
 
-    def local_path(self, digest: Digest) -> str:
-        """A path on this machine holding the blob, not to be modified (``local-path``).
-
-        Raise :class:`BlobNotFoundError` when the blob is not stored.
-        """
-        raise UnsupportedOperationError(f"{type(self).__name__} has no local files")
-
-    def link_blobs(self, dir_fd: int, links: Iterable[tuple[str, Digest]]) -> None:
-        """Hardlink stored blobs into the directory open as ``dir_fd`` (``local-path``).
-
-        Each ``(name, digest)`` becomes a new name in that directory for the file holding the
-        blob, which must not be modified through it. Raises what :meth:`local_path` raises
-        for a blob that is not stored intact, and ``OSError`` when the file system refuses a
-        link (``EXDEV``, ``EMLINK``, ``EPERM``); links made before the failure stay. The
-        default links each :meth:`local_path`; a backend may skip its per-blob overhead.
-        """
-        for name, digest in links:
-            os.link(self.local_path(digest), name, dst_dir_fd=dir_fd, follow_symlinks=False)
-
     def close(self) -> None:  # noqa: B027 - optional hook, deliberately empty
         """Release connections and threads; the store is not used afterwards."""
 
@@ -344,9 +397,159 @@ class BlobStore(ABC):
     def _not_found(self, digest: Digest) -> BlobNotFoundError:
         return BlobNotFoundError(digest, self.describe())
 
+    def _lacks(self, capability: Capability, what: str) -> UnsupportedOperationError:
+        return UnsupportedOperationError(
+            f"{self.describe()} cannot {what}: it does not declare the {capability!s} capability"
+        )
+
+    # -- capability LIST --------------------------------------------------------------------
+
+    def iter_blobs(self) -> Iterator[BlobInfo]:
+        """List every stored blob with its modification time (``list``).
+
+        Blobs stored or deleted during the listing may or may not appear.
+        """
+        raise self._lacks(Capability.LIST, "list its blobs")
+
+    def iter_blob_stats(
+        self, skip: Callable[[str], bool] | None = None
+    ) -> Iterator[tuple[str, int, float]]:
+        """``(hash, size, mtime)`` of every stored blob: ``iter_blobs`` as plain tuples (``list``).
+
+        Prune, gc, fsck and du list blobs through this. ``skip(hash)`` is asked about each
+        blob before its size and time are fetched; a blob it answers true for is left out.
+        Prune passes the hashes it already knows to be reachable: a local disk then spares
+        their ``stat``, and building a BlobInfo and a Digest per blob would cost more than
+        that ``stat``. Derived from ``iter_blobs``; override it for speed. Hashes are 64
+        lowercase hex digits. Size 0 with any other hash than the empty blob's is an
+        *emptied* object (what a power cut can leave of a blob written without ``fsync``): a
+        backend that can see such objects lists them, so that fsck reports them as corrupt
+        and prune removes them; the core then passes ``(hash, 0)`` to ``delete_blobs`` and
+        ``find_missing_blobs`` for them. Anything that is not an object (a folder, a stray
+        file) is left out: see :meth:`iter_strays`.
+        """
+        for info in self.iter_blobs():
+            hash_ = info.digest.hash
+            if skip is None or not skip(hash_):
+                yield hash_, info.digest.size, info.mtime
+
+    def iter_strays(self) -> Iterator[StrayEntry]:
+        """Entries of the blob area that are not blobs, for fsck's warnings (``list``).
+
+        Whatever ``iter_blob_stats`` leaves out because it is not an object: folders, links
+        and other non-files named like objects, files or keys whose name is not an object's.
+        The default lists none, for backends that hold nothing but blobs.
+        """
+        return iter(())
+
+    # -- capability DELETE ------------------------------------------------------------------
+
+    def delete_blobs(
+        self, digests: Iterable[Digest], *, older_than: float | None = None
+    ) -> Collection[Digest]:
+        """Delete blobs; absent ones are ignored (``delete``). Return the digests deleted.
+
+        Prune and gc call it with batches of unreachable blobs, ``fsck --repair`` with
+        corrupt ones. With ``older_than`` (seconds since the epoch), delete only blobs whose
+        modification time is still before it at the moment each one is deleted: prune passes
+        its grace cutoff, so a blob a writer touched or re-stored after prune listed it
+        survives. What is returned is what prune reports freed.
+        """
+        raise self._lacks(Capability.DELETE, "delete blobs")
+
+    # -- capability TOUCH -------------------------------------------------------------------
+
+    def touch_blobs(self, digests: Iterable[Digest]) -> Collection[Digest]:
+        """Refresh blobs' modification times, so prune's grace period covers them (``touch``).
+
+        Absent blobs are ignored; return them (the digests that were not there to touch).
+        The default :meth:`freshen_blobs` calls it; a backend's own ``freshen_blobs`` may
+        use what it returns to spare a second query.
+        """
+        raise self._lacks(Capability.TOUCH, "touch blobs")
+
+    def freshen_blobs(self, digests: Collection[Digest]) -> set[Digest]:
+        """Refresh the modification time of the stored blobs among ``digests`` (``touch``);
+        return the ones missing once that is done.
+
+        ``Store.find_missing(freshen=True)`` calls it, as writers do before reusing stored
+        blobs. What this reports present was touched while it existed, so prune's grace period
+        protects it from the call on. The default is ``find_missing_blobs``, ``touch_blobs``
+        of the present ones, and ``find_missing_blobs`` of those again (a blob deleted just
+        before its touch is missing after all); a backend can do it in fewer round trips
+        (touch first, then check). The core calls it only on backends with ``touch``, never
+        with the empty digest, and never with more than ``limits.max_batch_digests`` at once.
+        """
+        missing = self.find_missing_blobs(digests)
+        present = [d for d in digests if d not in missing]
+        if present:
+            self.touch_blobs(present)
+            missing |= self.find_missing_blobs(present)
+        return missing
+
+    # -- capability LOCAL_PATH --------------------------------------------------------------
+
+    def local_path(self, digest: Digest) -> str:
+        """A path on this machine holding the blob, not to be modified (``local-path``).
+
+        Checkout by hardlinks and the server's reads of whole files use it. Raise
+        :class:`BlobNotFoundError` when the blob is not stored.
+        """
+        raise self._lacks(Capability.LOCAL_PATH, "give local files")
+
+    def link_blobs(self, dir_fd: int, links: Iterable[tuple[str, Digest]]) -> None:
+        """Hardlink stored blobs into the directory open as ``dir_fd`` (``local-path``).
+
+        Checkout by hardlinks calls it with a batch of one directory's files. Each
+        ``(name, digest)`` becomes a new name in that directory for the file holding the
+        blob, which must not be modified through it. Raises what :meth:`local_path` raises
+        for a blob that is not stored intact, and ``OSError`` when the file system refuses a
+        link (``EXDEV``, ``EMLINK``, ``EPERM``); links made before the failure stay. The
+        default links each :meth:`local_path`; a backend may skip its per-blob overhead.
+        """
+        for name, digest in links:
+            os.link(self.local_path(digest), name, dst_dir_fd=dir_fd, follow_symlinks=False)
+
+    # -- capability COPY_FILE ---------------------------------------------------------------
+
+    def begin_write_copy(self, fd: int) -> tuple[BlobWriter, BinaryIO]:
+        """Store a local file without passing its bytes through Python (``copy-file``).
+
+        ``Store.put_open_file`` (and so every import of a local file) calls it: copy the open
+        file ``fd``, from its offset to its end, into a new upload. Return the upload, not
+        committed, and a stream over the content the upload now holds; the core hashes that
+        stream and commits the upload under the digest it gets (or aborts it), so content
+        still becomes visible only under the digest it really has, even if the file changes
+        during the copy. Raise :class:`UnsupportedOperationError` when this file cannot be
+        copied so (a file system without ``copy_file_range``): the core then reads the file
+        and streams it through :meth:`begin_write`.
+        """
+        raise self._lacks(Capability.COPY_FILE, "copy files")
+
 
 class RefStore(ABC):
     """Named pointers to digests. Names reaching a backend are already validated."""
+
+    #: Optional methods this backend offers; see :class:`RefCapability`.
+    capabilities: frozenset[RefCapability] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _check_declared(cls, RefCapability)
+        declares = any("capabilities" in vars(k) for k in cls.__mro__[:-1] if k is not RefStore)
+        implemented = [
+            f"{method}()"
+            for methods in REF_CAPABILITY_METHODS.values()
+            for method in methods
+            if getattr(cls, method) is not getattr(RefStore, method)
+        ]
+        if implemented and not declares:
+            # Written for the older contract, where every RefStore had to list and delete.
+            raise BackendContractError(
+                f"{cls.__name__} implements {' and '.join(implemented)} but declares no ref "
+                f"capabilities: add capabilities = frozenset({{RefCapability.LIST, "
+                f"RefCapability.DELETE}}) (what it can do) to the class"
+            )
 
     @abstractmethod
     def get_ref(self, name: str, *, touch: bool = True) -> Digest:
@@ -359,18 +562,22 @@ class RefStore(ABC):
     def set_ref(self, name: str, digest: Digest) -> None:
         """Point ``name`` at ``digest`` atomically (create or replace); sets its access time."""
 
-    @abstractmethod
-    def delete_ref(self, name: str) -> None:
-        """Remove ``name``; raise :class:`RefNotFoundError` when it does not exist."""
+    # -- capability LIST --------------------------------------------------------------------
 
-    @abstractmethod
     def list_refs(self, prefix: str = "") -> Iterator[RefInfo]:
-        """Yield every ref whose name starts with ``prefix``, in any order.
+        """Yield every ref whose name starts with ``prefix``, in any order (``list``).
 
         A ref whose stored value cannot be read as a Digest raises
         :class:`~casframe.errors.InvalidDigestError` naming it; it is never skipped, since a
         prune that did not see it would delete the tree it holds.
         """
+        raise self._lacks(RefCapability.LIST, "list refs")
+
+    # -- capability DELETE ------------------------------------------------------------------
+
+    def delete_ref(self, name: str) -> None:
+        """Remove ``name``; raise :class:`RefNotFoundError` when it does not exist (``delete``)."""
+        raise self._lacks(RefCapability.DELETE, "delete refs")
 
     # -- derived helpers (override for speed) -----------------------------------------------
 
@@ -381,8 +588,8 @@ class RefStore(ABC):
         or any ref under ``name/``. The core asks before every ``set_ref`` and refuses the name
         with :class:`~casframe.errors.RefConflictError`, so every backend holds the same set of
         names a file system can. The default asks ``get_ref`` (without touch) about each
-        folder, then takes the first ref ``list_refs(name + "/")`` yields; a backend that cannot
-        list refs is asked about the folders only. Override it with one cheaper query.
+        folder, then, with ``list``, takes the first ref ``list_refs(name + "/")`` yields.
+        Override it with one cheaper query, or where the storage decides as it sets the ref.
         """
         segments = name.split("/")
         for end in range(1, len(segments)):
@@ -394,11 +601,9 @@ class RefStore(ABC):
             except InvalidDigestError:
                 pass  # a damaged ref is still a ref in the way
             return folder
-        try:
+        if RefCapability.LIST in self.capabilities:
             for info in self.list_refs(name + "/"):
                 return info.name
-        except UnsupportedOperationError:
-            pass
         return None
 
     def check_writable(self) -> None:  # noqa: B027 - optional hook, deliberately empty
@@ -411,3 +616,13 @@ class RefStore(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, deliberately empty
         """Release resources."""
+
+    def describe(self) -> str:
+        """A short human description (used in messages)."""
+        return type(self).__name__
+
+    def _lacks(self, capability: RefCapability, what: str) -> UnsupportedOperationError:
+        return UnsupportedOperationError(
+            f"{self.describe()} cannot {what}: it does not declare the ref capability "
+            f"{capability!s}"
+        )

@@ -43,6 +43,8 @@ import struct
 import threading
 import time
 
+from casframe.userdirs import cache_folder
+
 __all__ = [
     "MAX_AGE_S",
     "MAX_FILES",
@@ -55,7 +57,6 @@ __all__ = [
 
 #: Environment variable: a directory for the cache files, or ``off`` to disable the cache.
 STAT_CACHE_ENV = "CASFRAME_STAT_CACHE"
-_OFF = frozenset({"off", "0", "false", "no"})
 
 #: A file whose modification or change time is this close to (or after) the start of the import
 #: is not recorded. 2 s covers the coarsest common time stamps (FAT); finer ones lose nothing
@@ -87,14 +88,7 @@ def default_directory() -> str | None:
 
     ``None`` when the variable says ``off``.
     """
-    configured = os.environ.get(STAT_CACHE_ENV, "").strip()
-    if configured.lower() in _OFF:
-        return None
-    if configured:
-        return os.path.abspath(os.path.expanduser(configured))
-    import platformdirs
-
-    return os.path.join(platformdirs.user_cache_dir("casframe"), "stat-cache")
+    return cache_folder(STAT_CACHE_ENV, "stat-cache")
 
 
 class StatCache:

@@ -25,7 +25,14 @@ from casframe.errors import (
 from casframe.maintenance import DuReport, FsckReport, GcReport, PruneReport, du, fsck, gc, prune
 from casframe.names import validate_ref_name
 from casframe.refkinds import RESERVED_REF_NAMESPACES, refs_by_use, writable_ref_name
-from casframe.spi import BlobStore, Capability, RefInfo, RefStore
+from casframe.spi import (
+    BlobStore,
+    Capability,
+    RefCapability,
+    RefInfo,
+    RefStore,
+    require_capabilities,
+)
 from casframe.transfer import TransferResult, transfer
 from casframe.tree import (
     TreeEntry,
@@ -91,11 +98,19 @@ class Store:
         try:
             self.blobs.close()
         finally:
-            if self.refs is not self.blobs:  # type: ignore[comparison-overlap]
+            if self.refs is not self.blobs:
                 self.refs.close()
 
-    def has(self, capability: Capability) -> bool:
+    def has(self, capability: Capability | RefCapability) -> bool:
+        """Whether the backend declares ``capability`` (of its blobs, or of its refs)."""
+        if isinstance(capability, RefCapability):
+            return capability in self.refs.capabilities
         return self.verified.has(capability)
+
+    def require(self, operation: str, *capabilities: Capability | RefCapability) -> None:
+        """Raise :class:`~casframe.errors.UnsupportedOperationError` naming ``operation`` and
+        what the backend lacks of ``capabilities``, before the operation touches anything."""
+        require_capabilities(self.blobs, self.refs, operation, *capabilities, where=self.url)
 
     def check_writable(self) -> None:
         """Raise :class:`~casframe.errors.PermissionDeniedError` when this store is known to

@@ -83,7 +83,8 @@ def copy_blobs(
     on_done: Callable[[int], None] | None = None,
 ) -> None:
     """Copy blobs concurrently: small ones in backend batches, large ones streamed."""
-    batch_limit = max(CHUNK_SIZE, min(source.backend.max_batch_bytes, dest.backend.max_batch_bytes))
+    limit = min(source.backend.limits.max_batch_bytes, dest.backend.limits.max_batch_bytes)
+    batch_limit = max(CHUNK_SIZE, limit)
     batches: list[list[Digest]] = []
     large: list[Digest] = []
     current: list[Digest] = []
@@ -112,7 +113,7 @@ def copy_blobs(
         if on_done:
             on_done(digest.size)
 
-    workers = max(source.backend.max_concurrency, dest.backend.max_concurrency)
+    workers = max(source.backend.limits.max_concurrency, dest.backend.limits.max_concurrency)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = [pool.submit(copy_large, d) for d in large]
         futures += [pool.submit(copy_batch, b) for b in batches]

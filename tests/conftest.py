@@ -39,11 +39,13 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _stat_cache_in_the_session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Imports keep their stat cache in the session's temp folder, not in the user's cache.
+    """Imports keep their stat cache, and commands the entry points they found, in the
+    session's temp folder, not in the user's cache.
 
     Session-scoped, so that it also covers imports made by module- and session-scoped
     fixtures; subprocesses inherit it.
     """
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CASFRAME_STAT_CACHE", str(tmp_path_factory.mktemp("stat-cache")))
+        patch.setenv("CASFRAME_ENTRY_POINT_CACHE", str(tmp_path_factory.mktemp("entry-points")))
         yield

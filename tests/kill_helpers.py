@@ -127,9 +127,9 @@ class Stepper:
         def counted_begin_write_for(digest: Digest) -> BlobWriter:
             return counted(begin_write_for(digest))
 
-        def counted_begin_write_copy(fd: int) -> tuple[BlobWriter, BinaryIO] | None:
-            copied = begin_write_copy(fd)
-            return None if copied is None else (counted(copied[0]), copied[1])
+        def counted_begin_write_copy(fd: int) -> tuple[BlobWriter, BinaryIO]:
+            writer, stored = begin_write_copy(fd)
+            return counted(writer), stored
 
         blobs.write_blobs = counted_write_blobs  # type: ignore[method-assign]
         blobs.begin_write = counted_begin_write  # type: ignore[method-assign]

@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 import casframe
+from casframe import layout
 from casframe.cli import TqdmProgress, make_cli
 
 BLOB = bytes(range(256)) * 4  # every byte value, to prove binary safety
@@ -176,7 +177,7 @@ def test_get_replaces_a_file_only_with_verified_content(run: Run, tmp_path: Path
 
     out.write_bytes(b"what was there before")
     parsed = casframe.Digest.parse(digest)
-    stored = tmp_path / "store" / "objects" / parsed.hash[:2] / parsed.hash[2:]
+    stored = tmp_path / "store" / layout.object_key(parsed)
     stored.chmod(0o644)
     stored.write_bytes(BLOB[:-1] + bytes([BLOB[-1] ^ 1]))  # same size, other content
     result = run("get", digest, "-o", "out.bin")

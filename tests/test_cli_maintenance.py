@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from casframe import Digest, open_store
+from casframe import Digest, layout, open_store
 from casframe.cli import make_cli
 from casframe.server import Server
 from casframe.testing import write_files
@@ -155,7 +155,7 @@ def test_fsck_reports_corruption_with_digest_and_ref_and_repairs(
     assert ok(run("fsck")).endswith("2 refs, 3 directories: no problems\n")
 
     damaged = Digest.of_bytes(content(5000, "b"))
-    path = tmp_path / "store" / "objects" / damaged.hash[:2] / damaged.hash[2:]
+    path = tmp_path / "store" / layout.object_key(damaged)
     path.chmod(0o644)
     data = bytearray(path.read_bytes())
     data[100] ^= 1

@@ -14,9 +14,9 @@ from casframe.config import (
     config_path,
     default_store_url,
     load_config,
-    open_configured_store,
 )
 from casframe.errors import ConfigError
+from casframe.plugins import open_configured_store
 
 
 @pytest.fixture(autouse=True)

@@ -1,16 +1,16 @@
 """The ``memory://`` backend against the shipped conformance suite, as a plugin author runs it.
 
-Also here: a backend with nothing but the three primitives (every capability missing), and
-checks of the suite's own switches (``known_gaps``, ``missing_capabilities``).
+Also here: a backend with nothing but the primitives (every capability missing, of blobs and of
+refs), and checks of the suite's own switches (``known_gaps``, and that it follows what a backend
+declares).
 """
 
 import io
 import threading
 
 import pytest
-from casframe_memory.store import MemoryRefStore
 
-from casframe import BlobStore, BlobWriter, Capability, Digest, Store
+from casframe import BlobStore, BlobWriter, Digest, RefNotFoundError, RefStore, Store
 from casframe.testing.conformance import StoreConformance
 
 # The suite against memory:// as casframe ships it (pytest --pyargs casframe.testing.test_memory).
@@ -61,17 +61,42 @@ class PrimitivesOnlyBlobStore(BlobStore):
         return _DictWriter(self)
 
 
+class PrimitivesOnlyRefStore(RefStore):
+    """``get_ref`` and ``set_ref`` and nothing else: it can neither list nor delete refs."""
+
+    def __init__(self):
+        self.refs: dict[str, Digest] = {}
+
+    def get_ref(self, name, *, touch=True):
+        try:
+            return self.refs[name]
+        except KeyError:
+            raise RefNotFoundError(name, "primitives-only://") from None
+
+    def set_ref(self, name, digest):
+        self.refs[name] = digest
+
+
+# Without a listing, the default conflicting_ref sees the refs named like a folder of a name,
+# not those under it: a backend that cannot list overrides it, or its storage refuses in set_ref.
+_UNSEEN_BELOW = "conflicting_ref cannot see refs under a name without listing them"
+
+
 class TestPrimitivesOnlyBackend(StoreConformance):
-    missing_capabilities = frozenset(Capability)
+    known_gaps = {
+        "test_a_ref_never_shadows_another['a/b'-'a']": _UNSEEN_BELOW,
+        "test_a_ref_never_shadows_another['x/y/z/w'-'x/y']": _UNSEEN_BELOW,
+        "test_a_ref_never_shadows_another['x/y'-'x']": _UNSEEN_BELOW,
+    }
 
     @pytest.fixture
     def store(self):
-        return Store(PrimitivesOnlyBlobStore(), MemoryRefStore(), url="primitives-only://")
+        return Store(PrimitivesOnlyBlobStore(), PrimitivesOnlyRefStore(), url="primitives-only://")
 
 
 SIZE_BLIND_SUITE = '''
 import pytest
-from casframe import Capability, Store
+from casframe import Store
 from casframe.testing.conformance import BlobConformance
 from casframe_memory.store import MemoryBlobStore, MemoryRefStore
 
@@ -85,7 +110,6 @@ class SizeBlindBlobStore(MemoryBlobStore):
 
 
 class TestSizeBlind(BlobConformance):
-    missing_capabilities = frozenset({Capability.LOCAL_PATH})
     known_gaps = %r
 
     @pytest.fixture
@@ -125,12 +149,61 @@ def test_known_gap_naming_no_test_is_an_error(pytester):
     result.stdout.fnmatch_lines(["*known_gaps names no test of the suite*test_no_such_thing*"])
 
 
-def test_missing_capabilities_must_match_the_declaration(pytester):
+UNDECLARED_SUITE = '''
+import pytest
+from casframe import Capability, Store
+from casframe.testing.conformance import BlobConformance
+from casframe_memory.store import MemoryBlobStore, MemoryRefStore
+
+
+class ListsWithoutSayingSo(MemoryBlobStore):
+    """Broken on purpose: it can touch blobs, but does not declare it."""
+
+    capabilities = frozenset({Capability.LIST, Capability.DELETE})
+
+
+class ClaimsLocalPaths(MemoryBlobStore):
+    """Broken on purpose: it declares local paths it cannot give."""
+
+    capabilities = MemoryBlobStore.capabilities | {Capability.LOCAL_PATH}
+
+
+class TestUndeclared(BlobConformance):
+    @pytest.fixture
+    def store(self):
+        return Store(ListsWithoutSayingSo(), MemoryRefStore())
+
+
+class TestOverclaimed(BlobConformance):
+    @pytest.fixture
+    def store(self):
+        return Store(ClaimsLocalPaths(), MemoryRefStore())
+'''
+
+
+def test_the_suite_holds_a_backend_to_what_it_declares(pytester):
+    pytester.makepyfile(test_declared=UNDECLARED_SUITE)
+    result = pytester.runpytest("-k", "capability_touch or capability_local_path", "-rf")
+    # An undeclared capability that works, and a declared one that does not, both fail.
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines([
+        "FAILED *TestUndeclared::test_capability_touch*",
+        "FAILED *TestOverclaimed::test_capability_local_path*",
+    ])
+    out = result.stdout.str()
+    assert "DID NOT RAISE UnsupportedOperationError" in out
+    assert "cannot give local files: it does not declare the local-path capability" in out
+
+
+def test_missing_capabilities_is_refused_naming_what_to_do(pytester):
     pytester.makepyfile(
-        test_gap=(SIZE_BLIND_SUITE % {}).replace(
-            "frozenset({Capability.LOCAL_PATH})", "frozenset()"
-        )
+        test_old=(SIZE_BLIND_SUITE % {}).replace(
+            "known_gaps = {}", "missing_capabilities = frozenset({Capability.LOCAL_PATH})"
+        ).replace("from casframe import Store", "from casframe import Capability, Store")
     )
-    result = pytester.runpytest("-k", "declared_capabilities or capability_local_path")
-    result.assert_outcomes(failed=2)
-    result.stdout.fnmatch_lines(["*set missing_capabilities to exactly what the backend*"])
+    result = pytester.runpytest()
+    assert result.ret != 0
+    result.stdout.fnmatch_lines([
+        "*TestSizeBlind.missing_capabilities is no longer read: the suite follows the "
+        "capabilities the backend declares*delete the line*"
+    ])

@@ -16,7 +16,9 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
+import importlib.metadata
 import os
 import re
 import select
@@ -29,8 +31,9 @@ from pathlib import Path
 import click
 import pytest
 
-from casframe import hookspecs
+from casframe import hookspecs, spi
 from casframe.cli import make_cli
+from casframe.cli.group import BUILTIN_COMMANDS
 
 pytest_plugins = ["pytester"]
 
@@ -145,6 +148,43 @@ def test_every_hook_is_documented(hook: str) -> None:
     assert hook_example(hook), f"the section on {hook} in docs/hooks.md has no example plugin"
 
 
+def test_hooks_md_names_every_built_in_backend() -> None:
+    """The built-in plugins docs/hooks.md lists are the casframe distribution's entry points."""
+    text = (DOCS / "hooks.md").read_text(encoding="utf-8")
+    found = re.search(r"casframe's own backends \(([^)]*)\)", text)
+    assert found, "docs/hooks.md no longer lists casframe's own backends"
+    listed = sorted(re.findall(r"`(\w+)`", found.group(1)))
+    shipped = sorted(
+        ep.name for ep in importlib.metadata.distribution("casframe").entry_points
+        if ep.group == "casframe"
+    )
+    assert listed == shipped
+
+
+def _contract_names() -> list[str]:
+    """Every method a backend may implement or override, every capability, every limit."""
+    names = [
+        name
+        for part in (spi.BlobStore, spi.BlobWriter, spi.RefStore)
+        for name, value in vars(part).items()
+        if callable(value) and not name.startswith("_")
+    ]
+    names += [f"{kind.__name__}.{c.name}" for kind in (spi.Capability, spi.RefCapability)
+              for c in kind]
+    return list(dict.fromkeys(names + [f.name for f in dataclasses.fields(spi.BlobLimits)]))
+
+
+@pytest.mark.parametrize("name", _contract_names())
+def test_writing_a_backend_documents_the_whole_contract(name: str) -> None:
+    """Each method of the backend contract, each capability and each limit is in a table of
+    docs/writing-a-backend.md (for a method: where the core calls it)."""
+    rows = [
+        line for line in (DOCS / "writing-a-backend.md").read_text(encoding="utf-8").splitlines()
+        if line.startswith("| ") and re.search(rf"`\*?{re.escape(name)}[`(]", line)
+    ]
+    assert rows, f"docs/writing-a-backend.md has no table row for {name}"
+
+
 def hook_example(hook: str) -> str:
     """The example plugin in the section on ``hook``: the code block implementing it."""
     blocks = [
@@ -180,12 +220,15 @@ def test_every_hook_has_a_test(hook: str) -> None:
 
 
 def cli_commands() -> list[tuple[str, click.Command]]:
-    """``(path, command)`` for every command and subcommand of the real ``casframe`` group."""
+    """``(path, command)`` for every command and subcommand of the real ``casframe`` group,
+    casframe's own: those that installed plugins add are documented by their plugins."""
     found = []
 
     def walk(group: click.Group, prefix: str) -> None:
         context = click.Context(group)  # the group may load its commands on first use
         for name in sorted(group.list_commands(context)):
+            if not prefix and name not in BUILTIN_COMMANDS:
+                continue
             command = group.get_command(context, name)
             assert command is not None, name
             path = f"{prefix}{name}"

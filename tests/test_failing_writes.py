@@ -24,7 +24,7 @@ def test_a_local_file_fails_on_the_copy_path_too(local_store: Store, tmp_path: P
 
 
 def test_an_upload_of_a_known_digest_fails(s3_store: Store) -> None:
-    data = random_bytes(s3_store.blobs.prehash_min_size or LARGE_FILE_SIZE, seed=4)
+    data = random_bytes(s3_store.blobs.limits.prehash_min_size or LARGE_FILE_SIZE, seed=4)
     digest = Digest.of_bytes(data)
     with failing_writes(s3_store, 0) as written, pytest.raises(InjectedFailure):
         s3_store.put_stream(io.BytesIO(data), digest)

@@ -353,8 +353,8 @@ def test_capabilities_are_read_on_open(store: Store) -> None:
     # casframe's server advertises 3 MiB (4 MiB messages, 1 MiB kept for framing).
     assert blobs.batch_limit == (3 << 20) - 1024  # type: ignore[attr-defined]
     # The core groups 1 MiB per call: each call in flight holds about four times its payload.
-    assert blobs.max_batch_bytes == 1 << 20
-    assert blobs.max_concurrency == 4
+    assert blobs.limits.max_batch_bytes == 1 << 20
+    assert blobs.limits.max_concurrency == 4
 
 
 # -- refs ----------------------------------------------------------------------------------------
@@ -608,26 +608,8 @@ def test_grpcs_with_mutual_tls(pki: Pki, tmp_path: Path) -> None:  # noqa: F811 
 
 # -- the conformance suite -----------------------------------------------------------------------
 
-# REAPI, Remote Asset and ReferenceStorage have no call to list or delete refs, nor to read a
-# ref without using it: every test that needs one of those is a known gap of grpc://.
-_REF_LISTING = "REAPI has no call to list refs"
-_KNOWN_GAPS = {
-    "test_set_ref_replaces_the_target": _REF_LISTING,
-    "test_ref_names_may_contain_slashes": _REF_LISTING,
-    "test_list_refs_with_prefix": _REF_LISTING,
-    "test_invalid_ref_names_are_refused": _REF_LISTING,
-    "test_get_ref_refreshes_access_time_for_lru_order": _REF_LISTING,
-    "test_delete_ref": "REAPI has no call to delete refs",
-    "test_interrupted_transfer_leaves_no_ref_and_resumes[pull-files]": _REF_LISTING,
-    "test_interrupted_transfer_leaves_no_ref_and_resumes[pull-directories]": _REF_LISTING,
-    # fsck starts from the list of refs; the server also refuses the damaged refs it is fed.
-    "test_fsck_of_a_healthy_store_is_ok": _REF_LISTING,
-    "test_fsck_finds_flipped_truncated_and_missing_blobs": "the server refuses a ref to an "
-    "incomplete tree, and REAPI has no call to list refs",
-    "test_fsck_checks_the_form_of_directories": "the server refuses a ref to an unsafe tree, "
-    "and REAPI has no call to list refs",
-}
-
+# REAPI, Remote Asset and ReferenceStorage have no call to list or delete refs: grpc:// declares
+# neither ref capability, and the suite checks those are refused instead of listing them as gaps.
 
 # A gap of casframe's server, not of this backend: its ByteStream.Read stops after the digest's
 # size, so an over-long object in a memory:// store is served as its (correct) first bytes
@@ -636,8 +618,6 @@ _SERVER_OVERLONG = "casframe's server does not detect an over-long object in Byt
 
 
 class _GrpcConformance(StoreConformance):
-    missing_capabilities = frozenset(Capability)
-    known_gaps = _KNOWN_GAPS
     backing_kind = ""
 
     @pytest.fixture
@@ -655,7 +635,6 @@ class _GrpcConformance(StoreConformance):
 class TestGrpcOverMemory(_GrpcConformance):
     backing_kind = "memory"
     known_gaps = {
-        **_KNOWN_GAPS,
         "test_corrupted_blob_is_detected_on_read[2097157-extended]": _SERVER_OVERLONG,
     }
 

@@ -152,7 +152,7 @@ def store(buildgrid: BuildGrid) -> Iterator[Store]:
 def test_capabilities_set_the_batch_limit(store: Store) -> None:
     # BuildGrid advertises 4 MiB minus 1 KiB; the backend keeps room for message framing.
     assert 3 << 20 < store.blobs.batch_limit < 4 << 20  # type: ignore[attr-defined]
-    assert store.blobs.max_batch_bytes < store.blobs.batch_limit  # type: ignore[attr-defined]
+    assert store.blobs.limits.max_batch_bytes < store.blobs.batch_limit  # type: ignore[attr-defined]
     assert store.blobs.capabilities == frozenset()
 
 

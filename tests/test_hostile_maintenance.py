@@ -18,7 +18,15 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from casframe import BlobNotFoundError, CasframeError, ConfigError, Digest, Store, open_store
+from casframe import (
+    BlobNotFoundError,
+    CasframeError,
+    ConfigError,
+    Digest,
+    Store,
+    layout,
+    open_store,
+)
 from casframe.cli import make_cli
 from casframe.testing import write_files
 from casframe.testing.s3 import S3TestBucket
@@ -75,7 +83,7 @@ class Damage:
     def empty(self, digest: Digest) -> None:
         """Leave a 0-byte object under ``digest``'s hash, as a power cut can."""
         if self.root is not None:
-            path = self.root / "objects" / digest.hash[:2] / digest.hash[2:]
+            path = self.root / layout.object_key(digest)
             path.chmod(0o644)
             path.write_bytes(b"")
             return
@@ -86,11 +94,11 @@ class Damage:
 
     def key(self, digest: Digest) -> str:
         assert self.bucket is not None
-        return f"{self.bucket.prefix}/objects/{digest.hash[:2]}/{digest.hash[2:]}"
+        return f"{self.bucket.prefix}/{layout.object_key(digest)}"
 
     def object_exists(self, digest: Digest) -> bool:
         if self.root is not None:
-            return (self.root / "objects" / digest.hash[:2] / digest.hash[2:]).exists()
+            return (self.root / layout.object_key(digest)).exists()
         assert self.bucket is not None
         return self.key(digest) in self.bucket.keys()
 
@@ -187,7 +195,7 @@ def test_a_folder_where_a_referenced_object_should_be_is_a_missing_blob(tmp_path
     tree = _tree(store, tmp_path, "t")
     store.set_ref("t", tree)
     victim = max(d for d in store.tree_digests(tree) if d.size > 1000)
-    path = root / "objects" / victim.hash[:2] / victim.hash[2:]
+    path = root / layout.object_key(victim)
     path.unlink()
     path.mkdir()
 
@@ -211,7 +219,7 @@ def test_a_fifo_where_a_referenced_object_should_be_is_missing_and_never_waited_
     tree = _tree(store, tmp_path, "t")
     store.set_ref("t", tree)
     victim = max(d for d in store.tree_digests(tree) if d.size > 1000)
-    path = root / "objects" / victim.hash[:2] / victim.hash[2:]
+    path = root / layout.object_key(victim)
     path.unlink()
     os.mkfifo(path)  # opening it for reading would wait for a writer forever
 

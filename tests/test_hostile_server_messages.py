@@ -30,7 +30,7 @@ from cryptography.x509.oid import NameOID
 from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from casframe import BackendUnavailableError, ConfigError, Digest, Store, open_store
+from casframe import BackendUnavailableError, ConfigError, Digest, Store, layout, open_store
 from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -224,7 +224,7 @@ def local(private_root: Path, tmp_path: Path) -> Iterator[tuple[Store, Names]]:
 
 
 def _object_path(root: Path, digest: Digest) -> Path:
-    return root / "objects" / digest.hash[:2] / digest.hash[2:]
+    return root / layout.object_key(digest)
 
 
 def test_damaged_refs_are_data_loss_without_the_store_location(
@@ -484,7 +484,7 @@ def test_an_s3_store_is_not_named_to_clients(
         _record_asset_and_action(client, names)
         s3.put_object(Bucket=bucket, Key=f"{prefix}/refs/heads/{names.ref}", Body=b"\x00garbage")
         blob = names.blobs[0]
-        s3.put_object(Bucket=bucket, Key=f"{prefix}/objects/{blob.hash[:2]}/{blob.hash[2:]}",
+        s3.put_object(Bucket=bucket, Key=f"{prefix}/{layout.object_key(blob)}",
                       Body=b"truncated")
         client.all_services(names)
         damaged = list(client.outcomes)

@@ -287,7 +287,7 @@ def test_limits_from_a_named_stores_options_table(tmp_path: Path, monkeypatch) -
         '[stores.big.options]\nmax_tree_entries = 50000000\nmax_tree_bytes = "4T"\n'
     )
     monkeypatch.setenv("CASFRAME_CONFIG", str(config))
-    from casframe.config import open_configured_store
+    from casframe.plugins import open_configured_store
 
     with open_configured_store("big") as store:
         assert store.tree_limits.max_entries == 50_000_000

@@ -24,6 +24,7 @@ from casframe import (
     Digest,
     InvalidDigestError,
     Store,
+    layout,
     open_store,
 )
 from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
@@ -44,7 +45,7 @@ from casframe.tree import missing_in_tree
 
 
 def object_path(root: Path, digest: Digest) -> Path:
-    return root / "objects" / digest.hash[:2] / digest.hash[2:]
+    return root / layout.object_key(digest)
 
 
 def all_objects(root: Path) -> dict[str, os.stat_result]:

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CASFRAME = ROOT / "casframe"
 PLUGINS = ROOT / "plugins"
 
-#: Packages that may be imported inside a function, each with the reason.
+#: Packages (third-party, or heavy parts of the standard library kept off the start-up path)
+#: that may be imported inside a function, each with the reason.
 DEFERRED_IMPORTS = {
     "tqdm": "progress bars: only a command that draws one loads them",
     "platformdirs": "the user's directories: looked up only when no path is configured",
@@ -29,6 +30,8 @@ DEFERRED_IMPORTS = {
     "moto": "the S3 fixtures: optional (casframe[test]), loaded by the fixture using them",
     "logging": "the moto server fixture quiets its logger: the pytest plugin stays cheap",
     "urllib": "the moto server fixture's reset call: the pytest plugin stays cheap",
+    "tomllib": "compiles its regular expressions on import: only when there is a config file",
+    "importlib": "importlib.metadata: the slow path the entry-point cache exists to avoid",
 }
 
 

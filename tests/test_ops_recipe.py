@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 from bazel_helpers import ACTIONS, build, process_summary, write_workspace
 
-from casframe import Digest
+from casframe import Digest, layout
 from casframe.testing import assert_tree_equal, random_bytes, write_tree
 from casframe.testing.s3 import S3TestBucket
 
@@ -188,7 +188,7 @@ def stored_objects(bucket: S3TestBucket, prefix: str) -> int:
 def object_key(prefix: str, data: bytes) -> str:
     """Where the store keeps the blob ``data`` in the bucket."""
     digest = Digest.of_bytes(data)
-    return f"{prefix}/objects/{digest.hash[:2]}/{digest.hash[2:]}"
+    return f"{prefix}/{layout.object_key(digest)}"
 
 
 @contextlib.contextmanager
@@ -243,8 +243,10 @@ def test_the_recipe_end_to_end(bazel: str, s3_server_bucket: S3TestBucket, tmp_p
         uploaded.append(stored_objects(s3_server_bucket, prefix) - before)
     # Each build uploads only what changed: VERSION, bin/app and the two Directories above them.
     assert uploaded == [4, 4, 4]
-    # No local store on the CI runner: only the small stat cache of the import.
-    assert [p.name for p in (ci.home / ".cache" / "casframe").iterdir()] == ["stat-cache"]
+    # No local store on the CI runner: only the small stat cache of the import, and the
+    # installed plugins' entry points remembered by the commands.
+    cached = {p.name for p in (ci.home / ".cache" / "casframe").iterdir()}
+    assert {"stat-cache"} <= cached <= {"stat-cache", "entry-points"}, cached
     ci.casframe("--store", "artifacts", "ref", "cp", "ci/main/1003", "release/1.1")
 
     # 2. A deploy machine fetches builds: identical files, hardlinked from its own cache, and

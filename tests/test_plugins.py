@@ -29,7 +29,8 @@ from casframe import (
     open_store,
     registered_plugin,
 )
-from casframe.plugins import reset_plugin_manager
+from casframe.config import load_config
+from casframe.plugins import open_configured_store, reset_plugin_manager
 
 FAKE_MODULE = "casframe_fakeplug_module"
 FAKE_PLUGIN_BODY = """
@@ -246,6 +247,104 @@ def test_duplicate_scheme_from_a_third_party_distribution(fake_distribution) -> 
     with pytest.raises(DuplicateSchemeError) as caught:
         open_store("memory://")
     assert "'local'" in str(caught.value) and "'fakeplug'" in str(caught.value)
+
+
+class _Counting:
+    """A plugin counting how often its ``casframe_register_backends`` runs."""
+
+    def __init__(self, scheme: str) -> None:
+        self.scheme = scheme
+        self.calls = 0
+
+    @hookimpl
+    def casframe_register_backends(self, registry) -> None:  # type: ignore[no-untyped-def]
+        self.calls += 1
+        registry.add(self.scheme, "casframe_memory.store:open_memory_store")
+
+
+def test_the_registry_is_built_once_and_again_after_a_plugin_arrives(
+    plugins, tmp_path: Path
+) -> None:
+    counting = _Counting("counted")
+    cache = f"cache://?local=file://{tmp_path / 'local'}&remote=file://{tmp_path / 'remote'}"
+    with registered_plugin(counting, name="counting"):
+        # A cache:// store opens two more stores: all three are resolved with one registry.
+        with open_store(cache) as store:
+            store.put_bytes(b"through the cache")
+        assert counting.calls == 1
+        open_store("memory://").close()
+        list_plugins()
+        assert counting.calls == 1, "the registry is kept between uses"
+
+        with registered_plugin(_Throwaway(("late", "casframe_memory.store:open_memory_store",
+                                           None)), name="late"):
+            assert open_store("late://").url == "late://", "a plugin registered later is seen"
+            assert counting.calls == 2
+        with pytest.raises(UnknownSchemeError, match="'late'"):
+            open_store("late://")
+        assert counting.calls == 3, "and its schemes go when it is unregistered"
+
+
+class _Keeping:
+    """A plugin that keeps the registry its hook was given and adds to it later."""
+
+    registry: casframe.BackendRegistry | None = None
+
+    @hookimpl
+    def casframe_register_backends(self, registry) -> None:  # type: ignore[no-untyped-def]
+        self.registry = registry
+        registry.add("kept", "casframe_memory.store:open_memory_store")
+
+
+def test_each_scheme_is_owned_by_the_plugin_that_added_it(plugins) -> None:
+    keeping = _Keeping()
+    other = _Throwaway(("other", "casframe_memory.store:open_memory_store", None),
+                       ("other2", "casframe_memory.store:open_memory_store", None))
+    with registered_plugin(keeping, name="keeping"), registered_plugin(other, name="other"):
+        assert _plugin("keeping").schemes == ("kept",)
+        assert _plugin("other").schemes == ("other", "other2")
+        assert _plugin("memory").schemes == ("memory",)
+        # Adding after the hook returned is refused, not attributed to whoever runs next.
+        assert keeping.registry is not None
+        with pytest.raises(ConfigError) as caught:
+            keeping.registry.add("sneaky", "casframe_memory.store:open_memory_store")
+        assert str(caught.value) == (
+            "plugin 'keeping' cannot add scheme 'sneaky': the backend registry is complete; "
+            "add schemes from the casframe_register_backends hook"
+        )
+        with pytest.raises(UnknownSchemeError):
+            open_store("sneaky://")
+
+
+def _open_mirror(url: casframe.StoreURL, opener: casframe.StoreOpener) -> Store:
+    """``mirror://?of=STORE``: the store ``of`` names, opened through the opener."""
+    return opener.open(url.options["of"])
+
+
+def test_a_factory_taking_an_opener_opens_stores_of_the_callers_configuration(
+    plugins, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "ci.toml"
+    config.write_text(
+        f'[stores.shared]\nurl = "file://{tmp_path / "shared"}"\n'
+        '[stores.loop]\nurl = "mirror://?of=loop"\n'
+    )
+    monkeypatch.setenv("CASFRAME_CONFIG", str(tmp_path / "absent.toml"))  # not the user's file
+    with registered_plugin(_Throwaway(("mirror", _open_mirror, None)), name="mirror"):
+        opener = casframe.StoreOpener(load_config(config))
+        with opener.open_url("mirror://?of=shared") as store:
+            assert store.url == f"file://{tmp_path / 'shared'}"
+            digest = store.put_bytes(b"shared")
+        with open_configured_store("shared", config=load_config(config)) as shared:
+            assert shared.read_bytes(digest) == b"shared"
+        with pytest.raises(ConfigError) as caught:
+            open_configured_store("loop", config=load_config(config))
+        assert str(caught.value) == (
+            "store 'loop' leads back to itself through the stores it opens: loop -> loop"
+        )
+        # Without a configuration, names resolve in the user's file, where 'shared' is unknown.
+        with pytest.raises(ConfigError, match="unknown store 'shared'"):
+            open_store("mirror://?of=shared")
 
 
 def test_lazy_factory_whose_own_module_is_missing_names_plugin_and_module(plugins) -> None:

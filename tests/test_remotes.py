@@ -31,6 +31,7 @@ from casframe import (
     Store,
     StoreURL,
     hookimpl,
+    layout,
     open_store,
 )
 from casframe.cli import make_cli
@@ -299,7 +300,7 @@ def test_pull_moves_on_when_a_remote_holds_an_incomplete_tree(
         with open_remote(entry) as store:
             local.push(store, REF)
     largest = max(local.tree_digests(REF), key=lambda d: d.size)
-    (tmp_path / "broken" / "objects" / largest.hash[:2] / largest.hash[2:]).unlink()
+    (tmp_path / "broken" / layout.object_key(largest)).unlink()
 
     with open_store(f"file://{tmp_path / 'laptop'}") as laptop:
         report = Remotes([broken, good]).pull(laptop, REF)

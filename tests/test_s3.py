@@ -22,7 +22,6 @@ import pytest
 
 from casframe import (
     BackendUnavailableError,
-    Capability,
     CasframeError,
     ConfigError,
     CorruptBlobError,
@@ -31,6 +30,7 @@ from casframe import (
     InvalidDigestError,
     PermissionDeniedError,
     Store,
+    layout,
     open_store,
 )
 from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
@@ -47,21 +47,20 @@ MiB = 1 << 20
 
 
 def object_key(bucket: S3TestBucket, digest: Digest) -> str:
-    return f"{bucket.prefix}/objects/{digest.hash[:2]}/{digest.hash[2:]}"
+    return f"{bucket.prefix}/{layout.object_key(digest)}"
 
 
 # -- conformance ------------------------------------------------------------------------------
 
 
 class _S3Conformance(StoreConformance):
-    missing_capabilities = frozenset({Capability.LOCAL_PATH})
     mtime_resolution = 1.0  # LastModified has one-second steps
 
     def corrupt_blob(self, store: Store, digest: Digest, data: bytes) -> None:
         options = store.blobs.options  # type: ignore[attr-defined]
         store.blobs.client.put_object(  # type: ignore[attr-defined]
             Bucket=options.bucket,
-            Key=f"{options.key_prefix}objects/{digest.hash[:2]}/{digest.hash[2:]}",
+            Key=options.key_prefix + layout.object_key(digest),
             Body=data,
         )
 
@@ -90,7 +89,7 @@ def test_url_options_reach_boto3(s3_mock: S3TestBucket) -> None:
     )
     with open_store(url) as store:
         assert store.url == f"s3://{s3_mock.name}/deep/prefix"
-        assert store.blobs.max_concurrency == 7
+        assert store.blobs.limits.max_concurrency == 7
         options = store.blobs.options  # type: ignore[attr-defined]
         assert (options.multipart_threshold, options.multipart_chunksize) == (16 * MiB, 6 * MiB)
         config = store.blobs.client.meta.config  # type: ignore[attr-defined]
@@ -107,10 +106,10 @@ def test_url_options_reach_boto3(s3_mock: S3TestBucket) -> None:
 
 def test_options_from_the_config_file_are_used(s3_mock: S3TestBucket) -> None:
     with open_store(s3_mock.store_url, {"max_concurrency": 3, "retry_mode": "adaptive"}) as store:
-        assert store.blobs.max_concurrency == 3
+        assert store.blobs.limits.max_concurrency == 3
         # The URL's query wins over the config file.
     with open_store(s3_mock.store_url + "?max_concurrency=5", {"max_concurrency": 3}) as store:
-        assert store.blobs.max_concurrency == 5
+        assert store.blobs.limits.max_concurrency == 5
 
 
 @pytest.mark.parametrize(
@@ -378,7 +377,7 @@ def test_writers_of_the_same_blob_upload_it_once(s3_mock: S3TestBucket, s3_store
 @pytest.fixture
 def small_pages(monkeypatch: pytest.MonkeyPatch) -> None:
     """LIST pages of 40 keys (instead of 1,000), so a few hundred blobs make a "large" store."""
-    import casframe_s3.store as s3_module
+    import casframe_s3.bucket as s3_module
 
     original = s3_module._Bucket.list_pages
     monkeypatch.setattr(
@@ -425,7 +424,7 @@ def test_find_missing_of_thousands_lists_fanout_folders(s3_store: Store, small_p
 def test_find_missing_in_a_full_folder_falls_back_to_asking(
     s3_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import casframe_s3.store as s3_module
+    import casframe_s3.bucket as s3_module
 
     # Pages of 2 keys make every folder "full": listing it would cost more than asking.
     stored = [s3_store.put_bytes(b"full %d" % i) for i in range(120)]
@@ -453,7 +452,7 @@ def test_iter_blobs_over_many_pages(
 
 def test_partial_delete_failures_are_reported(s3_store: Store) -> None:
     keep, drop = s3_store.put_bytes(b"protected"), s3_store.put_bytes(b"deletable")
-    locked_key = f"store/objects/{keep.hash[:2]}/{keep.hash[2:]}"
+    locked_key = f"store/{layout.object_key(keep)}"
 
     def refuse_one(parsed: dict[str, Any], **_: Any) -> None:
         parsed["Errors"] = [{"Key": locked_key, "Code": "AccessDenied", "Message": "Locked"}]
@@ -885,7 +884,7 @@ def test_parts_in_flight_are_bounded_across_concurrent_uploads(
 ) -> None:
     import threading
 
-    import casframe_s3.store as s3_module
+    import casframe_s3.bucket as s3_module
 
     blobs = [random_bytes(24 * MiB, seed=40 + i) for i in range(3)]
     with open_store(s3_server_bucket.store_url) as store:
@@ -1047,7 +1046,7 @@ def test_clean_temp_refused_by_the_server_is_a_warning_and_prune_goes_on(
     _inject(s3_server_store, operation, 403, "AccessDenied", times=1)
     time.sleep(1.1)
 
-    with caplog.at_level(logging.WARNING, logger="casframe_s3.store"):
+    with caplog.at_level(logging.WARNING, logger="casframe_s3"):
         report = s3_server_store.prune(grace_period=0)
 
     assert report.temp_files_removed == 0

@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 from casframe.cli.progressbar import TqdmProgress
+from casframe.lazy import lazy_module
 from casframe.progress import NO_PROGRESS, Progress
 
 if TYPE_CHECKING:
+    from casframe import config, plugins
     from casframe.config import Config
     from casframe.store import Store
+else:  # loaded when a command first opens a store: --version and --help never pay for them
+    config = lazy_module("casframe.config")
+    plugins = lazy_module("casframe.plugins")
 
-__all__ = ["App", "RUNTIME_MODULE", "runtime"]
-
-#: Configuration and store opening (:mod:`casframe.cli.runtime`), loaded by name on first use
-#: like the command modules, so that ``casframe --version`` and ``--help`` never pay for them.
-RUNTIME_MODULE = "casframe.cli.runtime"
-
-
-def runtime() -> ModuleType:
-    """The module of :data:`RUNTIME_MODULE` (imported once, then cached by Python)."""
-    return importlib.import_module(RUNTIME_MODULE)
-
+__all__ = ["App"]
 
 def _stderr_is_terminal() -> bool:
     isatty = getattr(sys.stderr, "isatty", None)
@@ -50,7 +43,7 @@ class App:
 
     def config(self) -> Config:
         if self._config is None:
-            self._config = runtime().load_config(self.config_file)
+            self._config = config.load_config(self.config_file)
         return self._config
 
     def store(self, *, create: bool = True) -> Store:
@@ -65,9 +58,7 @@ class App:
 
     def open(self, name_or_url: str | None, *, create: bool = True) -> Store:
         """Open another store given as a URL, a configured name or a path."""
-        store: Store = runtime().open_configured_store(
-            name_or_url, config=self.config(), create=create
-        )
+        store = plugins.open_configured_store(name_or_url, config=self.config(), create=create)
         self._opened.append(store)
         return store
 

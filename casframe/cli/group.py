@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -28,6 +28,12 @@ from casframe.cli.helpers import (
     error_line,
 )
 from casframe.errors import CasframeError
+from casframe.lazy import lazy_module
+
+if TYPE_CHECKING:
+    from casframe import plugins
+else:  # pluggy and the entry points load once a command is looked up, never for --version
+    plugins = lazy_module("casframe.plugins")
 
 __all__ = [
     "BUILTIN_COMMANDS",
@@ -58,9 +64,6 @@ BUILTIN_COMMANDS = {
     "fsck": "casframe.cli.maintenance:fsck_command",
     "du": "casframe.cli.maintenance:du_command",
 }
-
-#: The plugin machinery, loaded by name once a command is looked up (never for ``--version``).
-PLUGINS_MODULE = "casframe.plugins"
 
 #: The first paragraph of each built-in command's help, as ``casframe --help`` lists it: the
 #: listing shows these instead of importing every command module (a test keeps them equal).
@@ -148,31 +151,27 @@ class CasframeGroup(click.Group):
     def load_plugin_commands(self) -> None:
         """Call every plugin's ``casframe_register_commands`` once, in registration order.
 
-        Each implementation is called on its own (as the backend registry does) so that a
-        clash names the plugin responsible; the earlier plugin keeps the name.
+        Each plugin is called on its own so that a clash names the plugin responsible; the
+        earlier plugin keeps the name.
         """
         if self._plugin_commands_loaded:
             return
         self._plugin_commands_loaded = True
-        plugins = importlib.import_module(PLUGINS_MODULE)  # by name, as the commands
-        hook = plugins.get_plugin_manager().hook.casframe_register_commands
-        for impl in hook.get_hookimpls():  # oldest registration first (pluggy calls LIFO)
-            if impl.hookwrapper or impl.wrapper:
-                continue
-            self._registering = impl.plugin_name
+        hooks = plugins.each_plugin(plugins.get_plugin_manager(), "casframe_register_commands")
+        for plugin, call in hooks:
+            self._registering = plugin
             try:
-                impl.function(**({"cli": self} if "cli" in impl.argnames else {}))
+                call(cli=self)
             except CasframeError:
                 raise
             except Exception as exc:
                 raise PluginCommandError(
-                    f"plugin {impl.plugin_name!r} failed to add its commands: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"plugin {plugin!r} failed to add its commands: {type(exc).__name__}: {exc}"
                 ) from exc
             finally:
                 self._registering = None
 
-    def main(  # type: ignore[override]
+    def main(
         self,
         args: Sequence[str] | None = None,
         prog_name: str | None = None,

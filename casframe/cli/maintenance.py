@@ -10,7 +10,6 @@ import click
 from casframe.cli.app import App
 from casframe.cli.helpers import (
     EXIT_ERROR,
-    PROG,
     emit_json,
     format_count,
     format_size,
@@ -19,6 +18,7 @@ from casframe.cli.helpers import (
     parse_with,
     pass_app,
     positive_size,
+    warning_line,
 )
 from casframe.units import parse_duration
 
@@ -70,11 +70,7 @@ def _age(seconds: float) -> str:
 
 def _warn_ref_problems(problems: Sequence[Any]) -> None:
     for problem in problems:
-        click.echo(
-            f"{PROG}: warning: ref {problem.ref}: {problem.kind} {problem.digest}: "
-            f"{problem.detail}",
-            err=True,
-        )
+        warning_line(f"ref {problem.ref}: {problem.kind} {problem.digest}: {problem.detail}")
 
 
 def _ref_table(usage: Sequence[Any], *, extra: str = "") -> None:
@@ -223,10 +219,7 @@ def gc_command(
         if grace_period > 0:
             reasons.append(f"blobs younger than --grace {_age(grace_period)}")
         why = f": what is left is kept by {' or '.join(reasons)}" if reasons else ""
-        click.echo(
-            f"{PROG}: warning: cannot get under {format_size(report.target_bytes)}{why}",
-            err=True,
-        )
+        warning_line(f"cannot get under {format_size(report.target_bytes)}{why}")
         ctx.exit(EXIT_ERROR)
 
 
@@ -250,7 +243,7 @@ def fsck_command(ctx: click.Context, app: App, repair: bool, as_json: bool) -> N
     with app.progress(as_json) as progress:
         report = store.fsck(repair=repair, progress=progress)
     for stray in report.warnings:
-        click.echo(f"{PROG}: warning: {stray.name}: {stray.what}; ignored", err=True)
+        warning_line(f"{stray.name}: {stray.what}; ignored")
     if as_json:
         emit_json(report.to_dict())
     else:

@@ -10,7 +10,7 @@ from casframe.cli.helpers import (
     emit_json,
     json_option,
 )
-from casframe.plugins import list_plugins
+from casframe.plugins import list_plugins, reset_plugin_manager
 
 if TYPE_CHECKING:
     pass
@@ -24,7 +24,10 @@ def plugins_command(as_json: bool) -> None:
     """List installed plugins.
 
     Shows each plugin's name, distribution, version and URL schemes; blocked ones are marked.
+    Reads the installed distributions afresh (other commands may use the entry points
+    remembered in the user cache directory).
     """
+    reset_plugin_manager()
     infos = list_plugins()
     if as_json:
         emit_json(

@@ -68,7 +68,7 @@ def _bar_class() -> Any:
     """tqdm's bar, numbered in casframe's own format (tqdm is imported on first use)."""
     from tqdm import tqdm
 
-    class Bar(tqdm):  # type: ignore[misc, type-arg]
+    class Bar(tqdm):
         @property
         def format_dict(self) -> dict[str, Any]:
             values: dict[str, Any] = super().format_dict

@@ -6,14 +6,14 @@ from casframe.blobs import VerifiedBlobs
 from casframe.maintenance.marking import account, list_blobs, mark, require
 from casframe.maintenance.reports import DuReport
 from casframe.progress import NO_PROGRESS, Progress
-from casframe.spi import Capability, RefStore
+from casframe.spi import Capability, RefCapability, RefStore
 
 __all__ = ["du"]
 
 
 def du(blobs: VerifiedBlobs, refs: RefStore, *, progress: Progress | None = None) -> DuReport:
     """Total size and object count; per ref its total and exclusive size (most exclusive first)."""
-    require(blobs, "du", Capability.LIST)
+    require(blobs, refs, "du", Capability.LIST, RefCapability.LIST)
     progress = progress or NO_PROGRESS
     stored = list_blobs(blobs, progress)
     marking = mark(blobs, refs, per_ref=True, progress=progress)

@@ -12,7 +12,7 @@ from casframe.maintenance.marking import BlobKey, emptied_digest, list_blobs, re
 from casframe.maintenance.reports import FsckProblem, FsckReport
 from casframe.progress import NO_PROGRESS, Progress
 from casframe.refkinds import READ_BATCH, RefReach, refs_by_use
-from casframe.spi import Capability, RefInfo, RefStore
+from casframe.spi import Capability, RefCapability, RefInfo, RefStore
 
 __all__ = ["fsck"]
 
@@ -49,7 +49,7 @@ def _verify(
     for digest in small:
         batch.append(digest)
         batch_bytes += digest.size
-        if len(batch) >= READ_BATCH or batch_bytes >= blobs.backend.max_batch_bytes:
+        if len(batch) >= READ_BATCH or batch_bytes >= blobs.backend.limits.max_batch_bytes:
             _verify_batch(blobs, batch, problems, report, progress)
             batch, batch_bytes = [], 0
     _verify_batch(blobs, batch, problems, report, progress)
@@ -147,8 +147,9 @@ def fsck(
     ``repair`` deletes corrupt blobs, and nothing else; the report then names the refs whose
     trees are incomplete, so they can be pushed again from elsewhere or deleted.
     """
+    require(blobs, refs, "fsck", RefCapability.LIST)
     if repair:
-        require(blobs, "fsck --repair", Capability.DELETE)
+        require(blobs, refs, "fsck --repair", Capability.DELETE)
     progress = progress or NO_PROGRESS
     started = time.time()
     listed = blobs.has(Capability.LIST)

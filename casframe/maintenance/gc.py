@@ -21,7 +21,7 @@ from casframe.maintenance.marking import (
 from casframe.maintenance.prune import prune
 from casframe.maintenance.reports import GcReport, PruneReport
 from casframe.progress import NO_PROGRESS, Progress
-from casframe.spi import Capability, RefInfo, RefStore
+from casframe.spi import Capability, RefCapability, RefInfo, RefStore
 from casframe.units import parse_size
 
 __all__ = ["gc"]
@@ -52,7 +52,14 @@ def gc(
     if not 0 < low_watermark <= 1:
         raise ValueError(f"invalid low watermark {low_watermark!r}: must be in (0, 1]")
     check_grace(grace_period)
-    require(blobs, "gc", Capability.LIST, *(() if dry_run else (Capability.DELETE,)))
+    require(
+        blobs,
+        refs,
+        "gc",
+        Capability.LIST,
+        RefCapability.LIST,
+        *(() if dry_run else (Capability.DELETE, RefCapability.DELETE)),
+    )
     progress = progress or NO_PROGRESS
     cutoff = time.time() - check_grace(grace_period)
 

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 
 from casframe.blobs import VerifiedBlobs
 from casframe.digest import EMPTY_DIGEST, Digest
-from casframe.errors import InvalidDigestError, UnsupportedOperationError
+from casframe.errors import BackendContractError, InvalidDigestError
 from casframe.maintenance.reports import PruneReport, RefProblem, RefUsage
 from casframe.progress import Progress
 from casframe.refkinds import BlobKey, RefReach, refs_by_use
-from casframe.spi import Capability, RefInfo, RefStore
+from casframe.spi import Capability, RefCapability, RefInfo, RefStore, require_capabilities
 
 # Digests per delete_blobs call: fine-grained enough for a progress bar, and S3's DeleteObjects
 # takes at most 1000 keys, so a backend can map one call to one request.
@@ -36,13 +36,11 @@ __all__ = [
 ]
 
 
-def require(blobs: VerifiedBlobs, operation: str, *capabilities: Capability) -> None:
-    lacking = [c for c in capabilities if not blobs.has(c)]
-    if lacking:
-        what = "/".join(str(c) for c in lacking)
-        raise UnsupportedOperationError(
-            f"{operation} is not supported by this backend: it cannot {what} blobs ({blobs.url})"
-        )
+def require(
+    blobs: VerifiedBlobs, refs: RefStore, operation: str, *capabilities: Capability | RefCapability
+) -> None:
+    """Refuse ``operation`` before it touches anything when the store lacks ``capabilities``."""
+    require_capabilities(blobs.backend, refs, operation, *capabilities, where=blobs.url)
 
 
 def check_grace(grace_period: float) -> float:
@@ -239,13 +237,17 @@ def delete_unless_fresh(
     for start in range(0, len(digests), _DELETE_BATCH):
         batch = digests[start : start + _DELETE_BATCH]
         deleted = blobs.backend.delete_blobs(batch, older_than=cutoff)
-        if deleted is not None:
-            gone = set(deleted)
-            spared = [d for d in batch if d not in gone]
-            spared_bytes = sum(d.size for d in spared)
-            report.objects_freed -= len(spared)
-            report.bytes_freed -= spared_bytes
-            report.objects_kept_young += len(spared)
-            report.bytes_kept_young += spared_bytes
+        if deleted is None:  # what the older contract allowed for "cannot tell"
+            raise BackendContractError(
+                f"{type(blobs.backend).__name__}.delete_blobs returned None: it must return the "
+                "digests it deleted, so that prune reports what it freed"
+            )
+        gone = set(deleted)
+        spared = [d for d in batch if d not in gone]
+        spared_bytes = sum(d.size for d in spared)
+        report.objects_freed -= len(spared)
+        report.bytes_freed -= spared_bytes
+        report.objects_kept_young += len(spared)
+        report.bytes_kept_young += spared_bytes
         progress.advance(len(batch))
     progress.finish()

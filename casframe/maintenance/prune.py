@@ -18,7 +18,7 @@ from casframe.maintenance.marking import (
 from casframe.maintenance.reports import PruneReport
 from casframe.progress import NO_PROGRESS, Progress
 from casframe.refkinds import refs_by_use
-from casframe.spi import Capability, RefStore
+from casframe.spi import Capability, RefCapability, RefStore
 
 __all__ = ["prune"]
 
@@ -38,7 +38,10 @@ def prune(
     for every ref, the bytes only that ref keeps alive.
     """
     grace_period = check_grace(grace_period)
-    require(blobs, "prune", Capability.LIST, *(() if dry_run else (Capability.DELETE,)))
+    require(
+        blobs, refs, "prune", Capability.LIST, RefCapability.LIST,
+        *(() if dry_run else (Capability.DELETE,)),
+    )
     progress = progress or NO_PROGRESS
     started = time.time()
     cutoff = started - grace_period

@@ -27,7 +27,7 @@ from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casframe._protos.buildstream.v2 import buildstream_pb2_grpc
 from casframe.errors import ConfigError, MissingDependencyError
-from casframe.plugins import get_plugin_manager
+from casframe.plugins import each_plugin, get_plugin_manager
 from casframe.readonly import read_only_view
 from casframe.server.bytestream import ByteStreamService, add_bytestream_to_server
 from casframe.server.interceptors import (
@@ -99,25 +99,19 @@ def _bind_problem(listen: str) -> str:
 
 
 def plugin_interceptors(settings: ServerSettings) -> list[Interceptor]:
-    """Interceptors every plugin returns from ``casframe_server_interceptors``, in order."""
-    hook = get_plugin_manager().hook.casframe_server_interceptors
+    """Interceptors every plugin returns from ``casframe_server_interceptors``, oldest plugin
+    first (built-ins before third parties', as the hook's documentation says)."""
     interceptors: list[Interceptor] = []
-    # get_hookimpls() lists the oldest registration first (calling the hook would run the newest
-    # first): built-in plugins come before third parties', as the hook's documentation says.
-    for impl in hook.get_hookimpls():
-        if impl.hookwrapper or impl.wrapper:
-            continue
-        # pluggy lets an implementation omit arguments it does not use.
-        kwargs = {"config": settings} if "config" in impl.argnames else {}
-        returned = cast("Iterable[Any] | None", impl.function(**kwargs))
-        for interceptor in returned or ():
-            if not isinstance(interceptor, (grpc.ServerInterceptor, grpc.aio.ServerInterceptor)):
-                raise ConfigError(
-                    f"plugin {impl.plugin_name!r} returned {interceptor!r} from "
-                    "casframe_server_interceptors; expected grpc.ServerInterceptor or "
-                    "grpc.aio.ServerInterceptor instances"
-                )
-            interceptors.append(interceptor)
+    for plugin, call in each_plugin(get_plugin_manager(), "casframe_server_interceptors"):
+        for returned in call(config=settings):
+            for interceptor in cast("Iterable[Any]", returned or ()):
+                if not isinstance(interceptor, grpc.ServerInterceptor | grpc.aio.ServerInterceptor):
+                    raise ConfigError(
+                        f"plugin {plugin!r} returned {interceptor!r} from "
+                        "casframe_server_interceptors; expected grpc.ServerInterceptor or "
+                        "grpc.aio.ServerInterceptor instances"
+                    )
+                interceptors.append(interceptor)
     return interceptors
 
 
@@ -243,7 +237,7 @@ class Server:
 
     async def _start(self, interceptors: list[Interceptor]) -> int:
         """Build, bind and start the grpc.aio server (on the server's event loop)."""
-        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_health.v1 import health_pb2
 
         settings = self.settings
         assert self._executor is not None
@@ -274,7 +268,22 @@ class Server:
                 ("grpc.http2.lookahead_bytes", 2 << 20),
             ],
         )
-        shared = (self._served, settings, self.instances)
+        self._add_services(server)
+        port = self._bind(server)
+        await server.start()
+        serving = health_pb2.HealthCheckResponse.SERVING
+        await self._health.set("", serving)
+        for name in SERVICE_NAMES:
+            await self._health.set(name, serving)
+        self._server = server
+        return port
+
+    def _add_services(self, server: grpc.aio.Server) -> None:
+        """Add every casframe service and the health service to ``server``."""
+        from grpc_health.v1 import health, health_pb2_grpc
+
+        assert self._executor is not None
+        shared = (self._served, self.settings, self.instances)
         self._bytestream = ByteStreamService(*shared, self._executor)
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(*shared), server)
         re_grpc.add_ContentAddressableStorageServicer_to_server(
@@ -290,6 +299,9 @@ class Server:
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
 
+    def _bind(self, server: grpc.aio.Server) -> int:
+        """Bind ``server`` to the listen address, with TLS if configured; return the port."""
+        settings = self.settings
         try:
             if settings.tls:
                 assert settings.tls_cert is not None and settings.tls_key is not None
@@ -314,13 +326,6 @@ class Server:
             ) from None
         if not port:
             raise OSError(errno.EADDRNOTAVAIL, "cannot listen", settings.listen)
-
-        await server.start()
-        serving = health_pb2.HealthCheckResponse.SERVING
-        await self._health.set("", serving)
-        for name in SERVICE_NAMES:
-            await self._health.set(name, serving)
-        self._server = server
         return port
 
     def stop(self, grace: float | None = None) -> None:

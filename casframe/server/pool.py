@@ -34,7 +34,7 @@ async def iterate_in_pool(pool: Executor, items: Iterator[_T]) -> AsyncIterator[
     end = object()
     try:
         while (item := await in_pool(pool, next, items, end)) is not end:
-            yield item  # type: ignore[misc]
+            yield item
     finally:
         close = getattr(items, "close", None)
         if close is not None:

@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from casframe.errors import UnsupportedOperationError
+
 if TYPE_CHECKING:
     from casframe.store import Store
 
@@ -190,8 +192,9 @@ def failing_writes(
     Wraps the backend's write path (``write_blobs``, ``begin_write`` and ``begin_write_for``)
     on this instance only; the failing write raises :class:`InjectedFailure`, or what
     ``error()`` returns (``OSError(errno.ENOSPC, ...)`` plays a full disk), before anything
-    of that blob is written. ``begin_write_copy`` declines (returns ``None``), so local files
-    go through ``begin_write`` and count there. Yields a one-item list holding how many blobs
+    of that blob is written. ``begin_write_copy`` declines (raises
+    :class:`~casframe.UnsupportedOperationError`, as for a file it cannot copy), so local
+    files go through ``begin_write`` and count there. Yields a one-item list holding how many blobs
     were written so far; a write path that calls another one counts its blob once.
     """
     blobs = store.blobs
@@ -212,7 +215,7 @@ def failing_writes(
                 raise InjectedFailure(f"injected failure: {store.url} fails after {after} blobs")
             written[0] += 1
 
-    def counted(write, *args):  # type: ignore[no-untyped-def]
+    def counted(write, *args):
         """Count one blob unless an outer write path already did, then call ``write``."""
         outer = getattr(inside, "active", False)
         if not outer:
@@ -223,18 +226,19 @@ def failing_writes(
         finally:
             inside.active = outer
 
-    def write_blobs(items):  # type: ignore[no-untyped-def]
+    def write_blobs(items):
         for item in items:
             counted(original_write_blobs, [item])
 
-    def begin_write(size_hint=None):  # type: ignore[no-untyped-def]
+    def begin_write(size_hint=None):
         return counted(original_begin_write, size_hint)
 
-    def begin_write_for(digest):  # type: ignore[no-untyped-def]
+    def begin_write_for(digest):
         return counted(original_begin_write_for, digest)
 
-    def begin_write_copy(fd):  # type: ignore[no-untyped-def]
-        return None  # the core then reads the file through begin_write(_for), counted there
+    def begin_write_copy(fd):
+        # The core then reads the file through begin_write(_for), counted there.
+        raise UnsupportedOperationError(f"{store.url} copies no files while writes fail")
 
     blobs.write_blobs = write_blobs  # type: ignore[method-assign]
     blobs.begin_write = begin_write  # type: ignore[method-assign]

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import pytest
 
-from casframe import Capability, Store
+from casframe import Store
 from casframe.testing.conformance import StoreConformance
 
 __all__ = ["TestMemoryStore"]
 
 
 class TestMemoryStore(StoreConformance):
-    missing_capabilities = frozenset({Capability.LOCAL_PATH})
-
     @pytest.fixture
     def store(self, memory_store: Store) -> Store:
         return memory_store

@@ -18,8 +18,8 @@ A nested URL with a query of its own must be percent-encoded inside a ``cache://
 served from local and fill it from the remote; writes go to both; refs live on the remote;
 :mod:`casframe_cache.store` has the rules and docs/cache.md the reasons.
 
-It is built on casframe's public API only (``open_store``, the configuration, ``Store``), like
-any third-party backend composed of others. Opening never loops: a cache that leads back to
+It is built on casframe's public API only (the ``StoreOpener`` its factory receives, ``Store``),
+like any third-party backend composed of others. Opening never loops: a cache that leads back to
 itself through store names is refused with a :class:`ConfigError`.
 """
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from casframe import hookimpl
+from casframe import BackendRegistry, hookimpl
 
 if TYPE_CHECKING:
     from casframe_cache.factory import open_cache_store
@@ -53,7 +53,7 @@ def __getattr__(name: str) -> Any:
 
 
 @hookimpl
-def casframe_register_backends(registry) -> None:  # type: ignore[no-untyped-def]
+def casframe_register_backends(registry: BackendRegistry) -> None:
     registry.add(
         "cache",
         "casframe_cache.factory:open_cache_store",

@@ -6,22 +6,20 @@ module needs protobuf, which commands such as ``casframe ref list`` never load).
 
 from __future__ import annotations
 
-from contextvars import ContextVar
-
-from casframe import ConfigError, Store, StoreURL, open_store
-from casframe.config import active_config
+from casframe import ConfigError, Store, StoreOpener, StoreURL
 from casframe_cache.store import cache_store
 
 __all__ = ["open_cache_store"]
 
 _ROLES = ("local", "remote")
 
-# Names of configured stores being opened as a cache's local or remote, outermost first.
-_opening: ContextVar[tuple[str, ...]] = ContextVar("casframe_cache_opening", default=())
 
+def open_cache_store(url: StoreURL, opener: StoreOpener) -> Store:
+    """Factory for ``cache://?local=STORE&remote=STORE`` (URLs, configured names or paths).
 
-def open_cache_store(url: StoreURL) -> Store:
-    """Factory for ``cache://?local=STORE&remote=STORE`` (URLs, configured names or paths)."""
+    ``opener`` opens the two stores with the configuration and plugins the cache itself is
+    opened with, and refuses configured names that lead back to the cache.
+    """
     if url.netloc or url.path.strip("/"):
         raise ConfigError(
             f"{url.url}: cache:// takes no host or path; give its stores as options: "
@@ -39,9 +37,9 @@ def open_cache_store(url: StoreURL) -> Store:
             f"{url.url}: cache:// needs a {' and a '.join(absent)} store "
             "(cache://?local=URL&remote=URL; a URL, a configured store name or a path each)"
         )
-    local = _open_role(url, "local")
+    local = _open_role(url, "local", opener)
     try:
-        remote = _open_role(url, "remote")
+        remote = _open_role(url, "remote", opener)
     except BaseException:
         local.close()
         raise
@@ -59,23 +57,11 @@ def open_cache_store(url: StoreURL) -> Store:
         raise
 
 
-def _open_role(url: StoreURL, role: str) -> Store:
-    """Open the store given as option ``role``, refusing a cycle of configured names."""
+def _open_role(url: StoreURL, role: str, opener: StoreOpener) -> Store:
+    """Open the store given as option ``role``."""
     value = url.options[role].strip()
-    config = active_config()
-    chain = _opening.get()
-    name = value if "://" not in value and value in config.stores else None
-    if name is not None and name in chain:
-        raise ConfigError(
-            f"store {name!r} leads back to itself as a cache's local or remote store: "
-            f"{' -> '.join((*chain, name))}"
-        )
     try:
-        target, options = config.resolve_store(value)
+        opener.config.resolve_store(value)  # checked first, so that the error names the option
     except ConfigError as exc:
         raise ConfigError(f"{url.url}: cache:// {role}={value!r}: {exc}") from None
-    token = _opening.set((*chain, name) if name is not None else chain)
-    try:
-        return open_store(target, options)
-    finally:
-        _opening.reset(token)
+    return opener.open(value)

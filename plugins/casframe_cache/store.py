@@ -32,6 +32,7 @@ from urllib.parse import quote
 
 from casframe import (
     BlobInfo,
+    BlobLimits,
     BlobNotFoundError,
     BlobStore,
     BlobWriter,
@@ -40,6 +41,7 @@ from casframe import (
     CorruptBlobError,
     Digest,
     DigestMismatchError,
+    RefCapability,
     RefInfo,
     RefStore,
     Store,
@@ -202,9 +204,12 @@ class CacheBlobStore(BlobStore):
         self.remote = remote
         self._counters = _Counters()
         self.capabilities = frozenset({Capability.LOCAL_PATH} & local.blobs.capabilities)
-        self.max_batch_digests = min(local.blobs.max_batch_digests, remote.blobs.max_batch_digests)
-        self.max_batch_bytes = min(local.blobs.max_batch_bytes, remote.blobs.max_batch_bytes)
-        self.max_concurrency = max(local.blobs.max_concurrency, remote.blobs.max_concurrency)
+        near, far = local.blobs.limits, remote.blobs.limits
+        self.limits = BlobLimits(
+            max_batch_digests=min(near.max_batch_digests, far.max_batch_digests),
+            max_batch_bytes=min(near.max_batch_bytes, far.max_batch_bytes),
+            max_concurrency=max(near.max_concurrency, far.max_concurrency),
+        )
 
     @property
     def stats(self) -> CacheStats:
@@ -327,10 +332,10 @@ class CacheBlobStore(BlobStore):
 
     def delete_blobs(
         self, digests: Iterable[Digest], *, older_than: float | None = None
-    ) -> None:
+    ) -> Collection[Digest]:
         raise self._maintenance_elsewhere("delete blobs")
 
-    def touch_blobs(self, digests: Iterable[Digest]) -> None:
+    def touch_blobs(self, digests: Iterable[Digest]) -> Collection[Digest]:
         raise self._maintenance_elsewhere("touch blobs")
 
     # -- helpers ----------------------------------------------------------------------------
@@ -365,8 +370,11 @@ class CacheBlobStore(BlobStore):
 class CacheRefStore(RefStore):
     """Refs of a cache store: the remote's, with completeness checked on the remote."""
 
+    capabilities: frozenset[RefCapability] = frozenset()  # the remote's, per instance
+
     def __init__(self, blobs: CacheBlobStore) -> None:
         self._remote = blobs.remote
+        self.capabilities = blobs.remote.refs.capabilities
         # Reads the tree of a ref being set through the cache (local first). Never closed:
         # the cache store closes the stores it is made of.
         self._through_cache = VerifiedBlobs(blobs)

@@ -1,10 +1,10 @@
 """The ``grpc://`` and ``grpcs://`` backends: any REAPI v2 server as a store."""
 
-from casframe import hookimpl
+from casframe import BackendRegistry, hookimpl
 
 
 @hookimpl
-def casframe_register_backends(registry) -> None:  # type: ignore[no-untyped-def]
+def casframe_register_backends(registry: BackendRegistry) -> None:
     for scheme in ("grpc", "grpcs"):
         registry.add(
             scheme,

@@ -25,6 +25,7 @@ import grpc
 from casframe import (
     EMPTY_DIGEST,
     BackendUnavailableError,
+    BlobLimits,
     BlobNotFoundError,
     BlobStore,
     BlobWriter,
@@ -32,6 +33,7 @@ from casframe import (
     CorruptBlobError,
     Digest,
     PermissionDeniedError,
+    RefCapability,
     RefInfo,
     RefStore,
     RemoteProtocolError,
@@ -382,10 +384,12 @@ class GrpcBlobStore(BlobStore):
         self.max_blob_size = cache.max_cas_blob_size_bytes if cache is not None else 0
         # The core groups batches by payload only; leave room for a thousand entries' framing.
         framing = _MAX_BATCH_ENTRIES * _ENTRY_OVERHEAD
-        self.max_batch_bytes = min(_BATCH_TARGET, max(64 << 10, self.batch_limit - framing))
-        # The core may hand over many digests at once: they are split into calls here.
-        self.max_batch_digests = _FIND_MISSING_BATCH * 10
-        self.max_concurrency = conn.options.max_concurrency
+        self.limits = BlobLimits(
+            max_batch_bytes=min(_BATCH_TARGET, max(64 << 10, self.batch_limit - framing)),
+            # The core may hand over many digests at once: they are split into calls here.
+            max_batch_digests=_FIND_MISSING_BATCH * 10,
+            max_concurrency=conn.options.max_concurrency,
+        )
 
     def describe(self) -> str:
         return self.conn.where
@@ -434,7 +438,7 @@ class GrpcBlobStore(BlobStore):
                 hashes.add(digest.hash)
             # Calls of 10,000 digests, up to max_concurrency of them in flight: the server
             # answers them in parallel (its lookups wait on the disk or the network).
-            window = _FIND_MISSING_BATCH * self.max_concurrency
+            window = _FIND_MISSING_BATCH * self.limits.max_concurrency
             for start in range(0, len(now), window):
                 calls = []
                 try:
@@ -668,6 +672,8 @@ class GrpcRefStore(RefStore):
     Neither protocol can list or delete names, nor report when a name was last used: refs
     here can be set and read, and expiring them is the server's business.
     """
+
+    capabilities: frozenset[RefCapability] = frozenset()  # neither list nor delete
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn

@@ -12,14 +12,14 @@ is ever visible and several processes may write the same blob at once. Options (
 large cost in speed).
 """
 
-from casframe import hookimpl
+from casframe import BackendRegistry, hookimpl
 
 # The stores live in casframe_local.store, imported when a file:// store is first opened:
 # loading the plugin (every command does) costs nothing more.
 
 
 @hookimpl
-def casframe_register_backends(registry) -> None:  # type: ignore[no-untyped-def]
+def casframe_register_backends(registry: BackendRegistry) -> None:
     registry.add(
         "file",
         "casframe_local.store:open_local_store",

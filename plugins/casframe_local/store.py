@@ -17,6 +17,7 @@ from urllib.parse import unquote
 from casframe import (
     EMPTY_DIGEST,
     BlobInfo,
+    BlobLimits,
     BlobStore,
     BlobWriter,
     Capability,
@@ -24,7 +25,7 @@ from casframe import (
     ConfigError,
     CorruptBlobError,
     Digest,
-    InvalidDigestError,
+    RefCapability,
     RefConflictError,
     RefInfo,
     RefNotFoundError,
@@ -33,12 +34,14 @@ from casframe import (
     StoreNotFoundError,
     StoreURL,
     StrayEntry,
+    UnsupportedOperationError,
+    layout,
 )
+from casframe.layout import is_fanout, is_object_file_name, object_name
 
 __all__ = ["LocalBlobStore", "LocalRefStore", "open_local_store"]
 
 _OBJECT_MODE = 0o444  # read-only, so a hardlinked checkout cannot edit the store by accident
-_HEX = frozenset("0123456789abcdef")
 _EMPTY_HASH = EMPTY_DIGEST.hash
 _names = itertools.count()
 _CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -146,14 +149,20 @@ class _LocalWriter(BlobWriter):
 
 class LocalBlobStore(BlobStore):
     capabilities = frozenset(
-        {Capability.LIST, Capability.DELETE, Capability.TOUCH, Capability.LOCAL_PATH}
+        {
+            Capability.LIST,
+            Capability.DELETE,
+            Capability.TOUCH,
+            Capability.LOCAL_PATH,
+            Capability.COPY_FILE,
+        }
     )
-    max_concurrency = 2  # local disk and hashing: one thread per core
+    limits = BlobLimits(max_concurrency=2)  # local disk and hashing: one thread per core
 
     def __init__(self, root: str, *, fsync: bool = False) -> None:
         self.root = root
-        self.objdir = os.path.join(root, "objects")
-        self.tmpdir = os.path.join(root, "tmp")
+        self.objdir = os.path.join(root, layout.OBJECTS)
+        self.tmpdir = os.path.join(root, layout.TMP)
         self.fsync = fsync
         _make_folders(self.objdir, self.tmpdir)
         # A store on a read-only mount may lack tmp/ (copied without it): it is read, never
@@ -172,7 +181,7 @@ class LocalBlobStore(BlobStore):
         return f"file://{self.root}"
 
     def object_path(self, digest: Digest) -> str:
-        return f"{self.objdir}/{digest.hash[:2]}/{digest.hash[2:]}"
+        return os.path.join(self.root, layout.object_key(digest))
 
     # Uploads go to an unnamed file (O_TMPFILE) that is linked into objects/ once verified:
     # nothing to clean up after a crash, and one link instead of create + rename. Where the
@@ -221,10 +230,10 @@ class LocalBlobStore(BlobStore):
             return self._link_into_place(fd, temp, digest)
         except (IsADirectoryError, NotADirectoryError) as exc:
             # A stray entry holds the object's place: it is not ours to remove.
-            where = "objects/" + (
-                f"{digest.hash[:2]}/{digest.hash[2:]}"
+            where = (
+                layout.object_key(digest)
                 if isinstance(exc, IsADirectoryError)
-                else digest.hash[:2]
+                else f"{layout.OBJECTS}/{digest.hash[:2]}"
             )
             what = "a directory" if isinstance(exc, IsADirectoryError) else "not a directory"
             raise CasframeError(
@@ -243,10 +252,9 @@ class LocalBlobStore(BlobStore):
                         return False, made_folder
                     os.rename(temp, target)
                 else:
-                    hash_ = digest.hash  # relative to objects/: a shorter path walk
-                    os.link(
+                    os.link(  # relative to objects/: a shorter path walk
                         f"/proc/self/fd/{fd}",
-                        f"{hash_[:2]}/{hash_[2:]}",
+                        layout.object_name(digest.hash),
                         src_dir_fd=self._tmpfd,
                         dst_dir_fd=self._objfd,
                     )
@@ -295,7 +303,7 @@ class LocalBlobStore(BlobStore):
         for digest in digests:
             hash_ = digest[0]
             try:
-                st = stat_(f"{hash_[:2]}/{hash_[2:]}", dir_fd=objfd, follow_symlinks=False)
+                st = stat_(object_name(hash_), dir_fd=objfd, follow_symlinks=False)
                 if st.st_size == digest[1] and regular(st.st_mode):  # not a stray folder
                     continue
             except _NOT_AN_OBJECT:
@@ -335,10 +343,9 @@ class LocalBlobStore(BlobStore):
     def read_blobs(self, digests: Iterable[Digest]) -> Iterator[tuple[Digest, bytes]]:
         # Three system calls a blob, without a file object: batch reads of small blobs are
         # what a server answering BatchReadBlobs and a push of many small files spend on.
-        objdir = self.objdir
         for digest in digests:
             try:
-                fd = os.open(f"{objdir}/{digest.hash[:2]}/{digest.hash[2:]}", _READ)
+                fd = os.open(object_name(digest.hash), _READ, dir_fd=self._objfd)
             except _NOT_AN_OBJECT:
                 raise self._not_found(digest) from None
             try:
@@ -384,7 +391,7 @@ class LocalBlobStore(BlobStore):
         utime, stat = os.utime, os.stat
         for digest in digests:
             hash_ = digest[0]
-            path = f"{hash_[:2]}/{hash_[2:]}"
+            path = object_name(hash_)
             try:
                 self._freshen(utime, path, objfd, digest)
                 if stat(path, dir_fd=objfd).st_size == digest[1]:
@@ -420,12 +427,14 @@ class LocalBlobStore(BlobStore):
         object is gone, and leaves a damaged one (wrong size) for the caller to find.
         """
         hash_ = digest.hash
-        source = os.open(f"{hash_[:2]}/{hash_[2:]}", _READ, dir_fd=self._objfd)
+        source = os.open(object_name(hash_), _READ, dir_fd=self._objfd)
         try:
             if os.fstat(source).st_size != digest.size:
                 return
-            copied = self.begin_write_copy(source)
-            if copied is None:  # no copy in the kernel here: through user space
+            try:
+                upload, stored = self.begin_write_copy(source)
+                stored.close()
+            except UnsupportedOperationError:  # no copy in the kernel here: through user space
                 upload = self.begin_write()
                 try:
                     while chunk := os.read(source, _COPY_CHUNK):
@@ -433,14 +442,11 @@ class LocalBlobStore(BlobStore):
                 except BaseException:
                     upload.abort()
                     raise
-            else:
-                upload, stored = copied
-                stored.close()
             upload.commit(digest)  # publish replaces an object it may not freshen
         finally:
             os.close(source)
 
-    def begin_write_copy(self, fd: int) -> tuple[BlobWriter, BinaryIO] | None:
+    def begin_write_copy(self, fd: int) -> tuple[BlobWriter, BinaryIO]:
         """Copy by ``copy_file_range`` into a new temp object (in the kernel, no user copy)."""
         start = os.lseek(fd, 0, os.SEEK_CUR)
         temp_fd, temp = self.open_temp()
@@ -453,14 +459,16 @@ class LocalBlobStore(BlobStore):
                 except OSError as exc:
                     if copied or exc.errno not in _NO_KERNEL_COPY:
                         raise
-                    writer.abort()
-                    return None
+                    raise UnsupportedOperationError(
+                        f"{self.describe()} cannot copy this file in the kernel: {exc}"
+                    ) from None
                 if not n:
                     if not copied:
                         # An empty rest, or a file system that copies nothing from a file
                         # that reads fine (procfs, some FUSE ones): let the core read it.
-                        writer.abort()
-                        return None
+                        raise UnsupportedOperationError(
+                            f"{self.describe()} copied nothing of this file: read it instead"
+                        )
                     break
                 copied += n
             stored = open(os.dup(temp_fd), "rb", buffering=0)  # noqa: SIM115 - returned
@@ -492,7 +500,7 @@ class LocalBlobStore(BlobStore):
         stat_, link, regular = os.stat, os.link, stat.S_ISREG
         for name, digest in links:
             hash_ = digest[0]
-            rel = f"{hash_[:2]}/{hash_[2:]}"
+            rel = object_name(hash_)
             try:
                 st = stat_(rel, dir_fd=objfd, follow_symlinks=False)
             except _NOT_AN_OBJECT:
@@ -508,7 +516,7 @@ class LocalBlobStore(BlobStore):
         self, skip: Callable[[str], bool] | None = None
     ) -> Iterator[tuple[str, int, float]]:
         for fanout in sorted(os.listdir(self.objdir)):
-            if len(fanout) != 2 or not _HEX.issuperset(fanout):
+            if not is_fanout(fanout):
                 continue
             try:
                 scanner = os.scandir(os.path.join(self.objdir, fanout))
@@ -517,7 +525,7 @@ class LocalBlobStore(BlobStore):
             with scanner as entries:
                 for entry in entries:
                     rest = entry.name
-                    if len(rest) != 62 or not _HEX.issuperset(rest):
+                    if not is_object_file_name(rest):
                         continue  # a stray file, not an object
                     hash_ = fanout + rest
                     if skip is not None and skip(hash_):
@@ -540,15 +548,17 @@ class LocalBlobStore(BlobStore):
     def iter_strays(self) -> Iterator[StrayEntry]:
         for fanout in sorted(os.listdir(self.objdir)):
             folder = os.path.join(self.objdir, fanout)
-            shaped = len(fanout) == 2 and _HEX.issuperset(fanout)
+            shaped = is_fanout(fanout)
             if not shaped or os.path.islink(folder) or not os.path.isdir(folder):
-                yield StrayEntry(f"objects/{fanout}", f"{_kind(folder)}, not a fan-out folder")
+                yield StrayEntry(
+                    f"{layout.OBJECTS}/{fanout}", f"{_kind(folder)}, not a fan-out folder"
+                )
                 continue
             with os.scandir(folder) as entries:
                 for entry in sorted(entries, key=lambda e: e.name):
                     rest = entry.name
-                    name = f"objects/{fanout}/{rest}"
-                    if len(rest) != 62 or not _HEX.issuperset(rest):
+                    name = f"{layout.OBJECTS}/{fanout}/{rest}"
+                    if not is_object_file_name(rest):
                         yield StrayEntry(name, f"{_kind(entry.path)} whose name is not a hash")
                     elif not entry.is_file(follow_symlinks=False):
                         yield StrayEntry(name, f"{_kind(entry.path)}, not an object")
@@ -600,17 +610,19 @@ class LocalBlobStore(BlobStore):
         objfd = self._objfd
         for digest in digests:
             try:
-                self._freshen(utime, f"{digest.hash[:2]}/{digest.hash[2:]}", objfd, digest)
+                self._freshen(utime, object_name(digest.hash), objfd, digest)
             except FileNotFoundError:
                 absent.append(digest)
         return absent
 
 
 class LocalRefStore(RefStore):
+    capabilities = frozenset({RefCapability.LIST, RefCapability.DELETE})
+
     def __init__(self, root: str, *, fsync: bool = False) -> None:
         self.root = root
-        self.refdir = os.path.join(root, "refs", "heads")
-        self.tmpdir = os.path.join(root, "tmp")
+        self.refdir = os.path.join(root, layout.REFS)
+        self.tmpdir = os.path.join(root, layout.TMP)
         self.fsync = fsync
         _make_folders(self.refdir, self.tmpdir)
 
@@ -637,12 +649,7 @@ class LocalRefStore(RefStore):
         return self._parse(name, data)
 
     def _parse(self, name: str, data: bytes) -> Digest:
-        try:
-            return Digest.from_serialized(data)
-        except InvalidDigestError as exc:
-            raise InvalidDigestError(
-                f"ref {name} in file://{self.root} is damaged: {exc}; set it again or delete it"
-            ) from None
+        return layout.decode_ref(data, name, f"file://{self.root}")
 
     def conflicting_ref(self, name: str) -> str | None:
         # A few stats: is one of the name's folders a file, or is the name a folder with a
@@ -680,7 +687,7 @@ class LocalRefStore(RefStore):
 
     def _write_temp(self, temp: str, digest: Digest) -> None:
         with open(temp, "wb") as f:
-            f.write(digest.serialize())
+            f.write(layout.encode_ref(digest))
             f.flush()  # a full disk fails here, inside the with, not in a close at exit
             if self.fsync:
                 os.fsync(f.fileno())

@@ -2,11 +2,11 @@
 implementation of the backend contract, are in :mod:`casframe_memory.store`, imported when a
 ``memory://`` store is first opened."""
 
-from casframe import hookimpl
+from casframe import BackendRegistry, hookimpl
 
 
 @hookimpl
-def casframe_register_backends(registry) -> None:  # type: ignore[no-untyped-def]
+def casframe_register_backends(registry: BackendRegistry) -> None:
     registry.add(
         "memory",
         "casframe_memory.store:open_memory_store",

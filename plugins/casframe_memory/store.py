@@ -19,6 +19,7 @@ from casframe import (
     BlobWriter,
     Capability,
     Digest,
+    RefCapability,
     RefConflictError,
     RefInfo,
     RefNotFoundError,
@@ -107,6 +108,8 @@ class MemoryBlobStore(BlobStore):
 
 
 class MemoryRefStore(RefStore):
+    capabilities = frozenset({RefCapability.LIST, RefCapability.DELETE})
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._refs: dict[str, tuple[Digest, float]] = {}

@@ -1,10 +1,10 @@
 """The ``s3://BUCKET/PREFIX`` backend (boto3), registered lazily so boto3 stays optional."""
 
-from casframe import hookimpl
+from casframe import BackendRegistry, hookimpl
 
 
 @hookimpl
-def casframe_register_backends(registry) -> None:  # type: ignore[no-untyped-def]
+def casframe_register_backends(registry: BackendRegistry) -> None:
     registry.add(
         "s3",
         "casframe_s3.store:open_s3_store",

@@ -97,97 +97,115 @@ class S3Options:
 
     @classmethod
     def from_url(cls, url: StoreURL) -> S3Options:
-        bucket = url.netloc
-        if not bucket:
-            raise ConfigError(f"s3:// URL needs a bucket (s3://BUCKET/PREFIX): {url.url!r}")
-        if "@" in bucket or ":" in bucket:
-            raise ConfigError(
-                f"s3:// URL {url.url!r}: put no credentials or port in the bucket name; "
-                "credentials come from boto3's chain and the server from endpoint_url="
-            )
-        if not _BUCKET_RE.fullmatch(bucket):
-            raise ConfigError(f"s3:// URL {url.url!r}: {bucket!r} is not a valid bucket name")
-        prefix = unquote(url.path).strip("/")
-        if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
-            raise ConfigError(
-                f"s3:// URL {url.url!r}: the prefix {prefix!r} has an empty, '.' or '..' segment"
-            )
-
+        bucket, prefix = _bucket_and_prefix(url)
         url.check_options({f.name for f in fields(cls)} - {"bucket", "prefix"})
-        values: dict[str, object] = {"bucket": bucket, "prefix": prefix}
-        raw = dict(url.options)
-
-        def text(name: str) -> str | None:
-            value = raw.get(name)
-            return value.strip() if value is not None and value.strip() else None
-
-        def choice(name: str, allowed: tuple[str, ...]) -> None:
-            value = text(name)
-            if value is None:
-                return
-            if value.lower() not in allowed:
-                raise ConfigError(
-                    f"option {name}={value!r} in {url.url} must be one of: {', '.join(allowed)}"
-                )
-            values[name] = value.lower()
-
-        def number(name: str, kind: type[int] | type[float], minimum: float) -> None:
-            value = text(name)
-            if value is None:
-                return
-            try:
-                parsed = kind(value)
-            except ValueError:
-                parsed = None
-            # float() also reads "nan" (never less than anything) and "inf" (no time-out).
-            if parsed is None or not math.isfinite(parsed) or parsed < minimum:
-                raise ConfigError(
-                    f"option {name}={value!r} in {url.url} must be a finite number of at least "
-                    f"{minimum}"
-                )
-            values[name] = parsed
-
-        def boolean(name: str) -> None:
-            value = text(name)
-            if value is None:
-                return
-            if value.lower() not in _BOOLEANS:
-                raise ConfigError(f"option {name}={value!r} in {url.url} is not a boolean")
-            values[name] = _BOOLEANS[value.lower()]
-
-        def size(name: str, minimum: int) -> None:
-            value = text(name)
-            if value is None:
-                return
-            parsed = parse_size(value, name, url.url)
-            if parsed < minimum:
-                raise ConfigError(
-                    f"option {name}={value!r} in {url.url} must be at least {minimum} bytes"
-                )
-            values[name] = parsed
-
+        read = _OptionReader(url)
         for name in ("endpoint_url", "region", "profile"):
-            if text(name) is not None:
-                values[name] = text(name)
-        endpoint = values.get("endpoint_url")
+            read.text_option(name)
+        endpoint = read.values.get("endpoint_url")
         if isinstance(endpoint, str) and not endpoint.startswith(("http://", "https://")):
             raise ConfigError(
                 f"option endpoint_url={endpoint!r} in {url.url} must start with http:// or https://"
             )
-        choice("addressing_style", ("auto", "path", "virtual"))
-        choice("retry_mode", ("standard", "adaptive", "legacy"))
-        choice("request_checksum_calculation", ("when_required", "when_supported"))
-        choice("response_checksum_validation", ("when_required", "when_supported"))
-        boolean("payload_signing")
-        number("max_concurrency", int, 1)
-        number("max_attempts", int, 1)
-        number("connect_timeout", float, 0.001)
-        number("read_timeout", float, 0.001)
-        size("multipart_threshold", 1)
-        size("multipart_chunksize", MIN_PART_SIZE)
-        options = cls(**values)  # type: ignore[arg-type]
+        read.choice("addressing_style", ("auto", "path", "virtual"))
+        read.choice("retry_mode", ("standard", "adaptive", "legacy"))
+        read.choice("request_checksum_calculation", ("when_required", "when_supported"))
+        read.choice("response_checksum_validation", ("when_required", "when_supported"))
+        read.boolean("payload_signing")
+        read.number("max_concurrency", int, 1)
+        read.number("max_attempts", int, 1)
+        read.number("connect_timeout", float, 0.001)
+        read.number("read_timeout", float, 0.001)
+        read.size("multipart_threshold", 1)
+        read.size("multipart_chunksize", MIN_PART_SIZE)
+        options = cls(bucket=bucket, prefix=prefix, **read.values)  # type: ignore[arg-type]
         if options.multipart_threshold > MAX_SINGLE_PUT:
             raise ConfigError(
                 f"option multipart_threshold in {url.url} exceeds 5 GiB, S3's largest single PUT"
             )
         return options
+
+
+def _bucket_and_prefix(url: StoreURL) -> tuple[str, str]:
+    """The bucket and the key prefix of ``s3://BUCKET/PREFIX``, checked."""
+    bucket = url.netloc
+    if not bucket:
+        raise ConfigError(f"s3:// URL needs a bucket (s3://BUCKET/PREFIX): {url.url!r}")
+    if "@" in bucket or ":" in bucket:
+        raise ConfigError(
+            f"s3:// URL {url.url!r}: put no credentials or port in the bucket name; "
+            "credentials come from boto3's chain and the server from endpoint_url="
+        )
+    if not _BUCKET_RE.fullmatch(bucket):
+        raise ConfigError(f"s3:// URL {url.url!r}: {bucket!r} is not a valid bucket name")
+    prefix = unquote(url.path).strip("/")
+    if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+        raise ConfigError(
+            f"s3:// URL {url.url!r}: the prefix {prefix!r} has an empty, '.' or '..' segment"
+        )
+    return bucket, prefix
+
+
+class _OptionReader:
+    """Reads a URL's options one kind at a time into ``values``; a bad value is a ConfigError
+    naming the option, the URL and what would be accepted. Absent or blank options are left
+    out, so the dataclass's defaults apply."""
+
+    def __init__(self, url: StoreURL) -> None:
+        self.url = url.url
+        self.raw = dict(url.options)
+        self.values: dict[str, object] = {}
+
+    def text(self, name: str) -> str | None:
+        value = self.raw.get(name)
+        return value.strip() if value is not None and value.strip() else None
+
+    def text_option(self, name: str) -> None:
+        value = self.text(name)
+        if value is not None:
+            self.values[name] = value
+
+    def choice(self, name: str, allowed: tuple[str, ...]) -> None:
+        value = self.text(name)
+        if value is None:
+            return
+        if value.lower() not in allowed:
+            raise ConfigError(
+                f"option {name}={value!r} in {self.url} must be one of: {', '.join(allowed)}"
+            )
+        self.values[name] = value.lower()
+
+    def number(self, name: str, kind: type[int] | type[float], minimum: float) -> None:
+        value = self.text(name)
+        if value is None:
+            return
+        try:
+            parsed = kind(value)
+        except ValueError:
+            parsed = None
+        # float() also reads "nan" (never less than anything) and "inf" (no time-out).
+        if parsed is None or not math.isfinite(parsed) or parsed < minimum:
+            raise ConfigError(
+                f"option {name}={value!r} in {self.url} must be a finite number of at least "
+                f"{minimum}"
+            )
+        self.values[name] = parsed
+
+    def boolean(self, name: str) -> None:
+        value = self.text(name)
+        if value is None:
+            return
+        if value.lower() not in _BOOLEANS:
+            raise ConfigError(f"option {name}={value!r} in {self.url} is not a boolean")
+        self.values[name] = _BOOLEANS[value.lower()]
+
+    def size(self, name: str, minimum: int) -> None:
+        value = self.text(name)
+        if value is None:
+            return
+        parsed = parse_size(value, name, self.url)
+        if parsed < minimum:
+            raise ConfigError(
+                f"option {name}={value!r} in {self.url} must be at least {minimum} bytes"
+            )
+        self.values[name] = parsed

@@ -79,6 +79,7 @@ from casframe import (
     Digest,
     InvalidDigestError,
     PermissionDeniedError,
+    RefCapability,
     RefConflictError,
     RefInfo,
     RefNotFoundError,
@@ -298,6 +299,12 @@ class SQLiteDatabase:
             conn.execute("BEGIN")
             yield conn
             conn.execute("COMMIT")
+
+    def vacuum(self) -> None:
+        """Rewrite the file without its free pages, then empty the write-ahead log into it."""
+        with self.connection() as conn:
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
         """Close the pooled connections; connections in use close when they come back."""
@@ -627,7 +634,8 @@ class SQLiteBlobStore(BlobStore):
             yield digest, b"".join(part for (part,) in parts)
 
     def write_blobs(self, blobs: Iterable[tuple[Digest, bytes]]) -> None:
-        """Small blobs in shared transactions of about ``max_batch_bytes``; large ones staged."""
+        """Small blobs in shared transactions of about ``limits.max_batch_bytes``; large ones
+        staged."""
         batch: list[tuple[Digest, bytes]] = []
         batch_bytes = 0
         for digest, data in blobs:
@@ -636,7 +644,7 @@ class SQLiteBlobStore(BlobStore):
                 continue
             batch.append((digest, data))
             batch_bytes += len(data)
-            if batch_bytes >= self.max_batch_bytes:
+            if batch_bytes >= self.limits.max_batch_bytes:
                 self._write_batch(batch)
                 batch, batch_bytes = [], 0
         self._write_batch(batch)
@@ -674,43 +682,51 @@ class SQLiteBlobStore(BlobStore):
 
     def delete_blobs(
         self, digests: Iterable[Digest], *, older_than: float | None = None
-    ) -> None:
+    ) -> list[Digest]:
+        deleted: list[Digest] = []
         batch: list[Digest] = []
         batch_bytes = 0
         for digest in digests:
             batch.append(digest)
             batch_bytes += digest.size
             if len(batch) >= _DELETE_BATCH or batch_bytes >= _DELETE_BATCH_BYTES:
-                self._delete_batch(batch, older_than)
+                deleted += self._delete_batch(batch, older_than)
                 batch, batch_bytes = [], 0
-        self._delete_batch(batch, older_than)
+        return deleted + self._delete_batch(batch, older_than)
 
-    def _delete_batch(self, batch: list[Digest], older_than: float | None) -> None:
+    def _delete_batch(self, batch: list[Digest], older_than: float | None) -> list[Digest]:
+        """Delete what of ``batch`` is stored and older than ``older_than``; return that."""
         if not batch:
-            return
+            return []
         cutoff = float("inf") if older_than is None else older_than
         with self.db.transaction() as conn:
             # The cutoff is checked inside the transaction that deletes: a blob stored again or
             # touched since prune listed it is newer by now, and stays.
-            ids = [
-                row[0]
+            found = [
+                (digest, row[0])
                 for digest in batch
                 for row in conn.execute(
                     "SELECT id FROM blobs WHERE hash = ? AND size = ? AND mtime < ?",
                     (digest.hash, digest.size, cutoff),
                 )
             ]
-            self.db.drop_rows(conn, ids)
+            self.db.drop_rows(conn, [blob_id for _, blob_id in found])
+        return [digest for digest, _ in found]
 
-    def touch_blobs(self, digests: Iterable[Digest]) -> None:
+    def touch_blobs(self, digests: Iterable[Digest]) -> list[Digest]:
         now = time.time()
-        rows = [(now, d.hash, d.size) for d in digests]
-        for first in range(0, len(rows), _LOOKUP_BATCH):
+        wanted = list(digests)
+        absent: list[Digest] = []
+        for first in range(0, len(wanted), _LOOKUP_BATCH):
             with self.db.transaction() as conn:
-                conn.executemany(
-                    "UPDATE blobs SET mtime = ? WHERE hash = ? AND size = ?",
-                    rows[first : first + _LOOKUP_BATCH],
-                )
+                for digest in wanted[first : first + _LOOKUP_BATCH]:
+                    touched = conn.execute(
+                        "UPDATE blobs SET mtime = ? WHERE hash = ? AND size = ?",
+                        (now, digest.hash, digest.size),
+                    ).rowcount
+                    if not touched:
+                        absent.append(digest)
+        return absent
 
     def clean_temp(self, older_than: float, *, dry_run: bool = False) -> tuple[int, int]:
         """Delete upload rows (and their chunks) not written to since ``older_than``.
@@ -738,6 +754,8 @@ class SQLiteBlobStore(BlobStore):
 
 class SQLiteRefStore(RefStore):
     """Refs as rows ``(name, hash, size, accessed)`` of the same database."""
+
+    capabilities = frozenset({RefCapability.LIST, RefCapability.DELETE})
 
     def __init__(self, db: SQLiteDatabase) -> None:
         self.db = db

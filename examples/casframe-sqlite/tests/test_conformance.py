@@ -6,15 +6,13 @@ import sqlite3
 from contextlib import closing
 
 import pytest
-from casframe import Capability, Digest, Store
+from casframe import Digest, Store
 from casframe.testing.conformance import StoreConformance
 
 from casframe_sqlite.store import SQLiteBlobStore
 
 
 class TestSQLiteStore(StoreConformance):
-    missing_capabilities = frozenset({Capability.LOCAL_PATH})
-
     @pytest.fixture
     def store(self, sqlite_store: Store) -> Store:
         return sqlite_store
