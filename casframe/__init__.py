@@ -5,7 +5,7 @@ This module is the public API; everything not listed in ``__all__`` is private.
 
 from typing import TYPE_CHECKING
 
-from casframe._lazy import lazy_names
+from casframe.lazy import lazy_names
 
 if TYPE_CHECKING:
     from casframe.digest import EMPTY_DIGEST, Digest, Hasher

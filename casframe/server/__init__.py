@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from casframe._lazy import lazy_names
+from casframe.lazy import lazy_names
 
 if TYPE_CHECKING:
     from casframe.server.app import Server
