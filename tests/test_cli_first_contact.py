@@ -332,11 +332,7 @@ def test_light_commands_import_no_other_command(
     assert ("casframe_local" in modules) == (args != ["--version"])  # --help loads plugins
     commands = {m for m in modules if m.startswith(("casframe.cli.", "casframe.server"))}
     assert commands - {"casframe.cli.app", "casframe.cli.group", "casframe.cli.helpers",
-                       "casframe.cli.progressbar", "casframe.cli.runtime"} == (
-        {command_module} - {None}
-    )
-    # The configuration and store opening load with the first command that opens a store.
-    assert ("casframe.cli.runtime" in modules) == (command_module is not None)
+                       "casframe.cli.progressbar"} == ({command_module} - {None})
 
 
 def test_help_lists_each_builtin_command_as_the_command_describes_itself() -> None:
