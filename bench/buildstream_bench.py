@@ -110,8 +110,9 @@ def running(cmd: list[str], port: int, log: Path, cwd: Path | None = None) -> An
 
 def casframe_server(store: Path, log: Path) -> AbstractContextManager[str]:
     port = free_port()
+    # One process, whose CPU seconds are those of the server.
     return running([sys.executable, "-m", "casframe.server", store.as_uri(),
-                    "--listen", f"127.0.0.1:{port}"], port, log)
+                    "--listen", f"127.0.0.1:{port}", "--workers", "1"], port, log)
 
 
 def bst_artifact_server(store: Path, log: Path) -> AbstractContextManager[str]:

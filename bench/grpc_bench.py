@@ -1,7 +1,7 @@
 """Benchmark of `casframe serve` and the grpc:// backend: push and pull through a real server.
 
     .venv/bin/python bench/grpc_bench.py [--quick] [--out DIR] [--repeat N] [--keep]
-                                         [--kinds e2e,local,server,reference,echo]
+                                         [--kinds e2e,local,server,reference,echo,buildgrid]
 
 Builds the trees of bench/run.py (small: 20,000 files of 1-8 KiB in 401 directories, 10% of
 them duplicates; large: 8 files of 128 MiB; --quick: 2,000 files and 8 x 16 MiB) and imports
@@ -19,6 +19,9 @@ them into a source file:// store (not timed). Then each repetition measures, kin
   time, verifying every blob it pulls) against casframe serve: the server alone.
 * reference: that client against a server in this script that discards uploads and serves
   zeros: grpcio and the client's own file I/O, without any storage.
+* buildgrid: the e2e transfers against BuildGrid 0.9.1's `bgd server` (a new disk storage;
+  configured as in bench/serve_bench.py), the tree going by its digest since BuildGrid keeps
+  no refs: the Python REAPI server peer (target: e2e at least 2x its throughput).
 * echo: raw grpcio, the large tree's size (1 GiB) in 1 MiB messages of plain bytes up one
   stream and down another: what the transport can move on this machine right now. Then, in a
   child, the pieces of work no transfer of the large tree can avoid, each in CPU seconds: read
@@ -57,6 +60,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from run import FULL, QUICK, build_large, build_small  # noqa: E402 - the same trees as run.py
+from serve_bench import (  # noqa: E402 - the same BuildGrid as serve_bench.py
+    BUILDGRID_CONFIG,
+    buildgrid_venv,
+    free_port,
+    wait_for_port,
+)
 
 MiB = 1 << 20
 T_LARGE_MBPS = 400.0
@@ -64,7 +73,7 @@ T_SMALL_FPS = 5_000.0
 T_RSS_MIB = 150.0
 PARTS = ("large", "small")
 PHASES = ("push-large", "pull-large", "push-small", "pull-small")
-KINDS = ("e2e", "local", "server", "reference", "echo")
+KINDS = ("e2e", "local", "server", "reference", "echo", "buildgrid")
 STREAMS = 2  # the stub client's concurrent uploads/downloads or batches: one per core
 
 
@@ -121,19 +130,26 @@ def prepare_source(store_url: str, data: str) -> None:
 # -- client phases (each in its own process) -------------------------------------------------
 
 
-def transfer_phase(phase: str, source_url: str, dest_url: str, manifest_path: str) -> None:
-    """e2e and local: ``source`` pushes the tree to ``dest``, or ``dest`` pulls it from it."""
+def transfer_phase(phase: str, source_url: str, dest_url: str, manifest_path: str,
+                   by_digest_from: str | None = None) -> None:
+    """e2e, local and buildgrid: ``source`` pushes the tree to ``dest``, or ``dest`` pulls it
+    from it. ``by_digest_from``: the tree goes by its digest (read from that store's ref), and
+    no ref is set, for a server without refs (BuildGrid)."""
     from casframe import open_store
 
     manifest = json.loads(Path(manifest_path).read_text())
     direction, part = phase.split("-")
     tree = manifest["trees"][part]
+    name: Any = f"bench/{part}"
+    if by_digest_from is not None:
+        with open_store(by_digest_from) as origin:
+            name = origin.get_ref(name, touch=False)
     with open_store(source_url) as source, open_store(dest_url) as dest:
         started, cpu0 = time.perf_counter(), cpu_s()
         if direction == "push":
-            source.push(dest, f"bench/{part}")
+            source.push(dest, name)
         else:
-            dest.pull(source, f"bench/{part}")
+            dest.pull(source, name)
         report(started, cpu0, tree["files"], tree["bytes"])
 
 
@@ -437,6 +453,28 @@ class Served:
         return peak
 
 
+class BuildGridServed(Served):
+    """BuildGrid 0.9.1's ``bgd server`` over a new disk storage in ``work``."""
+
+    def __init__(self, work: Path, log: Path) -> None:
+        self.log = open(log, "ab")  # noqa: SIM115
+        self.port = free_port()
+        (work / "cas").mkdir(parents=True)
+        config = work / "bgd.yml"
+        config.write_text(BUILDGRID_CONFIG.format(port=self.port, path=work / "cas"))
+        self.process = subprocess.Popen(
+            [str(buildgrid_venv() / "bin" / "bgd"), "server", "start", str(config)], cwd=work,
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_for_port(self.process, self.port, log)
+
+    def stop(self) -> float:
+        peak = proc_hwm_mib(self.process.pid)
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait()  # bgd's exit status after SIGTERM is not 0
+        self.log.close()
+        return peak
+
+
 def run_child(args: list[str], log: Path, server: Served | None = None) -> dict[str, Any]:
     # Untimed, as in run.py: the previous phase's dirty pages (a pushed GiB) are written back
     # now, not by the kernel's flusher threads on the same two cores during this phase.
@@ -454,8 +492,9 @@ def run_child(args: list[str], log: Path, server: Served | None = None) -> dict[
 
 
 def casframe_server(store: Path) -> list[str]:
+    # One process: the peak RSS and CPU measured are those of the process serving.
     return [sys.executable, "-m", "casframe.server", f"file://{store}",
-            "--listen", "127.0.0.1:0", "--log-level", "warning"]
+            "--listen", "127.0.0.1:0", "--log-level", "warning", "--workers", "1"]
 
 
 def one_round(kind: str, work: Path, run_dir: Path, log: Path) -> dict[str, Any]:
@@ -473,6 +512,8 @@ def one_round(kind: str, work: Path, run_dir: Path, log: Path) -> dict[str, Any]
             server = Served([sys.executable, __file__, "reference"], log)
         elif kind == "echo" and part == "large":
             server = Served([sys.executable, __file__, "echo"], log)
+        elif kind == "buildgrid":
+            server = BuildGridServed(pushed, log)
         try:
             for phase in (push, pull):
                 if kind in ("e2e", "local"):
@@ -481,6 +522,12 @@ def one_round(kind: str, work: Path, run_dir: Path, log: Path) -> dict[str, Any]
                     args = (["transfer", phase, source, remote] if phase == push
                             else ["transfer", phase, remote, f"file://{pulled}"])
                     results[phase] = run_child([*args, manifest], log, server)
+                elif kind == "buildgrid":
+                    assert server is not None
+                    remote = f"grpc://127.0.0.1:{server.port}"
+                    args = (["transfer", phase, source, remote] if phase == push
+                            else ["transfer", phase, remote, f"file://{pulled}"])
+                    results[phase] = run_child([*args, manifest, source], log, server)
                 elif kind in ("server", "reference"):
                     assert server is not None
                     results[phase] = run_child(
@@ -603,6 +650,17 @@ def summarise(rounds: dict[str, list[dict[str, Any]]], trees: dict[str, Any],
                 f"{parts['write']:.2f} + grpcio (echo, both ends) {cpu:.2f} = {least:.2f} s: "
                 f"with both cores free, at most {size / (least / 2) / 1e6:,.0f} MB/s")
         lines.append("")
+    if rounds.get("buildgrid"):
+        for phase in PHASES:
+            unit = " MB/s" if phase.endswith("large") else " f/s"
+            theirs, ours = median("buildgrid", phase), median("e2e", phase)
+            ratio = "-" if not theirs or ours is None else f"x{ours / theirs:.2f}"
+            lines.append(f"BuildGrid {phase:<11}{show(theirs, unit):>14}   casframe e2e / "
+                         f"BuildGrid {ratio} (target >= x2)")
+        lines.append("")
+    if rounds.get("buildgrid"):
+        theirs = max(r["server_hwm_mib"] for r in rounds["buildgrid"])
+        lines.append(f"peak RSS of BuildGrid's server (no target): {theirs:.0f} MiB")
     for kind in ("e2e", "server"):
         if rounds.get(kind):
             server = max(r["server_hwm_mib"] for r in rounds[kind])
@@ -627,7 +685,8 @@ if __name__ == "__main__":
     if command == "prepare":
         prepare_source(sys.argv[2], sys.argv[3])
     elif command == "transfer":
-        transfer_phase(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
+        transfer_phase(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5],
+                       sys.argv[6] if len(sys.argv) > 6 else None)
     elif command == "stub":
         stub_phase(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5],
                    sys.argv[6] == "check")

@@ -20,6 +20,7 @@ __all__ = [
     "BlobNotFoundError",
     "CasframeError",
     "CheckoutError",
+    "CompressedDataError",
     "ConfigError",
     "CorruptBlobError",
     "DigestMismatchError",
@@ -126,6 +127,14 @@ class DigestMismatchError(CasframeError, ValueError):
         self.expected = expected
         self.actual = actual
         super().__init__(f"content does not match its digest: expected {expected}, got {actual}")
+
+
+class CompressedDataError(CasframeError, ValueError):
+    """Compressed content from the wire that does not decode to what it claims: not a valid
+    stream, cut short, longer than announced, or asking for more decoding memory than allowed.
+    Nothing of it was stored."""
+
+    reason = "bad-compressed-data"
 
 
 class InvalidDigestError(CasframeError, ValueError):

@@ -79,6 +79,9 @@ class ReadOnlyBlobStore(BlobStore):
     def local_path(self, digest: Digest) -> str:
         return self.inner.local_path(digest)
 
+    def now(self) -> float:
+        return self.inner.now()  # a dry-run prune measures by the inner store's clock
+
     def link_blobs(self, dir_fd: int, links: Iterable[tuple[str, Digest]]) -> None:
         self.inner.link_blobs(dir_fd, links)
 

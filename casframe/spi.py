@@ -26,6 +26,7 @@ from __future__ import annotations
 import enum
 import errno
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -363,6 +364,18 @@ class BlobStore(ABC):
         and their size in bytes (0 when the backend cannot tell).
         """
         return 0, 0
+
+    def now(self) -> float:
+        """The time now, by the clock that stamps this store's modification times.
+
+        Prune and gc take their grace cutoff from it, so a difference between the clock of
+        the machine running them and that of the server stamping the blobs (S3's, a network
+        file system's) neither shortens nor lengthens the grace period. The default is this
+        machine's clock, right for stores whose times it stamps itself; a backend whose
+        times come from a server answers with the server's time (``s3://``: the ``Date`` of
+        a response), rounded down rather than up.
+        """
+        return time.time()
 
     def check_writable(self) -> None:
         """Raise :class:`PermissionDeniedError` when this store is known to refuse writes.

@@ -25,6 +25,24 @@ def aws_cli() -> str:
     return prereqs.tool("aws", "awscli")
 
 
+@pytest.fixture(scope="session")
+def prometheus() -> str:
+    """The Prometheus server (Debian's prometheus), to scrape ``casframe serve``."""
+    return prereqs.tool("prometheus", "prometheus")
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Prometheus' checker of configurations and rules (in Debian's prometheus)."""
+    return prereqs.tool("promtool", "prometheus")
+
+
+@pytest.fixture(scope="session")
+def pushgateway() -> str:
+    """Prometheus' Pushgateway (Debian's prometheus-pushgateway), for batch-job metrics."""
+    return prereqs.tool("prometheus-pushgateway", "prometheus-pushgateway")
+
+
 @pytest.fixture
 def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Point every user directory into tmp_path so nothing is read or written outside it."""

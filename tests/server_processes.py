@@ -91,20 +91,31 @@ def _alarm(seconds: float, message: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def serve_process(
-    store_url: str, *options: str, stderr: int | IO[str] = subprocess.PIPE
+    store_url: str,
+    *options: str,
+    stderr: int | IO[str] = subprocess.PIPE,
+    env: dict[str, str] | None = None,
+    announces: str | None = None,
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """``python -m casframe.server STORE_URL --listen 127.0.0.1:0 OPTIONS``: yields the process
-    and its port once it says it is serving; kills it if it is still running at the end."""
+    and its port once it says it is serving (``announces``: the store's URL as it says it,
+    when that differs from ``store_url``); kills it if it is still running at the end.
+
+    One process serves (``--workers 1``, so the process is the server whose memory and limits
+    a test measures) unless ``OPTIONS`` say ``--workers``. ``env`` replaces the environment it
+    inherits.
+    """
     raise_fd_limit(8192)  # inherited: the server holds a socket per client connection
+    workers = () if "--workers" in options else ("--workers", "1")
     process = subprocess.Popen(
         [sys.executable, "-m", "casframe.server", store_url, "--listen", "127.0.0.1:0",
-         *options],
+         *workers, *options],
         stdout=subprocess.PIPE, stderr=stderr, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
     )
     try:
         line = _read_line(process, "casframe serve")
-        assert line.startswith(f"casframe: serving {store_url} on 127.0.0.1:"), line
+        assert line.startswith(f"casframe: serving {announces or store_url} on 127.0.0.1:"), line
         yield process, int(line.strip().rpartition(":")[2])
     finally:
         if process.poll() is None:

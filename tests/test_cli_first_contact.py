@@ -132,8 +132,10 @@ def test_a_port_in_use_is_one_line_without_grpc_log_lines(tmp_path: Path, busy_p
 
 
 def test_grpc_log_lines_show_at_debug_level(tmp_path: Path, busy_port: int) -> None:
+    # One process: gRPC itself binds the port (with --workers, casframe binds it first).
     result = _serve(
-        str(tmp_path / "store"), "--listen", f"127.0.0.1:{busy_port}", "--log-level", "debug"
+        str(tmp_path / "store"), "--listen", f"127.0.0.1:{busy_port}", "--log-level", "debug",
+        "--workers", "1",
     )
     assert result.returncode == 1
     lines = result.stderr.splitlines()
@@ -272,7 +274,7 @@ except SystemExit:
     pass
 heavy = sorted({name.split(".")[0] if not name.startswith("google.") else "google.protobuf"
                 for name in sys.modules
-                if name.split(".")[0] in ("grpc", "boto3", "botocore", "tqdm")
+                if name.split(".")[0] in ("grpc", "boto3", "botocore", "tqdm", "prometheus_client")
                 or name.startswith("google.protobuf")})
 print("HEAVY", *heavy, file=sys.stderr)
 """
@@ -299,7 +301,7 @@ def _last_line_of_script(script: str, tmp_path: Path, args: list[str]) -> str:
     [["--version"], ["--help"], ["ref", "list"], ["ref", "get", "build/1"], ["ref", "--help"]],
     ids=" ".join,
 )
-def test_light_commands_import_no_grpc_protobuf_boto3_or_tqdm(
+def test_light_commands_import_no_grpc_protobuf_boto3_tqdm_or_prometheus_client(
     tmp_path: Path, args: list[str]
 ) -> None:
     assert _last_line_of_script(_IMPORTED, tmp_path, args) == "HEAVY"

@@ -619,11 +619,12 @@ _SERVER_OVERLONG = "casframe's server does not detect an over-long object in Byt
 
 class _GrpcConformance(StoreConformance):
     backing_kind = ""
+    query = ""
 
     @pytest.fixture
     def store(self, tmp_path: Path) -> Iterator[Store]:
         with _backing(self.backing_kind, tmp_path) as backing, Server(backing) as server, \
-                open_store(f"grpc://127.0.0.1:{server.port}") as store:
+                open_store(f"grpc://127.0.0.1:{server.port}{self.query}") as store:
             self.backing = backing
             yield store
 
@@ -641,6 +642,13 @@ class TestGrpcOverMemory(_GrpcConformance):
 
 class TestGrpcOverFile(_GrpcConformance):
     backing_kind = "file"
+
+
+class TestGrpcZstdOverFile(_GrpcConformance):
+    """Every blob zstd-compressed on the wire, both ways."""
+
+    backing_kind = "file"
+    query = "?compression=zstd"
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -38,9 +38,12 @@ from casframe._protos.buildstream.v2 import buildstream_pb2 as bs_pb2
 from casframe._protos.buildstream.v2 import buildstream_pb2_grpc as bs_grpc
 from casframe._protos.google.bytestream import bytestream_pb2 as byte_pb2
 from casframe._protos.google.bytestream import bytestream_pb2_grpc as byte_grpc
+from casframe.compression import compress
 from casframe.testing import assert_tree_equal, random_bytes
 
 MiB = 1 << 20
+# What the zstd tricks send: far more than any blob (a few KiB of zstd), or not zstd at all.
+_ZSTD_TRICKS = {"zstd-bomb": compress(bytes(64 * MiB)), "zstd-garbage": b"not zstd" * 1000}
 HANG_GUARD = 120  # seconds: only ever reached if a call hangs
 
 
@@ -110,6 +113,8 @@ class _Capabilities(_Part, re_grpc.CapabilitiesServicer):
             cache.max_batch_total_size_bytes = -1
         if self.trick("negative-blob-size"):
             cache.max_cas_blob_size_bytes = -(1 << 40)
+        if self.hostile.tricks & _ZSTD_TRICKS.keys():
+            cache.supported_compressors.append(re_pb2.Compressor.ZSTD)
         return re_pb2.ServerCapabilities(cache_capabilities=cache)
 
 
@@ -135,7 +140,9 @@ class _Cas(_Part, re_grpc.ContentAddressableStorageServicer):
                 data += b"and more"
             if self.trick("wrong-data"):
                 data = bytes(len(data))
-            reply.responses.add(digest=message, data=data, status=status_pb2.Status())
+            entry = reply.responses.add(digest=message, data=data, status=status_pb2.Status())
+            for trick in self.hostile.tricks & _ZSTD_TRICKS.keys():
+                entry.data, entry.compressor = _ZSTD_TRICKS[trick], re_pb2.Compressor.ZSTD
         if self.trick("unasked-entry"):
             reply.responses.add(digest=_proto(Digest.of_bytes(b"x")), data=b"x")
         if self.trick("duplicate-entry"):
@@ -193,6 +200,8 @@ class _ByteStream(_Part, byte_grpc.ByteStreamServicer):
         data = self.store.read_bytes(Digest(hash_, int(size)))[request.read_offset:]
         if self.trick("short-read"):
             data = data[:-1]
+        for trick in self.hostile.tricks & _ZSTD_TRICKS.keys():
+            data = _ZSTD_TRICKS[trick]
         for start in range(0, len(data), MiB):
             yield byte_pb2.ReadResponse(data=data[start : start + MiB])
         if self.trick("endless-read"):
@@ -364,6 +373,25 @@ def test_bytestream_reads_of_the_wrong_length_are_corrupt(
                 while stream.read(MiB):
                     pass
         assert not endless or hostile.endless_stopped.wait(HANG_GUARD)
+
+
+@pytest.mark.parametrize("trick, message", [
+    # Its frame states its size: refused before decoding in batches, while decoding in streams.
+    ("zstd-bomb",
+     r"decodes to (67108864 bytes, not the \d+|more than the \d+ bytes) its digest gives"),
+    ("zstd-garbage", "is not a valid zstd stream"),
+])
+def test_zstd_from_the_server_is_decoded_within_the_blob_size(
+    hostile: HostileServer, memory_store: Store, trick: str, message: str,
+) -> None:
+    small = memory_store.put_bytes(random_bytes(4000, seed=6))
+    large = memory_store.put_bytes(random_bytes(3 * MiB, seed=7))
+    hostile.tricks.add(trick)
+    with _remote(hostile, compression="zstd") as remote:
+        for digest in (small, large):
+            with pytest.raises(CorruptBlobError, match=message) as info:
+                remote.read_bytes(digest)
+            assert "the zstd " in str(info.value) and str(digest) in str(info.value)
 
 
 def test_bytestream_write_with_a_wrong_committed_size_is_refused(

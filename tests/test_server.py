@@ -544,7 +544,8 @@ def test_upload_with_wrong_content_stores_nothing(served: Served) -> None:
     ("../blobs/{h}/5", grpc.StatusCode.INVALID_ARGUMENT),
     ("objects/{h}/5", grpc.StatusCode.INVALID_ARGUMENT),
     ("uploads/u/blobs/{h}/5", grpc.StatusCode.INVALID_ARGUMENT),
-    ("compressed-blobs/zstd/{h}/5", grpc.StatusCode.UNIMPLEMENTED),
+    ("compressed-blobs/deflate/{h}/5", grpc.StatusCode.UNIMPLEMENTED),
+    ("compressed-blobs/zstd/{h}", grpc.StatusCode.INVALID_ARGUMENT),
     ("compressed-blobs/lz4/{h}/5", grpc.StatusCode.INVALID_ARGUMENT),
 ])
 def test_malformed_read_resource_names(served: Served, name: str, code: grpc.StatusCode) -> None:
@@ -568,7 +569,8 @@ def test_identity_compressed_blobs_are_plain_blobs(served: Served) -> None:
     ("uploads/u/blobs/{h}", grpc.StatusCode.INVALID_ARGUMENT),
     ("uploads/u/files/{h}/5", grpc.StatusCode.INVALID_ARGUMENT),
     ("uploads/u/blobs/xyz/5", grpc.StatusCode.INVALID_ARGUMENT),
-    ("uploads/u/compressed-blobs/zstd/{h}/5", grpc.StatusCode.UNIMPLEMENTED),
+    ("uploads/u/compressed-blobs/brotli/{h}/5", grpc.StatusCode.UNIMPLEMENTED),
+    ("uploads/u/compressed-blobs/lz4/{h}/5", grpc.StatusCode.INVALID_ARGUMENT),
     ("other/uploads/u/blobs/{h}/5", grpc.StatusCode.INVALID_ARGUMENT),
 ])
 def test_malformed_write_resource_names(served: Served, name: str, code: grpc.StatusCode) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +11,7 @@ import click
 from casframe.cli.app import App
 from casframe.cli.helpers import (
     EXIT_ERROR,
+    describe_error,
     emit_json,
     format_count,
     format_size,
@@ -20,15 +22,20 @@ from casframe.cli.helpers import (
     positive_size,
     warning_line,
 )
-from casframe.units import parse_duration
+from casframe.lazy import lazy_module
 
 if TYPE_CHECKING:
-    pass
+    from casframe import jobmetrics
+else:
+    # prometheus_client is loaded only when a run is asked to report metrics.
+    jobmetrics = lazy_module("casframe.jobmetrics")
 
 __all__ = ["du_command", "fsck_command", "gc_command", "prune_command"]
 
 
 def _duration(value: str) -> float:
+    from casframe.maintenance import parse_duration
+
     return parse_duration(value)
 
 
@@ -55,6 +62,40 @@ _grace_option = click.option(
 _dry_run_option = click.option(
     "-n", "--dry-run", is_flag=True, help="Delete nothing; report what would go."
 )
+_metrics_push_option = click.option(
+    "--metrics-push",
+    metavar="URL",
+    help="When done, push the run's metrics (objects and bytes freed, duration, time of "
+    "success) to the Prometheus Pushgateway at URL.",
+)
+_metrics_textfile_option = click.option(
+    "--metrics-textfile",
+    metavar="PATH",
+    type=click.Path(dir_okay=False),
+    help="When done, write the run's metrics to PATH (replaced atomically), for "
+    "node_exporter's textfile collector.",
+)
+
+
+def _check_metrics_options(push: str | None, textfile: str | None, dry_run: bool) -> None:
+    if (push or textfile) and dry_run:
+        raise click.UsageError(
+            "--metrics-push and --metrics-textfile report what a run freed; "
+            "a --dry-run frees nothing"
+        )
+
+
+def _publish_metrics(
+    app: App, report: Any, seconds: float, push: str | None, textfile: str | None
+) -> None:
+    """Push or write the metrics of the run that took ``seconds``; a failure is this
+    command's error (exit status 1), after the run's own report."""
+    if not (push or textfile):
+        return
+    try:
+        jobmetrics.publish(report, seconds, app.store().url, gateway=push, textfile=textfile)
+    except OSError as exc:
+        raise click.ClickException(describe_error(exc)) from None
 
 
 def _objects(count: int, size: int) -> str:
@@ -117,25 +158,38 @@ def _prune_summary(report: Any) -> str:
 @click.command("prune")
 @_grace_option
 @_dry_run_option
+@_metrics_push_option
+@_metrics_textfile_option
 @json_option
 @pass_app
-def prune_command(app: App, grace_period: float, dry_run: bool, as_json: bool) -> None:
+def prune_command(
+    app: App,
+    grace_period: float,
+    dry_run: bool,
+    metrics_push: str | None,
+    metrics_textfile: str | None,
+    as_json: bool,
+) -> None:
     """Delete blobs that no ref reaches.
 
     Marks everything reachable from every ref (through Directory trees, action results and
     asset refs), then deletes the rest unless it is younger than the grace period. With
     --dry-run, also shows per ref the bytes it alone keeps alive: what deleting it would free.
     """
+    _check_metrics_options(metrics_push, metrics_textfile, dry_run)
     store = app.store()
+    started = time.monotonic()
     with app.progress(as_json) as progress:
         report = store.prune(grace_period=grace_period, dry_run=dry_run, progress=progress)
+    seconds = time.monotonic() - started
     if as_json:
         emit_json(report.to_dict())
-        return
-    _warn_ref_problems(report.problems)
-    if dry_run:
-        _ref_table(report.refs)
-    click.echo(_prune_summary(report))
+    else:
+        _warn_ref_problems(report.problems)
+        if dry_run:
+            _ref_table(report.refs)
+        click.echo(_prune_summary(report))
+    _publish_metrics(app, report, seconds, metrics_push, metrics_textfile)
 
 
 @click.command("gc")
@@ -163,6 +217,8 @@ def prune_command(app: App, grace_period: float, dry_run: bool, as_json: bool) -
 )
 @_grace_option
 @_dry_run_option
+@_metrics_push_option
+@_metrics_textfile_option
 @json_option
 @pass_app
 @click.pass_context
@@ -174,6 +230,8 @@ def gc_command(
     keep: tuple[str, ...],
     grace_period: float,
     dry_run: bool,
+    metrics_push: str | None,
+    metrics_textfile: str | None,
     as_json: bool,
 ) -> None:
     """Keep the store under a quota: expire least recently used refs, then prune.
@@ -183,12 +241,15 @@ def gc_command(
     --low-watermark × --max-size; then prune runs. Exits with status 1 when the target cannot
     be reached (only protected refs or young data are left).
     """
+    _check_metrics_options(metrics_push, metrics_textfile, dry_run)
     store = app.store()
+    started = time.monotonic()
     with app.progress(as_json) as progress:
         report = store.gc(
             max_size=max_size, low_watermark=low_watermark, keep=keep,
             grace_period=grace_period, dry_run=dry_run, progress=progress,
         )
+    seconds = time.monotonic() - started
     if as_json:
         emit_json(report.to_dict())
     else:
@@ -213,6 +274,7 @@ def gc_command(
             f"{'would hold' if dry_run else 'now holds'} {format_size(report.predicted_bytes)}"
             f" (target {format_size(report.target_bytes)})"
         )
+    _publish_metrics(app, report, seconds, metrics_push, metrics_textfile)
     if not report.reached_target:
         # Only the reasons that the options given can cause.
         reasons = ["refs matching --keep"] if keep else []

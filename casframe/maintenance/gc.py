@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import time
 from collections.abc import Callable, Iterable
 
 from casframe.blobs import VerifiedBlobs
@@ -61,7 +60,7 @@ def gc(
         *(() if dry_run else (Capability.DELETE, RefCapability.DELETE)),
     )
     progress = progress or NO_PROGRESS
-    cutoff = time.time() - check_grace(grace_period)
+    cutoff = blobs.backend.now() - check_grace(grace_period)
 
     stored = list_blobs(blobs, progress)
     total = sum(key[1] for key in stored)

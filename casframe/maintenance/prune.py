@@ -44,7 +44,9 @@ def prune(
     )
     progress = progress or NO_PROGRESS
     started = time.time()
-    cutoff = started - grace_period
+    # The store's clock, which stamped the times the cutoff is compared with: a prune run
+    # from a machine whose clock is ahead of the bucket's must not shorten the grace period.
+    cutoff = blobs.backend.now() - grace_period
     report = PruneReport(grace_period=grace_period, dry_run=dry_run)
 
     # Mark first, so the listing can skip what is reachable (a local store then need not

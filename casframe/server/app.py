@@ -26,17 +26,18 @@ import grpc
 from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casframe._protos.buildstream.v2 import buildstream_pb2_grpc
+from casframe.compression import DEFAULT_LEVEL, DEFAULT_MAX_WINDOW
 from casframe.errors import ConfigError, MissingDependencyError
 from casframe.plugins import each_plugin, get_plugin_manager
 from casframe.readonly import read_only_view
 from casframe.server.bytestream import ByteStreamService, add_bytestream_to_server
 from casframe.server.interceptors import (
-    RequestLogInterceptor,
     StreamLimitInterceptor,
     StreamSlots,
     SyncInterceptorAdapter,
 )
 from casframe.server.names import Instances
+from casframe.server.observe import CallObserverInterceptor, CallSink, RequestLogSink
 from casframe.server.services import (
     ActionCacheService,
     CapabilitiesService,
@@ -56,7 +57,7 @@ from casframe.server.settings import (
 from casframe.server.tls import check_key_pair, read_pem
 from casframe.store import Store
 
-__all__ = ["Interceptor", "RequestLogInterceptor", "Server", "plugin_interceptors"]
+__all__ = ["Interceptor", "Server", "plugin_interceptors"]
 
 log = logging.getLogger("casframe.server")
 
@@ -122,6 +123,8 @@ class Server:
     finishes in-flight calls for up to ``grace`` seconds; ``wait()`` blocks until stopped.
     As a context manager it starts on entry and stops on exit. ``interceptors`` are added after
     the built-in request log and before those of plugins (``use_plugins=False`` skips those).
+    ``call_sinks`` are told of every call (:mod:`casframe.server.observe`): the metrics and
+    the access log of ``casframe serve``.
     """
 
     def __init__(
@@ -140,8 +143,13 @@ class Server:
         max_partial_uploads: int = 256,
         max_streams: int = DEFAULT_MAX_STREAMS,
         stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT,
+        zstd_max_window_bytes: int = DEFAULT_MAX_WINDOW,
+        zstd_level: int = DEFAULT_LEVEL,
         interceptors: Sequence[Interceptor] = (),
         use_plugins: bool = True,
+        worker_index: int = 0,
+        worker_count: int = 1,
+        call_sinks: Sequence[CallSink] = (),
     ) -> None:
         settings = ServerSettings(
             store_url=store.url,
@@ -157,6 +165,10 @@ class Server:
             max_partial_uploads=max_partial_uploads,
             max_streams=max_streams,
             stream_idle_timeout=stream_idle_timeout,
+            worker_index=worker_index,
+            worker_count=worker_count,
+            zstd_max_window_bytes=zstd_max_window_bytes,
+            zstd_level=zstd_level,
         )
         self.store = store
         # Read-only: served through a view that never writes, not even a read's bookkeeping.
@@ -166,6 +178,7 @@ class Server:
         self.streams = StreamSlots(settings.max_streams)
         self._extra_interceptors = tuple(interceptors)
         self._use_plugins = use_plugins
+        self._call_sinks = (RequestLogSink(), *call_sinks)
         self._server: grpc.aio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
@@ -242,7 +255,7 @@ class Server:
         settings = self.settings
         assert self._executor is not None
         chain: list[grpc.aio.ServerInterceptor] = [
-            RequestLogInterceptor(), StreamLimitInterceptor(self.streams)
+            CallObserverInterceptor(self._call_sinks), StreamLimitInterceptor(self.streams)
         ]
         for interceptor in interceptors:
             if isinstance(interceptor, grpc.aio.ServerInterceptor):
@@ -255,8 +268,9 @@ class Server:
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
-                # Without this, Linux lets a second server bind the same port silently.
-                ("grpc.so_reuseport", 0),
+                # Without this, Linux lets a second server bind the same port silently; the
+                # workers of `casframe serve --workers N` share theirs on purpose.
+                ("grpc.so_reuseport", int(settings.worker_count > 1)),
                 # Bandwidth-delay probing lets each stream's receive window grow to many MiB, so
                 # 8 concurrent uploads of 1 MiB chunks peaked at 150-340 MiB of RSS; without it
                 # the window still covers one whole message and the same load stays near

@@ -11,6 +11,13 @@ kept. Nothing is written twice and no partial content is ever visible under a di
 Resumption works against the server that holds the partial upload: behind a load balancer
 without session affinity a client that reconnects elsewhere is told ``NOT_FOUND`` and starts
 again from zero, which every REAPI client handles.
+
+``compressed-blobs/zstd/…`` resources travel zstd-compressed (:mod:`casframe.compression`) and
+are stored uncompressed. As the REAPI says, a compressed Read's ``read_offset`` counts
+uncompressed bytes, and a compressed Write's first ``write_offset`` is where in the uncompressed
+content its zstd stream starts (0, or where ``QueryWriteStatus`` says the kept part ends), each
+later one that plus the compressed bytes sent before it. The decoded content is hashed and
+written as it is decoded, so a stream that decodes past the digest's size is refused at once.
 """
 
 from __future__ import annotations
@@ -24,21 +31,25 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import grpc
 
 from casframe._protos.google.bytestream import bytestream_pb2
 from casframe._wire import WriteChunk, decode_write_request, encode_read_response
-from casframe.blobs import VerifiedBlobs
+from casframe.compression import ZstdDecoder, ZstdEncoder, decompress
 from casframe.digest import Digest
+from casframe.errors import CompressedDataError
 from casframe.server.errors import StatusError, async_rpc_method, rpc_method
-from casframe.server.names import Instances, parse_read_resource, parse_write_resource
+from casframe.server.names import (
+    Instances,
+    ResourceName,
+    parse_read_resource,
+    parse_write_resource,
+)
 from casframe.server.pool import in_pool
 from casframe.server.settings import ServerSettings
-
-if TYPE_CHECKING:
-    from casframe.store import Store
+from casframe.store import Store
 
 __all__ = ["ByteStreamService", "UploadSpool", "add_bytestream_to_server"]
 
@@ -53,17 +64,17 @@ _FIRST_READ_CHUNK = 64 << 10
 class _Upload:
     """One upload in progress, kept between Write calls so an interrupted one can resume.
 
-    The hashing and verification are :meth:`casframe.blobs.VerifiedBlobs.open_upload`'s; this adds
+    The hashing and verification are :meth:`casframe.store.Store.open_upload`'s; this adds
     what the spool needs. Only the Write call holding ``busy`` (or the spool, holding it)
     touches an upload.
     """
 
-    def __init__(self, blobs: VerifiedBlobs, resource: str, digest: Digest) -> None:
+    def __init__(self, store: Store, resource: str, digest: Digest) -> None:
         self.resource = resource
         self.digest = digest
         self.busy = threading.Lock()
         self.touched = time.monotonic()
-        self._upload = blobs.open_upload(digest)
+        self._upload = store.open_upload(digest)
 
     @property
     def committed(self) -> int:
@@ -85,10 +96,14 @@ class _Upload:
 
 class _BlobReader:
     """One Read call's view of a stored blob: verified, through a small buffer, closed after
-    its last chunk (or on failure) within the same step that read it."""
+    its last chunk (or on failure) within the same step that read it; with an ``encoder``,
+    each chunk is compressed in the same step."""
 
-    def __init__(self, opened: BinaryIO) -> None:
+    def __init__(self, opened: BinaryIO, encoder: ZstdEncoder | None = None) -> None:
         self._opened = opened
+        self._encoder = encoder
+        #: Bytes of the blob the last read took (before compression).
+        self.last_read = 0
         # The store's reader buffers a whole chunk ahead, which a thousand stalled downloads
         # would each keep resident: read through a small buffer instead.
         raw = getattr(opened, "raw", None)
@@ -97,16 +112,23 @@ class _BlobReader:
 
     @classmethod
     def open(
-        cls, blobs: VerifiedBlobs, digest: Digest, offset: int, size: int, last: bool
+        cls,
+        store: Store,
+        digest: Digest,
+        offset: int,
+        size: int,
+        last: bool,
+        encoder: ZstdEncoder | None = None,
     ) -> tuple[_BlobReader, bytes]:
         """Open ``digest`` at ``offset`` and read its first ``size`` bytes."""
         # Verified: a full read raises CorruptBlobError (DATA_LOSS) instead of returning the
         # last chunk of a corrupt blob; a read from an offset checks the stored size.
-        reader = cls(blobs.open_read(digest, offset, verify=True))
+        reader = cls(store.open_read(digest, offset, verify=True), encoder)
         return reader, reader.read(size, last)
 
     def read(self, size: int, last: bool) -> bytes:
-        """The next ``size`` bytes; with ``last``, close the blob after them."""
+        """The next ``size`` bytes (compressed, with an encoder); with ``last``, close the
+        blob after them."""
         try:
             data = self._stream.read(size)
         except BaseException:
@@ -114,6 +136,11 @@ class _BlobReader:
             raise
         if last:
             self.close()
+        self.last_read = len(data)
+        if self._encoder is not None:
+            data = self._encoder.encode(data)
+            if last:
+                data += self._encoder.finish()
         return data
 
     def close(self) -> None:
@@ -126,8 +153,8 @@ class _BlobReader:
 class UploadSpool:
     """Uploads in progress or interrupted, by resource name; bounded and expiring."""
 
-    def __init__(self, blobs: VerifiedBlobs, *, max_uploads: int, expiry: float) -> None:
-        self._blobs = blobs
+    def __init__(self, store: Store, *, max_uploads: int, expiry: float) -> None:
+        self._store = store
         self._max = max_uploads
         self._expiry = expiry
         self._lock = threading.Lock()
@@ -161,7 +188,7 @@ class UploadSpool:
                     return upload
                 self._make_room()
             # Outside the lock: a backend may take a round trip to start an upload.
-            fresh = _Upload(self._blobs, resource, digest)
+            fresh = _Upload(self._store, resource, digest)
             fresh.busy.acquire()
             with self._lock:
                 if resource not in self._uploads:
@@ -245,12 +272,12 @@ class ByteStreamService:
     def __init__(
         self, store: Store, settings: ServerSettings, instances: Instances, pool: Executor
     ) -> None:
-        self.blobs = store.verified  # ByteStream moves blob content only
+        self.store = store
         self.settings = settings
         self.instances = instances
         self.pool = pool
         self.spool = UploadSpool(
-            self.blobs, max_uploads=settings.max_partial_uploads, expiry=settings.upload_expiry
+            store, max_uploads=settings.max_partial_uploads, expiry=settings.upload_expiry
         )
 
     async def _in_pool(self, function: Callable[..., _T], *args: Any) -> _T:
@@ -271,6 +298,11 @@ class ByteStreamService:
         name = parse_read_resource(request.resource_name)
         self.instances.check(name.instance)
         digest = name.digest
+        if name.compressed and request.read_limit:
+            raise StatusError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"read_limit must be 0 when reading compressed-blobs, got {request.read_limit}",
+            )
         if request.read_offset < 0 or request.read_offset > digest.size:
             raise StatusError(
                 grpc.StatusCode.OUT_OF_RANGE,
@@ -286,9 +318,12 @@ class ByteStreamService:
         if request.read_limit:
             remaining = min(remaining, request.read_limit)
         if digest.size and not remaining:
-            if not await self._in_pool(self.blobs.contains, digest):
+            if not await self._in_pool(self.store.contains, digest):
                 raise StatusError(grpc.StatusCode.NOT_FOUND, f"blob not found: {digest}")
+        encoder = ZstdEncoder(self.settings.zstd_level, remaining) if name.compressed else None
         if not remaining:
+            if encoder is not None:  # nothing, as a zstd stream
+                await self._send(context, encoder.finish())
             return
         chunk = self.settings.read_chunk_bytes
         # Chunks start small and double up to the full size: a client that stops reading at
@@ -297,11 +332,12 @@ class ByteStreamService:
         # Opening and the first read are one step in the pool: a blob of one chunk (every
         # Directory a client walks) costs one thread hop, not four.
         reader, data = await self._in_pool(
-            _BlobReader.open, self.blobs, digest, request.read_offset, size, size == remaining
+            _BlobReader.open, self.store, digest, request.read_offset, size, size == remaining,
+            encoder,
         )
         try:
             while True:
-                remaining -= len(data)
+                remaining -= reader.last_read
                 await self._send(context, data)  # encoded as a ReadResponse by the codec
                 if remaining <= 0:
                     return
@@ -352,42 +388,26 @@ class ByteStreamService:
             raise StatusError(grpc.StatusCode.PERMISSION_DENIED, "this server is read-only")
         digest = name.digest
 
-        if await self._in_pool(self.blobs.contains, digest):
-            # Already stored: tell the client at once, per the REAPI, and drop any partial copy.
+        if await self._in_pool(self.store.contains, digest):
+            # Already stored: tell the client at once, per the REAPI (-1 for a compressed
+            # upload, whose compressed size the server cannot know), and drop any partial copy.
             await self._in_pool(self.spool.discard, resource)
-            return bytestream_pb2.WriteResponse(committed_size=digest.size)
+            return bytestream_pb2.WriteResponse(
+                committed_size=-1 if name.compressed else digest.size
+            )
         single = first.finish_write and first.write_offset == 0
-        if single and await self._in_pool(self.spool.committed, resource) is None:
+        # A compressed blob is decoded in memory only when it is small: a message of a few
+        # MiB may claim gigabytes, which the streaming path writes out as they are decoded.
+        small = not name.compressed or digest.size <= self.settings.max_message_bytes
+        if single and small and await self._in_pool(self.spool.committed, resource) is None:
             # The whole blob in one message: no need to keep anything for resumption.
-            await self._in_pool(self.blobs.put_bytes, bytes(first.data), digest)
-            return bytestream_pb2.WriteResponse(committed_size=digest.size)
+            await self._in_pool(self._put_single, name, first.data)
+            return bytestream_pb2.WriteResponse(committed_size=len(first.data)
+                                                if name.compressed else digest.size)
 
         upload = await self._in_pool(self.spool.attach, resource, digest)
         try:
-            request: WriteChunk | None = first
-            while request is not None:
-                if request.resource_name and request.resource_name != resource:
-                    raise StatusError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"resource name changed within one Write: {request.resource_name!r} "
-                        f"after {resource!r}",
-                    )
-                if request.write_offset != upload.committed:
-                    raise StatusError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"write_offset {request.write_offset} does not match the "
-                        f"{upload.committed} bytes committed for {resource!r} "
-                        "(ask QueryWriteStatus where to continue)",
-                    )
-                if request.data:
-                    await self._in_pool(upload.write, request.data)  # a view into the message
-                if request.finish_write:
-                    await self._in_pool(upload.commit)
-                    self.spool.remove(upload, abort=False)
-                    return bytestream_pb2.WriteResponse(committed_size=upload.committed)
-                request = await self._next_chunk(messages)
-            # The client closed its side without finish_write: keep what arrived.
-            return bytestream_pb2.WriteResponse(committed_size=upload.committed)
+            return await self._receive(name, resource, upload, first, messages)
         except asyncio.CancelledError:
             raise  # the client went away mid-stream: keep the upload for resumption
         except StatusError:
@@ -403,13 +423,86 @@ class ByteStreamService:
         finally:
             self.spool.detach(upload)
 
+    def _put_single(self, name: ResourceName, data: memoryview) -> None:
+        content = bytes(data)
+        if name.compressed:
+            content = decompress(content, name.digest.size, what=self._stream_what(name),
+                                 max_window=self.settings.zstd_max_window_bytes)
+        self.store.put_bytes(content, name.digest)
+
+    @staticmethod
+    def _stream_what(name: ResourceName) -> str:
+        return f"the {name.compressor} upload of {name.digest}"
+
+    async def _receive(
+        self,
+        name: ResourceName,
+        resource: str,
+        upload: _Upload,
+        first: WriteChunk,
+        messages: AsyncIterator[WriteChunk],
+    ) -> bytestream_pb2.WriteResponse:
+        """Feed one Write call's messages into ``upload``; commit on ``finish_write``.
+
+        A compressed call is one zstd stream whose output continues the upload where it
+        stands: its first ``write_offset`` must be the upload's (uncompressed) committed
+        size, and each later one that plus the compressed bytes received since, which is also
+        the ``committed_size`` it answers.
+        """
+        feed: Callable[[memoryview], None] = upload.write
+        if name.compressed:
+            feed = ZstdDecoder(upload.write, limit=name.digest.size - upload.committed,
+                               what=self._stream_what(name),
+                               max_window=self.settings.zstd_max_window_bytes).write
+        offset = upload.committed  # where the next message must start
+        request: WriteChunk | None = first
+        while request is not None:
+            if request.resource_name and request.resource_name != resource:
+                raise StatusError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"resource name changed within one Write: {request.resource_name!r} "
+                    f"after {resource!r}",
+                )
+            if request.write_offset != offset:
+                raise self._offset_error(request.write_offset, offset, resource,
+                                         first=request is first)
+            if request.data:
+                await self._in_pool(feed, request.data)  # a view into the message
+                offset += len(request.data)
+            if request.finish_write:
+                if upload.committed < name.digest.size and name.compressed:
+                    raise CompressedDataError(
+                        f"{self._stream_what(name)} ended after decoding {upload.committed} "
+                        f"of its {name.digest.size} bytes (the zstd stream is cut short)"
+                    )
+                await self._in_pool(upload.commit)
+                self.spool.remove(upload, abort=False)
+                return bytestream_pb2.WriteResponse(committed_size=offset)
+            request = await self._next_chunk(messages)
+        # The client closed its side without finish_write: keep what arrived.
+        return bytestream_pb2.WriteResponse(committed_size=offset)
+
+    @staticmethod
+    def _offset_error(given: int, expected: int, resource: str, *, first: bool) -> StatusError:
+        if first:
+            return StatusError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"write_offset {given} does not match the {expected} bytes committed for "
+                f"{resource!r} (ask QueryWriteStatus where to continue)",
+            )
+        return StatusError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"write_offset {given} of {resource!r} is not where the stream stands: expected "
+            f"{expected} (the first write_offset plus the bytes sent after it)",
+        )
+
     @rpc_method
     def QueryWriteStatus(  # noqa: N802 - gRPC method name
         self, request: bytestream_pb2.QueryWriteStatusRequest, context: grpc.ServicerContext
     ) -> bytestream_pb2.QueryWriteStatusResponse:
         name = parse_write_resource(request.resource_name)
         self.instances.check(name.instance)
-        if self.blobs.contains(name.digest):
+        if self.store.contains(name.digest):
             return bytestream_pb2.QueryWriteStatusResponse(
                 committed_size=name.digest.size, complete=True
             )

@@ -1,39 +1,46 @@
 """``casframe serve``: the click command that runs a server until SIGTERM or SIGINT.
 
-The CLI imports this module by name only when ``serve`` runs (``casframe --help`` lists it
-without importing it). The server, and gRPC with it, load when the command reaches
-``casframe.server.Server`` (the package's names load on first use): gRPC reads its log level
-once, on import, and the command sets it from ``--log-level`` first.
+Cheap to import (click only): the CLI imports this module to list its commands, and the gRPC
+machinery is imported only when the command runs.
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
-import signal
 import sys
-import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-import casframe.server
-from casframe.errors import CasframeError, ConfigError
-from casframe.plugins import open_store
+from casframe.compression import DEFAULT_MAX_WINDOW
+from casframe.errors import ConfigError
+from casframe.server.lifecycle import (
+    SHUTDOWN_GRACE,
+    Observers,
+    StoreSource,
+    call_sinks,
+    check_access_log,
+    configure_logging,
+    metrics_folder,
+    serve_metrics,
+    serve_until,
+)
 from casframe.server.settings import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_STREAMS,
     DEFAULT_STREAM_IDLE_TIMEOUT,
-    DEFAULT_WORKERS,
+    DEFAULT_THREADS,
     check_listen,
 )
+from casframe.server.workers import serve_with_workers, worker_count
 from casframe.units import parse_size
+
+if TYPE_CHECKING:
+    from casframe.store import Store
 
 __all__ = ["SHUTDOWN_GRACE", "main", "serve_command"]
 
-# Seconds running calls get to finish after SIGTERM/SIGINT: long enough for a batch call or the
-# rest of a typical upload, short enough for a service manager's stop timeout (90 s systemd).
-SHUTDOWN_GRACE = 10.0
 
 class ByteSize(click.ParamType):
     """A byte count in casframe's one convention (:mod:`casframe.units`): ``4194304``,
@@ -65,32 +72,25 @@ def _quiet_grpc(level: str | None) -> None:
     except at ``--log-level debug``: casframe reports every failure in one line of its own.
 
     gRPC reads ``GRPC_VERBOSITY`` once, when it is first imported, so this runs before the
-    command first uses ``casframe.server.Server``; a value the user exported is left alone.
+    server module imports it; a value the user exported is left alone.
     """
     if level != "debug":
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
-def _open_store(ctx: click.Context, url: str, *, create: bool) -> tuple[Any, bool]:
-    """Open STORE_URL through the CLI's opener when there is one (configured names work then);
-    return the store and whether this command must close it. A read-only server does not
-    create a missing store (``create=False``)."""
-    for attribute in ("open_store", "open"):
-        opener = getattr(ctx.obj, attribute, None)
-        if callable(opener):
-            return opener(url, create=create), False
-    return open_store(url, create=create), True
+def _store_source(ctx: click.Context, argument: str) -> StoreSource:
+    """How to open STORE: through the CLI's configuration when run as ``casframe serve``
+    (configured names work then), as a plain URL when run as ``python -m casframe.server``."""
+    app = ctx.obj
+    if app is not None and callable(getattr(app, "open", None)):
+        return StoreSource(argument, use_config=True, config_file=getattr(app, "config_file", None))
+    return StoreSource(argument)
 
 
-def _configure_logging(level: str | None, ctx: click.Context) -> None:
+def _log_level(level: str | None, ctx: click.Context) -> str:
     if level is None:
-        level = "debug" if getattr(ctx.obj, "verbose", False) else "info"
-    logger = logging.getLogger("casframe")
-    logger.setLevel(level.upper())
-    if not logging.getLogger().handlers and not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        logger.addHandler(handler)
+        return "debug" if getattr(ctx.obj, "verbose", False) else "info"
+    return level
 
 
 @click.command("serve")
@@ -114,7 +114,11 @@ def _configure_logging(level: str | None, ctx: click.Context) -> None:
               help="Largest gRPC message in either direction  [default: 4MiB]. Batch calls "
                    "may carry this minus 1 MiB of blob bytes.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Threads for unary calls and the store work of streams  [default: 32].")
+              help="Server processes sharing the address  [default: the number of cores; 1 "
+                   "for memory:// stores and unix: addresses].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Threads of each process for unary calls and the store work of streams  "
+                   "[default: 32].")
 @click.option("--max-streams", type=click.IntRange(min=1), default=None, metavar="N",
               help="Streaming calls in progress at once; more are refused with "
                    "RESOURCE_EXHAUSTED  [default: 1000].")
@@ -122,6 +126,16 @@ def _configure_logging(level: str | None, ctx: click.Context) -> None:
               default=None, metavar="SECONDS",
               help="End a stream without progress for this long with UNAVAILABLE "
                    " [default: 60].")
+@click.option("--zstd-max-window", type=ByteSize(), default=None, metavar="SIZE",
+              help="Largest decoding window a zstd-compressed upload may ask for; larger "
+                   "ones are refused with INVALID_ARGUMENT  [default: 8MiB].")
+@click.option("--metrics-listen", type=ListenAddress(), default=None, metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics; port 0 picks a "
+                   "free port.")
+@click.option("--access-log", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              metavar="PATH|-",
+              help="Append one JSON line per request to PATH (created if missing; - for "
+                   "standard error).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default=None, help="Server log level; debug logs every request  [default: info].")
 @click.pass_context
@@ -136,8 +150,12 @@ def serve_command(
     tls_client_ca: str | None,
     max_message_size: int | None,
     workers: int | None,
+    threads: int | None,
     max_streams: int | None,
     stream_idle_timeout: float | None,
+    zstd_max_window: int | None,
+    metrics_listen: str | None,
+    access_log: str | None,
     log_level: str | None,
 ) -> None:
     """Serve STORE (a URL or a configured store name) to REAPI clients over gRPC.
@@ -146,50 +164,74 @@ def serve_command(
     Fetch/Push, BuildStream ReferenceStorage and the gRPC health service. Stops gracefully on
     SIGTERM or SIGINT.
     """
-    _configure_logging(log_level, ctx)
-    if log_level is None and getattr(ctx.obj, "verbose", False):
-        log_level = "debug"
-    _quiet_grpc(log_level)
-    store, owned = _open_store(ctx, store_url, create=not read_only)
-    try:
-        server = casframe.server.Server(
-            store,
-            listen=listen,
-            instance_names=instances or ("",),
-            read_only=read_only,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            tls_client_ca=tls_client_ca,
-            max_message_bytes=max_message_size or DEFAULT_MAX_MESSAGE_BYTES,
-            max_workers=workers or DEFAULT_WORKERS,
-            max_streams=max_streams or DEFAULT_MAX_STREAMS,
-            stream_idle_timeout=stream_idle_timeout or DEFAULT_STREAM_IDLE_TIMEOUT,
-        )
-        stop_requested = threading.Event()
-
-        def request_stop(signum: int, frame: object) -> None:
-            stop_requested.set()
-
-        previous = {
-            sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)
-        }
+    level = _log_level(log_level, ctx)
+    configure_logging(level)
+    _quiet_grpc(level)
+    source = _store_source(ctx, store_url)
+    server_options: dict[str, Any] = {
+        "listen": listen,
+        "instance_names": instances or ("",),
+        "read_only": read_only,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "tls_client_ca": tls_client_ca,
+        "max_message_bytes": max_message_size or DEFAULT_MAX_MESSAGE_BYTES,
+        "max_workers": threads or DEFAULT_THREADS,
+        "max_streams": max_streams or DEFAULT_MAX_STREAMS,
+        "stream_idle_timeout": stream_idle_timeout or DEFAULT_STREAM_IDLE_TIMEOUT,
+        "zstd_max_window_bytes": zstd_max_window or DEFAULT_MAX_WINDOW,
+    }
+    observers = Observers(metrics=metrics_listen is not None, access_log=access_log)
+    with contextlib.ExitStack() as stack:
+        if observers.metrics:
+            metrics_folder(stack)  # before prometheus_client is imported, here or in a worker
+        store = source.open(create=not read_only)
         try:
-            server.start()
-            click.echo(f"casframe: serving {store.url} on {server.address}")
-            sys.stdout.flush()
-            while not stop_requested.wait(1.0):
-                pass
+            count = worker_count(workers, store.url, listen)
+            if count == 1:
+                _serve_in_this_process(stack, store, server_options, observers, metrics_listen)
+                return
+            url = store.url
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            server.stop(SHUTDOWN_GRACE)
-    finally:
-        if owned:
-            store.close()
+            store.close()  # the workers open the store themselves
+        if access_log is not None:
+            check_access_log(access_log)  # once, here, rather than once per worker
+        metrics_url = None if metrics_listen is None else stack.enter_context(
+            serve_metrics(metrics_listen)  # the sum of the workers' metrics
+        )
+        serve_with_workers(source, url, server_options, count, level, observers,
+                           extra_line=_metrics_line(metrics_url))
+
+
+def _metrics_line(metrics_url: str | None) -> str | None:
+    return None if metrics_url is None else f"casframe: metrics on {metrics_url}"
+
+
+def _serve_in_this_process(stack: contextlib.ExitStack, store: Store,
+                           server_options: dict[str, Any], observers: Observers,
+                           metrics_listen: str | None) -> None:
+    from casframe.server.app import Server
+
+    sinks = call_sinks(stack, store, observers)
+    metrics_url = None if metrics_listen is None else stack.enter_context(
+        serve_metrics(metrics_listen)
+    )
+    server = Server(store, **server_options, call_sinks=sinks)
+
+    def announce() -> None:
+        click.echo(f"casframe: serving {store.url} on {server.address}")
+        line = _metrics_line(metrics_url)
+        if line:
+            click.echo(line)
+        sys.stdout.flush()
+
+    serve_until(server, announce)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``serve`` on its own (``python -m casframe.server STORE ...``)."""
+    from casframe.errors import CasframeError
+
     try:
         serve_command.main(args=argv, prog_name="casframe serve", standalone_mode=False)
     except click.exceptions.Abort:

@@ -34,6 +34,7 @@ from casframe.errors import (
     BackendUnavailableError,
     BlobNotFoundError,
     CasframeError,
+    CompressedDataError,
     CorruptBlobError,
     DigestMismatchError,
     InvalidDigestError,
@@ -68,6 +69,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     # The name is fine and so is the request; another ref in the store is in its way.
     (RefConflictError, grpc.StatusCode.FAILED_PRECONDITION),
     (DigestMismatchError, grpc.StatusCode.INVALID_ARGUMENT),
+    (CompressedDataError, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidDigestError, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidNameError, grpc.StatusCode.INVALID_ARGUMENT),
     (UnsafeTreeError, grpc.StatusCode.INVALID_ARGUMENT),

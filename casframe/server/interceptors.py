@@ -1,4 +1,4 @@
-"""The server's interceptors: the request log, the limit on concurrent streams, and the adapter
+"""The server's interceptors: the limit on concurrent streams, and the adapter
 that runs classic ``grpc.ServerInterceptor`` objects (what plugins return) on the asyncio server.
 
 The server is ``grpc.aio``: streaming handlers (ByteStream, GetTree) are coroutines, unary
@@ -14,7 +14,6 @@ import inspect
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -24,7 +23,7 @@ import grpc
 from casframe.server.errors import StatusError
 
 __all__ = [
-    "RequestLogInterceptor",
+    "UNCOUNTED_STREAMS",
     "StreamLimitInterceptor",
     "StreamSlots",
     "SyncInterceptorAdapter",
@@ -43,8 +42,8 @@ _FACTORIES = {
     "stream_unary": grpc.stream_unary_rpc_method_handler,
     "stream_stream": grpc.stream_stream_rpc_method_handler,
 }
-# Long-lived by design (a load balancer watching health): not counted as a stream.
-_UNCOUNTED_STREAMS = ("/grpc.health.v1.Health/Watch",)
+#: Long-lived by design (a load balancer watching health): not counted as a stream.
+UNCOUNTED_STREAMS = ("/grpc.health.v1.Health/Watch",)
 
 
 def is_async_behavior(behavior: Callable[..., Any]) -> bool:
@@ -70,115 +69,6 @@ def _rewrap(
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
-
-
-class _StatusRecorder:
-    """A servicer context that remembers the status code set through it, for the request log
-    (grpc.aio's context for thread-pool handlers cannot tell it). An abort is logged before
-    the status leaves, so the line is written by the time the client has its answer."""
-
-    def __init__(self, context: Any, method: str) -> None:
-        self._context = context
-        self._method = method
-        self._started = time.monotonic()
-        self._logged = False
-        self.code: grpc.StatusCode | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
-
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self.code = code
-        self._context.set_code(code)
-
-    def abort(self, code: grpc.StatusCode, *args: Any, **kwargs: Any) -> Any:
-        self.code = code
-        self.finish(None)
-        return self._context.abort(code, *args, **kwargs)
-
-    def finish(self, exc: BaseException | None) -> None:
-        """Write the request's log line, once."""
-        if self._logged:
-            return
-        self._logged = True
-        if self.code is None and exc is not None:
-            cancelled = isinstance(exc, asyncio.CancelledError)
-            self.code = grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.UNKNOWN
-        code = self.code or grpc.StatusCode.OK
-        log.debug(
-            "%s from %s: %s in %.1f ms",
-            self._method, self._context.peer(), code.name,
-            (time.monotonic() - self._started) * 1000,
-        )
-
-
-class RequestLogInterceptor(grpc.aio.ServerInterceptor):
-    """Logs one debug line per request: method, peer, status code and duration.
-
-    Costs nothing when the ``casframe.server`` logger is not at debug level.
-    """
-
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or not log.isEnabledFor(logging.DEBUG):
-            return handler
-        method = handler_call_details.method
-        return _rewrap(handler, lambda kind, behavior: _logged(behavior, method))
-
-
-def _logged(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
-    if inspect.iscoroutinefunction(behavior):
-
-        async def call_async(request: Any, context: Any) -> Any:
-            recorder = _StatusRecorder(context, method)
-            try:
-                result = await behavior(request, recorder)
-            except BaseException as exc:
-                recorder.finish(exc)
-                raise
-            recorder.finish(None)
-            return result
-
-        return call_async
-    if inspect.isasyncgenfunction(behavior):
-
-        async def stream_async(request: Any, context: Any) -> AsyncIterator[Any]:
-            recorder = _StatusRecorder(context, method)
-            try:
-                async for response in behavior(request, recorder):
-                    yield response
-            except BaseException as exc:
-                recorder.finish(exc)
-                raise
-            recorder.finish(None)
-
-        return stream_async
-    if inspect.isgeneratorfunction(behavior):
-
-        def stream(request: Any, context: Any) -> Iterator[Any]:
-            recorder = _StatusRecorder(context, method)
-            try:
-                yield from behavior(request, recorder)
-            except BaseException as exc:
-                recorder.finish(exc)
-                raise
-            recorder.finish(None)
-
-        return stream
-
-    def call(request: Any, context: Any) -> Any:
-        recorder = _StatusRecorder(context, method)
-        try:
-            result = behavior(request, recorder)
-        except BaseException as exc:
-            recorder.finish(exc)
-            raise
-        recorder.finish(None)
-        return result
-
-    return call
 
 
 class StreamSlots:
@@ -220,7 +110,7 @@ class StreamLimitInterceptor(grpc.aio.ServerInterceptor):
         if (
             handler is None
             or not (handler.request_streaming or handler.response_streaming)
-            or handler_call_details.method in _UNCOUNTED_STREAMS
+            or handler_call_details.method in UNCOUNTED_STREAMS
         ):
             return handler
         return _rewrap(handler, lambda kind, behavior: self._limited(behavior))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casframe.compression import COMPRESSOR_VALUES, IDENTITY, KNOWN_COMPRESSORS
 from casframe.digest import Digest
 from casframe.errors import InvalidDigestError, InvalidNameError
 from casframe.names import MAX_REF_LENGTH, validate_ref_name
@@ -54,8 +55,6 @@ _RESERVED_SEGMENTS = frozenset(
     {"blobs", "uploads", "actions", "actionResults", "operations", "capabilities",
      "compressed-blobs"}
 )
-# Compressor names REAPI defines for ``compressed-blobs/{compressor}/…``; only identity is served.
-_KNOWN_COMPRESSORS = frozenset({"identity", "zstd", "deflate", "brotli"})
 # Longest decimal size accepted in a resource name (int64's 19 digits).
 _MAX_SIZE_DIGITS = 19
 
@@ -116,11 +115,17 @@ def check_digest_function(value: int) -> None:
 
 @dataclass(frozen=True)
 class ResourceName:
-    """A parsed ByteStream resource name."""
+    """A parsed ByteStream resource name; ``compressor`` is how the content travels
+    (``identity`` or ``zstd``; the digest is always the uncompressed content's)."""
 
     instance: str
     digest: Digest
     upload_id: str | None = None
+    compressor: str = IDENTITY
+
+    @property
+    def compressed(self) -> bool:
+        return self.compressor != IDENTITY
 
 
 def _bad(name: str, expected: str) -> StatusError:
@@ -144,14 +149,15 @@ def _digest(name: str, segments: list[str], expected: str) -> Digest:
         ) from None
 
 
-def _compressor(name: str, compressor: str) -> None:
-    if compressor == "identity":
-        return
-    if compressor in _KNOWN_COMPRESSORS:
+def _compressor(name: str, compressor: str) -> str:
+    if compressor in COMPRESSOR_VALUES:
+        return compressor
+    if compressor in KNOWN_COMPRESSORS:
+        served = ", ".join(c for c in COMPRESSOR_VALUES if c != IDENTITY)
         raise StatusError(
             grpc.StatusCode.UNIMPLEMENTED,
             f"resource {name!r}: compressor {compressor!r} is not supported by this server "
-            "(GetCapabilities lists no compressors); use blobs/{hash}/{size}",
+            f"(GetCapabilities lists {served}); use one of those or blobs/{{hash}}/{{size}}",
         )
     raise StatusError(
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -172,37 +178,43 @@ def _split(name: str, markers: frozenset[str], expected: str) -> tuple[str, list
     raise _bad(name, expected)
 
 
-_READ_FORM = "'{instance}/blobs/{hash}/{size}'"
-_WRITE_FORM = "'{instance}/uploads/{uuid}/blobs/{hash}/{size}[/...]'"
+_READ_FORM = ("'{instance}/blobs/{hash}/{size}' or "
+              "'{instance}/compressed-blobs/{compressor}/{hash}/{size}'")
+_WRITE_FORM = ("'{instance}/uploads/{uuid}/blobs/{hash}/{size}[/...]' or "
+               "'{instance}/uploads/{uuid}/compressed-blobs/{compressor}/{hash}/{size}[/...]'")
 
 
 def parse_read_resource(name: str) -> ResourceName:
-    """Parse ``{instance}/blobs/{hash}/{size}`` (or ``compressed-blobs/identity/…``)."""
+    """Parse ``{instance}/blobs/{hash}/{size}`` or
+    ``{instance}/compressed-blobs/{compressor}/{hash}/{size}``."""
     instance, rest = _split(name, frozenset({"blobs", "compressed-blobs"}), _READ_FORM)
+    compressor = IDENTITY
     if rest[0] == "compressed-blobs":
         if len(rest) != 4:
             raise _bad(name, _READ_FORM)
-        _compressor(name, rest[1])
+        compressor = _compressor(name, rest[1])
         rest = rest[1:]
     if len(rest) != 3:
         raise _bad(name, _READ_FORM)
-    return ResourceName(instance, _digest(name, rest[1:], _READ_FORM))
+    return ResourceName(instance, _digest(name, rest[1:], _READ_FORM), compressor=compressor)
 
 
 def parse_write_resource(name: str) -> ResourceName:
-    """Parse ``{instance}/uploads/{uuid}/blobs/{hash}/{size}[/metadata…]``."""
+    """Parse ``{instance}/uploads/{uuid}/blobs/{hash}/{size}[/metadata…]`` or
+    ``{instance}/uploads/{uuid}/compressed-blobs/{compressor}/{hash}/{size}[/metadata…]``."""
     instance, rest = _split(name, frozenset({"uploads"}), _WRITE_FORM)
     if len(rest) < 5 or not rest[1] or rest[2] not in ("blobs", "compressed-blobs"):
         raise _bad(name, _WRITE_FORM)
     upload_id = rest[1]
     rest = rest[2:]
+    compressor = IDENTITY
     if rest[0] == "compressed-blobs":
         if len(rest) < 4:
             raise _bad(name, _WRITE_FORM)
-        _compressor(name, rest[1])
+        compressor = _compressor(name, rest[1])
         rest = rest[1:]
     # Anything after the size is optional metadata the REAPI lets clients append.
-    return ResourceName(instance, _digest(name, rest[1:3], _WRITE_FORM), upload_id)
+    return ResourceName(instance, _digest(name, rest[1:3], _WRITE_FORM), upload_id, compressor)
 
 
 def action_ref_name(instance: str, action: Digest) -> str:

@@ -50,6 +50,12 @@ from casframe.errors import (
 )
 from casframe.refkinds import ASSET_REF_PREFIX, action_result_outputs, writable_ref_name
 from casframe.server.assets import lookup_asset, set_asset
+from casframe.server.compressed import (
+    SERVED_COMPRESSORS,
+    decode_update_entry,
+    encode_read_entry,
+    uncompressed_batch_bytes,
+)
 from casframe.server.errors import (
     OK_STATUS,
     StatusError,
@@ -95,7 +101,6 @@ _PAGE_TOKEN_DIGITS = 19
 
 log = logging.getLogger("casframe.server")
 
-_IDENTITY = re_pb2.Compressor.IDENTITY
 _SHA256 = re_pb2.DigestFunction.SHA256
 
 
@@ -176,6 +181,8 @@ class CapabilitiesService(_Base, re_grpc.CapabilitiesServicer):
                 ),
                 max_batch_total_size_bytes=self.settings.max_batch_total_size_bytes,
                 symlink_absolute_path_strategy=re_pb2.SymlinkAbsolutePathStrategy.ALLOWED,
+                supported_compressors=SERVED_COMPRESSORS,
+                supported_batch_update_compressors=SERVED_COMPRESSORS,
             ),
             execution_capabilities=re_pb2.ExecutionCapabilities(
                 digest_function=_SHA256, digest_functions=[_SHA256], exec_enabled=False
@@ -245,18 +252,15 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
         items = request.requests
         contents = [item.data for item in items]  # each access copies the bytes: once each
         least_reply = sum(_least_entry_bytes(item.digest, 0) for item in items)
-        self._check_batch_size(sum(map(len, contents)), least_reply, len(items), "batch update")
+        self._check_batch_size(uncompressed_batch_bytes(items, contents), least_reply,
+                               len(items), "batch update")
 
         statuses = []
         verified: dict[Digest, bytes] = {}
         for item, data in zip(items, contents, strict=True):
             try:
                 digest = _digest(item.digest)
-                if item.compressor != _IDENTITY:
-                    raise StatusError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"blob {digest}: compressor {item.compressor} is not supported",
-                    )
+                data = decode_update_entry(digest, item.compressor, data, self.settings)
                 actual = Digest.of_bytes(data)
                 if actual != digest:
                     raise DigestMismatchError(digest, actual)
@@ -330,7 +334,10 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
                 entry.status.CopyFrom(status_proto(outcome, self.settings.store_url))
                 failed = True
             else:
-                entry = add(data=outcome, compressor=_IDENTITY)
+                data, compressor = encode_read_entry(
+                    outcome, request.acceptable_compressors, self.settings
+                )
+                entry = add(data=data, compressor=compressor)
                 entry.status.CopyFrom(OK_STATUS)
             entry.digest.CopyFrom(message)
         if failed:

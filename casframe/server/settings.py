@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from casframe.compression import DEFAULT_LEVEL, DEFAULT_MAX_WINDOW
 from casframe.digest import CHUNK_SIZE
 from casframe.errors import ConfigError
 
@@ -18,6 +19,7 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_MAX_STREAMS",
     "DEFAULT_STREAM_IDLE_TIMEOUT",
+    "DEFAULT_THREADS",
     "DEFAULT_WORKERS",
     "PemSource",
     "ServerSettings",
@@ -31,7 +33,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
 # Threads for unary calls and for the store work of streams (a stream waiting on its client
 # holds no thread). More than cores, because store work waits on disks and S3; 32 calls with
 # 1 MiB chunks in hand stay far below the 150 MiB memory budget.
-DEFAULT_WORKERS = 32
+DEFAULT_THREADS = 32
+#: The former name of DEFAULT_THREADS, from when ``--workers`` sized the thread pool.
+DEFAULT_WORKERS = DEFAULT_THREADS
 # Streaming calls (ByteStream Read and Write, GetTree) in progress at once. A stream waiting on
 # its client costs a coroutine and at most about two chunks (2 MiB) of buffers, so 1,000 stalled
 # streams cost the server at most ~2 GiB while ordinary calls keep being answered; a team's
@@ -46,6 +50,10 @@ DEFAULT_STREAM_IDLE_TIMEOUT = 60.0
 _BATCH_FRAMING_BYTES = 1 << 20
 # Smallest message limit accepted: a 1 MiB ByteStream chunk and its framing must fit.
 _MIN_MESSAGE_BYTES = CHUNK_SIZE + (64 << 10)
+
+# zstd's smallest window (1 KiB, window log 10) and its highest standard level.
+_MIN_ZSTD_WINDOW = 1 << 10
+_MAX_ZSTD_LEVEL = 19
 
 #: A PEM certificate or key: a path to read, or the PEM bytes themselves.
 PemSource = str | os.PathLike[str] | bytes
@@ -74,7 +82,15 @@ class ServerSettings:
     or PEM bytes; ``tls_client_ca`` switches on mutual TLS. ``upload_expiry`` (seconds) and
     ``max_partial_uploads`` bound the interrupted ByteStream uploads kept for resumption;
     ``max_streams`` the streaming calls in progress, and ``stream_idle_timeout`` (seconds) how
-    long one may wait on its client.
+    long one may wait on its client. ``max_workers`` is the size of the thread pool
+    (``--threads``; named after :class:`~concurrent.futures.ThreadPoolExecutor`'s argument).
+    ``worker_index`` (0 to ``worker_count - 1``) says which of the processes of
+    ``casframe serve --workers N`` this server is: plugins that open something of their own
+    per process (a metrics port, a log file) tell the workers apart by it; a server not
+    started by ``--workers`` is worker 0 of 1.
+    ``zstd_max_window_bytes`` is the largest decoding window a
+    zstd-compressed upload may ask for (the memory its decoder holds), ``zstd_level`` the level
+    of what the server sends compressed.
     """
 
     store_url: str = ""
@@ -90,6 +106,10 @@ class ServerSettings:
     max_partial_uploads: int = 256
     max_streams: int = DEFAULT_MAX_STREAMS
     stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT
+    worker_index: int = 0
+    worker_count: int = 1
+    zstd_max_window_bytes: int = DEFAULT_MAX_WINDOW
+    zstd_level: int = DEFAULT_LEVEL
 
     def __post_init__(self) -> None:
         check_listen(self.listen)
@@ -99,7 +119,12 @@ class ServerSettings:
                 f"at least {_MIN_MESSAGE_BYTES} bytes"
             )
         if self.max_workers < 1:
-            raise ConfigError(f"workers must be at least 1, got {self.max_workers}")
+            raise ConfigError(f"threads must be at least 1, got {self.max_workers}")
+        if not 0 <= self.worker_index < self.worker_count:
+            raise ConfigError(
+                f"worker index {self.worker_index} is not between 0 and "
+                f"{self.worker_count - 1} (worker count {self.worker_count})"
+            )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both a certificate (--tls-cert) and a key (--tls-key)")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -108,6 +133,15 @@ class ServerSettings:
             raise ConfigError("upload_expiry and max_partial_uploads must be positive")
         if self.max_streams < 1:
             raise ConfigError(f"max streams must be at least 1, got {self.max_streams}")
+        if self.zstd_max_window_bytes < _MIN_ZSTD_WINDOW:
+            raise ConfigError(
+                f"zstd max window {self.zstd_max_window_bytes} is too small: at least "
+                f"{_MIN_ZSTD_WINDOW} bytes (zstd's smallest window)"
+            )
+        if not 1 <= self.zstd_level <= _MAX_ZSTD_LEVEL:
+            raise ConfigError(
+                f"zstd level must be from 1 to {_MAX_ZSTD_LEVEL}, got {self.zstd_level}"
+            )
         if not self.stream_idle_timeout > 0:
             raise ConfigError(
                 f"stream idle timeout must be positive, got {self.stream_idle_timeout}"

@@ -15,11 +15,13 @@
 #   GC_GRACE      blobs younger than this are never deleted, so that uploads in progress lose
 #                 nothing; longer than the longest CI upload (default 1h)
 #   GC_FSCK=1     also verify every blob and every ref's tree after gc (reads the whole store)
+#   GC_METRICS_PUSH  a Prometheus Pushgateway URL: push what gc freed, its duration and the
+#                 time it last succeeded there (job casframe_gc)
 #   ARTIFACT_STORE, CASFRAME, CASFRAME_CONFIG, AWS_*: see common.sh and README.md
 set -eu
 
 prog=nightly-gc
-usage="nightly-gc.sh  (settings in the environment: GC_MAX_SIZE, GC_KEEP, GC_GRACE, GC_FSCK)"
+usage="nightly-gc.sh  (settings in the environment: GC_MAX_SIZE, GC_KEEP, GC_GRACE, GC_FSCK, GC_METRICS_PUSH)"
 here=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd)
 # shellcheck source-path=SCRIPTDIR source=common.sh
 . "$here/common.sh"
@@ -35,6 +37,9 @@ for pattern in $keep; do
     set -- "$@" --keep "$pattern"
 done
 set +f
+if [ -n "${GC_METRICS_PUSH:-}" ]; then
+    set -- "$@" --metrics-push "$GC_METRICS_PUSH"
+fi
 
 info "gc of $ARTIFACT_STORE: quota $max_size, keeping ${keep:-no refs}, grace $grace"
 status=0

@@ -12,9 +12,14 @@ How each operation is served (docs/cache.md explains the choices):
   tree the remote lacks (its own prune may have removed a blob local still has) and sets the ref
   there last, so a ref on the shared remote never points at an incomplete tree (a ref to a
   single blob, such as the server's action results, needs only that blob there).
-- capabilities: ``local-path`` when the local store has it (a missing blob is filled first).
-  No ``list``, ``delete`` or ``touch``: deleting from a cache would have to mean deleting from
-  the shared remote. Evict by running maintenance on the local store itself.
+- freshening (``find_missing(freshen=True)``, what writers and ``casframe serve``'s
+  FindMissingBlobs ask before reusing blobs) asks the remote, the shared truth: what it holds is
+  touched there, so that a prune of the remote run from another machine spares it for its
+  grace period; what it lost but local still holds is sent back from local. Local presence
+  alone would say "present" for a blob the remote's prune may delete at any moment.
+- capabilities: ``local-path`` when the local store has it (a missing blob is filled first),
+  and ``touch`` (on the remote). No ``list`` or ``delete``: deleting from a cache would have
+  to mean deleting from the shared remote. Evict by running maintenance on the local store.
 
 This module must never hand out unverified remote bytes as a local blob, nor set a ref on the
 remote without checking the remote holds its tree; it uses casframe's public modules only.
@@ -203,7 +208,9 @@ class CacheBlobStore(BlobStore):
         self.local = local
         self.remote = remote
         self._counters = _Counters()
-        self.capabilities = frozenset({Capability.LOCAL_PATH} & local.blobs.capabilities)
+        self.capabilities = frozenset(
+            {Capability.TOUCH} | ({Capability.LOCAL_PATH} & local.blobs.capabilities)
+        )
         near, far = local.blobs.limits, remote.blobs.limits
         self.limits = BlobLimits(
             max_batch_digests=min(near.max_batch_digests, far.max_batch_digests),
@@ -336,7 +343,20 @@ class CacheBlobStore(BlobStore):
         raise self._maintenance_elsewhere("delete blobs")
 
     def touch_blobs(self, digests: Iterable[Digest]) -> Collection[Digest]:
-        raise self._maintenance_elsewhere("touch blobs")
+        # On the remote, as far as it can: a remote without touch (grpc://) freshens what its
+        # FindMissingBlobs is asked about (casframe serve does), so asking is touching there.
+        return self.remote.find_missing(digests, freshen=True)
+
+    def freshen_blobs(self, digests: Collection[Digest]) -> set[Digest]:
+        """Freshen on the remote; send back from local what the remote lost (its prune)."""
+        self._counters.add(remote_lookups=len(digests))
+        lost = self.remote.find_missing(digests, freshen=True)
+        if not lost:
+            return set()
+        restorable = lost - self.local.find_missing(lost)
+        for digest in sorted(restorable):
+            self.remote.copy_blob_from(self.local, digest)
+        return lost - restorable
 
     # -- helpers ----------------------------------------------------------------------------
 

@@ -36,6 +36,8 @@ from casframe import (
     UnsupportedOperationError,
 )
 
+from ._compression import COMPRESSIONS
+
 __all__ = ["Connection", "GrpcOptions", "translate_error", "translate_status"]
 
 T = TypeVar("T")
@@ -83,7 +85,7 @@ _REF_PROTOCOLS = ("auto", "asset", "reference-storage")
 _TLS_OPTIONS = ("server_cert", "client_key", "client_cert")
 _KNOWN_OPTIONS = frozenset(
     {*_TLS_OPTIONS, "timeout", "max_message_size", "max_concurrency", "ref_protocol",
-     "keepalive_time", "get_tree_max_directories", "get_tree_max_bytes"}
+     "keepalive_time", "get_tree_max_directories", "get_tree_max_bytes", "compression"}
 )
 
 _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
@@ -111,6 +113,8 @@ class GrpcOptions:
     #: Most Directories, and most bytes of them, one GetTree listing may bring.
     get_tree_max_directories: int = _DEFAULT_MAX_TREE_DIRECTORIES
     get_tree_max_bytes: int = _DEFAULT_MAX_TREE_BYTES
+    #: ``zstd`` to send and receive blobs zstd-compressed where the server offers it; ``none``.
+    compression: str = "none"
 
     @property
     def secure(self) -> bool:
@@ -160,6 +164,12 @@ class GrpcOptions:
                 f"ref_protocol={ref_protocol!r} in {url.url}: expected one of "
                 f"{', '.join(_REF_PROTOCOLS)}"
             )
+        compression = url.option("compression", "none") or "none"
+        if compression not in COMPRESSIONS:
+            raise ConfigError(
+                f"compression={compression!r} in {url.url}: expected one of "
+                f"{', '.join(COMPRESSIONS)}"
+            )
         return cls(
             scheme=url.scheme,
             target=target,
@@ -178,6 +188,7 @@ class GrpcOptions:
             get_tree_max_bytes=int(
                 _positive(url, "get_tree_max_bytes", _DEFAULT_MAX_TREE_BYTES, int)
             ),
+            compression=compression,
         )
 
 

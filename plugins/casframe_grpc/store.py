@@ -13,6 +13,7 @@ REAPI has no call to list or delete blobs or refs, so neither is offered.
 from __future__ import annotations
 
 import io
+import logging
 import queue
 import tempfile
 import threading
@@ -62,9 +63,12 @@ from ._answers import (
     answered_ref_digest,
     check_capabilities,
 )
+from ._compression import Codec, WireStats, negotiate
 from ._connection import Connection, GrpcOptions, translate_error, translate_status
 
 __all__ = ["GrpcBlobStore", "GrpcRefStore", "open_grpc_store", "ref_uri"]
+
+log = logging.getLogger("casframe.grpc")
 
 # REAPI's advice when a server advertises no batch limit (max_batch_total_size_bytes = 0):
 # grpc's default largest message, 4 MiB.
@@ -126,6 +130,10 @@ class _ByteStreamReader(io.RawIOBase):
         self._digest = digest
         self._remaining = digest.size - offset  # bytes the server may still send
         self._responses = responses
+        # The content, decoded when it travels compressed.
+        self._chunks = store.streams.read_chunks(
+            responses, digest, self._remaining, store.conn.where
+        )
         self._pending = memoryview(b"")
         self._ended = False
 
@@ -141,7 +149,7 @@ class _ByteStreamReader(io.RawIOBase):
         if self._ended:
             return False
         with self._store.conn.calling("ByteStream.Read", digest=self._digest):
-            for data in self._responses:  # each a view of one received ReadResponse's data
+            for data in self._chunks:  # views of received ReadResponses' data, or decoded
                 if data:
                     if len(data) > self._remaining:
                         self.close()  # a server sending more than the blob holds: stop it
@@ -151,7 +159,7 @@ class _ByteStreamReader(io.RawIOBase):
                             "bytes through ByteStream.Read",
                         )
                     self._remaining -= len(data)
-                    self._pending = data
+                    self._pending = memoryview(data)
                     return True
         self._ended = True
         if self._remaining:
@@ -247,12 +255,18 @@ class _StreamingWriter(BlobWriter):
     def __init__(self, store: GrpcBlobStore, digest: Digest) -> None:
         self._store = store
         self._digest = digest
+        codec = store.streams
         self._resource = (f"{store.conn.resource_prefix()}uploads/{uuid.uuid4()}"
-                          f"/blobs/{digest.hash}/{digest.size}")
+                          f"/{codec.resource_part}/{digest.hash}/{digest.size}")
+        # Compressed, the stream is one zstd stream whose pieces are sent as they come.
+        self._compressed = codec.compressed
+        self._encoder = codec.stream_encoder(digest.size)
+        self._stats = codec.stats
         self._queue: queue.Queue[object] = queue.Queue(maxsize=_QUEUED_CHUNKS)
         self._buffer = bytearray()  # content not yet a whole chunk
-        self._offset = 0  # content bytes already put into messages
+        self._offset = 0  # bytes already put into messages (compressed ones, compressed)
         self._held: bytes | None = None  # the newest message, not sent: it may be the last
+        self._held_any = False  # whether a message was made (the first names the resource)
         self._call: grpc.Future | None = None
         self._done = False
         # Asking first costs one round trip and can save sending the whole blob.
@@ -281,14 +295,21 @@ class _StreamingWriter(BlobWriter):
             except queue.Full:
                 continue
 
-    def _hold(self, chunk: bytes | bytearray | memoryview) -> None:
+    def _hold(self, chunk: bytes | bytearray | memoryview, *, last: bool = False) -> None:
         if self._held is not None:
             self._send(self._held)
-        # The one copy of a chunk: straight into the message that carries it.
+        payload = self._encoder.encode(chunk)
+        if last:
+            tail = self._encoder.finish()
+            if tail:
+                payload = b"".join((payload, tail))
+        # Uncompressed, the one copy of a chunk: straight into the message that carries it.
         self._held = encode_write_request(
-            self._resource if not self._offset else "", self._offset, chunk, finish_write=False
+            "" if self._held_any else self._resource, self._offset, payload, finish_write=False
         )
-        self._offset += len(chunk)
+        self._held_any = True
+        self._offset += len(payload)
+        self._stats.sent(len(chunk), len(payload))
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert not self._done, "write after commit or abort"
@@ -315,8 +336,8 @@ class _StreamingWriter(BlobWriter):
         self._done = True
         if self._present:
             return
-        if self._buffer or self._held is None:
-            self._hold(self._buffer)
+        if self._buffer or self._held is None or self._compressed:
+            self._hold(self._buffer, last=True)  # (compressed: the end of the zstd stream)
             self._buffer = bytearray()
         assert self._held is not None
         self._send(finish_write_request(self._held), last=True)
@@ -328,8 +349,10 @@ class _StreamingWriter(BlobWriter):
         assert self._call is not None
         with self._store.conn.calling("ByteStream.Write", digest=self._digest):
             response = self._call.result()
-        # -1 is how some servers answer when they already had the blob (compressed uploads).
-        if response.committed_size not in (self._digest.size, -1):
+        # -1 is how servers answer a compressed upload of a blob they had already; the whole
+        # compressed stream's size, how they answer one they stored.
+        expected = self._offset if self._compressed else self._digest.size
+        if response.committed_size not in (expected, -1):
             raise RemoteProtocolError(f"{self._store.conn.where} committed "
                                       f"{response.committed_size} bytes of {self._digest}")
 
@@ -373,6 +396,14 @@ class GrpcBlobStore(BlobStore):
             response_deserializer=bytestream.WriteResponse.FromString,
         )
         self._timeout = conn.options.timeout
+        #: Content and wire bytes moved so far (see casframe_grpc._compression).
+        self.wire = WireStats()
+        #: How ByteStream transfers and batch reads travel, and how batch updates do.
+        self.streams: Codec
+        self.batch_updates: Codec
+        self.streams, self.batch_updates = negotiate(
+            conn.options.compression, capabilities, conn.where, self.wire
+        )
         cache = capabilities.cache_capabilities if capabilities is not None else None
         server_limit = cache.max_batch_total_size_bytes if cache is not None else 0
         #: Largest batch request or response, in bytes, counting messages' own framing.
@@ -395,6 +426,8 @@ class GrpcBlobStore(BlobStore):
         return self.conn.where
 
     def close(self) -> None:
+        if self.wire.content_sent or self.wire.content_received:
+            log.debug("%s: %s", self.conn.where, self.wire.describe())
         self.conn.close()
 
     # -- batching -----------------------------------------------------------------------------
@@ -476,7 +509,8 @@ class GrpcBlobStore(BlobStore):
             stream.seek(offset)
             return stream
         request = bytestream.ReadRequest(
-            resource_name=f"{self.conn.resource_prefix()}blobs/{digest.hash}/{digest.size}",
+            resource_name=(f"{self.conn.resource_prefix()}{self.streams.resource_part}/"
+                           f"{digest.hash}/{digest.size}"),
             read_offset=offset,
         )
         responses = self._read(
@@ -521,6 +555,8 @@ class GrpcBlobStore(BlobStore):
 
     def _read_batch(self, group: list[Digest]) -> dict[Digest, bytes]:
         request = reapi.BatchReadBlobsRequest(instance_name=self.conn.instance)
+        if self.streams.compressed:
+            request.acceptable_compressors.append(reapi.Compressor.ZSTD)
         _add_digests(request.digests, group)
         with self.conn.calling("BatchReadBlobs"):
             response = self._cas.BatchReadBlobs(request, timeout=self._timeout)
@@ -537,12 +573,14 @@ class GrpcBlobStore(BlobStore):
                 raise translate_status(entry.status.code, entry.status.message,
                                        self.conn.where, f"BatchReadBlobs of {digest}",
                                        digest=digest)
-            elif len(entry.data) != digest.size:
-                raise CorruptBlobError(
-                    digest, f"{self.conn.where} sent {len(entry.data)} bytes for it"
-                )
             else:
-                found[digest] = entry.data
+                data = self.streams.unpack(digest, entry.data, entry.compressor,
+                                           self.conn.where)
+                if len(data) != digest.size:
+                    raise CorruptBlobError(
+                        digest, f"{self.conn.where} sent {len(data)} bytes for it"
+                    )
+                found[digest] = data
         missing += [d for d in group if d not in found and d not in missing]
         if missing:
             raise self._not_found_all(missing)
@@ -565,9 +603,12 @@ class GrpcBlobStore(BlobStore):
         request = reapi.BatchUpdateBlobsRequest(instance_name=self.conn.instance)
         add = request.requests.add
         for (hash_, size), data in blobs:
+            packed, compressor = self.batch_updates.pack(data)
             # Filled in place: building Request messages first and passing them in copies
             # every blob once more (and took four times as long).
-            entry = add(data=data)
+            entry = add(data=packed)
+            if compressor:
+                entry.compressor = compressor
             entry.digest.hash = hash_
             entry.digest.size_bytes = size
         with self.conn.calling("BatchUpdateBlobs"):

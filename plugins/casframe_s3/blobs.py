@@ -343,6 +343,11 @@ class S3BlobStore(BlobStore):
         """
         self._bucket.put(self._bucket.object_key(EMPTY_DIGEST), b"")
 
+    def now(self) -> float:
+        """S3's clock, which stamps LastModified: prune's cutoff must not depend on how far
+        this machine's clock is from it."""
+        return self._bucket.server_time()
+
     # -- capabilities ----------------------------------------------------------------------
 
     def iter_blobs(self) -> Iterator[BlobInfo]:

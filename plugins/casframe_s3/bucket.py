@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import email.utils
 import io
+import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NoReturn, TypeVar
@@ -34,6 +37,8 @@ from casframe import (
 )
 from casframe.digest import CHUNK_SIZE
 from casframe_s3.options import S3Options
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -303,6 +308,23 @@ class _Bucket:
             self.fail(exc, "open the store")
         except botocore.exceptions.BotoCoreError as exc:
             self.fail(exc, "open the store")
+
+    def server_time(self) -> float:
+        """The endpoint's clock, from the ``Date`` of a ``HeadBucket`` answer (whole seconds,
+        so up to a second behind); this machine's clock, with a warning, when it sends none."""
+        with self.errors("read the S3 endpoint's clock"):
+            response = self.client.head_bucket(Bucket=self.name)
+        header = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        try:
+            return email.utils.parsedate_to_datetime(header).timestamp()
+        except (TypeError, ValueError):
+            log.warning(
+                "S3 endpoint %s sent no usable Date header (%r): prune and gc measure the "
+                "grace period by this machine's clock",
+                self.options.endpoint_description,
+                header,
+            )
+            return time.time()
 
     def head(self, key: str) -> dict[str, Any] | None:
         """The object's metadata, or ``None`` when there is no such object."""

@@ -217,6 +217,7 @@ class MaintenanceConformance(ConformanceBase):
         store.set_ref("b-copy", b)  # same tree: neither b nor b-copy alone keeps anything alive
         garbage = store.put_bytes(_blob(400, "garbage"))
         before = _stored(store)
+        self.settle()
 
         report = store.prune(grace_period=0, dry_run=True)
 

@@ -1,0 +1,295 @@
+"""A load generator for REAPI servers: many concurrent clients, the calls of a build's cache.
+
+    .venv/bin/python bench/load.py HOST:PORT [--requests 20000] [--clients 64]
+                                   [--deadline 300] [--instance NAME] [--seed 1]
+
+First it stores what the load reads (not timed): 2,048 blobs of 4 KiB, 64 blobs of 256 KiB and
+256 action results naming some of them, through BatchUpdateBlobs, ByteStream Write and
+UpdateActionResult. Then ``--clients`` clients, each on a connection of its own (so a server of
+several processes sharing a port sees them spread), make ``--requests`` calls in all, one at a
+time each, in this mix (every client's sequence fixed by ``--seed``):
+
+    FindMissingBlobs of 16 digests (half stored)      30%
+    BatchReadBlobs of 4 blobs of 4 KiB                25%
+    GetActionResult of a stored result                20%
+    ByteStream Read of a 256 KiB blob                 15%
+    ByteStream Write of a new 64 KiB blob             10%
+
+and it prints one JSON line: requests/s, p50/p99 latency (all calls and per kind), errors,
+and the CPU seconds this process used. The run stops at ``--deadline`` seconds whatever is left
+(counted as errors), so a stuck server cannot hang a benchmark.
+
+Kept light, because on a small machine it competes with the server for the CPU: one process,
+one asyncio event loop, no thread per client; requests are serialized once beforehand and
+answers are compared as bytes with the answer the same request got first (FindMissingBlobs,
+BatchReadBlobs, GetActionResult), never parsed; a Read counts the bytes it got. Its own CPU
+time is reported so that a benchmark can say how much of the machine it took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import random
+import resource
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from casframe._protos.build.bazel.remote.execution.v2 import (  # noqa: E402
+    remote_execution_pb2 as re_pb2,
+)
+from casframe._protos.google.bytestream import bytestream_pb2  # noqa: E402
+
+SMALL_BLOBS = 2048
+SMALL_SIZE = 4 << 10
+READ_BLOBS = 64
+READ_SIZE = 256 << 10
+WRITE_SIZE = 64 << 10
+ACTIONS = 256
+FIND_DIGESTS = 16
+BATCH_READ = 4
+MIX = (("FindMissingBlobs", 30), ("BatchReadBlobs", 25), ("GetActionResult", 20),
+       ("Read", 15), ("Write", 10))
+CHUNK = 1 << 20
+
+_CAS = "/build.bazel.remote.execution.v2.ContentAddressableStorage/"
+_AC = "/build.bazel.remote.execution.v2.ActionCache/"
+_BS = "/google.bytestream.ByteStream/"
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1),
+                  ("grpc.max_receive_message_length", 16 << 20)]
+
+
+def _digest(data: bytes) -> re_pb2.Digest:
+    return re_pb2.Digest(hash=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+
+
+def _blob(seed: int, index: int, size: int) -> bytes:
+    head = f"casframe load {seed} {index} ".encode()
+    return (head + random.Random(seed * 1_000_003 + index).randbytes(size))[:size]
+
+
+@dataclass
+class Workload:
+    """The stored data the load reads, and its requests serialized once."""
+
+    instance: str
+    seed: int
+    small: list[bytes] = field(default_factory=list)
+    small_digests: list[re_pb2.Digest] = field(default_factory=list)
+    large: list[bytes] = field(default_factory=list)
+    actions: list[re_pb2.Digest] = field(default_factory=list)
+
+    def build(self) -> None:
+        self.small = [_blob(self.seed, i, SMALL_SIZE) for i in range(SMALL_BLOBS)]
+        self.small_digests = [_digest(blob) for blob in self.small]
+        self.large = [_blob(self.seed, SMALL_BLOBS + i, READ_SIZE) for i in range(READ_BLOBS)]
+        self.actions = [_digest(b"action %d %d" % (self.seed, i)) for i in range(ACTIONS)]
+
+    def find_request(self, rng: random.Random) -> bytes:
+        present = rng.sample(self.small_digests, FIND_DIGESTS // 2)
+        absent = [re_pb2.Digest(hash=f"{rng.getrandbits(256):064x}", size_bytes=SMALL_SIZE)
+                  for _ in range(FIND_DIGESTS // 2)]
+        return re_pb2.FindMissingBlobsRequest(
+            instance_name=self.instance, blob_digests=present + absent).SerializeToString()
+
+    def batch_read_request(self, rng: random.Random) -> bytes:
+        return re_pb2.BatchReadBlobsRequest(
+            instance_name=self.instance, digests=rng.sample(self.small_digests, BATCH_READ),
+        ).SerializeToString()
+
+    def action_request(self, rng: random.Random) -> bytes:
+        return re_pb2.GetActionResultRequest(
+            instance_name=self.instance, action_digest=rng.choice(self.actions),
+        ).SerializeToString()
+
+    def read_request(self, rng: random.Random) -> tuple[bytes, int]:
+        blob = rng.choice(self.large)
+        digest = _digest(blob)
+        prefix = f"{self.instance}/" if self.instance else ""
+        return bytestream_pb2.ReadRequest(
+            resource_name=f"{prefix}blobs/{digest.hash}/{digest.size_bytes}",
+        ).SerializeToString(), len(blob)
+
+    def write_requests(self, data: bytes) -> list[bytes]:
+        digest = _digest(data)
+        prefix = f"{self.instance}/" if self.instance else ""
+        name = f"{prefix}uploads/{uuid.uuid4()}/blobs/{digest.hash}/{digest.size_bytes}"
+        chunks = [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)] or [b""]
+        return [bytestream_pb2.WriteRequest(
+            resource_name=name if i == 0 else "", write_offset=i * CHUNK, data=chunk,
+            finish_write=i == len(chunks) - 1).SerializeToString()
+            for i, chunk in enumerate(chunks)]
+
+
+class Methods:
+    """The calls, on raw bytes (no parsing on this side)."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.find = channel.unary_unary(_CAS + "FindMissingBlobs")
+        self.batch_read = channel.unary_unary(_CAS + "BatchReadBlobs")
+        self.batch_update = channel.unary_unary(_CAS + "BatchUpdateBlobs")
+        self.get_action = channel.unary_unary(_AC + "GetActionResult")
+        self.update_action = channel.unary_unary(_AC + "UpdateActionResult")
+        self.read = channel.unary_stream(_BS + "Read")
+        self.write = channel.stream_unary(_BS + "Write")
+
+
+async def _read_all(methods: Methods, request: bytes) -> int:
+    got = 0
+    async for message in methods.read(request):
+        got += len(message)
+    return got
+
+
+async def populate(target: str, work: Workload) -> None:
+    """Store what the load reads (not timed)."""
+    async with grpc.aio.insecure_channel(target, options=OWN_CONNECTION) as channel:
+        methods = Methods(channel)
+        for start in range(0, SMALL_BLOBS, 256):
+            request = re_pb2.BatchUpdateBlobsRequest(instance_name=work.instance, requests=[
+                re_pb2.BatchUpdateBlobsRequest.Request(digest=_digest(b), data=b)
+                for b in work.small[start:start + 256]])
+            await methods.batch_update(request.SerializeToString())
+        for blob in work.large:
+            await methods.write(iter(work.write_requests(blob)))
+        for index, action in enumerate(work.actions):
+            outputs = [re_pb2.OutputFile(path=f"out/{n}", digest=_digest(
+                work.small[(index * 3 + n) % SMALL_BLOBS])) for n in range(3)]
+            request = re_pb2.UpdateActionResultRequest(
+                instance_name=work.instance, action_digest=action,
+                action_result=re_pb2.ActionResult(output_files=outputs, exit_code=0))
+            await methods.update_action(request.SerializeToString())
+
+
+@dataclass
+class Tally:
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k, _ in MIX})
+    errors: dict[str, int] = field(default_factory=dict)
+    first_answer: dict[bytes, bytes] = field(default_factory=dict)
+
+    def error(self, what: str) -> None:
+        self.errors[what] = self.errors.get(what, 0) + 1
+
+
+def _schedule(seed: int, count: int) -> list[str]:
+    kinds = [kind for kind, weight in MIX for _ in range(weight)]
+    rng = random.Random(seed)
+    return [rng.choice(kinds) for _ in range(count)]
+
+
+async def _client(target: str, work: Workload, tally: Tally, kinds: list[str], index: int,
+                  next_index: Callable[[], int]) -> None:
+    rng = random.Random(work.seed * 7919 + index)
+    async with grpc.aio.insecure_channel(target, options=OWN_CONNECTION) as channel:
+        methods = Methods(channel)
+        await channel.channel_ready()
+        while (position := next_index()) < len(kinds):
+            kind = kinds[position]
+            call: Callable[[], Awaitable[Any]]
+            expected: int | None = None
+            if kind == "FindMissingBlobs":
+                request = work.find_request(rng)
+                call = lambda r=request: methods.find(r)  # noqa: E731
+            elif kind == "BatchReadBlobs":
+                request = work.batch_read_request(rng)
+                call = lambda r=request: methods.batch_read(r)  # noqa: E731
+            elif kind == "GetActionResult":
+                request = work.action_request(rng)
+                call = lambda r=request: methods.get_action(r)  # noqa: E731
+            elif kind == "Read":
+                request, expected = work.read_request(rng)
+                call = lambda r=request: _read_all(methods, r)  # noqa: E731
+            else:
+                data = _blob(work.seed, 10_000_000 + index * 1_000_000 + position, WRITE_SIZE)
+                requests = work.write_requests(data)
+                request = b""
+                call = lambda r=requests: methods.write(iter(r))  # noqa: E731
+            started = time.perf_counter()
+            try:
+                answer = await call()
+            except grpc.aio.AioRpcError as exc:
+                tally.error(f"{kind}: {exc.code().name}: {exc.details()}")
+                continue
+            tally.latencies[kind].append(time.perf_counter() - started)
+            if expected is not None:
+                if answer < expected:
+                    tally.error(f"{kind}: {answer} of {expected} bytes")
+            elif request:
+                first = tally.first_answer.setdefault(request, answer)
+                if first != answer:
+                    tally.error(f"{kind}: answered differently to the same request")
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run(target: str, requests: int, clients: int, deadline: float, instance: str,
+              seed: int) -> dict[str, Any]:
+    work = Workload(instance, seed)
+    work.build()
+    await populate(target, work)
+    kinds = _schedule(seed, requests)
+    tally = Tally()
+    counter = iter(range(requests + clients))
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    tasks = [asyncio.create_task(_client(target, work, tally, kinds, i, lambda: next(counter)))
+             for i in range(clients)]
+    done, pending = await asyncio.wait(tasks, timeout=deadline)
+    for task in pending:
+        task.cancel()
+    elapsed = time.perf_counter() - started
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    for task in done:
+        if task.exception() is not None:
+            tally.error(f"client failed: {task.exception()!r}")
+    answered = sum(len(v) for v in tally.latencies.values())
+    if answered + sum(tally.errors.values()) < requests:
+        tally.error(f"unanswered at the {deadline:g} s deadline: "
+                    f"{requests - answered - sum(tally.errors.values())}")
+    every = [x for v in tally.latencies.values() for x in v]
+    return {
+        "target": target, "requests": requests, "clients": clients, "answered": answered,
+        "seconds": elapsed, "requests_per_s": answered / elapsed,
+        "p50_ms": _quantile(every, 0.50) * 1e3, "p99_ms": _quantile(every, 0.99) * 1e3,
+        "by_kind": {kind: {"count": len(v), "p50_ms": _quantile(v, 0.50) * 1e3,
+                           "p99_ms": _quantile(v, 0.99) * 1e3}
+                    for kind, v in tally.latencies.items()},
+        "errors": tally.errors,
+        "client_cpu_s": (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime),
+        "load_average": os.getloadavg(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("target", metavar="HOST:PORT")
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--deadline", type=float, default=300.0,
+                        help="seconds the measured load may take at most")
+    parser.add_argument("--instance", default="")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    result = asyncio.run(run(args.target, args.requests, args.clients, args.deadline,
+                             args.instance, args.seed))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""What metrics and the access log cost ``casframe serve``: requests per second under the same
+load, with and without ``--metrics-listen`` and ``--access-log``, in alternating runs.
+
+    .venv/bin/python bench/metrics_bench.py [--pairs 3] [--requests 6000] [--clients 16]
+                                            [--load bench/load.py]
+
+Each run starts a new ``casframe serve`` process over one ``file://`` store (filled once, not
+timed), points a load at it, and stops it. Runs alternate, plain then observed, ``--pairs``
+times, so that both suffer alike from a busy machine; the figure that counts is the median of
+the observed runs over the median of the plain ones (target: at least 0.95). The server's CPU
+time per request is printed beside it: on a shared machine it moves far less than requests per
+second, and for a server that is busy on one core it is what bounds requests per second.
+
+The load is ``--load`` (a script taking ``HOST:PORT --requests N --clients C`` and printing one
+JSON line with ``requests_per_s``, as ``bench/load.py`` does) when given or when
+``bench/load.py`` exists; else the small built-in mix below, from one asyncio process:
+
+    FindMissingBlobs of 16 digests (half stored)   40%
+    BatchReadBlobs of 4 blobs of 4 KiB             30%
+    GetActionResult of a stored result             30%
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from casframe import Digest, open_store  # noqa: E402
+from casframe._protos.build.bazel.remote.execution.v2 import (  # noqa: E402
+    remote_execution_pb2 as re_pb2,
+)
+
+BLOBS = 512
+BLOB_SIZE = 4 << 10
+ACTIONS = 128
+_CAS = "/build.bazel.remote.execution.v2.ContentAddressableStorage/"
+_AC = "/build.bazel.remote.execution.v2.ActionCache/"
+
+
+def fill(store_url: str) -> tuple[list[Digest], list[Digest]]:
+    """Store the blobs and action results the built-in load asks for."""
+    rng = random.Random(1)
+    with open_store(store_url) as store:
+        blobs = [store.put_bytes(rng.randbytes(BLOB_SIZE)) for _ in range(BLOBS)]
+        actions = []
+        for index in range(ACTIONS):
+            action = Digest.of_bytes(b"action %d" % index)
+            result = re_pb2.ActionResult(exit_code=0)
+            result.output_files.add(path=f"out/{index}", digest=blobs[index].to_proto())
+            stored = store.put_bytes(result.SerializeToString(deterministic=True))
+            store.set_ref(f"ac/_/{action.hash}/{action.size}", stored, check_complete=False)
+            actions.append(action)
+    return blobs, actions
+
+
+async def builtin_load(
+    target: str, requests: int, clients: int, blobs: list[Digest], actions: list[Digest]
+) -> float:
+    """Requests per second of the built-in mix."""
+    rng = random.Random(2)
+    absent = [Digest.of_bytes(b"absent %d" % i) for i in range(BLOBS)]
+    calls: list[tuple[str, bytes]] = []
+    for _ in range(requests):
+        kind = rng.random()
+        if kind < 0.4:
+            asked = rng.sample(blobs, 8) + rng.sample(absent, 8)
+            request: Any = re_pb2.FindMissingBlobsRequest(
+                blob_digests=[d.to_proto() for d in asked])
+            calls.append((_CAS + "FindMissingBlobs", request.SerializeToString()))
+        elif kind < 0.7:
+            request = re_pb2.BatchReadBlobsRequest(
+                digests=[d.to_proto() for d in rng.sample(blobs, 4)])
+            calls.append((_CAS + "BatchReadBlobs", request.SerializeToString()))
+        else:
+            request = re_pb2.GetActionResultRequest(action_digest=rng.choice(actions).to_proto())
+            calls.append((_AC + "GetActionResult", request.SerializeToString()))
+    pending = iter(calls)
+
+    async def client() -> None:
+        async with grpc.aio.insecure_channel(
+            target, options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as channel:
+            for method, body in pending:
+                await channel.unary_unary(method)(body, timeout=120)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return requests / (time.perf_counter() - started)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time process ``pid`` has used so far, from ``/proc``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def server(store_url: str, extra: list[str]) -> Iterator[tuple[str, int]]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "casframe.server", store_url, "--listen", "127.0.0.1:0", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line.startswith("casframe: serving"):
+            raise SystemExit(f"casframe serve did not start: {line!r}")
+        yield line.strip().rpartition(" on ")[2], process.pid
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def one_run(args: argparse.Namespace, store_url: str, extra: list[str], load: Path | None,
+            filled: tuple[list[Digest], list[Digest]]) -> tuple[float, float]:
+    """Requests per second, and the server's CPU milliseconds per request (the figure a busy
+    machine disturbs least: other processes' load slows the run, not the work per call)."""
+    with server(store_url, extra) as (target, pid):
+        before = cpu_seconds(pid)
+        rate = run_load(args, target, load, filled)
+        return rate, (cpu_seconds(pid) - before) * 1000 / args.requests
+
+
+def run_load(args: argparse.Namespace, target: str, load: Path | None,
+             filled: tuple[list[Digest], list[Digest]]) -> float:
+    if load is None:
+        return asyncio.run(builtin_load(target, args.requests, args.clients, *filled))
+    output = subprocess.run(
+        [sys.executable, str(load), target, "--requests", str(args.requests),
+         "--clients", str(args.clients)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    result = json.loads(output.strip().splitlines()[-1])
+    if result.get("errors"):
+        raise SystemExit(f"the load saw errors: {result['errors']}")
+    return float(result["requests_per_s"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=6000)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--observe", choices=["both", "metrics", "access-log"], default="both",
+                        help="what the observed runs turn on (default: both)")
+    parser.add_argument("--load", type=Path, default=None,
+                        help="a load script (default: bench/load.py if present, else built in)")
+    args = parser.parse_args()
+    load = args.load
+    if load is None and (ROOT / "bench" / "load.py").exists():
+        load = ROOT / "bench" / "load.py"
+
+    with tempfile.TemporaryDirectory(prefix="casframe-metrics-bench-") as work:
+        store_url = f"file://{work}/store"
+        filled = fill(store_url)
+        observed = {
+            "metrics": ["--metrics-listen", "127.0.0.1:0"],
+            "access-log": ["--access-log", f"{work}/access.log"],
+        }
+        observed["both"] = observed["metrics"] + observed["access-log"]
+        extra = observed[args.observe]
+        runs: dict[str, list[tuple[float, float]]] = {"plain": [], "observed": []}
+        for pair in range(args.pairs):
+            runs["plain"].append(one_run(args, store_url, [], load, filled))
+            runs["observed"].append(one_run(args, store_url, extra, load, filled))
+            (plain, plain_cpu), (seen, seen_cpu) = runs["plain"][-1], runs["observed"][-1]
+            print(f"pair {pair + 1}: plain {plain:,.0f}/s ({plain_cpu:.3f} ms CPU a request), "
+                  f"{args.observe} {seen:,.0f}/s ({seen_cpu:.3f} ms)", flush=True)
+
+        def median(kind: str, index: int) -> float:
+            return statistics.median(run[index] for run in runs[kind])
+
+        ratio = median("observed", 0) / median("plain", 0)
+        summary = {
+            "load": str(load) if load else "built-in", "observed": args.observe,
+            "requests": args.requests, "clients": args.clients, "runs": runs,
+            "requests_per_s_ratio": ratio,
+            "cpu_per_request_ratio": median("observed", 1) / median("plain", 1),
+            "target": 0.95, "met": ratio >= 0.95, "load_average": os.getloadavg(),
+        }
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Benchmark of zstd on the wire: pushing build outputs over grpc:// with and without it.
+
+    .venv/bin/python bench/zstd_bench.py [--size MIB] [--repeat N] [--out DIR] [--keep]
+
+Gathers a tree of real build outputs from this machine, in sorted order so that every run
+takes the same files: static libraries (archives of object files, ``*.a`` under
+/usr/lib/x86_64-linux-gnu) for two thirds of ``--size`` (default 96 MiB), C headers
+(/usr/include) and Python sources (the standard library) for the rest. It is imported into a
+source file:// store (not timed). Each repetition then pushes the tree to a new
+``casframe serve`` process over a new file:// store, once through ``grpc://`` and once through
+``grpc://…?compression=zstd``, alternating which goes first (A B, B A, …) so that both meet
+the same load; before each push the source store is read once (untimed), so that both read it
+from memory. The client runs in this process.
+
+Reported per push: wall time, CPU seconds of the client (this process) and of the server, and
+the blob bytes sent (the backend's ``wire`` counters: blob
+content, or its zstd form, as it goes into messages; gRPC's framing is the same for both and
+not counted). Targets: the compressed push sends at most 40% of the bytes of the plain one, at
+a speed of at least 0.8 times (its wall time at most 1.25 times). Results go to
+DIR/<time>-zstd/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from grpc_bench import Served, casframe_server  # noqa: E402 - a server process, measured
+
+MiB = 1 << 20
+# Where the build outputs come from, and the share of the tree each gives.
+_SOURCES = (
+    ("objects", Path("/usr/lib/x86_64-linux-gnu"), ("*.a",), 2 / 3),
+    ("headers", Path("/usr/include"), ("*.h",), 1 / 6),
+    ("python", Path(sys.base_prefix) / "lib" / f"python{sys.version_info[0]}."
+     f"{sys.version_info[1]}", ("*.py",), 1 / 6),
+)
+_BYTES_TARGET = 0.40
+_SPEED_TARGET = 0.8
+
+
+def gather(tree: Path, size: int) -> dict[str, Any]:
+    """Copy build outputs into ``tree``, each kind up to its share of ``size`` bytes."""
+    kinds: dict[str, Any] = {}
+    for kind, root, patterns, share in _SOURCES:
+        budget = int(size * share)
+        files = total = 0
+        found = sorted(p for pattern in patterns for p in root.rglob(pattern)
+                       if p.is_file() and not p.is_symlink())
+        for path in found:
+            length = path.stat().st_size
+            if total + length > budget or not length:
+                continue
+            target = tree / kind / path.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            files += 1
+            total += length
+        kinds[kind] = {"from": str(root), "files": files, "bytes": total}
+    return kinds
+
+
+def warm(folder: Path) -> None:
+    """Read every file under ``folder`` once: this machine evicts page cache left untouched for
+    about a minute, which made whichever push of a pair came first the slower one."""
+    buffer = bytearray(1 << 20)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(buffer):
+                    pass
+
+
+def push(source: Any, root: Any, work: Path, name: str, query: str, log: Path) -> dict[str, Any]:
+    from casframe import open_store
+
+    served = Served(casframe_server(work / name), log)
+    try:
+        os.sync()  # untimed: earlier pushes' dirty pages are not written during this one
+        warm(work / "source")  # untimed: both pushes read the source from memory
+        started = time.perf_counter()
+        cpu = time.process_time()
+        with open_store(f"grpc://127.0.0.1:{served.port}{query}") as dest:
+            result = source.push(dest, root)
+            wire = dest.blobs.wire
+            seconds = time.perf_counter() - started
+            client_cpu = time.process_time() - cpu
+        server_cpu = served.cpu_s()
+    finally:
+        served.stop()
+    return {"seconds": seconds, "content_bytes": wire.content_sent, "wire_bytes": wire.wire_sent,
+            "blobs_sent": result.blobs_sent, "client_cpu_s": client_cpu,
+            "server_cpu_s": server_cpu}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=96, help="tree size in MiB (default 96)")
+    parser.add_argument("--repeat", type=int, default=6,
+                        help="pairs of pushes (default 6; each mode goes first in half)")
+    parser.add_argument("--out", type=Path, default=HERE / "out")
+    parser.add_argument("--keep", action="store_true", help="keep the tree and the stores")
+    args = parser.parse_args()
+
+    from casframe import open_store
+
+    run_dir = args.out / f"{dt.datetime.now():%Y%m%d-%H%M%S}-zstd"
+    work = run_dir / "work"
+    work.mkdir(parents=True)
+    log = run_dir / "servers.log"
+    kinds = gather(work / "tree", args.size * MiB)
+    print("tree:", ", ".join(f"{k} {v['files']} files {v['bytes'] / MiB:.1f} MiB"
+                             for k, v in kinds.items()), flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {"plain": [], "zstd": []}
+    try:
+        with open_store(f"file://{work / 'source'}") as source:
+            root = source.import_directory(work / "tree")
+            for rep in range(args.repeat):
+                order = [("plain", ""), ("zstd", "?compression=zstd")]
+                for mode, query in order if rep % 2 == 0 else order[::-1]:
+                    outcome = push(source, root, work, f"server-{mode}-{rep}", query, log)
+                    runs[mode].append(outcome)
+                    print(f"{rep} {mode:5} {outcome['seconds']:6.2f} s  "
+                          f"{outcome['wire_bytes'] / MiB:7.1f} MiB sent of "
+                          f"{outcome['content_bytes'] / MiB:.1f} MiB  "
+                          f"CPU client {outcome['client_cpu_s']:.2f} s, "
+                          f"server {outcome['server_cpu_s']:.2f} s", flush=True)
+    finally:
+        load = os.getloadavg()
+        if not args.keep:
+            shutil.rmtree(work)
+
+    def median(mode: str, key: str) -> float:
+        return statistics.median(run[key] for run in runs[mode])
+
+    bytes_ratio = median("zstd", "wire_bytes") / median("plain", "wire_bytes")
+    # Speed of the compressed push relative to the plain one, pair by pair (same load).
+    speed_ratios = [p["seconds"] / z["seconds"] for p, z in zip(runs["plain"], runs["zstd"],
+                                                                strict=True)]
+    speed_ratio = statistics.median(speed_ratios)
+    summary = {
+        "tree": kinds, "runs": runs, "load_average": load,
+        "bytes_ratio": bytes_ratio, "speed_ratio": speed_ratio, "speed_ratios": speed_ratios,
+        "targets": {"bytes_ratio_at_most": _BYTES_TARGET, "speed_ratio_at_least": _SPEED_TARGET},
+    }
+    (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    for mode in runs:
+        print(f"{mode} push: median {median(mode, 'seconds'):.2f} s, CPU client "
+              f"{median(mode, 'client_cpu_s'):.2f} s + server {median(mode, 'server_cpu_s'):.2f} s")
+    print(f"bytes sent, zstd / plain: {bytes_ratio:.1%} (target <= {_BYTES_TARGET:.0%}) "
+          f"{'met' if bytes_ratio <= _BYTES_TARGET else 'MISSED'}")
+    print(f"speed, zstd / plain (median of pairs {', '.join(f'{r:.2f}' for r in speed_ratios)}):"
+          f" {speed_ratio:.2f}x (target >= {_SPEED_TARGET}x) "
+          f"{'met' if speed_ratio >= _SPEED_TARGET else 'MISSED'}")
+    print(f"load average at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; "
+          f"results in {run_dir / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

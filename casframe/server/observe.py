@@ -1,0 +1,358 @@
+"""Watching every call the server answers: who asked for what, how it ended, how long it took
+and how many bytes it moved, handed to sinks (the debug request log, Prometheus metrics in
+:mod:`casframe.server.metrics`, the access log in :mod:`casframe.server.accesslog`).
+
+:class:`CallObserverInterceptor` is the first interceptor of the chain, so it sees every answer,
+refusals by the stream limit and by plugins' interceptors included. It counts message bytes by
+taking over the handler's codecs: the request deserializer reports the size of each message it
+decodes, and responses are serialized inside the observed behaviour, so a call's bytes are exact
+and nothing is serialized twice. A call is reported to the sinks before its answer leaves, so a
+client that has its answer finds the call counted.
+
+This module must never block the event loop nor change what a client gets: a sink that fails
+is logged, never turned into the call's status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import grpc
+
+from casframe.server.interceptors import Continuation, is_async_behavior
+
+__all__ = [
+    "CallObserverInterceptor",
+    "CallRecord",
+    "CallSink",
+    "RequestLogSink",
+]
+
+log = logging.getLogger("casframe.server")
+
+_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+class CallRecord:
+    """One call as the sinks see it. ``request`` is the (first) request message, ``response``
+    the response of a unary-response call; ``bytes_in``/``bytes_out`` are serialized message
+    bytes, ``raw_bytes_out`` the bytes of responses sent as raw data (ByteStream Read's
+    chunks). ``duration`` (seconds) and ``code`` are set when the call ends."""
+
+    __slots__ = (
+        "method", "request_streaming", "response_streaming", "peer", "time", "duration",
+        "code", "request", "response", "bytes_in", "bytes_out", "raw_bytes_out",
+        "_started",
+    )
+
+    def __init__(self, method: str, handler: grpc.RpcMethodHandler, peer: str) -> None:
+        self.method = method
+        self.request_streaming = bool(handler.request_streaming)
+        self.response_streaming = bool(handler.response_streaming)
+        self.peer = peer
+        self.time = time.time()
+        self._started = time.perf_counter()
+        self.duration = 0.0
+        self.code: grpc.StatusCode | None = None
+        self.request: Any = None
+        self.response: Any = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.raw_bytes_out = 0
+
+    @property
+    def service(self) -> str:
+        """The full service name (``google.bytestream.ByteStream``)."""
+        return self.method.strip("/").partition("/")[0]
+
+    @property
+    def name(self) -> str:
+        """The method's own name (``Read``)."""
+        return self.method.rpartition("/")[2]
+
+    @property
+    def streaming(self) -> bool:
+        return self.request_streaming or self.response_streaming
+
+    def _received(self, message: Any, size: int) -> Any:
+        self.bytes_in += size
+        if self.request is None:
+            self.request = message
+        return message
+
+    def _sent(self, data: bytes, raw_size: int) -> bytes:
+        self.bytes_out += len(data)
+        self.raw_bytes_out += raw_size
+        return data
+
+
+class CallSink(Protocol):
+    """What a sink of :class:`CallObserverInterceptor` offers. Both methods may run on the
+    event loop or in a pool thread, and must return quickly."""
+
+    def enabled(self) -> bool:
+        """Whether this sink wants calls now (checked as each call starts)."""
+        ...
+
+    def call_started(self, call: CallRecord) -> None: ...
+
+    def call_ended(self, call: CallRecord) -> None: ...
+
+
+class _Decoded(NamedTuple):
+    """A request message and the size of its serialized form."""
+
+    message: Any
+    size: int
+
+
+def _sized_decoder(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], _Decoded]:
+    if deserializer is None:
+        return lambda raw: _Decoded(raw, len(raw))
+    return lambda raw: _Decoded(deserializer(raw), len(raw))
+
+
+class _ObservedCall:
+    """A call in progress: its record, its sinks, and the servicer context the behaviour
+    sees, which remembers the status set through it (grpc.aio's context for thread-pool
+    handlers cannot tell it) and counts the responses written through it."""
+
+    def __init__(
+        self,
+        context: Any,
+        call: CallRecord,
+        sinks: Sequence[CallSink],
+        serializer: Callable[[Any], bytes] | None,
+    ) -> None:
+        self._context = context
+        self.call = call
+        self._sinks = sinks
+        self._serializer = serializer
+        self._ended = False
+        for sink in sinks:
+            try:
+                sink.call_started(call)
+            except Exception:  # noqa: BLE001 - a sink never fails a call
+                log.exception("call sink %r failed", sink)
+
+    # -- the context the behaviour sees ----------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.call.code = code
+        self._context.set_code(code)
+
+    def abort(self, code: grpc.StatusCode, *args: Any, **kwargs: Any) -> Any:
+        # Reported before the status leaves: the client has its answer after the sinks.
+        self.call.code = code
+        self.end(None)
+        return self._context.abort(code, *args, **kwargs)
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(self.encode(message))
+
+    async def read(self) -> Any:
+        got = await self._context.read()
+        if isinstance(got, _Decoded):
+            return self.call._received(got.message, got.size)
+        return got  # grpc.aio.EOF
+
+    # -- for the wrappers ------------------------------------------------------------------
+
+    def encode(self, message: Any) -> Any:
+        """``message`` serialized as the handler's codec would, counted."""
+        if message is None:
+            return None
+        raw_size = len(message) if isinstance(message, (bytes, memoryview)) else 0
+        data = message if self._serializer is None else self._serializer(message)
+        return self.call._sent(data, raw_size)
+
+    def decoded(self, request: _Decoded) -> Any:
+        return self.call._received(request.message, request.size)
+
+    async def decoded_async(self, requests: AsyncIterator[_Decoded]) -> AsyncIterator[Any]:
+        async for request in requests:
+            yield self.call._received(request.message, request.size)
+
+    def decoded_sync(self, requests: Iterator[_Decoded]) -> Iterator[Any]:
+        for request in requests:
+            yield self.call._received(request.message, request.size)
+
+    def end(self, exc: BaseException | None) -> None:
+        """Report the call to the sinks, once."""
+        if self._ended:
+            return
+        self._ended = True
+        call = self.call
+        call.duration = time.perf_counter() - call._started
+        if call.code is None:
+            if exc is None:
+                call.code = grpc.StatusCode.OK
+            elif isinstance(exc, asyncio.CancelledError):
+                call.code = grpc.StatusCode.CANCELLED
+            else:
+                call.code = grpc.StatusCode.UNKNOWN
+        for sink in self._sinks:
+            try:
+                sink.call_ended(call)
+            except Exception:  # noqa: BLE001 - a sink never fails a call
+                log.exception("call sink %r failed", sink)
+
+
+# Observed handlers kept for reuse, by method, handler and sinks: unary handlers are the same
+# objects call after call, and wrapping one anew costs about as much as observing the call.
+# Streams' handlers are made anew for each call (the stream limit wraps them), so they are not
+# kept; neither is anything past this many, should a plugin make new handlers on every call.
+_KEPT_HANDLERS = 256
+
+
+class CallObserverInterceptor(grpc.aio.ServerInterceptor):
+    """Reports every call to ``sinks`` (those :meth:`CallSink.enabled` at the call's start).
+
+    Costs one check per call when no sink is enabled.
+    """
+
+    def __init__(self, sinks: Sequence[CallSink]) -> None:
+        self.sinks = tuple(sinks)
+        self._kept: dict[tuple[str, grpc.RpcMethodHandler, tuple[CallSink, ...]],
+                         grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        sinks = tuple(sink for sink in self.sinks if sink.enabled())
+        if not sinks:
+            return handler
+        method = handler_call_details.method
+        if handler.request_streaming or handler.response_streaming:
+            return _observed(handler, method, sinks)
+        key = (method, handler, sinks)
+        try:
+            kept = self._kept.get(key)
+        except TypeError:  # a plugin's handler that cannot be a dictionary key
+            return _observed(handler, method, sinks)
+        if kept is None:
+            kept = _observed(handler, method, sinks)
+            if len(self._kept) < _KEPT_HANDLERS:
+                self._kept[key] = kept
+        return kept
+
+
+def _observed(
+    handler: grpc.RpcMethodHandler, method: str, sinks: Sequence[CallSink]
+) -> grpc.RpcMethodHandler:
+    """``handler`` with its behaviour observed and its codecs taken over (see the module)."""
+    streams_in = bool(handler.request_streaming)
+    streams_out = bool(handler.response_streaming)
+    behavior = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary
+        or handler.stream_stream
+    )
+    serializer = handler.response_serializer
+
+    def begin(request: Any, context: Any) -> tuple[_ObservedCall, Any]:
+        observed = _ObservedCall(context, CallRecord(method, handler, context.peer()), sinks,
+                                 serializer)
+        if not streams_in:
+            return observed, observed.decoded(request)
+        if is_async_behavior(behavior):
+            return observed, observed.decoded_async(request)
+        return observed, observed.decoded_sync(request)
+
+    wrapped: Callable[..., Any]
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream_async(request: Any, context: Any) -> AsyncIterator[Any]:
+            observed, given = begin(request, context)
+            try:
+                async for response in behavior(given, observed):
+                    yield observed.encode(response)
+            except BaseException as exc:
+                observed.end(exc)
+                raise
+            observed.end(None)
+
+        wrapped = stream_async
+    elif inspect.iscoroutinefunction(behavior):
+
+        async def call_async(request: Any, context: Any) -> Any:
+            observed, given = begin(request, context)
+            try:
+                response = await behavior(given, observed)
+                if not streams_out:
+                    observed.call.response = response
+                    response = observed.encode(response)
+            except BaseException as exc:
+                observed.end(exc)
+                raise
+            observed.end(None)
+            return response
+
+        wrapped = call_async
+    elif streams_out:
+
+        def stream(request: Any, context: Any) -> Iterator[Any]:
+            observed, given = begin(request, context)
+            try:
+                for response in behavior(given, observed) or ():
+                    yield observed.encode(response)
+            except BaseException as exc:
+                observed.end(exc)
+                raise
+            observed.end(None)
+
+        wrapped = stream
+    else:
+
+        def call(request: Any, context: Any) -> Any:
+            observed, given = begin(request, context)
+            try:
+                response = behavior(given, observed)
+                observed.call.response = response
+                data = observed.encode(response)
+            except BaseException as exc:
+                observed.end(exc)
+                raise
+            observed.end(None)
+            return data
+
+        wrapped = call
+
+    return _FACTORIES[streams_in, streams_out](
+        wrapped, request_deserializer=_sized_decoder(handler.request_deserializer),
+        response_serializer=None,
+    )
+
+
+class RequestLogSink:
+    """One debug line per request on the ``casframe.server`` logger: method, peer, status
+    code and duration. Enabled only while that logger is at debug level."""
+
+    def enabled(self) -> bool:
+        return log.isEnabledFor(logging.DEBUG)
+
+    def call_started(self, call: CallRecord) -> None:
+        pass
+
+    def call_ended(self, call: CallRecord) -> None:
+        assert call.code is not None
+        log.debug(
+            "%s from %s: %s in %.1f ms", call.method, call.peer, call.code.name,
+            call.duration * 1000,
+        )
+
