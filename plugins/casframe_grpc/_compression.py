@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from casframe import CompressedDataError, CorruptBlobError, Digest
-from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as reapi
+from casframe.reapi import remote_execution as reapi
 from casframe.compression import (
     DEFAULT_LEVEL,
     ZSTD,
