@@ -46,7 +46,7 @@ ROOT_FILES = 10
 CASFRAME_PRUNE = r"""
 import json, sys, time
 from casframe import Progress, open_store
-from casframe.maintenance import prune
+
 
 class Phases(Progress):
     # Progress phases double as a profile: scan (listing), mark, delete.
@@ -61,7 +61,7 @@ class Phases(Progress):
 store = open_store(sys.argv[1])
 phases = Phases()
 started = time.perf_counter()
-report = prune(store, grace_period=0, dry_run=sys.argv[2] == "dry", progress=phases)
+report = store.prune(grace_period=0, dry_run=sys.argv[2] == "dry", progress=phases)
 seconds = time.perf_counter() - started
 print(json.dumps({"seconds": seconds, "scanned": report.objects_scanned,
                   "freed": report.objects_freed, "phases": phases.seconds}))

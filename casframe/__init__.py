@@ -3,8 +3,9 @@
 This module is the public API; everything not listed in ``__all__`` is private.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from casframe.lazy import lazy_names
 
 if TYPE_CHECKING:
     from casframe.digest import EMPTY_DIGEST, Digest, Hasher
@@ -120,13 +121,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+__getattr__ = lazy_names(__name__, _LAZY, globals())
 
 
 def __dir__() -> list[str]:

@@ -1,7 +1,8 @@
 """Protobuf's wire format, the few pieces casframe reads and writes by hand.
 
 Used where the generated classes cost too much: ByteStream's bulk messages
-(:mod:`casframe._wire`), and the ``Digest`` message of a ref file, which commands such as
+(:mod:`casframe._wire`), the Directory messages import writes (:mod:`casframe.directory`),
+and the ``Digest`` message of a ref file, which commands such as
 ``casframe ref list`` read without importing protobuf at all. Decoding follows protobuf's
 rules: fields in any order, unknown fields and fields of an unexpected wire type skipped, the
 last occurrence of a field wins; malformed input raises :class:`WireError`.
@@ -18,7 +19,15 @@ class WireError(ValueError):
     """Bytes that are not a well-formed protobuf message."""
 
 
+# Every one-byte varint, built once: Directory entries need a few per file.
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
+
+
 def varint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
+    if 0 < value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
     if value < 0:
         value += 1 << 64  # int64: two's complement in ten bytes, as protobuf writes it
     out = bytearray()

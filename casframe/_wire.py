@@ -10,17 +10,17 @@ in: decoded content is a ``memoryview`` into the received message.
 
 Decoding follows protobuf's rules: fields in any order, unknown fields and fields of an
 unexpected wire type skipped, the last occurrence of a field wins. Malformed input raises
-``google.protobuf.message.DecodeError``, as the generated parser would. Besides these two
-messages, only the ``Digest`` of a ref file (:mod:`casframe._protowire`) and the Directory
-messages written while importing a tree bypass the generated classes.
+``google.protobuf.message.DecodeError``, as the generated parser would. The Directory
+messages import writes are the only other ones casframe encodes by hand
+(:mod:`casframe.directory`, on the same primitives of :mod:`casframe._protowire`); everything
+else goes through the generated classes.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from google.protobuf.message import DecodeError
-
+from casframe import _messages
 from casframe._protowire import LEN as _LEN
 from casframe._protowire import VARINT as _VARINT
 from casframe._protowire import WireError, fields
@@ -57,7 +57,7 @@ def _fields(raw: bytes | memoryview) -> dict[tuple[int, int], int | memoryview]:
     try:
         return fields(raw)
     except WireError as exc:
-        raise DecodeError(str(exc)) from None
+        raise _messages.DecodeError(str(exc)) from None
 
 
 def encode_write_request(
@@ -102,7 +102,7 @@ def decode_write_request(raw: bytes) -> WriteChunk:
     try:
         resource_name = bytes(name).decode()
     except UnicodeDecodeError:
-        raise DecodeError("resource_name is not valid UTF-8") from None
+        raise _messages.DecodeError("resource_name is not valid UTF-8") from None
     if offset >= 1 << 63:
         offset -= 1 << 64
     return WriteChunk(resource_name, offset, bool(finish), data)

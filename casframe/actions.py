@@ -1,26 +1,28 @@
 """What a REAPI ActionResult names: the blobs a client fetches along with it.
 
 The server checks them before it answers ``GetActionResult``, and the ``cache://`` backend
-sends them to its remote before it sets an action-cache ref there.
+sends them to its remote before it sets an action-cache ref there
+(:func:`casframe.refkinds.action_result_outputs`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from google.protobuf.message import DecodeError
-
-from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
-    ActionResult,
-    Tree,
-)
-from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
-    Digest as DigestProto,
-)
+from casframe import _messages
 from casframe.digest import Digest
 from casframe.errors import CorruptBlobError, InvalidDigestError
 
-__all__ = ["ActionOutputs", "action_outputs", "tree_files"]
+if TYPE_CHECKING:
+    from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
+        ActionResult,
+    )
+    from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
+        Digest as DigestProto,
+    )
+
+__all__ = ["ActionOutputs", "action_outputs", "parse_action_result", "tree_files"]
 
 
 @dataclass
@@ -69,12 +71,22 @@ def action_outputs(result: ActionResult) -> ActionOutputs:
     return outputs
 
 
+def parse_action_result(digest: Digest, data: bytes) -> ActionResult:
+    """Decode the ActionResult message stored as ``digest``."""
+    result = _messages.execution.ActionResult()
+    try:
+        result.ParseFromString(data)
+    except _messages.DecodeError:
+        raise CorruptBlobError(digest, "not an ActionResult message") from None
+    return result
+
+
 def tree_files(digest: Digest, data: bytes) -> set[Digest]:
     """The files of every Directory in the Tree message ``data`` (stored as ``digest``)."""
-    tree = Tree()
+    tree = _messages.execution.Tree()
     try:
         tree.ParseFromString(data)
-    except DecodeError:
+    except _messages.DecodeError:
         raise CorruptBlobError(digest, "not a Tree message") from None
     return {
         Digest.from_proto(node.digest)

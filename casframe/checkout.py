@@ -8,7 +8,7 @@ never the expanded tree, however often a subtree repeats. Entries are only creat
 directories this checkout created, never through a symlink, so a hostile tree cannot write
 outside the destination. A failure removes what was written (the destination itself when the
 checkout created it) and names the entry by its path in the tree. This module talks to storage
-only through :class:`casframe.store.Store`.
+only through :class:`casframe.blobs.VerifiedBlobs`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, TypeVar
 
-from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
+from casframe.blobs import VerifiedBlobs
 from casframe.digest import Digest
 from casframe.errors import CheckoutError, UnsupportedOperationError
 from casframe.progress import NO_PROGRESS, Progress
@@ -33,7 +33,7 @@ from casframe.workers.pool import CHECKOUT_THRESHOLD_FILES, Runner, open_runner
 from casframe.workers.tasks import Copy, LinkTask, copy_files, link_files, tree_path
 
 if TYPE_CHECKING:
-    from casframe.store import Store
+    from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
 
 __all__ = ["checkout"]
 
@@ -46,14 +46,14 @@ _T = TypeVar("_T")
 
 
 def checkout(
-    store: Store,
+    blobs: VerifiedBlobs,
     root: Digest,
     dest: str | os.PathLike[str],
     *,
     link: bool | None = None,
     progress: Progress | None = None,
     limits: TreeLimits | None = None,
-    jobs: int | None = None,
+    jobs: int = 1,
 ) -> None:
     """Materialise tree ``root`` at ``dest`` (absent or empty).
 
@@ -61,23 +61,23 @@ def checkout(
     because a hardlink shares its mode with the stored object. A tree that expands past
     ``limits`` raises :class:`~casframe.errors.TreeTooLargeError` before anything is written;
     a file system error raises :class:`~casframe.errors.CheckoutError` naming the tree path.
-    A tree of many files is written by ``jobs`` helper processes (default: the store's).
+    A tree of many files is written by ``jobs`` helper processes (``Store.checkout`` passes
+    the store's).
     """
     progress = progress or NO_PROGRESS
     dest = os.path.abspath(os.fspath(dest))
-    can_link = store.has(Capability.LOCAL_PATH)
+    can_link = blobs.has(Capability.LOCAL_PATH)
     if link and not can_link:
         raise UnsupportedOperationError(
-            f"{store.url} has no local files to hardlink; check out with copies instead"
+            f"{blobs.url} has no local files to hardlink; check out with copies instead"
         )
     directories, sizes = load_tree(
-        store, root, limits or TreeLimits(), f"tree {root}", content=True
+        blobs, root, limits or TreeLimits(), f"tree {root}", content=True
     )
     progress.start("checkout", sizes[root].files)
     created = _prepare_destination(dest)
     try:
-        jobs = store.jobs if jobs is None else jobs
-        runner = open_runner(store, jobs, sizes[root].files, CHECKOUT_THRESHOLD_FILES)
+        runner = open_runner(blobs, jobs, sizes[root].files, CHECKOUT_THRESHOLD_FILES)
         writer = _FileWriter(
             runner, dest, jobs=jobs,
             use_links=can_link if link is None else link, strict=bool(link), progress=progress,
@@ -221,7 +221,9 @@ class _FileWriter:
             batch, self.copies, self.copy_bytes = self.copies, [], 0
             self._submit(copy_files, (self.dest, batch))
 
-    def _submit(self, task: Callable[[Store, _T], tuple[int, list[Copy]]], work: _T) -> None:
+    def _submit(
+        self, task: Callable[[VerifiedBlobs, _T], tuple[int, list[Copy]]], work: _T
+    ) -> None:
         while len(self.pending) >= self.max_pending:
             self._collect()
         self.pending.append(self.runner.submit(task, work))

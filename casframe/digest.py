@@ -14,13 +14,14 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, BinaryIO
 
+from casframe import _messages
 from casframe._protowire import LEN, VARINT, WireError, fields, varint
 from casframe.errors import InvalidDigestError
 
 if TYPE_CHECKING:
     from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2
 
-__all__ = ["CHUNK_SIZE", "EMPTY_DIGEST", "Digest", "Hasher"]
+__all__ = ["CHUNK_SIZE", "EMPTY_DIGEST", "Digest", "Hasher", "looks_like_digest"]
 
 # 1 MiB: large enough that per-call overhead vanishes next to hashing (~2 GB/s here), small
 # enough that several concurrent streams stay far below the 100 MiB memory budget.
@@ -78,8 +79,10 @@ class Digest(tuple[str, int]):
 
     @classmethod
     def _trusted(cls, hash: str, size: int) -> Digest:  # noqa: A002
-        """Build without validation, for a hash and size casframe computed itself from content
-        it read (never for text from a user, a file or the network: :meth:`parse` checks that)."""
+        """Build without validation, for a hash and size known to be valid: computed here
+        (:meth:`of_bytes`, :class:`Hasher`), or read back from what casframe recorded of such a
+        digest (the stat cache's hashes with the size of the file they were computed from;
+        maintenance's names for emptied objects, which ``delete_blobs`` accepts)."""
         return tuple.__new__(cls, (hash, size))
 
     @property
@@ -187,11 +190,17 @@ class Hasher:
 
 @functools.cache
 def _digest_message() -> type[remote_execution_pb2.Digest]:
-    # Imported on first use (the protos are not needed to hash), then kept: transfers convert
-    # tens of thousands of digests, and an import statement per call cost more than the rest.
-    from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2
+    # Looked up once, then kept: transfers convert tens of thousands of digests.
+    return _messages.execution.Digest
 
-    return remote_execution_pb2.Digest
+
+def looks_like_digest(text: str) -> bool:
+    """Whether ``text`` parses as ``HASH/SIZE`` (else it may be a ref name)."""
+    try:
+        Digest.parse(text)
+    except ValueError:
+        return False
+    return True
 
 
 EMPTY_DIGEST = Digest(hashlib.sha256(b"").hexdigest(), 0)

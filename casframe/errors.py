@@ -55,10 +55,12 @@ class BlobNotFoundError(CasframeError, KeyError):
     reason = "blob-not-found"
 
     def __init__(self, digests: Digest | Iterable[Digest], where: str = "") -> None:
-        from casframe.digest import Digest
-
+        # One Digest, or several: told apart by shape, since casframe.digest imports this
+        # module (a Digest is a tuple with a ``hash``; a collection of them has none).
         self.digests: tuple[Digest, ...] = (
-            (digests,) if isinstance(digests, Digest) else tuple(sorted(digests))
+            (digests,)  # type: ignore[assignment]
+            if isinstance(getattr(digests, "hash", None), str)
+            else tuple(sorted(digests))  # type: ignore[arg-type]
         )
         shown = ", ".join(str(d) for d in self.digests[:3])
         more = f" and {len(self.digests) - 3} more" if len(self.digests) > 3 else ""

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import importlib
 import types
+from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["lazy_module"]
+__all__ = ["lazy_module", "lazy_names"]
 
 
 class _LazyModule(types.ModuleType):
@@ -41,3 +42,21 @@ class _LazyModule(types.ModuleType):
 def lazy_module(name: str) -> types.ModuleType:
     """Module ``name`` as an object that imports it when one of its attributes is first read."""
     return _LazyModule(name)
+
+
+def lazy_names(
+    package: str, modules: Mapping[str, str], namespace: dict[str, Any]
+) -> Callable[[str], Any]:
+    """A package's ``__getattr__`` (PEP 562) importing each public name of ``modules`` (name ->
+    module) on first use and keeping it in ``namespace`` (the package's ``globals()``): how
+    ``casframe`` and ``casframe.server`` cost almost nothing to import until a name is used."""
+
+    def __getattr__(name: str) -> Any:
+        module = modules.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        namespace[name] = value  # later lookups skip this function
+        return value
+
+    return __getattr__

@@ -1,7 +1,8 @@
 """Validation of ref names and of names inside Directory trees.
 
 Every name that reaches a backend or the file system passes through here first, so a backend
-can map names to keys or paths without worrying about traversal.
+can map names to keys or paths without worrying about traversal. The namespaces the server
+reserves, and what each kind of ref keeps alive, are in :mod:`casframe.refkinds`.
 """
 
 from __future__ import annotations
@@ -9,18 +10,12 @@ from __future__ import annotations
 from casframe.errors import InvalidNameError
 
 __all__ = [
-    "ACTION_RESULT_REF_PREFIX",
-    "BLOB_REF_PREFIX",
     "MAX_REF_LENGTH",
     "MAX_REF_SEGMENT_LENGTH",
-    "RESERVED_REF_NAMESPACES",
     "entry_names_are_safe",
-    "is_tree_ref",
-    "reserved_namespace",
     "split_tree_path",
     "validate_entry_name",
     "validate_ref_name",
-    "writable_ref_name",
 ]
 
 # Longer names would not fit an S3 key with a prefix (1024 bytes) nor a file name on most
@@ -29,47 +24,6 @@ MAX_REF_LENGTH = 512
 # Each segment of a ref name is a file or folder name in file:// stores: 255 bytes is NAME_MAX
 # of Linux and of nearly every file system, so a longer segment could be stored nowhere there.
 MAX_REF_SEGMENT_LENGTH = 255
-
-#: Refs ``casframe serve`` keeps for the REAPI action cache, ``ac/{instance or _}/{hash}/{size}``:
-#: each points at a serialized ActionResult blob, not at a Directory.
-ACTION_RESULT_REF_PREFIX = "ac/"
-#: Refs ``casframe serve`` keeps for Remote Asset blobs, ``asset/blob/{key}``: each points at a
-#: plain blob, not at a Directory.
-BLOB_REF_PREFIX = "asset/blob/"
-
-
-#: Where ``casframe serve`` keeps its own refs (action cache, Remote Asset). They are reserved
-#: whole: a user or client may set neither a ref under them, which prune would read as one of
-#: the server's, nor the bare name, which would stand where the server's refs need a folder.
-RESERVED_REF_NAMESPACES = ("ac", "asset")
-
-
-def reserved_namespace(name: str) -> str | None:
-    """The reserved namespace ``name`` is in or is (``ac``, ``asset``), else ``None``."""
-    first = name.split("/", 1)[0]
-    return first if first in RESERVED_REF_NAMESPACES else None
-
-
-def writable_ref_name(name: str) -> str:
-    """Validate the name of a ref a user or client sets; the server's namespaces are refused."""
-    validate_ref_name(name)
-    namespace = reserved_namespace(name)
-    if namespace is not None:
-        raise InvalidNameError(
-            f"ref name {name!r} is reserved: {namespace!r} and every name under "
-            f"'{namespace}/' belong to the action cache and Remote Asset entries of "
-            "casframe serve"
-        )
-    return name
-
-
-def is_tree_ref(name: str) -> bool:
-    """Whether the ref points at a Directory tree (every ref but the server's blob refs).
-
-    Prune, fsck and transfer walk tree refs as trees; a blob ref keeps only its blob (and, for
-    an action result, the outputs it names), and must never be parsed as a Directory.
-    """
-    return not name.startswith((ACTION_RESULT_REF_PREFIX, BLOB_REF_PREFIX))
 
 
 def _segment_problem(segment: str) -> str | None:

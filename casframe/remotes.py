@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
-from casframe.config import RemoteEntry
-from casframe.digest import Digest
+from casframe.config import RemoteEntry, configured_remotes, find_project_file, load_config
+from casframe.digest import Digest, looks_like_digest
 from casframe.errors import (
     BackendUnavailableError,
     BlobNotFoundError,
@@ -40,8 +40,10 @@ from casframe.errors import (
     RefNotFoundError,
     UnsupportedOperationError,
 )
-from casframe.names import validate_ref_name, writable_ref_name
+from casframe.names import validate_ref_name
+from casframe.plugins import open_store
 from casframe.progress import NO_PROGRESS, Progress
+from casframe.refkinds import writable_ref_name
 
 if TYPE_CHECKING:
     from casframe.config import Config
@@ -208,8 +210,6 @@ class _Check(Generic[T]):
         ).start()
 
     def _run(self, ask: Callable[[Store], T]) -> None:
-        from casframe.plugins import open_store
-
         store: Store | None = None
         answer: T | None = None
         error: Exception | None = None
@@ -289,9 +289,7 @@ def _as_digest(tree: Digest | str) -> Digest | None:
     """``tree`` as a digest, or ``None`` when it names a ref."""
     if isinstance(tree, Digest):
         return tree
-    from casframe.transfer import _looks_like_digest
-
-    return Digest.parse(tree) if _looks_like_digest(tree) else None
+    return Digest.parse(tree) if looks_like_digest(tree) else None
 
 
 def _timed_out(check: _Check[Any]) -> RemoteOutcome:
@@ -333,8 +331,6 @@ class Remotes:
     ) -> Remotes:
         """The configured remotes: the user's file, then the project file found from
         ``project_dir`` (default: the working directory) upwards."""
-        from casframe.config import configured_remotes, find_project_file, load_config
-
         config = config or load_config()
         places = [config.path if config.exists else f"{config.path} (no such file)"]
         project_file = find_project_file(project_dir)

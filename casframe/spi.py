@@ -51,6 +51,7 @@ __all__ = [
     "BlobWriter",
     "Capability",
     "RefCapability",
+    "require_capabilities",
     "RefInfo",
     "RefStore",
     "StrayEntry",
@@ -101,6 +102,29 @@ REF_CAPABILITY_METHODS: Mapping[RefCapability, tuple[str, ...]] = {
     RefCapability.DELETE: ("delete_ref",),
 }
 
+
+
+def require_capabilities(
+    blobs: BlobStore, refs: RefStore, operation: str, *capabilities: Capability | RefCapability,
+    where: str,
+) -> None:
+    """Raise :class:`~casframe.errors.UnsupportedOperationError` naming ``operation`` and what
+    ``blobs`` and ``refs`` (the store ``where``) lack of ``capabilities``, before the operation
+    touches anything."""
+    lacking = [
+        c for c in capabilities
+        if c not in (refs.capabilities if isinstance(c, RefCapability) else blobs.capabilities)
+    ]
+    if lacking:
+        parts = [
+            "/".join(c for c in lacking if isinstance(c, kind)) + f" {things}"
+            for kind, things in ((Capability, "blobs"), (RefCapability, "refs"))
+            if any(isinstance(c, kind) for c in lacking)
+        ]
+        raise UnsupportedOperationError(
+            f"{operation} is not supported by this backend: it cannot {', '.join(parts)} "
+            f"({where})"
+        )
 
 @dataclass(frozen=True, slots=True)
 class BlobLimits:

@@ -1,27 +1,28 @@
 """Copy the closure of a tree (by digest or ref) from any store to any other.
 
 Order is what makes an interrupted transfer harmless: the destination is asked what it lacks,
-files go first, then Directories children before parents, and the ref is set last. Rerunning
-copies only what is still missing. Every blob is verified as it arrives.
+files go first, then Directories children before parents, and the ref is set last (by the
+caller, :class:`casframe.store.Store`, once :func:`transfer` has returned). Rerunning copies
+only what is still missing. Every blob is verified as it arrives.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
+from casframe.blobs import VerifiedBlobs
 from casframe.digest import CHUNK_SIZE, Digest
 from casframe.errors import BlobNotFoundError
-from casframe.names import writable_ref_name
 from casframe.progress import NO_PROGRESS, Progress
 from casframe.spi import Capability
 from casframe.tree import iter_tree
 
 if TYPE_CHECKING:
-    from casframe.store import Store
+    from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
 
 __all__ = ["REFRESH_AFTER", "TransferResult", "copy_blobs", "transfer"]
 
@@ -75,14 +76,14 @@ def _by_height(root: Digest, directories: dict[Digest, Directory]) -> list[list[
 
 
 def copy_blobs(
-    source: Store,
-    dest: Store,
+    source: VerifiedBlobs,
+    dest: VerifiedBlobs,
     digests: list[Digest],
     *,
     on_done: Callable[[int], None] | None = None,
 ) -> None:
     """Copy blobs concurrently: small ones in backend batches, large ones streamed."""
-    limit = min(source.blobs.limits.max_batch_bytes, dest.blobs.limits.max_batch_bytes)
+    limit = min(source.backend.limits.max_batch_bytes, dest.backend.limits.max_batch_bytes)
     batch_limit = max(CHUNK_SIZE, limit)
     batches: list[list[Digest]] = []
     large: list[Digest] = []
@@ -103,7 +104,7 @@ def copy_blobs(
     def copy_batch(batch: list[Digest]) -> None:
         # read_many has verified every blob against its digest: store them without hashing
         # them a second time.
-        dest.blobs.write_blobs([(d, data) for d, data in source.read_many(batch) if d.size])
+        dest.write_hashed(source.read_many(batch))
         if on_done:
             on_done(sum(d.size for d in batch))
 
@@ -112,9 +113,7 @@ def copy_blobs(
         if on_done:
             on_done(digest.size)
 
-    workers = max(source.blobs.limits.max_concurrency, dest.blobs.limits.max_concurrency)
-    from concurrent.futures import ThreadPoolExecutor
-
+    workers = max(source.backend.limits.max_concurrency, dest.backend.limits.max_concurrency)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = [pool.submit(copy_large, d) for d in large]
         futures += [pool.submit(copy_batch, b) for b in batches]
@@ -123,27 +122,19 @@ def copy_blobs(
 
 
 def transfer(
-    source: Store,
-    dest: Store,
-    tree: Digest | str,
+    source: VerifiedBlobs,
+    dest: VerifiedBlobs,
+    root: Digest,
     *,
     ref: str | None = None,
     progress: Progress | None = None,
 ) -> TransferResult:
-    """Copy ``tree``'s closure from ``source`` to ``dest`` and set ``ref`` there last.
+    """Copy ``root``'s closure from ``source`` to ``dest``.
 
-    ``tree`` is a digest, or a ref name in ``source`` (which is then also the default ``ref``).
+    With ``ref`` (the ref the caller sets in ``dest`` once this returns), the closure is also
+    made sure to be still present and fresh enough for prune's grace period to protect it.
     """
     progress = progress or NO_PROGRESS
-    if isinstance(tree, str):
-        root = source.resolve(tree)
-        if ref is None and not _looks_like_digest(tree):
-            ref = tree
-    else:
-        root = tree
-    if ref is not None:
-        writable_ref_name(ref)  # a tree: never under the server's own namespaces
-
     directories: dict[Digest, Directory] = {}
     blobs_of_dirs: dict[Digest, bytes] = {}
     for digest, data, directory in iter_tree(source, root):
@@ -183,7 +174,6 @@ def transfer(
                     lost,
                     f"{dest.url} (a concurrent prune removed them during the transfer; rerun it)",
                 )
-        dest.set_ref(ref, root, check_complete=False)
     progress.finish()
     return TransferResult(
         root=root,
@@ -192,11 +182,3 @@ def transfer(
         blobs_sent=len(missing_files) + sum(len(group) for group in missing_dirs),
         bytes_sent=total_bytes,
     )
-
-
-def _looks_like_digest(text: str) -> bool:
-    try:
-        Digest.parse(text)
-    except ValueError:
-        return False
-    return True

@@ -14,14 +14,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
+from casframe.blobs import VerifiedBlobs
 from casframe.digest import Digest
 from casframe.errors import UnsafeTreeError
 from casframe.tree import TreeEntry, directory_entries, iter_tree, lookup_subdir
 from casframe.treesize import TreeLimits, TreeSize, measure_tree
 
 if TYPE_CHECKING:
-    from casframe.store import Store
+    from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
 
 __all__ = ["Change", "TreeDiff", "diff_trees", "iter_diff"]
 
@@ -49,7 +49,8 @@ class TreeDiff:
 
 
 def diff_trees(
-    store: Store, a: Digest, b: Digest, subdir: str = "", *, limits: TreeLimits | None = None
+    blobs: VerifiedBlobs, a: Digest, b: Digest, subdir: str = "", *,
+    limits: TreeLimits | None = None,
 ) -> TreeDiff:
     """Files and symlinks added, removed or modified from tree ``a`` to tree ``b``.
 
@@ -58,13 +59,14 @@ def diff_trees(
     """
     result = TreeDiff()
     lists = {"A": result.added, "D": result.removed, "M": result.modified}
-    for letter, path in iter_diff(store, a, b, subdir, limits=limits):
+    for letter, path in iter_diff(blobs, a, b, subdir, limits=limits):
         lists[letter].append(path)
     return result
 
 
 def iter_diff(
-    store: Store, a: Digest, b: Digest, subdir: str = "", *, limits: TreeLimits | None = None
+    blobs: VerifiedBlobs, a: Digest, b: Digest, subdir: str = "", *,
+    limits: TreeLimits | None = None,
 ) -> Iterator[Change]:
     """The changes of :func:`diff_trees`, one at a time, sorted by path (then letter).
 
@@ -72,9 +74,9 @@ def iter_diff(
     entries raises :class:`~casframe.errors.TreeTooLargeError` before any change is returned.
     """
     if subdir:
-        a = lookup_subdir(store, a, subdir)
-        b = lookup_subdir(store, b, subdir)
-    comparison = _Comparison(store)
+        a = lookup_subdir(blobs, a, subdir)
+        b = lookup_subdir(blobs, b, subdir)
+    comparison = _Comparison(blobs)
     size = comparison.measure(a, b)
     (limits or TreeLimits()).check(
         TreeSize(entries=size), f"the diff of {a} and {b}", content=False
@@ -91,8 +93,8 @@ def _sort_key(entry: TreeEntry) -> str:
 class _Comparison:
     """Directories read for one diff (each once), and the sizes measured from them."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, blobs: VerifiedBlobs) -> None:
+        self.blobs = blobs
         self.directories: dict[Digest, Directory] = {}
         self.sizes: dict[Digest, TreeSize] = {}
         self.pair_sizes: dict[tuple[Digest, Digest], int] = {}
@@ -104,7 +106,7 @@ class _Comparison:
         if found is None:
             directory = self.directories.get(digest)
             if directory is None:
-                directory = self.directories[digest] = self.store.get_directory(digest)
+                directory = self.directories[digest] = self.blobs.get_directory(digest)
             found = {entry.path: entry for entry in directory_entries(directory, "")}
             self.entry_maps[digest] = found
         return found
@@ -112,7 +114,7 @@ class _Comparison:
     def whole_size(self, digest: Digest) -> int:
         """Entries a subtree added or removed whole expands to."""
         if digest not in self.sizes:
-            for found, _, directory in iter_tree(self.store, digest):
+            for found, _, directory in iter_tree(self.blobs, digest):
                 self.directories.setdefault(found, directory)
             measure_tree(self.directories, digest, self.sizes)
         return self.sizes[digest].entries

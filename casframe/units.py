@@ -1,4 +1,4 @@
-"""Sizes and counts as casframe reads and prints them: one convention everywhere.
+"""Sizes, durations and counts as casframe reads and prints them: one convention everywhere.
 
 In: a plain number is bytes; ``K``, ``M``, ``G``, ``T`` alone or with ``iB`` are binary
 multiples (``20K`` = ``20KiB`` = 20,480 bytes), and ``kB``, ``MB``, ``GB``, ``TB`` are decimal
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["format_count", "format_size", "parse_size"]
+__all__ = ["format_count", "format_size", "parse_duration", "parse_size"]
 
 _BINARY = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
@@ -61,3 +61,26 @@ def format_size(count: int | float) -> str:
 def format_count(count: int, noun: str, plural: str = "") -> str:
     """``1 object``, ``20,441 objects``: the number with separators and the noun agreeing."""
     return f"{count:,} {noun if count == 1 else plural or noun + 's'}"
+
+
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhdw]?)", re.IGNORECASE)
+_DURATION_RE = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)\s*[smhdw]?\s*)+", re.IGNORECASE)
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds from ``30s``, ``10m``, ``1h``, ``2d``, ``1w``, ``1h30m``, ``0`` or a plain number."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        if text < 0:
+            raise ValueError(f"invalid duration {text!r}: must not be negative")
+        return float(text)
+    stripped = str(text).strip()
+    if not stripped or _DURATION_RE.fullmatch(stripped) is None:
+        raise ValueError(
+            f"invalid duration {text!r}: expected seconds or a number with a unit s, m, h, d "
+            "or w, e.g. 30s, 10m, 1h or 0"
+        )
+    return sum(
+        float(number) * _DURATION_UNITS[unit.lower()]
+        for number, unit in _DURATION_PART.findall(stripped)
+    )

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import BinaryIO, NoReturn
 
 from casframe import CasframeError, Digest, Store, open_store
-from casframe.maintenance import fsck, prune
 from casframe.server import Server
 from casframe.spi import BlobWriter
 
@@ -191,7 +190,7 @@ def _prune(ready: Ready, stepper: Stepper, url: str) -> None:
     store = open_store(url)
     stepper.count_deletes(store)
     ready()
-    prune(store, grace_period=0)
+    store.prune(grace_period=0)
 
 
 def _serve(ready: Ready, stepper: Stepper, url: str) -> None:
@@ -450,7 +449,7 @@ def make_source(root: Path, rng: random.Random, tag: int) -> Path:
 
 def assert_sound(store: Store) -> None:
     """fsck finds no corrupt or partial object and no ref to an incomplete tree."""
-    report = fsck(store)
+    report = store.fsck()
     assert report.ok, [p.to_dict() for p in report.problems]
     assert not report.incomplete_refs
 

@@ -24,20 +24,11 @@ TABLE_MARK = "<!-- layers: the map tests/test_architecture.py checks -->"
 
 #: Modules the map names before they exist (being written elsewhere); each leaves this list the
 #: day it lands, or the test says so.
-NOT_YET = {"casframe.blobs"}
+NOT_YET: set[str] = set()
 
 #: Imports that go up a layer today, each with the reason it is still here. Strict: an entry
 #: whose import has gone fails the test until it is removed from this list.
-KNOWN_UPWARD = {
-    ("casframe.checkout", "casframe.store"): "algorithms name Store in their annotations until "
-    "they take the verified-blob layer",
-    ("casframe.maintenance", "casframe.store"): "the same",
-    ("casframe.transfer", "casframe.store"): "the same",
-    ("casframe.tree", "casframe.store"): "the same",
-    ("casframe.treediff", "casframe.store"): "the same",
-    ("casframe.workers.pool", "casframe.store"): "the same",
-    ("casframe.workers.tasks", "casframe.store"): "the same",
-}
+KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 
 #: The backend packages shipped in plugins/: the core reaches them only through the registry.
 BACKENDS = ("casframe_local", "casframe_memory", "casframe_s3", "casframe_grpc", "casframe_cache")

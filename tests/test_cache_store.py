@@ -46,6 +46,7 @@ from casframe.cli import make_cli
 from casframe.config import load_config
 from casframe.digest import CHUNK_SIZE
 from casframe.plugins import open_configured_store
+from casframe.reapi import remote_asset, remote_asset_grpc
 from casframe.server import Server
 from casframe.testing import (
     LARGE_FILE_SIZE,
@@ -451,6 +452,24 @@ def test_a_server_over_the_cache_keeps_action_results_on_the_remote(
     stored = remote.get_ref(f"ac/_/{action.hash}/{action.size}")
     assert remote.read_bytes(stored) == result.SerializeToString(deterministic=True)
     assert remote.find_missing(outputs.values()) == set()
+
+
+def test_a_server_over_the_cache_keeps_remote_asset_directories_on_the_remote(
+    cache: Store, remote: Store, tmp_path: Path
+) -> None:
+    """A Remote Asset directory is a tree ref in the server's own namespace: it goes to the
+    remote with its tree, like any tree ref set through the cache."""
+    root = cache.import_directory(write_tree(tmp_path / "source"))
+    uri = "https://example.com/source.tar.gz"
+    with Server(cache, listen="127.0.0.1:0") as server, \
+            grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        remote_asset_grpc.PushStub(channel).PushDirectory(remote_asset.PushDirectoryRequest(
+            uris=[uri], root_directory_digest=root.to_proto()))
+        fetched = remote_asset_grpc.FetchStub(channel).FetchDirectory(
+            remote_asset.FetchDirectoryRequest(uris=[uri]))
+    assert Digest.from_proto(fetched.root_directory_digest) == root
+    assert [r.digest for r in remote.list_refs("asset/directory/")] == [root]
+    assert remote.find_missing(remote.tree_digests(root)) == set()
 
 
 def test_a_blob_ref_sends_its_blob_to_the_remote_when_it_lost_it(

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from casframe import open_store
-from casframe.maintenance import fsck, prune
 from casframe.tree import missing_in_tree
 
 RUN_SECONDS = 12.0
@@ -87,11 +86,11 @@ deadline = time.time() + seconds
 runs = freed = 0
 broken = []
 while time.time() < deadline or (runs < 10 and time.time() < deadline + 60):
-    freed += prune(store, grace_period=grace, progress=SlowSweep()).objects_freed
+    freed += store.prune(grace_period=grace, progress=SlowSweep()).objects_freed
     runs += 1
     # Writers never delete blobs: a ref that is incomplete now was broken by a prune.
     for ref in store.list_refs():
-        missing = missing_in_tree(store, ref.digest)
+        missing = missing_in_tree(store.verified, ref.digest)
         try:
             unchanged = store.get_ref(ref.name, touch=False) == ref.digest
         except RefNotFoundError:
@@ -139,10 +138,10 @@ def test_prune_racing_writers_never_breaks_a_ref(tmp_path: Path) -> None:
         refs = store.list_refs()
         assert refs
         for ref in refs:
-            assert not missing_in_tree(store, ref.digest), ref.name
-        report = fsck(store)
+            assert not missing_in_tree(store.verified, ref.digest), ref.name
+        report = store.fsck()
         assert report.ok, report.problems
         # Once the writers are gone, pruning everything unreferenced leaves every ref whole.
-        prune(store, grace_period=0)
-        assert fsck(store).ok
+        store.prune(grace_period=0)
+        assert store.fsck().ok
         assert not os.listdir(tmp_path / "store" / "tmp")

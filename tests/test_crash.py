@@ -21,7 +21,6 @@ from pathlib import Path
 from kill_helpers import Killer, assert_sound, make_source
 
 from casframe import Digest, open_store
-from casframe.maintenance import prune
 from casframe.tree import missing_in_tree
 
 SEED = 20240611
@@ -60,12 +59,12 @@ def test_sigkill_during_import_transfer_and_prune(tmp_path: Path) -> None:
         kill("import", a_url, source, ref, dest="a", named_temp=named_temp, extra=extra)
         expected = reference.import_directory(source)
         a.set_ref(ref, a.import_directory(source))  # the same command, run again
-        assert a.get_ref(ref) == expected and not missing_in_tree(a, expected)
+        assert a.get_ref(ref) == expected and not missing_in_tree(a.verified, expected)
 
         # transfer: the new tree from a to b
         kill("transfer", a_url, b_url, ref, dest="b", named_temp=named_temp, extra=extra)
         assert a.push(b, ref).root == expected
-        assert b.get_ref(ref) == expected and not missing_in_tree(b, expected)
+        assert b.get_ref(ref) == expected and not missing_in_tree(b.verified, expected)
 
         # prune: drop the previous round's refs, leaving both stores a tree's worth of garbage
         for store in (a, b):
@@ -73,12 +72,12 @@ def test_sigkill_during_import_transfer_and_prune(tmp_path: Path) -> None:
                 if old.name != ref:
                     store.delete_ref(old.name)
         kill("prune", a_url, dest="a", named_temp=False, extra=extra)
-        report = prune(a, grace_period=0)
+        report = a.prune(grace_period=0)
         assert report.objects_kept_young == 0 and not report.problems
         assert not os.listdir(tmp_path / "a" / "tmp")  # grace 0: every temp file is stale
         assert {r.name for r in a.list_refs()} == {ref}
-        assert not missing_in_tree(a, expected)
-        prune(b, grace_period=0)
+        assert not missing_in_tree(a.verified, expected)
+        b.prune(grace_period=0)
 
     assert killer.stopped == 3 * ROUNDS  # each one killed in the middle of its work
     assert_sound(a)
@@ -96,11 +95,11 @@ def test_prune_removes_stale_temp_files_only(tmp_path: Path) -> None:
     live.write_bytes(b"being written")
     digest = store.put_bytes(b"an unreferenced but young blob")
 
-    dry = prune(store, dry_run=True)  # default grace: one hour
+    dry = store.prune(dry_run=True)  # default grace: one hour
     assert (dry.temp_files_removed, dry.temp_bytes_removed) == (2, 200)
     assert all(p.exists() for p in stale)
 
-    report = prune(store)
+    report = store.prune()
     assert (report.temp_files_removed, report.temp_bytes_removed) == (2, 200)
     assert sorted(os.listdir(tmp)) == [live.name]
     assert store.contains(digest)
@@ -121,5 +120,5 @@ def test_interrupted_transfer_sets_no_ref(tmp_path: Path) -> None:
     assert_sound(b)
     result = a.push(b, "r")
     assert result.blobs_sent == len(victims)
-    assert b.get_ref("r") == tree and not missing_in_tree(b, tree)
+    assert b.get_ref("r") == tree and not missing_in_tree(b.verified, tree)
     assert Digest.of_bytes(b"") not in victims

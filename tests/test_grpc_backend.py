@@ -668,7 +668,7 @@ def test_get_tree_lists_every_directory_in_few_calls(
     served: Served, store: Store, make_tree: Callable[..., Path]
 ) -> None:
     root = store.import_directory(make_tree())
-    expected = {digest: data for digest, data, _ in iter_tree(store, root)}
+    expected = {digest: data for digest, data, _ in iter_tree(store.verified, root)}
     served.recorder.reset()
     got = list(store.blobs.get_tree(root))  # type: ignore[attr-defined]
     assert {Digest.of_bytes(data): data for data in got} == expected
@@ -709,5 +709,5 @@ def test_get_tree_follows_pages(tmp_path: Path, pages: str) -> None:
         root = backing.import_directory(source)
         got = [Digest.of_bytes(d) for d in store.blobs.get_tree(root)]  # type: ignore[attr-defined]
         assert len(got) == 1501
-        assert set(got) == {digest for digest, _, _ in iter_tree(backing, root)}
+        assert set(got) == {digest for digest, _, _ in iter_tree(backing.verified, root)}
         assert recorder.count(_CAS + "GetTree") == (1 if pages == "in-one-stream" else 2)

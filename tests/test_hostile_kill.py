@@ -26,7 +26,6 @@ import pytest
 from kill_helpers import SOURCE_BLOBS, Child, Killer, assert_sound, make_source
 
 from casframe import Store, open_store
-from casframe.maintenance import prune
 from casframe.tree import missing_in_tree
 
 SEED = 20261206
@@ -100,7 +99,7 @@ def test_sigkill_during_import_push_serve_and_prune(tmp_path: Path) -> None:
                 _extra_kill(killer, "import", urls["a"], source, ref)
                 assert_sound(a)
             a.set_ref(ref, a.import_directory(source))  # the same command, run again
-            assert a.get_ref(ref) == expected and not missing_in_tree(a, expected)
+            assert a.get_ref(ref) == expected and not missing_in_tree(a.verified, expected)
 
             # push a → b (file://)
             args = (urls["a"], urls["b"], ref)
@@ -110,7 +109,7 @@ def test_sigkill_during_import_push_serve_and_prune(tmp_path: Path) -> None:
                 _extra_kill(killer, "transfer", *args)
                 assert_sound(b)
             assert a.push(b, ref).root == expected
-            assert not missing_in_tree(b, expected)
+            assert not missing_in_tree(b.verified, expected)
 
             # push a → casframe serve over c, the client killed
             args = (urls["a"], server_url, ref)
@@ -120,7 +119,7 @@ def test_sigkill_during_import_push_serve_and_prune(tmp_path: Path) -> None:
                 _extra_kill(killer, "push-grpc", *args)
                 assert_sound(c)
             _push(killer, *args)
-            assert c.get_ref(ref) == expected and not missing_in_tree(c, expected)
+            assert c.get_ref(ref) == expected and not missing_in_tree(c.verified, expected)
 
             # push a → casframe serve over a new store d, the server killed under it
             d_root = tmp_path / f"d{round_no}"
@@ -142,8 +141,8 @@ def test_sigkill_during_import_push_serve_and_prune(tmp_path: Path) -> None:
             doomed, doomed_url = _serve(killer, f"file://{d_root}")  # restarted
             _push(killer, urls["a"], doomed_url, ref)
             doomed.close()
-            assert d.get_ref(ref) == expected and not missing_in_tree(d, expected)
-            prune(d, grace_period=0)
+            assert d.get_ref(ref) == expected and not missing_in_tree(d.verified, expected)
+            d.prune(grace_period=0)
             assert _tmp_entries(d_root) == 0
             d.close()
 
@@ -156,13 +155,13 @@ def test_sigkill_during_import_push_serve_and_prune(tmp_path: Path) -> None:
             if extra == "prune":
                 _extra_kill(killer, "prune", urls["c"])
                 assert_sound(c)
-            report = prune(c, grace_period=0)
+            report = c.prune(grace_period=0)
             assert not report.problems
             assert _tmp_entries(roots["c"]) == 0  # no grace: every temp file is stale
             assert {r.name for r in c.list_refs()} == {ref}
-            assert not missing_in_tree(c, expected)
+            assert not missing_in_tree(c.verified, expected)
             for store, root in ((a, roots["a"]), (b, roots["b"])):
-                prune(store, grace_period=0)
+                store.prune(grace_period=0)
                 assert _tmp_entries(root) == 0
     finally:
         server.close()

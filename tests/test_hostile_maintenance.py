@@ -28,7 +28,6 @@ from casframe import (
     open_store,
 )
 from casframe.cli import make_cli
-from casframe.maintenance import du, fsck, gc, prune
 from casframe.testing import write_files
 from casframe.testing.s3 import S3TestBucket
 
@@ -147,25 +146,25 @@ def test_stray_entries_are_ignored_by_prune_gc_and_du_and_reported_by_fsck(
     store = damage.store
     store.set_ref("kept", _tree(store, tmp_path, "kept"))
     loose = store.put_bytes(b"nobody names me" * 10)
-    before_du = du(store).to_dict()
+    before_du = store.du().to_dict()
     damage.wait_out_timestamps()
-    before_prune = prune(store, grace_period=0, dry_run=True)
+    before_prune = store.prune(grace_period=0, dry_run=True)
     strays = damage.add_strays()
 
-    assert du(store).to_dict() == before_du  # strays count for nothing
+    assert store.du().to_dict() == before_du  # strays count for nothing
 
-    report = fsck(store)
+    report = store.fsck()
     assert report.ok, report.to_dict()
     assert sorted(w.name for w in report.warnings) == strays
     assert report.to_dict()["warnings"]  # in the JSON report too
 
-    dry = prune(store, grace_period=0, dry_run=True)
+    dry = store.prune(grace_period=0, dry_run=True)
     assert _summary(dry) == _summary(before_prune)
-    gc_report = gc(store, max_size="1T", grace_period=0)
+    gc_report = store.gc(max_size="1T", grace_period=0)
     assert gc_report.prune is not None and gc_report.prune.objects_freed == 1
     assert not store.contains(loose)
-    assert len(fsck(store).warnings) == len(strays)  # still there: never deleted
-    assert fsck(store).ok
+    assert len(store.fsck().warnings) == len(strays)  # still there: never deleted
+    assert store.fsck().ok
 
 
 def test_stray_entries_on_the_command_line(tmp_path: Path) -> None:
@@ -201,10 +200,10 @@ def test_a_folder_where_a_referenced_object_should_be_is_a_missing_blob(tmp_path
     path.mkdir()
 
     assert store.find_missing([victim]) == {victim}
-    report = fsck(store)
+    report = store.fsck()
     assert [(p.kind, p.digest, p.refs) for p in report.problems] == [("missing", victim, ["t"])]
     assert [w.what for w in report.warnings] == ["a directory, not an object"]
-    prune(store, grace_period=0)
+    store.prune(grace_period=0)
     assert path.is_dir()  # left alone
     with pytest.raises(BlobNotFoundError):
         store.read_bytes(victim)
@@ -231,7 +230,7 @@ def test_a_fifo_where_a_referenced_object_should_be_is_missing_and_never_waited_
         store.blobs.local_path(victim)
     with pytest.raises(BlobNotFoundError):
         store.checkout(tree, tmp_path / "out")
-    report = fsck(store)
+    report = store.fsck()
     assert [(p.kind, p.digest) for p in report.problems] == [("missing", victim)]
     assert [(w.name, w.what) for w in report.warnings] == [
         (f"objects/{victim.hash[:2]}/{victim.hash[2:]}", "a special file, not an object")
@@ -281,21 +280,21 @@ def test_an_emptied_object_a_ref_names_is_corrupt_and_repair_removes_it(
     victim = max(d for d in store.tree_digests(tree) if d.size > 1000)
     damage.empty(victim)
 
-    report = fsck(store)
+    report = store.fsck()
     assert [(p.kind, p.digest, p.detail, p.refs) for p in report.problems] == [
         ("corrupt", victim, "stored object has 0 bytes", ["t"])
     ]
     assert not report.warnings
 
-    repaired = fsck(store, repair=True)
+    repaired = store.fsck(repair=True)
     assert repaired.deleted == [victim]
     assert repaired.incomplete_refs == ["t"]
     assert not damage.object_exists(victim)
-    after = fsck(store)
+    after = store.fsck()
     assert [(p.kind, p.digest) for p in after.problems] == [("missing", victim)]
 
     store.set_ref("t", _tree(store, tmp_path, "t"))  # importing it again heals the tree
-    assert fsck(store).ok
+    assert store.fsck().ok
 
 
 def test_an_unreferenced_emptied_object_is_corrupt_and_pruned(
@@ -304,27 +303,27 @@ def test_an_unreferenced_emptied_object_is_corrupt_and_pruned(
     store = damage.store
     store.set_ref("kept", _tree(store, tmp_path, "kept"))
     loose = store.put_bytes(b"written without fsync, then the power went" * 10)
-    healthy = du(store)
+    healthy = store.du()
     damage.empty(loose)
 
-    report = fsck(store)
+    report = store.fsck()
     assert [(p.kind, str(p.digest), p.detail) for p in report.problems] == [
         ("corrupt", f"{loose.hash}/0", "stored object is empty (0 bytes): its content is lost")
     ]
-    emptied = du(store)  # no blob any more: counts for nothing
+    emptied = store.du()  # no blob any more: counts for nothing
     assert (emptied.total_objects, emptied.total_bytes) == (
         healthy.total_objects - 1,
         healthy.total_bytes - loose.size,
     )
 
     damage.wait_out_timestamps()
-    dry = prune(store, grace_period=0, dry_run=True)
+    dry = store.prune(grace_period=0, dry_run=True)
     assert dry.objects_freed == 1 and dry.bytes_freed == 0
     assert damage.object_exists(loose)
-    pruned = prune(store, grace_period=0)
+    pruned = store.prune(grace_period=0)
     assert pruned.objects_freed == 1
     assert not damage.object_exists(loose)
-    assert fsck(store).ok
+    assert store.fsck().ok
 
 
 def test_fsck_repair_removes_an_unreferenced_emptied_object(damage: Damage) -> None:
@@ -332,10 +331,10 @@ def test_fsck_repair_removes_an_unreferenced_emptied_object(damage: Damage) -> N
     loose = store.put_bytes(b"lost content" * 100)
     damage.empty(loose)
 
-    repaired = fsck(store, repair=True)
+    repaired = store.fsck(repair=True)
     assert [str(d) for d in repaired.deleted] == [f"{loose.hash}/0"]
     assert not damage.object_exists(loose)
-    assert fsck(store).ok
+    assert store.fsck().ok
     assert store.put_bytes(b"lost content" * 100) == loose  # and it can be stored again
     assert store.read_bytes(loose) == b"lost content" * 100
 

@@ -33,7 +33,6 @@ from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 impor
     FileNode,
     SymlinkNode,
 )
-from casframe.maintenance import fsck, prune
 from casframe.testing import (
     LARGE_FILE_SIZE,
     TREE_EXECUTABLES,
@@ -287,9 +286,10 @@ def test_reimport_repairs_a_truncated_object(
     victim = object_path(store_root, Digest.of_bytes(TREE_FILES["docs/guide.md"]))
     victim.chmod(0o644)
     victim.write_bytes(b"")
-    assert missing_in_tree(local_store, tree) == {Digest.of_bytes(TREE_FILES["docs/guide.md"])}
+    guide = Digest.of_bytes(TREE_FILES["docs/guide.md"])
+    assert missing_in_tree(local_store.verified, tree) == {guide}
     assert local_store.import_directory(source) == tree
-    assert missing_in_tree(local_store, tree) == set()
+    assert missing_in_tree(local_store.verified, tree) == set()
     local_store.checkout(tree, tmp_path / "out", link=False)
     assert_tree_equal(source, tmp_path / "out")
 
@@ -331,7 +331,7 @@ def test_opens_a_buildstream_1_cache_as_it_is(tmp_path: Path) -> None:
     with open_store(f"file://{cache}") as store:
         assert [r.name for r in store.list_refs("project/")] == ["project/core/hello.bst/0123abcd"]
         assert store.get_ref("project/core/hello.bst/0123abcd") == root_digest
-        assert missing_in_tree(store, root_digest) == set()
+        assert missing_in_tree(store.verified, root_digest) == set()
         dest = tmp_path / "checkout"
         store.checkout("project/core/hello.bst/0123abcd", dest)
     assert (dest / "hello.txt").read_bytes() == b"hello from buildstream\n"
@@ -462,7 +462,7 @@ def test_a_shared_store_replaces_objects_it_may_not_freshen(
     replaced = [p for p in (store_root / "objects").rglob("*") if p.is_file()]
     assert len(replaced) == 4 and all(p.stat().st_mtime > old + 60 for p in replaced)
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o444 for p in replaced)
-    assert not missing_in_tree(local_store, tree)
+    assert not missing_in_tree(local_store.verified, tree)
     assert os.listdir(store_root / "tmp") == []
 
 
@@ -503,15 +503,15 @@ def test_objects_emptied_by_a_crash_are_corrupt_not_a_crash(
     with pytest.raises(CorruptBlobError):
         list(local_store.read_many([content]))
     assert [i.digest for i in local_store.blobs.iter_blobs()] == [tree]
-    assert [(p.kind, p.digest) for p in fsck(local_store).problems] == [("corrupt", content)]
+    assert [(p.kind, p.digest) for p in local_store.fsck().problems] == [("corrupt", content)]
 
     path = object_path(store_root, tree)
     path.chmod(0o644)
     path.write_bytes(b"")
     # The file is no longer reachable: its emptied object is reported under its hash alone.
-    assert [(p.kind, str(p.digest)) for p in fsck(local_store).problems] == sorted(
+    assert [(p.kind, str(p.digest)) for p in local_store.fsck().problems] == sorted(
         [("corrupt", str(tree)), ("corrupt", f"{content.hash}/0")]
     )
-    assert [(p.kind, p.digest) for p in prune(local_store, grace_period=0).problems] == [
+    assert [(p.kind, p.digest) for p in local_store.prune(grace_period=0).problems] == [
         ("corrupt", tree)
     ]

@@ -32,7 +32,7 @@ from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 impor
     Directory,
     FileNode,
 )
-from casframe.maintenance import du, fsck, gc, parse_duration, parse_size, prune
+from casframe.maintenance import parse_duration, parse_size
 from casframe.testing import write_files
 from casframe.testing.conformance import ConformanceBase
 from casframe.tree import missing_in_tree
@@ -73,7 +73,7 @@ def test_prune_reports_a_blob_stored_again_during_the_sweep_as_kept(
         return real_delete(digests, older_than=older_than)
 
     store.blobs.delete_blobs = delete_after_a_writer  # type: ignore[method-assign]
-    report = prune(store, grace_period=0.01)
+    report = store.prune(grace_period=0.01)
 
     assert store.find_missing(doomed) == {doomed[0], doomed[2]}
     assert (report.objects_freed, report.bytes_freed) == (2, doomed[0].size + doomed[2].size)
@@ -166,32 +166,32 @@ def test_without_list_and_delete_prune_gc_du_say_so(tmp_path: Path) -> None:
     bare, _ = _bare_store(tmp_path)
     message = r"prune is not supported by this backend: it cannot list/delete blobs \(bare://\)"
     with pytest.raises(UnsupportedOperationError, match=message):
-        prune(bare)
+        bare.prune()
     with pytest.raises(UnsupportedOperationError, match="prune .* cannot list blobs"):
-        prune(bare, dry_run=True)
+        bare.prune(dry_run=True)
     with pytest.raises(UnsupportedOperationError, match="gc is not supported .* list/delete"):
-        gc(bare, max_size="1G")
+        bare.gc(max_size="1G")
     with pytest.raises(UnsupportedOperationError, match="du is not supported .* cannot list"):
-        du(bare)
+        bare.du()
     with pytest.raises(UnsupportedOperationError, match="fsck --repair .* cannot delete"):
-        fsck(bare, repair=True)
+        bare.fsck(repair=True)
 
 
 def test_without_delete_only_dry_runs_work(tmp_path: Path) -> None:
     listing, _ = _bare_store(tmp_path, [Capability.LIST])
     with pytest.raises(UnsupportedOperationError, match="it cannot delete blobs"):
-        prune(listing)
-    assert prune(listing, grace_period=0, dry_run=True).objects_reachable == 4
+        listing.prune()
+    assert listing.prune(grace_period=0, dry_run=True).objects_reachable == 4
 
 
 def test_fsck_without_list_checks_what_refs_reach(tmp_path: Path) -> None:
     bare, tree = _bare_store(tmp_path)
-    assert fsck(bare).ok
+    assert bare.fsck().ok
     digest = Digest.of_bytes(blob(200, "g"))
     inner = Store(bare.blobs.inner, MemoryRefStore())  # type: ignore[attr-defined]
     ConformanceBase().corrupt_blob(inner, digest, b"x" * 200)
 
-    report = fsck(bare)
+    report = bare.fsck()
 
     assert not report.listed
     assert [(p.kind, p.digest, p.refs) for p in report.problems] == [
@@ -212,7 +212,7 @@ def test_a_tree_naming_size_0_with_another_hash_is_refused_and_reported(
         memory_store.checkout(tree, tmp_path / "out")
     assert not (tmp_path / "out" / "f").exists()
     memory_store.set_ref("r", tree, check_complete=False)
-    report = fsck(memory_store)
+    report = memory_store.fsck()
     assert [(p.kind, p.digest, p.refs) for p in report.problems] == [
         ("not-a-directory", tree, ["r"])
     ]
@@ -251,7 +251,7 @@ def test_a_transfer_touches_its_closure_again_only_when_it_took_long(
     assert len(touched) == (2 if long_transfer else 1)
     if long_transfer:
         assert touched[1] == closure
-    assert dest.get_ref("r") == tree and not missing_in_tree(dest, tree)
+    assert dest.get_ref("r") == tree and not missing_in_tree(dest.verified, tree)
 
 
 @pytest.mark.parametrize("why", ["long transfer", "destination without touch"])
@@ -269,13 +269,13 @@ def test_the_second_pass_refuses_the_ref_when_a_prune_removed_part_of_the_tree(
     if why == "destination without touch":
         dest.blobs.capabilities = dest.blobs.capabilities - {Capability.TOUCH}
     doomed = Digest.of_bytes(blob(100, "a"))
-    real_put_many = dest.put_many
+    real_put_many = dest.verified.put_many
 
     def put_many_then_prune(blobs):  # type: ignore[no-untyped-def]
         real_put_many(blobs)
         dest.blobs.delete_blobs([doomed])  # a prune sweeping while the transfer runs
 
-    dest.put_many = put_many_then_prune  # type: ignore[method-assign]
+    dest.verified.put_many = put_many_then_prune  # type: ignore[method-assign]
     if why == "long transfer":
         monkeypatch.setattr(casframe.transfer, "REFRESH_AFTER", -1.0)
 
@@ -285,6 +285,6 @@ def test_the_second_pass_refuses_the_ref_when_a_prune_removed_part_of_the_tree(
     assert doomed in caught.value.digests
     assert "r" not in [info.name for info in dest.list_refs()]
     # Run again: the lost blob is sent, and the ref appears.
-    dest.put_many = real_put_many  # type: ignore[method-assign]
+    dest.verified.put_many = real_put_many  # type: ignore[method-assign]
     source.push(dest, tree, ref="r")
-    assert dest.get_ref("r") == tree and not missing_in_tree(dest, tree)
+    assert dest.get_ref("r") == tree and not missing_in_tree(dest.verified, tree)

@@ -497,7 +497,7 @@ def test_a_damaged_ref_stops_prune(s3_mock: S3TestBucket, s3_store: Store) -> No
         s3_store.list_refs()
     with pytest.raises(InvalidDigestError, match="ref keep"):
         s3_store.prune(grace_period=0)
-    assert not missing_in_tree(s3_store, tree)
+    assert not missing_in_tree(s3_store.verified, tree)
 
 
 def test_reading_refs_with_read_only_credentials(

@@ -318,7 +318,7 @@ def test_batch_update_whose_reply_cannot_fit_is_refused(served: Served) -> None:
 
 def test_get_tree_pages(served: Served, make_tree: Callable[..., Path]) -> None:
     root = served.store.import_directory(make_tree())
-    expected = [data for _, data, _ in casframe.tree.iter_tree(served.store, root)]
+    expected = [data for _, data, _ in casframe.tree.iter_tree(served.store.verified, root)]
     assert len(expected) > 5
 
     pages = list(served.cas.GetTree(re_pb2.GetTreeRequest(root_digest=dproto(root), page_size=3)))

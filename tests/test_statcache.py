@@ -15,7 +15,6 @@ from types import SimpleNamespace
 import pytest
 
 import casframe.statcache
-import casframe.tree
 import casframe.workers.tasks
 from casframe import Digest, Store
 from casframe.statcache import StatCache, open_stat_cache
@@ -96,7 +95,7 @@ def test_unchanged_files_are_not_read_again(
     with casframe.open_store(f"file://{tmp_path / 'other'}") as other:
         assert other.import_directory(root, stat_cache=cache_dir) == first
         assert rel_paths(root, opened) == STORED_FILES
-        assert missing_in_tree(other, first) == set()
+        assert missing_in_tree(other.verified, first) == set()
 
 
 def _same_size_new_content(path: Path) -> None:
@@ -157,7 +156,7 @@ def test_a_racy_file_is_not_remembered(
     fresh.write_bytes(b"written just before the import")
     # ...and the imports start at once, by the import's clock, however slow this machine is.
     now = fresh.stat().st_ctime_ns + 1
-    monkeypatch.setattr(casframe.tree, "time", SimpleNamespace(time_ns=lambda: now))
+    monkeypatch.setattr(casframe.treeimport, "time", SimpleNamespace(time_ns=lambda: now))
     local_store.import_directory(root, stat_cache=cache_dir)
     opened.clear()
     local_store.import_directory(root, stat_cache=cache_dir)
@@ -178,7 +177,7 @@ def test_the_real_window_covers_files_written_just_before(
     # By the import's clock, the imports start 1.9 s after the first file was written.
     oldest = min(p.lstat().st_ctime_ns for p in root.rglob("*"))
     clock = SimpleNamespace(time_ns=lambda: oldest + 1_900_000_000)
-    monkeypatch.setattr(casframe.tree, "time", clock)
+    monkeypatch.setattr(casframe.treeimport, "time", clock)
     local_store.import_directory(root, stat_cache=cache_dir)
     opened.clear()
     local_store.import_directory(root, stat_cache=cache_dir)
@@ -230,13 +229,13 @@ def test_a_remembered_digest_missing_from_the_store_is_stored_again(
     small = Digest.of_bytes(TREE_FILES["src/pkg/module.py"])
     large = Digest.of_file(root / "big/large.bin")
     local_store.blobs.delete_blobs([small, large])  # as a prune would
-    assert missing_in_tree(local_store, tree) == {small, large}
+    assert missing_in_tree(local_store.verified, tree) == {small, large}
     opened.clear()
     assert local_store.import_directory(root, stat_cache=cache_dir) == tree
     # A large file met among others is opened to see its size, then stored by a task of its
     # own: opened twice, read once.
     assert sorted(set(rel_paths(root, opened))) == ["big/large.bin", "src/pkg/module.py"]
-    assert missing_in_tree(local_store, tree) == set()
+    assert missing_in_tree(local_store.verified, tree) == set()
 
 
 def test_a_remembered_file_changed_while_its_blob_was_missing(
@@ -259,7 +258,7 @@ def test_a_remembered_file_changed_while_its_blob_was_missing(
     tree = local_store.import_directory(root, stat_cache=cache_dir)
     entry = {e.path: e for e in local_store.walk(tree)}["src/pkg/module.py"]
     assert entry.digest == Digest.of_file(module)
-    assert missing_in_tree(local_store, tree) == set()
+    assert missing_in_tree(local_store.verified, tree) == set()
 
 
 def test_the_cache_can_be_switched_off(

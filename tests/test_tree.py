@@ -31,9 +31,9 @@ from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 impor
     FileNode,
     SymlinkNode,
 )
+from casframe.directory import directory_entry, file_entry, symlink_entry
 from casframe.names import entry_names_are_safe, validate_entry_name
 from casframe.testing import TREE_FILES, assert_tree_equal
-from casframe.tree import _directory_entry, _file_entry, _symlink_entry
 
 STORES = ["memory_store", "local_store"]
 
@@ -91,9 +91,9 @@ def test_import_encodes_directories_exactly_as_protobuf_does() -> None:
             symlinks=[SymlinkNode(name=n, target=t) for n, t in sorted(links.items())],
         ).SerializeToString(deterministic=True)
         encoded = b"".join(
-            [_file_entry(n.encode(), Digest(h, z), x) for n, (h, z, x) in sorted(files.items())]
-            + [_directory_entry(n.encode(), Digest(h, z)) for n, (h, z) in sorted(dirs.items())]
-            + [_symlink_entry(n.encode(), t.encode()) for n, t in sorted(links.items())]
+            [file_entry(n.encode(), Digest(h, z), x) for n, (h, z, x) in sorted(files.items())]
+            + [directory_entry(n.encode(), Digest(h, z)) for n, (h, z) in sorted(dirs.items())]
+            + [symlink_entry(n.encode(), t.encode()) for n, t in sorted(links.items())]
         )
         assert encoded == expected
 

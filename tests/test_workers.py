@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 import casframe.checkout
 import casframe.statcache
-import casframe.tree
+import casframe.treeimport
 from casframe import (
     CheckoutError,
     ConfigError,
@@ -40,7 +40,6 @@ from casframe import (
     open_store,
 )
 from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
-from casframe.maintenance import fsck
 from casframe.statcache import open_stat_cache
 from casframe.tree import missing_in_tree
 from casframe.workers import pool
@@ -87,7 +86,7 @@ def helpers_from(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """``helpers_from(n)``: helpers start from n files on (import and checkout alike)."""
 
     def set_threshold(files: int) -> None:
-        monkeypatch.setattr(casframe.tree, "IMPORT_THRESHOLD_FILES", files)
+        monkeypatch.setattr(casframe.treeimport, "IMPORT_THRESHOLD_FILES", files)
         monkeypatch.setattr(casframe.checkout, "CHECKOUT_THRESHOLD_FILES", files)
 
     yield set_threshold
@@ -212,7 +211,7 @@ def test_helpers_import_and_check_out_what_the_process_would(
             assert os.stat(dest / "d1" / "e1" / "f1").st_nlink >= 2  # linked, not copied
     assert len(spawned) == 6
     assert_gone(spawned)
-    assert fsck(helped).ok
+    assert helped.fsck().ok
 
 
 @settings(
@@ -382,7 +381,7 @@ def test_a_crashing_helper_is_a_worker_error_and_leaves_the_store_sound(
         str(raised.value),
     )
     assert_gone(started)
-    report = fsck(store)
+    report = store.fsck()
     assert report.ok and not report.incomplete_refs
     assert os.listdir(tmp_path / "store" / "tmp") == []
     assert store.list_refs() == []
@@ -435,7 +434,7 @@ def test_helpers_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
     finally:
         child.kill()
     _wait_until_gone(helpers)
-    report = fsck(open_store(f"file://{tmp_path / 'store'}"))
+    report = open_store(f"file://{tmp_path / 'store'}").fsck()
     assert report.ok
 
 
@@ -449,7 +448,7 @@ def test_ctrl_c_stops_the_helpers(tmp_path: Path) -> None:
     assert out.strip().splitlines()[-1] == "interrupted, 0 helpers running"
     assert child.returncode == 130
     _wait_until_gone(helpers)
-    assert fsck(open_store(f"file://{tmp_path / 'store'}")).ok
+    assert open_store(f"file://{tmp_path / 'store'}").fsck().ok
 
 
 def test_helpers_open_the_very_store_whatever_its_path_and_options(

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from typing import Any
 
-import casframe.tree
+import casframe.treeimport
 from casframe import open_store
 from casframe.workers import pool
 
@@ -54,7 +54,7 @@ def main(store_dir: str, source: str, mode: str) -> int:
     if mode == "stop-self":
         pool._Helper.answer = answer_and_stop  # type: ignore[method-assign]
     store = open_store(f"file://{store_dir}")
-    casframe.tree.IMPORT_THRESHOLD_FILES = 1
+    casframe.treeimport.IMPORT_THRESHOLD_FILES = 1
     try:
         print(store.import_directory(source, stat_cache=False, jobs=2), flush=True)
     except KeyboardInterrupt:

@@ -8,14 +8,18 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from casframe.cli.progressbar import TqdmProgress
+from casframe.lazy import lazy_module
 from casframe.progress import NO_PROGRESS, Progress
 
 if TYPE_CHECKING:
+    from casframe import config, plugins
     from casframe.config import Config
     from casframe.store import Store
+else:  # loaded when a command first opens a store: --version and --help never pay for them
+    config = lazy_module("casframe.config")
+    plugins = lazy_module("casframe.plugins")
 
 __all__ = ["App"]
-
 
 def _stderr_is_terminal() -> bool:
     isatty = getattr(sys.stderr, "isatty", None)
@@ -39,9 +43,7 @@ class App:
 
     def config(self) -> Config:
         if self._config is None:
-            from casframe.config import load_config
-
-            self._config = load_config(self.config_file)
+            self._config = config.load_config(self.config_file)
         return self._config
 
     def store(self, *, create: bool = True) -> Store:
@@ -56,9 +58,7 @@ class App:
 
     def open(self, name_or_url: str | None, *, create: bool = True) -> Store:
         """Open another store given as a URL, a configured name or a path."""
-        from casframe.plugins import open_configured_store
-
-        store = open_configured_store(name_or_url, config=self.config(), create=create)
+        store = plugins.open_configured_store(name_or_url, config=self.config(), create=create)
         self._opened.append(store)
         return store
 

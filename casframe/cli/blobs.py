@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
+import tempfile
 from typing import TYPE_CHECKING, BinaryIO
 
 import click
@@ -16,6 +18,7 @@ from casframe.cli.helpers import (
     json_option,
     pass_app,
 )
+from casframe.digest import Digest
 
 if TYPE_CHECKING:
     pass
@@ -55,8 +58,6 @@ def get_command(app: App, digest: str, output: str | None) -> None:
 
     DIGEST is HASH/SIZE, as printed by put. The blob is verified as it is read.
     """
-    from casframe.digest import Digest
-
     wanted = Digest.parse(digest)
     with app.store(create=False).open_read(wanted) as stream:
         if output is None or output == "-":
@@ -73,8 +74,6 @@ def _write_file_atomically(output: str, stream: BinaryIO) -> None:
     ``/dev/stdout``) are written in place, and so is a writable file in a folder this user
     may not write to (a failure then removes it, as nothing else is possible).
     """
-    import stat
-    import tempfile
 
     try:
         mode: int | None = os.stat(output).st_mode  # through symlinks and /proc/self/fd links

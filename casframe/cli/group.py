@@ -13,7 +13,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -28,6 +28,12 @@ from casframe.cli.helpers import (
     error_line,
 )
 from casframe.errors import CasframeError
+from casframe.lazy import lazy_module
+
+if TYPE_CHECKING:
+    from casframe import plugins
+else:  # pluggy and the entry points load once a command is looked up, never for --version
+    plugins = lazy_module("casframe.plugins")
 
 __all__ = [
     "BUILTIN_COMMANDS",
@@ -151,11 +157,8 @@ class CasframeGroup(click.Group):
         if self._plugin_commands_loaded:
             return
         self._plugin_commands_loaded = True
-        # Imported here, not at the top: pluggy and the entry points cost start-up time that
-        # `casframe --version` does not pay.
-        from casframe.plugins import each_plugin, get_plugin_manager
-
-        for plugin, call in each_plugin(get_plugin_manager(), "casframe_register_commands"):
+        hooks = plugins.each_plugin(plugins.get_plugin_manager(), "casframe_register_commands")
+        for plugin, call in hooks:
             self._registering = plugin
             try:
                 call(cli=self)

@@ -9,8 +9,10 @@ standard library only.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import IO, Any, BinaryIO, cast
 
 import click
@@ -54,15 +56,11 @@ pass_app = click.make_pass_decorator(App)
 
 
 def emit_json(value: Any) -> None:
-    import json
-
     click.echo(json.dumps(value, indent=2))
 
 
 def emit_json_lines(items: Iterator[Any]) -> None:
     """A JSON array printed as :func:`emit_json` prints it, one item at a time."""
-    import json
-
     first = True
     for item in items:
         body = json.dumps(item, indent=2).replace("\n", "\n  ")
@@ -84,8 +82,6 @@ def copy_stream(source: BinaryIO, target: BinaryIO) -> None:
 
 
 def iso_time(seconds: float, utc: bool = False) -> str:
-    from datetime import UTC, datetime
-
     if utc:
         return datetime.fromtimestamp(seconds, tz=UTC).isoformat()
     return datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="seconds")

@@ -23,6 +23,7 @@ from casframe.cli.helpers import (
     warning_line,
 )
 from casframe.lazy import lazy_module
+from casframe.units import parse_duration
 
 if TYPE_CHECKING:
     from casframe import jobmetrics
@@ -34,8 +35,6 @@ __all__ = ["du_command", "fsck_command", "gc_command", "prune_command"]
 
 
 def _duration(value: str) -> float:
-    from casframe.maintenance import parse_duration
-
     return parse_duration(value)
 
 

@@ -10,6 +10,7 @@ from casframe.cli.helpers import (
     emit_json,
     json_option,
 )
+from casframe.plugins import list_plugins, reset_plugin_manager
 
 if TYPE_CHECKING:
     pass
@@ -26,8 +27,6 @@ def plugins_command(as_json: bool) -> None:
     Reads the installed distributions afresh (other commands may use the entry points
     remembered in the user cache directory).
     """
-    from casframe.plugins import list_plugins, reset_plugin_manager
-
     reset_plugin_manager()
     infos = list_plugins()
     if as_json:

@@ -14,9 +14,10 @@ from casframe.cli.helpers import (
     json_option,
     pass_app,
 )
+from casframe.remotes import Remotes, RemoteStatus
 
 if TYPE_CHECKING:
-    from casframe.remotes import RemoteOutcome, Remotes
+    from casframe.remotes import RemoteOutcome
     from casframe.store import Store
     from casframe.transfer import TransferResult
 
@@ -73,16 +74,12 @@ def _single_store_only(option: str, remote_names: tuple[str, ...], timeout: floa
 
 
 def _configured_remotes(app: App, names: tuple[str, ...]) -> Remotes:
-    from casframe.remotes import Remotes
-
     remotes = Remotes.from_config(app.config())
     return remotes.select(names) if names else remotes
 
 
 def _outcome_line(outcome: RemoteOutcome) -> str:
     """One human line per remote: what was sent, why it was skipped, what went wrong."""
-    from casframe.remotes import RemoteStatus
-
     status, name, result = outcome.status, outcome.name, outcome.transfer
     if status is RemoteStatus.MISSING:
         return f"skipped {name}: {outcome.message}"

@@ -19,6 +19,8 @@ from casframe.cli.helpers import (
     pass_app,
     positive_size,
 )
+from casframe.names import split_tree_path
+from casframe.refkinds import writable_ref_name
 
 if TYPE_CHECKING:
     from casframe.tree import TreeEntry
@@ -58,8 +60,6 @@ def import_command(
     time stamps) are not read again: their digests come from a cache in the user cache
     directory (set $CASFRAME_STAT_CACHE to another folder, or to "off").
     """
-    from casframe.names import writable_ref_name
-
     if ref_name is not None:
         writable_ref_name(ref_name)  # before the long part, not after it
     os.stat(directory)  # a missing directory reports "No such file or directory"
@@ -176,8 +176,6 @@ def ls_command(
     Lists the directory PATH of TREE (default: its root). Columns: mode, kind, size, digest,
     path (paths are relative to the tree's root).
     """
-    from casframe.names import split_tree_path
-
     store = app.store(create=False)
     # Tree order: each directory followed by its contents, names sorted at every level.
     entries = (

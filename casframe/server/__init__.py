@@ -9,31 +9,30 @@ Public API:
 ``serve_command``
     the ``casframe serve`` click command (:mod:`casframe.server.command`).
 
-Importing this package costs only click: the gRPC machinery loads when ``Server`` or
-``ServerSettings`` is first used. The server never imports a backend; it serves whatever
+Importing this package costs nothing: each name is imported from its module on first use, the
+gRPC machinery with ``Server``. The server never imports a backend; it serves whatever
 :class:`casframe.Store` it is given.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from casframe.server.command import serve_command
+from casframe.lazy import lazy_names
 
 if TYPE_CHECKING:
     from casframe.server.app import Server
+    from casframe.server.command import serve_command
     from casframe.server.settings import ServerSettings
 
 __all__ = ["Server", "ServerSettings", "serve_command"]
 
+# Every public name, imported from its module on first use (as in the ``casframe`` package).
+_LAZY = {
+    "Server": "casframe.server.app",
+    "ServerSettings": "casframe.server.settings",
+    "serve_command": "casframe.server.command",
+}
 
-def __getattr__(name: str) -> Any:
-    if name == "Server":
-        from casframe.server.app import Server
 
-        return Server
-    if name == "ServerSettings":
-        from casframe.server.settings import ServerSettings
-
-        return ServerSettings
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, _LAZY, globals())

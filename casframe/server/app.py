@@ -23,6 +23,9 @@ from typing import Any, TypeAlias, cast
 
 import grpc
 
+from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc
+from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from casframe._protos.buildstream.v2 import buildstream_pb2_grpc
 from casframe.compression import DEFAULT_LEVEL, DEFAULT_MAX_WINDOW
 from casframe.errors import ConfigError, MissingDependencyError
 from casframe.plugins import each_plugin, get_plugin_manager
@@ -292,12 +295,6 @@ class Server:
     def _add_services(self, server: grpc.aio.Server) -> None:
         """Add every casframe service and the health service to ``server``."""
         from grpc_health.v1 import health, health_pb2_grpc
-
-        from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc
-        from casframe._protos.build.bazel.remote.execution.v2 import (
-            remote_execution_pb2_grpc as re_grpc,
-        )
-        from casframe._protos.buildstream.v2 import buildstream_pb2_grpc
 
         assert self._executor is not None
         shared = (self._served, self.settings, self.instances)

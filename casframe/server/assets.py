@@ -21,8 +21,8 @@ import grpc
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casframe.digest import Digest
 from casframe.errors import RefNotFoundError
+from casframe.refkinds import ASSET_REF_PREFIX
 from casframe.server.errors import StatusError, missing_blobs_error
-from casframe.server.names import ASSET_REF_PREFIX
 from casframe.store import Store
 from casframe.tree import missing_in_tree
 
@@ -76,7 +76,7 @@ def set_asset(
     missing = store.find_missing(blob_set | ({content} if kind == "blob" else set()),
                                  freshen=True)
     for root in roots:
-        missing |= missing_in_tree(store, root, freshen=True)
+        missing |= missing_in_tree(store.verified, root, freshen=True)
     if missing:
         raise missing_blobs_error(
             grpc.StatusCode.FAILED_PRECONDITION,

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+import casframe.server
 from casframe.compression import DEFAULT_MAX_WINDOW
-from casframe.errors import ConfigError
+from casframe.errors import CasframeError, ConfigError
 from casframe.server.lifecycle import (
     SHUTDOWN_GRACE,
     Observers,
@@ -210,13 +211,11 @@ def _metrics_line(metrics_url: str | None) -> str | None:
 def _serve_in_this_process(stack: contextlib.ExitStack, store: Store,
                            server_options: dict[str, Any], observers: Observers,
                            metrics_listen: str | None) -> None:
-    from casframe.server.app import Server
-
     sinks = call_sinks(stack, store, observers)
     metrics_url = None if metrics_listen is None else stack.enter_context(
         serve_metrics(metrics_listen)
     )
-    server = Server(store, **server_options, call_sinks=sinks)
+    server = casframe.server.Server(store, **server_options, call_sinks=sinks)
 
     def announce() -> None:
         click.echo(f"casframe: serving {store.url} on {server.address}")
@@ -230,8 +229,6 @@ def _serve_in_this_process(stack: contextlib.ExitStack, store: Store,
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``serve`` on its own (``python -m casframe.server STORE ...``)."""
-    from casframe.errors import CasframeError
-
     try:
         serve_command.main(args=argv, prog_name="casframe serve", standalone_mode=False)
     except click.exceptions.Abort:

@@ -20,17 +20,11 @@ from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb
 from casframe.compression import COMPRESSOR_VALUES, IDENTITY, KNOWN_COMPRESSORS
 from casframe.digest import Digest
 from casframe.errors import InvalidDigestError, InvalidNameError
-from casframe.names import (
-    ACTION_RESULT_REF_PREFIX,
-    MAX_REF_LENGTH,
-    validate_ref_name,
-    writable_ref_name,
-)
+from casframe.names import MAX_REF_LENGTH, validate_ref_name
+from casframe.refkinds import ACTION_RESULT_REF_PREFIX, ASSET_REF_PREFIX, writable_ref_name
 from casframe.server.errors import StatusError
 
 __all__ = [
-    "ACTION_RESULT_REF_PREFIX",
-    "ASSET_REF_PREFIX",
     "BUILDSTREAM1_URI_PREFIX",
     "REF_URI_PREFIX",
     "Instances",
@@ -42,11 +36,8 @@ __all__ = [
     "parse_read_resource",
     "parse_write_resource",
     "validate_instance_name",
-    "writable_ref_name",
 ]
 
-#: Refs holding Remote Asset associations for arbitrary URIs: ``asset/{blob|directory}/{key}``.
-ASSET_REF_PREFIX = "asset/"
 #: A Remote Asset URI naming a casframe ref directly: ``casframe:ref/NAME``.
 REF_URI_PREFIX = "casframe:ref/"
 #: The Remote Asset URI under which BuildStream 1.6 keeps the artifact that BuildStream 1.4

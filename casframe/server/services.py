@@ -38,7 +38,8 @@ from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casframe._protos.build.bazel.semver import semver_pb2
 from casframe._protos.buildstream.v2 import buildstream_pb2, buildstream_pb2_grpc
-from casframe.actions import action_outputs, tree_files
+from casframe.actions import action_outputs
+from casframe.blobs import VerifiedBlobs
 from casframe.digest import Digest
 from casframe.errors import (
     BlobNotFoundError,
@@ -47,6 +48,7 @@ from casframe.errors import (
     InvalidDigestError,
     RefNotFoundError,
 )
+from casframe.refkinds import ASSET_REF_PREFIX, action_result_outputs, writable_ref_name
 from casframe.server.assets import lookup_asset, set_asset
 from casframe.server.compressed import (
     SERVED_COMPRESSORS,
@@ -63,17 +65,16 @@ from casframe.server.errors import (
     status_proto,
 )
 from casframe.server.names import (
-    ASSET_REF_PREFIX,
     Instances,
     action_ref_name,
     asset_ref_name,
     check_digest_function,
     hashed_asset_ref_name,
-    writable_ref_name,
 )
 from casframe.server.pool import iterate_in_pool
 from casframe.server.settings import ServerSettings
 from casframe.store import Store
+from casframe.tree import missing_in_tree
 
 __all__ = [
     "ActionCacheService",
@@ -104,10 +105,12 @@ _SHA256 = re_pb2.DigestFunction.SHA256
 
 
 class _Base:
-    """What every servicer shares: the store, the settings and the served instance names."""
+    """What every servicer shares: the store (refs; ``blobs``, its verified-blob layer, for
+    content), the settings and the served instance names."""
 
     def __init__(self, store: Store, settings: ServerSettings, instances: Instances) -> None:
         self.store = store
+        self.blobs = store.verified
         self.settings = settings
         self.instances = instances
 
@@ -140,10 +143,8 @@ class _Base:
 
     def _set_tree_ref(self, names: Iterable[str], root: Digest, what: str) -> None:
         """Point refs at a tree after checking, once, that the whole tree is stored."""
-        from casframe.tree import missing_in_tree
-
         # Freshen while checking: prune's grace period then covers the tree from here on.
-        missing = missing_in_tree(self.store, root, freshen=True)
+        missing = missing_in_tree(self.blobs, root, freshen=True)
         if missing:
             raise missing_blobs_error(
                 grpc.StatusCode.FAILED_PRECONDITION, f"{what}: tree {root} is incomplete", missing
@@ -210,7 +211,7 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
         digests = [_digest(d) for d in request.blob_digests]
         # REAPI: the server should extend the lifetime of the blobs it reports present, since
         # the client will now refer to them instead of uploading them (prune's grace period).
-        missing = self.store.find_missing(digests, freshen=True)
+        missing = self.blobs.find_missing(digests, freshen=True)
         response = re_pb2.FindMissingBlobsResponse()
         for digest in digests:  # request order, each once
             if digest in missing:
@@ -273,11 +274,11 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
         failure = None
         if verified:
             try:
-                # Verified just above, blob by blob, so that a bad one fails alone: handed to
-                # the backend as Store.put_many would, without hashing everything twice. No
-                # existence check first: clients send what FindMissingBlobs reported missing,
-                # and storing a blob that is there already succeeds and freshens it.
-                self.store.blobs.write_blobs(list(verified.items()))
+                # Verified just above, blob by blob, so that a bad one fails alone: stored
+                # without hashing everything twice. No existence check first: clients send
+                # what FindMissingBlobs reported missing, and storing a blob that is there
+                # already succeeds and freshens it.
+                self.blobs.write_hashed(verified.items())
             except Exception as exc:  # noqa: BLE001 - reported on each blob it concerns
                 failure = status_proto(exc, self.settings.store_url)
 
@@ -311,7 +312,7 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
         results: dict[Digest, bytes | BaseException] = {}
         try:
             # Clients ask for blobs they know are stored, so no existence check first.
-            for digest, data in self.store.read_many(wanted):
+            for digest, data in self.blobs.read_many(wanted):
                 results[digest] = data
         except (BlobNotFoundError, CorruptBlobError, OSError):
             # One bad blob (missing, damaged, unreadable) ended the batch: read the rest one
@@ -319,7 +320,7 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
             for digest in wanted:
                 if digest not in results:
                     try:
-                        results[digest] = self.store.read_bytes(digest)
+                        results[digest] = self.blobs.read_bytes(digest)
                     except (BlobNotFoundError, CorruptBlobError, OSError) as exc:
                         results[digest] = exc
 
@@ -359,14 +360,14 @@ class CasService(_Base, re_grpc.ContentAddressableStorageServicer):
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "page_size must not be negative")
         page_size = request.page_size or _DEFAULT_TREE_PAGE
         start = _parse_page_token(request.page_token, root)
-        if self.store.find_missing([root]):
+        if self.blobs.find_missing([root]):
             raise StatusError(grpc.StatusCode.NOT_FOUND, f"root directory not found: {root}")
 
         byte_limit = self.settings.max_message_bytes - _PAGE_FRAMING_BYTES
         page = re_pb2.GetTreeResponse()
         page_bytes = 0
         count = 0
-        for index, data in enumerate(_tree_directories(self.store, root)):
+        for index, data in enumerate(_tree_directories(self.blobs, root)):
             count = index + 1
             if index < start:
                 continue
@@ -455,7 +456,7 @@ def _parse_page_token(token: str, root: Digest) -> int:
     return int(index)
 
 
-def _tree_directories(store: Store, root: Digest) -> Iterator[bytes]:
+def _tree_directories(blobs: VerifiedBlobs, root: Digest) -> Iterator[bytes]:
     """Serialized Directories of a tree, breadth first, each once, in a stable order.
 
     As the REAPI asks, a missing subdirectory is left out with its descendants rather than
@@ -464,9 +465,9 @@ def _tree_directories(store: Store, root: Digest) -> Iterator[bytes]:
     seen = {root}
     level = [root]
     while level:
-        absent = store.find_missing(level)
+        absent = blobs.find_missing(level)
         present = [d for d in level if d not in absent]
-        fetched = dict(store.read_many(present))
+        fetched = dict(blobs.read_many(present))
         next_level: list[Digest] = []
         for digest in present:
             data = fetched[digest]
@@ -500,7 +501,7 @@ class ActionCacheService(_Base, re_grpc.ActionCacheServicer):
             result_digest = self._get_ref(
                 action_ref_name(instance, action), f"the action result for {action}"
             )
-            data = self.store.read_bytes(result_digest)
+            data = self.blobs.read_bytes(result_digest)
         except (RefNotFoundError, BlobNotFoundError):
             raise not_found from None
         result = re_pb2.ActionResult()
@@ -519,18 +520,15 @@ class ActionCacheService(_Base, re_grpc.ActionCacheServicer):
 
     def _missing_outputs(self, result: re_pb2.ActionResult) -> set[Digest]:
         """Every blob the result names that is not stored (outputs, trees, logs)."""
-        from casframe.tree import missing_in_tree
-
+        blobs = self.blobs
         outputs = action_outputs(result)
-        missing = self.store.find_missing(outputs.blobs)
+        missing = blobs.find_missing(outputs.blobs)
         if missing:
             return missing
-        files: set[Digest] = set()
-        for tree_digest in outputs.trees:
-            files |= tree_files(tree_digest, self.store.read_bytes(tree_digest))
-        missing = self.store.find_missing(files)
-        for root in outputs.roots:
-            missing |= missing_in_tree(self.store, root)
+        named, roots = action_result_outputs(blobs, outputs)
+        missing = blobs.find_missing(named - outputs.blobs)
+        for root in roots:
+            missing |= missing_in_tree(blobs, root)
         return missing
 
     @rpc_method
@@ -544,7 +542,7 @@ class ActionCacheService(_Base, re_grpc.ActionCacheServicer):
         # Every digest it names must be valid now: a bad one stored here would fail each
         # client that later gets the result.
         action_outputs(request.action_result)
-        stored = self.store.put_bytes(request.action_result.SerializeToString(deterministic=True))
+        stored = self.blobs.put_bytes(request.action_result.SerializeToString(deterministic=True))
         # Not a Directory, so no completeness check: GetActionResult checks outputs instead.
         self.store.set_ref(action_ref_name(instance, action), stored, check_complete=False)
         return request.action_result
@@ -630,7 +628,7 @@ class FetchService(_Base, remote_asset_pb2_grpc.FetchServicer):
         self._check(request.instance_name, request.digest_function)
         uris = _uris(request.uris)
         found = self._lookup("blob", request, uris)
-        if found is None or self.store.find_missing([found[1]]):
+        if found is None or self.blobs.find_missing([found[1]]):
             raise self._not_found(uris)
         uri, digest = found
         return remote_asset_pb2.FetchBlobResponse(
@@ -647,7 +645,7 @@ class FetchService(_Base, remote_asset_pb2_grpc.FetchServicer):
         found = self._lookup("directory", request, uris)
         # Only the root is checked: refs are set only on complete trees and prune keeps what
         # refs reach, so walking the whole tree on every fetch would buy nothing.
-        if found is None or self.store.find_missing([found[1]]):
+        if found is None or self.blobs.find_missing([found[1]]):
             raise self._not_found(uris)
         uri, digest = found
         return remote_asset_pb2.FetchDirectoryResponse(

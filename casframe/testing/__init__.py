@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import stat
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -72,8 +73,6 @@ TREE_LARGE_FILE = "big/large.bin"
 
 def random_bytes(size: int, seed: int = 0) -> bytes:
     """Deterministic incompressible bytes (so runs are reproducible)."""
-    import random
-
     return random.Random(seed).randbytes(size)
 
 

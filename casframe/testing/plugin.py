@@ -1,7 +1,8 @@
 """casframe's pytest plugin: store fixtures and tree helpers for casframe and its plugins.
 
 Loaded automatically through the ``pytest11`` entry point wherever casframe is installed, so it
-must be cheap to import: casframe itself is imported inside the fixtures, when a test uses one.
+must be cheap to import: it imports the ``casframe`` package, whose names load on first use,
+so casframe's modules are imported when a fixture first uses them.
 
 Fixtures:
 
@@ -32,6 +33,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+import casframe
+from casframe.testing import write_tree
+
 if TYPE_CHECKING:
     from casframe.store import Store
 
@@ -47,9 +51,7 @@ pytest_plugins = ["casframe.testing.s3", "casframe.testing.server"]
 @pytest.fixture
 def memory_store() -> Iterator[Store]:
     """A fresh, empty ``memory://`` store."""
-    from casframe import open_store
-
-    store = open_store("memory://")
+    store = casframe.open_store("memory://")
     try:
         yield store
     finally:
@@ -59,9 +61,7 @@ def memory_store() -> Iterator[Store]:
 @pytest.fixture
 def local_store(tmp_path: Path) -> Iterator[Store]:
     """A fresh ``file://`` store under the test's temporary directory (``tmp_path/store``)."""
-    from casframe import open_store
-
-    store = open_store(f"file://{tmp_path / 'store'}")
+    store = casframe.open_store(f"file://{tmp_path / 'store'}")
     try:
         yield store
     finally:
@@ -71,8 +71,6 @@ def local_store(tmp_path: Path) -> Iterator[Store]:
 @pytest.fixture
 def make_tree(tmp_path: Path) -> Callable[..., Path]:
     """A factory writing a realistic directory tree under ``tmp_path``; returns its path."""
-    from casframe.testing import write_tree
-
     numbers = itertools.count()
 
     def factory(name: str | None = None, *, large: bool = False) -> Path:

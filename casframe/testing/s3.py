@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+import casframe
+
 if TYPE_CHECKING:
     from casframe.store import Store
 
@@ -132,9 +134,7 @@ def _new_bucket_name() -> str:
 
 
 def _open(url: str) -> Iterator[Store]:
-    from casframe import open_store
-
-    store = open_store(url)
+    store = casframe.open_store(url)
     try:
         yield store
     finally:

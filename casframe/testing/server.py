@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+import casframe.server
 from casframe.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -50,9 +51,7 @@ class CasServers:
             raise ConfigError(
                 "cas_server always listens on 127.0.0.1 and a free port; do not pass listen="
             )
-        from casframe.server import Server
-
-        server = Server(store, listen=f"{_LOOPBACK}:0", **settings)
+        server = casframe.server.Server(store, listen=f"{_LOOPBACK}:0", **settings)
         port = server.start()
         if self._request is not None:
             # Added while the test runs, so it runs before every fixture's teardown: the server

@@ -40,7 +40,7 @@ from casframe.workers.protocol import read_message, rebuild_error, write_message
 from casframe.workers.settings import CHECKOUT_THRESHOLD_FILES, IMPORT_THRESHOLD_FILES
 
 if TYPE_CHECKING:
-    from casframe.store import Store
+    from casframe.blobs import VerifiedBlobs
 
 __all__ = [
     "CHECKOUT_THRESHOLD_FILES",
@@ -56,7 +56,7 @@ _R = TypeVar("_R")
 
 
 class Runner(Protocol):
-    def submit(self, task: Callable[[Store, _P], _R], payload: _P) -> Future[_R]: ...
+    def submit(self, task: Callable[[VerifiedBlobs, _P], _R], payload: _P) -> Future[_R]: ...
 
     def shutdown(self, *, cancel: bool) -> None: ...
 
@@ -64,11 +64,11 @@ class Runner(Protocol):
 class ThreadRunner:
     """Runs tasks on ``threads`` threads of this process, over this process's ``store``."""
 
-    def __init__(self, store: Store, threads: int) -> None:
+    def __init__(self, store: VerifiedBlobs, threads: int) -> None:
         self._store = store
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads))
 
-    def submit(self, task: Callable[[Store, _P], _R], payload: _P) -> Future[_R]:
+    def submit(self, task: Callable[[VerifiedBlobs, _P], _R], payload: _P) -> Future[_R]:
         return self._pool.submit(task, self._store, payload)
 
     def shutdown(self, *, cancel: bool) -> None:
@@ -245,7 +245,7 @@ class WorkerPool:
     def pids(self) -> list[int]:
         return [helper.process.pid for helper in self.helpers]
 
-    def submit(self, task: Callable[[Store, _P], _R], payload: _P) -> Future[_R]:
+    def submit(self, task: Callable[[VerifiedBlobs, _P], _R], payload: _P) -> Future[_R]:
         future: Future[_R] = Future()
         self.queue.put((f"{task.__module__}:{task.__qualname__}", payload, future))
         if not self.started:  # the first call: from the caller's thread, before any feeder
@@ -277,10 +277,10 @@ class WorkerPool:
             helper.thread.join()
 
 
-def open_runner(store: Store, jobs: int, files: int, threshold: int) -> Runner:
+def open_runner(store: VerifiedBlobs, jobs: int, files: int, threshold: int) -> Runner:
     """Helper processes for ``files`` files of work when they pay and the store can be opened
     by them; threads of this process otherwise."""
-    spec = store.blobs.worker_spec()
+    spec = store.backend.worker_spec()
     if jobs > 1 and files >= threshold and spec is not None:
         return WorkerPool(*spec, jobs=jobs)
-    return ThreadRunner(store, min(jobs, max(1, store.blobs.limits.max_concurrency)))
+    return ThreadRunner(store, min(jobs, max(1, store.backend.limits.max_concurrency)))

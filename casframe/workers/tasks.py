@@ -19,7 +19,7 @@ from casframe.errors import CheckoutError, UnsupportedFileTypeError
 from casframe.statcache import FileStat
 
 if TYPE_CHECKING:
-    from casframe.store import Store
+    from casframe.blobs import VerifiedBlobs
 
 __all__ = [
     "Copy",
@@ -105,7 +105,7 @@ def _read_small(fd: int, size: int) -> bytes:
 Stored = tuple[str, int, bool, FileStat]
 
 
-def import_files(store: Store, batch: list[str]) -> tuple[list[Stored], bool]:
+def import_files(store: VerifiedBlobs, batch: list[str]) -> tuple[list[Stored], bool]:
     """Read, hash and store the files at the ``batch`` paths; a task of import's runners.
 
     Returns what was stored for the files at the start of the batch, in order, and whether
@@ -114,7 +114,7 @@ def import_files(store: Store, batch: list[str]) -> tuple[list[Stored], bool]:
     and several large files spread over the runner's threads or processes. Small files are
     read whole and stored in groups after one existence check per group (which freshens
     what is present: a reused old blob must not look like garbage to prune); large ones are
-    copied and hashed by :meth:`Store.put_open_file`, reading them once.
+    copied and hashed by :meth:`VerifiedBlobs.put_open_file`, reading them once.
     """
     done: list[Stored] = []
     pending: list[tuple[Digest, bytes]] = []  # read, to be stored unless present
@@ -146,7 +146,7 @@ def import_files(store: Store, batch: list[str]) -> tuple[list[Stored], bool]:
     return done, large_next
 
 
-def _store_group(store: Store, pending: list[tuple[Digest, bytes]]) -> None:
+def _store_group(store: VerifiedBlobs, pending: list[tuple[Digest, bytes]]) -> None:
     missing = store.find_missing((d for d, _ in pending), freshen=True)
     if not missing:
         return
@@ -155,7 +155,7 @@ def _store_group(store: Store, pending: list[tuple[Digest, bytes]]) -> None:
         if digest in missing:
             writes.append((digest, data))
             missing.discard(digest)  # a duplicate inside the group is written once
-    store.blobs.write_blobs(writes)
+    store.write_hashed(writes)  # hashed here, from the bytes written
 
 
 # -- checkout ---------------------------------------------------------------------------------
@@ -166,12 +166,12 @@ def tree_path(dest: str, path: str) -> str:
     return path[len(dest) + 1 :] if path.startswith(dest + os.sep) else "."
 
 
-def link_files(store: Store, work: tuple[str, bool, LinkTask]) -> tuple[int, list[Copy]]:
+def link_files(store: VerifiedBlobs, work: tuple[str, bool, LinkTask]) -> tuple[int, list[Copy]]:
     """Hardlink files into their (new, empty) directories under the checkout ``dest``; a task
     of checkout's runners. Returns how many were linked and those to copy instead (unless
     ``strict``, a refused link is an error)."""
     dest, strict, task = work
-    blobs = store.blobs
+    blobs = store.backend
     linked = 0
     for position, (path, links) in enumerate(task):
         try:
@@ -198,7 +198,7 @@ def link_files(store: Store, work: tuple[str, bool, LinkTask]) -> tuple[int, lis
     return linked, []
 
 
-def copy_files(store: Store, work: tuple[str, list[Copy]]) -> tuple[int, list[Copy]]:
+def copy_files(store: VerifiedBlobs, work: tuple[str, list[Copy]]) -> tuple[int, list[Copy]]:
     """Write copies of files under the checkout ``dest``; a task of checkout's runners."""
     dest, batch = work
     for path, digest, executable in batch:
@@ -206,7 +206,9 @@ def copy_files(store: Store, work: tuple[str, list[Copy]]) -> tuple[int, list[Co
     return len(batch), []
 
 
-def _write_copy(store: Store, dest: str, path: str, digest: Digest, executable: bool) -> None:
+def _write_copy(
+    store: VerifiedBlobs, dest: str, path: str, digest: Digest, executable: bool
+) -> None:
     mode = 0o755 if executable else 0o644
     try:
         fd = os.open(

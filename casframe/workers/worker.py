@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
         return 1
     try:
         write_message(replies, (True, os.getpid()))
-        serve(store, requests, replies)
+        serve(store.verified, requests, replies)  # the tasks work on verified blobs
     except BrokenPipeError:
         return 1  # the parent is gone
     finally:

@@ -1,4 +1,4 @@
-"""The read-through cache store: a local store in front of a remote one, built on Store alone.
+"""The read-through cache store: a local store in front of a remote one, on public modules alone.
 
 How each operation is served (docs/cache.md explains the choices):
 
@@ -22,7 +22,7 @@ How each operation is served (docs/cache.md explains the choices):
   to mean deleting from the shared remote. Evict by running maintenance on the local store.
 
 This module must never hand out unverified remote bytes as a local blob, nor set a ref on the
-remote without checking the remote holds its tree; it uses the public Store API only.
+remote without checking the remote holds its tree; it uses casframe's public modules only.
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, TypeVar
 from urllib.parse import quote
-
-from google.protobuf.message import DecodeError
 
 from casframe import (
     BlobInfo,
@@ -54,10 +52,10 @@ from casframe import (
     Store,
     UnsupportedOperationError,
 )
-from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import ActionResult
-from casframe.actions import action_outputs, tree_files
-from casframe.names import ACTION_RESULT_REF_PREFIX, is_tree_ref
-from casframe.store import VerifiedUpload
+from casframe.blobs import VerifiedBlobs, VerifiedUpload
+from casframe.reapi import action_outputs, parse_action_result
+from casframe.refkinds import RefKind, action_result_outputs, ref_kind
+from casframe.transfer import transfer
 
 __all__ = ["CacheBlobStore", "CacheRefStore", "CacheStats", "cache_store"]
 
@@ -399,23 +397,24 @@ class CacheRefStore(RefStore):
         self.capabilities = blobs.remote.refs.capabilities
         # Reads the tree of a ref being set through the cache (local first). Never closed:
         # the cache store closes the stores it is made of.
-        self._through_cache = Store(blobs, blobs.remote.refs, url=blobs.describe())
+        self._through_cache = VerifiedBlobs(blobs)
 
     def get_ref(self, name: str, *, touch: bool = True) -> Digest:
         return self._remote.refs.get_ref(name, touch=touch)
 
     def set_ref(self, name: str, digest: Digest) -> None:
-        if is_tree_ref(name):
+        kind = ref_kind(name)
+        if kind is RefKind.TREE:
             # A transfer to the remote: it sends what the remote lacks (read through the
             # cache), children before parents, freshens the rest, and sets the ref last.
-            self._through_cache.push(self._remote, digest, ref=name)
-            return
-        # A ref to one blob (the server's action results and Remote Asset blobs): that blob,
-        # never parsed as a Directory, must be on the remote.
-        if name.startswith(ACTION_RESULT_REF_PREFIX):
-            self._send_outputs(digest)
-        if self._remote.find_missing([digest], freshen=True):
-            self._remote.copy_blob_from(self._through_cache, digest)
+            transfer(self._through_cache, self._remote.verified, digest, ref=name)
+        else:
+            # A ref to one blob (the server's action results and Remote Asset blobs): that
+            # blob, never parsed as a Directory, must be on the remote.
+            if kind is RefKind.ACTION_RESULT:
+                self._send_outputs(digest)
+            if self._remote.find_missing([digest], freshen=True):
+                self._remote.verified.copy_blob_from(self._through_cache, digest)
         self._remote.set_ref(name, digest, check_complete=False)
 
     def _send_outputs(self, digest: Digest) -> None:
@@ -425,19 +424,13 @@ class CacheRefStore(RefStore):
         were stored, so a client never sends them again: without this, other users of the
         remote would find the action's result but not its outputs.
         """
-        result = ActionResult()
-        try:
-            result.ParseFromString(self._through_cache.read_bytes(digest))
-        except DecodeError:
-            raise CorruptBlobError(digest, "not an ActionResult message") from None
-        outputs = action_outputs(result)
-        blobs = set(outputs.blobs)
-        for tree in outputs.trees:
-            blobs |= tree_files(tree, self._through_cache.read_bytes(tree))
-        for missing in self._remote.find_missing(blobs, freshen=True):
-            self._remote.copy_blob_from(self._through_cache, missing)
-        for root in outputs.roots:
-            self._through_cache.push(self._remote, root)
+        through, remote = self._through_cache, self._remote.verified
+        result = parse_action_result(digest, through.read_bytes(digest))
+        blobs, roots = action_result_outputs(through, action_outputs(result))
+        for missing in remote.find_missing(blobs, freshen=True):
+            remote.copy_blob_from(through, missing)
+        for root in roots:
+            transfer(through, remote, root)
 
     def conflicting_ref(self, name: str) -> str | None:
         return self._remote.refs.conflicting_ref(name)  # refs live on the remote

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 
 from casframe import Digest, InvalidDigestError, RemoteProtocolError
-from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as reapi
+from casframe.reapi import remote_execution as reapi
 
 __all__ = [
     "TreeListing",

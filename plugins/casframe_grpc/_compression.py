@@ -18,7 +18,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from casframe import CompressedDataError, CorruptBlobError, Digest
-from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as reapi
 from casframe.compression import (
     DEFAULT_LEVEL,
     ZSTD,
@@ -28,6 +27,7 @@ from casframe.compression import (
     decode_chunks,
     decompress,
 )
+from casframe.reapi import remote_execution as reapi
 
 __all__ = ["COMPRESSIONS", "Codec", "WireStats", "negotiate"]
 

@@ -42,15 +42,19 @@ from casframe import (
     StoreURL,
     UnsupportedOperationError,
 )
-from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as asset
-from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as asset_grpc
-from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as reapi
-from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as reapi_grpc
-from casframe._protos.buildstream.v2 import buildstream_pb2 as bst
-from casframe._protos.buildstream.v2 import buildstream_pb2_grpc as bst_grpc
-from casframe._protos.google.bytestream import bytestream_pb2 as bytestream
-from casframe._wire import decode_read_response, encode_write_request, finish_write_request
 from casframe.digest import CHUNK_SIZE
+from casframe.reapi import buildstream as bst
+from casframe.reapi import buildstream_grpc as bst_grpc
+from casframe.reapi import (
+    bytestream,
+    decode_read_response,
+    encode_write_request,
+    finish_write_request,
+)
+from casframe.reapi import remote_asset as asset
+from casframe.reapi import remote_asset_grpc as asset_grpc
+from casframe.reapi import remote_execution as reapi
+from casframe.reapi import remote_execution_grpc as reapi_grpc
 
 from ._answers import (
     TreeListing,

@@ -27,7 +27,7 @@ from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 impor
     OutputFile,
     Tree,
 )
-from casframe.names import ACTION_RESULT_REF_PREFIX, BLOB_REF_PREFIX
+from casframe.refkinds import ACTION_RESULT_REF_PREFIX, BLOB_REF_PREFIX
 from casframe.testing import (
     write_files,
 )
@@ -158,7 +158,7 @@ class MaintenanceConformance(ConformanceBase):
         assert report.objects_reachable == len(reachable)
         assert report.objects_kept_young == 0
         assert report.refs_checked == 2 and not report.problems
-        assert not missing_in_tree(store, a) and not missing_in_tree(store, b)
+        assert not missing_in_tree(store.verified, a) and not missing_in_tree(store.verified, b)
         again = store.prune(grace_period=0)
         assert again.objects_freed == 0 and again.objects_scanned == len(reachable)
 
@@ -198,7 +198,7 @@ class MaintenanceConformance(ConformanceBase):
         self.wait_past_grace()
         store.set_ref("late", tree)
         store.blobs.delete_blobs(list(_closure(store, tree)), older_than=time.time() - self.grace)
-        assert not missing_in_tree(store, tree)
+        assert not missing_in_tree(store.verified, tree)
 
     def test_prune_dry_run_deletes_nothing_and_sizes_each_ref(
         self, store: Store, tmp_path: Path
@@ -498,7 +498,7 @@ class MaintenanceConformance(ConformanceBase):
         assert report.incomplete_refs == ["damaged"]
         assert store.find_missing([d["flip"], d["trunc"]]) == {d["flip"], d["trunc"]}
         assert not store.find_missing(healthy)  # the healthy ref is untouched
-        assert not missing_in_tree(store, d["other"])
+        assert not missing_in_tree(store.verified, d["other"])
 
         again = store.fsck()
         assert {(p.kind, p.digest) for p in again.problems} == {

@@ -32,7 +32,7 @@ from casframe.tree import iter_tree, missing_in_tree
 
 
 def _dirs(store: Store, tree: Digest) -> Iterator[tuple[Digest, bytes, Directory]]:
-    return iter_tree(store, tree)
+    return iter_tree(store.verified, tree)
 
 
 class TransferConformance(ConformanceBase):
@@ -75,7 +75,7 @@ class TransferConformance(ConformanceBase):
         root = store.import_directory(make_tree())
         result = store.push(second_store, root)
         assert result.ref is None and second_store.list_refs() == []
-        assert missing_in_tree(second_store, root) == set()
+        assert missing_in_tree(second_store.verified, root) == set()
         store.push(second_store, str(root), ref="by/digest")
         assert second_store.get_ref("by/digest") == root
 
@@ -111,7 +111,9 @@ class TransferConformance(ConformanceBase):
         present = needed - dest_store.find_missing(needed)
         assert len(present) == after
         for digest in present & directories:
-            assert missing_in_tree(dest_store, digest) == set(), "a Directory before its children"
+            assert missing_in_tree(dest_store.verified, digest) == set(), (
+                "a Directory before its children"
+            )
 
         result = source_store.push(dest_store, "project/main")
         assert result.blobs_sent == len(needed) - after, "rerun sends only what is missing"

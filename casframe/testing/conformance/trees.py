@@ -150,7 +150,7 @@ class TreeConformance(ConformanceBase):
         first = store.import_directory(make_tree("one"))
         assert store.import_directory(tmp_path / "one") == first
         assert store.import_directory(make_tree("two")) == first, "the path is not content"
-        assert missing_in_tree(store, first) == set()
+        assert missing_in_tree(store.verified, first) == set()
         store.set_ref("tree", first)
 
     def test_import_stores_symlinks_as_they_are(self, store: Store, make_tree: MakeTree) -> None:

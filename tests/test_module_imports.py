@@ -1,0 +1,109 @@
+"""How casframe's modules import each other: at module level, and plugins only public modules.
+
+A function-level import of a casframe module hides a dependency (usually a cycle between two
+layers that should not know each other); only the optional or heavy third-party dependencies
+listed here may be imported where they are used. The built-in plugins live by the rule third
+parties do: they import no private casframe module.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CASFRAME = ROOT / "casframe"
+PLUGINS = ROOT / "plugins"
+
+#: Packages (third-party, or heavy parts of the standard library kept off the start-up path)
+#: that may be imported inside a function, each with the reason.
+DEFERRED_IMPORTS = {
+    "tqdm": "progress bars: only a command that draws one loads them",
+    "platformdirs": "the user's directories: looked up only when no path is configured",
+    "grpc_health": "the health service: loaded with the server that serves it",
+    "google": "google.rpc's error details: only when the server answers an error with them",
+    "boto3": "the S3 fixtures: optional (casframe[s3]), loaded by the fixture using them",
+    "botocore": "the S3 fixtures: optional (casframe[s3]), loaded by the fixture using them",
+    "moto": "the S3 fixtures: optional (casframe[test]), loaded by the fixture using them",
+    "logging": "the moto server fixture quiets its logger: the pytest plugin stays cheap",
+    "urllib": "the moto server fixture's reset call: the pytest plugin stays cheap",
+    "tomllib": "compiles its regular expressions on import: only when there is a config file",
+    "importlib": "importlib.metadata: the slow path the entry-point cache exists to avoid",
+}
+
+
+def _python_files(root: Path) -> Iterator[Path]:
+    for path in sorted(root.rglob("*.py")):
+        if "_protos" not in path.parts:  # generated code
+            yield path
+
+
+def _function_level_imports(path: Path) -> Iterator[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for inner in ast.walk(node):
+            if isinstance(inner, ast.Import):
+                for alias in inner.names:
+                    yield inner.lineno, alias.name
+            elif isinstance(inner, ast.ImportFrom):
+                module = inner.module or ""
+                yield inner.lineno, "." * inner.level + module
+
+
+def test_no_function_level_imports_in_casframe(tmp_path: Path) -> None:
+    # The check itself sees an import inside a function, and the exceptions are no casframe
+    # module.
+    probe = tmp_path / "late.py"
+    probe.write_text("def f():\n    from casframe.tree import walk\n    return walk\n")
+    assert list(_function_level_imports(probe)) == [(2, "casframe.tree")]
+    assert not any(name.startswith("casframe") for name in DEFERRED_IMPORTS)
+
+    found = [
+        f"{path.relative_to(ROOT)}:{line}: import of {module}"
+        for path in _python_files(CASFRAME)
+        for line, module in _function_level_imports(path)
+        if module.split(".")[0] not in DEFERRED_IMPORTS
+    ]
+    assert not found, "imports inside functions:\n" + "\n".join(found)
+
+
+def _imported_modules(path: Path) -> Iterator[tuple[int, str]]:
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            yield node.lineno, node.module
+
+
+def test_plugins_import_no_private_casframe_module() -> None:
+    private = [
+        f"{path.relative_to(ROOT)}:{line}: {module}"
+        for path in _python_files(PLUGINS)
+        for line, module in _imported_modules(path)
+        if module.split(".")[0] == "casframe"
+        and any(part.startswith("_") for part in module.split(".")[1:])
+    ]
+    assert not private, "plugins importing private casframe modules:\n" + "\n".join(private)
+
+
+def test_the_store_and_its_algorithms_load_without_protobuf() -> None:
+    """Opening a store and reading refs (``casframe ref list``) loads no message classes:
+    the generated modules are loaded by the code that builds a message, on first use."""
+    code = (
+        "import sys\n"
+        "import casframe.store, casframe.maintenance, casframe.transfer, casframe.refkinds\n"
+        "import casframe.reapi\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('google', 'grpc', "
+        "'casframe._protos')))\n"
+        "print(loaded)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]"
