@@ -17,7 +17,6 @@ import io
 import os
 import stat
 from collections.abc import Callable, Collection, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, BinaryIO
 
 from casframe.digest import CHUNK_SIZE, Digest, Hasher
@@ -28,10 +27,16 @@ from casframe.errors import (
     InvalidDigestError,
     UnsupportedOperationError,
 )
+from casframe.lazy import lazy_module
 from casframe.spi import BlobStore, BlobWriter, Capability
 
 if TYPE_CHECKING:
+    import concurrent.futures as futures
+    from concurrent.futures import ThreadPoolExecutor
+
     from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
+else:
+    futures = lazy_module("concurrent.futures")  # with logging: only once threads are used
 
 __all__ = ["VerifiedBlobs", "VerifiedUpload", "VerifyingReader"]
 
@@ -156,7 +161,7 @@ class VerifiedBlobs:
 
     def executor(self) -> ThreadPoolExecutor:
         """A thread pool sized for this backend."""
-        return ThreadPoolExecutor(max_workers=self.backend.limits.max_concurrency)
+        return futures.ThreadPoolExecutor(max_workers=self.backend.limits.max_concurrency)
 
     def find_missing(self, digests: Iterable[Digest], *, freshen: bool = False) -> set[Digest]:
         """The subset of ``digests`` not stored here (the empty blob is never missing).

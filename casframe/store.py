@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Collection, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, BinaryIO
 
 from casframe.blobs import VerifiedBlobs, VerifiedUpload, VerifyingReader
-from casframe.checkout import checkout as checkout_tree
 from casframe.digest import Digest, looks_like_digest
 from casframe.errors import (
     BlobNotFoundError,
@@ -22,7 +20,7 @@ from casframe.errors import (
     RefConflictError,
     RefNotFoundError,
 )
-from casframe.maintenance import DuReport, FsckReport, GcReport, PruneReport, du, fsck, gc, prune
+from casframe.lazy import lazy_module
 from casframe.names import validate_ref_name
 from casframe.refkinds import RESERVED_REF_NAMESPACES, refs_by_use, writable_ref_name
 from casframe.spi import (
@@ -33,24 +31,31 @@ from casframe.spi import (
     RefStore,
     require_capabilities,
 )
-from casframe.transfer import TransferResult, transfer
-from casframe.tree import (
-    TreeEntry,
-    closure,
-    import_directory,
-    list_directory,
-    lookup_file,
-    lookup_subdir,
-    missing_in_tree,
-    walk,
-)
-from casframe.treediff import Change, TreeDiff, diff_trees, iter_diff
 from casframe.treesize import TreeLimits
 from casframe.workers.settings import DEFAULT_JOBS
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from casframe import checkout as _checkout
+    from casframe import maintenance as _maintenance
+    from casframe import transfer as _transfer
+    from casframe import tree as _tree
+    from casframe import treediff as _treediff
     from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
+    from casframe.maintenance import DuReport, FsckReport, GcReport, PruneReport
     from casframe.progress import Progress
+    from casframe.transfer import TransferResult
+    from casframe.tree import TreeEntry
+    from casframe.treediff import Change, TreeDiff
+else:
+    # The algorithms behind the methods, each imported when one of its methods is first
+    # called: a command that only reads refs (casframe ref list) does not import them all.
+    _checkout = lazy_module("casframe.checkout")
+    _maintenance = lazy_module("casframe.maintenance")
+    _transfer = lazy_module("casframe.transfer")
+    _tree = lazy_module("casframe.tree")
+    _treediff = lazy_module("casframe.treediff")
 
 # VerifiedUpload and VerifyingReader live in casframe.blobs; they are named here too, where
 # they were first published.
@@ -209,7 +214,7 @@ class Store:
         ``jobs``: processes to use when the tree is large enough (default: :attr:`jobs`).
         """
 
-        return import_directory(
+        return _tree.import_directory(
             self.verified, path, progress=progress, stat_cache=stat_cache,
             jobs=self.jobs if jobs is None else jobs,
         )
@@ -236,7 +241,7 @@ class Store:
         """
 
         limits = self.tree_limits.with_overrides(max_tree_entries, max_tree_bytes)
-        checkout_tree(
+        _checkout.checkout(
             self.verified, self.resolve(tree), dest, link=link, progress=progress, limits=limits,
             jobs=self.jobs if jobs is None else jobs,
         )
@@ -252,7 +257,7 @@ class Store:
         """What changed from tree ``a`` to tree ``b`` (see :meth:`iter_diff`)."""
 
         limits = self.tree_limits.with_overrides(max_tree_entries)
-        return diff_trees(
+        return _treediff.diff_trees(
             self.verified, self.resolve(a), self.resolve(b), subdir=subdir, limits=limits
         )
 
@@ -269,14 +274,14 @@ class Store:
         :class:`~casframe.errors.TreeTooLargeError` before the first one."""
 
         limits = self.tree_limits.with_overrides(max_tree_entries)
-        return iter_diff(
+        return _treediff.iter_diff(
             self.verified, self.resolve(a), self.resolve(b), subdir=subdir, limits=limits
         )
 
     def subdir(self, tree: Digest | str, path: str) -> Digest:
         """The digest of the Directory at ``path`` inside ``tree``."""
 
-        return lookup_subdir(self.verified, self.resolve(tree), path)
+        return _tree.lookup_subdir(self.verified, self.resolve(tree), path)
 
     def walk(
         self, tree: Digest | str, path: str = "", *, max_tree_entries: int | None = None
@@ -288,24 +293,24 @@ class Store:
         """
 
         limits = self.tree_limits.with_overrides(max_tree_entries)
-        return walk(self.verified, self.resolve(tree), path, limits=limits)
+        return _tree.walk(self.verified, self.resolve(tree), path, limits=limits)
 
     def ls(self, tree: Digest | str, path: str = "") -> list[TreeEntry]:
         """The entries directly inside ``path`` of ``tree``."""
 
-        return list_directory(self.verified, self.resolve(tree), path)
+        return _tree.list_directory(self.verified, self.resolve(tree), path)
 
     def open_file(self, tree: Digest | str, path: str) -> BinaryIO:
         """Open the file at ``path`` inside ``tree`` (verified stream)."""
 
-        entry = lookup_file(self.verified, self.resolve(tree), path)
+        entry = _tree.lookup_file(self.verified, self.resolve(tree), path)
         assert entry.digest is not None
         return self.open_read(entry.digest)
 
     def tree_digests(self, tree: Digest | str) -> Iterator[Digest]:
         """Every digest in a tree's closure (Directories and files), each once."""
 
-        return closure(self.verified, self.resolve(tree))
+        return _tree.closure(self.verified, self.resolve(tree))
 
     # -- refs -------------------------------------------------------------------------------
 
@@ -339,7 +344,7 @@ class Store:
         if check_complete:
             writable_ref_name(name)  # a tree: never under the server's own namespaces
             self._refuse_conflict(name)
-            missing = missing_in_tree(self.verified, digest, freshen=True)
+            missing = _tree.missing_in_tree(self.verified, digest, freshen=True)
             if missing:
                 raise BlobNotFoundError(missing, f"{self.url} (tree {digest} is incomplete)")
         else:
@@ -386,7 +391,7 @@ class Store:
         progress: Progress | None = None,
     ) -> TransferResult:
         """Copy a tree's closure to ``dest``; set ``ref`` there (default: the ref pushed)."""
-        return _transfer(self, dest, tree, ref, progress)
+        return _transfer_between(self, dest, tree, ref, progress)
 
     def pull(
         self,
@@ -397,7 +402,7 @@ class Store:
         progress: Progress | None = None,
     ) -> TransferResult:
         """Copy a tree's closure from ``source`` into this store."""
-        return _transfer(source, self, tree, ref, progress)
+        return _transfer_between(source, self, tree, ref, progress)
 
     # -- maintenance ------------------------------------------------------------------------
 
@@ -406,7 +411,7 @@ class Store:
         progress: Progress | None = None,
     ) -> PruneReport:
         """Delete blobs no ref reaches that are older than ``grace_period`` seconds."""
-        return prune(
+        return _maintenance.prune(
             self.verified, self.refs, grace_period=grace_period, dry_run=dry_run,
             progress=progress,
         )
@@ -416,25 +421,25 @@ class Store:
         grace_period: float = 3600.0, dry_run: bool = False, progress: Progress | None = None,
     ) -> GcReport:
         """Expire least recently used refs while over ``max_size``, then prune."""
-        return gc(
+        return _maintenance.gc(
             self.verified, self.refs, max_size=max_size, low_watermark=low_watermark, keep=keep,
             grace_period=grace_period, dry_run=dry_run, progress=progress,
         )
 
     def fsck(self, *, repair: bool = False, progress: Progress | None = None) -> FsckReport:
         """Verify every blob and every ref's tree; with ``repair``, delete corrupt blobs."""
-        return fsck(self.verified, self.refs, repair=repair, progress=progress)
+        return _maintenance.fsck(self.verified, self.refs, repair=repair, progress=progress)
 
     def du(self, *, progress: Progress | None = None) -> DuReport:
         """Total size and object count; per ref its total and exclusive size."""
-        return du(self.verified, self.refs, progress=progress)
+        return _maintenance.du(self.verified, self.refs, progress=progress)
 
     def executor(self) -> ThreadPoolExecutor:
         """A thread pool sized for this backend."""
         return self.verified.executor()
 
 
-def _transfer(
+def _transfer_between(
     source: Store, dest: Store, tree: Digest | str, ref: str | None, progress: Progress | None
 ) -> TransferResult:
     """Copy ``tree`` (a digest, or a ref name in ``source``, then also the default ``ref``)
@@ -447,7 +452,7 @@ def _transfer(
         root = tree
     if ref is not None:
         writable_ref_name(ref)  # a tree: never under the server's own namespaces
-    result = transfer(source.verified, dest.verified, root, ref=ref, progress=progress)
+    result = _transfer.transfer(source.verified, dest.verified, root, ref=ref, progress=progress)
     if ref is not None:
         dest.set_ref(ref, root, check_complete=False)
     return result
