@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from casframe_local.store import LocalBlobStore
+from casframe_local.blobs import LocalBlobStore
 from click.testing import CliRunner, Result
 from google.rpc import error_details_pb2, status_pb2
 from hostile_helpers import ServerProcess, fill_up, serve_process, tmpfs

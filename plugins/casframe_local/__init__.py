@@ -14,8 +14,9 @@ large cost in speed).
 
 from casframe import BackendRegistry, hookimpl
 
-# The stores live in casframe_local.store, imported when a file:// store is first opened:
-# loading the plugin (every command does) costs nothing more.
+# The factory lives in casframe_local.store (the stores in casframe_local.blobs and .refs),
+# imported when a file:// store is first opened: loading the plugin (every command does) costs
+# nothing more.
 
 
 @hookimpl
