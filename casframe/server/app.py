@@ -30,7 +30,10 @@ from casframe.compression import DEFAULT_LEVEL, DEFAULT_MAX_WINDOW
 from casframe.errors import ConfigError, MissingDependencyError
 from casframe.plugins import each_plugin, get_plugin_manager
 from casframe.readonly import read_only_view
+from casframe.server.actioncache import ActionCacheService
 from casframe.server.bytestream import ByteStreamService, add_bytestream_to_server
+from casframe.server.capabilities import CapabilitiesService
+from casframe.server.cas import CasService
 from casframe.server.interceptors import (
     StreamLimitInterceptor,
     StreamSlots,
@@ -38,14 +41,8 @@ from casframe.server.interceptors import (
 )
 from casframe.server.names import Instances
 from casframe.server.observe import CallObserverInterceptor, CallSink, RequestLogSink
-from casframe.server.services import (
-    ActionCacheService,
-    CapabilitiesService,
-    CasService,
-    FetchService,
-    PushService,
-    ReferenceStorageService,
-)
+from casframe.server.refstorage import ReferenceStorageService
+from casframe.server.remoteasset import FetchService, PushService
 from casframe.server.settings import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_STREAMS,

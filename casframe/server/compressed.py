@@ -34,7 +34,7 @@ SERVED_COMPRESSORS: tuple[re_pb2.Compressor.Value, ...] = tuple(
     re_pb2.Compressor.Value.Value(name.upper()) for name in COMPRESSOR_VALUES if name != IDENTITY
 )
 # Bytes a compressed read entry must save to be sent compressed: its compressor field costs
-# two, and the reply's size bounds (casframe.server.services) count entries uncompressed.
+# two, and the reply's size bounds (casframe.server.cas) count entries uncompressed.
 _LEAST_SAVING = 16
 
 

@@ -274,6 +274,21 @@ def _observed(
             return observed, observed.decoded_async(request)
         return observed, observed.decoded_sync(request)
 
+    return _FACTORIES[streams_in, streams_out](
+        _observing(behavior, streams_out, begin),
+        request_deserializer=_sized_decoder(handler.request_deserializer),
+        response_serializer=None,
+    )
+
+
+def _observing(
+    behavior: Callable[..., Any],
+    streams_out: bool,
+    begin: Callable[[Any, Any], tuple[_ObservedCall, Any]],
+) -> Callable[..., Any]:
+    """A behaviour of the same kind as ``behavior`` (sync or async, unary or streaming reply)
+    that starts the call with ``begin``, encodes each response and ends the call however the
+    behaviour ends."""
     wrapped: Callable[..., Any]
     if inspect.isasyncgenfunction(behavior):
 
@@ -332,11 +347,7 @@ def _observed(
             return data
 
         wrapped = call
-
-    return _FACTORIES[streams_in, streams_out](
-        wrapped, request_deserializer=_sized_decoder(handler.request_deserializer),
-        response_serializer=None,
-    )
+    return wrapped
 
 
 class RequestLogSink:

@@ -1,0 +1,84 @@
+"""The values of the backend contract (:mod:`casframe.spi`): the records a backend lists
+(:class:`BlobInfo`, :class:`StrayEntry`, :class:`RefInfo`) and the limits it declares for how
+hard the core drives it (:class:`BlobLimits`).
+
+Backends import these names from :mod:`casframe.spi`, which re-exports them; this module holds
+plain frozen values only, and must never import a backend or anything above the contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from casframe.digest import Digest
+from casframe.errors import BackendContractError
+
+__all__ = ["BlobInfo", "BlobLimits", "RefInfo", "StrayEntry"]
+
+
+@dataclass(frozen=True, slots=True)
+class BlobLimits:
+    """How hard the core drives a backend: one frozen object, ``BlobStore.limits``.
+
+    A backend sets it on the class (``limits = BlobLimits(max_concurrency=2)``) or, when the
+    numbers depend on the store's options, on the instance in ``__init__``.
+    """
+
+    #: Digests in one ``find_missing_blobs`` (and ``freshen_blobs``) call at most.
+    max_batch_digests: int = 10_000
+    #: A hint: the payload the core aims to group into one ``read_blobs``/``write_blobs``
+    #: call. Calls may carry more; a backend with a hard request limit splits them itself.
+    max_batch_bytes: int = 4 << 20
+    #: Threads the core uses at once against this backend (I/O-bound backends want more).
+    max_concurrency: int = 4
+    #: Regular files of at least this many bytes are hashed before they are stored, and then
+    #: written through ``begin_write_for``, so that a backend that cannot rename (S3) sends
+    #: them straight to their final name instead of staging them. ``None``: never, every
+    #: file is read once, as it is stored.
+    prehash_min_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_digests", "max_batch_bytes", "max_concurrency"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise BackendContractError(
+                    f"BlobLimits.{name} must be a positive int, not {value!r}"
+                )
+        size = self.prehash_min_size
+        if size is not None and (type(size) is not int or size < 0):
+            raise BackendContractError(
+                f"BlobLimits.prehash_min_size must be None or an int of at least 0, not {size!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """One stored blob as listed by ``iter_blobs``; ``mtime`` is seconds since the epoch."""
+
+    digest: Digest
+    mtime: float
+
+
+@dataclass(frozen=True, slots=True)
+class StrayEntry:
+    """Something in a store's blob area that is not a blob, as listed by ``iter_strays``.
+
+    A folder or a link named like an object, a file whose name is not a hash, a key that is
+    not an object key: left there by hand, by a sync tool or by another program. Nothing
+    casframe does reads, counts or deletes it; fsck reports it as a warning.
+    """
+
+    #: Where it is, relative to the store (``objects/ab/cdef…``, a path or an object key).
+    name: str
+    #: What it is, for a message: ``a directory, not an object``, ``a file whose name is not
+    #: a hash``, ``a key that is not an object key``...
+    what: str
+
+
+@dataclass(frozen=True, slots=True)
+class RefInfo:
+    """One ref as listed by ``RefStore.list_refs``; ``accessed`` is seconds since the epoch."""
+
+    name: str
+    digest: Digest
+    accessed: float

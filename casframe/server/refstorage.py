@@ -1,0 +1,42 @@
+"""BuildStream's ReferenceStorage service: keys are refs of the same name, each pointing at a
+complete Directory tree."""
+
+from __future__ import annotations
+
+import grpc
+
+from casframe._protos.buildstream.v2 import buildstream_pb2, buildstream_pb2_grpc
+from casframe.refkinds import writable_ref_name
+from casframe.server.errors import StatusError, rpc_method
+from casframe.server.servicebase import ServicerBase, parse_digest
+
+__all__ = ["ReferenceStorageService"]
+
+
+class ReferenceStorageService(ServicerBase, buildstream_pb2_grpc.ReferenceStorageServicer):
+    @rpc_method
+    def GetReference(  # noqa: N802 - gRPC method name
+        self, request: buildstream_pb2.GetReferenceRequest, context: grpc.ServicerContext
+    ) -> buildstream_pb2.GetReferenceResponse:
+        self._check(request.instance_name)
+        digest = self._get_ref(request.key, f"ref {request.key}")
+        return buildstream_pb2.GetReferenceResponse(digest=digest.to_proto())
+
+    @rpc_method
+    def UpdateReference(  # noqa: N802 - gRPC method name
+        self, request: buildstream_pb2.UpdateReferenceRequest, context: grpc.ServicerContext
+    ) -> buildstream_pb2.UpdateReferenceResponse:
+        self._check(request.instance_name)
+        self._check_writable()
+        if not request.keys:
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "no keys to update")
+        keys = [writable_ref_name(key) for key in request.keys]
+        self._set_tree_ref(keys, parse_digest(request.digest), "UpdateReference")
+        return buildstream_pb2.UpdateReferenceResponse()
+
+    @rpc_method
+    def Status(  # noqa: N802 - gRPC method name
+        self, request: buildstream_pb2.StatusRequest, context: grpc.ServicerContext
+    ) -> buildstream_pb2.StatusResponse:
+        self._check(request.instance_name)
+        return buildstream_pb2.StatusResponse(allow_updates=not self.settings.read_only)

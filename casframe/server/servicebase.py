@@ -1,0 +1,111 @@
+"""What every REAPI servicer over one :class:`casframe.store.Store` shares: the store, the
+settings, the served instance names, and the checks each call starts with.
+
+The services themselves each have their module: :mod:`casframe.server.capabilities`,
+:mod:`casframe.server.cas`, :mod:`casframe.server.actioncache`,
+:mod:`casframe.server.remoteasset` (Remote Asset Fetch and Push),
+:mod:`casframe.server.refstorage` (BuildStream's ReferenceStorage) and
+:mod:`casframe.server.bytestream`.
+
+Each servicer checks the instance name, the digest function and read-only mode, then calls the
+Store; every upload goes through the Store's verified write paths, so nothing unverified ever
+becomes visible. Errors are raised, never returned, and become statuses in
+:mod:`casframe.server.errors`.
+
+Where things are kept (all in the Store's refs, so every backend gets them and several servers
+over one bucket agree):
+
+* action results: ref ``ac/{instance or _}/{hash}/{size}`` → the ActionResult message, stored as
+  a blob;
+* Remote Asset ``casframe:ref/NAME`` → the ref ``NAME`` itself (a Directory tree);
+* BuildStream 1.6's ``urn:fdc:buildstream.build:2020:v1:KEY`` directories → the ref ``KEY``,
+  the same ref BuildStream 1.4 reads and writes through ReferenceStorage;
+* any other Remote Asset URI → ref ``asset/{blob|directory}/{sha256 of instance, URI and
+  qualifiers}``, or ``asset/held/{blob|directory}/{…}`` when pushed with references
+  (:mod:`casframe.server.assets`);
+* ReferenceStorage keys → refs of the same name.
+
+Refs are store-wide: every instance sees the same refs; the action cache and generic Remote
+Asset entries are per instance.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import grpc
+
+from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from casframe.digest import Digest
+from casframe.errors import InvalidDigestError
+from casframe.server.errors import StatusError, missing_blobs_error
+from casframe.server.names import Instances, check_digest_function
+from casframe.server.settings import ServerSettings
+from casframe.store import Store
+from casframe.tree import missing_in_tree
+
+__all__ = ["SHA256", "ServicerBase", "parse_digest"]
+
+
+log = logging.getLogger("casframe.server")
+
+#: The one digest function this server serves.
+SHA256 = re_pb2.DigestFunction.SHA256
+
+
+class ServicerBase:
+    """What every servicer shares: the store (refs; ``blobs``, its verified-blob layer, for
+    content), the settings and the served instance names."""
+
+    def __init__(self, store: Store, settings: ServerSettings, instances: Instances) -> None:
+        self.store = store
+        self.blobs = store.verified
+        self.settings = settings
+        self.instances = instances
+
+    def _check(self, instance: str, digest_function: int = 0) -> str:
+        check_digest_function(digest_function)
+        return self.instances.check(instance)
+
+    def _check_writable(self) -> None:
+        if self.settings.read_only:
+            raise StatusError(grpc.StatusCode.PERMISSION_DENIED, "this server is read-only")
+
+    def _get_ref(
+        self,
+        name: str,
+        what: str,
+        lookup: Callable[[Store, str], Digest] = Store.get_ref,
+    ) -> Digest:
+        """The digest a ref holds (found by ``lookup``); a damaged ref is the server's
+        ``DATA_LOSS``, not the client's ``INVALID_ARGUMENT``, and its details (where it is
+        stored) go to the log."""
+        try:
+            return lookup(self.store, name)
+        except InvalidDigestError as exc:
+            log.error("damaged ref %s: %s", name, exc)
+            raise StatusError(
+                grpc.StatusCode.DATA_LOSS,
+                f"{what} is damaged in the server's store; set it again "
+                "(the server log has the details)",
+            ) from None
+
+    def _set_tree_ref(self, names: Iterable[str], root: Digest, what: str) -> None:
+        """Point refs at a tree after checking, once, that the whole tree is stored."""
+        # Freshen while checking: prune's grace period then covers the tree from here on.
+        missing = missing_in_tree(self.blobs, root, freshen=True)
+        if missing:
+            raise missing_blobs_error(
+                grpc.StatusCode.FAILED_PRECONDITION, f"{what}: tree {root} is incomplete", missing
+            )
+        for name in names:
+            self.store.set_ref(name, root, check_complete=False)
+
+
+def parse_digest(message: re_pb2.Digest, what: str = "digest") -> Digest:
+    """The digest a request field carries; an invalid one is refused naming ``what``."""
+    try:
+        return Digest.from_proto(message)
+    except InvalidDigestError as exc:
+        raise InvalidDigestError(f"invalid {what}: {exc}") from None
