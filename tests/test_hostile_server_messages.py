@@ -28,17 +28,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from google.rpc import status_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
+from server_processes import ClientStubs
 
 from casframe import BackendUnavailableError, ConfigError, Digest, Store, layout, open_store
 from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
-from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casframe._protos.buildstream.v2 import buildstream_pb2 as bs_pb2
-from casframe._protos.buildstream.v2 import buildstream_pb2_grpc as bs_grpc
 from casframe._protos.google.bytestream import bytestream_pb2 as byte_pb2
-from casframe._protos.google.bytestream import bytestream_pb2_grpc as byte_grpc
 from casframe.server import Server
 from casframe.server.errors import client_message
 from casframe.testing import failing_writes, random_bytes, write_files
@@ -61,18 +58,11 @@ class Outcome:
     messages: list[str] = field(default_factory=list)
 
 
-class Client:
+class Client(ClientStubs):
     """Every service of one server, each call recorded as an :class:`Outcome`."""
 
     def __init__(self, channel: grpc.Channel) -> None:
-        self.caps = re_grpc.CapabilitiesStub(channel)
-        self.cas = re_grpc.ContentAddressableStorageStub(channel)
-        self.ac = re_grpc.ActionCacheStub(channel)
-        self.bytestream = byte_grpc.ByteStreamStub(channel)
-        self.fetch = ra_grpc.FetchStub(channel)
-        self.push = ra_grpc.PushStub(channel)
-        self.refs = bs_grpc.ReferenceStorageStub(channel)
-        self.health = health_pb2_grpc.HealthStub(channel)
+        self.attach_stubs(channel)
         self.outcomes: list[Outcome] = []
 
     def call(self, what: str, method: Callable[..., object], request: object) -> Outcome:
