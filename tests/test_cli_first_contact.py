@@ -349,3 +349,17 @@ def test_help_lists_each_builtin_command_as_the_command_describes_itself() -> No
     assert re.search(
         r"\n  serve +Serve STORE \(a URL or a configured store name\) to REAPI", listed.stdout
     ), listed.stdout
+
+
+@pytest.mark.parametrize("args", [["ref", "list"], ["ref", "get", "build/1"]], ids=" ".join)
+def test_reading_refs_imports_no_algorithm_behind_the_store(
+    tmp_path: Path, args: list[str]
+) -> None:
+    """Store names its algorithms lazily: a command that only reads refs imports none of them,
+    nor the thread pool they use."""
+    modules = set(_last_line_of_script(_IMPORTED_MODULES, tmp_path, args).split()[1:])
+    assert "casframe.store" in modules
+    algorithms = {"casframe.tree", "casframe.treeimport", "casframe.checkout",
+                  "casframe.treediff", "casframe.transfer", "casframe.maintenance",
+                  "concurrent.futures"}
+    assert modules & algorithms == set()

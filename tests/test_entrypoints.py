@@ -226,3 +226,13 @@ def test_user_dirs_match_platformdirs(
         else platformdirs.user_config_dir("casframe")
     )
     assert user_dir(kind) == expected  # type: ignore[arg-type]
+
+
+def test_each_import_path_keeps_its_own_file(
+    site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command run from another folder (another first entry of sys.path) does not replace
+    the answer remembered for this one."""
+    here = _cache()
+    monkeypatch.syspath_prepend(str(tmp_path / "elsewhere"))
+    assert _cache() != here
