@@ -156,8 +156,7 @@ def call_sinks(stack: contextlib.ExitStack, store: Store, observers: Observers) 
 def check_access_log(target: str) -> None:
     """Open and close the access log ``target``: an error that would stop every worker is
     then one line of the supervisor's."""
-    with accesslog.AccessLog.open(target):
-        pass
+    accesslog.AccessLog(target).close()  # opens the file; no writer thread is started
 
 
 @contextlib.contextmanager
