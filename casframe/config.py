@@ -65,7 +65,7 @@ PROJECT_FILE = "casframe.toml"
 DEFAULT_REMOTE_TIMEOUT = 10.0
 
 # Store and remote names are single words so that they never look like a path or a URL.
-_STORE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_STORE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # compiled by re on first use
 _TOP_LEVEL_KEYS = {"default_store", "stores", "remotes"}
 _PROJECT_KEYS = {"remotes"}
 _STORE_KEYS = ("url", "options")
@@ -329,7 +329,7 @@ def _named_tables(
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: '{section}' must be a table of [{section}.NAME] tables")
     for name, table in raw.items():
-        if not _STORE_NAME.fullmatch(name):
+        if not re.fullmatch(_STORE_NAME, name):
             raise ConfigError(
                 f"{path}: invalid {kind} name {name!r}: use letters, digits, '_', '.' and '-', "
                 "starting with a letter or digit"

@@ -19,8 +19,7 @@ Prune must never read a blob ref as a Directory, nor miss an output an action re
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from casframe import _messages
 from casframe.actions import ActionOutputs, tree_files
@@ -158,9 +157,11 @@ def action_result_outputs(
 # -- tolerant: prune, gc, du and fsck ------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Node:
-    """What a Directory names: its subdirectories and its (non-empty) files."""
+class _Node(NamedTuple):
+    """What a Directory names: its subdirectories and its (non-empty) files.
+
+    A named tuple, not a dataclass: every command that reads refs imports this module, and a
+    dataclass costs several times more to define."""
 
     subdirs: list[Digest]
     files: list[BlobKey]

@@ -16,9 +16,9 @@ __all__ = ["format_count", "format_size", "parse_duration", "parse_size"]
 
 _BINARY = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-_SIZE_RE = re.compile(
-    r"(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[kmgt]?)(?P<suffix>ib|b)?", re.IGNORECASE
-)
+# Patterns are compiled by ``re`` on first use (and cached there), not when the module loads:
+# every command imports this module, few parse a size.
+_SIZE = r"(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[kmgt]?)(?P<suffix>ib|b)?"
 _EXAMPLES = "e.g. 500M, 10GiB, 20kB or 1.5G"
 _PRINTED = ("KiB", "MiB", "GiB", "TiB")
 
@@ -33,7 +33,7 @@ def parse_size(text: str | int) -> int:
         if text < 0:
             raise ValueError(f"invalid size {text!r}: must not be negative")
         return text
-    match = _SIZE_RE.fullmatch(str(text).strip())
+    match = re.fullmatch(_SIZE, str(text).strip(), re.IGNORECASE)
     if match is None:
         raise ValueError(
             f"invalid size {text!r}: expected a number of bytes with an optional K, M, G or T "
@@ -64,8 +64,8 @@ def format_count(count: int, noun: str, plural: str = "") -> str:
 
 
 _DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhdw]?)", re.IGNORECASE)
-_DURATION_RE = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)\s*[smhdw]?\s*)+", re.IGNORECASE)
+_DURATION_PART = r"(\d+(?:\.\d*)?|\.\d+)\s*([smhdw]?)"
+_DURATION = r"(?:(?:\d+(?:\.\d*)?|\.\d+)\s*[smhdw]?\s*)+"
 
 
 def parse_duration(text: str | float) -> float:
@@ -75,12 +75,12 @@ def parse_duration(text: str | float) -> float:
             raise ValueError(f"invalid duration {text!r}: must not be negative")
         return float(text)
     stripped = str(text).strip()
-    if not stripped or _DURATION_RE.fullmatch(stripped) is None:
+    if not stripped or re.fullmatch(_DURATION, stripped, re.IGNORECASE) is None:
         raise ValueError(
             f"invalid duration {text!r}: expected seconds or a number with a unit s, m, h, d "
             "or w, e.g. 30s, 10m, 1h or 0"
         )
     return sum(
         float(number) * _DURATION_UNITS[unit.lower()]
-        for number, unit in _DURATION_PART.findall(stripped)
+        for number, unit in re.findall(_DURATION_PART, stripped, re.IGNORECASE)
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import traceback
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,9 +30,12 @@ from casframe.errors import CasframeError
 from casframe.lazy import lazy_module
 
 if TYPE_CHECKING:
+    import traceback
+
     from casframe import plugins
 else:  # pluggy and the entry points load once a command is looked up, never for --version
     plugins = lazy_module("casframe.plugins")
+    traceback = lazy_module("traceback")  # for --debug's tracebacks only
 
 __all__ = [
     "BUILTIN_COMMANDS",

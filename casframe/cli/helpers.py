@@ -9,16 +9,21 @@ standard library only.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import IO, Any, BinaryIO, cast
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
 import click
 
 from casframe.cli.app import App
+from casframe.lazy import lazy_module
 from casframe.units import format_count, format_size, parse_size
+
+if TYPE_CHECKING:
+    import json
+else:  # only --json output needs it
+    json = lazy_module("json")
 
 __all__ = [
     "EXIT_ERROR",
