@@ -60,7 +60,11 @@ def _check(status, what: str) -> None:
 
 def _capture(local_cas, local_cas_pb2, re_pb2, source: str) -> dict[str, str]:
     response = local_cas.CaptureTree(
-        local_cas_pb2.CaptureTreeRequest(path=[os.path.abspath(source)], skip_upload=True),
+        local_cas_pb2.CaptureTreeRequest(
+            path=[os.path.abspath(source)], skip_upload=True,
+            # The root Directory's digest too, not only the Tree message's.
+            output_directory_format=re_pb2.Command.OutputDirectoryFormat.TREE_AND_DIRECTORY,
+        ),
         timeout=_CALL_TIMEOUT,
     )
     (answer,) = response.responses

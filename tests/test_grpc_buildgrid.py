@@ -26,6 +26,7 @@ from casframe import (
     BlobNotFoundError,
     Digest,
     Store,
+    UnsupportedDigestFunctionError,
     UnsupportedOperationError,
     open_store,
 )
@@ -264,3 +265,16 @@ def test_compression_option_falls_back_to_plain_transfers(buildgrid: BuildGrid, 
         wire = blobs.wire
         assert wire.wire_sent == wire.content_sent > len(text)
         assert wire.wire_received == wire.content_received > LARGE_FILE_SIZE
+
+
+def test_a_digest_function_buildgrid_does_not_offer_is_refused_on_open(
+    buildgrid: BuildGrid,
+) -> None:
+    # This configuration hashes with SHA-256 only: a BLAKE3 store is refused before any
+    # transfer, in one line naming what the server offers.
+    with pytest.raises(UnsupportedDigestFunctionError) as info:
+        open_store(buildgrid.url(), digest_function="blake3")
+    assert str(info.value) == (
+        f"grpc://127.0.0.1:{buildgrid.port} does not store BLAKE3 digests (it offers SHA256); "
+        "open it with one of those as digest_function"
+    )

@@ -352,7 +352,7 @@ def test_digests_of_the_wrong_length_for_the_function_are_refused(served: Served
     ("blobs/SHA256/{h}/1", "unknown digest function 'SHA256'"),
     ("compressed-blobs/zstd/vso/{h}/1", "digest function 'vso' of the resource name"),
     ("blobs/blake3/{h}", "malformed resource name"),
-    ("blobs/blake3/{h}/1/2", "malformed resource name"),
+    ("blobs/blake3/{h}/1/2", "malformed resource name"),  # uploads may add metadata: read only
 ])
 def test_resource_names_with_bad_functions_are_refused(served: Served, name: str,
                                                        message: str) -> None:
@@ -361,6 +361,8 @@ def test_resource_names_with_bad_functions_are_refused(served: Served, name: str
     error = rpc_error(grpc.StatusCode.INVALID_ARGUMENT, served.bytestream.Read,
                       byte_pb2.ReadRequest(resource_name=resource))
     assert message in error.details()
+    if resource.endswith("/1/2"):
+        return
     upload = f"uploads/u/{resource}"
     rpc_error(grpc.StatusCode.INVALID_ARGUMENT, served.bytestream.Write,
               iter([byte_pb2.WriteRequest(resource_name=upload, data=b"x", finish_write=True)]))
