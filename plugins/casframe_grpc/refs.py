@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import grpc
 
 from casframe import (
+    SHA256,
     CasframeError,
     Digest,
     PermissionDeniedError,
@@ -131,11 +132,12 @@ class GrpcRefStore(RefStore):
         if fetched.status.code:
             raise translate_status(fetched.status.code, fetched.status.message,
                                    self.conn.where, "Fetch.FetchDirectory", ref=name)
-        if fetched.digest_function not in (0, self.conn.function.reapi_value):
+        # Remote Asset: an answer that names no function is SHA-256's.
+        answered = fetched.digest_function or SHA256.reapi_value
+        if answered != self.conn.function.reapi_value:
             raise RemoteProtocolError(
-                f"{self.conn.where} answered Fetch.FetchDirectory of ref {name} for "
-                f"{self.conn.function.name} with a digest of another function "
-                f"(DigestFunction {fetched.digest_function})"
+                f"{self.conn.where} answered Fetch.FetchDirectory of ref {name} with a digest "
+                f"of DigestFunction {answered}, not of {self.conn.function.name} as asked"
             )
         return answered_ref_digest(
             self.conn.where, "Fetch.FetchDirectory", name, fetched.root_directory_digest
