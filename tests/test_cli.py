@@ -341,7 +341,7 @@ def test_plugins_marks_blocked_plugins(run: Run, monkeypatch: pytest.MonkeyPatch
         (["ref", "get", "missing"], "ref not found", 1),
         (["ls", "missing/ref"], "ref not found", 1),
         (["get", "not-a-digest"], "expected HASH/SIZE", 1),
-        (["get", "abc/12"], "not a sha256 hex digest", 1),
+        (["get", "abc/12"], "not a hex digest", 1),
         (["get", f"{'0' * 64}/5"], "blob not found", 1),
         (["put", "no-such-file"], "no-such-file: No such file or directory", 1),
         (["import", "no-such-dir"], "no-such-dir: No such file or directory", 1),

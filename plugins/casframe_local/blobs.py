@@ -13,12 +13,15 @@ from typing import BinaryIO
 from urllib.parse import quote
 
 from casframe import (
+    DIGEST_FUNCTIONS,
+    SHA256,
     BlobLimits,
     BlobWriter,
     Capability,
     CasframeError,
     CorruptBlobError,
     Digest,
+    DigestFunction,
     UnsupportedOperationError,
     layout,
 )
@@ -102,8 +105,17 @@ class LocalBlobStore(LocalBlobMaintenance):
         }
     )
     limits = BlobLimits(max_concurrency=2)  # local disk and hashing: one thread per core
+    # Each function's blobs in their own folder (casframe.layout.function_folder).
+    digest_functions = frozenset(DIGEST_FUNCTIONS)
 
-    def __init__(self, root: str, *, fsync: bool = False) -> None:
+    def __init__(
+        self, root: str, *, fsync: bool = False, function: DigestFunction = SHA256
+    ) -> None:
+        #: The location's root; the blobs are in ``root`` (its folder for ``function``).
+        self.location = root
+        self.digest_function = function
+        folder = layout.function_folder(function)
+        root = os.path.join(root, folder) if folder else root
         self.root = root
         self.objdir = os.path.join(root, layout.OBJECTS)
         self.tmpdir = os.path.join(root, layout.TMP)
@@ -125,8 +137,12 @@ class LocalBlobStore(LocalBlobMaintenance):
         return f"file://{self.root}"
 
     def worker_spec(self) -> tuple[str, str]:
-        url = f"file://{quote(os.fsencode(self.root))}"
-        return "casframe_local.store:open_local_store", url + ("?fsync=true" if self.fsync else "")
+        url = f"file://{quote(os.fsencode(self.location))}"
+        query = [] if self.digest_function == SHA256 else [
+            f"digest_function={self.digest_function.name}"
+        ]
+        query += ["fsync=true"] if self.fsync else []
+        return "casframe_local.store:open_local_store", url + "?" * bool(query) + "&".join(query)
 
     # Uploads go to an unnamed file (O_TMPFILE) that is linked into objects/ once verified:
     # nothing to clean up after a crash, and one link instead of create + rename. Where the
@@ -271,7 +287,8 @@ class LocalBlobStore(LocalBlobMaintenance):
             try:
                 # Identity is (hash, size): an intact object of another size is not this blob.
                 # (A 0-byte object under any hash but the empty one is damaged, never a blob.)
-                if size and Digest.of_stream(stream) == Digest(digest.hash, size):
+                function = self.digest_function
+                if size and Digest.of_stream(stream, function) == Digest(digest.hash, size):
                     raise self._not_found(digest)
             finally:
                 stream.close()

@@ -252,7 +252,7 @@ class S3BlobStore(BlobStore):
             healthy = Digest(digest.hash, actual)
             try:
                 with self.open_blob(healthy) as stream:
-                    if Digest.of_stream(stream) == healthy:
+                    if Digest.of_stream(stream, self.digest_function) == healthy:
                         return self._not_found(digest)
             except (BlobNotFoundError, CorruptBlobError):
                 pass  # replaced meanwhile: report what was seen
