@@ -10,7 +10,8 @@ Starts ``buildbox-casd --bind=unix:SOCK --cas-remote=REMOTE_URL
 --digest-function=DIGEST_FUNCTION CACHE_DIR`` and waits until it answers. ``capture`` imports
 SRC_DIR (``CaptureTree``) and uploads the tree to the remote (``UploadTree``); ``fetch``
 downloads the tree of root ``HASH/SIZE`` from the remote (``FetchTree`` with its files) and
-stages it into DEST (``StageTree``, copied out before casd removes the staged tree). Prints one
+writes it into DEST from casd's local CAS (its ``cas/objects`` folder), so every blob of the
+tree must have reached casd. Prints one
 JSON object: ``root`` (``HASH/SIZE`` of the root Directory) and, for ``capture``, ``tree``
 (the Tree message's digest).
 """
@@ -19,10 +20,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -76,20 +75,35 @@ def _capture(local_cas, local_cas_pb2, re_pb2, source: str) -> dict[str, str]:
     return {"root": f"{root.hash}/{root.size_bytes}", "tree": f"{tree.hash}/{tree.size_bytes}"}
 
 
-def _fetch(local_cas, local_cas_pb2, re_pb2, digest: str, dest: str) -> dict[str, str]:
+def _object(cache: str, digest) -> bytes:
+    """A blob of casd's local CAS (``CACHE/cas/objects/{hash[:2]}/{hash[2:]}``)."""
+    with open(Path(cache, "cas", "objects", digest.hash[:2], digest.hash[2:]), "rb") as f:
+        return f.read()
+
+
+def _write_out(cache: str, re_pb2, digest, dest: Path) -> None:
+    """Write the tree of ``digest`` from casd's local CAS into ``dest``: proof that casd
+    fetched every blob of it."""
+    directory = re_pb2.Directory()
+    directory.ParseFromString(_object(cache, digest))
+    dest.mkdir()
+    for node in directory.files:
+        path = dest / node.name
+        path.write_bytes(_object(cache, node.digest))
+        path.chmod(0o755 if node.is_executable else 0o644)
+    for node in directory.symlinks:
+        (dest / node.name).symlink_to(node.target)
+    for node in directory.directories:
+        _write_out(cache, re_pb2, node.digest, dest / node.name)
+
+
+def _fetch(local_cas, local_cas_pb2, re_pb2, cache: str, digest: str,
+           dest: str) -> dict[str, str]:
     hash_, size = digest.split("/")
     root = re_pb2.Digest(hash=hash_, size_bytes=int(size))
     local_cas.FetchTree(local_cas_pb2.FetchTreeRequest(root_digest=root, fetch_file_blobs=True),
                         timeout=_CALL_TIMEOUT)
-    with tempfile.TemporaryDirectory() as scratch:
-        staged = Path(scratch) / "staged"
-        responses = local_cas.StageTree(
-            iter([local_cas_pb2.StageTreeRequest(root_digest=root, path=str(staged))]),
-            timeout=_CALL_TIMEOUT,
-        )
-        first = next(responses)
-        shutil.copytree(first.path, dest, symlinks=True)
-        responses.cancel()  # casd unstages the tree
+    _write_out(cache, re_pb2, root, Path(dest))
     return {"root": digest}
 
 
@@ -113,7 +127,7 @@ def main(argv: list[str]) -> int:
         if op == "capture":
             result = _capture(local_cas, local_cas_pb2, remote_execution_pb2, *args)
         elif op == "fetch":
-            result = _fetch(local_cas, local_cas_pb2, remote_execution_pb2, *args)
+            result = _fetch(local_cas, local_cas_pb2, remote_execution_pb2, cache, *args)
         else:
             raise SystemExit(f"unknown operation {op!r}")
         channel.close()
