@@ -17,6 +17,7 @@ offers. Each function's blobs and refs are those of
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import grpc
 
@@ -25,7 +26,7 @@ from casframe.digestfunctions import DIGEST_FUNCTIONS, SHA256, DigestFunction
 from casframe.server.errors import StatusError
 from casframe.store import Store
 
-__all__ = ["REAPI_FUNCTION_NAMES", "DigestFunctions"]
+__all__ = ["REAPI_FUNCTION_NAMES", "DigestFunctions", "reapi_value"]
 
 _UNSET = re_pb2.DigestFunction.UNKNOWN
 #: Every function REAPI names, as resource names spell them (lowercase), ``unknown`` aside.
@@ -35,6 +36,11 @@ REAPI_FUNCTION_NAMES = frozenset(
 # The functions a client may leave unset (REAPI: "MD5, MURMUR3, SHA1, SHA256, SHA384, SHA512,
 # or VSO"): their hash lengths identify them. BLAKE3 must always be named.
 _INFERABLE = frozenset({"md5", "murmur3", "sha1", "sha256", "sha384", "sha512", "vso"})
+
+
+def reapi_value(function: DigestFunction) -> re_pb2.DigestFunction.Value:
+    """``function`` as REAPI's ``DigestFunction.Value``, for a message's field."""
+    return cast(re_pb2.DigestFunction.Value, function.reapi_value)
 
 
 def _request_name(value: int) -> str:
@@ -60,7 +66,9 @@ class DigestFunctions:
             f for f in DIGEST_FUNCTIONS.values() if f.name in names
         )
         #: Their REAPI numbers, for GetCapabilities.
-        self.reapi_values: list[int] = [f.reapi_value for f in self.offered]
+        self.reapi_values: list[re_pb2.DigestFunction.Value] = [
+            reapi_value(f) for f in self.offered
+        ]
         self._by_value = {f.reapi_value: f for f in self.offered}
         self._by_name = {f.name: f for f in self.offered}
         self._by_length = {f.hex_length: f for f in self.offered if f.name in _INFERABLE}

@@ -20,6 +20,7 @@ from casframe.errors import RefNotFoundError
 from casframe.refkinds import ASSET_REF_PREFIX, writable_ref_name
 from casframe.server.assets import lookup_asset, set_asset
 from casframe.server.errors import OK_STATUS, StatusError, rpc_method
+from casframe.server.functions import reapi_value
 from casframe.server.names import asset_ref_name, hashed_asset_ref_name
 from casframe.server.servicebase import ServicerBase, parse_digest
 from casframe.store import Store
@@ -98,7 +99,7 @@ class FetchService(ServicerBase, remote_asset_pb2_grpc.FetchServicer):
         uri, digest = found
         return remote_asset_pb2.FetchBlobResponse(
             status=OK_STATUS, uri=uri, qualifiers=request.qualifiers,
-            blob_digest=digest.to_proto(), digest_function=function.reapi_value,
+            blob_digest=digest.to_proto(), digest_function=reapi_value(function),
         )
 
     @rpc_method
@@ -117,7 +118,7 @@ class FetchService(ServicerBase, remote_asset_pb2_grpc.FetchServicer):
         uri, digest = found
         return remote_asset_pb2.FetchDirectoryResponse(
             status=OK_STATUS, uri=uri, qualifiers=request.qualifiers,
-            root_directory_digest=digest.to_proto(), digest_function=function.reapi_value,
+            root_directory_digest=digest.to_proto(), digest_function=reapi_value(function),
         )
 
 

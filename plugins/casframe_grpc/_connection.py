@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 from urllib.parse import urlsplit
 
 import grpc
@@ -37,6 +37,7 @@ from casframe import (
     StoreURL,
     UnsupportedOperationError,
 )
+from casframe.reapi import remote_execution as reapi
 
 from ._compression import COMPRESSIONS
 
@@ -233,7 +234,9 @@ class Connection:
         #: The requests' ``digest_function``: unset for SHA-256, which REAPI infers from the
         #: hash's length and servers older than REAPI 2.3 assume, so their requests stay
         #: exactly what they were; the function's number for any other.
-        self.function_value = 0 if function == SHA256 else function.reapi_value
+        self.function_value = cast(
+            reapi.DigestFunction.Value, 0 if function == SHA256 else function.reapi_value
+        )
         #: What a ByteStream resource name has between ``blobs/`` and the hash.
         self.function_segment = (
             "" if function.name in _UNNAMED_IN_RESOURCES else f"{function.name}/"
