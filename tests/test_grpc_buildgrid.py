@@ -278,3 +278,32 @@ def test_a_digest_function_buildgrid_does_not_offer_is_refused_on_open(
         f"grpc://127.0.0.1:{buildgrid.port} does not store BLAKE3 digests (it offers SHA256); "
         "open it with one of those as digest_function"
     )
+
+
+def test_a_store_declares_the_functions_its_server_lists(store: Store) -> None:
+    # What casframe serve announces when it serves this store, and what
+    # with_digest_function can open: SHA-256 alone here.
+    assert store.digest_functions == frozenset({"sha256"})
+    with pytest.raises(UnsupportedDigestFunctionError):
+        store.with_digest_function("sha512")
+
+
+def test_casframe_serve_of_buildgrid_offers_what_buildgrid_holds(store: Store, cas_server) -> None:
+    import grpc
+
+    from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as reapi
+    from casframe._protos.build.bazel.remote.execution.v2 import (
+        remote_execution_pb2_grpc as reapi_grpc,
+    )
+
+    proxy = cas_server(store)
+    with grpc.insecure_channel(proxy.removeprefix("grpc://")) as channel:
+        caps = reapi_grpc.CapabilitiesStub(channel).GetCapabilities(
+            reapi.GetCapabilitiesRequest())
+        assert list(caps.cache_capabilities.digest_functions) == [reapi.DigestFunction.SHA256]
+        with pytest.raises(grpc.RpcError) as info:
+            reapi_grpc.ContentAddressableStorageStub(channel).FindMissingBlobs(
+                reapi.FindMissingBlobsRequest(digest_function=reapi.DigestFunction.SHA512))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == ("digest function SHA512 is not supported by this server; "
+                                    "it offers SHA256")

@@ -24,6 +24,7 @@ from casframe import (
     open_store,
 )
 from casframe.testing import LARGE_FILE_SIZE, assert_tree_equal, random_bytes, write_files
+from casframe.testing.server import CasServers
 
 MiB = 1 << 20
 # Hang guard for one casd run (start, one tree, stop): seconds, far above a real one.
@@ -115,6 +116,21 @@ def test_refs_of_other_functions_travel_over_remote_asset(
         assert remote.get_ref("app/1") == root
     with open_store(store_url, digest_function="sha512") as served:
         assert served.get_ref("app/1") == root
+
+
+def test_a_server_of_a_grpc_store_passes_the_function_on(
+    served_url: tuple[str, str], cas_server: CasServers
+) -> None:
+    """casframe serve of a grpc:// store (a proxy): each function's requests reach the
+    upstream store of that function."""
+    store_url, remote_url = served_url
+    with open_store(remote_url) as upstream:
+        proxy_url = cas_server(upstream)
+        with open_store(proxy_url, digest_function="blake3") as proxied:
+            digest = proxied.put_bytes(b"through two servers")
+            assert proxied.read_bytes(digest) == b"through two servers"
+    with open_store(store_url, digest_function="blake3") as served:
+        assert served.read_bytes(digest) == b"through two servers"
 
 
 # -- buildbox-casd --------------------------------------------------------------------------

@@ -74,14 +74,20 @@ class GrpcBlobStore(BlobStore):
     """Blobs on a REAPI server: CAS batch calls for small ones, ByteStream for large ones."""
 
     capabilities = frozenset()  # REAPI offers no listing, deleting or touching of blobs
-    # REAPI 2.3 requests name their digest function; whether the server holds one is checked
-    # on open, against its capabilities.
+    # REAPI 2.3 requests name their digest function: any of casframe's may be asked for, and
+    # each store, once open, declares those its server lists (checked on open).
     digest_functions = frozenset(DIGEST_FUNCTIONS)
 
     def __init__(self, conn: Connection, capabilities: reapi.ServerCapabilities | None) -> None:
         self.conn = conn
         self.digest_function = conn.function
         self._function = conn.function_value
+        offered = set(capabilities.cache_capabilities.digest_functions if capabilities else ())
+        # A server that lists none (or has no Capabilities service) holds SHA-256 alone.
+        offered = offered or {reapi.DigestFunction.SHA256}
+        self.digest_functions = frozenset(
+            f.name for f in DIGEST_FUNCTIONS.values() if f.reapi_value in offered
+        )
         self._cas = reapi_grpc.ContentAddressableStorageStub(conn.channel)
         # ByteStream's bulk messages go through casframe._wire instead of protobuf (the
         # method names and wire format are ByteStream's own).
