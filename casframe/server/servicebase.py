@@ -70,7 +70,7 @@ class ServicerBase:
     def _store_for(self, digest_function: int, digests: Iterable[Digest]) -> Store:
         """The store of a request's ``digest_function`` (inferred from the digests' length
         when unset); every digest must be of that function (else ``INVALID_ARGUMENT``)."""
-        return self.functions.for_request(digest_function, (d.hash for d in digests))
+        return self.functions.for_request(digest_function, digests)
 
     def _check_writable(self) -> None:
         if self.settings.read_only:
