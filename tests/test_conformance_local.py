@@ -6,7 +6,7 @@ from casframe.testing.conformance import StoreConformance
 
 
 class TestLocalStore(StoreConformance):
-    digest_functions = ("sha256", "blake3")
+    digest_functions = ("sha256", "blake3", "sha512")
 
     @pytest.fixture
     def store(self, local_store):
