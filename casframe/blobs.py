@@ -153,6 +153,21 @@ class VerifiedUpload:
         self._writer.abort()
 
 
+def _hash_stored(stored: BinaryIO, function: DigestFunction) -> Digest:
+    """The digest of what a copy upload holds (``begin_write_copy``'s stream): hashed in
+    place when it is a whole regular file of at least a chunk, which only the upload can
+    change (a ``file://`` upload's temp file), else read as a stream."""
+    try:
+        fd = stored.fileno()
+        whole_file = stored.tell() == 0 and stat.S_ISREG(os.fstat(fd).st_mode)
+        size = os.fstat(fd).st_size
+    except (AttributeError, OSError, ValueError):  # not a file (io.UnsupportedOperation)
+        whole_file, fd, size = False, -1, 0
+    if whole_file and size >= CHUNK_SIZE:
+        return Digest.of_own_file(fd, function)
+    return Digest.of_stream(stored, function)
+
+
 class VerifiedBlobs:
     """The blobs of one backend, read and written only under the digests of their content.
 
@@ -372,7 +387,7 @@ class VerifiedBlobs:
         writer, stored = copied
         try:
             with stored:
-                digest = Digest.of_stream(stored, self.function)
+                digest = _hash_stored(stored, self.function)
             if digest.size:
                 writer.commit(digest)
             else:

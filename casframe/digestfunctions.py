@@ -37,9 +37,8 @@ __all__ = [
     "by_reapi_value",
 ]
 
-#: Bytes from which one BLAKE3 ``update`` call hashes on several threads. Below it the
-#: threads' start-up costs more than they gain; the import reads files in 1 MiB chunks, so
-#: only large blobs read in larger pieces (and single large buffers) use them.
+#: Bytes from which hashing ``bytes`` in one call with BLAKE3 uses several threads (its
+#: tree hashing splits the input): below it, waking the threads costs more than they gain.
 BLAKE3_THREADS_FROM = 1 << 20
 
 
@@ -56,6 +55,10 @@ def _new_blake3(data: bytes | bytearray | memoryview = b"") -> HashObject:
     return _blake3.blake3(data, max_threads=threads)
 
 
+def _new_blake3_threaded() -> HashObject:
+    return _blake3.blake3(max_threads=_blake3.blake3.AUTO)
+
+
 @dataclass(frozen=True, slots=True)
 class DigestFunction:
     """One hash function a store can address its blobs with."""
@@ -70,9 +73,17 @@ class DigestFunction:
     empty_hash: str
     #: ``new(data=b"")``: a hash object over ``data`` (``hashlib.sha256`` and the like).
     new: Callable[..., HashObject] = field(repr=False, compare=False)
+    #: ``new_threaded()``: an empty hash object that may use several threads for each large
+    #: ``update`` (BLAKE3's); the same as ``new()`` for a function that cannot.
+    new_threaded: Callable[[], HashObject] | None = field(
+        default=None, repr=False, compare=False
+    )
 
-    def hasher(self) -> HashObject:
-        """A new hash object of this function (``update``, ``hexdigest``)."""
+    def hasher(self, *, threaded: bool = False) -> HashObject:
+        """A new hash object of this function (``update``, ``hexdigest``); ``threaded``: one
+        that hashes each large ``update`` on several threads where the function can."""
+        if threaded and self.new_threaded is not None:
+            return self.new_threaded()
         return self.new()
 
     def hash_hex(self, data: bytes | bytearray | memoryview) -> str:
@@ -101,7 +112,7 @@ SHA512 = DigestFunction(
 )
 BLAKE3 = DigestFunction(
     "blake3", 9, 64, "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262",
-    _new_blake3,
+    _new_blake3, _new_blake3_threaded,
 )
 
 #: Every supported function by name, the default first.

@@ -251,10 +251,13 @@ class StoreOpener:
         options: Mapping[str, Any] | None = None,
         *,
         create: bool = True,
+        digest_function: str | None = None,
     ) -> Store:
         """Open a store given as a URL, a configured name, a path, or ``None`` (the default
-        store); ``options`` are merged over the configured ones. ``create`` as in
-        :func:`open_store`."""
+        store); ``options`` are merged over the configured ones. ``create`` and
+        ``digest_function`` as in :func:`open_store`."""
+        if digest_function is not None:
+            options = {**(options or {}), DIGEST_FUNCTION_OPTION: digest_function}
         config = self.config
         choice = name_or_url if name_or_url is not None else config.default_choice()
         url, configured = config.resolve_store(choice)
@@ -345,11 +348,15 @@ def open_store(
 
 
 def open_configured_store(
-    name_or_url: str | None = None, *, config: Config | None = None, create: bool = True
+    name_or_url: str | None = None,
+    *,
+    config: Config | None = None,
+    create: bool = True,
+    digest_function: str | None = None,
 ) -> Store:
     """Open a store given as a URL, a configured name, a path, or ``None`` for the default.
 
     Names resolve in ``config`` (default: the user's file), and so do names that the store's
-    backend opens in turn. ``create`` as in :func:`open_store`.
+    backend opens in turn. ``create`` and ``digest_function`` as in :func:`open_store`.
     """
-    return StoreOpener(config).open(name_or_url, create=create)
+    return StoreOpener(config).open(name_or_url, create=create, digest_function=digest_function)

@@ -396,7 +396,8 @@ class Store:
         """A digest as it is; a string as ``HASH/SIZE`` or, failing that, a ref name."""
         if isinstance(tree, Digest):
             return tree
-        if "/" in tree and tree.split("/", 1)[0].isalnum() and len(tree.split("/", 1)[0]) == 64:
+        head = tree.split("/", 1)[0]
+        if "/" in tree and head.isalnum() and len(head) == self.digest_function.hex_length:
             try:
                 return Digest.parse(tree)
             except InvalidDigestError:

@@ -4,20 +4,34 @@ stores opened with another function than SHA-256."""
 from __future__ import annotations
 
 import io
+import os
+from pathlib import Path
 
 import pytest
+from casframe_cache.store import CacheBlobStore
+from casframe_memory.store import MemoryBlobStore, MemoryRefStore
 
 from casframe import (
     DIGEST_FUNCTIONS,
     SHA256,
+    BackendContractError,
+    BackendRegistry,
+    BlobStore,
     Digest,
     Hasher,
     InvalidDigestError,
+    PermissionDeniedError,
+    Store,
+    StoreURL,
     UnsupportedDigestFunctionError,
     open_store,
 )
 from casframe._messages import execution
 from casframe.digestfunctions import BLAKE3, SHA384, SHA512, by_name, by_reapi_value
+from casframe.plugins import PluginManager
+from casframe.readonly import read_only_view
+from casframe.testing import describe_tree
+from casframe.testing.conformance.base import empty_of
 
 # Published test vectors: FIPS 180-2 ("abc"), and the BLAKE3 reference vectors (input bytes
 # i % 251; lengths 0, 1 and 1024).
@@ -162,3 +176,140 @@ def test_transfers_between_stores_of_different_functions_are_refused() -> None:
             dest.copy_blob_from(source, digest)
         assert "different digest functions" in str(caught.value)
         assert "(sha256)" in str(caught.value) and "(blake3)" in str(caught.value)
+
+
+# -- several functions at one file:// location ------------------------------------------------
+
+
+def _files_under(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("other", ["blake3", "sha512"])
+def test_one_location_holds_each_function_apart(tmp_path: Path, make_tree, other: str) -> None:
+    source = make_tree()
+    url = f"file://{tmp_path / 'cas'}"
+    with open_store(url) as plain, open_store(url, digest_function=other) as hashed:
+        first = plain.import_directory(source, stat_cache=tmp_path / "stat")
+        plain.set_ref("same", first)
+        # The same stat cache folder: the SHA-256 hashes it remembers are not used for blake3.
+        second = hashed.import_directory(source, stat_cache=tmp_path / "stat")
+        hashed.set_ref("same", second)
+        assert second != first and len(second.hash) == hashed.digest_function.hex_length
+        assert second == plain.with_digest_function(other).get_ref("same")
+        plain_closure = set(plain.tree_digests("same")) - {empty_of(plain)}
+        hashed_closure = set(hashed.tree_digests("same")) - {empty_of(hashed)}
+        assert plain.find_missing(hashed_closure) == hashed_closure
+        assert hashed.find_missing(plain_closure) == plain_closure
+        for store, closure in ((plain, plain_closure), (hashed, hashed_closure)):
+            assert [r.name for r in store.list_refs()] == ["same"]
+            assert {b.digest for b in store.blobs.iter_blobs()} == closure
+            assert list(store.blobs.iter_strays()) == []
+            report = store.fsck()
+            assert report.problems == [] and report.warnings == []
+            assert report.blobs_checked == len(closure)
+            assert store.du().total_objects == len(closure)
+        # Pruning the SHA-256 store leaves the other function's store whole.
+        plain.delete_ref("same")
+        assert plain.prune(grace_period=0).objects_freed == len(plain_closure)
+        assert {b.digest for b in hashed.blobs.iter_blobs()} == hashed_closure
+        hashed.checkout("same", tmp_path / "out")
+    assert describe_tree(tmp_path / "out") == describe_tree(source)
+    assert sorted(os.listdir(tmp_path / "cas" / "digest")) == [other]
+
+
+def test_a_buildstream_1_shaped_store_opens_and_stays_byte_for_byte(tmp_path: Path) -> None:
+    cache = tmp_path / "cas"
+    data = b"hello from buildstream\n"
+    blob = Digest.of_bytes(data)
+    (cache / "objects" / blob.hash[:2]).mkdir(parents=True)
+    (cache / "objects" / blob.hash[:2] / blob.hash[2:]).write_bytes(data)
+    root = Digest.of_bytes(b"")  # the empty tree: the ref needs nothing more to be complete
+    (cache / "refs" / "heads" / "project").mkdir(parents=True)
+    (cache / "refs" / "heads" / "project" / "x").write_bytes(root.serialize())
+    (cache / "tmp").mkdir()
+    before = _files_under(cache)
+    with open_store(f"file://{cache}", create=False) as store:
+        assert store.digest_function is SHA256
+        assert store.get_ref("project/x", touch=False) == root
+        assert store.read_bytes(blob) == data
+        assert store.fsck().problems == []
+    assert _files_under(cache) == before
+    assert sorted(os.listdir(cache)) == ["objects", "refs", "tmp"]  # no digest/ folder
+
+
+# -- backends that declare fewer functions ----------------------------------------------------
+
+
+class _Sha256OnlyBlobs(MemoryBlobStore):
+    digest_functions = frozenset({"sha256"})
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_backend_declaring_sha256_alone_is_refused_another_before_any_io() -> None:
+    url = StoreURL.parse("only://here?digest_function=blake3")
+    assert url.options == {}  # the core's option, never the backend's
+    with pytest.raises(UnsupportedDigestFunctionError) as caught:
+        url.digest_function_for(_Sha256OnlyBlobs)
+    assert str(caught.value) == (
+        "only:// stores cannot hold blake3 digests (only://here?digest_function=blake3); "
+        "they support sha256"
+    )
+    assert BlobStore.digest_functions == frozenset({"sha256"})  # the default
+
+
+def test_a_factory_that_ignores_the_function_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[Store] = []
+
+    def careless_factory(url: StoreURL) -> Store:  # an older backend: never asks
+        opened.append(Store(_Sha256OnlyBlobs(), MemoryRefStore(), url=url.url))
+        return opened[-1]
+
+    registry = BackendRegistry()
+    registry.add("careless", careless_factory)
+    monkeypatch.setattr(PluginManager, "backend_registry", lambda self: registry)
+    with open_store("careless://x") as store:
+        assert store.digest_function is SHA256
+    with pytest.raises(UnsupportedDigestFunctionError, match="careless:// stores cannot hold"):
+        open_store("careless://x", digest_function="sha512")
+    assert opened[-1].blobs.closed  # type: ignore[attr-defined]  # closed, not leaked
+
+
+def test_a_declaration_of_unknown_functions_is_a_contract_error() -> None:
+    with pytest.raises(BackendContractError, match="digest_functions must be a non-empty"):
+
+        class _Wrong(MemoryBlobStore):
+            digest_functions = frozenset({"sha256", "md4"})
+
+
+def test_a_cache_opens_both_its_stores_with_its_function() -> None:
+    url = "cache://?local=memory://near&remote=memory://far"
+    with open_store(url, digest_function="blake3") as store:
+        assert store.digest_function is BLAKE3
+        assert store.blobs.local.digest_function is BLAKE3  # type: ignore[attr-defined]
+        assert store.blobs.remote.digest_function is BLAKE3  # type: ignore[attr-defined]
+        assert store.put_bytes(b"abc") == Digest(_ABC["blake3"], 3)
+    with (
+        open_store("memory://") as near,
+        open_store("memory://", digest_function="blake3") as far,
+        pytest.raises(UnsupportedDigestFunctionError, match="different digest functions"),
+    ):
+        CacheBlobStore(near, far)
+
+
+def test_a_read_only_view_gives_read_only_siblings(tmp_path: Path) -> None:
+    url = f"file://{tmp_path / 'cas'}"
+    with open_store(url, digest_function="blake3") as writable:
+        digest = writable.put_bytes(b"abc")
+    store = open_store(url)
+    view = read_only_view(store)
+    sibling = view.with_digest_function("blake3")
+    assert sibling.read_bytes(digest) == b"abc"
+    with pytest.raises(PermissionDeniedError):
+        sibling.put_bytes(b"more")
+    view.close()
