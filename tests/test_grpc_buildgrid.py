@@ -304,6 +304,15 @@ def test_casframe_serve_of_buildgrid_offers_what_buildgrid_holds(store: Store, c
         with pytest.raises(grpc.RpcError) as info:
             reapi_grpc.ContentAddressableStorageStub(channel).FindMissingBlobs(
                 reapi.FindMissingBlobsRequest(digest_function=reapi.DigestFunction.SHA512))
+        sha512 = reapi.Digest(hash="ab" * 64, size_bytes=1)
+        with pytest.raises(grpc.RpcError) as unset:  # 128 digits: no function it offers
+            reapi_grpc.ContentAddressableStorageStub(channel).FindMissingBlobs(
+                reapi.FindMissingBlobsRequest(blob_digests=[sha512]))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details() == ("digest function SHA512 is not supported by this server; "
                                     "it offers SHA256")
+    assert unset.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert unset.value.details() == (
+        "cannot tell the digest function of 128-hex-digit digests (this server infers "
+        "64 digits: SHA256; it offers SHA256): set digest_function"
+    )
