@@ -18,12 +18,13 @@ import pytest
 import zstandard
 from server_processes import ClientStubs
 
-from casframe import DIGEST_FUNCTIONS, Digest, Store, open_store
+from casframe import DIGEST_FUNCTIONS, Digest, Store, UnsupportedDigestFunctionError, open_store
 from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casframe._protos.buildstream.v2 import buildstream_pb2 as bs_pb2
 from casframe._protos.google.bytestream import bytestream_pb2 as byte_pb2
 from casframe.server import Server
+from casframe.server.errors import status_for
 from casframe.testing import random_bytes
 
 MiB = 1 << 20
@@ -389,3 +390,11 @@ def test_read_only_server_serves_every_function(serve: Callable[..., Served]) ->
                                                                  data=b"new")]))
     assert "read-only" in error.details()
     assert not served.store_of("blake3").contains(fresh)
+
+
+def test_an_unsupported_digest_function_from_below_is_the_clients_argument() -> None:
+    # A store raising it (a function it cannot hold) answers the request's choice, not a
+    # missing service: INVALID_ARGUMENT, not UNIMPLEMENTED.
+    error = UnsupportedDigestFunctionError("file:///srv/cas cannot hold sha1 digests")
+    assert status_for(error) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                 "<url> cannot hold sha1 digests")
