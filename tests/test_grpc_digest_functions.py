@@ -118,6 +118,21 @@ def test_refs_of_other_functions_travel_over_remote_asset(
         assert served.get_ref("app/1") == root
 
 
+def test_worker_processes_each_serve_every_function(tmp_path: Path) -> None:
+    """With --workers, each process opens the function's store itself: calls on several
+    connections (each to whichever worker accepts it) all land in BLAKE3's namespace."""
+    store_url = f"file://{tmp_path / 'served'}"
+    digests = []
+    with serve_process(store_url, "--workers", "2") as (_, port):
+        for n in range(6):  # a connection each: the kernel spreads them over the workers
+            with open_store(f"grpc://127.0.0.1:{port}?digest_function=blake3") as remote:
+                data = f"blob {n} ".encode() * 1000
+                digests.append(remote.put_bytes(data))
+                assert remote.read_bytes(digests[-1]) == data
+    with open_store(store_url, digest_function="blake3") as served:
+        assert served.find_missing(digests) == set()
+
+
 def test_a_server_of_a_grpc_store_passes_the_function_on(
     served_url: tuple[str, str], cas_server: CasServers
 ) -> None:
