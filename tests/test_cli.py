@@ -355,7 +355,7 @@ def test_plugins_marks_blocked_plugins(run: Run, monkeypatch: pytest.MonkeyPatch
         (["ls"], "Missing argument 'TREE'", 2),
         (["ls", "--bogus", "x"], "No such option '--bogus'", 2),
         (["--digest-function", "md5", "ref", "list"], "unsupported digest function 'md5'", 1),
-        (["--store", "./s?digest_function=sha1", "ref", "list"], "digest function 'sha1'", 1),
+        (["--store", "memory://?digest_function=sha1", "ref", "list"], "function 'sha1'", 1),
     ],
 )
 def test_errors_are_one_line_without_traceback(
