@@ -50,8 +50,8 @@ def measure(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         loads.append(loadavg())
         print(
             f"round {i + 1}: sha256 {this['sha256']['op_s']:.3f} s "
-            f"(cpu {this['sha256']['cpu_s']:.2f} s), blake3 {this['blake3']['op_s']:.3f} s "
-            f"(cpu {this['blake3']['cpu_s']:.2f} s), load {loads[-1][0]:.1f}",
+            f"(cpu {this['sha256']['op_cpu_s']:.2f} s), blake3 {this['blake3']['op_s']:.3f} s "
+            f"(cpu {this['blake3']['op_cpu_s']:.2f} s), load {loads[-1][0]:.1f}",
             flush=True,
         )
     return {"tree": tree, "rounds": rounds, "loadavg": loads}
@@ -61,20 +61,22 @@ def report(res: dict[str, Any]) -> bool:
     rounds = res["rounds"]
     size = res["tree"]["bytes"]
     ratios = [r["sha256"]["op_s"] / r["blake3"]["op_s"] for r in rounds]
-    cpu_ratios = [r["sha256"]["cpu_s"] / r["blake3"]["cpu_s"] for r in rounds]
+    cpu_ratios = [r["sha256"]["op_cpu_s"] / r["blake3"]["op_cpu_s"] for r in rounds]
     print(f"\n{res['tree']['files']} files, {size / (1 << 20):.0f} MiB; "
           f"load average seen {min(x[0] for x in res['loadavg']):.1f}-"
           f"{max(x[0] for x in res['loadavg']):.1f}")
     for name in FUNCTIONS:
         op = med([r[name]["op_s"] for r in rounds])
-        cpu = med([r[name]["cpu_s"] for r in rounds])
+        cpu = med([r[name]["op_cpu_s"] for r in rounds])
+        whole = med([r[name]["cpu_s"] for r in rounds])
         print(f"{name:>7} import: median {op:.3f} s ({size / op / 1e9:.2f} GB/s), "
-              f"process CPU {cpu:.2f} s")
+              f"CPU of the import {cpu:.2f} s (whole process, start-up included, {whole:.2f} s)")
     speed = med(ratios)
     met = speed >= TARGET
     print(f"speed, blake3 / sha256 (median of rounds {', '.join(f'{x:.2f}' for x in ratios)}): "
           f"{speed:.2f}x (target >= {TARGET}x) {'met' if met else 'MISSED'}")
-    print(f"CPU, sha256 / blake3 (median of rounds): {med(cpu_ratios):.2f}x")
+    print(f"CPU of the import, sha256 / blake3 (median of rounds "
+          f"{', '.join(f'{x:.2f}' for x in cpu_ratios)}): {med(cpu_ratios):.2f}x")
     return met
 
 

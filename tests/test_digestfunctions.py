@@ -11,6 +11,7 @@ import pytest
 from casframe_cache.store import CacheBlobStore
 from casframe_memory.store import MemoryBlobStore, MemoryRefStore
 
+import casframe.statcache
 from casframe import (
     DIGEST_FUNCTIONS,
     SHA256,
@@ -313,3 +314,21 @@ def test_a_read_only_view_gives_read_only_siblings(tmp_path: Path) -> None:
     with pytest.raises(PermissionDeniedError):
         sibling.put_bytes(b"more")
     view.close()
+
+
+def test_the_stat_cache_keeps_each_function_apart(
+    tmp_path: Path, make_tree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every file recorded, even those written just now.
+    monkeypatch.setattr(casframe.statcache, "TIMESTAMP_WINDOW_NS", -(10**18))
+    source = make_tree()
+    cache = tmp_path / "stat"
+    url = f"file://{tmp_path / 'cas'}"
+    with open_store(url) as plain, open_store(url, digest_function="blake3") as hashed:
+        plain.import_directory(source, stat_cache=cache)
+        assert len(os.listdir(cache)) == 1
+        with open_store("memory://", digest_function="blake3") as reference:
+            expected = reference.import_directory(source, stat_cache=False)
+        assert hashed.import_directory(source, stat_cache=cache) == expected
+        assert len(os.listdir(cache)) == 2  # one file per function
+        assert hashed.import_directory(source, stat_cache=cache) == expected  # from its cache
