@@ -143,6 +143,7 @@ def main(argv: list[str]) -> int:
     if profiler:
         profiler.__enter__()
     start = time.perf_counter()
+    cpu_start = time.process_time()  # every thread of this process (helpers are not counted)
     if op == "import":
         digest = store.import_directory(args[1], jobs=jobs)
         result["digest"] = str(digest)
@@ -154,6 +155,7 @@ def main(argv: list[str]) -> int:
         print(f"unknown operation {op!r}", file=sys.stderr)
         return 2
     result["op_s"] = time.perf_counter() - start
+    result["op_cpu_s"] = time.process_time() - cpu_start
     if profiler:
         profiler.__exit__(None, None, None)
         profiler.dump(profile_path)  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ from casframe.lazy import lazy_names
 
 if TYPE_CHECKING:
     from casframe.digest import EMPTY_DIGEST, Digest, Hasher
+    from casframe.digestfunctions import DIGEST_FUNCTIONS, SHA256, DigestFunction
     from casframe.errors import (
         BackendContractError,
         BackendUnavailableError,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
         TreeTooLargeError,
         UnknownSchemeError,
         UnsafeTreeError,
+        UnsupportedDigestFunctionError,
         UnsupportedFileTypeError,
         UnsupportedOperationError,
         WorkerError,
@@ -78,7 +80,9 @@ _LAZY = {
     "CompressedDataError": "casframe.errors",
     "ConfigError": "casframe.errors",
     "CorruptBlobError": "casframe.errors",
+    "DIGEST_FUNCTIONS": "casframe.digestfunctions",
     "Digest": "casframe.digest",
+    "DigestFunction": "casframe.digestfunctions",
     "DigestMismatchError": "casframe.errors",
     "DuplicateSchemeError": "casframe.errors",
     "EMPTY_DIGEST": "casframe.digest",
@@ -109,6 +113,8 @@ _LAZY = {
     "TreeTooLargeError": "casframe.errors",
     "UnknownSchemeError": "casframe.errors",
     "UnsafeTreeError": "casframe.errors",
+    "SHA256": "casframe.digestfunctions",
+    "UnsupportedDigestFunctionError": "casframe.errors",
     "UnsupportedFileTypeError": "casframe.errors",
     "UnsupportedOperationError": "casframe.errors",
     "WorkerError": "casframe.errors",
@@ -131,7 +137,9 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "DIGEST_FUNCTIONS",
     "EMPTY_DIGEST",
+    "SHA256",
     "BackendContractError",
     "BackendRegistry",
     "BackendUnavailableError",
@@ -147,6 +155,7 @@ __all__ = [
     "ConfigError",
     "CorruptBlobError",
     "Digest",
+    "DigestFunction",
     "DigestMismatchError",
     "DuplicateSchemeError",
     "Hasher",
@@ -176,6 +185,7 @@ __all__ = [
     "TreeTooLargeError",
     "UnknownSchemeError",
     "UnsafeTreeError",
+    "UnsupportedDigestFunctionError",
     "UnsupportedFileTypeError",
     "UnsupportedOperationError",
     "WorkerError",

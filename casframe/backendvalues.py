@@ -3,17 +3,27 @@
 hard the core drives it (:class:`BlobLimits`).
 
 Backends import these names from :mod:`casframe.spi`, which re-exports them; this module holds
-plain frozen values only, and must never import a backend or anything above the contract.
+plain frozen values, and the checks of what a backend class declares; it must never import a
+backend or anything above the contract.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from casframe.digest import Digest
+from casframe.digestfunctions import DIGEST_FUNCTIONS
 from casframe.errors import BackendContractError
 
-__all__ = ["BlobInfo", "BlobLimits", "RefInfo", "StrayEntry"]
+__all__ = [
+    "BlobInfo",
+    "BlobLimits",
+    "RefInfo",
+    "StrayEntry",
+    "check_declared",
+    "check_digest_functions",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,3 +92,30 @@ class RefInfo:
     name: str
     digest: Digest
     accessed: float
+
+
+def check_declared(cls: type, kind: type[enum.StrEnum]) -> None:
+    """A ``capabilities`` set on the class holds only ``kind`` values."""
+    declared = vars(cls).get("capabilities")
+    if declared is None:
+        return
+    wrong = sorted(repr(c) for c in declared if not isinstance(c, kind))
+    if not isinstance(declared, frozenset) or wrong:
+        raise BackendContractError(
+            f"{cls.__name__}.capabilities must be a frozenset of casframe.{kind.__name__} "
+            f"values; it holds {', '.join(wrong) or repr(declared)}"
+        )
+
+
+def check_digest_functions(cls: type) -> None:
+    """A ``digest_functions`` set on the class names only functions casframe knows."""
+    declared = vars(cls).get("digest_functions")
+    if declared is None:
+        return
+    unknown = sorted(repr(n) for n in declared if n not in DIGEST_FUNCTIONS)
+    if not isinstance(declared, frozenset) or unknown or not declared:
+        raise BackendContractError(
+            f"{cls.__name__}.digest_functions must be a non-empty frozenset of digest "
+            f"function names ({', '.join(DIGEST_FUNCTIONS)}); it holds "
+            f"{', '.join(unknown) or repr(declared)}"
+        )

@@ -20,11 +20,13 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import TYPE_CHECKING, BinaryIO
 
 from casframe.digest import CHUNK_SIZE, Digest, Hasher
+from casframe.digestfunctions import SHA256, DigestFunction
 from casframe.directory import parse_directory
 from casframe.errors import (
     CorruptBlobError,
     DigestMismatchError,
     InvalidDigestError,
+    UnsupportedDigestFunctionError,
     UnsupportedOperationError,
 )
 from casframe.lazy import lazy_module
@@ -44,16 +46,19 @@ __all__ = ["VerifiedBlobs", "VerifiedUpload", "VerifyingReader"]
 class VerifyingReader(io.RawIOBase):
     """Passes a blob's bytes through, raising :class:`CorruptBlobError` when they end.
 
-    Reading from offset 0 checks size and hash; reading from an offset checks the size only.
+    Reading from offset 0 checks size and hash (computed with ``function``); reading from an
+    offset checks the size only.
     Corruption is raised when the last byte is read (or when the stream ends early), so a
     consumer that writes the data somewhere must not publish it before reaching the end.
     """
 
-    def __init__(self, raw: BinaryIO, digest: Digest, offset: int = 0) -> None:
+    def __init__(
+        self, raw: BinaryIO, digest: Digest, offset: int = 0, function: DigestFunction = SHA256
+    ) -> None:
         super().__init__()
         self._raw = raw
         self._digest = digest
-        self._hasher: Hasher | None = Hasher() if offset == 0 else None
+        self._hasher: Hasher | None = Hasher(function) if offset == 0 else None
         self._position = offset
         self._checked = False
 
@@ -110,12 +115,18 @@ class VerifiedUpload:
 
     With ``expected``, content past the expected size or hashing to another digest raises
     :class:`DigestMismatchError` (the caller then calls :meth:`abort`; nothing is stored).
+    Content is hashed with ``function``, the store's.
     """
 
-    def __init__(self, writer: BlobWriter, expected: Digest | None = None) -> None:
+    def __init__(
+        self,
+        writer: BlobWriter,
+        expected: Digest | None = None,
+        function: DigestFunction = SHA256,
+    ) -> None:
         self._writer = writer
         self._expected = expected
-        self._hasher = Hasher()
+        self._hasher = Hasher(function)
 
     @property
     def size(self) -> int:
@@ -142,16 +153,34 @@ class VerifiedUpload:
         self._writer.abort()
 
 
+def _hash_stored(stored: BinaryIO, function: DigestFunction) -> Digest:
+    """The digest of what a copy upload holds (``begin_write_copy``'s stream): hashed in
+    place when it is a whole regular file of at least a chunk, which only the upload can
+    change (a ``file://`` upload's temp file), else read as a stream."""
+    try:
+        fd = stored.fileno()
+        whole_file = stored.tell() == 0 and stat.S_ISREG(os.fstat(fd).st_mode)
+        size = os.fstat(fd).st_size
+    except (AttributeError, OSError, ValueError):  # not a file (io.UnsupportedOperation)
+        whole_file, fd, size = False, -1, 0
+    if whole_file and size >= CHUNK_SIZE:
+        return Digest.of_own_file(fd, function)
+    return Digest.of_stream(stored, function)
+
+
 class VerifiedBlobs:
     """The blobs of one backend, read and written only under the digests of their content.
 
-    ``backend`` is the :class:`~casframe.spi.BlobStore` itself, for its limits and optional
-    capabilities; ``url`` names the store in error messages.
+    ``backend`` is the :class:`~casframe.spi.BlobStore` itself, for its limits, optional
+    capabilities and digest function (every hash here is computed with
+    ``backend.digest_function``); ``url`` names the store in error messages.
     """
 
     def __init__(self, backend: BlobStore, url: str = "") -> None:
         self.backend = backend
         self.url = url or backend.describe()
+        #: The digest function of every blob here.
+        self.function: DigestFunction = backend.digest_function
 
     def __repr__(self) -> str:
         return f"<VerifiedBlobs {self.url}>"
@@ -202,7 +231,9 @@ class VerifiedBlobs:
         raw = self.backend.open_blob(digest, offset)
         if not verify:
             return raw
-        return io.BufferedReader(VerifyingReader(raw, digest, offset), CHUNK_SIZE)
+        return io.BufferedReader(
+            VerifyingReader(raw, digest, offset, self.function), CHUNK_SIZE
+        )
 
     def read_bytes(self, digest: Digest) -> bytes:
         """Read a whole blob (verified). Meant for small blobs such as Directory messages."""
@@ -230,17 +261,16 @@ class VerifiedBlobs:
             self._check(digest, data)
             yield digest, data
 
-    @staticmethod
-    def _check(digest: Digest, data: bytes) -> None:
+    def _check(self, digest: Digest, data: bytes) -> None:
         if len(data) != digest.size:
             raise CorruptBlobError(digest, f"stored object has {len(data)} bytes")
-        actual = Digest.of_bytes(data)
+        actual = Digest.of_bytes(data, self.function)
         if actual != digest:
             raise CorruptBlobError(digest, f"content hashes to {actual.hash}")
 
     def put_bytes(self, data: bytes, expected: Digest | None = None) -> Digest:
         """Store ``data``; with ``expected``, refuse content that does not match it."""
-        digest = Digest.of_bytes(data)
+        digest = Digest.of_bytes(data, self.function)
         if expected is not None and digest != expected:
             raise DigestMismatchError(expected, digest)
         if digest.size:
@@ -250,7 +280,7 @@ class VerifiedBlobs:
     def put_many(self, blobs: Collection[tuple[Digest, bytes]]) -> None:
         """Store small blobs after checking each one's content against its digest."""
         for digest, data in blobs:
-            actual = Digest.of_bytes(data)
+            actual = Digest.of_bytes(data, self.function)
             if actual != digest:
                 raise DigestMismatchError(digest, actual)
         self.backend.write_blobs([(d, b) for d, b in blobs if d.size])
@@ -261,7 +291,7 @@ class VerifiedBlobs:
         The same rules as :meth:`put_stream`, for callers that receive content in pieces over
         time (the gRPC server's resumable ByteStream uploads).
         """
-        return VerifiedUpload(self.backend.begin_write_for(expected), expected)
+        return VerifiedUpload(self.backend.begin_write_for(expected), expected, self.function)
 
     def put_stream(
         self,
@@ -277,7 +307,7 @@ class VerifiedBlobs:
         between the two readings, it is stored as the second reading found it.
         """
         if expected is None and (start := self._prehash_start(stream)) is not None:
-            announced = Digest.of_stream(stream)
+            announced = Digest.of_stream(stream, self.function)
             stream.seek(start)
             try:
                 return self._put_stream(stream, announced, on_chunk)
@@ -308,6 +338,7 @@ class VerifiedBlobs:
         upload = VerifiedUpload(
             self.backend.begin_write_for(expected) if expected else self.backend.begin_write(None),
             expected,
+            self.function,
         )
         buf = bytearray(CHUNK_SIZE)
         view = memoryview(buf)
@@ -356,7 +387,7 @@ class VerifiedBlobs:
         writer, stored = copied
         try:
             with stored:
-                digest = Digest.of_stream(stored)
+                digest = _hash_stored(stored, self.function)
             if digest.size:
                 writer.commit(digest)
             else:
@@ -367,7 +398,9 @@ class VerifiedBlobs:
         return digest
 
     def copy_blob_from(self, source: VerifiedBlobs, digest: Digest) -> None:
-        """Copy one blob from ``source``, verifying it on the way in."""
+        """Copy one blob from ``source`` (a store of the same digest function), verifying it on
+        the way in."""
+        self.require_same_function(source)
         if digest.size <= CHUNK_SIZE:
             self.put_bytes(source.read_bytes(digest), digest)
             return
@@ -388,6 +421,16 @@ class VerifiedBlobs:
         :meth:`put_many`.
         """
         self.backend.write_blobs([(d, data) for d, data in blobs if d.size])
+
+    def require_same_function(self, other: VerifiedBlobs) -> None:
+        """Refuse, with :class:`UnsupportedDigestFunctionError`, to move blobs between this
+        store and ``other`` when their digest functions differ: a digest names a blob only
+        under its own function, and casframe never re-hashes a tree into another."""
+        if other.function != self.function:
+            raise UnsupportedDigestFunctionError(
+                f"cannot copy between {other.url} ({other.function.name}) and {self.url} "
+                f"({self.function.name}): the stores use different digest functions"
+            )
 
     def get_directory(self, digest: Digest) -> Directory:
         """Read a Directory message (verified) and check that it is safe to materialise."""

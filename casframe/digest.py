@@ -1,14 +1,16 @@
-"""The Digest value type: a blob's identity, ``(sha256 hex, size in bytes)``.
+"""The Digest value type: a blob's identity, ``(hash hex, size in bytes)``.
 
-Identity is the pair: the same hash with another size is another (missing) blob. This module
-hashes bytes, files and streams in bounded chunks and converts to and from the REAPI message.
-It must never read a whole large file into memory.
+Identity is the pair: the same hash with another size is another (missing) blob. The hash is
+that of the store's digest function (:mod:`casframe.digestfunctions`; SHA-256 unless the store
+was opened with another): a digest does not carry its function. This module hashes bytes,
+files and streams in bounded chunks and converts to and from the REAPI message. It must never
+read a whole large file into memory.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
+import mmap
 import os
 import re
 from collections.abc import Sequence
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from casframe import _messages
 from casframe._protowire import LEN, VARINT, WireError, fields, varint
+from casframe.digestfunctions import DIGEST_FUNCTIONS, SHA256, DigestFunction
 from casframe.errors import InvalidDigestError
 
 if TYPE_CHECKING:
@@ -26,10 +29,19 @@ __all__ = ["CHUNK_SIZE", "EMPTY_DIGEST", "Digest", "Hasher", "looks_like_digest"
 # 1 MiB: large enough that per-call overhead vanishes next to hashing (~2 GB/s here), small
 # enough that several concurrent streams stay far below the 100 MiB memory budget.
 CHUNK_SIZE = 1 << 20
+# The part of a file one memory map shows at a time when a file is hashed in place
+# (Digest.of_own_file): large enough for BLAKE3's threads to share, small enough that the
+# pages mapped by two importing threads stay far below the 100 MiB budget (mapped file pages
+# count in a process's resident set).
+_MAP_WINDOW = 16 << 20
 
-_HASH_RE = re.compile(r"[0-9a-f]{64}")
+# The lengths of the supported functions' hashes (64, 96, 128 hex digits).
+_HEX_LENGTHS = frozenset(f.hex_length for f in DIGEST_FUNCTIONS.values())
+_LENGTHS_TEXT = " or ".join(
+    [", ".join(str(n) for n in sorted(_HEX_LENGTHS)[:-1]), str(max(_HEX_LENGTHS))]
+)
 # Only the empty blob has size 0: any other hash with size 0 names content that cannot exist.
-_EMPTY_HASH = hashlib.sha256(b"").hexdigest()
+_EMPTY_HASHES = frozenset(f.empty_hash for f in DIGEST_FUNCTIONS.values())
 _HEX_RE = re.compile(r"[0-9a-f]*")
 # REAPI's size_bytes is an int64: a larger size cannot be sent to any peer.
 _MAX_SIZE = (1 << 63) - 1
@@ -39,7 +51,7 @@ _SIZE_KEY = bytes([2 << 3 | VARINT])
 
 
 class Digest(tuple[str, int]):
-    """A sha256 content digest and the content's size in bytes.
+    """A content hash (lowercase hex, of the store's digest function) and the content's size.
 
     Immutable, hashable and ordered by ``(hash, size)``. It is a tuple underneath because
     millions are made during a large import and a tuple is the cheapest immutable value.
@@ -48,11 +60,17 @@ class Digest(tuple[str, int]):
     __slots__ = ()
 
     def __new__(cls, hash: str, size: int) -> Digest:  # noqa: A002 - REAPI's field name
-        if not isinstance(hash, str) or not _HASH_RE.fullmatch(hash):
-            raise InvalidDigestError(f"not a sha256 hex digest: {hash!r}")
+        if (
+            not isinstance(hash, str)
+            or len(hash) not in _HEX_LENGTHS
+            or not _HEX_RE.fullmatch(hash)
+        ):
+            raise InvalidDigestError(
+                f"not a hex digest ({_LENGTHS_TEXT} lowercase hex digits): {hash!r}"
+            )
         if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= _MAX_SIZE:
             raise InvalidDigestError(f"not a valid blob size: {size!r}")
-        if size == 0 and hash != _EMPTY_HASH:
+        if size == 0 and hash not in _EMPTY_HASHES:
             raise InvalidDigestError(f"size 0 with a hash that is not the empty blob's: {hash}")
         return tuple.__new__(cls, (hash, size))
 
@@ -61,7 +79,8 @@ class Digest(tuple[str, int]):
         """Digests of ``zip(hashes, sizes)``, validated as the constructor validates each.
 
         For the thousands of digests of a tree: one regular expression over all the hashes
-        instead of one call per digest. Invalid input raises the constructor's error.
+        instead of one call per digest (for 64-digit hashes, SHA-256's and BLAKE3's; others
+        take the constructor's path). Invalid input raises the constructor's error.
         """
         if (
             len(hashes) == len(sizes)
@@ -70,7 +89,7 @@ class Digest(tuple[str, int]):
             and all(type(s) is int and 0 <= s <= _MAX_SIZE for s in sizes)
             and (
                 0 not in sizes
-                or all(h == _EMPTY_HASH for h, s in zip(hashes, sizes, strict=True) if not s)
+                or all(h in _EMPTY_HASHES for h, s in zip(hashes, sizes, strict=True) if not s)
             )
         ):
             new = tuple.__new__
@@ -111,13 +130,15 @@ class Digest(tuple[str, int]):
         return cls(hash_.lower(), int(size))
 
     @classmethod
-    def of_bytes(cls, data: bytes | bytearray | memoryview) -> Digest:
-        return cls._trusted(hashlib.sha256(data).hexdigest(), len(data))
+    def of_bytes(
+        cls, data: bytes | bytearray | memoryview, function: DigestFunction = SHA256
+    ) -> Digest:
+        return cls._trusted(function.new(data).hexdigest(), len(data))
 
     @classmethod
-    def of_stream(cls, stream: BinaryIO) -> Digest:
+    def of_stream(cls, stream: BinaryIO, function: DigestFunction = SHA256) -> Digest:
         """Hash a binary stream from its current position to its end, chunk by chunk."""
-        hasher = Hasher()
+        hasher = Hasher(function)
         buf = bytearray(CHUNK_SIZE)
         view = memoryview(buf)
         readinto = getattr(stream, "readinto", None)
@@ -135,9 +156,35 @@ class Digest(tuple[str, int]):
         return hasher.digest()
 
     @classmethod
-    def of_file(cls, path: str | os.PathLike[str]) -> Digest:
+    def of_file(
+        cls, path: str | os.PathLike[str], function: DigestFunction = SHA256
+    ) -> Digest:
         with open(path, "rb", buffering=0) as f:
-            return cls.of_stream(f)
+            return cls.of_stream(f, function)
+
+    @classmethod
+    def of_own_file(cls, fd: int, function: DigestFunction = SHA256) -> Digest:
+        """Hash the whole regular file open as ``fd`` in place, through memory maps: no copy
+        into Python, and BLAKE3 spreads each window over several threads.
+
+        Only for a file nothing else can change while it is hashed (an upload's own temp
+        file): a mapped page of a file truncated meanwhile would kill the process (SIGBUS).
+        """
+        size = os.fstat(fd).st_size
+        hasher = Hasher(function, threaded=True)
+        for offset in range(0, size, _MAP_WINDOW):
+            length = min(_MAP_WINDOW, size - offset)
+            with (
+                mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=offset) as window,
+                memoryview(window) as view,
+            ):
+                hasher.update(view)
+        return hasher.digest()
+
+    @classmethod
+    def empty(cls, function: DigestFunction = SHA256) -> Digest:
+        """The empty blob's digest under ``function``."""
+        return cls._trusted(function.empty_hash, 0)
 
     @classmethod
     def from_proto(cls, message: remote_execution_pb2.Digest) -> Digest:
@@ -172,12 +219,13 @@ class Digest(tuple[str, int]):
 
 
 class Hasher:
-    """Incremental sha256 that also counts bytes, producing a :class:`Digest`."""
+    """Incremental hashing (SHA-256 unless another ``function`` is given) that also counts
+    bytes, producing a :class:`Digest`."""
 
     __slots__ = ("_h", "size")
 
-    def __init__(self) -> None:
-        self._h = hashlib.sha256()
+    def __init__(self, function: DigestFunction = SHA256, *, threaded: bool = False) -> None:
+        self._h = function.hasher(threaded=threaded)
         self.size = 0
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
@@ -203,4 +251,5 @@ def looks_like_digest(text: str) -> bool:
     return True
 
 
-EMPTY_DIGEST = Digest(hashlib.sha256(b"").hexdigest(), 0)
+#: The empty blob's digest under SHA-256 (see :meth:`Digest.empty` for the others).
+EMPTY_DIGEST = Digest(SHA256.empty_hash, 0)

@@ -88,6 +88,9 @@ def _length_delimited(tag: bytes, payload: bytes) -> bytes:
 def _digest_field(digest: Digest) -> bytes:
     """Field 2 (``digest``) of a FileNode or DirectoryNode: Digest{hash=1, size_bytes=2}."""
     hash_, size = digest
+    if len(hash_) != 64:  # SHA-384's and SHA-512's: lengths of their own
+        inner = _length_delimited(b"\n", hash_.encode("ascii"))
+        return _length_delimited(b"\x12", inner + (b"\x10" + varint(size) if size else b""))
     if not size:
         return b"\x12\x42\n@" + hash_.encode("ascii")  # 66 bytes: the hash (64 hex digits)
     size_field = varint(size)

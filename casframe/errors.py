@@ -37,6 +37,7 @@ __all__ = [
     "UnknownSchemeError",
     "UnsafeTreeError",
     "UnsupportedFileTypeError",
+    "UnsupportedDigestFunctionError",
     "UnsupportedOperationError",
     "WorkerError",
 ]
@@ -203,6 +204,13 @@ class UnsupportedOperationError(CasframeError):
     """The backend does not offer the capability an operation needs."""
 
     reason = "unsupported-operation"
+
+
+class UnsupportedDigestFunctionError(UnsupportedOperationError):
+    """A digest function casframe does not know, or that this store's backend cannot hold;
+    the message names the ones that are supported."""
+
+    reason = "unsupported-digest-function"
 
 
 class BackendContractError(CasframeError, TypeError):

@@ -30,8 +30,8 @@ import pluggy
 from casframe import hookspecs
 from casframe.config import Config, load_config
 from casframe.entrypoints import entry_points
-from casframe.errors import ConfigError
-from casframe.registry import BackendRegistry, Factory, StoreURL
+from casframe.errors import ConfigError, UnsupportedDigestFunctionError
+from casframe.registry import DIGEST_FUNCTION_OPTION, BackendRegistry, Factory, StoreURL
 from casframe.treesize import TREE_LIMIT_OPTIONS, TreeLimits
 from casframe.workers.settings import JOBS_OPTION, jobs_from_options
 
@@ -251,10 +251,13 @@ class StoreOpener:
         options: Mapping[str, Any] | None = None,
         *,
         create: bool = True,
+        digest_function: str | None = None,
     ) -> Store:
         """Open a store given as a URL, a configured name, a path, or ``None`` (the default
-        store); ``options`` are merged over the configured ones. ``create`` as in
-        :func:`open_store`."""
+        store); ``options`` are merged over the configured ones. ``create`` and
+        ``digest_function`` as in :func:`open_store`."""
+        if digest_function is not None:
+            options = {**(options or {}), DIGEST_FUNCTION_OPTION: digest_function}
         config = self.config
         choice = name_or_url if name_or_url is not None else config.default_choice()
         url, configured = config.resolve_store(choice)
@@ -286,9 +289,24 @@ class StoreOpener:
         factory = self.plugin_manager.backend_registry().get(parsed.scheme).load()
         inner = StoreOpener(self._config, plugin_manager=self._pm, opening=opening)
         store = _call_factory(factory, replace(parsed, options=backend_options), inner)
+        if store.digest_function != parsed.digest_function:
+            # A backend that ignored the option (one that declares only sha256) opened a
+            # store of another function: refuse it rather than hash with the wrong one.
+            store.close()
+            parsed.digest_function_for(store.blobs)
+            raise UnsupportedDigestFunctionError(
+                f"the {parsed.scheme}:// backend opened {url} with {store.digest_function.name}"
+                f" digests, not {parsed.digest_function.name} as asked"
+            )
         store.tree_limits = limits
         if jobs is not None:
             store.jobs = jobs
+
+        def open_sibling(name: str) -> Store:
+            return self._open_url(url, {**(options or {}), DIGEST_FUNCTION_OPTION: name},
+                                  create, opening)
+
+        store.adopt_sibling_opener(open_sibling)
         return store
 
 
@@ -305,27 +323,40 @@ def _call_factory(factory: Factory, url: StoreURL, opener: StoreOpener) -> Store
 
 
 def open_store(
-    url: str, options: Mapping[str, Any] | None = None, *, create: bool = True
+    url: str,
+    options: Mapping[str, Any] | None = None,
+    *,
+    create: bool = True,
+    digest_function: str | None = None,
 ) -> Store:
     """Open the store at ``url`` through the plugin that registered its scheme.
 
     The options every store takes (``max_tree_entries``, ``max_tree_bytes``: see
-    :class:`~casframe.treesize.TreeLimits`; ``jobs``: see :attr:`~casframe.Store.jobs`) are
-    read here and never reach the backend. With
+    :class:`~casframe.treesize.TreeLimits`; ``jobs``: see :attr:`~casframe.Store.jobs`;
+    ``digest_function``: see :attr:`~casframe.Store.digest_function`) are read here and never
+    reach the backend's ``options``. ``digest_function`` (``"sha256"``, ``"sha384"``,
+    ``"sha512"``, ``"blake3"``) overrides the option of that name; a function the backend
+    cannot hold raises :class:`~casframe.UnsupportedDigestFunctionError`. With
     ``create=False`` a store that does not exist yet is not created: opening it raises
     :class:`~casframe.StoreNotFoundError` (for commands that only read, where a mistyped path
     would otherwise leave an empty store behind). Store names inside ``url`` (a ``cache://``
     store's ``local``, say) resolve in the user's configuration file.
     """
+    if digest_function is not None:
+        options = {**(options or {}), DIGEST_FUNCTION_OPTION: digest_function}
     return StoreOpener().open_url(url, options, create=create)
 
 
 def open_configured_store(
-    name_or_url: str | None = None, *, config: Config | None = None, create: bool = True
+    name_or_url: str | None = None,
+    *,
+    config: Config | None = None,
+    create: bool = True,
+    digest_function: str | None = None,
 ) -> Store:
     """Open a store given as a URL, a configured name, a path, or ``None`` for the default.
 
     Names resolve in ``config`` (default: the user's file), and so do names that the store's
-    backend opens in turn. ``create`` as in :func:`open_store`.
+    backend opens in turn. ``create`` and ``digest_function`` as in :func:`open_store`.
     """
-    return StoreOpener(config).open(name_or_url, create=create)
+    return StoreOpener(config).open(name_or_url, create=create, digest_function=digest_function)

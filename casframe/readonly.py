@@ -44,12 +44,18 @@ class ReadOnlyBlobStore(BlobStore):
         self.inner = inner
         self.capabilities = inner.capabilities - _WRITING_CAPABILITIES
         self.limits = inner.limits
+        self.digest_functions = inner.digest_functions
+        self.digest_function = inner.digest_function
 
     def describe(self) -> str:
         return self.inner.describe()
 
+    #: Whether :meth:`close` closes ``inner`` (not for views of siblings the inner store owns).
+    closes_inner = True
+
     def close(self) -> None:
-        self.inner.close()
+        if self.closes_inner:
+            self.inner.close()
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -127,8 +133,11 @@ class ReadOnlyRefStore(RefStore):
         self._where = where
         self.capabilities = inner.capabilities
 
+    closes_inner = True
+
     def close(self) -> None:
-        self.inner.close()
+        if self.closes_inner:
+            self.inner.close()
 
     def get_ref(self, name: str, *, touch: bool = True) -> Digest:
         return self.inner.get_ref(name, touch=False)  # a use a read-only server cannot record
@@ -149,7 +158,15 @@ class ReadOnlyRefStore(RefStore):
         _refuse(self._where, "update refs")
 
 
-def read_only_view(store: Store) -> Store:
-    """``store`` seen read-only; closing the view closes ``store``."""
+def read_only_view(store: Store, *, closes_store: bool = True) -> Store:
+    """``store`` seen read-only; closing the view closes ``store`` when ``closes_store``.
+    The view's ``with_digest_function`` gives read-only views of ``store``'s siblings (which
+    ``store`` closes)."""
     blobs = ReadOnlyBlobStore(store.blobs)
-    return Store(blobs, ReadOnlyRefStore(store.refs, blobs.describe()), url=store.url)
+    refs = ReadOnlyRefStore(store.refs, blobs.describe())
+    blobs.closes_inner = refs.closes_inner = closes_store
+    view = Store(blobs, refs, url=store.url)
+    view.adopt_sibling_opener(
+        lambda name: read_only_view(store.with_digest_function(name), closes_store=False)
+    )
+    return view

@@ -13,18 +13,26 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
+from casframe.digestfunctions import SHA256, DigestFunction, by_name
 from casframe.errors import (
     ConfigError,
     DuplicateSchemeError,
     MissingDependencyError,
     UnknownSchemeError,
+    UnsupportedDigestFunctionError,
 )
 
 if TYPE_CHECKING:
     from casframe.plugins import StoreOpener
+    from casframe.spi import BlobStore
     from casframe.store import Store
 
-__all__ = ["BackendRegistry", "Factory", "SchemeEntry", "StoreURL"]
+__all__ = ["DIGEST_FUNCTION_OPTION", "BackendRegistry", "Factory", "SchemeEntry", "StoreURL"]
+
+#: The store option (URL query ``?digest_function=blake3``, a configured store's options,
+#: ``open_store(..., digest_function=...)``) naming the store's digest function. The core reads
+#: it into :attr:`StoreURL.digest_function`; it never reaches a backend's ``options``.
+DIGEST_FUNCTION_OPTION = "digest_function"
 
 #: ``factory(url)``, or ``factory(url, opener)`` for a backend that opens other stores.
 Factory = Callable[["StoreURL"], "Store"] | Callable[["StoreURL", "StoreOpener"], "Store"]
@@ -37,6 +45,8 @@ class StoreURL:
     ``options`` merges the URL's query with options given in the config file (the query wins).
     ``create`` is false when the caller only reads: a backend that would create a missing
     store (``file://`` makes its directory) raises :class:`StoreNotFoundError` instead.
+    ``digest_function`` is the function the store is opened with (the ``digest_function``
+    option; SHA-256 when it is not set): see :meth:`digest_function_for`.
     """
 
     url: str
@@ -45,6 +55,7 @@ class StoreURL:
     path: str
     options: Mapping[str, str] = field(default_factory=dict)
     create: bool = True
+    digest_function: DigestFunction = SHA256
 
     @classmethod
     def parse(
@@ -57,6 +68,9 @@ class StoreURL:
             raise ConfigError(f"store URL has no scheme: {url!r}")
         merged = {str(k): str(v) for k, v in (options or {}).items()}
         merged.update(parse_qsl(parts.query, keep_blank_values=True))
+        function = SHA256
+        if DIGEST_FUNCTION_OPTION in merged:
+            function = by_name(merged.pop(DIGEST_FUNCTION_OPTION))
         return cls(
             url=url,
             scheme=parts.scheme.lower(),
@@ -64,7 +78,22 @@ class StoreURL:
             path=parts.path,
             options=merged,
             create=create,
+            digest_function=function,
         )
+
+    def digest_function_for(self, blob_store: type[BlobStore] | BlobStore) -> DigestFunction:
+        """:attr:`digest_function`, once checked against what ``blob_store`` (a class or an
+        instance) declares in ``digest_functions``: a factory calls it before any I/O, so a
+        function its backend cannot hold is refused with
+        :class:`~casframe.errors.UnsupportedDigestFunctionError` before anything is made."""
+        function = self.digest_function
+        declared = blob_store.digest_functions
+        if function.name not in declared:
+            raise UnsupportedDigestFunctionError(
+                f"{self.scheme}:// stores cannot hold {function.name} digests ({self.url}); "
+                f"they support {', '.join(sorted(declared))}"
+            )
+        return function
 
     def check_options(self, known: Iterable[str]) -> None:
         """Refuse every option not in ``known`` with a :class:`ConfigError` listing the known

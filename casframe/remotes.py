@@ -44,6 +44,7 @@ from casframe.names import validate_ref_name
 from casframe.plugins import open_store
 from casframe.progress import NO_PROGRESS, Progress
 from casframe.refkinds import writable_ref_name
+from casframe.registry import DIGEST_FUNCTION_OPTION
 
 if TYPE_CHECKING:
     from casframe.config import Config
@@ -347,6 +348,13 @@ class Remotes:
 
     def __repr__(self) -> str:
         return f"<Remotes {', '.join(e.name for e in self._entries) or '(none)'}>"
+
+    def with_digest_function(self, name: str) -> Remotes:
+        """These remotes, each opened with the digest function ``name``."""
+        entries = [
+            replace(e, options={**e.options, DIGEST_FUNCTION_OPTION: name}) for e in self._entries
+        ]
+        return Remotes(entries, where=self.where)
 
     def select(self, names: Sequence[str]) -> Remotes:
         """Only the named remotes, in the order given."""

@@ -13,7 +13,9 @@ A backend is two objects: a :class:`BlobStore` (content-addressed bytes) and a :
   undeclared one; each undeclared method here raises :class:`UnsupportedOperationError`.
 
 How hard the core drives a backend (batch sizes, threads) is one frozen :class:`BlobLimits`
-object in ``BlobStore.limits``. ``check_writable`` on both parts lets push find a store that
+object in ``BlobStore.limits``. The digest functions a backend can hold are named in
+``BlobStore.digest_functions`` (default: SHA-256 only), and the one a store was opened with is
+``BlobStore.digest_function``. ``check_writable`` on both parts lets push find a store that
 refuses writes before sending anything; its defaults suit most backends.
 
 A backend stores and returns bytes and must never be trusted by the layers above: hashing,
@@ -31,8 +33,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any, BinaryIO, NoReturn
 
-from casframe.backendvalues import BlobInfo, BlobLimits, RefInfo, StrayEntry
+from casframe.backendvalues import (
+    BlobInfo,
+    BlobLimits,
+    RefInfo,
+    StrayEntry,
+    check_declared,
+    check_digest_functions,
+)
 from casframe.digest import Digest
+from casframe.digestfunctions import SHA256, DigestFunction
 from casframe.errors import (
     BackendContractError,
     BlobNotFoundError,
@@ -103,7 +113,6 @@ REF_CAPABILITY_METHODS: Mapping[RefCapability, tuple[str, ...]] = {
 }
 
 
-
 def require_capabilities(
     blobs: BlobStore, refs: RefStore, operation: str, *capabilities: Capability | RefCapability,
     where: str,
@@ -124,19 +133,6 @@ def require_capabilities(
         raise UnsupportedOperationError(
             f"{operation} is not supported by this backend: it cannot {', '.join(parts)} "
             f"({where})"
-        )
-
-
-def _check_declared(cls: type, kind: type[enum.StrEnum]) -> None:
-    """A ``capabilities`` set on the class holds only ``kind`` values."""
-    declared = vars(cls).get("capabilities")
-    if declared is None:
-        return
-    wrong = sorted(repr(c) for c in declared if not isinstance(c, kind))
-    if not isinstance(declared, frozenset) or wrong:
-        raise BackendContractError(
-            f"{cls.__name__}.capabilities must be a frozenset of casframe.{kind.__name__} "
-            f"values; it holds {', '.join(wrong) or repr(declared)}"
         )
 
 
@@ -195,6 +191,14 @@ class BlobStore(ABC):
     capabilities: frozenset[Capability] = frozenset()
     #: How hard the core drives this backend; see :class:`BlobLimits`.
     limits: BlobLimits = BlobLimits()
+    #: The digest functions (REAPI names, :data:`casframe.DIGEST_FUNCTIONS`) this backend can
+    #: hold blobs of. The core refuses to open a store with any other. A backend that keeps
+    #: the blobs of each function apart declares more, and reads the one asked for from
+    #: ``StoreURL.digest_function`` (see :meth:`casframe.StoreURL.digest_function_for`).
+    digest_functions: frozenset[str] = frozenset({SHA256.name})
+    #: The function this store's digests are computed with: the core hashes every blob of it
+    #: so. A backend that declares several sets it on the instance in ``__init__``.
+    digest_function: DigestFunction = SHA256
 
     # The older contract's tuning attributes, now in ``limits``: reading or setting one raises
     # BackendContractError saying so, rather than being silently ignored.
@@ -210,7 +214,8 @@ class BlobStore(ABC):
                 value, _MovedToLimits
             ):
                 raise vars(BlobStore)[name].error(cls.__name__)
-        _check_declared(cls, Capability)
+        check_declared(cls, Capability)
+        check_digest_functions(cls)
         limits = vars(cls).get("limits")
         if limits is not None and not isinstance(limits, BlobLimits):
             raise BackendContractError(
@@ -489,7 +494,7 @@ class RefStore(ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _check_declared(cls, RefCapability)
+        check_declared(cls, RefCapability)
         declares = any("capabilities" in vars(k) for k in cls.__mro__[:-1] if k is not RefStore)
         implemented = [
             f"{method}()"

@@ -44,6 +44,7 @@ import threading
 import time
 from typing import NamedTuple
 
+from casframe.digestfunctions import SHA256, DigestFunction
 from casframe.userdirs import cache_folder
 
 __all__ = [
@@ -79,8 +80,6 @@ _HEADER = struct.Struct("<20sII")  # magic, version, entry count
 # of bytes loads and saves in a few milliseconds for 20,000 files, and packing the key of a
 # looked-up file costs less than building a tuple of five integers.
 _KEY = struct.Struct("<QQQqq")  # st_ino, st_dev, st_size, st_mtime_ns, st_ctime_ns
-_HASH = 32
-_ENTRY = _KEY.size + _HASH
 _CHECKSUM = 32  # sha256 of everything before it
 _SUFFIX = ".stat"
 
@@ -115,11 +114,14 @@ class StatCache:
     atomic in CPython). :meth:`save` replaces the file with the entries of this import only.
     """
 
-    def __init__(self, path: str, started_ns: int | None = None) -> None:
+    def __init__(
+        self, path: str, started_ns: int | None = None, function: DigestFunction = SHA256
+    ) -> None:
         self.path = path
+        self._entry_size = _KEY.size + function.hex_length // 2
         #: Entries of the previous import (empty when there was none or it was unreadable):
-        #: packed key -> raw sha256.
-        self.known: dict[bytes, bytes] = _load(path)
+        #: packed key -> raw hash (of ``function``).
+        self.known: dict[bytes, bytes] = _load(path, self._entry_size)
         #: Entries of this import, packed as in the file (key, then raw sha256): looked up and
         #: still valid, or read and not racy. A bytearray holds 20,000 of them in 1.4 MB.
         self.seen = bytearray()
@@ -156,17 +158,24 @@ class StatCache:
         full disk) must not fail the import that was otherwise successful.
         """
         with contextlib.suppress(OSError):
-            _save(self.path, self.seen)
+            _save(self.path, self.seen, self._entry_size)
             _expire(os.path.dirname(self.path), keep=self.path)
 
 
-def open_stat_cache(root: str, directory: str, started_ns: int | None = None) -> StatCache:
-    """The cache of the directory ``root`` (an absolute path), kept in ``directory``."""
-    name = hashlib.sha256(os.fsencode(os.path.realpath(root))).hexdigest()[:40] + _SUFFIX
-    return StatCache(os.path.join(directory, name), started_ns)
+def open_stat_cache(
+    root: str, directory: str, started_ns: int | None = None, function: DigestFunction = SHA256
+) -> StatCache:
+    """The cache of the directory ``root`` (an absolute path) for imports hashing with
+    ``function``, kept in ``directory``. Each function has its own file: a hash of one is no
+    digest of another (BLAKE3's and SHA-256's are even the same length)."""
+    key = os.fsencode(os.path.realpath(root))
+    if function != SHA256:  # SHA-256's file keeps the name it had before other functions
+        key += b"\0" + function.name.encode()
+    name = hashlib.sha256(key).hexdigest()[:40] + _SUFFIX
+    return StatCache(os.path.join(directory, name), started_ns, function)
 
 
-def _load(path: str) -> dict[bytes, bytes]:
+def _load(path: str, entry_size: int) -> dict[bytes, bytes]:
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -179,11 +188,11 @@ def _load(path: str) -> dict[bytes, bytes]:
     if (
         magic != _MAGIC
         or version != _VERSION
-        or len(body) != _HEADER.size + count * _ENTRY
+        or len(body) != _HEADER.size + count * entry_size
         or hashlib.sha256(body).digest() != data[-_CHECKSUM:]
     ):
         return {}
-    key, end = _KEY.size, _ENTRY
+    key, end = _KEY.size, entry_size
     # A file may list a key twice (two names of one file); the entries are then the same.
     return {
         data[start : start + key]: data[start + key : start + end]
@@ -191,10 +200,10 @@ def _load(path: str) -> dict[bytes, bytes]:
     }
 
 
-def _save(path: str, entries: bytearray) -> None:
+def _save(path: str, entries: bytearray, entry_size: int) -> None:
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    header = _HEADER.pack(_MAGIC, _VERSION, len(entries) // _ENTRY)
+    header = _HEADER.pack(_MAGIC, _VERSION, len(entries) // entry_size)
     checksum = hashlib.sha256(header)
     checksum.update(entries)
     temp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"

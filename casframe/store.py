@@ -9,16 +9,19 @@ this module imports it.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import TYPE_CHECKING, BinaryIO
 
 from casframe.blobs import VerifiedBlobs, VerifiedUpload, VerifyingReader
 from casframe.digest import Digest, looks_like_digest
+from casframe.digestfunctions import DigestFunction, by_name
 from casframe.errors import (
     BlobNotFoundError,
     InvalidDigestError,
     RefConflictError,
     RefNotFoundError,
+    UnsupportedDigestFunctionError,
 )
 from casframe.lazy import lazy_module
 from casframe.names import validate_ref_name
@@ -62,6 +65,42 @@ else:
 __all__ = ["Store", "VerifiedUpload", "VerifyingReader"]
 
 
+class _Siblings:
+    """The stores of one location, one per digest function, opened on first use and closed
+    with the store first opened there (the owner)."""
+
+    def __init__(self, owner: Store, open_sibling: Callable[[str], Store] | None) -> None:
+        self.owner = owner
+        self.open_sibling = open_sibling
+        self.lock = threading.Lock()
+        self.members: dict[str, Store] = {owner.digest_function.name: owner}
+
+    def get(self, store: Store, name: str) -> Store:
+        function = by_name(name)
+        with self.lock:
+            sibling = self.members.get(function.name)
+            if sibling is not None:
+                return sibling
+            if function.name not in store.digest_functions or self.open_sibling is None:
+                supported = sorted(store.digest_functions if self.open_sibling else
+                                   {store.digest_function.name})
+                raise UnsupportedDigestFunctionError(
+                    f"{store.url} cannot hold {function.name} digests; it supports "
+                    f"{', '.join(supported)}"
+                )
+            sibling = self.open_sibling(function.name)
+            sibling._siblings = self
+            self.members[function.name] = sibling
+            return sibling
+
+    def close(self) -> None:
+        with self.lock:
+            others = [s for s in self.members.values() if s is not self.owner]
+            self.members = {self.owner.digest_function.name: self.owner}
+        for sibling in others:
+            sibling._close_own()
+
+
 class Store:
     """A content-addressed store: blobs, Directory trees and refs over one backend.
 
@@ -86,6 +125,34 @@ class Store:
         self.verified = VerifiedBlobs(blobs, url)
         self.tree_limits = tree_limits or TreeLimits()
         self.jobs = DEFAULT_JOBS if jobs is None else jobs
+        self._siblings = _Siblings(self, None)
+
+    @property
+    def digest_function(self) -> DigestFunction:
+        """The function every digest of this store is computed with (its backend's
+        ``digest_function``; SHA-256 unless the store was opened with another)."""
+        return self.verified.function
+
+    @property
+    def digest_functions(self) -> frozenset[str]:
+        """Every digest function (REAPI name) this store's backend can hold."""
+        return frozenset(self.blobs.digest_functions)
+
+    def with_digest_function(self, name: str) -> Store:
+        """The store over this same location with the digest function ``name``: this store
+        for its own function, else a sibling opened on first use, kept, and closed with this
+        store. A function the backend does not declare (or a store not opened by URL, which
+        cannot be opened again) raises :class:`~casframe.UnsupportedDigestFunctionError`.
+        Safe to call from several threads (the server asks once per request)."""
+        if name == self.verified.function.name:
+            return self
+        return self._siblings.get(self, name)
+
+    def adopt_sibling_opener(self, open_sibling: Callable[[str], Store]) -> None:
+        """How :meth:`with_digest_function` opens this location with another function
+        (``open_sibling(name)``); set by the code that opened this store by URL."""
+        if self._siblings.owner is self:
+            self._siblings.open_sibling = open_sibling
 
     @property
     def url(self) -> str:
@@ -105,6 +172,17 @@ class Store:
         self.close()
 
     def close(self) -> None:
+        """Release the backend, and the stores :meth:`with_digest_function` opened from this
+        one. A store so opened is closed by the store it came from: its own ``close`` does
+        nothing."""
+        if self._siblings.owner is not self:
+            return
+        try:
+            self._siblings.close()
+        finally:
+            self._close_own()
+
+    def _close_own(self) -> None:
         try:
             self.blobs.close()
         finally:
@@ -318,7 +396,8 @@ class Store:
         """A digest as it is; a string as ``HASH/SIZE`` or, failing that, a ref name."""
         if isinstance(tree, Digest):
             return tree
-        if "/" in tree and tree.split("/", 1)[0].isalnum() and len(tree.split("/", 1)[0]) == 64:
+        head = tree.split("/", 1)[0]
+        if "/" in tree and head.isalnum() and len(head) == self.digest_function.hex_length:
             try:
                 return Digest.parse(tree)
             except InvalidDigestError:

@@ -133,7 +133,10 @@ def transfer(
 
     With ``ref`` (the ref the caller sets in ``dest`` once this returns), the closure is also
     made sure to be still present and fresh enough for prune's grace period to protect it.
+    Stores of different digest functions are refused before anything is read
+    (:class:`~casframe.errors.UnsupportedDigestFunctionError`): nothing is ever re-hashed.
     """
+    dest.require_same_function(source)
     progress = progress or NO_PROGRESS
     directories: dict[Digest, Directory] = {}
     blobs_of_dirs: dict[Digest, bytes] = {}

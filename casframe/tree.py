@@ -94,7 +94,8 @@ def _prefetch_tree(blobs: VerifiedBlobs, root: Digest) -> dict[Digest, bytes]:
     if root.size == 0:
         return {}
     try:
-        return {Digest.of_bytes(data): data for data in blobs.backend.get_tree(root)}
+        function = blobs.function
+        return {Digest.of_bytes(data, function): data for data in blobs.backend.get_tree(root)}
     except CasframeError:
         return {}
 

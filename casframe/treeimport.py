@@ -21,6 +21,7 @@ from typing import cast
 
 from casframe.blobs import VerifiedBlobs
 from casframe.digest import Digest
+from casframe.digestfunctions import DigestFunction
 from casframe.directory import directory_entry, file_entry, symlink_entry
 from casframe.errors import InvalidNameError
 from casframe.progress import NO_PROGRESS, Progress
@@ -206,14 +207,15 @@ class _Importer:
 
 
 def _open_cache(
-    root: str, stat_cache: bool | str | os.PathLike[str], started_ns: int
+    root: str, stat_cache: bool | str | os.PathLike[str], started_ns: int,
+    function: DigestFunction,
 ) -> StatCache | None:
     if stat_cache is False:
         return None
     directory = default_directory() if stat_cache is True else os.fspath(stat_cache)
     if directory is None:
         return None
-    return open_stat_cache(root, directory, started_ns)
+    return open_stat_cache(root, directory, started_ns, function)
 
 
 def import_directory(
@@ -236,7 +238,7 @@ def import_directory(
     root = os.path.abspath(os.fspath(path))
     if not os.path.isdir(root):
         raise NotADirectoryError(errno.ENOTDIR, "not a directory", root)
-    cache = _open_cache(root, stat_cache, time.time_ns())
+    cache = _open_cache(root, stat_cache, time.time_ns(), blobs.function)
     progress.start("import", None)
 
     # Scan (file types come from readdir, no stat) while tasks hash and store what was found
@@ -253,7 +255,7 @@ def import_directory(
     importer.shutdown(cancel=False)
 
     # Every file is stored; store Directories children first so each one is complete.
-    root_digest, serialized = _encode_directories(scanned)
+    root_digest, serialized = _encode_directories(scanned, blobs.function)
     _store_absent(blobs, serialized)
     if cache is not None:
         cache.save()
@@ -305,8 +307,11 @@ def _scan(root: str, importer: _Importer) -> list[_ScannedDir]:
     return scanned
 
 
-def _encode_directories(scanned: list[_ScannedDir]) -> tuple[Digest, list[tuple[Digest, bytes]]]:
-    """The root's digest and every Directory message, children before parents."""
+def _encode_directories(
+    scanned: list[_ScannedDir], function: DigestFunction
+) -> tuple[Digest, list[tuple[Digest, bytes]]]:
+    """The root's digest and every Directory message (hashed with ``function``), children
+    before parents."""
     # Bottom-up: children were listed after their parents.
     digests_of_dirs: dict[str, Digest] = {}
     serialized: list[tuple[Digest, bytes]] = []
@@ -323,7 +328,7 @@ def _encode_directories(scanned: list[_ScannedDir]) -> tuple[Digest, list[tuple[
                 *[symlink_entry(name, target) for name, target in sorted(scanned_dir.symlinks)],
             ]
         )
-        digest = Digest.of_bytes(data)
+        digest = Digest.of_bytes(data, function)
         digests_of_dirs[scanned_dir.path] = digest
         serialized.append((digest, data))
     return digests_of_dirs[""], serialized

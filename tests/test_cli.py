@@ -341,7 +341,7 @@ def test_plugins_marks_blocked_plugins(run: Run, monkeypatch: pytest.MonkeyPatch
         (["ref", "get", "missing"], "ref not found", 1),
         (["ls", "missing/ref"], "ref not found", 1),
         (["get", "not-a-digest"], "expected HASH/SIZE", 1),
-        (["get", "abc/12"], "not a sha256 hex digest", 1),
+        (["get", "abc/12"], "not a hex digest", 1),
         (["get", f"{'0' * 64}/5"], "blob not found", 1),
         (["put", "no-such-file"], "no-such-file: No such file or directory", 1),
         (["import", "no-such-dir"], "no-such-dir: No such file or directory", 1),
@@ -354,6 +354,8 @@ def test_plugins_marks_blocked_plugins(run: Run, monkeypatch: pytest.MonkeyPatch
         (["frobnicate"], "No such command 'frobnicate'", 2),
         (["ls"], "Missing argument 'TREE'", 2),
         (["ls", "--bogus", "x"], "No such option '--bogus'", 2),
+        (["--digest-function", "md5", "ref", "list"], "unsupported digest function 'md5'", 1),
+        (["--store", "memory://?digest_function=sha1", "ref", "list"], "function 'sha1'", 1),
     ],
 )
 def test_errors_are_one_line_without_traceback(

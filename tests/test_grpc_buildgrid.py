@@ -26,6 +26,7 @@ from casframe import (
     BlobNotFoundError,
     Digest,
     Store,
+    UnsupportedDigestFunctionError,
     UnsupportedOperationError,
     open_store,
 )
@@ -264,3 +265,54 @@ def test_compression_option_falls_back_to_plain_transfers(buildgrid: BuildGrid, 
         wire = blobs.wire
         assert wire.wire_sent == wire.content_sent > len(text)
         assert wire.wire_received == wire.content_received > LARGE_FILE_SIZE
+
+
+def test_a_digest_function_buildgrid_does_not_offer_is_refused_on_open(
+    buildgrid: BuildGrid,
+) -> None:
+    # This configuration hashes with SHA-256 only: a BLAKE3 store is refused before any
+    # transfer, in one line naming what the server offers.
+    with pytest.raises(UnsupportedDigestFunctionError) as info:
+        open_store(buildgrid.url(), digest_function="blake3")
+    assert str(info.value) == (
+        f"grpc://127.0.0.1:{buildgrid.port} does not store BLAKE3 digests (it offers SHA256); "
+        "open it with one of those as digest_function"
+    )
+
+
+def test_a_store_declares_the_functions_its_server_lists(store: Store) -> None:
+    # What casframe serve announces when it serves this store, and what
+    # with_digest_function can open: SHA-256 alone here.
+    assert store.digest_functions == frozenset({"sha256"})
+    with pytest.raises(UnsupportedDigestFunctionError):
+        store.with_digest_function("sha512")
+
+
+def test_casframe_serve_of_buildgrid_offers_what_buildgrid_holds(store: Store, cas_server) -> None:
+    import grpc
+
+    from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as reapi
+    from casframe._protos.build.bazel.remote.execution.v2 import (
+        remote_execution_pb2_grpc as reapi_grpc,
+    )
+
+    proxy = cas_server(store)
+    with grpc.insecure_channel(proxy.removeprefix("grpc://")) as channel:
+        caps = reapi_grpc.CapabilitiesStub(channel).GetCapabilities(
+            reapi.GetCapabilitiesRequest())
+        assert list(caps.cache_capabilities.digest_functions) == [reapi.DigestFunction.SHA256]
+        with pytest.raises(grpc.RpcError) as info:
+            reapi_grpc.ContentAddressableStorageStub(channel).FindMissingBlobs(
+                reapi.FindMissingBlobsRequest(digest_function=reapi.DigestFunction.SHA512))
+        sha512 = reapi.Digest(hash="ab" * 64, size_bytes=1)
+        with pytest.raises(grpc.RpcError) as unset:  # 128 digits: no function it offers
+            reapi_grpc.ContentAddressableStorageStub(channel).FindMissingBlobs(
+                reapi.FindMissingBlobsRequest(blob_digests=[sha512]))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == ("digest function SHA512 is not supported by this server; "
+                                    "it offers SHA256")
+    assert unset.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert unset.value.details() == (
+        "cannot tell the digest function of 128-hex-digit digests (this server infers "
+        "64 digits: SHA256; it offers SHA256): set digest_function"
+    )

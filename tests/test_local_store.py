@@ -14,6 +14,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import casframe_local.blobs as local_blobs
 import pytest
 
 from casframe import (
@@ -515,3 +516,31 @@ def test_objects_emptied_by_a_crash_are_corrupt_not_a_crash(
     assert [(p.kind, p.digest) for p in local_store.prune(grace_period=0).problems] == [
         ("corrupt", tree)
     ]
+
+
+# -- large files copied into the store ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("function", ["sha256", "blake3"])
+def test_a_copied_file_is_stored_as_copied_whatever_was_reserved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, function: str
+) -> None:
+    # Large copies reserve the file's size first; if the file shrinks meanwhile (here: more was
+    # reserved than the copy finds), what is stored is what was copied, without the rest.
+    reserve = local_blobs._preallocate
+    reserved: list[int] = []
+
+    def reserve_more(fd: int, size: int) -> int:
+        reserved.append(reserve(fd, size + 5000))
+        return reserved[-1]
+
+    monkeypatch.setattr(local_blobs, "_preallocate", reserve_more)
+    data = random_bytes(3 << 20, seed=5)
+    path = tmp_path / "large.bin"
+    path.write_bytes(data)
+    with open_store(f"file://{tmp_path / 'store'}", digest_function=function) as store:
+        digest = store.put_file(path)
+        assert digest == Digest.of_bytes(data, store.digest_function)
+        assert reserved == [len(data) + 5000]
+        assert store.read_bytes(digest) == data
+        assert os.path.getsize(store.blobs.local_path(digest)) == len(data)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from casframe import (
+    DIGEST_FUNCTIONS,
     EMPTY_DIGEST,
     BlobNotFoundError,
     CorruptBlobError,
@@ -66,8 +67,10 @@ def test_import_encodes_directories_exactly_as_protobuf_does() -> None:
     """Import writes Directory bytes itself; they must be protobuf's deterministic ones.
 
     Names and targets of every length class (a one-byte and a two-byte length), sizes of
-    every varint length from the omitted 0 up to 2**62, executable or not, non-ASCII text.
+    every varint length from the omitted 0 up to 2**62, executable or not, non-ASCII text,
+    hashes of every digest function (64, 96 and 128 hex digits).
     """
+    functions = list(DIGEST_FUNCTIONS.values())
     rng = random.Random(7)
     alphabet = "ab.-_\u00e9\u4e2d\U0001f600"
     sizes = [0, 1, 127, 128, 16383, 16384, 2**31, 2**32 + 5, 2**62]
@@ -77,7 +80,8 @@ def test_import_encodes_directories_exactly_as_protobuf_does() -> None:
 
     def digest() -> tuple[str, int]:
         size = rng.choice(sizes)  # only the empty blob has size 0
-        return (Digest.of_bytes(rng.randbytes(8 if size else 0))[0], size)
+        function = rng.choice(functions)
+        return (Digest.of_bytes(rng.randbytes(8 if size else 0), function)[0], size)
 
     for _ in range(200):
         files = {text(200): (*digest(), rng.random() < 0.3) for _ in range(rng.randint(0, 6))}

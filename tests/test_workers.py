@@ -41,6 +41,7 @@ from casframe import (
 )
 from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
 from casframe.statcache import open_stat_cache
+from casframe.testing import describe_tree
 from casframe.tree import missing_in_tree
 from casframe.workers import pool
 from casframe.workers.protocol import describe_error, rebuild_error
@@ -466,3 +467,22 @@ def test_helpers_open_the_very_store_whatever_its_path_and_options(
     assert len(spawned) == 2
     assert missing_in_tree(store, digest) == set()
     assert sorted(os.listdir(tmp_path)) == ["a store ü %20 #?", "src"]
+
+
+@pytest.mark.parametrize("function", ["blake3", "sha512"])
+def test_helpers_hash_with_the_function_of_the_store_they_serve(
+    tmp_path: Path, helpers_from: Any, spawned: list[subprocess.Popen[Any]], function: str
+) -> None:
+    source = write_files(tmp_path / "src", 300, large=2)
+    with open_store("memory://", digest_function=function) as alone:
+        expected = alone.import_directory(source, stat_cache=False, jobs=1)
+    helpers_from(100)
+    with open_store(f"file://{tmp_path / 'store'}?digest_function={function}") as helped:
+        assert helped.import_directory(source, stat_cache=False, jobs=2) == expected
+        assert len(spawned) == 2
+        assert len(expected.hash) == helped.digest_function.hex_length
+        helped.checkout(expected, tmp_path / "out", jobs=2)
+    assert describe_tree(tmp_path / "out") == describe_tree(source)
+    # What the helpers stored is the function's store; no SHA-256 store was even made.
+    assert (tmp_path / "store" / "digest" / function / "objects").is_dir()
+    assert sorted(os.listdir(tmp_path / "store")) == ["digest"]

@@ -37,6 +37,8 @@ class App:
         self.store_choice: str | None = None
         self.config_file: str | None = None
         self.verbose = False
+        #: ``--digest-function``: the function of every store this invocation opens.
+        self.digest_function: str | None = None
         self._config: Config | None = None
         self._store: Store | None = None
         self._opened: list[Store] = []
@@ -57,8 +59,12 @@ class App:
         return self._store
 
     def open(self, name_or_url: str | None, *, create: bool = True) -> Store:
-        """Open another store given as a URL, a configured name or a path."""
-        store = plugins.open_configured_store(name_or_url, config=self.config(), create=create)
+        """Open another store given as a URL, a configured name or a path (with the
+        invocation's ``--digest-function``, when given)."""
+        store = plugins.open_configured_store(
+            name_or_url, config=self.config(), create=create,
+            digest_function=self.digest_function,
+        )
         self._opened.append(store)
         return store
 

@@ -264,11 +264,25 @@ def make_cli() -> CasframeGroup:
         help="Configuration file (default: $CASFRAME_CONFIG, else config.toml in the user "
         "config directory).",
     )
+    @click.option(
+        "--digest-function",
+        metavar="NAME",
+        envvar="CASFRAME_DIGEST_FUNCTION",
+        help="Digest function of every store the command opens, remotes included: sha256 "
+        "(default), sha384, sha512 or blake3. Default: $CASFRAME_DIGEST_FUNCTION, else the "
+        "store's digest_function option, else sha256.",
+    )
     @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
     # The version as a string: asking importlib.metadata would cost more than the rest.
     @click.version_option(version=__version__, prog_name=PROG)
     @click.pass_context
-    def cli(ctx: click.Context, store: str | None, config_file: str | None, verbose: bool) -> None:
+    def cli(
+        ctx: click.Context,
+        store: str | None,
+        config_file: str | None,
+        digest_function: str | None,
+        verbose: bool,
+    ) -> None:
         """Content-addressed artifact storage in the REAPI v2 data model.
 
         TREE arguments take a digest (HASH/SIZE) or a ref name.
@@ -276,6 +290,7 @@ def make_cli() -> CasframeGroup:
         app = ctx.ensure_object(App)
         app.store_choice = store
         app.config_file = config_file
+        app.digest_function = digest_function or None
         app.verbose = verbose
         ctx.call_on_close(app.close)
 

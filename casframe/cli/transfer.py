@@ -75,6 +75,8 @@ def _single_store_only(option: str, remote_names: tuple[str, ...], timeout: floa
 
 def _configured_remotes(app: App, names: tuple[str, ...]) -> Remotes:
     remotes = Remotes.from_config(app.config())
+    if app.digest_function:
+        remotes = remotes.with_digest_function(app.digest_function)
     return remotes.select(names) if names else remotes
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from casframe.blobs import VerifiedBlobs
-from casframe.digest import EMPTY_DIGEST, Digest
+from casframe.digest import Digest
 from casframe.errors import BackendContractError, InvalidDigestError
 from casframe.maintenance.reports import PruneReport, RefProblem, RefUsage
 from casframe.progress import Progress
@@ -67,6 +67,7 @@ def list_blobs(
     they go to ``emptied`` (hash → modification time) when it is given.
     """
     stored: dict[BlobKey, float] = {}
+    empty_hash = blobs.function.empty_hash
     progress.start("scan", None, unit="objects")
     step = _PROGRESS_STEP
     count = 0
@@ -75,7 +76,7 @@ def list_blobs(
     for count, (hash_, size, mtime) in enumerate(blobs.backend.iter_blob_stats(skip), 1):
         if size:
             stored[(hash_, size)] = mtime
-        elif emptied is not None and hash_ != EMPTY_DIGEST.hash:
+        elif emptied is not None and hash_ != empty_hash:
             emptied[hash_] = mtime
         if not count % step:
             progress.advance(step)

@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from casframe.actions import action_outputs
+from casframe.blobs import VerifiedBlobs
 from casframe.digest import Digest
 from casframe.errors import BlobNotFoundError, CorruptBlobError, RefNotFoundError
 from casframe.refkinds import action_result_outputs
@@ -30,16 +31,17 @@ class ActionCacheService(ServicerBase, re_grpc.ActionCacheServicer):
     def GetActionResult(  # noqa: N802 - gRPC method name
         self, request: re_pb2.GetActionResultRequest, context: grpc.ServicerContext
     ) -> re_pb2.ActionResult:
-        instance = self._check(request.instance_name, request.digest_function)
+        instance = self._check(request.instance_name)
         action = parse_digest(request.action_digest, "action_digest")
+        store = self._store_for(request.digest_function, [action])
         not_found = StatusError(
             grpc.StatusCode.NOT_FOUND, f"no action result for {action} in instance {instance!r}"
         )
         try:
             result_digest = self._get_ref(
-                action_ref_name(instance, action), f"the action result for {action}"
+                store, action_ref_name(instance, action), f"the action result for {action}"
             )
-            data = self.blobs.read_bytes(result_digest)
+            data = store.verified.read_bytes(result_digest)
         except (RefNotFoundError, BlobNotFoundError):
             raise not_found from None
         result = re_pb2.ActionResult()
@@ -47,7 +49,7 @@ class ActionCacheService(ServicerBase, re_grpc.ActionCacheServicer):
             result.ParseFromString(data)
         except DecodeError:
             raise CorruptBlobError(result_digest, "not an ActionResult message") from None
-        missing = self._missing_outputs(result)
+        missing = _missing_outputs(store.verified, result)
         if missing:
             raise missing_blobs_error(
                 grpc.StatusCode.NOT_FOUND,
@@ -56,34 +58,37 @@ class ActionCacheService(ServicerBase, re_grpc.ActionCacheServicer):
             )
         return result
 
-    def _missing_outputs(self, result: re_pb2.ActionResult) -> set[Digest]:
-        """Every blob the result names that is not stored (outputs, trees, logs)."""
-        blobs = self.blobs
-        outputs = action_outputs(result)
-        missing = blobs.find_missing(outputs.blobs)
-        if missing:
-            return missing
-        named, roots = action_result_outputs(blobs, outputs)
-        missing = blobs.find_missing(named - outputs.blobs)
-        for root in roots:
-            missing |= missing_in_tree(blobs, root)
-        return missing
-
     @rpc_method
     def UpdateActionResult(  # noqa: N802 - gRPC method name
         self, request: re_pb2.UpdateActionResultRequest, context: grpc.ServicerContext
     ) -> re_pb2.ActionResult:
-        instance = self._check(request.instance_name, request.digest_function)
+        instance = self._check(request.instance_name)
         self._check_writable()
         action = parse_digest(request.action_digest, "action_digest")
         _check_output_paths(request.action_result)
-        # Every digest it names must be valid now: a bad one stored here would fail each
-        # client that later gets the result.
-        action_outputs(request.action_result)
-        stored = self.blobs.put_bytes(request.action_result.SerializeToString(deterministic=True))
+        # Every digest it names must be valid now, and of the action's function: a bad one
+        # stored here would fail each client that later gets the result.
+        outputs = action_outputs(request.action_result)
+        store = self._store_for(request.digest_function, [action, *outputs.blobs])
+        stored = store.verified.put_bytes(
+            request.action_result.SerializeToString(deterministic=True)
+        )
         # Not a Directory, so no completeness check: GetActionResult checks outputs instead.
-        self.store.set_ref(action_ref_name(instance, action), stored, check_complete=False)
+        store.set_ref(action_ref_name(instance, action), stored, check_complete=False)
         return request.action_result
+
+
+def _missing_outputs(blobs: VerifiedBlobs, result: re_pb2.ActionResult) -> set[Digest]:
+    """Every blob the result names that is not stored (outputs, trees, logs)."""
+    outputs = action_outputs(result)
+    missing = blobs.find_missing(outputs.blobs)
+    if missing:
+        return missing
+    named, roots = action_result_outputs(blobs, outputs)
+    missing = blobs.find_missing(named - outputs.blobs)
+    for root in roots:
+        missing |= missing_in_tree(blobs, root)
+    return missing
 
 
 def _check_output_paths(result: re_pb2.ActionResult) -> None:

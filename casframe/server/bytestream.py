@@ -12,6 +12,11 @@ Resumption works against the server that holds the partial upload: behind a load
 without session affinity a client that reconnects elsewhere is told ``NOT_FOUND`` and starts
 again from zero, which every REAPI client handles.
 
+Resource names may name their digest function (``blobs/blake3/{hash}/{size}``,
+``uploads/{uuid}/compressed-blobs/zstd/sha512/{hash}/{size}``); without one it is inferred from
+the hash's length (:mod:`casframe.server.functions`). Each function's blobs are those of its own
+store, and an upload is kept in the spool by its resource name, function included.
+
 ``compressed-blobs/zstd/…`` resources travel zstd-compressed (:mod:`casframe.compression`) and
 are stored uncompressed. As the REAPI says, a compressed Read's ``read_offset`` counts
 uncompressed bytes, and a compressed Write's first ``write_offset`` is where in the uncompressed
@@ -41,6 +46,7 @@ from casframe.compression import ZstdDecoder, ZstdEncoder, decompress
 from casframe.digest import Digest
 from casframe.errors import CompressedDataError
 from casframe.server.errors import StatusError, async_rpc_method, rpc_method
+from casframe.server.functions import DigestFunctions
 from casframe.server.names import (
     Instances,
     ResourceName,
@@ -153,8 +159,7 @@ class _BlobReader:
 class UploadSpool:
     """Uploads in progress or interrupted, by resource name; bounded and expiring."""
 
-    def __init__(self, store: Store, *, max_uploads: int, expiry: float) -> None:
-        self._store = store
+    def __init__(self, *, max_uploads: int, expiry: float) -> None:
         self._max = max_uploads
         self._expiry = expiry
         self._lock = threading.Lock()
@@ -171,8 +176,9 @@ class UploadSpool:
             upload = self._uploads.get(resource)
             return None if upload is None else upload.committed
 
-    def attach(self, resource: str, digest: Digest) -> _Upload:
-        """The upload for ``resource`` (created if new), reserved for the calling Write."""
+    def attach(self, resource: str, digest: Digest, store: Store) -> _Upload:
+        """The upload for ``resource`` (created if new, into ``store``, the store of its
+        digest function), reserved for the calling Write."""
         self.expire()
         while True:
             with self._lock:
@@ -188,7 +194,7 @@ class UploadSpool:
                     return upload
                 self._make_room()
             # Outside the lock: a backend may take a round trip to start an upload.
-            fresh = _Upload(self._store, resource, digest)
+            fresh = _Upload(store, resource, digest)
             fresh.busy.acquire()
             with self._lock:
                 if resource not in self._uploads:
@@ -273,16 +279,26 @@ class ByteStreamService:
         self, store: Store, settings: ServerSettings, instances: Instances, pool: Executor
     ) -> None:
         self.store = store
+        self.functions = DigestFunctions(store)
         self.settings = settings
         self.instances = instances
         self.pool = pool
         self.spool = UploadSpool(
-            store, max_uploads=settings.max_partial_uploads, expiry=settings.upload_expiry
+            max_uploads=settings.max_partial_uploads, expiry=settings.upload_expiry
         )
 
     async def _in_pool(self, function: Callable[..., _T], *args: Any) -> _T:
         """Run blocking store work in the pool (:func:`casframe.server.pool.in_pool`)."""
         return await in_pool(self.pool, function, *args)
+
+    async def _store_of(self, name: ResourceName) -> Store:
+        """The store of the resource's digest function (named in it, or inferred); opened
+        in the pool the first time."""
+        function = self.functions.from_resource(name.digest_function, name.digest.hash)
+        store = self.functions.opened(function)
+        if store is None:
+            store = await self._in_pool(self.functions.store_for, function)
+        return store
 
     def _idle_error(self, what: str) -> StatusError:
         return StatusError(
@@ -297,6 +313,7 @@ class ByteStreamService:
     ) -> None:
         name = parse_read_resource(request.resource_name)
         self.instances.check(name.instance)
+        store = await self._store_of(name)
         digest = name.digest
         if name.compressed and request.read_limit:
             raise StatusError(
@@ -318,7 +335,7 @@ class ByteStreamService:
         if request.read_limit:
             remaining = min(remaining, request.read_limit)
         if digest.size and not remaining:
-            if not await self._in_pool(self.store.contains, digest):
+            if not await self._in_pool(store.contains, digest):
                 raise StatusError(grpc.StatusCode.NOT_FOUND, f"blob not found: {digest}")
         encoder = ZstdEncoder(self.settings.zstd_level, remaining) if name.compressed else None
         if not remaining:
@@ -332,7 +349,7 @@ class ByteStreamService:
         # Opening and the first read are one step in the pool: a blob of one chunk (every
         # Directory a client walks) costs one thread hop, not four.
         reader, data = await self._in_pool(
-            _BlobReader.open, self.store, digest, request.read_offset, size, size == remaining,
+            _BlobReader.open, store, digest, request.read_offset, size, size == remaining,
             encoder,
         )
         try:
@@ -384,11 +401,12 @@ class ByteStreamService:
         resource = first.resource_name
         name = parse_write_resource(resource)
         self.instances.check(name.instance)
+        store = await self._store_of(name)
         if self.settings.read_only:
             raise StatusError(grpc.StatusCode.PERMISSION_DENIED, "this server is read-only")
         digest = name.digest
 
-        if await self._in_pool(self.store.contains, digest):
+        if await self._in_pool(store.contains, digest):
             # Already stored: tell the client at once, per the REAPI (-1 for a compressed
             # upload, whose compressed size the server cannot know), and drop any partial copy.
             await self._in_pool(self.spool.discard, resource)
@@ -401,11 +419,11 @@ class ByteStreamService:
         small = not name.compressed or digest.size <= self.settings.max_message_bytes
         if single and small and await self._in_pool(self.spool.committed, resource) is None:
             # The whole blob in one message: no need to keep anything for resumption.
-            await self._in_pool(self._put_single, name, first.data)
+            await self._in_pool(self._put_single, store, name, first.data)
             return bytestream_pb2.WriteResponse(committed_size=len(first.data)
                                                 if name.compressed else digest.size)
 
-        upload = await self._in_pool(self.spool.attach, resource, digest)
+        upload = await self._in_pool(self.spool.attach, resource, digest, store)
         try:
             return await self._receive(name, resource, upload, first, messages)
         except asyncio.CancelledError:
@@ -423,12 +441,12 @@ class ByteStreamService:
         finally:
             self.spool.detach(upload)
 
-    def _put_single(self, name: ResourceName, data: memoryview) -> None:
+    def _put_single(self, store: Store, name: ResourceName, data: memoryview) -> None:
         content = bytes(data)
         if name.compressed:
             content = decompress(content, name.digest.size, what=self._stream_what(name),
                                  max_window=self.settings.zstd_max_window_bytes)
-        self.store.put_bytes(content, name.digest)
+        store.put_bytes(content, name.digest)
 
     @staticmethod
     def _stream_what(name: ResourceName) -> str:
@@ -502,7 +520,8 @@ class ByteStreamService:
     ) -> bytestream_pb2.QueryWriteStatusResponse:
         name = parse_write_resource(request.resource_name)
         self.instances.check(name.instance)
-        if self.store.contains(name.digest):
+        function = self.functions.from_resource(name.digest_function, name.digest.hash)
+        if self.functions.store_for(function).contains(name.digest):
             return bytestream_pb2.QueryWriteStatusResponse(
                 committed_size=name.digest.size, complete=True
             )

@@ -1,5 +1,9 @@
 """The REAPI Capabilities service: what this server supports (digest functions, compressors,
-batch limits, whether it accepts updates) for each served instance."""
+batch limits, whether it accepts updates) for each served instance.
+
+Every digest function of the served store is listed, SHA-256 first; the deprecated singular
+``ExecutionCapabilities.digest_function`` stays SHA-256, what clients older than REAPI 2.3
+(Bazel 4.2, BuildStream 1.x) read."""
 
 from __future__ import annotations
 
@@ -10,9 +14,11 @@ from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb
 from casframe._protos.build.bazel.semver import semver_pb2
 from casframe.server.compressed import SERVED_COMPRESSORS
 from casframe.server.errors import rpc_method
-from casframe.server.servicebase import SHA256, ServicerBase
+from casframe.server.servicebase import ServicerBase
 
 __all__ = ["CapabilitiesService"]
+
+_SHA256 = re_pb2.DigestFunction.SHA256
 
 
 class CapabilitiesService(ServicerBase, re_grpc.CapabilitiesServicer):
@@ -23,7 +29,7 @@ class CapabilitiesService(ServicerBase, re_grpc.CapabilitiesServicer):
         self._check(request.instance_name)
         return re_pb2.ServerCapabilities(
             cache_capabilities=re_pb2.CacheCapabilities(
-                digest_functions=[SHA256],
+                digest_functions=self.functions.reapi_values,
                 action_cache_update_capabilities=re_pb2.ActionCacheUpdateCapabilities(
                     update_enabled=not self.settings.read_only
                 ),
@@ -33,7 +39,8 @@ class CapabilitiesService(ServicerBase, re_grpc.CapabilitiesServicer):
                 supported_batch_update_compressors=SERVED_COMPRESSORS,
             ),
             execution_capabilities=re_pb2.ExecutionCapabilities(
-                digest_function=SHA256, digest_functions=[SHA256], exec_enabled=False
+                digest_function=_SHA256, digest_functions=self.functions.reapi_values,
+                exec_enabled=False,
             ),
             deprecated_api_version=semver_pb2.SemVer(major=2, minor=0),
             low_api_version=semver_pb2.SemVer(major=2, minor=0),

@@ -8,7 +8,7 @@ stateless, so any server behind a load balancer can continue a listing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor
 
 import grpc
@@ -72,11 +72,12 @@ class CasService(ServicerBase, re_grpc.ContentAddressableStorageServicer):
     def FindMissingBlobs(  # noqa: N802 - gRPC method name
         self, request: re_pb2.FindMissingBlobsRequest, context: grpc.ServicerContext
     ) -> re_pb2.FindMissingBlobsResponse:
-        self._check(request.instance_name, request.digest_function)
+        self._check(request.instance_name)
         digests = [parse_digest(d) for d in request.blob_digests]
+        blobs = self._store_for(request.digest_function, digests).verified
         # REAPI: the server should extend the lifetime of the blobs it reports present, since
         # the client will now refer to them instead of uploading them (prune's grace period).
-        missing = self.blobs.find_missing(digests, freshen=True)
+        missing = blobs.find_missing(digests, freshen=True)
         response = re_pb2.FindMissingBlobsResponse()
         for digest in digests:  # request order, each once
             if digest in missing:
@@ -112,7 +113,7 @@ class CasService(ServicerBase, re_grpc.ContentAddressableStorageServicer):
     def BatchUpdateBlobs(  # noqa: N802 - gRPC method name
         self, request: re_pb2.BatchUpdateBlobsRequest, context: grpc.ServicerContext
     ) -> re_pb2.BatchUpdateBlobsResponse:
-        self._check(request.instance_name, request.digest_function)
+        self._check(request.instance_name)
         self._check_writable()
         items = request.requests
         contents = [item.data for item in items]  # each access copies the bytes: once each
@@ -120,13 +121,17 @@ class CasService(ServicerBase, re_grpc.ContentAddressableStorageServicer):
         self._check_batch_size(uncompressed_batch_bytes(items, contents), least_reply,
                                len(items), "batch update")
 
+        parsed = _parse_digests(item.digest for item in items)
+        blobs = self._store_for(request.digest_function,
+                                (d for d in parsed if isinstance(d, Digest))).verified
         statuses = []
         verified: dict[Digest, bytes] = {}
-        for item, data in zip(items, contents, strict=True):
+        for item, data, digest in zip(items, contents, parsed, strict=True):
             try:
-                digest = parse_digest(item.digest)
+                if not isinstance(digest, Digest):
+                    raise digest
                 data = decode_update_entry(digest, item.compressor, data, self.settings)
-                actual = Digest.of_bytes(data)
+                actual = Digest.of_bytes(data, blobs.function)
                 if actual != digest:
                     raise DigestMismatchError(digest, actual)
             except Exception as exc:  # noqa: BLE001 - one bad blob fails alone
@@ -143,7 +148,7 @@ class CasService(ServicerBase, re_grpc.ContentAddressableStorageServicer):
                 # without hashing everything twice. No existence check first: clients send
                 # what FindMissingBlobs reported missing, and storing a blob that is there
                 # already succeeds and freshens it.
-                self.blobs.write_hashed(verified.items())
+                blobs.write_hashed(verified.items())
             except Exception as exc:  # noqa: BLE001 - reported on each blob it concerns
                 failure = status_proto(exc, self.settings.store_url)
 
@@ -161,13 +166,10 @@ class CasService(ServicerBase, re_grpc.ContentAddressableStorageServicer):
     def BatchReadBlobs(  # noqa: N802 - gRPC method name
         self, request: re_pb2.BatchReadBlobsRequest, context: grpc.ServicerContext
     ) -> re_pb2.BatchReadBlobsResponse:
-        self._check(request.instance_name, request.digest_function)
-        digests: list[Digest | BaseException] = []
-        for message in request.digests:
-            try:
-                digests.append(parse_digest(message))
-            except InvalidDigestError as exc:
-                digests.append(exc)
+        self._check(request.instance_name)
+        digests = _parse_digests(request.digests)
+        blobs = self._store_for(request.digest_function,
+                                (d for d in digests if isinstance(d, Digest))).verified
         # The reply has an entry for every requested digest, duplicates included.
         sizes = [d.size if isinstance(d, Digest) else 0 for d in digests]
         least_reply = sum(map(_least_entry_bytes, request.digests, sizes))
@@ -177,7 +179,7 @@ class CasService(ServicerBase, re_grpc.ContentAddressableStorageServicer):
         results: dict[Digest, bytes | BaseException] = {}
         try:
             # Clients ask for blobs they know are stored, so no existence check first.
-            for digest, data in self.blobs.read_many(wanted):
+            for digest, data in blobs.read_many(wanted):
                 results[digest] = data
         except (BlobNotFoundError, CorruptBlobError, OSError):
             # One bad blob (missing, damaged, unreadable) ended the batch: read the rest one
@@ -185,7 +187,7 @@ class CasService(ServicerBase, re_grpc.ContentAddressableStorageServicer):
             for digest in wanted:
                 if digest not in results:
                     try:
-                        results[digest] = self.blobs.read_bytes(digest)
+                        results[digest] = blobs.read_bytes(digest)
                     except (BlobNotFoundError, CorruptBlobError, OSError) as exc:
                         results[digest] = exc
 
@@ -219,20 +221,21 @@ class CasService(ServicerBase, re_grpc.ContentAddressableStorageServicer):
             await context.write(page)
 
     def _tree_pages(self, request: re_pb2.GetTreeRequest) -> Iterator[re_pb2.GetTreeResponse]:
-        self._check(request.instance_name, request.digest_function)
+        self._check(request.instance_name)
         root = parse_digest(request.root_digest, "root_digest")
+        blobs = self._store_for(request.digest_function, [root]).verified
         if request.page_size < 0:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "page_size must not be negative")
         page_size = request.page_size or _DEFAULT_TREE_PAGE
         start = _parse_page_token(request.page_token, root)
-        if self.blobs.find_missing([root]):
+        if blobs.find_missing([root]):
             raise StatusError(grpc.StatusCode.NOT_FOUND, f"root directory not found: {root}")
 
         byte_limit = self.settings.max_message_bytes - _PAGE_FRAMING_BYTES
         page = re_pb2.GetTreeResponse()
         page_bytes = 0
         count = 0
-        for index, data in enumerate(_tree_directories(self.blobs, root)):
+        for index, data in enumerate(_tree_directories(blobs, root)):
             count = index + 1
             if index < start:
                 continue
@@ -251,6 +254,17 @@ class CasService(ServicerBase, re_grpc.ContentAddressableStorageServicer):
                 f"the end of tree {root} ({count} directories)"
             )
         yield page
+
+
+def _parse_digests(messages: Iterable[re_pb2.Digest]) -> list[Digest | InvalidDigestError]:
+    """The digests of a batch call, each invalid one as its error (it fails alone)."""
+    digests: list[Digest | InvalidDigestError] = []
+    for message in messages:
+        try:
+            digests.append(parse_digest(message))
+        except InvalidDigestError as exc:
+            digests.append(exc)
+    return digests
 
 
 def _varint_bytes(value: int) -> int:

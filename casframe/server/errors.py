@@ -43,6 +43,7 @@ from casframe.errors import (
     RefConflictError,
     RefNotFoundError,
     UnsafeTreeError,
+    UnsupportedDigestFunctionError,
     UnsupportedOperationError,
 )
 
@@ -76,6 +77,8 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (CorruptBlobError, grpc.StatusCode.DATA_LOSS),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (BackendUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    # A digest function the request chose: the client's argument, not a missing service.
+    (UnsupportedDigestFunctionError, grpc.StatusCode.INVALID_ARGUMENT),
     (UnsupportedOperationError, grpc.StatusCode.UNIMPLEMENTED),
 )
 

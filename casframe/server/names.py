@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import grpc
 
-from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casframe.compression import COMPRESSOR_VALUES, IDENTITY, KNOWN_COMPRESSORS
 from casframe.digest import Digest
 from casframe.errors import InvalidDigestError, InvalidNameError
 from casframe.names import MAX_REF_LENGTH, validate_ref_name
 from casframe.refkinds import ACTION_RESULT_REF_PREFIX, ASSET_REF_PREFIX, writable_ref_name
 from casframe.server.errors import StatusError
+from casframe.server.functions import REAPI_FUNCTION_NAMES
 
 __all__ = [
     "BUILDSTREAM1_URI_PREFIX",
@@ -32,7 +32,6 @@ __all__ = [
     "action_ref_name",
     "asset_ref_name",
     "hashed_asset_ref_name",
-    "check_digest_function",
     "parse_read_resource",
     "parse_write_resource",
     "validate_instance_name",
@@ -55,6 +54,8 @@ _RESERVED_SEGMENTS = frozenset(
     {"blobs", "uploads", "actions", "actionResults", "operations", "capabilities",
      "compressed-blobs"}
 )
+# What a hash segment looks like (lowercase hex; its length is checked with its function).
+_HEX = re.compile(r"[0-9a-f]+")
 # Longest decimal size accepted in a resource name (int64's 19 digits).
 _MAX_SIZE_DIGITS = 19
 
@@ -100,28 +101,18 @@ class Instances:
         return name
 
 
-def check_digest_function(value: int) -> None:
-    """Refuse any digest function but SHA256 (unset means SHA256 for 64-hex digests)."""
-    if value not in (re_pb2.DigestFunction.UNKNOWN, re_pb2.DigestFunction.SHA256):
-        try:
-            name = re_pb2.DigestFunction.Value.Name(value)
-        except ValueError:
-            name = str(value)
-        raise StatusError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"digest function {name} is not supported: this server uses SHA256 only",
-        )
-
-
 @dataclass(frozen=True)
 class ResourceName:
     """A parsed ByteStream resource name; ``compressor`` is how the content travels
-    (``identity`` or ``zstd``; the digest is always the uncompressed content's)."""
+    (``identity`` or ``zstd``; the digest is always the uncompressed content's);
+    ``digest_function`` is the name's ``{digest_function}/`` segment, None when it has none
+    (:mod:`casframe.server.functions` then infers it from the hash's length)."""
 
     instance: str
     digest: Digest
     upload_id: str | None = None
     compressor: str = IDENTITY
+    digest_function: str | None = None
 
     @property
     def compressed(self) -> bool:
@@ -165,6 +156,29 @@ def _compressor(name: str, compressor: str) -> str:
     )
 
 
+def _function(name: str, segments: list[str]) -> tuple[str | None, list[str]]:
+    """Split an optional ``{digest_function}/`` segment off the ``{hash}/{size}…`` part.
+
+    A segment is a function when REAPI names one so (lowercase); one that is not a hash but is
+    followed by one is an unknown function, refused by name rather than as a malformed digest.
+    """
+    if not segments:
+        return None, segments
+    first = segments[0]
+    if first in REAPI_FUNCTION_NAMES:
+        return first, segments[1:]
+    if (len(segments) >= 3 and first.isascii() and first.isalnum()
+            and not _HEX.fullmatch(first) and _HEX.fullmatch(segments[1])):
+        functions = ", ".join(sorted(REAPI_FUNCTION_NAMES))
+        shown = first if len(first) <= 32 else f"{first[:32]}..."
+        raise StatusError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"resource {name!r}: unknown digest function {shown!r} (REAPI names them in "
+            f"lowercase: {functions})",
+        )
+    return None, segments
+
+
 def _split(name: str, markers: frozenset[str], expected: str) -> tuple[str, list[str]]:
     if not name or "\x00" in name:
         raise _bad(name, expected)
@@ -178,30 +192,34 @@ def _split(name: str, markers: frozenset[str], expected: str) -> tuple[str, list
     raise _bad(name, expected)
 
 
-_READ_FORM = ("'{instance}/blobs/{hash}/{size}' or "
-              "'{instance}/compressed-blobs/{compressor}/{hash}/{size}'")
-_WRITE_FORM = ("'{instance}/uploads/{uuid}/blobs/{hash}/{size}[/...]' or "
-               "'{instance}/uploads/{uuid}/compressed-blobs/{compressor}/{hash}/{size}[/...]'")
+_READ_FORM = ("'{instance}/blobs/[{digest_function}/]{hash}/{size}' or "
+              "'{instance}/compressed-blobs/{compressor}/[{digest_function}/]{hash}/{size}'")
+_WRITE_FORM = ("'{instance}/uploads/{uuid}/blobs/[{digest_function}/]{hash}/{size}[/...]' or "
+               "'{instance}/uploads/{uuid}/compressed-blobs/{compressor}/"
+               "[{digest_function}/]{hash}/{size}[/...]'")
 
 
 def parse_read_resource(name: str) -> ResourceName:
-    """Parse ``{instance}/blobs/{hash}/{size}`` or
-    ``{instance}/compressed-blobs/{compressor}/{hash}/{size}``."""
+    """Parse ``{instance}/blobs/[{digest_function}/]{hash}/{size}`` or
+    ``{instance}/compressed-blobs/{compressor}/[{digest_function}/]{hash}/{size}``."""
     instance, rest = _split(name, frozenset({"blobs", "compressed-blobs"}), _READ_FORM)
     compressor = IDENTITY
     if rest[0] == "compressed-blobs":
-        if len(rest) != 4:
+        if len(rest) < 2:
             raise _bad(name, _READ_FORM)
         compressor = _compressor(name, rest[1])
         rest = rest[1:]
-    if len(rest) != 3:
+    function, tail = _function(name, rest[1:])
+    if len(tail) != 2:
         raise _bad(name, _READ_FORM)
-    return ResourceName(instance, _digest(name, rest[1:], _READ_FORM), compressor=compressor)
+    return ResourceName(instance, _digest(name, tail, _READ_FORM), compressor=compressor,
+                        digest_function=function)
 
 
 def parse_write_resource(name: str) -> ResourceName:
-    """Parse ``{instance}/uploads/{uuid}/blobs/{hash}/{size}[/metadata…]`` or
-    ``{instance}/uploads/{uuid}/compressed-blobs/{compressor}/{hash}/{size}[/metadata…]``."""
+    """Parse ``{instance}/uploads/{uuid}/blobs/[{digest_function}/]{hash}/{size}[/metadata…]``
+    or ``{instance}/uploads/{uuid}/compressed-blobs/{compressor}/[{digest_function}/]{hash}/
+    {size}[/metadata…]``."""
     instance, rest = _split(name, frozenset({"uploads"}), _WRITE_FORM)
     if len(rest) < 5 or not rest[1] or rest[2] not in ("blobs", "compressed-blobs"):
         raise _bad(name, _WRITE_FORM)
@@ -213,8 +231,10 @@ def parse_write_resource(name: str) -> ResourceName:
             raise _bad(name, _WRITE_FORM)
         compressor = _compressor(name, rest[1])
         rest = rest[1:]
+    function, tail = _function(name, rest[1:])
     # Anything after the size is optional metadata the REAPI lets clients append.
-    return ResourceName(instance, _digest(name, rest[1:3], _WRITE_FORM), upload_id, compressor)
+    return ResourceName(instance, _digest(name, tail[:2], _WRITE_FORM), upload_id, compressor,
+                        function)
 
 
 def action_ref_name(instance: str, action: Digest) -> str:

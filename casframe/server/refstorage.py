@@ -1,10 +1,14 @@
 """BuildStream's ReferenceStorage service: keys are refs of the same name, each pointing at a
-complete Directory tree."""
+complete Directory tree.
+
+The protocol has no digest function field, so it serves SHA-256's refs and blobs (the only
+function of the BuildStream 1.x clients that use it)."""
 
 from __future__ import annotations
 
 import grpc
 
+from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casframe._protos.buildstream.v2 import buildstream_pb2, buildstream_pb2_grpc
 from casframe.refkinds import writable_ref_name
 from casframe.server.errors import StatusError, rpc_method
@@ -19,7 +23,7 @@ class ReferenceStorageService(ServicerBase, buildstream_pb2_grpc.ReferenceStorag
         self, request: buildstream_pb2.GetReferenceRequest, context: grpc.ServicerContext
     ) -> buildstream_pb2.GetReferenceResponse:
         self._check(request.instance_name)
-        digest = self._get_ref(request.key, f"ref {request.key}")
+        digest = self._get_ref(self.functions.default_store(), request.key, f"ref {request.key}")
         return buildstream_pb2.GetReferenceResponse(digest=digest.to_proto())
 
     @rpc_method
@@ -31,7 +35,10 @@ class ReferenceStorageService(ServicerBase, buildstream_pb2_grpc.ReferenceStorag
         if not request.keys:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "no keys to update")
         keys = [writable_ref_name(key) for key in request.keys]
-        self._set_tree_ref(keys, parse_digest(request.digest), "UpdateReference")
+        digest = parse_digest(request.digest)
+        # No digest_function field: SHA-256 digests only, others refused by their length.
+        store = self._store_for(re_pb2.DigestFunction.SHA256, [digest])
+        self._set_tree_ref(store, keys, digest, "UpdateReference")
         return buildstream_pb2.UpdateReferenceResponse()
 
     @rpc_method

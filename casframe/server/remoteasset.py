@@ -1,6 +1,10 @@
 """The Remote Asset Fetch and Push services over what was pushed to this server; it never
 downloads from origins. Where each URI is kept is in :mod:`casframe.server.servicebase` and
 :mod:`casframe.server.assets`.
+
+Each digest function keeps its own assets: a Push names its function in ``digest_function``
+(or leaves it to be inferred from its digests), a Fetch names the function it wants (unset is
+SHA-256: a Fetch carries no digest to infer from), and its answer says which it is.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from casframe.errors import RefNotFoundError
 from casframe.refkinds import ASSET_REF_PREFIX, writable_ref_name
 from casframe.server.assets import lookup_asset, set_asset
 from casframe.server.errors import OK_STATUS, StatusError, rpc_method
+from casframe.server.functions import reapi_value
 from casframe.server.names import asset_ref_name, hashed_asset_ref_name
-from casframe.server.servicebase import SHA256, ServicerBase, parse_digest
+from casframe.server.servicebase import ServicerBase, parse_digest
+from casframe.store import Store
 
 __all__ = ["FetchService", "PushService"]
 
@@ -49,7 +55,7 @@ class FetchService(ServicerBase, remote_asset_pb2_grpc.FetchServicer):
     """Remote Asset Fetch over what was pushed; this server never downloads from origins."""
 
     def _lookup(
-        self, kind: str, request: _AssetRequest, uris: list[str]
+        self, store: Store, kind: str, request: _AssetRequest, uris: list[str]
     ) -> tuple[str, Digest] | None:
         qualifiers = _qualifiers(request)
         names = []
@@ -63,8 +69,8 @@ class FetchService(ServicerBase, remote_asset_pb2_grpc.FetchServicer):
         for uri, name in names:
             try:
                 if name.startswith(ASSET_REF_PREFIX):
-                    return uri, self._get_ref(name, f"the asset {uri!r}", lookup_asset)
-                return uri, self._get_ref(name, f"the asset {uri!r}")
+                    return uri, self._get_ref(store, name, f"the asset {uri!r}", lookup_asset)
+                return uri, self._get_ref(store, name, f"the asset {uri!r}")
             except RefNotFoundError:
                 continue
         return None
@@ -83,32 +89,36 @@ class FetchService(ServicerBase, remote_asset_pb2_grpc.FetchServicer):
     def FetchBlob(  # noqa: N802 - gRPC method name
         self, request: remote_asset_pb2.FetchBlobRequest, context: grpc.ServicerContext
     ) -> remote_asset_pb2.FetchBlobResponse:
-        self._check(request.instance_name, request.digest_function)
+        self._check(request.instance_name)
         uris = _uris(request.uris)
-        found = self._lookup("blob", request, uris)
-        if found is None or self.blobs.find_missing([found[1]]):
+        function = self.functions.from_request(request.digest_function, ())
+        store = self.functions.store_for(function)
+        found = self._lookup(store, "blob", request, uris)
+        if found is None or store.find_missing([found[1]]):
             raise self._not_found(uris)
         uri, digest = found
         return remote_asset_pb2.FetchBlobResponse(
             status=OK_STATUS, uri=uri, qualifiers=request.qualifiers,
-            blob_digest=digest.to_proto(), digest_function=SHA256,
+            blob_digest=digest.to_proto(), digest_function=reapi_value(function),
         )
 
     @rpc_method
     def FetchDirectory(  # noqa: N802 - gRPC method name
         self, request: remote_asset_pb2.FetchDirectoryRequest, context: grpc.ServicerContext
     ) -> remote_asset_pb2.FetchDirectoryResponse:
-        self._check(request.instance_name, request.digest_function)
+        self._check(request.instance_name)
         uris = _uris(request.uris)
-        found = self._lookup("directory", request, uris)
+        function = self.functions.from_request(request.digest_function, ())
+        store = self.functions.store_for(function)
+        found = self._lookup(store, "directory", request, uris)
         # Only the root is checked: refs are set only on complete trees and prune keeps what
         # refs reach, so walking the whole tree on every fetch would buy nothing.
-        if found is None or self.blobs.find_missing([found[1]]):
+        if found is None or store.find_missing([found[1]]):
             raise self._not_found(uris)
         uri, digest = found
         return remote_asset_pb2.FetchDirectoryResponse(
             status=OK_STATUS, uri=uri, qualifiers=request.qualifiers,
-            root_directory_digest=digest.to_proto(), digest_function=SHA256,
+            root_directory_digest=digest.to_proto(), digest_function=reapi_value(function),
         )
 
 
@@ -117,23 +127,28 @@ class PushService(ServicerBase, remote_asset_pb2_grpc.PushServicer):
     def PushBlob(  # noqa: N802 - gRPC method name
         self, request: remote_asset_pb2.PushBlobRequest, context: grpc.ServicerContext
     ) -> remote_asset_pb2.PushBlobResponse:
-        self._check(request.instance_name, request.digest_function)
+        self._check(request.instance_name)
         self._check_writable()
         digest = parse_digest(request.blob_digest, "blob_digest")
+        blobs = _references(request.references_blobs)
+        trees = _references(request.references_directories)
+        store = self._store_for(request.digest_function, [digest, *blobs, *trees])
         qualifiers = _qualifiers(request)
         names = [asset_ref_name("blob", request.instance_name, uri, qualifiers)
                  for uri in _uris(request.uris)]
-        set_asset(self.store, names, "blob", digest, _references(request.references_blobs),
-                  _references(request.references_directories), "PushBlob")
+        set_asset(store, names, "blob", digest, blobs, trees, "PushBlob")
         return remote_asset_pb2.PushBlobResponse()
 
     @rpc_method
     def PushDirectory(  # noqa: N802 - gRPC method name
         self, request: remote_asset_pb2.PushDirectoryRequest, context: grpc.ServicerContext
     ) -> remote_asset_pb2.PushDirectoryResponse:
-        self._check(request.instance_name, request.digest_function)
+        self._check(request.instance_name)
         self._check_writable()
         root = parse_digest(request.root_directory_digest, "root_directory_digest")
+        blobs = _references(request.references_blobs)
+        trees = _references(request.references_directories)
+        store = self._store_for(request.digest_function, [root, *blobs, *trees])
         qualifiers = _qualifiers(request)
         names = [asset_ref_name("directory", request.instance_name, uri, qualifiers)
                  for uri in _uris(request.uris)]
@@ -141,10 +156,8 @@ class PushService(ServicerBase, remote_asset_pb2_grpc.PushServicer):
                 if not name.startswith(ASSET_REF_PREFIX)]  # URIs naming refs of the user's
         assets = [name for name in names if name.startswith(ASSET_REF_PREFIX)]
         if refs:
-            self._set_tree_ref(refs, root, "PushDirectory")
+            self._set_tree_ref(store, refs, root, "PushDirectory")
         if assets:
-            set_asset(self.store, assets, "directory", root,
-                      _references(request.references_blobs),
-                      _references(request.references_directories), "PushDirectory")
+            set_asset(store, assets, "directory", root, blobs, trees, "PushDirectory")
         return remote_asset_pb2.PushDirectoryResponse()
 

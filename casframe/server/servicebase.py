@@ -7,10 +7,10 @@ The services themselves each have their module: :mod:`casframe.server.capabiliti
 :mod:`casframe.server.refstorage` (BuildStream's ReferenceStorage) and
 :mod:`casframe.server.bytestream`.
 
-Each servicer checks the instance name, the digest function and read-only mode, then calls the
-Store; every upload goes through the Store's verified write paths, so nothing unverified ever
-becomes visible. Errors are raised, never returned, and become statuses in
-:mod:`casframe.server.errors`.
+Each servicer checks the instance name and read-only mode, picks the store of the request's
+digest function (:mod:`casframe.server.functions`), then calls that Store; every upload goes
+through the Store's verified write paths, so nothing unverified ever becomes visible. Errors
+are raised, never returned, and become statuses in :mod:`casframe.server.errors`.
 
 Where things are kept (all in the Store's refs, so every backend gets them and several servers
 over one bucket agree):
@@ -26,7 +26,9 @@ over one bucket agree):
 * ReferenceStorage keys → refs of the same name.
 
 Refs are store-wide: every instance sees the same refs; the action cache and generic Remote
-Asset entries are per instance.
+Asset entries are per instance. Each digest function has its own blobs and refs (the store
+``store.with_digest_function(name)``): an action result or asset pushed with BLAKE3 digests is
+found only by requests that name BLAKE3.
 """
 
 from __future__ import annotations
@@ -40,49 +42,52 @@ from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb
 from casframe.digest import Digest
 from casframe.errors import InvalidDigestError
 from casframe.server.errors import StatusError, missing_blobs_error
-from casframe.server.names import Instances, check_digest_function
+from casframe.server.functions import DigestFunctions
+from casframe.server.names import Instances
 from casframe.server.settings import ServerSettings
 from casframe.store import Store
 from casframe.tree import missing_in_tree
 
-__all__ = ["SHA256", "ServicerBase", "parse_digest"]
+__all__ = ["ServicerBase", "parse_digest"]
 
 
 log = logging.getLogger("casframe.server")
 
-#: The one digest function this server serves.
-SHA256 = re_pb2.DigestFunction.SHA256
-
 
 class ServicerBase:
-    """What every servicer shares: the store (refs; ``blobs``, its verified-blob layer, for
-    content), the settings and the served instance names."""
+    """What every servicer shares: the served store, the store of each digest function it
+    offers (``functions``), the settings and the served instance names."""
 
     def __init__(self, store: Store, settings: ServerSettings, instances: Instances) -> None:
         self.store = store
-        self.blobs = store.verified
+        self.functions = DigestFunctions(store)
         self.settings = settings
         self.instances = instances
 
-    def _check(self, instance: str, digest_function: int = 0) -> str:
-        check_digest_function(digest_function)
+    def _check(self, instance: str) -> str:
         return self.instances.check(instance)
+
+    def _store_for(self, digest_function: int, digests: Iterable[Digest]) -> Store:
+        """The store of a request's ``digest_function`` (inferred from the digests' length
+        when unset); every digest must be of that function (else ``INVALID_ARGUMENT``)."""
+        return self.functions.for_request(digest_function, digests)
 
     def _check_writable(self) -> None:
         if self.settings.read_only:
             raise StatusError(grpc.StatusCode.PERMISSION_DENIED, "this server is read-only")
 
+    @staticmethod
     def _get_ref(
-        self,
+        store: Store,
         name: str,
         what: str,
         lookup: Callable[[Store, str], Digest] = Store.get_ref,
     ) -> Digest:
-        """The digest a ref holds (found by ``lookup``); a damaged ref is the server's
-        ``DATA_LOSS``, not the client's ``INVALID_ARGUMENT``, and its details (where it is
-        stored) go to the log."""
+        """The digest a ref of ``store`` holds (found by ``lookup``); a damaged ref is the
+        server's ``DATA_LOSS``, not the client's ``INVALID_ARGUMENT``, and its details (where
+        it is stored) go to the log."""
         try:
-            return lookup(self.store, name)
+            return lookup(store, name)
         except InvalidDigestError as exc:
             log.error("damaged ref %s: %s", name, exc)
             raise StatusError(
@@ -91,16 +96,18 @@ class ServicerBase:
                 "(the server log has the details)",
             ) from None
 
-    def _set_tree_ref(self, names: Iterable[str], root: Digest, what: str) -> None:
-        """Point refs at a tree after checking, once, that the whole tree is stored."""
+    @staticmethod
+    def _set_tree_ref(store: Store, names: Iterable[str], root: Digest, what: str) -> None:
+        """Point refs of ``store`` at a tree after checking, once, that the whole tree is
+        stored."""
         # Freshen while checking: prune's grace period then covers the tree from here on.
-        missing = missing_in_tree(self.blobs, root, freshen=True)
+        missing = missing_in_tree(store.verified, root, freshen=True)
         if missing:
             raise missing_blobs_error(
                 grpc.StatusCode.FAILED_PRECONDITION, f"{what}: tree {root} is incomplete", missing
             )
         for name in names:
-            self.store.set_ref(name, root, check_complete=False)
+            store.set_ref(name, root, check_complete=False)
 
 
 def parse_digest(message: re_pb2.Digest, what: str = "digest") -> Digest:

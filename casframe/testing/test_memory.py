@@ -18,6 +18,8 @@ __all__ = ["TestMemoryStore"]
 
 
 class TestMemoryStore(StoreConformance):
+    digest_functions = ("sha256", "blake3")
+
     @pytest.fixture
     def store(self, memory_store: Store) -> Store:
         return memory_store

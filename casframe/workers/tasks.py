@@ -129,7 +129,7 @@ def import_files(store: VerifiedBlobs, batch: list[str]) -> tuple[list[Stored], 
                 digest = store.put_open_file(fd)
             else:
                 data = _read_small(fd, st.st_size)
-                digest = Digest.of_bytes(data)
+                digest = Digest.of_bytes(data, store.function)
                 if digest.size:
                     pending.append((digest, data))
                     pending_bytes += digest.size

@@ -7,7 +7,7 @@ module needs protobuf, which commands such as ``casframe ref list`` never load).
 from __future__ import annotations
 
 from casframe import ConfigError, Store, StoreOpener, StoreURL
-from casframe_cache.store import cache_store
+from casframe_cache.store import CacheBlobStore, cache_store
 
 __all__ = ["open_cache_store"]
 
@@ -18,8 +18,10 @@ def open_cache_store(url: StoreURL, opener: StoreOpener) -> Store:
     """Factory for ``cache://?local=STORE&remote=STORE`` (URLs, configured names or paths).
 
     ``opener`` opens the two stores with the configuration and plugins the cache itself is
-    opened with, and refuses configured names that lead back to the cache.
+    opened with, and refuses configured names that lead back to the cache. Both are opened
+    with the cache's digest function.
     """
+    url.digest_function_for(CacheBlobStore)
     if url.netloc or url.path.strip("/"):
         raise ConfigError(
             f"{url.url}: cache:// takes no host or path; give its stores as options: "
@@ -64,4 +66,4 @@ def _open_role(url: StoreURL, role: str, opener: StoreOpener) -> Store:
         opener.config.resolve_store(value)  # checked first, so that the error names the option
     except ConfigError as exc:
         raise ConfigError(f"{url.url}: cache:// {role}={value!r}: {exc}") from None
-    return opener.open(value)
+    return opener.open(value, digest_function=url.digest_function.name)

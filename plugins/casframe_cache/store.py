@@ -36,6 +36,7 @@ from typing import BinaryIO, TypeVar
 from urllib.parse import quote
 
 from casframe import (
+    DIGEST_FUNCTIONS,
     BlobInfo,
     BlobLimits,
     BlobNotFoundError,
@@ -50,6 +51,7 @@ from casframe import (
     RefInfo,
     RefStore,
     Store,
+    UnsupportedDigestFunctionError,
     UnsupportedOperationError,
 )
 from casframe.blobs import VerifiedBlobs, VerifiedUpload
@@ -204,9 +206,19 @@ class CacheBlobStore(BlobStore):
     ``local`` and ``remote`` are open stores; the cache owns them and closes them with itself.
     """
 
+    # The class declares every function; an instance, those both of its stores can hold.
+    digest_functions = frozenset(DIGEST_FUNCTIONS)
+
     def __init__(self, local: Store, remote: Store) -> None:
+        if local.digest_function != remote.digest_function:
+            raise UnsupportedDigestFunctionError(
+                f"the cache's local {local.url} ({local.digest_function.name}) and remote "
+                f"{remote.url} ({remote.digest_function.name}) use different digest functions"
+            )
         self.local = local
         self.remote = remote
+        self.digest_function = local.digest_function
+        self.digest_functions = local.digest_functions & remote.digest_functions
         self._counters = _Counters()
         self.capabilities = frozenset(
             {Capability.TOUCH} | ({Capability.LOCAL_PATH} & local.blobs.capabilities)

@@ -16,25 +16,28 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 from urllib.parse import urlsplit
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from casframe import (
+    SHA256,
     BackendUnavailableError,
     BlobNotFoundError,
     CasframeError,
     ConfigError,
     CorruptBlobError,
     Digest,
+    DigestFunction,
     PermissionDeniedError,
     RefConflictError,
     RefNotFoundError,
     StoreURL,
     UnsupportedOperationError,
 )
+from casframe.reapi import remote_execution as reapi
 
 from ._compression import COMPRESSIONS
 
@@ -213,13 +216,31 @@ def _read_pem(path: str, what: str) -> bytes:
         raise ConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
 
 
-class Connection:
-    """The channel to one server and instance, shared by the blob store and the ref store."""
+# The digest functions REAPI lets a resource name leave out (the server infers them from the
+# hash's length); it says the segment "MUST be omitted" for them. Casframe's others (BLAKE3)
+# are named: ``blobs/blake3/{hash}/{size}``.
+_UNNAMED_IN_RESOURCES = frozenset({"sha256", "sha384", "sha512"})
 
-    def __init__(self, options: GrpcOptions) -> None:
+
+class Connection:
+    """The channel to one server and instance, shared by the blob store and the ref store;
+    every digest sent or received is of ``function``."""
+
+    def __init__(self, options: GrpcOptions, function: DigestFunction = SHA256) -> None:
         self.options = options
         self.instance = options.instance
         self.where = options.describe()
+        self.function = function
+        #: The requests' ``digest_function``: unset for SHA-256, which REAPI infers from the
+        #: hash's length and servers older than REAPI 2.3 assume, so their requests stay
+        #: exactly what they were; the function's number for any other.
+        self.function_value = cast(
+            reapi.DigestFunction.Value, 0 if function == SHA256 else function.reapi_value
+        )
+        #: What a ByteStream resource name has between ``blobs/`` and the hash.
+        self.function_segment = (
+            "" if function.name in _UNNAMED_IN_RESOURCES else f"{function.name}/"
+        )
         service_config = {
             "methodConfig": [
                 {"name": [{"service": s} for s in _SERVICES], "retryPolicy": _RETRY_POLICY}

@@ -170,7 +170,8 @@ class StreamingWriter(BlobWriter):
         self._digest = digest
         codec = store.streams
         self._resource = (f"{store.conn.resource_prefix()}uploads/{uuid.uuid4()}"
-                          f"/{codec.resource_part}/{digest.hash}/{digest.size}")
+                          f"/{codec.resource_part}/{store.conn.function_segment}"
+                          f"{digest.hash}/{digest.size}")
         # Compressed, the stream is one zstd stream whose pieces are sent as they come.
         self._compressed = codec.compressed
         self._encoder = codec.stream_encoder(digest.size)

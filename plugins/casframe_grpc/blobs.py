@@ -11,7 +11,7 @@ from typing import Any, BinaryIO
 import grpc
 
 from casframe import (
-    EMPTY_DIGEST,
+    DIGEST_FUNCTIONS,
     BlobLimits,
     BlobNotFoundError,
     BlobStore,
@@ -74,9 +74,20 @@ class GrpcBlobStore(BlobStore):
     """Blobs on a REAPI server: CAS batch calls for small ones, ByteStream for large ones."""
 
     capabilities = frozenset()  # REAPI offers no listing, deleting or touching of blobs
+    # REAPI 2.3 requests name their digest function: any of casframe's may be asked for, and
+    # each store, once open, declares those its server lists (checked on open).
+    digest_functions = frozenset(DIGEST_FUNCTIONS)
 
     def __init__(self, conn: Connection, capabilities: reapi.ServerCapabilities | None) -> None:
         self.conn = conn
+        self.digest_function = conn.function
+        self._function = conn.function_value
+        offered = set(capabilities.cache_capabilities.digest_functions if capabilities else ())
+        # A server that lists none (or has no Capabilities service) holds SHA-256 alone.
+        offered = offered or {reapi.DigestFunction.SHA256}
+        self.digest_functions = frozenset(
+            f.name for f in DIGEST_FUNCTIONS.values() if f.reapi_value in offered
+        )
         self._cas = reapi_grpc.ContentAddressableStorageStub(conn.channel)
         # ByteStream's bulk messages go through casframe._wire instead of protobuf (the
         # method names and wire format are ByteStream's own).
@@ -171,7 +182,8 @@ class GrpcBlobStore(BlobStore):
                 calls = []
                 try:
                     for first in range(start, min(start + window, len(now)), _FIND_MISSING_BATCH):
-                        request = reapi.FindMissingBlobsRequest(instance_name=self.conn.instance)
+                        request = reapi.FindMissingBlobsRequest(
+                            instance_name=self.conn.instance, digest_function=self._function)
                         _add_digests(request.blob_digests,
                                      now[first : first + _FIND_MISSING_BATCH])
                         calls.append(self._cas.FindMissingBlobs.future(
@@ -205,7 +217,7 @@ class GrpcBlobStore(BlobStore):
             return stream
         request = bytestream.ReadRequest(
             resource_name=(f"{self.conn.resource_prefix()}{self.streams.resource_part}/"
-                           f"{digest.hash}/{digest.size}"),
+                           f"{self.conn.function_segment}{digest.hash}/{digest.size}"),
             read_offset=offset,
         )
         responses = self._read(
@@ -249,7 +261,8 @@ class GrpcBlobStore(BlobStore):
             yield from self._read_batch(group).items()
 
     def _read_batch(self, group: list[Digest]) -> dict[Digest, bytes]:
-        request = reapi.BatchReadBlobsRequest(instance_name=self.conn.instance)
+        request = reapi.BatchReadBlobsRequest(instance_name=self.conn.instance,
+                                              digest_function=self._function)
         if self.streams.compressed:
             request.acceptable_compressors.append(reapi.Compressor.ZSTD)
         _add_digests(request.digests, group)
@@ -295,7 +308,8 @@ class GrpcBlobStore(BlobStore):
             self._update_batch([(digest, small[digest]) for digest in group])
 
     def _update_batch(self, blobs: list[tuple[Digest, bytes]]) -> None:
-        request = reapi.BatchUpdateBlobsRequest(instance_name=self.conn.instance)
+        request = reapi.BatchUpdateBlobsRequest(instance_name=self.conn.instance,
+                                                digest_function=self._function)
         add = request.requests.add
         for (hash_, size), data in blobs:
             packed, compressor = self.batch_updates.pack(data)
@@ -352,7 +366,7 @@ class GrpcBlobStore(BlobStore):
         clients that may still upload blobs), so the probe is a write that changes nothing.
         The refusal arrives as :class:`PermissionDeniedError`, with the server's reason.
         """
-        self._update_batch([(EMPTY_DIGEST, b"")])
+        self._update_batch([(Digest.empty(self.digest_function), b"")])
 
     # -- GetTree -------------------------------------------------------------------------------
 
@@ -373,7 +387,8 @@ class GrpcBlobStore(BlobStore):
         token = ""
         while True:
             request = reapi.GetTreeRequest(
-                instance_name=self.conn.instance, root_digest=root.to_proto(), page_token=token
+                instance_name=self.conn.instance, root_digest=root.to_proto(), page_token=token,
+                digest_function=self._function,
             )
             token = ""
             with self.conn.calling("GetTree", digest=root):

@@ -9,12 +9,14 @@ from collections.abc import Iterator
 import grpc
 
 from casframe import (
+    SHA256,
     CasframeError,
     Digest,
     PermissionDeniedError,
     RefCapability,
     RefInfo,
     RefStore,
+    RemoteProtocolError,
     UnsupportedOperationError,
 )
 from casframe.reapi import buildstream as bst
@@ -40,7 +42,9 @@ class GrpcRefStore(RefStore):
     """Refs on a REAPI server, over ReferenceStorage or Remote Asset.
 
     Neither protocol can list or delete names, nor report when a name was last used: refs
-    here can be set and read, and expiring them is the server's business.
+    here can be set and read, and expiring them is the server's business. A store of another
+    digest function than SHA-256 uses Remote Asset, whose requests name the function
+    (ReferenceStorage's cannot).
     """
 
     capabilities: frozenset[RefCapability] = frozenset()  # neither list nor delete
@@ -49,6 +53,9 @@ class GrpcRefStore(RefStore):
         self.conn = conn
         self._wanted = conn.options.ref_protocol
         self._protocol: str | None = None if self._wanted == "auto" else self._wanted
+        self._function = conn.function_value
+        if self._function:  # not SHA-256: only Remote Asset can say which function
+            self._protocol = "asset"
         self._lock = threading.Lock()
         self._references = bst_grpc.ReferenceStorageStub(conn.channel)
         self._fetch = asset_grpc.FetchStub(conn.channel)
@@ -115,7 +122,8 @@ class GrpcRefStore(RefStore):
             with self.conn.calling("Fetch.FetchDirectory", ref=name):
                 fetched = self._fetch.FetchDirectory(
                     asset.FetchDirectoryRequest(
-                        instance_name=self.conn.instance, uris=[ref_uri(name)]
+                        instance_name=self.conn.instance, uris=[ref_uri(name)],
+                        digest_function=self._function,
                     ),
                     timeout=timeout,
                 )
@@ -124,6 +132,13 @@ class GrpcRefStore(RefStore):
         if fetched.status.code:
             raise translate_status(fetched.status.code, fetched.status.message,
                                    self.conn.where, "Fetch.FetchDirectory", ref=name)
+        # Remote Asset: an answer that names no function is SHA-256's.
+        answered = fetched.digest_function or SHA256.reapi_value
+        if answered != self.conn.function.reapi_value:
+            raise RemoteProtocolError(
+                f"{self.conn.where} answered Fetch.FetchDirectory of ref {name} with a digest "
+                f"of DigestFunction {answered}, not of {self.conn.function.name} as asked"
+            )
         return answered_ref_digest(
             self.conn.where, "Fetch.FetchDirectory", name, fetched.root_directory_digest
         )
@@ -147,6 +162,7 @@ class GrpcRefStore(RefStore):
                         instance_name=self.conn.instance,
                         uris=[ref_uri(name)],
                         root_directory_digest=digest.to_proto(),
+                        digest_function=self._function,
                     ),
                     timeout=timeout,
                 )

@@ -13,12 +13,15 @@ from typing import BinaryIO
 from urllib.parse import quote
 
 from casframe import (
+    DIGEST_FUNCTIONS,
+    SHA256,
     BlobLimits,
     BlobWriter,
     Capability,
     CasframeError,
     CorruptBlobError,
     Digest,
+    DigestFunction,
     UnsupportedOperationError,
     layout,
 )
@@ -42,6 +45,7 @@ _COPY_STEP = 1 << 30
 _READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
 _COPY_CHUNK = 1 << 20
 _CHECK_SIZE_ABOVE = 1 << 20  # read_blobs compares the object's size first above this
+_PREALLOCATE_FROM = 1 << 20  # files copied into the store from this size are preallocated
 # Opening an object's path fails so when it is absent, when a stray folder stands where it
 # would be, or when a stray file stands where its fan-out folder would be.
 _NOT_AN_OBJECT = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
@@ -49,6 +53,20 @@ _NOT_AN_OBJECT = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 def _open_folder(path: str) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _preallocate(fd: int, size: int) -> int:
+    """Reserve ``size`` bytes for the new file ``fd`` (made that long) before a large copy
+    into it: the copy then fills reserved blocks instead of allocating them as it goes, a
+    quarter less kernel time on ext4. Returns the size reserved, 0 when it was not (a small
+    file, or a file system that refuses)."""
+    if size < _PREALLOCATE_FROM:
+        return 0
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError:
+        return 0  # no room (the copy will say so) or no support: copy without it
+    return size
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -102,8 +120,17 @@ class LocalBlobStore(LocalBlobMaintenance):
         }
     )
     limits = BlobLimits(max_concurrency=2)  # local disk and hashing: one thread per core
+    # Each function's blobs in their own folder (casframe.layout.function_folder).
+    digest_functions = frozenset(DIGEST_FUNCTIONS)
 
-    def __init__(self, root: str, *, fsync: bool = False) -> None:
+    def __init__(
+        self, root: str, *, fsync: bool = False, function: DigestFunction = SHA256
+    ) -> None:
+        #: The location's root; the blobs are in ``root`` (its folder for ``function``).
+        self.location = root
+        self.digest_function = function
+        folder = layout.function_folder(function)
+        root = os.path.join(root, folder) if folder else root
         self.root = root
         self.objdir = os.path.join(root, layout.OBJECTS)
         self.tmpdir = os.path.join(root, layout.TMP)
@@ -125,8 +152,12 @@ class LocalBlobStore(LocalBlobMaintenance):
         return f"file://{self.root}"
 
     def worker_spec(self) -> tuple[str, str]:
-        url = f"file://{quote(os.fsencode(self.root))}"
-        return "casframe_local.store:open_local_store", url + ("?fsync=true" if self.fsync else "")
+        url = f"file://{quote(os.fsencode(self.location))}"
+        query = [] if self.digest_function == SHA256 else [
+            f"digest_function={self.digest_function.name}"
+        ]
+        query += ["fsync=true"] if self.fsync else []
+        return "casframe_local.store:open_local_store", url + "?" * bool(query) + "&".join(query)
 
     # Uploads go to an unnamed file (O_TMPFILE) that is linked into objects/ once verified:
     # nothing to clean up after a crash, and one link instead of create + rename. Where the
@@ -271,7 +302,8 @@ class LocalBlobStore(LocalBlobMaintenance):
             try:
                 # Identity is (hash, size): an intact object of another size is not this blob.
                 # (A 0-byte object under any hash but the empty one is damaged, never a blob.)
-                if size and Digest.of_stream(stream) == Digest(digest.hash, size):
+                function = self.digest_function
+                if size and Digest.of_stream(stream, function) == Digest(digest.hash, size):
                     raise self._not_found(digest)
             finally:
                 stream.close()
@@ -397,6 +429,7 @@ class LocalBlobStore(LocalBlobMaintenance):
         temp_fd, temp = self.open_temp()
         writer = _LocalWriter(self, temp_fd, temp)
         try:
+            expected = _preallocate(temp_fd, os.fstat(fd).st_size - start)
             copied = 0
             while True:
                 try:
@@ -416,6 +449,8 @@ class LocalBlobStore(LocalBlobMaintenance):
                         )
                     break
                 copied += n
+            if expected and copied != expected:  # the file changed size while it was copied
+                os.ftruncate(temp_fd, copied)
             stored = open(os.dup(temp_fd), "rb", buffering=0)  # noqa: SIM115 - returned
         except BaseException:
             writer.abort()

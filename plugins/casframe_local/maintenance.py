@@ -8,12 +8,10 @@ import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
 
-from casframe import EMPTY_DIGEST, BlobInfo, BlobStore, Digest, StrayEntry, layout
+from casframe import BlobInfo, BlobStore, Digest, StrayEntry, layout
 from casframe.layout import is_fanout, is_object_file_name
 
 __all__ = ["LocalBlobMaintenance"]
-
-_EMPTY_HASH = EMPTY_DIGEST.hash
 
 
 def _kind(path: str) -> str:
@@ -55,7 +53,7 @@ class LocalBlobMaintenance(BlobStore):
             with scanner as entries:
                 for entry in entries:
                     rest = entry.name
-                    if not is_object_file_name(rest):
+                    if not is_object_file_name(rest, self.digest_function.hex_length):
                         continue  # a stray file, not an object
                     hash_ = fanout + rest
                     if skip is not None and skip(hash_):
@@ -72,7 +70,7 @@ class LocalBlobMaintenance(BlobStore):
 
     def iter_blobs(self) -> Iterator[BlobInfo]:
         for hash_, size, mtime in self.iter_blob_stats():
-            if size or hash_ == _EMPTY_HASH:  # an emptied object is no blob
+            if size or hash_ == self.digest_function.empty_hash:  # an emptied object is no blob
                 yield BlobInfo(Digest(hash_, size), mtime)
 
     def iter_strays(self) -> Iterator[StrayEntry]:
@@ -88,7 +86,7 @@ class LocalBlobMaintenance(BlobStore):
                 for entry in sorted(entries, key=lambda e: e.name):
                     rest = entry.name
                     name = f"{layout.OBJECTS}/{fanout}/{rest}"
-                    if not is_object_file_name(rest):
+                    if not is_object_file_name(rest, self.digest_function.hex_length):
                         yield StrayEntry(name, f"{_kind(entry.path)} whose name is not a hash")
                     elif not entry.is_file(follow_symlinks=False):
                         yield StrayEntry(name, f"{_kind(entry.path)}, not an object")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from urllib.parse import unquote
 
-from casframe import ConfigError, Store, StoreNotFoundError, StoreURL
+from casframe import ConfigError, Store, StoreNotFoundError, StoreURL, layout
 
 from .blobs import LocalBlobStore
 from .refs import LocalRefStore
@@ -26,8 +26,11 @@ def store_path(url: StoreURL) -> str:
 
 def open_local_store(url: StoreURL) -> Store:
     """Factory for ``file://PATH``; creates the layout when missing (unless ``url.create`` is
-    false: then a missing directory is :class:`StoreNotFoundError`)."""
+    false: then a missing directory is :class:`StoreNotFoundError`). A digest function other
+    than SHA-256 has its store in ``PATH/digest/NAME`` (:func:`casframe.layout.function_folder`).
+    """
     url.check_options(_OPTIONS)
+    function = url.digest_function_for(LocalBlobStore)
     root = store_path(url)
     if not url.create and not os.path.exists(root):
         raise StoreNotFoundError(
@@ -36,6 +39,9 @@ def open_local_store(url: StoreURL) -> Store:
     if os.path.exists(root) and not os.path.isdir(root):
         raise ConfigError(f"{url.url}: {root} exists and is not a directory")
     fsync = url.flag("fsync")
-    return Store(
-        LocalBlobStore(root, fsync=fsync), LocalRefStore(root, fsync=fsync), url=f"file://{root}"
-    )
+    blobs = LocalBlobStore(root, fsync=fsync, function=function)
+    refs = LocalRefStore(blobs.root, fsync=fsync)
+    shown = f"file://{root}"
+    if layout.function_folder(function):
+        shown += f"?digest_function={function.name}"
+    return Store(blobs, refs, url=shown)

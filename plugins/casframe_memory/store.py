@@ -14,11 +14,14 @@ from collections.abc import Collection, Iterable, Iterator
 from typing import BinaryIO
 
 from casframe import (
+    DIGEST_FUNCTIONS,
+    SHA256,
     BlobInfo,
     BlobStore,
     BlobWriter,
     Capability,
     Digest,
+    DigestFunction,
     RefCapability,
     RefConflictError,
     RefInfo,
@@ -53,8 +56,11 @@ class _MemoryWriter(BlobWriter):
 
 class MemoryBlobStore(BlobStore):
     capabilities = frozenset({Capability.LIST, Capability.DELETE, Capability.TOUCH})
+    # Every function: a store holds one, and each store has maps of its own.
+    digest_functions = frozenset(DIGEST_FUNCTIONS)
 
-    def __init__(self) -> None:
+    def __init__(self, function: DigestFunction = SHA256) -> None:
+        self.digest_function = function
         self.lock = threading.Lock()
         self.blobs: dict[Digest, tuple[bytes, float]] = {}
 
@@ -158,6 +164,8 @@ class MemoryRefStore(RefStore):
 
 
 def open_memory_store(url: StoreURL) -> Store:
-    """Factory for ``memory://``: a new empty store each time. It takes no options."""
+    """Factory for ``memory://``: a new empty store each time, of ``url.digest_function``.
+    It takes no options of its own."""
     url.check_options(())
-    return Store(MemoryBlobStore(), MemoryRefStore(), url=url.url)
+    blobs = MemoryBlobStore(url.digest_function_for(MemoryBlobStore))
+    return Store(blobs, MemoryRefStore(), url=url.url)

@@ -16,7 +16,8 @@ from typing import Any, BinaryIO
 import botocore.exceptions
 
 from casframe import (
-    EMPTY_DIGEST,
+    DIGEST_FUNCTIONS,
+    SHA256,
     BlobInfo,
     BlobLimits,
     BlobNotFoundError,
@@ -26,6 +27,7 @@ from casframe import (
     CasframeError,
     CorruptBlobError,
     Digest,
+    DigestFunction,
     StrayEntry,
 )
 from casframe.digest import CHUNK_SIZE
@@ -62,9 +64,12 @@ class S3BlobStore(BlobStore):
     """Blobs as objects ``PREFIX/objects/ab/cdef…`` of one bucket."""
 
     capabilities = frozenset({Capability.LIST, Capability.DELETE, Capability.TOUCH})
+    # Each function's blobs under their own key prefix (casframe.layout.function_folder).
+    digest_functions = frozenset(DIGEST_FUNCTIONS)
 
-    def __init__(self, bucket: _Bucket) -> None:
+    def __init__(self, bucket: _Bucket, function: DigestFunction = SHA256) -> None:
         self._bucket = bucket
+        self.digest_function = function
         #: Blobs of at least this size whose digest is known are streamed to their key as they
         #: arrive, never spooled; smaller ones stay in memory (one PUT) anyway.
         self.streaming_min_size = max(bucket.options.multipart_threshold, SPOOL_MEMORY_LIMIT + 1)
@@ -129,7 +134,9 @@ class S3BlobStore(BlobStore):
             self._holds_many = True
             return None
         # Emptied objects too: find_missing_blobs answers about them for fsck --repair.
-        listed = _listed(page.get("Contents", []), self._bucket.objects)
+        listed = _listed(
+            page.get("Contents", []), self._bucket.objects, self._bucket.hex_length
+        )
         return {hash_: size for hash_, size, _ in listed}
 
     def _head_missing(self, digests: Iterable[Digest]) -> set[Digest]:
@@ -252,7 +259,7 @@ class S3BlobStore(BlobStore):
             healthy = Digest(digest.hash, actual)
             try:
                 with self.open_blob(healthy) as stream:
-                    if Digest.of_stream(stream) == healthy:
+                    if Digest.of_stream(stream, self.digest_function) == healthy:
                         return self._not_found(digest)
             except (BlobNotFoundError, CorruptBlobError):
                 pass  # replaced meanwhile: report what was seen
@@ -341,7 +348,7 @@ class S3BlobStore(BlobStore):
 
         Writers spool locally until ``commit``, so the default probe would detect nothing.
         """
-        self._bucket.put(self._bucket.object_key(EMPTY_DIGEST), b"")
+        self._bucket.put(self._bucket.object_key(Digest.empty(self.digest_function)), b"")
 
     def now(self) -> float:
         """S3's clock, which stamps LastModified: prune's cutoff must not depend on how far
@@ -352,7 +359,7 @@ class S3BlobStore(BlobStore):
 
     def iter_blobs(self) -> Iterator[BlobInfo]:
         for hash_, size, mtime in self._iter_listed():
-            if size or hash_ == EMPTY_DIGEST.hash:  # an emptied object is no blob
+            if size or hash_ == self.digest_function.empty_hash:  # emptied: no blob
                 yield BlobInfo(Digest(hash_, size), mtime)
 
     def iter_blob_stats(
@@ -370,7 +377,7 @@ class S3BlobStore(BlobStore):
         objects = self._bucket.objects
         first = next(self._bucket.list_pages(Prefix=objects))
         contents = first.get("Contents", [])
-        yield from _listed(contents, objects)
+        yield from _listed(contents, objects, self._bucket.hex_length)
         if not first.get("IsTruncated") or not contents:
             return
         last_key = contents[-1]["Key"]
@@ -394,7 +401,9 @@ class S3BlobStore(BlobStore):
         extra = {"StartAfter": start_after} if start_after else {}
         listed: list[tuple[str, int, float]] = []
         for page in self._bucket.list_pages(Prefix=folder, **extra):
-            listed.extend(_listed(page.get("Contents", []), self._bucket.objects))
+            listed.extend(
+                _listed(page.get("Contents", []), self._bucket.objects, self._bucket.hex_length)
+            )
         return listed
 
     def iter_strays(self) -> Iterator[StrayEntry]:
@@ -407,7 +416,9 @@ class S3BlobStore(BlobStore):
         for page in self._bucket.list_pages(Prefix=objects):
             for item in page.get("Contents", []):
                 key: str = item["Key"]
-                if _blob_key_name(key, objects) is not None or _FOLDER_MARKER.fullmatch(
+                if _blob_key_name(
+                    key, objects, self._bucket.hex_length
+                ) is not None or _FOLDER_MARKER.fullmatch(
                     key[len(objects) :]
                 ):
                     continue
@@ -470,7 +481,8 @@ class S3BlobStore(BlobStore):
                     uploads.extend(
                         (u["Key"], u["UploadId"], u["Initiated"].timestamp())
                         for u in page.get("Uploads", [])
-                        if _blob_key_name(u["Key"], bucket.objects) is not None
+                        if _blob_key_name(u["Key"], bucket.objects, bucket.hex_length)
+                        is not None
                         and u["UploadId"] not in bucket.active_uploads
                     )
         except CasframeError as exc:

@@ -110,8 +110,11 @@ class _Bucket:
     Shared by the store's BlobStore and RefStore; all S3 calls of both go through here.
     """
 
-    def __init__(self, options: S3Options) -> None:
+    def __init__(self, options: S3Options, hex_length: int = 64) -> None:
         self.options = options
+        #: Hex digits of this store's hashes (its digest function's): object keys of another
+        #: length are not its objects.
+        self.hex_length = hex_length
         self.name = options.bucket
         self.objects = f"{options.key_prefix}{layout.OBJECTS}/"
         self.refs = f"{options.key_prefix}{layout.REFS}/"
@@ -443,18 +446,21 @@ _FANOUTS = [f"{i:02x}" for i in range(256)]
 _FOLDER_MARKER = re.compile(r"(?:[0-9a-f]{2}/)?")
 
 
-def _blob_key_name(key: str, objects: str) -> str | None:
-    """The hash a key ``objects/ab/cdef…`` stands for, ``None`` for any other key."""
+def _blob_key_name(key: str, objects: str, hex_length: int) -> str | None:
+    """The hash (of ``hex_length`` digits) a key ``objects/ab/cdef…`` stands for, ``None`` for
+    any other key."""
     if not key.startswith(objects):
         return None
-    return layout.object_hash(key[len(objects) :])
+    return layout.object_hash(key[len(objects) :], hex_length)
 
 
-def _listed(contents: list[dict[str, Any]], objects: str) -> Iterator[tuple[str, int, float]]:
+def _listed(
+    contents: list[dict[str, Any]], objects: str, hex_length: int
+) -> Iterator[tuple[str, int, float]]:
     """Listed keys ``objects/ab/cdef…`` as ``(hash, size, mtime)``; other keys (strays synced
     in) are skipped."""
     for item in contents:
-        name = _blob_key_name(item["Key"], objects)
+        name = _blob_key_name(item["Key"], objects, hex_length)
         if name is not None:
             yield name, int(item["Size"]), item["LastModified"].timestamp()
 

@@ -6,6 +6,7 @@ as an S3 store and back::
     PREFIX/objects/ab/cdef…   blob with sha256 ``abcdef…``
     PREFIX/refs/heads/NAME    a serialized REAPI Digest message; user metadata ``accessed``
                               holds the last access (seconds since the epoch)
+    PREFIX/digest/NAME/…      the same for the store of digest function NAME (blake3, …)
 
 A blob becomes visible only as a whole: one PUT, or a multipart upload that is completed only
 after the core has checked the content against its digest. When the digest is known before the
@@ -24,7 +25,9 @@ module, the factory the plugin registers.
 
 from __future__ import annotations
 
-from casframe import Store, StoreURL
+from dataclasses import replace
+
+from casframe import Store, StoreURL, layout
 from casframe_s3.blobs import S3BlobStore
 from casframe_s3.bucket import _Bucket
 from casframe_s3.options import S3Options
@@ -34,12 +37,19 @@ __all__ = ["S3BlobStore", "S3RefStore", "open_s3_store"]
 
 
 def open_s3_store(url: StoreURL) -> Store:
-    """Factory for ``s3://BUCKET/PREFIX?options``; checks the bucket before returning."""
+    """Factory for ``s3://BUCKET/PREFIX?options``; checks the bucket before returning. A
+    digest function other than SHA-256 has its store under ``PREFIX/digest/NAME/``."""
+    function = url.digest_function_for(S3BlobStore)
     options = S3Options.from_url(url)
-    bucket = _Bucket(options)
+    shown = options.location
+    folder = layout.function_folder(function)
+    if folder:
+        options = replace(options, prefix="/".join(p for p in (options.prefix, folder) if p))
+        shown += f"?digest_function={function.name}"
+    bucket = _Bucket(options, function.hex_length)
     try:
         bucket.check_bucket()
     except BaseException:
         bucket.close()
         raise
-    return Store(S3BlobStore(bucket), S3RefStore(bucket), url=options.location)
+    return Store(S3BlobStore(bucket, function), S3RefStore(bucket), url=shown)

@@ -8,7 +8,6 @@ import threading
 import pytest
 
 from casframe import (
-    EMPTY_DIGEST,
     BlobNotFoundError,
     CorruptBlobError,
     Digest,
@@ -21,6 +20,7 @@ from casframe.testing import (
     LARGE_FILE_SIZE,
     random_bytes,
 )
+from casframe.testing.conformance.base import digest_of, empty_of
 from casframe.testing.conformance.capabilities import CapabilityConformance
 
 
@@ -40,17 +40,19 @@ class BlobConformance(CapabilityConformance):
     capabilities (:class:`CapabilityConformance`)."""
 
     def test_empty_blob_is_always_present(self, store: Store) -> None:
-        assert str(EMPTY_DIGEST) == (
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855/0"
-        )
-        assert store.find_missing([EMPTY_DIGEST]) == set()
-        assert store.contains(EMPTY_DIGEST)
-        assert store.read_bytes(EMPTY_DIGEST) == b""
-        with store.open_read(EMPTY_DIGEST) as stream:
+        assert str(empty_of(store)) == store.digest_function.hash_hex(b"") + "/0"
+        if store.digest_function.name == "sha256":
+            assert str(empty_of(store)) == (
+                "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855/0"
+            )
+        assert store.find_missing([empty_of(store)]) == set()
+        assert store.contains(empty_of(store))
+        assert store.read_bytes(empty_of(store)) == b""
+        with store.open_read(empty_of(store)) as stream:
             assert stream.read() == b""
-        assert list(store.read_many([EMPTY_DIGEST])) == [(EMPTY_DIGEST, b"")]
-        assert store.put_bytes(b"") == EMPTY_DIGEST
-        assert store.put_stream(io.BytesIO(b"")) == EMPTY_DIGEST
+        assert list(store.read_many([empty_of(store)])) == [(empty_of(store), b"")]
+        assert store.put_bytes(b"") == empty_of(store)
+        assert store.put_stream(io.BytesIO(b"")) == empty_of(store)
 
     def test_a_writable_store_passes_check_writable_unchanged(self, store: Store) -> None:
         """The probe pushing uses to detect a read-only remote: it passes here, changing
@@ -58,7 +60,7 @@ class BlobConformance(CapabilityConformance):
         digest = store.put_bytes(b"stored before the probe")
         store.check_writable()
         assert store.read_bytes(digest) == b"stored before the probe"
-        assert store.read_bytes(EMPTY_DIGEST) == b""
+        assert store.read_bytes(empty_of(store)) == b""
         after = store.put_bytes(b"stored after the probe")
         assert store.read_bytes(after) == b"stored after the probe"
 
@@ -66,7 +68,7 @@ class BlobConformance(CapabilityConformance):
     def test_put_bytes_round_trip(self, store: Store, size: int) -> None:
         data = random_bytes(size, seed=size)
         digest = store.put_bytes(data)
-        assert digest == Digest.of_bytes(data)
+        assert digest == digest_of(store, data)
         assert store.find_missing([digest]) == set()
         assert store.read_bytes(digest) == data
         with store.open_read(digest) as stream:
@@ -79,7 +81,7 @@ class BlobConformance(CapabilityConformance):
         data = random_bytes(LARGE_FILE_SIZE, seed=1)
         chunks: list[int] = []
         digest = store.put_stream(io.BytesIO(data), on_chunk=chunks.append)
-        assert digest == Digest.of_bytes(data)
+        assert digest == digest_of(store, data)
         assert sum(chunks) == len(data)
         assert store.find_missing([digest]) == set()
         with store.open_read(digest) as stream:
@@ -96,7 +98,7 @@ class BlobConformance(CapabilityConformance):
 
     def test_put_stream_from_a_stream_without_readinto(self, store: Store) -> None:
         data = random_bytes(CHUNK_SIZE * 2 + 3, seed=2)
-        digest = store.put_stream(_ReadOnlyStream(data), Digest.of_bytes(data))  # type: ignore[arg-type]
+        digest = store.put_stream(_ReadOnlyStream(data), digest_of(store, data))  # type: ignore[arg-type]
         assert store.read_bytes(digest) == data
 
     def test_wrong_size_means_missing(self, store: Store) -> None:
@@ -107,7 +109,7 @@ class BlobConformance(CapabilityConformance):
         assert store.find_missing([digest, longer, shorter]) == {longer, shorter}
         assert not store.contains(longer)
         # The empty digest's hash with another size is missing too.
-        odd_empty = Digest(EMPTY_DIGEST.hash, 5)
+        odd_empty = Digest(empty_of(store).hash, 5)
         assert store.find_missing([odd_empty]) == {odd_empty}
 
     def test_reading_a_known_hash_with_the_wrong_size_is_not_found(self, store: Store) -> None:
@@ -121,7 +123,7 @@ class BlobConformance(CapabilityConformance):
         assert store.read_bytes(digest) == b"right size"
 
     def test_reading_a_missing_blob_raises_blob_not_found(self, store: Store) -> None:
-        absent = Digest.of_bytes(b"never stored")
+        absent = digest_of(store, b"never stored")
         with pytest.raises(BlobNotFoundError) as caught:
             store.read_bytes(absent)
         assert caught.value.digests == (absent,)
@@ -135,14 +137,14 @@ class BlobConformance(CapabilityConformance):
 
     def test_put_bytes_with_wrong_expected_digest_stores_nothing(self, store: Store) -> None:
         data = b"what was sent"
-        claimed = Digest.of_bytes(b"what was promised")
+        claimed = digest_of(store, b"what was promised")
         with pytest.raises(DigestMismatchError) as caught:
             store.put_bytes(data, claimed)
         assert caught.value.expected == claimed
-        assert caught.value.actual == Digest.of_bytes(data)
-        assert store.find_missing([claimed, Digest.of_bytes(data)]) == {
+        assert caught.value.actual == digest_of(store, data)
+        assert store.find_missing([claimed, digest_of(store, data)]) == {
             claimed,
-            Digest.of_bytes(data),
+            digest_of(store, data),
         }
 
     @pytest.mark.parametrize("claim", ["other-content", "too-short", "too-long"])
@@ -150,10 +152,10 @@ class BlobConformance(CapabilityConformance):
         self, store: Store, claim: str
     ) -> None:
         data = random_bytes(CHUNK_SIZE + 10, seed=3)
-        real = Digest.of_bytes(data)
+        real = digest_of(store, data)
         claimed = {
-            "other-content": Digest.of_bytes(random_bytes(len(data), seed=4)),
-            "too-short": Digest.of_bytes(data[:-1]),  # the stream is longer than promised
+            "other-content": digest_of(store, random_bytes(len(data), seed=4)),
+            "too-short": digest_of(store, data[:-1]),  # the stream is longer than promised
             "too-long": Digest(real.hash, real.size + 1),
         }[claim]
         with pytest.raises(DigestMismatchError):
@@ -162,11 +164,11 @@ class BlobConformance(CapabilityConformance):
 
     def test_put_many_refuses_the_batch_when_one_blob_does_not_match(self, store: Store) -> None:
         good = b"good blob"
-        bad_claim = Digest.of_bytes(b"promised")
+        bad_claim = digest_of(store, b"promised")
         with pytest.raises(DigestMismatchError):
-            store.put_many([(Digest.of_bytes(good), good), (bad_claim, b"delivered")])
-        assert store.find_missing([Digest.of_bytes(good), bad_claim]) == {
-            Digest.of_bytes(good),
+            store.put_many([(digest_of(store, good), good), (bad_claim, b"delivered")])
+        assert store.find_missing([digest_of(store, good), bad_claim]) == {
+            digest_of(store, good),
             bad_claim,
         }
 
@@ -200,7 +202,7 @@ class BlobConformance(CapabilityConformance):
         """A writer killed half-way must leave nothing readable or reported present: else
         the half blob would pass for the whole one and never be sent again."""
         data = random_bytes(size, seed=12)
-        digest = Digest.of_bytes(data)
+        digest = digest_of(store, data)
         for announced in (True, False):
             upload = store.open_upload(digest) if announced else store.blobs.begin_write(size)
             upload.write(data[: size // 2])
@@ -216,7 +218,7 @@ class BlobConformance(CapabilityConformance):
 
     def test_concurrent_writers_of_the_same_blob(self, store: Store) -> None:
         data = random_bytes(2 << 20, seed=8)
-        expected = Digest.of_bytes(data)
+        expected = digest_of(store, data)
         writers = 8
         start = threading.Barrier(writers)
         results: list[object] = [None] * writers
@@ -241,12 +243,12 @@ class BlobConformance(CapabilityConformance):
 
     def test_find_missing_of_thousands_of_digests(self, store: Store) -> None:
         stored = [store.put_bytes(b"blob %d" % i) for i in range(100)]
-        absent = [Digest.of_bytes(b"absent %d" % i) for i in range(5000)]
+        absent = [digest_of(store, b"absent %d" % i) for i in range(5000)]
         wrong_size = [Digest(d.hash, d.size + 1) for d in stored[:50]]
-        missing = store.find_missing(stored + absent + wrong_size + [EMPTY_DIGEST])
+        missing = store.find_missing(stored + absent + wrong_size + [empty_of(store)])
         assert missing == set(absent) | set(wrong_size)
 
     def test_read_many_returns_every_blob_asked_for(self, store: Store) -> None:
         blobs = {store.put_bytes(b"x" * i): b"x" * i for i in range(1, 40)}
-        got = dict(store.read_many([*blobs, EMPTY_DIGEST]))
-        assert got == {**blobs, EMPTY_DIGEST: b""}
+        got = dict(store.read_many([*blobs, empty_of(store)]))
+        assert got == {**blobs, empty_of(store): b""}

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from casframe import (
-    EMPTY_DIGEST,
     BlobNotFoundError,
     Capability,
     Digest,
@@ -22,7 +21,7 @@ from casframe.testing import (
     LARGE_FILE_SIZE,
     random_bytes,
 )
-from casframe.testing.conformance.base import ConformanceBase
+from casframe.testing.conformance.base import ConformanceBase, digest_of, empty_of
 
 
 class CapabilityConformance(ConformanceBase):
@@ -42,7 +41,7 @@ class CapabilityConformance(ConformanceBase):
 
     def test_capability_delete(self, store: Store) -> None:
         keep, drop = store.put_bytes(b"keep me"), store.put_bytes(b"drop me")
-        absent = Digest.of_bytes(b"was never here")
+        absent = digest_of(store, b"was never here")
         if self.lacks(store, Capability.DELETE):
             with pytest.raises(UnsupportedOperationError, match=r"\w"):
                 store.blobs.delete_blobs([drop])
@@ -58,7 +57,7 @@ class CapabilityConformance(ConformanceBase):
 
     def test_capability_touch(self, store: Store) -> None:
         digest = store.put_bytes(b"touch me")
-        absent = Digest.of_bytes(b"not here")
+        absent = digest_of(store, b"not here")
         if self.lacks(store, Capability.TOUCH):
             with pytest.raises(UnsupportedOperationError, match=r"\w"):
                 store.blobs.touch_blobs([digest])
@@ -82,7 +81,7 @@ class CapabilityConformance(ConformanceBase):
     def test_find_missing_with_freshen_touches_what_is_present(self, store: Store) -> None:
         """What writers ask before reusing blobs (``freshen_blobs`` on a backend with touch)."""
         digest = store.put_bytes(b"reused")
-        absent = Digest.of_bytes(b"never stored")
+        absent = digest_of(store, b"never stored")
         wrong_size = Digest(digest.hash, digest.size + 1)
         before = self._mtime(store, digest)
         time.sleep(max(0.02, 1.05 * self.mtime_resolution))
@@ -93,7 +92,7 @@ class CapabilityConformance(ConformanceBase):
         if before is not None and after is not None and not self.lacks(store, Capability.TOUCH):
             assert after > before
         assert store.find_missing([absent], freshen=True) == {absent}
-        assert store.find_missing([EMPTY_DIGEST], freshen=True) == set()
+        assert store.find_missing([empty_of(store)], freshen=True) == set()
 
     def _mtime(self, store: Store, digest: Digest) -> float | None:
         if self.lacks(store, Capability.LIST):
@@ -109,7 +108,7 @@ class CapabilityConformance(ConformanceBase):
         with open(path, "rb") as f:
             f.seek(offset)
             digest = store.put_open_file(f.fileno())
-        assert digest == Digest.of_bytes(data[offset:])
+        assert digest == digest_of(store, data[offset:])
         assert store.read_bytes(digest) == data[offset:]
         with open(path, "rb") as f:
             if self.lacks(store, Capability.COPY_FILE):
@@ -122,7 +121,7 @@ class CapabilityConformance(ConformanceBase):
                 assert held.read() == data, "the stream holds what the upload holds"
             writer.abort()
             writer.abort()  # safe to repeat
-        other = Digest.of_bytes(data + b"x")
+        other = digest_of(store, data + b"x")
         assert store.find_missing([other]) == {other}
 
     def test_delete_older_than_spares_what_is_newer(self, store: Store) -> None:
@@ -187,7 +186,7 @@ class CapabilityConformance(ConformanceBase):
 
     def test_capability_local_path(self, store: Store) -> None:
         digest = store.put_bytes(b"on disk")
-        absent = Digest.of_bytes(b"not on disk")
+        absent = digest_of(store, b"not on disk")
         if self.lacks(store, Capability.LOCAL_PATH):
             with pytest.raises(UnsupportedOperationError, match=r"\w"):
                 store.blobs.local_path(digest)
@@ -199,7 +198,7 @@ class CapabilityConformance(ConformanceBase):
 
     def test_link_blobs(self, store: Store, tmp_path: Path) -> None:
         digest = store.put_bytes(b"linked")
-        absent = Digest.of_bytes(b"not stored")
+        absent = digest_of(store, b"not stored")
         dest = tmp_path / "links"
         dest.mkdir()
         fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)

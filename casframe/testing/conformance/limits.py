@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from casframe import BlobLimits, Capability, Digest, RefCapability, Store
-from casframe.testing.conformance.base import ConformanceBase
+from casframe import BlobLimits, Capability, RefCapability, Store
+from casframe.testing.conformance.base import ConformanceBase, digest_of
 
 
 class LimitsConformance(ConformanceBase):
@@ -29,7 +29,7 @@ class LimitsConformance(ConformanceBase):
     def test_find_missing_is_split_to_max_batch_digests(self, store: Store) -> None:
         """The core never passes more digests to one call than ``max_batch_digests``."""
         stored = [store.put_bytes(b"batched %d" % i) for i in range(10)]
-        absent = [Digest.of_bytes(b"absent %d" % i) for i in range(15)]
+        absent = [digest_of(store, b"absent %d" % i) for i in range(15)]
         blobs = store.blobs
         shadowed = dict(vars(blobs))
         limits, find_missing_blobs = blobs.limits, blobs.find_missing_blobs

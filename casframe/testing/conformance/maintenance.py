@@ -31,7 +31,7 @@ from casframe.refkinds import ACTION_RESULT_REF_PREFIX, BLOB_REF_PREFIX
 from casframe.testing import (
     write_files,
 )
-from casframe.testing.conformance.base import ConformanceBase
+from casframe.testing.conformance.base import ConformanceBase, digest_of
 from casframe.tree import missing_in_tree
 
 
@@ -59,10 +59,10 @@ def _closure(store: Store, root: Digest) -> set[Digest]:
 def _import_without(store: Store, root: Path, files: Mapping[str, bytes], absent: bytes) -> Digest:
     """Import ``files`` into ``store`` but leave out the blob ``absent``: a tree with a hole,
     made without the delete capability."""
-    scratch = open_store("memory://")
+    scratch = open_store("memory://", digest_function=store.digest_function.name)
     try:
         tree = _import_files(scratch, root, files)
-        hole = Digest.of_bytes(absent)
+        hole = digest_of(store, absent)
         blobs = [(d, scratch.read_bytes(d)) for d in scratch.tree_digests(tree) if d != hole]
     finally:
         scratch.close()
@@ -145,7 +145,7 @@ class MaintenanceConformance(ConformanceBase):
         before = _stored(store)
         reachable = _closure(store, a) | _closure(store, b)
         garbage = set(before) - reachable
-        assert loose in garbage and unnamed in garbage and Digest.of_bytes(_SHARED) not in garbage
+        assert loose in garbage and unnamed in garbage and digest_of(store, _SHARED) not in garbage
 
         self.settle()
         report = store.prune(grace_period=0)
@@ -258,14 +258,14 @@ class MaintenanceConformance(ConformanceBase):
         store.blobs.delete_blobs([lost])
         # Change a name in the root Directory: its hash no longer matches, yet it decodes.
         self.corrupt_blob(store, tree, store.read_bytes(tree).replace(b"kept", b"kepT"))
-        orphan = Digest.of_bytes(lost_file)  # only the missing Directory named it
+        orphan = digest_of(store, lost_file)  # only the missing Directory named it
         expected = set(_stored(store)) - {orphan}
 
         self.settle()
         report = store.prune(grace_period=0)
 
         assert set(_stored(store)) == expected  # everything still reachable was kept
-        assert Digest.of_bytes(_blob(200, "kept")) in expected
+        assert digest_of(store, _blob(200, "kept")) in expected
         problems = {(p.ref, p.digest, p.kind) for p in report.problems}
         assert ("damaged", lost, "missing") in problems
         assert ("damaged", tree, "corrupt") in problems
@@ -290,7 +290,7 @@ class MaintenanceConformance(ConformanceBase):
             stdout_digest=log.to_proto(),
         )
         result_digest = store.put_bytes(result.SerializeToString(deterministic=True))
-        action = Digest.of_bytes(b"an action")
+        action = digest_of(store, b"an action")
         store.set_ref(
             f"{ACTION_RESULT_REF_PREFIX}_/{action.hash}/{action.size}", result_digest,
             check_complete=False,
@@ -420,9 +420,9 @@ class MaintenanceConformance(ConformanceBase):
         return {
             "tree": tree,
             "other": other,
-            "flip": Digest.of_bytes(files["flip"]),
-            "trunc": Digest.of_bytes(files["trunc"]),
-            "gone": Digest.of_bytes(files["sub/gone"]),
+            "flip": digest_of(store, files["flip"]),
+            "trunc": digest_of(store, files["trunc"]),
+            "gone": digest_of(store, files["sub/gone"]),
         }
 
     def cannot_fsck(self, store: Store) -> bool:

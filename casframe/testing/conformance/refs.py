@@ -8,7 +8,6 @@ import time
 import pytest
 
 from casframe import (
-    EMPTY_DIGEST,
     BlobNotFoundError,
     Digest,
     InvalidNameError,
@@ -23,7 +22,7 @@ from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 impor
     DirectoryNode,
     FileNode,
 )
-from casframe.testing.conformance.base import ConformanceBase
+from casframe.testing.conformance.base import ConformanceBase, digest_of, empty_of
 from casframe.tree import missing_in_tree
 
 
@@ -177,12 +176,12 @@ class RefConformance(ConformanceBase):
 
     def test_set_ref_refuses_a_tree_whose_blobs_are_missing(self, store: Store) -> None:
         file_content, inner_content = b"file stored late", b"inner file stored late"
-        absent_file = Digest.of_bytes(file_content)
+        absent_file = digest_of(store, file_content)
         inner = Directory(
-            files=[FileNode(name="g", digest=Digest.of_bytes(inner_content).to_proto())]
+            files=[FileNode(name="g", digest=digest_of(store, inner_content).to_proto())]
         )
         inner_data = inner.SerializeToString(deterministic=True)
-        absent_dir = Digest.of_bytes(inner_data)
+        absent_dir = digest_of(store, inner_data)
         root = Directory(
             files=[FileNode(name="f", digest=absent_file.to_proto())],
             directories=[DirectoryNode(name="d", digest=absent_dir.to_proto())],
@@ -193,14 +192,14 @@ class RefConformance(ConformanceBase):
         assert set(caught.value.digests) == {absent_file, absent_dir}
         assert not store.has_ref("broken")
         with pytest.raises(BlobNotFoundError):
-            store.set_ref("broken", Digest.of_bytes(b"no such root"))
+            store.set_ref("broken", digest_of(store, b"no such root"))
         assert not store.has_ref("broken")
         # Children arriving one level at a time: each level's missing blobs are reported.
         store.put_bytes(file_content)
         store.put_bytes(inner_data)
         with pytest.raises(BlobNotFoundError) as caught:
             store.set_ref("broken", incomplete)
-        assert caught.value.digests == (Digest.of_bytes(inner_content),)
+        assert caught.value.digests == (digest_of(store, inner_content),)
         store.put_bytes(inner_content)
         store.set_ref("complete", incomplete)
         assert store.get_ref("complete") == incomplete
@@ -243,5 +242,5 @@ class RefConformance(ConformanceBase):
         store.set_ref(f"{first}-sibling", tree)  # a name that only starts alike is no folder
 
     def test_set_ref_accepts_the_empty_tree(self, store: Store) -> None:
-        store.set_ref("empty", EMPTY_DIGEST)
-        assert store.get_ref("empty") == EMPTY_DIGEST
+        store.set_ref("empty", empty_of(store))
+        assert store.get_ref("empty") == empty_of(store)

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from casframe import (
-    EMPTY_DIGEST,
     CorruptBlobError,
     Digest,
     RefCapability,
@@ -27,7 +26,7 @@ from casframe.testing import (
     failing_writes,
     random_bytes,
 )
-from casframe.testing.conformance.base import ConformanceBase, MakeTree
+from casframe.testing.conformance.base import ConformanceBase, MakeTree, empty_of
 from casframe.tree import iter_tree, missing_in_tree
 
 
@@ -96,8 +95,8 @@ class TransferConformance(ConformanceBase):
         source = make_tree()
         root = source_store.import_directory(source)
         source_store.set_ref("project/main", root)
-        needed = set(source_store.tree_digests(root)) - {EMPTY_DIGEST}
-        directories = {d for d, _, _ in _dirs(source_store, root)} - {EMPTY_DIGEST}
+        needed = set(source_store.tree_digests(root)) - {empty_of(store)}
+        directories = {d for d, _, _ in _dirs(source_store, root)} - {empty_of(store)}
         files = needed - directories
         after = 3 if fail_during == "files" else len(files) + 1
 

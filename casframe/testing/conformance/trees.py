@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from casframe import (
-    EMPTY_DIGEST,
     Capability,
     Digest,
     InvalidNameError,
@@ -32,7 +31,13 @@ from casframe.testing import (
     assert_tree_equal,
     describe_tree,
 )
-from casframe.testing.conformance.base import ConformanceBase, MakeTree
+from casframe.testing.conformance.base import (
+    ConformanceBase,
+    MakeTree,
+    digest_of,
+    digest_of_stream,
+    empty_of,
+)
 from casframe.tree import missing_in_tree
 
 
@@ -161,7 +166,7 @@ class TreeConformance(ConformanceBase):
         for path in TREE_EXECUTABLES:
             assert entries[path] == ("file", True, "")
         assert entries["empty"] == ("directory", False, "")
-        assert store.subdir(root, "empty") == EMPTY_DIGEST
+        assert store.subdir(root, "empty") == empty_of(store)
 
     def test_diff(self, store: Store, make_tree: MakeTree) -> None:
         source = make_tree("source")
@@ -212,9 +217,9 @@ class TreeConformance(ConformanceBase):
         listing = {e.path: e for e in store.ls(root, "src/pkg")}
         assert sorted(listing) == ["__init__.py", "data", "empty-too", "module.py"]
         assert listing["module.py"].kind == "file"
-        assert listing["module.py"].digest == Digest.of_bytes(TREE_FILES["src/pkg/module.py"])
+        assert listing["module.py"].digest == digest_of(store, TREE_FILES["src/pkg/module.py"])
         assert listing["data"].kind == "directory"
-        assert listing["__init__.py"].digest == EMPTY_DIGEST
+        assert listing["__init__.py"].digest == empty_of(store)
         top = [e.path for e in store.ls(root)]
         assert top == sorted(top)
         assert {"README.txt", "bin", "links", "empty"} <= set(top)
@@ -231,7 +236,7 @@ class TreeConformance(ConformanceBase):
             kind, detail, executable = on_disk[entry.path]
             assert kinds[entry.kind] == kind, entry.path
             if entry.kind == "file":
-                assert entry.digest is not None and entry.digest.hash == detail
+                assert entry.digest == digest_of(store, (source / entry.path).read_bytes())
                 assert entry.is_executable == executable, entry.path
             if entry.kind == "symlink":
                 assert entry.target == detail
@@ -249,7 +254,7 @@ class TreeConformance(ConformanceBase):
         with store.open_file(root, "src/pkg/__init__.py") as f:
             assert f.read() == b""
         with store.open_file(root, TREE_LARGE_FILE) as f:
-            assert Digest.of_stream(f).size == LARGE_FILE_SIZE
+            assert digest_of_stream(store, f).size == LARGE_FILE_SIZE
         with pytest.raises(FileNotFoundError, match="src/pkg/nope.py"):
             store.open_file(root, "src/pkg/nope.py")
         with pytest.raises(IsADirectoryError):
