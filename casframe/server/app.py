@@ -6,8 +6,9 @@ the gRPC server and the upload spool, not the store: whoever opened the store cl
 The server is grpc.aio, on an event loop in a thread of its own: the streams (ByteStream,
 GetTree) are coroutines, so a stream waiting on its client (a stalled upload, a download nobody
 reads) costs no thread and can never starve other calls; unary calls and all blocking store
-work run in a bounded thread pool (``max_workers``). Stream count and idle time are limited
-(``max_streams``, ``stream_idle_timeout``).
+work run in a bounded thread pool (``max_workers``), but for the small FindMissingBlobs and
+BatchReadBlobs calls over a local store, served on the loop (:mod:`casframe.server.pool`).
+Stream count and idle time are limited (``max_streams``, ``stream_idle_timeout``).
 """
 
 from __future__ import annotations
