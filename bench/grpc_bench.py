@@ -27,7 +27,10 @@ them into a source file:// store (not timed). Then each repetition measures, kin
   child, the pieces of work no transfer of the large tree can avoid, each in CPU seconds: read
   the files, hash them, write them anew. The summary adds them up with the echo's CPU (hashing
   counted twice: client and server each verify) into the floor of a push or pull, and the
-  best rate that floor allows with both cores free.
+  best rate that floor allows with both cores free; e2e's large transfers are compared with it
+  in rate (target >= 0.85x) and in CPU seconds (client + server), which a busy machine leaves
+  comparable. Each BuildGrid row also gives the client's and the server's CPU seconds of both
+  (the same client drives both servers) and the most the client's CPU alone allows.
 
 Before each measured child, `sync` writes back what earlier phases left dirty (untimed).
 Each part (large, small) gets a server of its own; the large trees' stores are deleted right
@@ -71,6 +74,7 @@ MiB = 1 << 20
 T_LARGE_MBPS = 400.0
 T_SMALL_FPS = 5_000.0
 T_RSS_MIB = 150.0
+T_FLOOR_RATIO = 0.85  # single-stream push and pull of the large tree against the floor
 PARTS = ("large", "small")
 PHASES = ("push-large", "pull-large", "push-small", "pull-small")
 KINDS = ("e2e", "local", "server", "reference", "echo", "buildgrid")
@@ -596,6 +600,47 @@ def main() -> None:
                 shutil.rmtree(run_dir / f"{kind}{index}", ignore_errors=True)
 
 
+def _paired(rounds: dict[str, list[dict[str, Any]]], kind: str, phase: str,
+            key: str) -> float | None:
+    values = [r[phase][key] for r in rounds.get(kind, []) if phase in r]
+    return statistics.median(values) if values else None
+
+
+def _against_floor(rounds: dict[str, list[dict[str, Any]]], phase: str, least: float,
+                   size: int) -> str:
+    """e2e against the floor of the same run, in rate (the target) and in CPU seconds (what
+    a busy machine leaves comparable): target >= 0.85x."""
+    times = [r[phase]["op_s"] for r in rounds.get("e2e", []) if phase in r]
+    client, server = _paired(rounds, "e2e", phase, "cpu_s"), _paired(
+        rounds, "e2e", phase, "server_cpu_s")
+    if not times or client is None or server is None:
+        return f"  {phase}: no e2e run to compare with the floor"
+    scale = size / rounds["e2e"][0][phase]["bytes"]  # the floor's size over the e2e tree's
+    rate = size / scale / statistics.median(times) / 1e6
+    best = size / (least / 2) / 1e6
+    cpu = (client + server) * scale
+    verdict = "yes" if rate / best >= T_FLOOR_RATIO else "NO"
+    return (f"  e2e {phase}: {rate:,.0f} MB/s = x{rate / best:.2f} the floor's rate (target >= "
+            f"{T_FLOOR_RATIO}: {verdict}); CPU: floor {least:.2f} s / e2e {cpu:.2f} s (client "
+            f"{client * scale:.2f} + server {server * scale:.2f}) = x{least / cpu:.2f}")
+
+
+def _bound(rounds: dict[str, list[dict[str, Any]]], phase: str) -> str:
+    """Which side's CPU bounds a row against BuildGrid, both driven by the same client (the
+    grpc:// backend): a transfer cannot take less wall time than its busier side's CPU time,
+    so with the client's CPU as it is, casframe's rate is at most BuildGrid's times
+    (BuildGrid's time / casframe's client CPU)."""
+    ours = [_paired(rounds, "e2e", phase, k) for k in ("cpu_s", "server_cpu_s")]
+    theirs = [_paired(rounds, "buildgrid", phase, k) for k in ("cpu_s", "server_cpu_s", "op_s")]
+    if None in ours or None in theirs:
+        return ""
+    assert ours[0] is not None and ours[1] is not None and theirs[2] is not None
+    side = "client" if ours[0] >= ours[1] else "server"
+    return (f"; CPU s client/server: casframe {ours[0]:.2f}/{ours[1]:.2f}, BuildGrid "
+            f"{theirs[0]:.2f}/{theirs[1]:.2f}; casframe's {side} is the busier side; "
+            f"the client's CPU alone allows at most x{theirs[2] / ours[0]:.2f}")
+
+
 def summarise(rounds: dict[str, list[dict[str, Any]]], trees: dict[str, Any],
               load: dict[str, Any], repeat: int) -> str:
     def rate(report: dict[str, Any], phase: str) -> float:
@@ -649,6 +694,7 @@ def summarise(rounds: dict[str, list[dict[str, Any]]], trees: dict[str, Any],
                 f"read {parts['read']:.2f} + sha256 twice {2 * parts['sha256']:.2f} + write "
                 f"{parts['write']:.2f} + grpcio (echo, both ends) {cpu:.2f} = {least:.2f} s: "
                 f"with both cores free, at most {size / (least / 2) / 1e6:,.0f} MB/s")
+            lines.append(_against_floor(rounds, phase, least, size))
         lines.append("")
     if rounds.get("buildgrid"):
         for phase in PHASES:
@@ -656,7 +702,7 @@ def summarise(rounds: dict[str, list[dict[str, Any]]], trees: dict[str, Any],
             theirs, ours = median("buildgrid", phase), median("e2e", phase)
             ratio = "-" if not theirs or ours is None else f"x{ours / theirs:.2f}"
             lines.append(f"BuildGrid {phase:<11}{show(theirs, unit):>14}   casframe e2e / "
-                         f"BuildGrid {ratio} (target >= x2)")
+                         f"BuildGrid {ratio} (target >= x2)" + _bound(rounds, phase))
         lines.append("")
     if rounds.get("buildgrid"):
         theirs = max(r["server_hwm_mib"] for r in rounds["buildgrid"])

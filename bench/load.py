@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/load.py HOST:PORT [--requests 20000] [--clients 64]
                                    [--deadline 300] [--instance NAME] [--seed 1]
+                                   [--server-pids PID,PID...]
 
 First it stores what the load reads (not timed): 2,048 blobs of 4 KiB, 64 blobs of 256 KiB and
 256 action results naming some of them, through BatchUpdateBlobs, ByteStream Write and
@@ -20,16 +21,25 @@ and the CPU seconds this process used. The run stops at ``--deadline`` seconds w
 (counted as errors), so a stuck server cannot hang a benchmark.
 
 Kept light, because on a small machine it competes with the server for the CPU: one process,
-one asyncio event loop, no thread per client; requests are serialized once beforehand and
-answers are compared as bytes with the answer the same request got first (FindMissingBlobs,
-BatchReadBlobs, GetActionResult), never parsed; a Read counts the bytes it got. Its own CPU
-time is reported so that a benchmark can say how much of the machine it took.
+one asyncio event loop, no thread per client, raw calls (no codecs: bytes in, bytes out); every
+request is built and serialized before the timed part (a Write's blob is made when it is sent:
+all of them at once would hold 128 MiB), and answers are compared as bytes with the answer the
+same request got first (FindMissingBlobs, BatchReadBlobs, GetActionResult), never parsed; a
+Read counts the bytes it got. Its own CPU time is reported so that a benchmark can say how much
+of the machine it took. A Python gRPC client costs about 0.25-0.35 ms of CPU per unary call
+whatever is done around it (asyncio, threads or futures alike, measured with rusage).
+
+``--server-pids``: the processes serving; their CPU seconds during the timed part are read
+from ``/proc`` (so CPU per request can be compared on a busy machine), and once every client is
+connected, the connections each process holds on the target's port are counted (how
+``SO_REUSEPORT`` spread them over the workers).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -188,36 +198,49 @@ def _schedule(seed: int, count: int) -> list[str]:
     return [rng.choice(kinds) for _ in range(count)]
 
 
-async def _client(target: str, work: Workload, tally: Tally, kinds: list[str], index: int,
-                  next_index: Callable[[], int]) -> None:
-    rng = random.Random(work.seed * 7919 + index)
+# One call of the load, made before the timed part: its kind, the serialized request (for a
+# Write, the position its blob is made from when it is sent) and, for a Read, the bytes due.
+Prepared = tuple[str, bytes | int, int | None]
+
+
+def prepare(work: Workload, kinds: list[str]) -> list[Prepared]:
+    """Every request of the load, built and serialized (not timed)."""
+    prepared: list[Prepared] = []
+    for position, kind in enumerate(kinds):
+        rng = random.Random(work.seed * 7919 + position)
+        if kind == "FindMissingBlobs":
+            prepared.append((kind, work.find_request(rng), None))
+        elif kind == "BatchReadBlobs":
+            prepared.append((kind, work.batch_read_request(rng), None))
+        elif kind == "GetActionResult":
+            prepared.append((kind, work.action_request(rng), None))
+        elif kind == "Read":
+            request, expected = work.read_request(rng)
+            prepared.append((kind, request, expected))
+        else:
+            prepared.append((kind, position, None))
+    return prepared
+
+
+async def _client(target: str, work: Workload, tally: Tally, prepared: list[Prepared],
+                  next_index: Callable[[], int], connected: Callable[[], None]) -> None:
     async with grpc.aio.insecure_channel(target, options=OWN_CONNECTION) as channel:
         methods = Methods(channel)
+        calls: dict[str, Callable[[Any], Awaitable[Any]]] = {
+            "FindMissingBlobs": methods.find, "BatchReadBlobs": methods.batch_read,
+            "GetActionResult": methods.get_action,
+            "Read": lambda request: _read_all(methods, request),
+            "Write": lambda position: methods.write(iter(work.write_requests(
+                _blob(work.seed, 10_000_000 + position, WRITE_SIZE)))),
+        }
         await channel.channel_ready()
-        while (position := next_index()) < len(kinds):
-            kind = kinds[position]
-            call: Callable[[], Awaitable[Any]]
-            expected: int | None = None
-            if kind == "FindMissingBlobs":
-                request = work.find_request(rng)
-                call = lambda r=request: methods.find(r)  # noqa: E731
-            elif kind == "BatchReadBlobs":
-                request = work.batch_read_request(rng)
-                call = lambda r=request: methods.batch_read(r)  # noqa: E731
-            elif kind == "GetActionResult":
-                request = work.action_request(rng)
-                call = lambda r=request: methods.get_action(r)  # noqa: E731
-            elif kind == "Read":
-                request, expected = work.read_request(rng)
-                call = lambda r=request: _read_all(methods, r)  # noqa: E731
-            else:
-                data = _blob(work.seed, 10_000_000 + index * 1_000_000 + position, WRITE_SIZE)
-                requests = work.write_requests(data)
-                request = b""
-                call = lambda r=requests: methods.write(iter(r))  # noqa: E731
+        connected()
+        first_answer = tally.first_answer
+        while (position := next_index()) < len(prepared):
+            kind, request, expected = prepared[position]
             started = time.perf_counter()
             try:
-                answer = await call()
+                answer = await calls[kind](request)
             except grpc.aio.AioRpcError as exc:
                 tally.error(f"{kind}: {exc.code().name}: {exc.details()}")
                 continue
@@ -225,10 +248,42 @@ async def _client(target: str, work: Workload, tally: Tally, kinds: list[str], i
             if expected is not None:
                 if answer < expected:
                     tally.error(f"{kind}: {answer} of {expected} bytes")
-            elif request:
-                first = tally.first_answer.setdefault(request, answer)
-                if first != answer:
+            elif isinstance(request, bytes):
+                if first_answer.setdefault(request, answer) != answer:
                     tally.error(f"{kind}: answered differently to the same request")
+
+
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used, from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def connections_by_pid(pids: list[int], port: int) -> dict[int, int]:
+    """Established TCP connections on local ``port`` that each of ``pids`` holds."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if int(fields[1].rpartition(":")[2], 16) == port and fields[3] == "01":
+                    inodes.add(fields[9])
+    counts = {}
+    for pid in pids:
+        count = 0
+        with contextlib.suppress(FileNotFoundError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:[") and link[8:-1] in inodes:
+                        count += 1
+        counts[pid] = count
+    return counts
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -239,22 +294,35 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 async def run(target: str, requests: int, clients: int, deadline: float, instance: str,
-              seed: int) -> dict[str, Any]:
+              seed: int, server_pids: list[int] | None = None) -> dict[str, Any]:
     work = Workload(instance, seed)
     work.build()
     await populate(target, work)
-    kinds = _schedule(seed, requests)
+    prepared = prepare(work, _schedule(seed, requests))
     tally = Tally()
     counter = iter(range(requests + clients))
+    pids = server_pids or []
+    spread: dict[int, int] = {}
+    ready = 0
+
+    def connected() -> None:  # once every client is connected: count them per process
+        nonlocal ready
+        ready += 1
+        if ready == clients and pids:
+            spread.update(connections_by_pid(pids, int(target.rpartition(":")[2])))
+
+    server0 = {pid: proc_cpu_s(pid) for pid in pids}
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
-    tasks = [asyncio.create_task(_client(target, work, tally, kinds, i, lambda: next(counter)))
-             for i in range(clients)]
+    tasks = [asyncio.create_task(_client(target, work, tally, prepared,
+                                         lambda: next(counter), connected))
+             for _ in range(clients)]
     done, pending = await asyncio.wait(tasks, timeout=deadline)
     for task in pending:
         task.cancel()
     elapsed = time.perf_counter() - started
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    server_cpu = {pid: proc_cpu_s(pid) - server0[pid] for pid in pids}
     for task in done:
         if task.exception() is not None:
             tally.error(f"client failed: {task.exception()!r}")
@@ -263,6 +331,7 @@ async def run(target: str, requests: int, clients: int, deadline: float, instanc
         tally.error(f"unanswered at the {deadline:g} s deadline: "
                     f"{requests - answered - sum(tally.errors.values())}")
     every = [x for v in tally.latencies.values() for x in v]
+    client_cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     return {
         "target": target, "requests": requests, "clients": clients, "answered": answered,
         "seconds": elapsed, "requests_per_s": answered / elapsed,
@@ -271,7 +340,12 @@ async def run(target: str, requests: int, clients: int, deadline: float, instanc
                            "p99_ms": _quantile(v, 0.99) * 1e3}
                     for kind, v in tally.latencies.items()},
         "errors": tally.errors,
-        "client_cpu_s": (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime),
+        "client_cpu_s": client_cpu,
+        "client_cpu_ms_per_request": client_cpu / max(answered, 1) * 1e3,
+        "server_cpu_s": {str(pid): cpu for pid, cpu in server_cpu.items()},
+        "server_cpu_ms_per_request": (sum(server_cpu.values()) / max(answered, 1) * 1e3
+                                      if pids else None),
+        "connections": {str(pid): count for pid, count in spread.items()},
         "load_average": os.getloadavg(),
     }
 
@@ -285,9 +359,12 @@ def main() -> None:
                         help="seconds the measured load may take at most")
     parser.add_argument("--instance", default="")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--server-pids", default="",
+                        help="comma-separated ids of the serving processes (CPU, connections)")
     args = parser.parse_args()
+    pids = [int(pid) for pid in args.server_pids.split(",") if pid]
     result = asyncio.run(run(args.target, args.requests, args.clients, args.deadline,
-                             args.instance, args.seed))
+                             args.instance, args.seed, pids))
     print(json.dumps(result), flush=True)
 
 

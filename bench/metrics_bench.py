@@ -113,7 +113,10 @@ def cpu_seconds(pid: int) -> float:
 @contextlib.contextmanager
 def server(store_url: str, extra: list[str]) -> Iterator[tuple[str, int]]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "casframe.server", store_url, "--listen", "127.0.0.1:0", *extra],
+        # One process: the CPU read from /proc is then that of the process serving (by
+        # default `casframe serve` starts a worker per core under a supervisor that serves none).
+        [sys.executable, "-m", "casframe.server", store_url, "--listen", "127.0.0.1:0",
+         "--workers", "1", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )

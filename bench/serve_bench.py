@@ -22,7 +22,10 @@ Targets (issue: a server on every core): w2 >= 1.5x the requests/s of w1 at no w
 ratio taken within each repetition and its median reported; casframe >= 2x BuildGrid's
 requests/s; peak RSS per worker < 150 MiB. The load averages at the start, after each round and
 at the end are printed with the table: on a loaded 2-core machine the load generator competes
-with the server, so its CPU share is reported too. --quick: 3,000 requests, one repetition.
+with the server, so its CPU share is reported too, with the CPU milliseconds per request of
+the serving processes (read from /proc) and of the generator, the cores all of them used, how
+the connections spread over w2's workers, and what the CPU per request allows w2 at most.
+--quick: 3,000 requests, one repetition.
 Results go to DIR/<time>-serve/results.json and summary.txt.
 """
 
@@ -172,18 +175,47 @@ def serving_pids(kind: str, process: subprocess.Popen[bytes]) -> list[int]:
 
 def one_round(kind: str, work: Path, log: Path, requests: int, clients: int) -> dict[str, Any]:
     with server(kind, work, log) as (port, process):
+        pids = serving_pids(kind, process)
         with open(log, "ab") as errors:
             done = subprocess.run(
                 [sys.executable, str(HERE / "load.py"), f"127.0.0.1:{port}",
-                 "--requests", str(requests), "--clients", str(clients)],
+                 "--requests", str(requests), "--clients", str(clients),
+                 "--server-pids", ",".join(map(str, pids))],
                 stdout=subprocess.PIPE, stderr=errors, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"the load generator failed against {kind}, see {log}")
         result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
-        result["rss_mib"] = {pid: proc_hwm_mib(pid) for pid in serving_pids(kind, process)}
+        result["rss_mib"] = {pid: proc_hwm_mib(pid) for pid in pids}
         if kind == "w2":
             result["supervisor_rss_mib"] = proc_hwm_mib(process.pid)
     return result
+
+
+def _ceilings(rounds: dict[str, list[dict[str, Any]]], cores: int) -> list[str]:
+    """What the CPU per request allows: the load generator shares the cores with the servers,
+    so --workers 2 can be at most cores / (server + generator CPU per request) requests/s;
+    and CPU per request, unlike requests/s, means the same on a busy machine."""
+    def median(kind: str, key: str) -> float | None:
+        values = [r[key] for r in rounds.get(kind, []) if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    lines = []
+    w1, w2 = median("w1", "requests_per_s"), median("w2", "requests_per_s")
+    server2, client2 = median("w2", "server_cpu_ms_per_request"), median(
+        "w2", "client_cpu_ms_per_request")
+    if w1 and server2 and client2:
+        most = cores / (server2 + client2) * 1e3
+        lines.append(
+            f"the most --workers 2 can answer with this generator on {cores} cores: "
+            f"{most:,.0f} requests/s = x{most / w1:.2f} --workers 1's (server {server2:.2f} + "
+            f"generator {client2:.2f} ms of CPU per request); measured x"
+            f"{(w2 or 0) / w1:.2f}")
+    ours, theirs = median("w1", "server_cpu_ms_per_request"), median(
+        "buildgrid", "server_cpu_ms_per_request")
+    if ours and theirs:
+        lines.append(f"server CPU per request, BuildGrid / casframe --workers 1: x"
+                     f"{theirs / ours:.2f} (requests per CPU second, load-independent)")
+    return lines
 
 
 def summarise(rounds: dict[str, list[dict[str, Any]]], load: dict[str, Any],
@@ -205,20 +237,31 @@ def summarise(rounds: dict[str, list[dict[str, Any]]], load: dict[str, Any],
         f"{spec['clients']} clients (bench/load.py's mix)", "",
     ]
     header = (f"{'server':<11}{'requests/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
-              f"{'load CPU s':>12}{'load CPU %':>11}{'peak RSS/process MiB':>23}")
+              f"{'server CPU ms/req':>19}{'load CPU ms/req':>17}{'cores used':>12}"
+              f"{'load CPU %':>11}{'peak RSS/process MiB':>23}")
     lines += [header, "-" * len(header)]
     for kind in KINDS:
         if not rounds.get(kind):
             continue
         share = statistics.median(r["client_cpu_s"] / (r["seconds"] * cores) * 100
                                   for r in rounds[kind])
+        used = statistics.median((r["client_cpu_s"] + sum(r["server_cpu_s"].values()))
+                                 / r["seconds"] for r in rounds[kind])
         rss = max(max(r["rss_mib"].values(), default=0.0) for r in rounds[kind])
         errors = sum(sum(r["errors"].values()) for r in rounds[kind])
         lines.append(
             f"{kind:<11}{show(median(kind, 'requests_per_s')):>12}"
             f"{show(median(kind, 'p50_ms'), '.1f'):>9}{show(median(kind, 'p99_ms'), '.1f'):>9}"
-            f"{errors:>8}{show(median(kind, 'client_cpu_s'), '.2f'):>12}{share:>10.0f}%"
-            f"{rss:>23.0f}")
+            f"{errors:>8}{show(median(kind, 'server_cpu_ms_per_request'), '.2f'):>19}"
+            f"{show(median(kind, 'client_cpu_ms_per_request'), '.2f'):>17}{used:>12.2f}"
+            f"{share:>10.0f}%{rss:>23.0f}")
+    lines.append("")
+    for r in rounds.get("w2", []):
+        if r.get("connections"):
+            counts = sorted(r["connections"].values(), reverse=True)
+            lines.append(f"w2: the {sum(counts)} connections over the workers (SO_REUSEPORT): "
+                         + " + ".join(map(str, counts)))
+    lines += _ceilings(rounds, cores)
     lines.append("")
 
     def paired(a: str, b: str, key: str) -> list[float]:

@@ -6,8 +6,9 @@ the gRPC server and the upload spool, not the store: whoever opened the store cl
 The server is grpc.aio, on an event loop in a thread of its own: the streams (ByteStream,
 GetTree) are coroutines, so a stream waiting on its client (a stalled upload, a download nobody
 reads) costs no thread and can never starve other calls; unary calls and all blocking store
-work run in a bounded thread pool (``max_workers``). Stream count and idle time are limited
-(``max_streams``, ``stream_idle_timeout``).
+work run in a bounded thread pool (``max_workers``), but for the small FindMissingBlobs and
+BatchReadBlobs calls over a local store, served on the loop (:mod:`casframe.server.pool`).
+Stream count and idle time are limited (``max_streams``, ``stream_idle_timeout``).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import errno
 import logging
 import socket
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeAlias, cast
+from urllib.parse import urlsplit
 
 import grpc
 
@@ -41,6 +43,7 @@ from casframe.server.interceptors import (
 )
 from casframe.server.names import Instances
 from casframe.server.observe import CallObserverInterceptor, CallSink, RequestLogSink
+from casframe.server.pool import small_calls_inline
 from casframe.server.refstorage import ReferenceStorageService
 from casframe.server.remoteasset import FetchService, PushService
 from casframe.server.settings import (
@@ -68,6 +71,17 @@ SERVICE_NAMES = (
     "build.bazel.remote.asset.v1.Push",
     "buildstream.v2.ReferenceStorage",
 )
+
+
+#: Stores whose calls are a few system calls on local files or memory: their small calls are
+#: served on the event loop, cheaper than the trip to a pool thread (casframe.server.pool).
+_LOCAL_SCHEMES = ("file", "memory")
+#: The calls served so, and what is small: each costs at most a few hundred microseconds.
+_SMALL_CALLS: dict[str, Callable[[Any], bool]] = {
+    "FindMissingBlobs": lambda request: len(request.blob_digests) <= 128,
+    "BatchReadBlobs": lambda request: len(request.digests) <= 64
+    and sum(digest.size_bytes for digest in request.digests) <= 1 << 20,
+}
 
 
 #: What ``interceptors=`` and the ``casframe_server_interceptors`` hook may give: classic
@@ -297,9 +311,11 @@ class Server:
         shared = (self._served, self.settings, self.instances)
         self._bytestream = ByteStreamService(*shared, self._executor)
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(*shared), server)
-        re_grpc.add_ContentAddressableStorageServicer_to_server(
-            CasService(*shared, self._executor), server
-        )
+        cas = CasService(*shared, self._executor)
+        if urlsplit(self.store.url).scheme in _LOCAL_SCHEMES:
+            for name, small in _SMALL_CALLS.items():
+                setattr(cas, name, small_calls_inline(getattr(cas, name), self._executor, small))
+        re_grpc.add_ContentAddressableStorageServicer_to_server(cas, server)
         re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(*shared), server)
         add_bytestream_to_server(self._bytestream, server)
         remote_asset_pb2_grpc.add_FetchServicer_to_server(FetchService(*shared), server)
