@@ -6,8 +6,9 @@ Builds bench/run.py's large tree (8 x 128 MiB, 1 GiB; ``--quick``: 8 x 16 MiB) i
 directory and imports it, in alternating rounds (SHA-256 then BLAKE3, then BLAKE3 then
 SHA-256, ...), each time into a new ``file://`` store, as whole processes
 (``bench/_child.py``, no stat cache, casframe's own settings: helper processes when the tree
-is large enough, else the store's threads). The page cache is warmed (the tree read once)
-before each import, so both read the same warm input.
+is large enough, else the store's threads). Before each import, ``sync`` writes back what the
+previous ones left dirty (else a later import waits for the disk) and the tree is read once,
+so both read the same warm input.
 
 Target (issue 18): BLAKE3 import of 1 GiB in 8 files at least 1.5x the speed of SHA-256's.
 Prints the median import time of each and the median of the per-round ratios (SHA-256 time /
@@ -25,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from run import FULL, QUICK, build_large, loadavg, med, run_child, warm
+from run import FULL, QUICK, Prep, build_large, loadavg, med, run_child
 
 TARGET = 1.5  # BLAKE3 speed / SHA-256 speed, at least
 FUNCTIONS = ("sha256", "blake3")
@@ -39,13 +40,20 @@ def measure(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     stores.mkdir()
     rounds: list[dict[str, dict[str, Any]]] = []
     loads = [loadavg()]
+    prep = Prep(sync=not args.no_sync)
     for i in range(args.repeat):
         order = FUNCTIONS if i % 2 == 0 else FUNCTIONS[::-1]
         this: dict[str, dict[str, Any]] = {}
         for name in order:
-            warm([large])
-            url = f"file://{stores / f'{name}-{i}'}?digest_function={name}"
-            this[name] = run_child(["import", url, str(large)], log)
+            prep(large)
+            store = stores / f"{name}-{i}"
+            this[name] = run_child(["import", f"file://{store}?digest_function={name}",
+                                    str(large)], log)
+            if not args.keep:
+                # Eight large files, not many small ones: deleting them now does not slow the
+                # next writes, and keeps the page cache from filling with stores (reclaiming
+                # it would count in the next import's kernel time).
+                shutil.rmtree(store)
         rounds.append(this)
         loads.append(loadavg())
         print(
@@ -86,6 +94,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=None, help="rounds (default 6; quick 2)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
     parser.add_argument("--keep", action="store_true", help="keep the tree and the stores")
+    parser.add_argument("--no-sync", action="store_true", help="no `sync` before each import")
     args = parser.parse_args()
     args.repeat = args.repeat or (2 if args.quick else 6)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")

@@ -68,6 +68,8 @@ from typing import BinaryIO
 from urllib.parse import unquote
 
 from casframe import (
+    DIGEST_FUNCTIONS,
+    SHA256,
     BackendUnavailableError,
     BlobInfo,
     BlobNotFoundError,
@@ -77,6 +79,7 @@ from casframe import (
     CasframeError,
     ConfigError,
     Digest,
+    DigestFunction,
     InvalidDigestError,
     PermissionDeniedError,
     RefCapability,
@@ -585,9 +588,12 @@ class SQLiteBlobStore(BlobStore):
     """Blobs as rows of chunks in one SQLite database (see the module docstring)."""
 
     capabilities = frozenset({Capability.LIST, Capability.DELETE, Capability.TOUCH})
+    # Any: each digest function's store is a database file of its own (open_sqlite_store).
+    digest_functions = frozenset(DIGEST_FUNCTIONS)
 
-    def __init__(self, db: SQLiteDatabase) -> None:
+    def __init__(self, db: SQLiteDatabase, function: DigestFunction = SHA256) -> None:
         self.db = db
+        self.digest_function = function
 
     def describe(self) -> str:
         return self.db.url
@@ -852,8 +858,13 @@ def open_sqlite_store(url: StoreURL) -> Store:
 
     Raises :class:`DatabaseOpenError` when the path cannot be opened as a database or holds
     something other than a casframe-sqlite store, and :class:`~casframe.ConfigError` for a
-    malformed URL or option.
+    malformed URL or option. A digest function other than SHA-256 has a database file of its
+    own beside PATH, ``PATH-NAME`` (``cas.db-blake3``).
     """
+    function = url.digest_function_for(SQLiteBlobStore)  # before the database is touched
     timeout, fsync = _options(url)
-    db = SQLiteDatabase(database_path(url), timeout=timeout, fsync=fsync)
-    return Store(SQLiteBlobStore(db), SQLiteRefStore(db), url=db.url)
+    path = database_path(url)
+    if function != SHA256:
+        path = f"{path}-{function.name}"
+    db = SQLiteDatabase(path, timeout=timeout, fsync=fsync)
+    return Store(SQLiteBlobStore(db, function), SQLiteRefStore(db), url=db.url)
