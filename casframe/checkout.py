@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, TypeVar
 from casframe.blobs import VerifiedBlobs
 from casframe.digest import Digest
 from casframe.errors import CheckoutError, UnsupportedOperationError
+from casframe.lazy import lazy_module
 from casframe.progress import NO_PROGRESS, Progress
 from casframe.spi import Capability
 from casframe.tree import load_tree, node_digest, node_digests
@@ -33,7 +33,11 @@ from casframe.workers.pool import CHECKOUT_THRESHOLD_FILES, Runner, open_runner
 from casframe.workers.tasks import Copy, LinkTask, copy_files, link_files, tree_path
 
 if TYPE_CHECKING:
+    import shutil
+
     from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
+else:
+    shutil = lazy_module("shutil")  # only to undo a failed checkout (it brings bz2, lzma)
 
 __all__ = ["checkout"]
 
