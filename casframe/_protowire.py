@@ -11,7 +11,15 @@ last occurrence of a field wins; malformed input raises :class:`WireError`.
 from __future__ import annotations
 
 __all__ = [
-    "I32", "I64", "LEN", "ONE_BYTE_VARINTS", "VARINT", "WireError", "fields", "read_varint", "varint",
+    "I32",
+    "I64",
+    "LEN",
+    "ONE_BYTE_VARINTS",
+    "VARINT",
+    "WireError",
+    "fields",
+    "read_varint",
+    "varint",
 ]
 
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
