@@ -102,9 +102,9 @@ def _digest_field(digest: Digest) -> bytes:
 def file_entry(name: bytes, digest: Digest, executable: bool) -> bytes:
     """Directory field 1: FileNode{name=1, digest=2, is_executable=4}."""
     hash_, size = digest
-    if 0 < size < 0x4000 and len(name) < 0x80:
-        # The common case, one call per imported file: the size takes one or two varint
-        # bytes, the name's length one, so every length is known without varint().
+    if 0 < size < 0x4000 and len(name) < 0x80 and len(hash_) == 64:
+        # The common case, one call per imported file: a 64-digit hash, a size of one or two
+        # varint bytes, a name's length of one, so every length is known without varint().
         size_field = _ONE_BYTE[size] if size < 0x80 else bytes(((size & 0x7F) | 0x80, size >> 7))
         digest_length = 67 + len(size_field)  # "\n@" + 64 hex digits + "\x10" + size
         body_length = 4 + len(name) + digest_length + (2 if executable else 0)
