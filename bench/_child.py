@@ -82,7 +82,7 @@ class _AllThreadsProfile:
 def _watch_helpers(threshold: int | None) -> list[int]:
     """Record each helper's peak RSS as it is stopped; set the threshold if given."""
     import casframe.checkout
-    import casframe.tree
+    import casframe.treeimport
     from casframe.workers import pool
 
     peaks: list[int] = []
@@ -100,7 +100,8 @@ def _watch_helpers(threshold: int | None) -> list[int]:
 
     pool._Helper.stop = stop_and_measure  # type: ignore[method-assign]
     if threshold is not None:
-        casframe.tree.IMPORT_THRESHOLD_FILES = threshold  # type: ignore[misc]
+        # Where the importer reads it (casframe.tree only re-exports the importer).
+        casframe.treeimport.IMPORT_THRESHOLD_FILES = threshold  # type: ignore[misc]
         casframe.checkout.CHECKOUT_THRESHOLD_FILES = threshold  # type: ignore[misc]
     return peaks
 

@@ -172,20 +172,57 @@ def measure(args: argparse.Namespace, run: Path) -> dict[str, Any]:
         build_small(tree, size, (4, 4, 4))
         point: dict[str, Any] = {"files": size}
         for i in range(args.repeat):
-            for jobs, key in ((1, "process"), (JOBS, "helpers")):
+            # Alternating, and in the other order every other round: both meet the same load.
+            layouts = [(1, "process"), (JOBS, "helpers")]
+            for jobs, key in layouts if i % 2 == 0 else layouts[::-1]:
                 store = work / "sweep" / f"store-{size}-{key}-{i}"
                 prep(tree)
                 r = child(["import", f"file://{store}", str(tree)], log, jobs, threshold=1)
                 point.setdefault(f"import {key}", []).append(r["op_s"])
+                point.setdefault(f"import {key} cpu", []).append(r["cpu_s"])
                 prep(store)
                 r = child(["checkout", f"file://{store}", r["digest"],
                            str(work / "sweep" / f"co-{size}-{key}-{i}")], log, jobs,
                           threshold=1)
                 point.setdefault(f"checkout {key}", []).append(r["op_s"])
+                point.setdefault(f"checkout {key} cpu", []).append(r["cpu_s"])
         sweep.append(point)
     res["rows"], res["sweep"] = rows, sweep
     res["load"]["end"] = loadavg()
     return res
+
+
+#: Issue 16's targets: (row, reference row, bound on the median per-round ratio row/reference
+#: of times, "<=" or ">=", how the issue states it).
+TARGETS = [
+    ("import small, helpers", "cp -r small", 1.0, "<=", ">= 1.0x cp -r files/s"),
+    ("casd CaptureTree small", "import small, helpers", 2.0, ">=", ">= 2x casd CaptureTree"),
+    ("import large, helpers", "cp -r large", 1.25, "<=", ">= 0.8x cp -r bytes/s"),
+    ("casd CaptureTree large", "import large, helpers", 1.3, ">=", ">= 1.3x casd CaptureTree"),
+    ("checkout, jobs 1", "cp -al small", 1.0, "<=", "checkout <= 1.0x cp -al, in the process"),
+    ("casframe checkout command", "cp -al small", 1.5, "<=", "checkout <= 1.5x cp -al, command"),
+    ("casd StageTree", "checkout, jobs 1", 1.0, ">=", "checkout no slower than casd StageTree"),
+    ("re-import small, stat cache", "import small, helpers", 1 / 3, "<=",
+     "re-import >= 3x faster than the first"),
+]
+
+
+def verdicts(rows: dict[str, list[dict[str, Any]]], t: Any) -> list[str]:
+    """One line per target of issue 16 that this run measured: ratio, bound, met or missed."""
+    lines = ["targets (median of per-round ratios, same run):"]
+    for name, reference, bound, how, said in TARGETS:
+        if name not in rows or reference not in rows:
+            continue
+        value = ratio(t(name), t(reference))
+        met = value <= bound if how == "<=" else value >= bound
+        lines.append(f"  {said:42} {name} / {reference} = {value:.2f} ({how} {bound:.2f}): "
+                     f"{'met' if met else 'MISSED'}")
+    peak = max(r.get("all_processes_mib", r.get("peak_rss_mib", 0.0))
+               for name, runs in rows.items() if not name.startswith(("cp ", "casd"))
+               for r in runs)
+    lines.append(f"  {'peak RSS over all processes < 100 MiB':42} {peak:.1f} MiB: "
+                 f"{'met' if peak < 100 else 'MISSED'}")
+    return lines
 
 
 def summarise(res: dict[str, Any]) -> str:
@@ -235,18 +272,22 @@ def summarise(res: dict[str, Any]) -> str:
         if name in rows:
             line(name, f"{n / med(t(name)):,.0f} files/s", "cp -al", "cp -al small")
     versus_casd("casd StageTree", "checkout, helpers", ">= 1x")
+    lines.extend(verdicts(rows, t))
     lines.append("s: casframe's in-process time of the operation, casd's RPC, the others' wall "
                  "time; CPU s: the whole process tree's (casd: its client and the daemon); "
                  "RSS: casframe's process plus its helpers' peaks, casd's daemon")
     lines.append("")
-    lines.append("threshold (in-process s / helpers s, medians; > 1: helpers pay)")
+    lines.append("threshold: in-process / helpers, operation time (s) and the whole process "
+                 "tree's CPU (s), medians; time ratio > 1: helpers pay")
     for point in res["sweep"]:
-        lines.append(
-            f"  {point['files']:6,} files: import {med(point['import process']):.3f} / "
-            f"{med(point['import helpers']):.3f} = "
-            f"{med(point['import process']) / med(point['import helpers']):.2f}; checkout "
-            f"{med(point['checkout process']):.3f} / {med(point['checkout helpers']):.3f} = "
-            f"{med(point['checkout process']) / med(point['checkout helpers']):.2f}")
+        parts = []
+        for op in ("import", "checkout"):
+            one, two = med(point[f"{op} process"]), med(point[f"{op} helpers"])
+            cpu_one = med(point[f"{op} process cpu"])
+            cpu_two = med(point[f"{op} helpers cpu"])
+            parts.append(f"{op} {one:.3f} / {two:.3f} s = {one / two:.2f} "
+                         f"(CPU {cpu_one:.2f} / {cpu_two:.2f})")
+        lines.append(f"  {point['files']:6,} files: " + "; ".join(parts))
     load = res["load"]
     lines.append(f"load average (1/5/15 min): start {load['start']}, after generation "
                  f"{load['after_generate']}, end {load['end']}; {res['jobs']} cores")

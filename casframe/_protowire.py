@@ -10,7 +10,17 @@ last occurrence of a field wins; malformed input raises :class:`WireError`.
 
 from __future__ import annotations
 
-__all__ = ["I32", "I64", "LEN", "VARINT", "WireError", "fields", "read_varint", "varint"]
+__all__ = [
+    "I32",
+    "I64",
+    "LEN",
+    "ONE_BYTE_VARINTS",
+    "VARINT",
+    "WireError",
+    "fields",
+    "read_varint",
+    "varint",
+]
 
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
 
@@ -19,8 +29,9 @@ class WireError(ValueError):
     """Bytes that are not a well-formed protobuf message."""
 
 
-# Every one-byte varint, built once: Directory entries need a few per file.
-_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
+#: Every one-byte varint (0 to 127), built once: Directory entries need a few per file.
+ONE_BYTE_VARINTS = [bytes((n,)) for n in range(0x80)]
+_ONE_BYTE = ONE_BYTE_VARINTS
 
 
 def varint(value: int) -> bytes:

@@ -200,7 +200,7 @@ class VerifiedBlobs:
         reports present was touched while it existed, so prune's grace period protects it from
         that moment on. Writers that reuse stored blobs ask this way before setting a ref.
         """
-        wanted = {d for d in digests if d.size != 0}
+        wanted = {d for d in digests if d[1]}  # d.size, without a property call each
         if freshen and self.has(Capability.TOUCH):
             missing = self._query_missing(wanted, self.backend.freshen_blobs)
         else:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -25,15 +24,20 @@ from typing import TYPE_CHECKING, TypeVar
 from casframe.blobs import VerifiedBlobs
 from casframe.digest import Digest
 from casframe.errors import CheckoutError, UnsupportedOperationError
+from casframe.lazy import lazy_module
 from casframe.progress import NO_PROGRESS, Progress
 from casframe.spi import Capability
-from casframe.tree import load_tree, node_digest, node_digests
+from casframe.tree import load_tree, node_digest
 from casframe.treesize import TreeLimits
 from casframe.workers.pool import CHECKOUT_THRESHOLD_FILES, Runner, open_runner
 from casframe.workers.tasks import Copy, LinkTask, copy_files, link_files, tree_path
 
 if TYPE_CHECKING:
+    import shutil
+
     from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
+else:
+    shutil = lazy_module("shutil")  # only to undo a failed checkout (it brings bz2, lzma)
 
 __all__ = ["checkout"]
 
@@ -187,12 +191,18 @@ class _FileWriter:
 
     def add(self, path: str, directory: Directory) -> None:
         links: list[tuple[str, Digest]] = []
-        for node, digest in zip(directory.files, node_digests(directory.files), strict=True):
-            if self.use_links and not node.is_executable and digest.size:
-                links.append((node.name, digest))
+        use_links = self.use_links
+        # Every file digest of these very messages was validated (Digest.many) when load_tree
+        # measured the tree, before anything was written: not validated a second time here.
+        trusted = Digest._trusted
+        for node in directory.files:
+            proto, name, executable = node.digest, node.name, node.is_executable
+            digest = trusted(proto.hash, proto.size_bytes)
+            if use_links and not executable and digest[1]:
+                links.append((name, digest))
             else:
-                self.copies.append((os.path.join(path, node.name), digest, node.is_executable))
-                self.copy_bytes += digest.size
+                self.copies.append((os.path.join(path, name), digest, executable))
+                self.copy_bytes += digest[1]
                 if len(self.copies) >= _BATCH_FILES or self.copy_bytes >= _BATCH_BYTES:
                     self._flush_copies()
         if links:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from casframe import _messages
+from casframe._protowire import ONE_BYTE_VARINTS as _ONE_BYTE
 from casframe._protowire import varint
 from casframe.digest import Digest
 from casframe.errors import CorruptBlobError, InvalidNameError, UnsafeTreeError
@@ -103,6 +104,18 @@ def _digest_field(digest: Digest) -> bytes:
 
 def file_entry(name: bytes, digest: Digest, executable: bool) -> bytes:
     """Directory field 1: FileNode{name=1, digest=2, is_executable=4}."""
+    hash_, size = digest
+    if 0 < size < 0x4000 and len(name) < 0x80 and len(hash_) == 64:
+        # The common case, one call per imported file: a 64-digit hash, a size of one or two
+        # varint bytes, a name's length of one, so every length is known without varint().
+        size_field = _ONE_BYTE[size] if size < 0x80 else bytes(((size & 0x7F) | 0x80, size >> 7))
+        digest_length = 67 + len(size_field)  # "\n@" + 64 hex digits + "\x10" + size
+        body_length = 4 + len(name) + digest_length + (2 if executable else 0)
+        return b"".join(
+            (b"\n", varint(body_length), b"\n", _ONE_BYTE[len(name)], name, b"\x12",
+             _ONE_BYTE[digest_length], b"\n@", hash_.encode("ascii"), b"\x10", size_field,
+             b" \x01" if executable else b"")
+        )
     name_length = varint(len(name))
     digest_field = _digest_field(digest)
     body_length = 1 + len(name_length) + len(name) + len(digest_field) + (2 if executable else 0)

@@ -80,6 +80,7 @@ _HEADER = struct.Struct("<20sII")  # magic, version, entry count
 # of bytes loads and saves in a few milliseconds for 20,000 files, and packing the key of a
 # looked-up file costs less than building a tuple of five integers.
 _KEY = struct.Struct("<QQQqq")  # st_ino, st_dev, st_size, st_mtime_ns, st_ctime_ns
+_pack = _KEY.pack
 _CHECKSUM = 32  # sha256 of everything before it
 _SUFFIX = ".stat"
 
@@ -103,7 +104,9 @@ class FileStat(NamedTuple):
 
     @classmethod
     def of(cls, st: os.stat_result) -> FileStat:
-        return cls(st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        # tuple.__new__: the generated __new__ would be one more Python call per file.
+        return tuple.__new__(cls, (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns,
+                                   st.st_ctime_ns))
 
 
 class StatCache:
@@ -134,11 +137,13 @@ class StatCache:
 
     def lookup(self, st: os.stat_result) -> str | None:
         """The recorded sha256 (hex) of the file ``st`` describes, if it has not changed."""
-        key = _KEY.pack(st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        key = _pack(st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         found = self.known.get(key)
         if found is None:
             return None
-        self.seen += key + found
+        seen = self.seen
+        seen += key
+        seen += found
         return found.hex()
 
     def record(self, st: os.stat_result | FileStat, hash_: str) -> None:
@@ -149,7 +154,9 @@ class StatCache:
         """
         limit = self._trusted_before
         if st.st_mtime_ns < limit and st.st_ctime_ns < limit:
-            self.seen += self.key(st) + bytes.fromhex(hash_)
+            seen = self.seen
+            seen += _pack(st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            seen += bytes.fromhex(hash_)
 
     def save(self) -> None:
         """Replace the cache file with this import's entries; failures are ignored.

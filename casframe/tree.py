@@ -13,18 +13,23 @@ import errno
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from casframe.blobs import VerifiedBlobs
 from casframe.digest import Digest
 from casframe.directory import is_canonical, node_digest, parse_directory
 from casframe.errors import CasframeError
+from casframe.lazy import lazy_module
 from casframe.names import split_tree_path
-from casframe.treeimport import import_directory
 from casframe.treesize import TreeLimits, TreeSize, measure_tree, node_digests
 
 if TYPE_CHECKING:
+    from casframe import treeimport
     from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
+else:
+    # Checkout, ls and diff read trees and never import one: they do not load the importer,
+    # its stat cache and its helpers.
+    treeimport = lazy_module("casframe.treeimport")
 
 __all__ = [
     "TreeEntry",
@@ -56,6 +61,11 @@ class TreeEntry:
     digest: Digest | None = None
     is_executable: bool = False
     target: str = ""
+
+
+def import_directory(*args: Any, **kwargs: Any) -> Digest:
+    """:func:`casframe.treeimport.import_directory`, imported on first use."""
+    return treeimport.import_directory(*args, **kwargs)
 
 
 # -- reading whole trees ---------------------------------------------------------------------

@@ -122,8 +122,8 @@ class _Importer:
     def start_runner(self) -> None:
         """Choose the runner (at the threshold, or when the scan ends) and hand it what is
         held."""
-        if self.runner is not None:
-            return
+        if self.runner is not None or not self.held:
+            return  # (nothing to read: a re-import that found every file in the cache)
         self.runner = open_runner(self.blobs, self.jobs, self.held_files, self.threshold)
         held, self.held = self.held, []
         for batch in held:
@@ -136,13 +136,14 @@ class _Importer:
                 return
             stored, large_next = future.result()
             record = self.cache.record if self.cache is not None else None
+            trusted = Digest._trusted  # computed by the task from the bytes it stored
             for (scanned, index, _), (hash_, size, executable, st) in zip(
                 batch, stored, strict=False
             ):
                 scanned.entries[index] = file_entry(
-                    scanned.files[index], Digest._trusted(hash_, size), executable
+                    scanned.files[index], trusted(hash_, size), executable
                 )
-                if record is not None and size == st.st_size:
+                if record is not None and size == st[2]:  # st_size: read as fstat said
                     record(st, hash_)
             self.progress.advance(len(stored))
             rest = batch[len(stored) :]
@@ -175,22 +176,22 @@ class _Importer:
         if self.runner is not None:
             self.runner.shutdown(cancel=cancel)
 
-    def remember(self, scanned: _ScannedDir, index: int, path: str, st: os.stat_result) -> bool:
-        """Take the file's digest from the cache if it has one (scanning thread only)."""
-        hash_ = self.cache.lookup(st) if self.cache is not None else None
-        if hash_ is None:
-            return False
-        digest = Digest._trusted(hash_, st.st_size)
+    def remember(
+        self, scanned: _ScannedDir, index: int, path: str, st: os.stat_result, hash_: str
+    ) -> None:
+        """Take the file's digest ``hash_`` from the cache (scanning thread only)."""
+        size = st.st_size
+        digest = Digest._trusted(hash_, size)
         scanned.entries[index] = file_entry(
             scanned.files[index], digest, bool(st.st_mode & stat.S_IXUSR)
         )
-        if not digest.size:
+        if not size:
             self.progress.advance(1)
-            return True
-        self.remembered.append((scanned, index, path, digest))
-        if len(self.remembered) >= _BATCH_FILES:
+            return
+        remembered = self.remembered
+        remembered.append((scanned, index, path, digest))
+        if len(remembered) >= _BATCH_FILES:
             self.check_remembered()
-        return True
 
     def check_remembered(self) -> None:
         """Ask the store about remembered digests; read again the files whose blob is gone.
@@ -267,7 +268,8 @@ def _scan(root: str, importer: _Importer) -> list[_ScannedDir]:
     """Every directory under ``root``, parents before children, its files handed to
     ``importer`` in batches as they are found."""
     # Without a previous import to consult (a first one), no lstat of each file.
-    use_cache = importer.cache is not None and bool(importer.cache.known)
+    lookup = importer.cache.lookup if importer.cache is not None and importer.cache.known else None
+    remember, is_regular = importer.remember, stat.S_ISREG
     scanned: list[_ScannedDir] = []
     batch: list[_Job] = []
     stack = [""]
@@ -289,11 +291,10 @@ def _scan(root: str, importer: _Importer) -> list[_ScannedDir]:
                     index = len(files)
                     files.append(name)
                     entries_of_files.append(None)
-                    if use_cache:
+                    if lookup is not None:
                         st = entry.stat(follow_symlinks=False)
-                        if stat.S_ISREG(st.st_mode) and importer.remember(
-                            current, index, entry.path, st
-                        ):
+                        if is_regular(st.st_mode) and (hash_ := lookup(st)) is not None:
+                            remember(current, index, entry.path, st, hash_)
                             continue
                     batch.append((current, index, entry.path))
                     if len(batch) >= _BATCH_FILES:

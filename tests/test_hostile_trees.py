@@ -21,10 +21,14 @@ from casframe import (
     CheckoutError,
     ConfigError,
     Digest,
+    InvalidDigestError,
     Store,
     TreeTooLargeError,
     UnsafeTreeError,
     open_store,
+)
+from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
+    Digest as DigestMessage,
 )
 from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
     Directory,
@@ -367,3 +371,35 @@ def test_a_missing_blob_part_way_removes_what_was_written(
     with pytest.raises(BlobNotFoundError):
         memory_store.checkout(tree, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# -- digests that are no digest ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "hash_, size",
+    [
+        ("../" * 21 + "x", 1),  # 64 characters that would climb out of objects/
+        ("A" * 64, 1),  # upper case: another name than the object's
+        ("a" * 64, -1),
+    ],
+    ids=["path", "upper-case", "negative-size"],
+)
+def test_a_file_node_with_an_invalid_digest_is_refused_before_anything_is_written(
+    local_store: Store, tmp_path: Path, hash_: str, size: int
+) -> None:
+    """Checkout links files by the digests their FileNodes name, taking them as validated when
+    the tree was measured: a digest that is no digest must be refused there, not linked."""
+    good = local_store.put_bytes(b"content")
+    root = local_store.put_directory(
+        Directory(
+            files=[
+                FileNode(name="a", digest=good.to_proto()),
+                FileNode(name="b", digest=DigestMessage(hash=hash_, size_bytes=size)),
+            ]
+        )
+    )
+    dest = tmp_path / "dest"
+    with pytest.raises(InvalidDigestError):
+        local_store.checkout(root, dest, link=True)
+    assert not dest.exists()

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 import casframe.statcache
+import casframe.treeimport
 import casframe.workers.tasks
 from casframe import Digest, Store
 from casframe.statcache import StatCache, open_stat_cache
@@ -96,6 +97,41 @@ def test_unchanged_files_are_not_read_again(
         assert other.import_directory(root, stat_cache=cache_dir) == first
         assert rel_paths(root, opened) == STORED_FILES
         assert missing_in_tree(other.verified, first) == set()
+
+
+def test_a_reimport_of_unchanged_files_starts_no_runner(
+    local_store: Store, cache_dir: Path, opened: list[str], imported: tuple[Path, Digest],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With every file remembered and present there is nothing to read: no thread pool or
+    helper process is started (their start-up was most of what a small re-import cost
+    beyond the lookups), and the store is still asked about every remembered blob."""
+    root, first = imported
+    runners: list[int] = []
+    original = casframe.treeimport.open_runner
+
+    def watched(*args: object, **kwargs: object) -> object:
+        runners.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(casframe.treeimport, "open_runner", watched)
+    asked: list[Digest] = []
+    freshen = type(local_store.verified.backend).freshen_blobs
+
+    def counting(self: object, digests: list[Digest]) -> set[Digest]:
+        asked.extend(digests)
+        return freshen(self, digests)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(local_store.verified.backend), "freshen_blobs", counting)
+    opened.clear()
+    assert local_store.import_directory(root, stat_cache=cache_dir, jobs=2) == first
+    assert opened == [] and runners == []
+    stored = {Digest.of_bytes(content) for content in TREE_FILES.values() if content}
+    assert stored <= set(asked)
+    # A file that changed is read again, by a runner started for it.
+    (root / STORED_FILES[0]).write_bytes(b"changed content")
+    assert local_store.import_directory(root, stat_cache=cache_dir, jobs=2) != first
+    assert rel_paths(root, opened) == [STORED_FILES[0]] and runners == [1]
 
 
 def _same_size_new_content(path: Path) -> None:

@@ -24,11 +24,8 @@ which then stops every helper.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import queue
-import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -36,11 +33,24 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 
 from casframe.errors import WorkerError
-from casframe.workers.protocol import read_message, rebuild_error, write_message
+from casframe.lazy import lazy_module
 from casframe.workers.settings import CHECKOUT_THRESHOLD_FILES, IMPORT_THRESHOLD_FILES
 
+# What only helper processes need is imported when the first pool starts: a checkout or import
+# that stays in the process (most of them, and every whole `casframe checkout` of a tree under
+# the threshold) does not pay for subprocess, signal, pickle and the import machinery.
 if TYPE_CHECKING:
+    import importlib.util as importlib_util
+    import signal
+    import subprocess
+
     from casframe.blobs import VerifiedBlobs
+    from casframe.workers import protocol
+else:
+    importlib_util = lazy_module("importlib.util")
+    signal = lazy_module("signal")
+    subprocess = lazy_module("subprocess")
+    protocol = lazy_module("casframe.workers.protocol")
 
 __all__ = [
     "CHECKOUT_THRESHOLD_FILES",
@@ -92,7 +102,7 @@ def _import_roots(*modules: str) -> list[str]:
     """The sys.path folders the given modules were found in, so a helper finds them too."""
     roots: list[str] = []
     for module in modules:
-        spec = importlib.util.find_spec(module.split(".")[0])
+        spec = importlib_util.find_spec(module.split(".")[0])
         if spec is None or spec.origin is None:
             continue
         origin = spec.origin
@@ -153,17 +163,17 @@ class _Helper:
 
     def ask(self, name: str, payload: Any) -> None:
         try:
-            write_message(self.requests, (name, payload))
+            protocol.write_message(self.requests, (name, payload))
         except (OSError, ValueError):  # a broken pipe, or closed by shutdown: the helper is gone
             raise self.death() from None
 
     def answer(self) -> Any:
         try:
-            ok, value = read_message(self.replies)
+            ok, value = protocol.read_message(self.replies)
         except (EOFError, OSError):
             raise self.death() from None
         if not ok:
-            raise rebuild_error(value)
+            raise protocol.rebuild_error(value)
         return value
 
     def death(self) -> WorkerError:

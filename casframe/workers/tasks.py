@@ -89,9 +89,10 @@ def open_regular(path: str) -> tuple[int, os.stat_result]:
     return fd, st
 
 
-def _read_small(fd: int, size: int) -> bytes:
-    """The whole content of a small file whose ``fstat`` said ``size`` bytes."""
-    data = os.read(fd, size + 1)
+def _read_small(fd: int, size: int, start: bytes = b"") -> bytes:
+    """The whole content of a small file whose ``fstat`` said ``size`` bytes, of which
+    ``start`` was read already."""
+    data = start or os.read(fd, size + 1)
     if len(data) > size:  # grew since fstat: store what is read to the end
         parts = [data]
         while chunk := os.read(fd, CHUNK_SIZE):
@@ -119,23 +120,30 @@ def import_files(store: VerifiedBlobs, batch: list[str]) -> tuple[list[Stored], 
     done: list[Stored] = []
     pending: list[tuple[Digest, bytes]] = []  # read, to be stored unless present
     pending_bytes = 0
+    # Names bound once: this loop runs once per file, and a small file costs only a few
+    # microseconds of system calls and hashing.
+    read, close, of_bytes, filestat = os.read, os.close, Digest.of_bytes, FileStat.of
+    function = store.function
     for path in batch:
         fd, st = open_regular(path)
         try:
-            if st.st_size > SMALL_FILE:
+            size = st.st_size
+            if size > SMALL_FILE:
                 if len(batch) > 1:
                     large_next = True
                     break
                 digest = store.put_open_file(fd)
             else:
-                data = _read_small(fd, st.st_size)
-                digest = Digest.of_bytes(data, store.function)
-                if digest.size:
+                data = read(fd, size + 1)
+                if len(data) > size:  # grew since fstat: store what is read to the end
+                    data = _read_small(fd, size, data)
+                digest = of_bytes(data, function)
+                if digest[1]:
                     pending.append((digest, data))
-                    pending_bytes += digest.size
+                    pending_bytes += digest[1]
         finally:
-            os.close(fd)
-        done.append((digest.hash, digest.size, bool(st.st_mode & stat.S_IXUSR), FileStat.of(st)))
+            close(fd)
+        done.append((digest[0], digest[1], bool(st.st_mode & stat.S_IXUSR), filestat(st)))
         if pending_bytes >= _BATCH_BYTES:
             _store_group(store, pending)
             pending, pending_bytes = [], 0

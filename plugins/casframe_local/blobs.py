@@ -218,6 +218,15 @@ class LocalBlobStore(LocalBlobMaintenance):
             ) from None
 
     def _link_into_place(self, fd: int, temp: str, digest: Digest) -> tuple[bool, bool]:
+        if not temp:
+            # The usual case, one call per new object: an unnamed file linked into place,
+            # relative to objects/ (a shorter path walk); anything else takes the loop below.
+            try:
+                os.link(f"/proc/self/fd/{fd}", object_name(digest[0]),
+                        src_dir_fd=self._tmpfd, dst_dir_fd=self._objfd)
+                return True, False
+            except (FileNotFoundError, FileExistsError):
+                pass  # no fan-out folder yet, or an object in the way: the loop sees to it
         target = self.object_path(digest)
         made_folder = False
         for _ in range(3):
@@ -368,9 +377,14 @@ class LocalBlobStore(LocalBlobMaintenance):
         utime, stat = os.utime, os.stat
         for digest in digests:
             hash_ = digest[0]
-            path = object_name(hash_)
+            path = f"{hash_[:2]}/{hash_[2:]}"  # object_name(), without a call per blob
             try:
-                self._freshen(utime, path, objfd, digest)
+                try:
+                    utime(path, dir_fd=objfd)
+                except FileNotFoundError:
+                    raise
+                except OSError:  # another user's object, a read-only store: see _freshen
+                    self._freshen(utime, path, objfd, digest)
                 if stat(path, dir_fd=objfd).st_size == digest[1]:
                     continue
             except FileNotFoundError:
