@@ -15,12 +15,13 @@ from memory. The client runs in this process.
 Reported per push: wall time, CPU seconds of the client (this process) and of the server (from
 just before the push to its end, so its start-up is not counted), and the blob bytes sent (the
 backend's ``wire`` counters: blob content, or its zstd form, as it goes into messages; gRPC's
-framing is the same for both and not counted). Targets: the compressed push sends at most 40% of the bytes of the plain one, at
-a speed of at least 0.8 times (its wall time at most 1.25 times). Beside the verdict it prints
-the ratio of the CPU seconds (client plus server, medians), which the machine's load moves far
-less than the wall times: on two cores shared by client and server, it is what bounds the
-speed ratio on an idle machine. ``--quick`` is a smaller run (32 MiB, 2 pairs), noisier than
-the default one. Results go to DIR/<time>-zstd/results.json.
+framing is the same for both and not counted). Targets: the compressed push sends at most 40%
+of the bytes of the plain one, at a speed of at least 0.8 times (its wall time at most 1.25
+times). Beside the verdict it prints the ratio of the CPU seconds (client plus server,
+medians), which the machine's load moves far less than the wall times: on two cores shared by
+client and server, it is what bounds the speed ratio on an idle machine. ``--quick`` is a
+smaller run (32 MiB, 2 pairs), noisier than the default one. Results go to
+DIR/<time>-zstd/results.json.
 """
 
 from __future__ import annotations
