@@ -237,8 +237,8 @@ class ZstdFrames:
     stream. Same interface as :class:`ZstdEncoder`.
 
     A zstd stream may hold several frames one after another (RFC 8878, section 3), which
-    zstd's streaming decoders (casframe's, Go's klauspost decoder of bazel-remote and
-    Buildbarn) read as one content. A piece compressed in one call costs about a fifth less
+    zstd's streaming decoder (:class:`ZstdDecoder`), like any that follows the RFC, reads as
+    one content. A piece compressed in one call costs about a fifth less
     CPU than the same piece fed through zstd's streaming interface, which copies its input
     into a window of its own and, once that window wraps around, matches in a slower mode.
     The price, matches across pieces, is a few tenths of a percent of the output on build
