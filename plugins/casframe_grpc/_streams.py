@@ -171,7 +171,7 @@ class StreamingWriter(BlobWriter):
         codec = store.streams
         self._resource = (f"{store.conn.resource_prefix()}uploads/{uuid.uuid4()}"
                           f"/{codec.resource_part}/{digest.hash}/{digest.size}")
-        # Compressed, each message carries one zstd frame of its own, sent as it comes.
+        # Compressed, the stream is one zstd stream whose pieces are sent as they come.
         self._compressed = codec.compressed
         self._encoder = codec.stream_encoder()
         self._stats = codec.stats
