@@ -32,6 +32,7 @@ __all__ = [
     "ZSTD",
     "ZstdDecoder",
     "ZstdEncoder",
+    "ZstdFrames",
     "compress",
     "compressor_name",
     "decode_chunks",
@@ -191,25 +192,32 @@ def decompress(
     return bytes(out)
 
 
-def compress(data: bytes | memoryview, level: int = DEFAULT_LEVEL) -> bytes:
-    """``data`` as one zstd frame (recording its size) at ``level``."""
-    # A compressor context costs an allocation of several hundred KiB: one per thread and level
-    # serves every small blob (compressor objects must not be shared between threads).
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """This thread's compressor for ``level``: a compressor context costs an allocation of
+    several hundred KiB, so one per thread and level serves every blob (compressor objects
+    must not be shared between threads)."""
     compressors: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "compressors", None)
     if compressors is None:
         compressors = _local.compressors = {}
     compressor = compressors.get(level)
     if compressor is None:
         compressor = compressors[level] = zstandard.ZstdCompressor(level=level)
-    return compressor.compress(data)
+    return compressor
+
+
+def compress(data: bytes | bytearray | memoryview, level: int = DEFAULT_LEVEL) -> bytes:
+    """``data`` as one zstd frame (recording its size) at ``level``."""
+    return _compressor(level).compress(data)
 
 
 class ZstdEncoder:
-    """One zstd stream built piece by piece. The output of each :meth:`encode` is complete up
-    to that piece (flushed to a block boundary), so it can be sent at once and a piece of at
-    most ``n`` bytes never yields much more than ``n`` bytes; :meth:`finish` ends the frame.
+    """One zstd stream of one frame, built piece by piece. The output of each :meth:`encode`
+    is complete up to that piece (flushed to a block boundary), so it can be sent at once and
+    a piece of at most ``n`` bytes never yields much more than ``n`` bytes; :meth:`finish` ends
+    the frame.
 
     ``size``, when known, is recorded in the frame header so a decoder knows what to expect.
+    What the server sends: any client's decoder reads one frame.
     """
 
     def __init__(self, level: int = DEFAULT_LEVEL, size: int = -1) -> None:
@@ -221,6 +229,37 @@ class ZstdEncoder:
 
     def finish(self) -> bytes:
         return self._compressing.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+
+
+class ZstdFrames:
+    """One zstd stream built piece by piece, each :meth:`encode` giving a whole frame of its
+    own (recording its size) that can be sent at once; :meth:`finish` gives what ends the
+    stream. Same interface as :class:`ZstdEncoder`.
+
+    A zstd stream may hold several frames one after another (RFC 8878, section 3), which
+    zstd's streaming decoder (:class:`ZstdDecoder`), like any that follows the RFC, reads as
+    one content. A piece compressed in one call costs about a fifth less
+    CPU than the same piece fed through zstd's streaming interface, which copies its input
+    into a window of its own and, once that window wraps around, matches in a slower mode.
+    The price, matches across pieces, is a few tenths of a percent of the output on build
+    outputs cut into 1 MiB pieces. What uploads use: a server that decodes only the first
+    frame finds the content short of its digest and refuses it, so nothing wrong is stored.
+    """
+
+    def __init__(self, level: int = DEFAULT_LEVEL) -> None:
+        self._level = level
+        self._framed = False  # whether a frame was given out
+
+    def encode(self, data: bytes | bytearray | memoryview) -> bytes:
+        if not data:
+            return b""
+        self._framed = True
+        return compress(data, self._level)
+
+    def finish(self) -> bytes:
+        """Nothing, or an empty frame for a stream that had no content: a zstd stream holds
+        at least one frame."""
+        return b"" if self._framed else compress(b"", self._level)
 
 
 class _ChunkSource(io.RawIOBase):

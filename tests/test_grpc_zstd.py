@@ -20,6 +20,7 @@ from server_processes import serve_process
 from casframe import ConfigError, Digest, Store, open_store
 from casframe._protos.google.bytestream import bytestream_pb2 as byte_pb2
 from casframe._protos.google.bytestream import bytestream_pb2_grpc as byte_grpc
+from casframe.compression import ZstdFrames, decode_chunks
 from casframe.testing import LARGE_FILE_SIZE, assert_tree_equal, random_bytes, write_files
 from casframe.testing.server import CasServers
 
@@ -109,6 +110,22 @@ def test_reads_from_an_offset_and_incompressible_blobs(remote: Callable[[str], S
     assert zstd.read_bytes(zstd.put_bytes(small)) == small
     empty = zstd.put_bytes(b"")
     assert zstd.read_bytes(empty) == b""
+
+
+def test_uploads_send_each_piece_as_a_zstd_frame_of_its_own() -> None:
+    pieces = [b"first piece of text " * 5000, b"", b"second piece, other text " * 3000]
+    encoder = ZstdFrames()
+    sent = [encoder.encode(piece) for piece in pieces] + [encoder.finish()]
+    assert sent[1] == sent[3] == b""  # no frame for no content, nothing to end the stream
+    for piece, frame in zip(pieces[::2], sent[::2], strict=True):
+        assert zstandard.frame_content_size(frame) == len(piece)
+        assert zstandard.ZstdDecompressor().decompress(frame) == piece
+    decoded = b"".join(decode_chunks(sent, limit=10 * MiB, what="the upload"))
+    assert decoded == b"".join(pieces)
+    # A stream without content is still a zstd stream: one empty frame.
+    empty = ZstdFrames().finish()
+    assert zstandard.frame_content_size(empty) == 0
+    assert b"".join(decode_chunks([empty], limit=0, what="nothing")) == b""
 
 
 def test_the_saving_is_logged_when_the_store_closes(

@@ -216,6 +216,17 @@ def test_compressed_upload_in_several_messages(serve: Callable[..., Served], ins
     assert served.server.partial_uploads == 0
 
 
+def test_compressed_upload_of_one_frame_per_message(served: Served) -> None:
+    # A zstd stream may hold several frames one after another (RFC 8878, section 3): the
+    # grpc:// client sends each message's piece as a frame of its own.
+    data = compressible(3 * MiB + 11, seed=23)
+    digest = Digest.of_bytes(data)
+    frames = [zstd(data[start:start + MiB], level=1) for start in range(0, len(data), MiB)]
+    response = served.write(upload_name(digest), frames)
+    assert response.committed_size == sum(map(len, frames))
+    assert served.store.read_bytes(digest) == data
+
+
 def test_compressed_upload_in_one_message(served: Served) -> None:
     data = compressible(200_000, seed=4)
     digest = Digest.of_bytes(data)

@@ -21,7 +21,7 @@ from casframe import CompressedDataError, CorruptBlobError, Digest
 from casframe.compression import (
     DEFAULT_LEVEL,
     ZSTD,
-    ZstdEncoder,
+    ZstdFrames,
     compress,
     compressor_name,
     decode_chunks,
@@ -90,10 +90,11 @@ class Codec:
         #: What a ByteStream resource name has between the instance and the digest.
         self.resource_part = f"compressed-blobs/{ZSTD}" if self.compressed else "blobs"
 
-    def stream_encoder(self, size: int) -> ZstdEncoder | _Identity:
-        """An encoder for one upload of ``size`` bytes: each ``encode`` output can be sent
-        at once, and ``finish`` gives what ends the stream."""
-        return ZstdEncoder(self._level, size) if self.compressed else _Identity()
+    def stream_encoder(self) -> ZstdFrames | _Identity:
+        """An encoder for one upload: each ``encode`` output (a zstd frame of its own, see
+        :class:`casframe.compression.ZstdFrames`) can be sent at once, and ``finish`` gives
+        what ends the stream."""
+        return ZstdFrames(self._level) if self.compressed else _Identity()
 
     def read_chunks(
         self, responses: Iterable[memoryview], digest: Digest, limit: int, where: str

@@ -174,7 +174,7 @@ class StreamingWriter(BlobWriter):
                           f"{digest.hash}/{digest.size}")
         # Compressed, the stream is one zstd stream whose pieces are sent as they come.
         self._compressed = codec.compressed
-        self._encoder = codec.stream_encoder(digest.size)
+        self._encoder = codec.stream_encoder()
         self._stats = codec.stats
         self._queue: queue.Queue[object] = queue.Queue(maxsize=_QUEUED_CHUNKS)
         self._buffer = bytearray()  # content not yet a whole chunk
@@ -250,8 +250,8 @@ class StreamingWriter(BlobWriter):
         self._done = True
         if self._present:
             return
-        if self._buffer or self._held is None or self._compressed:
-            self._hold(self._buffer, last=True)  # (compressed: the end of the zstd stream)
+        if self._buffer or self._held is None:
+            self._hold(self._buffer, last=True)
             self._buffer = bytearray()
         assert self._held is not None
         self._send(finish_write_request(self._held), last=True)
