@@ -34,17 +34,17 @@ DEFAULT_JOBS = _usable_cores()
 #: The store option (URL query ``?jobs=N`` or a named store's ``options``) that sets it.
 JOBS_OPTION = "jobs"
 #: Files an import must read and store before helper processes pay for their start-up.
-#: A helper costs ~0.12 s of CPU and ~22 MiB to start; an import spends ~100 µs a file in one
-#: process, so two helpers gain ~50 µs a file and pay from about 3,000 files on
-#: (``bench/workers.py`` measures the crossing). Below this the import stays in the process;
-#: files whose digest the stat cache remembers do not count.
-IMPORT_THRESHOLD_FILES = 3000
-#: Files a checkout must write or link before helper processes pay. Linking costs ~27 µs a
-#: file, spent in the kernel, and already runs on two threads (a link releases the interpreter
-#: lock), so helpers gain little per file while their start-up is most of what a whole
-#: ``casframe checkout`` of 20,000 files costs beyond ``cp -al``: set high until a quiet
-#: machine's ``bench/workers.py`` sweep shows where they pay.
-CHECKOUT_THRESHOLD_FILES = 50_000
+#: Measured by ``bench/workers.py``'s sweep (in-process time / helpers' time, medians of three
+#: alternating rounds, load 2-3): 0.66 at 2,000 files, 0.97 at 4,000, 1.21 at 8,000; so
+#: helpers pay from about 4,500. Below this the import stays in the process; files whose
+#: digest the stat cache remembers do not count.
+IMPORT_THRESHOLD_FILES = 4500
+#: Files a checkout must write or link before helper processes pay. Linking is spent in the
+#: kernel and already runs on two threads (a link releases the interpreter lock), so helpers
+#: gain less per file than for import. The same sweep: 0.49 at 4,000 files, 0.71 at 8,000,
+#: 1.11 at 20,000 (0.518 s in the process, 0.465 s with helpers); so helpers pay from about
+#: 16,000.
+CHECKOUT_THRESHOLD_FILES = 16_000
 
 
 def jobs_from_options(options: Mapping[str, Any], url: str) -> int | None:
