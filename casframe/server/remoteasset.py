@@ -16,6 +16,7 @@ import grpc
 from casframe._protos.build.bazel.remote.asset.v1 import remote_asset_pb2, remote_asset_pb2_grpc
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casframe.digest import Digest
+from casframe.digestfunctions import DigestFunction
 from casframe.errors import RefNotFoundError
 from casframe.refkinds import ASSET_REF_PREFIX, writable_ref_name
 from casframe.server.assets import lookup_asset, set_asset
@@ -75,6 +76,23 @@ class FetchService(ServicerBase, remote_asset_pb2_grpc.FetchServicer):
                 continue
         return None
 
+    def _fetch(
+        self, kind: str, request: _AssetRequest
+    ) -> tuple[DigestFunction, str, Digest]:
+        """The function, URI and digest a Fetch answers with; NOT_FOUND when no URI names
+        content that is present."""
+        self._check(request.instance_name)
+        uris = _uris(request.uris)
+        function = self.functions.from_request(request.digest_function, ())
+        store = self.functions.store_for(function)
+        found = self._lookup(store, kind, request, uris)
+        # Only a directory's root is checked: refs are set only on complete trees and prune
+        # keeps what refs reach, so walking the whole tree on every fetch would buy nothing.
+        if found is None or store.find_missing([found[1]]):
+            raise self._not_found(uris)
+        uri, digest = found
+        return function, uri, digest
+
     @staticmethod
     def _not_found(uris: list[str]) -> StatusError:
         # A miss is a NOT_FOUND *error*, not an OK call with NOT_FOUND in the response's
@@ -89,14 +107,7 @@ class FetchService(ServicerBase, remote_asset_pb2_grpc.FetchServicer):
     def FetchBlob(  # noqa: N802 - gRPC method name
         self, request: remote_asset_pb2.FetchBlobRequest, context: grpc.ServicerContext
     ) -> remote_asset_pb2.FetchBlobResponse:
-        self._check(request.instance_name)
-        uris = _uris(request.uris)
-        function = self.functions.from_request(request.digest_function, ())
-        store = self.functions.store_for(function)
-        found = self._lookup(store, "blob", request, uris)
-        if found is None or store.find_missing([found[1]]):
-            raise self._not_found(uris)
-        uri, digest = found
+        function, uri, digest = self._fetch("blob", request)
         return remote_asset_pb2.FetchBlobResponse(
             status=OK_STATUS, uri=uri, qualifiers=request.qualifiers,
             blob_digest=digest.to_proto(), digest_function=reapi_value(function),
@@ -106,16 +117,7 @@ class FetchService(ServicerBase, remote_asset_pb2_grpc.FetchServicer):
     def FetchDirectory(  # noqa: N802 - gRPC method name
         self, request: remote_asset_pb2.FetchDirectoryRequest, context: grpc.ServicerContext
     ) -> remote_asset_pb2.FetchDirectoryResponse:
-        self._check(request.instance_name)
-        uris = _uris(request.uris)
-        function = self.functions.from_request(request.digest_function, ())
-        store = self.functions.store_for(function)
-        found = self._lookup(store, "directory", request, uris)
-        # Only the root is checked: refs are set only on complete trees and prune keeps what
-        # refs reach, so walking the whole tree on every fetch would buy nothing.
-        if found is None or store.find_missing([found[1]]):
-            raise self._not_found(uris)
-        uri, digest = found
+        function, uri, digest = self._fetch("directory", request)
         return remote_asset_pb2.FetchDirectoryResponse(
             status=OK_STATUS, uri=uri, qualifiers=request.qualifiers,
             root_directory_digest=digest.to_proto(), digest_function=reapi_value(function),
