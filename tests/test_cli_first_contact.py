@@ -363,3 +363,12 @@ def test_reading_refs_imports_no_algorithm_behind_the_store(
                   "casframe.treediff", "casframe.transfer", "casframe.maintenance",
                   "concurrent.futures"}
     assert modules & algorithms == set()
+
+
+@pytest.mark.parametrize("args", [["ref", "list"], ["ref", "get", "build/1"]], ids=" ".join)
+def test_reading_refs_loads_no_json_and_no_traceback(tmp_path: Path, args: list[str]) -> None:
+    """Modules only some commands need load on first use: ``json`` for ``--json`` output,
+    ``traceback`` for ``--debug``'s tracebacks."""
+    modules = set(_last_line_of_script(_IMPORTED_MODULES, tmp_path, args).split()[1:])
+    assert "casframe.cli.helpers" in modules
+    assert modules & {"json", "traceback"} == set()
