@@ -156,7 +156,12 @@ class VerifiedUpload:
 def _hash_stored(stored: BinaryIO, function: DigestFunction) -> Digest:
     """The digest of what a copy upload holds (``begin_write_copy``'s stream): hashed in
     place when it is a whole regular file of at least a chunk, which only the upload can
-    change (a ``file://`` upload's temp file), else read as a stream."""
+    change (a ``file://`` upload's temp file), else read as a stream. A stream with
+    ``wait_copied`` is a file the copy is still filling: each window is hashed as soon as it
+    is copied, while the next one is."""
+    arriving = getattr(stored, "wait_copied", None)
+    if arriving is not None:
+        return Digest.of_own_file(stored.fileno(), function, arriving=arriving)
     try:
         fd = stored.fileno()
         whole_file = stored.tell() == 0 and stat.S_ISREG(os.fstat(fd).st_mode)

@@ -13,7 +13,7 @@ import functools
 import mmap
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, BinaryIO
 
 from casframe import _messages
@@ -163,22 +163,31 @@ class Digest(tuple[str, int]):
             return cls.of_stream(f, function)
 
     @classmethod
-    def of_own_file(cls, fd: int, function: DigestFunction = SHA256) -> Digest:
+    def of_own_file(
+        cls, fd: int, function: DigestFunction = SHA256, *,
+        arriving: Callable[[int], int] | None = None,
+    ) -> Digest:
         """Hash the whole regular file open as ``fd`` in place, through memory maps: no copy
         into Python, and BLAKE3 spreads each window over several threads.
 
         Only for a file nothing else can change while it is hashed (an upload's own temp
         file): a mapped page of a file truncated meanwhile would kill the process (SIGBUS).
+        With ``arriving``, the file is still being filled by its owner: ``arriving(end)``
+        waits until the first ``end`` bytes are there and returns ``end``, or fewer once the
+        filling ended: the file ends there. Only the bytes it reports are mapped.
         """
-        size = os.fstat(fd).st_size
+        if arriving is None:
+            size = os.fstat(fd).st_size
+            arriving = functools.partial(min, size)
         hasher = Hasher(function, threaded=True)
-        for offset in range(0, size, _MAP_WINDOW):
-            length = min(_MAP_WINDOW, size - offset)
+        offset = 0
+        while (end := arriving(offset + _MAP_WINDOW)) > offset:
             with (
-                mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=offset) as window,
+                mmap.mmap(fd, end - offset, access=mmap.ACCESS_READ, offset=offset) as window,
                 memoryview(window) as view,
             ):
                 hasher.update(view)
+            offset = end
         return hasher.digest()
 
     @classmethod

@@ -479,9 +479,13 @@ class BlobStore(ABC):
         committed, and a stream over the content the upload now holds; the core hashes that
         stream and commits the upload under the digest it gets (or aborts it), so content
         still becomes visible only under the digest it really has, even if the file changes
-        during the copy. Raise :class:`UnsupportedOperationError` when this file cannot be
-        copied so (a file system without ``copy_file_range``): the core then reads the file
-        and streams it through :meth:`begin_write`.
+        during the copy. The stream may come back before the copy ends: its reads then wait
+        for the bytes they return, raise the copy's error, and end where the copy ends; with
+        ``fileno()`` and ``wait_copied(end) -> int`` (wait for the first ``end`` bytes; fewer
+        only once the copy ended) the core hashes the file in place as it is filled. The
+        upload's ``commit`` waits for the copy, ``abort`` stops it. Raise
+        :class:`UnsupportedOperationError` when this file cannot be copied so (a file system
+        without ``copy_file_range``): the core then reads it through :meth:`begin_write`.
         """
         raise self._lacks(Capability.COPY_FILE, "copy files")
 

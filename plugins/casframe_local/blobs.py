@@ -27,6 +27,7 @@ from casframe import (
 )
 from casframe.layout import object_name
 
+from ._copy import CopiedStream, KernelCopy
 from ._files import CANNOT_WRITE, fsync_dir, make_folders, temp_name
 from .maintenance import LocalBlobMaintenance
 
@@ -34,12 +35,6 @@ __all__ = ["LocalBlobStore"]
 
 _OBJECT_MODE = 0o444  # read-only, so a hardlinked checkout cannot edit the store by accident
 _CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-# copy_file_range errors meaning "not between these files": stream the content instead.
-_NO_KERNEL_COPY = frozenset(
-    {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
-)
-# Bytes asked of one copy_file_range call (the kernel copies at most ~2 GiB per call anyway).
-_COPY_STEP = 1 << 30
 # O_NONBLOCK: opening a stray FIFO named like an object must not wait for a writer (it has no
 # effect on regular files).
 _READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
@@ -76,10 +71,16 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
 
 
 class _LocalWriter(BlobWriter):
-    def __init__(self, store: LocalBlobStore, fd: int, temp: str) -> None:
+    """An upload into a temp file; with ``copy``, one that a kernel copy fills (its thread
+    ends before the temp file is published or closed)."""
+
+    def __init__(
+        self, store: LocalBlobStore, fd: int, temp: str, copy: KernelCopy | None = None
+    ) -> None:
         self._store = store
         self._fd: int | None = fd
         self._temp = temp
+        self._copy = copy
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self._fd is not None, "write after commit or abort"
@@ -87,6 +88,10 @@ class _LocalWriter(BlobWriter):
 
     def commit(self, digest: Digest) -> None:
         assert self._fd is not None, "commit after commit or abort"
+        if self._copy is not None:
+            self._copy.finish()  # raises the copy's error; the caller then aborts
+            if self._copy.copied != digest.size:
+                raise CorruptBlobError(digest, f"the copy holds {self._copy.copied} bytes")
         fd, self._fd = self._fd, None
         try:
             self._store.publish(fd, self._temp, digest)
@@ -100,6 +105,8 @@ class _LocalWriter(BlobWriter):
 
     def abort(self) -> None:
         if self._fd is not None:
+            if self._copy is not None:
+                self._copy.stop()  # before the close: its thread writes into this file
             os.close(self._fd)
             self._fd = None
             if self._temp:
@@ -433,43 +440,30 @@ class LocalBlobStore(LocalBlobMaintenance):
                 except BaseException:
                     upload.abort()
                     raise
-            upload.commit(digest)  # publish replaces an object it may not freshen
+            try:
+                upload.commit(digest)  # publish replaces an object it may not freshen
+            except BaseException:
+                upload.abort()
+                raise
         finally:
             os.close(source)
 
     def begin_write_copy(self, fd: int) -> tuple[BlobWriter, BinaryIO]:
-        """Copy by ``copy_file_range`` into a new temp object (in the kernel, no user copy)."""
+        """Copy by ``copy_file_range`` into a new temp object (in the kernel, no user copy):
+        the first window here, the rest on a thread while the core hashes what is there
+        (:mod:`._copy`)."""
         start = os.lseek(fd, 0, os.SEEK_CUR)
         temp_fd, temp = self.open_temp()
-        writer = _LocalWriter(self, temp_fd, temp)
+        copy = None
         try:
-            expected = _preallocate(temp_fd, os.fstat(fd).st_size - start)
-            copied = 0
-            while True:
-                try:
-                    n = os.copy_file_range(fd, temp_fd, _COPY_STEP, start + copied, copied)
-                except OSError as exc:
-                    if copied or exc.errno not in _NO_KERNEL_COPY:
-                        raise
-                    raise UnsupportedOperationError(
-                        f"{self.describe()} cannot copy this file in the kernel: {exc}"
-                    ) from None
-                if not n:
-                    if not copied:
-                        # An empty rest, or a file system that copies nothing from a file
-                        # that reads fine (procfs, some FUSE ones): let the core read it.
-                        raise UnsupportedOperationError(
-                            f"{self.describe()} copied nothing of this file: read it instead"
-                        )
-                    break
-                copied += n
-            if expected and copied != expected:  # the file changed size while it was copied
-                os.ftruncate(temp_fd, copied)
-            stored = open(os.dup(temp_fd), "rb", buffering=0)  # noqa: SIM115 - returned
+            reserved = _preallocate(temp_fd, os.fstat(fd).st_size - start)
+            copy = KernelCopy(fd, start, temp_fd, reserved, self.describe())
+            copy.begin()
+            stored = CopiedStream(os.dup(temp_fd), copy)
         except BaseException:
-            writer.abort()
+            _LocalWriter(self, temp_fd, temp, copy).abort()
             raise
-        return writer, stored
+        return _LocalWriter(self, temp_fd, temp, copy), stored
 
     # -- capabilities ------------------------------------------------------------------------
 
