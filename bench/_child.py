@@ -31,6 +31,7 @@ import time
 _T0 = time.perf_counter()
 
 import json  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 
 
@@ -145,6 +146,7 @@ def main(argv: list[str]) -> int:
         profiler.__enter__()
     start = time.perf_counter()
     cpu_start = time.process_time()  # every thread of this process (helpers are not counted)
+    times_start = os.times()
     if op == "import":
         digest = store.import_directory(args[1], jobs=jobs)
         result["digest"] = str(digest)
@@ -157,6 +159,9 @@ def main(argv: list[str]) -> int:
         return 2
     result["op_s"] = time.perf_counter() - start
     result["op_cpu_s"] = time.process_time() - cpu_start
+    times_end = os.times()
+    result["op_user_s"] = times_end.user - times_start.user
+    result["op_sys_s"] = times_end.system - times_start.system
     if profiler:
         profiler.__exit__(None, None, None)
         profiler.dump(profile_path)  # type: ignore[arg-type]

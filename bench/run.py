@@ -127,6 +127,8 @@ def wait_process(cmd: list[str], env: dict[str, str] | None = None,
         "maxrss_source": "time" if rss_text else "wait4-direct",
         "wait4_direct_maxrss_kib": usage.ru_maxrss,
         "cpu_s": usage.ru_utime + usage.ru_stime,
+        "user_s": usage.ru_utime,
+        "sys_s": usage.ru_stime,
         "stdout": out.decode(),
     }
 
@@ -152,13 +154,15 @@ def run_child(args: list[str], log: Path, stat_cache: Path | None = None) -> dic
 
 def run_ref(cmds: list[list[str]], log: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Reference commands run one after another, timed together."""
-    total, rss, cpu = 0.0, 0, 0.0
+    total, rss, user, kernel = 0.0, 0, 0.0, 0.0
     for cmd in cmds:
         res = wait_process(cmd, env=env, stderr_path=log)
         total += res["wall_s"]
         rss = max(rss, res["maxrss_kib"])
-        cpu += res["cpu_s"]
-    return {"wall_s": total, "peak_rss_mib": rss / 1024, "cpu_s": cpu}
+        user += res["user_s"]
+        kernel += res["sys_s"]
+    return {"wall_s": total, "peak_rss_mib": rss / 1024, "cpu_s": user + kernel,
+            "user_s": user, "sys_s": kernel}
 
 
 def warm(paths: list[Path]) -> None:

@@ -79,7 +79,7 @@ def test_each_window_is_hashed_while_the_next_is_copied(
 
     def before(n: int) -> None:
         if n == 1:
-            assert asked.wait(HANG_GUARD_S), "the first window was not hashed before the copy went on"
+            assert asked.wait(HANG_GUARD_S), "the copy went on before the first window was hashed"
 
     monkeypatch.setattr(local_copy.KernelCopy, "wait_copied", recording_wait)
     calls = on_copy_call(monkeypatch, before)

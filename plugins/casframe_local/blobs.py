@@ -9,7 +9,7 @@ import functools
 import os
 import stat
 from collections.abc import Callable, Collection, Iterable, Iterator
-from typing import BinaryIO
+from typing import BinaryIO, cast
 from urllib.parse import quote
 
 from casframe import (
@@ -463,7 +463,7 @@ class LocalBlobStore(LocalBlobMaintenance):
         except BaseException:
             _LocalWriter(self, temp_fd, temp, copy).abort()
             raise
-        return _LocalWriter(self, temp_fd, temp, copy), stored
+        return _LocalWriter(self, temp_fd, temp, copy), cast(BinaryIO, stored)
 
     # -- capabilities ------------------------------------------------------------------------
 
