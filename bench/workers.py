@@ -10,7 +10,8 @@ whole processes except where said:
   helper processes (``--jobs`` = cores, whatever the threshold); buildbox-casd's
   ``CaptureTree`` (the RPC alone);
 * re-import with the stat cache, into the store the first import filled;
-* import of the large tree: ``cp -r``; casframe ``--jobs 1`` and with helpers; casd;
+* import of the large tree: ``cp -r``; casframe ``--jobs 1`` and with helpers; casd (in an
+  order that turns each round, each output deleted right after its run);
 * checkout of the small tree by hardlinks: ``cp -al``; casframe in the process and with
   helpers (the operation's own time); casd's ``StageTree`` (the RPC alone); the whole
   ``casframe checkout`` command (interpreter start-up included, casframe's own settings);
@@ -32,6 +33,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,18 +130,26 @@ def measure(args: argparse.Namespace, run: Path) -> dict[str, Any]:
             ["import", f"file://{stores / f'all-{i}'}", str(small)], log, JOBS,
             stat_cache=work / "stat-cache" / f"all-{i}"))
 
-        prep(large)
-        add("cp -r large", run_ref([["cp", "-r", str(large), str(copies / f"large-{i}")]], log))
-        prep(large)
-        add("import large, jobs 1", child(
-            ["import", f"file://{stores / f'lone-{i}'}", str(large)], log, 1))
-        prep(large)
-        add("import large, helpers", child(
-            ["import", f"file://{stores / f'lall-{i}'}", str(large)], log, JOBS, threshold=1))
+        large_rows: list[tuple[str, Path, Callable[[Path], dict[str, Any]]]] = [
+            ("cp -r large", copies / f"large-{i}",
+             lambda out: run_ref([["cp", "-r", str(large), str(out)]], log)),
+            ("import large, jobs 1", stores / f"lone-{i}",
+             lambda out: child(["import", f"file://{out}", str(large)], log, 1)),
+            ("import large, helpers", stores / f"lall-{i}",
+             lambda out: child(["import", f"file://{out}", str(large)], log, JOBS, threshold=1)),
+        ]
         if py:
+            large_rows.append(("casd CaptureTree large", work / "casd" / f"l-{i}",
+                               lambda out: casd(py, ["capture", str(out), str(large)], log)))
+        # The order turns each round; each 1 GiB output goes right after its run (eight
+        # files: not the mass delete that slows file creation), so that no run meets a page
+        # cache filled by the ones before it (see bench/digest_bench.py).
+        turn = i % len(large_rows)
+        for name, out, run_row in large_rows[turn:] + large_rows[:turn]:
             prep(large)
-            add("casd CaptureTree large", casd(py, ["capture", str(work / "casd" / f"l-{i}"),
-                                                    str(large)], log))
+            add(name, run_row(out))
+            if not args.keep:
+                shutil.rmtree(out)
 
         digest, store = imp["digest"], stores / f"all-{i}"
         prep(small)
