@@ -18,7 +18,7 @@ from pathlib import Path
 import casframe_local._copy as local_copy
 import pytest
 
-from casframe import Digest, Store, open_store
+from casframe import CasframeError, Digest, Store, open_store
 from casframe.testing import random_bytes
 
 WINDOW = local_copy.WINDOW
@@ -165,6 +165,34 @@ def test_hashing_failing_midway_stops_the_copy_and_leaves_nothing(
     monkeypatch.setattr(local_copy.KernelCopy, "wait_copied", interrupted)
     with pytest.raises(KeyboardInterrupt):
         store.put_file(path)
+    nothing_stored(store)
+
+
+def test_an_aborted_copy_is_not_taken_for_a_whole_file(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An upload aborted while its copy goes on: what was copied so far is not the file, and a
+    # reader waiting for more gets an error instead of an end.
+    path = tmp_path / "large.bin"
+    path.write_bytes(random_bytes(3 * WINDOW, seed=7))
+    stopping = threading.Event()
+    stop = local_copy.KernelCopy.stop
+
+    def signalled_stop(self: local_copy.KernelCopy) -> None:
+        stopping.set()
+        stop(self)
+
+    def before(n: int) -> None:
+        if n == 1:
+            assert stopping.wait(HANG_GUARD_S)
+
+    monkeypatch.setattr(local_copy.KernelCopy, "stop", signalled_stop)
+    on_copy_call(monkeypatch, before)
+    with open(path, "rb") as f:
+        writer, stored = store.blobs.begin_write_copy(f.fileno())
+        writer.abort()
+        with stored, pytest.raises(CasframeError, match="the copy was stopped, its upload aborted"):
+            stored.wait_copied(3 * WINDOW)  # type: ignore[attr-defined]
     nothing_stored(store)
 
 

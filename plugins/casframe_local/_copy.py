@@ -19,7 +19,7 @@ import io
 import os
 import threading
 
-from casframe import UnsupportedOperationError
+from casframe import CasframeError, UnsupportedOperationError
 
 __all__ = ["WINDOW", "CopiedStream", "KernelCopy"]
 
@@ -86,7 +86,9 @@ class KernelCopy:
 
     def _run(self) -> None:
         try:
-            while not self._stopping:
+            while True:
+                if self._stopping:  # a reader still waiting must not take this for the end
+                    raise CasframeError(f"{self._where}: the copy was stopped, its upload aborted")
                 n = self._step()
                 if not n:
                     if self._reserved and self.copied != self._reserved:
