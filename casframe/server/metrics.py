@@ -26,7 +26,6 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, multiprocess, values
@@ -162,15 +161,15 @@ class _Family:
         return index
 
     def _new(self, labelvalues: tuple[str, ...]) -> int:
-        name, labelnames, new = self.name, self.labelnames, self.values.new
+        # Named as prometheus_client's own values name them in its files.
+        name, new, doc = self.name, self.values.new, self.documentation
+        labelnames, values = list(self.labelnames), list(labelvalues)
         if self.kind == "counter":
-            return new("counter", mmap_key(name, name + "_total", labelnames, labelvalues,
-                                           self.documentation))
-        index = new("histogram", mmap_key(name, name + "_sum", labelnames, labelvalues,
-                                          self.documentation))
+            return new("counter", mmap_key(name, name + "_total", labelnames, values, doc))
+        index = new("histogram", mmap_key(name, name + "_sum", labelnames, values, doc))
         for le in self._les:
-            new("histogram", mmap_key(name, name + "_bucket", (*labelnames, "le"),
-                                      (*labelvalues, le), self.documentation))
+            new("histogram", mmap_key(name, name + "_bucket", [*labelnames, "le"],
+                                      [*values, le], doc))
         return index
 
     def observe(self, index: int, amount: float) -> None:

@@ -196,9 +196,6 @@ class _ObservedCall:
         data = message if self._serializer is None else self._serializer(message)
         return self.call._sent(data, raw_size)
 
-    def decoded(self, request: _Decoded) -> Any:
-        return self.call._received(*request)
-
     async def decoded_async(self, requests: AsyncIterator[_Decoded]) -> AsyncIterator[Any]:
         async for request in requests:
             yield self.call._received(*request)
@@ -281,14 +278,15 @@ def _observed(
         or handler.stream_stream
     )
     serializer = handler.response_serializer
+    reads_async = is_async_behavior(behavior)  # once, not on every call
 
     def begin(request: Any, context: Any) -> tuple[_ObservedCall, Any]:
-        observed = _ObservedCall(
-            context, CallRecord(method, streams_in, streams_out, context), sinks, serializer
-        )
+        call = CallRecord(method, streams_in, streams_out, context)
+        observed = _ObservedCall(context, call, sinks, serializer)
         if not streams_in:
-            return observed, observed.decoded(request)
-        if is_async_behavior(behavior):
+            call.request, call.bytes_in = request
+            return observed, call.request
+        if reads_async:
             return observed, observed.decoded_async(request)
         return observed, observed.decoded_sync(request)
 
