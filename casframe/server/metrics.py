@@ -8,8 +8,10 @@ and GetActionResult, streams in flight and, over a ``cache://`` store, its local
 misses. :func:`serve_metrics` exposes them over HTTP for Prometheus to scrape.
 
 Several server processes add up: when ``PROMETHEUS_MULTIPROC_DIR`` was set before this module
-was first imported, prometheus_client keeps each process's values in files there and the
-exposition sums them (``casframe serve`` sets it up; see :func:`multiprocess_dir`).
+was first imported, each process's values are kept in files there and the exposition sums them
+(``casframe serve`` sets it up; see :func:`multiprocess_dir`). The counters and the histogram
+every call updates are kept by :class:`_Values` (plain numbers under one lock per call, copied
+into files of prometheus_client's multiprocess format); the rest are prometheus_client's own.
 
 Imported only by the server when metrics are asked for: ``casframe --help`` and other
 commands never load prometheus_client. This module must never expose a server path, a store
@@ -21,11 +23,11 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import functools
 import math
 import os
+import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, multiprocess, values
@@ -65,6 +67,7 @@ _READ = "/google.bytestream.ByteStream/Read"
 _WRITE = "/google.bytestream.ByteStream/Write"
 
 _OK = grpc.StatusCode.OK
+_TWO_DOUBLES = struct.Struct("dd").pack  # a value and its timestamp, as MmapedDict keeps them
 _NOT_FOUND = grpc.StatusCode.NOT_FOUND
 
 
@@ -109,7 +112,9 @@ class _Values:
         self._folder = folder
         self._pid = os.getpid()
         self._files: dict[str, MmapedDict] = {}
-        self._writes: list[Callable[[float, float], None]] = []
+        # Where each value is in its file. Written as MmapedDict.write_value writes (the whole
+        # 16 bytes at once, never half a value for a scrape to read), without its two calls.
+        self._places: list[tuple[MmapedDict, int]] = []
 
     def new(self, kind: str, key: str) -> int:
         """A new value of ``kind`` (``counter`` or ``histogram``) named ``key`` (what
@@ -122,17 +127,19 @@ class _Values:
                 # streams gauge, the cache counters): each file has a single writer.
                 path = os.path.join(self._folder, f"{kind}_casframe-{self._pid}.db")
                 file = self._files[kind] = MmapedDict(path)
-            start = file.read_value(key)[0]
-            self._writes.append(functools.partial(file.write_value, key))
+            start = file.read_value(key)[0]  # adds the key to the file
+            self._places.append((file, file._positions[key]))
         self.numbers.append(start)
         return len(self.numbers) - 1
 
     def add(self, index: int, amount: float) -> None:
         """Add ``amount`` to value ``index``; hold :attr:`lock`."""
         numbers = self.numbers
-        numbers[index] += amount
-        if self._writes:
-            self._writes[index](numbers[index], 0.0)
+        value = numbers[index] = numbers[index] + amount
+        if self._places:
+            file, position = self._places[index]
+            # The file's current map: it is mapped anew when it grows (in new(), under lock).
+            file._m[position:position + 16] = _TWO_DOUBLES(value, 0.0)
 
 
 class _Family:
