@@ -312,7 +312,8 @@ class ServerMetrics:
             registry=registry,
         )
         self._methods: dict[str, _MethodSeries] = {}
-        self._cache = _CacheFollower(store, self) if store is not None else None
+        follower = _CacheFollower(store, self) if store is not None else None
+        self._cache = follower if follower is not None and follower.active else None
 
     def _series(self, call: CallRecord) -> _MethodSeries:
         series = self._methods.get(call.method)
