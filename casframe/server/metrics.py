@@ -25,7 +25,6 @@ import bisect
 import contextlib
 import math
 import os
-import struct
 import threading
 from collections.abc import Iterator
 
@@ -67,7 +66,6 @@ _READ = "/google.bytestream.ByteStream/Read"
 _WRITE = "/google.bytestream.ByteStream/Write"
 
 _OK = grpc.StatusCode.OK
-_TWO_DOUBLES = struct.Struct("dd").pack  # a value and its timestamp, as MmapedDict keeps them
 _NOT_FOUND = grpc.StatusCode.NOT_FOUND
 
 
@@ -112,9 +110,9 @@ class _Values:
         self._folder = folder
         self._pid = os.getpid()
         self._files: dict[str, MmapedDict] = {}
-        # Where each value is in its file. Written as MmapedDict.write_value writes (the whole
-        # 16 bytes at once, never half a value for a scrape to read), without its two calls.
-        self._places: list[tuple[MmapedDict, int]] = []
+        # Each value's file and name there (MmapedDict.write_value writes the whole 16 bytes at
+        # once, never half a value for a scrape to read).
+        self._places: list[tuple[MmapedDict, str]] = []
 
     def new(self, kind: str, key: str) -> int:
         """A new value of ``kind`` (``counter`` or ``histogram``) named ``key`` (what
@@ -128,7 +126,7 @@ class _Values:
                 path = os.path.join(self._folder, f"{kind}_casframe-{self._pid}.db")
                 file = self._files[kind] = MmapedDict(path)
             start = file.read_value(key)[0]  # adds the key to the file
-            self._places.append((file, file._positions[key]))
+            self._places.append((file, key))
         self.numbers.append(start)
         return len(self.numbers) - 1
 
@@ -137,9 +135,8 @@ class _Values:
         numbers = self.numbers
         value = numbers[index] = numbers[index] + amount
         if self._places:
-            file, position = self._places[index]
-            # The file's current map: it is mapped anew when it grows (in new(), under lock).
-            file._m[position:position + 16] = _TWO_DOUBLES(value, 0.0)
+            file, key = self._places[index]
+            file.write_value(key, value, 0.0)
 
 
 class _Family:
