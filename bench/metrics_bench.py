@@ -1,8 +1,11 @@
 """What metrics and the access log cost ``casframe serve``: requests per second under the same
 load, with and without ``--metrics-listen`` and ``--access-log``, in alternating runs.
 
-    .venv/bin/python bench/metrics_bench.py [--pairs 3] [--requests 6000] [--clients 16]
+    .venv/bin/python bench/metrics_bench.py [--quick] [--pairs 3] [--requests 6000]
+                                            [--clients 16] [--observe both|metrics|access-log]
                                             [--load bench/load.py]
+
+``--quick``: 2 pairs of 2,000 requests, a smoke run.
 
 Each run starts a new ``casframe serve`` process over one ``file://`` store (filled once, not
 timed), points a load at it, and stops it. Runs alternate, plain then observed, ``--pairs``
@@ -158,6 +161,7 @@ def run_load(args: argparse.Namespace, target: str, load: Path | None,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 pairs of 2,000 requests")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--requests", type=int, default=6000)
     parser.add_argument("--clients", type=int, default=16)
@@ -166,6 +170,8 @@ def main() -> None:
     parser.add_argument("--load", type=Path, default=None,
                         help="a load script (default: bench/load.py if present, else built in)")
     args = parser.parse_args()
+    if args.quick:
+        args.pairs, args.requests = 2, 2000
     load = args.load
     if load is None and (ROOT / "bench" / "load.py").exists():
         load = ROOT / "bench" / "load.py"

@@ -12,13 +12,14 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.metrics_core import Metric
 from prometheus_helpers import metric_value, scrape
 from server_processes import ClientStubs, serve_process
 
@@ -26,7 +27,7 @@ from casframe import Digest, Store, open_store
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casframe._protos.google.bytestream import bytestream_pb2 as byte_pb2
 from casframe.server import Server
-from casframe.server.metrics import ServerMetrics
+from casframe.server.metrics import LATENCY_BUCKETS, ServerMetrics
 from casframe.testing import random_bytes
 
 MiB = 1 << 20
@@ -161,6 +162,35 @@ def test_blobs_and_bytes_stored_and_served_through_batches_and_bytestream(
                         grpc_method="Write", grpc_type="client_stream", grpc_code="OK") == 1
 
 
+def test_latency_histogram_shows_what_prometheus_clients_own_shows() -> None:
+    """The server keeps its histogram's counts itself (one lock a call instead of one per
+    value): the same observations give the same samples as prometheus_client's Histogram,
+    a duration equal to a bucket's bound counted in that bucket."""
+    metrics = ServerMetrics()
+    labels = ("unary", "some.Service", "Method")
+    reference = Histogram(
+        "grpc_server_handling_seconds", "reference", ["grpc_type", "grpc_service", "grpc_method"],
+        buckets=LATENCY_BUCKETS, registry=CollectorRegistry(),
+    )
+    series = metrics.handling_seconds.child(*labels)
+    for amount in (0.0, 0.0005, 0.001, 0.0011, 0.3, 60.0, 299.9, 300.0, 301.0, 1e6):
+        with metrics.values.lock:
+            metrics.handling_seconds.observe(series, amount)
+        reference.labels(*labels).observe(amount)
+
+    def samples(families: Iterable[Metric]) -> list[tuple[str, list[tuple[str, str]], float]]:
+        return sorted(
+            (sample.name, sorted(sample.labels.items()), sample.value)
+            for family in families for sample in family.samples
+            if not sample.name.endswith("_created")
+        )
+
+    ours = samples(family for family in metrics.registry.collect()
+                   if family.name == "grpc_server_handling_seconds")
+    assert ours == samples(reference.collect())
+    assert len(ours) == len(LATENCY_BUCKETS) + 3  # the buckets, +Inf, _count and _sum
+
+
 def test_streams_in_flight_counts_a_read_until_it_ends(
     memory_store: Store, metered: Callable[[Store], Metered]
 ) -> None:
@@ -258,7 +288,20 @@ def test_two_server_processes_sharing_a_multiprocess_folder_add_up(tmp_path: Pat
             _metrics_url(second)
             _capabilities(port1, 2)
             _capabilities(port2, 3)
-            assert _handled_capabilities(scrape(url)) == 5
+            exposition = scrape(url)
+            assert _handled_capabilities(exposition) == 5
+            method = {"grpc_method": "GetCapabilities"}
+            assert metric_value(exposition, "grpc_server_started_total", **method) == 5
+            assert metric_value(exposition, "grpc_server_handling_seconds_count", **method) == 5
+            assert metric_value(
+                exposition, "grpc_server_handling_seconds_bucket", le="+Inf", **method) == 5
+            assert metric_value(exposition, "grpc_server_handling_seconds_sum", **method) > 0
+            sent = metric_value(exposition, "casframe_server_sent_bytes_total", **method)
+            assert sent is not None and sent > 0
+            # Series a server starts with, at zero until a call counts in them.
+            assert metric_value(
+                exposition, "casframe_action_cache_lookups_total", result="hit") == 0
+            assert metric_value(exposition, "casframe_cas_blobs_stored_total") == 0
             second.send_signal(signal.SIGTERM)
             assert second.wait(timeout=120) == 0
         # What a stopped process counted still counts.

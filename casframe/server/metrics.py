@@ -8,8 +8,10 @@ and GetActionResult, streams in flight and, over a ``cache://`` store, its local
 misses. :func:`serve_metrics` exposes them over HTTP for Prometheus to scrape.
 
 Several server processes add up: when ``PROMETHEUS_MULTIPROC_DIR`` was set before this module
-was first imported, prometheus_client keeps each process's values in files there and the
-exposition sums them (``casframe serve`` sets it up; see :func:`multiprocess_dir`).
+was first imported, each process's values are kept in files there and the exposition sums them
+(``casframe serve`` sets it up; see :func:`multiprocess_dir`). The counters and the histogram
+every call updates are kept by :class:`_Values` (plain numbers under one lock per call, copied
+into files of prometheus_client's multiprocess format); the rest are prometheus_client's own.
 
 Imported only by the server when metrics are asked for: ``casframe --help`` and other
 commands never load prometheus_client. This module must never expose a server path, a store
@@ -19,15 +21,19 @@ fixed words, so a hostile client cannot grow the number of series.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import math
 import os
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, multiprocess, values
 from prometheus_client.exposition import start_http_server
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.utils import floatToGoString
 
 from casframe.errors import ConfigError
 from casframe.server.interceptors import UNCOUNTED_STREAMS
@@ -86,86 +92,211 @@ def _grpc_type(call: CallRecord) -> str:
     return "server_stream" if call.response_streaming else "unary"
 
 
+class _Values:
+    """The values of this process's call counters and histograms: plain floats, changed
+    under one lock per call (:meth:`add` with :attr:`lock` held) and read by a scrape of
+    :class:`_Collector`. With several processes (:func:`multiprocess_dir`) each value is also
+    written to this process's own files there, in prometheus_client's multiprocess format,
+    before the call's answer leaves, so the scrape that adds the processes up counts it.
+
+    prometheus_client's own values do the same, but each update of one costs a lock, a
+    ``getpid`` system call and five Python calls: eight of them a call were most of what
+    metrics cost a server.
+    """
+
+    def __init__(self, folder: str | None) -> None:
+        self.lock = threading.Lock()
+        self.numbers: list[float] = []
+        self._folder = folder
+        self._pid = os.getpid()
+        self._files: dict[str, MmapedDict] = {}
+        # Each value's file and name there (MmapedDict.write_value writes the whole 16 bytes at
+        # once, never half a value for a scrape to read).
+        self._places: list[tuple[MmapedDict, str]] = []
+
+    def new(self, kind: str, key: str) -> int:
+        """A new value of ``kind`` (``counter`` or ``histogram``) named ``key`` (what
+        prometheus_client's files call it); hold :attr:`lock`. Returns its index."""
+        start = 0.0
+        if self._folder is not None:
+            file = self._files.get(kind)
+            if file is None:
+                # Not the file prometheus_client keeps this process's own values in (the
+                # streams gauge, the cache counters): each file has a single writer.
+                path = os.path.join(self._folder, f"{kind}_casframe-{self._pid}.db")
+                file = self._files[kind] = MmapedDict(path)
+            start = file.read_value(key)[0]  # adds the key to the file
+            self._places.append((file, key))
+        self.numbers.append(start)
+        return len(self.numbers) - 1
+
+    def add(self, index: int, amount: float) -> None:
+        """Add ``amount`` to value ``index``; hold :attr:`lock`."""
+        numbers = self.numbers
+        value = numbers[index] = numbers[index] + amount
+        if self._places:
+            file, key = self._places[index]
+            file.write_value(key, value, 0.0)
+
+
+class _Family:
+    """A counter or histogram family of series (one per set of label values) in
+    :class:`_Values`; what a scrape of this process shows of it is :meth:`metric`."""
+
+    def __init__(self, values: _Values, kind: str, name: str, documentation: str,
+                 labelnames: tuple[str, ...] = (), buckets: tuple[float, ...] = ()) -> None:
+        self.values, self.kind, self.name = values, kind, name
+        self.documentation, self.labelnames = documentation, labelnames
+        self.bounds = (*buckets, math.inf)
+        self._les = tuple(floatToGoString(bound) for bound in self.bounds)
+        self.series: dict[tuple[str, ...], int] = {}
+
+    def child(self, *labelvalues: str) -> int:
+        """The index of the series' value (of a histogram: of its sum, the buckets' counts
+        following it), made on first use."""
+        index = self.series.get(labelvalues)
+        if index is not None:
+            return index
+        with self.values.lock:
+            index = self.series.get(labelvalues)
+            if index is None:
+                index = self._new(labelvalues)
+                self.series[labelvalues] = index
+        return index
+
+    def _new(self, labelvalues: tuple[str, ...]) -> int:
+        # Named as prometheus_client's own values name them in its files.
+        name, new, doc = self.name, self.values.new, self.documentation
+        labelnames, values = list(self.labelnames), list(labelvalues)
+        if self.kind == "counter":
+            return new("counter", mmap_key(name, name + "_total", labelnames, values, doc))
+        index = new("histogram", mmap_key(name, name + "_sum", labelnames, values, doc))
+        for le in self._les:
+            new("histogram", mmap_key(name, name + "_bucket", [*labelnames, "le"],
+                                      [*values, le], doc))
+        return index
+
+    def observe(self, index: int, amount: float) -> None:
+        """Count ``amount`` in histogram series ``index``; hold the values' lock."""
+        self.values.add(index, amount)
+        self.values.add(index + 1 + bisect.bisect_left(self.bounds, amount), 1.0)
+
+    def metric(self) -> Metric:
+        """This process's series; hold the values' lock."""
+        numbers = self.values.numbers
+        family: Metric
+        if self.kind == "counter":
+            family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+            for labelvalues, index in self.series.items():
+                family.add_metric(labelvalues, numbers[index])
+            return family
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labelvalues, index in self.series.items():
+            total, buckets = 0.0, []
+            for offset, le in enumerate(self._les, start=index + 1):
+                total += numbers[offset]
+                buckets.append((le, total))
+            family.add_metric(labelvalues, buckets, numbers[index])
+        return family
+
+
+class _Collector:
+    """Shows the families of :class:`_Values` in a registry (this process's own values)."""
+
+    def __init__(self, families: list[_Family]) -> None:
+        self._families = families
+
+    def describe(self) -> list[Metric]:
+        return [Metric(family.name, family.documentation, family.kind)
+                for family in self._families]
+
+    def collect(self) -> list[Metric]:
+        if not self._families:
+            return []
+        with self._families[0].values.lock:
+            return [family.metric() for family in self._families]
+
+
 class _MethodSeries:
-    """The series of one method, bound once (``labels()`` on every call costs a lock and a
-    dictionary look-up per metric)."""
+    """The value indexes of one method's series, found once (looking them up by labels on
+    every call costs more than counting)."""
 
     def __init__(self, metrics: ServerMetrics, call: CallRecord) -> None:
         kind, service, name = _grpc_type(call), call.service, call.name
         self.labels = (kind, service, name)
-        self.started = metrics.started.labels(kind, service, name)
-        self.seconds = metrics.handling_seconds.labels(kind, service, name)
-        self.bytes_received = metrics.bytes_received.labels(service, name)
-        self.bytes_sent = metrics.bytes_sent.labels(service, name)
+        self.started = metrics.started.child(kind, service, name)
+        self.seconds = metrics.handling_seconds.child(kind, service, name)
+        self.bytes_received = metrics.bytes_received.child(service, name)
+        self.bytes_sent = metrics.bytes_sent.child(service, name)
+        self.stream = call.streaming and call.method not in UNCOUNTED_STREAMS
         self._handled = metrics.handled
-        self._by_code: dict[grpc.StatusCode, Any] = {}
+        self._by_code: dict[grpc.StatusCode, int] = {}
 
-    def handled(self, code: grpc.StatusCode) -> Any:
-        child = self._by_code.get(code)
-        if child is None:
-            child = self._by_code[code] = self._handled.labels(*self.labels, code.name)
-        return child
+    def handled(self, code: grpc.StatusCode) -> int:
+        index = self._by_code.get(code)
+        if index is None:
+            index = self._by_code[code] = self._handled.child(*self.labels, code.name)
+        return index
 
 
 class ServerMetrics:
     """The metrics of one server process, registered in ``registry`` (a fresh one by
     default). ``store`` is the served store: over a ``cache://`` store, its hit counts are
-    followed as calls end."""
+    followed as calls end. Made in the process that serves (its values are this process's:
+    see :class:`_Values`)."""
 
     def __init__(self, store: Store | None = None, registry: CollectorRegistry | None = None):
         self.registry = registry = registry if registry is not None else CollectorRegistry()
-        method = ["grpc_type", "grpc_service", "grpc_method"]
-        self.started = Counter(
-            "grpc_server_started", "RPCs started on the server.", method, registry=registry
-        )
-        self.handled = Counter(
-            "grpc_server_handled", "RPCs completed on the server, whatever their status.",
-            [*method, "grpc_code"], registry=registry,
-        )
-        self.handling_seconds = Histogram(
-            "grpc_server_handling_seconds",
-            "Time from the call's start to its answer being handed to gRPC.",
-            method, buckets=LATENCY_BUCKETS, registry=registry,
-        )
-        self.bytes_received = Counter(
-            "casframe_server_received_bytes", "Serialized bytes of request messages received.",
-            ["grpc_service", "grpc_method"], registry=registry,
-        )
-        self.bytes_sent = Counter(
-            "casframe_server_sent_bytes", "Serialized bytes of response messages sent.",
-            ["grpc_service", "grpc_method"], registry=registry,
-        )
+        self.values = numbers = _Values(multiprocess_dir())
+        method = ("grpc_type", "grpc_service", "grpc_method")
+        families = [
+            started := _Family(numbers, "counter", "grpc_server_started",
+                               "RPCs started on the server.", method),
+            handled := _Family(numbers, "counter", "grpc_server_handled",
+                               "RPCs completed on the server, whatever their status.",
+                               (*method, "grpc_code")),
+            seconds := _Family(numbers, "histogram", "grpc_server_handling_seconds",
+                               "Time from the call's start to its answer being handed to gRPC.",
+                               method, LATENCY_BUCKETS),
+            received := _Family(numbers, "counter", "casframe_server_received_bytes",
+                                "Serialized bytes of request messages received.",
+                                ("grpc_service", "grpc_method")),
+            sent := _Family(numbers, "counter", "casframe_server_sent_bytes",
+                            "Serialized bytes of response messages sent.",
+                            ("grpc_service", "grpc_method")),
+            blobs_stored := _Family(
+                numbers, "counter", "casframe_cas_blobs_stored",
+                "Blobs uploaded and accepted (BatchUpdateBlobs entries, completed ByteStream "
+                "Writes), including ones the store already held."),
+            bytes_stored := _Family(numbers, "counter", "casframe_cas_stored_bytes",
+                                    "Bytes of the blobs counted in "
+                                    "casframe_cas_blobs_stored_total."),
+            blobs_served := _Family(
+                numbers, "counter", "casframe_cas_blobs_served",
+                "Blobs sent to clients (BatchReadBlobs entries, completed ByteStream Reads)."),
+            bytes_served := _Family(numbers, "counter", "casframe_cas_served_bytes",
+                                    "Blob bytes sent to clients."),
+            find_missing := _Family(
+                numbers, "counter", "casframe_cas_find_missing_digests",
+                "Digests asked about in FindMissingBlobs, by result (present or missing).",
+                ("result",)),
+            action_cache := _Family(
+                numbers, "counter", "casframe_action_cache_lookups",
+                "GetActionResult calls by result: hit (OK) or miss (NOT_FOUND).", ("result",)),
+        ]
+        self.started, self.handled, self.handling_seconds = started, handled, seconds
+        self.bytes_received, self.bytes_sent = received, sent
+        self._blobs_stored, self._bytes_stored = blobs_stored.child(), bytes_stored.child()
+        self._blobs_served, self._bytes_served = blobs_served.child(), bytes_served.child()
+        self._present = find_missing.child("present")
+        self._missing = find_missing.child("missing")
+        self._hits = action_cache.child("hit")
+        self._misses = action_cache.child("miss")
+        registry.register(_Collector(families))
         self.streams_in_flight = Gauge(
             "casframe_server_streams_in_flight",
             "Streaming calls in progress (ByteStream Read and Write, GetTree).",
             registry=registry, multiprocess_mode="livesum",
-        )
-        self.blobs_stored = Counter(
-            "casframe_cas_blobs_stored",
-            "Blobs uploaded and accepted (BatchUpdateBlobs entries, completed ByteStream "
-            "Writes), including ones the store already held.", registry=registry,
-        )
-        self.bytes_stored = Counter(
-            "casframe_cas_stored_bytes", "Bytes of the blobs counted in "
-            "casframe_cas_blobs_stored_total.", registry=registry,
-        )
-        self.blobs_served = Counter(
-            "casframe_cas_blobs_served",
-            "Blobs sent to clients (BatchReadBlobs entries, completed ByteStream Reads).",
-            registry=registry,
-        )
-        self.bytes_served = Counter(
-            "casframe_cas_served_bytes", "Blob bytes sent to clients.", registry=registry
-        )
-        self.find_missing = Counter(
-            "casframe_cas_find_missing_digests",
-            "Digests asked about in FindMissingBlobs, by result (present or missing).",
-            ["result"], registry=registry,
-        )
-        self.action_cache = Counter(
-            "casframe_action_cache_lookups",
-            "GetActionResult calls by result: hit (OK) or miss (NOT_FOUND).",
-            ["result"], registry=registry,
         )
         self.cache_reads = Counter(
             "casframe_cache_reads",
@@ -177,12 +308,9 @@ class ServerMetrics:
             "Bytes a cache:// store copied from its remote into its local store.",
             registry=registry,
         )
-        self._present = self.find_missing.labels("present")
-        self._missing = self.find_missing.labels("missing")
-        self._hits = self.action_cache.labels("hit")
-        self._misses = self.action_cache.labels("miss")
         self._methods: dict[str, _MethodSeries] = {}
-        self._cache = _CacheFollower(store, self) if store is not None else None
+        follower = _CacheFollower(store, self) if store is not None else None
+        self._cache = follower if follower is not None and follower.active else None
 
     def _series(self, call: CallRecord) -> _MethodSeries:
         series = self._methods.get(call.method)
@@ -196,49 +324,55 @@ class ServerMetrics:
         return True
 
     def call_started(self, call: CallRecord) -> None:
-        self._series(call).started.inc()
-        if call.streaming and call.method not in UNCOUNTED_STREAMS:
+        series = self._series(call)
+        with self.values.lock:
+            self.values.add(series.started, 1.0)
+        if series.stream:
             self.streams_in_flight.inc()
 
     def call_ended(self, call: CallRecord) -> None:
-        assert call.code is not None
+        code = call.code
+        assert code is not None
         series = self._series(call)
-        series.handled(call.code).inc()
-        series.seconds.observe(call.duration)
-        if call.bytes_in:
-            series.bytes_received.inc(call.bytes_in)
-        if call.bytes_out:
-            series.bytes_sent.inc(call.bytes_out)
-        if call.streaming and call.method not in UNCOUNTED_STREAMS:
+        handled = series.handled(code)
+        values = self.values
+        with values.lock:
+            values.add(handled, 1.0)
+            self.handling_seconds.observe(series.seconds, call.duration)
+            if call.bytes_in:
+                values.add(series.bytes_received, call.bytes_in)
+            if call.bytes_out:
+                values.add(series.bytes_sent, call.bytes_out)
+            self._count_content(call, code)
+        if series.stream:
             self.streams_in_flight.dec()
-        self._count_content(call)
         if self._cache is not None:
             self._cache.follow()
 
-    def _count_content(self, call: CallRecord) -> None:
-        """The counters that need to look into a call's messages."""
-        method, code = call.method, call.code
+    def _count_content(self, call: CallRecord, code: grpc.StatusCode) -> None:
+        """The counters that need to look into a call's messages; hold the values' lock."""
+        method, add = call.method, self.values.add
         if method == _GET_ACTION_RESULT:
             if code == _OK:
-                self._hits.inc()
+                add(self._hits, 1.0)
             elif code == _NOT_FOUND:
-                self._misses.inc()
+                add(self._misses, 1.0)
             return
         if code != _OK:
             return
         if method == _FIND_MISSING:
             asked = len(call.request.blob_digests)
             missing = len(call.response.missing_blob_digests)
-            self._present.inc(asked - missing)
-            self._missing.inc(missing)
+            add(self._present, asked - missing)
+            add(self._missing, missing)
         elif method == _READ:
-            self.blobs_served.inc()
-            self.bytes_served.inc(call.raw_bytes_out)
+            add(self._blobs_served, 1.0)
+            add(self._bytes_served, call.raw_bytes_out)
         elif method == _WRITE:
             size = parse_write_resource(call.request.resource_name).digest.size
             if call.response.committed_size == size:  # not a half-closed, resumable stream
-                self.blobs_stored.inc()
-                self.bytes_stored.inc(size)
+                add(self._blobs_stored, 1.0)
+                add(self._bytes_stored, size)
         elif method in (_BATCH_UPDATE, _BATCH_READ):
             count = size = 0
             for entry in call.response.responses:
@@ -246,11 +380,11 @@ class ServerMetrics:
                     count += 1
                     size += entry.digest.size_bytes  # verified: the blob's own size
             if method == _BATCH_UPDATE:
-                self.blobs_stored.inc(count)
-                self.bytes_stored.inc(size)
+                add(self._blobs_stored, count)
+                add(self._bytes_stored, size)
             else:
-                self.blobs_served.inc(count)
-                self.bytes_served.inc(size)
+                add(self._blobs_served, count)
+                add(self._bytes_served, size)
 
 
 class _CacheFollower:

@@ -20,7 +20,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 
@@ -47,21 +47,25 @@ class CallRecord:
     """One call as the sinks see it. ``request`` is the (first) request message, ``response``
     the response of a unary-response call; ``bytes_in``/``bytes_out`` are serialized message
     bytes, ``raw_bytes_out`` the bytes of responses sent as raw data (ByteStream Read's
-    chunks). ``duration`` (seconds) and ``code`` are set when the call ends."""
+    chunks). ``duration`` (seconds) and ``code`` are set when the call ends. ``peer`` and
+    ``time`` (when the call started, seconds since the epoch) are found when first read, while
+    the call is in progress: a sink that needs neither (the metrics) costs no system call."""
 
     __slots__ = (
-        "method", "request_streaming", "response_streaming", "peer", "time", "duration",
-        "code", "request", "response", "bytes_in", "bytes_out", "raw_bytes_out",
-        "_started",
+        "method", "request_streaming", "response_streaming", "duration", "code", "request",
+        "response", "bytes_in", "bytes_out", "raw_bytes_out", "_started", "_context",
+        "_peer", "_time",
     )
 
-    def __init__(self, method: str, handler: grpc.RpcMethodHandler, peer: str) -> None:
+    def __init__(self, method: str, request_streaming: bool, response_streaming: bool,
+                 context: Any) -> None:
         self.method = method
-        self.request_streaming = bool(handler.request_streaming)
-        self.response_streaming = bool(handler.response_streaming)
-        self.peer = peer
-        self.time = time.time()
+        self.request_streaming = request_streaming
+        self.response_streaming = response_streaming
+        self._context = context
         self._started = time.perf_counter()
+        self._peer: str | None = None
+        self._time: float | None = None
         self.duration = 0.0
         self.code: grpc.StatusCode | None = None
         self.request: Any = None
@@ -69,6 +73,21 @@ class CallRecord:
         self.bytes_in = 0
         self.bytes_out = 0
         self.raw_bytes_out = 0
+
+    @property
+    def peer(self) -> str:
+        """The client's address as gRPC gives it."""
+        if self._peer is None:
+            self._peer = str(self._context.peer())
+        return self._peer
+
+    @property
+    def time(self) -> float:
+        """When the call started, in seconds since the epoch (from the monotonic clock's
+        reading at the start: one clock read a call instead of two)."""
+        if self._time is None:
+            self._time = time.time() - (time.perf_counter() - self._started)
+        return self._time
 
     @property
     def service(self) -> str:
@@ -109,17 +128,15 @@ class CallSink(Protocol):
     def call_ended(self, call: CallRecord) -> None: ...
 
 
-class _Decoded(NamedTuple):
-    """A request message and the size of its serialized form."""
-
-    message: Any
-    size: int
+#: A request message and the size of its serialized form (a plain tuple: cheaper to make than
+#: a named one, and never a message of its own, so :meth:`_ObservedCall.read` tells it apart).
+_Decoded: TypeAlias = tuple[Any, int]
 
 
 def _sized_decoder(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], _Decoded]:
     if deserializer is None:
-        return lambda raw: _Decoded(raw, len(raw))
-    return lambda raw: _Decoded(deserializer(raw), len(raw))
+        return lambda raw: (raw, len(raw))
+    return lambda raw: (deserializer(raw), len(raw))
 
 
 class _ObservedCall:
@@ -165,8 +182,8 @@ class _ObservedCall:
 
     async def read(self) -> Any:
         got = await self._context.read()
-        if isinstance(got, _Decoded):
-            return self.call._received(got.message, got.size)
+        if type(got) is tuple:
+            return self.call._received(*got)
         return got  # grpc.aio.EOF
 
     # -- for the wrappers ------------------------------------------------------------------
@@ -179,16 +196,13 @@ class _ObservedCall:
         data = message if self._serializer is None else self._serializer(message)
         return self.call._sent(data, raw_size)
 
-    def decoded(self, request: _Decoded) -> Any:
-        return self.call._received(request.message, request.size)
-
     async def decoded_async(self, requests: AsyncIterator[_Decoded]) -> AsyncIterator[Any]:
         async for request in requests:
-            yield self.call._received(request.message, request.size)
+            yield self.call._received(*request)
 
     def decoded_sync(self, requests: Iterator[_Decoded]) -> Iterator[Any]:
         for request in requests:
-            yield self.call._received(request.message, request.size)
+            yield self.call._received(*request)
 
     def end(self, exc: BaseException | None) -> None:
         """Report the call to the sinks, once."""
@@ -264,13 +278,15 @@ def _observed(
         or handler.stream_stream
     )
     serializer = handler.response_serializer
+    reads_async = is_async_behavior(behavior)  # once, not on every call
 
     def begin(request: Any, context: Any) -> tuple[_ObservedCall, Any]:
-        observed = _ObservedCall(context, CallRecord(method, handler, context.peer()), sinks,
-                                 serializer)
+        call = CallRecord(method, streams_in, streams_out, context)
+        observed = _ObservedCall(context, call, sinks, serializer)
         if not streams_in:
-            return observed, observed.decoded(request)
-        if is_async_behavior(behavior):
+            call.request, call.bytes_in = request
+            return observed, call.request
+        if reads_async:
             return observed, observed.decoded_async(request)
         return observed, observed.decoded_sync(request)
 
