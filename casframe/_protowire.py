@@ -23,6 +23,7 @@ __all__ = [
     "Schema",
     "WireError",
     "check_message",
+    "expect_end",
     "fields",
     "read_length",
     "read_string",
@@ -30,6 +31,7 @@ __all__ = [
     "read_value",
     "read_varint",
     "skip_field",
+    "skip_unknown",
     "varint",
 ]
 
@@ -131,17 +133,10 @@ STRING = "string"
 
 def read_tag(data: bytes, pos: int, end: int) -> tuple[int, int]:
     """A field's tag (field number << 3 | wire type): at most 5 bytes, below 2**32."""
-    value = shift = 0
-    while pos < end and shift < 35:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            if value > 0xFFFF_FFFF:
-                break
-            return value, pos
-        shift += 7
-    raise WireError(CORRUPT)
+    value, pos = read_value(data, pos, end, 5)
+    if value > 0xFFFF_FFFF:
+        raise WireError(CORRUPT)
+    return value, pos
 
 
 def read_length(data: bytes, pos: int, end: int) -> tuple[int, int]:
@@ -152,10 +147,10 @@ def read_length(data: bytes, pos: int, end: int) -> tuple[int, int]:
     return value, pos
 
 
-def read_value(data: bytes, pos: int, end: int) -> tuple[int, int]:
-    """A varint value of at most 10 bytes, as an unsigned 64-bit number."""
+def read_value(data: bytes, pos: int, end: int, most: int = 10) -> tuple[int, int]:
+    """A varint value of at most ``most`` bytes, as an unsigned 64-bit number."""
     value = shift = 0
-    while pos < end and shift < 70:
+    while pos < end and shift < 7 * most:
         byte = data[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
@@ -194,6 +189,19 @@ def skip_field(data: bytes, pos: int, end: int, tag: int, depth: int) -> int:
     raise WireError(CORRUPT)  # an end-group tag with no group open, or wire type 6 or 7
 
 
+def skip_unknown(data: bytes, pos: int, limit: int, tag: int, depth: int) -> int:
+    """:func:`skip_field` for a field of a message (not of a group): field 0 is corrupt."""
+    if tag < 8:
+        raise WireError(CORRUPT)
+    return skip_field(data, pos, limit, tag, depth)
+
+
+def expect_end(pos: int, limit: int) -> None:
+    """A message read field by field must end at its limit, not past it."""
+    if pos != limit:
+        raise WireError(CORRUPT)
+
+
 def read_string(data: bytes, start: int, stop: int) -> str:
     try:
         return data[start:stop].decode()
@@ -211,12 +219,9 @@ def check_message(data: bytes, pos: int, limit: int, schema: Schema, depth: int)
     end = len(data)
     while pos < limit:
         tag, pos = read_tag(data, pos, end)
-        number = tag >> 3
-        if number == 0:
-            raise WireError(CORRUPT)
-        inner = schema.get(number)
+        inner = schema.get(tag >> 3)
         if inner is None or tag & 7 != LEN:
-            pos = skip_field(data, pos, limit, tag, depth)
+            pos = skip_unknown(data, pos, limit, tag, depth)
         elif isinstance(inner, str):
             length, pos = read_length(data, pos, end)
             read_string(data, pos, pos + length)
@@ -227,5 +232,4 @@ def check_message(data: bytes, pos: int, limit: int, schema: Schema, depth: int)
                 raise WireError(CORRUPT)
             check_message(data, pos, pos + length, inner, depth - 1)
             pos += length
-    if pos != limit:
-        raise WireError(CORRUPT)
+    expect_end(pos, limit)

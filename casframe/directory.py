@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from casframe import _messages
 from casframe._protowire import (
-    CORRUPT,
     MAX_DEPTH,
     STRING,
     Schema,
     WireError,
     check_message,
+    expect_end,
     read_length,
     read_string,
     read_tag,
     read_value,
-    skip_field,
+    skip_unknown,
     varint,
 )
 from casframe._protowire import ONE_BYTE_VARINTS as _ONE_BYTE
@@ -240,10 +240,8 @@ def _decode(
             else:
                 check_message(data, pos, stop, _NODE_PROPERTIES, MAX_DEPTH - 1)
             pos = stop
-        elif tag < 8:
-            raise WireError(CORRUPT)  # field number 0
         else:
-            pos = skip_field(data, pos, end, tag, MAX_DEPTH)
+            pos = skip_unknown(data, pos, end, tag, MAX_DEPTH)
     return files, directories, symlinks
 
 
@@ -319,12 +317,9 @@ def _file_node(data: bytes, pos: int, limit: int) -> FileEntry:
         elif tag == 0x20:
             value, pos = read_value(data, pos, end)
             executable = value != 0
-        elif tag < 8:
-            raise WireError(CORRUPT)
         else:
-            pos = skip_field(data, pos, limit, tag, _ENTRY_DEPTH)
-    if pos != limit:
-        raise WireError(CORRUPT)
+            pos = skip_unknown(data, pos, limit, tag, _ENTRY_DEPTH)
+    expect_end(pos, limit)
     return name, hash_, size, executable
 
 
@@ -342,12 +337,9 @@ def _digest(data: bytes, pos: int, limit: int, hash_: str, size: int) -> tuple[s
             size, pos = read_value(data, pos, end)
             if size >= _INT64:
                 size -= 1 << 64  # int64: two's complement
-        elif tag < 8:
-            raise WireError(CORRUPT)
         else:
-            pos = skip_field(data, pos, limit, tag, _ENTRY_DEPTH - 1)
-    if pos != limit:
-        raise WireError(CORRUPT)
+            pos = skip_unknown(data, pos, limit, tag, _ENTRY_DEPTH - 1)
+    expect_end(pos, limit)
     return hash_, size
 
 
@@ -366,12 +358,9 @@ def _directory_node(data: bytes, pos: int, limit: int) -> tuple[str, str, int]:
             length, pos = read_length(data, pos, limit)
             hash_, size = _digest(data, pos, pos + length, hash_, size)
             pos += length
-        elif tag < 8:
-            raise WireError(CORRUPT)
         else:
-            pos = skip_field(data, pos, limit, tag, _ENTRY_DEPTH)
-    if pos != limit:
-        raise WireError(CORRUPT)
+            pos = skip_unknown(data, pos, limit, tag, _ENTRY_DEPTH)
+    expect_end(pos, limit)
     return name, hash_, size
 
 
@@ -393,10 +382,7 @@ def _symlink_node(data: bytes, pos: int, limit: int) -> tuple[str, str]:
             length, pos = read_length(data, pos, limit)
             check_message(data, pos, pos + length, _NODE_PROPERTIES, _ENTRY_DEPTH - 1)
             pos += length
-        elif tag < 8:
-            raise WireError(CORRUPT)
         else:
-            pos = skip_field(data, pos, limit, tag, _ENTRY_DEPTH)
-    if pos != limit:
-        raise WireError(CORRUPT)
+            pos = skip_unknown(data, pos, limit, tag, _ENTRY_DEPTH)
+    expect_end(pos, limit)
     return name, target

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from casframe import Digest
 from casframe._messages import execution
+from casframe._protowire import varint as _varint
 from casframe.directory import parse_directory, read_directory
 from casframe.errors import CasframeError
 from casframe.treesize import node_digests
@@ -91,15 +92,6 @@ def directories(draw: st.DrawFn) -> bytes:
         draw(node_properties(node))
     draw(node_properties(directory))
     return bytes(directory.SerializeToString(deterministic=draw(st.booleans())))
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 @st.composite
