@@ -27,7 +27,7 @@ from casframe.errors import CheckoutError, UnsupportedOperationError
 from casframe.lazy import lazy_module
 from casframe.progress import NO_PROGRESS, Progress
 from casframe.spi import Capability
-from casframe.tree import load_tree, node_digest
+from casframe.tree import load_listings
 from casframe.treesize import TreeLimits
 from casframe.workers.pool import CHECKOUT_THRESHOLD_FILES, Runner, open_runner
 from casframe.workers.tasks import Copy, LinkTask, copy_files, link_files, tree_path
@@ -35,7 +35,7 @@ from casframe.workers.tasks import Copy, LinkTask, copy_files, link_files, tree_
 if TYPE_CHECKING:
     import shutil
 
-    from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
+    from casframe.directory import Listing
 else:
     shutil = lazy_module("shutil")  # only to undo a failed checkout (it brings bz2, lzma)
 
@@ -75,7 +75,7 @@ def checkout(
         raise UnsupportedOperationError(
             f"{blobs.url} has no local files to hardlink; check out with copies instead"
         )
-    directories, sizes = load_tree(
+    directories, sizes = load_listings(
         blobs, root, limits or TreeLimits(), f"tree {root}", content=True
     )
     progress.start("checkout", sizes[root].files)
@@ -129,7 +129,7 @@ def _remove_written(dest: str, created: bool) -> None:
 
 
 def _write_tree(
-    directories: dict[Digest, Directory], root: Digest, dest: str, writer: _FileWriter
+    directories: dict[Digest, Listing], root: Digest, dest: str, writer: _FileWriter
 ) -> None:
     """Create every directory and symlink, depth first, handing the files to ``writer``.
 
@@ -142,17 +142,14 @@ def _write_tree(
     while stack:
         path, digest = stack.pop()
         directory = directories[digest]
-        children = [
-            (os.path.join(path, node.name), node_digest(node.digest))
-            for node in directory.directories
-        ]
+        children = [(os.path.join(path, name), child) for name, child in directory.directories]
         current = path
         try:
             for current, _ in children:
                 os.mkdir(current)
-            for node in directory.symlinks:
-                current = os.path.join(path, node.name)
-                os.symlink(node.target, current)
+            for name, target in directory.symlinks:
+                current = os.path.join(path, name)
+                os.symlink(target, current)
         except OSError as exc:
             raise CheckoutError(tree_path(dest, current), exc) from exc
         writer.add(path, directory)
@@ -189,16 +186,15 @@ class _FileWriter:
         self.copies: list[Copy] = []
         self.copy_bytes = 0
 
-    def add(self, path: str, directory: Directory) -> None:
+    def add(self, path: str, directory: Listing) -> None:
         links: list[tuple[str, Digest]] = []
         use_links = self.use_links
-        # Every file digest of these very messages was validated (Digest.many) when load_tree
-        # measured the tree, before anything was written: not validated a second time here.
+        # Every file digest of these very listings was validated (Digest.many) when the tree
+        # was measured, before anything was written: not validated a second time here.
         trusted = Digest._trusted
-        for node in directory.files:
-            proto, name, executable = node.digest, node.name, node.is_executable
-            digest = trusted(proto.hash, proto.size_bytes)
-            if use_links and not executable and digest[1]:
+        for name, hash_, size, executable in directory.files:
+            digest = trusted(hash_, size)
+            if use_links and not executable and size:
                 links.append((name, digest))
             else:
                 self.copies.append((os.path.join(path, name), digest, executable))

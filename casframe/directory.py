@@ -12,11 +12,24 @@ out), which the tests check against protobuf itself. This is the only Directory 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from casframe import _messages
+from casframe._protowire import (
+    MAX_DEPTH,
+    STRING,
+    Schema,
+    WireError,
+    check_message,
+    expect_end,
+    read_length,
+    read_string,
+    read_tag,
+    read_value,
+    skip_unknown,
+    varint,
+)
 from casframe._protowire import ONE_BYTE_VARINTS as _ONE_BYTE
-from casframe._protowire import varint
 from casframe.digest import Digest
 from casframe.errors import CorruptBlobError, InvalidNameError, UnsafeTreeError
 from casframe.names import entry_names_are_safe, validate_entry_name
@@ -28,11 +41,14 @@ if TYPE_CHECKING:
     from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
 
 __all__ = [
+    "FileEntry",
+    "Listing",
     "directory_entry",
     "file_entry",
     "is_canonical",
     "node_digest",
     "parse_directory",
+    "read_directory",
     "symlink_entry",
 ]
 
@@ -44,7 +60,17 @@ def parse_directory(digest: Digest, data: bytes) -> Directory:
         directory.ParseFromString(data)
     except _messages.DecodeError as exc:
         raise CorruptBlobError(digest, f"not a Directory message: {exc}") from None
-    names = [node.name for group in _groups(directory) for node in group]
+    _check_entries(
+        digest,
+        [node.name for group in _groups(directory) for node in group],
+        [(link.name, link.target) for link in directory.symlinks],
+    )
+    return directory
+
+
+def _check_entries(digest: Digest, names: list[str], links: list[tuple[str, str]]) -> None:
+    """Every name a safe single segment, none twice; every symlink target one a file system
+    can hold."""
     if len(set(names)) != len(names) or not entry_names_are_safe(names):
         seen: set[str] = set()
         for name in names:
@@ -55,14 +81,13 @@ def parse_directory(digest: Digest, data: bytes) -> Directory:
             if name in seen:
                 raise UnsafeTreeError(f"directory {digest}: duplicate name {name!r}")
             seen.add(name)
-    for link in directory.symlinks:
-        if not link.target or "\x00" in link.target:
+    for name, target in links:
+        if not target or "\x00" in target:
             # No file system can hold it: checkout would fail half-way, with files written.
             raise UnsafeTreeError(
-                f"directory {digest}: symlink {link.name!r} has an impossible target "
-                f"{link.target!r} (empty or with a NUL character)"
+                f"directory {digest}: symlink {name!r} has an impossible target "
+                f"{target!r} (empty or with a NUL character)"
             )
-    return directory
 
 
 def _groups(directory: Directory) -> tuple[Any, Any, Any]:
@@ -136,3 +161,228 @@ def symlink_entry(name: bytes, target: bytes) -> bytes:
     if target:
         body += _length_delimited(b"\x12", target)
     return _length_delimited(b"\x1a", body)
+
+
+# -- decoding without protobuf ----------------------------------------------------------------
+
+#: A file of a Directory as :func:`read_directory` gives it: name, hash, size, executable.
+FileEntry = tuple[str, str, int, bool]
+
+
+class Listing(NamedTuple):
+    """A Directory's entries, decoded without protobuf, in the message's order.
+
+    ``directories`` hold validated digests; the files' hashes and sizes are as stored (the
+    tree is measured, and they are validated, before anything is written).
+    """
+
+    files: list[FileEntry]
+    directories: list[tuple[str, Digest]]
+    symlinks: list[tuple[str, str]]
+
+
+#: NodeProperties (Directory field 5, FileNode's 6, SymlinkNode's 4): checkout keeps none of
+#: it, but protobuf refuses a Directory whose properties are malformed, and so does this.
+#: Fields: properties (NodeProperty{name, value}), mtime (Timestamp), unix_mode (UInt32Value).
+_NODE_PROPERTIES: Schema = {1: {1: STRING, 2: STRING}, 2: {}, 3: {}}
+_PARSE_ERROR = "Error parsing message with type 'build.bazel.remote.execution.v2.Directory': "
+_INT64 = 1 << 63
+
+
+def read_directory(digest: Digest, data: bytes) -> Listing:
+    """What :func:`parse_directory` reads of a Directory blob, without protobuf: the same
+    entries, the same errors for the same bytes (``tests/test_directory_decoder.py``)."""
+    try:
+        files, directories, symlinks = _decode(bytes(data))
+    except WireError as exc:
+        raise CorruptBlobError(
+            digest, f"not a Directory message: {_PARSE_ERROR}{exc}"
+        ) from None
+    _check_entries(
+        digest,
+        [f[0] for f in files] + [d[0] for d in directories] + [s[0] for s in symlinks],
+        symlinks,
+    )
+    children = Digest.many([d[1] for d in directories], [d[2] for d in directories])
+    return Listing(files, [(d[0], c) for d, c in zip(directories, children, strict=True)],
+                   symlinks)
+
+
+def _decode(
+    data: bytes,
+) -> tuple[list[FileEntry], list[tuple[str, str, int]], list[tuple[str, str]]]:
+    files: list[FileEntry] = []
+    directories: list[tuple[str, str, int]] = []
+    symlinks: list[tuple[str, str]] = []
+    pos, end = 0, len(data)
+    add_file = files.append
+    while pos < end:
+        tag = data[pos]
+        if tag == 0x0A and pos + 1 < end and data[pos + 1] < 0x80:  # a file, as written
+            stop = pos + 2 + data[pos + 1]
+            if stop <= end and (entry := _canonical_file(data, pos + 2, stop)) is not None:
+                add_file(entry)
+                pos = stop
+                continue
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = read_tag(data, pos, end)
+        if tag == 0x0A or tag == 0x12 or tag == 0x1A or tag == 0x2A:  # fields 1, 2, 3, 5: LEN
+            length, pos = read_length(data, pos, end)
+            stop = pos + length
+            if tag == 0x0A:
+                files.append(_canonical_file(data, pos, stop) or _file_node(data, pos, stop))
+            elif tag == 0x12:
+                directories.append(_directory_node(data, pos, stop))
+            elif tag == 0x1A:
+                symlinks.append(_symlink_node(data, pos, stop))
+            else:
+                check_message(data, pos, stop, _NODE_PROPERTIES, MAX_DEPTH - 1)
+            pos = stop
+        else:
+            pos = skip_unknown(data, pos, end, tag, MAX_DEPTH)
+    return files, directories, symlinks
+
+
+def _canonical_file(data: bytes, pos: int, limit: int) -> FileEntry | None:
+    """A FileNode in the layout :func:`file_entry` and protobuf write for a 64-digit hash and a
+    size below 2**14, read at a glance; None for any other bytes (read by :func:`_file_node`).
+
+    ``\\n`` NAME-LENGTH NAME ``\\x12`` DIGEST-LENGTH ``\\n@`` HASH ``\\x10`` SIZE
+    [``\\x20\\x01``]: every length must match, so these bytes decode to exactly this entry.
+    """
+    if limit - pos < 72 or data[pos] != 0x0A:
+        return None
+    start = pos + 2
+    at = start + data[pos + 1]  # where the digest field starts, if the name's length is a byte
+    if at + 70 > limit or data[at] != 0x12 or data[at + 2 : at + 4] != b"\n@":
+        return None
+    if data[pos + 1] >= 0x80 or data[at + 68] != 0x10:
+        return None
+    size = data[at + 69]
+    after = at + 70
+    if size >= 0x80:
+        high = data[after] if after < limit else 0x80
+        if high >= 0x80:
+            return None
+        size = (size & 0x7F) | high << 7
+        after += 1
+    if after != at + 2 + data[at + 1]:  # the digest's length (68 or 69: one byte)
+        return None
+    if after == limit:
+        executable = False
+    elif after + 2 == limit and data[after] == 0x20 and data[after + 1] == 1:
+        executable = True
+    else:
+        return None
+    try:
+        return data[start:at].decode(), data[at + 4 : at + 68].decode(), size, executable
+    except UnicodeDecodeError:
+        return None
+
+
+# Each entry is one level below the Directory: its fields may nest MAX_DEPTH - 1 more levels.
+_ENTRY_DEPTH = MAX_DEPTH - 1
+# How protobuf reads an entry (measured on it): its tags and strings may run past the entry's
+# end into the bytes after it (a string is then still checked for UTF-8, and the Directory is
+# corrupt); its submessages may not. So tags and strings are read up to the end of the data,
+# and the entry must end exactly at its limit.
+
+
+def _file_node(data: bytes, pos: int, limit: int) -> FileEntry:
+    """FileNode{name=1, digest=2, is_executable=4, node_properties=6}."""
+    name = hash_ = ""
+    size = 0
+    executable = False
+    end = len(data)
+    while pos < limit:
+        tag = data[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = read_tag(data, pos, end)
+        if tag == 0x0A:
+            length, pos = read_length(data, pos, end)
+            name = read_string(data, pos, pos + length)
+            pos += length
+        elif tag == 0x12 or tag == 0x32:
+            length, pos = read_length(data, pos, limit)
+            stop = pos + length
+            if tag == 0x12:
+                hash_, size = _digest(data, pos, stop, hash_, size)
+            else:
+                check_message(data, pos, stop, _NODE_PROPERTIES, _ENTRY_DEPTH - 1)
+            pos = stop
+        elif tag == 0x20:
+            value, pos = read_value(data, pos, end)
+            executable = value != 0
+        else:
+            pos = skip_unknown(data, pos, limit, tag, _ENTRY_DEPTH)
+    expect_end(pos, limit)
+    return name, hash_, size, executable
+
+
+def _digest(data: bytes, pos: int, limit: int, hash_: str, size: int) -> tuple[str, int]:
+    """Digest{hash=1, size_bytes=2} merged into ``hash_`` and ``size``, as protobuf merges a
+    message field given more than once."""
+    end = len(data)
+    while pos < limit:
+        tag, pos = read_tag(data, pos, end)
+        if tag == 0x0A:
+            length, pos = read_length(data, pos, end)
+            hash_ = read_string(data, pos, pos + length)
+            pos += length
+        elif tag == 0x10:
+            size, pos = read_value(data, pos, end)
+            if size >= _INT64:
+                size -= 1 << 64  # int64: two's complement
+        else:
+            pos = skip_unknown(data, pos, limit, tag, _ENTRY_DEPTH - 1)
+    expect_end(pos, limit)
+    return hash_, size
+
+
+def _directory_node(data: bytes, pos: int, limit: int) -> tuple[str, str, int]:
+    """DirectoryNode{name=1, digest=2}."""
+    name = hash_ = ""
+    size = 0
+    end = len(data)
+    while pos < limit:
+        tag, pos = read_tag(data, pos, end)
+        if tag == 0x0A:
+            length, pos = read_length(data, pos, end)
+            name = read_string(data, pos, pos + length)
+            pos += length
+        elif tag == 0x12:
+            length, pos = read_length(data, pos, limit)
+            hash_, size = _digest(data, pos, pos + length, hash_, size)
+            pos += length
+        else:
+            pos = skip_unknown(data, pos, limit, tag, _ENTRY_DEPTH)
+    expect_end(pos, limit)
+    return name, hash_, size
+
+
+def _symlink_node(data: bytes, pos: int, limit: int) -> tuple[str, str]:
+    """SymlinkNode{name=1, target=2, node_properties=4}."""
+    name = target = ""
+    end = len(data)
+    while pos < limit:
+        tag, pos = read_tag(data, pos, end)
+        if tag == 0x0A or tag == 0x12:
+            length, pos = read_length(data, pos, end)
+            text = read_string(data, pos, pos + length)
+            pos += length
+            if tag == 0x0A:
+                name = text
+            else:
+                target = text
+        elif tag == 0x22:
+            length, pos = read_length(data, pos, limit)
+            check_message(data, pos, pos + length, _NODE_PROPERTIES, _ENTRY_DEPTH - 1)
+            pos += length
+        else:
+            pos = skip_unknown(data, pos, limit, tag, _ENTRY_DEPTH)
+    expect_end(pos, limit)
+    return name, target

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import errno
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from casframe.blobs import VerifiedBlobs
 from casframe.digest import Digest
-from casframe.directory import is_canonical, node_digest, parse_directory
+from casframe.directory import Listing, is_canonical, node_digest, parse_directory, read_directory
 from casframe.errors import CasframeError
 from casframe.lazy import lazy_module
 from casframe.names import split_tree_path
-from casframe.treesize import TreeLimits, TreeSize, measure_tree, node_digests
+from casframe.treesize import TreeLimits, TreeSize, measure_listings, measure_tree, node_digests
 
 if TYPE_CHECKING:
     from casframe import treeimport
@@ -37,8 +37,10 @@ __all__ = [
     "directory_entries",
     "import_directory",
     "is_canonical",
+    "iter_listings",
     "iter_tree",
     "list_directory",
+    "load_listings",
     "load_tree",
     "lookup_file",
     "lookup_subdir",
@@ -50,6 +52,7 @@ __all__ = [
 ]
 
 EntryKind = Literal["file", "directory", "symlink"]
+_D = TypeVar("_D")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,24 @@ def iter_tree(blobs: VerifiedBlobs, root: Digest) -> Iterator[tuple[Digest, byte
     Directories the backend's ``get_tree`` fast path supplies up front (REAPI's GetTree: the
     whole tree in a few streamed pages) are not read again; the rest are read level by level.
     """
+    return _iter_decoded(
+        blobs, root, parse_directory, lambda directory: node_digests(directory.directories)
+    )
+
+
+def iter_listings(blobs: VerifiedBlobs, root: Digest) -> Iterator[tuple[Digest, bytes, Listing]]:
+    """:func:`iter_tree` without protobuf: each Directory as a :class:`Listing`."""
+    return _iter_decoded(
+        blobs, root, read_directory, lambda listing: [child for _, child in listing.directories]
+    )
+
+
+def _iter_decoded(
+    blobs: VerifiedBlobs,
+    root: Digest,
+    decode: Callable[[Digest, bytes], _D],
+    children: Callable[[_D], list[Digest]],
+) -> Iterator[tuple[Digest, bytes, _D]]:
     known = _prefetch_tree(blobs, root)
     seen = {root}
     level = [root]
@@ -86,9 +107,9 @@ def iter_tree(blobs: VerifiedBlobs, root: Digest) -> Iterator[tuple[Digest, byte
         supplied = {d for d, _ in found}
         rest = [d for d in level if d not in supplied]
         for digest, data in itertools.chain(found, blobs.read_many(rest)):
-            directory = parse_directory(digest, data)
+            directory = decode(digest, data)
             yield digest, data, directory
-            for child in node_digests(directory.directories):
+            for child in children(directory):
                 if child not in seen:
                     seen.add(child)
                     next_level.append(child)
@@ -212,6 +233,17 @@ def load_tree(
     sizes = measure_tree(directories, root)
     limits.check(sizes[root], what, content=content)
     return directories, sizes
+
+
+def load_listings(
+    blobs: VerifiedBlobs, root: Digest, limits: TreeLimits, what: str, *, content: bool = False
+) -> tuple[dict[Digest, Listing], dict[Digest, TreeSize]]:
+    """:func:`load_tree` without protobuf (for checkout): the same checks, in the same order,
+    with each Directory as a :class:`Listing`."""
+    listings = {digest: listing for digest, _, listing in iter_listings(blobs, root)}
+    sizes = measure_listings(listings, root)
+    limits.check(sizes[root], what, content=content)
+    return listings, sizes
 
 
 def walk(

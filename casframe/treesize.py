@@ -10,11 +10,12 @@ reading the little it stores. This module only computes; it reads and writes not
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from casframe.digest import Digest
+from casframe.directory import Listing
 from casframe.errors import ConfigError, TreeTooLargeError, UnsafeTreeError
 from casframe.units import parse_size
 
@@ -27,6 +28,7 @@ __all__ = [
     "TREE_LIMIT_OPTIONS",
     "TreeLimits",
     "TreeSize",
+    "measure_listings",
     "measure_tree",
     "node_digests",
 ]
@@ -132,16 +134,45 @@ def measure_tree(
     visit per distinct Directory. Python integers do not overflow: the size of a bomb is exact.
     ``sizes`` (filled in and returned) may hold sizes already known, from an earlier call.
     """
-    sizes = {} if sizes is None else sizes
+
+    def own(digest: Digest) -> TreeSize:
+        directory = directories[digest]
+        files = len(directory.files)
+        entries = files + len(directory.directories) + len(directory.symlinks)
+        return TreeSize(entries, files, sum(f.size for f in node_digests(directory.files)))
+
+    return _measure(root, {} if sizes is None else sizes, own,
+                    lambda digest: node_digests(directories[digest].directories))
+
+
+def measure_listings(listings: Mapping[Digest, Listing], root: Digest) -> dict[Digest, TreeSize]:
+    """:func:`measure_tree` of Directories decoded as :class:`~casframe.directory.Listing`
+    (file digests validated as there, children already validated by the decoder)."""
+
+    def own(digest: Digest) -> TreeSize:
+        files, directories, symlinks = listings[digest]
+        content = sum(
+            f.size for f in Digest.many([f[1] for f in files], [f[2] for f in files])
+        )
+        return TreeSize(len(files) + len(directories) + len(symlinks), len(files), content)
+
+    return _measure(root, {}, own,
+                    lambda digest: [child for _, child in listings[digest].directories])
+
+
+def _measure(
+    root: Digest,
+    sizes: dict[Digest, TreeSize],
+    own: Callable[[Digest], TreeSize],
+    children_of_digest: Callable[[Digest], list[Digest]],
+) -> dict[Digest, TreeSize]:
     children_of: dict[Digest, list[Digest]] = {}  # of the Directories being sized
     stack: list[tuple[Digest, bool]] = [(root, False)]
     while stack:
         digest, children_done = stack.pop()
         if children_done:
-            directory = directories[digest]
-            entries = len(directory.files) + len(directory.directories) + len(directory.symlinks)
-            files = len(directory.files)
-            content = sum(file.size for file in node_digests(directory.files))
+            mine = own(digest)
+            entries, files, content = mine.entries, mine.files, mine.bytes
             for child in children_of.pop(digest):  # each name counts, repeated or not
                 below = sizes[child]
                 entries += below.entries
@@ -155,7 +186,7 @@ def measure_tree(
             # Content addressing makes a cycle impossible in verified blobs; refuse it anyway
             # rather than loop, should a Directory ever reach here unverified.
             raise UnsafeTreeError(f"directory {digest} contains itself")
-        children = children_of[digest] = node_digests(directories[digest].directories)
+        children = children_of[digest] = children_of_digest(digest)
         stack.append((digest, True))
         stack.extend((child, False) for child in set(children) if child not in sizes)
     return sizes

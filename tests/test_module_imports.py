@@ -107,3 +107,38 @@ def test_the_store_and_its_algorithms_load_without_protobuf() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_a_checkout_loads_no_protobuf(tmp_path: Path) -> None:
+    """A whole checkout (reading, measuring and writing a tree of files, directories and
+    symlinks) decodes its Directories without protobuf (:func:`casframe.directory.read_directory`):
+    the generated modules cost a `casframe checkout` more than reading the whole tree."""
+    source = tmp_path / "source"
+    (source / "sub" / "deeper").mkdir(parents=True)
+    (source / "a.txt").write_text("a")
+    (source / "sub" / "run.sh").write_text("#!/bin/sh\n")
+    (source / "sub" / "run.sh").chmod(0o755)
+    (source / "sub" / "deeper" / "b").write_text("b")
+    (source / "link").symlink_to("a.txt")
+    store = f"file://{tmp_path / 'store'}"
+    code = (
+        "import sys, casframe\n"
+        f"with casframe.open_store({store!r}) as store:\n"
+        f"    root = store.import_directory({str(source)!r}, stat_cache=False)\n"
+        "    before = [m for m in sys.modules if m.startswith(('google', 'casframe._protos'))]\n"
+        "    for module in before:\n"
+        "        del sys.modules[module]\n"
+        "    import casframe._messages as messages\n"
+        "    for name in list(vars(messages)):\n"
+        "        if name in messages._MODULES or name == 'DecodeError':\n"
+        "            delattr(messages, name)\n"
+        f"    store.checkout(root, {str(tmp_path / 'out')!r}, jobs=1)\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('google', 'casframe._protos')))\n"
+        "print(loaded)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]"
+    assert (tmp_path / "out" / "sub" / "deeper" / "b").read_text() == "b"
+    assert (tmp_path / "out" / "link").readlink() == Path("a.txt")

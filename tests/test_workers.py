@@ -486,3 +486,23 @@ def test_helpers_hash_with_the_function_of_the_store_they_serve(
     # What the helpers stored is the function's store; no SHA-256 store was even made.
     assert (tmp_path / "store" / "digest" / function / "objects").is_dir()
     assert sorted(os.listdir(tmp_path / "store")) == ["digest"]
+
+
+def test_stopping_helpers_waits_for_their_exit_without_polling(
+    local_store: Store, tmp_path: Path, spawned: list[subprocess.Popen[Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Shutting a pool down waits on each helper's pidfd: ``Popen.wait`` with a timeout
+    polls, sleeping up to 50 ms between looks, which a whole `casframe checkout` paid."""
+    (tmp_path / "a").write_bytes(b"hello")
+    workers = pool.WorkerPool(*local_store.blobs.worker_spec(), jobs=2)
+    try:
+        workers.submit(import_files, [str(tmp_path / "a")]).result()
+    finally:
+        slept: list[float] = []
+        monkeypatch.setattr(subprocess.time, "sleep", slept.append)  # what Popen.wait polls with
+        workers.shutdown(cancel=False)
+        monkeypatch.undo()
+    assert slept == []
+    assert len(spawned) == 2
+    assert_gone(spawned)

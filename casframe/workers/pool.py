@@ -41,6 +41,7 @@ from casframe.workers.settings import CHECKOUT_THRESHOLD_FILES, IMPORT_THRESHOLD
 # the threshold) does not pay for subprocess, signal, pickle and the import machinery.
 if TYPE_CHECKING:
     import importlib.util as importlib_util
+    import select
     import signal
     import subprocess
 
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from casframe.workers import protocol
 else:
     importlib_util = lazy_module("importlib.util")
+    select = lazy_module("select")
     signal = lazy_module("signal")
     subprocess = lazy_module("subprocess")
     protocol = lazy_module("casframe.workers.protocol")
@@ -195,12 +197,34 @@ class _Helper:
             with contextlib.suppress(OSError):
                 self.process.kill()
         try:
-            self.process.wait(timeout=_EXIT_GRACE_S)
+            _wait_exit(self.process, _EXIT_GRACE_S)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
         with contextlib.suppress(OSError):
             self.replies.close()
+
+
+def _wait_exit(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait for ``process`` to exit, at most ``timeout`` seconds (then TimeoutExpired).
+
+    ``Popen.wait(timeout)`` polls, sleeping up to 50 ms between looks: a helper that exits
+    a moment after a look costs its parent that long (a whole ``casframe checkout`` lost
+    0.1-0.2 s so). A pidfd (Linux 5.3+) becomes readable the moment the process exits.
+    """
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is not None:
+        try:
+            fd = pidfd_open(process.pid)
+        except OSError:  # exited and reaped already, or pidfds not allowed here
+            pass
+        else:
+            try:
+                select.select([fd], [], [], timeout)
+            finally:
+                os.close(fd)
+            timeout = 0  # exited (reaped at once), or the grace is spent
+    process.wait(timeout=timeout)
 
 
 def _block_sigint() -> set[int | signal.Signals] | None:
