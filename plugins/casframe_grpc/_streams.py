@@ -8,7 +8,7 @@ import queue
 import tempfile
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import TYPE_CHECKING, cast
 
 import grpc
@@ -211,7 +211,10 @@ class StreamingWriter(BlobWriter):
                 return
             message, last = cast("tuple[bytes | _Piece, bool]", item)
             if isinstance(message, _Piece):  # compressed: wait for its frame, in order
-                payload = message.frame.result()
+                try:
+                    payload = message.frame.result()
+                except CancelledError:
+                    return  # aborted: the call is cancelled already
                 self._stats.sent(message.content, len(payload))
                 message = self._framed(payload, finish_write=last)
             yield message
