@@ -41,8 +41,9 @@ COMPRESSIONS = ("none", ZSTD)
 _LEAST_SAVING = 16
 # Threads compressing the messages of ByteStream uploads (zstd releases the GIL while it works):
 # one a core, so that an upload's pieces compress on every core while its own thread reads and
-# hashes the next ones.
-_COMPRESS_THREADS = max(1, min(4, os.cpu_count() or 1))
+# hashes the next ones. 0: compressed where they are cut (what bench/zstd_bench.py's
+# --compare-inline measures against).
+COMPRESS_THREADS = max(1, min(4, os.cpu_count() or 1))
 # Batch entries at least this large are compressed in those threads; smaller ones where they
 # are packed: handing one over costs tens of microseconds, about what compressing 10 KiB does.
 _COMPRESS_APART = 64 << 10
@@ -82,21 +83,27 @@ class Compressing:
     interpreter's lock while it works, so content compresses there, on every core, while the
     thread that handed it over goes on reading and hashing what comes next."""
 
-    def __init__(self, level: int = DEFAULT_LEVEL) -> None:
+    def __init__(self, level: int = DEFAULT_LEVEL, threads: int | None = None) -> None:
         self.level = level
+        #: How many threads (0: none, content is compressed when handed over).
+        self.threads = COMPRESS_THREADS if threads is None else threads
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     def frame(self, data: bytes | bytearray | memoryview) -> Future[bytes]:
         """``data`` as one zstd frame (recording its size), to come; ``data`` must not change
         until it is there."""
+        if not self.threads:
+            done: Future[bytes] = Future()
+            done.set_result(compress(data, self.level))
+            return done
         pool = self._pool
         if pool is None:
             with self._lock:
                 pool = self._pool
                 if pool is None:
                     pool = self._pool = ThreadPoolExecutor(
-                        max_workers=_COMPRESS_THREADS, thread_name_prefix="casframe-zstd"
+                        max_workers=self.threads, thread_name_prefix="casframe-zstd"
                     )
         return pool.submit(compress, data, self.level)
 
@@ -131,7 +138,7 @@ class Codec:
     def pack_later(self, data: bytes) -> Future[bytes] | None:
         """The start of :meth:`pack` for a batch entry of 64 KiB or more: its frame, compressed
         meanwhile; None for any other entry."""
-        if self.compressed and len(data) >= _COMPRESS_APART:
+        if self.compressed and self.compressing.threads and len(data) >= _COMPRESS_APART:
             return self.compress_later(data)
         return None
 

@@ -251,7 +251,8 @@ class StreamingWriter(BlobWriter):
             # Compressed later, in another thread: it needs content that stays as it is (a
             # caller may refill its buffer once write returns), copied unless immutable.
             owned = chunk
-            if isinstance(chunk, memoryview) and not isinstance(chunk.obj, bytes):
+            if (isinstance(chunk, memoryview) and not isinstance(chunk.obj, bytes)
+                    and self._codec.compressing.threads):
                 owned = bytes(chunk)
             self._held = _Piece(self._codec.compress_later(owned), len(chunk))
             return
