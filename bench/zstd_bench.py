@@ -20,7 +20,10 @@ of the bytes of the plain one, at a speed of at least 0.8 times (its wall time a
 times). Beside the verdict it prints the ratio of the CPU seconds (client plus server,
 medians), which the machine's load moves far less than the wall times: on two cores shared by
 client and server, it is what bounds the speed ratio on an idle machine. ``--quick`` is a
-smaller run (32 MiB, 2 pairs), noisier than the default one. Results go to
+smaller run (32 MiB, 2 pairs), noisier than the default one. ``--compare-inline`` adds a
+third push to each repetition (the three in turn, each first in a third of them): compressed,
+but with the client's compressing threads off (each piece compressed in the thread that cuts
+it, as before they existed), and prints its ratios too. Results go to
 DIR/<time>-zstd/results.json.
 """
 
@@ -86,8 +89,13 @@ def warm(folder: Path) -> None:
 
 
 def push(source: Any, root: Any, work: Path, name: str, query: str, log: Path) -> dict[str, Any]:
+    import casframe_grpc._compression as client_compression
+
     from casframe import open_store
 
+    threads = client_compression.COMPRESS_THREADS
+    if name.startswith("server-inline"):
+        client_compression.COMPRESS_THREADS = 0
     served = Served(casframe_server(work / name), log)
     try:
         os.sync()  # untimed: earlier pushes' dirty pages are not written during this one
@@ -102,6 +110,7 @@ def push(source: Any, root: Any, work: Path, name: str, query: str, log: Path) -
             client_cpu = time.process_time() - cpu
         server_cpu = served.cpu_s() - server_before
     finally:
+        client_compression.COMPRESS_THREADS = threads
         served.stop()
     return {"seconds": seconds, "content_bytes": wire.content_sent, "wire_bytes": wire.wire_sent,
             "blobs_sent": result.blobs_sent, "client_cpu_s": client_cpu,
@@ -117,6 +126,8 @@ def main() -> None:
                         help="a smaller run: 32 MiB and 2 pairs unless given")
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument("--keep", action="store_true", help="keep the tree and the stores")
+    parser.add_argument("--compare-inline", action="store_true",
+                        help="also push compressed without the client's compressing threads")
     args = parser.parse_args()
     args.size = args.size or (32 if args.quick else 96)
     args.repeat = args.repeat or (2 if args.quick else 6)
@@ -131,13 +142,19 @@ def main() -> None:
     load_before = os.getloadavg()
     print("tree:", ", ".join(f"{k} {v['files']} files {v['bytes'] / MiB:.1f} MiB"
                              for k, v in kinds.items()), flush=True)
-    runs: dict[str, list[dict[str, Any]]] = {"plain": [], "zstd": []}
+    order = [("plain", ""), ("zstd", "?compression=zstd")]
+    if args.compare_inline:
+        order.append(("inline", "?compression=zstd"))
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode, _ in order}
     try:
         with open_store(f"file://{work / 'source'}") as source:
             root = source.import_directory(work / "tree")
             for rep in range(args.repeat):
-                order = [("plain", ""), ("zstd", "?compression=zstd")]
-                for mode, query in order if rep % 2 == 0 else order[::-1]:
+                # Each mode goes first in turn (two modes: A B, B A, ...).
+                turn = rep % len(order)
+                ordered = order[turn:] + order[:turn] if len(order) > 2 else (
+                    order if rep % 2 == 0 else order[::-1])
+                for mode, query in ordered:
                     outcome = push(source, root, work, f"server-{mode}-{rep}", query, log)
                     runs[mode].append(outcome)
                     print(f"{rep} {mode:5} {outcome['seconds']:6.2f} s  "
@@ -176,6 +193,18 @@ def main() -> None:
           f" {speed_ratio:.2f}x (target >= {_SPEED_TARGET}x) "
           f"{'met' if speed_ratio >= _SPEED_TARGET else 'MISSED'}")
     print(f"CPU seconds, zstd / plain (client + server, medians): {cpu_ratio:.2f}x")
+    if args.compare_inline:
+        inline = [p["seconds"] / i["seconds"] for p, i in zip(runs["plain"], runs["inline"],
+                                                             strict=True)]
+        threaded = [i["seconds"] / z["seconds"] for i, z in zip(runs["inline"], runs["zstd"],
+                                                               strict=True)]
+        summary["inline_speed_ratio"] = statistics.median(inline)
+        summary["threads_over_inline_speed_ratio"] = statistics.median(threaded)
+        (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+        print(f"without compressing threads: speed, zstd / plain (pairs "
+              f"{', '.join(f'{r:.2f}' for r in inline)}): {statistics.median(inline):.2f}x; "
+              f"CPU {cpu['inline'] / cpu['plain']:.2f}x; with threads / without: speed "
+              f"{statistics.median(threaded):.2f}x")
     print(f"load average at the start: {load_before[0]:.1f} {load_before[1]:.1f} "
           f"{load_before[2]:.1f}; at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; "
           f"results in {run_dir / 'results.json'}")

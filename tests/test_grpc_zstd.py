@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import casframe_grpc._compression as client_compression
 import grpc
 import pytest
 import zstandard
@@ -126,6 +127,35 @@ def test_uploads_send_each_piece_as_a_zstd_frame_of_its_own() -> None:
     empty = ZstdFrames().finish()
     assert zstandard.frame_content_size(empty) == 0
     assert b"".join(decode_chunks([empty], limit=0, what="nothing")) == b""
+
+
+@pytest.mark.parametrize("threads", [None, 0])
+def test_an_upload_from_a_buffer_refilled_after_each_write_arrives_whole(
+    remote: Callable[[str], Store], server_store: Store, threads: int | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Uploads compress their pieces in other threads while the writer goes on: a piece must
+    # be taken as it was when written, though the caller refills its buffer at once. Without
+    # those threads (0), each is compressed as it is written.
+    if threads is not None:
+        monkeypatch.setattr(client_compression, "COMPRESS_THREADS", threads)
+    zstd = remote("?compression=zstd")
+    assert zstd.blobs.streams.compressing.threads == (  # type: ignore[attr-defined]
+        client_compression.COMPRESS_THREADS)
+    pieces = [(b"piece %d of a blob that compresses well; " % n * 30_000)[:MiB]
+              for n in range(5)]  # whole messages' worth: not copied into a buffer of its own
+    content = b"".join(pieces)
+    digest = Digest.of_bytes(content)
+    buffer = bytearray()
+    upload = zstd.open_upload(digest)
+    for piece in pieces:
+        buffer[:] = piece
+        upload.write(memoryview(buffer))
+    buffer[:] = b"x" * len(buffer)
+    upload.commit()
+    assert server_store.read_bytes(digest) == content
+    wire = zstd.blobs.wire  # type: ignore[attr-defined]
+    assert wire.content_sent == len(content) > 20 * wire.wire_sent
 
 
 def test_the_saving_is_logged_when_the_store_closes(

@@ -321,6 +321,40 @@ def test_decoding_stops_as_soon_as_output_passes_the_limit() -> None:
     assert max(received) <= 256 << 10
 
 
+def test_whole_frames_are_decoded_in_one_call_and_anything_else_streamed() -> None:
+    data = compressible(3 * MiB + 5, seed=12)
+    pieces = [data[start : start + MiB] for start in range(0, len(data), MiB)]
+    frames = [zstandard.ZstdCompressor(level=1).compress(piece) for piece in pieces]
+    checked = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(pieces[0])
+    two = frames[0] + frames[1]
+    for label, sent, whole in [
+        ("a frame a message, as casframe's uploads", frames, [MiB, MiB, MiB, 5]),
+        ("with checksums", [checked, *frames[1:]], [MiB, MiB, MiB, 5]),
+        ("two frames in one message", [two, *frames[2:]], []),
+        ("a frame cut across messages", [frames[0][:999], frames[0][999:], *frames[1:]], []),
+        ("streamed from the first message that is not one frame",
+         [frames[0], frames[1] + frames[2][:500], frames[2][500:], frames[3]], [MiB]),
+    ]:
+        received: list[bytes] = []
+        decoder = ZstdDecoder(received.append, limit=len(data), what=label)
+        for message in sent:
+            decoder.write(memoryview(message))
+        assert b"".join(received) == data, label
+        assert decoder.decoded == len(data), label
+        # Whole frames were handed on whole; streamed output in pieces of 256 KiB at most.
+        assert [len(r) for r in received[: len(whole)]] == whole, label
+        assert all(len(r) <= 256 << 10 for r in received[len(whole) :]), label
+
+
+def test_a_whole_frame_declaring_more_than_may_come_is_streamed_and_refused() -> None:
+    frame = zstandard.ZstdCompressor(level=1).compress(bytes(MiB))
+    received: list[int] = []
+    decoder = ZstdDecoder(lambda piece: received.append(len(piece)), limit=1000, what="it")
+    with pytest.raises(CompressedDataError, match="decodes to more than the 1000 bytes"):
+        decoder.write(frame)
+    assert sum(received) <= 1000
+
+
 def test_truncated_compressed_upload_is_refused(served: Served) -> None:
     data = compressible(3 * MiB, seed=10)
     digest = Digest.of_bytes(data)

@@ -13,15 +13,16 @@ backend logs it at debug level when it closes, and ``GrpcBlobStore.wire`` holds 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from casframe import CompressedDataError, CorruptBlobError, Digest
 from casframe.compression import (
     DEFAULT_LEVEL,
     ZSTD,
-    ZstdFrames,
     compress,
     compressor_name,
     decode_chunks,
@@ -29,7 +30,7 @@ from casframe.compression import (
 )
 from casframe.reapi import remote_execution as reapi
 
-__all__ = ["COMPRESSIONS", "Codec", "WireStats", "negotiate"]
+__all__ = ["COMPRESSIONS", "Codec", "Compressing", "WireStats", "negotiate"]
 
 log = logging.getLogger("casframe.grpc")
 
@@ -38,6 +39,14 @@ COMPRESSIONS = ("none", ZSTD)
 # A batch entry is sent compressed only when that saves at least this many bytes: below it the
 # compressor field and the server's decoding cost more than they save.
 _LEAST_SAVING = 16
+# Threads compressing the messages of ByteStream uploads (zstd releases the GIL while it works):
+# one a core, so that an upload's pieces compress on every core while its own thread reads and
+# hashes the next ones. 0: compressed where they are cut (what bench/zstd_bench.py's
+# --compare-inline measures against).
+COMPRESS_THREADS = max(1, min(4, os.cpu_count() or 1))
+# Batch entries at least this large are compressed in those threads; smaller ones where they
+# are packed: handing one over costs tens of microseconds, about what compressing 10 KiB does.
+_COMPRESS_APART = 64 << 10
 
 
 @dataclass
@@ -69,32 +78,69 @@ class WireStats:
                 f"{one('received', self.content_received, self.wire_received)}")
 
 
-class _Identity:
-    """An encoder that leaves the content as it is."""
+class Compressing:
+    """The threads one store compresses in, started when first needed: zstd releases the
+    interpreter's lock while it works, so content compresses there, on every core, while the
+    thread that handed it over goes on reading and hashing what comes next."""
 
-    def encode(self, data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
-        return data
+    def __init__(self, level: int = DEFAULT_LEVEL, threads: int | None = None) -> None:
+        self.level = level
+        #: How many threads (0: none, content is compressed when handed over).
+        self.threads = COMPRESS_THREADS if threads is None else threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
 
-    def finish(self) -> bytes:
-        return b""
+    def frame(self, data: bytes | bytearray | memoryview) -> Future[bytes]:
+        """``data`` as one zstd frame (recording its size), to come; ``data`` must not change
+        until it is there."""
+        if not self.threads:
+            done: Future[bytes] = Future()
+            done.set_result(compress(data, self.level))
+            return done
+        pool = self._pool
+        if pool is None:
+            with self._lock:
+                pool = self._pool
+                if pool is None:
+                    pool = self._pool = ThreadPoolExecutor(
+                        max_workers=self.threads, thread_name_prefix="casframe-zstd"
+                    )
+        return pool.submit(compress, data, self.level)
+
+    def close(self) -> None:
+        """Stop the threads (after the work given to them)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()
 
 
 class Codec:
     """One encoding (``none`` or ``zstd``) for one kind of call, with the stats it feeds."""
 
-    def __init__(self, compression: str, stats: WireStats, level: int = DEFAULT_LEVEL) -> None:
+    def __init__(self, compression: str, stats: WireStats, compressing: Compressing) -> None:
         self.compression = compression
         self.compressed = compression == ZSTD
         self.stats = stats
-        self._level = level
+        self._level = compressing.level
+        #: Where content is compressed ahead of being sent (shared by a store's codecs).
+        self.compressing = compressing
         #: What a ByteStream resource name has between the instance and the digest.
         self.resource_part = f"compressed-blobs/{ZSTD}" if self.compressed else "blobs"
 
-    def stream_encoder(self) -> ZstdFrames | _Identity:
-        """An encoder for one upload: each ``encode`` output (a zstd frame of its own, see
-        :class:`casframe.compression.ZstdFrames`) can be sent at once, and ``finish`` gives
-        what ends the stream."""
-        return ZstdFrames(self._level) if self.compressed else _Identity()
+    def compress_later(self, data: bytes | bytearray | memoryview) -> Future[bytes]:
+        """``data`` as a zstd frame of its own, compressed in :attr:`compressing`'s threads.
+        The frames of one upload, one a message, sent one after another make one zstd stream
+        (RFC 8878, section 3; :class:`casframe.compression.ZstdFrames` says why a frame per
+        message); a batch entry is one frame."""
+        return self.compressing.frame(data)
+
+    def pack_later(self, data: bytes) -> Future[bytes] | None:
+        """The start of :meth:`pack` for a batch entry of 64 KiB or more: its frame, compressed
+        meanwhile; None for any other entry."""
+        if self.compressed and self.compressing.threads and len(data) >= _COMPRESS_APART:
+            return self.compress_later(data)
+        return None
 
     def read_chunks(
         self, responses: Iterable[memoryview], digest: Digest, limit: int, where: str
@@ -120,10 +166,11 @@ class Codec:
         except CompressedDataError as exc:
             raise CorruptBlobError(digest, str(exc)) from None
 
-    def pack(self, data: bytes) -> tuple[bytes, int]:
-        """A BatchUpdateBlobs entry's data and compressor."""
-        if self.compressed and len(data) > _LEAST_SAVING:
-            packed = compress(data, self._level)
+    def pack(self, data: bytes, frame: Future[bytes] | None = None) -> tuple[bytes, int]:
+        """A BatchUpdateBlobs entry's data and compressor (``frame``: what :meth:`pack_later`
+        gave for it)."""
+        if frame is not None or (self.compressed and len(data) > _LEAST_SAVING):
+            packed = frame.result() if frame is not None else compress(data, self._level)
             if len(packed) + _LEAST_SAVING <= len(data):
                 self.stats.sent(len(data), len(packed))
                 return packed, reapi.Compressor.ZSTD
@@ -166,4 +213,5 @@ def negotiate(
     if compression != "none" and plain:
         log.debug("%s does not offer %s for %s: those go uncompressed", where, compression,
                   " or ".join(plain))
-    return Codec(streams, stats), Codec(batches, stats)
+    compressing = Compressing()
+    return Codec(streams, stats, compressing), Codec(batches, stats, compressing)

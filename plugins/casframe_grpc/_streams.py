@@ -8,6 +8,7 @@ import queue
 import tempfile
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import CancelledError, Future
 from typing import TYPE_CHECKING, cast
 
 import grpc
@@ -152,6 +153,16 @@ class SpoolingWriter(BlobWriter):
 _STOP = object()  # queued by abort: end the request stream
 
 
+class _Piece:
+    """A piece of a compressed upload: its frame, being compressed, and its content's size."""
+
+    __slots__ = ("content", "frame")
+
+    def __init__(self, frame: Future[bytes], content: int) -> None:
+        self.frame = frame
+        self.content = content
+
+
 class StreamingWriter(BlobWriter):
     """A ByteStream upload of a blob whose digest is known up front, sent while it is written.
 
@@ -163,6 +174,12 @@ class StreamingWriter(BlobWriter):
     then sent with ``finish_write``; ``abort`` cancels the call instead, so a server never
     commits an upload the core refused. A server that answers early (it has the blob) ends
     the call: the rest is then discarded.
+
+    Compressed, each message's content is handed to the codec's threads as it is cut
+    (:meth:`Codec.compress_later`) and queued as the promise of its frame; the request stream
+    takes the frames in order and frames them into messages (a message's ``write_offset``
+    counts the compressed bytes before it). Reading, hashing, compressing (on every core:
+    several pieces of one upload at once) and sending thus overlap instead of taking turns.
     """
 
     def __init__(self, store: GrpcBlobStore, digest: Digest) -> None:
@@ -173,14 +190,15 @@ class StreamingWriter(BlobWriter):
                           f"/{codec.resource_part}/{store.conn.function_segment}"
                           f"{digest.hash}/{digest.size}")
         # Compressed, the stream is one zstd stream whose pieces are sent as they come.
+        self._codec = codec
         self._compressed = codec.compressed
-        self._encoder = codec.stream_encoder()
         self._stats = codec.stats
         self._queue: queue.Queue[object] = queue.Queue(maxsize=_QUEUED_CHUNKS)
         self._buffer = bytearray()  # content not yet a whole chunk
         self._offset = 0  # bytes already put into messages (compressed ones, compressed)
-        self._held: bytes | None = None  # the newest message, not sent: it may be the last
-        self._held_any = False  # whether a message was made (the first names the resource)
+        # The newest message (compressed: its frame to come), not sent: it may be the last.
+        self._held: bytes | _Piece | None = None
+        self._framed_any = False  # whether a message was made (the first names the resource)
         self._call: grpc.Future | None = None
         self._done = False
         # Asking first costs one round trip and can save sending the whole blob.
@@ -191,12 +209,29 @@ class StreamingWriter(BlobWriter):
             item = self._queue.get()
             if item is _STOP:
                 return
-            message, last = cast("tuple[bytes, bool]", item)
+            message, last = cast("tuple[bytes | _Piece, bool]", item)
+            if isinstance(message, _Piece):  # compressed: wait for its frame, in order
+                try:
+                    payload = message.frame.result()
+                except CancelledError:
+                    return  # aborted: the call is cancelled already
+                self._stats.sent(message.content, len(payload))
+                message = self._framed(payload, finish_write=last)
             yield message
             if last:
                 return
 
-    def _send(self, message: bytes, *, last: bool = False) -> None:
+    def _framed(self, payload: bytes | bytearray | memoryview, *, finish_write: bool) -> bytes:
+        """The next message, carrying ``payload`` (the one copy of it: into the message)."""
+        message = encode_write_request(
+            "" if self._framed_any else self._resource, self._offset, payload,
+            finish_write=finish_write
+        )
+        self._framed_any = True
+        self._offset += len(payload)
+        return message
+
+    def _send(self, message: bytes | _Piece, *, last: bool = False) -> None:
         """Queue a message, waiting for room while the call is still running."""
         if self._call is None:
             self._call = self._store._write.future(
@@ -209,21 +244,21 @@ class StreamingWriter(BlobWriter):
             except queue.Full:
                 continue
 
-    def _hold(self, chunk: bytes | bytearray | memoryview, *, last: bool = False) -> None:
+    def _hold(self, chunk: bytes | bytearray | memoryview) -> None:
         if self._held is not None:
             self._send(self._held)
-        payload = self._encoder.encode(chunk)
-        if last:
-            tail = self._encoder.finish()
-            if tail:
-                payload = b"".join((payload, tail))
+        if self._compressed:
+            # Compressed later, in another thread: it needs content that stays as it is (a
+            # caller may refill its buffer once write returns), copied unless immutable.
+            owned = chunk
+            if (isinstance(chunk, memoryview) and not isinstance(chunk.obj, bytes)
+                    and self._codec.compressing.threads):
+                owned = bytes(chunk)
+            self._held = _Piece(self._codec.compress_later(owned), len(chunk))
+            return
         # Uncompressed, the one copy of a chunk: straight into the message that carries it.
-        self._held = encode_write_request(
-            "" if self._held_any else self._resource, self._offset, payload, finish_write=False
-        )
-        self._held_any = True
-        self._offset += len(payload)
-        self._stats.sent(len(chunk), len(payload))
+        self._held = self._framed(chunk, finish_write=False)
+        self._stats.sent(len(chunk), len(chunk))
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert not self._done, "write after commit or abort"
@@ -251,11 +286,12 @@ class StreamingWriter(BlobWriter):
         if self._present:
             return
         if self._buffer or self._held is None:
-            self._hold(self._buffer, last=True)
+            # (An empty piece still makes a frame: a zstd stream holds at least one.)
+            self._hold(self._buffer)
             self._buffer = bytearray()
-        assert self._held is not None
-        self._send(finish_write_request(self._held), last=True)
-        self._held = None
+        held, self._held = self._held, None
+        assert held is not None
+        self._send(held if isinstance(held, _Piece) else finish_write_request(held), last=True)
         self._outcome()
 
     def _outcome(self) -> None:
@@ -280,9 +316,11 @@ class StreamingWriter(BlobWriter):
         call.cancel()
         while True:  # let the request stream end, wherever grpcio's thread is waiting
             try:
-                self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
                 break
+            if isinstance(item, tuple) and isinstance(item[0], _Piece):
+                item[0].frame.cancel()
         try:
             self._queue.put_nowait(_STOP)
         except queue.Full:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from typing import Any, BinaryIO
 
 import grpc
@@ -134,6 +135,7 @@ class GrpcBlobStore(BlobStore):
     def close(self) -> None:
         if self.wire.content_sent or self.wire.content_received:
             log.debug("%s: %s", self.conn.where, self.wire.describe())
+        self.streams.compressing.close()
         self.conn.close()
 
     # -- batching -----------------------------------------------------------------------------
@@ -296,23 +298,39 @@ class GrpcBlobStore(BlobStore):
 
     def write_blobs(self, blobs: Iterable[tuple[Digest, bytes]]) -> None:
         small: dict[Digest, bytes] = {}
-        for digest, data in blobs:
-            if digest.size == 0:
-                continue
-            self._check_size(digest)
-            if self.fits_batch(digest.size):
-                small[digest] = data
-            else:
-                self.upload(digest, io.BytesIO(data))
-        for group in self._batches(small):
-            self._update_batch([(digest, small[digest]) for digest in group])
+        # Compressed, each entry's frame is made in the codec's threads while the next blob
+        # is read (``blobs`` is often a reader's generator).
+        frames: dict[Digest, Future[bytes] | None] = {}
+        try:
+            for digest, data in blobs:
+                if digest.size == 0:
+                    continue
+                self._check_size(digest)
+                if self.fits_batch(digest.size):
+                    small[digest] = data
+                    frames[digest] = self.batch_updates.pack_later(data)
+                else:
+                    self.upload(digest, io.BytesIO(data))
+            for group in self._batches(small):
+                self._update_batch([(digest, small[digest]) for digest in group], frames)
+        finally:
+            for frame in frames.values():
+                if frame is not None:
+                    frame.cancel()  # after an error: not needed (else a no-op)
 
-    def _update_batch(self, blobs: list[tuple[Digest, bytes]]) -> None:
+    def _update_batch(
+        self,
+        blobs: list[tuple[Digest, bytes]],
+        frames: Mapping[Digest, Future[bytes] | None] | None = None,
+    ) -> None:
         request = reapi.BatchUpdateBlobsRequest(instance_name=self.conn.instance,
                                                 digest_function=self._function)
         add = request.requests.add
-        for (hash_, size), data in blobs:
-            packed, compressor = self.batch_updates.pack(data)
+        for digest, data in blobs:
+            hash_, size = digest
+            packed, compressor = self.batch_updates.pack(
+                data, frames.get(digest) if frames is not None else None
+            )
             # Filled in place: building Request messages first and passing them in copies
             # every blob once more (and took four times as long).
             entry = add(data=packed)
