@@ -10,7 +10,6 @@ import os
 import stat
 from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import BinaryIO
-from urllib.parse import quote
 
 from casframe import (
     DIGEST_FUNCTIONS,
@@ -152,6 +151,8 @@ class LocalBlobStore(LocalBlobMaintenance):
         return f"file://{self.root}"
 
     def worker_spec(self) -> tuple[str, str]:
+        from urllib.parse import quote  # off the start-up path of every command
+
         url = f"file://{quote(os.fsencode(self.location))}"
         query = [] if self.digest_function == SHA256 else [
             f"digest_function={self.digest_function.name}"
