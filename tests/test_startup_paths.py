@@ -16,6 +16,7 @@ from casframe import StoreURL
 from casframe.config import _path_url
 from casframe.digestfunctions import DIGEST_FUNCTIONS, SHA256, SHA384, SHA512
 from casframe.registry import split_url
+from casframe.treesize import TreeSize
 
 _URLS = [
     "file:///srv/cas", "file://relative/x", "file:/x", "s3://bucket/prefix/a",
@@ -88,3 +89,15 @@ def test_digest_functions_stay_equal_and_picklable(function) -> None:
     assert copy == function == DIGEST_FUNCTIONS[function.name]
     assert copy.hasher().hexdigest() == function.empty_hash
     assert copy.hash_hex(b"") == function.empty_hash
+
+
+def test_a_tree_size_is_a_frozen_value() -> None:
+    size = TreeSize(3, files=2, bytes=10)
+    assert size == TreeSize(3, 2, 10) != TreeSize(3, 2, 11)
+    assert hash(size) == hash(TreeSize(3, 2, 10)) and size != (3, 2, 10)
+    assert repr(size) == "TreeSize(entries=3, files=2, bytes=10)" and TreeSize() == TreeSize(0)
+    assert pickle.loads(pickle.dumps(size)) == size
+    with pytest.raises(AttributeError, match="frozen"):
+        size.entries = 4  # type: ignore[misc]
+    with pytest.raises(AttributeError, match="frozen"):
+        del size.bytes
