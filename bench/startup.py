@@ -1,7 +1,7 @@
 """How long the ``casframe`` command takes to start, and a whole-process checkout.
 
     .venv/bin/python bench/startup.py [--repeat N] [--checkout-repeat N] [--files N] [--out DIR]
-        [--keep]
+        [--keep] [--quick] [--instructions]
 
 Every figure is a ratio or a bound measured against a reference in the same run, with the
 commands alternated (A B A B ...) so that both meet the same load:
@@ -13,6 +13,10 @@ commands alternated (A B A B ...) so that both meet the same load:
 * checkout: ``casframe checkout REF DEST`` as a whole process (start-up, opening the store,
   hardlinking) against ``cp -al`` of the same tree (bench/run.py's small tree: 20,000 files of
   1-8 KiB in 401 directories, same seed), each into a new directory. Target: at most 1.5x.
+
+``--quick``: 5 runs of each light command, 1 checkout of 2,000 files. ``--instructions``: also
+count each light command's instructions with ``valgrind --tool=callgrind`` (the same on a busy
+machine as on an idle one), beside ``python -c pass``'s.
 
 Prints a table and writes results.json into bench/out/<timestamp>-startup/ (or ``--out``).
 """
@@ -51,6 +55,15 @@ def timed(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def instructions(cmd: list[str]) -> int:
+    """Instructions ``cmd`` runs, as callgrind counts them (compiled modules cached)."""
+    result = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *cmd],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )
+    return int(result.stderr.split("Collected : ")[1].split()[0])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=20)
@@ -58,7 +71,12 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=20_000)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="5 runs, 1 checkout of 2,000 files")
+    parser.add_argument("--instructions", action="store_true",
+                        help="also count instructions with valgrind --tool=callgrind")
     args = parser.parse_args()
+    if args.quick:
+        args.repeat, args.checkout_repeat, args.files = 5, 1, 2_000
 
     run_dir = args.out / (dt.datetime.now().strftime("%Y%m%d-%H%M%S") + "-startup")
     work = run_dir / "work"
@@ -81,6 +99,8 @@ def main() -> int:
         for cmd in light.values():  # warm the page cache and .pyc files
             timed(cmd)
         times: dict[str, list[float]] = {name: [] for name in light}
+        counts = {name: instructions(cmd) for name, cmd in light.items()} if (
+            args.instructions) else {}
         load_before = loadavg()
         for _ in range(args.repeat):
             for name, cmd in light.items():
@@ -114,10 +134,14 @@ def main() -> int:
               f"{statistics.median(checkout['cp -al']):.3f} s, casframe checkout "
               f"{statistics.median(checkout['casframe checkout']):.3f} s: {ratio:.2f}x "
               f"(target <= {T_CHECKOUT}x: {'ok' if ratio <= T_CHECKOUT else 'MISSED'})")
+        for name, count in counts.items():
+            print(f"instructions {name:<22} {count / 1e6:>7.1f} M "
+                  f"({count / counts['python -c pass']:.2f}x python -c pass)")
         print(f"load average before {load_before}, after {load_after}")
         (run_dir / "results.json").write_text(json.dumps({
             "start_up": rows, "checkout": checkout, "checkout_ratio_median": ratio,
-            "tree": shape, "load_before": load_before, "load_after": load_after,
+            "instructions": counts, "tree": shape, "load_before": load_before,
+            "load_after": load_after,
         }, indent=2))
         print(f"results: {run_dir / 'results.json'}")
     finally:

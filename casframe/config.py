@@ -34,11 +34,16 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import quote
+from typing import TYPE_CHECKING, Any
 
 from casframe.errors import ConfigError
+from casframe.lazy import lazy_module
 from casframe.userdirs import user_dir
+
+if TYPE_CHECKING:
+    from urllib import parse
+else:  # with ipaddress, a tenth of a short command: only for paths that need quoting
+    parse = lazy_module("urllib.parse")
 
 __all__ = [
     "DEFAULT_REMOTE_TIMEOUT",
@@ -264,9 +269,16 @@ def _absolute_path(path: str, base: str | None = None) -> str:
     return os.path.abspath(expanded)
 
 
+# What urllib.parse.quote leaves as it is (with "/", its default safe character).
+_UNQUOTED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~/")
+
+
 def _path_url(path: str, base: str | None = None) -> str:
     # Quoted: "#", "?" and "%" in a directory name are part of the path, not of the URL.
-    return "file://" + quote(_absolute_path(path, base), errors="surrogateescape")
+    absolute = _absolute_path(path, base)
+    if _UNQUOTED.issuperset(absolute):  # nothing to quote (most paths)
+        return "file://" + absolute
+    return "file://" + parse.quote(absolute, errors="surrogateescape")
 
 
 def _parse(path: str, data: dict[str, Any]) -> Config:

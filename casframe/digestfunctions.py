@@ -6,13 +6,14 @@ digest it holds was computed with it (BLAKE3 and SHA-256 hashes are both 64 hex 
 hash alone cannot tell). Each function is a frozen :class:`DigestFunction` value, named as REAPI
 names it (lowercase) and numbered as REAPI's ``DigestFunction.Value`` numbers it.
 
-This module is cheap to import: ``hashlib`` only; the ``blake3`` package is imported the first
-time a BLAKE3 hasher is made. It must never import anything of casframe above the errors.
+This module is cheap to import: ``hashlib`` (which sets up OpenSSL) is imported the first time
+a SHA hasher is made, the ``blake3`` package the first time a BLAKE3 hasher is made, so that a
+command that hashes nothing (``casframe ref list``) pays for neither. It must never import
+anything of casframe above the errors.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -21,9 +22,12 @@ from casframe.errors import UnsupportedDigestFunctionError
 from casframe.lazy import lazy_module
 
 if TYPE_CHECKING:
+    import hashlib
+
     import blake3 as _blake3
 else:
     _blake3 = lazy_module("blake3")
+    hashlib = lazy_module("hashlib")
 
 __all__ = [
     "BLAKE3",
@@ -48,6 +52,29 @@ class HashObject(Protocol):
     def update(self, data: bytes | bytearray | memoryview, /) -> Any: ...
 
     def hexdigest(self) -> str: ...
+
+
+class _HashlibConstructor:
+    """``hashlib``'s constructor of one function, looked up on the first call: importing
+    hashlib sets up OpenSSL (about a tenth of the instructions of ``casframe ref list``).
+
+    The first call puts the real constructor in place of this one in the
+    :class:`DigestFunction` that holds it, so that later hashers cost no extra call."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, data: bytes | bytearray | memoryview = b"") -> HashObject:
+        constructor: Callable[..., HashObject] = getattr(hashlib, self.name)
+        for function in DIGEST_FUNCTIONS.values():
+            if function.new is self:
+                object.__setattr__(function, "new", constructor)  # frozen: set once, here
+        return constructor(data)
+
+    def __repr__(self) -> str:
+        return f"<hashlib.{self.name}, imported on first use>"
 
 
 def _new_blake3(data: bytes | bytearray | memoryview = b"") -> HashObject:
@@ -96,19 +123,19 @@ class DigestFunction:
 
 SHA256 = DigestFunction(
     "sha256", 1, 64, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
-    hashlib.sha256,
+    _HashlibConstructor("sha256"),
 )
 SHA384 = DigestFunction(
     "sha384", 5, 96,
     "38b060a751ac96384cd9327eb1b1e36a21fdb71114be07434c0cc7bf63f6e1da"
     "274edebfe76f65fbd51ad2f14898b95b",
-    hashlib.sha384,
+    _HashlibConstructor("sha384"),
 )
 SHA512 = DigestFunction(
     "sha512", 6, 128,
     "cf83e1357eefb8bdf1542850d66d8007d620e4050b5715dc83f4a921d36ce9ce"
     "47d0d13c5d85f2b0ff8318d2877eec2f63b931bd47417a81a538327af927da3e",
-    hashlib.sha512,
+    _HashlibConstructor("sha512"),
 )
 BLAKE3 = DigestFunction(
     "blake3", 9, 64, "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262",

@@ -19,12 +19,12 @@ reads the metadata afresh. A cache that cannot be read or written is ignored.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import marshal
 import os
 import sys
 import time
+import zlib
 from typing import NamedTuple
 
 from casframe.userdirs import cache_folder
@@ -38,7 +38,7 @@ ENTRY_POINT_CACHE_ENV = "CASFRAME_ENTRY_POINT_CACHE"
 FRESH_SECONDS = 2.0
 
 # Bumped when the stored layout changes; part of the file name.
-_FORMAT = 1
+_FORMAT = 2
 
 # What the cache is valid for: the group, and each import path entry with its folder's time.
 _Key = tuple[str, tuple[tuple[str, int], ...]]
@@ -73,8 +73,11 @@ def cache_path() -> str | None:
         return None
     # One file per interpreter and import path: a command run from another folder (whose
     # import path starts with that folder) keeps its own answer instead of replacing this one.
-    where = "\0".join((sys.executable, sys.prefix, *sys.path))
-    interpreter = hashlib.sha256(where.encode()).hexdigest()[:16]
+    # Two CRC-32s name the file (hashlib would set up OpenSSL, a tenth of a short command's
+    # start-up); a clash of names costs a cache miss, never a wrong answer: the file holds the
+    # whole key it was written for.
+    where = "\0".join((sys.executable, sys.prefix, *sys.path)).encode(errors="surrogateescape")
+    interpreter = f"{zlib.crc32(where):08x}{zlib.adler32(where):08x}"
     return os.path.join(folder, f"{interpreter}-{sys.implementation.cache_tag}-{_FORMAT}")
 
 

@@ -11,7 +11,6 @@ import importlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit
 
 from casframe.digestfunctions import SHA256, DigestFunction, by_name
 from casframe.errors import (
@@ -21,11 +20,16 @@ from casframe.errors import (
     UnknownSchemeError,
     UnsupportedDigestFunctionError,
 )
+from casframe.lazy import lazy_module
 
 if TYPE_CHECKING:
+    from urllib import parse
+
     from casframe.plugins import StoreOpener
     from casframe.spi import BlobStore
     from casframe.store import Store
+else:  # with ipaddress, a tenth of a short command: only for URLs with a query or odd characters
+    parse = lazy_module("urllib.parse")
 
 __all__ = ["DIGEST_FUNCTION_OPTION", "BackendRegistry", "Factory", "SchemeEntry", "StoreURL"]
 
@@ -33,6 +37,37 @@ __all__ = ["DIGEST_FUNCTION_OPTION", "BackendRegistry", "Factory", "SchemeEntry"
 #: ``open_store(..., digest_function=...)``) naming the store's digest function. The core reads
 #: it into :attr:`StoreURL.digest_function`; it never reaches a backend's ``options``.
 DIGEST_FUNCTION_OPTION = "digest_function"
+
+_SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-.")
+# Characters after which urlsplit does more than split: a query or fragment, IPv6 brackets.
+_NOT_PLAIN = frozenset("?#[]")
+
+
+def split_url(url: str) -> tuple[str, str, str, str]:
+    """``(scheme, netloc, path, query)`` as :func:`urllib.parse.urlsplit` gives them.
+
+    A plain URL (``file:///srv/cas``, ``grpc://host:50051/instance``: printable ASCII, no
+    query, fragment or brackets) is split here; any other goes to urlsplit, whose errors
+    (``Invalid IPv6 URL``) it keeps. Tests compare the two on every kind of input.
+    """
+    scheme, colon, rest = url.partition(":")
+    if (
+        colon
+        and url.isascii()
+        and url.isprintable()
+        and " " not in url
+        and _NOT_PLAIN.isdisjoint(url)
+        and scheme[:1].isalpha()
+        and _SCHEME_CHARS.issuperset(scheme)
+    ):
+        netloc = ""
+        if rest[:2] == "//":
+            netloc, slash, path = rest[2:].partition("/")
+            rest = slash + path
+        return scheme.lower(), netloc, rest, ""
+    parts = parse.urlsplit(url)
+    return parts.scheme, parts.netloc, parts.path, parts.query
+
 
 #: ``factory(url)``, or ``factory(url, opener)`` for a backend that opens other stores.
 Factory = Callable[["StoreURL"], "Store"] | Callable[["StoreURL", "StoreOpener"], "Store"]
@@ -63,19 +98,20 @@ class StoreURL:
     ) -> StoreURL:
         if "://" not in url:
             raise ConfigError(f"not a store URL (expected SCHEME://...): {url!r}")
-        parts = urlsplit(url)
-        if not parts.scheme:
+        scheme, netloc, path, query = split_url(url)
+        if not scheme:
             raise ConfigError(f"store URL has no scheme: {url!r}")
         merged = {str(k): str(v) for k, v in (options or {}).items()}
-        merged.update(parse_qsl(parts.query, keep_blank_values=True))
+        if query:
+            merged.update(parse.parse_qsl(query, keep_blank_values=True))
         function = SHA256
         if DIGEST_FUNCTION_OPTION in merged:
             function = by_name(merged.pop(DIGEST_FUNCTION_OPTION))
         return cls(
             url=url,
-            scheme=parts.scheme.lower(),
-            netloc=parts.netloc,
-            path=parts.path,
+            scheme=scheme.lower(),
+            netloc=netloc,
+            path=path,
             options=merged,
             create=create,
             digest_function=function,

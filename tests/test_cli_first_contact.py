@@ -280,8 +280,10 @@ print("HEAVY", *heavy, file=sys.stderr)
 """
 
 
-def _last_line_of_script(script: str, tmp_path: Path, args: list[str]) -> str:
-    """Run ``script`` in a fresh interpreter against a store holding ref build/1."""
+def _last_line_of_script(
+    script: str, tmp_path: Path, args: list[str], cwd: Path | None = None
+) -> str:
+    """Run ``script`` in a fresh interpreter (in ``cwd``) against a store holding ref build/1."""
     (tmp_path / "a.txt").write_text("a\n")
     store = tmp_path / "store"
     imported = CliRunner().invoke(
@@ -290,7 +292,7 @@ def _last_line_of_script(script: str, tmp_path: Path, args: list[str]) -> str:
     assert imported.exit_code == 0, imported.stderr
     result = subprocess.run(
         [sys.executable, "-c", script, "--store", str(store), *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, cwd=cwd,
     )
     assert result.returncode == 0, result.stderr
     return result.stderr.splitlines()[-1]
@@ -372,3 +374,22 @@ def test_reading_refs_loads_no_json_and_no_traceback(tmp_path: Path, args: list[
     modules = set(_last_line_of_script(_IMPORTED_MODULES, tmp_path, args).split()[1:])
     assert "casframe.cli.helpers" in modules
     assert modules & {"json", "traceback"} == set()
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["ref", "list"], ["ref", "get", "build/1"]], ids=" ".join
+)
+def test_light_commands_set_up_neither_openssl_nor_urllib(tmp_path: Path, args: list[str]) -> None:
+    """hashlib (OpenSSL's set-up) loads when something is first hashed, urllib.parse (with
+    ipaddress) for a URL with a query or a path that needs quoting: a command that only reads
+    refs from a plain path pays for neither. The first run remembers the entry points
+    (reading installed metadata imports urllib.parse); the second is what a user meets. The
+    working directory (first on the import path) is dated an hour back, as a folder a user
+    works in is: one changed within the last seconds is not trusted by the entry-point cache."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    os.utime(cwd, (cwd.stat().st_atime, cwd.stat().st_mtime - 3600))
+    _last_line_of_script(_IMPORTED_MODULES, tmp_path, args, cwd)
+    modules = set(_last_line_of_script(_IMPORTED_MODULES, tmp_path, args, cwd).split()[1:])
+    assert "casframe.registry" in modules and "casframe.config" in modules
+    assert modules & {"hashlib", "_hashlib", "urllib.parse", "ipaddress"} == set()

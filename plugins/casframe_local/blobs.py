@@ -9,8 +9,7 @@ import functools
 import os
 import stat
 from collections.abc import Callable, Collection, Iterable, Iterator
-from typing import BinaryIO, cast
-from urllib.parse import quote
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from casframe import (
     DIGEST_FUNCTIONS,
@@ -26,10 +25,16 @@ from casframe import (
     layout,
 )
 from casframe.layout import object_name
+from casframe.lazy import lazy_module
 
 from ._copy import CopiedStream, KernelCopy
 from ._files import CANNOT_WRITE, fsync_dir, make_folders, temp_name
 from .maintenance import LocalBlobMaintenance
+
+if TYPE_CHECKING:
+    import urllib.parse as urlparse
+else:
+    urlparse = lazy_module("urllib.parse")  # off the start-up path of every command
 
 __all__ = ["LocalBlobStore"]
 
@@ -159,7 +164,7 @@ class LocalBlobStore(LocalBlobMaintenance):
         return f"file://{self.root}"
 
     def worker_spec(self) -> tuple[str, str]:
-        url = f"file://{quote(os.fsencode(self.location))}"
+        url = f"file://{urlparse.quote(os.fsencode(self.location))}"
         query = [] if self.digest_function == SHA256 else [
             f"digest_function={self.digest_function.name}"
         ]

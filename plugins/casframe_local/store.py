@@ -4,7 +4,6 @@ when a ``file://`` store is first opened, and with it the stores)."""
 from __future__ import annotations
 
 import os
-from urllib.parse import unquote
 
 from casframe import ConfigError, Store, StoreNotFoundError, StoreURL, layout
 
@@ -18,7 +17,11 @@ _OPTIONS = ("fsync",)
 
 
 def store_path(url: StoreURL) -> str:
-    raw = unquote(url.netloc + url.path, errors="surrogateescape")  # any byte of a name
+    raw = url.netloc + url.path
+    if "%" in raw:  # any byte of a name; urllib.parse (with ipaddress) only when needed
+        from urllib.parse import unquote
+
+        raw = unquote(raw, errors="surrogateescape")
     if not raw:
         raise ConfigError(f"file:// URL needs a path: {url.url!r}")
     return os.path.abspath(os.path.expanduser(raw))
