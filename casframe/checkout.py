@@ -18,7 +18,6 @@ import errno
 import os
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, TypeVar
 
 from casframe.blobs import VerifiedBlobs
@@ -29,13 +28,19 @@ from casframe.progress import NO_PROGRESS, Progress
 from casframe.spi import Capability
 from casframe.tree import load_listings
 from casframe.treesize import TreeLimits
-from casframe.workers.pool import CHECKOUT_THRESHOLD_FILES, Runner, open_runner
+from casframe.workers.pool import (
+    CHECKOUT_THRESHOLD_FILES,
+    InlineRunner,
+    Pending,
+    Runner,
+    open_checkout_runner,
+)
 from casframe.workers.tasks import Copy, LinkTask, copy_files, link_files, tree_path
 
 if TYPE_CHECKING:
     import shutil
 
-    from casframe.directory import Listing
+    from casframe.directory import FileEntry, Listing
 else:
     shutil = lazy_module("shutil")  # only to undo a failed checkout (it brings bz2, lzma)
 
@@ -81,7 +86,7 @@ def checkout(
     progress.start("checkout", sizes[root].files)
     created = _prepare_destination(dest)
     try:
-        runner = open_runner(blobs, jobs, sizes[root].files, CHECKOUT_THRESHOLD_FILES)
+        runner = open_checkout_runner(blobs, jobs, sizes[root].files, CHECKOUT_THRESHOLD_FILES)
         writer = _FileWriter(
             runner, dest, jobs=jobs,
             use_links=can_link if link is None else link, strict=bool(link), progress=progress,
@@ -166,7 +171,7 @@ class _FileWriter:
 
     def __init__(
         self,
-        runner: Runner,
+        runner: Runner | InlineRunner,
         dest: str,
         *,
         jobs: int,
@@ -180,32 +185,40 @@ class _FileWriter:
         self.strict = strict
         self.progress = progress
         self.max_pending = 2 * max(1, jobs) + 2
-        self.pending: deque[Future[tuple[int, list[Copy]]]] = deque()
+        self.pending: deque[Pending[tuple[int, list[Copy]]]] = deque()
         self.links: LinkTask = []
         self.link_count = 0
         self.copies: list[Copy] = []
         self.copy_bytes = 0
 
     def add(self, path: str, directory: Listing) -> None:
-        links: list[tuple[str, Digest]] = []
-        use_links = self.use_links
-        # Every file digest of these very listings was validated (Digest.many) when the tree
-        # was measured, before anything was written: not validated a second time here.
-        trusted = Digest._trusted
-        for name, hash_, size, executable in directory.files:
-            digest = trusted(hash_, size)
-            if use_links and not executable and size:
-                links.append((name, digest))
-            else:
-                self.copies.append((os.path.join(path, name), digest, executable))
-                self.copy_bytes += digest[1]
-                if len(self.copies) >= _BATCH_FILES or self.copy_bytes >= _BATCH_BYTES:
-                    self._flush_copies()
+        files = directory.files
+        if not files:
+            return
+        # Every file digest of these very listings was validated when the tree was measured,
+        # before anything was written: the entries go to the tasks as the decoder made them.
+        links = files
+        if self.use_links:
+            _, _, sizes, executables = zip(*files, strict=True)
+            if 0 in sizes or any(executables):  # copied: an empty or executable file
+                links = [f for f in files if f[2] and not f[3]]
+                self._copy(path, [f for f in files if not f[2] or f[3]])
+        else:
+            links = []
+            self._copy(path, files)
         if links:
             self.links.append((path, links))
             self.link_count += len(links)
             if self.link_count >= _BATCH_FILES:
                 self._flush_links()
+
+    def _copy(self, path: str, files: list[FileEntry]) -> None:
+        trusted = Digest._trusted
+        for name, hash_, size, executable in files:
+            self.copies.append((os.path.join(path, name), trusted(hash_, size), executable))
+            self.copy_bytes += size
+            if len(self.copies) >= _BATCH_FILES or self.copy_bytes >= _BATCH_BYTES:
+                self._flush_copies()
 
     def finish(self) -> None:
         """Write what is left and wait for every batch, copies of refused links included."""

@@ -12,6 +12,7 @@ out), which the tests check against protobuf itself. This is the only Directory 
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from casframe import _messages
@@ -187,6 +188,7 @@ class Listing(NamedTuple):
 _NODE_PROPERTIES: Schema = {1: {1: STRING, 2: STRING}, 2: {}, 3: {}}
 _PARSE_ERROR = "Error parsing message with type 'build.bazel.remote.execution.v2.Directory': "
 _INT64 = 1 << 63
+_name = itemgetter(0)  # of an entry as decoded
 
 
 def read_directory(digest: Digest, data: bytes) -> Listing:
@@ -198,11 +200,8 @@ def read_directory(digest: Digest, data: bytes) -> Listing:
         raise CorruptBlobError(
             digest, f"not a Directory message: {_PARSE_ERROR}{exc}"
         ) from None
-    _check_entries(
-        digest,
-        [f[0] for f in files] + [d[0] for d in directories] + [s[0] for s in symlinks],
-        symlinks,
-    )
+    _check_entries(digest, [*map(_name, files), *map(_name, directories), *map(_name, symlinks)],
+                   symlinks)
     children = Digest.many([d[1] for d in directories], [d[2] for d in directories])
     return Listing(files, [(d[0], c) for d, c in zip(directories, children, strict=True)],
                    symlinks)
