@@ -33,6 +33,7 @@ from casframe.workers.pool import (
     InlineRunner,
     Pending,
     Runner,
+    WorkerPool,
     open_checkout_runner,
 )
 from casframe.workers.tasks import Copy, LinkTask, copy_files, link_files, tree_path
@@ -80,13 +81,21 @@ def checkout(
         raise UnsupportedOperationError(
             f"{blobs.url} has no local files to hardlink; check out with copies instead"
         )
-    directories, sizes = load_listings(
-        blobs, root, limits or TreeLimits(), f"tree {root}", content=True
-    )
-    progress.start("checkout", sizes[root].files)
-    created = _prepare_destination(dest)
+    early = _EarlyHelpers(blobs, jobs)
     try:
-        runner = open_checkout_runner(blobs, jobs, sizes[root].files, CHECKOUT_THRESHOLD_FILES)
+        directories, sizes = load_listings(
+            blobs, root, limits or TreeLimits(), f"tree {root}", content=True,
+            files_seen=early.files_seen,
+        )
+        progress.start("checkout", sizes[root].files)
+        created = _prepare_destination(dest)
+    except BaseException:
+        early.stop()
+        raise
+    try:
+        runner = early.runner or open_checkout_runner(
+            blobs, jobs, sizes[root].files, CHECKOUT_THRESHOLD_FILES
+        )
         writer = _FileWriter(
             runner, dest, jobs=jobs,
             use_links=can_link if link is None else link, strict=bool(link), progress=progress,
@@ -102,6 +111,30 @@ def checkout(
         _remove_written(dest, created)
         raise
     progress.finish()
+
+
+class _EarlyHelpers:
+    """Starts the helper processes while the tree is still being read, as soon as the
+    Directories read so far hold enough files for them (the tree holds at least as many):
+    a helper's start-up then overlaps the reading instead of following it."""
+
+    def __init__(self, blobs: VerifiedBlobs, jobs: int) -> None:
+        self.blobs = blobs
+        self.jobs = jobs
+        self.runner: Runner | InlineRunner | None = None
+
+    def files_seen(self, files: int) -> None:
+        if self.runner is None and self.jobs > 1 and files >= CHECKOUT_THRESHOLD_FILES:
+            self.runner = open_checkout_runner(
+                self.blobs, self.jobs, files, CHECKOUT_THRESHOLD_FILES
+            )
+            if isinstance(self.runner, WorkerPool):
+                self.runner.start()
+
+    def stop(self) -> None:
+        """The tree is refused (or the destination): stop the helpers started for it."""
+        if self.runner is not None:
+            self.runner.shutdown(cancel=True)
 
 
 def _prepare_destination(dest: str) -> bool:

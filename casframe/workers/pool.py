@@ -316,6 +316,12 @@ class WorkerPool:
         self.helpers: list[_Helper] = []
         self.started = False
 
+    def start(self) -> None:
+        """Start the helpers now, before the first :meth:`submit` (which would start them):
+        they get ready while the caller prepares the work."""
+        if not self.started:
+            self._start()
+
     def _start(self) -> None:
         self.started = True
         # SIGINT (Ctrl-C) waits until every helper started is listed here: a KeyboardInterrupt

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from itertools import repeat
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -192,7 +193,12 @@ def link_files(store: VerifiedBlobs, work: tuple[str, bool, LinkTask]) -> tuple[
     trusted = Digest._trusted  # validated by the caller, with the rest of the tree
     linked = 0
     for position, (path, files) in enumerate(task):
-        links = [(name, trusted(hash_, size)) for name, hash_, size, _ in files]
+        if not files:
+            continue
+        names, hashes, sizes, _ = zip(*files, strict=True)
+        # The (name, Digest) pairs link_blobs takes, built by loops in C (Digest._trusted's
+        # tuple.__new__ over the columns): no Python code per file.
+        links = list(zip(names, map(tuple.__new__, repeat(Digest), zip(hashes, sizes))))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
