@@ -11,8 +11,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from itertools import repeat
 from collections.abc import Callable
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 from casframe.digest import CHUNK_SIZE, Digest
@@ -198,7 +198,8 @@ def link_files(store: VerifiedBlobs, work: tuple[str, bool, LinkTask]) -> tuple[
         names, hashes, sizes, _ = zip(*files, strict=True)
         # The (name, Digest) pairs link_blobs takes, built by loops in C (Digest._trusted's
         # tuple.__new__ over the columns): no Python code per file.
-        links = list(zip(names, map(tuple.__new__, repeat(Digest), zip(hashes, sizes))))
+        digests = map(tuple.__new__, repeat(Digest), zip(hashes, sizes, strict=True))
+        links = list(zip(names, digests, strict=True))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
