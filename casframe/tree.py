@@ -236,11 +236,30 @@ def load_tree(
 
 
 def load_listings(
-    blobs: VerifiedBlobs, root: Digest, limits: TreeLimits, what: str, *, content: bool = False
+    blobs: VerifiedBlobs,
+    root: Digest,
+    limits: TreeLimits,
+    what: str,
+    *,
+    content: bool = False,
+    files_seen: Callable[[int], None] | None = None,
 ) -> tuple[dict[Digest, Listing], dict[Digest, TreeSize]]:
     """:func:`load_tree` without protobuf (for checkout): the same checks, in the same order,
-    with each Directory as a :class:`Listing`."""
-    listings = {digest: listing for digest, _, listing in iter_listings(blobs, root)}
+    with each Directory as a :class:`Listing`.
+
+    ``files_seen`` is told, after each Directory read, how many file entries the distinct
+    Directories read so far hold: a lower bound of the files the tree expands to, known
+    before the whole tree is read and checked (checkout starts its helpers by it).
+    """
+    if files_seen is None:
+        listings = {digest: listing for digest, _, listing in iter_listings(blobs, root)}
+    else:
+        listings = {}
+        files = 0
+        for digest, _, listing in iter_listings(blobs, root):
+            listings[digest] = listing
+            files += len(listing.files)
+            files_seen(files)
     sizes = measure_listings(listings, root)
     limits.check(sizes[root], what, content=content)
     return listings, sizes

@@ -9,6 +9,7 @@ parties do: they import no private casframe module.
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -142,3 +143,76 @@ def test_a_checkout_loads_no_protobuf(tmp_path: Path) -> None:
     assert result.stdout.strip() == "[]"
     assert (tmp_path / "out" / "sub" / "deeper" / "b").read_text() == "b"
     assert (tmp_path / "out" / "link").readlink() == Path("a.txt")
+
+
+def _modules_loaded(argv: list[str], **run: object) -> set[str]:
+    """The modules a whole process imports, from ``python -X importtime``'s report."""
+    result = subprocess.run(  # stdout may be binary (a helper's greeting)
+        [sys.executable, "-X", "importtime", *argv], capture_output=True, timeout=120,
+        check=True, **run,  # type: ignore[call-overload]
+    )
+    return {
+        line.rpartition("|")[2].strip()
+        for line in result.stderr.decode().splitlines()
+        if line.startswith("import time:")
+    }
+
+
+#: What a whole `casframe checkout` on one job (and a checkout helper) does without: thread
+#: pools (concurrent.futures brings logging and traceback), the stat cache of import, the URL
+#: quoting of helpers' stores, the library search of ctypes.util (subprocess, tempfile).
+_NOT_FOR_CHECKOUT = {
+    "concurrent.futures", "logging", "traceback", "queue", "casframe.statcache",
+    "casframe.treeimport", "urllib.parse", "ipaddress", "ctypes.util", "subprocess", "tempfile",
+}
+
+
+def test_a_checkout_command_on_one_job_loads_no_thread_pool_nor_import_machinery(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "source"
+    (source / "sub").mkdir(parents=True)
+    (source / "a.txt").write_text("a")
+    (source / "sub" / "b").write_text("b")
+    store = str(tmp_path / "store")
+    # The import fills an entry-point cache of this test's own, which the checkout then finds
+    # (its import path without the working folder, -P, whose time stamp keeps changing).
+    env = {**os.environ, "CASFRAME_ENTRY_POINT_CACHE": str(tmp_path / "entry-points")}
+    subprocess.run(
+        [sys.executable, "-P", "-m", "casframe.cli", "--store", store, "import", str(source),
+         "--ref", "t", "--no-stat-cache"], check=True, capture_output=True, timeout=120, env=env,
+    )
+    out = tmp_path / "out"
+    argv = ["--store", store, "checkout", "t", str(out), "--jobs", "1"]
+    code = (
+        "import sys\n"
+        "from casframe.cli.group import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120,
+        check=True, env=env,
+    )
+    loaded = set(result.stdout.split())
+    assert "casframe.checkout" in loaded  # the command ran in this process
+    assert not loaded & _NOT_FOR_CHECKOUT
+    assert (out / "sub" / "b").read_text() == "b"
+
+
+def test_a_checkout_helper_starts_without_the_library_search_or_the_stat_cache(
+    tmp_path: Path,
+) -> None:
+    # A helper whose input ends at once: it opens the store, greets, and exits.
+    store = tmp_path / "store"
+    (store / "objects").mkdir(parents=True)
+    loaded = _modules_loaded(
+        ["-P", "-m", "casframe.workers.worker", "casframe_local.store:open_local_store",
+         f"file://{store}", str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+    )
+    assert "casframe.workers.tasks" in loaded
+    assert not loaded & _NOT_FOR_CHECKOUT

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 import casframe.checkout
 import casframe.statcache
+import casframe.tree
 import casframe.treeimport
 from casframe import (
     CheckoutError,
@@ -35,6 +36,7 @@ from casframe import (
     CorruptBlobError,
     Digest,
     Store,
+    TreeTooLargeError,
     UnsupportedFileTypeError,
     WorkerError,
     open_store,
@@ -335,6 +337,35 @@ def test_the_jobs_option_must_be_a_count(tmp_path: Path) -> None:
 
 
 # -- failures ---------------------------------------------------------------------------------
+
+
+def test_a_checkout_starts_its_helpers_while_reading_and_stops_them_for_a_refused_tree(
+    tmp_path: Path,
+    helpers_from: Any,
+    spawned: list[subprocess.Popen[Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = write_files(tmp_path / "src", 200)
+    store = open_store(f"file://{tmp_path / 'store'}")
+    digest = store.import_directory(source, stat_cache=False, jobs=1)
+    helpers_from(50)
+    started_before_measuring: list[int] = []
+    measure = casframe.tree.measure_listings
+
+    def measure_listings(*args: Any) -> Any:
+        started_before_measuring.append(len(spawned))
+        return measure(*args)
+
+    monkeypatch.setattr(casframe.tree, "measure_listings", measure_listings)
+    store.checkout(digest, tmp_path / "out", jobs=2)
+    assert started_before_measuring == [2]  # started by the Directories read so far
+    assert describe_tree(tmp_path / "out") == describe_tree(source)
+
+    with pytest.raises(TreeTooLargeError):
+        store.checkout(digest, tmp_path / "refused", jobs=2, max_tree_entries=100)
+    assert started_before_measuring == [2, 4]
+    assert not (tmp_path / "refused").exists()
+    assert_gone(spawned)
 
 
 def test_an_error_in_a_helper_fails_the_checkout_and_removes_what_it_wrote(

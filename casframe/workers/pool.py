@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from casframe.errors import WorkerError
 from casframe.lazy import lazy_module
@@ -38,17 +36,24 @@ from casframe.workers.settings import CHECKOUT_THRESHOLD_FILES, IMPORT_THRESHOLD
 
 # What only helper processes need is imported when the first pool starts: a checkout or import
 # that stays in the process (most of them, and every whole `casframe checkout` of a tree under
-# the threshold) does not pay for subprocess, signal, pickle and the import machinery.
+# the threshold) does not pay for subprocess, signal, pickle and the import machinery. Thread
+# pools (concurrent.futures, which brings logging and traceback, and queue) are imported by the
+# first runner that uses them: a checkout on one thread runs its batches in the caller's.
 if TYPE_CHECKING:
+    import concurrent.futures as futures
     import importlib.util as importlib_util
+    import queue
     import select
     import signal
     import subprocess
+    from concurrent.futures import Future
 
     from casframe.blobs import VerifiedBlobs
     from casframe.workers import protocol
 else:
+    futures = lazy_module("concurrent.futures")
     importlib_util = lazy_module("importlib.util")
+    queue = lazy_module("queue")
     select = lazy_module("select")
     signal = lazy_module("signal")
     subprocess = lazy_module("subprocess")
@@ -57,14 +62,27 @@ else:
 __all__ = [
     "CHECKOUT_THRESHOLD_FILES",
     "IMPORT_THRESHOLD_FILES",
+    "InlineRunner",
+    "Outcome",
+    "Pending",
     "Runner",
     "ThreadRunner",
     "WorkerPool",
+    "open_checkout_runner",
     "open_runner",
 ]
 
 _P = TypeVar("_P")
 _R = TypeVar("_R")
+
+
+_R_co = TypeVar("_R_co", covariant=True)
+
+
+class Pending(Protocol[_R_co]):
+    """What :meth:`Runner.submit` returns: the task's result (or error) when it is done."""
+
+    def result(self) -> _R_co: ...
 
 
 class Runner(Protocol):
@@ -73,12 +91,48 @@ class Runner(Protocol):
     def shutdown(self, *, cancel: bool) -> None: ...
 
 
+class Outcome(Generic[_R]):
+    """A task run to its end: its result, or the error it raised (raised by :meth:`result`)."""
+
+    __slots__ = ("_error", "_value")
+
+    def __init__(self, value: _R | None, error: Exception | None) -> None:
+        self._value = value
+        self._error = error
+
+    def result(self) -> _R:
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]  # set whenever there is no error
+
+
+class InlineRunner:
+    """Runs each task in the caller's thread, when it is submitted: one job, no pool.
+
+    A checkout with one job does all its writing in a task anyway, and a thread would only
+    hand it back and forth; an error surfaces from :meth:`Outcome.result`, as a future's does.
+    Interrupts (``BaseException`` that is not an ``Exception``) propagate from ``submit``.
+    """
+
+    def __init__(self, store: VerifiedBlobs) -> None:
+        self._store = store
+
+    def submit(self, task: Callable[[VerifiedBlobs, _P], _R], payload: _P) -> Outcome[_R]:
+        try:
+            return Outcome(task(self._store, payload), None)
+        except Exception as exc:  # noqa: BLE001 - raised again by result(), as a future would
+            return Outcome(None, exc)
+
+    def shutdown(self, *, cancel: bool) -> None:
+        """Nothing runs after ``submit`` returns: nothing to stop."""
+
+
 class ThreadRunner:
     """Runs tasks on ``threads`` threads of this process, over this process's ``store``."""
 
     def __init__(self, store: VerifiedBlobs, threads: int) -> None:
         self._store = store
-        self._pool = ThreadPoolExecutor(max_workers=max(1, threads))
+        self._pool = futures.ThreadPoolExecutor(max_workers=max(1, threads))
 
     def submit(self, task: Callable[[VerifiedBlobs, _P], _R], payload: _P) -> Future[_R]:
         return self._pool.submit(task, self._store, payload)
@@ -118,7 +172,8 @@ def _import_roots(*modules: str) -> list[str]:
 # Seconds to wait for a helper to exit after its pipe is closed, before it is killed.
 _EXIT_GRACE_S = 5.0
 
-_Item = tuple[str, Any, Future[Any]]
+if TYPE_CHECKING:
+    _Item = tuple[str, Any, Future[Any]]
 
 
 class _Helper:
@@ -261,6 +316,12 @@ class WorkerPool:
         self.helpers: list[_Helper] = []
         self.started = False
 
+    def start(self) -> None:
+        """Start the helpers now, before the first :meth:`submit` (which would start them):
+        they get ready while the caller prepares the work."""
+        if not self.started:
+            self._start()
+
     def _start(self) -> None:
         self.started = True
         # SIGINT (Ctrl-C) waits until every helper started is listed here: a KeyboardInterrupt
@@ -280,7 +341,7 @@ class WorkerPool:
         return [helper.process.pid for helper in self.helpers]
 
     def submit(self, task: Callable[[VerifiedBlobs, _P], _R], payload: _P) -> Future[_R]:
-        future: Future[_R] = Future()
+        future: Future[_R] = futures.Future()
         self.queue.put((f"{task.__module__}:{task.__qualname__}", payload, future))
         if not self.started:  # the first call: from the caller's thread, before any feeder
             self._start()
@@ -314,7 +375,23 @@ class WorkerPool:
 def open_runner(store: VerifiedBlobs, jobs: int, files: int, threshold: int) -> Runner:
     """Helper processes for ``files`` files of work when they pay and the store can be opened
     by them; threads of this process otherwise."""
-    spec = store.backend.worker_spec()
-    if jobs > 1 and files >= threshold and spec is not None:
+    # The store's URL for helpers is asked for only when they may start (quoting a path
+    # loads urllib.parse).
+    spec = store.backend.worker_spec() if jobs > 1 and files >= threshold else None
+    if spec is not None:
         return WorkerPool(*spec, jobs=jobs)
-    return ThreadRunner(store, min(jobs, max(1, store.backend.limits.max_concurrency)))
+    return ThreadRunner(store, _threads(store, jobs))
+
+
+def open_checkout_runner(
+    store: VerifiedBlobs, jobs: int, files: int, threshold: int
+) -> Runner | InlineRunner:
+    """:func:`open_runner` for checkout, whose batches need no future's callbacks: where it
+    would run them on one thread, they run in the caller's (:class:`InlineRunner`)."""
+    if jobs > 1 and files >= threshold or _threads(store, jobs) > 1:
+        return open_runner(store, jobs, files, threshold)
+    return InlineRunner(store)
+
+
+def _threads(store: VerifiedBlobs, jobs: int) -> int:
+    return min(jobs, max(1, store.backend.limits.max_concurrency))

@@ -12,14 +12,22 @@ import errno
 import os
 import stat
 from collections.abc import Callable
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 from casframe.digest import CHUNK_SIZE, Digest
 from casframe.errors import CheckoutError, UnsupportedFileTypeError
-from casframe.statcache import FileStat
+from casframe.lazy import lazy_module
 
 if TYPE_CHECKING:
+    from casframe import statcache
     from casframe.blobs import VerifiedBlobs
+    from casframe.directory import FileEntry
+    from casframe.statcache import FileStat
+else:
+    # Only import reads file times into the stat cache's records: a checkout (and a helper
+    # that only links) does not load it, nor hashlib and struct with it.
+    statcache = lazy_module("casframe.statcache")
 
 __all__ = [
     "Copy",
@@ -46,8 +54,10 @@ _LINK_REFUSED = frozenset({errno.EXDEV, errno.EMLINK, errno.EPERM})
 
 #: A file to copy: its path on disk, its digest, whether it is executable.
 Copy = tuple[str, Digest, bool]
-#: Files to hardlink: directories (paths) with the ``(name, digest)`` of each file to link there.
-LinkTask = list[tuple[str, list[tuple[str, Digest]]]]
+#: Files to hardlink: directories (paths) with the files to link there, as the Directory decoder
+#: gives them (:data:`casframe.directory.FileEntry`: name, hash, size, executable), their
+#: digests validated by the caller. Plain tuples: they cross a helper's pipe cheaply.
+LinkTask = list[tuple[str, list["FileEntry"]]]
 
 
 # -- import -----------------------------------------------------------------------------------
@@ -103,7 +113,7 @@ def _read_small(fd: int, size: int, start: bytes = b"") -> bytes:
 
 #: What :func:`import_files` reports for each file it stored: its digest (hash and size),
 #: whether it is executable and what ``fstat`` said of it before it was read.
-Stored = tuple[str, int, bool, FileStat]
+Stored = tuple[str, int, bool, "FileStat"]
 
 
 def import_files(store: VerifiedBlobs, batch: list[str]) -> tuple[list[Stored], bool]:
@@ -122,7 +132,7 @@ def import_files(store: VerifiedBlobs, batch: list[str]) -> tuple[list[Stored], 
     pending_bytes = 0
     # Names bound once: this loop runs once per file, and a small file costs only a few
     # microseconds of system calls and hashing.
-    read, close, of_bytes, filestat = os.read, os.close, Digest.of_bytes, FileStat.of
+    read, close, of_bytes, filestat = os.read, os.close, Digest.of_bytes, statcache.FileStat.of
     function = store.function
     for path in batch:
         fd, st = open_regular(path)
@@ -180,8 +190,16 @@ def link_files(store: VerifiedBlobs, work: tuple[str, bool, LinkTask]) -> tuple[
     ``strict``, a refused link is an error)."""
     dest, strict, task = work
     blobs = store.backend
+    trusted = Digest._trusted  # validated by the caller, with the rest of the tree
     linked = 0
-    for position, (path, links) in enumerate(task):
+    for position, (path, files) in enumerate(task):
+        if not files:
+            continue
+        names, hashes, sizes, _ = zip(*files, strict=True)
+        # The (name, Digest) pairs link_blobs takes, built by loops in C (Digest._trusted's
+        # tuple.__new__ over the columns): no Python code per file.
+        digests = map(tuple.__new__, repeat(Digest), zip(hashes, sizes, strict=True))
+        links = list(zip(names, digests, strict=True))
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
@@ -198,7 +216,9 @@ def link_files(store: VerifiedBlobs, work: tuple[str, bool, LinkTask]) -> tuple[
             linked += sum(1 for n, _ in links if n in made)
             rest = [(os.path.join(path, n), d, False) for n, d in links if n not in made]
             for later_path, later in task[position + 1 :]:
-                rest += [(os.path.join(later_path, n), d, False) for n, d in later]
+                rest += [
+                    (os.path.join(later_path, n), trusted(h, s), False) for n, h, s, _ in later
+                ]
             return linked, rest
         finally:
             os.close(fd)

@@ -15,7 +15,6 @@ the foreground group, and it is the parent that decides to stop.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import importlib
 import os
 import signal
@@ -46,7 +45,9 @@ def _die_with_parent(parent: int) -> None:
     pool of helpers lives within one import or checkout call, on the thread that made it.
     """
     if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The interpreter's own symbols, libc's among them: no library search (ctypes.util
+        # would load subprocess, shutil and tempfile to start every helper).
+        libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # died before the request above: no signal will come
         os._exit(1)

@@ -493,7 +493,7 @@ class LocalBlobStore(LocalBlobMaintenance):
         stat_, link, regular = os.stat, os.link, stat.S_ISREG
         for name, digest in links:
             hash_ = digest[0]
-            rel = object_name(hash_)
+            rel = f"{hash_[:2]}/{hash_[2:]}"  # object_name(hash_), without a call per file
             try:
                 st = stat_(rel, dir_fd=objfd, follow_symlinks=False)
             except _NOT_AN_OBJECT:
