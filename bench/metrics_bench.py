@@ -129,8 +129,8 @@ def server(store_url: str, extra: list[str], prefix: tuple[str, ...] = ()
     """A ``casframe serve`` process (run under ``prefix``, e.g. valgrind); yields its address
     and the process, and stops it gracefully (SIGTERM) at the end."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if prefix:
-        env.pop("PYTHONDONTWRITEBYTECODE", None)  # else .pyc files go stale under valgrind
+    # Compiled once and kept: else every server under valgrind would count compiling too.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     process = subprocess.Popen(
         # One process: the CPU read from /proc is then that of the process serving (by
         # default `casframe serve` starts a worker per core under a supervisor that serves none).
@@ -249,6 +249,7 @@ def main() -> None:
         extra = observed[args.observe]
         one_run(args, store_url, [], load, filled)  # the load stores what it reads: not counted
         if args.instructions:
+            one_run(args, store_url, extra, load, filled)  # compiles what metrics import
             instructions(args, store_url, extra, load, filled)
         else:
             compare(args, store_url, extra, load, filled)
