@@ -9,7 +9,8 @@ load, with and without ``--metrics-listen`` and ``--access-log``, in alternating
 
 Each run starts a new ``casframe serve --workers 1`` process over one ``file://`` store (filled
 once, not timed), points a load at it, and stops it. A first run, not counted, lets the load
-store what it reads, so that no counted run does that work. Then runs go in pairs, plain and
+store what it reads and what it writes (``bench/load.py``'s Writes send the same blobs in every
+run), so that every counted run does the same work. Then runs go in pairs, plain and
 observed, the order swapped from one pair to the next (plain first, then observed first), so
 that a drift of the machine or of the store during the runs counts against both alike; the
 figure that counts is the median of the observed runs over the median of the plain ones
@@ -152,14 +153,16 @@ def server(store_url: str, extra: list[str], prefix: tuple[str, ...] = ()
 
 
 def one_run(args: argparse.Namespace, store_url: str, extra: list[str], load: Path | None,
-            filled: tuple[list[Digest], list[Digest]]) -> tuple[float, float]:
+            filled: tuple[list[Digest], list[Digest]], requests: int | None = None
+            ) -> tuple[float, float]:
     """Requests per second, and the server's CPU milliseconds per request (the figure a busy
     machine disturbs least: other processes' load slows the run, not the work per call)."""
+    requests = requests or args.requests
     with server(store_url, extra) as (target, process):
         before = cpu_seconds(process.pid)
-        rate, timed_cpu = run_load(args, target, load, filled, process.pid)
+        rate, timed_cpu = run_load(args, target, load, filled, process.pid, requests)
         if timed_cpu is None:  # a load that does not read the server's CPU itself
-            timed_cpu = (cpu_seconds(process.pid) - before) * 1000 / args.requests
+            timed_cpu = (cpu_seconds(process.pid) - before) * 1000 / requests
         return rate, timed_cpu
 
 
@@ -247,7 +250,10 @@ def main() -> None:
         }
         observed["both"] = observed["metrics"] + observed["access-log"]
         extra = observed[args.observe]
-        one_run(args, store_url, [], load, filled)  # the load stores what it reads: not counted
+        # Not counted: the load stores what it reads, and its Writes' blobs (the same ones in
+        # every run of as many requests or fewer), so that each counted run does the same work.
+        most = args.requests * (3 if args.instructions else 1)
+        one_run(args, store_url, [], load, filled, most)
         if args.instructions:
             one_run(args, store_url, extra, load, filled)  # compiles what metrics import
             instructions(args, store_url, extra, load, filled)
