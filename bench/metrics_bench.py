@@ -1,7 +1,7 @@
 """What metrics and the access log cost ``casframe serve``: requests per second under the same
 load, with and without ``--metrics-listen`` and ``--access-log``, in alternating runs.
 
-    .venv/bin/python bench/metrics_bench.py [--quick] [--pairs 3] [--requests 6000]
+    .venv/bin/python bench/metrics_bench.py [--quick] [--pairs 4] [--requests 6000]
                                             [--clients 16] [--observe both|metrics|access-log]
                                             [--load bench/load.py] [--instructions]
 
@@ -222,7 +222,8 @@ def instructions(args: argparse.Namespace, store_url: str, extra: list[str],
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 pairs of 2,000 requests")
-    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=4,
+                        help="pairs of runs (default 4: as many with plain first as second)")
     parser.add_argument("--requests", type=int, default=None,
                         help="requests a run (default 6,000; 300 with --instructions)")
     parser.add_argument("--clients", type=int, default=16)
