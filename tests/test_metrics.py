@@ -256,12 +256,30 @@ def _handled_capabilities(exposition: str) -> float | None:
     )
 
 
+def test_one_serving_process_keeps_its_metrics_in_memory(tmp_path: Path) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    with serve_process(
+        f"file://{tmp_path}/store", "--workers", "1", "--metrics-listen", "127.0.0.1:0",
+        env={**env, "TMPDIR": str(temp)},
+    ) as (process, port):
+        url = _metrics_url(process)
+        _capabilities(port, 2)
+        exposition = scrape(url)
+        assert _handled_capabilities(exposition) == 2
+        assert metric_value(exposition, "casframe_server_streams_in_flight") == 0
+        assert metric_value(exposition, "casframe_cache_reads_total", result="hit") == 0
+        assert "_created" not in exposition  # the same series as with several processes
+        assert list(temp.iterdir()) == []  # no files to add up
+
+
 def test_serve_exposes_metrics_over_http_and_cleans_up_its_folder(tmp_path: Path) -> None:
     temp = tmp_path / "tmp"
     temp.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     with serve_process(
-        f"file://{tmp_path}/store", "--metrics-listen", "127.0.0.1:0",
+        f"file://{tmp_path}/store", "--workers", "2", "--metrics-listen", "127.0.0.1:0",
         env={**env, "TMPDIR": str(temp)},
     ) as (process, port):
         url = _metrics_url(process)

@@ -184,17 +184,21 @@ def serve_command(
     }
     observers = Observers(metrics=metrics_listen is not None, access_log=access_log)
     with contextlib.ExitStack() as stack:
-        if observers.metrics:
-            metrics_folder(stack)  # before prometheus_client is imported, here or in a worker
         store = source.open(create=not read_only)
         try:
             count = worker_count(workers, store.url, listen)
             if count == 1:
+                # One process keeps its metrics in its own memory, with no files to add up
+                # (a PROMETHEUS_MULTIPROC_DIR given is used, as prometheus_client does).
+                if observers.metrics:
+                    metrics_folder(stack, make=False)
                 _serve_in_this_process(stack, store, server_options, observers, metrics_listen)
                 return
             url = store.url
         finally:
             store.close()  # the workers open the store themselves
+        if observers.metrics:
+            metrics_folder(stack)  # before prometheus_client is imported, here or in a worker
         if access_log is not None:
             check_access_log(access_log)  # once, here, rather than once per worker
         metrics_url = None if metrics_listen is None else stack.enter_context(
@@ -213,7 +217,7 @@ def _serve_in_this_process(stack: contextlib.ExitStack, store: Store,
                            metrics_listen: str | None) -> None:
     sinks = call_sinks(stack, store, observers)
     metrics_url = None if metrics_listen is None else stack.enter_context(
-        serve_metrics(metrics_listen)
+        serve_metrics(metrics_listen, sinks)
     )
     server = casframe.server.Server(store, **server_options, call_sinks=sinks)
 

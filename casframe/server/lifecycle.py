@@ -19,7 +19,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -124,18 +124,19 @@ class Observers:
     access_log: str | None = None
 
 
-def metrics_folder(stack: contextlib.ExitStack) -> None:
+def metrics_folder(stack: contextlib.ExitStack, *, make: bool = True) -> None:
     """Make sure ``PROMETHEUS_MULTIPROC_DIR`` names a folder before prometheus_client is first
     imported (it decides then), in this process and the workers it starts: metrics are kept in
     files there, so that every process's add up. A folder made here is removed when ``stack``
-    closes; one given in the environment is used and left alone."""
+    closes; one given in the environment is used and left alone. With ``make`` false (one
+    process serves, and keeps its metrics in its own memory), a given folder is only checked."""
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if given is not None and not os.path.isdir(given):
         raise ConfigError(
             f"PROMETHEUS_MULTIPROC_DIR is {given!r}, which is not a folder: create it (empty), "
             "or unset it and casframe serve makes one of its own"
         )
-    if given is None:
+    if given is None and make:
         folder = tempfile.mkdtemp(prefix="casframe-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
         stack.callback(shutil.rmtree, folder, ignore_errors=True)
@@ -160,8 +161,10 @@ def check_access_log(target: str) -> None:
 
 
 @contextlib.contextmanager
-def serve_metrics(listen: str) -> Iterator[str]:
-    """Serve the sum of every process's metrics (see :func:`metrics_folder`) over HTTP on
-    ``listen`` while the block runs; yields the URL to scrape."""
-    with metrics.serve_metrics(listen) as url:
+def serve_metrics(listen: str, sinks: Sequence[CallSink] = ()) -> Iterator[str]:
+    """Serve the sum of every process's metrics (see :func:`metrics_folder`), or those of the
+    one process serving (the metrics among ``sinks``), over HTTP on ``listen`` while the block
+    runs; yields the URL to scrape."""
+    own = next((sink for sink in sinks if isinstance(sink, metrics.ServerMetrics)), None)
+    with metrics.serve_metrics(listen, own) as url:
         yield url

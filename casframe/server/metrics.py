@@ -9,9 +9,10 @@ misses. :func:`serve_metrics` exposes them over HTTP for Prometheus to scrape.
 
 Several server processes add up: when ``PROMETHEUS_MULTIPROC_DIR`` was set before this module
 was first imported, each process's values are kept in files there and the exposition sums them
-(``casframe serve`` sets it up; see :func:`multiprocess_dir`). The counters and the histogram
-every call updates are kept by :class:`_Values` (plain numbers under one lock per call, copied
-into files of prometheus_client's multiprocess format); the rest are prometheus_client's own.
+(``casframe serve`` sets it up when it starts worker processes; see :func:`multiprocess_dir`).
+The counters and the histogram are kept by :class:`_Values` (plain numbers under one lock per
+call, copied into files of prometheus_client's multiprocess format when there are several
+processes); the streams gauge is prometheus_client's own.
 
 Imported only by the server when metrics are asked for: ``casframe --help`` and other
 commands never load prometheus_client. This module must never expose a server path, a store
@@ -29,7 +30,7 @@ import threading
 from collections.abc import Iterator
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, multiprocess, values
+from prometheus_client import CollectorRegistry, Gauge, multiprocess, values
 from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
@@ -122,7 +123,7 @@ class _Values:
             file = self._files.get(kind)
             if file is None:
                 # Not the file prometheus_client keeps this process's own values in (the
-                # streams gauge, the cache counters): each file has a single writer.
+                # streams gauge's): each file has a single writer.
                 path = os.path.join(self._folder, f"{kind}_casframe-{self._pid}.db")
                 file = self._files[kind] = MmapedDict(path)
             start = file.read_value(key)[0]  # adds the key to the file
@@ -283,6 +284,13 @@ class ServerMetrics:
             action_cache := _Family(
                 numbers, "counter", "casframe_action_cache_lookups",
                 "GetActionResult calls by result: hit (OK) or miss (NOT_FOUND).", ("result",)),
+            cache_reads := _Family(
+                numbers, "counter", "casframe_cache_reads",
+                "Blob reads of a cache:// store by result: hit (served by its local store) or "
+                "miss (fetched from its remote).", ("result",)),
+            cache_filled := _Family(
+                numbers, "counter", "casframe_cache_filled_bytes",
+                "Bytes a cache:// store copied from its remote into its local store."),
         ]
         self.started, self.handled, self.handling_seconds = started, handled, seconds
         self.bytes_received, self.bytes_sent = received, sent
@@ -298,16 +306,8 @@ class ServerMetrics:
             "Streaming calls in progress (ByteStream Read and Write, GetTree).",
             registry=registry, multiprocess_mode="livesum",
         )
-        self.cache_reads = Counter(
-            "casframe_cache_reads",
-            "Blob reads of a cache:// store by result: hit (served by its local store) or "
-            "miss (fetched from its remote).", ["result"], registry=registry,
-        )
-        self.cache_filled_bytes = Counter(
-            "casframe_cache_filled_bytes",
-            "Bytes a cache:// store copied from its remote into its local store.",
-            registry=registry,
-        )
+        self.cache_hits, self.cache_misses = cache_reads.child("hit"), cache_reads.child("miss")
+        self.cache_filled_bytes = cache_filled.child()
         self._methods: dict[str, _MethodSeries] = {}
         follower = _CacheFollower(store, self) if store is not None else None
         self._cache = follower if follower is not None and follower.active else None
@@ -394,8 +394,8 @@ class _CacheFollower:
 
     def __init__(self, store: Store, metrics: ServerMetrics) -> None:
         self._blobs = store.blobs
-        self._hits = metrics.cache_reads.labels("hit")
-        self._misses = metrics.cache_reads.labels("miss")
+        self._values = metrics.values
+        self._hits, self._misses = metrics.cache_hits, metrics.cache_misses
         self._filled = metrics.cache_filled_bytes
         self._lock = threading.Lock()
         self._seen = (0, 0, 0)
@@ -415,14 +415,13 @@ class _CacheFollower:
         if counts is None:
             return
         with self._lock:
-            hits, misses, filled = (a - b for a, b in zip(counts, self._seen, strict=True))
+            changes = [(a - b) for a, b in zip(counts, self._seen, strict=True)]
             self._seen = counts
-        if hits > 0:
-            self._hits.inc(hits)
-        if misses > 0:
-            self._misses.inc(misses)
-        if filled > 0:
-            self._filled.inc(filled)
+        with self._values.lock:
+            for index, change in zip((self._hits, self._misses, self._filled), changes,
+                                     strict=True):
+                if change > 0:
+                    self._values.add(index, change)
 
 
 def exposition_registry(metrics: ServerMetrics | None = None) -> CollectorRegistry:
