@@ -8,14 +8,19 @@ Ctrl-C leave no process behind and nothing half-visible in the store.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import random
 import re
 import signal
 import stat
+import struct
 import subprocess
 import sys
+import termios
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,6 +163,35 @@ def test_a_helper_answers_batches_and_raises_typed_errors(
     assert len(spawned) == 1
     assert_gone(spawned)
     assert spawned[0].returncode == 0
+
+
+def test_cancelling_stops_a_helper_that_reads_no_more_work(
+    local_store: Store, tmp_path: Path, spawned: list[subprocess.Popen[Any]]
+) -> None:
+    # A helper that stopped reading (hung, or stopped) while its feeder writes a batch larger
+    # than the pipe holds: shutdown(cancel=True) (Ctrl-C) must kill it, not wait on the feeder
+    # that is blocked in that write.
+    (tmp_path / "a").write_bytes(b"hello")
+    workers = pool.WorkerPool(*local_store.blobs.worker_spec(), jobs=1)
+    done = threading.Event()
+    try:
+        workers.submit(import_files, [str(tmp_path / "a")]).result()  # greeted, at work
+        os.kill(spawned[0].pid, signal.SIGSTOP)
+        workers.submit(import_files, [str(tmp_path / f"{i:0200}") for i in range(4000)])
+        requests = workers.helpers[0].requests.fileno()
+        while struct.unpack("i", fcntl.ioctl(requests, termios.FIONREAD, b"\0" * 4))[0] < 60000:
+            time.sleep(0.01)  # until the pipe is full: the feeder is blocked in its write
+        stopper = threading.Thread(
+            target=lambda: (workers.shutdown(cancel=True), done.set()), daemon=True
+        )
+        stopper.start()
+        stopper.join(timeout=HANG_GUARD)
+        assert done.is_set(), "shutdown(cancel=True) hangs on a helper that reads no more"
+    finally:
+        for process in spawned:
+            with contextlib.suppress(OSError):
+                process.kill()
+    assert_gone(spawned)
 
 
 def test_a_helper_that_cannot_open_the_store_says_why(

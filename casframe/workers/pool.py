@@ -246,11 +246,13 @@ class _Helper:
         return WorkerError(f"helper process {self.process.pid} {how} in the middle of its work")
 
     def stop(self, *, kill: bool) -> None:
-        with contextlib.suppress(OSError):
-            self.requests.close()  # end of work: the helper exits when it reads this
         if kill:
+            # Before closing the pipe: the feeder may be blocked writing a batch to a helper
+            # that reads no more (hung, or stopped), and closing waits for that write to end.
             with contextlib.suppress(OSError):
                 self.process.kill()
+        with contextlib.suppress(OSError):
+            self.requests.close()  # end of work: the helper exits when it reads this
         try:
             _wait_exit(self.process, _EXIT_GRACE_S)
         except subprocess.TimeoutExpired:
