@@ -15,6 +15,7 @@ Each helper's pid is printed on its own line (``helper PID``) as it is started. 
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import subprocess
@@ -29,6 +30,9 @@ _spawn = pool._spawn
 
 
 def main(store_dir: str, source: str, mode: str) -> int:
+    # A run that hangs prints every thread's stack (to the stderr the test shows) and exits
+    # well before the test's own guard gives up on it.
+    faulthandler.dump_traceback_later(90, exit=True)
     started: list[subprocess.Popen[Any]] = []
 
     def spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[Any]:
