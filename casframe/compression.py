@@ -107,28 +107,17 @@ class _CountingSink:
 
 
 def _whole_frame(data: bytes | memoryview) -> int:
-    """The content size ``data`` declares if it is exactly one zstd frame that declares it
-    (its blocks' headers walked to its end), else -1."""
+    """The content size ``data``'s frame header declares if it starts a zstd frame that
+    declares one, else -1 (whether it is that one frame and nothing more, the decoding says:
+    ``allow_extra_data=False``)."""
     view = memoryview(data).cast("B")
     if bytes(view[:4]) != _FRAME_MAGIC:
         return -1
     try:
         size = zstandard.frame_content_size(view)
-        offset = zstandard.frame_header_size(view)
-        checksum = zstandard.get_frame_parameters(view).has_checksum
     except zstandard.ZstdError:
         return -1
-    end = len(view)
-    last = 0
-    while not last:
-        if offset + 3 > end:
-            return -1
-        header = view[offset] | view[offset + 1] << 8 | view[offset + 2] << 16
-        last, kind = header & 1, (header >> 1) & 3
-        if kind == 3:  # reserved
-            return -1
-        offset += 3 + (1 if kind == 1 else header >> 3)  # an RLE block holds one byte
-    return size if offset + 4 * checksum == end else -1
+    return size if size >= 0 else -1
 
 
 class ZstdDecoder:
@@ -179,8 +168,8 @@ class ZstdDecoder:
         if size < 0 or size > min(_WHOLE_FRAME, self.limit - self.decoded):
             return False
         try:
-            content = _decompressor(self.max_window).decompress(data)
-        except zstandard.ZstdError:
+            content = _decompressor(self.max_window).decompress(data, allow_extra_data=False)
+        except zstandard.ZstdError:  # not one whole frame (or not valid): streamed instead
             return False
         if len(content) != size:
             return False
