@@ -33,6 +33,10 @@ def main(store_dir: str, source: str, mode: str) -> int:
     # A run that hangs prints every thread's stack (to the stderr the test shows) and exits
     # well before the test's own guard gives up on it.
     faulthandler.dump_traceback_later(90, exit=True)
+    # Ctrl-C is what this child is tested for, so it takes SIGINT however it was started: a
+    # process inherits an ignored SIGINT, and a shell starts its background commands so (a
+    # test run started with `make test &` would otherwise hang here, as it should).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started: list[subprocess.Popen[Any]] = []
 
     def spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[Any]:
