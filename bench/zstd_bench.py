@@ -192,7 +192,12 @@ def main() -> None:
     print(f"speed, zstd / plain (median of pairs {', '.join(f'{r:.2f}' for r in speed_ratios)}):"
           f" {speed_ratio:.2f}x (target >= {_SPEED_TARGET}x) "
           f"{'met' if speed_ratio >= _SPEED_TARGET else 'MISSED'}")
-    print(f"CPU seconds, zstd / plain (client + server, medians): {cpu_ratio:.2f}x")
+    sides = {side: median("zstd", f"{side}_cpu_s") / median("plain", f"{side}_cpu_s")
+             for side in ("client", "server")}
+    summary["cpu_ratio_by_side"] = sides
+    (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    print(f"CPU seconds, zstd / plain (client + server, medians): {cpu_ratio:.2f}x "
+          f"(client {sides['client']:.2f}x, server {sides['server']:.2f}x)")
     if args.compare_inline:
         inline = [p["seconds"] / i["seconds"] for p, i in zip(runs["plain"], runs["inline"],
                                                              strict=True)]

@@ -442,10 +442,12 @@ class ByteStreamService:
             self.spool.detach(upload)
 
     def _put_single(self, store: Store, name: ResourceName, data: memoryview) -> None:
-        content = bytes(data)
         if name.compressed:
-            content = decompress(content, name.digest.size, what=self._stream_what(name),
+            # Decoded straight from the message: only the decoded content is a new copy.
+            content = decompress(data, name.digest.size, what=self._stream_what(name),
                                  max_window=self.settings.zstd_max_window_bytes)
+        else:
+            content = bytes(data)
         store.put_bytes(content, name.digest)
 
     @staticmethod
