@@ -129,14 +129,14 @@ def test_uploads_send_each_piece_as_a_zstd_frame_of_its_own() -> None:
     assert b"".join(decode_chunks([empty], limit=0, what="nothing")) == b""
 
 
-@pytest.mark.parametrize("threads", [None, 0])
+@pytest.mark.parametrize("threads", [None, 2])
 def test_an_upload_from_a_buffer_refilled_after_each_write_arrives_whole(
     remote: Callable[[str], Store], server_store: Store, threads: int | None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Uploads compress their pieces in other threads while the writer goes on: a piece must
-    # be taken as it was when written, though the caller refills its buffer at once. Without
-    # those threads (0), each is compressed as it is written.
+    # With compressing threads (2), uploads compress their pieces there while the writer goes
+    # on: a piece must be taken as it was when written, though the caller refills its buffer
+    # at once. Without them (the default), each is compressed as it is written.
     if threads is not None:
         monkeypatch.setattr(client_compression, "COMPRESS_THREADS", threads)
     zstd = remote("?compression=zstd")

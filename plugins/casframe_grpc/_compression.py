@@ -13,7 +13,6 @@ backend logs it at debug level when it closes, and ``GrpcBlobStore.wire`` holds 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,11 +38,15 @@ COMPRESSIONS = ("none", ZSTD)
 # A batch entry is sent compressed only when that saves at least this many bytes: below it the
 # compressor field and the server's decoding cost more than they save.
 _LEAST_SAVING = 16
-# Threads compressing the messages of ByteStream uploads (zstd releases the GIL while it works):
-# one a core, so that an upload's pieces compress on every core while its own thread reads and
-# hashes the next ones. 0: compressed where they are cut (what bench/zstd_bench.py's
-# --compare-inline measures against).
-COMPRESS_THREADS = max(1, min(4, os.cpu_count() or 1))
+# Threads compressing the messages of ByteStream uploads and large batch entries (zstd releases
+# the GIL while it works). 0, the default: each piece is compressed in the thread that cuts it,
+# and the max_concurrency calls in flight already compress on every core. Handing every piece
+# to a thread of its own (one a core, at most 4: what bench/zstd_bench.py's --compare-threads
+# sets) cost more CPU in each of three alternated runs (the push's client and server together
+# 1.48x the plain push's against 1.34x, 1.66x against 1.58x, 1.56x against 1.36x) and was
+# slower in each (0.91x, 0.65x, 0.86x the speed): each hand-over adds a wake-up, a wait for the
+# interpreter's lock and a thread switch, on cores that client and server already share.
+COMPRESS_THREADS = 0
 # Batch entries at least this large are compressed in those threads; smaller ones where they
 # are packed: handing one over costs tens of microseconds, about what compressing 10 KiB does.
 _COMPRESS_APART = 64 << 10
@@ -79,9 +82,10 @@ class WireStats:
 
 
 class Compressing:
-    """The threads one store compresses in, started when first needed: zstd releases the
-    interpreter's lock while it works, so content compresses there, on every core, while the
-    thread that handed it over goes on reading and hashing what comes next."""
+    """Where one store compresses: by default (``COMPRESS_THREADS`` 0) in the thread that
+    hands the content over, at once; else in threads of its own, started when first needed
+    (zstd releases the interpreter's lock while it works, so content compresses there while the
+    thread that handed it over goes on reading and hashing what comes next)."""
 
     def __init__(self, level: int = DEFAULT_LEVEL, threads: int | None = None) -> None:
         self.level = level
