@@ -88,6 +88,17 @@ def warm(folder: Path) -> None:
                     pass
 
 
+def user_system_s(pid: int | None = None) -> tuple[float, float]:
+    """User and system CPU seconds of this process (all its threads), or of process ``pid``."""
+    if pid is None:
+        times = os.times()
+        return times.user, times.system
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def push(source: Any, root: Any, work: Path, name: str, query: str, log: Path) -> dict[str, Any]:
     import casframe_grpc._compression as client_compression
 
@@ -100,21 +111,24 @@ def push(source: Any, root: Any, work: Path, name: str, query: str, log: Path) -
     try:
         os.sync()  # untimed: earlier pushes' dirty pages are not written during this one
         warm(work / "source")  # untimed: both pushes read the source from memory
-        server_before = served.cpu_s()  # its start-up is not the push's
+        server_before = user_system_s(served.process.pid)  # its start-up is not the push's
         started = time.perf_counter()
-        cpu = time.process_time()
+        client_before = user_system_s()
         with open_store(f"grpc://127.0.0.1:{served.port}{query}") as dest:
             result = source.push(dest, root)
             wire = dest.blobs.wire
             seconds = time.perf_counter() - started
-            client_cpu = time.process_time() - cpu
-        server_cpu = served.cpu_s() - server_before
+            client = [after - before for after, before in zip(user_system_s(), client_before,
+                                                              strict=True)]
+        server = [after - before for after, before in zip(user_system_s(served.process.pid),
+                                                          server_before, strict=True)]
     finally:
         client_compression.COMPRESS_THREADS = threads
         served.stop()
     return {"seconds": seconds, "content_bytes": wire.content_sent, "wire_bytes": wire.wire_sent,
-            "blobs_sent": result.blobs_sent, "client_cpu_s": client_cpu,
-            "server_cpu_s": server_cpu}
+            "blobs_sent": result.blobs_sent, "client_cpu_s": sum(client),
+            "server_cpu_s": sum(server), "client_user_s": client[0], "client_system_s": client[1],
+            "server_user_s": server[0], "server_system_s": server[1]}
 
 
 def main() -> None:
@@ -160,8 +174,10 @@ def main() -> None:
                     print(f"{rep} {mode:5} {outcome['seconds']:6.2f} s  "
                           f"{outcome['wire_bytes'] / MiB:7.1f} MiB sent of "
                           f"{outcome['content_bytes'] / MiB:.1f} MiB  "
-                          f"CPU client {outcome['client_cpu_s']:.2f} s, "
-                          f"server {outcome['server_cpu_s']:.2f} s", flush=True)
+                          f"CPU (user+system) client {outcome['client_user_s']:.2f}+"
+                          f"{outcome['client_system_s']:.2f} s, server "
+                          f"{outcome['server_user_s']:.2f}+{outcome['server_system_s']:.2f} s",
+                          flush=True)
     finally:
         load = os.getloadavg()
         if not args.keep:
@@ -186,7 +202,9 @@ def main() -> None:
     (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     for mode in runs:
         print(f"{mode} push: median {median(mode, 'seconds'):.2f} s, CPU client "
-              f"{median(mode, 'client_cpu_s'):.2f} s + server {median(mode, 'server_cpu_s'):.2f} s")
+              f"{median(mode, 'client_cpu_s'):.2f} s (user {median(mode, 'client_user_s'):.2f}) "
+              f"+ server {median(mode, 'server_cpu_s'):.2f} s "
+              f"(user {median(mode, 'server_user_s'):.2f})")
     print(f"bytes sent, zstd / plain: {bytes_ratio:.1%} (target <= {_BYTES_TARGET:.0%}) "
           f"{'met' if bytes_ratio <= _BYTES_TARGET else 'MISSED'}")
     print(f"speed, zstd / plain (median of pairs {', '.join(f'{r:.2f}' for r in speed_ratios)}):"
@@ -196,8 +214,13 @@ def main() -> None:
              for side in ("client", "server")}
     summary["cpu_ratio_by_side"] = sides
     (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    user = {mode: median(mode, "client_user_s") + median(mode, "server_user_s") for mode in runs}
+    summary["user_cpu_ratio"] = user["zstd"] / user["plain"]
+    (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     print(f"CPU seconds, zstd / plain (client + server, medians): {cpu_ratio:.2f}x "
-          f"(client {sides['client']:.2f}x, server {sides['server']:.2f}x)")
+          f"(client {sides['client']:.2f}x, server {sides['server']:.2f}x); user CPU alone "
+          f"{user['zstd'] / user['plain']:.2f}x (the server's system time, mostly creating "
+          "files, is what the machine's other work moves most)")
     if args.compare_threads:
         threads = [p["seconds"] / t["seconds"] for p, t in zip(runs["plain"], runs["threads"],
                                                               strict=True)]
@@ -208,7 +231,8 @@ def main() -> None:
         (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
         print(f"with compressing threads: speed, zstd / plain (pairs "
               f"{', '.join(f'{r:.2f}' for r in threads)}): {statistics.median(threads):.2f}x; "
-              f"CPU {cpu['threads'] / cpu['plain']:.2f}x; with threads / without: speed "
+              f"CPU {cpu['threads'] / cpu['plain']:.2f}x (user "
+              f"{user['threads'] / user['plain']:.2f}x); with threads / without: speed "
               f"{statistics.median(threaded):.2f}x")
     print(f"load average at the start: {load_before[0]:.1f} {load_before[1]:.1f} "
           f"{load_before[2]:.1f}; at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; "

@@ -41,11 +41,11 @@ _LEAST_SAVING = 16
 # Threads compressing the messages of ByteStream uploads and large batch entries (zstd releases
 # the GIL while it works). 0, the default: each piece is compressed in the thread that cuts it,
 # and the max_concurrency calls in flight already compress on every core. Handing every piece
-# to a thread of its own (one a core, at most 4: what bench/zstd_bench.py's --compare-threads
-# sets) cost more CPU in each of three alternated runs (the push's client and server together
-# 1.48x the plain push's against 1.34x, 1.66x against 1.58x, 1.56x against 1.36x) and was
-# slower in each (0.91x, 0.65x, 0.86x the speed): each hand-over adds a wake-up, a wait for the
-# interpreter's lock and a thread switch, on cores that client and server already share.
+# to threads of its own (one a core, at most 4: what bench/zstd_bench.py's --compare-threads
+# sets) took the same user CPU (client 0.60 s against 0.61 s for 96 MiB) but pushed more slowly
+# in four of five alternated runs on a loaded machine (0.65x to 0.91x the speed; once 1.20x):
+# each hand-over adds a wake-up, a wait for the interpreter's lock and a thread switch, and on
+# cores that client and server share, every wake-up can wait its turn.
 COMPRESS_THREADS = 0
 # Batch entries at least this large are compressed in those threads; smaller ones where they
 # are packed: handing one over costs tens of microseconds, about what compressing 10 KiB does.
