@@ -207,7 +207,8 @@ class Digest(tuple[str, int]):
         file): a mapped page of a file truncated meanwhile would kill the process (SIGBUS).
         With ``arriving``, the file is still being filled by its owner: ``arriving(end)``
         waits until the first ``end`` bytes are there and returns ``end``, or fewer once the
-        filling ended: the file ends there. Only the bytes it reports are mapped.
+        filling ended: the file ends there. Only the bytes it reports are mapped. Where the
+        file system cannot map the file, each window is read into a buffer instead.
         """
         if arriving is None:
             size = os.fstat(fd).st_size
@@ -215,11 +216,13 @@ class Digest(tuple[str, int]):
         hasher = Hasher(function, threaded=True)
         offset = 0
         while (end := arriving(offset + _MAP_WINDOW)) > offset:
-            with (
-                mmap.mmap(fd, end - offset, access=mmap.ACCESS_READ, offset=offset) as window,
-                memoryview(window) as view,
-            ):
-                hasher.update(view)
+            try:
+                window = mmap.mmap(fd, end - offset, access=mmap.ACCESS_READ, offset=offset)
+            except OSError:  # a file system without shared maps (some FUSE ones): read it
+                _hash_read(fd, offset, end, hasher)
+            else:
+                with window, memoryview(window) as view:
+                    hasher.update(view)
             offset = end
         return hasher.digest()
 
@@ -276,6 +279,17 @@ class Hasher:
 
     def digest(self) -> Digest:
         return Digest._trusted(self._h.hexdigest(), self.size)
+
+
+def _hash_read(fd: int, offset: int, end: int, hasher: Hasher) -> None:
+    """Hash bytes ``offset`` to ``end`` of the file ``fd`` read by ``preadv``, chunk by chunk:
+    :meth:`Digest.of_own_file` where the file cannot be mapped. A file that ends sooner is
+    hashed to its end (the size in the digest then says so)."""
+    buf = bytearray(min(CHUNK_SIZE, end - offset))
+    view = memoryview(buf)
+    while offset < end and (n := os.preadv(fd, [view[: end - offset]], offset)):
+        hasher.update(view[:n])
+        offset += n
 
 
 @functools.cache

@@ -18,6 +18,7 @@ from pathlib import Path
 import casframe_local._copy as local_copy
 import pytest
 
+import casframe.digest as casframe_digest
 from casframe import CasframeError, Digest, Store, open_store
 from casframe.testing import random_bytes
 
@@ -212,6 +213,50 @@ def test_a_file_of_one_window_is_copied_without_a_thread(
     path.write_bytes(data)
     assert store.put_file(path) == Digest.of_bytes(data, store.digest_function)
     assert [t.name for t in started] == []
+
+
+@pytest.mark.parametrize("code", [errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP])
+def test_a_file_the_kernel_cannot_copy_is_read_and_stored(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    # copy_file_range refuses (another file system, an old kernel, a file system without
+    # it): the file is read and streamed instead, and stored under its digest all the same.
+    data = random_bytes(2 * WINDOW + 999, seed=20)
+    path = tmp_path / "large.bin"
+    path.write_bytes(data)
+
+    def before(n: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    calls = on_copy_call(monkeypatch, before)
+    digest = store.put_file(path)
+    assert calls == []  # refused at the first call
+    assert digest == Digest.of_bytes(data, store.digest_function)
+    assert store.read_bytes(digest) == data
+    assert os.listdir(store.blobs.tmpdir) == []  # type: ignore[attr-defined]
+    assert copy_threads() == []
+
+
+def test_a_copy_on_a_file_system_without_shared_maps_is_hashed_by_reading(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store's temp file cannot be mapped (some FUSE file systems refuse with ENODEV):
+    # each window the copy filled is read and hashed instead, and the file is stored.
+    data = random_bytes(2 * WINDOW + 4321, seed=21)
+    path = tmp_path / "large.bin"
+    path.write_bytes(data)
+    maps: list[int] = []
+
+    def no_map(*args: object, **kwargs: object) -> None:
+        maps.append(1)
+        raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+
+    monkeypatch.setattr(casframe_digest.mmap, "mmap", no_map)
+    digest = store.put_file(path)
+    assert len(maps) == 3  # each window was tried
+    assert digest == Digest.of_bytes(data, store.digest_function)
+    assert store.read_bytes(digest) == data
+    assert copy_threads() == []
 
 
 def large_tree(root: Path) -> None:
