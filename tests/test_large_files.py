@@ -19,7 +19,8 @@ import casframe_local._copy as local_copy
 import pytest
 
 import casframe.digest as casframe_digest
-from casframe import CasframeError, Digest, Store, open_store
+from casframe import CasframeError, Digest, DigestFunction, Store, open_store
+from casframe.digestfunctions import BLAKE3
 from casframe.testing import random_bytes
 
 WINDOW = local_copy.WINDOW
@@ -257,6 +258,50 @@ def test_a_copy_on_a_file_system_without_shared_maps_is_hashed_by_reading(
     assert digest == Digest.of_bytes(data, store.digest_function)
     assert store.read_bytes(digest) == data
     assert copy_threads() == []
+
+
+def test_blake3_uses_its_own_threads_only_for_a_file_hashed_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file hashed in place while another is hashes on one thread (the files already share
+    # the cores); one hashed alone spreads over BLAKE3's threads.
+    threaded_calls: list[bool] = []
+
+    class Recording(casframe_digest.Hasher):
+        __slots__ = ()
+
+        def __init__(self, function: DigestFunction, *, threaded: bool = False) -> None:
+            threaded_calls.append(threaded)
+            super().__init__(function, threaded=threaded)
+
+    monkeypatch.setattr(casframe_digest, "Hasher", Recording)
+    first, second = random_bytes(WINDOW + 77, seed=22), random_bytes(WINDOW // 3, seed=23)
+    (tmp_path / "first").write_bytes(first)
+    (tmp_path / "second").write_bytes(second)
+    inside, go = threading.Event(), threading.Event()
+    digests: list[Digest] = []
+
+    def arriving(end: int) -> int:
+        inside.set()
+        assert go.wait(HANG_GUARD_S), "the second file was not hashed"
+        return min(end, len(first))
+
+    with open(tmp_path / "first", "rb") as f1, open(tmp_path / "second", "rb") as f2:
+        hashing = threading.Thread(
+            target=lambda: digests.append(
+                Digest.of_own_file(f1.fileno(), BLAKE3, arriving=arriving)
+            )
+        )
+        hashing.start()
+        try:
+            assert inside.wait(HANG_GUARD_S)
+            assert Digest.of_own_file(f2.fileno(), BLAKE3) == Digest.of_bytes(second, BLAKE3)
+        finally:
+            go.set()
+            hashing.join()
+        assert digests == [Digest.of_bytes(first, BLAKE3)]
+        assert Digest.of_own_file(f2.fileno(), BLAKE3) == Digest.of_bytes(second, BLAKE3)
+    assert threaded_calls == [True, False, True]  # alone, beside the first, alone again
 
 
 def large_tree(root: Path) -> None:
