@@ -35,6 +35,10 @@ CHUNK_SIZE = 1 << 20
 # count in a process's resident set).
 _MAP_WINDOW = 16 << 20
 
+# The files being hashed in place at this moment (Digest.of_own_file), by descriptor: a file
+# hashed while another is uses one thread.
+_HASHING_IN_PLACE: list[int] = []
+
 # The lengths of the supported functions' hashes (64, 96, 128 hex digits).
 _HEX_LENGTHS = frozenset(f.hex_length for f in DIGEST_FUNCTIONS.values())
 _LENGTHS_TEXT = " or ".join(
@@ -201,26 +205,31 @@ class Digest(tuple[str, int]):
         arriving: Callable[[int], int] | None = None,
     ) -> Digest:
         """Hash the whole regular file open as ``fd`` in place, through memory maps: no copy
-        into Python, and BLAKE3 spreads each window over several threads.
+        into Python.
 
         Only for a file nothing else can change while it is hashed (an upload's own temp
         file): a mapped page of a file truncated meanwhile would kill the process (SIGBUS).
+        BLAKE3 uses its own threads only when no other file is hashed so at the same time.
         With ``arriving``, the file is still being filled by its owner: ``arriving(end)``
         waits until the first ``end`` bytes are there and returns ``end``, or fewer once the
-        filling ended: the file ends there. Only the bytes it reports are mapped.
+        filling ended: the file ends there. Only the bytes it reports are mapped. Where the
+        file system cannot map the file, each window is read into a buffer instead.
         """
         if arriving is None:
             size = os.fstat(fd).st_size
             arriving = functools.partial(min, size)
-        hasher = Hasher(function, threaded=True)
-        offset = 0
-        while (end := arriving(offset + _MAP_WINDOW)) > offset:
-            with (
-                mmap.mmap(fd, end - offset, access=mmap.ACCESS_READ, offset=offset) as window,
-                memoryview(window) as view,
-            ):
-                hasher.update(view)
-            offset = end
+        # Threads of the hash function's own (BLAKE3's) only for a file hashed alone: files
+        # hashed at once already keep the cores busy, and sharing them costs CPU and, on a
+        # loaded machine, waits for each other's threads.
+        hasher = Hasher(function, threaded=not _HASHING_IN_PLACE)
+        _HASHING_IN_PLACE.append(fd)  # list.append and .remove are atomic: no lock needed
+        try:
+            offset = 0
+            while (end := arriving(offset + _MAP_WINDOW)) > offset:
+                _hash_window(fd, offset, end, hasher)
+                offset = end
+        finally:
+            _HASHING_IN_PLACE.remove(fd)
         return hasher.digest()
 
     @classmethod
@@ -276,6 +285,29 @@ class Hasher:
 
     def digest(self) -> Digest:
         return Digest._trusted(self._h.hexdigest(), self.size)
+
+
+def _hash_window(fd: int, offset: int, end: int, hasher: Hasher) -> None:
+    """Hash bytes ``offset`` to ``end`` of the file ``fd`` through a memory map, or read where
+    the file system cannot map it (some FUSE ones)."""
+    try:
+        window = mmap.mmap(fd, end - offset, access=mmap.ACCESS_READ, offset=offset)
+    except OSError:
+        _hash_read(fd, offset, end, hasher)
+        return
+    with window, memoryview(window) as view:
+        hasher.update(view)
+
+
+def _hash_read(fd: int, offset: int, end: int, hasher: Hasher) -> None:
+    """Hash bytes ``offset`` to ``end`` of the file ``fd`` read by ``preadv``, chunk by chunk:
+    :meth:`Digest.of_own_file` where the file cannot be mapped. A file that ends sooner is
+    hashed to its end (the size in the digest then says so)."""
+    buf = bytearray(min(CHUNK_SIZE, end - offset))
+    view = memoryview(buf)
+    while offset < end and (n := os.preadv(fd, [view[: end - offset]], offset)):
+        hasher.update(view[:n])
+        offset += n
 
 
 @functools.cache

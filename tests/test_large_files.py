@@ -18,7 +18,9 @@ from pathlib import Path
 import casframe_local._copy as local_copy
 import pytest
 
-from casframe import CasframeError, Digest, Store, open_store
+import casframe.digest as casframe_digest
+from casframe import CasframeError, Digest, DigestFunction, Store, open_store
+from casframe.digestfunctions import BLAKE3
 from casframe.testing import random_bytes
 
 WINDOW = local_copy.WINDOW
@@ -212,6 +214,94 @@ def test_a_file_of_one_window_is_copied_without_a_thread(
     path.write_bytes(data)
     assert store.put_file(path) == Digest.of_bytes(data, store.digest_function)
     assert [t.name for t in started] == []
+
+
+@pytest.mark.parametrize("code", [errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP])
+def test_a_file_the_kernel_cannot_copy_is_read_and_stored(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    # copy_file_range refuses (another file system, an old kernel, a file system without
+    # it): the file is read and streamed instead, and stored under its digest all the same.
+    data = random_bytes(2 * WINDOW + 999, seed=20)
+    path = tmp_path / "large.bin"
+    path.write_bytes(data)
+
+    def before(n: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    calls = on_copy_call(monkeypatch, before)
+    digest = store.put_file(path)
+    assert calls == []  # refused at the first call
+    assert digest == Digest.of_bytes(data, store.digest_function)
+    assert store.read_bytes(digest) == data
+    assert os.listdir(store.blobs.tmpdir) == []  # type: ignore[attr-defined]
+    assert copy_threads() == []
+
+
+def test_a_copy_on_a_file_system_without_shared_maps_is_hashed_by_reading(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store's temp file cannot be mapped (some FUSE file systems refuse with ENODEV):
+    # each window the copy filled is read and hashed instead, and the file is stored.
+    data = random_bytes(2 * WINDOW + 4321, seed=21)
+    path = tmp_path / "large.bin"
+    path.write_bytes(data)
+    maps: list[int] = []
+
+    def no_map(*args: object, **kwargs: object) -> None:
+        maps.append(1)
+        raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+
+    monkeypatch.setattr(casframe_digest.mmap, "mmap", no_map)
+    digest = store.put_file(path)
+    assert len(maps) == 3  # each window was tried
+    assert digest == Digest.of_bytes(data, store.digest_function)
+    assert store.read_bytes(digest) == data
+    assert copy_threads() == []
+
+
+def test_blake3_uses_its_own_threads_only_for_a_file_hashed_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file hashed in place while another is hashes on one thread (the files already share
+    # the cores); one hashed alone spreads over BLAKE3's threads.
+    threaded_calls: list[bool] = []
+
+    class Recording(casframe_digest.Hasher):
+        __slots__ = ()
+
+        def __init__(self, function: DigestFunction, *, threaded: bool = False) -> None:
+            threaded_calls.append(threaded)
+            super().__init__(function, threaded=threaded)
+
+    monkeypatch.setattr(casframe_digest, "Hasher", Recording)
+    first, second = random_bytes(WINDOW + 77, seed=22), random_bytes(WINDOW // 3, seed=23)
+    (tmp_path / "first").write_bytes(first)
+    (tmp_path / "second").write_bytes(second)
+    inside, go = threading.Event(), threading.Event()
+    digests: list[Digest] = []
+
+    def arriving(end: int) -> int:
+        inside.set()
+        assert go.wait(HANG_GUARD_S), "the second file was not hashed"
+        return min(end, len(first))
+
+    with open(tmp_path / "first", "rb") as f1, open(tmp_path / "second", "rb") as f2:
+        hashing = threading.Thread(
+            target=lambda: digests.append(
+                Digest.of_own_file(f1.fileno(), BLAKE3, arriving=arriving)
+            )
+        )
+        hashing.start()
+        try:
+            assert inside.wait(HANG_GUARD_S)
+            assert Digest.of_own_file(f2.fileno(), BLAKE3) == Digest.of_bytes(second, BLAKE3)
+        finally:
+            go.set()
+            hashing.join()
+        assert digests == [Digest.of_bytes(first, BLAKE3)]
+        assert Digest.of_own_file(f2.fileno(), BLAKE3) == Digest.of_bytes(second, BLAKE3)
+    assert threaded_calls == [True, False, True]  # alone, beside the first, alone again
 
 
 def large_tree(root: Path) -> None:
