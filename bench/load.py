@@ -1,8 +1,8 @@
 """A load generator for REAPI servers: many concurrent clients, the calls of a build's cache.
 
-    .venv/bin/python bench/load.py HOST:PORT [--requests 20000] [--clients 64]
+    .venv/bin/python bench/load.py HOST:PORT[,HOST:PORT...] [--requests 20000] [--clients 64]
                                    [--deadline 300] [--instance NAME] [--seed 1]
-                                   [--server-pids PID,PID...] [--warmup N]
+                                   [--server-pids PID,PID...] [--warmup N] [--burst 1000]
 
 First it stores what the load reads (not timed): 2,048 blobs of 4 KiB, 64 blobs of 256 KiB and
 256 action results naming some of them, through BatchUpdateBlobs, ByteStream Write and
@@ -32,6 +32,14 @@ whatever is done around it (asyncio, threads or futures alike, measured with rus
 ``--warmup N``: before the timed part, N calls of the same mix (another sequence, Writes of other
 blobs) on connections of their own, not counted: a server process that was just started then
 has its code paths run, its thread pool grown and its caches filled before it is timed.
+
+**Several servers** (comma-separated, all over one store, as bench/metrics_bench.py runs
+them): each is stored and warmed in turn, then every server answers the same ``--requests``
+calls, in bursts of ``--burst``: a burst to each server one after the other, their order
+changing from burst to burst (every order in turn), each over ``--clients`` connections of its
+own opened before the first burst and kept. The JSON line then has one entry per server under
+``targets`` (requests/s over its bursts' seconds, p50/p99, and with ``--server-pids``, one
+process per server, its CPU time per request, its busy share and each burst's figures).
 
 ``--server-pids``: the processes serving; their CPU seconds during the timed part are read
 from ``/proc`` (so CPU per request can be compared on a busy machine), and once every client is

@@ -1,23 +1,40 @@
 """What metrics and the access log cost ``casframe serve``: requests per second under the same
-load, with and without ``--metrics-listen`` and ``--access-log``, in alternating runs.
+load, with and without ``--metrics-listen`` and ``--access-log``, in the same run.
 
-    .venv/bin/python bench/metrics_bench.py [--quick] [--pairs 4] [--requests 6000]
-                                            [--clients 16] [--observe both|metrics|access-log]
-                                            [--load bench/load.py] [--instructions]
+    .venv/bin/python bench/metrics_bench.py [--quick] [--rounds 10] [--requests 6000]
+                                            [--burst 500] [--warmup 1000] [--clients 16]
+                                            [--observe both|metrics|access-log|nothing]
+                                            [--no-pin] [--load bench/load.py]
+                                            [--instructions]
 
-``--quick``: 2 pairs of 2,000 requests, a smoke run.
+``--quick``: 3 rounds of 2,000 requests (a smoke run; it cannot tell 5% apart).
 
-Each run starts a new ``casframe serve --workers 1`` process over one ``file://`` store (filled
-once, not timed), points a load at it, and stops it. A first run, not counted, lets the load
-store what it reads and what it writes (``bench/load.py``'s Writes send the same blobs in every
-run), so that every counted run does the same work. Then runs go in pairs, plain and
-observed, the order swapped from one pair to the next (plain first, then observed first), so
-that a drift of the machine or of the store during the runs counts against both alike; the
-figure that counts is the median of the observed runs over the median of the plain ones
-(target: at least 0.95). The server's CPU time per request of the timed calls (read from
-``/proc`` by ``bench/load.py --server-pids``) is printed beside it: on a shared machine it moves
-far less than requests per second, and for a server that is busy on one core it is what bounds
-requests per second.
+One ``file://`` store is filled once, and a first run, not counted, lets ``bench/load.py`` store
+what it reads and what it writes (its Writes send the same blobs in every run), so that every
+counted run does the same work. Then come rounds. Each round starts three new ``casframe serve
+--workers 1`` processes over that store: **plain**, **control** (plain again) and **observed**
+(with what ``--observe`` turns on; ``nothing``: a third plain one). One ``bench/load.py`` process
+stores and warms each (``--warmup`` calls, not counted), then sends the round's ``--requests``
+calls to each in bursts of ``--burst``: a burst to every server in turn, their order changing
+from burst to burst (every order of the three in six bursts), over connections kept open. A
+shared machine's other work (which comes and goes within seconds) thus falls on the three
+alike; what differs from one process to the next (memory layout, which comes with a new
+process) is what the control measures, and why there are several rounds.
+
+**Pinned.** On two or more cores the three servers run on the last core and the load on the
+first (``os.sched_setaffinity``; ``--no-pin`` to let the scheduler choose). Unpinned, a server
+runs its Python on one core and gRPC's threads wherever the load is not, so its requests per
+second depend on where the scheduler put what from one run to the next; pinned, it keeps its
+core busy (``busy``, its CPU seconds over the burst's seconds, ~0.99 on a quiet machine) and
+its requests per second are one over its CPU time per request.
+
+Printed for each round: each server's requests per second, CPU milliseconds per request and
+busy share, and the ratios observed/plain and control/plain; at the end, for requests per
+second and CPU per request, the median of the rounds' ratios with a bootstrap 95% interval,
+quartiles and range, and one JSON line with every figure. The target is observed/plain ≥ 0.95
+(issue 18). ``resolves_5_percent`` says whether control/plain's interval stayed within
+0.975-1.025 (the noise floor is below half the difference to tell); ``decided`` whether, besides,
+observed/plain's interval lies wholly on one side of 0.95.
 
 ``--instructions`` counts the server's instructions instead (``valgrind --tool=callgrind`` on
 the ``casframe serve`` process, the same on a busy machine as on an idle one): for plain and
@@ -25,9 +42,10 @@ observed alike, one server answers N requests and another 3N, and the difference
 request's instructions, start-up and the load's filling cancelled out (N is ``--requests``,
 default 300 here; each run takes a minute or two).
 
-The load is ``--load`` (a script taking ``HOST:PORT --requests N --clients C`` and printing one
-JSON line with ``requests_per_s``, as ``bench/load.py`` does) when given or when
-``bench/load.py`` exists; else the small built-in mix below, from one asyncio process:
+Comparing needs bench/load.py (several servers in turn). ``--instructions`` also takes another
+load script (``--load``: one taking ``HOST:PORT --requests N --clients C`` and printing one JSON
+line with ``requests_per_s``) or, when bench/load.py is absent, the small built-in mix below,
+from one asyncio process:
 
     FindMissingBlobs of 16 digests (half stored)   40%
     BatchReadBlobs of 4 blobs of 4 KiB             30%
