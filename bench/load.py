@@ -283,12 +283,18 @@ async def _calls(channel: grpc.aio.Channel, work: Workload, tally: Tally,
 
 def proc_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) process ``pid`` has used, from /proc."""
+    return sum(proc_user_system_s(pid))
+
+
+def proc_user_system_s(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds process ``pid`` has used, from /proc."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except FileNotFoundError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return math.nan, math.nan
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def connections_by_pid(pids: list[int], port: int) -> dict[int, int]:
@@ -414,7 +420,7 @@ async def alternate(targets: list[str], pids: list[int], requests: int, clients:
     prepared = prepare(work, _schedule(seed, requests))
     shared = Tally()
     tallies = [Tally(first_answer=shared.first_answer) for _ in targets]
-    seconds, cpu = [0.0] * len(targets), [0.0] * len(targets)
+    seconds, cpu, system = [0.0] * len(targets), [0.0] * len(targets), [0.0] * len(targets)
     bursts: list[list[tuple[float, float]]] = [[] for _ in targets]  # requests/s, CPU ms each
     orders = list(itertools.permutations(range(len(targets))))
     channels = [[grpc.aio.insecure_channel(target, options=OWN_CONNECTION)
@@ -427,15 +433,17 @@ async def alternate(targets: list[str], pids: list[int], requests: int, clients:
             for index in orders[number % len(orders)]:
                 next_index = iter(range(start, end + clients)).__next__
                 pid = pids[index] if pids else None
-                cpu0 = proc_cpu_s(pid) if pid else math.nan
+                user0, system0 = proc_user_system_s(pid) if pid else (math.nan, math.nan)
                 started = time.perf_counter()
                 await asyncio.wait_for(asyncio.gather(*(
                     _calls(channel, work, tallies[index], prepared, next_index, end)
                     for channel in channels[index])), give_up - time.monotonic())
                 took = time.perf_counter() - started
-                used = (proc_cpu_s(pid) if pid else math.nan) - cpu0
+                user1, system1 = proc_user_system_s(pid) if pid else (math.nan, math.nan)
+                used = user1 - user0 + system1 - system0
                 seconds[index] += took
                 cpu[index] += used
+                system[index] += system1 - system0
                 bursts[index].append((round((end - start) / took, 1),
                                       round(used * 1e3 / (end - start), 4)))
     except TimeoutError:
@@ -453,6 +461,7 @@ async def alternate(targets: list[str], pids: list[int], requests: int, clients:
             "requests_per_s": answered / seconds[index] if seconds[index] else 0.0,
             "p50_ms": _quantile(every, 0.50) * 1e3, "p99_ms": _quantile(every, 0.99) * 1e3,
             "server_cpu_ms_per_request": cpu[index] / max(answered, 1) * 1e3,
+            "server_system_ms_per_request": system[index] / max(answered, 1) * 1e3,
             "server_busy": cpu[index] / seconds[index] if seconds[index] else math.nan,
             "bursts": bursts[index],
         })

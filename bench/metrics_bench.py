@@ -188,6 +188,7 @@ class Run:
     requests_per_s: float
     cpu_ms: float
     busy: float
+    system_ms: float = math.nan  # the kernel's share of cpu_ms
     bursts: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
 
@@ -359,12 +360,13 @@ def compare(args: argparse.Namespace, store_url: str, extra: list[str], load: Pa
             result = alternate_load(args, load, [started[kind] for kind in KINDS])
         for kind, target in zip(KINDS, result["targets"], strict=True):
             runs[kind].append(Run(target["requests_per_s"], target["server_cpu_ms_per_request"],
-                                  target["server_busy"], target["bursts"]))
+                                  target["server_busy"], target["server_system_ms_per_request"],
+                                  target["bursts"]))
         loads.append(os.getloadavg()[0])
         seen = {kind: runs[kind][-1] for kind in runs}
         print(f"round {round_ + 1}: " + "; ".join(
-            f"{kind} {run.requests_per_s:,.0f}/s {run.cpu_ms:.3f} ms {run.busy:.2f} busy"
-            for kind, run in seen.items()) + " | observed/plain "
+            f"{kind} {run.requests_per_s:,.0f}/s {run.cpu_ms:.3f} ms ({run.system_ms:.3f} "
+            f"system) {run.busy:.2f} busy" for kind, run in seen.items()) + " | observed/plain "
             f"{seen['observed'].requests_per_s / seen['plain'].requests_per_s:.3f}, control/"
             f"plain {seen['control'].requests_per_s / seen['plain'].requests_per_s:.3f}",
             flush=True)
@@ -398,7 +400,8 @@ def summarize(args: argparse.Namespace, load: Path, runs: dict[str, list[Run]],
                  for kind, kind_runs in runs.items()},
         "load_average": {"min": min(loads), "max": max(loads)},
     }
-    for name, field in (("requests_per_s", "requests_per_s"), ("cpu_per_request", "cpu_ms")):
+    for name, field in (("requests_per_s", "requests_per_s"), ("cpu_per_request", "cpu_ms"),
+                        ("system_cpu_per_request", "system_ms")):
         for kind in ("observed", "control"):
             ratios = [getattr(seen, field) / getattr(plain, field)
                       for seen, plain in zip(runs[kind], runs["plain"], strict=True)]
