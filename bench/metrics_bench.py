@@ -1,7 +1,7 @@
 """What metrics and the access log cost ``casframe serve``: requests per second under the same
 load, with and without ``--metrics-listen`` and ``--access-log``, in the same run.
 
-    .venv/bin/python bench/metrics_bench.py [--quick] [--rounds 10] [--requests 6000]
+    .venv/bin/python bench/metrics_bench.py [--quick] [--rounds 12] [--requests 6000]
                                             [--burst 500] [--warmup 1000] [--clients 16]
                                             [--observe both|metrics|access-log|nothing]
                                             [--no-pin] [--load bench/load.py]
@@ -16,7 +16,11 @@ counted run does the same work. Then come rounds. Each round starts three new ``
 (with what ``--observe`` turns on; ``nothing``: a third plain one). One ``bench/load.py`` process
 stores and warms each (``--warmup`` calls, not counted), then sends the round's ``--requests``
 calls to each in bursts of ``--burst``: a burst to every server in turn, their order changing
-from burst to burst (every order of the three in six bursts), over connections kept open. A
+from burst to burst (every order of the three in six bursts), over connections kept open. The
+order in which the three are started and named to the load turns from round to round too, so
+that a place favoured in some way falls on each kind alike: rounds are best a multiple of
+three. A round where a server's busy share falls below 0.95 had other work on the server's
+core; the end says how many there were (on a quiet machine: none). A
 shared machine's other work (which comes and goes within seconds) thus falls on the three
 alike; what differs from one process to the next (memory layout, which comes with a new
 process) is what the control measures, and why there are several rounds.
@@ -301,7 +305,7 @@ def parse_args() -> argparse.Namespace:
                         help="3 rounds of 2,000 requests (a smoke run: resolves less)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="rounds of three new servers: plain, plain again, observed "
-                             "(default 10)")
+                             "(default 12; best a multiple of 3)")
     parser.add_argument("--burst", type=int, default=500,
                         help="requests a server answers before the next one's turn")
     parser.add_argument("--requests", type=int, default=None,
@@ -324,7 +328,7 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.requests = 100 if args.instructions else 2000
         args.warmup = min(args.warmup, 500)
-    args.rounds = args.rounds or (3 if args.quick else 10)
+    args.rounds = args.rounds or (3 if args.quick else 12)
     cores = sorted(os.sched_getaffinity(0))
     args.load_cpus = args.server_cpus = None
     if not args.no_pin and len(cores) >= 2:
@@ -352,25 +356,31 @@ def compare(args: argparse.Namespace, store_url: str, extra: list[str], load: Pa
     loads = [os.getloadavg()[0]]
     for round_ in range(args.rounds):
         with contextlib.ExitStack() as stack:
-            # Started in a changing order too (the first one started had the machine to itself).
+            # Started, and named to the load, in an order that changes from round to round, so
+            # that each kind takes each place in turn (rounds in threes): one run of three
+            # servers found plain 2% ahead of control in 9 rounds of 10 with plain named
+            # first, another with a third plain one in its place did not.
             order = [KINDS[(round_ + i) % 3] for i in range(3)]
             started = {kind: stack.enter_context(server(
                 store_url, extra if kind == "observed" else [], cpus=args.server_cpus))
                 for kind in order}
-            result = alternate_load(args, load, [started[kind] for kind in KINDS])
-        for kind, target in zip(KINDS, result["targets"], strict=True):
+            result = alternate_load(args, load, [started[kind] for kind in order])
+        for kind, target in zip(order, result["targets"], strict=True):
             runs[kind].append(Run(target["requests_per_s"], target["server_cpu_ms_per_request"],
                                   target["server_busy"], target["server_system_ms_per_request"],
                                   target["bursts"]))
         loads.append(os.getloadavg()[0])
         seen = {kind: runs[kind][-1] for kind in runs}
-        print(f"round {round_ + 1}: " + "; ".join(
+        print(f"round {round_ + 1} ({', '.join(order)}): " + "; ".join(
             f"{kind} {run.requests_per_s:,.0f}/s {run.cpu_ms:.3f} ms ({run.system_ms:.3f} "
             f"system) {run.busy:.2f} busy" for kind, run in seen.items()) + " | observed/plain "
             f"{seen['observed'].requests_per_s / seen['plain'].requests_per_s:.3f}, control/"
             f"plain {seen['control'].requests_per_s / seen['plain'].requests_per_s:.3f}",
             flush=True)
-    print(json.dumps(summarize(args, load, runs, loads)))
+    summary = summarize(args, load, runs, loads)
+    summary["orders"] = [[KINDS[(round_ + i) % 3] for i in range(3)]
+                         for round_ in range(args.rounds)]
+    print(json.dumps(summary))
 
 
 def alternate_load(args: argparse.Namespace, load: Path,
@@ -415,6 +425,13 @@ def summarize(args: argparse.Namespace, load: Path, runs: dict[str, list[Run]],
     summary["resolves_5_percent"] = control["ci95"][0] >= 0.975 and control["ci95"][1] <= 1.025
     summary["decided"] = summary["resolves_5_percent"] and (
         figure["ci95"][0] >= 0.95 or figure["ci95"][1] < 0.95)
+    shared = sum(1 for round_runs in zip(*runs.values(), strict=True)
+                 if min(run.busy for run in round_runs) < 0.95)
+    summary["rounds_with_core_shared"] = shared
+    if shared:
+        print(f"{shared} of {len(runs['plain'])} rounds had a server busy less than 0.95 of "
+              "its core: other work ran there, the figures are not a quiet machine's",
+              flush=True)
     print(f"observed/plain {figure['median']:.3f} (target >= 0.95: "
           f"{'met' if summary['met'] else 'missed'}); control/plain {control['median']:.3f}; "
           f"resolves 5%: {summary['resolves_5_percent']}, decided: {summary['decided']}; load "
