@@ -1,8 +1,8 @@
 """A load generator for REAPI servers: many concurrent clients, the calls of a build's cache.
 
-    .venv/bin/python bench/load.py HOST:PORT [--requests 20000] [--clients 64]
+    .venv/bin/python bench/load.py HOST:PORT[,HOST:PORT...] [--requests 20000] [--clients 64]
                                    [--deadline 300] [--instance NAME] [--seed 1]
-                                   [--server-pids PID,PID...]
+                                   [--server-pids PID,PID...] [--warmup N] [--burst 1000]
 
 First it stores what the load reads (not timed): 2,048 blobs of 4 KiB, 64 blobs of 256 KiB and
 256 action results naming some of them, through BatchUpdateBlobs, ByteStream Write and
@@ -29,6 +29,18 @@ Read counts the bytes it got. Its own CPU time is reported so that a benchmark c
 of the machine it took. A Python gRPC client costs about 0.25-0.35 ms of CPU per unary call
 whatever is done around it (asyncio, threads or futures alike, measured with rusage).
 
+``--warmup N``: before the timed part, N calls of the same mix (another sequence, Writes of other
+blobs) on connections of their own, not counted: a server process that was just started then
+has its code paths run, its thread pool grown and its caches filled before it is timed.
+
+**Several servers** (comma-separated, all over one store, as bench/metrics_bench.py runs
+them): each is stored and warmed in turn, then every server answers the same ``--requests``
+calls, in bursts of ``--burst``: a burst to each server one after the other, their order
+changing from burst to burst (every order in turn), each over ``--clients`` connections of its
+own opened before the first burst and kept. The JSON line then has one entry per server under
+``targets`` (requests/s over its bursts' seconds, p50/p99, and with ``--server-pids``, one
+process per server, its CPU time per request, its busy share and each burst's figures).
+
 ``--server-pids``: the processes serving; their CPU seconds during the timed part are read
 from ``/proc`` (so CPU per request can be compared on a busy machine), and once every client is
 connected, the connections each process holds on the target's port are counted (how
@@ -41,7 +53,9 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
+import math
 import os
 import random
 import resource
@@ -203,10 +217,15 @@ def _schedule(seed: int, count: int) -> list[str]:
 Prepared = tuple[str, bytes | int, int | None]
 
 
-def prepare(work: Workload, kinds: list[str]) -> list[Prepared]:
-    """Every request of the load, built and serialized (not timed)."""
+#: Where the Writes of the warm-up (``--warmup``) take their blobs: past any timed run's.
+WARMUP_POSITIONS = 5_000_000
+
+
+def prepare(work: Workload, kinds: list[str], first: int = 0) -> list[Prepared]:
+    """Every request of the load, built and serialized (not timed); ``first`` is the position
+    of the first one (the seed of its request, and which blob a Write sends)."""
     prepared: list[Prepared] = []
-    for position, kind in enumerate(kinds):
+    for position, kind in enumerate(kinds, start=first):
         rng = random.Random(work.seed * 7919 + position)
         if kind == "FindMissingBlobs":
             prepared.append((kind, work.find_request(rng), None))
@@ -225,42 +244,57 @@ def prepare(work: Workload, kinds: list[str]) -> list[Prepared]:
 async def _client(target: str, work: Workload, tally: Tally, prepared: list[Prepared],
                   next_index: Callable[[], int], connected: Callable[[], None]) -> None:
     async with grpc.aio.insecure_channel(target, options=OWN_CONNECTION) as channel:
-        methods = Methods(channel)
-        calls: dict[str, Callable[[Any], Awaitable[Any]]] = {
-            "FindMissingBlobs": methods.find, "BatchReadBlobs": methods.batch_read,
-            "GetActionResult": methods.get_action,
-            "Read": lambda request: _read_all(methods, request),
-            "Write": lambda position: methods.write(iter(work.write_requests(
-                _blob(work.seed, 10_000_000 + position, WRITE_SIZE)))),
-        }
         await channel.channel_ready()
         connected()
-        first_answer = tally.first_answer
-        while (position := next_index()) < len(prepared):
-            kind, request, expected = prepared[position]
-            started = time.perf_counter()
-            try:
-                answer = await calls[kind](request)
-            except grpc.aio.AioRpcError as exc:
-                tally.error(f"{kind}: {exc.code().name}: {exc.details()}")
-                continue
-            tally.latencies[kind].append(time.perf_counter() - started)
-            if expected is not None:
-                if answer < expected:
-                    tally.error(f"{kind}: {answer} of {expected} bytes")
-            elif isinstance(request, bytes):
-                if first_answer.setdefault(request, answer) != answer:
-                    tally.error(f"{kind}: answered differently to the same request")
+        await _calls(channel, work, tally, prepared, next_index)
+
+
+async def _calls(channel: grpc.aio.Channel, work: Workload, tally: Tally,
+                 prepared: list[Prepared], next_index: Callable[[], int],
+                 end: int | None = None) -> None:
+    """Make the calls of ``prepared`` at the positions ``next_index`` gives, up to ``end``
+    (default: all of them), one at a time."""
+    methods = Methods(channel)
+    calls: dict[str, Callable[[Any], Awaitable[Any]]] = {
+        "FindMissingBlobs": methods.find, "BatchReadBlobs": methods.batch_read,
+        "GetActionResult": methods.get_action,
+        "Read": lambda request: _read_all(methods, request),
+        "Write": lambda position: methods.write(iter(work.write_requests(
+            _blob(work.seed, 10_000_000 + position, WRITE_SIZE)))),
+    }
+    first_answer = tally.first_answer
+    end = len(prepared) if end is None else end
+    while (position := next_index()) < end:
+        kind, request, expected = prepared[position]
+        started = time.perf_counter()
+        try:
+            answer = await calls[kind](request)
+        except grpc.aio.AioRpcError as exc:
+            tally.error(f"{kind}: {exc.code().name}: {exc.details()}")
+            continue
+        tally.latencies[kind].append(time.perf_counter() - started)
+        if expected is not None:
+            if answer < expected:
+                tally.error(f"{kind}: {answer} of {expected} bytes")
+        elif isinstance(request, bytes):
+            if first_answer.setdefault(request, answer) != answer:
+                tally.error(f"{kind}: answered differently to the same request")
 
 
 def proc_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) process ``pid`` has used, from /proc."""
+    return sum(proc_user_system_s(pid))
+
+
+def proc_user_system_s(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds process ``pid`` has used, from /proc."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except FileNotFoundError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return math.nan, math.nan
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def connections_by_pid(pids: list[int], port: int) -> dict[int, int]:
@@ -293,11 +327,31 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+async def warm_up(target: str, work: Workload, requests: int, clients: int,
+                  deadline: float) -> None:
+    """``requests`` calls of the mix, not counted (``--warmup``)."""
+    prepared = prepare(work, _schedule(work.seed + 1, requests), WARMUP_POSITIONS)
+    counter = iter(range(requests + clients))
+    tally = Tally()
+    tasks = [asyncio.create_task(_client(target, work, tally, prepared, lambda: next(counter),
+                                         lambda: None))
+             for _ in range(clients)]
+    done, pending = await asyncio.wait(tasks, timeout=deadline)
+    for task in pending:
+        task.cancel()
+    failed = [task.exception() for task in done if task.exception() is not None]
+    if pending or failed or tally.errors:
+        raise SystemExit(f"the warm-up failed: {failed or tally.errors or 'deadline'}")
+
+
 async def run(target: str, requests: int, clients: int, deadline: float, instance: str,
-              seed: int, server_pids: list[int] | None = None) -> dict[str, Any]:
+              seed: int, server_pids: list[int] | None = None, warmup: int = 0
+              ) -> dict[str, Any]:
     work = Workload(instance, seed)
     work.build()
     await populate(target, work)
+    if warmup:
+        await warm_up(target, work, warmup, clients, deadline)
     prepared = prepare(work, _schedule(seed, requests))
     tally = Tally()
     counter = iter(range(requests + clients))
@@ -350,9 +404,77 @@ async def run(target: str, requests: int, clients: int, deadline: float, instanc
     }
 
 
+async def alternate(targets: list[str], pids: list[int], requests: int, clients: int,
+                    burst: int, deadline: float, instance: str, seed: int, warmup: int
+                    ) -> dict[str, Any]:
+    """Several servers of one store answering the same calls in turn: the calls go in bursts
+    of ``burst``, each burst to every server one after the other (their order changing from
+    burst to burst), each server over ``clients`` connections of its own kept open all along.
+    What the machine's other work does to the run then falls on every server alike."""
+    work = Workload(instance, seed)
+    work.build()
+    for target in targets:
+        await populate(target, work)
+        if warmup:
+            await warm_up(target, work, warmup, clients, deadline)
+    prepared = prepare(work, _schedule(seed, requests))
+    shared = Tally()
+    tallies = [Tally(first_answer=shared.first_answer) for _ in targets]
+    seconds, cpu, system = [0.0] * len(targets), [0.0] * len(targets), [0.0] * len(targets)
+    bursts: list[list[tuple[float, float]]] = [[] for _ in targets]  # requests/s, CPU ms each
+    orders = list(itertools.permutations(range(len(targets))))
+    channels = [[grpc.aio.insecure_channel(target, options=OWN_CONNECTION)
+                 for _ in range(clients)] for target in targets]
+    give_up = time.monotonic() + deadline
+    try:
+        await asyncio.gather(*(channel.channel_ready() for own in channels for channel in own))
+        for number, start in enumerate(range(0, requests, burst)):
+            end = min(start + burst, requests)
+            for index in orders[number % len(orders)]:
+                next_index = iter(range(start, end + clients)).__next__
+                pid = pids[index] if pids else None
+                user0, system0 = proc_user_system_s(pid) if pid else (math.nan, math.nan)
+                started = time.perf_counter()
+                await asyncio.wait_for(asyncio.gather(*(
+                    _calls(channel, work, tallies[index], prepared, next_index, end)
+                    for channel in channels[index])), give_up - time.monotonic())
+                took = time.perf_counter() - started
+                user1, system1 = proc_user_system_s(pid) if pid else (math.nan, math.nan)
+                used = user1 - user0 + system1 - system0
+                seconds[index] += took
+                cpu[index] += used
+                system[index] += system1 - system0
+                bursts[index].append((round((end - start) / took, 1),
+                                      round(used * 1e3 / (end - start), 4)))
+    except TimeoutError:
+        shared.error(f"unfinished at the {deadline:g} s deadline")
+    finally:
+        for own in channels:
+            for channel in own:
+                await channel.close()
+    per_target = []
+    for index, (target, tally) in enumerate(zip(targets, tallies, strict=True)):
+        answered = sum(len(v) for v in tally.latencies.values())
+        every = [x for v in tally.latencies.values() for x in v]
+        per_target.append({
+            "target": target, "answered": answered, "seconds": seconds[index],
+            "requests_per_s": answered / seconds[index] if seconds[index] else 0.0,
+            "p50_ms": _quantile(every, 0.50) * 1e3, "p99_ms": _quantile(every, 0.99) * 1e3,
+            "server_cpu_ms_per_request": cpu[index] / max(answered, 1) * 1e3,
+            "server_system_ms_per_request": system[index] / max(answered, 1) * 1e3,
+            "server_busy": cpu[index] / seconds[index] if seconds[index] else math.nan,
+            "bursts": bursts[index],
+        })
+        for what, count in tally.errors.items():
+            shared.errors[f"{target}: {what}"] = count
+    return {"requests": requests, "clients": clients, "burst": burst, "targets": per_target,
+            "errors": shared.errors, "load_average": os.getloadavg()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("target", metavar="HOST:PORT")
+    parser.add_argument("target", metavar="HOST:PORT",
+                        help="a server; or several, comma-separated, answering in turn")
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--deadline", type=float, default=300.0,
@@ -361,10 +483,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--server-pids", default="",
                         help="comma-separated ids of the serving processes (CPU, connections)")
+    parser.add_argument("--warmup", type=int, default=0, metavar="N",
+                        help="calls made before the timed part, not counted")
+    parser.add_argument("--burst", type=int, default=1000,
+                        help="with several servers: calls each answers before the next's turn")
     args = parser.parse_args()
     pids = [int(pid) for pid in args.server_pids.split(",") if pid]
-    result = asyncio.run(run(args.target, args.requests, args.clients, args.deadline,
-                             args.instance, args.seed, pids))
+    targets = args.target.split(",")
+    if len(targets) > 1:
+        if pids and len(pids) != len(targets):
+            parser.error("--server-pids: one process for each server")
+        result = asyncio.run(alternate(targets, pids, args.requests, args.clients, args.burst,
+                                       args.deadline, args.instance, args.seed, args.warmup))
+    else:
+        result = asyncio.run(run(args.target, args.requests, args.clients, args.deadline,
+                                 args.instance, args.seed, pids, args.warmup))
     print(json.dumps(result), flush=True)
 
 

@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-KINDS = ("plain", "metrics", "access-log", "both")
+KINDS = ("plain", "observer", "metrics", "access-log", "both")
 # A memory:// store: no file system whose state and timing change what a call does, so that
 # instruction counts repeat; the calls' own work is then smaller than over file://, so the
 # ratios here are upper bounds of a file:// server's.
@@ -235,8 +235,23 @@ class Load:
                 yield "/google.bytestream.ByteStream/Write", [write.SerializeToString()]
 
 
+class _NothingSink:
+    """A sink that wants every call and does nothing with it: what observing costs alone."""
+
+    def enabled(self) -> bool:
+        return True
+
+    def call_started(self, call: Any) -> None:
+        pass
+
+    def call_ended(self, call: Any) -> None:
+        pass
+
+
 def _sinks(kind: str, store: Any, stack: contextlib.ExitStack, work: str) -> list[Any]:
     sinks: list[Any] = []
+    if kind == "observer":
+        sinks.append(_NothingSink())
     if kind in ("access-log", "both"):
         from casframe.server.accesslog import AccessLog
 
