@@ -30,6 +30,8 @@ from casframe.tree import load_listings
 from casframe.treesize import TreeLimits
 from casframe.workers.pool import (
     CHECKOUT_THRESHOLD_FILES,
+    LINK_THREADS_THRESHOLD_FILES,
+    CheckoutThreads,
     InlineRunner,
     Pending,
     Runner,
@@ -81,7 +83,8 @@ def checkout(
         raise UnsupportedOperationError(
             f"{blobs.url} has no local files to hardlink; check out with copies instead"
         )
-    early = _EarlyHelpers(blobs, jobs)
+    use_links = can_link if link is None else link
+    early = _EarlyHelpers(blobs, jobs, copies=not use_links)
     try:
         directories, sizes = load_listings(
             blobs, root, limits or TreeLimits(), f"tree {root}", content=True,
@@ -94,11 +97,11 @@ def checkout(
         raise
     try:
         runner = early.runner or open_checkout_runner(
-            blobs, jobs, sizes[root].files, CHECKOUT_THRESHOLD_FILES
+            blobs, jobs, sizes[root].files, CHECKOUT_THRESHOLD_FILES, links=use_links,
+            link_threshold=LINK_THREADS_THRESHOLD_FILES,
         )
         writer = _FileWriter(
-            runner, dest, jobs=jobs,
-            use_links=can_link if link is None else link, strict=bool(link), progress=progress,
+            runner, dest, jobs=jobs, use_links=use_links, strict=bool(link), progress=progress
         )
         try:
             _write_tree(directories, root, dest, writer)
@@ -118,10 +121,10 @@ class _EarlyHelpers:
     Directories read so far hold enough files for them (the tree holds at least as many):
     a helper's start-up then overlaps the reading instead of following it."""
 
-    def __init__(self, blobs: VerifiedBlobs, jobs: int) -> None:
+    def __init__(self, blobs: VerifiedBlobs, jobs: int, *, copies: bool) -> None:
         self.blobs = blobs
-        self.jobs = jobs
-        self.runner: Runner | InlineRunner | None = None
+        self.jobs = jobs if copies else 1  # links run on threads, which start at once
+        self.runner: Runner | CheckoutThreads | InlineRunner | None = None
 
     def files_seen(self, files: int) -> None:
         if self.runner is None and self.jobs > 1 and files >= CHECKOUT_THRESHOLD_FILES:
@@ -204,7 +207,7 @@ class _FileWriter:
 
     def __init__(
         self,
-        runner: Runner | InlineRunner,
+        runner: Runner | CheckoutThreads | InlineRunner,
         dest: str,
         *,
         jobs: int,

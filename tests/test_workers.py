@@ -1,9 +1,10 @@
 """Helper processes for local import and checkout (casframe.workers).
 
 What a user relies on: the helpers give exactly the trees the calling process would; errors
-in a helper reach the caller as the same typed errors; small trees, ``jobs=1`` and stores no
-other process can open never start a helper; a crashing helper, a SIGKILL of the parent and
-Ctrl-C leave no process behind and nothing half-visible in the store.
+in a helper reach the caller as the same typed errors; small trees, ``jobs=1``, stores no
+other process can open and checkouts by hardlinks (on threads of the process) never start a
+helper; a crashing helper, a SIGKILL of the parent and Ctrl-C leave no process behind and
+nothing half-visible in the store.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import casframe.checkout
+import casframe.progress
 import casframe.statcache
 import casframe.tree
 import casframe.treeimport
@@ -98,6 +100,20 @@ def helpers_from(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         monkeypatch.setattr(casframe.checkout, "CHECKOUT_THRESHOLD_FILES", files)
 
     yield set_threshold
+
+
+@pytest.fixture
+def threads_from(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """``threads_from(n)``: a checkout by hardlinks runs on threads from n files on."""
+
+    def set_threshold(files: int) -> None:
+        monkeypatch.setattr(casframe.checkout, "LINK_THREADS_THRESHOLD_FILES", files)
+
+    yield set_threshold
+
+
+def checkout_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "casframe-checkout"]
 
 
 def assert_gone(processes: list[subprocess.Popen[Any]]) -> None:
@@ -238,15 +254,17 @@ def test_helpers_import_and_check_out_what_the_process_would(
     )
     assert len(open_stat_cache(root, str(tmp_path / "cache-helped")).known) == 703
 
-    for link in (True, False):
+    for link, helpers in ((True, 0), (False, 2)):  # hardlinks run on threads, copies in helpers
         dest = tmp_path / f"out-{link}"
+        before = len(spawned)
         helped.checkout(digest, dest, link=link, jobs=2)
+        assert len(spawned) - before == helpers
         assert alone.import_directory(dest, stat_cache=False, jobs=1) == digest
         executable = dest / "d0" / "e0" / "f0"
         assert os.stat(executable).st_mode & stat.S_IXUSR
         if link:
             assert os.stat(dest / "d1" / "e1" / "f1").st_nlink >= 2  # linked, not copied
-    assert len(spawned) == 6
+    assert len(spawned) == 4
     assert_gone(spawned)
     assert helped.fsck().ok
 
@@ -291,7 +309,9 @@ def test_random_trees_give_the_same_digest_with_helpers(
     helped_store = open_store(f"file://{top / 'helped'}")
     assert helped_store.import_directory(source, stat_cache=False, jobs=2) == alone
     helped_store.checkout(alone, top / "out", jobs=2)
-    assert open_store("memory://").import_directory(top / "out", stat_cache=False) == alone
+    helped_store.checkout(alone, top / "copied", link=False, jobs=2)
+    for out in ("out", "copied"):
+        assert open_store("memory://").import_directory(top / out, stat_cache=False) == alone
 
 
 def reference_digest(path: Path) -> Digest:
@@ -322,13 +342,16 @@ def test_helpers_start_only_for_trees_large_enough_to_pay(
     store = open_store(f"file://{tmp_path / 'store'}")
     helpers_from(60)
     small = store.import_directory(source, stat_cache=False, jobs=2)
-    store.checkout(small, tmp_path / "out-small", jobs=2)
+    store.checkout(small, tmp_path / "out-small", link=False, jobs=2)
     assert spawned == []
 
     (source / "one-more").write_bytes(b"60")
     bigger = store.import_directory(source, stat_cache=False, jobs=2)
     assert len(spawned) == 2
-    store.checkout(bigger, tmp_path / "out-bigger", jobs=2)
+    store.checkout(bigger, tmp_path / "out-bigger", link=False, jobs=2)
+    assert len(spawned) == 4
+    # A checkout by hardlinks links on threads of the process, whatever the size.
+    store.checkout(bigger, tmp_path / "out-linked", jobs=2)
     assert len(spawned) == 4
 
     # jobs=1 (the store option too) keeps the work in the process, whatever the size.
@@ -370,6 +393,111 @@ def test_the_jobs_option_must_be_a_count(tmp_path: Path) -> None:
     assert open_store(f"file://{tmp_path}").jobs == DEFAULT_JOBS == len(os.sched_getaffinity(0))
 
 
+# -- checkout by hardlinks: threads of the process ----------------------------------------------
+
+
+def _record_link_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the threads that run checkout's link batches."""
+    names: list[str] = []
+    link_files = casframe.checkout.link_files
+
+    def recording(store: Any, work: Any) -> Any:
+        names.append(threading.current_thread().name)
+        return link_files(store, work)
+
+    monkeypatch.setattr(casframe.checkout, "link_files", recording)
+    return names
+
+
+def test_a_checkout_by_hardlinks_links_on_threads_of_its_own_process(
+    tmp_path: Path, helpers_from: Any, threads_from: Any,
+    spawned: list[subprocess.Popen[Any]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = write_files(tmp_path / "src", 600)
+    store = open_store(f"file://{tmp_path / 'store'}")
+    digest = store.import_directory(source, stat_cache=False, jobs=1)
+    helpers_from(1)
+    threads_from(300)
+    names = _record_link_threads(monkeypatch)
+    store.checkout(digest, tmp_path / "out", jobs=2)
+    assert spawned == []  # no helper process, however low their threshold
+    assert len(names) > 1 and set(names) == {"casframe-checkout"}
+    assert checkout_threads() == []  # stopped once the checkout is done
+    assert describe_tree(tmp_path / "out") == describe_tree(source)
+    assert os.stat(tmp_path / "out" / "d1" / "e1" / "f1").st_nlink >= 2  # linked
+
+    # Below the threshold, and with one job, the links are made in the caller's thread.
+    names.clear()
+    store.checkout(digest, tmp_path / "out-one-job", jobs=1)
+    threads_from(601)
+    store.checkout(digest, tmp_path / "out-small", jobs=2)
+    assert set(names) == {threading.current_thread().name}
+    assert describe_tree(tmp_path / "out-small") == describe_tree(source)
+    assert spawned == []
+
+
+def test_checkout_threads_run_tasks_in_order_and_skip_the_rest_when_cancelled(
+    local_store: Store,
+) -> None:
+    runner = pool.CheckoutThreads(local_store.verified, 1)
+    go, started = threading.Event(), threading.Event()
+    ran: list[int] = []
+
+    def task(store: Any, n: int) -> int:
+        assert store is local_store.verified
+        if n == 0:
+            started.set()
+            go.wait(HANG_GUARD)
+        if n == 2:
+            raise FileNotFoundError(errno.ENOENT, "gone", "x")
+        ran.append(n)
+        return n * 10
+
+    try:
+        first = [runner.submit(task, n) for n in range(4)]
+        go.set()
+        assert first[0].result() == 0 and first[1].result() == 10
+        with pytest.raises(FileNotFoundError, match="gone"):
+            first[2].result()
+        assert first[3].result() == 30  # an error stops nothing by itself
+
+        go.clear()
+        started.clear()
+        blocked = runner.submit(task, 0)
+        queued = [runner.submit(task, n) for n in (5, 6)]
+        started.wait(HANG_GUARD)
+        runner.cancel()  # as shutdown(cancel=True) does, while a task runs and two wait
+        go.set()
+        assert blocked.result() == 0
+        for pending in queued:
+            with pytest.raises(WorkerError, match="checkout cancelled"):
+                pending.result()
+    finally:
+        runner.shutdown(cancel=True)
+    assert ran == [0, 1, 3, 0]
+    assert checkout_threads() == []
+
+
+def test_an_interrupted_checkout_on_threads_stops_them_and_removes_what_it_wrote(
+    tmp_path: Path, threads_from: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = write_files(tmp_path / "src", 600)
+    store = open_store(f"file://{tmp_path / 'store'}")
+    digest = store.import_directory(source, stat_cache=False, jobs=1)
+    threads_from(1)
+    names = _record_link_threads(monkeypatch)
+
+    class Interrupting(casframe.progress.Progress):
+        def advance(self, amount: int = 1) -> None:
+            raise KeyboardInterrupt  # Ctrl-C while the first batch's result is collected
+
+    with pytest.raises(KeyboardInterrupt):
+        store.checkout(digest, tmp_path / "out", jobs=2, progress=Interrupting())
+    assert names and set(names) == {"casframe-checkout"}
+    assert checkout_threads() == []
+    assert not (tmp_path / "out").exists()
+
+
 # -- failures ---------------------------------------------------------------------------------
 
 
@@ -391,19 +519,21 @@ def test_a_checkout_starts_its_helpers_while_reading_and_stops_them_for_a_refuse
         return measure(*args)
 
     monkeypatch.setattr(casframe.tree, "measure_listings", measure_listings)
-    store.checkout(digest, tmp_path / "out", jobs=2)
+    store.checkout(digest, tmp_path / "out", link=False, jobs=2)
     assert started_before_measuring == [2]  # started by the Directories read so far
     assert describe_tree(tmp_path / "out") == describe_tree(source)
 
     with pytest.raises(TreeTooLargeError):
-        store.checkout(digest, tmp_path / "refused", jobs=2, max_tree_entries=100)
+        store.checkout(digest, tmp_path / "refused", link=False, jobs=2, max_tree_entries=100)
     assert started_before_measuring == [2, 4]
     assert not (tmp_path / "refused").exists()
     assert_gone(spawned)
 
 
-def test_an_error_in_a_helper_fails_the_checkout_and_removes_what_it_wrote(
-    tmp_path: Path, helpers_from: Any, spawned: list[subprocess.Popen[Any]]
+@pytest.mark.parametrize("link", [True, False], ids=["links-on-threads", "copies-in-helpers"])
+def test_an_error_in_a_batch_fails_the_checkout_and_removes_what_it_wrote(
+    tmp_path: Path, helpers_from: Any, threads_from: Any,
+    spawned: list[subprocess.Popen[Any]], link: bool,
 ) -> None:
     source = write_files(tmp_path / "src", 200)
     store = open_store(f"file://{tmp_path / 'store'}")
@@ -414,12 +544,16 @@ def test_an_error_in_a_helper_fails_the_checkout_and_removes_what_it_wrote(
     with open(path, "r+b") as f:
         f.truncate(3)
     helpers_from(1)
+    threads_from(1)
     with pytest.raises(CorruptBlobError) as raised:
-        store.checkout(digest, tmp_path / "out", link=True, jobs=2)
-    assert str(raised.value) == f"corrupt blob {damaged}: stored object has 3 bytes"
+        store.checkout(digest, tmp_path / "out", link=link, jobs=2)
+    if link:  # the size is checked before the object is linked
+        assert str(raised.value) == f"corrupt blob {damaged}: stored object has 3 bytes"
+    assert raised.value.digest == damaged
     assert not (tmp_path / "out").exists()
-    assert len(spawned) == 2
+    assert len(spawned) == (0 if link else 2)
     assert_gone(spawned)
+    assert checkout_threads() == []
 
 
 def test_a_crashing_helper_is_a_worker_error_and_leaves_the_store_sound(

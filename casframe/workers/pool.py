@@ -5,6 +5,8 @@ Import and checkout cut their work into batches (a few hundred files each) and h
 
 - :class:`ThreadRunner` runs the task on a thread pool of this process: small trees, stores
   that cannot be opened by another process, ``jobs=1``.
+- :class:`CheckoutThreads` does the same for checkout, without :mod:`concurrent.futures`; a
+  checkout by hardlinks runs there whatever its size (:func:`open_checkout_runner`).
 - :class:`WorkerPool` runs it in helper processes, the way git's parallel checkout feeds its
   ``checkout--worker`` helpers: each is casframe's own small program
   (``python -m casframe.workers.worker``), started by the running interpreter, which opens
@@ -32,7 +34,11 @@ from typing import IO, TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from casframe.errors import WorkerError
 from casframe.lazy import lazy_module
-from casframe.workers.settings import CHECKOUT_THRESHOLD_FILES, IMPORT_THRESHOLD_FILES
+from casframe.workers.settings import (
+    CHECKOUT_THRESHOLD_FILES,
+    IMPORT_THRESHOLD_FILES,
+    LINK_THREADS_THRESHOLD_FILES,
+)
 
 # What only helper processes need is imported when the first pool starts: a checkout or import
 # that stays in the process (most of them, and every whole `casframe checkout` of a tree under
@@ -40,6 +46,7 @@ from casframe.workers.settings import CHECKOUT_THRESHOLD_FILES, IMPORT_THRESHOLD
 # pools (concurrent.futures, which brings logging and traceback, and queue) are imported by the
 # first runner that uses them: a checkout on one thread runs its batches in the caller's.
 if TYPE_CHECKING:
+    import _queue
     import concurrent.futures as futures
     import importlib.util as importlib_util
     import queue
@@ -54,6 +61,7 @@ else:
     futures = lazy_module("concurrent.futures")
     importlib_util = lazy_module("importlib.util")
     queue = lazy_module("queue")
+    _queue = lazy_module("_queue")  # SimpleQueue alone: compiled, without queue.py's imports
     select = lazy_module("select")
     signal = lazy_module("signal")
     subprocess = lazy_module("subprocess")
@@ -62,6 +70,8 @@ else:
 __all__ = [
     "CHECKOUT_THRESHOLD_FILES",
     "IMPORT_THRESHOLD_FILES",
+    "LINK_THREADS_THRESHOLD_FILES",
+    "CheckoutThreads",
     "InlineRunner",
     "Outcome",
     "Pending",
@@ -125,6 +135,91 @@ class InlineRunner:
 
     def shutdown(self, *, cancel: bool) -> None:
         """Nothing runs after ``submit`` returns: nothing to stop."""
+
+
+class _Done(Generic[_R]):
+    """The result of a task handed to :class:`CheckoutThreads`, once a thread has run it."""
+
+    __slots__ = ("_error", "_finished", "_value")
+
+    def __init__(self) -> None:
+        self._finished = threading.Lock()
+        self._finished.acquire()  # released by the thread that runs the task
+        self._value: _R | None = None
+        self._error: BaseException | None = None
+
+    def _set(self, value: _R | None, error: BaseException | None) -> None:
+        self._value, self._error = value, error
+        self._finished.release()
+
+    def result(self) -> _R:
+        """Wait for the task (Ctrl-C interrupts the wait); its result, or raise its error."""
+        with self._finished:
+            pass
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]  # set whenever there is no error
+
+
+class _Cancelled(WorkerError):
+    """What a task left unrun by a cancelled :class:`CheckoutThreads` gives (nobody waits for
+    it: the caller cancels because it stopped waiting)."""
+
+
+class CheckoutThreads:
+    """Runs tasks on ``threads`` threads of this process, in the order submitted.
+
+    For checkout: its tasks need nothing but their result, so this runner does without
+    :mod:`concurrent.futures` (which brings :mod:`logging`, :mod:`traceback` and more, ~7 ms
+    of a whole command's start-up). A hardlink is a system call that releases the interpreter
+    lock, and so is the ``stat`` before it: two threads keep two cores busy in the kernel,
+    with no helper process to start and no batch to pickle.
+    """
+
+    def __init__(self, store: VerifiedBlobs, threads: int) -> None:
+        self._store = store
+        self._queue: _queue.SimpleQueue[tuple[Callable[[VerifiedBlobs, Any], Any], Any, _Done[Any]]
+                                 | None] = _queue.SimpleQueue()
+        self._cancelled = False
+        self._threads = [
+            threading.Thread(target=self._work, name="casframe-checkout", daemon=True)
+            for _ in range(max(1, threads))
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, task: Callable[[VerifiedBlobs, _P], _R], payload: _P) -> _Done[_R]:
+        done: _Done[_R] = _Done()
+        self._queue.put((task, payload, done))
+        return done
+
+    def _work(self) -> None:
+        store = self._store
+        while (item := self._queue.get()) is not None:
+            task, payload, done = item
+            if self._cancelled:
+                done._set(None, _Cancelled("checkout cancelled"))
+                continue
+            try:
+                value = task(store, payload)
+            except BaseException as exc:  # noqa: BLE001 - raised again by result()
+                done._set(None, exc)
+            else:
+                done._set(value, None)
+
+    def cancel(self) -> None:
+        """Run none of the tasks still queued: each gives an error instead."""
+        self._cancelled = True
+
+    def shutdown(self, *, cancel: bool) -> None:
+        """Wait for the threads to end: after the queued tasks, or (``cancel``) after the
+        ones already running. No task runs once this returns."""
+        if cancel:
+            self.cancel()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
 
 
 class ThreadRunner:
@@ -386,13 +481,26 @@ def open_runner(store: VerifiedBlobs, jobs: int, files: int, threshold: int) -> 
 
 
 def open_checkout_runner(
-    store: VerifiedBlobs, jobs: int, files: int, threshold: int
-) -> Runner | InlineRunner:
-    """:func:`open_runner` for checkout, whose batches need no future's callbacks: where it
-    would run them on one thread, they run in the caller's (:class:`InlineRunner`)."""
-    if jobs > 1 and files >= threshold or _threads(store, jobs) > 1:
-        return open_runner(store, jobs, files, threshold)
-    return InlineRunner(store)
+    store: VerifiedBlobs, jobs: int, files: int, threshold: int, *, links: bool = False,
+    link_threshold: int = LINK_THREADS_THRESHOLD_FILES,
+) -> Runner | CheckoutThreads | InlineRunner:
+    """Where a checkout of ``files`` files runs its batches.
+
+    Hardlinks (``links``) run on threads of this process (:class:`CheckoutThreads`) from
+    ``link_threshold`` files on: the kernel does the work of a link, and threads start at
+    once. Copies run in helper processes from ``threshold`` files on, when the store can be
+    opened by them, on threads otherwise. One job, or too small a tree: in the caller's
+    thread (:class:`InlineRunner`).
+    """
+    threads = _threads(store, jobs)
+    if links:
+        if threads > 1 and files >= link_threshold:
+            return CheckoutThreads(store, threads)
+        return InlineRunner(store)
+    spec = store.backend.worker_spec() if jobs > 1 and files >= threshold else None
+    if spec is not None:
+        return WorkerPool(*spec, jobs=jobs)
+    return CheckoutThreads(store, threads) if threads > 1 else InlineRunner(store)
 
 
 def _threads(store: VerifiedBlobs, jobs: int) -> int:
