@@ -17,8 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from casframe.workers.settings import LINK_THREADS_THRESHOLD_FILES
-
 ROOT = Path(__file__).resolve().parent.parent
 CASFRAME = ROOT / "casframe"
 PLUGINS = ROOT / "plugins"
@@ -171,17 +169,21 @@ _NOT_FOR_CHECKOUT = {
 }
 
 
+_FILES = 300
+
+
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_a_checkout_command_loads_no_thread_pool_nor_import_machinery(
     tmp_path: Path, jobs: str
 ) -> None:
-    """On one job, and on two (a checkout by hardlinks large enough to link on threads: they
-    do without concurrent.futures)."""
+    """On one job, and on two (a checkout by hardlinks below the helpers' threshold links in
+    the command's own thread: two threads would hand the interpreter lock to each other
+    around every link)."""
     source = tmp_path / "source"
     (source / "sub").mkdir(parents=True)
     (source / "a.txt").write_text("a")
     (source / "sub" / "b").write_text("b")
-    for i in range(LINK_THREADS_THRESHOLD_FILES):
+    for i in range(_FILES):
         (source / "sub" / f"f{i}").write_text(str(i))
     store = str(tmp_path / "store")
     # The import fills an entry-point cache of this test's own, which the checkout then finds
@@ -210,7 +212,7 @@ def test_a_checkout_command_loads_no_thread_pool_nor_import_machinery(
     assert "casframe.checkout" in loaded  # the command ran in this process
     assert not loaded & _NOT_FOR_CHECKOUT
     assert (out / "sub" / "b").read_text() == "b"
-    last = LINK_THREADS_THRESHOLD_FILES - 1
+    last = _FILES - 1
     assert (out / "sub" / f"f{last}").read_text() == str(last)
 
 

@@ -1,10 +1,10 @@
 """Helper processes for local import and checkout (casframe.workers).
 
 What a user relies on: the helpers give exactly the trees the calling process would; errors
-in a helper reach the caller as the same typed errors; small trees, ``jobs=1``, stores no
-other process can open and checkouts by hardlinks (on threads of the process) never start a
-helper; a crashing helper, a SIGKILL of the parent and Ctrl-C leave no process behind and
-nothing half-visible in the store.
+in a helper reach the caller as the same typed errors; small trees, ``jobs=1`` and stores no
+other process can open never start a helper (a checkout by hardlinks starts one fewer than
+its jobs and links beside them); a crashing helper, a SIGKILL of the parent and Ctrl-C
+leave no process behind and nothing half-visible in the store.
 """
 
 from __future__ import annotations
@@ -98,16 +98,6 @@ def helpers_from(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     def set_threshold(files: int) -> None:
         monkeypatch.setattr(casframe.treeimport, "IMPORT_THRESHOLD_FILES", files)
         monkeypatch.setattr(casframe.checkout, "CHECKOUT_THRESHOLD_FILES", files)
-
-    yield set_threshold
-
-
-@pytest.fixture
-def threads_from(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """``threads_from(n)``: a checkout by hardlinks runs on threads from n files on."""
-
-    def set_threshold(files: int) -> None:
-        monkeypatch.setattr(casframe.checkout, "LINK_THREADS_THRESHOLD_FILES", files)
 
     yield set_threshold
 
@@ -254,7 +244,7 @@ def test_helpers_import_and_check_out_what_the_process_would(
     )
     assert len(open_stat_cache(root, str(tmp_path / "cache-helped")).known) == 703
 
-    for link, helpers in ((True, 0), (False, 2)):  # hardlinks run on threads, copies in helpers
+    for link, helpers in ((True, 1), (False, 2)):  # links: one helper beside this process
         dest = tmp_path / f"out-{link}"
         before = len(spawned)
         helped.checkout(digest, dest, link=link, jobs=2)
@@ -264,7 +254,7 @@ def test_helpers_import_and_check_out_what_the_process_would(
         assert os.stat(executable).st_mode & stat.S_IXUSR
         if link:
             assert os.stat(dest / "d1" / "e1" / "f1").st_nlink >= 2  # linked, not copied
-    assert len(spawned) == 4
+    assert len(spawned) == 5
     assert_gone(spawned)
     assert helped.fsck().ok
 
@@ -350,9 +340,8 @@ def test_helpers_start_only_for_trees_large_enough_to_pay(
     assert len(spawned) == 2
     store.checkout(bigger, tmp_path / "out-bigger", link=False, jobs=2)
     assert len(spawned) == 4
-    # A checkout by hardlinks links on threads of the process, whatever the size.
-    store.checkout(bigger, tmp_path / "out-linked", jobs=2)
-    assert len(spawned) == 4
+    store.checkout(bigger, tmp_path / "out-linked", jobs=2)  # this process and one helper
+    assert len(spawned) == 5
 
     # jobs=1 (the store option too) keeps the work in the process, whatever the size.
     one_job = open_store(f"file://{tmp_path / 'store'}?jobs=1")
@@ -361,7 +350,7 @@ def test_helpers_start_only_for_trees_large_enough_to_pay(
     one_job.checkout(bigger, tmp_path / "out-one-job")
     # A store no other process can open keeps it there too.
     assert open_store("memory://").import_directory(source, stat_cache=False, jobs=2) == bigger
-    assert len(spawned) == 4
+    assert len(spawned) == 5
     assert_gone(spawned)
 
 
@@ -393,47 +382,81 @@ def test_the_jobs_option_must_be_a_count(tmp_path: Path) -> None:
     assert open_store(f"file://{tmp_path}").jobs == DEFAULT_JOBS == len(os.sched_getaffinity(0))
 
 
-# -- checkout by hardlinks: threads of the process ----------------------------------------------
+# -- checkout by hardlinks: this process links beside its helpers ----------------------------
 
 
-def _record_link_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the threads that run checkout's link batches."""
+def _record_link_batches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the threads that run link batches in this process."""
     names: list[str] = []
-    link_files = casframe.checkout.link_files
+    submit = pool.InlineRunner.submit
 
-    def recording(store: Any, work: Any) -> Any:
-        names.append(threading.current_thread().name)
-        return link_files(store, work)
+    def recording(self: pool.InlineRunner, task: Any, payload: Any) -> Any:
+        if task is casframe.checkout.link_files:
+            names.append(threading.current_thread().name)
+        return submit(self, task, payload)
 
-    monkeypatch.setattr(casframe.checkout, "link_files", recording)
+    monkeypatch.setattr(pool.InlineRunner, "submit", recording)
     return names
 
 
-def test_a_checkout_by_hardlinks_links_on_threads_of_its_own_process(
-    tmp_path: Path, helpers_from: Any, threads_from: Any,
-    spawned: list[subprocess.Popen[Any]], monkeypatch: pytest.MonkeyPatch,
+def test_a_checkout_by_hardlinks_links_beside_one_helper_fewer_than_its_jobs(
+    tmp_path: Path, helpers_from: Any, spawned: list[subprocess.Popen[Any]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     source = write_files(tmp_path / "src", 600)
     store = open_store(f"file://{tmp_path / 'store'}")
     digest = store.import_directory(source, stat_cache=False, jobs=1)
-    helpers_from(1)
-    threads_from(300)
-    names = _record_link_threads(monkeypatch)
+    helpers_from(300)
+    names = _record_link_batches(monkeypatch)
+    given: list[Any] = []
+    submit = pool.WorkerPool.submit
+
+    def recording_submit(self: pool.WorkerPool, task: Any, payload: Any) -> Any:
+        given.append(payload)
+        return submit(self, task, payload)
+
+    monkeypatch.setattr(pool.WorkerPool, "submit", recording_submit)
     store.checkout(digest, tmp_path / "out", jobs=2)
-    assert spawned == []  # no helper process, however low their threshold
-    assert len(names) > 1 and set(names) == {"casframe-checkout"}
-    assert checkout_threads() == []  # stopped once the checkout is done
+    assert len(spawned) == 1  # jobs=2: this process and one helper
+    # It never waits for the helper: it keeps it two batches ahead and links the rest
+    # itself, in its own thread (no thread contends for the interpreter lock).
+    assert len(given) >= 1 and names and set(names) == {threading.current_thread().name}
     assert describe_tree(tmp_path / "out") == describe_tree(source)
     assert os.stat(tmp_path / "out" / "d1" / "e1" / "f1").st_nlink >= 2  # linked
+    assert_gone(spawned)
 
-    # Below the threshold, and with one job, the links are made in the caller's thread.
-    names.clear()
-    store.checkout(digest, tmp_path / "out-one-job", jobs=1)
-    threads_from(601)
-    store.checkout(digest, tmp_path / "out-small", jobs=2)
-    assert set(names) == {threading.current_thread().name}
-    assert describe_tree(tmp_path / "out-small") == describe_tree(source)
-    assert spawned == []
+    store.checkout(digest, tmp_path / "out-3", jobs=3)
+    assert len(spawned) == 3
+    assert describe_tree(tmp_path / "out-3") == describe_tree(source)
+    # One job: no helper, whatever the size.
+    store.checkout(digest, tmp_path / "out-1", jobs=1)
+    assert len(spawned) == 3
+    assert_gone(spawned)
+
+
+def test_batches_no_helper_has_started_are_linked_by_the_checkout_itself(
+    tmp_path: Path, helpers_from: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A helper that never starts (stopped as soon as it is spawned) costs a checkout by
+    hardlinks nothing but its spawn: the batches given to it are taken back."""
+    started: list[subprocess.Popen[Any]] = []
+    real = pool._spawn
+
+    def spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[Any]:
+        process = real(argv, env)
+        os.kill(process.pid, signal.SIGSTOP)
+        started.append(process)
+        return process
+
+    monkeypatch.setattr(pool, "_spawn", spawn)
+    source = write_files(tmp_path / "src", 600)
+    store = open_store(f"file://{tmp_path / 'store'}")
+    digest = store.import_directory(source, stat_cache=False, jobs=1)
+    helpers_from(1)
+    store.checkout(digest, tmp_path / "out", jobs=2)
+    assert len(started) == 1
+    assert describe_tree(tmp_path / "out") == describe_tree(source)
+    assert_gone(started)  # stopped (killed: it had no work) when the checkout ended
 
 
 def test_checkout_threads_run_tasks_in_order_and_skip_the_rest_when_cancelled(
@@ -478,26 +501,6 @@ def test_checkout_threads_run_tasks_in_order_and_skip_the_rest_when_cancelled(
     assert checkout_threads() == []
 
 
-def test_an_interrupted_checkout_on_threads_stops_them_and_removes_what_it_wrote(
-    tmp_path: Path, threads_from: Any, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    source = write_files(tmp_path / "src", 600)
-    store = open_store(f"file://{tmp_path / 'store'}")
-    digest = store.import_directory(source, stat_cache=False, jobs=1)
-    threads_from(1)
-    names = _record_link_threads(monkeypatch)
-
-    class Interrupting(casframe.progress.Progress):
-        def advance(self, amount: int = 1) -> None:
-            raise KeyboardInterrupt  # Ctrl-C while the first batch's result is collected
-
-    with pytest.raises(KeyboardInterrupt):
-        store.checkout(digest, tmp_path / "out", jobs=2, progress=Interrupting())
-    assert names and set(names) == {"casframe-checkout"}
-    assert checkout_threads() == []
-    assert not (tmp_path / "out").exists()
-
-
 # -- failures ---------------------------------------------------------------------------------
 
 
@@ -530,10 +533,9 @@ def test_a_checkout_starts_its_helpers_while_reading_and_stops_them_for_a_refuse
     assert_gone(spawned)
 
 
-@pytest.mark.parametrize("link", [True, False], ids=["links-on-threads", "copies-in-helpers"])
+@pytest.mark.parametrize("link", [True, False], ids=["links", "copies"])
 def test_an_error_in_a_batch_fails_the_checkout_and_removes_what_it_wrote(
-    tmp_path: Path, helpers_from: Any, threads_from: Any,
-    spawned: list[subprocess.Popen[Any]], link: bool,
+    tmp_path: Path, helpers_from: Any, spawned: list[subprocess.Popen[Any]], link: bool,
 ) -> None:
     source = write_files(tmp_path / "src", 200)
     store = open_store(f"file://{tmp_path / 'store'}")
@@ -544,16 +546,14 @@ def test_an_error_in_a_batch_fails_the_checkout_and_removes_what_it_wrote(
     with open(path, "r+b") as f:
         f.truncate(3)
     helpers_from(1)
-    threads_from(1)
     with pytest.raises(CorruptBlobError) as raised:
         store.checkout(digest, tmp_path / "out", link=link, jobs=2)
     if link:  # the size is checked before the object is linked
         assert str(raised.value) == f"corrupt blob {damaged}: stored object has 3 bytes"
     assert raised.value.digest == damaged
     assert not (tmp_path / "out").exists()
-    assert len(spawned) == (0 if link else 2)
+    assert len(spawned) == (1 if link else 2)  # links: this process and one helper
     assert_gone(spawned)
-    assert checkout_threads() == []
 
 
 def test_a_crashing_helper_is_a_worker_error_and_leaves_the_store_sound(

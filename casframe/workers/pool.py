@@ -5,8 +5,8 @@ Import and checkout cut their work into batches (a few hundred files each) and h
 
 - :class:`ThreadRunner` runs the task on a thread pool of this process: small trees, stores
   that cannot be opened by another process, ``jobs=1``.
-- :class:`CheckoutThreads` does the same for checkout, without :mod:`concurrent.futures`; a
-  checkout by hardlinks runs there whatever its size (:func:`open_checkout_runner`).
+- :class:`CheckoutThreads` does the same for checkout's copies, without
+  :mod:`concurrent.futures`.
 - :class:`WorkerPool` runs it in helper processes, the way git's parallel checkout feeds its
   ``checkout--worker`` helpers: each is casframe's own small program
   (``python -m casframe.workers.worker``), started by the running interpreter, which opens
@@ -34,11 +34,7 @@ from typing import IO, TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from casframe.errors import WorkerError
 from casframe.lazy import lazy_module
-from casframe.workers.settings import (
-    CHECKOUT_THRESHOLD_FILES,
-    IMPORT_THRESHOLD_FILES,
-    LINK_THREADS_THRESHOLD_FILES,
-)
+from casframe.workers.settings import CHECKOUT_THRESHOLD_FILES, IMPORT_THRESHOLD_FILES
 
 # What only helper processes need is imported when the first pool starts: a checkout or import
 # that stays in the process (most of them, and every whole `casframe checkout` of a tree under
@@ -70,7 +66,6 @@ else:
 __all__ = [
     "CHECKOUT_THRESHOLD_FILES",
     "IMPORT_THRESHOLD_FILES",
-    "LINK_THREADS_THRESHOLD_FILES",
     "CheckoutThreads",
     "InlineRunner",
     "Outcome",
@@ -114,6 +109,14 @@ class Outcome(Generic[_R]):
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]  # set whenever there is no error
+
+    def done(self) -> bool:
+        """Always: as a future's ``done()``."""
+        return True
+
+    def cancel(self) -> bool:
+        """Never: it has run (as a future's ``cancel()`` once started)."""
+        return False
 
 
 class InlineRunner:
@@ -169,11 +172,9 @@ class _Cancelled(WorkerError):
 class CheckoutThreads:
     """Runs tasks on ``threads`` threads of this process, in the order submitted.
 
-    For checkout: its tasks need nothing but their result, so this runner does without
-    :mod:`concurrent.futures` (which brings :mod:`logging`, :mod:`traceback` and more, ~7 ms
-    of a whole command's start-up). A hardlink is a system call that releases the interpreter
-    lock, and so is the ``stat`` before it: two threads keep two cores busy in the kernel,
-    with no helper process to start and no batch to pickle.
+    For checkout's copies: its tasks need nothing but their result, so this runner does
+    without :mod:`concurrent.futures` (which brings :mod:`logging`, :mod:`traceback` and
+    more, ~21 M instructions of a whole command's start-up).
     """
 
     def __init__(self, store: VerifiedBlobs, threads: int) -> None:
@@ -287,7 +288,14 @@ class _Helper:
         self.thread.start()
 
     def feed(self) -> None:
-        dead: WorkerError | None = None
+        dead: BaseException | None = None
+        try:
+            # The helper's greeting (its store opened, or why not), before any batch is
+            # taken: until then batches stay queued, where the caller may take them back.
+            self.answer()
+            self.greeted = True
+        except BaseException as exc:  # noqa: BLE001 - handed to the next batch's owner
+            dead = exc
         while True:
             item = self.pool.queue.get()
             if item is None:
@@ -301,9 +309,6 @@ class _Helper:
                 future.set_exception(dead)
                 continue
             try:
-                if not self.greeted:
-                    self.answer()  # the helper's greeting: its store opened, or why not
-                    self.greeted = True
                 self.ask(name, payload)
                 result = self.answer()
             except BaseException as exc:  # noqa: BLE001 - handed to the future's owner
@@ -481,25 +486,23 @@ def open_runner(store: VerifiedBlobs, jobs: int, files: int, threshold: int) -> 
 
 
 def open_checkout_runner(
-    store: VerifiedBlobs, jobs: int, files: int, threshold: int, *, links: bool = False,
-    link_threshold: int = LINK_THREADS_THRESHOLD_FILES,
+    store: VerifiedBlobs, jobs: int, files: int, threshold: int, *, links: bool = False
 ) -> Runner | CheckoutThreads | InlineRunner:
     """Where a checkout of ``files`` files runs its batches.
 
-    Hardlinks (``links``) run on threads of this process (:class:`CheckoutThreads`) from
-    ``link_threshold`` files on: the kernel does the work of a link, and threads start at
-    once. Copies run in helper processes from ``threshold`` files on, when the store can be
-    opened by them, on threads otherwise. One job, or too small a tree: in the caller's
-    thread (:class:`InlineRunner`).
+    From ``threshold`` files on, in helper processes when the store can be opened by them:
+    ``jobs`` of them for copies; ``jobs - 1`` for hardlinks (``links``), whose caller links
+    beside them. Hardlinks never run on threads: a link and the stat before it are system
+    calls, and two threads hand the interpreter lock to each other around every one of
+    them (measured: more CPU and a slower checkout than one thread). Copies below the
+    threshold run on threads; one job, or links below it, in the caller's thread
+    (:class:`InlineRunner`).
     """
-    threads = _threads(store, jobs)
-    if links:
-        if threads > 1 and files >= link_threshold:
-            return CheckoutThreads(store, threads)
-        return InlineRunner(store)
-    spec = store.backend.worker_spec() if jobs > 1 and files >= threshold else None
+    helpers = jobs - 1 if links else jobs
+    spec = store.backend.worker_spec() if helpers > 0 and files >= threshold else None
     if spec is not None:
-        return WorkerPool(*spec, jobs=jobs)
+        return WorkerPool(*spec, jobs=helpers)
+    threads = 1 if links else _threads(store, jobs)
     return CheckoutThreads(store, threads) if threads > 1 else InlineRunner(store)
 
 

@@ -17,7 +17,6 @@ __all__ = [
     "DEFAULT_JOBS",
     "IMPORT_THRESHOLD_FILES",
     "JOBS_OPTION",
-    "LINK_THREADS_THRESHOLD_FILES",
     "jobs_from_options",
 ]
 
@@ -46,9 +45,6 @@ IMPORT_THRESHOLD_FILES = 4500
 #: 1.11 at 20,000 (0.518 s in the process, 0.465 s with helpers); so helpers pay from about
 #: 16,000.
 CHECKOUT_THRESHOLD_FILES = 16_000
-#: Files a checkout by hardlinks must link before threads pay (it links on ``jobs`` threads
-#: of its own process, never in helpers).
-LINK_THREADS_THRESHOLD_FILES = 1000
 
 
 def jobs_from_options(options: Mapping[str, Any], url: str) -> int | None:
