@@ -18,7 +18,7 @@ import errno
 import os
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from casframe.blobs import VerifiedBlobs
 from casframe.digest import Digest
@@ -30,6 +30,7 @@ from casframe.tree import load_listings
 from casframe.treesize import TreeLimits
 from casframe.workers.pool import (
     CHECKOUT_THRESHOLD_FILES,
+    CheckoutThreads,
     InlineRunner,
     Pending,
     Runner,
@@ -81,7 +82,8 @@ def checkout(
         raise UnsupportedOperationError(
             f"{blobs.url} has no local files to hardlink; check out with copies instead"
         )
-    early = _EarlyHelpers(blobs, jobs)
+    use_links = can_link if link is None else link
+    early = _EarlyHelpers(blobs, jobs, links=use_links)
     try:
         directories, sizes = load_listings(
             blobs, root, limits or TreeLimits(), f"tree {root}", content=True,
@@ -94,11 +96,13 @@ def checkout(
         raise
     try:
         runner = early.runner or open_checkout_runner(
-            blobs, jobs, sizes[root].files, CHECKOUT_THRESHOLD_FILES
+            blobs, jobs, sizes[root].files, CHECKOUT_THRESHOLD_FILES, links=use_links
         )
+        # Links: this process links too, beside its helpers (``jobs - 1`` of them).
+        beside = InlineRunner(blobs) if use_links and isinstance(runner, WorkerPool) else None
         writer = _FileWriter(
-            runner, dest, jobs=jobs,
-            use_links=can_link if link is None else link, strict=bool(link), progress=progress,
+            runner, dest, jobs=jobs, use_links=use_links, strict=bool(link), progress=progress,
+            beside=beside,
         )
         try:
             _write_tree(directories, root, dest, writer)
@@ -106,7 +110,9 @@ def checkout(
         except BaseException:
             runner.shutdown(cancel=True)
             raise
-        runner.shutdown(cancel=False)
+        # Every batch is answered: helpers beside this process are idle, and stopped at once
+        # (waiting for an idle helper's interpreter to wind down cost a whole command ~25 ms).
+        runner.shutdown(cancel=beside is not None)
     except BaseException:
         _remove_written(dest, created)
         raise
@@ -118,15 +124,16 @@ class _EarlyHelpers:
     Directories read so far hold enough files for them (the tree holds at least as many):
     a helper's start-up then overlaps the reading instead of following it."""
 
-    def __init__(self, blobs: VerifiedBlobs, jobs: int) -> None:
+    def __init__(self, blobs: VerifiedBlobs, jobs: int, *, links: bool) -> None:
         self.blobs = blobs
         self.jobs = jobs
-        self.runner: Runner | InlineRunner | None = None
+        self.links = links
+        self.runner: Runner | CheckoutThreads | InlineRunner | None = None
 
     def files_seen(self, files: int) -> None:
         if self.runner is None and self.jobs > 1 and files >= CHECKOUT_THRESHOLD_FILES:
             self.runner = open_checkout_runner(
-                self.blobs, self.jobs, files, CHECKOUT_THRESHOLD_FILES
+                self.blobs, self.jobs, files, CHECKOUT_THRESHOLD_FILES, links=self.links
             )
             if isinstance(self.runner, WorkerPool):
                 self.runner.start()
@@ -200,19 +207,30 @@ class _FileWriter:
     At most a few batches per job are in flight at once, so a tree of millions of files
     never sits in memory as a list. Files the file system refuses to hardlink (and ``strict``
     is false) come back from the tasks and are copied instead.
+
+    With ``beside`` (links with helpers), this process works too: it keeps each helper two
+    batches ahead and runs the others itself, instead of waiting, so it never waits for a
+    helper still starting; batches no helper has taken when the tree is walked are taken
+    back and run here.
     """
 
     def __init__(
         self,
-        runner: Runner | InlineRunner,
+        runner: Runner | CheckoutThreads | InlineRunner,
         dest: str,
         *,
         jobs: int,
         use_links: bool,
         strict: bool,
         progress: Progress,
+        beside: InlineRunner | None = None,
     ) -> None:
         self.runner = runner
+        self.beside = beside
+        self.ahead = 2 * getattr(runner, "jobs", 1)  # batches given to helpers at once
+        # What each batch given to a helper holds, until it is answered: to take it back.
+        self.given: dict[int, tuple[Callable[[VerifiedBlobs, Any], tuple[int, list[Copy]]],
+                                    Any]] = {}
         self.dest = dest
         self.use_links = use_links
         self.strict = strict
@@ -256,6 +274,8 @@ class _FileWriter:
     def finish(self) -> None:
         """Write what is left and wait for every batch, copies of refused links included."""
         self._flush_links()
+        if self.beside is not None:
+            self._take_back()
         while True:
             self._flush_copies()
             if not self.pending:
@@ -276,13 +296,41 @@ class _FileWriter:
     def _submit(
         self, task: Callable[[VerifiedBlobs, _T], tuple[int, list[Copy]]], work: _T
     ) -> None:
+        if self.beside is not None:
+            while self.pending and self.pending[0].done():  # type: ignore[attr-defined]
+                self._collect()
+            if len(self.pending) >= self.ahead:
+                self._done(self.beside.submit(task, work).result())
+                return
         while len(self.pending) >= self.max_pending:
             self._collect()
-        self.pending.append(self.runner.submit(task, work))
+        pending = self.runner.submit(task, work)
+        self.pending.append(pending)
+        if self.beside is not None:
+            self.given[id(pending)] = (task, work)
+
+    def _take_back(self) -> None:
+        """Run here the batches no helper has started (a helper may still be starting), and
+        from now on every batch (the copies of refused links)."""
+        assert self.beside is not None
+        self.ahead = 0
+        waiting: deque[Pending[tuple[int, list[Copy]]]] = deque()
+        for pending in self.pending:
+            if pending.cancel():  # type: ignore[attr-defined]  # a Future: not started yet
+                task, work = self.given.pop(id(pending))
+                waiting.append(self.beside.submit(task, work))
+            else:
+                waiting.append(pending)
+        self.pending = waiting
 
     def _collect(self) -> None:
         """Wait for the oldest batch; keep the files it could not link, to copy them."""
-        written, refused = self.pending.popleft().result()
+        pending = self.pending.popleft()
+        self.given.pop(id(pending), None)
+        self._done(pending.result())
+
+    def _done(self, result: tuple[int, list[Copy]]) -> None:
+        written, refused = result
         self.progress.advance(written)
         for item in refused:
             self.copies.append(item)

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 CASFRAME = ROOT / "casframe"
 PLUGINS = ROOT / "plugins"
@@ -167,13 +169,22 @@ _NOT_FOR_CHECKOUT = {
 }
 
 
-def test_a_checkout_command_on_one_job_loads_no_thread_pool_nor_import_machinery(
-    tmp_path: Path,
+_FILES = 300
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_checkout_command_loads_no_thread_pool_nor_import_machinery(
+    tmp_path: Path, jobs: str
 ) -> None:
+    """On one job, and on two (a checkout by hardlinks below the helpers' threshold links in
+    the command's own thread: two threads would hand the interpreter lock to each other
+    around every link)."""
     source = tmp_path / "source"
     (source / "sub").mkdir(parents=True)
     (source / "a.txt").write_text("a")
     (source / "sub" / "b").write_text("b")
+    for i in range(_FILES):
+        (source / "sub" / f"f{i}").write_text(str(i))
     store = str(tmp_path / "store")
     # The import fills an entry-point cache of this test's own, which the checkout then finds
     # (its import path without the working folder, -P, whose time stamp keeps changing).
@@ -183,7 +194,7 @@ def test_a_checkout_command_on_one_job_loads_no_thread_pool_nor_import_machinery
          "--ref", "t", "--no-stat-cache"], check=True, capture_output=True, timeout=120, env=env,
     )
     out = tmp_path / "out"
-    argv = ["--store", store, "checkout", "t", str(out), "--jobs", "1"]
+    argv = ["--store", store, "checkout", "t", str(out), "--jobs", jobs]
     code = (
         "import sys\n"
         "from casframe.cli.group import main\n"
@@ -201,6 +212,8 @@ def test_a_checkout_command_on_one_job_loads_no_thread_pool_nor_import_machinery
     assert "casframe.checkout" in loaded  # the command ran in this process
     assert not loaded & _NOT_FOR_CHECKOUT
     assert (out / "sub" / "b").read_text() == "b"
+    last = _FILES - 1
+    assert (out / "sub" / f"f{last}").read_text() == str(last)
 
 
 def test_a_checkout_helper_starts_without_the_library_search_or_the_stat_cache(

@@ -2,8 +2,9 @@
 
 What a user relies on: the helpers give exactly the trees the calling process would; errors
 in a helper reach the caller as the same typed errors; small trees, ``jobs=1`` and stores no
-other process can open never start a helper; a crashing helper, a SIGKILL of the parent and
-Ctrl-C leave no process behind and nothing half-visible in the store.
+other process can open never start a helper (a checkout by hardlinks starts one fewer than
+its jobs and links beside them); a crashing helper, a SIGKILL of the parent and Ctrl-C
+leave no process behind and nothing half-visible in the store.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import casframe.checkout
+import casframe.progress
 import casframe.statcache
 import casframe.tree
 import casframe.treeimport
@@ -98,6 +100,10 @@ def helpers_from(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         monkeypatch.setattr(casframe.checkout, "CHECKOUT_THRESHOLD_FILES", files)
 
     yield set_threshold
+
+
+def checkout_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "casframe-checkout"]
 
 
 def assert_gone(processes: list[subprocess.Popen[Any]]) -> None:
@@ -238,15 +244,17 @@ def test_helpers_import_and_check_out_what_the_process_would(
     )
     assert len(open_stat_cache(root, str(tmp_path / "cache-helped")).known) == 703
 
-    for link in (True, False):
+    for link, helpers in ((True, 1), (False, 2)):  # links: one helper beside this process
         dest = tmp_path / f"out-{link}"
+        before = len(spawned)
         helped.checkout(digest, dest, link=link, jobs=2)
+        assert len(spawned) - before == helpers
         assert alone.import_directory(dest, stat_cache=False, jobs=1) == digest
         executable = dest / "d0" / "e0" / "f0"
         assert os.stat(executable).st_mode & stat.S_IXUSR
         if link:
             assert os.stat(dest / "d1" / "e1" / "f1").st_nlink >= 2  # linked, not copied
-    assert len(spawned) == 6
+    assert len(spawned) == 5
     assert_gone(spawned)
     assert helped.fsck().ok
 
@@ -291,7 +299,9 @@ def test_random_trees_give_the_same_digest_with_helpers(
     helped_store = open_store(f"file://{top / 'helped'}")
     assert helped_store.import_directory(source, stat_cache=False, jobs=2) == alone
     helped_store.checkout(alone, top / "out", jobs=2)
-    assert open_store("memory://").import_directory(top / "out", stat_cache=False) == alone
+    helped_store.checkout(alone, top / "copied", link=False, jobs=2)
+    for out in ("out", "copied"):
+        assert open_store("memory://").import_directory(top / out, stat_cache=False) == alone
 
 
 def reference_digest(path: Path) -> Digest:
@@ -322,14 +332,16 @@ def test_helpers_start_only_for_trees_large_enough_to_pay(
     store = open_store(f"file://{tmp_path / 'store'}")
     helpers_from(60)
     small = store.import_directory(source, stat_cache=False, jobs=2)
-    store.checkout(small, tmp_path / "out-small", jobs=2)
+    store.checkout(small, tmp_path / "out-small", link=False, jobs=2)
     assert spawned == []
 
     (source / "one-more").write_bytes(b"60")
     bigger = store.import_directory(source, stat_cache=False, jobs=2)
     assert len(spawned) == 2
-    store.checkout(bigger, tmp_path / "out-bigger", jobs=2)
+    store.checkout(bigger, tmp_path / "out-bigger", link=False, jobs=2)
     assert len(spawned) == 4
+    store.checkout(bigger, tmp_path / "out-linked", jobs=2)  # this process and one helper
+    assert len(spawned) == 5
 
     # jobs=1 (the store option too) keeps the work in the process, whatever the size.
     one_job = open_store(f"file://{tmp_path / 'store'}?jobs=1")
@@ -338,7 +350,7 @@ def test_helpers_start_only_for_trees_large_enough_to_pay(
     one_job.checkout(bigger, tmp_path / "out-one-job")
     # A store no other process can open keeps it there too.
     assert open_store("memory://").import_directory(source, stat_cache=False, jobs=2) == bigger
-    assert len(spawned) == 4
+    assert len(spawned) == 5
     assert_gone(spawned)
 
 
@@ -370,6 +382,125 @@ def test_the_jobs_option_must_be_a_count(tmp_path: Path) -> None:
     assert open_store(f"file://{tmp_path}").jobs == DEFAULT_JOBS == len(os.sched_getaffinity(0))
 
 
+# -- checkout by hardlinks: this process links beside its helpers ----------------------------
+
+
+def _record_link_batches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the threads that run link batches in this process."""
+    names: list[str] = []
+    submit = pool.InlineRunner.submit
+
+    def recording(self: pool.InlineRunner, task: Any, payload: Any) -> Any:
+        if task is casframe.checkout.link_files:
+            names.append(threading.current_thread().name)
+        return submit(self, task, payload)
+
+    monkeypatch.setattr(pool.InlineRunner, "submit", recording)
+    return names
+
+
+def test_a_checkout_by_hardlinks_links_beside_one_helper_fewer_than_its_jobs(
+    tmp_path: Path, helpers_from: Any, spawned: list[subprocess.Popen[Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = write_files(tmp_path / "src", 600)
+    store = open_store(f"file://{tmp_path / 'store'}")
+    digest = store.import_directory(source, stat_cache=False, jobs=1)
+    helpers_from(300)
+    names = _record_link_batches(monkeypatch)
+    given: list[Any] = []
+    submit = pool.WorkerPool.submit
+
+    def recording_submit(self: pool.WorkerPool, task: Any, payload: Any) -> Any:
+        given.append(payload)
+        return submit(self, task, payload)
+
+    monkeypatch.setattr(pool.WorkerPool, "submit", recording_submit)
+    store.checkout(digest, tmp_path / "out", jobs=2)
+    assert len(spawned) == 1  # jobs=2: this process and one helper
+    # It never waits for the helper: it keeps it two batches ahead and links the rest
+    # itself, in its own thread (no thread contends for the interpreter lock).
+    assert len(given) >= 1 and names and set(names) == {threading.current_thread().name}
+    assert describe_tree(tmp_path / "out") == describe_tree(source)
+    assert os.stat(tmp_path / "out" / "d1" / "e1" / "f1").st_nlink >= 2  # linked
+    assert_gone(spawned)
+
+    store.checkout(digest, tmp_path / "out-3", jobs=3)
+    assert len(spawned) == 3
+    assert describe_tree(tmp_path / "out-3") == describe_tree(source)
+    # One job: no helper, whatever the size.
+    store.checkout(digest, tmp_path / "out-1", jobs=1)
+    assert len(spawned) == 3
+    assert_gone(spawned)
+
+
+def test_batches_no_helper_has_started_are_linked_by_the_checkout_itself(
+    tmp_path: Path, helpers_from: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A helper that never starts (stopped as soon as it is spawned) costs a checkout by
+    hardlinks nothing but its spawn: the batches given to it are taken back."""
+    started: list[subprocess.Popen[Any]] = []
+    real = pool._spawn
+
+    def spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[Any]:
+        process = real(argv, env)
+        os.kill(process.pid, signal.SIGSTOP)
+        started.append(process)
+        return process
+
+    monkeypatch.setattr(pool, "_spawn", spawn)
+    source = write_files(tmp_path / "src", 600)
+    store = open_store(f"file://{tmp_path / 'store'}")
+    digest = store.import_directory(source, stat_cache=False, jobs=1)
+    helpers_from(1)
+    store.checkout(digest, tmp_path / "out", jobs=2)
+    assert len(started) == 1
+    assert describe_tree(tmp_path / "out") == describe_tree(source)
+    assert_gone(started)  # stopped (killed: it had no work) when the checkout ended
+
+
+def test_checkout_threads_run_tasks_in_order_and_skip_the_rest_when_cancelled(
+    local_store: Store,
+) -> None:
+    runner = pool.CheckoutThreads(local_store.verified, 1)
+    go, started = threading.Event(), threading.Event()
+    ran: list[int] = []
+
+    def task(store: Any, n: int) -> int:
+        assert store is local_store.verified
+        if n == 0:
+            started.set()
+            go.wait(HANG_GUARD)
+        if n == 2:
+            raise FileNotFoundError(errno.ENOENT, "gone", "x")
+        ran.append(n)
+        return n * 10
+
+    try:
+        first = [runner.submit(task, n) for n in range(4)]
+        go.set()
+        assert first[0].result() == 0 and first[1].result() == 10
+        with pytest.raises(FileNotFoundError, match="gone"):
+            first[2].result()
+        assert first[3].result() == 30  # an error stops nothing by itself
+
+        go.clear()
+        started.clear()
+        blocked = runner.submit(task, 0)
+        queued = [runner.submit(task, n) for n in (5, 6)]
+        started.wait(HANG_GUARD)
+        runner.cancel()  # as shutdown(cancel=True) does, while a task runs and two wait
+        go.set()
+        assert blocked.result() == 0
+        for pending in queued:
+            with pytest.raises(WorkerError, match="checkout cancelled"):
+                pending.result()
+    finally:
+        runner.shutdown(cancel=True)
+    assert ran == [0, 1, 3, 0]
+    assert checkout_threads() == []
+
+
 # -- failures ---------------------------------------------------------------------------------
 
 
@@ -391,19 +522,20 @@ def test_a_checkout_starts_its_helpers_while_reading_and_stops_them_for_a_refuse
         return measure(*args)
 
     monkeypatch.setattr(casframe.tree, "measure_listings", measure_listings)
-    store.checkout(digest, tmp_path / "out", jobs=2)
+    store.checkout(digest, tmp_path / "out", link=False, jobs=2)
     assert started_before_measuring == [2]  # started by the Directories read so far
     assert describe_tree(tmp_path / "out") == describe_tree(source)
 
     with pytest.raises(TreeTooLargeError):
-        store.checkout(digest, tmp_path / "refused", jobs=2, max_tree_entries=100)
+        store.checkout(digest, tmp_path / "refused", link=False, jobs=2, max_tree_entries=100)
     assert started_before_measuring == [2, 4]
     assert not (tmp_path / "refused").exists()
     assert_gone(spawned)
 
 
-def test_an_error_in_a_helper_fails_the_checkout_and_removes_what_it_wrote(
-    tmp_path: Path, helpers_from: Any, spawned: list[subprocess.Popen[Any]]
+@pytest.mark.parametrize("link", [True, False], ids=["links", "copies"])
+def test_an_error_in_a_batch_fails_the_checkout_and_removes_what_it_wrote(
+    tmp_path: Path, helpers_from: Any, spawned: list[subprocess.Popen[Any]], link: bool,
 ) -> None:
     source = write_files(tmp_path / "src", 200)
     store = open_store(f"file://{tmp_path / 'store'}")
@@ -415,10 +547,12 @@ def test_an_error_in_a_helper_fails_the_checkout_and_removes_what_it_wrote(
         f.truncate(3)
     helpers_from(1)
     with pytest.raises(CorruptBlobError) as raised:
-        store.checkout(digest, tmp_path / "out", link=True, jobs=2)
-    assert str(raised.value) == f"corrupt blob {damaged}: stored object has 3 bytes"
+        store.checkout(digest, tmp_path / "out", link=link, jobs=2)
+    if link:  # the size is checked before the object is linked
+        assert str(raised.value) == f"corrupt blob {damaged}: stored object has 3 bytes"
+    assert raised.value.digest == damaged
     assert not (tmp_path / "out").exists()
-    assert len(spawned) == 2
+    assert len(spawned) == (1 if link else 2)  # links: this process and one helper
     assert_gone(spawned)
 
 

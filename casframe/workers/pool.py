@@ -5,6 +5,8 @@ Import and checkout cut their work into batches (a few hundred files each) and h
 
 - :class:`ThreadRunner` runs the task on a thread pool of this process: small trees, stores
   that cannot be opened by another process, ``jobs=1``.
+- :class:`CheckoutThreads` does the same for checkout's copies, without
+  :mod:`concurrent.futures`.
 - :class:`WorkerPool` runs it in helper processes, the way git's parallel checkout feeds its
   ``checkout--worker`` helpers: each is casframe's own small program
   (``python -m casframe.workers.worker``), started by the running interpreter, which opens
@@ -40,6 +42,7 @@ from casframe.workers.settings import CHECKOUT_THRESHOLD_FILES, IMPORT_THRESHOLD
 # pools (concurrent.futures, which brings logging and traceback, and queue) are imported by the
 # first runner that uses them: a checkout on one thread runs its batches in the caller's.
 if TYPE_CHECKING:
+    import _queue
     import concurrent.futures as futures
     import importlib.util as importlib_util
     import queue
@@ -54,6 +57,7 @@ else:
     futures = lazy_module("concurrent.futures")
     importlib_util = lazy_module("importlib.util")
     queue = lazy_module("queue")
+    _queue = lazy_module("_queue")  # SimpleQueue alone: compiled, without queue.py's imports
     select = lazy_module("select")
     signal = lazy_module("signal")
     subprocess = lazy_module("subprocess")
@@ -62,6 +66,7 @@ else:
 __all__ = [
     "CHECKOUT_THRESHOLD_FILES",
     "IMPORT_THRESHOLD_FILES",
+    "CheckoutThreads",
     "InlineRunner",
     "Outcome",
     "Pending",
@@ -105,6 +110,14 @@ class Outcome(Generic[_R]):
             raise self._error
         return self._value  # type: ignore[return-value]  # set whenever there is no error
 
+    def done(self) -> bool:
+        """Always: as a future's ``done()``."""
+        return True
+
+    def cancel(self) -> bool:
+        """Never: it has run (as a future's ``cancel()`` once started)."""
+        return False
+
 
 class InlineRunner:
     """Runs each task in the caller's thread, when it is submitted: one job, no pool.
@@ -125,6 +138,89 @@ class InlineRunner:
 
     def shutdown(self, *, cancel: bool) -> None:
         """Nothing runs after ``submit`` returns: nothing to stop."""
+
+
+class _Done(Generic[_R]):
+    """The result of a task handed to :class:`CheckoutThreads`, once a thread has run it."""
+
+    __slots__ = ("_error", "_finished", "_value")
+
+    def __init__(self) -> None:
+        self._finished = threading.Lock()
+        self._finished.acquire()  # released by the thread that runs the task
+        self._value: _R | None = None
+        self._error: BaseException | None = None
+
+    def _set(self, value: _R | None, error: BaseException | None) -> None:
+        self._value, self._error = value, error
+        self._finished.release()
+
+    def result(self) -> _R:
+        """Wait for the task (Ctrl-C interrupts the wait); its result, or raise its error."""
+        with self._finished:
+            pass
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]  # set whenever there is no error
+
+
+class _Cancelled(WorkerError):
+    """What a task left unrun by a cancelled :class:`CheckoutThreads` gives (nobody waits for
+    it: the caller cancels because it stopped waiting)."""
+
+
+class CheckoutThreads:
+    """Runs tasks on ``threads`` threads of this process, in the order submitted.
+
+    For checkout's copies: its tasks need nothing but their result, so this runner does
+    without :mod:`concurrent.futures` (which brings :mod:`logging`, :mod:`traceback` and
+    more, ~21 M instructions of a whole command's start-up).
+    """
+
+    def __init__(self, store: VerifiedBlobs, threads: int) -> None:
+        self._store = store
+        self._queue: _queue.SimpleQueue[tuple[Callable[[VerifiedBlobs, Any], Any], Any, _Done[Any]]
+                                 | None] = _queue.SimpleQueue()
+        self._cancelled = False
+        self._threads = [
+            threading.Thread(target=self._work, name="casframe-checkout", daemon=True)
+            for _ in range(max(1, threads))
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, task: Callable[[VerifiedBlobs, _P], _R], payload: _P) -> _Done[_R]:
+        done: _Done[_R] = _Done()
+        self._queue.put((task, payload, done))
+        return done
+
+    def _work(self) -> None:
+        store = self._store
+        while (item := self._queue.get()) is not None:
+            task, payload, done = item
+            if self._cancelled:
+                done._set(None, _Cancelled("checkout cancelled"))
+                continue
+            try:
+                value = task(store, payload)
+            except BaseException as exc:  # noqa: BLE001 - raised again by result()
+                done._set(None, exc)
+            else:
+                done._set(value, None)
+
+    def cancel(self) -> None:
+        """Run none of the tasks still queued: each gives an error instead."""
+        self._cancelled = True
+
+    def shutdown(self, *, cancel: bool) -> None:
+        """Wait for the threads to end: after the queued tasks, or (``cancel``) after the
+        ones already running. No task runs once this returns."""
+        if cancel:
+            self.cancel()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
 
 
 class ThreadRunner:
@@ -192,7 +288,14 @@ class _Helper:
         self.thread.start()
 
     def feed(self) -> None:
-        dead: WorkerError | None = None
+        dead: BaseException | None = None
+        try:
+            # The helper's greeting (its store opened, or why not), before any batch is
+            # taken: until then batches stay queued, where the caller may take them back.
+            self.answer()
+            self.greeted = True
+        except BaseException as exc:  # noqa: BLE001 - handed to the next batch's owner
+            dead = exc
         while True:
             item = self.pool.queue.get()
             if item is None:
@@ -206,9 +309,6 @@ class _Helper:
                 future.set_exception(dead)
                 continue
             try:
-                if not self.greeted:
-                    self.answer()  # the helper's greeting: its store opened, or why not
-                    self.greeted = True
                 self.ask(name, payload)
                 result = self.answer()
             except BaseException as exc:  # noqa: BLE001 - handed to the future's owner
@@ -386,13 +486,24 @@ def open_runner(store: VerifiedBlobs, jobs: int, files: int, threshold: int) -> 
 
 
 def open_checkout_runner(
-    store: VerifiedBlobs, jobs: int, files: int, threshold: int
-) -> Runner | InlineRunner:
-    """:func:`open_runner` for checkout, whose batches need no future's callbacks: where it
-    would run them on one thread, they run in the caller's (:class:`InlineRunner`)."""
-    if jobs > 1 and files >= threshold or _threads(store, jobs) > 1:
-        return open_runner(store, jobs, files, threshold)
-    return InlineRunner(store)
+    store: VerifiedBlobs, jobs: int, files: int, threshold: int, *, links: bool = False
+) -> Runner | CheckoutThreads | InlineRunner:
+    """Where a checkout of ``files`` files runs its batches.
+
+    From ``threshold`` files on, in helper processes when the store can be opened by them:
+    ``jobs`` of them for copies; ``jobs - 1`` for hardlinks (``links``), whose caller links
+    beside them. Hardlinks never run on threads: a link and the stat before it are system
+    calls, and two threads hand the interpreter lock to each other around every one of
+    them (measured: more CPU and a slower checkout than one thread). Copies below the
+    threshold run on threads; one job, or links below it, in the caller's thread
+    (:class:`InlineRunner`).
+    """
+    helpers = jobs - 1 if links else jobs
+    spec = store.backend.worker_spec() if helpers > 0 and files >= threshold else None
+    if spec is not None:
+        return WorkerPool(*spec, jobs=helpers)
+    threads = 1 if links else _threads(store, jobs)
+    return CheckoutThreads(store, threads) if threads > 1 else InlineRunner(store)
 
 
 def _threads(store: VerifiedBlobs, jobs: int) -> int:
