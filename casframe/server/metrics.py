@@ -25,7 +25,9 @@ from __future__ import annotations
 import bisect
 import contextlib
 import math
+import mmap
 import os
+import struct
 import threading
 from collections.abc import Iterator
 
@@ -111,9 +113,13 @@ class _Values:
         self._folder = folder
         self._pid = os.getpid()
         self._files: dict[str, MmapedDict] = {}
-        # Each value's file and name there (MmapedDict.write_value writes the whole 16 bytes at
-        # once, never half a value for a scrape to read).
-        self._places: list[tuple[MmapedDict, str]] = []
+        # Each value's file and name there, and where its 8 bytes are in that file's memory
+        # map (written in one slice assignment: never half a value for a scrape to read; the
+        # timestamp after it stays 0). The map is replaced when its file grows, so the places
+        # are found again after every new value.
+        self._keys: list[tuple[MmapedDict, str]] = []
+        self._places: list[tuple[mmap.mmap, slice]] = []
+        self._maps: dict[str, mmap.mmap] = {}
 
     def new(self, kind: str, key: str) -> int:
         """A new value of ``kind`` (``counter`` or ``histogram``) named ``key`` (what
@@ -127,7 +133,13 @@ class _Values:
                 path = os.path.join(self._folder, f"{kind}_casframe-{self._pid}.db")
                 file = self._files[kind] = MmapedDict(path)
             start = file.read_value(key)[0]  # adds the key to the file
-            self._places.append((file, key))
+            self._keys.append((file, key))
+            place = _place(file, key)
+            if self._maps.get(kind) is place[0]:
+                self._places.append(place)
+            else:  # a first value, or the file grew: every place of it moved
+                self._maps[kind] = place[0]
+                self._places = [_place(file, key) for file, key in self._keys]
         self.numbers.append(start)
         return len(self.numbers) - 1
 
@@ -136,8 +148,8 @@ class _Values:
         numbers = self.numbers
         value = numbers[index] = numbers[index] + amount
         if self._places:
-            file, key = self._places[index]
-            file.write_value(key, value, 0.0)
+            data, where = self._places[index]
+            data[where] = _pack_double(value)
 
     def add_all(self, changes: list[tuple[int, float]]) -> None:
         """Add each ``(index, amount)`` of ``changes``, all under :attr:`lock` (taken here):
@@ -149,8 +161,28 @@ class _Values:
             places = self._places
             if places:
                 for index, _ in changes:
-                    file, key = places[index]
-                    file.write_value(key, numbers[index], 0.0)
+                    data, where = places[index]
+                    data[where] = _pack_double(numbers[index])
+
+    def add_one(self, index: int) -> None:
+        """Add 1 to value ``index`` (taking :attr:`lock`): :meth:`add_all` of one change,
+        without the list."""
+        with self.lock:
+            numbers = self.numbers
+            value = numbers[index] = numbers[index] + 1.0
+            if self._places:
+                data, where = self._places[index]
+                data[where] = _pack_double(value)
+
+
+_pack_double = struct.Struct("d").pack
+
+
+def _place(file: MmapedDict, key: str) -> tuple[mmap.mmap, slice]:
+    """Where value ``key`` of ``file`` is: its memory map, and the slice of its 8 bytes there
+    (prometheus_client's format: each value a double, then a timestamp double)."""
+    position = file._positions[key]  # noqa: SLF001 - the format's own offsets
+    return file._m, slice(position, position + 8)  # noqa: SLF001
 
 
 class _Family:
@@ -346,7 +378,7 @@ class ServerMetrics:
 
     def call_started(self, call: CallRecord) -> None:
         series = self._methods.get(call.method) or self._series(call)
-        self.values.add_all([(series.started, 1.0)])
+        self.values.add_one(series.started)
         if series.stream:
             self.streams_in_flight.inc()
 
