@@ -10,9 +10,9 @@ misses. :func:`serve_metrics` exposes them over HTTP for Prometheus to scrape.
 Several server processes add up: when ``PROMETHEUS_MULTIPROC_DIR`` was set before this module
 was first imported, each process's values are kept in files there and the exposition sums them
 (``casframe serve`` sets it up when it starts worker processes; see :func:`multiprocess_dir`).
-The counters and the histogram are kept by :class:`_Values` (plain numbers under one lock per
-call, copied into files of prometheus_client's multiprocess format when there are several
-processes); the streams gauge is prometheus_client's own.
+The counters, the histogram and the streams gauge are kept by :class:`_Values` (plain numbers
+under one lock per call, copied into files of prometheus_client's multiprocess format when
+there are several processes).
 
 Imported only by the server when metrics are asked for: ``casframe --help`` and other
 commands never load prometheus_client. This module must never expose a server path, a store
@@ -32,9 +32,14 @@ import threading
 from collections.abc import Iterator
 
 import grpc
-from prometheus_client import CollectorRegistry, Gauge, multiprocess, values
+from prometheus_client import CollectorRegistry, multiprocess, values
 from prometheus_client.exposition import start_http_server
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.utils import floatToGoString
 
@@ -87,12 +92,19 @@ def process_exited(pid: int) -> None:
     folder = multiprocess_dir()
     if folder is not None:
         multiprocess.mark_process_dead(pid, folder)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, f"{_FILES['gauge']}_casframe-{pid}.db"))
 
 
 def _grpc_type(call: CallRecord) -> str:
     if call.request_streaming:
         return "bidi_stream" if call.response_streaming else "client_stream"
     return "server_stream" if call.response_streaming else "unary"
+
+
+#: The files of :class:`_Values` by kind of value, named as prometheus_client names its own
+#: (the streams gauge sums the live processes' values, as ``multiprocess_mode="livesum"``).
+_FILES = {"counter": "counter", "histogram": "histogram", "gauge": "gauge_livesum"}
 
 
 class _Values:
@@ -122,7 +134,7 @@ class _Values:
         self._maps: dict[str, mmap.mmap] = {}
 
     def new(self, kind: str, key: str) -> int:
-        """A new value of ``kind`` (``counter`` or ``histogram``) named ``key`` (what
+        """A new value of ``kind`` (``counter``, ``histogram``, ``gauge``) named ``key`` (what
         prometheus_client's files call it); hold :attr:`lock`. Returns its index."""
         start = 0.0
         if self._folder is not None:
@@ -130,7 +142,7 @@ class _Values:
             if file is None:
                 # Not the file prometheus_client keeps this process's own values in (the
                 # streams gauge's): each file has a single writer.
-                path = os.path.join(self._folder, f"{kind}_casframe-{self._pid}.db")
+                path = os.path.join(self._folder, f"{_FILES[kind]}_casframe-{self._pid}.db")
                 file = self._files[kind] = MmapedDict(path)
             start = file.read_value(key)[0]  # adds the key to the file
             self._keys.append((file, key))
@@ -216,6 +228,8 @@ class _Family:
         labelnames, values = list(self.labelnames), list(labelvalues)
         if self.kind == "counter":
             return new("counter", mmap_key(name, name + "_total", labelnames, values, doc))
+        if self.kind == "gauge":
+            return new("gauge", mmap_key(name, name, labelnames, values, doc))
         index = new("histogram", mmap_key(name, name + "_sum", labelnames, values, doc))
         for le in self._les:
             new("histogram", mmap_key(name, name + "_bucket", [*labelnames, "le"],
@@ -235,8 +249,9 @@ class _Family:
         """This process's series; hold the values' lock."""
         numbers = self.values.numbers
         family: Metric
-        if self.kind == "counter":
-            family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        if self.kind in ("counter", "gauge"):
+            shown = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+            family = shown(self.name, self.documentation, labels=self.labelnames)
             for labelvalues, index in self.series.items():
                 family.add_metric(labelvalues, numbers[index])
             return family
@@ -341,6 +356,9 @@ class ServerMetrics:
             cache_filled := _Family(
                 numbers, "counter", "casframe_cache_filled_bytes",
                 "Bytes a cache:// store copied from its remote into its local store."),
+            in_flight := _Family(
+                numbers, "gauge", "casframe_server_streams_in_flight",
+                "Streaming calls in progress (ByteStream Read and Write, GetTree)."),
         ]
         self.started, self.handled, self.handling_seconds = started, handled, seconds
         self.bytes_received, self.bytes_sent = received, sent
@@ -350,12 +368,8 @@ class ServerMetrics:
         self._missing = find_missing.child("missing")
         self._hits = action_cache.child("hit")
         self._misses = action_cache.child("miss")
+        self._in_flight = in_flight.child()
         registry.register(_Collector(families))
-        self.streams_in_flight = Gauge(
-            "casframe_server_streams_in_flight",
-            "Streaming calls in progress (ByteStream Read and Write, GetTree).",
-            registry=registry, multiprocess_mode="livesum",
-        )
         self.cache_hits, self.cache_misses = cache_reads.child("hit"), cache_reads.child("miss")
         self.cache_filled_bytes = cache_filled.child()
         self._methods: dict[str, _MethodSeries] = {}
@@ -378,9 +392,10 @@ class ServerMetrics:
 
     def call_started(self, call: CallRecord) -> None:
         series = self._methods.get(call.method) or self._series(call)
-        self.values.add_one(series.started)
         if series.stream:
-            self.streams_in_flight.inc()
+            self.values.add_all([(series.started, 1.0), (self._in_flight, 1.0)])
+        else:
+            self.values.add_one(series.started)
 
     def call_ended(self, call: CallRecord) -> None:
         code = call.code
@@ -396,10 +411,10 @@ class ServerMetrics:
             changes.append((series.bytes_received, call.bytes_in))
         if call.bytes_out:
             changes.append((series.bytes_sent, call.bytes_out))
+        if series.stream:
+            changes.append((self._in_flight, -1.0))
         self._count_content(call, code, changes)
         self.values.add_all(changes)
-        if series.stream:
-            self.streams_in_flight.dec()
         if self._cache is not None:
             self._cache.follow()
 
