@@ -296,12 +296,14 @@ class _MethodSeries:
         self.stream = call.streaming and call.method not in UNCOUNTED_STREAMS
         self.bounds = metrics.handling_seconds.bounds
         self._handled = metrics.handled
-        self.by_code: dict[grpc.StatusCode, int] = {}
+        # By the code's id: status codes are enum members, one object each, whose hash is
+        # a Python method.
+        self.by_code: dict[int, int] = {}
 
     def handled(self, code: grpc.StatusCode) -> int:
-        index = self.by_code.get(code)
+        index = self.by_code.get(id(code))
         if index is None:
-            index = self.by_code[code] = self._handled.child(*self.labels, code.name)
+            index = self.by_code[id(code)] = self._handled.child(*self.labels, code.name)
         return index
 
 
@@ -401,7 +403,7 @@ class ServerMetrics:
         code = call.code
         assert code is not None
         series = self._methods.get(call.method) or self._series(call)
-        handled = series.by_code.get(code)
+        handled = series.by_code.get(id(code))
         if handled is None:
             handled = series.handled(code)
         duration, seconds = call.duration, series.seconds
