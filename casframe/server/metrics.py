@@ -167,14 +167,15 @@ class _Values:
         """Add each ``(index, amount)`` of ``changes``, all under :attr:`lock` (taken here):
         one call of a method and one loop for all of a call's values."""
         with self.lock:
-            numbers = self.numbers
-            for index, amount in changes:
-                numbers[index] += amount
-            places = self._places
+            numbers, places = self.numbers, self._places
             if places:
-                for index, _ in changes:
+                for index, amount in changes:
+                    value = numbers[index] = numbers[index] + amount
                     data, where = places[index]
-                    data[where] = _pack_double(numbers[index])
+                    data[where] = _pack_double(value)
+            else:
+                for index, amount in changes:
+                    numbers[index] += amount
 
     def add_one(self, index: int) -> None:
         """Add 1 to value ``index`` (taking :attr:`lock`): :meth:`add_all` of one change,

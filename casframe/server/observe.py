@@ -177,6 +177,8 @@ class _ObservedCall:
     sees, which remembers the status set through it (grpc.aio's context for thread-pool
     handlers cannot tell it) and counts the responses written through it."""
 
+    __slots__ = ("_context", "call", "_sinks", "_serializer", "_ended")
+
     def __init__(
         self,
         context: Any,
@@ -320,6 +322,12 @@ def _observed(
     )
     serializer = handler.response_serializer
     reads_async, async_gen, coroutine = _flavour(behavior)
+    if not (streams_in or streams_out):
+        return _FACTORIES[False, False](
+            _observing_unary(behavior, method, sinks, serializer, coroutine),
+            request_deserializer=_sized_decoder(handler.request_deserializer),
+            response_serializer=None,
+        )
 
     def begin(request: Any, context: Any) -> tuple[_ObservedCall, Any]:
         call = CallRecord(method, streams_in, streams_out, context)
@@ -336,6 +344,48 @@ def _observed(
         request_deserializer=_sized_decoder(handler.request_deserializer),
         response_serializer=None,
     )
+
+
+def _observing_unary(
+    behavior: Callable[..., Any],
+    method: str,
+    sinks: Sequence[CallSink],
+    serializer: Callable[[Any], bytes] | None,
+    coroutine: bool,
+) -> Callable[..., Any]:
+    """The observed behaviour of a unary call (most calls): ``_observing``'s, with the call
+    started in line."""
+    if coroutine:
+
+        async def call_async(request: _Decoded, context: Any) -> Any:
+            call = CallRecord(method, False, False, context)
+            call.request, call.bytes_in = request
+            observed = _ObservedCall(context, call, sinks, serializer)
+            try:
+                response = call.response = await behavior(call.request, observed)
+                data = observed.encode(response)
+            except BaseException as exc:
+                observed.end(exc)
+                raise
+            observed.end(None)
+            return data
+
+        return call_async
+
+    def call_sync(request: _Decoded, context: Any) -> Any:
+        call = CallRecord(method, False, False, context)
+        call.request, call.bytes_in = request
+        observed = _ObservedCall(context, call, sinks, serializer)
+        try:
+            response = call.response = behavior(call.request, observed)
+            data = observed.encode(response)
+        except BaseException as exc:
+            observed.end(exc)
+            raise
+        observed.end(None)
+        return data
+
+    return call_sync
 
 
 def _observing(
