@@ -20,7 +20,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeAlias
 
 import grpc
@@ -212,8 +212,9 @@ class _ObservedCall:
         self.end(None)
         return self._context.abort(code, *args, **kwargs)
 
-    async def write(self, message: Any) -> None:
-        await self._context.write(self.encode(message))
+    def write(self, message: Any) -> Awaitable[None]:
+        # The context's own coroutine, not one more around it: a Read writes many chunks.
+        return self._context.write(self.encode(message))
 
     async def read(self) -> Any:
         got = await self._context.read()
