@@ -27,7 +27,6 @@ import contextlib
 import math
 import mmap
 import os
-import struct
 import threading
 from collections.abc import Iterator
 
@@ -125,13 +124,14 @@ class _Values:
         self._folder = folder
         self._pid = os.getpid()
         self._files: dict[str, MmapedDict] = {}
-        # Each value's file and name there, and where its 8 bytes are in that file's memory
-        # map (written in one slice assignment: never half a value for a scrape to read; the
-        # timestamp after it stays 0). The map is replaced when its file grows, so the places
-        # are found again after every new value.
+        # Each value's file and name there, and where it is in that file's memory map seen as
+        # doubles (one value written as one 8-byte store: never half a value for a scrape to
+        # read; the timestamp after it stays 0). The map is replaced when its file grows, so
+        # the places of that file are found again then.
         self._keys: list[tuple[MmapedDict, str]] = []
-        self._places: list[tuple[mmap.mmap, slice]] = []
+        self._places: list[tuple[memoryview[float], int]] = []
         self._maps: dict[str, mmap.mmap] = {}
+        self._views: dict[str, memoryview[float]] = {}
 
     def new(self, kind: str, key: str) -> int:
         """A new value of ``kind`` (``counter``, ``histogram``, ``gauge``) named ``key`` (what
@@ -146,12 +146,12 @@ class _Values:
                 file = self._files[kind] = MmapedDict(path)
             start = file.read_value(key)[0]  # adds the key to the file
             self._keys.append((file, key))
-            place = _place(file, key)
-            if self._maps.get(kind) is place[0]:
-                self._places.append(place)
-            else:  # a first value, or the file grew: every place of it moved
-                self._maps[kind] = place[0]
-                self._places = [_place(file, key) for file, key in self._keys]
+            if self._maps.get(kind) is not file._m:  # noqa: SLF001 - a first value, or grown
+                self._maps[kind] = file._m  # noqa: SLF001
+                self._views[kind] = memoryview(file._m).cast("d")  # noqa: SLF001
+                self._places = [self._place(file, key) for file, key in self._keys]
+            else:
+                self._places.append(self._place(file, key))
         self.numbers.append(start)
         return len(self.numbers) - 1
 
@@ -160,8 +160,8 @@ class _Values:
         numbers = self.numbers
         value = numbers[index] = numbers[index] + amount
         if self._places:
-            data, where = self._places[index]
-            data[where] = _pack_double(value)
+            view, where = self._places[index]
+            view[where] = value
 
     def add_all(self, changes: list[tuple[int, float]]) -> None:
         """Add each ``(index, amount)`` of ``changes``, all under :attr:`lock` (taken here):
@@ -171,8 +171,8 @@ class _Values:
             if places:
                 for index, amount in changes:
                     value = numbers[index] = numbers[index] + amount
-                    data, where = places[index]
-                    data[where] = _pack_double(value)
+                    view, where = places[index]
+                    view[where] = value
             else:
                 for index, amount in changes:
                     numbers[index] += amount
@@ -184,18 +184,17 @@ class _Values:
             numbers = self.numbers
             value = numbers[index] = numbers[index] + 1.0
             if self._places:
-                data, where = self._places[index]
-                data[where] = _pack_double(value)
+                view, where = self._places[index]
+                view[where] = value
 
-
-_pack_double = struct.Struct("d").pack
-
-
-def _place(file: MmapedDict, key: str) -> tuple[mmap.mmap, slice]:
-    """Where value ``key`` of ``file`` is: its memory map, and the slice of its 8 bytes there
-    (prometheus_client's format: each value a double, then a timestamp double)."""
-    position = file._positions[key]  # noqa: SLF001 - the format's own offsets
-    return file._m, slice(position, position + 8)  # noqa: SLF001
+    def _place(self, file: MmapedDict, key: str) -> tuple[memoryview[float], int]:
+        """Where value ``key`` of ``file`` is: the file's map seen as doubles, and the index
+        of the value there (prometheus_client's format: each value a double at a multiple of
+        8 bytes, then a timestamp double)."""
+        position = file._positions[key]  # noqa: SLF001 - the format's own offsets
+        assert position % 8 == 0, "prometheus_client's values are 8-byte aligned"
+        kind = next(kind for kind, known in self._files.items() if known is file)
+        return self._views[kind], position // 8
 
 
 class _Family:
