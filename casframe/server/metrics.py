@@ -10,9 +10,9 @@ misses. :func:`serve_metrics` exposes them over HTTP for Prometheus to scrape.
 Several server processes add up: when ``PROMETHEUS_MULTIPROC_DIR`` was set before this module
 was first imported, each process's values are kept in files there and the exposition sums them
 (``casframe serve`` sets it up when it starts worker processes; see :func:`multiprocess_dir`).
-The counters and the histogram are kept by :class:`_Values` (plain numbers under one lock per
-call, copied into files of prometheus_client's multiprocess format when there are several
-processes); the streams gauge is prometheus_client's own.
+The counters, the histogram and the streams gauge are kept by :class:`_Values` (plain numbers
+under one lock per call, copied into files of prometheus_client's multiprocess format when
+there are several processes).
 
 Imported only by the server when metrics are asked for: ``casframe --help`` and other
 commands never load prometheus_client. This module must never expose a server path, a store
@@ -25,14 +25,20 @@ from __future__ import annotations
 import bisect
 import contextlib
 import math
+import mmap
 import os
 import threading
 from collections.abc import Iterator
 
 import grpc
-from prometheus_client import CollectorRegistry, Gauge, multiprocess, values
+from prometheus_client import CollectorRegistry, multiprocess, values
 from prometheus_client.exposition import start_http_server
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.utils import floatToGoString
 
@@ -85,12 +91,19 @@ def process_exited(pid: int) -> None:
     folder = multiprocess_dir()
     if folder is not None:
         multiprocess.mark_process_dead(pid, folder)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, f"{_FILES['gauge']}_casframe-{pid}.db"))
 
 
 def _grpc_type(call: CallRecord) -> str:
     if call.request_streaming:
         return "bidi_stream" if call.response_streaming else "client_stream"
     return "server_stream" if call.response_streaming else "unary"
+
+
+#: The files of :class:`_Values` by kind of value, named as prometheus_client names its own
+#: (the streams gauge sums the live processes' values, as ``multiprocess_mode="livesum"``).
+_FILES = {"counter": "counter", "histogram": "histogram", "gauge": "gauge_livesum"}
 
 
 class _Values:
@@ -111,12 +124,17 @@ class _Values:
         self._folder = folder
         self._pid = os.getpid()
         self._files: dict[str, MmapedDict] = {}
-        # Each value's file and name there (MmapedDict.write_value writes the whole 16 bytes at
-        # once, never half a value for a scrape to read).
-        self._places: list[tuple[MmapedDict, str]] = []
+        # Each value's file and name there, and where it is in that file's memory map seen as
+        # doubles (one value written as one 8-byte store: never half a value for a scrape to
+        # read; the timestamp after it stays 0). The map is replaced when its file grows, so
+        # the places of that file are found again then.
+        self._keys: list[tuple[MmapedDict, str]] = []
+        self._places: list[tuple[memoryview[float], int]] = []
+        self._maps: dict[str, mmap.mmap] = {}
+        self._views: dict[str, memoryview[float]] = {}
 
     def new(self, kind: str, key: str) -> int:
-        """A new value of ``kind`` (``counter`` or ``histogram``) named ``key`` (what
+        """A new value of ``kind`` (``counter``, ``histogram``, ``gauge``) named ``key`` (what
         prometheus_client's files call it); hold :attr:`lock`. Returns its index."""
         start = 0.0
         if self._folder is not None:
@@ -124,10 +142,16 @@ class _Values:
             if file is None:
                 # Not the file prometheus_client keeps this process's own values in (the
                 # streams gauge's): each file has a single writer.
-                path = os.path.join(self._folder, f"{kind}_casframe-{self._pid}.db")
+                path = os.path.join(self._folder, f"{_FILES[kind]}_casframe-{self._pid}.db")
                 file = self._files[kind] = MmapedDict(path)
             start = file.read_value(key)[0]  # adds the key to the file
-            self._places.append((file, key))
+            self._keys.append((file, key))
+            if self._maps.get(kind) is not file._m:  # noqa: SLF001 - a first value, or grown
+                self._maps[kind] = file._m  # noqa: SLF001
+                self._views[kind] = memoryview(file._m).cast("d")  # noqa: SLF001
+                self._places = [self._place(file, key) for file, key in self._keys]
+            else:
+                self._places.append(self._place(file, key))
         self.numbers.append(start)
         return len(self.numbers) - 1
 
@@ -136,21 +160,41 @@ class _Values:
         numbers = self.numbers
         value = numbers[index] = numbers[index] + amount
         if self._places:
-            file, key = self._places[index]
-            file.write_value(key, value, 0.0)
+            view, where = self._places[index]
+            view[where] = value
 
     def add_all(self, changes: list[tuple[int, float]]) -> None:
         """Add each ``(index, amount)`` of ``changes``, all under :attr:`lock` (taken here):
         one call of a method and one loop for all of a call's values."""
         with self.lock:
-            numbers = self.numbers
-            for index, amount in changes:
-                numbers[index] += amount
-            places = self._places
+            numbers, places = self.numbers, self._places
             if places:
-                for index, _ in changes:
-                    file, key = places[index]
-                    file.write_value(key, numbers[index], 0.0)
+                for index, amount in changes:
+                    value = numbers[index] = numbers[index] + amount
+                    view, where = places[index]
+                    view[where] = value
+            else:
+                for index, amount in changes:
+                    numbers[index] += amount
+
+    def add_one(self, index: int) -> None:
+        """Add 1 to value ``index`` (taking :attr:`lock`): :meth:`add_all` of one change,
+        without the list."""
+        with self.lock:
+            numbers = self.numbers
+            value = numbers[index] = numbers[index] + 1.0
+            if self._places:
+                view, where = self._places[index]
+                view[where] = value
+
+    def _place(self, file: MmapedDict, key: str) -> tuple[memoryview[float], int]:
+        """Where value ``key`` of ``file`` is: the file's map seen as doubles, and the index
+        of the value there (prometheus_client's format: each value a double at a multiple of
+        8 bytes, then a timestamp double)."""
+        position = file._positions[key]  # noqa: SLF001 - the format's own offsets
+        assert position % 8 == 0, "prometheus_client's values are 8-byte aligned"
+        kind = next(kind for kind, known in self._files.items() if known is file)
+        return self._views[kind], position // 8
 
 
 class _Family:
@@ -184,6 +228,8 @@ class _Family:
         labelnames, values = list(self.labelnames), list(labelvalues)
         if self.kind == "counter":
             return new("counter", mmap_key(name, name + "_total", labelnames, values, doc))
+        if self.kind == "gauge":
+            return new("gauge", mmap_key(name, name, labelnames, values, doc))
         index = new("histogram", mmap_key(name, name + "_sum", labelnames, values, doc))
         for le in self._les:
             new("histogram", mmap_key(name, name + "_bucket", [*labelnames, "le"],
@@ -203,8 +249,9 @@ class _Family:
         """This process's series; hold the values' lock."""
         numbers = self.values.numbers
         family: Metric
-        if self.kind == "counter":
-            family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        if self.kind in ("counter", "gauge"):
+            shown = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+            family = shown(self.name, self.documentation, labels=self.labelnames)
             for labelvalues, index in self.series.items():
                 family.add_metric(labelvalues, numbers[index])
             return family
@@ -249,12 +296,14 @@ class _MethodSeries:
         self.stream = call.streaming and call.method not in UNCOUNTED_STREAMS
         self.bounds = metrics.handling_seconds.bounds
         self._handled = metrics.handled
-        self.by_code: dict[grpc.StatusCode, int] = {}
+        # By the code's id: status codes are enum members, one object each, whose hash is
+        # a Python method.
+        self.by_code: dict[int, int] = {}
 
     def handled(self, code: grpc.StatusCode) -> int:
-        index = self.by_code.get(code)
+        index = self.by_code.get(id(code))
         if index is None:
-            index = self.by_code[code] = self._handled.child(*self.labels, code.name)
+            index = self.by_code[id(code)] = self._handled.child(*self.labels, code.name)
         return index
 
 
@@ -309,6 +358,9 @@ class ServerMetrics:
             cache_filled := _Family(
                 numbers, "counter", "casframe_cache_filled_bytes",
                 "Bytes a cache:// store copied from its remote into its local store."),
+            in_flight := _Family(
+                numbers, "gauge", "casframe_server_streams_in_flight",
+                "Streaming calls in progress (ByteStream Read and Write, GetTree)."),
         ]
         self.started, self.handled, self.handling_seconds = started, handled, seconds
         self.bytes_received, self.bytes_sent = received, sent
@@ -318,12 +370,8 @@ class ServerMetrics:
         self._missing = find_missing.child("missing")
         self._hits = action_cache.child("hit")
         self._misses = action_cache.child("miss")
+        self._in_flight = in_flight.child()
         registry.register(_Collector(families))
-        self.streams_in_flight = Gauge(
-            "casframe_server_streams_in_flight",
-            "Streaming calls in progress (ByteStream Read and Write, GetTree).",
-            registry=registry, multiprocess_mode="livesum",
-        )
         self.cache_hits, self.cache_misses = cache_reads.child("hit"), cache_reads.child("miss")
         self.cache_filled_bytes = cache_filled.child()
         self._methods: dict[str, _MethodSeries] = {}
@@ -346,15 +394,16 @@ class ServerMetrics:
 
     def call_started(self, call: CallRecord) -> None:
         series = self._methods.get(call.method) or self._series(call)
-        self.values.add_all([(series.started, 1.0)])
         if series.stream:
-            self.streams_in_flight.inc()
+            self.values.add_all([(series.started, 1.0), (self._in_flight, 1.0)])
+        else:
+            self.values.add_one(series.started)
 
     def call_ended(self, call: CallRecord) -> None:
         code = call.code
         assert code is not None
         series = self._methods.get(call.method) or self._series(call)
-        handled = series.by_code.get(code)
+        handled = series.by_code.get(id(code))
         if handled is None:
             handled = series.handled(code)
         duration, seconds = call.duration, series.seconds
@@ -364,10 +413,10 @@ class ServerMetrics:
             changes.append((series.bytes_received, call.bytes_in))
         if call.bytes_out:
             changes.append((series.bytes_sent, call.bytes_out))
+        if series.stream:
+            changes.append((self._in_flight, -1.0))
         self._count_content(call, code, changes)
         self.values.add_all(changes)
-        if series.stream:
-            self.streams_in_flight.dec()
         if self._cache is not None:
             self._cache.follow()
 

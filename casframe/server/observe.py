@@ -16,10 +16,11 @@ is logged, never turned into the call's status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeAlias
 
 import grpc
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("casframe.server")
+_FunctionType = type(lambda: None)
 
 _FACTORIES = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -109,10 +111,6 @@ class CallRecord:
             self.request = message
         return message
 
-    def _sent(self, data: bytes, raw_size: int) -> bytes:
-        self.bytes_out += len(data)
-        self.raw_bytes_out += raw_size
-        return data
 
 
 class CallSink(Protocol):
@@ -133,16 +131,53 @@ class CallSink(Protocol):
 _Decoded: TypeAlias = tuple[Any, int]
 
 
+def _raw_sized(raw: bytes) -> _Decoded:
+    return raw, len(raw)
+
+
+# Sized decoders by deserializer (a service's few codecs), and whether a behaviour runs on the
+# event loop and how it answers by its code: found once, not for each stream (whose handler is
+# made anew for each call by the stream limit).
+_DECODERS: dict[Callable[[bytes], Any], Callable[[bytes], _Decoded]] = {}
+_FLAVOURS: dict[Any, tuple[bool, bool, bool]] = {}
+_KEPT_CODECS = 256
+
+
 def _sized_decoder(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], _Decoded]:
     if deserializer is None:
-        return lambda raw: (raw, len(raw))
-    return lambda raw: (deserializer(raw), len(raw))
+        return _raw_sized
+    try:
+        decoder = _DECODERS.get(deserializer)
+    except TypeError:  # a plugin's codec that cannot be a dictionary key
+        decoder = None
+    if decoder is None:
+        decoder = lambda raw: (deserializer(raw), len(raw))  # noqa: E731
+        if len(_DECODERS) < _KEPT_CODECS:
+            with contextlib.suppress(TypeError):
+                _DECODERS[deserializer] = decoder
+    return decoder
+
+
+def _flavour(behavior: Callable[..., Any]) -> tuple[bool, bool, bool]:
+    """Whether ``behavior`` runs on the event loop, is an async generator, a coroutine
+    function; kept by code object for plain functions (a closure made for each call has the
+    same code every time)."""
+    code = getattr(behavior, "__code__", None) if type(behavior) is _FunctionType else None
+    flavour = _FLAVOURS.get(code) if code is not None else None
+    if flavour is None:
+        flavour = (is_async_behavior(behavior), inspect.isasyncgenfunction(behavior),
+                   inspect.iscoroutinefunction(behavior))
+        if code is not None and len(_FLAVOURS) < _KEPT_CODECS:
+            _FLAVOURS[code] = flavour
+    return flavour
 
 
 class _ObservedCall:
     """A call in progress: its record, its sinks, and the servicer context the behaviour
     sees, which remembers the status set through it (grpc.aio's context for thread-pool
     handlers cannot tell it) and counts the responses written through it."""
+
+    __slots__ = ("_context", "call", "_sinks", "_serializer", "_ended")
 
     def __init__(
         self,
@@ -177,8 +212,9 @@ class _ObservedCall:
         self.end(None)
         return self._context.abort(code, *args, **kwargs)
 
-    async def write(self, message: Any) -> None:
-        await self._context.write(self.encode(message))
+    def write(self, message: Any) -> Awaitable[None]:
+        # The context's own coroutine, not one more around it: a Read writes many chunks.
+        return self._context.write(self.encode(message))
 
     async def read(self) -> Any:
         got = await self._context.read()
@@ -192,9 +228,12 @@ class _ObservedCall:
         """``message`` serialized as the handler's codec would, counted."""
         if message is None:
             return None
-        raw_size = len(message) if isinstance(message, (bytes, memoryview)) else 0
+        call = self.call
+        if isinstance(message, (bytes, memoryview)):
+            call.raw_bytes_out += len(message)
         data = message if self._serializer is None else self._serializer(message)
-        return self.call._sent(data, raw_size)
+        call.bytes_out += len(data)
+        return data
 
     async def decoded_async(self, requests: AsyncIterator[_Decoded]) -> AsyncIterator[Any]:
         async for request in requests:
@@ -249,9 +288,14 @@ class CallObserverInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        sinks = tuple(sink for sink in self.sinks if sink.enabled())
-        if not sinks:
-            return handler
+        sinks = self.sinks
+        if len(sinks) == 1:
+            if not sinks[0].enabled():
+                return handler
+        else:
+            sinks = tuple([sink for sink in sinks if sink.enabled()])
+            if not sinks:
+                return handler
         method = handler_call_details.method
         if handler.request_streaming or handler.response_streaming:
             return _observed(handler, method, sinks)
@@ -278,7 +322,13 @@ def _observed(
         or handler.stream_stream
     )
     serializer = handler.response_serializer
-    reads_async = is_async_behavior(behavior)  # once, not on every call
+    reads_async, async_gen, coroutine = _flavour(behavior)
+    if not (streams_in or streams_out):
+        return _FACTORIES[False, False](
+            _observing_unary(behavior, method, sinks, serializer, coroutine),
+            request_deserializer=_sized_decoder(handler.request_deserializer),
+            response_serializer=None,
+        )
 
     def begin(request: Any, context: Any) -> tuple[_ObservedCall, Any]:
         call = CallRecord(method, streams_in, streams_out, context)
@@ -291,22 +341,66 @@ def _observed(
         return observed, observed.decoded_sync(request)
 
     return _FACTORIES[streams_in, streams_out](
-        _observing(behavior, streams_out, begin),
+        _observing(behavior, streams_out, begin, async_gen, coroutine),
         request_deserializer=_sized_decoder(handler.request_deserializer),
         response_serializer=None,
     )
+
+
+def _observing_unary(
+    behavior: Callable[..., Any],
+    method: str,
+    sinks: Sequence[CallSink],
+    serializer: Callable[[Any], bytes] | None,
+    coroutine: bool,
+) -> Callable[..., Any]:
+    """The observed behaviour of a unary call (most calls): ``_observing``'s, with the call
+    started in line."""
+    if coroutine:
+
+        async def call_async(request: _Decoded, context: Any) -> Any:
+            call = CallRecord(method, False, False, context)
+            call.request, call.bytes_in = request
+            observed = _ObservedCall(context, call, sinks, serializer)
+            try:
+                response = call.response = await behavior(call.request, observed)
+                data = observed.encode(response)
+            except BaseException as exc:
+                observed.end(exc)
+                raise
+            observed.end(None)
+            return data
+
+        return call_async
+
+    def call_sync(request: _Decoded, context: Any) -> Any:
+        call = CallRecord(method, False, False, context)
+        call.request, call.bytes_in = request
+        observed = _ObservedCall(context, call, sinks, serializer)
+        try:
+            response = call.response = behavior(call.request, observed)
+            data = observed.encode(response)
+        except BaseException as exc:
+            observed.end(exc)
+            raise
+        observed.end(None)
+        return data
+
+    return call_sync
 
 
 def _observing(
     behavior: Callable[..., Any],
     streams_out: bool,
     begin: Callable[[Any, Any], tuple[_ObservedCall, Any]],
+    async_gen: bool,
+    coroutine: bool,
 ) -> Callable[..., Any]:
     """A behaviour of the same kind as ``behavior`` (sync or async, unary or streaming reply)
     that starts the call with ``begin``, encodes each response and ends the call however the
     behaviour ends."""
     wrapped: Callable[..., Any]
-    if inspect.isasyncgenfunction(behavior):
+    if async_gen:
 
         async def stream_async(request: Any, context: Any) -> AsyncIterator[Any]:
             observed, given = begin(request, context)
@@ -319,7 +413,7 @@ def _observing(
             observed.end(None)
 
         wrapped = stream_async
-    elif inspect.iscoroutinefunction(behavior):
+    elif coroutine:
 
         async def call_async(request: Any, context: Any) -> Any:
             observed, given = begin(request, context)
