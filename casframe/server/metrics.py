@@ -124,11 +124,11 @@ class _Values:
         self._folder = folder
         self._pid = os.getpid()
         self._files: dict[str, MmapedDict] = {}
-        # Each value's file and name there, and where it is in that file's memory map seen as
+        # Each value's kind and name, and where it is in its file's memory map seen as
         # doubles (one value written as one 8-byte store: never half a value for a scrape to
         # read; the timestamp after it stays 0). The map is replaced when its file grows, so
         # the places of that file are found again then.
-        self._keys: list[tuple[MmapedDict, str]] = []
+        self._keys: list[tuple[str, str]] = []  # (kind, key) of each value
         self._places: list[tuple[memoryview[float], int]] = []
         self._maps: dict[str, mmap.mmap] = {}
         self._views: dict[str, memoryview[float]] = {}
@@ -145,13 +145,13 @@ class _Values:
                 path = os.path.join(self._folder, f"{_FILES[kind]}_casframe-{self._pid}.db")
                 file = self._files[kind] = MmapedDict(path)
             start = file.read_value(key)[0]  # adds the key to the file
-            self._keys.append((file, key))
+            self._keys.append((kind, key))
             if self._maps.get(kind) is not file._m:  # noqa: SLF001 - a first value, or grown
                 self._maps[kind] = file._m  # noqa: SLF001
                 self._views[kind] = memoryview(file._m).cast("d")  # noqa: SLF001
-                self._places = [self._place(file, key) for file, key in self._keys]
+                self._places = [self._place(*known) for known in self._keys]
             else:
-                self._places.append(self._place(file, key))
+                self._places.append(self._place(kind, key))
         self.numbers.append(start)
         return len(self.numbers) - 1
 
@@ -187,13 +187,12 @@ class _Values:
                 view, where = self._places[index]
                 view[where] = value
 
-    def _place(self, file: MmapedDict, key: str) -> tuple[memoryview[float], int]:
-        """Where value ``key`` of ``file`` is: the file's map seen as doubles, and the index
+    def _place(self, kind: str, key: str) -> tuple[memoryview[float], int]:
+        """Where value ``key`` of the ``kind`` file is: its map seen as doubles, and the index
         of the value there (prometheus_client's format: each value a double at a multiple of
         8 bytes, then a timestamp double)."""
-        position = file._positions[key]  # noqa: SLF001 - the format's own offsets
+        position = self._files[kind]._positions[key]  # noqa: SLF001 - the format's offsets
         assert position % 8 == 0, "prometheus_client's values are 8-byte aligned"
-        kind = next(kind for kind, known in self._files.items() if known is file)
         return self._views[kind], position // 8
 
 

@@ -20,6 +20,7 @@ import contextlib
 import inspect
 import logging
 import time
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeAlias
 
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("casframe.server")
-_FunctionType = type(lambda: None)
+_FunctionType = types.FunctionType
 
 _FACTORIES = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -110,7 +111,6 @@ class CallRecord:
         if self.request is None:
             self.request = message
         return message
-
 
 
 class CallSink(Protocol):
