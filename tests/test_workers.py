@@ -408,6 +408,23 @@ def test_a_checkout_by_hardlinks_links_beside_one_helper_fewer_than_its_jobs(
     digest = store.import_directory(source, stat_cache=False, jobs=1)
     helpers_from(300)
     names = _record_link_batches(monkeypatch)
+    # The helper greets only once this process has linked a batch itself, so that however
+    # fast the helper starts, what the test sees does not depend on it.
+    linked_here = threading.Event()
+    record, answer = pool.InlineRunner.submit, pool._Helper.answer
+
+    def recording_and_telling(self: pool.InlineRunner, task: Any, payload: Any) -> Any:
+        result = record(self, task, payload)
+        linked_here.set()
+        return result
+
+    def greeting_after_a_batch_here(self: pool._Helper) -> Any:
+        if not self.greeted:
+            linked_here.wait(HANG_GUARD)
+        return answer(self)
+
+    monkeypatch.setattr(pool.InlineRunner, "submit", recording_and_telling)
+    monkeypatch.setattr(pool._Helper, "answer", greeting_after_a_batch_here)
     given: list[Any] = []
     submit = pool.WorkerPool.submit
 
