@@ -451,6 +451,19 @@ def test_a_checkout_by_hardlinks_links_beside_one_helper_fewer_than_its_jobs(
     assert_gone(spawned)
 
 
+def test_a_checkout_on_one_job_starts_no_helper_whether_it_links_or_copies(
+    tmp_path: Path, helpers_from: Any, spawned: list[subprocess.Popen[Any]],
+) -> None:
+    source = write_files(tmp_path / "src", 300)
+    store = open_store(f"file://{tmp_path / 'store'}")
+    digest = store.import_directory(source, stat_cache=False, jobs=1)
+    helpers_from(1)
+    store.checkout(digest, tmp_path / "linked", jobs=1)
+    store.checkout(digest, tmp_path / "copied", link=False, jobs=1)
+    assert spawned == []
+    assert describe_tree(tmp_path / "copied") == describe_tree(source)
+
+
 def test_batches_no_helper_has_started_are_linked_by_the_checkout_itself(
     tmp_path: Path, helpers_from: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

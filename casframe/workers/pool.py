@@ -477,12 +477,19 @@ class WorkerPool:
 def open_runner(store: VerifiedBlobs, jobs: int, files: int, threshold: int) -> Runner:
     """Helper processes for ``files`` files of work when they pay and the store can be opened
     by them; threads of this process otherwise."""
+    pool = _helpers(store, jobs, files, threshold) if jobs > 1 else None
+    return pool or ThreadRunner(store, _threads(store, jobs))
+
+
+def _helpers(
+    store: VerifiedBlobs, helpers: int, files: int, threshold: int
+) -> WorkerPool | None:
+    """``helpers`` helper processes for ``files`` files of work, when that is at least
+    ``threshold`` and the store can be opened by them."""
     # The store's URL for helpers is asked for only when they may start (quoting a path
     # loads urllib.parse).
-    spec = store.backend.worker_spec() if jobs > 1 and files >= threshold else None
-    if spec is not None:
-        return WorkerPool(*spec, jobs=jobs)
-    return ThreadRunner(store, _threads(store, jobs))
+    spec = store.backend.worker_spec() if helpers > 0 and files >= threshold else None
+    return None if spec is None else WorkerPool(*spec, jobs=helpers)
 
 
 def open_checkout_runner(
@@ -491,17 +498,16 @@ def open_checkout_runner(
     """Where a checkout of ``files`` files runs its batches.
 
     From ``threshold`` files on, in helper processes when the store can be opened by them:
-    ``jobs`` of them for copies; ``jobs - 1`` for hardlinks (``links``), whose caller links
-    beside them. Hardlinks never run on threads: a link and the stat before it are system
-    calls, and two threads hand the interpreter lock to each other around every one of
-    them (measured: more CPU and a slower checkout than one thread). Copies below the
-    threshold run on threads; one job, or links below it, in the caller's thread
-    (:class:`InlineRunner`).
+    ``jobs`` of them for copies (none for one job); ``jobs - 1`` for hardlinks (``links``),
+    whose caller links beside them. Hardlinks never run on threads: a link and the stat
+    before it are system calls, and two threads hand the interpreter lock to each other
+    around every one of them (measured: more CPU and a slower checkout than one thread).
+    Copies below the threshold run on threads; one job, or links below it, in the caller's
+    thread (:class:`InlineRunner`).
     """
-    helpers = jobs - 1 if links else jobs
-    spec = store.backend.worker_spec() if helpers > 0 and files >= threshold else None
-    if spec is not None:
-        return WorkerPool(*spec, jobs=helpers)
+    pool = _helpers(store, jobs - 1 if links or jobs == 1 else jobs, files, threshold)
+    if pool is not None:
+        return pool
     threads = 1 if links else _threads(store, jobs)
     return CheckoutThreads(store, threads) if threads > 1 else InlineRunner(store)
 
