@@ -20,6 +20,7 @@ import collections
 import contextlib
 import inspect
 import logging
+import operator
 import time
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -38,6 +39,7 @@ __all__ = [
 
 log = logging.getLogger("casframe.server")
 _FunctionType = types.FunctionType
+_ENABLED = operator.methodcaller("enabled")
 
 
 
@@ -312,8 +314,11 @@ class CallObserverInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, sinks: Sequence[CallSink]) -> None:
         self.sinks = tuple(sinks)
-        self._kept: dict[tuple[str, grpc.RpcMethodHandler, tuple[CallSink, ...]],
-                         grpc.RpcMethodHandler] = {}
+        # By the handler's identity, the method and which sinks are enabled: hashing the
+        # handler itself (a tuple of eight fields) and the sinks cost more than the lookup.
+        # Each entry holds its handler, so no other object takes that identity meanwhile.
+        self._kept: dict[tuple[int, str, tuple[bool, ...]],
+                         tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -321,27 +326,23 @@ class CallObserverInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        sinks = self.sinks
-        if len(sinks) == 1:
-            if not sinks[0].enabled():
-                return handler
-        else:
-            sinks = tuple([sink for sink in sinks if sink.enabled()])
-            if not sinks:
-                return handler
+        wanted = tuple(map(_ENABLED, self.sinks))
+        if not any(wanted):
+            return handler
         method = handler_call_details.method
         if handler.request_streaming or handler.response_streaming:
-            return _observed(handler, method, sinks)
-        key = (method, handler, sinks)
-        try:
-            kept = self._kept.get(key)
-        except TypeError:  # a plugin's handler that cannot be a dictionary key
-            return _observed(handler, method, sinks)
-        if kept is None:
-            kept = _observed(handler, method, sinks)
-            if len(self._kept) < _KEPT_HANDLERS:
-                self._kept[key] = kept
-        return kept
+            return _observed(handler, method, self._enabled(wanted))
+        key = (id(handler), method, wanted)
+        kept = self._kept.get(key)
+        if kept is not None and kept[0] is handler:
+            return kept[1]
+        observed = _observed(handler, method, self._enabled(wanted))
+        if len(self._kept) < _KEPT_HANDLERS:
+            self._kept[key] = (handler, observed)
+        return observed
+
+    def _enabled(self, wanted: tuple[bool, ...]) -> tuple[CallSink, ...]:
+        return tuple([sink for sink, enabled in zip(self.sinks, wanted, strict=True) if enabled])
 
 
 def _observed(
