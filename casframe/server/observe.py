@@ -16,9 +16,11 @@ is logged, never turned into the call's status.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import logging
+import operator
 import time
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -37,13 +39,30 @@ __all__ = [
 
 log = logging.getLogger("casframe.server")
 _FunctionType = types.FunctionType
+_ENABLED = operator.methodcaller("enabled")
 
-_FACTORIES = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
+
+
+class _MethodHandler(
+    collections.namedtuple("_MethodHandler", (
+        "request_streaming", "response_streaming", "request_deserializer",
+        "response_serializer", "unary_unary", "unary_stream", "stream_unary", "stream_stream",
+    )),
+    grpc.RpcMethodHandler,
+):
+    """A method handler as grpc's ``*_rpc_method_handler`` functions make them (the same
+    fields), made directly: each of those functions imports a module when called, which cost
+    an observed stream more than the rest of its handler."""
+
+    __slots__ = ()
+
+
+def _handler(streams_in: bool, streams_out: bool, behavior: Callable[..., Any],
+             deserializer: Callable[[bytes], Any]) -> grpc.RpcMethodHandler:
+    """A handler of ``behavior``, whose responses are already serialized."""
+    behaviors: list[Any] = [None, None, None, None]
+    behaviors[2 * streams_in + streams_out] = behavior
+    return _MethodHandler(streams_in, streams_out, deserializer, None, *behaviors)
 
 
 class CallRecord:
@@ -111,6 +130,26 @@ class CallRecord:
         if self.request is None:
             self.request = message
         return message
+
+
+class _DecodedRequests:
+    """A streaming call's requests as the behaviour reads them, each counted. An iterator of
+    its own rather than an async generator: a generator left unfinished (a Write whose one
+    message ends it is never read to the end) is closed through the event loop's finalizer
+    hook, which schedules a task from another thread's side of the loop (a wake-up of the
+    loop through its self-pipe: two system calls) for every such call."""
+
+    __slots__ = ("_requests", "_call")
+
+    def __init__(self, requests: AsyncIterator[_Decoded], call: CallRecord) -> None:
+        self._requests = requests.__aiter__()
+        self._call = call
+
+    def __aiter__(self) -> _DecodedRequests:
+        return self
+
+    async def __anext__(self) -> Any:
+        return self._call._received(*await self._requests.__anext__())
 
 
 class CallSink(Protocol):
@@ -235,10 +274,6 @@ class _ObservedCall:
         call.bytes_out += len(data)
         return data
 
-    async def decoded_async(self, requests: AsyncIterator[_Decoded]) -> AsyncIterator[Any]:
-        async for request in requests:
-            yield self.call._received(*request)
-
     def decoded_sync(self, requests: Iterator[_Decoded]) -> Iterator[Any]:
         for request in requests:
             yield self.call._received(*request)
@@ -279,8 +314,11 @@ class CallObserverInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, sinks: Sequence[CallSink]) -> None:
         self.sinks = tuple(sinks)
-        self._kept: dict[tuple[str, grpc.RpcMethodHandler, tuple[CallSink, ...]],
-                         grpc.RpcMethodHandler] = {}
+        # By the handler's identity, the method and which sinks are enabled: hashing the
+        # handler itself (a tuple of eight fields) and the sinks cost more than the lookup.
+        # Each entry holds its handler, so no other object takes that identity meanwhile.
+        self._kept: dict[tuple[int, str, tuple[bool, ...]],
+                         tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -288,27 +326,23 @@ class CallObserverInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        sinks = self.sinks
-        if len(sinks) == 1:
-            if not sinks[0].enabled():
-                return handler
-        else:
-            sinks = tuple([sink for sink in sinks if sink.enabled()])
-            if not sinks:
-                return handler
+        wanted = tuple(map(_ENABLED, self.sinks))
+        if not any(wanted):
+            return handler
         method = handler_call_details.method
         if handler.request_streaming or handler.response_streaming:
-            return _observed(handler, method, sinks)
-        key = (method, handler, sinks)
-        try:
-            kept = self._kept.get(key)
-        except TypeError:  # a plugin's handler that cannot be a dictionary key
-            return _observed(handler, method, sinks)
-        if kept is None:
-            kept = _observed(handler, method, sinks)
-            if len(self._kept) < _KEPT_HANDLERS:
-                self._kept[key] = kept
-        return kept
+            return _observed(handler, method, self._enabled(wanted))
+        key = (id(handler), method, wanted)
+        kept = self._kept.get(key)
+        if kept is not None and kept[0] is handler:
+            return kept[1]
+        observed = _observed(handler, method, self._enabled(wanted))
+        if len(self._kept) < _KEPT_HANDLERS:
+            self._kept[key] = (handler, observed)
+        return observed
+
+    def _enabled(self, wanted: tuple[bool, ...]) -> tuple[CallSink, ...]:
+        return tuple([sink for sink, enabled in zip(self.sinks, wanted, strict=True) if enabled])
 
 
 def _observed(
@@ -324,11 +358,9 @@ def _observed(
     serializer = handler.response_serializer
     reads_async, async_gen, coroutine = _flavour(behavior)
     if not (streams_in or streams_out):
-        return _FACTORIES[False, False](
-            _observing_unary(behavior, method, sinks, serializer, coroutine),
-            request_deserializer=_sized_decoder(handler.request_deserializer),
-            response_serializer=None,
-        )
+        return _handler(False, False,
+                        _observing_unary(behavior, method, sinks, serializer, coroutine),
+                        _sized_decoder(handler.request_deserializer))
 
     def begin(request: Any, context: Any) -> tuple[_ObservedCall, Any]:
         call = CallRecord(method, streams_in, streams_out, context)
@@ -337,14 +369,12 @@ def _observed(
             call.request, call.bytes_in = request
             return observed, call.request
         if reads_async:
-            return observed, observed.decoded_async(request)
+            return observed, _DecodedRequests(request, call)
         return observed, observed.decoded_sync(request)
 
-    return _FACTORIES[streams_in, streams_out](
-        _observing(behavior, streams_out, begin, async_gen, coroutine),
-        request_deserializer=_sized_decoder(handler.request_deserializer),
-        response_serializer=None,
-    )
+    return _handler(streams_in, streams_out,
+                    _observing(behavior, streams_out, begin, async_gen, coroutine),
+                    _sized_decoder(handler.request_deserializer))
 
 
 def _observing_unary(
