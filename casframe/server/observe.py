@@ -42,7 +42,6 @@ _FunctionType = types.FunctionType
 _ENABLED = operator.methodcaller("enabled")
 
 
-
 class _MethodHandler(
     collections.namedtuple("_MethodHandler", (
         "request_streaming", "response_streaming", "request_deserializer",
