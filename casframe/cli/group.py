@@ -320,5 +320,6 @@ def make_cli() -> CasframeGroup:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point."""
+    """Run the command line and exit with its status (the console script enters through
+    :func:`casframe.__main__.main`)."""
     sys.exit(make_cli().main(args=argv, prog_name=PROG, standalone_mode=False))
