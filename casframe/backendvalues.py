@@ -70,8 +70,9 @@ class BlobInfo:
 
     def __init__(self, digest: Digest, mtime: float) -> None:
         # Written out: one is made for every blob a listing yields.
-        object.__setattr__(self, "digest", digest)
-        object.__setattr__(self, "mtime", mtime)
+        set_field = object.__setattr__
+        set_field(self, "digest", digest)
+        set_field(self, "mtime", mtime)
 
 
 @value_class
@@ -100,9 +101,10 @@ class RefInfo:
 
     def __init__(self, name: str, digest: Digest, accessed: float) -> None:
         # Written out: one is made for every ref a listing yields.
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "digest", digest)
-        object.__setattr__(self, "accessed", accessed)
+        set_field = object.__setattr__
+        set_field(self, "name", name)
+        set_field(self, "digest", digest)
+        set_field(self, "accessed", accessed)
 
 
 def check_declared(cls: type, kind: type[enum.StrEnum]) -> None:
