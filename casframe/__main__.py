@@ -2,7 +2,7 @@
 
 What a short command loads (click, casframe's command line, the plugins, the store's modules)
 lives as long as the process. Python's cyclic garbage collector would walk it again and again
-while it loads, and once more at exit, finding nothing to free: a sixth of what ``casframe ref
+while it loads, and once more at exit, finding nothing to free: a tenth of what ``casframe ref
 list`` costs. So the collector is held off while the command line loads, what is loaded by then
 is moved out of its sight (:func:`gc.freeze`), and it runs as usual for the command itself.
 
