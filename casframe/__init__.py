@@ -3,9 +3,11 @@
 This module is the public API; everything not listed in ``__all__`` is private.
 """
 
-from typing import TYPE_CHECKING
-
 from casframe.lazy import lazy_names
+
+# Not typing's: the console script holds the garbage collector off from here on, and importing
+# typing, before it can, would cost it (casframe.__main__).
+TYPE_CHECKING = False
 
 if TYPE_CHECKING:
     from casframe.digest import EMPTY_DIGEST, Digest, Hasher

@@ -10,11 +10,11 @@ backend or anything above the contract.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
 from casframe.digest import Digest
 from casframe.digestfunctions import DIGEST_FUNCTIONS
 from casframe.errors import BackendContractError
+from casframe.values import value_class
 
 __all__ = [
     "BlobInfo",
@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
+@value_class
 class BlobLimits:
     """How hard the core drives a backend: one frozen object, ``BlobStore.limits``.
 
@@ -61,15 +61,21 @@ class BlobLimits:
             )
 
 
-@dataclass(frozen=True, slots=True)
+@value_class
 class BlobInfo:
     """One stored blob as listed by ``iter_blobs``; ``mtime`` is seconds since the epoch."""
 
     digest: Digest
     mtime: float
 
+    def __init__(self, digest: Digest, mtime: float) -> None:
+        # Written out: one is made for every blob a listing yields.
+        set_field = object.__setattr__
+        set_field(self, "digest", digest)
+        set_field(self, "mtime", mtime)
 
-@dataclass(frozen=True, slots=True)
+
+@value_class
 class StrayEntry:
     """Something in a store's blob area that is not a blob, as listed by ``iter_strays``.
 
@@ -85,13 +91,20 @@ class StrayEntry:
     what: str
 
 
-@dataclass(frozen=True, slots=True)
+@value_class
 class RefInfo:
     """One ref as listed by ``RefStore.list_refs``; ``accessed`` is seconds since the epoch."""
 
     name: str
     digest: Digest
     accessed: float
+
+    def __init__(self, name: str, digest: Digest, accessed: float) -> None:
+        # Written out: one is made for every ref a listing yields.
+        set_field = object.__setattr__
+        set_field(self, "name", name)
+        set_field(self, "digest", digest)
+        set_field(self, "accessed", accessed)
 
 
 def check_declared(cls: type, kind: type[enum.StrEnum]) -> None:

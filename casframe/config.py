@@ -33,12 +33,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from casframe.errors import ConfigError
 from casframe.lazy import lazy_module
 from casframe.userdirs import user_dir
+from casframe.values import value_class, value_field
 
 if TYPE_CHECKING:
     from urllib import parse
@@ -79,16 +79,16 @@ _STORE_KEYS = ("url", "options")
 _TLS_KEYS = ("server_cert", "client_key", "client_cert")
 _REMOTE_KEYS = ("url", "push", "pull", "timeout", *_TLS_KEYS, "options")
 
-@dataclass(frozen=True)
+@value_class
 class StoreEntry:
     """One ``[stores.NAME]`` table: a URL and the options passed to its backend."""
 
     name: str
     url: str
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = value_field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@value_class
 class RemoteEntry:
     """One ``[remotes.NAME]`` table: a store pulled from and, with ``push``, pushed to.
 
@@ -102,11 +102,11 @@ class RemoteEntry:
     push: bool = False
     pull: bool = True
     timeout: float = DEFAULT_REMOTE_TIMEOUT
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = value_field(default_factory=dict)
     source: str = ""
 
 
-@dataclass(frozen=True)
+@value_class
 class Config:
     """A parsed configuration file.
 
@@ -116,10 +116,10 @@ class Config:
 
     path: str
     exists: bool = False
-    stores: Mapping[str, StoreEntry] = field(default_factory=dict)
+    stores: Mapping[str, StoreEntry] = value_field(default_factory=dict)
     default_store: str | None = None
     #: The user's remotes, in file order.
-    remotes: Mapping[str, RemoteEntry] = field(default_factory=dict)
+    remotes: Mapping[str, RemoteEntry] = value_field(default_factory=dict)
 
     def default_choice(self) -> str:
         """What to open when no store is named: env var, then file setting, then built-in."""

@@ -15,11 +15,11 @@ anything of casframe above the errors.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from casframe.errors import UnsupportedDigestFunctionError
 from casframe.lazy import lazy_module
+from casframe.values import value_class, value_field
 
 if TYPE_CHECKING:
     import hashlib
@@ -86,7 +86,7 @@ def _new_blake3_threaded() -> HashObject:
     return _blake3.blake3(max_threads=_blake3.blake3.AUTO)
 
 
-@dataclass(frozen=True, slots=True)
+@value_class
 class DigestFunction:
     """One hash function a store can address its blobs with."""
 
@@ -99,10 +99,10 @@ class DigestFunction:
     #: The hash of the empty blob, the one hash a digest of size 0 may have.
     empty_hash: str
     #: ``new(data=b"")``: a hash object over ``data`` (``hashlib.sha256`` and the like).
-    new: Callable[..., HashObject] = field(repr=False, compare=False)
+    new: Callable[..., HashObject] = value_field(repr=False, compare=False)
     #: ``new_threaded()``: an empty hash object that may use several threads for each large
     #: ``update`` (BLAKE3's); the same as ``new()`` for a function that cannot.
-    new_threaded: Callable[[], HashObject] | None = field(
+    new_threaded: Callable[[], HashObject] | None = value_field(
         default=None, repr=False, compare=False
     )
 

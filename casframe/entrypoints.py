@@ -24,10 +24,9 @@ import marshal
 import os
 import sys
 import time
-import zlib
-from typing import NamedTuple
 
 from casframe.userdirs import cache_folder
+from casframe.values import value_class
 
 __all__ = ["ENTRY_POINT_CACHE_ENV", "FRESH_SECONDS", "EntryPointRecord", "cache_path",
            "entry_points"]
@@ -39,16 +38,16 @@ FRESH_SECONDS = 2.0
 
 # Bumped when the stored layout changes; part of the file name.
 _FORMAT = 2
+# The largest prime below 2**64.
+_NAME_MODULUS = (1 << 64) - 59
 
 # What the cache is valid for: the group, and each import path entry with its folder's time.
 _Key = tuple[str, tuple[tuple[str, int], ...]]
 
 
-class EntryPointRecord(NamedTuple):
-    """One entry point of a group: its name, ``module:attribute`` value and distribution.
-
-    A named tuple: the cache stores these as rows, and defining it costs a fraction of a
-    dataclass on every command's start."""
+@value_class
+class EntryPointRecord:
+    """One entry point of a group: its name, ``module:attribute`` value and distribution."""
 
     name: str
     value: str
@@ -73,11 +72,12 @@ def cache_path() -> str | None:
         return None
     # One file per interpreter and import path: a command run from another folder (whose
     # import path starts with that folder) keeps its own answer instead of replacing this one.
-    # Two CRC-32s name the file (hashlib would set up OpenSSL, a tenth of a short command's
-    # start-up); a clash of names costs a cache miss, never a wrong answer: the file holds the
-    # whole key it was written for.
+    # The text as a number, modulo a 64-bit prime, names the file (hashlib would set up
+    # OpenSSL, a tenth of a short command's start-up; zlib loads a shared library); a clash of
+    # names costs a cache miss, never a wrong answer: the file holds the whole key it was
+    # written for.
     where = "\0".join((sys.executable, sys.prefix, *sys.path)).encode(errors="surrogateescape")
-    interpreter = f"{zlib.crc32(where):08x}{zlib.adler32(where):08x}"
+    interpreter = f"{int.from_bytes(where, 'little') % _NAME_MODULUS:016x}"
     return os.path.join(folder, f"{interpreter}-{sys.implementation.cache_tag}-{_FORMAT}")
 
 

@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import importlib
 import types
-from collections.abc import Callable, Mapping
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's: see casframe/__init__.py
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any
 
 __all__ = ["lazy_module", "lazy_names"]
 

@@ -20,23 +20,30 @@ from __future__ import annotations
 import inspect
 import os
 import threading
+import types
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from casframe import hookspecs
-from casframe.config import Config, load_config
 from casframe.entrypoints import entry_points
 from casframe.errors import ConfigError, UnsupportedDigestFunctionError
-from casframe.registry import DIGEST_FUNCTION_OPTION, BackendRegistry, Factory, StoreURL
-from casframe.treesize import TREE_LIMIT_OPTIONS, TreeLimits
-from casframe.workers.settings import JOBS_OPTION, jobs_from_options
+from casframe.lazy import lazy_module
+from casframe.values import replace, value_class
 
 if TYPE_CHECKING:
+    from casframe import config, registry, treesize
+    from casframe.config import Config
+    from casframe.registry import BackendRegistry, Factory, StoreURL
     from casframe.store import Store
+    from casframe.workers import settings
+else:  # for opening stores: `casframe --help` only asks the plugins for their commands
+    config = lazy_module("casframe.config")
+    registry = lazy_module("casframe.registry")
+    settings = lazy_module("casframe.workers.settings")
+    treesize = lazy_module("casframe.treesize")
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -62,13 +69,17 @@ _manager: PluginManager | None = None
 _read_fresh = False
 
 
-@dataclass(frozen=True)
+@value_class
 class PluginInfo:
     name: str
     distribution: str
     version: str
     schemes: tuple[str, ...]
     blocked: bool = False
+
+
+# What pluggy takes a hook implementation from (see pluggy's _static_hook_attr).
+_HOOKABLE = (types.FunctionType, staticmethod, classmethod, types.MethodType)
 
 
 class PluginManager(pluggy.PluginManager):
@@ -89,6 +100,15 @@ class PluginManager(pluggy.PluginManager):
             self._registry = None
             return super().register(plugin, name)
 
+    def parse_hookimpl_opts(self, plugin: object, name: str) -> Any:
+        # A plugin module's names that hold no function are no hook implementations: skipped
+        # here, without pluggy's static lookup of each (3 M instructions of every command).
+        if isinstance(plugin, types.ModuleType) and not isinstance(
+            vars(plugin).get(name), _HOOKABLE
+        ):
+            return None
+        return super().parse_hookimpl_opts(plugin, name)
+
     def unregister(self, plugin: object | None = None, name: str | None = None) -> Any | None:
         with self._registry_lock:
             self._registry = None
@@ -98,11 +118,11 @@ class PluginManager(pluggy.PluginManager):
         """The schemes every plugin registers through ``casframe_register_backends``."""
         with self._registry_lock:
             if self._registry is None:
-                registry = BackendRegistry()
+                schemes = registry.BackendRegistry()
                 for plugin, call in each_plugin(self, "casframe_register_backends"):
-                    call(registry=registry.for_plugin(plugin))
-                registry.freeze()
-                self._registry = registry
+                    call(registry=schemes.for_plugin(plugin))
+                schemes.freeze()
+                self._registry = schemes
             return self._registry
 
 
@@ -236,7 +256,7 @@ class StoreOpener:
     def config(self) -> Config:
         """The configuration names resolve in: the one given, else the user's file."""
         if self._config is None:
-            self._config = load_config()
+            self._config = config.load_config()
         return self._config
 
     @property
@@ -257,12 +277,12 @@ class StoreOpener:
         store); ``options`` are merged over the configured ones. ``create`` and
         ``digest_function`` as in :func:`open_store`."""
         if digest_function is not None:
-            options = {**(options or {}), DIGEST_FUNCTION_OPTION: digest_function}
-        config = self.config
-        choice = name_or_url if name_or_url is not None else config.default_choice()
-        url, configured = config.resolve_store(choice)
+            options = {**(options or {}), registry.DIGEST_FUNCTION_OPTION: digest_function}
+        names = self.config
+        choice = name_or_url if name_or_url is not None else names.default_choice()
+        url, configured = names.resolve_store(choice)
         opening = self._opening
-        if "://" not in choice and choice in config.stores:
+        if "://" not in choice and choice in names.stores:
             if choice in opening:
                 raise ConfigError(
                     f"store {choice!r} leads back to itself through the stores it opens: "
@@ -281,10 +301,10 @@ class StoreOpener:
     def _open_url(
         self, url: str, options: Mapping[str, Any] | None, create: bool, opening: tuple[str, ...]
     ) -> Store:
-        parsed = StoreURL.parse(url, options, create=create)
-        limits = TreeLimits.from_options(parsed.options, url)
-        jobs = jobs_from_options(parsed.options, url)
-        core_options = (*TREE_LIMIT_OPTIONS, JOBS_OPTION)
+        parsed = registry.StoreURL.parse(url, options, create=create)
+        limits = treesize.TreeLimits.from_options(parsed.options, url)
+        jobs = settings.jobs_from_options(parsed.options, url)
+        core_options = (*treesize.TREE_LIMIT_OPTIONS, settings.JOBS_OPTION)
         backend_options = {k: v for k, v in parsed.options.items() if k not in core_options}
         factory = self.plugin_manager.backend_registry().get(parsed.scheme).load()
         inner = StoreOpener(self._config, plugin_manager=self._pm, opening=opening)
@@ -303,8 +323,9 @@ class StoreOpener:
             store.jobs = jobs
 
         def open_sibling(name: str) -> Store:
-            return self._open_url(url, {**(options or {}), DIGEST_FUNCTION_OPTION: name},
-                                  create, opening)
+            return self._open_url(
+                url, {**(options or {}), registry.DIGEST_FUNCTION_OPTION: name}, create, opening
+            )
 
         store.adopt_sibling_opener(open_sibling)
         return store
@@ -343,7 +364,7 @@ def open_store(
     store's ``local``, say) resolve in the user's configuration file.
     """
     if digest_function is not None:
-        options = {**(options or {}), DIGEST_FUNCTION_OPTION: digest_function}
+        options = {**(options or {}), registry.DIGEST_FUNCTION_OPTION: digest_function}
     return StoreOpener().open_url(url, options, create=create)
 
 

@@ -22,7 +22,6 @@ import enum
 from typing import TYPE_CHECKING, NamedTuple
 
 from casframe import _messages
-from casframe.actions import ActionOutputs, tree_files
 from casframe.blobs import VerifiedBlobs
 from casframe.digest import EMPTY_DIGEST, Digest
 from casframe.directory import is_canonical, parse_directory
@@ -33,13 +32,18 @@ from casframe.errors import (
     InvalidNameError,
     UnsafeTreeError,
 )
+from casframe.lazy import lazy_module
 from casframe.names import validate_ref_name
 from casframe.spi import RefInfo, RefStore
 
 if TYPE_CHECKING:
+    from casframe import actions
     from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import (
         Digest as DigestProto,
     )
+    from casframe.actions import ActionOutputs
+else:  # for action results only: a command that reads refs (ref list) never needs it
+    actions = lazy_module("casframe.actions")
 
 __all__ = [
     "ACTION_RESULT_REF_PREFIX",
@@ -150,7 +154,7 @@ def action_result_outputs(
     """
     named = set(outputs.blobs)
     for tree in outputs.trees:
-        named |= tree_files(tree, blobs.read_bytes(tree))
+        named |= actions.tree_files(tree, blobs.read_bytes(tree))
     return named, outputs.roots
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from casframe.digestfunctions import SHA256, DigestFunction, by_name
@@ -21,6 +20,7 @@ from casframe.errors import (
     UnsupportedDigestFunctionError,
 )
 from casframe.lazy import lazy_module
+from casframe.values import value_class, value_field
 
 if TYPE_CHECKING:
     from urllib import parse
@@ -73,7 +73,7 @@ def split_url(url: str) -> tuple[str, str, str, str]:
 Factory = Callable[["StoreURL"], "Store"] | Callable[["StoreURL", "StoreOpener"], "Store"]
 
 
-@dataclass(frozen=True)
+@value_class
 class StoreURL:
     """A parsed store URL: ``scheme://netloc/path?key=value`` plus options from configuration.
 
@@ -88,7 +88,7 @@ class StoreURL:
     scheme: str
     netloc: str
     path: str
-    options: Mapping[str, str] = field(default_factory=dict)
+    options: Mapping[str, str] = value_field(default_factory=dict)
     create: bool = True
     digest_function: DigestFunction = SHA256
 
@@ -157,7 +157,7 @@ class StoreURL:
         raise ConfigError(f"option {key}={value!r} in {self.url} is not a boolean")
 
 
-@dataclass(frozen=True)
+@value_class
 class SchemeEntry:
     scheme: str
     factory: Factory | str

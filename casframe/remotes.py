@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from casframe.config import RemoteEntry, configured_remotes, find_project_file, load_config
@@ -45,6 +45,7 @@ from casframe.plugins import open_store
 from casframe.progress import NO_PROGRESS, Progress
 from casframe.refkinds import writable_ref_name
 from casframe.registry import DIGEST_FUNCTION_OPTION
+from casframe.values import replace
 
 if TYPE_CHECKING:
     from casframe.config import Config

@@ -11,13 +11,13 @@ reading the little it stores. This module only computes; it reads and writes not
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from casframe.digest import Digest
 from casframe.directory import Listing
 from casframe.errors import ConfigError, TreeTooLargeError, UnsafeTreeError
 from casframe.units import parse_size
+from casframe.values import replace, value_class
 
 if TYPE_CHECKING:
     from casframe._protos.build.bazel.remote.execution.v2.remote_execution_pb2 import Directory
@@ -49,51 +49,23 @@ DEFAULT_MAX_TREE_BYTES = 1 << 40
 TREE_LIMIT_OPTIONS = ("max_tree_entries", "max_tree_bytes")
 
 
+@value_class
 class TreeSize:
-    """What a tree expands to: every path below its root, and the bytes of its files.
+    """What a tree expands to: every path below its root, and the bytes of its files."""
 
-    A plain slotted value rather than a dataclass: defining a dataclass costs every command's
-    start-up about 1% (it compiles its methods), and this module is on every command's path.
-    """
-
-    __slots__ = ("bytes", "entries", "files")
-
-    entries: int
-    files: int
-    bytes: int
+    entries: int = 0
+    files: int = 0
+    bytes: int = 0
 
     def __init__(self, entries: int = 0, files: int = 0, bytes: int = 0) -> None:  # noqa: A002
+        # Written out: one is made for every Directory a tree holds.
         set_field = object.__setattr__
         set_field(self, "entries", entries)
         set_field(self, "files", files)
         set_field(self, "bytes", bytes)
 
-    def _values(self) -> tuple[int, int, int]:
-        return (self.entries, self.files, self.bytes)
 
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not TreeSize:
-            return NotImplemented
-        assert isinstance(other, TreeSize)
-        return self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"cannot assign to field {name!r}: a TreeSize is frozen")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r}: a TreeSize is frozen")
-
-    def __reduce__(self) -> tuple[type[TreeSize], tuple[int, int, int]]:
-        return (TreeSize, self._values())
-
-    def __repr__(self) -> str:
-        return f"TreeSize(entries={self.entries}, files={self.files}, bytes={self.bytes})"
-
-
-@dataclass(frozen=True, slots=True)
+@value_class
 class TreeLimits:
     """How large an expanded tree may be before checkout, ``ls -r`` or diff refuse it.
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from casframe.cli import TqdmProgress, make_cli
+from casframe.cli.group import help_width
 from casframe.server.command import ByteSize
 
 pytestmark = pytest.mark.usefixtures("isolated_env")
@@ -376,20 +378,81 @@ def test_reading_refs_loads_no_json_and_no_traceback(tmp_path: Path, args: list[
     assert modules & {"json", "traceback"} == set()
 
 
+def _modules_a_user_meets(tmp_path: Path, args: list[str]) -> set[str]:
+    """The modules a second run of ``args`` loads: the first remembers the entry points (reading
+    installed metadata imports urllib.parse, shutil...). The working directory (first on the
+    import path) is dated an hour back, as a folder a user works in is: one changed within the
+    last seconds is not trusted by the entry-point cache."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir(exist_ok=True)
+    os.utime(cwd, (cwd.stat().st_atime, cwd.stat().st_mtime - 3600))
+    _last_line_of_script(_IMPORTED_MODULES, tmp_path, args, cwd)
+    return set(_last_line_of_script(_IMPORTED_MODULES, tmp_path, args, cwd).split()[1:])
+
+
 @pytest.mark.parametrize(
     "args", [["--help"], ["ref", "list"], ["ref", "get", "build/1"]], ids=" ".join
 )
 def test_light_commands_set_up_neither_openssl_nor_urllib(tmp_path: Path, args: list[str]) -> None:
     """hashlib (OpenSSL's set-up) loads when something is first hashed, urllib.parse (with
     ipaddress) for a URL with a query or a path that needs quoting: a command that only reads
-    refs from a plain path pays for neither. The first run remembers the entry points
-    (reading installed metadata imports urllib.parse); the second is what a user meets. The
-    working directory (first on the import path) is dated an hour back, as a folder a user
-    works in is: one changed within the last seconds is not trusted by the entry-point cache."""
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    os.utime(cwd, (cwd.stat().st_atime, cwd.stat().st_mtime - 3600))
-    _last_line_of_script(_IMPORTED_MODULES, tmp_path, args, cwd)
-    modules = set(_last_line_of_script(_IMPORTED_MODULES, tmp_path, args, cwd).split()[1:])
-    assert "casframe.registry" in modules and "casframe.config" in modules
+    refs from a plain path pays for neither (in the second run, :func:`_modules_a_user_meets`)."""
+    modules = _modules_a_user_meets(tmp_path, args)
+    if args != ["--help"]:  # a store was opened
+        assert "casframe.registry" in modules and "casframe.config" in modules
     assert modules & {"hashlib", "_hashlib", "urllib.parse", "ipaddress"} == set()
+
+
+@pytest.mark.parametrize(
+    "args", [["--version"], ["--help"], ["ref", "list"], ["ref", "get", "build/1"]], ids=" ".join
+)
+def test_light_commands_define_no_dataclass(tmp_path: Path, args: list[str]) -> None:
+    """Defining a dataclass compiles its methods (a fiftieth of ``python -c pass`` each): the
+    records, limits and settings every command defines are value classes
+    (:mod:`casframe.values`), and the dataclasses module itself is not loaded."""
+    modules = set(_last_line_of_script(_IMPORTED_MODULES, tmp_path, args).split()[1:])
+    assert "dataclasses" not in modules
+
+
+def test_help_asks_the_plugins_for_commands_and_opens_no_store(tmp_path: Path) -> None:
+    """``--help`` loads the plugins (they may add commands), but neither what opening a store
+    needs (configuration, scheme registry, tree limits, helper settings) nor shutil (click
+    measures the terminal with it; casframe gives it the width instead)."""
+    modules = _modules_a_user_meets(tmp_path, ["--help"])
+    assert {"casframe_local", "casframe_sqlite.commands"} <= modules
+    unneeded = {"casframe.config", "casframe.registry", "casframe.treesize",
+                "casframe.workers.settings", "casframe.actions", "shutil"}
+    assert modules & unneeded == set()
+
+
+@pytest.mark.parametrize("columns", [None, "120", "79", "60", "30", "0", "wide"])
+def test_help_is_as_wide_as_click_makes_it(
+    monkeypatch: pytest.MonkeyPatch, columns: str | None
+) -> None:
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    monkeypatch.setattr(click.formatting, "FORCED_WIDTH", None)
+    assert help_width() == max(min(shutil.get_terminal_size().columns, 80) - 2, 50)
+    monkeypatch.setattr(click.formatting, "FORCED_WIDTH", 90)  # as click's test runner does
+    assert help_width() == 90
+
+
+_COLLECTOR = """
+import gc, sys
+import casframe.__main__ as entry
+loaded = "click" in sys.modules
+try:
+    entry.main(sys.argv[1:])
+except SystemExit:
+    pass
+print("GC", loaded, gc.isenabled(), gc.get_freeze_count() > 10_000, file=sys.stderr)
+"""
+
+
+def test_the_command_line_loads_out_of_the_collector_s_sight(tmp_path: Path) -> None:
+    """The console script's entry loads nothing itself; it holds the garbage collector off
+    while the command line loads, freezes what is loaded, and the command runs with the
+    collector on."""
+    assert _last_line_of_script(_COLLECTOR, tmp_path, ["ref", "list"]) == "GC False True True"

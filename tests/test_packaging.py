@@ -48,7 +48,7 @@ def test_wheel_contains_protos_plugins_and_entry_points(wheel: Path) -> None:
     assert "[casframe]" in text and "local = casframe_local" in text
     assert "cache = casframe_cache" in text
     assert "[pytest11]" in text and "casframe.testing.plugin" in text
-    assert "[console_scripts]" in text and "casframe = casframe.cli:main" in text
+    assert "[console_scripts]" in text and "casframe = casframe.__main__:main" in text
 
 
 def test_installed_wheel_opens_a_store(wheel: Path, tmp_path: Path) -> None:

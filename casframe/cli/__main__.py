@@ -1,5 +1,5 @@
-"""``python -m casframe.cli``: the ``casframe`` command."""
+"""``python -m casframe.cli``: the ``casframe`` command (as ``python -m casframe``)."""
 
-from casframe.cli.group import main
+from casframe.__main__ import main
 
 main()

@@ -28,9 +28,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from casframe import BackendRegistry, hookimpl
+from casframe import hookimpl
 
 if TYPE_CHECKING:
+    from casframe import BackendRegistry
     from casframe_cache.factory import open_cache_store
     from casframe_cache.store import CacheBlobStore, CacheRefStore, CacheStats, cache_store
 

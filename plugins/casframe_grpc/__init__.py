@@ -1,6 +1,13 @@
 """The ``grpc://`` and ``grpcs://`` backends: any REAPI v2 server as a store."""
 
-from casframe import BackendRegistry, hookimpl
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from casframe import hookimpl
+
+if TYPE_CHECKING:  # loading the plugin (every command does) imports no registry
+    from casframe import BackendRegistry
 
 
 @hookimpl

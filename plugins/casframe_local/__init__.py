@@ -12,7 +12,14 @@ is ever visible and several processes may write the same blob at once. Options (
 large cost in speed).
 """
 
-from casframe import BackendRegistry, hookimpl
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from casframe import hookimpl
+
+if TYPE_CHECKING:  # loading the plugin (every command does) imports no registry
+    from casframe import BackendRegistry
 
 # The factory lives in casframe_local.store (the stores in casframe_local.blobs and .refs),
 # imported when a file:// store is first opened: loading the plugin (every command does) costs

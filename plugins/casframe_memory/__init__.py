@@ -2,7 +2,14 @@
 implementation of the backend contract, are in :mod:`casframe_memory.store`, imported when a
 ``memory://`` store is first opened."""
 
-from casframe import BackendRegistry, hookimpl
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from casframe import hookimpl
+
+if TYPE_CHECKING:  # loading the plugin (every command does) imports no registry
+    from casframe import BackendRegistry
 
 
 @hookimpl

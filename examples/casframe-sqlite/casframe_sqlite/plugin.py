@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from casframe import BackendRegistry, hookimpl
+from casframe import hookimpl
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for type checkers only: loading this module stays cheap
     import click
+    from casframe import BackendRegistry
 
 __all__ = ["casframe_register_backends", "casframe_register_commands"]
 
