@@ -78,8 +78,7 @@ class PluginInfo:
     blocked: bool = False
 
 
-# What pluggy takes a hook implementation from (see pluggy's _static_hook_attr).
-_HOOKABLE = (types.FunctionType, staticmethod, classmethod, types.MethodType)
+_FUNCTION = types.FunctionType
 
 
 class PluginManager(pluggy.PluginManager):
@@ -103,8 +102,10 @@ class PluginManager(pluggy.PluginManager):
     def parse_hookimpl_opts(self, plugin: object, name: str) -> Any:
         # A plugin module's names that hold no function are no hook implementations: skipped
         # here, without pluggy's static lookup of each (3 M instructions of every command).
-        if isinstance(plugin, types.ModuleType) and not isinstance(
-            vars(plugin).get(name), _HOOKABLE
+        # Whatever any pluggy release takes for one (a routine) is still asked about.
+        if isinstance(plugin, types.ModuleType) and not (
+            isinstance(value := vars(plugin).get(name), _FUNCTION)
+            or inspect.isroutine(value) or isinstance(value, (staticmethod, classmethod))
         ):
             return None
         return super().parse_hookimpl_opts(plugin, name)
