@@ -340,7 +340,7 @@ def count_instructions(calls: int, kinds: list[str], method: str | None = None) 
                       "load_average": os.getloadavg()}))
 
 
-def timed(calls: int, rounds: int) -> None:
+def timed(calls: int, rounds: int, method: str | None = None) -> None:
     from casframe import open_store
 
     with tempfile.TemporaryDirectory(prefix="casframe-observe-") as work, \
@@ -350,14 +350,14 @@ def timed(calls: int, rounds: int) -> None:
         load = Load(store)
         harnesses = {kind: Harness(store, _sinks(kind, store, stack, work)) for kind in KINDS}
         for harness in harnesses.values():
-            asyncio.run(_run(harness, list(load.calls(200, 1))))
+            asyncio.run(_run(harness, list(load.calls(200, 1, method))))
         cpu: dict[str, list[float]] = {kind: [] for kind in KINDS}
         for index in range(rounds):
             for kind in KINDS:
-                batch = list(load.calls(calls, 10 + index))  # the same calls for every kind
+                batch = list(load.calls(calls, 10 + index, method))  # the same for every kind
                 cpu[kind].append(asyncio.run(_run(harnesses[kind], batch)))
         plain = statistics.median(cpu["plain"])
-        summary: dict[str, Any] = {"calls": calls, "rounds": rounds,
+        summary: dict[str, Any] = {"calls": calls, "rounds": rounds, "method": method,
                                    "load_average": os.getloadavg()}
         for kind in KINDS:
             median = statistics.median(cpu[kind])
@@ -378,7 +378,7 @@ def main() -> None:
     parser.add_argument("--kinds", default=",".join(KINDS[1:]),
                         help="what to compare with plain calls (default: all of %(default)s)")
     parser.add_argument("--method", choices=METHODS,
-                        help="with --instructions: calls of this method of the mix alone")
+                        help="calls of this method of the mix alone")
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -387,7 +387,8 @@ def main() -> None:
         count_instructions(args.calls or (100 if args.quick else 400), args.kinds.split(","),
                            args.method)
     else:
-        timed(args.calls or (500 if args.quick else 2000), 2 if args.quick else args.rounds)
+        timed(args.calls or (500 if args.quick else 2000), 2 if args.quick else args.rounds,
+              args.method)
 
 
 if __name__ == "__main__":
