@@ -1,6 +1,7 @@
 """What observing a call costs the server, per call, without gRPC or a client in the way.
 
     .venv/bin/python bench/observe_cost.py [--quick] [--calls 4000] [--instructions]
+                                           [--method Write]
 
 The server's real handlers (``Server``'s services over a ``file://`` store) are called in this
 process as grpc.aio would call them, through the real interceptor chain (the call observer,
@@ -14,7 +15,8 @@ the plain calls of the same rounds.
 
 ``--instructions`` counts instructions instead (``valgrind --tool=callgrind``, the same on a
 busy machine as on an idle one): each kind runs as a child process making N and 2N calls, and
-the difference over N is the cost of one call, start-up cancelled out. ``--quick``: fewer calls.
+the difference over N is the cost of one call, start-up cancelled out; ``--method NAME`` makes
+only the mix's calls of that method. ``--quick``: fewer calls.
 
 The figure is the server's own share of a call: gRPC's part of a real call (about 0.3 ms of
 CPU on each side on this machine kind) comes on top, so a real server's ratio is closer to 1
@@ -46,6 +48,7 @@ from typing import Any, NamedTuple
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 KINDS = ("plain", "observer", "metrics", "access-log", "both")
+METHODS = ("FindMissingBlobs", "BatchReadBlobs", "GetActionResult", "Read", "Write")
 # A memory:// store: no file system whose state and timing change what a call does, so that
 # instruction counts repeat; the calls' own work is then smaller than over file://, so the
 # ratios here are upper bounds of a file:// server's.
@@ -200,13 +203,25 @@ class Load:
             store.set_ref(f"ac/_/{action.hash}/{action.size}", stored, check_complete=False)
             self.actions.append(action)
 
-    def calls(self, count: int, seed: int) -> Iterator[tuple[str, list[bytes]]]:
+    def calls(self, count: int, seed: int,
+              method: str | None = None) -> Iterator[tuple[str, list[bytes]]]:
+        """``count`` calls of the mix, or of its calls of ``method`` (a method's own name,
+        ``Write``) alone."""
+        made = 0
+        for call in self._mix(seed):
+            if method is None or call[0].endswith("/" + method):
+                yield call
+                made += 1
+                if made == count:
+                    return
+
+    def _mix(self, seed: int) -> Iterator[tuple[str, list[bytes]]]:
         from casframe._protos.google.bytestream import bytestream_pb2
 
         re_pb2 = self.re_pb2
         rng = random.Random(seed)
         cas = "/build.bazel.remote.execution.v2.ContentAddressableStorage/"
-        for _ in range(count):
+        while True:
             kind = rng.randrange(100)
             if kind < 30:
                 asked = [d.to_proto() for d in rng.sample(self.small, 8)]
@@ -271,8 +286,9 @@ async def _run(harness: Harness, calls: list[tuple[str, list[bytes]]]) -> float:
     return (time.process_time() - started) / len(calls)
 
 
-def child(kind: str, count: int) -> None:
-    """Make ``count`` calls of ``kind`` after a warm-up (what --instructions counts)."""
+def child(kind: str, count: int, method: str | None) -> None:
+    """Make ``count`` calls of ``kind`` after a warm-up (what --instructions counts), of
+    ``method`` alone when given."""
     from casframe import open_store
 
     with tempfile.TemporaryDirectory(prefix="casframe-observe-") as work, \
@@ -281,8 +297,8 @@ def child(kind: str, count: int) -> None:
         store = stack.enter_context(open_store(STORE.format(work=work)))
         load = Load(store)
         harness = Harness(store, _sinks(kind, store, stack, work))
-        asyncio.run(_run(harness, list(load.calls(200, 1))))
-        asyncio.run(_run(harness, list(load.calls(count, 2))))
+        asyncio.run(_run(harness, list(load.calls(200, 1, method))))
+        asyncio.run(_run(harness, list(load.calls(count, 2, method))))
         harness.pool.shutdown()
 
 
@@ -292,34 +308,39 @@ ENV = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
        "PYTHONHASHSEED": "0"}
 
 
-def instructions(kind: str, count: int) -> int:
+def instructions(kind: str, count: int, method: str | None = None) -> int:
     env = ENV
     out = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
-         __file__, "--child", kind, "--calls", str(count)],
+         __file__, "--child", kind, "--calls", str(count), *_method_args(method)],
         env=env, capture_output=True, text=True, check=True).stderr
     found = re.search(r"Collected : ([\d,]+)", out)
     assert found, out
     return int(found.group(1).replace(",", ""))
 
 
-def count_instructions(calls: int, kinds: list[str]) -> None:
+def _method_args(method: str | None) -> list[str]:
+    return ["--method", method] if method else []
+
+
+def count_instructions(calls: int, kinds: list[str], method: str | None = None) -> None:
     kinds = ["plain", *(kind for kind in kinds if kind != "plain")]
     for kind in kinds:
-        subprocess.run([sys.executable, __file__, "--child", kind, "--calls", "10"], env=ENV,
-                       check=True)
+        subprocess.run([sys.executable, __file__, "--child", kind, "--calls", "10",
+                        *_method_args(method)], env=ENV, check=True)
     per_call = {}
     for kind in kinds:
-        per_call[kind] = (instructions(kind, 2 * calls) - instructions(kind, calls)) / calls
+        per_call[kind] = (instructions(kind, 2 * calls, method)
+                          - instructions(kind, calls, method)) / calls
         more = per_call[kind] - per_call["plain"]
         print(f"{kind}: {per_call[kind]:,.0f} instructions a call"
               + (f" ({per_call[kind] / per_call['plain']:.3f}x plain, {more:+,.0f})"
                  if kind != "plain" else ""), flush=True)
-    print(json.dumps({"instructions_per_call": per_call, "calls": calls,
+    print(json.dumps({"instructions_per_call": per_call, "calls": calls, "method": method,
                       "load_average": os.getloadavg()}))
 
 
-def timed(calls: int, rounds: int) -> None:
+def timed(calls: int, rounds: int, method: str | None = None) -> None:
     from casframe import open_store
 
     with tempfile.TemporaryDirectory(prefix="casframe-observe-") as work, \
@@ -329,14 +350,14 @@ def timed(calls: int, rounds: int) -> None:
         load = Load(store)
         harnesses = {kind: Harness(store, _sinks(kind, store, stack, work)) for kind in KINDS}
         for harness in harnesses.values():
-            asyncio.run(_run(harness, list(load.calls(200, 1))))
+            asyncio.run(_run(harness, list(load.calls(200, 1, method))))
         cpu: dict[str, list[float]] = {kind: [] for kind in KINDS}
         for index in range(rounds):
             for kind in KINDS:
-                batch = list(load.calls(calls, 10 + index))  # the same calls for every kind
+                batch = list(load.calls(calls, 10 + index, method))  # the same for every kind
                 cpu[kind].append(asyncio.run(_run(harnesses[kind], batch)))
         plain = statistics.median(cpu["plain"])
-        summary: dict[str, Any] = {"calls": calls, "rounds": rounds,
+        summary: dict[str, Any] = {"calls": calls, "rounds": rounds, "method": method,
                                    "load_average": os.getloadavg()}
         for kind in KINDS:
             median = statistics.median(cpu[kind])
@@ -356,14 +377,18 @@ def main() -> None:
                         help="count instructions with callgrind instead of timing")
     parser.add_argument("--kinds", default=",".join(KINDS[1:]),
                         help="what to compare with plain calls (default: all of %(default)s)")
+    parser.add_argument("--method", choices=METHODS,
+                        help="calls of this method of the mix alone")
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.calls)
+        child(args.child, args.calls, args.method)
     elif args.instructions:
-        count_instructions(args.calls or (100 if args.quick else 400), args.kinds.split(","))
+        count_instructions(args.calls or (100 if args.quick else 400), args.kinds.split(","),
+                           args.method)
     else:
-        timed(args.calls or (500 if args.quick else 2000), 2 if args.quick else args.rounds)
+        timed(args.calls or (500 if args.quick else 2000), 2 if args.quick else args.rounds,
+              args.method)
 
 
 if __name__ == "__main__":

@@ -162,6 +162,37 @@ def test_blobs_and_bytes_stored_and_served_through_batches_and_bytestream(
                         grpc_method="Write", grpc_type="client_stream", grpc_code="OK") == 1
 
 
+def test_only_the_blobs_a_call_stored_or_served_are_counted(
+    memory_store: Store, metered: Callable[[Store], Metered]
+) -> None:
+    client = metered(memory_store)
+    good, other = b"a good blob", b"another blob"
+    wrong = re_pb2.BatchUpdateBlobsRequest()
+    wrong.requests.add(digest=Digest.of_bytes(good).to_proto(), data=good)
+    wrong.requests.add(digest=Digest.of_bytes(b"not this").to_proto(), data=b"something else")
+    client.cas.BatchUpdateBlobs(wrong)
+    assert client.value("casframe_cas_blobs_stored_total") == 1
+    assert client.value("casframe_cas_stored_bytes_total") == len(good)
+
+    # A Write of a blob already stored counts; one closed before finish_write does not.
+    held = Digest.of_bytes(good)
+    client.bytestream.Write(iter([byte_pb2.WriteRequest(
+        resource_name=f"uploads/1/blobs/{held.hash}/{held.size}", data=good,
+        finish_write=True)]))
+    half = Digest.of_bytes(other)
+    client.bytestream.Write(iter([byte_pb2.WriteRequest(
+        resource_name=f"uploads/2/blobs/{half.hash}/{half.size}", data=other[:4])]))
+    assert client.value("casframe_cas_blobs_stored_total") == 2
+    assert client.value("casframe_cas_stored_bytes_total") == 2 * len(good)
+
+    missing = Digest.of_bytes(b"never stored").to_proto()
+    reply = client.cas.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(
+        digests=[held.to_proto(), missing, held.to_proto()]))
+    assert [entry.status.code for entry in reply.responses] == [0, 5, 0]
+    assert client.value("casframe_cas_blobs_served_total") == 2
+    assert client.value("casframe_cas_served_bytes_total") == 2 * len(good)
+
+
 def test_latency_histogram_shows_what_prometheus_clients_own_shows() -> None:
     """The server keeps its histogram's counts itself (one lock a call instead of one per
     value): the same observations give the same samples as prometheus_client's Histogram,

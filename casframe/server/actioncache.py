@@ -31,6 +31,20 @@ class ActionCacheService(ServicerBase, re_grpc.ActionCacheServicer):
     def GetActionResult(  # noqa: N802 - gRPC method name
         self, request: re_pb2.GetActionResultRequest, context: grpc.ServicerContext
     ) -> re_pb2.ActionResult:
+        try:
+            result = self._action_result(request)
+        except StatusError as exc:
+            if exc.code == grpc.StatusCode.NOT_FOUND:
+                self.counts.action_lookup(False)
+            raise
+        except (RefNotFoundError, BlobNotFoundError):  # NOT_FOUND too
+            self.counts.action_lookup(False)
+            raise
+        self.counts.action_lookup(True)
+        return result
+
+    def _action_result(self, request: re_pb2.GetActionResultRequest) -> re_pb2.ActionResult:
+        """The result GetActionResult answers, or NOT_FOUND."""
         instance = self._check(request.instance_name)
         action = parse_digest(request.action_digest, "action_digest")
         store = self._store_for(request.digest_function, [action])

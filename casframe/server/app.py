@@ -36,6 +36,7 @@ from casframe.server.actioncache import ActionCacheService
 from casframe.server.bytestream import ByteStreamService, add_bytestream_to_server
 from casframe.server.capabilities import CapabilitiesService
 from casframe.server.cas import CasService
+from casframe.server.counts import content_counts_of
 from casframe.server.interceptors import (
     StreamLimitInterceptor,
     StreamSlots,
@@ -309,14 +310,17 @@ class Server:
 
         assert self._executor is not None
         shared = (self._served, self.settings, self.instances)
-        self._bytestream = ByteStreamService(*shared, self._executor)
+        counts = content_counts_of(self._call_sinks)
+        self._bytestream = ByteStreamService(*shared, self._executor, counts=counts)
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(*shared), server)
-        cas = CasService(*shared, self._executor)
+        cas = CasService(*shared, self._executor, counts=counts)
         if urlsplit(self.store.url).scheme in _LOCAL_SCHEMES:
             for name, small in _SMALL_CALLS.items():
                 setattr(cas, name, small_calls_inline(getattr(cas, name), self._executor, small))
         re_grpc.add_ContentAddressableStorageServicer_to_server(cas, server)
-        re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(*shared), server)
+        re_grpc.add_ActionCacheServicer_to_server(
+            ActionCacheService(*shared, counts=counts), server
+        )
         add_bytestream_to_server(self._bytestream, server)
         remote_asset_pb2_grpc.add_FetchServicer_to_server(FetchService(*shared), server)
         remote_asset_pb2_grpc.add_PushServicer_to_server(PushService(*shared), server)

@@ -45,6 +45,7 @@ from casframe._wire import WriteChunk, decode_write_request, encode_read_respons
 from casframe.compression import ZstdDecoder, ZstdEncoder, decompress
 from casframe.digest import Digest
 from casframe.errors import CompressedDataError
+from casframe.server.counts import NO_COUNTS, ContentCounts
 from casframe.server.errors import StatusError, async_rpc_method, rpc_method
 from casframe.server.functions import DigestFunctions
 from casframe.server.names import (
@@ -276,9 +277,11 @@ class ByteStreamService:
     """
 
     def __init__(
-        self, store: Store, settings: ServerSettings, instances: Instances, pool: Executor
+        self, store: Store, settings: ServerSettings, instances: Instances, pool: Executor, *,
+        counts: ContentCounts = NO_COUNTS,
     ) -> None:
         self.store = store
+        self.counts = counts  # Writes completed (Reads are counted by the metrics' sink)
         self.functions = DigestFunctions(store)
         self.settings = settings
         self.instances = instances
@@ -410,6 +413,7 @@ class ByteStreamService:
             # Already stored: tell the client at once, per the REAPI (-1 for a compressed
             # upload, whose compressed size the server cannot know), and drop any partial copy.
             await self._in_pool(self.spool.discard, resource)
+            self.counts.blobs_stored(1, digest.size)
             return bytestream_pb2.WriteResponse(
                 committed_size=-1 if name.compressed else digest.size
             )
@@ -420,6 +424,7 @@ class ByteStreamService:
         if single and small and await self._in_pool(self.spool.committed, resource) is None:
             # The whole blob in one message: no need to keep anything for resumption.
             await self._in_pool(self._put_single, store, name, first.data)
+            self.counts.blobs_stored(1, digest.size)
             return bytestream_pb2.WriteResponse(committed_size=len(first.data)
                                                 if name.compressed else digest.size)
 
@@ -497,6 +502,7 @@ class ByteStreamService:
                     )
                 await self._in_pool(upload.commit)
                 self.spool.remove(upload, abort=False)
+                self.counts.blobs_stored(1, name.digest.size)
                 return bytestream_pb2.WriteResponse(committed_size=offset)
             request = await self._next_chunk(messages)
         # The client closed its side without finish_write: keep what arrived.

@@ -29,6 +29,7 @@ from casframe.server.compressed import (
     encode_read_entry,
     uncompressed_batch_bytes,
 )
+from casframe.server.counts import NO_COUNTS, ContentCounts
 from casframe.server.errors import (
     OK_STATUS,
     StatusError,
@@ -63,9 +64,10 @@ class CasService(ServicerBase, re_grpc.ContentAddressableStorageServicer):
     whose store work runs in ``pool``."""
 
     def __init__(
-        self, store: Store, settings: ServerSettings, instances: Instances, pool: Executor
+        self, store: Store, settings: ServerSettings, instances: Instances, pool: Executor, *,
+        counts: ContentCounts = NO_COUNTS,
     ) -> None:
-        super().__init__(store, settings, instances)
+        super().__init__(store, settings, instances, counts=counts)
         self.pool = pool
 
     @rpc_method
@@ -79,10 +81,13 @@ class CasService(ServicerBase, re_grpc.ContentAddressableStorageServicer):
         # the client will now refer to them instead of uploading them (prune's grace period).
         missing = blobs.find_missing(digests, freshen=True)
         response = re_pb2.FindMissingBlobsResponse()
+        reported = 0
         for digest in digests:  # request order, each once
             if digest in missing:
                 missing.discard(digest)
                 response.missing_blob_digests.add(hash=digest.hash, size_bytes=digest.size)
+                reported += 1
+        self.counts.digests_found(len(digests), reported)
         return response
 
     def _check_batch_size(self, total: int, least_reply: int, count: int, what: str) -> None:
@@ -160,6 +165,10 @@ class CasService(ServicerBase, re_grpc.ContentAddressableStorageServicer):
             entry.status.CopyFrom(status or failure or OK_STATUS)
         if failure or any(status is not None for status in statuses):
             _fit_reply(response, self.settings.max_message_bytes)
+        if failure is None:
+            stored = [d.size for d, status in zip(parsed, statuses, strict=True)
+                      if status is None and isinstance(d, Digest)]
+            self.counts.blobs_stored(len(stored), sum(stored))
         return response
 
     @rpc_method
@@ -194,6 +203,7 @@ class CasService(ServicerBase, re_grpc.ContentAddressableStorageServicer):
         response = re_pb2.BatchReadBlobsResponse()
         add = response.responses.add
         failed = False
+        served = served_bytes = 0
         for message, parsed in zip(request.digests, digests, strict=True):
             outcome = results[parsed] if isinstance(parsed, Digest) else parsed
             if isinstance(outcome, BaseException):
@@ -206,9 +216,12 @@ class CasService(ServicerBase, re_grpc.ContentAddressableStorageServicer):
                 )
                 entry = add(data=data, compressor=compressor)
                 entry.status.CopyFrom(OK_STATUS)
+                served += 1
+                served_bytes += len(outcome)  # the blob's own (uncompressed) size
             entry.digest.CopyFrom(message)
         if failed:
             _fit_reply(response, self.settings.max_message_bytes)
+        self.counts.blobs_served(served, served_bytes)
         return response
 
     @async_rpc_method

@@ -43,8 +43,8 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.utils import floatToGoString
 
 from casframe.errors import ConfigError
+from casframe.server.counts import ContentCounts
 from casframe.server.interceptors import UNCOUNTED_STREAMS
-from casframe.server.names import parse_write_resource
 from casframe.server.observe import CallRecord
 from casframe.store import Store
 
@@ -64,16 +64,8 @@ LATENCY_BUCKETS = (
     300.0,
 )
 
-_CAS = "/build.bazel.remote.execution.v2.ContentAddressableStorage/"
-_FIND_MISSING = _CAS + "FindMissingBlobs"
-_BATCH_UPDATE = _CAS + "BatchUpdateBlobs"
-_BATCH_READ = _CAS + "BatchReadBlobs"
-_GET_ACTION_RESULT = "/build.bazel.remote.execution.v2.ActionCache/GetActionResult"
 _READ = "/google.bytestream.ByteStream/Read"
-_WRITE = "/google.bytestream.ByteStream/Write"
-
 _OK = grpc.StatusCode.OK
-_NOT_FOUND = grpc.StatusCode.NOT_FOUND
 
 
 def multiprocess_dir() -> str | None:
@@ -293,6 +285,7 @@ class _MethodSeries:
         self.bytes_received = metrics.bytes_received.child(service, name)
         self.bytes_sent = metrics.bytes_sent.child(service, name)
         self.stream = call.streaming and call.method not in UNCOUNTED_STREAMS
+        self.read = call.method == _READ
         self.bounds = metrics.handling_seconds.bounds
         self._handled = metrics.handled
         # By the code's id: status codes are enum members, one object each, whose hash is
@@ -363,12 +356,15 @@ class ServerMetrics:
         ]
         self.started, self.handled, self.handling_seconds = started, handled, seconds
         self.bytes_received, self.bytes_sent = received, sent
-        self._blobs_stored, self._bytes_stored = blobs_stored.child(), bytes_stored.child()
-        self._blobs_served, self._bytes_served = blobs_served.child(), bytes_served.child()
-        self._present = find_missing.child("present")
-        self._missing = find_missing.child("missing")
-        self._hits = action_cache.child("hit")
-        self._misses = action_cache.child("miss")
+        served = (blobs_served.child(), bytes_served.child())
+        self._blobs_served, self._bytes_served = served
+        #: Where the services count what their calls stored and served (given to them by
+        #: the server: :func:`casframe.server.counts.content_counts_of`).
+        self.content_counts: ContentCounts = _Counts(
+            numbers, (blobs_stored.child(), bytes_stored.child()), served,
+            (find_missing.child("present"), find_missing.child("missing")),
+            (action_cache.child("hit"), action_cache.child("miss")),
+        )
         self._in_flight = in_flight.child()
         registry.register(_Collector(families))
         self.cache_hits, self.cache_misses = cache_reads.child("hit"), cache_reads.child("miss")
@@ -414,48 +410,39 @@ class ServerMetrics:
             changes.append((series.bytes_sent, call.bytes_out))
         if series.stream:
             changes.append((self._in_flight, -1.0))
-        self._count_content(call, code, changes)
+        if series.read and code is _OK:  # a completed Read: its chunks are the blob's bytes
+            changes.append((self._blobs_served, 1.0))
+            changes.append((self._bytes_served, call.raw_bytes_out))
         self.values.add_all(changes)
         if self._cache is not None:
             self._cache.follow()
 
-    def _count_content(self, call: CallRecord, code: grpc.StatusCode,
-                       changes: list[tuple[int, float]]) -> None:
-        """Add to ``changes`` the counters that need to look into a call's messages."""
-        method, add = call.method, changes.append
-        if method == _GET_ACTION_RESULT:
-            if code == _OK:
-                add((self._hits, 1.0))
-            elif code == _NOT_FOUND:
-                add((self._misses, 1.0))
-            return
-        if code != _OK:
-            return
-        if method == _FIND_MISSING:
-            asked = len(call.request.blob_digests)
-            missing = len(call.response.missing_blob_digests)
-            add((self._present, asked - missing))
-            add((self._missing, missing))
-        elif method == _READ:
-            add((self._blobs_served, 1.0))
-            add((self._bytes_served, call.raw_bytes_out))
-        elif method == _WRITE:
-            size = parse_write_resource(call.request.resource_name).digest.size
-            if call.response.committed_size == size:  # not a half-closed, resumable stream
-                add((self._blobs_stored, 1.0))
-                add((self._bytes_stored, size))
-        elif method in (_BATCH_UPDATE, _BATCH_READ):
-            count = size = 0
-            for entry in call.response.responses:
-                if not entry.status.code:
-                    count += 1
-                    size += entry.digest.size_bytes  # verified: the blob's own size
-            if method == _BATCH_UPDATE:
-                add((self._blobs_stored, count))
-                add((self._bytes_stored, size))
-            else:
-                add((self._blobs_served, count))
-                add((self._bytes_served, size))
+
+class _Counts(ContentCounts):
+    """What the services count of their calls' content (:mod:`casframe.server.counts`), added
+    to :class:`_Values` as they count it, before their answer leaves."""
+
+    def __init__(self, values: _Values, stored: tuple[int, int], served: tuple[int, int],
+                 found: tuple[int, int], lookups: tuple[int, int]) -> None:
+        # Each a pair of value indexes: (blobs, bytes), (present, missing), (hit, miss).
+        self._values = values
+        self._stored, self._served, self._found = stored, served, found
+        self._hit, self._miss = lookups
+
+    def blobs_stored(self, count: int, size: int) -> None:
+        blobs, size_index = self._stored
+        self._values.add_all([(blobs, count), (size_index, size)])
+
+    def blobs_served(self, count: int, size: int) -> None:
+        blobs, size_index = self._served
+        self._values.add_all([(blobs, count), (size_index, size)])
+
+    def digests_found(self, asked: int, missing: int) -> None:
+        present, absent = self._found
+        self._values.add_all([(present, asked - missing), (absent, missing)])
+
+    def action_lookup(self, hit: bool) -> None:
+        self._values.add_one(self._hit if hit else self._miss)
 
 
 class _CacheFollower:

@@ -41,6 +41,7 @@ import grpc
 from casframe._protos.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from casframe.digest import Digest
 from casframe.errors import InvalidDigestError
+from casframe.server.counts import NO_COUNTS, ContentCounts
 from casframe.server.errors import StatusError, missing_blobs_error
 from casframe.server.functions import DigestFunctions
 from casframe.server.names import Instances
@@ -56,10 +57,13 @@ log = logging.getLogger("casframe.server")
 
 class ServicerBase:
     """What every servicer shares: the served store, the store of each digest function it
-    offers (``functions``), the settings and the served instance names."""
+    offers (``functions``), the settings, the served instance names and where it counts what
+    its calls stored and served (``counts``, :mod:`casframe.server.counts`)."""
 
-    def __init__(self, store: Store, settings: ServerSettings, instances: Instances) -> None:
+    def __init__(self, store: Store, settings: ServerSettings, instances: Instances, *,
+                 counts: ContentCounts = NO_COUNTS) -> None:
         self.store = store
+        self.counts = counts
         self.functions = DigestFunctions(store)
         self.settings = settings
         self.instances = instances
