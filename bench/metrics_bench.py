@@ -3,7 +3,7 @@ load, with and without ``--metrics-listen`` and ``--access-log``, in the same ru
 
     .venv/bin/python bench/metrics_bench.py [--quick] [--rounds 12] [--requests 6000]
                                             [--burst 500] [--warmup 1000] [--clients 16]
-                                            [--observe both|metrics|access-log|nothing]
+                                            [--observe both|metrics|access-log|floor|nothing]
                                             [--no-pin] [--load bench/load.py]
                                             [--instructions]
 
@@ -45,6 +45,19 @@ the ``casframe serve`` process, the same on a busy machine as on an idle one): f
 observed alike, one server answers N requests and another 3N, and the difference over 2N is one
 request's instructions, start-up and the load's filling cancelled out (N is ``--requests``,
 default 300 here; each run takes a minute or two).
+
+**The floor.** ``--observe floor`` gives the observed server, instead of ``--metrics-listen``,
+the least any grpc.aio server interceptor must do to give the call series of the metrics:
+bench/floor_observer.py, which counts each call by method and status code, times it into the
+latency histogram's buckets and counts the bytes of its messages, with plain integers, two
+``time.perf_counter`` calls and a ``bisect`` (no prometheus_client, no lock, no message read;
+the blob and hit counters are not in it). It is installed as a plugin
+(``casframe_server_interceptors``) the way an installed distribution's would be found: the
+module and a distribution's metadata naming it as a ``casframe`` entry point, in a folder on the
+server's ``PYTHONPATH``; the server writes its counts at exit and the bench checks that it
+counted the calls it was sent. floor/plain beside metrics/plain (in ``--instructions`` mode
+too) tells how much of what metrics cost is the price of observing a call from an interceptor
+at all, whatever the implementation.
 
 Comparing needs bench/load.py (several servers in turn). ``--instructions`` also takes another
 load script (``--load``: one taking ``HOST:PORT --requests N --clients C`` and printing one JSON
@@ -281,11 +294,7 @@ def run_load(args: argparse.Namespace, target: str, load: Path | None,
         command += ["--warmup", str(args.warmup)]
         if pid is not None:
             command += ["--server-pids", str(pid)]
-    output = subprocess.run(command, capture_output=True, text=True, check=True,
-                            preexec_fn=pinned(args.load_cpus)).stdout
-    result = json.loads(output.strip().splitlines()[-1])
-    if result.get("errors"):
-        raise SystemExit(f"the load saw errors: {result['errors']}")
+    result = load_result(command, args.load_cpus)
     timed_cpu = result.get("server_cpu_ms_per_request")
     if timed_cpu is None:
         return float(result["requests_per_s"]), None, math.nan
@@ -447,9 +456,15 @@ def alternate_load(args: argparse.Namespace, load: Path,
                "--server-pids", ",".join(str(process.pid) for _, process in servers),
                "--requests", str(args.requests), "--clients", str(args.clients),
                "--burst", str(args.burst), "--warmup", str(args.warmup), "--deadline", "900"]
-    output = subprocess.run(command, capture_output=True, text=True, check=True,
-                            preexec_fn=pinned(args.load_cpus)).stdout
-    result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
+    return load_result(command, args.load_cpus)
+
+
+def load_result(command: list[str], cpus: set[int] | None) -> dict[str, Any]:
+    """The JSON answer of the load ``command`` (run on ``cpus``); its own words if it failed."""
+    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=pinned(cpus))
+    if done.returncode:
+        raise SystemExit(f"the load failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     if result.get("errors"):
         raise SystemExit(f"the load saw errors: {result['errors']}")
     return result
