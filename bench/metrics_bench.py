@@ -3,7 +3,7 @@ load, with and without ``--metrics-listen`` and ``--access-log``, in the same ru
 
     .venv/bin/python bench/metrics_bench.py [--quick] [--rounds 12] [--requests 6000]
                                             [--burst 500] [--warmup 1000] [--clients 16]
-                                            [--observe both|metrics|access-log|nothing]
+                                            [--observe both|metrics|access-log|floor|nothing]
                                             [--no-pin] [--load bench/load.py]
                                             [--instructions]
 
@@ -46,6 +46,19 @@ observed alike, one server answers N requests and another 3N, and the difference
 request's instructions, start-up and the load's filling cancelled out (N is ``--requests``,
 default 300 here; each run takes a minute or two).
 
+**The floor.** ``--observe floor`` gives the observed server, instead of ``--metrics-listen``,
+the least any grpc.aio server interceptor must do to give the call series of the metrics:
+bench/floor_observer.py, which counts each call by method and status code, times it into the
+latency histogram's buckets and counts the bytes of its messages, with plain integers, two
+``time.perf_counter`` calls and a ``bisect`` (no prometheus_client, no lock, no message read;
+the blob and hit counters are not in it). It is installed as a plugin
+(``casframe_server_interceptors``) the way an installed distribution's would be found: the
+module and a distribution's metadata naming it as a ``casframe`` entry point, in a folder on the
+server's ``PYTHONPATH``; the server writes its counts at exit and the bench checks that it
+counted the calls it was sent. floor/plain beside metrics/plain (in ``--instructions`` mode
+too) tells how much of what metrics cost is the price of observing a call from an interceptor
+at all, whatever the implementation.
+
 Comparing needs bench/load.py (several servers in turn). ``--instructions`` also takes another
 load script (``--load``: one taking ``HOST:PORT --requests N --clients C`` and printing one JSON
 line with ``requests_per_s``) or, when bench/load.py is absent, the small built-in mix below,
@@ -65,13 +78,15 @@ import dataclasses
 import json
 import math
 import os
+import py_compile
 import random
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +95,8 @@ import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from floor_observer import OUT_ENV as FLOOR_OUT_ENV  # noqa: E402
+
 from casframe import Digest, open_store  # noqa: E402
 from casframe._protos.build.bazel.remote.execution.v2 import (  # noqa: E402
     remote_execution_pb2 as re_pb2,
@@ -90,6 +107,54 @@ BLOB_SIZE = 4 << 10
 ACTIONS = 128
 _CAS = "/build.bazel.remote.execution.v2.ContentAddressableStorage/"
 _AC = "/build.bazel.remote.execution.v2.ActionCache/"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a server runs with: ``casframe serve`` options and environment variables."""
+
+    options: tuple[str, ...] = ()
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+PLAIN = Setup()
+
+
+def floor_setup(work: Path) -> Setup:
+    """The floor observer (bench/floor_observer.py) installed as a plugin: a folder holding the
+    module and a distribution's metadata naming it as a ``casframe`` entry point, put on the
+    server's ``PYTHONPATH`` (as a plugin installed with pip is found; nothing in casframe is
+    changed for it), and a folder where the server leaves its counts at exit."""
+    site, counts = work / "floor-site", work / "floor-counts"
+    info = site / "casframe_bench_floor-1.0.dist-info"
+    info.mkdir(parents=True)
+    counts.mkdir()
+    # Compiled now: a __pycache__ made by the first server would change the folder, and with it
+    # the key of casframe's entry-point cache, between the runs --instructions subtracts.
+    py_compile.compile(str(shutil.copy(ROOT / "bench" / "floor_observer.py", site)),
+                       doraise=True)
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: casframe-bench-floor\nVersion: 1.0\n", encoding="utf-8")
+    (info / "entry_points.txt").write_text(
+        "[casframe]\nbench-floor = floor_observer\n", encoding="utf-8")
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    return Setup(env={"PYTHONPATH": path, FLOOR_OUT_ENV: str(counts)})
+
+
+def check_counted(setup: Setup, pid: int, requests: int) -> int:
+    """With the floor observer, the calls server ``pid`` counted, at least ``requests`` (else
+    the floor was not installed, and its figures would be a plain server's); else 0."""
+    folder = setup.env.get(FLOOR_OUT_ENV)
+    if folder is None:
+        return 0
+    path = Path(folder) / f"floor-{pid}.json"
+    if not path.exists():
+        raise SystemExit(f"the floor observer did not run in server {pid}: no {path}")
+    counted = sum(series["started"] for series in json.loads(path.read_text()).values())
+    if counted < requests:
+        raise SystemExit(f"the floor observer counted {counted} calls of server {pid}, "
+                         f"fewer than the {requests} sent")
+    return int(counted)
 
 
 def fill(store_url: str) -> tuple[list[Digest], list[Digest]]:
@@ -150,18 +215,19 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def server(store_url: str, extra: list[str], prefix: tuple[str, ...] = (),
+def server(store_url: str, setup: Setup, prefix: tuple[str, ...] = (),
            cpus: set[int] | None = None) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """A ``casframe serve`` process (run under ``prefix``, e.g. valgrind; on ``cpus`` alone when
-    given); yields its address and the process, and stops it gracefully (SIGTERM) at the end."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """A ``casframe serve`` process set up by ``setup`` (run under ``prefix``, e.g. valgrind; on
+    ``cpus`` alone when given); yields its address and the process, and stops it gracefully
+    (SIGTERM) at the end."""
+    env = {**os.environ, **setup.env, "PYTHONUNBUFFERED": "1"}
     # Compiled once and kept: else every server under valgrind would count compiling too.
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     process = subprocess.Popen(
         # One process: the CPU read from /proc is then that of the process serving (by
         # default `casframe serve` starts a worker per core under a supervisor that serves none).
         [*prefix, sys.executable, "-m", "casframe.server", store_url,
-         "--listen", "127.0.0.1:0", "--workers", "1", *extra],
+         "--listen", "127.0.0.1:0", "--workers", "1", *setup.options],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE if prefix else subprocess.DEVNULL,
         text=True, env=env, preexec_fn=pinned(cpus),
     )
@@ -196,19 +262,20 @@ class Run:
     bursts: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
 
-def one_run(args: argparse.Namespace, store_url: str, extra: list[str], load: Path | None,
+def one_run(args: argparse.Namespace, store_url: str, setup: Setup, load: Path | None,
             filled: tuple[list[Digest], list[Digest]], requests: int | None = None) -> Run:
     """A new server, the load against it, the server stopped. CPU per request is the figure a
     busy machine disturbs least: other processes' load slows the run, not the work per call."""
     requests = requests or args.requests
-    with server(store_url, extra, cpus=args.server_cpus) as (target, process):
+    with server(store_url, setup, cpus=args.server_cpus) as (target, process):
         before, started = cpu_seconds(process.pid), time.perf_counter()
         rate, timed_cpu, busy = run_load(args, target, load, filled, process.pid, requests)
         if timed_cpu is None:  # a load that does not read the server's CPU itself
             spent = cpu_seconds(process.pid) - before
             timed_cpu = spent * 1000 / requests
             busy = spent / (time.perf_counter() - started)
-        return Run(rate, timed_cpu, busy)
+    check_counted(setup, process.pid, requests)
+    return Run(rate, timed_cpu, busy)
 
 
 def run_load(args: argparse.Namespace, target: str, load: Path | None,
@@ -227,11 +294,7 @@ def run_load(args: argparse.Namespace, target: str, load: Path | None,
         command += ["--warmup", str(args.warmup)]
         if pid is not None:
             command += ["--server-pids", str(pid)]
-    output = subprocess.run(command, capture_output=True, text=True, check=True,
-                            preexec_fn=pinned(args.load_cpus)).stdout
-    result = json.loads(output.strip().splitlines()[-1])
-    if result.get("errors"):
-        raise SystemExit(f"the load saw errors: {result['errors']}")
+    result = load_result(command, args.load_cpus)
     timed_cpu = result.get("server_cpu_ms_per_request")
     if timed_cpu is None:
         return float(result["requests_per_s"]), None, math.nan
@@ -239,28 +302,29 @@ def run_load(args: argparse.Namespace, target: str, load: Path | None,
     return float(result["requests_per_s"]), float(timed_cpu), busy
 
 
-def server_instructions(args: argparse.Namespace, store_url: str, extra: list[str],
+def server_instructions(args: argparse.Namespace, store_url: str, setup: Setup,
                         load: Path | None, filled: tuple[list[Digest], list[Digest]],
                         requests: int) -> int:
     """Instructions of a whole ``casframe serve`` run answering ``requests`` requests."""
     prefix = ("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null")
-    with server(store_url, extra, prefix) as (target, process):
+    with server(store_url, setup, prefix) as (target, process):
         run_load(args, target, load, filled, requests=requests)
         process.terminate()
         _, errors = process.communicate()
+    check_counted(setup, process.pid, requests)
     collected = [line for line in errors.splitlines() if "Collected" in line]
     if not collected:
         raise SystemExit("valgrind did not report the server's instructions")
     return int(collected[-1].split()[-1])
 
 
-def instructions(args: argparse.Namespace, store_url: str, extra: list[str],
+def instructions(args: argparse.Namespace, store_url: str, setup: Setup,
                  load: Path | None, filled: tuple[list[Digest], list[Digest]]) -> None:
     """Print the server's instructions per request, plain and observed (``--instructions``)."""
     small = args.requests
     per_request = {}
-    for kind, options in (("plain", []), (args.observe, extra)):
-        counts = [server_instructions(args, store_url, options, load, filled, n)
+    for kind, kind_setup in (("plain", PLAIN), (args.observe, setup)):
+        counts = [server_instructions(args, store_url, kind_setup, load, filled, n)
                   for n in (small, 3 * small)]
         per_request[kind] = (counts[1] - counts[0]) / (2 * small)
         print(f"{kind}: {counts[0]:,} instructions for {small} requests, {counts[1]:,} for "
@@ -281,22 +345,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="casframe-metrics-bench-") as work:
         store_url = f"file://{work}/store"
         filled = fill(store_url)
-        observed = {
-            "metrics": ["--metrics-listen", "127.0.0.1:0"],
-            "access-log": ["--access-log", f"{work}/access.log"],
-        }
-        observed["both"] = observed["metrics"] + observed["access-log"]
-        observed["nothing"] = []
-        extra = observed[args.observe]
+        metrics = ("--metrics-listen", "127.0.0.1:0")
+        access_log = ("--access-log", f"{work}/access.log")
+        setups = {"metrics": Setup(metrics), "access-log": Setup(access_log),
+                  "both": Setup(metrics + access_log), "nothing": PLAIN}
+        setup = floor_setup(Path(work)) if args.observe == "floor" else setups[args.observe]
         # Not counted: the load stores what it reads, and its Writes' blobs (the same ones in
         # every run of as many requests or fewer), so that each counted run does the same work.
         most = args.requests * (3 if args.instructions else 1)
-        one_run(args, store_url, [], load, filled, most)
+        one_run(args, store_url, PLAIN, load, filled, most)
         if args.instructions:
-            one_run(args, store_url, extra, load, filled)  # compiles what metrics import
-            instructions(args, store_url, extra, load, filled)
+            one_run(args, store_url, setup, load, filled)  # compiles what metrics import
+            instructions(args, store_url, setup, load, filled)
         else:
-            compare(args, store_url, extra, load, filled)
+            compare(args, store_url, setup, load, filled)
 
 
 def parse_args() -> argparse.Namespace:
@@ -313,9 +375,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1000,
                         help="requests before the timed ones of each run, not counted")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--observe", choices=["both", "metrics", "access-log", "nothing"],
+    parser.add_argument("--observe",
+                        choices=["both", "metrics", "access-log", "floor", "nothing"],
                         default="both", help="what the observed runs turn on (default: both; "
-                        "nothing: three plain servers, what the bench reads when none differs)")
+                        "floor: the least an interceptor counting calls does, "
+                        "bench/floor_observer.py; nothing: three plain servers, what the "
+                        "bench reads when none differs)")
     parser.add_argument("--load", type=Path, default=None,
                         help="a load script (default: bench/load.py if present, else built in)")
     parser.add_argument("--no-pin", action="store_true",
@@ -341,7 +406,7 @@ def parse_args() -> argparse.Namespace:
 KINDS = ("plain", "control", "observed")
 
 
-def compare(args: argparse.Namespace, store_url: str, extra: list[str], load: Path | None,
+def compare(args: argparse.Namespace, store_url: str, setup: Setup, load: Path | None,
             filled: tuple[list[Digest], list[Digest]]) -> None:
     """Rounds of three new servers answering the same load in turn (bench/load.py's bursts):
     plain, plain again (``control``: its ratio to plain shows the noise) and observed; the
@@ -362,9 +427,10 @@ def compare(args: argparse.Namespace, store_url: str, extra: list[str], load: Pa
             # first, another with a third plain one in its place did not.
             order = [KINDS[(round_ + i) % 3] for i in range(3)]
             started = {kind: stack.enter_context(server(
-                store_url, extra if kind == "observed" else [], cpus=args.server_cpus))
+                store_url, setup if kind == "observed" else PLAIN, cpus=args.server_cpus))
                 for kind in order}
             result = alternate_load(args, load, [started[kind] for kind in order])
+        check_counted(setup, started["observed"][1].pid, args.requests)
         for kind, target in zip(order, result["targets"], strict=True):
             runs[kind].append(Run(target["requests_per_s"], target["server_cpu_ms_per_request"],
                                   target["server_busy"], target["server_system_ms_per_request"],
@@ -390,9 +456,15 @@ def alternate_load(args: argparse.Namespace, load: Path,
                "--server-pids", ",".join(str(process.pid) for _, process in servers),
                "--requests", str(args.requests), "--clients", str(args.clients),
                "--burst", str(args.burst), "--warmup", str(args.warmup), "--deadline", "900"]
-    output = subprocess.run(command, capture_output=True, text=True, check=True,
-                            preexec_fn=pinned(args.load_cpus)).stdout
-    result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
+    return load_result(command, args.load_cpus)
+
+
+def load_result(command: list[str], cpus: set[int] | None) -> dict[str, Any]:
+    """The JSON answer of the load ``command`` (run on ``cpus``); its own words if it failed."""
+    done = subprocess.run(command, capture_output=True, text=True, preexec_fn=pinned(cpus))
+    if done.returncode:
+        raise SystemExit(f"the load failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     if result.get("errors"):
         raise SystemExit(f"the load saw errors: {result['errors']}")
     return result
