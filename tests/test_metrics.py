@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import zstandard
 from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.metrics_core import Metric
@@ -191,6 +192,24 @@ def test_only_the_blobs_a_call_stored_or_served_are_counted(
     assert [entry.status.code for entry in reply.responses] == [0, 5, 0]
     assert client.value("casframe_cas_blobs_served_total") == 2
     assert client.value("casframe_cas_served_bytes_total") == 2 * len(good)
+
+
+def test_a_compressed_write_counts_the_blob_it_stored_by_its_own_size(
+    memory_store: Store, metered: Callable[[Store], Metered]
+) -> None:
+    client = metered(memory_store)
+    blob = b"compressible " * 500
+    digest = Digest.of_bytes(blob)
+    packed = zstandard.ZstdCompressor().compress(blob)
+    name = f"uploads/1/compressed-blobs/zstd/{digest.hash}/{digest.size}"
+    chunks = [packed[: len(packed) // 2], packed[len(packed) // 2 :]]
+    client.bytestream.Write(iter([
+        byte_pb2.WriteRequest(resource_name=name, data=chunks[0]),
+        byte_pb2.WriteRequest(write_offset=len(chunks[0]), data=chunks[1], finish_write=True),
+    ]))
+    assert memory_store.contains(digest)
+    assert client.value("casframe_cas_blobs_stored_total") == 1
+    assert client.value("casframe_cas_stored_bytes_total") == digest.size
 
 
 def test_latency_histogram_shows_what_prometheus_clients_own_shows() -> None:
